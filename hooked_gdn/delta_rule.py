@@ -1,0 +1,222 @@
+"""The gated delta rule of DESIGN §2: a plain sequential reference, the chunked fast path, and edits.
+
+Every function takes the recurrence's inputs in TransformerLens layout, position on dim 1, already
+head-expanded to the H_v value heads and in fp32:
+
+- ``q``: read queries q̂ [b, T, H, d_k] (l2-normalised and scaled by 1/sqrt(d_k)),
+- ``k``: write keys k̂ [b, T, H, d_k] (l2-normalised),
+- ``v``: values v [b, T, H, d_v], ``g``: log decays g [b, T, H], ``beta``: write strengths β [b, T, H].
+
+Per head, with S_0 = 0 or a given initial state [b, H, d_k, d_v]:
+
+    S̃ = α_t S_{t−1},  δ_t = β_t (v_t − S̃ᵀ k̂_t),  S_t = S̃ + k̂_t δ_tᵀ,  o_t = S_tᵀ q̂_t,  α_t = exp(g_t).
+
+``gated_delta_rule_reference`` runs that one position at a time; it is the ground truth that the
+chunked path and every edit path are tested against. ``chunked_gated_delta_rule`` is the WY/UT
+form: within a chunk of C positions the δ's solve one unit-lower-triangular system, so the cost is
+a few matmuls per chunk and O(T·C·d) overall. ``gated_delta_rule`` adds edits (`DeltaRuleEdits`):
+it runs the chunked form between edited positions and takes one exact step at each of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DEFAULT_CHUNK_SIZE = 64
+
+
+@dataclass
+class DeltaRuleOutput:
+    out: Tensor  # o_t [b, T, H, d_v]
+    write_value: Tensor  # δ_t [b, T, H, d_v], as written (forced where an edit forced it)
+    final_state: Tensor  # S_T [b, H, d_k, d_v]
+    states: Tensor | None = None  # S_t at the requested positions [b, P, H, d_k, d_v]
+
+
+@dataclass
+class DeltaRuleEdits:
+    """Edits carried exactly through the recurrence.
+
+    ``write_mask`` [b, T, H] marks forced writes: there the write is ``write_key ⊗ write_value``
+    (rows of [b, T, H, d_k] and [b, T, H, d_v]) instead of the delta rule's k̂_t δ_tᵀ; a zero value
+    deletes it. ``state_diff`` [b, P, H, d_k, d_v] is added to S_t, after its write, at each of
+    ``diff_positions`` [P]. Later positions follow the delta rule from the edited state.
+    """
+
+    write_mask: Tensor | None = None
+    write_key: Tensor | None = None
+    write_value: Tensor | None = None
+    diff_positions: Tensor | None = None
+    state_diff: Tensor | None = None
+
+    def positions(self) -> list[int]:
+        """The edited positions, in order."""
+        edited = set()
+        if self.write_mask is not None:
+            edited |= set(self.write_mask.any(dim=(0, 2)).nonzero().flatten().tolist())
+        if self.diff_positions is not None:
+            edited |= set(self.diff_positions.tolist())
+        return sorted(edited)
+
+    def write_at(self, t: int, key: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+        if self.write_mask is None:
+            return key, delta
+        forced = self.write_mask[:, t, :, None]
+        return torch.where(forced, self.write_key[:, t], key), torch.where(forced, self.write_value[:, t], delta)
+
+    def add_state_diff(self, t: int, state: Tensor) -> Tensor:
+        if self.diff_positions is None:
+            return state
+        for i in (self.diff_positions == t).nonzero().flatten().tolist():
+            state = state + self.state_diff[:, i]
+        return state
+
+
+def decay_and_predict(state: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    """One position's S̃ = α S and δ = β (v − S̃ᵀ k̂), for S [b, H, d_k, d_v] and per-head rows."""
+    decayed = state * g.exp()[..., None, None]
+    delta = beta[..., None] * (v - torch.einsum("bhkv,bhk->bhv", decayed, k))
+    return decayed, delta
+
+
+def write(decayed: Tensor, k: Tensor, delta: Tensor) -> Tensor:
+    """S = S̃ + k̂ δᵀ."""
+    return decayed + k[..., :, None] * delta[..., None, :]
+
+
+def read(state: Tensor, q: Tensor) -> Tensor:
+    """o = Sᵀ q̂."""
+    return torch.einsum("bhkv,bhk->bhv", state, q)
+
+
+def _zero_state(k: Tensor, v: Tensor) -> Tensor:
+    return k.new_zeros(k.shape[0], k.shape[2], k.shape[3], v.shape[3])
+
+
+def _edited_step(state, t, q, k, v, g, beta, edits: DeltaRuleEdits | None):
+    """Position t of the recurrence with its edits applied: returns (S_t, o_t, δ_t)."""
+    decayed, delta = decay_and_predict(state, k[:, t], v[:, t], g[:, t], beta[:, t])
+    key = k[:, t]
+    if edits is not None:
+        key, delta = edits.write_at(t, key, delta)
+    state = write(decayed, key, delta)
+    if edits is not None:
+        state = edits.add_state_diff(t, state)
+    return state, read(state, q[:, t]), delta
+
+
+def gated_delta_rule_reference(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+    initial_state: Tensor | None = None, edits: DeltaRuleEdits | None = None,
+) -> DeltaRuleOutput:
+    """The recurrence one position at a time, exactly as written; returns the states at every position."""
+    state = _zero_state(k, v) if initial_state is None else initial_state
+    outs, deltas, states = [], [], []
+    for t in range(k.shape[1]):
+        state, o, delta = _edited_step(state, t, q, k, v, g, beta, edits)
+        outs.append(o)
+        deltas.append(delta)
+        states.append(state)
+    return DeltaRuleOutput(torch.stack(outs, 1), torch.stack(deltas, 1), state, torch.stack(states, 1))
+
+
+def chunked_gated_delta_rule(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+    initial_state: Tensor | None = None, state_positions: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> DeltaRuleOutput:
+    """The WY/UT chunked form. ``state_positions`` [P] asks for S_t at those positions.
+
+    Within a chunk starting from state S_0, with γ_i the cumulative log decay up to position i and
+    D_ij = exp(γ_i − γ_j) for j ≤ i:
+
+        (I + A) δ = β v − β e^γ k̂ S_0,   A_ij = β_i D_ij k̂_iᵀ k̂_j (j < i),
+        o_i = e^{γ_i} S_0ᵀ q̂_i + Σ_{j≤i} D_ij (q̂_iᵀ k̂_j) δ_j,
+        S_i = e^{γ_i} S_0 + Σ_{j≤i} D_ij k̂_j δ_jᵀ.
+
+    The chunk-start states come from a loop over chunks; the states at requested positions are
+    then the last line, computed for all of them at once.
+    """
+    b, T, H, d_k = k.shape
+    d_v = v.shape[-1]
+    C = chunk_size
+    pad = -T % C
+    q, k, v = (F.pad(x.transpose(1, 2), (0, 0, 0, pad)) for x in (q, k, v))  # [b, H, T', d]
+    g, beta = (F.pad(x.transpose(1, 2), (0, pad)) for x in (g, beta))  # padding: g = β = k̂ = 0
+    N = (T + pad) // C
+    q, k, v = (x.reshape(b, H, N, C, -1) for x in (q, k, v))
+    g, beta = (x.reshape(b, H, N, C) for x in (g, beta))
+
+    gamma = g.cumsum(-1)
+    causal = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
+    decay = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    k_beta = k * beta[..., None]
+    system = (k_beta @ k.transpose(-1, -2)) * decay  # I + A, with its diagonal taken as 1 below
+    u = torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True)
+    w = torch.linalg.solve_triangular(system, k_beta * gamma.exp()[..., None], upper=False, unitriangular=True)
+    qk = (q @ k.transpose(-1, -2)) * decay
+    q_decayed = q * gamma.exp()[..., None]
+    k_to_chunk_end = k * (gamma[..., -1:] - gamma).exp()[..., None]
+    chunk_decay = gamma[..., -1].exp()[..., None, None]
+
+    state = k.new_zeros(b, H, d_k, d_v) if initial_state is None else initial_state
+    out, delta = torch.empty_like(v), torch.empty_like(v)
+    chunk_starts = []
+    for n in range(N):
+        if state_positions is not None:
+            chunk_starts.append(state)
+        delta[:, :, n] = u[:, :, n] - w[:, :, n] @ state
+        out[:, :, n] = q_decayed[:, :, n] @ state + qk[:, :, n] @ delta[:, :, n]
+        state = state * chunk_decay[:, :, n] + k_to_chunk_end[:, :, n].transpose(-1, -2) @ delta[:, :, n]
+
+    states = None
+    if state_positions is not None:
+        n, i = state_positions // C, state_positions % C
+        starts = torch.stack(chunk_starts, 2)[:, :, n]  # [b, H, P, d_k, d_v]
+        weighted_keys = k[:, :, n] * decay[:, :, n, i][..., None]  # D_ij k̂_j, zero for j > i
+        states = gamma[:, :, n, i].exp()[..., None, None] * starts + weighted_keys.transpose(-1, -2) @ delta[:, :, n]
+        states = states.transpose(1, 2)
+
+    unchunk = lambda x: x.reshape(b, H, N * C, d_v)[:, :, :T].transpose(1, 2)
+    return DeltaRuleOutput(unchunk(out), unchunk(delta), state, states)
+
+
+def gated_delta_rule(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+    initial_state: Tensor | None = None, state_positions: Tensor | None = None,
+    edits: DeltaRuleEdits | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> DeltaRuleOutput:
+    """The chunked recurrence with edits: chunked between edited positions, one exact step at each."""
+    edited = edits.positions() if edits is not None else []
+    if not edited:
+        return chunked_gated_delta_rule(q, k, v, g, beta, initial_state, state_positions, chunk_size)
+    T = k.shape[1]
+    wanted = state_positions.tolist() if state_positions is not None else []
+    state = _zero_state(k, v) if initial_state is None else initial_state
+    outs, deltas, states = [], [], {}
+    start = 0
+    for e in edited + [T]:
+        if e > start:
+            in_segment = [p for p in wanted if start <= p < e]
+            segment = chunked_gated_delta_rule(
+                q[:, start:e], k[:, start:e], v[:, start:e], g[:, start:e], beta[:, start:e], state,
+                torch.tensor(in_segment, device=k.device) - start if in_segment else None, chunk_size,
+            )
+            outs.append(segment.out)
+            deltas.append(segment.write_value)
+            states.update({p: segment.states[:, j] for j, p in enumerate(in_segment)})
+            state = segment.final_state
+        if e == T:
+            break
+        state, o, delta = _edited_step(state, e, q, k, v, g, beta, edits)
+        outs.append(o[:, None])
+        deltas.append(delta[:, None])
+        if e in wanted:
+            states[e] = state
+        start = e + 1
+    stacked = torch.stack([states[p] for p in wanted], 1) if wanted else None
+    return DeltaRuleOutput(torch.cat(outs, 1), torch.cat(deltas, 1), state, stacked)

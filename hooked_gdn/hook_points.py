@@ -1,0 +1,38 @@
+"""A TransformerLens `HookPoint` that checks what hooks return and reports which rows they edited."""
+
+from __future__ import annotations
+
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+
+
+class CheckedHookPoint(HookPoint):
+    """A `HookPoint` whose hooks must return a tensor of the input's shape (or None).
+
+    ``fire_and_diff`` is for sites whose edits are carried through the recurrence: it also reports
+    which rows (all dims but the trailing ``feature_dims``) the hooks changed, comparing against a
+    copy so that in-place edits count too. Without hooks it costs nothing and reports None.
+    """
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if not self.fwd_hooks:
+            return x
+        y = super().__call__(x)
+        if not isinstance(y, Tensor) or y.shape != x.shape:
+            got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(f"a hook on {self.name} returned {got}; it must return None or a tensor of shape {tuple(x.shape)}")
+        return y.to(x.dtype)
+
+    def fire_and_diff(self, x: Tensor, feature_dims: int) -> tuple[Tensor, Tensor | None]:
+        """Run the hooks on ``x``; return (result, bool mask of edited rows, or None if none were)."""
+        if not self.fwd_hooks:
+            return x, None
+        original = x.clone()
+        y = self(x)
+        edited = (y != original).flatten(start_dim=y.dim() - feature_dims).any(-1)
+        return y, (edited if bool(edited.any()) else None)
+
+
+def any_hooked(*hook_points: HookPoint) -> bool:
+    return any(hp.fwd_hooks for hp in hook_points)
+

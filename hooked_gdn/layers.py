@@ -1,0 +1,283 @@
+"""The components of a Qwen3.5 hybrid: norms, the Gated DeltaNet layer, gated attention, the MLP, the block.
+
+Weights are [out, in] matrices named after DESIGN §2's symbols. Each hook point sits where its
+quantity is computed; the table is in DESIGN §3 and the README.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cache import GDNCache
+from .config import HookedGDNConfig
+from .delta_rule import DEFAULT_CHUNK_SIZE, DeltaRuleEdits, decay_and_predict, gated_delta_rule, read, write
+from .hook_points import CheckedHookPoint, any_hooked
+
+
+@dataclass
+class ForwardContext:
+    """What every layer of one forward pass needs besides its input."""
+
+    attention_mask: Tensor | None  # [b, past + p], 1 for real tokens; None: no padding anywhere
+    position_ids: Tensor  # [b, p]
+    cache: GDNCache | None
+    state_positions: Tensor | None  # [P] positions of the current input at which hook_state fires
+    sequential: bool
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    @property
+    def current_mask(self) -> Tensor | None:
+        return None if self.attention_mask is None else self.attention_mask[:, -self.position_ids.shape[1]:]
+
+
+def _matrix(out_features: int, in_features: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(out_features, in_features))
+
+
+class RMSNorm(nn.Module):
+    """Qwen3.5's zero-centred RMSNorm: x / rms(x) · (1 + w), computed in fp32."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(d))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.w.float())).type_as(x)
+
+
+class GatedRMSNorm(nn.Module):
+    """The GDN output norm: y = RMSNorm(o) · w ⊙ SiLU(z), over d_v, in fp32."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, o: Tensor, z: Tensor) -> Tensor:
+        o32 = o.float()
+        normed = (o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.eps)).to(o.dtype)
+        return (self.w * normed * F.silu(z.float())).to(o.dtype)
+
+
+def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+class GatedDeltaNet(nn.Module):
+    """The GDN layer of DESIGN §2, with its recurrent state and rank-1 write as editable hook points."""
+
+    def __init__(self, cfg: HookedGDNConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.key_dim = cfg.n_key_heads * cfg.d_key
+        self.value_dim = cfg.n_value_heads * cfg.d_value
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.W_qkv = _matrix(self.conv_dim, cfg.d_model)
+        self.W_z = _matrix(self.value_dim, cfg.d_model)
+        self.W_b = _matrix(cfg.n_value_heads, cfg.d_model)
+        self.W_a = _matrix(cfg.n_value_heads, cfg.d_model)
+        self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, 1, cfg.conv_kernel))
+        self.A_log = nn.Parameter(torch.empty(cfg.n_value_heads))
+        self.dt_bias = nn.Parameter(torch.ones(cfg.n_value_heads))
+        self.norm = GatedRMSNorm(cfg.d_value, cfg.eps)
+        self.W_o = _matrix(cfg.d_model, self.value_dim)
+        for name in (
+            "in", "q_pre_conv", "k_pre_conv", "v_pre_conv", "q", "k", "v", "gate_input", "beta_logit", "beta",
+            "log_decay", "read_query", "write_key", "write_value", "state", "final_state", "recurrence_out",
+            "gated_out", "out",
+        ):
+            setattr(self, f"hook_{name}", CheckedHookPoint())
+
+    def _heads(self, x: Tensor, d: int) -> Tensor:
+        return x.reshape(*x.shape[:2], -1, d)
+
+    def _conv(self, qkv: Tensor, ctx: ForwardContext) -> Tensor:
+        """Causal depthwise conv (kernel K) over positions, continuing the cached last K−1 inputs."""
+        x = qkv.transpose(1, 2)  # [b, conv_dim, p]
+        K = self.cfg.conv_kernel
+        past = None if ctx.cache is None else ctx.cache.conv_states.get(self.layer)
+        if past is None:
+            past = x.new_zeros(x.shape[0], x.shape[1], K - 1)
+        padded = torch.cat([past.to(x.dtype), x], -1)
+        if ctx.cache is not None:
+            ctx.cache.conv_states[self.layer] = padded[..., -(K - 1):]
+        return F.silu(F.conv1d(padded, self.conv_weight.to(x.dtype), groups=self.conv_dim)).transpose(1, 2)
+
+    def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        cfg = self.cfg
+        if ctx.current_mask is not None:  # padding contributes nothing: k̂ = 0 there, so no write
+            x = x * ctx.current_mask[..., None].to(x.dtype)
+        x = self.hook_in(x)
+        q, k, v = F.linear(x, self.W_qkv).split([self.key_dim, self.key_dim, self.value_dim], -1)
+        q = self.hook_q_pre_conv(self._heads(q, cfg.d_key))
+        k = self.hook_k_pre_conv(self._heads(k, cfg.d_key))
+        v = self.hook_v_pre_conv(self._heads(v, cfg.d_value))
+        mixed = self._conv(torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], -1), ctx)
+        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], -1)
+        q = self.hook_q(self._heads(q, cfg.d_key))
+        k = self.hook_k(self._heads(k, cfg.d_key))
+        v = self.hook_v(self._heads(v, cfg.d_value))
+        z = self.hook_gate_input(self._heads(F.linear(x, self.W_z), cfg.d_value))
+        b = self.hook_beta_logit(F.linear(x, self.W_b))
+        beta = self.hook_beta(b.sigmoid())
+        a = F.linear(x, self.W_a)
+        g = self.hook_log_decay(-self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias))
+
+        group = cfg.n_value_heads // cfg.n_key_heads
+        q_hat = self.hook_read_query(l2norm(q.float().repeat_interleave(group, 2)) * cfg.d_key**-0.5)
+        k_hat = l2norm(k.float().repeat_interleave(group, 2))
+        initial = None if ctx.cache is None else ctx.cache.recurrent_states.get(self.layer)
+        recurrence = self._sequential if ctx.sequential else self._parallel
+        out, final = recurrence(q_hat, k_hat, v.float(), g, beta.float(), initial, ctx)
+        final = self.hook_final_state(final)
+        if ctx.cache is not None:
+            ctx.cache.recurrent_states[self.layer] = final
+        o = self.hook_recurrence_out(out.to(x.dtype))
+        y = self.hook_gated_out(self.norm(o, z))
+        return self.hook_out(F.linear(y.flatten(2), self.W_o))
+
+    def _parallel(self, q_hat, k_hat, v, g, beta, initial, ctx: ForwardContext):
+        """Chunked recurrence; write and state edits returned by hooks are carried forward exactly."""
+        hooked_state = any_hooked(self.hook_state)
+        positions = None
+        if hooked_state:
+            positions = ctx.state_positions if ctx.state_positions is not None else torch.arange(k_hat.shape[1], device=k_hat.device)
+        run = lambda edits, positions: gated_delta_rule(q_hat, k_hat, v, g, beta, initial, positions, edits, ctx.chunk_size)
+        result = run(None, positions)
+        edits = DeltaRuleEdits()
+        if any_hooked(self.hook_write_key, self.hook_write_value):
+            key, key_edited = self.hook_write_key.fire_and_diff(k_hat, 1)
+            value, value_edited = self.hook_write_value.fire_and_diff(result.write_value, 1)
+            if key_edited is not None or value_edited is not None:
+                masks = [m for m in (key_edited, value_edited) if m is not None]
+                edits.write_mask = masks[0] if len(masks) == 1 else masks[0] | masks[1]
+                edits.write_key, edits.write_value = key.float(), value.float()
+                result = run(edits, positions)
+        if hooked_state:
+            states, edited = self.hook_state.fire_and_diff(result.states, 2)
+            if edited is not None:
+                rows = edited.any(dim=(0, 2)).nonzero().flatten()
+                edits.diff_positions = positions[rows]
+                edits.state_diff = (states - result.states)[:, rows].float()
+                result = run(edits, None)
+        return result.out, result.final_state
+
+    def _sequential(self, q_hat, k_hat, v, g, beta, initial, ctx: ForwardContext):
+        """One position at a time; the write and state hooks fire per position with p = 1."""
+        state = initial if initial is not None else k_hat.new_zeros(k_hat.shape[0], k_hat.shape[2], k_hat.shape[3], v.shape[3])
+        fire_state = set(range(k_hat.shape[1]) if ctx.state_positions is None else ctx.state_positions.tolist())
+        outs = []
+        for t in range(k_hat.shape[1]):
+            decayed, delta = decay_and_predict(state, k_hat[:, t], v[:, t], g[:, t], beta[:, t])
+            key = self.hook_write_key(k_hat[:, t : t + 1])[:, 0]
+            delta = self.hook_write_value(delta[:, None])[:, 0]
+            state = write(decayed, key.float(), delta.float())
+            if t in fire_state:
+                state = self.hook_state(state[:, None])[:, 0].float()
+            outs.append(read(state, q_hat[:, t]))
+        return torch.stack(outs, 1), state
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first ``cos.shape[-1]`` features of x [b, p, heads, d] (halves convention)."""
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    x1, x2 = x_rot.chunk(2, -1)
+    rotated = x_rot * cos[:, :, None] + torch.cat([-x2, x1], -1) * sin[:, :, None]
+    return torch.cat([rotated, x_pass], -1)
+
+
+class GatedAttention(nn.Module):
+    """Full attention with q/k RMSNorm, partial rotary, grouped KV heads and a sigmoid output gate."""
+
+    def __init__(self, cfg: HookedGDNConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.W_Q = _matrix(2 * cfg.n_heads * cfg.d_head, cfg.d_model)  # queries and gate logits, per head
+        self.W_K = _matrix(cfg.n_key_value_heads * cfg.d_head, cfg.d_model)
+        self.W_V = _matrix(cfg.n_key_value_heads * cfg.d_head, cfg.d_model)
+        self.W_O = _matrix(cfg.d_model, cfg.n_heads * cfg.d_head)
+        self.q_norm = RMSNorm(cfg.d_head, cfg.eps)
+        self.k_norm = RMSNorm(cfg.d_head, cfg.eps)
+        for name in ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z", "gate"):
+            setattr(self, f"hook_{name}", CheckedHookPoint())
+
+    def forward(self, x: Tensor, ctx: ForwardContext, cos: Tensor, sin: Tensor) -> Tensor:
+        cfg = self.cfg
+        b, p, _ = x.shape
+        q, gate_logits = F.linear(x, self.W_Q).view(b, p, cfg.n_heads, 2 * cfg.d_head).chunk(2, -1)
+        q = self.hook_q(self.q_norm(q))
+        k = self.hook_k(self.k_norm(F.linear(x, self.W_K).view(b, p, cfg.n_key_value_heads, cfg.d_head)))
+        v = self.hook_v(F.linear(x, self.W_V).view(b, p, cfg.n_key_value_heads, cfg.d_head))
+        q = self.hook_rot_q(apply_rotary(q, cos, sin))
+        k = self.hook_rot_k(apply_rotary(k, cos, sin))
+        if ctx.cache is not None:
+            k, v = ctx.cache.append_kv(self.layer, k, v)
+        group = cfg.n_heads // cfg.n_key_value_heads
+        q_, k_, v_ = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(group, 1), v.transpose(1, 2).repeat_interleave(group, 1)
+        mask = self._mask(ctx, p, k.shape[1], q_.dtype, x.device)
+        if any_hooked(self.hook_attn_scores, self.hook_pattern):
+            scores = self.hook_attn_scores((q_ @ k_.transpose(-1, -2)) * cfg.d_head**-0.5 + mask)
+            pattern = self.hook_pattern(scores.softmax(-1, dtype=torch.float32).to(q_.dtype))
+            z = pattern @ v_
+        else:
+            z = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask)
+        z = self.hook_z(z.transpose(1, 2))
+        gate = self.hook_gate(gate_logits.sigmoid())
+        return F.linear((z * gate).flatten(2), self.W_O)
+
+    def _mask(self, ctx: ForwardContext, p: int, total: int, dtype: torch.dtype, device) -> Tensor:
+        """Additive mask [b or 1, 1, p, total]: causal, and pad keys masked (a finite minimum, so no NaN)."""
+        past = total - p
+        allowed = torch.ones(p, total, dtype=torch.bool, device=device).tril(past)[None, None]
+        if ctx.attention_mask is not None:
+            allowed = allowed & ctx.attention_mask[:, None, None, -total:].bool()
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU: W_out (SiLU(W_gate x) ⊙ W_in x)."""
+
+    def __init__(self, cfg: HookedGDNConfig):
+        super().__init__()
+        self.W_gate = _matrix(cfg.d_mlp, cfg.d_model)
+        self.W_in = _matrix(cfg.d_mlp, cfg.d_model)
+        self.W_out = _matrix(cfg.d_model, cfg.d_mlp)
+        self.hook_pre, self.hook_pre_linear, self.hook_post = CheckedHookPoint(), CheckedHookPoint(), CheckedHookPoint()
+
+    def forward(self, x: Tensor) -> Tensor:
+        pre = self.hook_pre(F.linear(x, self.W_gate))
+        post = self.hook_post(F.silu(pre) * self.hook_pre_linear(F.linear(x, self.W_in)))
+        return F.linear(post, self.W_out)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block; the mixer is ``linear_attn`` (GDN) or ``attn`` (gated attention)."""
+
+    def __init__(self, cfg: HookedGDNConfig, layer: int):
+        super().__init__()
+        self.is_gdn = cfg.layer_types[layer] == "linear_attention"
+        self.ln1 = RMSNorm(cfg.d_model, cfg.eps)
+        if self.is_gdn:
+            self.linear_attn = GatedDeltaNet(cfg, layer)
+        else:
+            self.attn = GatedAttention(cfg, layer)
+        self.ln2 = RMSNorm(cfg.d_model, cfg.eps)
+        self.mlp = GatedMLP(cfg)
+        for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
+            setattr(self, f"hook_{name}", CheckedHookPoint())
+
+    def forward(self, x: Tensor, ctx: ForwardContext, cos: Tensor, sin: Tensor) -> Tensor:
+        resid_pre = self.hook_resid_pre(x)
+        h = self.ln1(resid_pre)
+        mixed = self.linear_attn(h, ctx) if self.is_gdn else self.attn(h, ctx, cos, sin)
+        resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(mixed))
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
+        return self.hook_resid_post(resid_mid + mlp_out)

@@ -1,0 +1,104 @@
+"""Loading Qwen3.5 checkpoints (transformers format: config.json + safetensors) into `HookedGatedDeltaNet`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoTokenizer
+
+from .config import HookedGDNConfig
+from .pretrained import pretrained_path
+
+# transformers' names inside a decoder layer -> ours inside a block
+_LAYER_RENAMES = {
+    "input_layernorm.weight": "ln1.w",
+    "post_attention_layernorm.weight": "ln2.w",
+    "linear_attn.in_proj_qkv.weight": "linear_attn.W_qkv",
+    "linear_attn.in_proj_z.weight": "linear_attn.W_z",
+    "linear_attn.in_proj_b.weight": "linear_attn.W_b",
+    "linear_attn.in_proj_a.weight": "linear_attn.W_a",
+    "linear_attn.conv1d.weight": "linear_attn.conv_weight",
+    "linear_attn.A_log": "linear_attn.A_log",
+    "linear_attn.dt_bias": "linear_attn.dt_bias",
+    "linear_attn.norm.weight": "linear_attn.norm.w",
+    "linear_attn.out_proj.weight": "linear_attn.W_o",
+    "self_attn.q_proj.weight": "attn.W_Q",
+    "self_attn.k_proj.weight": "attn.W_K",
+    "self_attn.v_proj.weight": "attn.W_V",
+    "self_attn.o_proj.weight": "attn.W_O",
+    "self_attn.q_norm.weight": "attn.q_norm.w",
+    "self_attn.k_norm.weight": "attn.k_norm.w",
+    "mlp.gate_proj.weight": "mlp.W_gate",
+    "mlp.up_proj.weight": "mlp.W_in",
+    "mlp.down_proj.weight": "mlp.W_out",
+}
+_TEXT_PREFIXES = ("model.language_model.", "model.")  # Qwen3_5ForConditionalGeneration, Qwen3_5ForCausalLM
+_IGNORED_PREFIXES = ("model.visual.", "visual.", "mtp.")  # the vision tower and multi-token-prediction head
+_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """A shipped short name, a local folder, or a hub id (downloaded; needs the internet)."""
+    shipped = pretrained_path(str(name_or_path))
+    if shipped is not None:
+        return shipped
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists() or str(name_or_path).startswith((".", "/")):
+        raise FileNotFoundError(f"{name_or_path} is not a checkpoint folder")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+
+
+def hf_to_hooked_state_dict(hf_state: dict[str, torch.Tensor], cfg: HookedGDNConfig) -> dict[str, torch.Tensor]:
+    """Rename a transformers Qwen3.5 (text or multimodal) state dict to ours; vision weights are dropped."""
+    ours = {}
+    for key, tensor in hf_state.items():
+        if key.startswith(_IGNORED_PREFIXES):
+            continue
+        if key == "lm_head.weight":
+            if not cfg.tie_word_embeddings:
+                ours["W_U"] = tensor
+            continue
+        local = next((key[len(p):] for p in _TEXT_PREFIXES if key.startswith(p)), None)
+        if local == "embed_tokens.weight":
+            ours["W_E"] = tensor
+        elif local == "norm.weight":
+            ours["ln_final.w"] = tensor
+        elif local is not None and (m := _LAYER_KEY.fullmatch(local)) and m.group(2) in _LAYER_RENAMES:
+            ours[f"blocks.{m.group(1)}.{_LAYER_RENAMES[m.group(2)]}"] = tensor
+        else:
+            raise ValueError(f"unexpected weight {key!r}: this checkpoint is not a Qwen3.5 Gated DeltaNet model")
+    return ours
+
+
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {folder}")
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    return state
+
+
+def load_pretrained(cls, name_or_path, device=None, dtype=None):
+    folder = resolve_checkpoint(name_or_path)
+    cfg = HookedGDNConfig.from_hf_config(AutoConfig.from_pretrained(folder), model_name=str(name_or_path))
+    has_tokenizer = any((folder / f).exists() for f in _TOKENIZER_FILES)
+    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
+    model = cls(cfg, tokenizer)
+    state = hf_to_hooked_state_dict(read_safetensors(folder), cfg)
+    missing = sorted(set(model.state_dict()) - set(state))
+    if missing:
+        raise ValueError(f"checkpoint {name_or_path} lacks weights for {missing[:5]}{' …' if len(missing) > 5 else ''}")
+    dtype = dtype or torch.float32
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+    model.cfg.dtype = dtype
+    return model.to(device=device, dtype=dtype)

@@ -1,0 +1,330 @@
+"""`HookedGatedDeltaNet`: a TransformerLens-style Qwen3.5 text model with the GDN state and write as hook points."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformer_lens import ActivationCache, HookedRootModule
+
+from .cache import GDNCache
+from .config import HookedGDNConfig
+from .delta_rule import DEFAULT_CHUNK_SIZE
+from .hook_points import CheckedHookPoint
+from .layers import Block, ForwardContext, RMSNorm
+
+RETURN_TYPES = ("logits", "loss", "both", None)
+RECURRENCES = ("parallel", "sequential")
+
+
+def _default_cache_filter(name: str) -> bool:
+    # Every state at every position is large (18 MiB a token on Qwen3.5-0.8B): it must be asked for.
+    return not name.endswith("hook_state")
+
+
+class HookedGatedDeltaNet(HookedRootModule):
+    """Qwen3.5's text model (Gated DeltaNet + gated attention), re-implemented with hook points.
+
+    Forward keywords beyond TransformerLens':
+
+    - ``state_positions``: positions (int, sequence or tensor; negative counts from the end) at
+      which ``hook_state`` fires, as [b, P, H_v, d_k, d_v]. Default: all positions, but only when
+      something hooks ``hook_state``; otherwise states are never formed.
+    - ``recurrence``: "parallel" (chunked, edits carried exactly) or "sequential" (one position at
+      a time; write and state hooks fire per position, so in-the-loop edits see their own past).
+    - ``cache``: a `GDNCache` to continue from (see ``prefill``); it is updated in place.
+
+    Hooks on ``hook_write_key`` / ``hook_write_value`` / ``hook_state`` that return changed rows
+    (or change them in place) edit the recurrence, and the edit carries through every later
+    position (DESIGN §3). The recurrence and its hook points run in fp32 whatever the model dtype.
+    """
+
+    def __init__(self, cfg: HookedGDNConfig, tokenizer=None):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+        self.hook_embed = CheckedHookPoint()
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.ln_final = RMSNorm(cfg.d_model, cfg.eps)
+        self.W_U = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+        inv_freq = 1.0 / cfg.rotary_base ** (torch.arange(0, cfg.rotary_dim, 2, dtype=torch.float) / cfg.rotary_dim)
+        self.register_buffer("rotary_inv_freq", inv_freq, persistent=False)
+        self.setup()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_config(cls, hf_config, device=None, dtype=None, tokenizer=None) -> "HookedGatedDeltaNet":
+        """A randomly initialised model for a transformers Qwen3.5 config."""
+        model = cls(HookedGDNConfig.from_hf_config(hf_config), tokenizer)
+        model.init_weights()
+        model.cfg.dtype = dtype or torch.float32
+        return model.to(device=device, dtype=model.cfg.dtype)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, device=None, dtype=None) -> "HookedGatedDeltaNet":
+        """Load a Qwen3.5 checkpoint: a shipped short name (``gdn-austen``), a local folder or a hub id."""
+        from .loading import load_pretrained
+
+        return load_pretrained(cls, name_or_path, device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Qwen3.5's initialisation: normal(0, std) matrices, A = U(0.01, 16), dt_bias = 1, norms at identity."""
+        for name, p in self.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.empty_like(p).uniform_(0.01, 16).log())
+            elif name.endswith("dt_bias") or name.endswith("norm.w"):  # GatedRMSNorm multiplies by w
+                p.fill_(1.0)
+            elif name.endswith(".w"):  # zero-centred RMSNorm: 1 + w
+                p.zero_()
+            elif name.endswith("conv_weight"):
+                nn.init.uniform_(p, -p.shape[-1] ** -0.5, p.shape[-1] ** -0.5)
+            else:
+                nn.init.normal_(p, std=std)
+
+    @property
+    def W_unembed(self) -> Tensor:
+        """The unembedding [d_vocab, d_model] (the embedding when tied)."""
+        return self.W_E if self.W_U is None else self.W_U
+
+    # ------------------------------------------------------------------ tokens
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass token tensors, or load a folder that has tokenizer files")
+        return self.tokenizer
+
+    def to_tokens(self, input: str | list[str]) -> Tensor:
+        """Token ids [b, p] (left-padded with the pad token when the strings differ in length)."""
+        return self._tokenize(input)[0]
+
+    def _tokenize(self, input: str | list[str]) -> tuple[Tensor, Tensor]:
+        tok = self._require_tokenizer()
+        enc = tok([input] if isinstance(input, str) else list(input), return_tensors="pt", padding=True, padding_side="left")
+        device = self.W_E.device
+        return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+    def to_string(self, tokens: Tensor | Sequence[int]) -> str | list[str]:
+        tok = self._require_tokenizer()
+        tokens = torch.as_tensor(tokens)
+        if tokens.dim() == 2:
+            return [tok.decode(row) for row in tokens.tolist()]
+        return tok.decode(tokens.tolist())
+
+    def to_str_tokens(self, input: str | Tensor | Sequence[int]) -> list[str]:
+        tok = self._require_tokenizer()
+        ids = self.to_tokens(input)[0] if isinstance(input, str) else torch.as_tensor(input)
+        if ids.dim() != 1:
+            raise ValueError(f"to_str_tokens takes one sequence, got a tensor of shape {tuple(ids.shape)}")
+        return [tok.decode([i]) for i in ids.tolist()]
+
+    def _tokens_and_mask(self, input, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        if isinstance(input, (str, list)) and (isinstance(input, str) or all(isinstance(s, str) for s in input)):
+            if attention_mask is not None:
+                raise ValueError("attention_mask goes with token input; strings are padded and masked for you")
+            tokens, mask = self._tokenize(input)
+            return tokens, (None if bool(mask.all()) else mask)
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a string, a list of strings or a token tensor, got {type(input).__name__}")
+        if input.dtype.is_floating_point or input.dtype.is_complex or input.dtype == torch.bool:
+            raise TypeError(f"token input must be an integer tensor, got dtype {input.dtype}")
+        tokens = input[None] if input.dim() == 1 else input
+        if tokens.dim() != 2:
+            raise ValueError(f"token input must have shape [batch, pos] or [pos], got {tuple(input.shape)}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
+            raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab}), got {int(tokens.min())}..{int(tokens.max())}")
+        if attention_mask is not None:
+            attention_mask = attention_mask[None] if attention_mask.dim() == 1 else attention_mask
+            if attention_mask.shape != tokens.shape:
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, tokens {tuple(tokens.shape)}")
+            attention_mask = attention_mask.to(tokens.device).long()
+        return tokens.to(self.W_E.device), attention_mask
+
+    def _state_positions(self, state_positions, p: int) -> Tensor | None:
+        if state_positions is None:
+            return None
+        positions = torch.as_tensor([state_positions] if isinstance(state_positions, int) else state_positions).long().flatten()
+        positions = torch.where(positions < 0, positions + p, positions)
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= p):
+            raise ValueError(f"state_positions {state_positions} out of range for an input of {p} positions")
+        return positions.unique().to(self.W_E.device)  # sorted, without repeats
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input: str | list[str] | Tensor,
+        return_type: str | None = "logits",
+        attention_mask: Tensor | None = None,
+        *,
+        loss_per_token: bool = False,
+        cache: GDNCache | None = None,
+        state_positions: int | Sequence[int] | Tensor | None = None,
+        recurrence: str = "parallel",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ):
+        """Logits [b, p, d_vocab], the mean next-token loss (or [b, p − 1] with ``loss_per_token``), both, or None."""
+        if return_type not in RETURN_TYPES:
+            raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
+        if recurrence not in RECURRENCES:
+            raise ValueError(f"recurrence must be one of {RECURRENCES}, got {recurrence!r}")
+        tokens, mask = self._tokens_and_mask(input, attention_mask)
+        b, p = tokens.shape
+        full_mask = mask
+        if cache is not None:
+            full_mask = cache.extend_mask(mask if mask is not None else torch.ones_like(tokens))
+        if full_mask is None:
+            position_ids = torch.arange(p, device=tokens.device).expand(b, p)
+        else:
+            position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, -p:]
+        ctx = ForwardContext(
+            attention_mask=None if full_mask is None or bool(full_mask.all()) else full_mask,
+            position_ids=position_ids,
+            cache=cache,
+            state_positions=self._state_positions(state_positions, p),
+            sequential=recurrence == "sequential",
+            chunk_size=chunk_size,
+        )
+        x = self.hook_embed(self.W_E[tokens])
+        angles = position_ids[..., None].float() * self.rotary_inv_freq
+        angles = torch.cat([angles, angles], -1)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for block in self.blocks:
+            x = block(x, ctx, cos, sin)
+        logits = F.linear(self.ln_final(x), self.W_unembed)
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        loss = self.loss_fn(logits, tokens, mask, per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
+
+    @staticmethod
+    def loss_fn(logits: Tensor, tokens: Tensor, attention_mask: Tensor | None = None, per_token: bool = False) -> Tensor:
+        """Next-token cross-entropy; positions whose input or target is padding are left out."""
+        losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")
+        if per_token:
+            return losses
+        if attention_mask is None:
+            return losses.mean()
+        keep = (attention_mask[:, :-1] * attention_mask[:, 1:]).to(losses.dtype)
+        return (losses * keep).sum() / keep.sum()
+
+    # ------------------------------------------------------------------ caching activations
+
+    def run_with_cache(
+        self,
+        *model_args,
+        names_filter: str | list[str] | Callable[[str], bool] | None = None,
+        device=None,
+        remove_batch_dim: bool = False,
+        **model_kwargs,
+    ) -> tuple[object, ActivationCache]:
+        """Run and cache activations, as TransformerLens does, with two differences.
+
+        - With no ``names_filter``, everything except ``hook_state`` is cached: name the states'
+          site(s) to get them (and pass ``state_positions`` to keep only some positions).
+        - A hook that fires once per position (the write and state hooks in sequential mode) is
+          cached as the concatenation of its firings along positions.
+        """
+        if names_filter is None:
+            keep = _default_cache_filter
+        elif isinstance(names_filter, str):
+            keep = lambda name: name == names_filter
+        elif isinstance(names_filter, list):
+            wanted = set(names_filter)
+            keep = wanted.__contains__
+        else:
+            keep = names_filter
+        for name in [names_filter] if isinstance(names_filter, str) else names_filter if isinstance(names_filter, list) else []:
+            self._check_hook_name(name)
+        names = [name for name in self.hook_dict if keep(name)]
+        if remove_batch_dim and isinstance(model_args[0], Tensor) and model_args[0].dim() == 2 and model_args[0].shape[0] != 1:
+            raise ValueError("remove_batch_dim needs a batch of one")
+        store: dict[str, Tensor] = {}
+
+        def save(tensor: Tensor, hook) -> None:
+            t = tensor.detach().to(device) if device is not None else tensor.detach()
+            store[hook.name] = torch.cat([store[hook.name], t], 1) if hook.name in store else t
+
+        with self.hooks(fwd_hooks=[(name, save) for name in names]):
+            out = self(*model_args, **model_kwargs)
+        if remove_batch_dim:
+            store = {k: v[0] for k, v in store.items()}
+        return out, ActivationCache(store, self, has_batch_dim=not remove_batch_dim)
+
+    def _check_hook_name(self, name) -> None:
+        if isinstance(name, str) and name not in self.hook_dict:
+            raise ValueError(f"unknown hook name {name!r}; see model.hook_dict for the available ones")
+
+    def add_hook(self, name, hook, *args, **kwargs) -> None:
+        self._check_hook_name(name)
+        super().add_hook(name, hook, *args, **kwargs)
+
+    def _enable_hook_with_name(self, name, hook, dir) -> None:
+        self._check_hook_name(name)
+        super()._enable_hook_with_name(name, hook, dir)
+
+    # ------------------------------------------------------------------ caches and generation
+
+    @torch.no_grad()
+    def prefill(self, input, attention_mask: Tensor | None = None, **forward_kwargs) -> GDNCache:
+        """Run a prefix and return the `GDNCache` that ``model(tokens, cache=cache)`` continues from."""
+        cache = GDNCache()
+        self(input, None, attention_mask, cache=cache, **forward_kwargs)
+        return cache
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input: str | list[str] | Tensor,
+        max_new_tokens: int = 10,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        stop_at_eos: bool = True,
+        eos_token_id: int | None = None,
+        attention_mask: Tensor | None = None,
+        **forward_kwargs,
+    ) -> Tensor | str | list[str]:
+        """Continue the input; hooks fire at every step (with p = 1) and their edits apply.
+
+        Returns the tokens [b, p + new] for token input, and the decoded text (prompt included)
+        for string input. Sequences that reached EOS are continued with EOS.
+        """
+        tokens, mask = self._tokens_and_mask(input, attention_mask)
+        eos = eos_token_id if eos_token_id is not None else self.cfg.eos_token_id
+        if stop_at_eos and eos is None:
+            raise ValueError("stop_at_eos needs an eos_token_id (the config has none)")
+        cache = GDNCache()
+        logits = self(tokens, "logits", mask, cache=cache, **forward_kwargs)
+        finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        new = []
+        for step in range(max_new_tokens):
+            last = logits[:, -1].float()
+            if do_sample:
+                last = last / temperature
+                if top_k is not None:
+                    kth = last.topk(top_k, -1).values[:, -1:]
+                    last = last.masked_fill(last < kth, float("-inf"))
+                next_token = torch.multinomial(last.softmax(-1), 1)[:, 0]
+            else:
+                next_token = last.argmax(-1)
+            if stop_at_eos:
+                next_token = torch.where(finished, torch.full_like(next_token, eos), next_token)
+                finished |= next_token == eos
+            new.append(next_token)
+            if (stop_at_eos and bool(finished.all())) or step == max_new_tokens - 1:
+                break
+            logits = self(next_token[:, None], "logits", cache=cache, **forward_kwargs)
+        out = torch.cat([tokens, torch.stack(new, 1)], 1) if new else tokens
+        if isinstance(input, str):
+            return self.to_string(out[0])
+        if isinstance(input, list):
+            return [self.tokenizer.decode(row, skip_special_tokens=True) for row in out.tolist()]
+        return out

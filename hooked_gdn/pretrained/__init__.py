@@ -1,0 +1,76 @@
+"""The model and text we ship, so that everything runs on real weights offline.
+
+``gdn-austen`` is a small Qwen3.5-architecture hybrid (GDN : attention = 3 : 1) trained on Jane
+Austen's six novels by ``scripts/train_pretrained.py``; its model card is ``gdn-austen/README.md``.
+The novels ship gzipped in ``austen/`` with their SOURCE note.
+
+Documents are chapters. The held-out split is fixed and named: Persuasion, chapters 21–24. Every
+other chapter (including each novel's front matter, before its first chapter) is training text.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PRETRAINED_DIR = Path(__file__).parent
+CORPUS_DIR = PRETRAINED_DIR / "austen"
+
+#: Short names accepted by ``HookedGatedDeltaNet.from_pretrained``, mapped to folders in this package.
+PRETRAINED_MODELS = {"gdn-austen": PRETRAINED_DIR / "gdn-austen"}
+
+NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
+HELDOUT_NOVEL, HELDOUT_FIRST_CHAPTER = "persuasion", 21
+
+#: The held-out evaluation protocol of the model card: the held-out documents joined with EOS,
+#: cut into non-overlapping windows of this many tokens, mean next-token cross-entropy.
+HELDOUT_CONTEXT = 256
+
+_CHAPTER_HEADING = re.compile(r"^(?:CHAPTER|Chapter) [0-9IVXLC]+\.?\s*$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str  # "<novel>/<index>", index 0 being the text before the first chapter heading
+    text: str
+
+
+def pretrained_path(name: str) -> Path | None:
+    """The folder of a shipped model, or None when ``name`` is not one of ours."""
+    return PRETRAINED_MODELS.get(name)
+
+
+def _read_novel(novel: str) -> str:
+    with gzip.open(CORPUS_DIR / f"{novel}.txt.gz", "rt", encoding="utf-8") as f:
+        return f.read()
+
+
+def austen_documents(split: str = "train") -> list[Document]:
+    """The novels as chapter documents; ``split`` is "train", "heldout" or "all"."""
+    if split not in ("train", "heldout", "all"):
+        raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
+    docs = []
+    for novel in NOVELS:
+        text = _read_novel(novel)
+        starts = [0] + [m.start() for m in _CHAPTER_HEADING.finditer(text)]
+        for index, (lo, hi) in enumerate(zip(starts, starts[1:] + [len(text)])):
+            chapter = text[lo:hi].strip()
+            if not chapter:
+                continue
+            heldout = novel == HELDOUT_NOVEL and index >= HELDOUT_FIRST_CHAPTER
+            if split == "all" or heldout == (split == "heldout"):
+                docs.append(Document(f"{novel}/{index}", chapter))
+    return docs
+
+
+def heldout_windows(tokenizer, context: int = HELDOUT_CONTEXT) -> torch.Tensor:
+    """The held-out documents tokenised, joined with EOS and cut into [n, context] windows."""
+    ids: list[int] = []
+    for doc in austen_documents("heldout"):
+        ids += tokenizer(doc.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    n = len(ids) // context
+    return torch.tensor(ids[: n * context]).view(n, context)

@@ -1,0 +1,67 @@
+"""Tiny random Qwen3.5 configs, and pairs of (transformers model, our model) with the same weights.
+
+Our model is always loaded through ``from_pretrained`` from a folder that transformers saved, so the
+real loading path is what the parity tests exercise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+from hooked_gdn import HookedGatedDeltaNet
+
+torch.set_num_threads(2)
+
+# Three shapes: grouped GDN heads with d_k != d_v and partial rotary; equal heads, tied embeddings,
+# attention every 2nd layer; one key head serving three value heads, attention first.
+TINY_CONFIGS = {
+    "grouped": dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=12, linear_value_head_dim=8,
+                    num_hidden_layers=4, tie_word_embeddings=False),
+    "tied": dict(linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+                 num_hidden_layers=4, full_attention_interval=2, tie_word_embeddings=True,
+                 rope_parameters={"rope_type": "default", "rope_theta": 1000.0, "partial_rotary_factor": 1.0}),
+    "one_key_head": dict(linear_num_key_heads=1, linear_num_value_heads=3, linear_key_head_dim=16, linear_value_head_dim=6,
+                         num_hidden_layers=3, layer_types=["full_attention", "linear_attention", "linear_attention"]),
+}
+
+
+def tiny_hf_config(name: str = "grouped", **overrides) -> Qwen3_5TextConfig:
+    kwargs = dict(
+        vocab_size=101, hidden_size=48, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        eos_token_id=0, pad_token_id=0,
+    )
+    kwargs.update(TINY_CONFIGS[name])
+    kwargs.update(overrides)
+    return Qwen3_5TextConfig(**kwargs)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every norm and gate non-trivial values, so that parity tests can see them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(("A_log", "dt_bias")):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def make_pair(tmp_path, name: str = "grouped", dtype=torch.float32, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    hf = Qwen3_5ForCausalLM(tiny_hf_config(name, **overrides)).eval()
+    randomize_(hf, seed)
+    folder = tmp_path / f"hf-{name}-{seed}"
+    hf.save_pretrained(folder)
+    ours = HookedGatedDeltaNet.from_pretrained(folder, dtype=dtype).eval()
+    return hf.to(dtype), ours
+
+
+@pytest.fixture
+def pair(tmp_path):
+    return make_pair(tmp_path)
+
+
+@pytest.fixture
+def model(pair):
+    return pair[1]

@@ -1,0 +1,90 @@
+"""Our model against transformers' Qwen3.5 with the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+from hooked_gdn import HookedGatedDeltaNet
+
+from .conftest import TINY_CONFIGS, make_pair, tiny_hf_config
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("length", [1, 37, 130])
+def test_logits_match_transformers_fp32(tmp_path, name, length):
+    hf, ours = make_pair(tmp_path, name)
+    tokens = torch.randint(0, 101, (2, length), generator=torch.Generator().manual_seed(length))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        got = ours(tokens)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_left_padding_matches_transformers_and_unpadded_run(tmp_path, name):
+    hf, ours = make_pair(tmp_path, name)
+    tokens = torch.randint(1, 101, (3, 45), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(tokens)
+    mask[0, :7] = 0
+    mask[2, :30] = 0
+    with torch.no_grad():
+        expected = hf(tokens, attention_mask=mask).logits
+        got = ours(tokens, attention_mask=mask)
+        alone = ours(tokens[2:, 30:])
+    real = mask.bool()
+    assert (got - expected)[real].abs().max().item() <= 1e-4
+    assert (got[2, 30:] - alone[0]).abs().max().item() <= 1e-4
+
+
+def test_bf16_close_to_transformers_bf16(tmp_path):
+    hf, ours = make_pair(tmp_path, "grouped", dtype=torch.bfloat16)
+    tokens = torch.randint(0, 101, (2, 70), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf(tokens).logits.float()
+        got = ours(tokens)
+        fp32 = make_pair(tmp_path, "grouped")[1](tokens)
+    assert got.dtype == torch.bfloat16
+    scale = expected.abs().max().item()
+    # bf16 keeps ~3 significant digits; both implementations round at the same places
+    assert (got.float() - expected).abs().max().item() <= 0.02 * scale
+    assert (got.float() - fp32).abs().max().item() <= 0.05 * scale
+
+
+def test_multimodal_checkpoint_loads_text_weights(tmp_path):
+    text = tiny_hf_config("grouped").to_dict()
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=48, patch_size=4,
+                  temporal_patch_size=1, spatial_merge_size=1)
+    torch.manual_seed(0)
+    hf = Qwen3_5ForConditionalGeneration(Qwen3_5Config(text_config=text, vision_config=vision)).eval()
+    hf.save_pretrained(tmp_path / "vl")
+    ours = HookedGatedDeltaNet.from_pretrained(tmp_path / "vl")
+    tokens = torch.randint(0, 101, (2, 50), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = hf(input_ids=tokens).logits
+        got = ours(tokens)
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_from_config_is_qwen_initialised():
+    model = HookedGatedDeltaNet.from_config(tiny_hf_config("grouped"))
+    gdn = model.blocks[0].linear_attn
+    A = gdn.A_log.exp()
+    assert ((A >= 0.01) & (A <= 16)).all()
+    assert (gdn.dt_bias == 1).all() and (gdn.norm.w == 1).all() and (model.blocks[0].ln1.w == 0).all()
+    assert abs(model.blocks[0].mlp.W_in.std().item() - 0.02) < 0.005
+    logits = model(torch.randint(0, 101, (1, 9)))
+    assert logits.shape == (1, 9, 101) and torch.isfinite(logits).all()
+
+
+def test_loss_ignores_padding(tmp_path):
+    _, ours = make_pair(tmp_path)
+    tokens = torch.randint(1, 101, (2, 20), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(tokens)
+    mask[1, :8] = 0
+    with torch.no_grad():
+        padded = ours(tokens, "loss", mask)
+        per_token = torch.cat([ours(tokens[:1], "loss", loss_per_token=True)[0], ours(tokens[1:, 8:], "loss", loss_per_token=True)[0]])
+    assert torch.allclose(padded, per_token.mean(), atol=1e-5)
