@@ -164,7 +164,7 @@ def chunked_gated_delta_rule(
     chunk_decay = gamma[..., -1].exp()[..., None, None]
 
     state = k.new_zeros(b, H, d_k, d_v) if initial_state is None else initial_state
-    out, delta = torch.empty_like(v), torch.empty_like(v)
+    out, delta = (torch.empty_like(v, memory_format=torch.contiguous_format) for _ in range(2))
     chunk_starts = []
     for n in range(N):
         if state_positions is not None:
@@ -175,10 +175,19 @@ def chunked_gated_delta_rule(
 
     states = None
     if state_positions is not None:
-        n, i = state_positions // C, state_positions % C
-        starts = torch.stack(chunk_starts, 2)[:, :, n]  # [b, H, P, d_k, d_v]
-        weighted_keys = k[:, :, n] * decay[:, :, n, i][..., None]  # D_ij k̂_j, zero for j > i
-        states = gamma[:, :, n, i].exp()[..., None, None] * starts + weighted_keys.transpose(-1, -2) @ delta[:, :, n]
+        starts = torch.stack(chunk_starts, 2)  # [b, H, N, d_k, d_v]
+        # e^{γ_i} S_0 first, then += Σ_j D_ij k̂_j δ_jᵀ in place: the states are written once
+        if len(state_positions) == T and bool((state_positions == torch.arange(T, device=k.device)).all()):
+            # every state: per chunk, rows (i, d_k) of D_ij k̂_j times δ [C, d_v]; no gathers
+            states = torch.mul(starts[:, :, :, None], gamma.exp()[..., None, None])  # [b, H, N, C, d_k, d_v]
+            weighted_keys = decay[..., :, None, :] * k.transpose(-1, -2).contiguous()[..., None, :, :]  # [b, H, N, C, d_k, C]
+            states.view(-1, C * d_k, d_v).baddbmm_(weighted_keys.view(-1, C * d_k, C), delta.view(-1, C, d_v))
+            states = states.flatten(2, 3)[:, :, :T]
+        else:  # some states: gather the rows of their chunks
+            n, i = state_positions // C, state_positions % C
+            states = starts[:, :, n].mul_(gamma[:, :, n, i].exp()[..., None, None])  # [b, H, P, d_k, d_v]
+            weighted_keys = (k[:, :, n] * decay[:, :, n, i][..., None]).transpose(-1, -2)  # D_ij k̂_j, 0 for j > i
+            states.view(-1, d_k, d_v).baddbmm_(weighted_keys.reshape(-1, d_k, C), delta[:, :, n].reshape(-1, C, d_v))
         states = states.transpose(1, 2)
 
     unchunk = lambda x: x.reshape(b, H, N * C, d_v)[:, :, :T].transpose(1, 2)

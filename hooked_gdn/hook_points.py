@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
@@ -23,16 +25,32 @@ class CheckedHookPoint(HookPoint):
             raise ValueError(f"a hook on {self.name} returned {got}; it must return None or a tensor of shape {tuple(x.shape)}")
         return y.to(x.dtype)
 
-    def fire_and_diff(self, x: Tensor, feature_dims: int) -> tuple[Tensor, Tensor | None]:
-        """Run the hooks on ``x``; return (result, bool mask of edited rows, or None if none were)."""
+    def fire_and_diff(
+        self, x: Tensor, feature_dims: int, recompute: Callable[[], Tensor] | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Run the hooks on ``x``; return (result, bool mask of edited rows or None, the unedited x).
+
+        Edits count whether returned or made in place. Without ``recompute``, ``x`` is copied
+        before the hooks run, to compare against. With it (for tensors too large to copy, like the
+        states), an untouched ``x`` is recognised by its version counter, and the original of an
+        in-place edit is recomputed. Without hooks this costs nothing.
+        """
         if not self.fwd_hooks:
-            return x, None
-        original = x.clone()
+            return x, None, x
+        snapshot = x.clone() if recompute is None else None
+        version = x._version
         y = self(x)
+        if snapshot is not None:
+            original = snapshot
+        elif x._version == version:
+            original = x
+        else:
+            original = recompute()
+        if y is original:
+            return y, None, original
         edited = (y != original).flatten(start_dim=y.dim() - feature_dims).any(-1)
-        return y, (edited if bool(edited.any()) else None)
+        return y, (edited if bool(edited.any()) else None), original
 
 
 def any_hooked(*hook_points: HookPoint) -> bool:
     return any(hp.fwd_hooks for hp in hook_points)
-

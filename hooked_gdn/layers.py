@@ -27,6 +27,7 @@ class ForwardContext:
     cache: GDNCache | None
     state_positions: Tensor | None  # [P] positions of the current input at which hook_state fires
     sequential: bool
+    past_length: int = 0  # positions already in the cache
     chunk_size: int = DEFAULT_CHUNK_SIZE
 
     @property
@@ -153,19 +154,22 @@ class GatedDeltaNet(nn.Module):
         result = run(None, positions)
         edits = DeltaRuleEdits()
         if any_hooked(self.hook_write_key, self.hook_write_value):
-            key, key_edited = self.hook_write_key.fire_and_diff(k_hat, 1)
-            value, value_edited = self.hook_write_value.fire_and_diff(result.write_value, 1)
+            _tell_positions(ctx.past_length + torch.arange(k_hat.shape[1]), self.hook_write_key, self.hook_write_value)
+            key, key_edited, _ = self.hook_write_key.fire_and_diff(k_hat, 1)
+            value, value_edited, _ = self.hook_write_value.fire_and_diff(result.write_value, 1)
             if key_edited is not None or value_edited is not None:
                 masks = [m for m in (key_edited, value_edited) if m is not None]
                 edits.write_mask = masks[0] if len(masks) == 1 else masks[0] | masks[1]
                 edits.write_key, edits.write_value = key.float(), value.float()
                 result = run(edits, positions)
         if hooked_state:
-            states, edited = self.hook_state.fire_and_diff(result.states, 2)
+            _tell_positions(ctx.past_length + positions.cpu(), self.hook_state)
+            recompute = lambda: run(edits, positions).states
+            states, edited, original = self.hook_state.fire_and_diff(result.states, 2, recompute)
             if edited is not None:
                 rows = edited.any(dim=(0, 2)).nonzero().flatten()
                 edits.diff_positions = positions[rows]
-                edits.state_diff = (states - result.states)[:, rows].float()
+                edits.state_diff = (states - original)[:, rows].float()
                 result = run(edits, None)
         return result.out, result.final_state
 
@@ -175,6 +179,7 @@ class GatedDeltaNet(nn.Module):
         fire_state = set(range(k_hat.shape[1]) if ctx.state_positions is None else ctx.state_positions.tolist())
         outs = []
         for t in range(k_hat.shape[1]):
+            _tell_positions(torch.tensor([ctx.past_length + t]), self.hook_write_key, self.hook_write_value, self.hook_state)
             decayed, delta = decay_and_predict(state, k_hat[:, t], v[:, t], g[:, t], beta[:, t])
             key = self.hook_write_key(k_hat[:, t : t + 1])[:, 0]
             delta = self.hook_write_value(delta[:, None])[:, 0]
@@ -183,6 +188,13 @@ class GatedDeltaNet(nn.Module):
                 state = self.hook_state(state[:, None])[:, 0].float()
             outs.append(read(state, q_hat[:, t]))
         return torch.stack(outs, 1), state
+
+
+def _tell_positions(positions: Tensor, *hook_points: CheckedHookPoint) -> None:
+    """Let hooks know where they are: ``hook.ctx["positions"]`` holds the sequence positions (counting
+    any cached prefix) of the tensor's dim 1, so one hook function works in every mode."""
+    for hp in hook_points:
+        hp.ctx["positions"] = positions
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -176,6 +176,7 @@ class HookedGatedDeltaNet(HookedRootModule):
         tokens, mask = self._tokens_and_mask(input, attention_mask)
         b, p = tokens.shape
         full_mask = mask
+        past_length = cache.length if cache is not None else 0
         if cache is not None:
             full_mask = cache.extend_mask(mask if mask is not None else torch.ones_like(tokens))
         if full_mask is None:
@@ -188,6 +189,7 @@ class HookedGatedDeltaNet(HookedRootModule):
             cache=cache,
             state_positions=self._state_positions(state_positions, p),
             sequential=recurrence == "sequential",
+            past_length=past_length,
             chunk_size=chunk_size,
         )
         x = self.hook_embed(self.W_E[tokens])

@@ -1,0 +1,174 @@
+"""P1–P4: the recurrence engine's speed and memory, as ratios measured in one run.
+
+    python benchmarks/bench_engine.py            # all four, Qwen3.5-0.8B GDN head sizes, 4 layers
+    python benchmarks/bench_engine.py --only P3 --layers 2
+
+Model: H_v = 16, d_k = d_v = 128, d_model = 1024, d_mlp = 3584 (Qwen3.5-0.8B's sizes) with few
+layers (3 GDN : 1 attention by default), random weights, fp32, batch 1.
+
+- P1: forward with no hooks / transformers' Qwen3_5ForCausalLM forward (same weights).   target ≤ 1.05
+- P2: caching hook_state of one layer at all T = 512 positions:
+      per-token scan (sequential mode, as TransformerLens 4.3 does) / ours               target ≥ 10
+      (ours − clean forward) / the time to write that many bytes                       target ≤ 2.5
+- P3: peak memory above the loaded model, caching P = 8 of T = 2048 states / no hooks.    target ≤ 1.2
+- P4: one carried write edit at a late position / a clean forward.                       target ≤ 1.5
+
+Times are medians of interleaved repeats; P3 runs each case in a fresh process and reads the
+kernel's peak-RSS counter (VmHWM, reset through /proc/self/clear_refs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+from hooked_gdn import HookedGatedDeltaNet
+from hooked_gdn.loading import hf_to_hooked_state_dict
+
+
+def bench_config(layers: int) -> Qwen3_5TextConfig:
+    return Qwen3_5TextConfig(
+        vocab_size=4096, hidden_size=1024, intermediate_size=3584, num_hidden_layers=layers,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=256,
+        linear_num_key_heads=16, linear_num_value_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25},
+    )
+
+
+def models(layers: int):
+    torch.manual_seed(0)
+    hf = Qwen3_5ForCausalLM(bench_config(layers)).eval()
+    ours = HookedGatedDeltaNet.from_config(hf.config).eval()
+    ours.load_state_dict(hf_to_hooked_state_dict(hf.state_dict(), ours.cfg))
+    return hf, ours
+
+
+def median_times(fns: dict, repeats: int) -> dict[str, float]:
+    """Median wall time of each function, calls interleaved so that machine noise hits all alike."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm up
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def p1(hf, ours, repeats: int) -> list[tuple]:
+    tokens = torch.randint(0, 4096, (1, 512))
+    t = median_times({"ours": lambda: ours(tokens), "transformers": lambda: hf(tokens).logits}, repeats)
+    return [("P1", "forward, no hooks / transformers (T=512)", t["ours"] / t["transformers"], "≤ 1.05",
+             f"{t['ours'] * 1e3:.0f} ms vs {t['transformers'] * 1e3:.0f} ms")]
+
+
+def p2(ours, repeats: int) -> list[tuple]:
+    T = 512
+    tokens = torch.randint(0, 4096, (1, T))
+    site = f"blocks.{ours.cfg.gdn_layers[0]}.linear_attn.hook_state"
+    shape = (1, T, ours.cfg.n_value_heads, ours.cfg.d_key, ours.cfg.d_value)
+    source = torch.randn(shape)
+    fns = {
+        "clean": lambda: ours(tokens),
+        "cached": lambda: ours.run_with_cache(tokens, names_filter=site),
+        "write bytes": lambda: torch.empty(shape).copy_(source),
+    }
+    t = median_times(fns, repeats)
+    scan = median_times({"scan": lambda: ours.run_with_cache(tokens, names_filter=site, recurrence="sequential")}, max(1, repeats // 3))
+    gib = source.numel() * 4 / 2**30
+    return [
+        ("P2a", "per-token scan / ours, all T=512 states of one layer", scan["scan"] / t["cached"], "≥ 10",
+         f"{scan['scan'] * 1e3:.0f} ms vs {t['cached'] * 1e3:.0f} ms"),
+        ("P2b", "(ours − clean forward) / writing the same bytes", (t["cached"] - t["clean"]) / t["write bytes"], "≤ 2.5",
+         f"{(t['cached'] - t['clean']) * 1e3:.0f} ms vs {t['write bytes'] * 1e3:.0f} ms for {gib:.2f} GiB"),
+    ]
+
+
+P3_CHILD = """
+import sys, torch
+sys.path.insert(0, {path!r})
+from bench_engine import models
+_, model = models({layers})
+tokens = torch.randint(0, 4096, (1, 2048))
+site = f"blocks.{{model.cfg.gdn_layers[0]}}.linear_attn.hook_state"
+def rss_kib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+with torch.no_grad():
+    model(tokens[:, :64])  # load lazily initialised kernels before measuring
+    base = rss_kib("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")
+    if {cache}:
+        model.run_with_cache(tokens, names_filter=site, state_positions=list(range(0, 2048, 256)))
+    else:
+        model(tokens)
+    print(rss_kib("VmHWM") - base)
+"""
+
+
+def p3(layers: int) -> list[tuple]:
+    peaks = {}
+    for case in (False, True):
+        code = P3_CHILD.format(path=sys.path[0], layers=layers, cache=case)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        peaks[case] = int(out.stdout.strip().splitlines()[-1])
+    return [("P3", "peak memory, 8 of T=2048 states cached / no hooks", peaks[True] / peaks[False], "≤ 1.2",
+             f"{peaks[True] / 1024:.0f} MiB vs {peaks[False] / 1024:.0f} MiB above the loaded model")]
+
+
+def p4(ours, repeats: int) -> list[tuple]:
+    T = 512
+    tokens = torch.randint(0, 4096, (1, T))
+    site = f"blocks.{ours.cfg.gdn_layers[-1]}.linear_attn.hook_write_value"
+
+    def delete_late_write(x, hook):
+        x = x.clone()
+        x[:, T - 10, 3] = 0
+        return x
+
+    fns = {"clean": lambda: ours(tokens), "edited": lambda: ours.run_with_hooks(tokens, fwd_hooks=[(site, delete_late_write)])}
+    t = median_times(fns, repeats)
+    return [("P4", "one carried write edit at t = T−10 / clean forward", t["edited"] / t["clean"], "≤ 1.5",
+             f"{t['edited'] * 1e3:.0f} ms vs {t['clean'] * 1e3:.0f} ms")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="P1,P2,P3,P4")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+    wanted = args.only.split(",")
+    rows = []
+    with torch.no_grad():
+        hf, ours = models(args.layers)
+        if "P1" in wanted:
+            rows += p1(hf, ours, args.repeats)
+        if "P2" in wanted:
+            rows += p2(ours, args.repeats)
+        if "P4" in wanted:
+            rows += p4(ours, args.repeats)
+        del hf, ours
+    if "P3" in wanted:
+        rows += p3(args.layers)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.layers} layers, fp32, batch 1\n")
+    print(f"| id | measure | ratio | target | times |\n|---|---|---|---|---|")
+    for rid, what, ratio, target, detail in rows:
+        print(f"| {rid} | {what} | {ratio:.2f} | {target} | {detail} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dict(zip(("id", "measure", "ratio", "target", "detail"), r)) for r in rows], f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

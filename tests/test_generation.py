@@ -1,0 +1,68 @@
+"""Prefix caches and generation, against one long forward and against transformers' generate."""
+
+from __future__ import annotations
+
+import torch
+
+from .conftest import make_pair
+from .test_edits import at_positions, site
+
+
+def test_prefill_then_continue_equals_one_forward(model):
+    tokens = torch.randint(0, 101, (2, 53), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = model(tokens)
+        cache = model.prefill(tokens[:, :30])
+        middle = model(tokens[:, 30:31], cache=cache)
+        rest = model(tokens[:, 31:], cache=cache)
+    assert cache.length == 53
+    assert (torch.cat([middle, rest], 1) - whole[:, 30:]).abs().max().item() <= 1e-4
+
+
+def test_prefill_with_left_padding_continues_like_unpadded(model):
+    tokens = torch.randint(1, 101, (2, 20), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(tokens)
+    mask[1, :6] = 0
+    more = torch.randint(1, 101, (2, 5))
+    with torch.no_grad():
+        cache = model.prefill(tokens, attention_mask=mask)
+        continued = model(more, cache=cache)
+        alone = model(torch.cat([tokens[1:, 6:], more[1:]], 1))
+    assert (continued[1] - alone[0, -5:]).abs().max().item() <= 1e-4
+
+
+def test_greedy_generate_matches_transformers(tmp_path):
+    hf, ours = make_pair(tmp_path, "grouped", seed=3)
+    prompt = torch.randint(1, 101, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0,
+                               attention_mask=torch.ones_like(prompt))
+        got = ours.generate(prompt, max_new_tokens=12, stop_at_eos=False)
+    assert torch.equal(got, expected)
+
+
+def test_write_hook_fires_every_step_and_its_edit_steers_generation(model):
+    prompt = torch.randint(1, 101, (1, 6), generator=torch.Generator().manual_seed(4))
+    seen = []
+
+    def record(x, hook):
+        seen.append(hook.ctx["positions"].tolist())
+
+    name = site(model, "hook_write_value")
+    with model.hooks(fwd_hooks=[(name, record)]):
+        model.generate(prompt, max_new_tokens=5, stop_at_eos=False)
+    assert seen == [[0, 1, 2, 3, 4, 5], [6], [7], [8], [9]]
+
+    clean = model.generate(prompt, max_new_tokens=8, stop_at_eos=False)
+    big = lambda rows, pos: rows * 0 + 50.0
+    with model.hooks(fwd_hooks=[(name, at_positions(big, [6, 7]))]):
+        steered = model.generate(prompt, max_new_tokens=8, stop_at_eos=False)
+    assert torch.equal(steered[:, :8], clean[:, :8])  # the prompt and the token chosen before the edit
+    assert not torch.equal(steered, clean)
+
+
+def test_generate_stops_at_eos(model):
+    prompt = torch.randint(1, 101, (1, 4))
+    eos = int(model.generate(prompt, max_new_tokens=1, stop_at_eos=False)[0, -1])
+    out = model.generate(prompt, max_new_tokens=10, eos_token_id=eos)
+    assert out.shape[1] == 5 and int(out[0, -1]) == eos
