@@ -8,8 +8,9 @@ layers (3 GDN : 1 attention by default), random weights, fp32, batch 1.
 
 - P1: forward with no hooks / transformers' Qwen3_5ForCausalLM forward (same weights).   target ≤ 1.05
 - P2: caching hook_state of one layer at all T = 512 positions:
-      per-token scan (sequential mode, as TransformerLens 4.3 does) / ours               target ≥ 10
+      per-token scan (our sequential mode) / ours                                      target ≥ 10
       (ours − clean forward) / the time to write that many bytes                       target ≤ 2.5
+      TransformerLens 4.3's bridge with eager_scan (its per-token scan) / ours          peer column
 - P3: peak memory above the loaded model, caching P = 8 of T = 2048 states / no hooks.    target ≤ 1.2
 - P4: one carried write edit at a late position / a clean forward.                       target ≤ 1.5
 
@@ -24,6 +25,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -31,6 +33,7 @@ from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
 from hooked_gdn import HookedGatedDeltaNet
 from hooked_gdn.loading import hf_to_hooked_state_dict
+from tl_bridge import boot_bridge, bridge_state_hook_name
 
 
 def bench_config(layers: int) -> Qwen3_5TextConfig:
@@ -70,10 +73,11 @@ def p1(hf, ours, repeats: int) -> list[tuple]:
              f"{t['ours'] * 1e3:.0f} ms vs {t['transformers'] * 1e3:.0f} ms")]
 
 
-def p2(ours, repeats: int) -> list[tuple]:
+def p2(hf, ours, repeats: int) -> list[tuple]:
     T = 512
     tokens = torch.randint(0, 4096, (1, T))
-    site = f"blocks.{ours.cfg.gdn_layers[0]}.linear_attn.hook_state"
+    layer = ours.cfg.gdn_layers[0]
+    site = f"blocks.{layer}.linear_attn.hook_state"
     shape = (1, T, ours.cfg.n_value_heads, ours.cfg.d_key, ours.cfg.d_value)
     source = torch.randn(shape)
     fns = {
@@ -82,14 +86,27 @@ def p2(ours, repeats: int) -> list[tuple]:
         "write bytes": lambda: torch.empty(shape).copy_(source),
     }
     t = median_times(fns, repeats)
-    scan = median_times({"scan": lambda: ours.run_with_cache(tokens, names_filter=site, recurrence="sequential")}, max(1, repeats // 3))
+    scans = {"scan": lambda: ours.run_with_cache(tokens, names_filter=site, recurrence="sequential")}
+    with tempfile.TemporaryDirectory() as folder:
+        try:  # TransformerLens 4.3's per-token eager scan, on the same weights, if its bridge boots them
+            hf.save_pretrained(folder)
+            bridge = boot_bridge(folder)
+            name = bridge_state_hook_name(bridge, layer)
+            scans["TransformerLens"] = lambda: bridge.run_with_cache(tokens, names_filter=name, use_cache=False)
+        except RuntimeError as err:
+            print(f"P2: no TransformerLens column ({err})")
+        scan = median_times(scans, max(1, repeats // 3))
     gib = source.numel() * 4 / 2**30
-    return [
-        ("P2a", "per-token scan / ours, all T=512 states of one layer", scan["scan"] / t["cached"], "≥ 10",
-         f"{scan['scan'] * 1e3:.0f} ms vs {t['cached'] * 1e3:.0f} ms"),
+    rows = [
+        ("P2a", "per-token scan (our sequential mode) / ours, all T=512 states of one layer", scan["scan"] / t["cached"],
+         "≥ 10", f"{scan['scan'] * 1e3:.0f} ms vs {t['cached'] * 1e3:.0f} ms"),
         ("P2b", "(ours − clean forward) / writing the same bytes", (t["cached"] - t["clean"]) / t["write bytes"], "≤ 2.5",
          f"{(t['cached'] - t['clean']) * 1e3:.0f} ms vs {t['write bytes'] * 1e3:.0f} ms for {gib:.2f} GiB"),
     ]
+    if "TransformerLens" in scan:
+        rows.append(("P2c", "TransformerLens 4.3 bridge, eager_scan state cache / ours", scan["TransformerLens"] / t["cached"],
+                     "(peer)", f"{scan['TransformerLens'] * 1e3:.0f} ms vs {t['cached'] * 1e3:.0f} ms"))
+    return rows
 
 
 P3_CHILD = """
@@ -155,7 +172,7 @@ def main() -> None:
         if "P1" in wanted:
             rows += p1(hf, ours, args.repeats)
         if "P2" in wanted:
-            rows += p2(ours, args.repeats)
+            rows += p2(hf, ours, args.repeats)
         if "P4" in wanted:
             rows += p4(ours, args.repeats)
         del hf, ours

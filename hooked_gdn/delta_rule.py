@@ -164,14 +164,14 @@ def chunked_gated_delta_rule(
     chunk_decay = gamma[..., -1].exp()[..., None, None]
 
     state = k.new_zeros(b, H, d_k, d_v) if initial_state is None else initial_state
-    out, delta = (torch.empty_like(v, memory_format=torch.contiguous_format) for _ in range(2))
-    chunk_starts = []
+    outs, deltas, chunk_starts = [], [], []  # lists, not in-place writes, so autograd can run back through
     for n in range(N):
-        if state_positions is not None:
-            chunk_starts.append(state)
-        delta[:, :, n] = u[:, :, n] - w[:, :, n] @ state
-        out[:, :, n] = q_decayed[:, :, n] @ state + qk[:, :, n] @ delta[:, :, n]
-        state = state * chunk_decay[:, :, n] + k_to_chunk_end[:, :, n].transpose(-1, -2) @ delta[:, :, n]
+        chunk_starts.append(state)
+        delta_n = u[:, :, n] - w[:, :, n] @ state
+        outs.append(q_decayed[:, :, n] @ state + qk[:, :, n] @ delta_n)
+        deltas.append(delta_n)
+        state = state * chunk_decay[:, :, n] + k_to_chunk_end[:, :, n].transpose(-1, -2) @ delta_n
+    out, delta = torch.stack(outs, 2), torch.stack(deltas, 2)
 
     states = None
     if state_positions is not None:

@@ -39,7 +39,10 @@ class HookedGatedDeltaNet(HookedRootModule):
 
     Hooks on ``hook_write_key`` / ``hook_write_value`` / ``hook_state`` that return changed rows
     (or change them in place) edit the recurrence, and the edit carries through every later
-    position (DESIGN §3). The recurrence and its hook points run in fp32 whatever the model dtype.
+    position (DESIGN §3); an edit of ``hook_final_state`` is what a cache continues from. These
+    hooks find the sequence positions of their tensor's dim 1 in ``hook.ctx["positions"]``
+    (counting a cached prefix), so one hook function works in parallel mode, sequential mode and
+    generation. The recurrence and its hook points run in fp32 whatever the model dtype.
     """
 
     def __init__(self, cfg: HookedGDNConfig, tokenizer=None):

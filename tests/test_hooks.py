@@ -124,7 +124,7 @@ def test_observing_hooks_change_nothing(model):
     assert torch.allclose(cache["blocks.1.hook_resid_post"], model.run_with_cache(tokens)[1]["blocks.1.hook_resid_post"])
 
 
-def test_string_input_and_tokenizer_roundtrip(tmp_path, model):
+def test_string_input_without_a_tokenizer_is_rejected(model):
     assert model.tokenizer is None
     with pytest.raises(ValueError, match="no tokenizer"):
         model("hello")
@@ -157,3 +157,33 @@ def test_hook_returning_wrong_shape_is_named(model):
     name = f"blocks.{model.cfg.gdn_layers[0]}.linear_attn.hook_write_value"
     with pytest.raises(ValueError, match="hook_write_value returned"):
         model.run_with_hooks(torch.zeros(1, 4, dtype=torch.long), fwd_hooks=[(name, lambda x, hook: x[:, :2])])
+
+
+def test_states_are_formed_only_when_hooked(model, monkeypatch):
+    import hooked_gdn.layers as layers
+
+    asked = []
+    real = layers.gated_delta_rule
+
+    def recording(*args, **kwargs):
+        asked.append(args[6])  # state_positions
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "gated_delta_rule", recording)
+    tokens = torch.randint(0, 101, (1, 20))
+    model(tokens)
+    model.run_with_cache(tokens)  # the default cache leaves states out
+    assert asked and all(p is None for p in asked)
+    asked.clear()
+    layer = model.cfg.gdn_layers[1]
+    model.run_with_cache(tokens, names_filter=f"blocks.{layer}.linear_attn.hook_state", state_positions=[3, 7])
+    assert [None if p is None else p.tolist() for p in asked] == [None if i != layer else [3, 7] for i in model.cfg.gdn_layers]
+
+
+def test_checkpoint_that_is_not_a_gdn_model_is_rejected(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 vocab_size=50)).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match="unsupported model type 'llama'"):
+        HookedGatedDeltaNet.from_pretrained(tmp_path / "llama")

@@ -88,3 +88,13 @@ def test_loss_ignores_padding(tmp_path):
         padded = ours(tokens, "loss", mask)
         per_token = torch.cat([ours(tokens[:1], "loss", loss_per_token=True)[0], ours(tokens[1:, 8:], "loss", loss_per_token=True)[0]])
     assert torch.allclose(padded, per_token.mean(), atol=1e-5)
+
+
+def test_gradients_match_transformers(tmp_path):
+    hf, ours = make_pair(tmp_path, "grouped")
+    tokens = torch.randint(0, 101, (2, 70), generator=torch.Generator().manual_seed(5))
+    ours(tokens, "loss").backward()
+    hf(tokens, labels=tokens).loss.backward()
+    ours_grad = ours.blocks[0].linear_attn.W_qkv.grad
+    hf_grad = hf.model.layers[0].linear_attn.in_proj_qkv.weight.grad
+    assert (ours_grad - hf_grad).abs().max().item() <= 1e-5 * hf_grad.abs().max().item() + 1e-8

@@ -1,0 +1,57 @@
+"""Look at a GDN layer's matrix memory on the shipped model: ``python -m hooked_gdn.demo``.
+
+Caches ``hook_state`` of one GDN layer at a few positions of a sentence (``state_positions``, so
+only those states are formed) and prints, per head, the state's Frobenius norm and its top
+singular values: how much the memory holds, and how many directions it spreads over.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .model import HookedGatedDeltaNet
+
+DEFAULT_TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife."
+
+
+def describe_states(model: HookedGatedDeltaNet, text: str, layer: int, positions: list[int], top: int = 3) -> str:
+    site = f"blocks.{layer}.linear_attn.hook_state"
+    _, cache = model.run_with_cache(text, names_filter=site, state_positions=positions)
+    states = cache[site][0].float()  # [P, H_v, d_k, d_v]
+    tokens = model.to_str_tokens(text)
+    n = len(tokens)
+    chosen = sorted({p % n for p in positions})
+    singular = torch.linalg.svdvals(states)  # [P, H_v, min(d_k, d_v)]
+    norms = states.flatten(-2).norm(dim=-1)
+    lines = [f"{model.cfg.model_name}: {site}, {n} tokens, S_t is {tuple(states.shape[-2:])} per head", ""]
+    header = "pos  token            head   ‖S‖_F   " + "  ".join(f"σ{i + 1:<5}" for i in range(top)) + "  σ1²/‖S‖²"
+    lines += [header, "-" * len(header)]
+    for row, p in enumerate(chosen):
+        for h in range(states.shape[1]):
+            label = f"{p:<4} {tokens[p]!r:<16}" if h == 0 else " " * 21
+            sv = "  ".join(f"{s:6.3f}" for s in singular[row, h, :top].tolist())
+            share = (singular[row, h, 0] ** 2 / norms[row, h] ** 2).item()
+            lines.append(f"{label} {h:>4}  {norms[row, h].item():7.3f}   {sv}  {share:8.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gdn-austen", help="shipped short name, local folder or hub id")
+    parser.add_argument("--layer", type=int, help="a GDN layer (default: the middle one)")
+    parser.add_argument("--text", default=DEFAULT_TEXT)
+    parser.add_argument("--positions", type=int, nargs="+", default=[1, 8, 16, -1], help="negative counts from the end")
+    args = parser.parse_args(argv)
+    model = HookedGatedDeltaNet.from_pretrained(args.model).eval()
+    gdn_layers = model.cfg.gdn_layers
+    layer = args.layer if args.layer is not None else gdn_layers[len(gdn_layers) // 2]
+    if layer not in gdn_layers:
+        parser.error(f"layer {layer} is not a GDN layer; the GDN layers are {gdn_layers}")
+    with torch.no_grad():
+        print(describe_states(model, args.text, layer, args.positions))
+
+
+if __name__ == "__main__":
+    main()
