@@ -1,1 +1,12 @@
-"""writesae: sparse autoencoders for matrix-valued sites of Gated DeltaNet models (arrives with issue 5)."""
+"""writesae: sparse autoencoders with rank-1 matrix atoms for the state and write of Gated DeltaNet layers.
+
+The core (this package's top level) imports without TransformerLens; `writesae.splice` attaches SAEs to a
+`hooked_gdn.HookedGatedDeltaNet`.
+"""
+
+__version__ = "0.1.0"
+
+from .io import load_sae, save_sae
+from .sae import ARCHITECTURES, BilinearMatrixSAE, FlatSAE, MatrixSAE, SAEConfig
+
+__all__ = ["ARCHITECTURES", "BilinearMatrixSAE", "FlatSAE", "MatrixSAE", "SAEConfig", "load_sae", "save_sae", "__version__"]

@@ -1,0 +1,538 @@
+"""The SAE core (writesae.sae, writesae.sparsity) and its on-disk format (writesae.io).
+
+Every expected value is computed here from the parameters with einsum, independently of the
+library's own helpers. Sizes are tiny and most checks run in float64, so that comparisons can be
+tight and TopK selections are not decided by rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from writesae import ARCHITECTURES, BilinearMatrixSAE, FlatSAE, MatrixSAE, SAEConfig, load_sae, save_sae
+from writesae.sparsity import JumpReLU
+
+ARCHS = ["flat", "matrix", "bilinear", "tied"]  # "tied" is the tied BilinearMatrixSAE
+SPARSITIES = ["topk", "batchtopk", "relu", "jumprelu"]
+FAST = settings(max_examples=20, deadline=None)
+
+
+def make(arch: str, rank: int = 2, **kw):
+    """A tiny SAE with random (non-zero) biases, so that every term of the formulas shows."""
+    kw = {"d_k": 4, "d_v": 3, "n_features": 12, "k": 3, "seed": 0, "dtype": "float64", **kw}
+    if arch == "tied":
+        kw["tied"] = True
+    sae = ARCHITECTURES["bilinear" if arch == "tied" else arch](rank=1 if arch == "flat" else rank, **kw)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        sae.b_dec.copy_(0.3 * torch.randn(sae.b_dec.shape, generator=g))
+        sae.b_enc.copy_(0.1 * torch.randn(sae.b_enc.shape, generator=g))
+    return sae
+
+
+def inputs(sae, *batch: int, seed: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = (*batch, sae.n_dicts, sae.cfg.d_k, sae.cfg.d_v)
+    return torch.randn(shape, generator=g, dtype=sae.cfg.torch_dtype)
+
+
+def atoms_of(sae) -> torch.Tensor:
+    """The decoder atoms [n_dicts, n, d_k, d_v], straight from the parameters."""
+    if isinstance(sae, FlatSAE):
+        return sae.W_dec.reshape(sae.n_dicts, sae.cfg.n_features, sae.cfg.d_k, sae.cfg.d_v)
+    return torch.einsum("hnrk,hnrv->hnkv", sae.V, sae.W)
+
+
+def factors_of(sae) -> list[torch.Tensor]:
+    if isinstance(sae, FlatSAE):
+        return [sae.W_dec]
+    if isinstance(sae, MatrixSAE) or sae.cfg.tied:
+        return [sae.V, sae.W]
+    return [sae.V, sae.W, sae.U, sae.P]
+
+
+def calibrate(sae, batches: int = 3) -> None:
+    """A few training-mode passes (which set a BatchTopK threshold), then eval mode."""
+    sae.train()
+    for i in range(batches):
+        sae(inputs(sae, 8, seed=100 + i))
+    sae.eval()
+
+
+# --- shapes and parameter counts --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch, rank", [(a, r) for a in ARCHS for r in (1, 2) if (a, r) != ("flat", 2)])
+@pytest.mark.parametrize("n_dicts", [1, 3])
+def test_parameter_counts_and_shapes(arch, rank, n_dicts):
+    d_k, d_v, n, h = 4, 3, 12, n_dicts
+    sae = make(arch, rank=rank, heads=list(range(n_dicts)))
+    formula = {
+        "flat": 2 * n * d_k * d_v,
+        "matrix": n * d_k * d_v + rank * n * (d_k + d_v),
+        "bilinear": 2 * rank * n * (d_k + d_v),
+        "tied": rank * n * (d_k + d_v),
+    }[arch]
+    assert sae.n_weight_parameters() == h * formula
+    shapes = {name: tuple(p.shape) for name, p in sae.named_parameters()}
+    assert shapes["b_dec"] == (h, d_k, d_v) and shapes["b_enc"] == (h, n)
+    if arch == "flat":
+        assert shapes["W_enc"] == shapes["W_dec"] == (h, n, d_k * d_v)
+    else:
+        assert shapes["V"] == (h, n, rank, d_k) and shapes["W"] == (h, n, rank, d_v)
+    assert ("W_enc" in shapes) == (arch in ("flat", "matrix"))
+    assert ("U" in shapes and "P" in shapes) == (arch == "bilinear")
+    codes = sae.encode(inputs(sae, 2, 5))
+    assert codes.shape == (2, 5, h, n)
+    assert sae.decode(codes).shape == (2, 5, h, d_k, d_v)
+
+
+def test_head_indices_and_both_constructors():
+    assert SAEConfig("matrix", 4, 3, 8, k=2, heads=2).head_indices == [2]
+    assert SAEConfig("matrix", 4, 3, 8, k=2, heads="all", n_heads=3).head_indices == [0, 1, 2]
+    assert SAEConfig("matrix", 4, 3, 8, k=2, heads=(3, 1), n_heads=4).head_indices == [3, 1]
+    cfg = SAEConfig("matrix", d_k=4, d_v=3, n_features=8, rank=2, k=2, heads=[0, 1])
+    from_cfg, from_keywords = MatrixSAE(cfg, seed=5), MatrixSAE(d_k=4, d_v=3, n_features=8, rank=2, k=2, heads=[0, 1], seed=5)
+    assert from_cfg.cfg == from_keywords.cfg == cfg
+    for (name, a), (_, b) in zip(from_cfg.state_dict().items(), from_keywords.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert from_cfg.cfg is not cfg
+    with pytest.raises(TypeError, match="not both"):
+        MatrixSAE(cfg, k=3)
+    with pytest.raises(ValueError, match="architecture='flat'"):
+        FlatSAE(cfg)
+
+
+# --- encoders ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+@pytest.mark.parametrize("tied", [True, False])
+def test_bilinear_pre_activations(rank, tied):
+    sae = make("tied" if tied else "bilinear", rank=rank, heads=[0, 1], n_heads=2)
+    x = inputs(sae, 5)
+    U, P = (sae.V, sae.W) if tied else (sae.U, sae.P)
+    # ⟨X − b_dec, Σ_r U_ir P_irᵀ⟩_F + b_enc,i = Σ_r U_irᵀ (X − b_dec) P_ir + b_enc,i
+    expected = torch.einsum("bhkv,hnrk,hnrv->bhn", x - sae.b_dec, U, P) + sae.b_enc
+    torch.testing.assert_close(sae.encode_pre(x), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["flat", "matrix"])
+def test_dense_pre_activations(arch):
+    sae = make(arch)
+    x = inputs(sae, 5)
+    expected = torch.einsum("bhd,hnd->bhn", (x - sae.b_dec).flatten(-2), sae.W_enc) + sae.b_enc
+    torch.testing.assert_close(sae.encode_pre(x), expected, rtol=0, atol=1e-12)
+
+
+@FAST
+@given(arch=st.sampled_from(ARCHS), sparsity=st.sampled_from(SPARSITIES), rank=st.integers(1, 3),
+       n_dicts=st.integers(1, 3), batch=st.lists(st.integers(1, 3), max_size=2), scale=st.sampled_from([1.0, 0.4]),
+       seed=st.integers(0, 10**6))
+def test_factor_encoding_equals_matrix_encoding(arch, sparsity, rank, n_dicts, batch, scale, seed):
+    sae = make(arch, rank=rank, sparsity=sparsity, heads=list(range(n_dicts)), input_scale=scale, seed=seed).eval()
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(*batch, n_dicts, 4, generator=g, dtype=torch.float64)
+    delta = torch.randn(*batch, n_dicts, 3, generator=g, dtype=torch.float64)
+    x = k.unsqueeze(-1) * delta.unsqueeze(-2)
+    torch.testing.assert_close(sae.encode_pre_factors(k, delta), sae.encode_pre(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(sae.encode_factors(k, delta), sae.encode(x), rtol=0, atol=1e-12)
+
+
+def test_input_scale_means_weights_act_on_scaled_input():
+    scaled, plain = make("matrix", input_scale=0.25).eval(), make("matrix").eval()
+    plain.load_state_dict(scaled.state_dict())
+    x = inputs(scaled, 4)
+    torch.testing.assert_close(scaled.encode(x), plain.encode(x * 0.25), rtol=0, atol=1e-12)
+    torch.testing.assert_close(scaled(x), plain(x * 0.25) / 0.25, rtol=0, atol=1e-12)
+
+
+# --- decoders ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dense_decode_is_the_table(arch):
+    sae = make(arch, input_scale=0.5)
+    codes = sae.encode(inputs(sae, 6))
+    expected = (torch.einsum("bhn,hnkv->bhkv", codes, atoms_of(sae)) + sae.b_dec) / 0.5
+    torch.testing.assert_close(sae.decode(codes), expected, rtol=0, atol=1e-12)
+
+
+@FAST
+@given(arch=st.sampled_from(ARCHS), m=st.integers(1, 12), batch=st.integers(1, 4), seed=st.integers(0, 10**6))
+def test_sparse_decode_equals_dense_decode(arch, m, batch, seed):
+    sae = make(arch, heads=[0, 1], input_scale=2.0, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, 12, (batch, 2, m), generator=g)  # repeats allowed: they add up
+    values = torch.randn(batch, 2, m, generator=g, dtype=torch.float64)
+    dense = torch.zeros(batch, 2, 12, dtype=torch.float64).scatter_add(-1, indices, values)
+    torch.testing.assert_close(sae.decode_sparse(indices, values), sae.decode(dense), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparse_decode_of_topk_codes(arch):
+    sae = make(arch, heads=[0, 1, 2], k=4)
+    codes = sae.encode(inputs(sae, 3, 5))
+    values, indices = codes.topk(4, dim=-1)
+    torch.testing.assert_close(sae.decode_sparse(indices, values), sae.decode(codes), rtol=0, atol=1e-12)
+
+
+# --- sparsity rules ---------------------------------------------------------------------------
+
+
+@FAST
+@given(arch=st.sampled_from(ARCHS), k=st.integers(1, 12), batch=st.integers(1, 6), seed=st.integers(0, 10**6))
+def test_topk_codes_have_at_most_k_nonzeros(arch, k, batch, seed):
+    sae = make(arch, k=k, heads=[0, 1], seed=seed)
+    pre = sae.encode_pre(inputs(sae, batch, seed=seed))
+    codes = sae.activation(pre)
+    assert ((codes != 0).sum(-1) <= k).all() and (codes >= 0).all()
+    # the kept ones are the k largest positive pre-activations, unchanged
+    kth_largest = pre.topk(k, dim=-1).values[..., -1:]
+    assert torch.equal(codes, torch.where((pre >= kth_largest) & (pre > 0), pre, torch.zeros_like(pre)))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batchtopk_threshold_and_batch_independence(arch):
+    sae = make(arch, sparsity="batchtopk", k=2, heads=[0, 1]).train()
+    first, second = inputs(sae, 6, seed=10), inputs(sae, 6, seed=11)
+    codes_1 = sae.encode(first)
+    assert ((codes_1 != 0).sum((0, 2)) <= 2 * 6).all()  # k·B per head over the batch
+    smallest_1 = torch.where(codes_1 > 0, codes_1, torch.inf).amin((0, 2))
+    torch.testing.assert_close(sae.activation.threshold, smallest_1)
+    codes_2 = sae.encode(second)
+    smallest_2 = torch.where(codes_2 > 0, codes_2, torch.inf).amin((0, 2))
+    torch.testing.assert_close(sae.activation.threshold, (smallest_1 + smallest_2) / 2)  # running mean
+    with torch.no_grad():
+        sae.encode(inputs(sae, 6, seed=12))  # no gradients recorded: no calibration
+    torch.testing.assert_close(sae.activation.threshold, (smallest_1 + smallest_2) / 2)
+
+    sae.eval()
+    batch = inputs(sae, 7, seed=13)
+    together = sae.encode(batch)
+    assert together.count_nonzero() > 0
+    for i in range(7):
+        alone = sae.encode(batch[i : i + 1])[0]
+        assert torch.equal(alone != 0, together[i] != 0)
+        torch.testing.assert_close(alone, together[i], rtol=0, atol=1e-12)
+    pre = sae.encode_pre(batch)
+    assert torch.equal(together, torch.where(pre >= sae.activation.threshold[:, None], pre.relu(), 0))
+
+
+def test_jumprelu_straight_through_gradients():
+    theta, eps = 0.5, 0.2
+    act = JumpReLU(n_dicts=1, n_features=3, bandwidth=eps, initial_threshold=theta).double()
+    # within the window |z − θ| ≤ ε/2: 0.45 and 0.58 (feature 0), 0.41 (feature 1); none for feature 2
+    pre = torch.tensor([[[0.45, 0.41, 0.9]], [[0.58, 1.2, 0.1]], [[0.2, 0.3, 0.61]]], dtype=torch.float64)
+    in_window = torch.tensor([[2.0, 1.0, 0.0]], dtype=torch.float64)
+    codes = act(pre)
+    assert torch.equal(codes, pre * (pre > theta))
+    codes.sum().backward()
+    # d/dθ estimated as −θ K/ε per sample; d/d log θ multiplies by θ.
+    torch.testing.assert_close(act.log_threshold.grad, -theta * theta / eps * in_window, rtol=1e-6, atol=1e-6)
+    act.log_threshold.grad = None
+    act.l0_penalty(pre).sum().backward()
+    torch.testing.assert_close(act.log_threshold.grad, -theta / eps * in_window, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_jumprelu_gradient_reaches_log_threshold_through_the_sae(arch):
+    sae = make(arch, sparsity="jumprelu", jumprelu_bandwidth=0.5, jumprelu_initial_threshold=0.2)
+    x = inputs(sae, 16)
+    pre = sae.encode_pre(x)
+    loss = ((sae.decode(sae.activation(pre)) - x) ** 2).sum() + sae.activation.l0_penalty(pre).sum()
+    loss.backward()
+    grad = sae.activation.log_threshold.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_relu_l1_penalty_is_weighted_by_atom_norm(arch):
+    sae = make(arch, sparsity="relu")
+    with torch.no_grad():
+        for factor in factors_of(sae):  # atoms of varied norms
+            factor.mul_(torch.rand(factor.shape[:-1], dtype=factor.dtype).add(0.5).unsqueeze(-1))
+    codes = sae.encode(inputs(sae, 5))
+    assert (codes > 0).any()
+    norms = atoms_of(sae).flatten(-2).norm(dim=-1)
+    expected = torch.einsum("bhn,hn->bh", codes, norms)
+    torch.testing.assert_close(sae.l1_penalty(codes), expected, rtol=0, atol=1e-12)
+
+
+# --- hook points and the error term -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_error_term_keeps_the_forward_while_codes_stay_patchable(arch):
+    sae = make(arch, dtype="float32", sparsity="batchtopk", input_scale=0.7)
+    calibrate(sae, batches=1)
+    sae.train()  # batch-dependent codes: the hook-free recompute must still match the hooked pass
+    x = inputs(sae, 6)
+    reconstruction = sae(x)
+    assert (reconstruction - x).abs().max() > 1e-3
+    sae.use_error_term = True
+    assert (sae(x) - x).abs().max() <= 1e-6
+    codes = sae.encode(x).detach()
+    handle = sae.hook_sae_acts_post.register_forward_hook(lambda module, args, acts: acts * 2)
+    patched = sae(x)
+    handle.remove()
+    assert sae.activation.n_updates == 1 + 4  # the recompute behind the error term did not calibrate
+    expected_shift = torch.einsum("bhn,hnkv->bhkv", codes, atoms_of(sae)).detach() / 0.7
+    assert expected_shift.abs().max() > 1e-3
+    torch.testing.assert_close(patched - x, expected_shift, rtol=1e-4, atol=1e-5)
+    patched.sum().backward()  # the reconstruction path carries gradients
+    assert sae.b_enc.grad is not None and sae.b_enc.grad.abs().sum() > 0
+
+
+def test_hook_points_fire_with_their_values():
+    sae = make("bilinear", heads=[0, 1])
+    sae.use_error_term = True
+    seen = {}
+    for name in ("input", "acts_pre", "acts_post", "recons", "error", "output"):
+        hook_point = getattr(sae, f"hook_sae_{name}")
+        hook_point.register_forward_hook(lambda module, args, out, name=name: seen.__setitem__(name, out.detach()))
+    x = inputs(sae, 3)
+    sae(x)
+    assert torch.equal(seen["input"], x)
+    torch.testing.assert_close(seen["acts_pre"], sae.encode_pre(x))
+    torch.testing.assert_close(seen["acts_post"], sae.activation(seen["acts_pre"]))
+    torch.testing.assert_close(seen["error"], x - seen["recons"])
+    torch.testing.assert_close(seen["output"], seen["recons"] + seen["error"])
+
+
+def test_hook_points_are_transformer_lens_hook_points_when_available():
+    hook_points = pytest.importorskip("transformer_lens.hook_points")
+    sae = make("matrix")
+    assert isinstance(sae.hook_sae_acts_post, hook_points.HookPoint)
+    sae.hook_sae_acts_post.add_hook(lambda acts, hook: torch.zeros_like(acts))
+    torch.testing.assert_close(sae(inputs(sae, 2)), sae.b_dec.expand(2, -1, -1, -1))
+
+
+def test_core_imports_without_transformer_lens():
+    script = (
+        "import sys; sys.modules['transformer_lens'] = None\n"
+        "import torch, writesae\n"
+        "sae = writesae.BilinearMatrixSAE(d_k=3, d_v=2, n_features=4, k=1, seed=0)\n"
+        "assert type(sae.hook_sae_acts_post) is torch.nn.Identity\n"
+        "sae.hook_sae_acts_post.register_forward_hook(lambda m, a, out: out * 0)\n"
+        "assert torch.allclose(sae(torch.randn(5, 1, 3, 2)), sae.b_dec)\n"
+        "assert sys.modules['transformer_lens'] is None\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+# --- factor normalisation and folding ---------------------------------------------------------
+
+
+def scramble_norms_(sae, common_over_rank: bool = False) -> None:
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for factor in factors_of(sae):
+            shape = factor.shape[:-2] + (1,) if common_over_rank and factor.dim() == 4 else factor.shape[:-1]
+            factor.mul_(torch.rand(shape, generator=g, dtype=factor.dtype).add(0.5).unsqueeze(-1))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_normalize_factors_gives_unit_norms(arch):
+    sae = make(arch, sparsity="relu")
+    scramble_norms_(sae)
+    sae.normalize_factors_()
+    for factor in factors_of(sae):
+        torch.testing.assert_close(factor.norm(dim=-1), torch.ones(factor.shape[:-1], dtype=factor.dtype))
+    x = inputs(sae, 5)
+    before = sae(x)
+    sae.normalize_factors_()  # already unit: nothing changes, for every architecture
+    torch.testing.assert_close(sae(x), before, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch, rank", [("flat", 1), ("matrix", 1), ("matrix", 2)])
+@pytest.mark.parametrize("sparsity", ["relu", "jumprelu"])
+def test_normalize_factors_keeps_dense_encoder_saes_exact(arch, rank, sparsity):
+    sae = make(arch, rank=rank, sparsity=sparsity, jumprelu_initial_threshold=0.05)
+    scramble_norms_(sae, common_over_rank=True)  # one scale per feature: exactly compensable
+    x = inputs(sae, 6)
+    before = sae(x)
+    assert sae.encode(x).count_nonzero() > 0
+    sae.normalize_factors_()
+    torch.testing.assert_close(sae(x), before, rtol=0, atol=1e-10)
+
+
+def test_normalize_factors_keeps_each_features_contribution_norm_at_rank_2():
+    sae = make("matrix", rank=2, sparsity="relu")
+    scramble_norms_(sae)  # different scales per rank: the atom's shape changes, its weight must not
+    x = inputs(sae, 6)
+    contribution = lambda: sae.encode(x) * atoms_of(sae).flatten(-2).norm(dim=-1)  # ‖a_i atom_i‖_F
+    before = contribution()
+    sae.normalize_factors_()
+    torch.testing.assert_close(contribution(), before, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ["flat", "matrix", "bilinear"])
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_fold_input_scale_keeps_codes_and_outputs(arch, sparsity):
+    sae = make(arch, sparsity=sparsity, input_scale=2.5)
+    calibrate(sae)
+    x = inputs(sae, 6)
+    k, delta = x[..., 0], x[..., 0, :]
+    before = sae.encode(x), sae(x), sae.encode_factors(k, delta)
+    assert before[0].count_nonzero() > 0
+    sae.fold_input_scale_()
+    assert sae.cfg.input_scale == 1.0
+    for old, new in zip(before, (sae.encode(x), sae(x), sae.encode_factors(k, delta))):
+        torch.testing.assert_close(new, old, rtol=0, atol=1e-10)
+
+
+def test_fold_input_scale_refuses_a_tied_sae():
+    sae = make("tied", input_scale=2.5)
+    with pytest.raises(ValueError, match="tied"):
+        sae.fold_input_scale_()
+    assert sae.cfg.input_scale == 2.5
+    make("tied").fold_input_scale_()  # s = 1: nothing to fold
+
+
+# --- saving and loading -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_save_load_round_trip(tmp_path, arch, sparsity):
+    sae = make(arch, sparsity=sparsity, heads=[2, 0], n_heads=4, input_scale=0.8,
+               site="blocks.1.linear_attn.hook_state", model_name="tiny")
+    calibrate(sae)
+    if sparsity == "jumprelu":
+        with torch.no_grad():
+            sae.activation.log_threshold.add_(torch.rand(sae.activation.log_threshold.shape, dtype=torch.float64))
+    sae.save(tmp_path / "sae")
+    loaded = load_sae(tmp_path / "sae")
+    assert type(loaded) is type(sae) and loaded.cfg == sae.cfg
+    assert loaded.state_dict().keys() == sae.state_dict().keys()
+    for name, tensor in sae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    loaded.eval()
+    x = inputs(sae, 5)
+    assert torch.equal(loaded(x), sae(x))
+    assert all(p.requires_grad for p in loaded.parameters())
+    assert type(sae).load(tmp_path / "sae").cfg == sae.cfg
+
+
+def test_saved_folder_holds_json_and_safetensors_only(tmp_path):
+    sae = make("bilinear", sparsity="batchtopk")
+    calibrate(sae)
+    save_sae(sae, tmp_path / "sae")
+    assert {p.name for p in (tmp_path / "sae").iterdir()} == {"cfg.json", "sae_weights.safetensors"}
+    assert {p.name for p in tmp_path.iterdir()} == {"sae"}  # no temporary folder left behind
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["architecture"] == "bilinear" and cfg["writesae_version"] == "0.1.0"
+    raw = (tmp_path / "sae" / "sae_weights.safetensors").read_bytes()  # 8-byte header size, JSON header, data
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    assert header["activation.threshold"]["shape"] == [1]
+    weights = load_file(tmp_path / "sae" / "sae_weights.safetensors")
+    assert torch.equal(weights["activation.threshold"], sae.activation.threshold)
+    for module in ("sae.py", "sparsity.py", "io.py"):
+        source = (Path(__file__).parents[1] / "writesae" / module).read_text()
+        assert "import pickle" not in source and "torch.load" not in source and "torch.save" not in source
+
+
+def test_save_replaces_an_sae_folder_but_nothing_else(tmp_path):
+    save_sae(make("matrix", seed=0), tmp_path / "sae")
+    newer = make("matrix", seed=1)
+    save_sae(newer, tmp_path / "sae")
+    assert torch.equal(load_sae(tmp_path / "sae").V, newer.V)
+    assert {p.name for p in tmp_path.iterdir()} == {"sae"}
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an SAE folder"):
+        save_sae(newer, tmp_path / "notes")
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+
+
+def test_loading_as_the_wrong_class_fails(tmp_path):
+    make("matrix").save(tmp_path / "sae")
+    with pytest.raises(ValueError, match="holds a MatrixSAE, not a BilinearMatrixSAE"):
+        BilinearMatrixSAE.load(tmp_path / "sae")
+
+
+def edit_cfg(folder: Path, **changes) -> None:
+    cfg = json.loads((folder / "cfg.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            del cfg[key]
+        else:
+            cfg[key] = value
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"d_k": 5}, r"V has shape \[1, 12, 2, 4\], expected \[1, 12, 2, 5\]"),
+    ({"rank": 3}, r"W has shape \[1, 12, 2, 3\], expected \[1, 12, 3, 3\]"),
+    ({"heads": [0, 1]}, r"b_dec has shape \[1, 4, 3\], expected \[2, 4, 3\]"),
+    ({"tied": True}, r"unexpected U"),
+    ({"sparsity": "jumprelu"}, r"missing activation.log_threshold"),
+    ({"rank": None}, r"missing keys \['rank'\]"),
+    ({"colour": "red"}, r"unknown keys \['colour'\]"),
+    ({"architecture": "conv"}, r"unknown architecture 'conv'"),
+])
+def test_mismatched_cfg_fails_clearly(tmp_path, changes, message):
+    make("bilinear").save(tmp_path / "sae")
+    edit_cfg(tmp_path / "sae", **changes)
+    with pytest.raises(ValueError, match=message):
+        load_sae(tmp_path / "sae")
+
+
+def test_mismatched_tensor_fails_clearly(tmp_path):
+    make("flat").save(tmp_path / "sae")
+    file = tmp_path / "sae" / "sae_weights.safetensors"
+    tensors = load_file(file)
+    tensors["b_enc"] = torch.zeros(1, 11, dtype=torch.float64)
+    save_file(tensors, file)
+    with pytest.raises(ValueError, match=r"n_features=12.*b_enc has shape \[1, 11\], expected \[1, 12\]"):
+        load_sae(tmp_path / "sae")
+
+
+# --- clear errors -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"architecture": "conv"}, "unknown architecture"),
+    ({"sparsity": "l2"}, "unknown sparsity"),
+    ({"tied": True}, "tied=True needs the bilinear architecture"),
+    ({"k": 13}, "k=13 exceeds n_features=12"),
+    ({"heads": [0, 3], "n_heads": 3}, r"heads \[3\] out of range"),
+    ({"heads": 4, "n_heads": 4}, r"heads \[4\] out of range"),
+    ({"heads": -1}, r"heads \[-1\] out of range"),
+    ({"heads": [1, 1]}, "repeat"),
+    ({"heads": "all"}, "needs n_heads"),
+    ({"heads": "some", "n_heads": 2}, "heads must be"),
+    ({"rank": 0}, "rank must be a positive int"),
+    ({"architecture": "flat", "rank": 2}, "flat SAE has no rank"),
+    ({"dtype": "int32"}, "dtype"),
+    ({"input_scale": 0.0}, "input_scale"),
+])
+def test_config_errors(changes, message):
+    kw = {"architecture": "matrix", "d_k": 4, "d_v": 3, "n_features": 12, "k": 3, **changes}
+    with pytest.raises(ValueError, match=message):
+        SAEConfig(**kw)
+
+
+def test_wrong_input_shapes_fail_clearly():
+    sae = make("bilinear", heads=[0, 1])
+    with pytest.raises(ValueError, match=r"\[\.\.\., n_dicts=2, d_k=4, d_v=3\], got \(5, 2, 3, 4\)"):
+        sae(torch.randn(5, 2, 3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"n_dicts=2, d_k=4, d_v=3\], got \(4, 3\)"):
+        sae.encode(torch.randn(4, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="expected k"):
+        sae.encode_factors(torch.randn(5, 2, 4, dtype=torch.float64), torch.randn(5, 2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="n_features=12"):
+        sae.decode(torch.randn(5, 2, 11, dtype=torch.float64))
+    with pytest.raises(ValueError, match="indices and values"):
+        sae.decode_sparse(torch.zeros(5, 2, 3, dtype=torch.long), torch.zeros(5, 2, 4, dtype=torch.float64))

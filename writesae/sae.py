@@ -1,0 +1,517 @@
+"""Sparse autoencoders on a matrix site (DESIGN §4): `FlatSAE`, `MatrixSAE`, `BilinearMatrixSAE`.
+
+An SAE reads X ∈ R^{d_k×d_v} (one head's state S_t, or its write k̂ δᵀ) for each of n_dicts heads,
+with an independent dictionary per head: inputs are [*batch, n_dicts, d_k, d_v], codes a are
+[*batch, n_dicts, n], and every parameter has a leading n_dicts axis (dropped in the formulas):
+
+| class               | pre-activation z_i                          | X̂ − b_dec                 |
+|---------------------|---------------------------------------------|---------------------------|
+| `FlatSAE`           | W_enc,i · vec(X − b_dec) + b_enc,i          | Σ_i a_i W_dec,i           |
+| `MatrixSAE`         | W_enc,i · vec(X − b_dec) + b_enc,i          | Σ_i a_i Σ_r V_ir W_irᵀ    |
+| `BilinearMatrixSAE` | Σ_r U_irᵀ (X − b_dec) P_ir + b_enc,i        | Σ_i a_i Σ_r V_ir W_irᵀ    |
+
+The tied WriteSAE has U = V and P = W. Codes are a = sparsity(z), see `writesae.sparsity`.
+
+``cfg.input_scale`` s: the weights act on X·s (s makes mean ‖X‖²_F = 1 in training), while every
+method takes and returns the raw scale: X is multiplied by s on the way in, X̂ divided by s on the
+way out. ``fold_input_scale_`` moves s into the weights.
+
+Hook points, as in SAELens: ``hook_sae_input`` (X), ``hook_sae_acts_pre`` (z), ``hook_sae_acts_post``
+(a), ``hook_sae_recons`` (X̂), ``hook_sae_error`` (X − X̂, only with ``use_error_term``) and
+``hook_sae_output``. They are TransformerLens ``HookPoint``s when TransformerLens is importable, so a
+host ``HookedRootModule`` registers them; otherwise plain identity modules, on which ordinary torch
+forward hooks (``register_forward_hook``) still work. The core never needs TransformerLens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .sparsity import JumpReLU, make_sparsity
+
+SPARSITIES = ("topk", "batchtopk", "relu", "jumprelu")
+
+
+@dataclass
+class SAEConfig:
+    """Everything that fixes an SAE's shapes and semantics; saved as ``cfg.json``.
+
+    ``heads``: an int for one head's dictionary; a list of ints, or "all" (needs ``n_heads``), for
+    independent per-head dictionaries trained as one batched module. ``input_scale``: see the
+    module docstring. ``l1_coefficient`` weighs the ReLU SAE's L1 penalty in training; the
+    ``jumprelu_*`` fields are the JumpReLU bandwidth ε and the initial θ.
+    """
+
+    architecture: str
+    d_k: int
+    d_v: int
+    n_features: int
+    rank: int = 1
+    sparsity: str = "topk"
+    k: int = 32
+    site: str | None = None
+    heads: int | list[int] | str = 0
+    n_heads: int | None = None
+    tied: bool = False
+    input_scale: float = 1.0
+    l1_coefficient: float = 1.0
+    jumprelu_bandwidth: float = 1e-3
+    jumprelu_initial_threshold: float = 1e-3
+    model_name: str | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.architecture!r}; expected one of {sorted(ARCHITECTURES)}")
+        if self.sparsity not in SPARSITIES:
+            raise ValueError(f"unknown sparsity {self.sparsity!r}; expected one of {list(SPARSITIES)}")
+        for name in ("d_k", "d_v", "n_features", "rank", "k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.architecture == "flat" and self.rank != 1:
+            raise ValueError(f"rank applies to the factored architectures; a flat SAE has no rank (got rank={self.rank})")
+        if self.tied and self.architecture != "bilinear":
+            raise ValueError(f"tied=True needs the bilinear architecture (U = V, P = W), not {self.architecture!r}")
+        if self.sparsity in ("topk", "batchtopk") and self.k > self.n_features:
+            raise ValueError(f"k={self.k} exceeds n_features={self.n_features}")
+        for name in ("input_scale", "jumprelu_bandwidth", "jumprelu_initial_threshold"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        if not (isinstance(self.l1_coefficient, (int, float)) and math.isfinite(self.l1_coefficient)
+                and self.l1_coefficient >= 0):
+            raise ValueError(f"l1_coefficient must be a finite number >= 0, got {self.l1_coefficient!r}")
+        for name in ("site", "model_name"):
+            if not isinstance(getattr(self, name), (str, type(None))):
+                raise ValueError(f"{name} must be a string or None, got {getattr(self, name)!r}")
+        if not isinstance(self.tied, bool):
+            raise ValueError(f"tied must be a bool, got {self.tied!r}")
+        if isinstance(self.dtype, torch.dtype):
+            self.dtype = str(self.dtype).removeprefix("torch.")
+        if not (isinstance(getattr(torch, str(self.dtype), None), torch.dtype) and self.torch_dtype.is_floating_point):
+            raise ValueError(f"dtype must name a torch floating dtype such as 'float32', got {self.dtype!r}")
+        self._check_heads()
+
+    def _check_heads(self) -> None:
+        n = self.n_heads
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"n_heads must be a positive int or None, got {n!r}")
+        if isinstance(self.heads, str):
+            if self.heads != "all":
+                raise ValueError(f"heads must be an int, a list of ints or 'all', got {self.heads!r}")
+            if n is None:
+                raise ValueError("heads='all' needs n_heads, the site's number of heads")
+            return
+        if isinstance(self.heads, tuple):
+            self.heads = list(self.heads)
+        heads = self.heads if isinstance(self.heads, list) else [self.heads]
+        if not heads or any(isinstance(h, bool) or not isinstance(h, int) for h in heads):
+            raise ValueError(f"heads must be an int, a non-empty list of ints or 'all', got {self.heads!r}")
+        if len(set(heads)) != len(heads):
+            raise ValueError(f"heads {self.heads} repeat a head")
+        out_of_range = [h for h in heads if h < 0 or (n is not None and h >= n)]
+        if out_of_range:
+            limit = "" if n is None else f" < n_heads={n}"
+            raise ValueError(f"heads {out_of_range} out of range: heads must be >= 0{limit}")
+
+    @property
+    def head_indices(self) -> list[int]:
+        """The heads, one dictionary each, in the order of the input's n_dicts axis."""
+        if self.heads == "all":
+            return list(range(self.n_heads))
+        return list(self.heads) if isinstance(self.heads, list) else [self.heads]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+def _hook_point() -> nn.Module:
+    """A TransformerLens HookPoint if TransformerLens imports, else an identity module."""
+    try:
+        from transformer_lens.hook_points import HookPoint
+    except ImportError:
+        return nn.Identity()
+    return HookPoint()
+
+
+def _unit_randn(*shape: int, generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:
+    return F.normalize(torch.randn(shape, generator=generator, dtype=dtype), dim=-1)
+
+
+def _unit_(factor: Tensor) -> Tensor:
+    """Scale each last-axis vector of ``factor`` to unit norm, in place; return the old norms."""
+    norms = factor.norm(dim=-1)
+    factor /= norms.clamp_min(torch.finfo(factor.dtype).tiny).unsqueeze(-1)
+    return norms
+
+
+def _pick(param: Tensor, indices: Tensor) -> Tensor:
+    """param[h, indices[..., h, j]] for a per-head parameter [n_dicts, n, ...]: [..., n_dicts, m, ...]."""
+    heads = torch.arange(param.shape[0], device=indices.device).unsqueeze(-1)
+    return param[heads, indices]
+
+
+def _dense_pre(W_enc: Tensor, centred: Tensor) -> Tensor:
+    """W_enc,i · vec(X·s − b_dec) [..., n_dicts, n] (b_enc not included)."""
+    return torch.einsum("...hd,hnd->...hn", centred.flatten(-2), W_enc)
+
+
+def _rescale_dense_codes_(sae: FlatSAE | MatrixSAE, c: Tensor) -> None:
+    """Multiply every code a_i of a dense-encoder SAE by c_i [n_dicts, n]: z_i scales by c_i through
+    W_enc,i and b_enc,i, and a JumpReLU θ_i with it. Exact for ReLU and JumpReLU; TopK and BatchTopK
+    compare features (and samples), so their selection can change."""
+    sae.W_enc *= c.unsqueeze(-1)
+    sae.b_enc *= c
+    if isinstance(sae.activation, JumpReLU):
+        sae.activation.log_threshold += c.log()
+
+
+def _factor_atoms(V: Tensor, W: Tensor) -> Tensor:
+    """Σ_r V_ir W_irᵀ [n_dicts, n, d_k, d_v]."""
+    return torch.einsum("hnrk,hnrv->hnkv", V, W)
+
+
+def _factor_atom_norms(V: Tensor, W: Tensor) -> Tensor:
+    """‖Σ_r V_ir W_irᵀ‖_F [n_dicts, n], from Gram matrices: ‖·‖² = Σ_rs (V_rᵀV_s)(W_rᵀW_s)."""
+    gram = torch.einsum("hnrk,hnsk->hnrs", V, V) * torch.einsum("hnrv,hnsv->hnrs", W, W)
+    return gram.sum((-2, -1)).clamp_min(0).sqrt()
+
+
+def _factor_decode_sparse(V: Tensor, W: Tensor, indices: Tensor, values: Tensor) -> Tensor:
+    """Σ_j values_j Σ_r V_{i_j r} W_{i_j r}ᵀ, gathering only the m given atoms' factors."""
+    return torch.einsum("...hm,...hmrk,...hmrv->...hkv", values, _pick(V, indices), _pick(W, indices))
+
+
+class SAEBase(nn.Module):
+    """The shared surface; subclasses define the encoder and decoder (see the module docstring).
+
+    Build as ``Cls(cfg)`` or ``Cls(d_k=..., d_v=..., n_features=..., ...)`` with `SAEConfig`'s
+    keywords (the architecture is the class's); ``seed`` seeds the initialisation and ``device``
+    places it. Factors start as random unit vectors, encoders as the decoder's transpose, biases
+    and b_dec at zero.
+    """
+
+    architecture: str
+
+    def __init__(self, cfg: SAEConfig | None = None, *, seed: int | None = None,
+                 device: torch.device | str | None = None, **config):
+        super().__init__()
+        if cfg is None:
+            cfg = SAEConfig(architecture=self.architecture, **config)
+        elif config:
+            raise TypeError(f"pass either an SAEConfig or its keywords, not both (got {sorted(config)})")
+        if cfg.architecture != self.architecture:
+            raise ValueError(f"{type(self).__name__} needs architecture={self.architecture!r}, got {cfg.architecture!r}")
+        self.cfg = replace(cfg)  # a copy: fold_input_scale_ edits it
+        self.n_dicts = len(cfg.head_indices)
+        self.use_error_term = False
+        self.hook_sae_input = _hook_point()
+        self.hook_sae_acts_pre = _hook_point()
+        self.hook_sae_acts_post = _hook_point()
+        self.hook_sae_recons = _hook_point()
+        self.hook_sae_error = _hook_point()
+        self.hook_sae_output = _hook_point()
+        self.activation = make_sparsity(cfg)
+        self.b_dec = nn.Parameter(torch.zeros(self.n_dicts, cfg.d_k, cfg.d_v))
+        self.b_enc = nn.Parameter(torch.zeros(self.n_dicts, cfg.n_features))
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        # drawn and normalised in at least fp32 (fp64 for an fp64 SAE), so unit norms hold to its precision
+        self._init_weights(generator, torch.promote_types(cfg.torch_dtype, torch.float32))
+        self.to(device=device, dtype=cfg.torch_dtype)
+
+    # --- what each architecture defines ------------------------------------------------------
+
+    def _init_weights(self, generator: torch.Generator | None, dtype: torch.dtype) -> None:
+        raise NotImplementedError
+
+    def _pre(self, centred: Tensor) -> Tensor:
+        """z from X·s − b_dec [..., n_dicts, d_k, d_v] (b_enc included)."""
+        raise NotImplementedError
+
+    def atoms(self) -> Tensor:
+        """The decoder atoms as matrices [n_dicts, n, d_k, d_v]."""
+        raise NotImplementedError
+
+    def atom_norms(self) -> Tensor:
+        """‖atom_i‖_F [n_dicts, n]."""
+        raise NotImplementedError
+
+    def _decode_sparse(self, indices: Tensor, values: Tensor) -> Tensor:
+        """Σ_j values_j atom_{indices_j} [..., n_dicts, d_k, d_v] (no b_dec, no input scale)."""
+        raise NotImplementedError
+
+    def _fold_scale_(self, s: float) -> None:
+        """Make the weights act on X instead of X·s; the base class moves b_dec."""
+        raise NotImplementedError
+
+    def normalize_factors_(self) -> SAEBase:
+        """Put every factor at unit norm; each class's docstring says what else it moves."""
+        raise NotImplementedError
+
+    def _pre_factors(self, k: Tensor, delta: Tensor) -> Tensor:
+        """z for X·s = k δᵀ, k already scaled. A dense encoder reads n·d_k·d_v weights per sample
+        whichever way it contracts, and contracting k first would make an [..., n, d_v]
+        intermediate, n/d_k times larger than X: so the dense encoders form X here."""
+        return self._pre(k.unsqueeze(-1) * delta.unsqueeze(-2) - self.b_dec)
+
+    # --- the public surface --------------------------------------------------------------------
+
+    def encode_pre(self, x: Tensor) -> Tensor:
+        """Pre-activations z [..., n_dicts, n] of X [..., n_dicts, d_k, d_v]."""
+        x = self.hook_sae_input(self._check_input(x))
+        return self.hook_sae_acts_pre(self._pre(x * self.cfg.input_scale - self.b_dec))
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Codes a [..., n_dicts, n] of X [..., n_dicts, d_k, d_v]."""
+        return self.hook_sae_acts_post(self.activation(self.encode_pre(x)))
+
+    def encode_pre_factors(self, k: Tensor, delta: Tensor) -> Tensor:
+        """Pre-activations of X = k δᵀ from k [..., n_dicts, d_k] and δ [..., n_dicts, d_v]."""
+        self._check_factors(k, delta)
+        return self.hook_sae_acts_pre(self._pre_factors(k * self.cfg.input_scale, delta))
+
+    def encode_factors(self, k: Tensor, delta: Tensor) -> Tensor:
+        """Codes of X = k δᵀ, equal to ``encode(k δᵀ)`` (hook_sae_input does not fire: there is no X)."""
+        return self.hook_sae_acts_post(self.activation(self.encode_pre_factors(k, delta)))
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """X̂ = (b_dec + Σ_i a_i atom_i) / s [..., n_dicts, d_k, d_v].
+
+        Dense: it forms all n atoms (n·d_k·d_v per call, like a flat decoder) and has a gradient for
+        every code, active or not; `decode_sparse` is the cheap route for sparse codes.
+        """
+        n_dicts, n = self.n_dicts, self.cfg.n_features
+        if codes.dim() < 2 or tuple(codes.shape[-2:]) != (n_dicts, n):
+            raise ValueError(f"expected codes of shape [..., n_dicts={n_dicts}, n_features={n}], got {tuple(codes.shape)}")
+        return self.hook_sae_recons(self._decode(codes) / self.cfg.input_scale)
+
+    def decode_sparse(self, indices: Tensor, values: Tensor) -> Tensor:
+        """`decode` of the code with ``values`` at ``indices`` (both [..., n_dicts, m]) and zeros
+        elsewhere (repeated indices add up), touching only those m atoms per sample and head."""
+        if indices.shape != values.shape or indices.dim() < 2 or indices.shape[-2] != self.n_dicts:
+            raise ValueError(f"expected indices and values of one shape [..., n_dicts={self.n_dicts}, m], "
+                             f"got {tuple(indices.shape)} and {tuple(values.shape)}")
+        recons = self._decode_sparse(indices, values) + self.b_dec
+        return self.hook_sae_recons(recons / self.cfg.input_scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """X̂, or with ``use_error_term`` X̂ + (X − X̂_clean).detach(), X̂_clean being X̂ with no hooks
+        run (a second, gradient-free pass): the output then equals X until a hook edits something,
+        and an edit of the codes changes it by exactly its change of X̂."""
+        recons = self.decode(self.encode(x))
+        if not self.use_error_term:
+            return self.hook_sae_output(recons)
+        with torch.no_grad():
+            s = self.cfg.input_scale
+            clean = self._decode(self.activation(self._pre(x * s - self.b_dec))) / s
+            error = self.hook_sae_error(x - clean)
+        return self.hook_sae_output(recons + error)
+
+    def _decode(self, codes: Tensor) -> Tensor:
+        return torch.einsum("...hn,hnkv->...hkv", codes, self.atoms()) + self.b_dec
+
+    def l1_penalty(self, codes: Tensor) -> Tensor:
+        """Σ_i a_i ‖atom_i‖_F [..., n_dicts]: the L1 penalty weighted by atom norm (ReLU training)."""
+        return (codes * self.atom_norms()).sum(-1)
+
+    def n_weight_parameters(self) -> int:
+        """Weights of DESIGN §4's table (no biases, no thresholds), times n_dicts."""
+        return sum(p.numel() for name, p in self.named_parameters(recurse=False) if name not in ("b_enc", "b_dec"))
+
+    @torch.no_grad()
+    def fold_input_scale_(self) -> SAEBase:
+        """Fold s = cfg.input_scale into the weights and set it to 1; codes and outputs are unchanged.
+
+        The encoder's input-side weights are multiplied by s, the decoder's value-side factor (or
+        W_dec) and b_dec divided by s.
+        """
+        s = self.cfg.input_scale
+        if s != 1:
+            self._fold_scale_(s)
+            self.b_dec /= s
+            self.cfg.input_scale = 1.0
+        return self
+
+    def save(self, path: str | Path) -> None:
+        from .io import save_sae
+
+        save_sae(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str | None = None) -> SAEBase:
+        from .io import load_sae
+
+        sae = load_sae(path, device=device)
+        if not isinstance(sae, cls):
+            raise ValueError(f"{path} holds a {type(sae).__name__}, not a {cls.__name__}")
+        return sae
+
+    def _check_input(self, x: Tensor) -> Tensor:
+        expected = (self.n_dicts, self.cfg.d_k, self.cfg.d_v)
+        if x.dim() < 3 or tuple(x.shape[-3:]) != expected:
+            raise ValueError(f"expected X of shape [..., n_dicts={expected[0]}, d_k={expected[1]}, d_v={expected[2]}], "
+                             f"got {tuple(x.shape)}")
+        return x
+
+    def _check_factors(self, k: Tensor, delta: Tensor) -> None:
+        n_dicts, d_k, d_v = self.n_dicts, self.cfg.d_k, self.cfg.d_v
+        if (k.dim() < 2 or tuple(k.shape[-2:]) != (n_dicts, d_k) or delta.dim() != k.dim()
+                or tuple(delta.shape[-2:]) != (n_dicts, d_v) or k.shape[:-1] != delta.shape[:-1]):
+            raise ValueError(f"expected k [..., n_dicts={n_dicts}, d_k={d_k}] and delta [..., n_dicts={n_dicts}, d_v={d_v}] "
+                             f"with the same leading shape, got {tuple(k.shape)} and {tuple(delta.shape)}")
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"heads={c.heads}, d_k={c.d_k}, d_v={c.d_v}, n_features={c.n_features}, rank={c.rank}, "
+                f"sparsity={c.sparsity}, k={c.k}, tied={c.tied}")
+
+
+class FlatSAE(SAEBase):
+    """The baseline: vec(X) as a d_k·d_v vector. Parameters W_enc, W_dec [n_dicts, n, d_k·d_v]."""
+
+    architecture = "flat"
+
+    def _init_weights(self, generator, dtype):
+        h, n, d = self.n_dicts, self.cfg.n_features, self.cfg.d_k * self.cfg.d_v
+        self.W_dec = nn.Parameter(_unit_randn(h, n, d, generator=generator, dtype=dtype))
+        self.W_enc = nn.Parameter(self.W_dec.detach().clone())
+
+    def _pre(self, centred):
+        return _dense_pre(self.W_enc, centred) + self.b_enc
+
+    def atoms(self):
+        return self.W_dec.unflatten(-1, (self.cfg.d_k, self.cfg.d_v))
+
+    def atom_norms(self):
+        return self.W_dec.norm(dim=-1)
+
+    def _decode_sparse(self, indices, values):
+        flat = torch.einsum("...hm,...hmd->...hd", values, _pick(self.W_dec, indices))
+        return flat.unflatten(-1, (self.cfg.d_k, self.cfg.d_v))
+
+    def _fold_scale_(self, s):
+        self.W_enc *= s
+        self.W_dec /= s
+
+    @torch.no_grad()
+    def normalize_factors_(self):
+        """W_dec,i → unit norm; each code a_i grows by the old ‖W_dec,i‖ (W_enc,i, b_enc,i and a
+        JumpReLU θ_i scale with it), so a_i W_dec,i is unchanged: exactly for ReLU and JumpReLU."""
+        _rescale_dense_codes_(self, _unit_(self.W_dec))
+        return self
+
+
+class MatrixSAE(SAEBase):
+    """Dense encoder W_enc [n_dicts, n, d_k·d_v]; rank-r decoder atoms Σ_r V_ir W_irᵀ,
+    V [n_dicts, n, r, d_k], W [n_dicts, n, r, d_v]."""
+
+    architecture = "matrix"
+
+    def _init_weights(self, generator, dtype):
+        h, n, r = self.n_dicts, self.cfg.n_features, self.cfg.rank
+        self.V = nn.Parameter(_unit_randn(h, n, r, self.cfg.d_k, generator=generator, dtype=dtype))
+        self.W = nn.Parameter(_unit_randn(h, n, r, self.cfg.d_v, generator=generator, dtype=dtype))
+        self.W_enc = nn.Parameter(self.atoms().detach().flatten(-2).clone())
+
+    def _pre(self, centred):
+        return _dense_pre(self.W_enc, centred) + self.b_enc
+
+    def atoms(self):
+        return _factor_atoms(self.V, self.W)
+
+    def atom_norms(self):
+        return _factor_atom_norms(self.V, self.W)
+
+    def _decode_sparse(self, indices, values):
+        return _factor_decode_sparse(self.V, self.W, indices, values)
+
+    def _fold_scale_(self, s):
+        self.W_enc *= s
+        self.W /= s
+
+    @torch.no_grad()
+    def normalize_factors_(self):
+        """V_ir, W_ir → unit norm; each code a_i grows by c_i = ‖atom_i‖_F before / after (W_enc,i,
+        b_enc,i and a JumpReLU θ_i scale with it), so ‖a_i atom_i‖_F is kept. At rank 1 (or whenever
+        a feature's components share one scale ‖V_ir‖‖W_ir‖) a_i atom_i is unchanged: exactly so
+        for ReLU and JumpReLU. At rank > 1 the components' relative weights become equal."""
+        before = self.atom_norms()
+        _unit_(self.V)
+        _unit_(self.W)
+        after = self.atom_norms()
+        _rescale_dense_codes_(self, before / after.clamp_min(torch.finfo(after.dtype).tiny))
+        return self
+
+
+class BilinearMatrixSAE(SAEBase):
+    """The WriteSAE: encoder z_i = Σ_r U_irᵀ (X − b_dec) P_ir + b_enc,i with U [n_dicts, n, r, d_k],
+    P [n_dicts, n, r, d_v]; decoder atoms Σ_r V_ir W_irᵀ. Tied: U = V and P = W (no U, P stored)."""
+
+    architecture = "bilinear"
+
+    def _init_weights(self, generator, dtype):
+        h, n, r = self.n_dicts, self.cfg.n_features, self.cfg.rank
+        self.V = nn.Parameter(_unit_randn(h, n, r, self.cfg.d_k, generator=generator, dtype=dtype))
+        self.W = nn.Parameter(_unit_randn(h, n, r, self.cfg.d_v, generator=generator, dtype=dtype))
+        if not self.cfg.tied:
+            self.U = nn.Parameter(self.V.detach().clone())
+            self.P = nn.Parameter(self.W.detach().clone())
+
+    @property
+    def encoder_factors(self) -> tuple[Tensor, Tensor]:
+        """(U, P), which are (V, W) when tied."""
+        return (self.V, self.W) if self.cfg.tied else (self.U, self.P)
+
+    def _pre(self, centred):
+        # A full X meets every feature, so form the n encoder matrices Σ_r U_ir P_irᵀ once per call
+        # (n·d_k·d_v numbers): fewer than the per-sample products X P_ir (B·n·r·d_k) once B·r > d_v.
+        return torch.einsum("...hkv,hnkv->...hn", centred, _factor_atoms(*self.encoder_factors)) + self.b_enc
+
+    def _pre_factors(self, k, delta):
+        """z_i = Σ_r (U_irᵀ k)(δᵀ P_ir) + (b_enc,i − Σ_r U_irᵀ b_dec P_ir): O(n·r·(d_k + d_v)) per
+        sample; the bracket, a per-feature constant, is `_pre` of −b_dec."""
+        U, P = self.encoder_factors
+        per_rank = torch.einsum("...hk,hnrk->...hnr", k, U) * torch.einsum("...hv,hnrv->...hnr", delta, P)
+        return per_rank.sum(-1) + self._pre(-self.b_dec)
+
+    def atoms(self):
+        return _factor_atoms(self.V, self.W)
+
+    def atom_norms(self):
+        return _factor_atom_norms(self.V, self.W)
+
+    def _decode_sparse(self, indices, values):
+        return _factor_decode_sparse(self.V, self.W, indices, values)
+
+    def _fold_scale_(self, s):
+        if self.cfg.tied:
+            raise ValueError(f"cannot fold input_scale={s} into a tied BilinearMatrixSAE: its encoder would need "
+                             "U = V scaled by s and its decoder V scaled by 1/s, which breaks the tie; keep input_scale "
+                             "(every method applies it) or train untied")
+        self.U *= s
+        self.W /= s
+
+    @torch.no_grad()
+    def normalize_factors_(self):
+        """V_ir, W_ir (and U_ir, P_ir when untied) → unit norm: a projection onto the unit-norm
+        constraint, with no compensation (U and P are themselves held at unit norm, so nothing is
+        left to absorb a scale). Outputs change unless the factors already had unit norm; run after
+        each optimiser step, the change is that of a projected gradient step."""
+        for factor in (self.V, self.W) if self.cfg.tied else (self.V, self.W, self.U, self.P):
+            _unit_(factor)
+        return self
+
+
+ARCHITECTURES: dict[str, type[SAEBase]] = {
+    "flat": FlatSAE,
+    "matrix": MatrixSAE,
+    "bilinear": BilinearMatrixSAE,
+}
