@@ -409,20 +409,13 @@ class FlatSAE(SAEBase):
         return self
 
 
-class MatrixSAE(SAEBase):
-    """Dense encoder W_enc [n_dicts, n, d_k·d_v]; rank-r decoder atoms Σ_r V_ir W_irᵀ,
-    V [n_dicts, n, r, d_k], W [n_dicts, n, r, d_v]."""
+class _FactoredDecoderSAE(SAEBase):
+    """Decoder atoms Σ_r V_ir W_irᵀ from V [n_dicts, n, r, d_k] and W [n_dicts, n, r, d_v]."""
 
-    architecture = "matrix"
-
-    def _init_weights(self, generator, dtype):
+    def _init_decoder(self, generator, dtype):
         h, n, r = self.n_dicts, self.cfg.n_features, self.cfg.rank
         self.V = nn.Parameter(_unit_randn(h, n, r, self.cfg.d_k, generator=generator, dtype=dtype))
         self.W = nn.Parameter(_unit_randn(h, n, r, self.cfg.d_v, generator=generator, dtype=dtype))
-        self.W_enc = nn.Parameter(self.atoms().detach().flatten(-2).clone())
-
-    def _pre(self, centred):
-        return _dense_pre(self.W_enc, centred) + self.b_enc
 
     def atoms(self):
         return _factor_atoms(self.V, self.W)
@@ -432,6 +425,20 @@ class MatrixSAE(SAEBase):
 
     def _decode_sparse(self, indices, values):
         return _factor_decode_sparse(self.V, self.W, indices, values)
+
+
+class MatrixSAE(_FactoredDecoderSAE):
+    """Dense encoder W_enc [n_dicts, n, d_k·d_v]; rank-r decoder atoms Σ_r V_ir W_irᵀ,
+    V [n_dicts, n, r, d_k], W [n_dicts, n, r, d_v]."""
+
+    architecture = "matrix"
+
+    def _init_weights(self, generator, dtype):
+        self._init_decoder(generator, dtype)
+        self.W_enc = nn.Parameter(self.atoms().detach().flatten(-2).clone())
+
+    def _pre(self, centred):
+        return _dense_pre(self.W_enc, centred) + self.b_enc
 
     def _fold_scale_(self, s):
         self.W_enc *= s
@@ -451,16 +458,14 @@ class MatrixSAE(SAEBase):
         return self
 
 
-class BilinearMatrixSAE(SAEBase):
+class BilinearMatrixSAE(_FactoredDecoderSAE):
     """The WriteSAE: encoder z_i = Σ_r U_irᵀ (X − b_dec) P_ir + b_enc,i with U [n_dicts, n, r, d_k],
     P [n_dicts, n, r, d_v]; decoder atoms Σ_r V_ir W_irᵀ. Tied: U = V and P = W (no U, P stored)."""
 
     architecture = "bilinear"
 
     def _init_weights(self, generator, dtype):
-        h, n, r = self.n_dicts, self.cfg.n_features, self.cfg.rank
-        self.V = nn.Parameter(_unit_randn(h, n, r, self.cfg.d_k, generator=generator, dtype=dtype))
-        self.W = nn.Parameter(_unit_randn(h, n, r, self.cfg.d_v, generator=generator, dtype=dtype))
+        self._init_decoder(generator, dtype)
         if not self.cfg.tied:
             self.U = nn.Parameter(self.V.detach().clone())
             self.P = nn.Parameter(self.W.detach().clone())
@@ -481,15 +486,6 @@ class BilinearMatrixSAE(SAEBase):
         U, P = self.encoder_factors
         per_rank = torch.einsum("...hk,hnrk->...hnr", k, U) * torch.einsum("...hv,hnrv->...hnr", delta, P)
         return per_rank.sum(-1) + self._pre(-self.b_dec)
-
-    def atoms(self):
-        return _factor_atoms(self.V, self.W)
-
-    def atom_norms(self):
-        return _factor_atom_norms(self.V, self.W)
-
-    def _decode_sparse(self, indices, values):
-        return _factor_decode_sparse(self.V, self.W, indices, values)
 
     def _fold_scale_(self, s):
         if self.cfg.tied:
