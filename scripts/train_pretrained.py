@@ -178,6 +178,7 @@ def main() -> None:
         samples.append((prompt, tokenizer.decode(out[0])))
 
     tmp = tempfile.mkdtemp(dir=args.out.parent)  # written whole, then moved into place
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would ship an unreadable folder
     model.to(torch.bfloat16).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     stats = {
