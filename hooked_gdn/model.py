@@ -170,8 +170,13 @@ class HookedGatedDeltaNet(HookedRootModule):
         state_positions: int | Sequence[int] | Tensor | None = None,
         recurrence: str = "parallel",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        stop_at_layer: int | None = None,
     ):
-        """Logits [b, p, d_vocab], the mean next-token loss (or [b, p − 1] with ``loss_per_token``), both, or None."""
+        """Logits [b, p, d_vocab], the mean next-token loss (or [b, p − 1] with ``loss_per_token``), both, or None.
+
+        ``stop_at_layer=i`` runs only the embedding and blocks 0 … i − 1 and returns the residual
+        stream there (as in TransformerLens): what reading one layer's activations needs.
+        """
         if return_type not in RETURN_TYPES:
             raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
         if recurrence not in RECURRENCES:
@@ -199,8 +204,10 @@ class HookedGatedDeltaNet(HookedRootModule):
         angles = position_ids[..., None].float() * self.rotary_inv_freq
         angles = torch.cat([angles, angles], -1)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        for block in self.blocks:
+        for block in self.blocks[:stop_at_layer]:
             x = block(x, ctx, cos, sin)
+        if stop_at_layer is not None:
+            return x
         logits = F.linear(self.ln_final(x), self.W_unembed)
         if return_type == "logits":
             return logits

@@ -187,3 +187,10 @@ def test_checkpoint_that_is_not_a_gdn_model_is_rejected(tmp_path):
                                  vocab_size=50)).save_pretrained(tmp_path / "llama")
     with pytest.raises(ValueError, match="unsupported model type 'llama'"):
         HookedGatedDeltaNet.from_pretrained(tmp_path / "llama")
+
+
+def test_stop_at_layer_returns_the_residual_stream_there(model):
+    tokens = torch.randint(0, 101, (2, 15))
+    _, cache = model.run_with_cache(tokens, names_filter="blocks.1.hook_resid_post")
+    stopped = model(tokens, stop_at_layer=2)
+    assert torch.equal(stopped, cache["blocks.1.hook_resid_post"])

@@ -1,0 +1,209 @@
+"""The trainer (writesae.train) on a tiny random model's states: it learns, resumes exactly, stops on NaN."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from hooked_gdn import HookedGatedDeltaNet
+from writesae import ARCHITECTURES, BilinearMatrixSAE, load_sae
+from writesae.store import ActivationStore, StoreConfig
+from writesae.train import TrainConfig, auxk_loss, lr_at, train
+
+from .conftest import tiny_hf_config
+from .test_store import one_thread  # noqa: F401 (autouse)
+
+HEADS = [0, 2]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return HookedGatedDeltaNet.from_config(tiny_hf_config("grouped")).eval()
+
+
+@pytest.fixture(scope="module")
+def documents():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(1, 101, (40,), generator=g) for _ in range(80)]
+
+
+def make_store(model, documents, **kw) -> ActivationStore:
+    cfg = dict(layer=1, heads=HEADS, context=16, positions="all", buffer_size=512, model_batch_size=8, heldout_fraction=0.2) | kw
+    return ActivationStore(model, documents, StoreConfig(**cfg))
+
+
+def make_sae(model, **kw) -> BilinearMatrixSAE:
+    kw = dict(n_features=256, k=24, seed=0) | kw
+    return BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, heads=HEADS, n_heads=model.cfg.n_value_heads, **kw)
+
+
+def run(model, documents, out, store_kw=None, sae_kw=None, **kw):
+    cfg = dict(out_dir=str(out), steps=12, batch_size=32, lr=1e-2, warmup_steps=3, log_every=1, eval_every=0,
+               eval_samples=256, checkpoint_every=0, progress=False, input_scale_samples=256) | kw
+    return train(make_sae(model, **(sae_kw or {})), make_store(model, documents, **(store_kw or {})), TrainConfig(**cfg))
+
+
+def records(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_learns_and_writes_metrics_and_the_sae(model, documents, tmp_path):
+    result = run(model, documents, tmp_path, steps=80, batch_size=64, warmup_steps=5, eval_every=40,
+                 dead_after_samples=500, auxk_k=8)
+    train_records = [r for r in records(tmp_path) if r["split"] == "train"]
+    heldout = [r for r in records(tmp_path) if r["split"] == "heldout"]
+    assert [r["step"] for r in train_records] == list(range(1, 81)) and [r["step"] for r in heldout] == [40, 80]
+    assert sum(r["loss"] for r in train_records[-5:]) / 5 < 0.6 * train_records[0]["loss"]
+    assert heldout[-1]["fvu"] < 0.5 and heldout[-1]["fvu"] < heldout[0]["fvu"] * 1.05
+    for r in train_records:
+        assert r["loss"] == pytest.approx(sum(v for k, v in r.items() if k.startswith("loss_")), rel=1e-5)
+        assert set(r) >= {"lr", "l0", "fvu", "dead_fraction", "samples_per_s", "loss_reconstruction", "loss_auxk"}
+        assert 0 < r["l0"] <= 24
+    assert result.heldout_metrics == heldout[-1] and result.step == 80 and result.start_step == 0
+
+    # s was estimated from the store, and folded into the saved SAE without changing what it computes
+    sae = result.sae.eval()
+    store = make_store(model, documents)
+    assert sae.cfg.input_scale == store.estimate_input_scale(256) != 1
+    saved = load_sae(tmp_path / "sae").eval()
+    assert saved.cfg.input_scale == 1 and saved.cfg.site == "blocks.1.linear_attn.hook_state"
+    x = next(store.heldout_batches(64))
+    with torch.no_grad():
+        torch.testing.assert_close(saved(x), sae(x), rtol=1e-4, atol=1e-5 * x.abs().max().item())
+
+
+class Interrupted(Exception):
+    pass
+
+
+def tamper_with_batch(monkeypatch, call: int, tamper) -> None:
+    """Pass the ``call``-th training batch any store gives (in this test) through ``tamper``, which may raise."""
+    next_batch, calls = ActivationStore.next_batch, []
+
+    def patched(self, *args, **kwargs):
+        calls.append(1)
+        x = next_batch(self, *args, **kwargs)
+        return tamper(x) if len(calls) == call else x
+
+    monkeypatch.setattr(ActivationStore, "next_batch", patched)
+
+
+def crash(x):
+    raise Interrupted
+
+
+@pytest.mark.parametrize("interruption", ["crash at step 9", "a 6-step call"])
+def test_resume_equals_the_uninterrupted_run(model, documents, tmp_path, monkeypatch, interruption):
+    # BatchTopK with a short dead window, so the threshold, dead counters and AuxK are all in play
+    kw = dict(store_kw=dict(positions=3, buffer_size=64), sae_kw=dict(n_features=64, k=2, sparsity="batchtopk"),
+              dead_after_samples=64, auxk_k=4, eval_every=5, checkpoint_every=6)
+    if interruption == "a 6-step call":
+        kw["decay"] = "constant"  # a schedule that does not depend on the number of steps
+    whole = run(model, documents, tmp_path / "whole", **kw)
+    if interruption == "crash at step 9":
+        tamper_with_batch(monkeypatch, 9, crash)
+        with pytest.raises(Interrupted):
+            run(model, documents, tmp_path / "split", **kw)
+        assert max(r["step"] for r in records(tmp_path / "split")) == 8
+    else:
+        run(model, documents, tmp_path / "split", **kw | dict(steps=6))
+    resumed = run(model, documents, tmp_path / "split", **kw)
+    assert resumed.start_step == 6 and resumed.step == 12
+    assert any(r.get("loss_auxk", 0) > 0 for r in records(tmp_path / "whole"))
+    a, b = whole.sae.state_dict(), resumed.sae.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert whole.sae.cfg == resumed.sae.cfg
+    saved_a, saved_b = load_sae(tmp_path / "whole" / "sae").state_dict(), load_sae(tmp_path / "split" / "sae").state_dict()
+    assert all(torch.equal(saved_a[name], saved_b[name]) for name in saved_a)
+    timeless = lambda out: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in records(out) if r["split"] == "train"]
+    assert timeless(tmp_path / "split") == timeless(tmp_path / "whole")  # one record per step, the same values
+    with pytest.raises(ValueError, match="batch_size was 32, now 16"):
+        run(model, documents, tmp_path / "split", **kw | dict(batch_size=16))
+
+
+def test_a_nan_batch_stops_training_and_keeps_the_last_good_checkpoint(model, documents, tmp_path, monkeypatch):
+    tamper_with_batch(monkeypatch, 5, lambda x: x.fill_(math.nan))
+    with pytest.raises(FloatingPointError, match=r"step 5: non-finite input batch X, reconstruction loss term.*step 4"):
+        run(model, documents, tmp_path, checkpoint_every=2, decay="constant")
+    checkpoint = tmp_path / "checkpoint"
+    assert json.loads((checkpoint / "state.json").read_text())["step"] == 4
+    sae = load_sae(checkpoint / "sae")
+    assert all(torch.isfinite(t).all() for t in sae.state_dict().values())
+    assert not (tmp_path / "sae").exists()  # no final SAE from a failed run
+    # the checkpoint is the state after step 4: the same as a clean 4-step run's
+    clean = run(model, documents, tmp_path / "clean", steps=4, checkpoint_every=2, decay="constant")
+    assert all(torch.equal(t, sae.state_dict()[name]) for name, t in clean.sae.state_dict().items())
+
+
+def test_a_diverging_run_names_what_went_non_finite(model, documents, tmp_path):
+    with pytest.raises(FloatingPointError, match=r"step \d+: non-finite (parameter|\w+ loss term)"):
+        run(model, documents, tmp_path, lr=1e30, warmup_steps=0, steps=20)
+
+
+def test_dead_features_are_counted_in_samples(model, documents, tmp_path):
+    sae = make_sae(model, n_features=16, sparsity="relu")
+    with torch.no_grad():
+        sae.b_enc[:, :4] = -1e3  # these never fire; the rest always do
+        sae.b_enc[:, 4:] = 1e3
+    train(sae, make_store(model, documents), TrainConfig(out_dir=str(tmp_path), steps=4, batch_size=16, dead_after_samples=40,
+                                                         lr=1e-6, log_every=1, eval_every=0, checkpoint_every=0, progress=False))
+    assert [r["dead_fraction"] for r in records(tmp_path)] == [0, 0, 0.25, 0.25]  # dead once > 40 samples: after 48
+
+
+def test_auxk_reconstructs_the_residual_from_dead_features_only(model):
+    sae = make_sae(model, n_features=8, k=2, dtype="float64")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 2, model.cfg.d_key, model.cfg.d_value, generator=g, dtype=torch.float64)
+    residual = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    dead = torch.zeros(2, 8, dtype=torch.bool)
+    assert auxk_loss(sae, sae.encode_pre(x), residual, dead, k=4).item() == 0
+    dead[0, 3] = True
+    pre = sae.encode_pre(x)
+    loss = auxk_loss(sae, pre, residual, dead, k=4)
+    atom = torch.einsum("rk,rv->kv", sae.V[0, 3], sae.W[0, 3])
+    e_hat = pre[:, 0, 3].relu()[:, None, None] * atom
+    expected = (residual[:, 0] - e_hat).pow(2).sum() / residual[:, 0].pow(2).sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    loss.backward()
+    touched = sae.V.grad.abs().sum((-2, -1)) != 0
+    assert touched[0, 3] and touched.sum() == 1  # only the dead feature's atom learns from AuxK
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear", "constant"])
+def test_lr_schedule(decay):
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, decay=decay)
+    lrs = [lr_at(step, cfg) for step in range(1, 101)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lrs[10] == 1.0 and lrs[-1] > 0
+    decayed = lrs[10:]
+    assert all(a >= b for a, b in zip(decayed, decayed[1:]))
+    assert (decayed[-1] == 1.0) == (decay == "constant")
+    if decay == "linear":
+        assert decayed[45] == pytest.approx(1 - 45 / 90)
+    if decay == "cosine":
+        assert decayed[45] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("sparsity", ["topk", "batchtopk", "relu", "jumprelu"])
+@pytest.mark.parametrize("arch", ["flat", "matrix", "tied"])
+def test_every_architecture_and_sparsity_trains(model, documents, tmp_path, arch, sparsity):
+    kw = dict(d_k=model.cfg.d_key, d_v=model.cfg.d_value, n_features=32, k=4, sparsity=sparsity, heads=HEADS,
+              n_heads=model.cfg.n_value_heads, seed=0, rank=1 if arch == "flat" else 2, tied=arch == "tied")
+    sae = ARCHITECTURES["bilinear" if arch == "tied" else arch](**kw)
+    before = {name: t.clone() for name, t in sae.state_dict().items()}
+    train(sae, make_store(model, documents, buffer_size=64), TrainConfig(
+        out_dir=str(tmp_path), steps=3, batch_size=16, lr=1e-3, warmup_steps=0, dead_after_samples=16, auxk_k=4,
+        log_every=1, eval_every=3, eval_samples=32, checkpoint_every=0, progress=False))
+    rs = records(tmp_path)
+    assert [r["split"] for r in rs] == ["train"] * 3 + ["heldout"]
+    assert all(math.isfinite(v) for r in rs for v in r.values() if isinstance(v, float))
+    assert ("loss_sparsity" in rs[0]) == (sparsity in ("relu", "jumprelu"))
+    assert not torch.equal(before["b_dec"], sae.b_dec)
+    saved = load_sae(tmp_path / "sae")
+    assert saved.cfg.input_scale == (sae.cfg.input_scale if arch == "tied" else 1.0)  # a tied SAE cannot fold s

@@ -1,0 +1,347 @@
+"""Training an SAE on an `ActivationStore` (DESIGN §5): `TrainConfig`, `train`.
+
+Loss on a batch of raw samples X [B, H, d_k, d_v] (H heads, one dictionary each), in the scaled
+units where mean ‖sX‖²_F = 1 (s = ``sae.cfg.input_scale``), summed term by term:
+
+    reconstruction  (1/BH) Σ_{b,h} ‖s(X − X̂)‖²_F   (summed over d_k×d_v, mean over samples and heads;
+                                                     predicting 0 costs about 1)
+    sparsity        ReLU:     sae.cfg.l1_coefficient · (1/BH) Σ_{b,h} Σ_i a_i ‖atom_i‖_F
+                    JumpReLU: l0_coefficient · (1/BH) Σ_{b,h} Σ_i H(z_i − θ_i)
+    auxk            TopK, BatchTopK: auxk_weight · mean over heads with a dead feature of
+                    Σ_b ‖e − ê‖²_F / Σ_b ‖e‖²_F, with e = s(X − X̂) (no gradient) the residual and
+                    ê = Σ_{i ∈ D} ReLU(z_i) atom_i, D the auxk_k largest pre-activations among that
+                    head's dead features (Gao et al., 2024: dead features learn to explain what the
+                    live ones miss, normalised by the residual's energy)
+
+A feature is dead when it has not fired for more than ``dead_after_samples`` samples (a counter per
+head and feature). After each Adam step the factors are put back at unit norm
+(``sae.normalize_factors_()``). The learning rate warms up linearly, then decays.
+
+Input scale: unless resuming, s is estimated from the store at the start and kept in
+``sae.cfg.input_scale``, so the SAE always takes raw X. The final SAE is saved to ``out_dir/sae``
+with s folded into its weights by ``fold_input_scale_`` (input_scale 1, same outputs) when
+``fold_input_scale`` is set and the architecture allows it (a tied BilinearMatrixSAE keeps s).
+
+Checkpoints (``out_dir/checkpoint``, replaced atomically) hold the SAE (writesae folder), Adam's
+state, the step, the dead counters, the RNG state and the store's stream state, in safetensors and
+JSON (no pickle). The schedule is a function of the step, so the step is its whole state. With
+``resume`` a call continues from the checkpoint and ends with exactly the weights an uninterrupted
+run would have. A non-finite loss term or parameter stops training with a `FloatingPointError`
+before anything is saved, leaving the last good checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .evals import reconstruction_metrics
+from .io import load_sae, save_sae
+from .sae import BilinearMatrixSAE, SAEBase
+from .store import ActivationStore
+
+DECAYS = ("cosine", "linear", "constant")
+# settings that change the trajectory: a resumed run must share them with the run it continues
+_TRAJECTORY = ("batch_size", "lr", "betas", "warmup_steps", "decay", "grad_clip", "auxk_k", "auxk_weight",
+               "dead_after_samples", "l0_coefficient", "normalize_factors")
+
+
+@dataclass
+class TrainConfig:
+    """Training settings. Steps and intervals count optimiser steps; 0 disables an interval.
+
+    ``betas``: Adam's. ``decay``: "cosine", "linear" (to 0 after the last step) or "constant",
+    after ``warmup_steps`` of linear warmup. ``grad_clip``: max gradient norm, or None.
+    ``l0_coefficient`` weighs JumpReLU's L0 penalty (a ReLU SAE's L1 weight is
+    ``sae.cfg.l1_coefficient``). ``normalize_factors``: call ``sae.normalize_factors_()`` after
+    each step (unit-norm rank-1 factors; a FlatSAE's unit-norm W_dec rows). ``input_scale_samples``:
+    samples to estimate s from (None keeps the SAE's own). ``eval_samples``: held-out samples per
+    evaluation. A run that does not resume starts a new ``metrics.jsonl``.
+    """
+
+    out_dir: str = "runs/sae"
+    steps: int = 10_000
+    batch_size: int = 4096
+    lr: float = 4e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    decay: str = "cosine"
+    grad_clip: float | None = None
+    auxk_k: int = 512
+    auxk_weight: float = 1 / 32
+    dead_after_samples: int = 10_000_000
+    l0_coefficient: float = 1.0
+    normalize_factors: bool = True
+    input_scale_samples: int | None = 4096
+    fold_input_scale: bool = True
+    log_every: int = 10
+    eval_every: int = 500
+    eval_samples: int = 4096
+    checkpoint_every: int = 1000
+    resume: bool = True
+    progress: bool = True
+    wandb_project: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.decay not in DECAYS:
+            raise ValueError(f"decay must be one of {DECAYS}, got {self.decay!r}")
+        for name in ("steps", "batch_size", "auxk_k", "dead_after_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "log_every", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class TrainResult:
+    sae: SAEBase
+    step: int  # optimiser steps done
+    start_step: int  # 0, or the checkpoint's step when resumed
+    train_metrics: dict | None  # the last logged training record
+    heldout_metrics: dict | None  # the last held-out evaluation
+    out_dir: Path
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """The learning rate of optimiser step ``step`` (1-based)."""
+    if step <= cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps - 1) / max(1, cfg.steps - cfg.warmup_steps)  # in [0, 1)
+    factor = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}
+    return cfg.lr * factor[cfg.decay]
+
+
+def auxk_loss(sae: SAEBase, pre: Tensor, residual: Tensor, dead: Tensor, k: int) -> Tensor:
+    """The unweighted AuxK term (module docstring) from pre-activations z [B, H, n], the residual
+    e [B, H, d_k, d_v] (scaled units) and the dead mask [H, n]; 0 when nothing is dead."""
+    heads = dead.any(-1)
+    if not heads.any():
+        return pre.new_zeros(())
+    k = min(k, int(dead.sum(-1).max()))
+    values, indices = pre.masked_fill(~dead, -math.inf).topk(k, dim=-1)  # heads with < k dead ones get zeros
+    e_hat = sae._decode_sparse(indices, values.relu())
+    error = (residual - e_hat).pow(2).sum((0, 2, 3))
+    energy = residual.pow(2).sum((0, 2, 3)).clamp_min(torch.finfo(residual.dtype).tiny)
+    return (error / energy)[heads].mean()
+
+
+def _loss_terms(sae: SAEBase, x: Tensor, dead: Tensor, cfg: TrainConfig) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """The weighted loss terms (they sum to the loss), the codes a and the reconstruction X̂."""
+    pre = sae.encode_pre(x)
+    codes = sae.hook_sae_acts_post(sae.activation(pre))
+    recons = sae.decode(codes)
+    error = (x - recons) * sae.cfg.input_scale
+    terms = {"reconstruction": error.pow(2).sum((-2, -1)).mean()}
+    if sae.cfg.sparsity == "relu":
+        terms["sparsity"] = sae.cfg.l1_coefficient * sae.l1_penalty(codes).mean()
+    elif sae.cfg.sparsity == "jumprelu":
+        terms["sparsity"] = cfg.l0_coefficient * sae.activation.l0_penalty(pre).mean()
+    elif cfg.auxk_weight > 0:
+        terms["auxk"] = cfg.auxk_weight * auxk_loss(sae, pre, error.detach(), dead, cfg.auxk_k)
+    return terms, codes, recons
+
+
+def _batch_fvu(x: Tensor, recons: Tensor) -> float:
+    """Mean over heads of Σ‖X − X̂‖²_F / Σ‖X − X̄‖²_F on one batch."""
+    error = (x - recons).double().pow(2).sum((0, 2, 3))
+    variance = (x - x.mean(0)).double().pow(2).sum((0, 2, 3))
+    return (error / variance).mean().item()
+
+
+def _guard(step: int, tensors: dict[str, Tensor], checkpoint: Path, last_checkpoint: int | None) -> None:
+    bad = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
+    if bad:
+        kept = (f"the last good checkpoint (step {last_checkpoint}) is intact at {checkpoint}"
+                if last_checkpoint is not None else "no checkpoint had been written")
+        raise FloatingPointError(f"step {step}: non-finite {', '.join(bad)}; training stopped, and {kept}")
+
+
+def train(sae: SAEBase, store: ActivationStore, cfg: TrainConfig | None = None, **config) -> TrainResult:
+    """Train ``sae`` in place on ``store``'s training stream (see the module docstring)."""
+    if cfg is None:
+        cfg = TrainConfig(**config)
+    elif config:
+        raise TypeError(f"pass either a TrainConfig or its keywords, not both (got {sorted(config)})")
+    _check_compatible(sae, store)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint, metrics_file = out / "checkpoint", out / "metrics.jsonl"
+    device, dtype = sae.b_dec.device, sae.b_dec.dtype
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas)
+    since_fired = torch.zeros(sae.n_dicts, sae.cfg.n_features, dtype=torch.long, device=device)
+    if cfg.resume and (checkpoint / "state.json").exists():
+        start = _load_checkpoint(checkpoint, sae, optimizer, store, since_fired, cfg)
+    else:
+        start = 0
+        torch.manual_seed(cfg.seed)
+        if cfg.input_scale_samples:
+            sae.cfg.input_scale = store.estimate_input_scale(cfg.input_scale_samples)
+    _drop_records_after(metrics_file, start)  # those of a run that went on past its last checkpoint
+    last_checkpoint = start if start else None
+    run = _wandb_run(cfg)
+    train_record = heldout_record = None
+    sae.train()
+    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=not cfg.progress)
+    clock, samples = time.perf_counter(), 0
+    try:
+        for step in bar:
+            x = store.next_batch(cfg.batch_size).to(device, dtype)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            terms, codes, recons = _loss_terms(sae, x, since_fired > cfg.dead_after_samples, cfg)
+            _guard(step, {"input batch X": x, **{f"{name} loss term": t for name, t in terms.items()}}, checkpoint, last_checkpoint)
+            loss = sum(terms.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+            optimizer.step()
+            if cfg.normalize_factors:
+                sae.normalize_factors_()
+            _guard(step, {f"parameter {name} after the update": p for name, p in sae.named_parameters()}, checkpoint, last_checkpoint)
+            since_fired += len(x)
+            since_fired[(codes != 0).any(0)] = 0
+            samples += len(x)
+
+            last = step == cfg.steps
+            if cfg.log_every and (step % cfg.log_every == 0 or last):
+                with torch.no_grad():
+                    train_record = {"step": step, "split": "train", "loss": loss.item(),
+                                    **{f"loss_{name}": t.item() for name, t in terms.items()},
+                                    "lr": lr_at(step, cfg), "l0": (codes != 0).sum(-1).double().mean().item(),
+                                    "fvu": _batch_fvu(x, recons.detach()),
+                                    "dead_fraction": (since_fired > cfg.dead_after_samples).double().mean().item(),
+                                    "samples_per_s": samples / (time.perf_counter() - clock)}
+                _log(metrics_file, train_record, run)
+                bar.set_postfix(loss=f"{train_record['loss']:.4g}", fvu=f"{train_record['fvu']:.3f}")
+                clock, samples = time.perf_counter(), 0
+            if cfg.eval_every and (step % cfg.eval_every == 0 or last):
+                heldout_record = {"step": step, "split": "heldout", **evaluate(sae, store, cfg)}
+                _log(metrics_file, heldout_record, run)
+            if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or last):
+                _save_checkpoint(checkpoint, step, sae, optimizer, store, since_fired, cfg)
+                last_checkpoint = step
+    finally:
+        bar.close()
+        if run is not None:
+            run.finish()
+    final = copy.deepcopy(sae)
+    if cfg.fold_input_scale and not (isinstance(sae, BilinearMatrixSAE) and sae.cfg.tied):
+        final.fold_input_scale_()
+    save_sae(final, out / "sae")
+    return TrainResult(sae, max(start, cfg.steps), start, train_record, heldout_record, out)
+
+
+def evaluate(sae: SAEBase, store: ActivationStore, cfg: TrainConfig) -> dict:
+    """Held-out FVU, L0 and dead fraction (means over heads, and FVU per head), in eval mode."""
+    was_training = sae.training
+    sae.eval()
+    try:
+        m = reconstruction_metrics(sae, store.heldout_batches(cfg.batch_size, cfg.eval_samples))
+    finally:
+        sae.train(was_training)
+    mean = lambda values: sum(values) / len(values)
+    return {"fvu": mean(m["fvu"]), "l0": mean(m["l0"]), "dead_fraction": mean(m["dead_fraction"]),
+            "fvu_per_head": m["fvu"], "samples": m["samples"]}
+
+
+def _check_compatible(sae: SAEBase, store: ActivationStore) -> None:
+    if (sae.cfg.d_k, sae.cfg.d_v, sae.cfg.head_indices) != (store.d_k, store.d_v, store.heads):
+        raise ValueError(f"the SAE reads d_k={sae.cfg.d_k}, d_v={sae.cfg.d_v}, heads {sae.cfg.head_indices}; "
+                         f"the store gives d_k={store.d_k}, d_v={store.d_v}, heads {store.heads}")
+    if sae.cfg.site is None:
+        sae.cfg.site = store.cfg.site
+    elif sae.cfg.site != store.cfg.site:
+        raise ValueError(f"the SAE's site is {sae.cfg.site}, the store's {store.cfg.site}")
+
+
+def _log(file: Path, record: dict, run) -> None:
+    with file.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    if run is not None:
+        run.log({f"{record['split']}/{k}": v for k, v in record.items() if isinstance(v, float)}, step=record["step"])
+
+
+def _drop_records_after(file: Path, step: int) -> None:
+    if file.exists():
+        keep = [line for line in file.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        file.write_text("".join(line + "\n" for line in keep))
+
+
+def _wandb_run(cfg: TrainConfig):
+    if not cfg.wandb_project:
+        return None
+    import wandb  # optional: only when asked for
+
+    return wandb.init(project=cfg.wandb_project, config=asdict(cfg), dir=cfg.out_dir)
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(path: Path, step: int, sae: SAEBase, optimizer: torch.optim.Optimizer, store: ActivationStore,
+                     since_fired: Tensor, cfg: TrainConfig) -> None:
+    """Write the checkpoint beside ``path``, then swap it in: a reader never sees half of one."""
+    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=path.parent))
+    try:
+        save_sae(sae, tmp / "sae")
+        opt = optimizer.state_dict()
+        store_state = store.state_dict()
+        tensors = {f"optimizer.{i}.{name}": t for i, state in opt["state"].items() for name, t in state.items()}
+        tensors |= {f"store.{k}": v for k, v in store_state.items() if isinstance(v, Tensor)}
+        tensors |= {"since_fired": since_fired, "torch_rng": torch.get_rng_state()}
+        save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, tmp / "state.safetensors")
+        index = {"step": step, "optimizer_param_groups": opt["param_groups"], "train_config": asdict(cfg),
+                 "store": {k: v for k, v in store_state.items() if not isinstance(v, Tensor)}}
+        (tmp / "state.json").write_text(json.dumps(index, indent=2) + "\n")
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=".checkpoint.old.", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_checkpoint(path: Path, sae: SAEBase, optimizer: torch.optim.Optimizer, store: ActivationStore,
+                     since_fired: Tensor, cfg: TrainConfig) -> int:
+    """Restore everything `_save_checkpoint` wrote into the live objects; return the step."""
+    index = json.loads((path / "state.json").read_text())
+    before, now = index["train_config"], json.loads(json.dumps(asdict(cfg)))
+    changed = [f"{k} was {before[k]!r}, now {now[k]!r}" for k in _TRAJECTORY if before[k] != now[k]]
+    if changed:
+        raise ValueError(f"cannot resume from {path}: {'; '.join(changed)} (use another out_dir, or resume=False)")
+    saved = load_sae(path / "sae", device=sae.b_dec.device)
+    if replace(saved.cfg, input_scale=1.0) != replace(sae.cfg, input_scale=1.0):
+        raise ValueError(f"cannot resume from {path}: its SAE config {saved.cfg} differs from this SAE's {sae.cfg}")
+    sae.cfg.input_scale = saved.cfg.input_scale
+    sae.load_state_dict(saved.state_dict())
+    tensors = {k: t.clone() for k, t in load_file(path / "state.safetensors").items()}  # fresh, aligned storage
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        if key.startswith("optimizer."):
+            i, name = key.removeprefix("optimizer.").split(".", 1)
+            state.setdefault(int(i), {})[name] = t
+    groups = [{**g, "betas": tuple(g["betas"])} for g in index["optimizer_param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    store.load_state_dict({**index["store"], **{k.removeprefix("store."): t for k, t in tensors.items() if k.startswith("store.")}})
+    since_fired.copy_(tensors["since_fired"])
+    torch.set_rng_state(tensors["torch_rng"])
+    return index["step"]
