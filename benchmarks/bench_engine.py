@@ -179,7 +179,7 @@ def main() -> None:
     if "P3" in wanted:
         rows += p3(args.layers)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.layers} layers, fp32, batch 1\n")
-    print(f"| id | measure | ratio | target | times |\n|---|---|---|---|---|")
+    print("| id | measure | ratio | target | times |\n|---|---|---|---|---|")
     for rid, what, ratio, target, detail in rows:
         print(f"| {rid} | {what} | {ratio:.2f} | {target} | {detail} |")
     if args.json:

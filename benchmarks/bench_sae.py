@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import torch
@@ -24,8 +25,9 @@ from writesae import BilinearMatrixSAE, FlatSAE
 def train_step_seconds(sae, batch: torch.Tensor, repeats: int) -> float:
     optimiser = torch.optim.Adam(sae.parameters(), lr=1e-4)
 
-    def step():
-        loss = (sae(batch) - batch).pow(2).sum((-2, -1)).mean()
+    def step():  # the trainer's step: TopK codes, only the active atoms decoded
+        values, indices = sae.encode(batch).topk(sae.cfg.k, dim=-1)
+        loss = (sae.decode_sparse(indices, values) - batch).pow(2).sum((-2, -1)).mean()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -52,12 +54,10 @@ def streaming_states_per_second(steps: int, batch: int) -> float:
 
     model = HookedGatedDeltaNet.from_pretrained("gdn-austen").eval()
     layer = model.cfg.gdn_layers[len(model.cfg.gdn_layers) // 2]
-    store = ActivationStore(model, [d.text for d in austen_documents("train")],
+    store = ActivationStore(model, austen_documents("train"),
                             StoreConfig(layer=layer, heads="all", context=128, positions=8, buffer_size=2048))
     sae = BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, n_features=512, k=16, heads="all",
                             n_heads=model.cfg.n_value_heads, site=f"blocks.{layer}.linear_attn.hook_state", seed=0)
-    import tempfile
-
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         train(sae, store, TrainConfig(steps=steps, batch_size=batch, out_dir=out, eval_every=0, checkpoint_every=0, progress=False))

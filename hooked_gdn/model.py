@@ -258,14 +258,14 @@ class HookedGatedDeltaNet(HookedRootModule):
         names = [name for name in self.hook_dict if keep(name)]
         if remove_batch_dim and isinstance(model_args[0], Tensor) and model_args[0].dim() == 2 and model_args[0].shape[0] != 1:
             raise ValueError("remove_batch_dim needs a batch of one")
-        store: dict[str, Tensor] = {}
+        firings: dict[str, list[Tensor]] = {}
 
         def save(tensor: Tensor, hook) -> None:
-            t = tensor.detach().to(device) if device is not None else tensor.detach()
-            store[hook.name] = torch.cat([store[hook.name], t], 1) if hook.name in store else t
+            firings.setdefault(hook.name, []).append(tensor.detach().to(device) if device is not None else tensor.detach())
 
         with self.hooks(fwd_hooks=[(name, save) for name in names]):
             out = self(*model_args, **model_kwargs)
+        store = {name: fired[0] if len(fired) == 1 else torch.cat(fired, 1) for name, fired in firings.items()}
         if remove_batch_dim:
             store = {k: v[0] for k, v in store.items()}
         return out, ActivationCache(store, self, has_batch_dim=not remove_batch_dim)

@@ -12,7 +12,9 @@ from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
 from hooked_gdn import HookedGatedDeltaNet
 
-torch.set_num_threads(2)
+# One thread: these tensors are tiny, and a second thread only waits for a time slice at every op
+# when the machine's other core is busy.
+torch.set_num_threads(1)
 
 # Three shapes: grouped GDN heads with d_k != d_v and partial rotary; equal heads, tied embeddings,
 # attention every 2nd layer; one key head serving three value heads, attention first.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hooked_gdn import HookedGatedDeltaNet
 
 
 def at_positions(edit, positions):

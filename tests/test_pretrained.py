@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import Qwen3_5ForCausalLM
 
 from hooked_gdn import HookedGatedDeltaNet

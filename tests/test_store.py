@@ -23,16 +23,6 @@ LAYER = 1
 SITE = f"blocks.{LAYER}.linear_attn"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread for these tiny tensors: on a machine whose cores are busy with other work, a
-    second thread waits a time slice at every op (a forward pass then takes seconds, not milliseconds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

@@ -14,7 +14,6 @@ from writesae.store import ActivationStore, StoreConfig
 from writesae.train import TrainConfig, auxk_loss, lr_at, train
 
 from .conftest import tiny_hf_config
-from .test_store import one_thread  # noqa: F401 (autouse)
 
 HEADS = [0, 2]
 

@@ -24,6 +24,7 @@ def _add_store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=128, help="tokens per context")
     p.add_argument("--positions", default="8", help="'all', 'final' or k random positions per context")
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="the model's dtype")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -93,7 +94,7 @@ def _store(model, args, layer: int, heads, kind: str):
 def _load_model(args):
     from .splice import HookedSAEGatedDeltaNet
 
-    return HookedSAEGatedDeltaNet.from_pretrained(args.model, device=args.device).eval()
+    return HookedSAEGatedDeltaNet.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype)).eval()
 
 
 def cmd_train(args) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -32,12 +33,19 @@ def save_sae(sae: SAEBase, path: str | Path) -> None:
     if path.exists() and not _is_sae_folder(path):
         raise FileExistsError(f"{path} exists and is not an SAE folder (only {CFG_FILE} and {WEIGHTS_FILE}); not replacing it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         cfg = {**asdict(sae.cfg), VERSION_KEY: __version__}
         (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
         tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={VERSION_KEY: __version__})
+
+
+@contextmanager
+def atomic_folder(path: Path):
+    """Yield a temporary folder beside ``path``; if the block succeeds, swap it in for ``path``."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
         if path.exists():  # a folder cannot be renamed over a non-empty one: move the old one aside
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, old / path.name)

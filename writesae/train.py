@@ -35,9 +35,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -48,7 +45,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .evals import reconstruction_metrics
-from .io import load_sae, save_sae
+from .io import atomic_folder, load_sae, save_sae
 from .sae import BilinearMatrixSAE, SAEBase
 from .store import ActivationStore
 
@@ -144,7 +141,11 @@ def _loss_terms(sae: SAEBase, x: Tensor, dead: Tensor, cfg: TrainConfig) -> tupl
     """The weighted loss terms (they sum to the loss), the codes a and the reconstruction X̂."""
     pre = sae.encode_pre(x)
     codes = sae.hook_sae_acts_post(sae.activation(pre))
-    recons = sae.decode(codes)
+    if sae.cfg.sparsity == "topk":  # decode only the k active atoms: O(B·k·d_k·d_v), not O(n·d_k·d_v)
+        values, indices = codes.topk(sae.cfg.k, dim=-1)
+        recons = sae.decode_sparse(indices, values)
+    else:
+        recons = sae.decode(codes)
     error = (x - recons) * sae.cfg.input_scale
     terms = {"reconstruction": error.pow(2).sum((-2, -1)).mean()}
     if sae.cfg.sparsity == "relu":
@@ -297,8 +298,7 @@ def _wandb_run(cfg: TrainConfig):
 def _save_checkpoint(path: Path, step: int, sae: SAEBase, optimizer: torch.optim.Optimizer, store: ActivationStore,
                      since_fired: Tensor, cfg: TrainConfig) -> None:
     """Write the checkpoint beside ``path``, then swap it in: a reader never sees half of one."""
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         save_sae(sae, tmp / "sae")
         opt = optimizer.state_dict()
         store_state = store.state_dict()
@@ -309,15 +309,6 @@ def _save_checkpoint(path: Path, step: int, sae: SAEBase, optimizer: torch.optim
         index = {"step": step, "optimizer_param_groups": opt["param_groups"], "train_config": asdict(cfg),
                  "store": {k: v for k, v in store_state.items() if not isinstance(v, Tensor)}}
         (tmp / "state.json").write_text(json.dumps(index, indent=2) + "\n")
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=".checkpoint.old.", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_checkpoint(path: Path, sae: SAEBase, optimizer: torch.optim.Optimizer, store: ActivationStore,
