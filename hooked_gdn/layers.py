@@ -157,9 +157,9 @@ class GatedDeltaNet(nn.Module):
             _tell_positions(ctx.past_length + torch.arange(k_hat.shape[1]), self.hook_write_key, self.hook_write_value)
             key, key_edited, _ = self.hook_write_key.fire_and_diff(k_hat, 1)
             value, value_edited, _ = self.hook_write_value.fire_and_diff(result.write_value, 1)
-            if key_edited is not None or value_edited is not None:
-                masks = [m for m in (key_edited, value_edited) if m is not None]
-                edits.write_mask = masks[0] if len(masks) == 1 else masks[0] | masks[1]
+            edited = [m for m in (key_edited, value_edited) if m is not None]
+            if edited:  # a row is forced where either side of its write was edited
+                edits.write_mask = edited[0] if len(edited) == 1 else edited[0] | edited[1]
                 edits.write_key, edits.write_value = key.float(), value.float()
                 result = run(edits, positions)
         if hooked_state:
