@@ -1,0 +1,213 @@
+"""Write ablation, the atom substitution test and their intervals, on a tiny random model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hooked_gdn import HookedGatedDeltaNet
+from writesae import BilinearMatrixSAE
+from writesae.experiments import (
+    CONDITIONS, clustered_bootstrap, edit_at_positions, find_firings, gdn_hook_name, install_matrix,
+    kl_from_clean, substitution_test, summarize, wilson_interval, write_ablation,
+)
+
+from .conftest import tiny_hf_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return HookedGatedDeltaNet.from_config(tiny_hf_config("grouped")).eval()
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(1, 101, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+def make_sae(model, kind: str):
+    layer = model.cfg.gdn_layers[1]
+    return BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, n_features=16, k=3,
+                             site=gdn_hook_name(layer, kind), heads="all", n_heads=model.cfg.n_value_heads,
+                             input_scale=2.0, seed=0)
+
+
+def zero_beta(model, tokens, layer, heads, positions):
+    def edit(beta, hook):
+        beta = beta.clone()
+        for t in positions:
+            beta[:, t, heads] = 0
+        return beta
+
+    with torch.no_grad():
+        return model.run_with_hooks(tokens, fwd_hooks=[(gdn_hook_name(layer, "hook_beta"), edit)])
+
+
+# --- stats -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("successes, expected", [(8, (0.4902, 0.9433)), (0, (0.0, 0.2775)), (10, (0.7225, 1.0))])
+def test_wilson_interval_known_values(successes, expected):
+    assert wilson_interval(successes, 10) == pytest.approx(expected, abs=1e-3)
+    low, high = wilson_interval(successes, 10, confidence=0.99)
+    assert low <= expected[0] + 1e-9 and high >= expected[1] - 1e-9  # wider at higher confidence
+
+
+def test_clustered_bootstrap_constant_statistic_has_zero_width():
+    values = np.arange(12.0)
+    assert clustered_bootstrap(values, values % 3, statistic=lambda x: 7.0, n_resamples=50) == (7.0, 7.0, 7.0)
+
+
+def test_clustered_bootstrap_with_singleton_clusters_is_the_ordinary_bootstrap():
+    values = np.random.default_rng(1).normal(size=30)
+    draws = np.random.default_rng(5).integers(0, 30, size=(500, 30))
+    means = values[draws].mean(1)
+    expected = (values.mean(), *np.quantile(means, [0.025, 0.975]))
+    assert clustered_bootstrap(values, np.arange(30), n_resamples=500, seed=5) == pytest.approx(expected, abs=1e-12)
+
+
+def test_clustered_bootstrap_resamples_whole_clusters():
+    # 5 clusters of 20 identical values: only 5 independent observations, not 100
+    values = np.repeat([0.0, 1.0, 2.0, 3.0, 4.0], 20)
+    _, low_c, high_c = clustered_bootstrap(values, np.repeat(np.arange(5), 20), n_resamples=500)
+    _, low_i, high_i = clustered_bootstrap(values, np.arange(100), n_resamples=500)
+    assert high_c - low_c > 2 * (high_i - low_i)
+    # each resample's mean is a mean of 5 cluster values, so a multiple of 1/5
+    assert low_c * 5 == pytest.approx(round(low_c * 5)) and high_c * 5 == pytest.approx(round(high_c * 5))
+
+
+# --- write ablation ----------------------------------------------------------------------------
+
+def test_write_ablation_deletes_like_zero_beta(model, tokens):
+    layer, heads, positions = model.cfg.gdn_layers[1], [0, 2], [5, 9]
+    result = write_ablation(model, tokens, layer, heads, positions, scale=0.0)
+    assert (result["logits"] - zero_beta(model, tokens, layer, heads, positions)).abs().max() <= 1e-5
+    assert (result["logits"][:, :5] - result["clean_logits"][:, :5]).abs().max() <= 1e-6
+    assert result["kl"][:, :5].abs().max() <= 1e-6 and result["loss_change"][:, :5].abs().max() <= 1e-6
+    assert result["kl"][:, 5].min() > 1e-8 and result["kl"][:, -1].min() > 1e-8  # at t and carried
+    assert result["kl"].min() >= -1e-7
+    assert result["mean_kl"].shape == (24,) and result["mean_loss_change"].shape == (23,)
+    assert torch.allclose(result["mean_kl"], result["kl"].mean(0))
+
+
+def test_write_ablation_scale_one_changes_nothing(model, tokens):
+    result = write_ablation(model, tokens, model.cfg.gdn_layers[0], 1, [3, 4], scale=1.0)
+    assert (result["logits"] - result["clean_logits"]).abs().max() <= 1e-5
+    half = write_ablation(model, tokens, model.cfg.gdn_layers[0], 1, [3, 4], scale=0.5)
+    assert half["kl"][:, 3].min() > 1e-8
+
+
+# --- installing matrices -----------------------------------------------------------------------
+
+def test_install_native_write_reproduces_clean_logits(model, tokens):
+    layer, head, t = model.cfg.gdn_layers[1], 3, 7
+    names = [gdn_hook_name(layer, "hook_write_key"), gdn_hook_name(layer, "hook_write_value")]
+    with torch.no_grad():
+        clean, cache = model.run_with_cache(tokens, names_filter=names)
+    native = cache[names[0]][:, t, head, :, None] * cache[names[1]][:, t, head, None, :]  # [b, d_k, d_v]
+    assert (install_matrix(model, tokens, layer, head, t, native) - clean).abs().max() <= 1e-5
+    # a matrix of the right norm but another direction does change things
+    assert (install_matrix(model, tokens, layer, head, t, native.flip(-1)) - clean).abs().max() > 1e-4
+
+
+def test_install_rank_one_equals_forcing_the_write(model, tokens):
+    layer, head, t = model.cfg.gdn_layers[1], 1, 10
+    g = torch.Generator().manual_seed(0)
+    v, w = torch.randn(model.cfg.d_key, generator=g), torch.randn(model.cfg.d_value, generator=g)
+
+    def set_row(vector):
+        def edit(rows, position):
+            rows[:, head] = vector
+            return rows
+        return edit_at_positions(edit, t)
+
+    with torch.no_grad():
+        forced = model.run_with_hooks(tokens, fwd_hooks=[(gdn_hook_name(layer, "hook_write_key"), set_row(v)),
+                                                         (gdn_hook_name(layer, "hook_write_value"), set_row(w))])
+    installed = install_matrix(model, tokens, layer, head, t, torch.outer(v, w))
+    assert (installed - forced).abs().max() <= 1e-5
+    assert (installed - model(tokens)).abs().max() > 1e-4
+
+
+def test_installing_zero_equals_zero_beta(model, tokens):
+    layer, head, t = model.cfg.gdn_layers[0], 2, 6
+    zero = torch.zeros(model.cfg.d_key, model.cfg.d_value)
+    installed = install_matrix(model, tokens, layer, head, t, zero)
+    assert (installed - zero_beta(model, tokens, layer, [head], [t])).abs().max() <= 1e-5
+
+
+# --- firings and the substitution test ---------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["hook_write_value", "hook_state"])
+def test_find_firings_are_top_codes(model, tokens, kind):
+    sae = make_sae(model, kind)
+    layer = model.cfg.gdn_layers[1]
+    key, value, state = (gdn_hook_name(layer, n) for n in ("hook_write_key", "hook_write_value", "hook_state"))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=[key, value, state])
+        x = cache[state] if kind == "hook_state" else cache[key][..., :, None] * cache[value][..., None, :]
+        codes = sae.encode(x)  # [b, p, H_v, n]: the dense route, against find_firings' own
+    firings = find_firings(model, sae, tokens)
+    assert len(firings) == int((codes.amax(-1) > 0).sum()) > 0
+    for f in firings:
+        row = codes[f.sequence, f.position, f.head]
+        assert int(row.argmax()) == f.feature and float(row.max()) == pytest.approx(f.coefficient, rel=1e-4)
+    # a threshold and a feature filter keep only what they should
+    threshold = float(np.median([f.coefficient for f in firings]))
+    strong = find_firings(model, sae, tokens, min_activation=threshold)
+    assert set(strong) == {f for f in firings if f.coefficient > threshold} and 0 < len(strong) < len(firings)
+    chosen = {firings[0].feature}
+    assert all(f.feature in chosen for f in find_firings(model, sae, tokens, features=chosen))
+    assert len(find_firings(model, sae, tokens, features=chosen)) == sum(f.feature in chosen for f in firings)
+
+
+def test_substitution_records(model, tokens):
+    sae = make_sae(model, "hook_write_value")
+    firings = [f for f in find_firings(model, sae, tokens) if f.position < 20][:3]
+    late = next(f for f in find_firings(model, sae, tokens) if f.position == 22)
+    records = substitution_test(model, sae, tokens, firings + [late], horizon=4, seed=0)
+    assert len(records) == 4
+    for r, f in zip(records, firings):
+        assert (r["sequence"], r["position"], r["head"], r["feature"]) == (f.sequence, f.position, f.head, f.feature)
+        assert r["positions_scored"] == 4 and r["native_norm"] > 0
+        for metric in ("kl_next", "kl_sum", "kl_mean"):
+            assert set(r[metric]) == set(CONDITIONS) and min(r[metric].values()) >= -1e-7
+        assert r["kl_sum"]["delete"] == pytest.approx(4 * r["kl_mean"]["delete"])
+        assert r["kl_sum"]["delete"] >= r["kl_next"]["delete"] - 1e-7
+    assert records[-1]["positions_scored"] == 2  # cut at the end of the sequence
+    # the delete condition is β = 0 at that head and position
+    f, r = firings[0], records[0]
+    with torch.no_grad():
+        clean = model(tokens)
+    deleted = zero_beta(model, tokens, model.cfg.gdn_layers[1], [f.head], [f.position])
+    kl = torch.nn.functional.kl_div(deleted[f.sequence, f.position].log_softmax(-1),
+                                    clean[f.sequence, f.position].log_softmax(-1), log_target=True, reduction="sum")
+    assert r["kl_next"]["delete"] == pytest.approx(float(kl), rel=1e-3, abs=1e-7)
+    assert substitution_test(model, sae, tokens, firings, horizon=4, seed=0) == records[:3]  # seeded
+    # the atom condition installs a_i·atom_i / s: the decode of that one code, without b_dec
+    d = sae.cfg.head_indices.index(f.head)
+    with torch.no_grad():
+        sae.b_dec.normal_()  # b_dec must not enter; the codes are already taken
+        one_code = torch.zeros(sae.n_dicts, 1)
+        one_code[d] = f.coefficient
+        decoded = sae.decode_sparse(torch.full((sae.n_dicts, 1), f.feature), one_code) - sae.b_dec / sae.cfg.input_scale
+    sequence = tokens[f.sequence : f.sequence + 1]
+    atom_logits = install_matrix(model, sequence, model.cfg.gdn_layers[1], f.head, f.position, decoded[d])
+    kl_atom = kl_from_clean(clean[f.sequence], atom_logits[0])[f.position]
+    assert r["kl_next"]["atom"] == pytest.approx(float(kl_atom), rel=1e-4, abs=1e-8)
+
+
+def test_summarize_counts_match_records():
+    kls = [(0.1, 0.5, 0.9), (0.6, 0.5, 0.9), (0.2, 0.3, 0.25), (0.0, 1.0, 2.0), (0.4, 0.4, 1.0)]
+    records = [{"sequence": i % 2, "head": 0, "feature": i % 3,
+                "kl_next": {"atom": a, "atom_norm_matched": 9.0, "delete": d, "random": r}}
+               for i, (a, d, r) in enumerate(kls)]
+    summary = summarize(records, n_resamples=200)
+    beats, chain = summary["atom_beats_delete"], summary["strict_chain"]
+    assert (summary["n"], beats["wins"], chain["wins"]) == (5, 3, 2)
+    assert (summary["n_features"], summary["n_passages"]) == (3, 2)
+    assert beats["rate"] == 0.6 and beats["wilson"] == wilson_interval(3, 5)
+    for key in ("bootstrap_by_feature", "bootstrap_by_passage"):
+        assert 0 <= beats[key][0] <= 0.6 <= beats[key][1] <= 1
+    assert summarize(records, atom="atom_norm_matched", n_resamples=10)["atom_beats_delete"]["wins"] == 0
