@@ -1,0 +1,70 @@
+"""What every demo shares: the shipped model, the quickstart's SAE, held-out passages, atomic outputs.
+
+Each demo runs on `gdn-austen` with the SAE that ``writesae quickstart`` trains (it is trained
+here first, in about 2.5 minutes, when ``--sae`` does not exist yet), on held-out passages
+(Persuasion 21–24, unseen by model and SAE), and writes a results JSON and plots to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from writesae import load_sae
+from hooked_gdn.pretrained import heldout_windows
+from writesae.quickstart import run_quickstart
+from writesae.splice import HookedSAEGatedDeltaNet
+
+
+def demo_parser(description: str, default_out: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sae", type=Path, default=Path("quickstart-out/sae"), help="an SAE on a GDN layer's states")
+    parser.add_argument("--passages", type=int, default=8, help="held-out passages")
+    parser.add_argument("--context", type=int, default=64, help="tokens per passage")
+    parser.add_argument("--out", type=Path, default=Path(default_out))
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def load_model_and_sae(sae_path: Path):
+    """The shipped model (with SAE splicing) and the SAE at ``sae_path``, trained by the quickstart if absent."""
+    if not (sae_path / "cfg.json").exists():
+        print(f"{sae_path} does not exist: training it with the quickstart first")
+        run_quickstart(sae_path.parent)
+    model = HookedSAEGatedDeltaNet.from_pretrained("gdn-austen").eval()
+    return model, load_sae(sae_path).eval()
+
+
+def heldout_passages(model, n: int, context: int) -> torch.Tensor:
+    """The first ``n`` held-out windows [n, context] (Persuasion 21–24, joined with EOS), as the model card's."""
+    return heldout_windows(model.tokenizer, context)[:n]
+
+
+def sae_layer(sae) -> int:
+    return int(sae.cfg.site.split(".")[1])
+
+
+def write_json(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    os.replace(tmp, path)
