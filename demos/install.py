@@ -1,0 +1,174 @@
+"""Installs in generation: write an SAE atom into one head's memory and see whether target tokens follow.
+
+For each head of the quickstart SAE's layer and each direction (v, w), at the last 3 positions of a
+held-out prompt the native write k̂_t δ_tᵀ is replaced by m ‖k̂_t δ_tᵀ‖_F · v wᵀ (unit v, w), the edit
+carries through the recurrence, and the model continues greedily (``install_in_generation`` in
+``writesae.experiments.install``). Per prompt, ``--targets`` target tokens are drawn (seeded) among
+the tokens ranked 100–1000 by the unmodified model's next-token distribution (``pick_targets``).
+
+Choices:
+
+- directions: per head, the rank-1 atoms (V_i, W_i) of the ``--atoms`` features active at the most
+  (prompt, position) pairs of the held-out prompts, and ``--random`` seeded random unit rank-1
+  directions as a control. The targets are not chosen to match the atom: this asks how far a
+  generic installed atom moves mid-ranked tokens, not whether a designed install hits its target.
+- multipliers m (``--multipliers``, default 1.5 3 6) scale the installed write to m × the native
+  write's Frobenius norm at each position.
+- inclusion rate: the fraction of (prompt, target) pairs whose target appears among the
+  ``--new-tokens`` greedy tokens; the unmodified continuation's rate is the baseline (m = 0 in the plot).
+- lift: log p_edited(target | prompt) − log p_clean(target | prompt) at the first generated step, in nats.
+- "changed": the fraction of installs whose greedy continuation differs from the unmodified one;
+  "any"/"best" (chosen post hoc, an upper bound on picking the atom per target): whether any
+  direction's install put the target in the continuation, and the largest lift over directions.
+
+Outputs in ``--out`` (default demo-out/install): results.json and dose_response.png (inclusion rate
+and mean lift vs m, atoms and random directions).
+
+    python demos/install.py                          # ~2 minutes on 2 CPU cores (8 prompts × 12 directions × 3 m)
+    python demos/install.py --passages 8 --heads 0 1 2 3 --atoms 3 --new-tokens 20
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from common import demo_parser, heldout_passages, load_model_and_sae, pyplot, sae_layer, save_figure, write_json
+from writesae.experiments.install import install_in_generation, pick_targets
+
+
+@torch.no_grad()
+def frequent_features(model, sae, tokens: torch.Tensor, layer: int, heads: list[int], n: int) -> dict[int, list]:
+    """Per head, the ``n`` features active at the most (prompt, position) pairs, with their frequency."""
+    site = f"blocks.{layer}.linear_attn.hook_state"
+    counts = torch.zeros(sae.n_dicts, sae.cfg.n_features)
+    for passage in tokens:
+        _, cache = model.run_with_cache(passage[None], names_filter=site)
+        counts += (sae.encode(cache[site][0].float()) > 0).float().sum(0)
+    freq = counts / (tokens.shape[0] * tokens.shape[1])
+    return {h: [(int(i), float(freq[h, i])) for i in freq[h].argsort(descending=True)[:n]] for h in heads}
+
+
+def summarise(rows: list[dict]) -> dict:
+    included = [x for r in rows for x in r["included"]]
+    lifts = torch.tensor([x for r in rows for x in r["lift"]])
+    n = len(included)
+    return {"inclusion_rate": sum(included) / n, "mean_lift": float(lifts.mean()), "median_lift": float(lifts.median()),
+            "frac_lift_positive": float((lifts > 0).float().mean()), "n": n}
+
+
+def main() -> None:
+    parser = demo_parser(__doc__, "demo-out/install")
+    parser.add_argument("--heads", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--atoms", type=int, default=2, help="most frequent features per head installed")
+    parser.add_argument("--random", type=int, default=1, help="random unit rank-1 directions per head (control)")
+    parser.add_argument("--multipliers", type=float, nargs="+", default=[1.5, 3.0, 6.0])
+    parser.add_argument("--targets", type=int, default=10, help="targets per prompt, ranked 100–1000 by the clean model")
+    parser.add_argument("--new-tokens", type=int, default=20, help="greedy tokens generated")
+    args = parser.parse_args()
+    start = time.time()
+
+    model, sae = load_model_and_sae(args.sae)
+    layer = sae_layer(sae)
+    prompts = heldout_passages(model, args.passages, args.context)
+    T = prompts.shape[1]
+    positions = [T - 3, T - 2, T - 1]
+    targets = [pick_targets(model, p, (100, 1000), args.targets, args.seed + i) for i, p in enumerate(prompts)]
+
+    features = frequent_features(model, sae, prompts, layer, args.heads, args.atoms)
+    gen = torch.Generator().manual_seed(args.seed)
+    directions = []  # (head, kind, label, v, w)
+    for h in args.heads:
+        directions += [(h, "atom", f"feature {i}", sae.V[h, i, 0].detach().float(), sae.W[h, i, 0].detach().float())
+                       for i, _ in features[h]]
+        for j in range(args.random):
+            v, w = torch.randn(sae.cfg.d_k, generator=gen), torch.randn(sae.cfg.d_v, generator=gen)
+            directions.append((h, "random", f"random {j}", v / v.norm(), w / w.norm()))
+
+    rows = []  # one per (direction, m, prompt)
+    clean_included = []
+    for m in args.multipliers:
+        for h, kind, label, v, w in directions:
+            for p, prompt in enumerate(prompts):
+                r = install_in_generation(model, prompt, layer, h, v, w, m, positions, args.new_tokens, targets[p])
+                rows.append({"m": m, "head": h, "kind": kind, "direction": label, "prompt": p, **r})
+                if len(clean_included) < len(prompts):  # the clean continuation does not depend on the install
+                    clean_included.append([t in r["clean_continuation"] for t in targets[p]])
+        print(f"m = {m} done ({time.time() - start:.0f}s)", flush=True)
+
+    baseline = sum(map(sum, clean_included)) / sum(map(len, clean_included))
+    by_m = {kind: {m: summarise([r for r in rows if r["m"] == m and (kind == "all" or r["kind"] == kind)])
+                   for m in args.multipliers}
+            for kind in ("all", "atom", "random") if any(r["kind"] == kind for r in rows) or kind == "all"}
+    changed = {m: sum(r["continuation"] != r["clean_continuation"] for r in rows if r["m"] == m)
+                  / sum(r["m"] == m for r in rows) for m in args.multipliers}
+
+    # Post hoc, per (prompt, target): the best of all directions (any includes it; the largest lift).
+    best = {}
+    for m in args.multipliers:
+        pairs = {}
+        for r in rows:
+            if r["m"] != m:
+                continue
+            for j, (inc, lift) in enumerate(zip(r["included"], r["lift"])):
+                a, b = pairs.get((r["prompt"], j), (False, -float("inf")))
+                pairs[(r["prompt"], j)] = (a or inc, max(b, lift))
+        best[m] = {"inclusion_rate_any_direction": sum(a for a, _ in pairs.values()) / len(pairs),
+                   "mean_best_lift": sum(b for _, b in pairs.values()) / len(pairs), "n": len(pairs)}
+
+    example = next(r for r in rows if r["m"] == max(args.multipliers) and r["kind"] == "atom")
+    results = {
+        "layer": layer, "heads": args.heads, "prompts": len(prompts), "context": T, "positions": positions,
+        "rank_range": [100, 1000], "targets_per_prompt": args.targets, "new_tokens": args.new_tokens,
+        "feature_frequency": {h: {i: f for i, f in features[h]} for h in args.heads},
+        "clean_inclusion_rate": baseline,
+        "by_multiplier": by_m,
+        "continuation_changed_fraction": changed,
+        "best_direction_per_target": best,
+        "example": {"head": example["head"], "direction": example["direction"], "m": example["m"],
+                    "prompt_tail": model.to_string(prompts[example["prompt"], -20:]),
+                    "clean": model.to_string(example["clean_continuation"]),
+                    "installed": model.to_string(example["continuation"]),
+                    "targets": [model.to_string([t]) for t in example["targets"]]},
+        "runs": [{k: r[k] for k in ("m", "head", "kind", "direction", "prompt", "targets", "included", "lift")}
+                 for r in rows],
+        "seconds": time.time() - start,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "results.json", results)
+
+    plt = pyplot()
+    ms = [0.0] + list(args.multipliers)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for kind, style in (("all", "-o"), ("atom", ":s"), ("random", "-.^")):
+        if kind not in by_m:
+            continue
+        ax1.plot(ms, [baseline] + [by_m[kind][m]["inclusion_rate"] for m in args.multipliers], style, label=kind)
+        ax2.plot(ms, [0.0] + [by_m[kind][m]["mean_lift"] for m in args.multipliers], style, label=kind)
+    ax1.set_xlabel("multiplier m (0 = unmodified)")
+    ax1.set_ylabel("target inclusion rate")
+    ax1.set_title(f"targets in {args.new_tokens} greedy tokens")
+    ax2.set_xlabel("multiplier m (0 = unmodified)")
+    ax2.set_ylabel("mean first-step log-prob lift (nats)")
+    ax2.axhline(0, color="k", lw=0.5)
+    for ax in (ax1, ax2):
+        ax.legend()
+    fig.suptitle(f"installs at layer {layer}, last 3 prompt positions, targets ranked 100–1000")
+    save_figure(fig, args.out / "dose_response.png")
+
+    print(f"\nlayer {layer}, heads {args.heads}, {len(prompts)} prompts × {args.targets} targets, "
+          f"{len(directions)} directions; unmodified inclusion rate {baseline:.3f}")
+    print(f"{'m':>5} {'incl(all)':>10} {'lift(all)':>10} {'incl(atom)':>11} {'lift(atom)':>11} "
+          f"{'incl(rand)':>11} {'lift(rand)':>11} {'changed':>8} {'incl(any)':>10} {'lift(best)':>11}")
+    for m in args.multipliers:
+        a, t = by_m["all"][m], by_m.get("atom", by_m["all"])[m]
+        rnd = by_m.get("random", {}).get(m, {"inclusion_rate": float("nan"), "mean_lift": float("nan")})
+        print(f"{m:>5g} {a['inclusion_rate']:>10.3f} {a['mean_lift']:>10.3f} {t['inclusion_rate']:>11.3f} "
+              f"{t['mean_lift']:>11.3f} {rnd['inclusion_rate']:>11.3f} {rnd['mean_lift']:>11.3f} {changed[m]:>8.2f} "
+              f"{best[m]['inclusion_rate_any_direction']:>10.3f} {best[m]['mean_best_lift']:>11.3f}")
+    print(f"wrote {args.out} in {time.time() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
