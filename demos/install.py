@@ -34,20 +34,8 @@ import time
 
 import torch
 
-from common import demo_parser, heldout_passages, load_model_and_sae, pyplot, sae_layer, save_figure, write_json
+from common import demo_parser, frequent_features, heldout_passages, load_model_and_sae, pyplot, sae_layer, save_figure, write_json
 from writesae.experiments.install import install_in_generation, pick_targets
-
-
-@torch.no_grad()
-def frequent_features(model, sae, tokens: torch.Tensor, layer: int, heads: list[int], n: int) -> dict[int, list]:
-    """Per head, the ``n`` features active at the most (prompt, position) pairs, with their frequency."""
-    site = f"blocks.{layer}.linear_attn.hook_state"
-    counts = torch.zeros(sae.n_dicts, sae.cfg.n_features)
-    for passage in tokens:
-        _, cache = model.run_with_cache(passage[None], names_filter=site)
-        counts += (sae.encode(cache[site][0].float()) > 0).float().sum(0)
-    freq = counts / (tokens.shape[0] * tokens.shape[1])
-    return {h: [(int(i), float(freq[h, i])) for i in freq[h].argsort(descending=True)[:n]] for h in heads}
 
 
 def summarise(rows: list[dict]) -> dict:

@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from common import demo_parser, heldout_passages, load_model_and_sae, pyplot, sae_layer, save_figure, write_json
+from common import demo_parser, frequent_features, heldout_passages, load_model_and_sae, pyplot, sae_layer, save_figure, write_json
 from writesae.experiments.logit_shift import SITES, exact_read_change, logit_jvp, measured_logit_change, paper_read_change
 
 METHODS = ("exact", "paper")
@@ -59,19 +59,6 @@ class PooledR2:
     def value(self) -> float:
         total = self.sm2 - self.sm**2 / self.n
         return 1.0 - self.res / total if total > 0 else float("nan")
-
-
-@torch.no_grad()
-def frequent_features(model, sae, tokens: torch.Tensor, layer: int, heads: list[int], n: int) -> dict[int, list]:
-    """Per head, the ``n`` features active at the most (passage, position) pairs, with their frequency."""
-    site = f"blocks.{layer}.linear_attn.hook_state"
-    counts = torch.zeros(sae.n_dicts, sae.cfg.n_features)
-    for passage in tokens:
-        _, cache = model.run_with_cache(passage[None], names_filter=site)
-        codes = sae.encode(cache[site][0].float())  # [T, heads, features]
-        counts += (codes > 0).float().sum(0)
-    freq = counts / (tokens.shape[0] * tokens.shape[1])
-    return {h: [(int(i), float(freq[h, i])) for i in freq[h].argsort(descending=True)[:n]] for h in heads}
 
 
 def main() -> None:
