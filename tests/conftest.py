@@ -40,6 +40,12 @@ def tiny_hf_config(name: str = "grouped", **overrides) -> Qwen3_5TextConfig:
     return Qwen3_5TextConfig(**kwargs)
 
 
+def random_tiny_model(cls=HookedGatedDeltaNet):
+    """The "grouped" tiny config with Qwen3.5's random initialisation (seed 0), in eval mode."""
+    torch.manual_seed(0)
+    return cls.from_config(tiny_hf_config("grouped")).eval()
+
+
 def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
     """Give every norm and gate non-trivial values, so that parity tests can see them."""
     g = torch.Generator().manual_seed(seed)

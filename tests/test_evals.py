@@ -9,7 +9,7 @@ from writesae import BilinearMatrixSAE, MatrixSAE
 from writesae.evals import downstream_metrics, reconstruction_metrics
 from writesae.splice import HookedSAEGatedDeltaNet
 
-from .conftest import tiny_hf_config
+from .conftest import random_tiny_model
 
 
 def test_reconstruction_metrics_match_direct_formulas():
@@ -34,8 +34,7 @@ def test_reconstruction_metrics_match_direct_formulas():
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return HookedSAEGatedDeltaNet.from_config(tiny_hf_config("grouped")).eval()
+    return random_tiny_model(HookedSAEGatedDeltaNet)
 
 
 @pytest.mark.parametrize("mode", ["loop", "single"])

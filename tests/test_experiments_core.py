@@ -6,20 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from hooked_gdn import HookedGatedDeltaNet
 from writesae import BilinearMatrixSAE
 from writesae.experiments import (
     CONDITIONS, clustered_bootstrap, edit_at_positions, find_firings, gdn_hook_name, install_matrix,
     kl_from_clean, substitution_test, summarize, wilson_interval, write_ablation,
 )
 
-from .conftest import tiny_hf_config
+from .conftest import random_tiny_model
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return HookedGatedDeltaNet.from_config(tiny_hf_config("grouped")).eval()
+    return random_tiny_model()
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hooked_gdn import HookedGatedDeltaNet
 from writesae.experiments import install, logit_shift as ls
 
-from .conftest import tiny_hf_config
+from .conftest import random_tiny_model
 
 LAYER, HEAD, T0 = 1, 0, 10  # head 0 of this layer decays slowest (α ≈ 0.6), so edits carry far
 
@@ -20,8 +19,7 @@ def site(name):
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    return HookedGatedDeltaNet.from_config(tiny_hf_config("grouped")).eval()  # fp32, H_v = 4, d_k = 12, d_v = 8
+    return random_tiny_model()  # fp32, H_v = 4, d_k = 12, d_v = 8
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,12 @@ import torch
 from writesae import BilinearMatrixSAE, FlatSAE
 from writesae.splice import HookedSAEGatedDeltaNet
 
-from .conftest import tiny_hf_config
+from .conftest import random_tiny_model
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return HookedSAEGatedDeltaNet.from_config(tiny_hf_config("grouped")).eval()
+    return random_tiny_model(HookedSAEGatedDeltaNet)
 
 
 def make_sae(model, kind="hook_state", heads="all", cls=BilinearMatrixSAE, **kwargs):

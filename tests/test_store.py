@@ -17,7 +17,7 @@ from hooked_gdn import HookedGatedDeltaNet
 from hooked_gdn.pretrained import Document
 from writesae.store import ActivationStore, StoreConfig
 
-from .conftest import tiny_hf_config
+from .conftest import random_tiny_model, tiny_hf_config
 
 LAYER = 1
 SITE = f"blocks.{LAYER}.linear_attn"
@@ -25,8 +25,7 @@ SITE = f"blocks.{LAYER}.linear_attn"
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return HookedGatedDeltaNet.from_config(tiny_hf_config("grouped")).eval()
+    return random_tiny_model()
 
 
 def token_documents(n: int = 12, length: int = 30, seed: int = 0) -> list[torch.Tensor]:

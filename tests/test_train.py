@@ -8,20 +8,18 @@ import math
 import pytest
 import torch
 
-from hooked_gdn import HookedGatedDeltaNet
 from writesae import ARCHITECTURES, BilinearMatrixSAE, load_sae
 from writesae.store import ActivationStore, StoreConfig
 from writesae.train import TrainConfig, auxk_loss, lr_at, train
 
-from .conftest import tiny_hf_config
+from .conftest import random_tiny_model
 
 HEADS = [0, 2]
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return HookedGatedDeltaNet.from_config(tiny_hf_config("grouped")).eval()
+    return random_tiny_model()
 
 
 @pytest.fixture(scope="module")
