@@ -1,7 +1,8 @@
 """Experiments at the write site (DESIGN §5): write ablation, the atom substitution test, and the
 intervals they report."""
 
-from .ablation import edit_at_positions, gdn_hook_name, kl_from_clean, write_ablation
+from .ablation import write_ablation
+from .edits import edit_at_positions, gdn_hook_name, kl_from_clean
 from .stats import clustered_bootstrap, wilson_interval
 from .substitution import CONDITIONS, Firing, find_firings, install_matrix, substitution_test, summarize
 

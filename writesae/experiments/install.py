@@ -17,32 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-
-def _site(layer: int, name: str) -> str:
-    return f"blocks.{layer}.linear_attn.{name}"
-
-
-def _one_sequence(tokens: Tensor) -> Tensor:
-    tokens = torch.as_tensor(tokens)
-    tokens = tokens[None] if tokens.dim() == 1 else tokens
-    if tokens.shape[0] != 1:
-        raise ValueError(f"installs take one prompt at a time, got a batch of {tokens.shape[0]}")
-    return tokens
-
-
-def _at_positions(head: int, rows_by_position: dict[int, Tensor]):
-    """A write hook that sets row ``rows_by_position[t]`` for ``head`` at each listed sequence position t."""
-
-    def hook(x: Tensor, hook):
-        where = [(i, int(t)) for i, t in enumerate(hook.ctx["positions"].tolist()) if int(t) in rows_by_position]
-        if not where:
-            return None  # generation steps and other positions: unedited
-        x = x.clone()
-        for i, t in where:
-            x[:, i, head] = rows_by_position[t].to(x)
-        return x
-
-    return hook
+from .edits import edit_at_positions, gdn_hook_name, one_sequence
 
 
 @torch.no_grad()
@@ -55,17 +30,24 @@ def install_in_generation(
     Returns ``{"continuation", "clean_continuation"}`` (new tokens only, as lists) and, per target,
     ``"included"`` (it appears in the continuation) and ``"lift"`` (first-step log-prob lift).
     """
-    tokens = _one_sequence(prompt_tokens)
+    tokens = one_sequence(prompt_tokens, "an install")
     T = tokens.shape[1]
     positions = list(range(T - 3, T)) if positions is None else [p % T for p in positions]
-    key_site, value_site = _site(layer, "hook_write_key"), _site(layer, "hook_write_value")
+    key_site, value_site = gdn_hook_name(layer, "hook_write_key"), gdn_hook_name(layer, "hook_write_value")
 
     clean_logits, cache = model.run_with_cache(tokens, names_filter=[key_site, value_site])
     native_norm = cache[key_site][0, :, head].norm(dim=-1) * cache[value_site][0, :, head].norm(dim=-1)
     key = v / v.norm()
     values = {t: multiplier * native_norm[t] * w / w.norm() for t in positions}
-    hooks = [(key_site, _at_positions(head, {t: key for t in positions})),
-             (value_site, _at_positions(head, values))]
+
+    def set_row(rows: dict[int, Tensor]):  # write row of ``head`` at each position t ← rows[t]
+        def edit(x: Tensor, t: int) -> Tensor:
+            x[:, head] = rows[t].to(x)
+            return x
+
+        return edit_at_positions(edit, positions)
+
+    hooks = [(key_site, set_row({t: key for t in positions})), (value_site, set_row(values))]
 
     with model.hooks(fwd_hooks=hooks):
         edited_logits = model(tokens)
@@ -87,7 +69,7 @@ def install_in_generation(
 @torch.no_grad()
 def pick_targets(model, prompt_tokens: Tensor, rank_range: tuple[int, int] = (100, 1000), n: int = 10, seed: int = 0) -> list[int]:
     """``n`` tokens drawn at random (seeded) among those ranked in [lo, hi) by the clean next-token distribution (rank 0: the top)."""
-    tokens = _one_sequence(prompt_tokens)
+    tokens = one_sequence(prompt_tokens, "an install")
     lo, hi = rank_range
     by_rank = model(tokens)[0, -1].argsort(descending=True)[lo:hi]
     if len(by_rank) == 0:

@@ -26,18 +26,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .edits import edit_at_positions, gdn_hook_name, one_sequence
+
 SITES = ("hook_read_query", "hook_write_key", "hook_beta", "hook_log_decay")
-
-
-def _site(layer: int, name: str) -> str:
-    return f"blocks.{layer}.linear_attn.{name}"
-
-
-def _one_sequence(tokens: Tensor) -> Tensor:
-    tokens = tokens[None] if tokens.dim() == 1 else tokens
-    if tokens.shape[0] != 1:
-        raise ValueError(f"the logit-shift study takes one sequence, got a batch of {tokens.shape[0]}")
-    return tokens
 
 
 def _carry(x: Tensor, k_hat: Tensor, beta: Tensor, g: Tensor, t0: int) -> Tensor:
@@ -69,7 +60,7 @@ def propagator(k_hat: Tensor, beta: Tensor, g: Tensor, t0: int, t: int) -> Tenso
 
 def _head_inputs(cache, layer: int, head: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One head's q̂ [T, d_k], k̂ [T, d_k], β [T], g [T] from a cache of the layer's ``SITES``."""
-    q, k, beta, g = (cache[_site(layer, name)] for name in SITES)
+    q, k, beta, g = (cache[gdn_hook_name(layer, name)] for name in SITES)
     if q.shape[0] != 1:
         raise ValueError(f"the cache must hold one sequence, got a batch of {q.shape[0]}")
     return q[0, :, head].float(), k[0, :, head].float(), beta[0, :, head].float(), g[0, :, head].float()
@@ -96,7 +87,7 @@ def paper_read_change(cache, layer: int, head: int, t0: int, v: Tensor, w: Tenso
 
 
 def _clean_cache(model, tokens: Tensor, layer: int):
-    return model.run_with_cache(tokens, names_filter=[_site(layer, name) for name in SITES])
+    return model.run_with_cache(tokens, names_filter=[gdn_hook_name(layer, name) for name in SITES])
 
 
 @torch.no_grad()  # forward-mode AD is unaffected; no reverse graph is built
@@ -106,8 +97,8 @@ def logit_jvp(model, tokens: Tensor, layer: int, head: int, t0: int, read_change
     A forward-mode Jacobian-vector product around the clean run: exact through this layer's
     output (Δo is already exact), linearised through the gated RMSNorm and every later layer.
     """
-    tokens = _one_sequence(tokens)
-    name = _site(layer, "hook_recurrence_out")
+    tokens = one_sequence(tokens, "the logit-shift study")
+    name = gdn_hook_name(layer, "hook_recurrence_out")
     # Forward-mode AD has no rule for the fused attention kernel; an observing hook on the
     # attention pattern makes the attention layers take their explicit softmax path instead.
     explicit_attention = [(f"blocks.{i}.attn.hook_pattern", lambda x, hook: None)
@@ -127,7 +118,7 @@ def logit_jvp(model, tokens: Tensor, layer: int, head: int, t0: int, read_change
 
 def predicted_logit_change(model, tokens: Tensor, layer: int, head: int, t0: int, v: Tensor, w: Tensor, eps: float) -> Tensor:
     """Exact read change ε ⟨M_{t0→t}ᵀ q̂_t, v⟩ w, pushed to the logits by a JVP: [T, d_vocab]."""
-    tokens = _one_sequence(tokens)
+    tokens = one_sequence(tokens, "the logit-shift study")
     with torch.no_grad():
         _, cache = _clean_cache(model, tokens, layer)
     return logit_jvp(model, tokens, layer, head, t0, exact_read_change(cache, layer, head, t0, v, w, eps))
@@ -135,7 +126,7 @@ def predicted_logit_change(model, tokens: Tensor, layer: int, head: int, t0: int
 
 def paper_approximation(model, tokens: Tensor, layer: int, head: int, t0: int, v: Tensor, w: Tensor, eps: float) -> Tensor:
     """The decay-only read change ε G_{t0→t} ⟨q̂_t, v⟩ w, pushed through the same JVP: [T, d_vocab]."""
-    tokens = _one_sequence(tokens)
+    tokens = one_sequence(tokens, "the logit-shift study")
     with torch.no_grad():
         _, cache = _clean_cache(model, tokens, layer)
     return logit_jvp(model, tokens, layer, head, t0, paper_read_change(cache, layer, head, t0, v, w, eps))
@@ -144,23 +135,19 @@ def paper_approximation(model, tokens: Tensor, layer: int, head: int, t0: int, v
 def state_edit_hook(head: int, t0: int, v: Tensor, w: Tensor, eps: float):
     """A ``hook_state`` hook adding ε v wᵀ to S_{t0} of ``head``; run it with ``state_positions=[t0]``."""
 
-    def hook(states: Tensor, hook):
-        rows = (hook.ctx["positions"] == t0).nonzero().flatten()
-        if len(rows) == 0:
-            return None
-        states = states.clone()
-        states[:, rows, head] += eps * torch.outer(v, w).to(states)
+    def add(states: Tensor, position: int) -> Tensor:  # [b, H_v, d_k, d_v]
+        states[:, head] += eps * torch.outer(v, w).to(states)
         return states
 
-    return hook
+    return edit_at_positions(add, t0)
 
 
 @torch.no_grad()
 def measured_logit_change(model, tokens: Tensor, layer: int, head: int, t0: int, v: Tensor, w: Tensor, eps: float) -> Tensor:
     """Logits with ε v wᵀ added to S_{t0} (carried forward) minus clean logits: [T, d_vocab]."""
-    tokens = _one_sequence(tokens)
+    tokens = one_sequence(tokens, "the logit-shift study")
     clean = model(tokens).float()
-    hooks = [(_site(layer, "hook_state"), state_edit_hook(head, t0, v, w, eps))]
+    hooks = [(gdn_hook_name(layer, "hook_state"), state_edit_hook(head, t0, v, w, eps))]
     edited = model.run_with_hooks(tokens, fwd_hooks=hooks, state_positions=[t0]).float()
     return (edited - clean)[0]
 
@@ -184,7 +171,7 @@ def logit_shift_study(
     "by_distance": {ε: {"exact": [R² at t0 + d], "paper": [...]}}}``, each R² pooled over the
     directions (and, by ε, over positions t ≥ t0 and the vocabulary).
     """
-    tokens = _one_sequence(tokens)
+    tokens = one_sequence(tokens, "the logit-shift study")
     with torch.no_grad():
         _, cache = _clean_cache(model, tokens, layer)
     predictions = {"exact": [], "paper": []}

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .ablation import edit_at_positions, gdn_hook_name, kl_from_clean
+from .edits import edit_at_positions, gdn_hook_name, kl_from_clean
 from .stats import clustered_bootstrap, wilson_interval
 
 CONDITIONS = ("atom", "atom_norm_matched", "delete", "random")

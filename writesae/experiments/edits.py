@@ -1,0 +1,62 @@
+"""What the write-site experiments share: hook names, a hook that edits chosen sequence positions in
+any recurrence mode, the KL they all report, and a one-sequence input check."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def gdn_hook_name(layer: int, name: str) -> str:
+    """The full name of a GDN hook point, e.g. ``blocks.4.linear_attn.hook_write_value``."""
+    return f"blocks.{layer}.linear_attn.{name}"
+
+
+def as_list(x: int | Iterable[int]) -> list[int]:
+    return [int(x)] if isinstance(x, int) else [int(i) for i in x]
+
+
+def edit_at_positions(edit: Callable[[Tensor, int], Tensor], positions: int | Iterable[int]):
+    """A hook on a GDN write/state hook point that replaces the rows x[:, i] of the given sequence
+    positions by ``edit(rows, position)`` (rows: [b, H_v, ...]) and leaves the others alone.
+
+    It finds where it is through ``hook.ctx["positions"]``, so it works in parallel mode (one call
+    with every position) and sequential mode (one call per position) alike; rows it does not touch
+    stay unedited, and the model carries the edited ones forward.
+    """
+    wanted = torch.tensor(as_list(positions))
+
+    def hook(x: Tensor, hook) -> Tensor | None:
+        here = hook.ctx["positions"]
+        rows = torch.isin(here, wanted).nonzero().flatten().tolist()
+        if not rows:
+            return None  # observe only: no recompute
+        x = x.clone()
+        for i in rows:
+            x[:, i] = edit(x[:, i], int(here[i]))
+        return x
+
+    return hook
+
+
+def kl_from_clean(clean_logits: Tensor, logits: Tensor) -> Tensor:
+    """KL(p_clean ‖ p) = Σ_v p_clean(v) (log p_clean(v) − log p(v)) per position [..., p], in nats.
+
+    The clean model's distribution is the reference: the KL measures how much an edit moves the
+    prediction away from what the model would have said (expectation under p_clean).
+    """
+    log_clean = F.log_softmax(clean_logits.float(), -1)
+    log_edited = F.log_softmax(logits.float(), -1)
+    return (log_clean.exp() * (log_clean - log_edited)).sum(-1)
+
+
+def one_sequence(tokens: Tensor, what: str) -> Tensor:
+    """``tokens`` as [1, T]; ``what`` names the caller in the error for a batch."""
+    tokens = torch.as_tensor(tokens)
+    tokens = tokens[None] if tokens.dim() == 1 else tokens
+    if tokens.shape[0] != 1:
+        raise ValueError(f"{what} takes one sequence at a time, got a batch of {tokens.shape[0]}")
+    return tokens
