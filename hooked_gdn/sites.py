@@ -1,0 +1,95 @@
+"""Hook-site names, built and parsed in one place, and the positions a write or state hook sees.
+
+Names follow TransformerLens: ``blocks.{layer}.{component}.hook_{quantity}`` (DESIGN §3). The two
+matrix-valued GDN sites that SAEs read have one word each, their *kind*:
+
+- ``"state"``: ``blocks.L.linear_attn.hook_state``, the state S_t [b, p, H_v, d_k, d_v];
+- ``"write"``: ``blocks.L.linear_attn.hook_write_value``, standing for the rank-1 write k̂_t δ_tᵀ
+  (δ_t from ``hook_write_value``, k̂_t from ``hook_write_key``).
+
+The write and state hook points fire on all positions at once (parallel mode) or one at a time
+(sequential mode, generation, a cached prefix). The layer tells them which sequence positions their
+tensor's dim 1 holds (`tell_positions`), and a hook reads them with `hook_positions`, so one hook
+function works in every mode.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from jaxtyping import Int
+from torch import Tensor
+
+KINDS = ("state", "write")
+KIND_HOOKS = {"state": "hook_state", "write": "hook_write_value"}  # kind -> the hook point named by the site
+
+# every hook point of a GDN layer, in the order of the computation (DESIGN §3)
+GDN_HOOKS = (
+    "hook_in", "hook_q_pre_conv", "hook_k_pre_conv", "hook_v_pre_conv", "hook_q", "hook_k", "hook_v",
+    "hook_gate_input", "hook_beta_logit", "hook_beta", "hook_log_decay", "hook_read_query", "hook_write_key",
+    "hook_write_value", "hook_state", "hook_final_state", "hook_recurrence_out", "hook_gated_out", "hook_out",
+)
+
+_SITE = re.compile(r"blocks\.(\d+)\.linear_attn\.(hook_state|hook_write_value)")
+_POSITIONS = "positions"  # the key in a hook point's ``ctx``
+
+
+def block_name(layer: int, name: str) -> str:
+    """``blocks.{layer}.{name}``: a hook point or module of one block, e.g. ``block_name(2, "hook_resid_post")``."""
+    return f"blocks.{layer}.{name}"
+
+
+def gdn_hook_name(layer: int, hook: str) -> str:
+    """The full name of a GDN hook point, e.g. ``gdn_hook_name(4, "hook_write_value")``."""
+    return block_name(layer, f"linear_attn.{hook}")
+
+
+def site_name(layer: int, kind: str) -> str:
+    """The SAE site of ``kind`` ("state" or "write") in GDN layer ``layer``."""
+    if kind not in KIND_HOOKS:
+        raise ValueError(f"a site's kind is one of {KINDS}, got {kind!r}")
+    return gdn_hook_name(layer, KIND_HOOKS[kind])
+
+
+@dataclass(frozen=True)
+class Site:
+    layer: int
+    kind: str  # "state" or "write"
+
+    @property
+    def name(self) -> str:
+        return site_name(self.layer, self.kind)
+
+    def hook_name(self, hook: str) -> str:
+        """Another hook point of the same GDN layer."""
+        return gdn_hook_name(self.layer, hook)
+
+
+def parse_site(name: str | None, gdn_layers: Sequence[int] | None = None) -> Site:
+    """The layer and kind of an SAE site name; with ``gdn_layers``, the layer must be one of them.
+
+    A bad name raises one error that lists the valid sites (all of them when ``gdn_layers`` is given).
+    """
+    match = _SITE.fullmatch(name) if isinstance(name, str) else None
+    if match is not None:
+        site = Site(int(match[1]), "state" if match[2] == "hook_state" else "write")
+        if gdn_layers is None or site.layer in gdn_layers:
+            return site
+    if gdn_layers is None:
+        valid = "blocks.<L>.linear_attn.hook_state or blocks.<L>.linear_attn.hook_write_value, L a GDN layer"
+    else:
+        valid = ", ".join(site_name(layer, kind) for layer in gdn_layers for kind in KINDS)
+    raise ValueError(f"{name!r} is not an SAE site; the sites are {valid}")
+
+
+def tell_positions(positions: Int[Tensor, " p"], *hook_points) -> None:
+    """Record on each hook point the sequence positions (counting any cached prefix) of its tensor's dim 1."""
+    for hook_point in hook_points:
+        hook_point.ctx[_POSITIONS] = positions
+
+
+def hook_positions(hook) -> Int[Tensor, " p"]:
+    """Inside a hook on a write or state hook point: the sequence positions of its tensor's dim 1."""
+    return hook.ctx[_POSITIONS]
