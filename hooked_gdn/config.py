@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 SUPPORTED_MODEL_TYPES = ("qwen3_5_text", "qwen3_5")
+# transformers options the layers do not read, at the only values they implement
+_FIXED_OPTIONS = {"hidden_act": "silu", "attention_bias": False}
 
 
 @dataclass
@@ -79,6 +81,10 @@ class HookedGDNConfig:
             hf_config = hf_config.text_config
             tie = tie or getattr(hf_config, "tie_word_embeddings", False)
         c = hf_config
+        for option, implemented in _FIXED_OPTIONS.items():  # what the layers hard-code: refuse anything else
+            if getattr(c, option, implemented) != implemented:
+                raise ValueError(f"unsupported {option}={getattr(c, option)!r}: HookedGatedDeltaNet implements only "
+                                 f"{option}={implemented!r}, as Qwen3.5 uses")
         rope = c.rope_parameters or {}
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"unsupported rope_type {rope['rope_type']!r}: only 'default' rotary embeddings are implemented")

@@ -18,11 +18,11 @@ DEFAULT_TEXT = "It is a truth universally acknowledged, that a single man in pos
 
 def describe_states(model: HookedGatedDeltaNet, text: str, layer: int, positions: list[int], top: int = 3) -> str:
     site = f"blocks.{layer}.linear_attn.hook_state"
-    _, cache = model.run_with_cache(text, names_filter=site, state_positions=positions)
-    states = cache[site][0].float()  # [P, H_v, d_k, d_v]
     tokens = model.to_str_tokens(text)
     n = len(tokens)
-    chosen = sorted({p % n for p in positions})
+    chosen = sorted({p % n for p in positions})  # the model takes increasing, distinct positions only
+    _, cache = model.run_with_cache(text, names_filter=site, state_positions=chosen)
+    states = cache[site][0].float()  # [P, H_v, d_k, d_v]
     singular = torch.linalg.svdvals(states)  # [P, H_v, min(d_k, d_v)]
     norms = states.flatten(-2).norm(dim=-1)
     lines = [f"{model.cfg.model_name}: {site}, {n} tokens, S_t is {tuple(states.shape[-2:])} per head", ""]

@@ -9,7 +9,7 @@ from transformer_lens.hook_points import HookPoint
 
 
 class CheckedHookPoint(HookPoint):
-    """A `HookPoint` whose hooks must return a tensor of the input's shape (or None).
+    """A `HookPoint` whose hooks must return a tensor of the input's shape and kind (or None).
 
     ``fire_and_diff`` is for sites whose edits are carried through the recurrence: it also reports
     which rows (all dims but the trailing ``feature_dims``) the hooks changed, comparing against a
@@ -23,6 +23,9 @@ class CheckedHookPoint(HookPoint):
         if not isinstance(y, Tensor) or y.shape != x.shape:
             got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
             raise ValueError(f"a hook on {self.name} returned {got}; it must return None or a tensor of shape {tuple(x.shape)}")
+        if x.dtype.is_floating_point and not y.dtype.is_floating_point:  # a cast would silently round or binarise
+            raise TypeError(f"a hook on {self.name} returned a tensor of dtype {y.dtype}; it must return a floating "
+                            f"tensor (it is cast to {x.dtype})")
         return y.to(x.dtype)
 
     def fire_and_diff(

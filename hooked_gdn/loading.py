@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,16 +38,23 @@ _LAYER_RENAMES = {
 }
 _TEXT_PREFIXES = ("model.language_model.", "model.")  # Qwen3_5ForConditionalGeneration, Qwen3_5ForCausalLM
 _IGNORED_PREFIXES = ("model.visual.", "visual.", "mtp.")  # the vision tower and multi-token-prediction head
+_EMBEDDING_KEYS = tuple(f"{p}embed_tokens.weight" for p in _TEXT_PREFIXES)
 _LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
-    """A shipped short name, a local folder, or a hub id (downloaded; needs the internet)."""
+    """A shipped short name, a local folder, or a hub id (downloaded; needs the internet).
+
+    A shipped name that is also a path here is ambiguous, and refused rather than guessed.
+    """
     shipped = pretrained_path(str(name_or_path))
-    if shipped is not None:
-        return shipped
     path = Path(name_or_path)
+    if shipped is not None:
+        if path.exists() and path.resolve() != shipped.resolve():
+            raise ValueError(f"{str(name_or_path)!r} names both the shipped model and {path.resolve()}: pass "
+                             f"'./{name_or_path}' for the local one, or {shipped} for the shipped one")
+        return shipped
     if path.is_dir():
         return path
     if path.exists() or str(name_or_path).startswith((".", "/")):
@@ -63,8 +71,7 @@ def hf_to_hooked_state_dict(hf_state: dict[str, torch.Tensor], cfg: HookedGDNCon
         if key.startswith(_IGNORED_PREFIXES):
             continue
         if key == "lm_head.weight":
-            if not cfg.tie_word_embeddings:
-                ours["W_U"] = tensor
+            ours["W_U"] = tensor
             continue
         local = next((key[len(p):] for p in _TEXT_PREFIXES if key.startswith(p)), None)
         if local == "embed_tokens.weight":
@@ -75,6 +82,11 @@ def hf_to_hooked_state_dict(hf_state: dict[str, torch.Tensor], cfg: HookedGDNCon
             ours[f"blocks.{m.group(1)}.{_LAYER_RENAMES[m.group(2)]}"] = tensor
         else:
             raise ValueError(f"unexpected weight {key!r}: this checkpoint is not a Qwen3.5 Gated DeltaNet model")
+    if cfg.tie_word_embeddings and "W_U" in ours:
+        head = ours.pop("W_U")
+        if "W_E" in ours and not torch.equal(head, ours["W_E"]):
+            raise ValueError("tie_word_embeddings is set, but lm_head.weight differs from the embedding: "
+                             "set tie_word_embeddings=False to use the separate head")
     return ours
 
 
@@ -93,8 +105,15 @@ def load_pretrained(cls, name_or_path, device=None, dtype=None):
     cfg = HookedGDNConfig.from_hf_config(AutoConfig.from_pretrained(folder), model_name=str(name_or_path))
     has_tokenizer = any((folder / f).exists() for f in _TOKENIZER_FILES)
     tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
+    weights = read_safetensors(folder)
+    head, embedding = weights.get("lm_head.weight"), next((weights[k] for k in _EMBEDDING_KEYS if k in weights), None)
+    if cfg.tie_word_embeddings and head is not None and embedding is not None and not torch.equal(head, embedding):
+        # transformers keeps both weights when they differ (with a warning), so the head is separate
+        warnings.warn(f"{name_or_path}: config.json sets tie_word_embeddings, but the checkpoint's lm_head.weight differs "
+                      "from its embedding; using the separate head, as transformers does")
+        cfg.tie_word_embeddings = False
     model = cls(cfg, tokenizer)
-    state = hf_to_hooked_state_dict(read_safetensors(folder), cfg)
+    state = hf_to_hooked_state_dict(weights, cfg)
     missing = sorted(set(model.state_dict()) - set(state))
     if missing:
         raise ValueError(f"checkpoint {name_or_path} lacks weights for {missing[:5]}{' …' if len(missing) > 5 else ''}")

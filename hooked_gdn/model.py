@@ -20,6 +20,11 @@ RETURN_TYPES = ("logits", "loss", "both", None)
 RECURRENCES = ("parallel", "sequential")
 
 
+def _require_tokens(tokens: Tensor) -> None:
+    if not tokens.numel():
+        raise ValueError(f"the input has no tokens (shape {tuple(tokens.shape)}): give at least one token per sequence")
+
+
 def _default_cache_filter(name: str) -> bool:
     # Every state at every position is large (18 MiB a token on Qwen3.5-0.8B): it must be asked for.
     return not name.endswith("hook_state")
@@ -131,6 +136,7 @@ class HookedGatedDeltaNet(HookedRootModule):
             if attention_mask is not None:
                 raise ValueError("attention_mask goes with token input; strings are padded and masked for you")
             tokens, mask = self._tokenize(input)
+            _require_tokens(tokens)
             return tokens, (None if bool(mask.all()) else mask)
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be a string, a list of strings or a token tensor, got {type(input).__name__}")
@@ -139,23 +145,42 @@ class HookedGatedDeltaNet(HookedRootModule):
         tokens = input[None] if input.dim() == 1 else input
         if tokens.dim() != 2:
             raise ValueError(f"token input must have shape [batch, pos] or [pos], got {tuple(input.shape)}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
+        _require_tokens(tokens)
+        if int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab:
             raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab}), got {int(tokens.min())}..{int(tokens.max())}")
         if attention_mask is not None:
             attention_mask = attention_mask[None] if attention_mask.dim() == 1 else attention_mask
             if attention_mask.shape != tokens.shape:
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, tokens {tuple(tokens.shape)}")
+            if not ((attention_mask == 0) | (attention_mask == 1)).all():  # other values would scale the GDN input
+                odd = attention_mask[(attention_mask != 0) & (attention_mask != 1)].unique()[:5].tolist()
+                raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (tokens), got {odd}")
             attention_mask = attention_mask.to(tokens.device).long()
-        return tokens.to(self.W_E.device), attention_mask
+        # any integer dtype is accepted; indexing needs int64 (a uint8 index would act as a mask)
+        return tokens.to(self.W_E.device, torch.long), attention_mask
 
     def _state_positions(self, state_positions, p: int) -> Tensor | None:
+        """The positions as an increasing int64 tensor. ``cache[site][:, i]`` is the i-th position
+        given, so anything that would have to be reordered, deduplicated, rounded or read as a mask
+        is refused rather than reinterpreted."""
         if state_positions is None:
             return None
-        positions = torch.as_tensor([state_positions] if isinstance(state_positions, int) else state_positions).long().flatten()
-        positions = torch.where(positions < 0, positions + p, positions)
+        positions = torch.as_tensor(state_positions)
+        if positions.dtype == torch.bool or positions.dtype.is_floating_point or positions.dtype.is_complex:
+            raise TypeError(f"state_positions must be integer positions, got dtype {positions.dtype} "
+                            f"(for a boolean mask pass mask.nonzero().flatten())")
+        if positions.dim() > 1:
+            raise ValueError(f"state_positions must be an int or a 1-D sequence, got shape {tuple(positions.shape)}")
+        given = positions.flatten().long()
+        positions = torch.where(given < 0, given + p, given)
         if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= p):
-            raise ValueError(f"state_positions {state_positions} out of range for an input of {p} positions")
-        return positions.unique().to(self.W_E.device)  # sorted, without repeats
+            raise ValueError(f"state_positions {given.tolist()} out of range for an input of {p} positions")
+        if len(positions.unique()) != len(positions):
+            raise ValueError(f"state_positions {given.tolist()} repeat a position (as {positions.tolist()} of {p})")
+        if bool((positions[1:] < positions[:-1]).any()):
+            raise ValueError(f"state_positions {given.tolist()} must be increasing (as {positions.tolist()} of {p}, "
+                             f"negative ones counting from the end): hook_state fires in sequence order")
+        return positions.to(self.W_E.device)
 
     # ------------------------------------------------------------------ forward
 
@@ -219,12 +244,16 @@ class HookedGatedDeltaNet(HookedRootModule):
     @staticmethod
     def loss_fn(logits: Tensor, tokens: Tensor, attention_mask: Tensor | None = None, per_token: bool = False) -> Tensor:
         """Next-token cross-entropy; positions whose input or target is padding are left out."""
+        if tokens.shape[-1] < 2:
+            raise ValueError(f"the loss needs at least 2 positions (a next token to predict), got {tokens.shape[-1]}")
         losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")
         if per_token:
             return losses
         if attention_mask is None:
             return losses.mean()
         keep = (attention_mask[:, :-1] * attention_mask[:, 1:]).to(losses.dtype)
+        if not keep.any():
+            raise ValueError("the loss has no position whose token and next token are both unmasked")
         return (losses * keep).sum() / keep.sum()
 
     # ------------------------------------------------------------------ caching activations
@@ -309,6 +338,12 @@ class HookedGatedDeltaNet(HookedRootModule):
         Returns the tokens [b, p + new] for token input, and the decoded text (prompt included)
         for string input. Sequences that reached EOS are continued with EOS.
         """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if do_sample and not temperature > 0:
+            raise ValueError(f"sampling needs temperature > 0, got {temperature!r} (greedy decoding is do_sample=False)")
+        if do_sample and top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= self.cfg.d_vocab):
+            raise ValueError(f"top_k must be an int in [1, d_vocab={self.cfg.d_vocab}] or None, got {top_k!r}")
         tokens, mask = self._tokens_and_mask(input, attention_mask)
         eos = eos_token_id if eos_token_id is not None else self.cfg.eos_token_id
         if stop_at_eos and eos is None:

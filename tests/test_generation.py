@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from .conftest import make_pair
@@ -66,3 +67,16 @@ def test_generate_stops_at_eos(model):
     eos = int(model.generate(prompt, max_new_tokens=1, stop_at_eos=False)[0, -1])
     out = model.generate(prompt, max_new_tokens=10, eos_token_id=eos)
     assert out.shape[1] == 5 and int(out[0, -1]) == eos
+
+
+def test_bad_generation_arguments_are_refused(model):
+    tokens = torch.tensor([[3, 4, 5]])
+    for kwargs, message in ((dict(do_sample=True, top_k=0), "top_k must be"), (dict(do_sample=True, top_k=102), "top_k must be"),
+                            (dict(do_sample=True, temperature=0.0), "temperature > 0"),
+                            (dict(do_sample=True, temperature=-1.0), "temperature > 0"),
+                            (dict(max_new_tokens=-1), "max_new_tokens must be")):
+        with pytest.raises(ValueError, match=message):
+            model.generate(tokens, **kwargs)
+    with pytest.raises(ValueError, match="the input has no tokens"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long))
+    assert torch.equal(model.generate(tokens, max_new_tokens=0), tokens)

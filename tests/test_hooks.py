@@ -104,7 +104,7 @@ def test_state_positions_select_exactly_those_states(model):
     site = f"blocks.{model.cfg.gdn_layers[0]}.linear_attn.hook_state"
     tokens = torch.randint(0, 101, (2, 90))
     _, full = model.run_with_cache(tokens, names_filter=site)
-    _, some = model.run_with_cache(tokens, names_filter=site, state_positions=[3, 64, -1, 0])
+    _, some = model.run_with_cache(tokens, names_filter=site, state_positions=[0, 3, 64, -1])
     _, one = model.run_with_cache(tokens, names_filter=site, state_positions=70)
     assert some[site].shape[1] == 4 and one[site].shape[1] == 1
     assert torch.allclose(some[site], full[site][:, [0, 3, 64, 89]], atol=1e-6)
@@ -194,3 +194,76 @@ def test_stop_at_layer_returns_the_residual_stream_there(model):
     _, cache = model.run_with_cache(tokens, names_filter="blocks.1.hook_resid_post")
     stopped = model(tokens, stop_at_layer=2)
     assert torch.equal(stopped, cache["blocks.1.hook_resid_post"])
+
+
+@pytest.mark.parametrize("positions, error, message", [
+    ([5, 1], ValueError, "must be increasing"),
+    ([-1, 2], ValueError, "must be increasing"),
+    ([1, 1], ValueError, "repeat a position"),
+    ([1, -7], ValueError, "repeat a position"),
+    ([1.0, 2.0], TypeError, "integer positions"),
+    (torch.tensor([1.5]), TypeError, "integer positions"),
+    (torch.ones(8, dtype=torch.bool), TypeError, "boolean mask"),
+    (True, TypeError, "integer positions"),
+])
+def test_state_positions_are_never_reinterpreted(model, positions, error, message):
+    site = f"blocks.{model.cfg.gdn_layers[0]}.linear_attn.hook_state"
+    with pytest.raises(error, match=message):
+        model.run_with_cache(torch.randint(0, 101, (1, 8)), names_filter=site, state_positions=positions)
+
+
+def test_state_positions_keep_the_order_given(model):
+    site = f"blocks.{model.cfg.gdn_layers[0]}.linear_attn.hook_state"
+    tokens = torch.randint(0, 101, (1, 8))
+    _, every = model.run_with_cache(tokens, names_filter=site)
+    for positions, rows in (([2, -1], [2, 7]), (torch.tensor([0, 5]), [0, 5]), (3, [3])):
+        _, cache = model.run_with_cache(tokens, names_filter=site, state_positions=positions)
+        assert torch.equal(cache[site], every[site][:, rows])
+
+
+@pytest.mark.parametrize("mask", [[[1, 2, 1]], [[1, 0.5, 1]], [[1, -1, 1]]])
+def test_attention_mask_must_be_zeros_and_ones(model, mask):
+    with pytest.raises(ValueError, match=r"attention_mask must hold only 0 \(padding\) and 1"):
+        model(torch.tensor([[3, 4, 5]]), attention_mask=torch.tensor(mask))
+
+
+def test_boolean_and_float_zero_one_masks_are_masks(model):
+    tokens = torch.tensor([[3, 4, 5], [6, 7, 8]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    expected = model(tokens, attention_mask=mask)
+    assert torch.equal(model(tokens, attention_mask=mask.bool()), expected)
+    assert torch.equal(model(tokens, attention_mask=mask.float()), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.int32, torch.bool])
+def test_hook_returning_a_non_float_tensor_is_refused(model, dtype):
+    name = f"blocks.{model.cfg.gdn_layers[0]}.linear_attn.hook_write_value"
+    with pytest.raises(TypeError, match=f"hook_write_value returned a tensor of dtype {dtype}"):
+        model.run_with_hooks(torch.zeros(1, 4, dtype=torch.long), fwd_hooks=[(name, lambda x, hook: x.to(dtype))])
+    with pytest.raises(TypeError, match="hook_resid_post returned a tensor of dtype"):
+        model.run_with_hooks(torch.zeros(1, 4, dtype=torch.long), fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: x.to(dtype))])
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_tokens_of_any_integer_dtype_are_token_ids(model, dtype):
+    tokens = torch.tensor([[3, 40, 100, 7]])
+    assert torch.equal(model(tokens.to(dtype)), model(tokens))
+
+
+def test_empty_input_and_one_position_loss_are_refused(model):
+    for tokens in (torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, dtype=torch.long)):
+        with pytest.raises(ValueError, match="the input has no tokens"):
+            model(tokens)
+    with pytest.raises(ValueError, match="needs at least 2 positions"):
+        model(torch.tensor([[5]]), "loss")
+    with pytest.raises(ValueError, match="no position whose token and next token are both unmasked"):
+        model(torch.tensor([[5, 6, 7]]), "loss", attention_mask=torch.tensor([[0, 0, 1]]))
+
+
+@pytest.mark.parametrize("option", [{"hidden_act": "gelu"}, {"attention_bias": True}])
+def test_options_the_layers_do_not_implement_are_refused(option):
+    from .conftest import tiny_hf_config
+
+    (name, value), = option.items()
+    with pytest.raises(ValueError, match=f"unsupported {name}={value!r}"):
+        HookedGatedDeltaNet.from_config(tiny_hf_config(**option))

@@ -98,3 +98,20 @@ def test_gradients_match_transformers(tmp_path):
     ours_grad = ours.blocks[0].linear_attn.W_qkv.grad
     hf_grad = hf.model.layers[0].linear_attn.in_proj_qkv.weight.grad
     assert (ours_grad - hf_grad).abs().max().item() <= 1e-5 * hf_grad.abs().max().item() + 1e-8
+
+
+def test_tied_config_with_a_separate_head_in_the_file_loads_like_transformers(tmp_path):
+    import json
+
+    from transformers import Qwen3_5ForCausalLM
+
+    torch.manual_seed(0)
+    Qwen3_5ForCausalLM(tiny_hf_config("grouped", tie_word_embeddings=False)).save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
+    hf = Qwen3_5ForCausalLM.from_pretrained(tmp_path / "m").eval()
+    with pytest.warns(UserWarning, match="lm_head.weight differs from its embedding"):
+        ours = HookedGatedDeltaNet.from_pretrained(tmp_path / "m")
+    tokens = torch.randint(0, 101, (2, 20), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (ours(tokens) - hf(tokens).logits).abs().max().item() <= 1e-4

@@ -76,3 +76,21 @@ def test_readme_main_job_runs_in_under_a_minute():
     result = subprocess.run([sys.executable, "-m", "hooked_gdn.demo"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "hook_state" in result.stdout and "σ1" in result.stdout
+
+
+def test_a_local_folder_with_a_shipped_name_is_never_silently_shadowed(tmp_path, monkeypatch):
+    from .conftest import tiny_hf_config
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    Qwen3_5ForCausalLM(tiny_hf_config("grouped")).save_pretrained(tmp_path / "gdn-austen")
+    with pytest.raises(ValueError, match="names both the shipped model and .*gdn-austen: pass './gdn-austen'"):
+        HookedGatedDeltaNet.from_pretrained("gdn-austen")
+    assert HookedGatedDeltaNet.from_pretrained("./gdn-austen").cfg.d_vocab == 101
+    assert HookedGatedDeltaNet.from_pretrained(FOLDER).cfg.d_vocab == 4096
+
+
+def test_empty_text_is_refused(shipped):
+    for call in (lambda: shipped(""), lambda: shipped.generate("", max_new_tokens=3), lambda: shipped([""])):
+        with pytest.raises(ValueError, match="the input has no tokens"):
+            call()
