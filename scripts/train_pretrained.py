@@ -1,12 +1,27 @@
 """Train and save the shipped ``gdn-austen`` model: a BPE tokenizer and a small Qwen3.5 hybrid.
 
-    python scripts/train_pretrained.py --minutes 60 --threads 1
+    python scripts/train_pretrained.py --threads 1
 
 Reproduces ``hooked_gdn/pretrained/gdn-austen`` (config.json, model.safetensors, tokenizer files,
-README.md model card) from the bundled novels. It uses transformers' ``Qwen3_5ForCausalLM`` so the
-shipped weights are exactly what transformers would train; ``HookedGatedDeltaNet`` loads them
-through the ordinary checkpoint path. Training stops after ``--steps`` or ``--minutes``, whichever
-comes first; the cosine schedule is laid over ``--steps``.
+README.md model card with its memory census) from the bundled novels. It uses transformers'
+``Qwen3_5ForCausalLM`` so the shipped weights are exactly what transformers would train;
+``HookedGatedDeltaNet`` loads them through the ordinary checkpoint path. The cosine schedule is laid
+over ``--steps``; ``--minutes`` only stops a run early (it then resumes from its checkpoint).
+
+Decay initialisation spans timescales, because transformers' default (A ~ U(0.01, 16), dt_bias = 1,
+so g ≈ -1.3 A) starts almost every head below a one-token half-life and training never moves them
+(shared/notes/memory-pilot.md). With g_t = -A · softplus(a_t + dt_bias) and half-life ln ½ / g:
+
+- learned heads: A ~ U(1, 16) and dt ~ log-uniform[1e-3, 1e-1] through dt_bias = softplus⁻¹(dt), as
+  Mamba-2 and flash-linear-attention do; A_log, dt_bias, norm weights and biases get no weight decay
+  (decay pulls A_log and dt_bias to 0, i.e. g → -0.69, a one-token half-life);
+- fixed-decay heads (``--fixed-heads``, the same value heads in every GDN layer): a constant decay
+  (A = 1, in_proj_a row zero, all three frozen) whose half-lives are log-spaced over
+  ``--fixed-half-lives`` across layers, a RetNet-style spectrum. They only fix *how long* the state
+  remembers; what is written (k, v, β) and read (q) is learned as everywhere else.
+
+The run checkpoints to ``--checkpoint`` every ``--checkpoint-every`` steps (one file, replaced
+atomically: model, optimiser, schedule, the batch sampler's generator) and resumes from it bit-exactly.
 """
 
 from __future__ import annotations
@@ -18,6 +33,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -63,6 +79,136 @@ def model_config(vocab_size: int, eos_id: int) -> Qwen3_5TextConfig:
     )
 
 
+def gdn_mixers(model: Qwen3_5ForCausalLM) -> list[torch.nn.Module]:
+    return [layer.linear_attn for layer in model.model.layers if hasattr(layer, "linear_attn")]
+
+
+def softplus_inverse(y: torch.Tensor) -> torch.Tensor:
+    return y + torch.log(-torch.expm1(-y))
+
+
+def fixed_half_lives(n_layers: int, n_heads: int, lo: float, hi: float) -> torch.Tensor:
+    """[n_layers, n_heads] half-lives log-spaced over [lo, hi]; head slot s of layer l takes entry
+    s·n_layers + l, so every layer gets one from each part of the range."""
+    spectrum = torch.logspace(math.log10(lo), math.log10(hi), n_layers * n_heads, dtype=torch.float64)
+    return spectrum.view(n_heads, n_layers).T
+
+
+def timescale_init_(model: Qwen3_5ForCausalLM, generator: torch.Generator, fixed_heads: list[int],
+                    half_life_range: tuple[float, float]) -> list[torch.Tensor]:
+    """Initialise every GDN layer's decay (see the module docstring) and freeze the fixed heads'.
+
+    Returns the gradient hooks' handles (kept so the masks stay registered)."""
+    mixers = gdn_mixers(model)
+    half_lives = fixed_half_lives(len(mixers), len(fixed_heads), *half_life_range)
+    handles = []
+    with torch.no_grad():
+        for mixer, layer_half_lives in zip(mixers, half_lives):
+            n = mixer.A_log.numel()
+            A = torch.empty(n, dtype=torch.float64).uniform_(1, 16, generator=generator)
+            dt = torch.empty(n, dtype=torch.float64).uniform_(math.log(1e-3), math.log(1e-1), generator=generator).exp()
+            fixed = torch.tensor(fixed_heads, dtype=torch.long)
+            A[fixed] = 1.0
+            dt[fixed] = math.log(2) / layer_half_lives  # softplus(dt_bias) · A = ln 2 / half-life
+            mixer.A_log.copy_(A.log())
+            mixer.dt_bias.copy_(softplus_inverse(dt))
+            mixer.in_proj_a.weight[fixed] = 0.0
+            learned = torch.ones(n, dtype=torch.bool)
+            learned[fixed] = False
+            for param, mask in ((mixer.A_log, learned), (mixer.dt_bias, learned), (mixer.in_proj_a.weight, learned[:, None])):
+                handles.append(param.register_hook(lambda grad, mask=mask: grad * mask.to(grad.dtype)))
+    return handles
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on A_log, dt_bias, norm weights or biases."""
+    no_decay = lambda name, p: p.ndim < 2 or name.endswith(("A_log", "dt_bias")) or "norm" in name
+    named = list(model.named_parameters())
+    return [
+        {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
+    ]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    context: int = 512
+    batch: int = 8
+    steps: int = 2000
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    seed: int = 0
+    fixed_heads: tuple[int, ...] = (1, 3)
+    fixed_half_lives: tuple[float, float] = (16.0, 1024.0)
+
+
+def build_model(config: Qwen3_5TextConfig, settings: TrainSettings) -> Qwen3_5ForCausalLM:
+    torch.manual_seed(settings.seed)
+    model = Qwen3_5ForCausalLM(config)
+    generator = torch.Generator().manual_seed(settings.seed)
+    timescale_init_(model, generator, list(settings.fixed_heads), settings.fixed_half_lives)
+    return model
+
+
+def train(model: Qwen3_5ForCausalLM, stream: torch.Tensor, settings: TrainSettings, checkpoint: Path,
+          checkpoint_every: int = 100, minutes: float = math.inf, on_step=None) -> int:
+    """Train ``model`` on random windows of ``stream`` until ``settings.steps`` (or ``minutes``);
+    resume from ``checkpoint`` if it exists. Returns the step reached."""
+    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
+    warmup = max(1, settings.steps // 30)
+    schedule = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, settings.steps) / settings.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    sampler = torch.Generator().manual_seed(settings.seed)
+    step = 0
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=True)
+        if state["settings"] != asdict(settings):
+            raise ValueError(f"{checkpoint} was written with settings {state['settings']}, not {asdict(settings)}; "
+                             "resume with the same settings or remove it")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.set_state(state["sampler"])
+        step = state["step"]
+        print(f"resuming from {checkpoint} at step {step}", flush=True)
+    start = time.time()
+    model.train()
+    while step < settings.steps and time.time() - start < minutes * 60:
+        offsets = torch.randint(0, len(stream) - settings.context - 1, (settings.batch,), generator=sampler)
+        batch = torch.stack([stream[o : o + settings.context + 1] for o in offsets.tolist()])
+        logits = model(batch[:, :-1]).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        if on_step is not None:
+            on_step(step, loss.item())
+        if step % checkpoint_every == 0 or step == settings.steps:
+            save_checkpoint(checkpoint, {
+                "settings": asdict(settings), "step": step, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "sampler": sampler.get_state(),
+            })
+    return step
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``state`` to a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def token_stream(tokenizer: PreTrainedTokenizerFast) -> torch.Tensor:
     ids: list[int] = []
     for doc in austen_documents("train"):
@@ -104,7 +250,7 @@ def write_model_card(folder: Path) -> None:
         f"d_k = {config['linear_key_head_dim']}, d_v = {config['linear_value_head_dim']} |",
         f"| attention heads | {config['num_attention_heads']} query, {config['num_key_value_heads']} KV, d_head = {config['head_dim']} |",
         f"| vocabulary | {config['vocab_size']} byte-level BPE tokens, `<|endoftext|>` = EOS |",
-        f"| training | {stats['steps']} steps, {stats['train_tokens_seen'] / 1e6:.1f} M tokens seen, {stats['minutes']} min on CPU |",
+        f"| training | {stats['steps']} steps, {stats['train_tokens_seen'] / 1e6:.1f} M tokens seen, context {stats['settings']['context']}, batch {stats['settings']['batch']}, on CPU |",
         f"| **held-out loss** | **{stats['heldout_loss']:.4f}** nats/token |",
         f"| **held-out bits per character** | **{stats['heldout_bits_per_char']:.4f}** |",
         "",
@@ -121,51 +267,47 @@ def write_model_card(folder: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = TrainSettings()
     p.add_argument("--out", type=Path, default=PRETRAINED_MODELS["gdn-austen"])
+    p.add_argument("--checkpoint", type=Path, default=Path("runs/gdn-austen-train/checkpoint.pt"))
+    p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--context", type=int, default=256)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--minutes", type=float, default=60.0)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--context", type=int, default=defaults.context)
+    p.add_argument("--batch", type=int, default=defaults.batch)
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--minutes", type=float, default=math.inf, help="stop early (resume later from the checkpoint)")
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--fixed-heads", type=int, nargs="*", default=list(defaults.fixed_heads))
+    p.add_argument("--fixed-half-lives", type=float, nargs=2, default=list(defaults.fixed_half_lives))
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--card-only", action="store_true", help="only rewrite README.md from the saved figures")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--card-only", action="store_true", help="only rewrite README.md (and its census) from the saved model")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     if args.card_only:
         write_model_card(args.out)
         return
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    settings = TrainSettings(context=args.context, batch=args.batch, steps=args.steps, lr=args.lr, seed=args.seed,
+                             fixed_heads=tuple(args.fixed_heads), fixed_half_lives=tuple(args.fixed_half_lives))
 
     tokenizer = train_tokenizer(args.vocab)
     stream = token_stream(tokenizer)
     windows = heldout_windows(tokenizer)
-    config = model_config(len(tokenizer), tokenizer.eos_token_id)
-    model = Qwen3_5ForCausalLM(config)
+    model = build_model(model_config(len(tokenizer), tokenizer.eos_token_id), settings)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f} M parameters, {len(stream)} training tokens, {windows.numel()} held-out tokens")
 
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = max(1, args.steps // 30)
-    schedule = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    start, step = time.time(), 0
-    while step < args.steps and time.time() - start < args.minutes * 60:
-        offsets = torch.randint(0, len(stream) - args.context - 1, (args.batch,))
-        batch = torch.stack([stream[o : o + args.context + 1] for o in offsets.tolist()])
-        logits = model(batch[:, :-1]).logits
-        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        step += 1
+    start = time.time()
+    def report(step: int, loss: float) -> None:
         if step % 50 == 0:
-            print(f"step {step} loss {loss.item():.3f} lr {sched.get_last_lr()[0]:.2e} {time.time() - start:.0f}s", flush=True)
+            print(f"step {step} loss {loss:.3f} {time.time() - start:.0f}s", flush=True)
         if step % 500 == 0:
             print(f"  held-out loss {heldout_loss(model, windows):.4f}", flush=True)
+            model.train()
+    step = train(model, stream, settings, args.checkpoint, args.checkpoint_every, args.minutes, report)
+    if step < settings.steps:
+        print(f"stopped at step {step} of {settings.steps}; rerun the same command to resume")
+        return
 
     model = model.to(torch.bfloat16).float()  # the shipped (bf16) weights; the card is measured on them
     loss = heldout_loss(model, windows)
@@ -177,6 +319,7 @@ def main() -> None:
         out = model.generate(ids, max_new_tokens=40, do_sample=False)
         samples.append((prompt, tokenizer.decode(out[0])))
 
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=args.out.parent)  # written whole, then moved into place
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would ship an unreadable folder
     model.to(torch.bfloat16).save_pretrained(tmp)
@@ -188,18 +331,18 @@ def main() -> None:
         "heldout_characters": n_chars,
         "context": HELDOUT_CONTEXT,
         "steps": step,
-        "train_tokens_seen": step * args.batch * args.context,
+        "train_tokens_seen": step * settings.batch * settings.context,
         "parameters": n_params,
-        "minutes": round((time.time() - start) / 60, 1),
+        "settings": asdict(settings),
     }
     Path(tmp, "training_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     Path(tmp, "samples.json").write_text(json.dumps(samples, indent=2) + "\n")
-    write_model_card(Path(tmp))
     shutil.rmtree(args.out, ignore_errors=True)
     os.replace(tmp, args.out)
     print(json.dumps(stats, indent=2))
     for prompt, text in samples:
         print(repr(text))
+    write_model_card(args.out)
 
 
 if __name__ == "__main__":
