@@ -139,3 +139,14 @@ def test_empty_text_is_refused():
         memory_census(model, "")
     with pytest.raises(ValueError, match="at least two tokens"):
         memory_census(model, [])
+
+
+def test_census_command_prints_the_table_and_writes_json_and_heatmap(tmp_path, capsys):
+    from writesae.cli import main
+
+    main(["census", "--tokens", "96", "--context", "48", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    census = MemoryCensus.load_json(tmp_path / "census.json")
+    assert census.n_tokens == 96 and census.context == 48 and len(census.heads) == 24  # 6 GDN layers × 4 heads
+    assert sum(line.startswith("| ") and line[2].isdigit() for line in printed.splitlines()) == 24
+    assert (tmp_path / "half_lives.png").stat().st_size > 0

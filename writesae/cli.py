@@ -63,6 +63,15 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-progress", action="store_true")
     tr.add_argument("--wandb", metavar="PROJECT", help="also log to this wandb project")
 
+    census = commands.add_parser("census", help="how long each GDN head remembers: decay half-lives, β, state rank")
+    census.add_argument("--model", default="gdn-austen", help="shipped short name, local folder or hub id")
+    census.add_argument("--tokens", type=int, default=2048, help="tokens of text to measure on")
+    census.add_argument("--context", type=int, default=512, help="tokens per window (each starts from a zero state)")
+    census.add_argument("--state-every", type=int, default=1, help="form states at every n-th position only")
+    census.add_argument("--out", type=Path, default=Path("census-out"), help="folder for census.json and half_lives.png")
+    census.add_argument("--device", default=None)
+    census.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="the model's dtype")
+
     ev = commands.add_parser("eval", help="held-out reconstruction and downstream metrics of a saved SAE")
     ev.add_argument("sae", type=Path, help="an SAE folder (cfg.json + sae_weights.safetensors)")
     _add_store_args(ev)
@@ -146,9 +155,24 @@ def cmd_quickstart(args) -> None:
     print(f"\nwrote {args.out}/: sae/, {', '.join(summary['plots'])}, summary.json")
 
 
+def cmd_census(args) -> None:
+    from hooked_gdn import HookedGatedDeltaNet
+    from hooked_gdn.census import memory_census
+    from hooked_gdn.pretrained import austen_documents
+
+    model = HookedGatedDeltaNet.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    text = [doc.text for doc in austen_documents("heldout")]
+    census = memory_census(model, text, context=args.context, max_tokens=args.tokens, state_every=args.state_every)
+    print(census.table())
+    print(census.summary())
+    census.save_json(args.out / "census.json")
+    census.plot_half_lives(args.out / "half_lives.png")
+    print(f"wrote {args.out}/: census.json, half_lives.png")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    {"train": cmd_train, "eval": cmd_eval, "quickstart": cmd_quickstart}[args.command](args)
+    {"train": cmd_train, "eval": cmd_eval, "quickstart": cmd_quickstart, "census": cmd_census}[args.command](args)
 
 
 if __name__ == "__main__":
