@@ -8,6 +8,9 @@ tight and TopK selections are not decided by rounding.
 from __future__ import annotations
 
 import json
+import math
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -466,7 +469,7 @@ def edit_cfg(folder: Path, **changes) -> None:
     cfg = json.loads((folder / "cfg.json").read_text())
     for key, value in changes.items():
         if value is None:
-            del cfg[key]
+            cfg.pop(key, None)
         else:
             cfg[key] = value
     (folder / "cfg.json").write_text(json.dumps(cfg))
@@ -495,8 +498,72 @@ def test_mismatched_tensor_fails_clearly(tmp_path):
     tensors = load_file(file)
     tensors["b_enc"] = torch.zeros(1, 11, dtype=torch.float64)
     save_file(tensors, file)
+    edit_cfg(tmp_path / "sae", weights_sha256=None)  # as in a folder saved without a checksum
     with pytest.raises(ValueError, match=r"n_features=12.*b_enc has shape \[1, 11\], expected \[1, 12\]"):
         load_sae(tmp_path / "sae")
+
+
+def test_flipped_bytes_in_the_weights_are_caught_by_the_checksum(tmp_path):
+    make("bilinear").save(tmp_path / "sae")
+    file = tmp_path / "sae" / "sae_weights.safetensors"
+    data = bytearray(file.read_bytes())
+    data[-5] ^= 0x01  # one bit of the last tensor's data: still a valid, finite float64
+    file.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"sae_weights.safetensors: its SHA-256 differs .* the file is corrupted"):
+        load_sae(tmp_path / "sae")
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda t: t["b_dec"].view(-1)[0].fill_(math.nan), r"non-finite values \(NaN or Inf\) in b_dec"),
+    (lambda t: t["V"].view(-1)[3].fill_(math.inf), r"non-finite values \(NaN or Inf\) in V"),
+    (lambda t: t.update(W=t["W"].to(torch.int32)), r"W has dtype torch.int32, expected torch.float64"),
+    (lambda t: t.update({"activation.n_updates": t["activation.n_updates"].double()}),
+     r"activation.n_updates has dtype torch.float64, expected torch.int64"),
+])
+def test_weights_that_would_be_silently_cast_or_are_not_finite_are_refused(tmp_path, corrupt, message):
+    make("bilinear", sparsity="batchtopk").save(tmp_path / "sae")
+    file = tmp_path / "sae" / "sae_weights.safetensors"
+    tensors = load_file(file)
+    corrupt(tensors)
+    save_file(tensors, file)
+    edit_cfg(tmp_path / "sae", weights_sha256=None)  # the checks hold without a checksum too
+    with pytest.raises(ValueError, match=message):
+        load_sae(tmp_path / "sae")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"{not json", "is not valid JSON"),
+    (b"\xff\xfe\x00", "is not valid JSON"),
+    (b"null", "must hold a JSON object of SAE settings, got NoneType"),
+    (b"[1, 2]", "must hold a JSON object of SAE settings, got list"),
+    (b" " * (2 << 20), "is larger than 1048576 bytes"),
+], ids=["not JSON", "not UTF-8", "null", "a list", "2 MiB"])
+def test_an_unreadable_cfg_is_named(tmp_path, content, message):
+    make("matrix").save(tmp_path / "sae")
+    (tmp_path / "sae" / "cfg.json").write_bytes(content)
+    with pytest.raises(ValueError, match=message) as error:
+        load_sae(tmp_path / "sae")
+    assert str(error.value).startswith(str(tmp_path / "sae" / "cfg.json"))
+
+
+def test_a_cfg_linked_to_a_device_is_refused_at_once(tmp_path):
+    make("matrix").save(tmp_path / "sae")
+    (tmp_path / "sae" / "cfg.json").unlink()
+    (tmp_path / "sae" / "cfg.json").symlink_to("/dev/zero")  # reading it to the end would never finish
+    with pytest.raises(FileNotFoundError, match=r"cfg.json is missing or is not a regular file"):
+        load_sae(tmp_path / "sae")
+
+
+@pytest.mark.parametrize("umask, folder_mode, file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
+def test_saved_folders_get_the_permissions_the_umask_allows(tmp_path, umask, folder_mode, file_mode):
+    previous = os.umask(umask)
+    try:
+        save_sae(make("matrix"), tmp_path / "sae")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "sae").stat().st_mode) == folder_mode
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "sae").iterdir()} == {
+        "cfg.json": file_mode, "sae_weights.safetensors": file_mode}
 
 
 # --- clear errors -----------------------------------------------------------------------------
