@@ -228,18 +228,43 @@ def heldout_loss(model: Qwen3_5ForCausalLM, windows: torch.Tensor, batch: int = 
     return total / count
 
 
+CENSUS_TOKENS, CENSUS_CONTEXT = 2048, 512  # the card's census: the first 2,048 held-out tokens, 4 windows of 512
+PREVIOUS_CENSUS = Path(__file__).parents[1] / "results" / "census" / "gdn-austen-v1" / "census.json"
+
+
+def model_census(folder: Path):
+    """The memory census of the model in ``folder`` on the card's held-out text (census.json and
+    half_lives.png are written beside the weights)."""
+    from hooked_gdn import HookedGatedDeltaNet
+    from hooked_gdn.census import memory_census
+
+    model = HookedGatedDeltaNet.from_pretrained(folder).eval()
+    text = [doc.text for doc in austen_documents("heldout")]
+    census = memory_census(model, text, context=CENSUS_CONTEXT, max_tokens=CENSUS_TOKENS)
+    census.save_json(folder / "census.json")
+    census.plot_half_lives(folder / "half_lives.png")
+    return census
+
+
 def write_model_card(folder: Path) -> None:
-    """README.md beside the weights, from the figures the training run saved."""
+    """README.md beside the weights, from the figures the training run saved and a fresh census."""
+    from hooked_gdn.census import MemoryCensus
+
     stats = json.loads((folder / "training_stats.json").read_text())
     samples = json.loads((folder / "samples.json").read_text())
     config = json.loads((folder / "config.json").read_text())
+    settings = stats["settings"]
+    census = model_census(folder)
+    previous = MemoryCensus.load_json(PREVIOUS_CENSUS) if PREVIOUS_CENSUS.exists() else None
+    ranked = lambda c: sum(r.effective_rank >= 4 for r in c.heads)
     layer_kinds = ", ".join("GDN" if t == "linear_attention" else "attention" for t in config["layer_types"])
     lines = [
         "# gdn-austen",
         "",
         "A small Qwen3.5-architecture hybrid (Gated DeltaNet : gated attention = 3 : 1) trained from scratch on",
         "Jane Austen's six novels, shipped so that `hooked_gdn` and `writesae` run on real weights offline.",
-        "Reproduce it with `python scripts/train_pretrained.py` (a BPE tokenizer and the model, both on the same text).",
+        "Reproduce it with `python scripts/train_pretrained.py` (a BPE tokenizer and the model, both on the same text;",
+        "seed, settings and the document split are in the script and in `training_stats.json`).",
         "",
         "| | |",
         "|---|---|",
@@ -250,17 +275,40 @@ def write_model_card(folder: Path) -> None:
         f"d_k = {config['linear_key_head_dim']}, d_v = {config['linear_value_head_dim']} |",
         f"| attention heads | {config['num_attention_heads']} query, {config['num_key_value_heads']} KV, d_head = {config['head_dim']} |",
         f"| vocabulary | {config['vocab_size']} byte-level BPE tokens, `<|endoftext|>` = EOS |",
-        f"| training | {stats['steps']} steps, {stats['train_tokens_seen'] / 1e6:.1f} M tokens seen, context {stats['settings']['context']}, batch {stats['settings']['batch']}, on CPU |",
+        f"| training | {stats['steps']} steps × {settings['batch']} windows of {settings['context']} tokens "
+        f"({stats['train_tokens_seen'] / 1e6:.1f} M tokens seen), AdamW lr {settings['lr']}, seed {settings['seed']}, on CPU |",
         f"| **held-out loss** | **{stats['heldout_loss']:.4f}** nats/token |",
         f"| **held-out bits per character** | **{stats['heldout_bits_per_char']:.4f}** |",
+        f"| GDN heads with median half-life ≥ 16 / ≥ 64 tokens | {census.count(16)} / {census.count(64)} of {len(census.heads)} |",
+        f"| GDN heads with state effective rank ≥ 4 | {ranked(census)} of {len(census.heads)} |",
+        f"| default layer (most heads with half-life ≥ 16) | {census.long_memory_layer()} |",
         "",
         "Held-out text: Persuasion, chapters 21-24 (never trained on), as chapter documents joined with EOS,",
         f"cut into non-overlapping windows of {stats['context']} tokens ({stats['heldout_tokens']} tokens,",
         f"{stats['heldout_characters']} characters); mean next-token cross-entropy with the bf16 weights computed in fp32.",
         "",
-        "Greedy continuations:",
+        "## Decay initialisation (changed in this version)",
         "",
+        "The first `gdn-austen` used transformers' initialisation (A ~ U(0.01, 16), dt_bias = 1, so",
+        "g ≈ −1.3·A) and decayed every parameter; almost all of its GDN heads forgot within one token.",
+        "This version (see the docstring of `scripts/train_pretrained.py`):",
+        "",
+        f"- value heads {', '.join(map(str, settings['fixed_heads']))} of every GDN layer keep a **fixed** decay "
+        f"(A = 1, in_proj_a row 0, both frozen) with half-lives log-spaced over {settings['fixed_half_lives'][0]:g}–"
+        f"{settings['fixed_half_lives'][1]:g} tokens across layers; their keys, values, β and queries are learned;",
+        "- the other heads **learn** their decay from A ~ U(1, 16) and dt log-uniform in [1e-3, 1e-1] (dt_bias = softplus⁻¹(dt));",
+        "- A_log, dt_bias, norm weights and biases get no weight decay; windows of 512 tokens.",
+        "",
+        "## Memory census",
+        "",
+        f"`writesae census` on the first {census.n_tokens} held-out tokens in windows of {census.context} "
+        "(`census.json`, `half_lives.png` beside this card):",
+        "",
+        f"- this version: {census.summary()};",
     ]
+    if previous is not None:
+        lines.append(f"- the first version: {previous.summary()}.")
+    lines += ["", "![median half-life per GDN head](half_lives.png)", "", census.table(), "", "## Greedy continuations", ""]
     lines += [f"- {text!r}" for _, text in samples]
     (folder / "README.md").write_text("\n".join(lines) + "\n")
 
