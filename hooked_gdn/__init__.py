@@ -1,11 +1,13 @@
 """hooked_gdn: Qwen3.5 (Gated DeltaNet + gated attention) with TransformerLens hook points on the state and the write."""
 
+from .activation_cache import GDNActivationCache
 from .cache import GDNCache
 from .config import HookedGDNConfig
 from .delta_rule import DeltaRuleEdits, chunked_gated_delta_rule, gated_delta_rule, gated_delta_rule_reference
 from .model import HookedGatedDeltaNet
 
 __all__ = [
+    "GDNActivationCache",
     "GDNCache",
     "HookedGDNConfig",
     "HookedGatedDeltaNet",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 
@@ -12,9 +13,9 @@ from torch import Tensor
 class GDNCache:
     """Per-layer state of a prefix: GDN conv inputs and recurrent states, attention keys and values.
 
-    A forward with ``cache=`` continues from it and updates it in place, so generation is a loop of
-    one-token forwards. Entries are replaced, never written into, so ``copy()`` (cheap) keeps a
-    prefix reusable for several continuations.
+    A forward with ``cache=`` continues from it and updates it in place, through the ``update_*``
+    and ``append_kv`` methods, so generation is a loop of one-token forwards. Entries are replaced,
+    never written into, so ``copy()`` (cheap) keeps a prefix reusable for several continuations.
     """
 
     conv_states: dict[int, Tensor] = field(default_factory=dict)  # [b, conv_dim, K − 1], last conv inputs
@@ -27,7 +28,7 @@ class GDNCache:
     def length(self) -> int:
         return 0 if self.attention_mask is None else self.attention_mask.shape[1]
 
-    def extend_mask(self, mask: Tensor) -> Tensor:
+    def extend_mask(self, mask: Int[Tensor, "b p"]) -> Int[Tensor, "b length"]:
         """Append the current input's mask [b, p]; returns the mask over everything so far."""
         if self.attention_mask is not None:
             if self.attention_mask.shape[0] != mask.shape[0]:
@@ -36,7 +37,18 @@ class GDNCache:
         self.attention_mask = mask
         return mask
 
-    def append_kv(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def update_conv_state(self, layer: int, inputs: Float[Tensor, "b conv_dim p"], kernel_size: int) -> None:
+        """Keep the last K − 1 conv inputs of ``inputs`` (the past ones included), as a copy, so the
+        cache does not hold the whole input alive."""
+        self.conv_states[layer] = inputs[..., -(kernel_size - 1):].clone()
+
+    def update_recurrent_state(self, layer: int, state: Float[Tensor, "b H_v d_k d_v"]) -> None:
+        self.recurrent_states[layer] = state
+
+    def append_kv(
+        self, layer: int, k: Float[Tensor, "b p n_kv d_head"], v: Float[Tensor, "b p n_kv d_head"]
+    ) -> tuple[Float[Tensor, "b length n_kv d_head"], Float[Tensor, "b length n_kv d_head"]]:
+        """Append this input's rotated keys and values; return those of everything so far."""
         if layer in self.keys:
             k, v = torch.cat([self.keys[layer], k], 1), torch.cat([self.values[layer], v], 1)
         self.keys[layer], self.values[layer] = k, v

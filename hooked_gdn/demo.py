@@ -12,12 +12,13 @@ import argparse
 import torch
 
 from .model import HookedGatedDeltaNet
+from .sites import site_name
 
 DEFAULT_TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife."
 
 
 def describe_states(model: HookedGatedDeltaNet, text: str, layer: int, positions: list[int], top: int = 3) -> str:
-    site = f"blocks.{layer}.linear_attn.hook_state"
+    site = site_name(layer, "state")
     tokens = model.to_str_tokens(text)
     n = len(tokens)
     chosen = sorted({p % n for p in positions})  # the model takes increasing, distinct positions only

@@ -1,7 +1,12 @@
 """The components of a Qwen3.5 hybrid: norms, the Gated DeltaNet layer, gated attention, the MLP, the block.
 
-Weights are [out, in] matrices named after DESIGN §2's symbols. Each hook point sits where its
-quantity is computed; the table is in DESIGN §3 and the README.
+Weights are stored as [out, in] matrices, as transformers stores them, so that every ``F.linear``
+computes exactly what transformers computes. The GDN layer's carry DESIGN §2's symbols (W_qkv x).
+The quantities TransformerLens also has are stored under transformers' names (``q_proj``,
+``up_proj``, …) and read under TransformerLens' names and orientation, as views: per-head
+``W_Q``/``W_K``/``W_V`` [head, d_model, d_head] and ``W_O`` [head, d_head, d_model], and the MLP's
+``W_gate``/``W_in`` [d_model, d_mlp] and ``W_out`` [d_mlp, d_model]. Each hook point is declared
+on its own line with its shape and sits where its quantity is computed (DESIGN §3).
 """
 
 from __future__ import annotations
@@ -10,12 +15,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from .cache import GDNCache
 from .config import HookedGDNConfig
 from .delta_rule import DEFAULT_CHUNK_SIZE, DeltaRuleEdits, decay_and_predict, gated_delta_rule, read, write
 from .hook_points import CheckedHookPoint, any_hooked
+from .sites import tell_positions
 
 
 @dataclass
@@ -40,28 +48,43 @@ def _matrix(out_features: int, in_features: int) -> nn.Parameter:
 
 
 class RMSNorm(nn.Module):
-    """Qwen3.5's zero-centred RMSNorm: x / rms(x) · (1 + w), computed in fp32."""
+    """Qwen3.5's zero-centred RMSNorm: x / scale · (1 + w), scale = sqrt(mean(x²) + ε), computed in fp32.
+
+    ``hook_scale`` is TransformerLens' scale, what ``ActivationCache.apply_ln_to_stack`` divides a
+    residual stack by. The norm multiplies by rsqrt(mean(x²) + ε), as transformers does, so the
+    scale is formed only for hooks, and used only where a hook edited it.
+    """
 
     def __init__(self, d: int, eps: float):
         super().__init__()
         self.w = nn.Parameter(torch.zeros(d))
         self.eps = eps
+        self.hook_scale = CheckedHookPoint()  # [..., 1], fp32
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * (1.0 + self.w.float())).type_as(x)
+        inverse_scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if any_hooked(self.hook_scale):
+            scale, edited, _ = self.hook_scale.fire_and_diff(inverse_scale.reciprocal(), 1)
+            if edited is not None:
+                inverse_scale = scale.reciprocal()
+        return (x32 * inverse_scale * (1.0 + self.w.float())).type_as(x)
 
 
 class GatedRMSNorm(nn.Module):
-    """The GDN output norm: y = RMSNorm(o) · w ⊙ SiLU(z), over d_v, in fp32."""
+    """The GDN output norm: y = RMSNorm(o) · w ⊙ SiLU(z), over d_v.
+
+    As transformers' ``Qwen3_5RMSNormGated``: the normalisation and SiLU(z) are computed in fp32,
+    but the normalised o is rounded to o's dtype before the multiply by w (so in bf16 it is rounded
+    twice), and the result is in o's dtype.
+    """
 
     def __init__(self, d: int, eps: float):
         super().__init__()
         self.w = nn.Parameter(torch.ones(d))
         self.eps = eps
 
-    def forward(self, o: Tensor, z: Tensor) -> Tensor:
+    def forward(self, o: Float[Tensor, "... d_v"], z: Float[Tensor, "... d_v"]) -> Float[Tensor, "... d_v"]:
         o32 = o.float()
         normed = (o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.eps)).to(o.dtype)
         return (self.w * normed * F.silu(z.float())).to(o.dtype)
@@ -89,29 +112,42 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(cfg.n_value_heads))
         self.norm = GatedRMSNorm(cfg.d_value, cfg.eps)
         self.W_o = _matrix(cfg.d_model, self.value_dim)
-        for name in (
-            "in", "q_pre_conv", "k_pre_conv", "v_pre_conv", "q", "k", "v", "gate_input", "beta_logit", "beta",
-            "log_decay", "read_query", "write_key", "write_value", "state", "final_state", "recurrence_out",
-            "gated_out", "out",
-        ):
-            setattr(self, f"hook_{name}", CheckedHookPoint())
+        # b batch, p positions; the recurrence's hook points are fp32
+        self.hook_in = CheckedHookPoint()  # [b, p, d_model], after ln1
+        self.hook_q_pre_conv = CheckedHookPoint()  # [b, p, H_k, d_k]
+        self.hook_k_pre_conv = CheckedHookPoint()  # [b, p, H_k, d_k]
+        self.hook_v_pre_conv = CheckedHookPoint()  # [b, p, H_v, d_v]
+        self.hook_q = CheckedHookPoint()  # [b, p, H_k, d_k], after conv and SiLU
+        self.hook_k = CheckedHookPoint()  # [b, p, H_k, d_k]
+        self.hook_v = CheckedHookPoint()  # [b, p, H_v, d_v]
+        self.hook_gate_input = CheckedHookPoint()  # [b, p, H_v, d_v]: z
+        self.hook_beta_logit = CheckedHookPoint()  # [b, p, H_v]: b
+        self.hook_beta = CheckedHookPoint()  # [b, p, H_v]: β = σ(b)
+        self.hook_log_decay = CheckedHookPoint()  # [b, p, H_v]: g, α = e^g
+        self.hook_read_query = CheckedHookPoint()  # [b, p, H_v, d_k]: q̂
+        self.hook_write_key = CheckedHookPoint()  # [b, p, H_v, d_k]: k̂; edits carried
+        self.hook_write_value = CheckedHookPoint()  # [b, p, H_v, d_v]: δ; edits carried
+        self.hook_state = CheckedHookPoint()  # [b, P, H_v, d_k, d_v]: S_t at state_positions; edits carried
+        self.hook_final_state = CheckedHookPoint()  # [b, H_v, d_k, d_v]
+        self.hook_recurrence_out = CheckedHookPoint()  # [b, p, H_v, d_v]: o
+        self.hook_gated_out = CheckedHookPoint()  # [b, p, H_v, d_v]: y, each head's input to W_o
+        self.hook_out = CheckedHookPoint()  # [b, p, d_model]
 
-    def _heads(self, x: Tensor, d: int) -> Tensor:
-        return x.reshape(*x.shape[:2], -1, d)
+    def _heads(self, x: Float[Tensor, "b p hd"], d: int) -> Float[Tensor, "b p h d"]:
+        return rearrange(x, "b p (h d) -> b p h d", d=d)
 
-    def _conv(self, qkv: Tensor, ctx: ForwardContext) -> Tensor:
+    def _conv(self, qkv: Float[Tensor, "b p conv_dim"], ctx: ForwardContext) -> Float[Tensor, "b p conv_dim"]:
         """Causal depthwise conv (kernel K) over positions, continuing the cached last K−1 inputs."""
-        x = qkv.transpose(1, 2)  # [b, conv_dim, p]
-        K = self.cfg.conv_kernel
+        x = rearrange(qkv, "b p c -> b c p")
         past = None if ctx.cache is None else ctx.cache.conv_states.get(self.layer)
         if past is None:
-            past = x.new_zeros(x.shape[0], x.shape[1], K - 1)
+            past = x.new_zeros(x.shape[0], x.shape[1], self.cfg.conv_kernel - 1)
         padded = torch.cat([past.to(x.dtype), x], -1)
         if ctx.cache is not None:
-            ctx.cache.conv_states[self.layer] = padded[..., -(K - 1):]
-        return F.silu(F.conv1d(padded, self.conv_weight.to(x.dtype), groups=self.conv_dim)).transpose(1, 2)
+            ctx.cache.update_conv_state(self.layer, padded, self.cfg.conv_kernel)
+        return rearrange(F.silu(F.conv1d(padded, self.conv_weight.to(x.dtype), groups=self.conv_dim)), "b c p -> b p c")
 
-    def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+    def forward(self, x: Float[Tensor, "b p d_model"], ctx: ForwardContext) -> Float[Tensor, "b p d_model"]:
         cfg = self.cfg
         if ctx.current_mask is not None:  # padding contributes nothing: k̂ = 0 there, so no write
             x = x * ctx.current_mask[..., None].to(x.dtype)
@@ -139,7 +175,7 @@ class GatedDeltaNet(nn.Module):
         out, final = recurrence(q_hat, k_hat, v.float(), g, beta.float(), initial, ctx)
         final = self.hook_final_state(final)
         if ctx.cache is not None:
-            ctx.cache.recurrent_states[self.layer] = final
+            ctx.cache.update_recurrent_state(self.layer, final)
         o = self.hook_recurrence_out(out.to(x.dtype))
         y = self.hook_gated_out(self.norm(o, z))
         return self.hook_out(F.linear(y.flatten(2), self.W_o))
@@ -154,7 +190,7 @@ class GatedDeltaNet(nn.Module):
         result = run(None, positions)
         edits = DeltaRuleEdits()
         if any_hooked(self.hook_write_key, self.hook_write_value):
-            _tell_positions(ctx.past_length + torch.arange(k_hat.shape[1]), self.hook_write_key, self.hook_write_value)
+            tell_positions(ctx.past_length + torch.arange(k_hat.shape[1]), self.hook_write_key, self.hook_write_value)
             key, key_edited, _ = self.hook_write_key.fire_and_diff(k_hat, 1)
             value, value_edited, _ = self.hook_write_value.fire_and_diff(result.write_value, 1)
             edited = [m for m in (key_edited, value_edited) if m is not None]
@@ -163,7 +199,7 @@ class GatedDeltaNet(nn.Module):
                 edits.write_key, edits.write_value = key.float(), value.float()
                 result = run(edits, positions)
         if hooked_state:
-            _tell_positions(ctx.past_length + positions.cpu(), self.hook_state)
+            tell_positions(ctx.past_length + positions.cpu(), self.hook_state)
             recompute = lambda: run(edits, positions).states
             states, edited, original = self.hook_state.fire_and_diff(result.states, 2, recompute)
             if edited is not None:
@@ -179,7 +215,7 @@ class GatedDeltaNet(nn.Module):
         fire_state = set(range(k_hat.shape[1]) if ctx.state_positions is None else ctx.state_positions.tolist())
         outs = []
         for t in range(k_hat.shape[1]):
-            _tell_positions(torch.tensor([ctx.past_length + t]), self.hook_write_key, self.hook_write_value, self.hook_state)
+            tell_positions(torch.tensor([ctx.past_length + t]), self.hook_write_key, self.hook_write_value, self.hook_state)
             decayed, delta = decay_and_predict(state, k_hat[:, t], v[:, t], g[:, t], beta[:, t])
             key = self.hook_write_key(k_hat[:, t : t + 1])[:, 0]
             delta = self.hook_write_value(delta[:, None])[:, 0]
@@ -188,13 +224,6 @@ class GatedDeltaNet(nn.Module):
                 state = self.hook_state(state[:, None])[:, 0].float()
             outs.append(read(state, q_hat[:, t]))
         return torch.stack(outs, 1), state
-
-
-def _tell_positions(positions: Tensor, *hook_points: CheckedHookPoint) -> None:
-    """Let hooks know where they are: ``hook.ctx["positions"]`` holds the sequence positions (counting
-    any cached prefix) of the tensor's dim 1, so one hook function works in every mode."""
-    for hp in hook_points:
-        hp.ctx["positions"] = positions
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -212,22 +241,53 @@ class GatedAttention(nn.Module):
     def __init__(self, cfg: HookedGDNConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
-        self.W_Q = _matrix(2 * cfg.n_heads * cfg.d_head, cfg.d_model)  # queries and gate logits, per head
-        self.W_K = _matrix(cfg.n_key_value_heads * cfg.d_head, cfg.d_model)
-        self.W_V = _matrix(cfg.n_key_value_heads * cfg.d_head, cfg.d_model)
-        self.W_O = _matrix(cfg.d_model, cfg.n_heads * cfg.d_head)
+        self.q_proj = _matrix(2 * cfg.n_heads * cfg.d_head, cfg.d_model)  # per head: d_head query rows, then d_head gate rows
+        self.k_proj = _matrix(cfg.n_key_value_heads * cfg.d_head, cfg.d_model)
+        self.v_proj = _matrix(cfg.n_key_value_heads * cfg.d_head, cfg.d_model)
+        self.o_proj = _matrix(cfg.d_model, cfg.n_heads * cfg.d_head)
         self.q_norm = RMSNorm(cfg.d_head, cfg.eps)
         self.k_norm = RMSNorm(cfg.d_head, cfg.eps)
-        for name in ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z", "gate"):
-            setattr(self, f"hook_{name}", CheckedHookPoint())
+        self.hook_q = CheckedHookPoint()  # [b, p, n_heads, d_head], after q_norm, before rotary
+        self.hook_k = CheckedHookPoint()  # [b, p, n_kv, d_head], after k_norm, before rotary
+        self.hook_v = CheckedHookPoint()  # [b, p, n_kv, d_head]
+        self.hook_rot_q = CheckedHookPoint()  # [b, p, n_heads, d_head]
+        self.hook_rot_k = CheckedHookPoint()  # [b, p, n_kv, d_head]
+        self.hook_attn_scores = CheckedHookPoint()  # [b, n_heads, p, past + p], fires only when hooked
+        self.hook_pattern = CheckedHookPoint()  # [b, n_heads, p, past + p], fires only when hooked
+        self.hook_z = CheckedHookPoint()  # [b, p, n_heads, d_head]
+        self.hook_gate = CheckedHookPoint()  # [b, p, n_heads, d_head]: the sigmoid output gate
 
-    def forward(self, x: Tensor, ctx: ForwardContext, cos: Tensor, sin: Tensor) -> Tensor:
+    # TransformerLens' per-head weights: x @ W_Q[h] is head h's query before q_norm; W_K and W_V
+    # repeat each KV head for the query heads it serves; head h adds (z ⊙ gate)[h] @ W_O[h].
+    @property
+    def W_Q(self) -> Float[Tensor, "n_heads d_model d_head"]:
+        return rearrange(self.q_proj, "(h qg d) m -> qg h m d", qg=2, d=self.cfg.d_head)[0]  # qg: query, gate
+
+    @property
+    def W_K(self) -> Float[Tensor, "n_heads d_model d_head"]:
+        return self._per_query_head(self.k_proj)
+
+    @property
+    def W_V(self) -> Float[Tensor, "n_heads d_model d_head"]:
+        return self._per_query_head(self.v_proj)
+
+    @property
+    def W_O(self) -> Float[Tensor, "n_heads d_head d_model"]:
+        return rearrange(self.o_proj, "m (h d) -> h d m", d=self.cfg.d_head)
+
+    def _per_query_head(self, kv_proj: Tensor) -> Tensor:
+        per_kv_head = rearrange(kv_proj, "(h d) m -> h m d", d=self.cfg.d_head)
+        return per_kv_head.repeat_interleave(self.cfg.n_heads // self.cfg.n_key_value_heads, 0)
+
+    def forward(
+        self, x: Float[Tensor, "b p d_model"], ctx: ForwardContext, cos: Float[Tensor, "b p r"], sin: Float[Tensor, "b p r"]
+    ) -> Float[Tensor, "b p d_model"]:
         cfg = self.cfg
         b, p, _ = x.shape
-        q, gate_logits = F.linear(x, self.W_Q).view(b, p, cfg.n_heads, 2 * cfg.d_head).chunk(2, -1)
+        q, gate_logits = F.linear(x, self.q_proj).view(b, p, cfg.n_heads, 2 * cfg.d_head).chunk(2, -1)
         q = self.hook_q(self.q_norm(q))
-        k = self.hook_k(self.k_norm(F.linear(x, self.W_K).view(b, p, cfg.n_key_value_heads, cfg.d_head)))
-        v = self.hook_v(F.linear(x, self.W_V).view(b, p, cfg.n_key_value_heads, cfg.d_head))
+        k = self.hook_k(self.k_norm(F.linear(x, self.k_proj).view(b, p, cfg.n_key_value_heads, cfg.d_head)))
+        v = self.hook_v(F.linear(x, self.v_proj).view(b, p, cfg.n_key_value_heads, cfg.d_head))
         q = self.hook_rot_q(apply_rotary(q, cos, sin))
         k = self.hook_rot_k(apply_rotary(k, cos, sin))
         if ctx.cache is not None:
@@ -243,7 +303,7 @@ class GatedAttention(nn.Module):
             z = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask)
         z = self.hook_z(z.transpose(1, 2))
         gate = self.hook_gate(gate_logits.sigmoid())
-        return F.linear((z * gate).flatten(2), self.W_O)
+        return F.linear((z * gate).flatten(2), self.o_proj)
 
     def _mask(self, ctx: ForwardContext, p: int, total: int, dtype: torch.dtype, device) -> Tensor:
         """Additive mask [b or 1, 1, p, total]: causal, and pad keys masked (a finite minimum, so no NaN)."""
@@ -255,19 +315,33 @@ class GatedAttention(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """SwiGLU: W_out (SiLU(W_gate x) ⊙ W_in x)."""
+    """SwiGLU: post = SiLU(x @ W_gate) ⊙ (x @ W_in), out = post @ W_out (TransformerLens' names)."""
 
     def __init__(self, cfg: HookedGDNConfig):
         super().__init__()
-        self.W_gate = _matrix(cfg.d_mlp, cfg.d_model)
-        self.W_in = _matrix(cfg.d_mlp, cfg.d_model)
-        self.W_out = _matrix(cfg.d_model, cfg.d_mlp)
-        self.hook_pre, self.hook_pre_linear, self.hook_post = CheckedHookPoint(), CheckedHookPoint(), CheckedHookPoint()
+        self.gate_proj = _matrix(cfg.d_mlp, cfg.d_model)
+        self.up_proj = _matrix(cfg.d_mlp, cfg.d_model)
+        self.down_proj = _matrix(cfg.d_model, cfg.d_mlp)
+        self.hook_pre = CheckedHookPoint()  # [b, p, d_mlp]: x @ W_gate
+        self.hook_pre_linear = CheckedHookPoint()  # [b, p, d_mlp]: x @ W_in
+        self.hook_post = CheckedHookPoint()  # [b, p, d_mlp]: the neurons' activations
 
-    def forward(self, x: Tensor) -> Tensor:
-        pre = self.hook_pre(F.linear(x, self.W_gate))
-        post = self.hook_post(F.silu(pre) * self.hook_pre_linear(F.linear(x, self.W_in)))
-        return F.linear(post, self.W_out)
+    @property
+    def W_gate(self) -> Float[Tensor, "d_model d_mlp"]:
+        return self.gate_proj.T
+
+    @property
+    def W_in(self) -> Float[Tensor, "d_model d_mlp"]:
+        return self.up_proj.T
+
+    @property
+    def W_out(self) -> Float[Tensor, "d_mlp d_model"]:
+        return self.down_proj.T
+
+    def forward(self, x: Float[Tensor, "b p d_model"]) -> Float[Tensor, "b p d_model"]:
+        pre = self.hook_pre(F.linear(x, self.gate_proj))
+        post = self.hook_post(F.silu(pre) * self.hook_pre_linear(F.linear(x, self.up_proj)))
+        return F.linear(post, self.down_proj)
 
 
 class Block(nn.Module):
@@ -283,10 +357,15 @@ class Block(nn.Module):
             self.attn = GatedAttention(cfg, layer)
         self.ln2 = RMSNorm(cfg.d_model, cfg.eps)
         self.mlp = GatedMLP(cfg)
-        for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
-            setattr(self, f"hook_{name}", CheckedHookPoint())
+        self.hook_resid_pre = CheckedHookPoint()  # [b, p, d_model]
+        self.hook_attn_out = CheckedHookPoint()  # [b, p, d_model]: the mixer's output, GDN or attention
+        self.hook_resid_mid = CheckedHookPoint()  # [b, p, d_model]
+        self.hook_mlp_out = CheckedHookPoint()  # [b, p, d_model]
+        self.hook_resid_post = CheckedHookPoint()  # [b, p, d_model]
 
-    def forward(self, x: Tensor, ctx: ForwardContext, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(
+        self, x: Float[Tensor, "b p d_model"], ctx: ForwardContext, cos: Float[Tensor, "b p r"], sin: Float[Tensor, "b p r"]
+    ) -> Float[Tensor, "b p d_model"]:
         resid_pre = self.hook_resid_pre(x)
         h = self.ln1(resid_pre)
         mixed = self.linear_attn(h, ctx) if self.is_gdn else self.attn(h, ctx, cos, sin)

@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from .config import HookedGDNConfig
 from .pretrained import pretrained_path
+from .sites import block_name
 
 # transformers' names inside a decoder layer -> ours inside a block
 _LAYER_RENAMES = {
@@ -26,15 +27,15 @@ _LAYER_RENAMES = {
     "linear_attn.dt_bias": "linear_attn.dt_bias",
     "linear_attn.norm.weight": "linear_attn.norm.w",
     "linear_attn.out_proj.weight": "linear_attn.W_o",
-    "self_attn.q_proj.weight": "attn.W_Q",
-    "self_attn.k_proj.weight": "attn.W_K",
-    "self_attn.v_proj.weight": "attn.W_V",
-    "self_attn.o_proj.weight": "attn.W_O",
+    "self_attn.q_proj.weight": "attn.q_proj",
+    "self_attn.k_proj.weight": "attn.k_proj",
+    "self_attn.v_proj.weight": "attn.v_proj",
+    "self_attn.o_proj.weight": "attn.o_proj",
     "self_attn.q_norm.weight": "attn.q_norm.w",
     "self_attn.k_norm.weight": "attn.k_norm.w",
-    "mlp.gate_proj.weight": "mlp.W_gate",
-    "mlp.up_proj.weight": "mlp.W_in",
-    "mlp.down_proj.weight": "mlp.W_out",
+    "mlp.gate_proj.weight": "mlp.gate_proj",
+    "mlp.up_proj.weight": "mlp.up_proj",
+    "mlp.down_proj.weight": "mlp.down_proj",
 }
 _TEXT_PREFIXES = ("model.language_model.", "model.")  # Qwen3_5ForConditionalGeneration, Qwen3_5ForCausalLM
 _IGNORED_PREFIXES = ("model.visual.", "visual.", "mtp.")  # the vision tower and multi-token-prediction head
@@ -71,7 +72,7 @@ def hf_to_hooked_state_dict(hf_state: dict[str, torch.Tensor], cfg: HookedGDNCon
         if key.startswith(_IGNORED_PREFIXES):
             continue
         if key == "lm_head.weight":
-            ours["W_U"] = tensor
+            ours["lm_head"] = tensor
             continue
         local = next((key[len(p):] for p in _TEXT_PREFIXES if key.startswith(p)), None)
         if local == "embed_tokens.weight":
@@ -79,11 +80,11 @@ def hf_to_hooked_state_dict(hf_state: dict[str, torch.Tensor], cfg: HookedGDNCon
         elif local == "norm.weight":
             ours["ln_final.w"] = tensor
         elif local is not None and (m := _LAYER_KEY.fullmatch(local)) and m.group(2) in _LAYER_RENAMES:
-            ours[f"blocks.{m.group(1)}.{_LAYER_RENAMES[m.group(2)]}"] = tensor
+            ours[block_name(int(m.group(1)), _LAYER_RENAMES[m.group(2)])] = tensor
         else:
             raise ValueError(f"unexpected weight {key!r}: this checkpoint is not a Qwen3.5 Gated DeltaNet model")
-    if cfg.tie_word_embeddings and "W_U" in ours:
-        head = ours.pop("W_U")
+    if cfg.tie_word_embeddings and "lm_head" in ours:
+        head = ours.pop("lm_head")
         if "W_E" in ours and not torch.equal(head, ours["W_E"]):
             raise ValueError("tie_word_embeddings is set, but lm_head.weight differs from the embedding: "
                              "set tie_word_embeddings=False to use the separate head")

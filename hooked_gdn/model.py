@@ -7,9 +7,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float, Int
 from torch import Tensor, nn
-from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens import HookedRootModule
 
+from .activation_cache import GDNActivationCache
 from .cache import GDNCache
 from .config import HookedGDNConfig
 from .delta_rule import DEFAULT_CHUNK_SIZE
@@ -45,9 +47,13 @@ class HookedGatedDeltaNet(HookedRootModule):
     Hooks on ``hook_write_key`` / ``hook_write_value`` / ``hook_state`` that return changed rows
     (or change them in place) edit the recurrence, and the edit carries through every later
     position (DESIGN §3); an edit of ``hook_final_state`` is what a cache continues from. These
-    hooks find the sequence positions of their tensor's dim 1 in ``hook.ctx["positions"]``
+    hooks find the sequence positions of their tensor's dim 1 with ``hooked_gdn.sites.hook_positions``
     (counting a cached prefix), so one hook function works in parallel mode, sequential mode and
     generation. The recurrence and its hook points run in fp32 whatever the model dtype.
+
+    Weights in TransformerLens' names and orientation: ``W_E`` [d_vocab, d_model], ``W_U``
+    [d_model, d_vocab] (logits = ln_final(resid) @ W_U; W_Eᵀ when tied), and per block the
+    attention's and MLP's (see `hooked_gdn.layers`).
     """
 
     def __init__(self, cfg: HookedGDNConfig, tokenizer=None):
@@ -55,10 +61,11 @@ class HookedGatedDeltaNet(HookedRootModule):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
-        self.hook_embed = CheckedHookPoint()
+        self.hook_embed = CheckedHookPoint()  # [b, p, d_model]
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_final = RMSNorm(cfg.d_model, cfg.eps)
-        self.W_U = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+        # [d_vocab, d_model] as transformers stores it, so F.linear computes what transformers computes
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
         inv_freq = 1.0 / cfg.rotary_base ** (torch.arange(0, cfg.rotary_dim, 2, dtype=torch.float) / cfg.rotary_dim)
         self.register_buffer("rotary_inv_freq", inv_freq, persistent=False)
         self.setup()
@@ -96,9 +103,22 @@ class HookedGatedDeltaNet(HookedRootModule):
                 nn.init.normal_(p, std=std)
 
     @property
-    def W_unembed(self) -> Tensor:
-        """The unembedding [d_vocab, d_model] (the embedding when tied)."""
-        return self.W_E if self.W_U is None else self.W_U
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        """The unembedding: logits = ln_final(resid) @ W_U (W_Eᵀ when the embeddings are tied)."""
+        return (self.W_E if self.lm_head is None else self.lm_head).T
+
+    def tokens_to_residual_directions(
+        self, tokens: str | int | Int[Tensor, "..."]
+    ) -> Float[Tensor, "... d_model"]:
+        """The residual-stream direction of each token's logit, after ln_final's scale: (1 + w) ⊙ W_U[:, token].
+
+        The final norm's weight (1 + w) is folded in, as TransformerLens folds it into W_U, so that
+        ``cache.logit_attrs`` of a stack from ``apply_ln_to_stack(..., layer=-1)`` sums to the logits.
+        """
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        tokens = torch.as_tensor(tokens, device=self.W_E.device)
+        return (1.0 + self.ln_final.w) * self.W_U.T[tokens]
 
     # ------------------------------------------------------------------ tokens
 
@@ -107,7 +127,7 @@ class HookedGatedDeltaNet(HookedRootModule):
             raise ValueError("this model has no tokenizer: pass token tensors, or load a folder that has tokenizer files")
         return self.tokenizer
 
-    def to_tokens(self, input: str | list[str]) -> Tensor:
+    def to_tokens(self, input: str | list[str]) -> Int[Tensor, "batch pos"]:
         """Token ids [b, p] (left-padded with the pad token when the strings differ in length)."""
         return self._tokenize(input)[0]
 
@@ -130,6 +150,13 @@ class HookedGatedDeltaNet(HookedRootModule):
         if ids.dim() != 1:
             raise ValueError(f"to_str_tokens takes one sequence, got a tensor of shape {tuple(ids.shape)}")
         return [tok.decode([i]) for i in ids.tolist()]
+
+    def to_single_token(self, string: str) -> int:
+        """The id of a string that is exactly one token."""
+        ids = self._require_tokenizer()(string, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"{string!r} is {len(ids)} tokens, not one: {[self.tokenizer.decode([i]) for i in ids]}")
+        return ids[0]
 
     def _tokens_and_mask(self, input, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         if isinstance(input, (str, list)) and (isinstance(input, str) or all(isinstance(s, str) for s in input)):
@@ -186,17 +213,17 @@ class HookedGatedDeltaNet(HookedRootModule):
 
     def forward(
         self,
-        input: str | list[str] | Tensor,
+        input: str | list[str] | Int[Tensor, "batch pos"] | Int[Tensor, " pos"],
         return_type: str | None = "logits",
-        attention_mask: Tensor | None = None,
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
         *,
         loss_per_token: bool = False,
         cache: GDNCache | None = None,
-        state_positions: int | Sequence[int] | Tensor | None = None,
+        state_positions: int | Sequence[int] | Int[Tensor, " P"] | None = None,
         recurrence: str = "parallel",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         stop_at_layer: int | None = None,
-    ):
+    ) -> Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "*loss"] | tuple[Tensor, Tensor] | None:
         """Logits [b, p, d_vocab], the mean next-token loss (or [b, p − 1] with ``loss_per_token``), both, or None.
 
         ``stop_at_layer=i`` runs only the embedding and blocks 0 … i − 1 and returns the residual
@@ -233,7 +260,7 @@ class HookedGatedDeltaNet(HookedRootModule):
             x = block(x, ctx, cos, sin)
         if stop_at_layer is not None:
             return x
-        logits = F.linear(self.ln_final(x), self.W_unembed)
+        logits = F.linear(self.ln_final(x), self.W_U.T)
         if return_type == "logits":
             return logits
         if return_type is None:
@@ -242,7 +269,10 @@ class HookedGatedDeltaNet(HookedRootModule):
         return loss if return_type == "loss" else (logits, loss)
 
     @staticmethod
-    def loss_fn(logits: Tensor, tokens: Tensor, attention_mask: Tensor | None = None, per_token: bool = False) -> Tensor:
+    def loss_fn(
+        logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"],
+        attention_mask: Int[Tensor, "batch pos"] | None = None, per_token: bool = False,
+    ) -> Float[Tensor, ""] | Float[Tensor, "batch pos-1"]:
         """Next-token cross-entropy; positions whose input or target is padding are left out."""
         if tokens.shape[-1] < 2:
             raise ValueError(f"the loss needs at least 2 positions (a next token to predict), got {tokens.shape[-1]}")
@@ -265,7 +295,7 @@ class HookedGatedDeltaNet(HookedRootModule):
         device=None,
         remove_batch_dim: bool = False,
         **model_kwargs,
-    ) -> tuple[object, ActivationCache]:
+    ) -> tuple[object, GDNActivationCache]:
         """Run and cache activations, as TransformerLens does, with two differences.
 
         - With no ``names_filter``, everything except ``hook_state`` is cached: name the states'
@@ -297,7 +327,7 @@ class HookedGatedDeltaNet(HookedRootModule):
         store = {name: fired[0] if len(fired) == 1 else torch.cat(fired, 1) for name, fired in firings.items()}
         if remove_batch_dim:
             store = {k: v[0] for k, v in store.items()}
-        return out, ActivationCache(store, self, has_batch_dim=not remove_batch_dim)
+        return out, GDNActivationCache(store, self, has_batch_dim=not remove_batch_dim)
 
     def _check_hook_name(self, name) -> None:
         if isinstance(name, str) and name not in self.hook_dict:
@@ -314,7 +344,10 @@ class HookedGatedDeltaNet(HookedRootModule):
     # ------------------------------------------------------------------ caches and generation
 
     @torch.no_grad()
-    def prefill(self, input, attention_mask: Tensor | None = None, **forward_kwargs) -> GDNCache:
+    def prefill(
+        self, input: str | list[str] | Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None = None,
+        **forward_kwargs,
+    ) -> GDNCache:
         """Run a prefix and return the `GDNCache` that ``model(tokens, cache=cache)`` continues from."""
         cache = GDNCache()
         self(input, None, attention_mask, cache=cache, **forward_kwargs)
@@ -323,16 +356,16 @@ class HookedGatedDeltaNet(HookedRootModule):
     @torch.no_grad()
     def generate(
         self,
-        input: str | list[str] | Tensor,
+        input: str | list[str] | Int[Tensor, "batch pos"],
         max_new_tokens: int = 10,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int | None = None,
         stop_at_eos: bool = True,
         eos_token_id: int | None = None,
-        attention_mask: Tensor | None = None,
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
         **forward_kwargs,
-    ) -> Tensor | str | list[str]:
+    ) -> Int[Tensor, "batch pos_plus_new"] | str | list[str]:
         """Continue the input; hooks fire at every step (with p = 1) and their edits apply.
 
         Returns the tokens [b, p + new] for token input, and the decoded text (prompt included)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from jaxtyping import Int
 from torch import Tensor
+from transformer_lens.utilities import get_act_name
 
 KINDS = ("state", "write")
 KIND_HOOKS = {"state": "hook_state", "write": "hook_write_value"}  # kind -> the hook point named by the site
@@ -82,6 +83,14 @@ def parse_site(name: str | None, gdn_layers: Sequence[int] | None = None) -> Sit
     else:
         valid = ", ".join(site_name(layer, kind) for layer in gdn_layers for kind in KINDS)
     raise ValueError(f"{name!r} is not an SAE site; the sites are {valid}")
+
+
+def act_name(name: str, layer: int | None = None, layer_type: str | None = None, gdn_layers: Sequence[int] = ()) -> str:
+    """TransformerLens' ``get_act_name``, and in a GDN layer its hook points by their short name:
+    ``act_name("state", 4, gdn_layers=[0, 1, 2, 4])`` is ``blocks.4.linear_attn.hook_state``."""
+    if layer in gdn_layers and layer_type in (None, "linear_attn") and f"hook_{name}" in GDN_HOOKS:
+        return gdn_hook_name(layer, f"hook_{name}")
+    return get_act_name(name, layer, layer_type)
 
 
 def tell_positions(positions: Int[Tensor, " p"], *hook_points) -> None:

@@ -55,21 +55,36 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
 
 
-def make_pair(tmp_path, name: str = "grouped", dtype=torch.float32, seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    hf = Qwen3_5ForCausalLM(tiny_hf_config(name, **overrides)).eval()
-    randomize_(hf, seed)
-    folder = tmp_path / f"hf-{name}-{seed}"
-    hf.save_pretrained(folder)
-    ours = HookedGatedDeltaNet.from_pretrained(folder, dtype=dtype).eval()
-    return hf.to(dtype), ours
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """``tiny_checkpoint(name, seed)``: the folder of a randomized tiny transformers checkpoint, saved once a session."""
+    folders = {}
+
+    def folder(name: str = "grouped", seed: int = 0):
+        if (name, seed) not in folders:
+            torch.manual_seed(seed)
+            hf = Qwen3_5ForCausalLM(tiny_hf_config(name)).eval()
+            randomize_(hf, seed)
+            folders[name, seed] = tmp_path_factory.mktemp(f"hf-{name}-{seed}")
+            hf.save_pretrained(folders[name, seed])
+        return folders[name, seed]
+
+    return folder
+
+
+@pytest.fixture(scope="session")
+def make_pair(tiny_checkpoint):
+    """``make_pair(name, dtype, seed)``: (transformers model, our model) loaded from one saved tiny checkpoint."""
+
+    def make(name: str = "grouped", dtype=torch.float32, seed: int = 0):
+        folder = tiny_checkpoint(name, seed)
+        hf = Qwen3_5ForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        return hf, HookedGatedDeltaNet.from_pretrained(folder, dtype=dtype).eval()
+
+    return make
 
 
 @pytest.fixture
-def pair(tmp_path):
-    return make_pair(tmp_path)
-
-
-@pytest.fixture
-def model(pair):
-    return pair[1]
+def model(tiny_checkpoint):
+    """Our model on the "grouped" tiny checkpoint, fresh for each test (so a test may change it)."""
+    return HookedGatedDeltaNet.from_pretrained(tiny_checkpoint()).eval()

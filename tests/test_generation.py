@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .conftest import make_pair
+from hooked_gdn.sites import gdn_hook_name
+
 from .test_edits import at_positions, site
 
 
@@ -20,6 +21,19 @@ def test_prefill_then_continue_equals_one_forward(model):
     assert (torch.cat([middle, rest], 1) - whole[:, 30:]).abs().max().item() <= 1e-4
 
 
+def test_the_cached_conv_state_is_a_copy_of_the_last_conv_inputs(model):
+    tokens = torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(5))
+    K = model.cfg.conv_kernel
+    cache = model.prefill(tokens)
+    _, acts = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("_pre_conv"))
+    for layer in model.cfg.gdn_layers:
+        conv = cache.conv_states[layer]
+        inputs = torch.cat([acts[gdn_hook_name(layer, f"hook_{x}_pre_conv")].flatten(2) for x in "qkv"], -1)
+        assert torch.equal(conv, inputs[:, -(K - 1):].transpose(1, 2))
+        # its own storage, not a view that keeps the whole prefill input alive
+        assert conv.untyped_storage().nbytes() == conv.numel() * conv.element_size()
+
+
 def test_prefill_with_left_padding_continues_like_unpadded(model):
     tokens = torch.randint(1, 101, (2, 20), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(tokens)
@@ -32,8 +46,8 @@ def test_prefill_with_left_padding_continues_like_unpadded(model):
     assert (continued[1] - alone[0, -5:]).abs().max().item() <= 1e-4
 
 
-def test_greedy_generate_matches_transformers(tmp_path):
-    hf, ours = make_pair(tmp_path, "grouped", seed=3)
+def test_greedy_generate_matches_transformers(make_pair):
+    hf, ours = make_pair("grouped", seed=3)
     prompt = torch.randint(1, 101, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0,
