@@ -31,6 +31,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .sites import gdn_hook_name
+
 PERCENTILES = (0.1, 0.5, 0.9)
 LONG_MEMORY = 16  # tokens: a head whose median half-life reaches this "remembers"
 
@@ -192,7 +194,7 @@ def memory_census(
     sqrt_eps = math.sqrt(model.cfg.eps)
 
     def hooks_for(layer: int) -> list:
-        acc, name = stats[layer], f"blocks.{layer}.linear_attn"
+        acc, hook_name = stats[layer], lambda hook: gdn_hook_name(layer, hook)
         writes: dict[str, Tensor] = {}
 
         def log_decay(g, hook):
@@ -208,9 +210,9 @@ def memory_census(
         def read(o, hook):
             acc.read_rms.append(o.float().pow(2).mean(-1).sqrt().flatten(0, 1) / sqrt_eps)
 
-        return [(f"{name}.hook_log_decay", log_decay), (f"{name}.hook_beta", beta),
-                (f"{name}.hook_write_key", write_key), (f"{name}.hook_write_value", write_value),
-                (f"{name}.hook_state", state), (f"{name}.hook_recurrence_out", read)]
+        return [(hook_name("hook_log_decay"), log_decay), (hook_name("hook_beta"), beta),
+                (hook_name("hook_write_key"), write_key), (hook_name("hook_write_value"), write_value),
+                (hook_name("hook_state"), state), (hook_name("hook_recurrence_out"), read)]
 
     fwd_hooks = [hook for layer in gdn_layers for hook in hooks_for(layer)]
     last_gdn = gdn_layers[-1] + 1

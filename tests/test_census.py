@@ -11,6 +11,7 @@ import torch
 from .conftest import random_tiny_model, tiny_hf_config
 from hooked_gdn import HookedGatedDeltaNet
 from hooked_gdn.census import MemoryCensus, memory_census
+from hooked_gdn.sites import gdn_hook_name
 
 HALF_LIVES = [2.0, 8.0, 32.0, 128.0]  # tokens, one per value head of the "grouped" config
 
@@ -48,8 +49,7 @@ def test_state_statistics_match_numpy_on_the_cached_states():
     _set_constant_decays(model, [1.0, 4.0, 16.0, 64.0])
     tokens = torch.randint(1, 101, (2, 23))
     layer = model.cfg.gdn_layers[1]
-    site = f"blocks.{layer}.linear_attn"
-    names = [f"{site}.hook_{n}" for n in ("state", "write_key", "write_value", "recurrence_out")]
+    names = [gdn_hook_name(layer, f"hook_{n}") for n in ("state", "write_key", "write_value", "recurrence_out")]
     _, cache = model.run_with_cache(tokens, names_filter=names)
     S = cache[names[0]].double().numpy()  # [b, p, h, d_k, d_v]
     k, d, o = (cache[n].double().numpy() for n in names[1:])

@@ -160,6 +160,9 @@ def cmd_census(args) -> None:
     from hooked_gdn.census import memory_census
     from hooked_gdn.pretrained import austen_documents
 
+    from .outputs import claim_outputs
+
+    claim_outputs(args.out, ["census.json", "half_lives.png"])
     model = HookedGatedDeltaNet.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype)).eval()
     text = [doc.text for doc in austen_documents("heldout")]
     census = memory_census(model, text, context=args.context, max_tokens=args.tokens, state_every=args.state_every)
