@@ -603,3 +603,17 @@ def test_wrong_input_shapes_fail_clearly():
         sae.decode(torch.randn(5, 2, 11, dtype=torch.float64))
     with pytest.raises(ValueError, match="indices and values"):
         sae.decode_sparse(torch.zeros(5, 2, 3, dtype=torch.long), torch.zeros(5, 2, 4, dtype=torch.float64))
+
+
+def test_every_file_and_folder_is_fsynced_before_the_rename(tmp_path, monkeypatch):
+    import writesae.io as io
+
+    events = []
+    real_fsync, real_replace = io._fsync, os.replace
+    monkeypatch.setattr(io, "_fsync", lambda path: events.append(("fsync", Path(path).name)) or real_fsync(path))
+    monkeypatch.setattr(os, "replace", lambda src, dst: events.append(("rename", Path(dst).name)) or real_replace(src, dst))
+    save_sae(make("matrix"), tmp_path / "sae")
+    rename = events.index(("rename", "sae"))
+    synced = {name for kind, name in events[:rename] if kind == "fsync"}
+    assert {"cfg.json", "sae_weights.safetensors"} <= synced and any(name.startswith(".sae.new.") for name in synced)
+    assert ("fsync", tmp_path.name) in events[rename:]  # and the parent folder, so that the rename itself lasts

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,3 +207,76 @@ def test_every_architecture_and_sparsity_trains(model, documents, tmp_path, arch
     assert not torch.equal(before["b_dec"], sae.b_dec)
     saved = load_sae(tmp_path / "sae")
     assert saved.cfg.input_scale == (sae.cfg.input_scale if arch == "tied" else 1.0)  # a tied SAE cannot fold s
+
+
+@pytest.mark.parametrize("name", ["checkpoint", "metrics.jsonl", "sae", "writesae-outputs.json"])
+def test_files_the_tool_did_not_create_are_refused_before_the_first_step(model, documents, tmp_path, monkeypatch, name):
+    mine = tmp_path / name
+    if name.endswith("json") or name.endswith("jsonl"):
+        mine.write_text("my own notes\n")
+    else:
+        mine.mkdir()
+        (mine / "notes.txt").write_text("my own notes\n")
+    (tmp_path / "other.txt").write_text("untouched\n")
+    before = {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
+    tamper_with_batch(monkeypatch, 1, crash)  # a first step would raise Interrupted instead
+    with pytest.raises(FileExistsError, match=f"{mine} exists and (was not created by writesae|is not a writesae manifest)"):
+        run(model, documents, tmp_path)
+    assert {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")} == before
+
+
+def test_the_tool_replaces_its_own_outputs_and_nothing_else(model, documents, tmp_path):
+    (tmp_path / "notes.txt").write_text("untouched\n")
+    run(model, documents, tmp_path, steps=2, checkpoint_every=2)
+    manifest = json.loads((tmp_path / "writesae-outputs.json").read_text())
+    assert manifest["created"] == ["checkpoint", "metrics.jsonl", "sae"]
+    run(model, documents, tmp_path, steps=4, checkpoint_every=2, resume=False)  # ours: replaced
+    assert max(r["step"] for r in records(tmp_path)) == 4 and min(r["step"] for r in records(tmp_path)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "metrics.jsonl", "notes.txt", "sae", "writesae-outputs.json"]
+    assert (tmp_path / "notes.txt").read_text() == "untouched\n"
+
+
+class Killed(BaseException):
+    """A SIGKILL, as far as the code under test can tell: nothing after it runs, not even clean-up."""
+
+
+def test_a_kill_between_the_checkpoint_renames_resumes_from_the_newest_copy(model, documents, tmp_path, monkeypatch):
+    kw = dict(steps=12, checkpoint_every=4, decay="constant")
+    whole = run(model, documents, tmp_path / "whole", **kw)
+    out = tmp_path / "split"
+    renames_into_place = []
+
+    def replace(src, dst, real=os.replace):
+        if Path(dst) == out / "checkpoint":
+            renames_into_place.append(src)
+            if len(renames_into_place) == 2:  # the step-8 swap: the step-4 checkpoint has just been moved aside
+                raise Killed
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(shutil, "rmtree", lambda *args, **kwargs: None)
+    with pytest.raises(Killed):
+        run(model, documents, out, **kw)
+    monkeypatch.undo()
+    assert not (out / "checkpoint").exists() and len([p for p in out.iterdir() if p.name.startswith(".checkpoint")]) == 2
+
+    with pytest.warns(UserWarning, match=r"restored the newest complete checkpoint \(step 8\)"):
+        resumed = run(model, documents, out, **kw)
+    assert resumed.start_step == 8
+    assert all(torch.equal(t, whole.sae.state_dict()[name]) for name, t in resumed.sae.state_dict().items())
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # the leftover copies are gone
+
+
+def test_a_run_that_diverges_without_a_nan_says_so(model, documents, tmp_path):
+    with pytest.warns(RuntimeWarning, match=r"step 12: the SAE looks diverged: held-out FVU .* \(above 10"):
+        result = run(model, documents, tmp_path, lr=1e6, eval_every=12)
+    assert result.diverged.startswith("held-out FVU") and result.heldout_metrics["fvu"] > 1e3
+    sae = make_sae(model, sparsity="relu")
+    with torch.no_grad():
+        sae.b_enc.fill_(-1e3)  # no feature ever fires
+    with pytest.warns(RuntimeWarning, match=r"every held-out code is zero \(L0 = 0\)"):
+        result = train(sae, make_store(model, documents), TrainConfig(out_dir=str(tmp_path / "silent"), steps=2, batch_size=16,
+                                                                      lr=1e-9, eval_every=2, eval_samples=64, progress=False))
+    assert "L0 = 0" in result.diverged
+    healthy = run(model, documents, tmp_path / "healthy", eval_every=12)
+    assert healthy.diverged is None

@@ -22,12 +22,20 @@ Input scale: unless resuming, s is estimated from the store at the start and kep
 with s folded into its weights by ``fold_input_scale_`` (input_scale 1, same outputs) when
 ``fold_input_scale`` is set and the architecture allows it (a tied BilinearMatrixSAE keeps s).
 
+Output folder. ``out_dir`` gets ``checkpoint/``, ``metrics.jsonl`` and ``sae/`` (and ``wandb/``
+with wandb); they are claimed through `writesae.outputs` before the first step, so a file of the
+same name that the tool did not create is refused at once and never replaced.
+
 Checkpoints (``out_dir/checkpoint``, replaced atomically) hold the SAE (writesae folder), Adam's
 state, the step, the dead counters, the RNG state and the store's stream state, in safetensors and
 JSON (no pickle). The schedule is a function of the step, so the step is its whole state. With
 ``resume`` a call continues from the checkpoint and ends with exactly the weights an uninterrupted
-run would have. A non-finite loss term or parameter stops training with a `FloatingPointError`
-before anything is saved, leaving the last good checkpoint in place.
+run would have. A process killed while swapping checkpoints leaves complete copies beside
+``checkpoint/``; the next call resumes from the newest, says so with a warning, and removes the
+rest. A non-finite loss term or parameter stops training with a `FloatingPointError` before
+anything is saved, leaving the last good checkpoint in place. A held-out evaluation that looks
+diverged (FVU above ``DIVERGED_FVU``, or every code zero) gives a `RuntimeWarning`, and the
+last one's reason is ``TrainResult.diverged``.
 """
 
 from __future__ import annotations
@@ -35,7 +43,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -45,11 +55,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .evals import reconstruction_metrics
-from .io import atomic_folder, load_sae, save_sae
+from .io import atomic_folder, leftovers, load_sae, recover_folder, save_sae
+from .outputs import claim_outputs
 from .sae import BilinearMatrixSAE, SAEBase
 from .store import ActivationStore
 
 DECAYS = ("cosine", "linear", "constant")
+OUTPUTS = ("checkpoint", "metrics.jsonl", "sae")  # what train writes in out_dir
+# a held-out FVU this far above 1 (predicting the mean) means the SAE diverged, NaN or not
+DIVERGED_FVU = 10.0
 # settings that change the trajectory: a resumed run must share them with the run it continues
 _TRAJECTORY = ("batch_size", "lr", "betas", "warmup_steps", "decay", "grad_clip", "auxk_k", "auxk_weight",
                "dead_after_samples", "l0_coefficient", "normalize_factors")
@@ -112,6 +126,7 @@ class TrainResult:
     train_metrics: dict | None  # the last logged training record
     heldout_metrics: dict | None  # the last held-out evaluation
     out_dir: Path
+    diverged: str | None = None  # why the last held-out evaluation looks diverged, or None
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -172,6 +187,12 @@ def _guard(step: int, tensors: dict[str, Tensor], checkpoint: Path, last_checkpo
         raise FloatingPointError(f"step {step}: non-finite {', '.join(bad)}; training stopped, and {kept}")
 
 
+def claim_out_dir(cfg: TrainConfig) -> Path:
+    """Claim what `train` writes in ``cfg.out_dir`` (see `writesae.outputs`); a caller may do it before
+    the slow setup, and `train` does it again before the first step."""
+    return claim_outputs(cfg.out_dir, [*OUTPUTS, *(["wandb"] if cfg.wandb_project else [])])
+
+
 def train(sae: SAEBase, store: ActivationStore, cfg: TrainConfig | None = None, **config) -> TrainResult:
     """Train ``sae`` in place on ``store``'s training stream (see the module docstring)."""
     if cfg is None:
@@ -179,13 +200,18 @@ def train(sae: SAEBase, store: ActivationStore, cfg: TrainConfig | None = None, 
     elif config:
         raise TypeError(f"pass either a TrainConfig or its keywords, not both (got {sorted(config)})")
     _check_compatible(sae, store)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_out_dir(cfg)
     checkpoint, metrics_file = out / "checkpoint", out / "metrics.jsonl"
+    recovered = recover_folder(checkpoint, _checkpoint_step)
+    for left in leftovers(out / "sae"):  # a kill while the final SAE was saved: it is saved again at the end
+        shutil.rmtree(left)
+    if recovered is not None:
+        warnings.warn(f"{checkpoint} was being replaced when a run was killed; restored the newest complete "
+                      f"checkpoint (step {_checkpoint_step(checkpoint)}) from {recovered.name}", stacklevel=2)
     device, dtype = sae.b_dec.device, sae.b_dec.dtype
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas)
     since_fired = torch.zeros(sae.n_dicts, sae.cfg.n_features, dtype=torch.long, device=device)
-    if cfg.resume and (checkpoint / "state.json").exists():
+    if cfg.resume and _checkpoint_step(checkpoint) is not None:
         start = _load_checkpoint(checkpoint, sae, optimizer, store, since_fired, cfg)
     else:
         start = 0
@@ -195,7 +221,7 @@ def train(sae: SAEBase, store: ActivationStore, cfg: TrainConfig | None = None, 
     _drop_records_after(metrics_file, start)  # those of a run that went on past its last checkpoint
     last_checkpoint = start if start else None
     run = _wandb_run(cfg)
-    train_record = heldout_record = None
+    train_record = heldout_record = diverged = None
     sae.train()
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=not cfg.progress)
     clock, samples = time.perf_counter(), 0
@@ -234,6 +260,9 @@ def train(sae: SAEBase, store: ActivationStore, cfg: TrainConfig | None = None, 
             if cfg.eval_every and (step % cfg.eval_every == 0 or last):
                 heldout_record = {"step": step, "split": "heldout", **evaluate(sae, store, cfg)}
                 _log(metrics_file, heldout_record, run)
+                diverged = divergence(heldout_record)
+                if diverged:
+                    warnings.warn(f"step {step}: the SAE looks diverged: {diverged}", RuntimeWarning, stacklevel=2)
             if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or last):
                 _save_checkpoint(checkpoint, step, sae, optimizer, store, since_fired, cfg)
                 last_checkpoint = step
@@ -245,7 +274,7 @@ def train(sae: SAEBase, store: ActivationStore, cfg: TrainConfig | None = None, 
     if cfg.fold_input_scale and not (isinstance(sae, BilinearMatrixSAE) and sae.cfg.tied):
         final.fold_input_scale_()
     save_sae(final, out / "sae")
-    return TrainResult(sae, max(start, cfg.steps), start, train_record, heldout_record, out)
+    return TrainResult(sae, max(start, cfg.steps), start, train_record, heldout_record, out, diverged)
 
 
 def evaluate(sae: SAEBase, store: ActivationStore, cfg: TrainConfig) -> dict:
@@ -259,6 +288,15 @@ def evaluate(sae: SAEBase, store: ActivationStore, cfg: TrainConfig) -> dict:
     mean = lambda values: sum(values) / len(values)
     return {"fvu": mean(m["fvu"]), "l0": mean(m["l0"]), "dead_fraction": mean(m["dead_fraction"]),
             "fvu_per_head": m["fvu"], "samples": m["samples"]}
+
+
+def divergence(heldout: dict) -> str | None:
+    """Why a held-out evaluation (of `evaluate`) shows a diverged SAE, or None when it does not."""
+    if not heldout["fvu"] <= DIVERGED_FVU:
+        return f"held-out FVU {heldout['fvu']:.3g} (above {DIVERGED_FVU:g}; predicting the mean gives 1): lower the learning rate"
+    if heldout["l0"] == 0:
+        return "every held-out code is zero (L0 = 0): no feature fires"
+    return None
 
 
 def _check_compatible(sae: SAEBase, store: ActivationStore) -> None:
@@ -309,6 +347,16 @@ def _save_checkpoint(path: Path, step: int, sae: SAEBase, optimizer: torch.optim
         index = {"step": step, "optimizer_param_groups": opt["param_groups"], "train_config": asdict(cfg),
                  "store": {k: v for k, v in store_state.items() if not isinstance(v, Tensor)}}
         (tmp / "state.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _checkpoint_step(folder: Path) -> int | None:
+    """The step of a complete checkpoint folder (``state.json`` is written last), or None."""
+    try:
+        step = json.loads((folder / "state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    files = ("state.safetensors", "sae/cfg.json", "sae/sae_weights.safetensors")
+    return step if isinstance(step, int) and all((folder / f).is_file() for f in files) else None
 
 
 def _load_checkpoint(path: Path, sae: SAEBase, optimizer: torch.optim.Optimizer, store: ActivationStore,
