@@ -578,7 +578,6 @@ def test_saved_folders_get_the_permissions_the_umask_allows(tmp_path, umask, fol
     ({"heads": 4, "n_heads": 4}, r"heads \[4\] out of range"),
     ({"heads": -1}, r"heads \[-1\] out of range"),
     ({"heads": [1, 1]}, "repeat"),
-    ({"heads": "all"}, "needs n_heads"),
     ({"heads": "some", "n_heads": 2}, "heads must be"),
     ({"rank": 0}, "rank must be a positive int"),
     ({"architecture": "flat", "rank": 2}, "flat SAE has no rank"),
@@ -589,6 +588,23 @@ def test_config_errors(changes, message):
     kw = {"architecture": "matrix", "d_k": 4, "d_v": 3, "n_features": 12, "k": 3, **changes}
     with pytest.raises(ValueError, match=message):
         SAEConfig(**kw)
+
+
+@pytest.mark.parametrize("arch", ["flat", "matrix", "bilinear"])
+def test_all_heads_learn_their_count_when_told(arch):
+    kw = dict(d_k=4, d_v=3, n_features=12, k=3, rank=1 if arch == "flat" else 2, heads="all", seed=3)
+    sae = ARCHITECTURES[arch](**kw)
+    assert not list(sae.parameters())
+    with pytest.raises(ValueError, match="does not know the site's number of heads yet"):
+        sae.encode(torch.randn(2, 3, 4, 3))
+    assert sae.learn_n_heads_(3) is sae and sae.cfg.n_heads == 3 and sae.n_dicts == 3
+    told = ARCHITECTURES[arch](n_heads=3, **kw)  # the same seed: the same dictionaries
+    assert sae.state_dict().keys() == told.state_dict().keys()
+    assert all(torch.equal(t, told.state_dict()[name]) for name, t in sae.state_dict().items())
+    with pytest.raises(ValueError, match="made for a site of 3 heads; this site has 4"):
+        sae.learn_n_heads_(4)
+    with pytest.raises(ValueError, match=r"heads \[2\] out of range"):
+        make(arch, heads=[0, 2]).learn_n_heads_(2)
 
 
 def test_wrong_input_shapes_fail_clearly():

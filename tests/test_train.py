@@ -13,7 +13,8 @@ import torch
 
 from writesae import ARCHITECTURES, BilinearMatrixSAE, load_sae
 from writesae.store import ActivationStore, StoreConfig
-from writesae.train import TrainConfig, auxk_loss, lr_at, train
+from writesae.sparsity import auxk_loss
+from writesae.train import TrainConfig, lr_at, train
 
 from .conftest import random_tiny_model
 

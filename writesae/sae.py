@@ -31,9 +31,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from .sparsity import JumpReLU, make_sparsity
+from .sparsity import Codes, JumpReLU, make_sparsity
+
+# shapes of the public API: X (a head's d_k × d_v matrix per dictionary), the codes (from
+# `writesae.sparsity`), and the factors of X = k δᵀ
+Matrices = Float[Tensor, "*batch n_dicts d_k d_v"]
+Keys = Float[Tensor, "*batch n_dicts d_k"]
+Values = Float[Tensor, "*batch n_dicts d_v"]
 
 SPARSITIES = ("topk", "batchtopk", "relu", "jumprelu")
 
@@ -42,8 +49,9 @@ SPARSITIES = ("topk", "batchtopk", "relu", "jumprelu")
 class SAEConfig:
     """Everything that fixes an SAE's shapes and semantics; saved as ``cfg.json``.
 
-    ``heads``: an int for one head's dictionary; a list of ints, or "all" (needs ``n_heads``), for
-    independent per-head dictionaries trained as one batched module. ``input_scale``: see the
+    ``heads``: an int for one head's dictionary; a list of ints, or "all", for independent per-head
+    dictionaries trained as one batched module. ``n_heads``, the site's number of heads, may be left
+    None: an SAE learns it from the model when attached or trained (`SAEBase.learn_n_heads_`). ``input_scale``: see the
     module docstring. ``l1_coefficient`` weighs the ReLU SAE's L1 penalty in training; the
     ``jumprelu_*`` fields are the JumpReLU bandwidth ε and the initial θ.
     """
@@ -106,8 +114,6 @@ class SAEConfig:
         if isinstance(self.heads, str):
             if self.heads != "all":
                 raise ValueError(f"heads must be an int, a list of ints or 'all', got {self.heads!r}")
-            if n is None:
-                raise ValueError("heads='all' needs n_heads, the site's number of heads")
             return
         if isinstance(self.heads, tuple):
             self.heads = list(self.heads)
@@ -125,6 +131,9 @@ class SAEConfig:
     def head_indices(self) -> list[int]:
         """The heads, one dictionary each, in the order of the input's n_dicts axis."""
         if self.heads == "all":
+            if self.n_heads is None:
+                raise ValueError("heads='all' does not know the site's number of heads yet: attach the SAE to a "
+                                 "model or train it (or pass n_heads)")
             return list(range(self.n_heads))
         return list(self.heads) if isinstance(self.heads, list) else [self.heads]
 
@@ -196,7 +205,8 @@ class SAEBase(nn.Module):
     Build as ``Cls(cfg)`` or ``Cls(d_k=..., d_v=..., n_features=..., ...)`` with `SAEConfig`'s
     keywords (the architecture is the class's); ``seed`` seeds the initialisation and ``device``
     places it. Factors start as random unit vectors, encoders as the decoder's transpose, biases
-    and b_dec at zero.
+    and b_dec at zero. An SAE with heads="all" and no ``n_heads`` has no parameters until it learns
+    the head count (`learn_n_heads_`, which attaching and training call).
     """
 
     architecture: str
@@ -210,8 +220,7 @@ class SAEBase(nn.Module):
             raise TypeError(f"pass either an SAEConfig or its keywords, not both (got {sorted(config)})")
         if cfg.architecture != self.architecture:
             raise ValueError(f"{type(self).__name__} needs architecture={self.architecture!r}, got {cfg.architecture!r}")
-        self.cfg = replace(cfg)  # a copy: fold_input_scale_ edits it
-        self.n_dicts = len(cfg.head_indices)
+        self.cfg = replace(cfg)  # a copy: fold_input_scale_ and learn_n_heads_ edit it
         self.use_error_term = False
         self.hook_sae_input = _hook_point()
         self.hook_sae_acts_pre = _hook_point()
@@ -219,13 +228,41 @@ class SAEBase(nn.Module):
         self.hook_sae_recons = _hook_point()
         self.hook_sae_error = _hook_point()
         self.hook_sae_output = _hook_point()
+        self._seed, self._device = seed, device
+        self._built = False
+        if cfg.heads != "all" or cfg.n_heads is not None:
+            self._build()
+
+    def _build(self) -> None:
+        """The dictionaries' parameters, once the number of heads is known."""
+        cfg = self.cfg
         self.activation = make_sparsity(cfg)
         self.b_dec = nn.Parameter(torch.zeros(self.n_dicts, cfg.d_k, cfg.d_v))
         self.b_enc = nn.Parameter(torch.zeros(self.n_dicts, cfg.n_features))
-        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        generator = None if self._seed is None else torch.Generator().manual_seed(self._seed)
         # drawn and normalised in at least fp32 (fp64 for an fp64 SAE), so unit norms hold to its precision
         self._init_weights(generator, torch.promote_types(cfg.torch_dtype, torch.float32))
-        self.to(device=device, dtype=cfg.torch_dtype)
+        self.to(device=self._device, dtype=cfg.torch_dtype)
+        self._built = True
+
+    @property
+    def n_dicts(self) -> int:
+        """The number of dictionaries: one per head in ``cfg.heads``."""
+        return len(self.cfg.head_indices)
+
+    def learn_n_heads_(self, n_heads: int) -> SAEBase:
+        """Tell the SAE its site's number of heads, as attaching and training do. A heads="all" SAE
+        made without it gets its parameters now, initialised as the constructor would have; a known
+        count must agree."""
+        if self.cfg.n_heads is not None:
+            if self.cfg.n_heads != n_heads:
+                raise ValueError(f"the SAE was made for a site of {self.cfg.n_heads} heads; this site has {n_heads}")
+            return self
+        self.cfg.n_heads = n_heads
+        self.cfg._check_heads()
+        if not self._built:
+            self._build()
+        return self
 
     # --- what each architecture defines ------------------------------------------------------
 
@@ -236,16 +273,18 @@ class SAEBase(nn.Module):
         """z from X·s − b_dec [..., n_dicts, d_k, d_v] (b_enc included)."""
         raise NotImplementedError
 
-    def atoms(self) -> Tensor:
-        """The decoder atoms as matrices [n_dicts, n, d_k, d_v]."""
+    def atoms(self) -> Float[Tensor, "n_dicts n d_k d_v"]:
+        """The decoder atoms as matrices."""
         raise NotImplementedError
 
-    def atom_norms(self) -> Tensor:
-        """‖atom_i‖_F [n_dicts, n]."""
+    def atom_norms(self) -> Float[Tensor, "n_dicts n"]:
+        """‖atom_i‖_F."""
         raise NotImplementedError
 
-    def _decode_sparse(self, indices: Tensor, values: Tensor) -> Tensor:
-        """Σ_j values_j atom_{indices_j} [..., n_dicts, d_k, d_v] (no b_dec, no input scale)."""
+    def decode_atoms(self, indices: Int[Tensor, "*batch n_dicts m"],
+                     values: Float[Tensor, "*batch n_dicts m"]) -> Matrices:
+        """Σ_j values_j atom_{indices_j}, touching only those m atoms per sample and head: no b_dec,
+        and in the weights' units (the input scale s is not undone)."""
         raise NotImplementedError
 
     def _fold_scale_(self, s: float) -> None:
@@ -264,26 +303,27 @@ class SAEBase(nn.Module):
 
     # --- the public surface --------------------------------------------------------------------
 
-    def encode_pre(self, x: Tensor) -> Tensor:
-        """Pre-activations z [..., n_dicts, n] of X [..., n_dicts, d_k, d_v]."""
+    def encode_pre(self, x: Matrices) -> Codes:
+        """Pre-activations z of X."""
         x = self.hook_sae_input(self._check_input(x))
         return self.hook_sae_acts_pre(self._pre(x * self.cfg.input_scale - self.b_dec))
 
-    def encode(self, x: Tensor) -> Tensor:
-        """Codes a [..., n_dicts, n] of X [..., n_dicts, d_k, d_v]."""
-        return self.hook_sae_acts_post(self.activation(self.encode_pre(x)))
+    def encode(self, x: Matrices) -> Codes:
+        """Codes a of X."""
+        pre = self.encode_pre(x)
+        return self.hook_sae_acts_post(self.activation(pre))
 
-    def encode_pre_factors(self, k: Tensor, delta: Tensor) -> Tensor:
-        """Pre-activations of X = k δᵀ from k [..., n_dicts, d_k] and δ [..., n_dicts, d_v]."""
+    def encode_pre_factors(self, k: Keys, delta: Values) -> Codes:
+        """Pre-activations of X = k δᵀ."""
         self._check_factors(k, delta)
         return self.hook_sae_acts_pre(self._pre_factors(k * self.cfg.input_scale, delta))
 
-    def encode_factors(self, k: Tensor, delta: Tensor) -> Tensor:
+    def encode_factors(self, k: Keys, delta: Values) -> Codes:
         """Codes of X = k δᵀ, equal to ``encode(k δᵀ)`` (hook_sae_input does not fire: there is no X)."""
         return self.hook_sae_acts_post(self.activation(self.encode_pre_factors(k, delta)))
 
-    def decode(self, codes: Tensor) -> Tensor:
-        """X̂ = (b_dec + Σ_i a_i atom_i) / s [..., n_dicts, d_k, d_v].
+    def decode(self, codes: Codes) -> Matrices:
+        """X̂ = (b_dec + Σ_i a_i atom_i) / s.
 
         Dense: it forms all n atoms (n·d_k·d_v per call, like a flat decoder) and has a gradient for
         every code, active or not; `decode_sparse` is the cheap route for sparse codes.
@@ -293,16 +333,17 @@ class SAEBase(nn.Module):
             raise ValueError(f"expected codes of shape [..., n_dicts={n_dicts}, n_features={n}], got {tuple(codes.shape)}")
         return self.hook_sae_recons(self._decode(codes) / self.cfg.input_scale)
 
-    def decode_sparse(self, indices: Tensor, values: Tensor) -> Tensor:
-        """`decode` of the code with ``values`` at ``indices`` (both [..., n_dicts, m]) and zeros
+    def decode_sparse(self, indices: Int[Tensor, "*batch n_dicts m"], values: Float[Tensor, "*batch n_dicts m"]
+                      ) -> Matrices:
+        """`decode` of the code with ``values`` at ``indices`` and zeros
         elsewhere (repeated indices add up), touching only those m atoms per sample and head."""
         if indices.shape != values.shape or indices.dim() < 2 or indices.shape[-2] != self.n_dicts:
             raise ValueError(f"expected indices and values of one shape [..., n_dicts={self.n_dicts}, m], "
                              f"got {tuple(indices.shape)} and {tuple(values.shape)}")
-        recons = self._decode_sparse(indices, values) + self.b_dec
+        recons = self.decode_atoms(indices, values) + self.b_dec
         return self.hook_sae_recons(recons / self.cfg.input_scale)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Matrices) -> Matrices:
         """X̂, or with ``use_error_term`` X̂ + (X − X̂_clean).detach(), X̂_clean being X̂ with no hooks
         run (a second, gradient-free pass): the output then equals X until a hook edits something,
         and an edit of the codes changes it by exactly its change of X̂."""
@@ -318,8 +359,8 @@ class SAEBase(nn.Module):
     def _decode(self, codes: Tensor) -> Tensor:
         return torch.einsum("...hn,hnkv->...hkv", codes, self.atoms()) + self.b_dec
 
-    def l1_penalty(self, codes: Tensor) -> Tensor:
-        """Σ_i a_i ‖atom_i‖_F [..., n_dicts]: the L1 penalty weighted by atom norm (ReLU training)."""
+    def l1_penalty(self, codes: Codes) -> Float[Tensor, "*batch n_dicts"]:
+        """Σ_i a_i ‖atom_i‖_F: the L1 penalty weighted by atom norm (ReLU training)."""
         return (codes * self.atom_norms()).sum(-1)
 
     def n_weight_parameters(self) -> int:
@@ -393,7 +434,7 @@ class FlatSAE(SAEBase):
     def atom_norms(self):
         return self.W_dec.norm(dim=-1)
 
-    def _decode_sparse(self, indices, values):
+    def decode_atoms(self, indices, values):
         flat = torch.einsum("...hm,...hmd->...hd", values, _pick(self.W_dec, indices))
         return flat.unflatten(-1, (self.cfg.d_k, self.cfg.d_v))
 
@@ -423,7 +464,7 @@ class _FactoredDecoderSAE(SAEBase):
     def atom_norms(self):
         return _factor_atom_norms(self.V, self.W)
 
-    def _decode_sparse(self, indices, values):
+    def decode_atoms(self, indices, values):
         return _factor_decode_sparse(self.V, self.W, indices, values)
 
 

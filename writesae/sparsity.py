@@ -1,31 +1,102 @@
-"""The sparsity rules of DESIGN §4: maps from pre-activations to codes, both [*batch, n_dicts, n].
+"""The sparsity rules of DESIGN §4: maps from pre-activations z to codes a, both [*batch, n_dicts, n],
+and the terms each adds to the training loss.
 
 Every rule acts on each dictionary (head) separately:
 
-- ``TopK``: ReLU, then keep the k largest of each sample.
+- ``TopK``: ReLU, then keep the k largest of each sample. Trained with AuxK.
 - ``BatchTopK``: in training mode keep the k·B largest of a batch of B samples; in eval mode keep
   whatever clears a threshold calibrated in training, so a sample's code never depends on its batch.
-- ``nn.ReLU`` (trained with the SAE's ``l1_penalty``).
+  Trained with AuxK.
+- ``ReLU``: trained with the L1 penalty weighted by atom norm, ``sae.cfg.l1_coefficient`` · Σ_i a_i ‖atom_i‖_F.
 - ``JumpReLU``: a = z·H(z − θ) with a learned per-feature θ and straight-through θ-gradients.
+  Trained with the L0 surrogate, ``l0_coefficient`` · Σ_i H(z_i − θ_i).
+
+``training_terms`` gives a rule's weighted loss terms (means over samples and heads), the trainer's
+settings (`writesae.train.TrainConfig`: ``auxk_k``, ``auxk_weight``, ``l0_coefficient``) supplying
+the weights; ``decode`` is the reconstruction the trainer uses, the cheapest one the rule allows.
+
+AuxK (Gao et al., 2024): auxk_weight · mean over heads with a dead feature of
+Σ_b ‖e − ê‖²_F / Σ_b ‖e‖²_F, with e = s(X − X̂) (no gradient) the residual and
+ê = Σ_{i ∈ D} ReLU(z_i) atom_i, D the auxk_k largest pre-activations among that head's dead features:
+dead features learn to explain what the live ones miss, normalised by the residual's energy.
 """
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 import torch
+from einops import rearrange
+from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from .sae import SAEBase
+    from .train import TrainConfig
 
-class TopK(nn.Module):
+Codes = Float[Tensor, "*batch n_dicts n"]
+
+
+class Sparsity(nn.Module):
+    """A sparsity rule: ``forward`` maps z to a; the training terms and the decode path are its own."""
+
+    def training_terms(self, sae: SAEBase, pre: Codes, codes: Codes, residual: Float[Tensor, "batch n_dicts d_k d_v"],
+                       dead: Bool[Tensor, "n_dicts n"], cfg: TrainConfig) -> dict[str, Tensor]:
+        """The rule's weighted loss terms, besides the reconstruction (``residual`` is s(X − X̂), detached)."""
+        return {}
+
+    def decode(self, sae: SAEBase, codes: Codes) -> Float[Tensor, "*batch n_dicts d_k d_v"]:
+        """X̂ of codes this rule made."""
+        return sae.decode(codes)
+
+
+class _AuxKTrained(Sparsity):
+    def training_terms(self, sae, pre, codes, residual, dead, cfg):
+        if cfg.auxk_weight <= 0:
+            return {}
+        return {"auxk": cfg.auxk_weight * auxk_loss(sae, pre, residual, dead, cfg.auxk_k)}
+
+
+def auxk_loss(sae: SAEBase, pre: Float[Tensor, "batch n_dicts n"], residual: Float[Tensor, "batch n_dicts d_k d_v"],
+              dead: Bool[Tensor, "n_dicts n"], k: int) -> Float[Tensor, ""]:
+    """The unweighted AuxK term (module docstring) from pre-activations z, the residual e (scaled
+    units) and the dead mask; 0 when nothing is dead."""
+    heads = dead.any(-1)
+    if not heads.any():
+        return pre.new_zeros(())
+    k = min(k, int(dead.sum(-1).max()))
+    values, indices = pre.masked_fill(~dead, -math.inf).topk(k, dim=-1)  # heads with < k dead ones get zeros
+    e_hat = sae.decode_atoms(indices, values.relu())
+    error = (residual - e_hat).pow(2).sum((0, 2, 3))
+    energy = residual.pow(2).sum((0, 2, 3)).clamp_min(torch.finfo(residual.dtype).tiny)
+    return (error / energy)[heads].mean()
+
+
+class TopK(_AuxKTrained):
     def __init__(self, k: int):
         super().__init__()
         self.k = k
 
-    def forward(self, pre: Tensor) -> Tensor:
+    def forward(self, pre: Codes) -> Codes:
         values, indices = pre.topk(self.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter(-1, indices, values.relu())
 
+    def decode(self, sae, codes):
+        """Only the k active atoms: O(B·k·d_k·d_v), not O(n·d_k·d_v)."""
+        values, indices = codes.topk(self.k, dim=-1)
+        return sae.decode_sparse(indices, values)
 
-class BatchTopK(nn.Module):
+
+class ReLU(Sparsity):
+    def forward(self, pre: Codes) -> Codes:
+        return pre.relu()
+
+    def training_terms(self, sae, pre, codes, residual, dead, cfg):
+        return {"sparsity": sae.cfg.l1_coefficient * sae.l1_penalty(codes).mean()}
+
+
+class BatchTopK(_AuxKTrained):
     """Top k·B activations of a B-sample batch per head in training; a calibrated threshold in eval.
 
     ``threshold`` [n_dicts] is the running average of the smallest activation each training batch
@@ -44,18 +115,17 @@ class BatchTopK(nn.Module):
         self.register_buffer("threshold", torch.zeros(n_dicts))
         self.register_buffer("n_updates", torch.zeros((), dtype=torch.long))
 
-    def forward(self, pre: Tensor) -> Tensor:
+    def forward(self, pre: Codes) -> Codes:
         acts = pre.relu()
         if not self.training:
             return acts * (pre >= self.threshold[:, None])
-        n_dicts, n = pre.shape[-2:]
-        per_head = acts.reshape(-1, n_dicts, n).transpose(0, 1).reshape(n_dicts, -1)  # [n_dicts, B·n]
-        n_samples = per_head.shape[1] // n
+        per_head = rearrange(acts, "... h n -> h (... n)")
+        n_samples = per_head.shape[1] // pre.shape[-1]
         kept, indices = per_head.topk(self.k * n_samples, dim=-1, sorted=False)
         if torch.is_grad_enabled():
             self._calibrate(kept.detach().amin(-1))
         codes = torch.zeros_like(per_head).scatter(-1, indices, kept)
-        return codes.reshape(n_dicts, -1, n).transpose(0, 1).reshape(pre.shape)
+        return rearrange(codes, "h (b n) -> b h n", n=pre.shape[-1]).reshape(pre.shape)
 
     @torch.no_grad()
     def _calibrate(self, smallest_kept: Tensor) -> None:
@@ -64,7 +134,7 @@ class BatchTopK(nn.Module):
         self.threshold.lerp_(smallest_kept.to(self.threshold.dtype), rate)
 
 
-class JumpReLU(nn.Module):
+class JumpReLU(Sparsity):
     """a = z·H(z − θ), θ = exp(log_threshold) [n_dicts, n] (Rajamanoharan et al., 2024).
 
     H has no useful derivative, so θ learns through straight-through estimates: the step's
@@ -76,12 +146,15 @@ class JumpReLU(nn.Module):
         self.bandwidth = bandwidth
         self.log_threshold = nn.Parameter(torch.full((n_dicts, n_features), float(initial_threshold)).log())
 
-    def forward(self, pre: Tensor) -> Tensor:
+    def forward(self, pre: Codes) -> Codes:
         return _Jump.apply(pre, self.log_threshold.exp(), self.bandwidth, False)
 
-    def l0_penalty(self, pre: Tensor) -> Tensor:
-        """Σ_i H(z_i − θ_i) [*batch, n_dicts], differentiable in θ (not in z) by the estimate above."""
+    def l0_penalty(self, pre: Codes) -> Float[Tensor, "*batch n_dicts"]:
+        """Σ_i H(z_i − θ_i), differentiable in θ (not in z) by the estimate above."""
         return _Jump.apply(pre, self.log_threshold.exp(), self.bandwidth, True).sum(-1)
+
+    def training_terms(self, sae, pre, codes, residual, dead, cfg):
+        return {"sparsity": cfg.l0_coefficient * self.l0_penalty(pre).mean()}
 
 
 class _Jump(torch.autograd.Function):
@@ -104,7 +177,7 @@ class _Jump(torch.autograd.Function):
         return grad_pre, grad_theta.reshape(-1, *theta.shape).sum(0), None, None
 
 
-def make_sparsity(cfg) -> nn.Module:
+def make_sparsity(cfg) -> Sparsity:
     """The sparsity rule an `SAEConfig` names."""
     n_dicts = len(cfg.head_indices)
     if cfg.sparsity == "topk":
@@ -112,5 +185,5 @@ def make_sparsity(cfg) -> nn.Module:
     if cfg.sparsity == "batchtopk":
         return BatchTopK(cfg.k, n_dicts)
     if cfg.sparsity == "relu":
-        return nn.ReLU()
+        return ReLU()
     return JumpReLU(n_dicts, cfg.n_features, cfg.jumprelu_bandwidth, cfg.jumprelu_initial_threshold)

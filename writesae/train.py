@@ -7,11 +7,10 @@ units where mean ‖sX‖²_F = 1 (s = ``sae.cfg.input_scale``), summed term by 
                                                      predicting 0 costs about 1)
     sparsity        ReLU:     sae.cfg.l1_coefficient · (1/BH) Σ_{b,h} Σ_i a_i ‖atom_i‖_F
                     JumpReLU: l0_coefficient · (1/BH) Σ_{b,h} Σ_i H(z_i − θ_i)
-    auxk            TopK, BatchTopK: auxk_weight · mean over heads with a dead feature of
-                    Σ_b ‖e − ê‖²_F / Σ_b ‖e‖²_F, with e = s(X − X̂) (no gradient) the residual and
-                    ê = Σ_{i ∈ D} ReLU(z_i) atom_i, D the auxk_k largest pre-activations among that
-                    head's dead features (Gao et al., 2024: dead features learn to explain what the
-                    live ones miss, normalised by the residual's energy)
+    auxk            TopK, BatchTopK: auxk_weight · AuxK (Gao et al., 2024)
+
+Each sparsity rule owns its terms and its decode path (`writesae.sparsity`: ``training_terms``,
+``decode``), so the trainer treats every rule alike.
 
 A feature is dead when it has not fired for more than ``dead_after_samples`` samples (a counter per
 head and feature). After each Adam step the factors are put back at unit norm
@@ -138,37 +137,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * factor[cfg.decay]
 
 
-def auxk_loss(sae: SAEBase, pre: Tensor, residual: Tensor, dead: Tensor, k: int) -> Tensor:
-    """The unweighted AuxK term (module docstring) from pre-activations z [B, H, n], the residual
-    e [B, H, d_k, d_v] (scaled units) and the dead mask [H, n]; 0 when nothing is dead."""
-    heads = dead.any(-1)
-    if not heads.any():
-        return pre.new_zeros(())
-    k = min(k, int(dead.sum(-1).max()))
-    values, indices = pre.masked_fill(~dead, -math.inf).topk(k, dim=-1)  # heads with < k dead ones get zeros
-    e_hat = sae._decode_sparse(indices, values.relu())
-    error = (residual - e_hat).pow(2).sum((0, 2, 3))
-    energy = residual.pow(2).sum((0, 2, 3)).clamp_min(torch.finfo(residual.dtype).tiny)
-    return (error / energy)[heads].mean()
-
-
 def _loss_terms(sae: SAEBase, x: Tensor, dead: Tensor, cfg: TrainConfig) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """The weighted loss terms (they sum to the loss), the codes a and the reconstruction X̂."""
     pre = sae.encode_pre(x)
     codes = sae.hook_sae_acts_post(sae.activation(pre))
-    if sae.cfg.sparsity == "topk":  # decode only the k active atoms: O(B·k·d_k·d_v), not O(n·d_k·d_v)
-        values, indices = codes.topk(sae.cfg.k, dim=-1)
-        recons = sae.decode_sparse(indices, values)
-    else:
-        recons = sae.decode(codes)
+    recons = sae.activation.decode(sae, codes)
     error = (x - recons) * sae.cfg.input_scale
     terms = {"reconstruction": error.pow(2).sum((-2, -1)).mean()}
-    if sae.cfg.sparsity == "relu":
-        terms["sparsity"] = sae.cfg.l1_coefficient * sae.l1_penalty(codes).mean()
-    elif sae.cfg.sparsity == "jumprelu":
-        terms["sparsity"] = cfg.l0_coefficient * sae.activation.l0_penalty(pre).mean()
-    elif cfg.auxk_weight > 0:
-        terms["auxk"] = cfg.auxk_weight * auxk_loss(sae, pre, error.detach(), dead, cfg.auxk_k)
+    terms |= sae.activation.training_terms(sae, pre, codes, error.detach(), dead, cfg)
     return terms, codes, recons
 
 
@@ -300,6 +276,7 @@ def divergence(heldout: dict) -> str | None:
 
 
 def _check_compatible(sae: SAEBase, store: ActivationStore) -> None:
+    sae.learn_n_heads_(store.model.cfg.n_value_heads)
     if (sae.cfg.d_k, sae.cfg.d_v, sae.cfg.head_indices) != (store.d_k, store.d_v, store.heads):
         raise ValueError(f"the SAE reads d_k={sae.cfg.d_k}, d_v={sae.cfg.d_v}, heads {sae.cfg.head_indices}; "
                          f"the store gives d_k={store.d_k}, d_v={store.d_v}, heads {store.heads}")
