@@ -7,6 +7,7 @@ import torch
 
 from writesae import BilinearMatrixSAE, MatrixSAE
 from writesae.evals import downstream_metrics, reconstruction_metrics
+from hooked_gdn.sites import site_name
 from writesae.splice import HookedSAEGatedDeltaNet
 
 from .conftest import random_tiny_model
@@ -37,20 +38,39 @@ def model():
     return random_tiny_model(HookedSAEGatedDeltaNet)
 
 
-@pytest.mark.parametrize("mode", ["loop", "single"])
-@pytest.mark.parametrize("site", ["hook_state", "hook_write_value"])
-def test_downstream_metrics_at_the_extremes(model, mode, site):
+def make_sae(model, kind: str, **kw):
     layer = model.cfg.gdn_layers[1]
-    sae = BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, n_features=16, k=2, heads="all",
-                            n_heads=model.cfg.n_value_heads, site=f"blocks.{layer}.linear_attn.{site}", seed=0)
-    tokens = torch.randint(0, 101, (3, 24), generator=torch.Generator().manual_seed(2))
+    return BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, n_features=16, k=2, heads=[1, 3],
+                             site=site_name(layer, kind), seed=0, **kw)
+
+
+TOKENS = torch.randint(0, 101, (3, 24), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("mode", ["loop", "single"])
+@pytest.mark.parametrize("kind", ["state", "write"])
+def test_downstream_metrics_with_the_error_term_recover_everything(model, mode, kind):
+    sae = make_sae(model, kind)
     sae.use_error_term = True  # splicing then changes nothing: all of the loss is recovered
-    exact = downstream_metrics(model, sae, tokens, mode)
+    exact = downstream_metrics(model, sae, TOKENS, mode)
     assert exact["kl_spliced"] == pytest.approx(0, abs=1e-6)
     assert exact["ce_spliced"] == pytest.approx(exact["ce_clean"], abs=1e-5)
     assert exact["kl_zero_ablated"] > 1e-6
     assert exact["ce_loss_recovered"] == pytest.approx(1, abs=1e-3)
     sae.use_error_term = False
-    lossy = downstream_metrics(model, sae, tokens, mode)
-    assert lossy["kl_spliced"] > 1e-7
-    assert lossy["ce_zero_ablated"] == pytest.approx(exact["ce_zero_ablated"])
+    assert downstream_metrics(model, sae, TOKENS, mode)["kl_spliced"] > 1e-7  # a random SAE costs something
+
+
+@pytest.mark.parametrize("mode", ["loop", "single"])
+@pytest.mark.parametrize("kind", ["state", "write"])
+def test_an_sae_that_reconstructs_zero_is_the_zero_ablation(model, mode, kind):
+    # the zero ablation must act exactly where the splice acts: at one position per sequence in
+    # single mode, for writes too (whose hook fires at every position)
+    sae = make_sae(model, kind, sparsity="relu")
+    with torch.no_grad():
+        sae.b_enc.fill_(-1e6)  # no feature ever fires, and b_dec = 0: X̂ = 0
+    metrics = downstream_metrics(model, sae, TOKENS, mode)
+    assert metrics["kl_zero_ablated"] > 1e-6
+    assert metrics["ce_spliced"] == pytest.approx(metrics["ce_zero_ablated"], rel=1e-6)
+    assert metrics["kl_spliced"] == pytest.approx(metrics["kl_zero_ablated"], rel=1e-5)
+    assert metrics["ce_loss_recovered"] == pytest.approx(0, abs=1e-4)

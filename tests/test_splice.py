@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hooked_gdn.sites import gdn_hook_name, site_name
 from writesae import BilinearMatrixSAE, FlatSAE
 from writesae.splice import HookedSAEGatedDeltaNet
 
@@ -16,16 +17,15 @@ def model():
     return random_tiny_model(HookedSAEGatedDeltaNet)
 
 
-def make_sae(model, kind="hook_state", heads="all", cls=BilinearMatrixSAE, **kwargs):
-    layer = model.cfg.gdn_layers[1]
+def make_sae(model, kind="state", heads="all", cls=BilinearMatrixSAE, **kwargs):
     return cls(d_k=model.cfg.d_key, d_v=model.cfg.d_value, n_features=24, k=4, sparsity="topk",
-               site=f"blocks.{layer}.linear_attn.{kind}", heads=heads, n_heads=model.cfg.n_value_heads, **kwargs)
+               site=site_name(model.cfg.gdn_layers[1], kind), heads=heads, seed=0, **kwargs)
 
 
 TOKENS = torch.randint(0, 101, (2, 30), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("kind", ["hook_state", "hook_write_value"])
+@pytest.mark.parametrize("kind", ["state", "write"])
 @pytest.mark.parametrize("recurrence", ["parallel", "sequential"])
 def test_error_term_leaves_logits_unchanged(model, kind, recurrence):
     sae = make_sae(model, kind)
@@ -62,12 +62,13 @@ def test_zeroing_a_feature_changes_logits_from_the_spliced_position_on(model):
 
 def test_write_splice_adds_the_reconstruction_error_of_the_write(model):
     t, head = 9, 3
-    sae = make_sae(model, "hook_write_value", heads=head)
-    site = f"blocks.{model.cfg.gdn_layers[1]}.linear_attn"
+    sae = make_sae(model, "write", heads=head)
+    layer = model.cfg.gdn_layers[1]
     with torch.no_grad():
-        _, cache = model.run_with_cache(TOKENS, names_filter=[f"{site}.hook_write_key", f"{site}.hook_write_value"])
-        k = cache[f"{site}.hook_write_key"][:, t, head]
-        delta = cache[f"{site}.hook_write_value"][:, t, head]
+        _, cache = model.run_with_cache(TOKENS, names_filter=[gdn_hook_name(layer, "hook_write_key"),
+                                                              gdn_hook_name(layer, "hook_write_value")])
+        k = cache["write_key", layer][:, t, head]
+        delta = cache["write_value", layer][:, t, head]
         write = k[:, :, None] * delta[:, None, :]
         difference = sae(write[:, None])[:, 0] - write
 
@@ -76,7 +77,7 @@ def test_write_splice_adds_the_reconstruction_error_of_the_write(model):
             states[:, 0, head] += difference
             return states
 
-        by_hand = model.run_with_hooks(TOKENS, fwd_hooks=[(f"{site}.hook_state", add)], state_positions=[t])
+        by_hand = model.run_with_hooks(TOKENS, fwd_hooks=[(site_name(layer, "state"), add)], state_positions=[t])
         spliced = model.run_with_saes(TOKENS, saes=[sae], state_positions=[t])
         in_the_loop = model.run_with_saes(TOKENS, saes=[sae], state_positions=[t], recurrence="sequential")
     assert (spliced - by_hand).abs().max().item() <= 1e-5
@@ -99,16 +100,20 @@ def test_sae_hook_points_are_named_under_the_site_and_removed_on_reset(model):
 
 def test_attach_errors_are_clear(model):
     gdn, attn = model.cfg.gdn_layers[1], model.cfg.attention_layers[0]
-    kw = dict(n_features=8, k=2, n_heads=model.cfg.n_value_heads)
+    kw = dict(n_features=8, k=2, heads="all")
+    valid = ", ".join(site_name(layer, kind) for layer in model.cfg.gdn_layers for kind in ("state", "write"))
     with pytest.raises(ValueError, match="d_k"):
-        model.add_sae(BilinearMatrixSAE(d_k=5, d_v=model.cfg.d_value, site=f"blocks.{gdn}.linear_attn.hook_state", **kw))
-    with pytest.raises(ValueError, match="site"):
-        model.add_sae(BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, site="blocks.0.hook_resid_pre", **kw))
-    with pytest.raises(ValueError, match="not a GDN layer"):
-        model.add_sae(BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, site=f"blocks.{attn}.linear_attn.hook_state", **kw))
-    with pytest.raises(ValueError, match="heads"):
-        model.add_sae(BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, site=f"blocks.{gdn}.linear_attn.hook_state",
+        model.add_sae(BilinearMatrixSAE(d_k=5, d_v=model.cfg.d_value, site=site_name(gdn, "state"), **kw))
+    for bad in ("blocks.0.hook_resid_pre", site_name(attn, "state")):  # one error, listing the sites
+        with pytest.raises(ValueError) as error:
+            model.add_sae(BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, site=bad, **kw))
+        assert str(error.value) == f"{bad!r} is not an SAE site; the sites are {valid}"
+    with pytest.raises(ValueError, match="made for a site of 7 heads; this site has 4"):
+        model.add_sae(BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, site=site_name(gdn, "state"),
                                         heads=[0], n_features=8, k=2, n_heads=7))
+    with pytest.raises(ValueError, match=r"heads \[5\] out of range"):
+        model.add_sae(BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, site=site_name(gdn, "state"),
+                                        heads=[5], n_features=8, k=2))
     assert not model.acts_to_saes
 
 

@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_store_args(tr)
     tr.add_argument("--layer", type=int, required=True)
     tr.add_argument("--heads", default="all", help="'all' or comma-separated head indices")
-    tr.add_argument("--site", choices=["state", "write"], default="state")
+    tr.add_argument("--kind", choices=["state", "write"], default="state", help="the site: the state S_t or the write k̂_t δ_tᵀ")
     tr.add_argument("--architecture", choices=["bilinear", "matrix", "flat"], default="bilinear")
     tr.add_argument("--tied", action="store_true", help="bilinear encoder tied to the decoder (U = V, P = W)")
     tr.add_argument("--n-features", type=int, default=512)
@@ -91,10 +91,11 @@ def _positions(text: str):
 
 
 def _store(model, args, layer: int, heads, kind: str):
-    from .quickstart import bundled_corpus
+    from hooked_gdn.pretrained import austen_corpus
+
     from .store import ActivationStore, StoreConfig
 
-    texts, heldout = bundled_corpus() if not args.data else (args.data, None)
+    texts, heldout = austen_corpus() if not args.data else (args.data, None)
     cfg = StoreConfig(layer=layer, kind=kind, heads=heads, context=args.context, positions=_positions(args.positions),
                       heldout_documents=heldout, seed=args.seed)
     return ActivationStore(model, texts, cfg)
@@ -107,18 +108,19 @@ def _load_model(args):
 
 
 def cmd_train(args) -> None:
+    from hooked_gdn.sites import site_name
+
     from .sae import ARCHITECTURES
     from .train import TrainConfig, train
 
     model = _load_model(args)
     heads = _heads(args.heads)
-    kind_hook = "hook_state" if args.site == "state" else "hook_write_value"
     sae = ARCHITECTURES[args.architecture](
         d_k=model.cfg.d_key, d_v=model.cfg.d_value, n_features=args.n_features, rank=args.rank, sparsity=args.sparsity,
-        k=args.k, site=f"blocks.{args.layer}.linear_attn.{kind_hook}", heads=heads, n_heads=model.cfg.n_value_heads,
-        tied=args.tied, model_name=args.model, seed=args.seed, device=args.device,
+        k=args.k, site=site_name(args.layer, args.kind), heads=heads, tied=args.tied, model_name=args.model,
+        seed=args.seed, device=args.device,
     )
-    store = _store(model, args, args.layer, heads, args.site)
+    store = _store(model, args, args.layer, heads, args.kind)
     result = train(sae, store, TrainConfig(
         out_dir=str(args.out), steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, progress=not args.no_progress, wandb_project=args.wandb, seed=args.seed,

@@ -5,7 +5,8 @@
   ``dense_above`` of samples) features, per head.
 - `downstream_metrics`: next-token CE and KL(p_clean ‖ p_spliced) with the SAE spliced in, in the
   loop (every position, ``recurrence="sequential"``) or at single positions (one position per
-  sequence, the rest carried), and the CE loss recovered against zero-ablating the site:
+  sequence, the rest carried), and the CE loss recovered against zero-ablating the site where
+  the SAE is spliced (`writesae.splice.zero_ablation_hooks`):
   (CE_zero − CE_spliced) / (CE_zero − CE_clean), 1 when splicing costs nothing.
 """
 
@@ -15,14 +16,17 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from .sae import SAEBase
+from .splice import zero_ablation_hooks
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: SAEBase, batches: Iterable[Tensor], dense_above: float = 0.1) -> dict[str, list[float]]:
-    """Per-head FVU, L0, dead and dense fractions over held-out batches X [batch, n_dicts, d_k, d_v]."""
+def reconstruction_metrics(sae: SAEBase, batches: Iterable[Float[Tensor, "batch n_dicts d_k d_v"]],
+                           dense_above: float = 0.1) -> dict[str, list[float]]:
+    """Per-head FVU, L0, dead and dense fractions over held-out batches X."""
     sums = None
     for x in batches:
         x = x.to(sae.b_dec)
@@ -50,18 +54,6 @@ def reconstruction_metrics(sae: SAEBase, batches: Iterable[Tensor], dense_above:
     }
 
 
-def _zero_site_hooks(sae: SAEBase) -> list[tuple[str, object]]:
-    """Zero-ablate the SAE's site on its heads: the state set to 0, or the write deleted (δ = 0)."""
-    heads = torch.tensor(sae.cfg.head_indices)
-
-    def zero(x, hook):
-        x = x.clone()
-        x[:, :, heads] = 0
-        return x
-
-    return [(sae.cfg.site, zero)]
-
-
 def _ce_and_kl(logits: Tensor, clean_log_probs: Tensor, tokens: Tensor, from_position: Tensor) -> tuple[Tensor, Tensor]:
     """Mean next-token CE and KL(p_clean ‖ p) over positions ≥ from_position (per sequence)."""
     log_probs = logits[:, :-1].float().log_softmax(-1)
@@ -72,12 +64,13 @@ def _ce_and_kl(logits: Tensor, clean_log_probs: Tensor, tokens: Tensor, from_pos
 
 
 @torch.no_grad()
-def downstream_metrics(model, sae: SAEBase, tokens: Tensor, mode: str = "loop", seed: int = 0) -> dict[str, float]:
+def downstream_metrics(model, sae: SAEBase, tokens: Int[Tensor, "batch pos"], mode: str = "loop",
+                       seed: int = 0) -> dict[str, float]:
     """CE and KL to the clean model with ``sae`` spliced into ``model`` (a `HookedSAEGatedDeltaNet`).
 
     ``mode="loop"``: the SAE at every position, in the loop (sequential recurrence); scores cover
     every position. ``mode="single"``: one random position t per sequence (seeded), the rest
-    carried; scores cover positions t onwards. Zero ablation is applied the same way.
+    carried; scores cover positions t onwards. The zero ablation acts exactly where the splice acts.
     """
     if mode not in ("loop", "single"):
         raise ValueError(f"mode must be 'loop' or 'single', got {mode!r}")
@@ -91,7 +84,8 @@ def downstream_metrics(model, sae: SAEBase, tokens: Tensor, mode: str = "loop", 
         starts = torch.randint(1, T - 1, (b,), generator=torch.Generator().manual_seed(seed))
         runs = [(slice(i, i + 1), dict(state_positions=[int(t)])) for i, t in enumerate(starts)]
     spliced = torch.cat([model.run_with_saes(tokens[rows], saes=[sae], **kw) for rows, kw in runs])
-    ablated = torch.cat([model.run_with_hooks(tokens[rows], fwd_hooks=_zero_site_hooks(sae), **kw) for rows, kw in runs])
+    zero = zero_ablation_hooks(model, sae)
+    ablated = torch.cat([model.run_with_hooks(tokens[rows], fwd_hooks=zero, **kw) for rows, kw in runs])
     ce_clean, _ = _ce_and_kl(clean, clean_log_probs, tokens, starts)
     ce_spliced, kl_spliced = _ce_and_kl(spliced, clean_log_probs, tokens, starts)
     ce_zero, kl_zero = _ce_and_kl(ablated, clean_log_probs, tokens, starts)

@@ -15,18 +15,14 @@ from pathlib import Path
 
 import torch
 
-from hooked_gdn.pretrained import austen_documents
+from hooked_gdn.pretrained import austen_corpus
+from hooked_gdn.sites import site_name
 
 from .evals import downstream_metrics, reconstruction_metrics
 from .sae import BilinearMatrixSAE
 from .splice import HookedSAEGatedDeltaNet
 from .store import ActivationStore, StoreConfig
 from .train import TrainConfig, train
-
-
-def bundled_corpus() -> tuple[list, list[str]]:
-    """The bundled novels as chapter documents, and the names of the shipped model's held-out chapters."""
-    return austen_documents("all"), [d.name for d in austen_documents("heldout")]
 
 
 def top_activating_contexts(sae, store, model, features: list[tuple[int, int]], batch_size: int, max_samples: int,
@@ -107,10 +103,10 @@ def run_quickstart(out: Path, layer: int | None = None, heads="all", n_features:
     layer = gdn_layers[len(gdn_layers) // 2] if layer is None else layer
     if layer not in gdn_layers:
         raise ValueError(f"layer {layer} is not a GDN layer; the GDN layers are {gdn_layers}")
-    documents, heldout = bundled_corpus()
+    documents, heldout = austen_corpus()
     store = ActivationStore(model, documents, StoreConfig(layer=layer, heads=heads, context=context, positions=positions, seed=seed,
                                                       heldout_documents=heldout))
-    site = f"blocks.{layer}.linear_attn.hook_state"
+    site = site_name(layer, "state")
     sae = BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, n_features=n_features, k=k, sparsity="topk",
                             site=site, heads=heads, n_heads=model.cfg.n_value_heads, model_name="gdn-austen", seed=seed)
     sae = train(sae, store, TrainConfig(steps=steps, batch_size=batch_size, lr=lr, out_dir=str(out / "training"), warmup_steps=steps // 20,

@@ -1,11 +1,10 @@
 """Attaching SAEs to a `HookedGatedDeltaNet`: splice reconstructions into the recurrence, patch features.
 
 Named as in SAELens' ``HookedSAETransformer``: ``add_sae``, ``reset_saes``, ``saes(...)``,
-``run_with_saes`` and ``run_with_cache_with_saes``. An SAE's ``cfg.site`` is one of
-
-- ``blocks.{L}.linear_attn.hook_state``: the state S_t of GDN layer L;
-- ``blocks.{L}.linear_attn.hook_write_value``: the layer's rank-1 write k̂_t δ_tᵀ, fed from
-  ``hook_write_key`` and ``hook_write_value``.
+``run_with_saes`` and ``run_with_cache_with_saes``. An SAE's ``cfg.site`` is a site of
+`hooked_gdn.sites`: the state S_t of a GDN layer ("state", ``hook_state``), or its rank-1 write
+k̂_t δ_tᵀ ("write", ``hook_write_value``, fed from ``hook_write_key`` and ``hook_write_value``). An
+SAE with heads="all" learns the layer's number of heads when attached.
 
 The SAE becomes the submodule ``sae`` of the site's hook point, so its hook points are named
 ``<site>.sae.hook_sae_acts_post`` etc. and can be cached and patched like any other.
@@ -18,21 +17,26 @@ position). With ``recurrence="sequential"`` the SAE runs in the loop: each posit
 state (or write) that the earlier splices produced. In the default parallel mode each position's
 replacement is computed from the clean run, and the differences are carried forward; with one
 spliced position the two agree exactly.
+
+`zero_ablation_hooks` zero the site on an SAE's heads through the same splice, so a zero ablation
+acts exactly where splicing the SAE would: the state set to 0, or the write deleted.
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from hooked_gdn import HookedGatedDeltaNet
+from hooked_gdn.sites import Site, hook_positions, parse_site
 
 from .sae import SAEBase
 
-_SITE = re.compile(r"blocks\.(\d+)\.linear_attn\.(hook_state|hook_write_value)")
+Reconstruct = Callable[[Float[Tensor, "batch P n_heads d_k d_v"]], Float[Tensor, "batch P n_heads d_k d_v"]]
 
 
 class HookedSAEGatedDeltaNet(HookedGatedDeltaNet):
@@ -46,40 +50,23 @@ class HookedSAEGatedDeltaNet(HookedGatedDeltaNet):
     def acts_to_saes(self) -> dict[str, SAEBase]:
         return {site: sae for site, (sae, _) in self._attached.items()}
 
-    def _check_sae(self, sae: SAEBase) -> tuple[int, str]:
-        site = sae.cfg.site
-        match = _SITE.fullmatch(site or "")
-        if match is None:
-            raise ValueError(
-                f"cannot attach an SAE at site {site!r}: the sites are blocks.<L>.linear_attn.hook_state "
-                "and blocks.<L>.linear_attn.hook_write_value of a GDN layer"
-            )
-        layer = int(match.group(1))
-        if layer not in self.cfg.gdn_layers:
-            raise ValueError(f"cannot attach an SAE at {site}: layer {layer} is not a GDN layer (GDN layers: {self.cfg.gdn_layers})")
+    def _check_sae(self, sae: SAEBase) -> Site:
+        site = parse_site(sae.cfg.site, self.cfg.gdn_layers)
         if (sae.cfg.d_k, sae.cfg.d_v) != (self.cfg.d_key, self.cfg.d_value):
             raise ValueError(f"SAE dims d_k={sae.cfg.d_k}, d_v={sae.cfg.d_v} do not match the model's {self.cfg.d_key}, {self.cfg.d_value}")
-        bad = [h for h in sae.cfg.head_indices if not 0 <= h < self.cfg.n_value_heads]
-        if bad or (sae.cfg.n_heads is not None and sae.cfg.n_heads != self.cfg.n_value_heads):
-            raise ValueError(f"SAE heads {sae.cfg.head_indices} out of range: layer {layer} has {self.cfg.n_value_heads} value heads")
-        if site in self._attached:
-            raise ValueError(f"an SAE is already attached at {site}; reset_saes() first")
-        return layer, match.group(2)
+        sae.learn_n_heads_(self.cfg.n_value_heads)
+        if site.name in self._attached:
+            raise ValueError(f"an SAE is already attached at {site.name}; reset_saes() first")
+        return site
 
     def add_sae(self, sae: SAEBase, use_error_term: bool | None = None) -> None:
         """Attach ``sae`` at its ``cfg.site``; its reconstruction is spliced in from the next forward on."""
-        layer, kind = self._check_sae(sae)
+        site = self._check_sae(sae)
         if use_error_term is not None:
             sae.use_error_term = use_error_term
         sae.to(self.W_E.device)
-        gdn = self.blocks[layer].linear_attn
-        heads = torch.tensor(sae.cfg.head_indices)
-        if kind == "hook_state":
-            gdn.hook_state.sae = sae
-            points = [(gdn.hook_state, _state_splice(sae, heads))]
-        else:
-            gdn.hook_write_value.sae = sae
-            points = list(zip((gdn.hook_write_key, gdn.hook_write_value, gdn.hook_state), _write_splice(sae, heads)))
+        self.hook_dict[site.name].sae = sae
+        points = _splice_points(self, site, sae.cfg.head_indices, sae)
         # permanent, and first, so that user hooks on the site see the spliced value
         handles = [(hp, hp.add_hook(fn, is_permanent=True, prepend=True)) for hp, fn in points]
         self._attached[sae.cfg.site] = (sae, handles)
@@ -117,33 +104,49 @@ class HookedSAEGatedDeltaNet(HookedGatedDeltaNet):
             return self.run_with_cache(*model_args, **kwargs)
 
 
+def zero_ablation_hooks(model: HookedGatedDeltaNet, sae: SAEBase) -> list[tuple[str, Callable]]:
+    """``fwd_hooks`` that zero ``sae``'s site on its heads wherever splicing ``sae`` would act (where
+    ``hook_state`` fires): the state set to 0, or the write deleted (its X̂ − k̂ δᵀ is −k̂ δᵀ)."""
+    site = parse_site(sae.cfg.site, model.cfg.gdn_layers)
+    return [(hp.name, fn) for hp, fn in _splice_points(model, site, sae.cfg.head_indices, torch.zeros_like)]
+
+
+def _splice_points(model: HookedGatedDeltaNet, site: Site, heads: list[int], reconstruct: Reconstruct) -> list[tuple]:
+    """(hook point, hook) pairs that replace the site on ``heads`` by ``reconstruct`` of it."""
+    gdn = model.blocks[site.layer].linear_attn
+    heads = torch.tensor(heads)
+    if site.kind == "state":
+        return [(gdn.hook_state, _state_splice(reconstruct, heads))]
+    return list(zip((gdn.hook_write_key, gdn.hook_write_value, gdn.hook_state), _write_splice(reconstruct, heads)))
+
+
 def _replace_heads(full: Tensor, heads: Tensor, new: Tensor) -> Tensor:
     out = full.clone()
     out[:, :, heads] = new.to(full.dtype)
     return out
 
 
-def _state_splice(sae: SAEBase, heads: Tensor):
+def _state_splice(reconstruct: Reconstruct, heads: Tensor):
     def splice(states: Tensor, hook) -> Tensor:  # [b, P, H, d_k, d_v]
-        return _replace_heads(states, heads, sae(states[:, :, heads]))
+        return _replace_heads(states, heads, reconstruct(states[:, :, heads]))
 
     return splice
 
 
-def _write_splice(sae: SAEBase, heads: Tensor):
+def _write_splice(reconstruct: Reconstruct, heads: Tensor):
     """Three hooks: remember k̂ and δ (with their positions), then add X̂ − k̂ δᵀ to the state."""
     seen: dict[str, Tensor] = {}
 
     def keep_key(k: Tensor, hook) -> None:
-        seen["key"], seen["positions"] = k, hook.ctx["positions"]
+        seen["key"], seen["positions"] = k, hook_positions(hook)
 
     def keep_value(delta: Tensor, hook) -> None:
         seen["value"] = delta
 
     def splice(states: Tensor, hook) -> Tensor:
-        rows = torch.searchsorted(seen["positions"], hook.ctx["positions"])
+        rows = torch.searchsorted(seen["positions"], hook_positions(hook))
         k, delta = seen["key"][:, rows][:, :, heads], seen["value"][:, rows][:, :, heads]
         write = k[..., :, None] * delta[..., None, :]  # [b, P, n_heads, d_k, d_v]
-        return _replace_heads(states, heads, states[:, :, heads] + sae(write) - write)
+        return _replace_heads(states, heads, states[:, :, heads] + reconstruct(write) - write)
 
     return keep_key, keep_value, splice

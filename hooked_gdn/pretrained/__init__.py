@@ -6,6 +6,8 @@ The novels ship gzipped in ``austen/`` with their SOURCE note.
 
 Documents are chapters. The held-out split is fixed and named: Persuasion, chapters 21–24. Every
 other chapter (including each novel's front matter, before its first chapter) is training text.
+`austen_corpus` gives both, as a corpus and the names of its held-out documents, which is what
+`writesae.store.ActivationStore` takes.
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ def austen_documents(split: str = "train") -> list[Document]:
             if split == "all" or heldout == (split == "heldout"):
                 docs.append(Document(f"{novel}/{index}", chapter))
     return docs
+
+
+def austen_corpus() -> tuple[list[Document], list[str]]:
+    """Every chapter, and the names of the held-out ones (the shipped model never saw them)."""
+    return austen_documents("all"), [d.name for d in austen_documents("heldout")]
 
 
 def heldout_windows(tokenizer, context: int = HELDOUT_CONTEXT) -> torch.Tensor:
