@@ -1,0 +1,326 @@
+"""Activation patching over the GDN memory, in TransformerLens' conventions (its ``patching.py``).
+
+A patched run takes the corrupted input and replaces an activation, at chosen GDN layers, sequence
+positions and heads, by its value in the clean run (read from ``clean_cache``); ``patching_metric``
+maps its logits to a number. `generic_activation_patch` runs one patched run per index of a grid
+(``index_axis_names`` among "layer", "pos", "head"; an axis left out is patched whole) and returns a
+tensor shaped like the grid, ready for `plot_patching_heatmap`. Thin wrappers name the sites:
+
+- ``"state"``: S_t (``hook_state``);
+- ``"write"``, ``"write_key"``, ``"write_value"``: the write k̂_t δ_tᵀ, both sides or one
+  (patching k̂ alone keeps the δ the corrupted run computed, and the reverse);
+- ``"read"``: o_t = S_tᵀ q̂_t (``hook_recurrence_out``);
+- any other GDN hook point with a position and a head axis by its short name (``"read_query"``,
+  ``"v"``, ``"beta"``, ``"log_decay"``, ``"gated_out"``, …).
+
+Layers are the GDN layers (``model.cfg.gdn_layers``, or a subset given as ``layers``); the grid's
+layer axis follows that list. State and write patches carry forward, as every edit of those hook
+points does (DESIGN §3): later positions follow the delta rule from the patched state. A state
+patched at one position runs in the default parallel mode; a state patched at several positions
+runs one position at a time (``recurrence="sequential"``), so that each holds exactly its clean
+value (in parallel mode each position's clean − corrupted difference would be added and carried,
+and the differences would sum). The SAE-feature version is `writesae.patching`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .sites import GDN_HOOKS, gdn_hook_name
+
+PatchingMetric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""] | float]
+
+AXES = ("layer", "pos", "head")
+_NAMED = {
+    "state": ("hook_state",),
+    "write": ("hook_write_key", "hook_write_value"),
+    "write_key": ("hook_write_key",),
+    "write_value": ("hook_write_value",),
+    "read": ("hook_recurrence_out",),
+}
+_NOT_PER_HEAD = ("hook_in", "hook_out", "hook_final_state")  # no position or no head axis
+ACTIVATIONS = tuple(_NAMED) + tuple(h[len("hook_"):] for h in GDN_HOOKS if h not in _NOT_PER_HEAD and h[5:] not in _NAMED)
+
+
+def activation_hooks(activation_name: str) -> tuple[str, ...]:
+    """The GDN hook points (``hook_…``) that patching ``activation_name`` replaces."""
+    if activation_name in _NAMED:
+        return _NAMED[activation_name]
+    if activation_name in ACTIVATIONS:
+        return (f"hook_{activation_name}",)
+    raise ValueError(f"cannot patch {activation_name!r}: the activations are {', '.join(ACTIVATIONS)}")
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Replace hook point ``name``'s activation by ``clean`` (its value at every position of the clean
+    run, [batch, pos, ...]) at sequence ``positions`` (dim 1), indices ``heads`` of dim 2 and, for
+    SAE codes, ``features`` of dim 3; None means all of them.
+
+    Where the hook point's dim 1 holds other positions than 0…p−1 (``hook_state`` fires at
+    ``state_positions``), the positions are read from ``positions_from``'s ``ctx`` (default: the hook
+    point itself, as `hooked_gdn.sites.hook_positions` does).
+    """
+
+    name: str
+    clean: Tensor
+    positions: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
+    features: tuple[int, ...] | None = None
+    positions_from: str | None = None
+
+    @property
+    def fires_with_state(self) -> bool:
+        """Whether the patched hook fires where ``hook_state`` fires (states, and SAE codes at a state site)."""
+        return (self.positions_from or self.name).endswith("hook_state")
+
+
+def _axis_mask(n: int, chosen: Sequence[int] | None, device) -> Tensor:
+    mask = torch.zeros(n, dtype=torch.bool, device=device)
+    mask[list(chosen) if chosen is not None else slice(None)] = True
+    return mask
+
+
+def _patch_hook(patch: Patch, model) -> Callable:
+    positions_hook = model.hook_dict[patch.positions_from] if patch.positions_from else None
+
+    def hook(x: Tensor, hook) -> Tensor | None:
+        here = (hook if positions_hook is None else positions_hook).ctx.get("positions")  # the write/state hook points tell theirs
+        here = torch.arange(x.shape[1]) if here is None else here
+        here = here.to(x.device)
+        at = torch.ones_like(here, dtype=torch.bool) if patch.positions is None else torch.isin(here, torch.tensor(patch.positions, device=x.device))
+        if not bool(at.any()):
+            return None  # nothing to patch in this firing: observe only, no recompute
+        mask = at[:, None] & _axis_mask(x.shape[2], patch.heads, x.device)[None]
+        if patch.features is not None:
+            mask = mask[..., None] & _axis_mask(x.shape[3], patch.features, x.device)
+        mask = mask.reshape(1, *mask.shape, *[1] * (x.dim() - 1 - mask.dim()))
+        clean = patch.clean[:, here.to(patch.clean.device)].to(x.device, x.dtype)
+        return torch.where(mask, clean, x)
+
+    return hook
+
+
+def as_tokens(model, tokens) -> Int[Tensor, "batch pos"]:
+    if isinstance(tokens, str):
+        return model.to_tokens(tokens)
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"corrupted_tokens must be a string or a token tensor, got {type(tokens).__name__}")
+    return tokens[None] if tokens.dim() == 1 else tokens
+
+
+def check_patch(patch: Patch, tokens: Tensor) -> None:
+    b, T = tokens.shape
+    if patch.clean.dim() < 3 or patch.clean.shape[1] != T:
+        got = tuple(patch.clean.shape)
+        raise ValueError(
+            f"the clean {patch.name} has shape {got}, the corrupted input {T} positions: patching pairs the "
+            f"clean and corrupted runs position by position, so both prompts must have the same number of "
+            f"tokens (and the clean cache must hold every position: no state_positions)")
+    if patch.clean.shape[0] not in (1, b):
+        raise ValueError(f"the clean {patch.name} has a batch of {patch.clean.shape[0]}, the corrupted input {b}")
+    for axis, chosen, n in (("positions", patch.positions, T), ("heads", patch.heads, patch.clean.shape[2]),
+                            ("features", patch.features, patch.clean.shape[3] if patch.clean.dim() > 3 else 0)):
+        if chosen is not None and any(not 0 <= i < n for i in chosen):
+            raise ValueError(f"{axis} {list(chosen)} out of range for {patch.name} (size {n})")
+
+
+def run_with_patches(
+    model, corrupted_tokens: str | Int[Tensor, "batch pos"], patches: Sequence[Patch], **forward_kwargs
+) -> Float[Tensor, "batch pos d_vocab"]:
+    """The corrupted run with every patch applied at once; returns its logits.
+
+    Chooses ``state_positions`` (the patched states' positions, so no other state is formed) and,
+    when a state or an SAE code at a state site is patched at several positions, the sequential
+    recurrence; ``forward_kwargs`` override these.
+    """
+    tokens = as_tokens(model, corrupted_tokens)
+    for patch in patches:
+        for name in (patch.name, patch.positions_from):
+            if name is not None and name not in model.hook_dict:
+                raise ValueError(f"the model has no hook point {name!r}")
+        check_patch(patch, tokens)
+    with_state = [p for p in patches if p.fires_with_state]
+    if with_state:
+        if all(p.positions is not None for p in with_state):
+            forward_kwargs.setdefault("state_positions", sorted({t for p in with_state for t in p.positions}))
+        if any((tokens.shape[1] if p.positions is None else len(p.positions)) > 1 for p in with_state):
+            forward_kwargs.setdefault("recurrence", "sequential")
+    return model.run_with_hooks(tokens, fwd_hooks=[(p.name, _patch_hook(p, model)) for p in patches], **forward_kwargs)
+
+
+def _gdn_layers(model, layers: Sequence[int] | None) -> list[int]:
+    gdn = list(model.cfg.gdn_layers)
+    layers = gdn if layers is None else [int(layer) for layer in layers]
+    bad = [layer for layer in layers if layer not in gdn]
+    if bad:
+        raise ValueError(f"layers {bad} are not Gated DeltaNet layers; this model's GDN layers are {gdn}")
+    return layers
+
+
+def _clean_activation(clean_cache: Mapping[str, Tensor], name: str) -> Tensor:
+    if name not in clean_cache:
+        hint = (" States are cached only when named: model.run_with_cache(clean_tokens, "
+                "names_filter=lambda name: name.endswith('hook_state'))") if name.endswith("hook_state") else ""
+        raise ValueError(f"the clean cache has no {name}.{hint}")
+    return clean_cache[name]
+
+
+def _metric_value(value) -> float:
+    value = torch.as_tensor(value)
+    if value.numel() != 1:
+        raise ValueError(f"patching_metric must return a scalar, got shape {tuple(value.shape)}")
+    return float(value)
+
+
+def patch_grid(
+    axes: Mapping[str, Sequence[int]],
+    index_axis_names: Sequence[str],
+    run: Callable[[dict[str, list[int]]], Tensor],
+    patching_metric: PatchingMetric,
+    show_progress: bool = True,
+) -> Float[Tensor, "..."]:
+    """One patched run per index of the grid over ``index_axis_names``; returns the metric in its shape.
+
+    ``axes`` gives each axis's values; ``run(selection)`` gets, for every axis, the values patched
+    in this run (one for an indexed axis, all of them for an axis left out) and returns logits.
+    """
+    names = list(index_axis_names)
+    if len(set(names)) != len(names) or any(name not in axes for name in names):
+        raise ValueError(f"index_axis_names {names} must be distinct names among {list(axes)}")
+    shape = [len(axes[name]) for name in names]
+    result = torch.zeros(shape)
+    for index in tqdm(list(itertools.product(*(range(n) for n in shape))), disable=not show_progress):
+        selection = {axis: list(values) for axis, values in axes.items()}
+        selection.update({name: [axes[name][i]] for name, i in zip(names, index)})
+        with torch.no_grad():
+            result[index] = _metric_value(patching_metric(run(selection)))
+    return result
+
+
+def generic_activation_patch(
+    model,
+    corrupted_tokens: str | Int[Tensor, "batch pos"],
+    clean_cache: Mapping[str, Tensor],
+    patching_metric: PatchingMetric,
+    activation_name: str,
+    index_axis_names: Sequence[str] = AXES,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    show_progress: bool = True,
+) -> Float[Tensor, "..."]:
+    """Patch ``activation_name`` (see the module docstring) from the clean run into the corrupted
+    one, one run per index of ``index_axis_names`` (a subset of "layer", "pos", "head", in the
+    result's axis order); returns ``patching_metric`` of each run, shaped like the grid.
+
+    ``layers`` (GDN layers), ``positions`` and ``heads`` restrict the grid and what a left-out axis
+    patches (default: all). ``clean_cache`` holds the activation at every position of the clean run
+    (for states, name them: ``model.run_with_cache(clean_tokens, names_filter=...)``).
+    """
+    tokens = as_tokens(model, corrupted_tokens)
+    hooks = activation_hooks(activation_name)
+    layers = _gdn_layers(model, layers)
+    clean = {(layer, hook): _clean_activation(clean_cache, gdn_hook_name(layer, hook)) for layer in layers for hook in hooks}
+    n_heads = next(iter(clean.values())).shape[2]
+    axes = {
+        "layer": layers,
+        "pos": list(range(tokens.shape[1])) if positions is None else [int(t) for t in positions],
+        "head": list(range(n_heads)) if heads is None else [int(h) for h in heads],
+    }
+
+    def run(selection: dict[str, list[int]]) -> Tensor:
+        patches = [Patch(gdn_hook_name(layer, hook), clean[layer, hook], tuple(selection["pos"]), tuple(selection["head"]))
+                   for layer in selection["layer"] for hook in hooks]
+        return run_with_patches(model, tokens, patches)
+
+    # validate once, before the grid: lengths, ranges, hook names
+    for layer in layers:
+        for hook in hooks:
+            check_patch(Patch(gdn_hook_name(layer, hook), clean[layer, hook], tuple(axes["pos"]), tuple(axes["head"])), tokens)
+    return patch_grid(axes, index_axis_names, run, patching_metric, show_progress)
+
+
+def get_act_patch_state(model, corrupted_tokens, clean_cache, patching_metric, index_axis_names=AXES, **kwargs) -> Tensor:
+    """Patch the state S_t; default grid [layer, pos, head]. Carried forward from each patched position."""
+    return generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric, "state", index_axis_names, **kwargs)
+
+
+def get_act_patch_write(
+    model, corrupted_tokens, clean_cache, patching_metric, index_axis_names=AXES, side: str = "both", **kwargs
+) -> Tensor:
+    """Patch the write k̂_t δ_tᵀ: ``side`` "both", "key" (k̂) or "value" (δ); default grid [layer, pos, head]."""
+    sides = {"both": "write", "key": "write_key", "value": "write_value"}
+    if side not in sides:
+        raise ValueError(f"side must be one of {list(sides)}, got {side!r}")
+    return generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric, sides[side], index_axis_names, **kwargs)
+
+
+def get_act_patch_read(model, corrupted_tokens, clean_cache, patching_metric, index_axis_names=AXES, **kwargs) -> Tensor:
+    """Patch the read o_t = S_tᵀ q̂_t (``hook_recurrence_out``); default grid [layer, pos, head]."""
+    return generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric, "read", index_axis_names, **kwargs)
+
+
+MEMORY_SITES = ("state", "write", "read")
+
+
+def get_act_patch_memory_every(
+    model, corrupted_tokens, clean_cache, patching_metric, **kwargs
+) -> Float[Tensor, "3 layer pos"]:
+    """The state, the write (both sides) and the read, each patched per GDN layer and position over
+    all heads: [3, layer, pos] in the order of ``MEMORY_SITES`` (as TransformerLens' ``get_act_patch_block_every``)."""
+    return torch.stack([
+        generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric, site, ("layer", "pos"), **kwargs)
+        for site in MEMORY_SITES
+    ])
+
+
+def plot_patching_heatmap(
+    values: Float[Tensor, "rows cols"] | Float[Tensor, "panels rows cols"],
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+    panel_titles: Sequence[str] | None = None,
+    title: str | None = None,
+    xlabel: str = "position",
+    ylabel: str = "layer",
+    colorbar_label: str = "metric",
+    path: str | Path | None = None,
+):
+    """A heatmap of a patching result (one panel per entry of a 3-D result's first axis), diverging
+    around 0 on one colour scale; saved to ``path`` when given. Returns the matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = torch.as_tensor(values).detach().float().cpu()
+    panels = values[None] if values.dim() == 2 else values
+    if panels.dim() != 3:
+        raise ValueError(f"a heatmap needs a 2-D or 3-D result, got shape {tuple(values.shape)}")
+    n, rows, cols = panels.shape
+    limit = max(float(panels.abs().max()), 1e-12)
+    fig, axs = plt.subplots(n, 1, figsize=(max(4.0, 0.45 * cols + 2), (0.35 * rows + 1.2) * n), squeeze=False)
+    for i, ax in enumerate(axs[:, 0]):
+        image = ax.imshow(panels[i].numpy(), cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+        ax.set_yticks(range(rows), list(row_labels) if row_labels is not None else range(rows))
+        ax.set_xticks(range(cols), list(col_labels) if col_labels is not None else range(cols),
+                      rotation=90 if col_labels is not None else 0)
+        ax.set_ylabel(ylabel)
+        if panel_titles is not None:
+            ax.set_title(panel_titles[i])
+        fig.colorbar(image, ax=ax, label=colorbar_label)
+    axs[-1, 0].set_xlabel(xlabel)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+    return fig
