@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
-from hooked_gdn.pretrained import HELDOUT_CONTEXT, PRETRAINED_MODELS, austen_documents, heldout_windows
+from hooked_gdn.pretrained import CENSUS_FILE, HELDOUT_CONTEXT, PRETRAINED_MODELS, austen_documents, heldout_census, heldout_windows
 
 EOS = "<|endoftext|>"
 
@@ -228,20 +228,15 @@ def heldout_loss(model: Qwen3_5ForCausalLM, windows: torch.Tensor, batch: int = 
     return total / count
 
 
-CENSUS_TOKENS, CENSUS_CONTEXT = 2048, 512  # the card's census: the first 2,048 held-out tokens, 4 windows of 512
 PREVIOUS_CENSUS = Path(__file__).parents[1] / "results" / "census" / "gdn-austen-v1" / "census.json"
 
 
 def model_census(folder: Path):
-    """The memory census of the model in ``folder`` on the card's held-out text (census.json and
-    half_lives.png are written beside the weights)."""
+    """The card's memory census of the model in ``folder``, written beside the weights (census.json, half_lives.png)."""
     from hooked_gdn import HookedGatedDeltaNet
-    from hooked_gdn.census import memory_census
 
-    model = HookedGatedDeltaNet.from_pretrained(folder).eval()
-    text = [doc.text for doc in austen_documents("heldout")]
-    census = memory_census(model, text, context=CENSUS_CONTEXT, max_tokens=CENSUS_TOKENS)
-    census.save_json(folder / "census.json")
+    census = heldout_census(HookedGatedDeltaNet.from_pretrained(folder).eval())
+    census.save_json(folder / CENSUS_FILE)
     census.plot_half_lives(folder / "half_lives.png")
     return census
 

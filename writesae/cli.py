@@ -3,26 +3,45 @@
     writesae quickstart                                   # the main job, a few minutes on 2 CPU cores
     writesae train --layer 4 --steps 2000 --out runs/l4   # an SAE on the bundled novels
     writesae eval runs/l4/sae --contexts 16
+    writesae dashboard runs/l4/sae --out runs/l4/dashboard   # then open runs/l4/dashboard/index.html
 
 Without ``--data`` the bundled Austen novels are used, with the shipped model's held-out chapters
-(Persuasion 21–24) as the held-out documents.
+(Persuasion 21–24) as the held-out documents. ``--data`` takes text files (``.gz`` ones are
+decompressed) and folders (their ``.txt`` and ``.txt.gz`` files, recursively); each file is one
+document, and a seeded 5% of them (at least one) is held out, the same for ``train`` and ``eval``.
+
+``--out`` may be a new or existing folder: the tool writes only the names it lists in its manifest
+there (see `writesae.outputs`), and refuses to start when a file of the same name is in the way.
+Bad input ends with ``writesae <command>: error: ...`` and exit status 2, not a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
+from hooked_gdn.pretrained import CENSUS_CONTEXT, CENSUS_TOKENS
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: counts of steps, samples, contexts, features … must be at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
 
 def _add_store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="gdn-austen", help="shipped short name, local folder or hub id")
-    p.add_argument("--data", nargs="+", help="text files or folders (default: the bundled novels)")
-    p.add_argument("--context", type=int, default=128, help="tokens per context")
+    p.add_argument("--data", nargs="+", type=Path, help="text files (.txt, .gz) or folders of them (default: the bundled novels)")
+    p.add_argument("--context", type=_positive_int, default=128, help="tokens per context")
     p.add_argument("--positions", default="8", help="'all', 'final' or k random positions per context")
+    p.add_argument("--buffer-size", type=_positive_int, default=4096, help="training samples in the shuffled buffer")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="the model's dtype")
     p.add_argument("--seed", type=int, default=0)
@@ -35,10 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     quick = commands.add_parser("quickstart", help="train and inspect a WriteSAE on the shipped model (the main job)")
     quick.add_argument("--layer", type=int, help="GDN layer (default: the middle one)")
     quick.add_argument("--heads", default="all", help="'all' or comma-separated head indices")
-    quick.add_argument("--n-features", type=int, default=256)
-    quick.add_argument("--k", type=int, default=8)
-    quick.add_argument("--steps", type=int, default=400)
-    quick.add_argument("--batch-size", type=int, default=128)
+    quick.add_argument("--n-features", type=_positive_int, default=256)
+    quick.add_argument("--k", type=_positive_int, default=8)
+    quick.add_argument("--steps", type=_positive_int, default=400)
+    quick.add_argument("--batch-size", type=_positive_int, default=128)
     quick.add_argument("--lr", type=float, default=2e-3)
     quick.add_argument("--out", type=Path, default=Path("quickstart-out"))
     quick.add_argument("--seed", type=int, default=0)
@@ -50,12 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--kind", choices=["state", "write"], default="state", help="the site: the state S_t or the write k̂_t δ_tᵀ")
     tr.add_argument("--architecture", choices=["bilinear", "matrix", "flat"], default="bilinear")
     tr.add_argument("--tied", action="store_true", help="bilinear encoder tied to the decoder (U = V, P = W)")
-    tr.add_argument("--n-features", type=int, default=512)
-    tr.add_argument("--rank", type=int, default=1)
+    tr.add_argument("--n-features", type=_positive_int, default=512)
+    tr.add_argument("--rank", type=_positive_int, default=1)
     tr.add_argument("--sparsity", choices=["topk", "batchtopk", "relu", "jumprelu"], default="topk")
-    tr.add_argument("--k", type=int, default=16)
-    tr.add_argument("--steps", type=int, default=2000)
-    tr.add_argument("--batch-size", type=int, default=256)
+    tr.add_argument("--k", type=_positive_int, default=16)
+    tr.add_argument("--steps", type=_positive_int, default=2000)
+    tr.add_argument("--batch-size", type=_positive_int, default=256)
     tr.add_argument("--lr", type=float, default=4e-4)
     tr.add_argument("--eval-every", type=int, default=500)
     tr.add_argument("--checkpoint-every", type=int, default=500)
@@ -65,8 +84,8 @@ def _parser() -> argparse.ArgumentParser:
 
     census = commands.add_parser("census", help="how long each GDN head remembers: decay half-lives, β, state rank")
     census.add_argument("--model", default="gdn-austen", help="shipped short name, local folder or hub id")
-    census.add_argument("--tokens", type=int, default=2048, help="tokens of text to measure on")
-    census.add_argument("--context", type=int, default=512, help="tokens per window (each starts from a zero state)")
+    census.add_argument("--tokens", type=int, default=CENSUS_TOKENS, help="held-out tokens to measure on (the model card's: %(default)s)")
+    census.add_argument("--context", type=int, default=CENSUS_CONTEXT, help="tokens per window, each starting from a zero state")
     census.add_argument("--state-every", type=int, default=1, help="form states at every n-th position only")
     census.add_argument("--out", type=Path, default=Path("census-out"), help="folder for census.json and half_lives.png")
     census.add_argument("--device", default=None)
@@ -75,10 +94,30 @@ def _parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="held-out reconstruction and downstream metrics of a saved SAE")
     ev.add_argument("sae", type=Path, help="an SAE folder (cfg.json + sae_weights.safetensors)")
     _add_store_args(ev)
-    ev.add_argument("--samples", type=int, default=4096, help="held-out states for the reconstruction metrics")
-    ev.add_argument("--contexts", type=int, default=8, help="held-out contexts for the downstream metrics")
+    ev.add_argument("--samples", type=_positive_int, default=4096, help="held-out states for the reconstruction metrics")
+    ev.add_argument("--contexts", type=_positive_int, default=8, help="held-out contexts for the downstream metrics")
     ev.add_argument("--mode", choices=["loop", "single"], default="loop")
     ev.add_argument("--json", type=Path, help="also write the metrics here")
+
+    dash = commands.add_parser("dashboard", help="a static HTML site of an SAE's features: where they fire, the keys "
+                               "they read, their effect on the logits, their ablation KL")
+    dash.add_argument("sae", type=Path, help="an SAE folder (cfg.json + sae_weights.safetensors)")
+    dash.add_argument("--model", default="gdn-austen", help="shipped short name, local folder or hub id")
+    dash.add_argument("--out", type=Path, default=Path("dashboard-out"), help="folder for index.html and features/")
+    dash.add_argument("--data", nargs="+", type=Path, help="text files (.txt, .gz) or folders of them; their held-out "
+                      "documents are read (default: the shipped model's held-out chapters)")
+    dash.add_argument("--contexts", type=_positive_int, default=32, help="held-out windows to read")
+    dash.add_argument("--context", type=_positive_int, default=128, help="tokens per window")
+    dash.add_argument("--features-per-head", type=_positive_int, help="pages for each head's N most frequent features (default: all)")
+    dash.add_argument("--top", type=_positive_int, default=10, help="top activations shown per feature")
+    dash.add_argument("--ablation-firings", type=int, default=4, help="top firings ablated per feature for the carried KL (0: none)")
+    dash.add_argument("--horizon", type=_positive_int, default=8, help="positions the carried KL sums over")
+    dash.add_argument("--batch-size", type=_positive_int, default=4, help="windows per forward pass")
+    dash.add_argument("--device", default=None)
+    dash.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="the model's dtype")
+    dash.add_argument("--seed", type=int, default=0, help="the held-out choice of --data documents")
+    dash.add_argument("--no-progress", action="store_true")
+    dash.set_defaults(positions="final")  # the store only cuts the windows here
     return parser
 
 
@@ -95,9 +134,9 @@ def _store(model, args, layer: int, heads, kind: str):
 
     from .store import ActivationStore, StoreConfig
 
-    texts, heldout = austen_corpus() if not args.data else (args.data, None)
+    texts, heldout = austen_corpus() if not args.data else (args.data, None)  # Paths: files to read, never text
     cfg = StoreConfig(layer=layer, kind=kind, heads=heads, context=args.context, positions=_positions(args.positions),
-                      heldout_documents=heldout, seed=args.seed)
+                      buffer_size=args.buffer_size, heldout_documents=heldout, seed=args.seed)
     return ActivationStore(model, texts, cfg)
 
 
@@ -111,8 +150,13 @@ def cmd_train(args) -> None:
     from hooked_gdn.sites import site_name
 
     from .sae import ARCHITECTURES
-    from .train import TrainConfig, train
+    from .train import TrainConfig, claim_out_dir, train
 
+    train_cfg = TrainConfig(
+        out_dir=str(args.out), steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every, progress=not args.no_progress, wandb_project=args.wandb, seed=args.seed,
+    )
+    claim_out_dir(train_cfg)  # refuse a file in the way now, not after loading the model and the corpus
     model = _load_model(args)
     heads = _heads(args.heads)
     sae = ARCHITECTURES[args.architecture](
@@ -121,22 +165,28 @@ def cmd_train(args) -> None:
         seed=args.seed, device=args.device,
     )
     store = _store(model, args, args.layer, heads, args.kind)
-    result = train(sae, store, TrainConfig(
-        out_dir=str(args.out), steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every, progress=not args.no_progress, wandb_project=args.wandb, seed=args.seed,
-    ))
+    result = train(sae, store, train_cfg)
     print(f"saved {result.out_dir / 'sae'}")
+    if result.diverged:
+        raise SystemExit(f"writesae train: the saved SAE looks diverged: {result.diverged}")
 
 
 def cmd_eval(args) -> None:
-    from .evals import downstream_metrics, reconstruction_metrics
-    from .io import load_sae
+    from hooked_gdn.sites import parse_site
 
-    model = _load_model(args)
+    from .evals import downstream_metrics, reconstruction_metrics
+    from .io import CFG_FILE, load_sae
+
     sae = load_sae(args.sae, device=args.device).eval()
-    layer = int(sae.cfg.site.split(".")[1])
-    kind = "state" if sae.cfg.site.endswith("hook_state") else "write"
-    store = _store(model, args, layer, sae.cfg.heads, kind)
+    model = _load_model(args)
+    try:
+        site = parse_site(sae.cfg.site, model.cfg.gdn_layers)
+    except ValueError as error:
+        raise ValueError(f"{args.sae / CFG_FILE}: site {error}") from error
+    store = _store(model, args, site.layer, sae.cfg.heads, site.kind)
+    if args.contexts > store.n_contexts("heldout"):
+        raise ValueError(f"--contexts {args.contexts}: the held-out documents give only {store.n_contexts('heldout')} "
+                         f"contexts of --context {args.context} tokens")
     recon = reconstruction_metrics(sae, store.heldout_batches(256, args.samples))
     tokens = torch.stack([store.context_tokens(i, "heldout") for i in range(args.contexts)])
     downstream = downstream_metrics(model, sae, tokens, mode=args.mode)
@@ -145,7 +195,9 @@ def cmd_eval(args) -> None:
         print(f"{head:>4}   {recon['fvu'][h]:.3f}  {recon['l0'][h]:5.1f}  {recon['dead_fraction'][h]:.3f}  {recon['dense_fraction'][h]:.3f}")
     print(json.dumps(downstream, indent=2))
     if args.json:
-        args.json.write_text(json.dumps({"reconstruction": recon, "downstream": downstream}, indent=2) + "\n")
+        tmp = args.json.with_name(f".{args.json.name}.tmp")
+        tmp.write_text(json.dumps({"reconstruction": recon, "downstream": downstream}, indent=2) + "\n")
+        os.replace(tmp, args.json)
 
 
 def cmd_quickstart(args) -> None:
@@ -175,9 +227,38 @@ def cmd_census(args) -> None:
     print(f"wrote {args.out}/: census.json, half_lives.png")
 
 
+def cmd_dashboard(args) -> None:
+    from .dashboard import build_dashboard, check_site
+    from .dashboard_html import OUTPUTS, write_site
+    from .io import load_sae
+    from .outputs import claim_outputs
+
+    sae = load_sae(args.sae, device=args.device).eval()
+    model = _load_model(args)
+    try:
+        site = check_site(model, sae)  # before any computation, and before the output folder is touched
+    except ValueError as error:
+        raise ValueError(f"{args.sae}: {error}") from error
+    claim_outputs(args.out, OUTPUTS)
+    store = _store(model, args, site.layer, sae.cfg.head_indices, site.kind)
+    n = min(args.contexts, store.n_contexts("heldout"))
+    windows = torch.stack([store.context_tokens(i, "heldout") for i in range(n)])
+    dashboard = build_dashboard(model, sae, windows, features_per_head=args.features_per_head, n_contexts=args.top,
+                                ablation_firings=args.ablation_firings, horizon=args.horizon, batch_size=args.batch_size,
+                                progress=not args.no_progress)
+    index = write_site(dashboard, args.out, progress=not args.no_progress)
+    print(f"wrote {index} and {len(dashboard.features)} feature pages in {args.out / 'features'}: open {index} in a browser")
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
-    {"train": cmd_train, "eval": cmd_eval, "quickstart": cmd_quickstart, "census": cmd_census}[args.command](args)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    command = {"train": cmd_train, "eval": cmd_eval, "quickstart": cmd_quickstart, "census": cmd_census,
+               "dashboard": cmd_dashboard}[args.command]
+    try:
+        command(args)
+    except (ValueError, OSError, FloatingPointError) as error:  # bad input: its message names it; no traceback
+        parser.exit(2, f"writesae {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

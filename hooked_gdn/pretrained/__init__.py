@@ -81,3 +81,24 @@ def heldout_windows(tokenizer, context: int = HELDOUT_CONTEXT) -> torch.Tensor:
         ids += tokenizer(doc.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     n = len(ids) // context
     return torch.tensor(ids[: n * context]).view(n, context)
+
+
+#: The model card's memory census: the first 2,048 held-out tokens, in windows of 512 tokens.
+CENSUS_TOKENS, CENSUS_CONTEXT = 2048, 512
+CENSUS_FILE = "census.json"
+
+
+def heldout_census(model):
+    """The memory census of ``model`` on the model card's held-out text (`CENSUS_TOKENS` tokens)."""
+    from ..census import memory_census
+
+    text = [doc.text for doc in austen_documents("heldout")]
+    return memory_census(model, text, context=CENSUS_CONTEXT, max_tokens=CENSUS_TOKENS)
+
+
+def default_layer(name: str = "gdn-austen") -> int:
+    """The GDN layer the quickstart and the demos study: the one with the most heads of median
+    half-life ≥ 16 tokens, by the census shipped beside the model card (``census.json``)."""
+    from ..census import MemoryCensus
+
+    return MemoryCensus.load_json(PRETRAINED_MODELS[name] / CENSUS_FILE).long_memory_layer()
