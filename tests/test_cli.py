@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import random
+import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 from transformers import Qwen3_5ForCausalLM
 
+from hooked_gdn import HookedGatedDeltaNet
 from hooked_gdn.pretrained import PRETRAINED_MODELS
 from writesae import BilinearMatrixSAE, load_sae
-from writesae.quickstart import run_quickstart
+from writesae.cli import main
+from writesae.quickstart import format_report, run_quickstart
+from writesae.store import ActivationStore
 
 from .conftest import tiny_hf_config
 
@@ -27,6 +35,7 @@ def test_help_lists_the_commands_and_options():
         assert result.returncode == 0 and option in result.stdout
 
 
+@pytest.mark.slow
 def test_twenty_step_cli_run_on_a_random_tiny_model_writes_a_loadable_sae(tmp_path):
     torch.manual_seed(0)
     folder = tmp_path / "tiny"
@@ -49,14 +58,153 @@ def test_twenty_step_cli_run_on_a_random_tiny_model_writes_a_loadable_sae(tmp_pa
     assert len(metrics["reconstruction"]["fvu"]) == 4 and "ce_loss_recovered" in metrics["downstream"]
 
 
-def test_quickstart_in_reduced_mode_writes_outputs_that_load(tmp_path):
-    summary = run_quickstart(tmp_path, n_features=32, k=4, steps=6, batch_size=16, context=64, eval_contexts=2,
-                             progress=False)
+@pytest.mark.slow
+def test_quickstart_on_two_heads_labels_model_heads_and_writes_outputs_that_load(tmp_path):
+    summary = run_quickstart(tmp_path, heads=[1, 3], n_features=32, k=4, steps=6, batch_size=16, context=64,
+                             eval_contexts=2, progress=False)
     sae = load_sae(tmp_path / "sae")
-    assert sae.cfg.site == summary["site"] and sae.cfg.model_name == "gdn-austen"
-    on_disk = json.loads((tmp_path / "summary.json").read_text())
-    assert on_disk["reconstruction"]["fvu"] == summary["reconstruction"]["fvu"]
-    assert 0 <= on_disk["downstream_in_the_loop"]["kl_spliced"]
-    assert on_disk["top_contexts"] and all("[[" in line for lines in on_disk["top_contexts"].values() for line in lines)
+    assert sae.cfg.site == summary["site"] and sae.cfg.model_name == "gdn-austen" and sae.cfg.head_indices == [1, 3]
+    # the SAE's dictionaries 0 and 1 are model heads 1 and 3: reports name the model heads
+    assert {label.split(",")[0] for label in summary["top_contexts"]} == {"head 1", "head 3"}
+    assert all("[[" in line for lines in summary["top_contexts"].values() for line in lines)
+    table = format_report(summary).splitlines()[3:5]
+    assert [row.split()[0] for row in table] == ["1", "3"]
     for plot in ("atoms.png", "activations.png", "training_curve.png"):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+# --- --data, --out and errors, in-process on the shipped model and a small folder of text -------
+
+WORDS = "amber basalt cobalt dune ember fjord garnet harbor indigo jasper kelp lagoon meadow nickel".split()
+# the overrides that make a README command small enough for a test (argparse keeps the last value)
+SMALL = {
+    "train": "--model gdn-austen --device cpu --dtype float32 --layer 4 --n-features 32 --k 4 --context 32 "
+             "--batch-size 16 --buffer-size 64 --steps 3 --eval-every 3 --checkpoint-every 3 --no-progress",
+    "eval": "--model gdn-austen --device cpu --dtype float32 --context 32 --samples 64 --contexts 2",
+}
+
+
+def text_folder(folder: Path) -> list[str]:
+    """Six documents of random words (.txt files, a gzipped one in a subfolder) and a note that is no document."""
+    texts = [" ".join(random.Random(i).choices(WORDS, k=120)) + "." for i in range(6)]
+    (folder / "more").mkdir(parents=True)
+    for i, text in enumerate(texts[:5]):
+        (folder / f"doc{i}.txt").write_text(text)
+    with gzip.open(folder / "more" / "doc5.txt.gz", "wt") as f:
+        f.write(texts[5])
+    (folder / "notes.md").write_text("zebra " * 300)
+    return texts
+
+
+def readme_data_commands() -> list[list[str]]:
+    readme = (Path(__file__).parents[1] / "README.md").read_text().replace("\\\n", " ")
+    return [shlex.split(line) for line in readme.splitlines() if line.startswith("writesae ") and " --data " in line]
+
+
+def test_the_readmes_data_commands_train_and_evaluate_on_the_files_text(tmp_path, monkeypatch, capsys):
+    texts = text_folder(tmp_path / "my_corpus")
+    commands = readme_data_commands()
+    assert len(commands) >= 2 and [c[1] for c in commands] == ["train", "eval"] * (len(commands) // 2)
+    trained_on = []
+    extract = ActivationStore._extract
+
+    def recording(self, split, indices, generator):
+        if split == "train":
+            trained_on.extend(self._contexts[split][indices].tolist())
+        return extract(self, split, indices, generator)
+
+    monkeypatch.setattr(ActivationStore, "_extract", recording)
+    monkeypatch.chdir(tmp_path)  # the README's paths are relative: my_corpus/, runs/…
+    model = HookedGatedDeltaNet.from_pretrained("gdn-austen")
+    for command in commands:
+        trained_on.clear()
+        main(command[1:] + SMALL[command[1]].split())
+        out = capsys.readouterr().out
+        if command[1] == "eval":
+            assert "FVU" in out and "ce_loss_recovered" in out
+            continue
+        # every trained sample comes from a context whose text, cut at EOS, lies in one of the files
+        pieces = []
+        for context in trained_on:
+            while context:
+                end = context.index(model.cfg.eos_token_id) if model.cfg.eos_token_id in context else len(context)
+                pieces.append(model.tokenizer.decode(context[:end], clean_up_tokenization_spaces=False))
+                context = context[end + 1 :]
+        assert sum(map(len, pieces)) > 3000
+        assert all(any(piece in text for text in texts) for piece in pieces if piece)
+        sae = load_sae(Path(command[command.index("--out") + 1]) / "sae")
+        assert sae.cfg.site == "blocks.4.linear_attn.hook_state"
+
+
+def test_a_list_of_file_names_is_refused_as_text(tmp_path):
+    texts = text_folder(tmp_path / "corpus")
+    files = sorted(str(f) for f in (tmp_path / "corpus").glob("*.txt"))
+    model = HookedGatedDeltaNet.from_pretrained("gdn-austen")
+    with pytest.raises(TypeError, match="every one names a file or folder .*pass pathlib.Path objects"):
+        ActivationStore(model, files, layer=4, context=32)
+    store = ActivationStore(model, [Path(f) for f in files], layer=4, context=32)
+    assert store.document_names == files and texts[0].startswith(model.to_string(store.context_tokens(0)[:5]))
+
+
+def cli_error(capsys, *args: str) -> str:
+    """Run the command, which must fail with exit status 2 and one line on stderr; return that line."""
+    with pytest.raises(SystemExit) as exit:
+        main(list(args))
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "Traceback" not in err, err
+    return err
+
+
+def test_train_refuses_a_file_in_out_before_loading_anything(tmp_path, monkeypatch, capsys):
+    import writesae.cli as cli
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "metrics.jsonl").write_text("my own notes\n")
+    monkeypatch.setattr(cli, "_load_model", lambda args: pytest.fail("the model was loaded"))
+    err = cli_error(capsys, "train", "--layer", "4", "--out", str(tmp_path / "out"))
+    assert f"{tmp_path / 'out' / 'metrics.jsonl'} exists and was not created by writesae" in err
+    assert (tmp_path / "out" / "metrics.jsonl").read_text() == "my own notes\n"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A folder of text and an SAE trained on it through the CLI."""
+    root = tmp_path_factory.mktemp("trained")
+    text_folder(root / "corpus")
+    main(["train", "--data", str(root / "corpus"), "--out", str(root / "run"), *SMALL["train"].split()])
+    return root
+
+
+def test_eval_errors_name_the_argument_or_the_file(trained, tmp_path, capsys):
+    corpus, sae = str(trained / "corpus"), str(trained / "run" / "sae")
+    small = SMALL["eval"].split()
+    assert "argument --contexts: must be a positive integer, got 0" in cli_error(capsys, "eval", sae, "--contexts", "0")
+    assert "argument --samples: must be a positive integer, got -1" in cli_error(capsys, "eval", sae, "--samples", "-1")
+    err = cli_error(capsys, "eval", sae, "--data", corpus, *small, "--contexts", "100000")
+    assert "--contexts 100000: the held-out documents give only" in err and "of --context 32 tokens" in err
+    bad = load_sae(sae)
+    bad.cfg.site = "blocks.4.mlp.hook_post"
+    bad.save(tmp_path / "bad")
+    err = cli_error(capsys, "eval", str(tmp_path / "bad"), "--data", corpus, *small)
+    assert f"{tmp_path / 'bad' / 'cfg.json'}: site 'blocks.4.mlp.hook_post' is not an SAE site" in err
+    (tmp_path / "bad" / "cfg.json").write_text("null")
+    assert "cfg.json must hold a JSON object" in cli_error(capsys, "eval", str(tmp_path / "bad"))
+    assert "no file or folder at" in cli_error(capsys, "eval", sae, "--data", str(tmp_path / "nowhere"), *small)
+
+
+def test_a_run_that_diverges_without_a_nan_exits_non_zero(trained, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["train", "--data", str(trained / "corpus"), "--out", str(trained / "diverged"), *SMALL["train"].split(),
+              "--lr", "1e6"])
+    assert "the saved SAE looks diverged: held-out FVU" in str(exit.value.code)
+    assert load_sae(trained / "diverged" / "sae")  # saved all the same, for a look
+
+
+def test_quickstart_refuses_a_users_file_of_the_same_name_before_any_work(tmp_path, monkeypatch):
+    import writesae.quickstart as quickstart
+
+    (tmp_path / "atoms.png").write_bytes(b"my own picture")
+    monkeypatch.setattr(quickstart.HookedSAEGatedDeltaNet, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(FileExistsError, match=f"{tmp_path / 'atoms.png'} exists and was not created by writesae"):
+        run_quickstart(tmp_path, steps=1)
+    assert (tmp_path / "atoms.png").read_bytes() == b"my own picture" and sorted(p.name for p in tmp_path.iterdir()) == ["atoms.png"]

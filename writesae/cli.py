@@ -117,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     dash.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="the model's dtype")
     dash.add_argument("--seed", type=int, default=0, help="the held-out choice of --data documents")
     dash.add_argument("--no-progress", action="store_true")
-    dash.set_defaults(positions="final")  # the store only cuts the windows here
+    dash.set_defaults(positions="final", buffer_size=1)  # the store only cuts the windows here
     return parser
 
 

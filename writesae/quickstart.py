@@ -19,10 +19,14 @@ from hooked_gdn.pretrained import austen_corpus
 from hooked_gdn.sites import site_name
 
 from .evals import downstream_metrics, reconstruction_metrics
+from .outputs import claim_outputs
 from .sae import BilinearMatrixSAE
 from .splice import HookedSAEGatedDeltaNet
 from .store import ActivationStore, StoreConfig
 from .train import TrainConfig, train
+
+
+OUTPUTS = ("sae", "training", "atoms.png", "activations.png", "training_curve.png", "summary.json")
 
 
 def top_activating_contexts(sae, store, model, features: list[tuple[int, int]], batch_size: int, max_samples: int,
@@ -88,7 +92,7 @@ def save_plots(sae, codes_sample: torch.Tensor, metrics_file: Path, out: Path) -
 
 
 def _save(fig, path: Path) -> str:
-    tmp = path.with_suffix(".tmp.png")
+    tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=100)
     os.replace(tmp, path)
     return path.name
@@ -97,7 +101,7 @@ def _save(fig, path: Path) -> str:
 def run_quickstart(out: Path, layer: int | None = None, heads="all", n_features: int = 256, k: int = 8,
                    steps: int = 400, batch_size: int = 128, lr: float = 2e-3, context: int = 128,
                    positions: int = 16, eval_contexts: int = 8, seed: int = 0, progress: bool = True) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
+    claim_outputs(out, OUTPUTS)  # before any work: a file of the same name that is not ours stops the run
     model = HookedSAEGatedDeltaNet.from_pretrained("gdn-austen").eval()
     gdn_layers = model.cfg.gdn_layers
     layer = gdn_layers[len(gdn_layers) // 2] if layer is None else layer
@@ -125,7 +129,7 @@ def run_quickstart(out: Path, layer: int | None = None, heads="all", n_features:
     summary = {"model": "gdn-austen", "site": site, "heads": sae.cfg.head_indices, "n_features": n_features, "k": k,
                "steps": steps, "reconstruction": recon, "downstream_in_the_loop": downstream,
                "top_contexts": contexts, "plots": plots, "sae": "sae/"}
-    tmp = out / "summary.json.tmp"
+    tmp = out / ".summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, out / "summary.json")
     return summary

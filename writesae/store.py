@@ -112,7 +112,8 @@ class ActivationStore:
     ``.txt.gz``) or a folder whose ``.txt``/``.txt.gz`` files, recursively and sorted, are the
     documents; a `datasets` ``Dataset`` or ``IterableDataset`` (``cfg.text_column``; an
     iterable one is read to its end, so ``.take(n)`` an endless one); a list of strings, each a
-    document (so give a list of paths as ``Path``s); a list of objects with ``name`` and ``text``
+    document's text (so give a list of paths as ``Path``s: a list of strings that all name existing
+    files or folders is refused, never read as text); a list of objects with ``name`` and ``text``
     (e.g. `hooked_gdn.pretrained.Document`); or a list of 1-D token sequences, one per document.
     Text needs ``model.tokenizer``. Documents are named by path, by ``name``, or else by index.
     """
@@ -141,7 +142,8 @@ class ActivationStore:
         held = set(self.heldout_document_ids)
         self.train_document_ids = [i for i in range(len(tokens)) if i not in held]
         if not self.train_document_ids:
-            raise ValueError("every document is held out: no training documents are left")
+            raise ValueError(f"every one of the {len(tokens)} documents is held out, so none is left to train on: the "
+                             f"split is by document (a file is one), so give at least two, or fewer heldout_documents")
         self._contexts = {split: _cut(split, [tokens[i] for i in ids], eos, cfg.context)
                           for split, ids in (("train", self.train_document_ids), ("heldout", self.heldout_document_ids))}
 
@@ -352,6 +354,9 @@ def _read_documents(source, text_column: str) -> tuple[list[str], list]:
             return [str(f) for f in files], [_read_text(f) for f in files]
         if all(hasattr(d, "name") and hasattr(d, "text") for d in source):
             return [str(d.name) for d in source], [d.text for d in source]
+        if all(isinstance(s, str) for s in source) and all(os.path.exists(s) for s in source):
+            raise TypeError(f"the source is a list of strings, which are documents' text, but every one names a file "
+                            f"or folder (such as {source[0]!r}): pass pathlib.Path objects to read them")
         return [str(i) for i in range(len(source))], list(source)
     from datasets import Dataset, IterableDataset  # only for this source: importing datasets is slow
 
