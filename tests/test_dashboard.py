@@ -1,0 +1,336 @@
+"""The feature dashboard: the numbers its HTML shows, read back with html.parser, against the library's
+own computations on a tiny random model (a state SAE and a write SAE on subsets of the heads, so a
+dictionary index is not its head); the refusal of an SAE whose site the model lacks; and, where
+Chromium is installed, the pages in a headless browser."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hooked_gdn.census import memory_census
+from hooked_gdn.sites import site_name
+from writesae import BilinearMatrixSAE, FlatSAE
+from writesae.cli import main as cli_main
+from writesae.dashboard import build_dashboard
+from writesae.dashboard_html import feature_page_name, write_site
+from writesae.experiments.edits import kl_from_clean
+from writesae.experiments.logit_shift import state_edit_hook
+
+from .conftest import random_tiny_model
+
+LAYER, HORIZON, BINS = 1, 6, 12
+
+
+def _slow_decay_model():
+    """The tiny random model with layer 1's decays slowed (half-lives of tens of tokens), so that an
+    ablation's effect is carried over many positions."""
+    model = random_tiny_model()
+    with torch.no_grad():
+        model.blocks[LAYER].linear_attn.A_log.fill_(math.log(0.02))
+    return model
+
+
+def _with_encoder_bias(sae, bias: float = 0.2):
+    """A positive b_enc makes the codes, and so the ablations, large: against a random model's tiny
+    native effects the fp32 rounding of the chunked recurrence would otherwise be a percent of a KL."""
+    with torch.no_grad():
+        sae.b_enc.fill_(bias)
+    return sae
+
+
+SAES = {
+    # a WriteSAE on the state, heads 3 and 1, with an input scale to undo
+    "state": lambda: _with_encoder_bias(BilinearMatrixSAE(d_k=12, d_v=8, n_features=8, k=2, site=site_name(LAYER, "state"),
+                                                          heads=[3, 1], n_heads=4, input_scale=2.0, seed=1)),
+    # a flat SAE on the write, heads 2 and 0: general atoms (SVD key factor, dense reads)
+    "write": lambda: _with_encoder_bias(FlatSAE(d_k=12, d_v=8, n_features=6, k=2, site=site_name(LAYER, "write"),
+                                                heads=[2, 0], n_heads=4, input_scale=0.5, seed=2)),
+}
+
+
+class _Tags(HTMLParser):
+    """Every start tag in document order, as (tag, attributes)."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def _tags(path: Path) -> list[tuple[str, dict]]:
+    return _Tags(path.read_text(encoding="utf-8")).tags
+
+
+def _has_class(attrs: dict, name: str) -> bool:
+    return name in (attrs.get("class") or "").split()
+
+
+def _groups(tags, opens, member) -> list[tuple[dict, list[dict]]]:
+    """Each tag matching ``opens`` with the ``member`` tags that follow it until the next opener."""
+    groups = []
+    for tag, attrs in tags:
+        if opens(tag, attrs):
+            groups.append((attrs, []))
+        elif groups and member(tag, attrs):
+            groups[-1][1].append(attrs)
+    return groups
+
+
+@pytest.fixture(scope="module", params=sorted(SAES))
+def built(request, tmp_path_factory):
+    """(kind, model, sae, windows, dashboard, site folder)."""
+    model, sae = _slow_decay_model(), SAES[request.param]()
+    windows = torch.randint(0, model.cfg.d_vocab, (5, 20), generator=torch.Generator().manual_seed(3))
+    dashboard = build_dashboard(model, sae, windows, bins=BINS, horizon=HORIZON, n_contexts=4, left=5, right=2,
+                                n_keys=5, n_logits=5, ablation_firings=2, batch_size=2, progress=False)
+    out = tmp_path_factory.mktemp(f"dashboard-{request.param}")
+    write_site(dashboard, out, progress=False)
+    return request.param, model, sae, windows, dashboard, out
+
+
+def _codes_and_cache(model, sae, windows, kind):
+    """The SAE's codes [n, T, n_dicts, n] at every position, and a cache of the layer's read side."""
+    names = [f"blocks.{LAYER}.linear_attn.hook_{n}" for n in
+             ("write_key", "write_value", "read_query", "recurrence_out", "gate_input", "state")]
+    _, cache = model.run_with_cache(windows, names_filter=names + ["ln_final.hook_scale"])
+    heads = sae.cfg.head_indices
+    with torch.no_grad():
+        if kind == "state":
+            codes = sae.encode(cache[names[5]][:, :, heads])
+        else:
+            codes = sae.encode_factors(cache[names[0]][:, :, heads], cache[names[1]][:, :, heads])
+    return codes, cache, names
+
+
+def _most_frequent(codes: torch.Tensor, d: int) -> int:
+    return int((codes[..., d, :] > 0).sum((0, 1)).argmax())
+
+
+def test_index_shows_the_sae_heads_with_their_census_half_life(built):
+    kind, model, sae, windows, dashboard, out = built
+    rows = [attrs for tag, attrs in _tags(out / "index.html") if tag == "tr" and _has_class(attrs, "head")]
+    assert [int(r["data-head"]) for r in rows] == sae.cfg.head_indices
+    census = memory_census(model, windows)  # state_every does not enter the half-life
+    half_lives = [float(a["data-value"]) for tag, a in _tags(out / "index.html") if a.get("data-key") == "half_life"]
+    expected = [census.head(LAYER, h).half_life[1] for h in sae.cfg.head_indices]
+    assert half_lives == pytest.approx(expected, rel=1e-6)
+    assert min(expected) > 10  # the slowed decays: half-lives of tens of tokens
+
+
+def test_index_frequency_and_mean_activation_match_the_codes(built):
+    kind, model, sae, windows, dashboard, out = built
+    codes, _, _ = _codes_and_cache(model, sae, windows, kind)
+    rows = _groups(_tags(out / "index.html"), lambda t, a: t == "tr" and "data-feature" in a,
+                   lambda t, a: t == "td" and "data-key" in a)
+    assert len(rows) == sae.n_dicts * sae.cfg.n_features
+    for row, cells in rows:
+        head, feature = int(row["data-head"]), int(row["data-feature"])
+        a = codes[..., sae.cfg.head_indices.index(head), feature]
+        value = {c["data-key"]: float(c["data-value"]) for c in cells}
+        assert value["frequency"] == pytest.approx(int((a > 0).sum()) / a.numel(), abs=1e-12)
+        active = a[a > 0]
+        mean = float(active.mean()) if len(active) else 0.0
+        assert value["mean_activation"] == pytest.approx(mean, rel=1e-5)
+        link = [attrs for tag, attrs in _tags(out / "index.html") if tag == "a" and attrs.get("href") == feature_page_name(head, feature)]
+        assert link and (out / feature_page_name(head, feature)).is_file()
+
+
+def test_histogram_and_top_contexts_match_the_codes(built):
+    kind, model, sae, windows, dashboard, out = built
+    codes, _, _ = _codes_and_cache(model, sae, windows, kind)
+    d = 1
+    head, feature = sae.cfg.head_indices[d], _most_frequent(codes, d)
+    a = codes[..., d, feature]  # [n, T]
+    tags = _tags(out / feature_page_name(head, feature))
+
+    active = a[a > 0].numpy()
+    expected, _ = np.histogram(active, bins=BINS, range=(0, active.max()))
+    counts = [int(attrs["data-count"]) for tag, attrs in tags if tag == "rect" and _has_class(attrs, "bin")]
+    assert counts == expected.tolist()
+
+    contexts = _groups(tags, lambda t, at: _has_class(at, "context"), lambda t, at: _has_class(at, "tok"))
+    assert contexts
+    shown = [float(c["data-activation"]) for c, _ in contexts]
+    assert shown == sorted(shown, reverse=True)
+    assert shown[0] == pytest.approx(float(a.max()), rel=1e-6)
+    for context, spans in contexts:
+        w, t = int(context["data-window"]), int(context["data-position"])
+        assert float(context["data-activation"]) == pytest.approx(float(a[w, t]), rel=1e-6)
+        fire = [j for j, s in enumerate(spans) if _has_class(s, "fire")]
+        assert len(fire) == 1
+        start = t - fire[0]
+        assert [float(s["data-act"]) for s in spans] == pytest.approx(a[w, start : start + len(spans)].tolist(), rel=1e-6)
+
+
+def _key_factor(sae, d: int, feature: int) -> torch.Tensor:
+    atom = sae.atoms()[d, feature].detach()
+    if isinstance(sae, BilinearMatrixSAE):
+        return F.normalize(sae.V[d, feature, 0].detach(), dim=0)
+    u = torch.linalg.svd(atom).U[:, 0]
+    return u * u[u.abs().argmax()].sign()
+
+
+def test_key_side_is_the_write_keys_alignment_with_the_atoms_key_factor(built):
+    kind, model, sae, windows, dashboard, out = built
+    codes, cache, names = _codes_and_cache(model, sae, windows, kind)
+    d = 0
+    head, feature = sae.cfg.head_indices[d], _most_frequent(codes, d)
+    alignment = cache[names[0]][:, :, head] @ _key_factor(sae, d, feature)  # [n, T]
+    tables = _groups(_tags(out / feature_page_name(head, feature)), lambda t, a: t == "table" and _has_class(a, "keys"),
+                     lambda t, a: t == "tr" and _has_class(a, "key"))
+    assert [table["data-kind"] for table, _ in tables] == ["aligned", "opposed"]
+    for (table, rows), largest in zip(tables, (True, False)):
+        expected = alignment.flatten().topk(len(rows), largest=largest).values
+        assert [float(r["data-alignment"]) for r in rows] == pytest.approx(expected.tolist(), abs=1e-5)
+        for r in rows:
+            assert float(alignment[int(r["data-window"]), int(r["data-position"])]) == pytest.approx(float(r["data-alignment"]), abs=1e-5)
+
+
+def test_value_side_is_the_read_change_through_the_gated_norm_w_o_and_unembedding(built):
+    """Independently of the closed form the library uses: the gated norm's JVP by autograd, W_o on
+    the whole concatenation of heads, and tokens_to_residual_directions over the frozen final scale."""
+    kind, model, sae, windows, dashboard, out = built
+    codes, cache, names = _codes_and_cache(model, sae, windows, kind)
+    gdn = model.blocks[LAYER].linear_attn
+    d = 1
+    head, feature = sae.cfg.head_indices[d], _most_frequent(codes, d)
+    atom = sae.atoms()[d, feature].detach()
+    directions = model.tokens_to_residual_directions(torch.arange(model.cfg.d_vocab)).detach()  # [V, d_model]
+    total = torch.zeros(model.cfg.d_vocab)
+    firings = (codes[..., d, feature] > 0).nonzero().tolist()
+    for w, t in firings:
+        a = codes[w, t, d, feature]
+        delta_o = a / sae.cfg.input_scale * (atom.T @ cache[names[2]][w, t, head])  # (a/s) Aᵀ q̂
+        o, z = cache[names[3]][w, t, head], cache[names[4]][w, t, head]
+        _, delta_y = torch.func.jvp(lambda x: gdn.norm(x, z), (o,), (delta_o.detach(),))
+        y = torch.zeros(model.cfg.n_value_heads, model.cfg.d_value)
+        y[head] = delta_y
+        delta_r = F.linear(y.flatten(), gdn.W_o)
+        total += directions @ delta_r / cache["ln_final.hook_scale"][w, t, 0]
+    mean = (total / len(firings)).detach()
+
+    tables = _groups(_tags(out / feature_page_name(head, feature)), lambda t, a: t == "table" and _has_class(a, "logits"),
+                     lambda t, a: t == "tr" and _has_class(a, "logit"))
+    assert [table["data-kind"] for table, _ in tables] == ["promoted", "suppressed"]
+    for (table, rows), largest in zip(tables, (True, False)):
+        expected = mean.topk(len(rows), largest=largest)
+        assert [int(r["data-token-id"]) for r in rows] == expected.indices.tolist()
+        assert [float(r["data-value"]) for r in rows] == pytest.approx(expected.values.tolist(), rel=1e-4, abs=1e-9)
+
+
+def test_carried_kl_is_the_state_edit_removing_the_feature_at_its_shown_firings(built):
+    """Against logit_shift's state-edit hook on the full window (the library cuts windows after the horizon)."""
+    kind, model, sae, windows, dashboard, out = built
+    codes, _, _ = _codes_and_cache(model, sae, windows, kind)
+    d = 0
+    head, feature = sae.cfg.head_indices[d], _most_frequent(codes, d)
+    tags = _tags(out / feature_page_name(head, feature))
+    stats = {a["data-stat"]: float(a["data-value"]) for tag, a in tags if "data-stat" in a}
+    contexts = [a for tag, a in tags if _has_class(a, "context")][:2]  # ablation_firings=2
+    atom = sae.atoms()[d, feature].detach()
+    u, sigma, vh = torch.linalg.svd(atom)  # as rank-1 terms, for the rank-1 edit hook
+    kl_next, kl_carried = [], []
+    for context in contexts:
+        w, t, act = int(context["data-window"]), int(context["data-position"]), float(context["data-activation"])
+        tokens = windows[w : w + 1]
+        clean = model(tokens)
+        hooks = [(f"blocks.{LAYER}.linear_attn.hook_state", state_edit_hook(head, t, sigma[r] * u[:, r], vh[r], -act / sae.cfg.input_scale))
+                 for r in range(len(sigma))]
+        kl = kl_from_clean(clean, model.run_with_hooks(tokens, fwd_hooks=hooks, state_positions=[t]))[0]
+        kl_next.append(float(kl[t].detach()))
+        kl_carried.append(float(kl[t : t + HORIZON].sum().detach()))
+    # 1%: the tiny model's reads sit near the gated norm's ε, where fp32 rounding of the recurrence
+    # (a cut window, another chunking) moves a small KL by up to a few 0.1%; a wrong scale, sign
+    # convention, head or position moves it by far more
+    assert stats["kl_next"] == pytest.approx(np.mean(kl_next), rel=1e-2)
+    assert stats["kl_carried"] == pytest.approx(np.mean(kl_carried), rel=1e-2)
+    assert stats["kl_carried"] > 1.5 * stats["kl_next"]  # with slow decays the edit keeps acting after t
+
+
+def test_an_sae_on_a_site_the_model_lacks_is_refused_before_any_forward_pass(tmp_path):
+    model = random_tiny_model()
+    forwards = []
+    model.add_hook("hook_embed", lambda x, hook: forwards.append(1))
+    attention_layer = model.cfg.attention_layers[0]
+    sae = BilinearMatrixSAE(d_k=12, d_v=8, n_features=4, k=1, heads=0, n_heads=4,
+                            site=f"blocks.{attention_layer}.linear_attn.hook_state")
+    with pytest.raises(ValueError, match=f"does not exist on .*blocks.{attention_layer}.linear_attn.hook_state"):
+        build_dashboard(model, sae, torch.zeros(1, 4, dtype=torch.long), progress=False)
+    assert forwards == []
+
+
+def test_the_command_refuses_such_an_sae_before_writing_anything(tmp_path, tiny_checkpoint, capsys):
+    sae = BilinearMatrixSAE(d_k=12, d_v=8, n_features=4, k=1, heads=0, n_heads=4, site="blocks.3.linear_attn.hook_write_value")
+    sae.save(tmp_path / "sae")
+    with pytest.raises(SystemExit) as exit:
+        cli_main(["dashboard", str(tmp_path / "sae"), "--model", str(tiny_checkpoint()), "--out", str(tmp_path / "site")])
+    assert exit.value.code == 2
+    assert "blocks.3.linear_attn.hook_write_value" in capsys.readouterr().err
+    assert not (tmp_path / "site").exists()
+
+
+def test_the_site_does_not_replace_files_it_did_not_create(built, tmp_path):
+    dashboard = built[4]
+    (tmp_path / "index.html").write_text("mine")
+    with pytest.raises(FileExistsError, match="index.html"):
+        write_site(dashboard, tmp_path, progress=False)
+    assert (tmp_path / "index.html").read_text() == "mine"
+
+
+def _browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+    except ImportError:
+        webdriver = None
+    if not (chromium and driver and webdriver):
+        pytest.skip("needs Chromium, chromedriver and selenium (apt-get install chromium chromium-driver; pip install selenium)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1400"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_pages_render_in_headless_chromium_without_console_errors(built):
+    """Extra, where Chromium is installed: the index sorts and filters, and a feature page draws."""
+    from selenium.webdriver.common.by import By
+
+    kind, model, sae, windows, dashboard, out = built
+    browser = _browser()
+    try:
+        browser.get((out / "index.html").resolve().as_uri())
+        rows = lambda: [r for r in browser.find_elements(By.CSS_SELECTOR, "#features tbody tr") if r.is_displayed()]
+        assert len(rows()) == sae.n_dicts * sae.cfg.n_features
+        browser.find_elements(By.CSS_SELECTOR, "#features th.sortable")[2].click()  # frequency, descending
+        frequencies = [float(r.find_elements(By.TAG_NAME, "td")[2].get_attribute("data-value")) for r in rows()]
+        assert frequencies == sorted(frequencies, reverse=True)
+        head = str(sae.cfg.head_indices[1])
+        browser.find_element(By.CSS_SELECTOR, f"#head-filter option[value='{head}']").click()
+        assert {r.get_attribute("data-head") for r in rows()} == {head}
+        errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+
+        card = dashboard.features[0]
+        browser.get((out / feature_page_name(card.head, card.feature)).resolve().as_uri())
+        bars = browser.find_elements(By.CSS_SELECTOR, "svg.hist rect.bin")
+        assert bars and max(b.size["height"] for b in bars) > 10
+        assert browser.find_element(By.CSS_SELECTOR, ".context .tok.fire").is_displayed()
+        errors += [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+        assert errors == []
+    finally:
+        browser.quit()

@@ -1,0 +1,306 @@
+"""The feature dashboard as a static site: ``index.html`` and ``features/head{h}_feature{i}.html``.
+
+Every page is one self-contained file (inline CSS, the index's sorting and search as inline
+JavaScript, the histogram as inline SVG): open ``index.html`` in a browser, no server or network
+needed. Numbers are shown rounded and carried at full precision in ``data-*`` attributes, which
+is what the tests read back. The quantities are defined in `writesae.dashboard`.
+"""
+
+from __future__ import annotations
+
+import math
+from html import escape
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .dashboard import Dashboard, FeatureCard, HeadCard, KeyMatch, LogitEffect, ShownContext
+from .outputs import claim_outputs
+
+OUTPUTS = ("index.html", "features")  # what `write_site` creates in its folder
+
+_CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1280px;
+       padding: 16px 24px; color: #1d2430; background: #fbfbfd; }
+h1 { font-size: 22px; margin: 4px 0; } h2 { font-size: 16px; margin: 18px 0 6px; }
+a { color: #1f5fbf; text-decoration: none; } a:hover { text-decoration: underline; }
+.meta { color: #5b6576; margin: 2px 0 10px; }
+table { border-collapse: collapse; } th, td { padding: 3px 8px; text-align: left; }
+th { background: #eef1f6; font-weight: 600; } tr:nth-child(even) td { background: #f5f7fa; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+.stats { display: flex; flex-wrap: wrap; gap: 8px; margin: 8px 0; }
+.stat { background: #fff; border: 1px solid #dde2ea; border-radius: 6px; padding: 6px 10px; min-width: 110px; }
+.stat .label { color: #5b6576; font-size: 12px; } .stat .value { font-size: 17px; font-weight: 600; }
+.grid { display: grid; grid-template-columns: minmax(380px, 1fr) minmax(480px, 1.5fr); gap: 20px; align-items: start; }
+.panel { background: #fff; border: 1px solid #dde2ea; border-radius: 6px; padding: 8px 12px; margin-bottom: 14px; }
+.pair { display: grid; grid-template-columns: 1fr 1fr; gap: 12px; } .pair table { width: 100%; }
+.context { font-family: ui-monospace, "SFMono-Regular", Menlo, monospace; font-size: 13px; padding: 4px 0;
+           border-bottom: 1px solid #eef1f6; white-space: pre-wrap; word-break: break-word; }
+.context .act { display: inline-block; width: 56px; color: #5b6576; }
+.tok { border-radius: 2px; } .tok.fire { outline: 2px solid #c0392b; font-weight: 700; }
+.bar { display: inline-block; height: 9px; vertical-align: middle; border-radius: 2px; }
+.bar.up { background: #2e7d32; } .bar.down { background: #c62828; } .bar.key { background: #6a4fb3; }
+.mono { font-family: ui-monospace, Menlo, monospace; white-space: pre; }
+.muted { color: #8a93a3; }
+#controls { display: flex; gap: 10px; margin: 6px 0 10px; }
+#search { width: 320px; padding: 4px 8px; }
+th.sortable { cursor: pointer; user-select: none; } th.sortable::after { content: " ↕"; color: #9aa3b2; }
+th.asc::after { content: " ↑"; color: #1d2430; } th.desc::after { content: " ↓"; color: #1d2430; }
+svg text { font: 11px system-ui, sans-serif; fill: #5b6576; }
+details { margin-top: 10px; color: #3a4454; }
+"""
+
+# Sorting (click a header; numbers by data-value) and filtering (search box, head menu) of the index.
+_INDEX_JS = """
+(function () {
+  const table = document.getElementById("features");
+  const body = table.tBodies[0];
+  const search = document.getElementById("search");
+  const head = document.getElementById("head-filter");
+  const cellValue = (row, column) => {
+    const cell = row.cells[column];
+    const v = cell.getAttribute("data-value");
+    return v === null ? cell.textContent.trim().toLowerCase() : parseFloat(v);
+  };
+  table.querySelectorAll("th.sortable").forEach((th, _) => {
+    th.addEventListener("click", () => {
+      const column = th.cellIndex;
+      const descending = !th.classList.contains("desc");
+      table.querySelectorAll("th.sortable").forEach((other) => other.classList.remove("asc", "desc"));
+      th.classList.add(descending ? "desc" : "asc");
+      const rows = Array.from(body.rows);
+      rows.sort((a, b) => {
+        const x = cellValue(a, column), y = cellValue(b, column);
+        const bad = (v) => typeof v === "number" && isNaN(v);
+        if (bad(x) || bad(y)) return bad(x) - bad(y);
+        return (x < y ? -1 : x > y ? 1 : 0) * (descending ? -1 : 1);
+      });
+      rows.forEach((row) => body.appendChild(row));
+    });
+  });
+  const filter = () => {
+    const words = search.value.toLowerCase().split(/\\s+/).filter(Boolean);
+    let shown = 0;
+    Array.from(body.rows).forEach((row) => {
+      const text = row.getAttribute("data-search");
+      const ok = (head.value === "all" || row.getAttribute("data-head") === head.value)
+        && words.every((w) => text.includes(w));
+      row.style.display = ok ? "" : "none";
+      shown += ok;
+    });
+    document.getElementById("shown").textContent = shown;
+  };
+  search.addEventListener("input", filter);
+  head.addEventListener("change", filter);
+  filter();
+})();
+"""
+
+
+def feature_page_name(head: int, feature: int) -> str:
+    """The feature page's path inside the site folder."""
+    return f"features/head{head}_feature{feature}.html"
+
+
+def write_site(dashboard: Dashboard, out: str | Path, progress: bool = True) -> Path:
+    """Write the site into ``out`` (created if needed; only files the tool created are replaced) and
+    return the index's path."""
+    out = claim_outputs(out, OUTPUTS)
+    (out / "features").mkdir(exist_ok=True)
+    for card in tqdm(dashboard.features, desc="writing feature pages", disable=not progress):
+        (out / feature_page_name(card.head, card.feature)).write_text(feature_page(dashboard, card), encoding="utf-8")
+    index = out / "index.html"
+    index.write_text(index_page(dashboard), encoding="utf-8")
+    return index
+
+
+# ---------------------------------------------------------------------------------------------- pages
+
+
+def _page(title: str, body: str, script: str = "") -> str:
+    script = f"<script>{script}</script>" if script else ""
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f'<link rel="icon" href="data:,"><style>{_CSS}</style></head>\n<body>\n{body}\n{script}</body></html>\n')
+
+
+def _sae_line(d: Dashboard) -> str:
+    return (f"{escape(d.model_name)} · <span class=mono>{escape(d.site)}</span> · {escape(d.architecture)} SAE, "
+            f"{d.n_features} features per head, rank {d.rank} · {d.n_windows} held-out windows × {d.window_length} tokens")
+
+
+def index_page(d: Dashboard) -> str:
+    heads = "".join(
+        f'<tr class="head" data-head="{h.head}"><td class=num>{h.head}</td><td class=num>{h.dictionary}</td>'
+        f"{_num_cell(h.half_life[1], _tokens(h.half_life[1]), 'half_life')}"
+        f"<td class=num>{_tokens(h.half_life[0])} – {_tokens(h.half_life[2])}</td>"
+        f"{_num_cell(h.mean_beta, f'{h.mean_beta:.2f}', 'mean_beta')}{_num_cell(h.n_alive, str(h.n_alive), 'alive')}</tr>"
+        for h in d.heads)
+    rows = "".join(_index_row(card) for card in d.features)
+    options = "".join(f'<option value="{h.head}">head {h.head}</option>' for h in d.heads)
+    body = f"""
+<h1>Feature dashboard</h1>
+<p class="meta">{_sae_line(d)}</p>
+<h2>Heads</h2>
+<table id="heads"><thead><tr><th class=num>head</th><th class=num>dictionary</th>
+<th class=num>half-life p50 (tokens)</th><th class=num>p10 – p90</th><th class=num>mean β</th>
+<th class=num>features that fired</th></tr></thead><tbody>{heads}</tbody></table>
+<h2>Features</h2>
+<div id="controls"><input id="search" type="search" placeholder="search: feature number or token text">
+<select id="head-filter"><option value="all">all heads</option>{options}</select>
+<span class="muted"><span id="shown">{len(d.features)}</span> of {len(d.features)} shown · click a column to sort</span></div>
+<table id="features"><thead><tr>
+<th class="sortable num">head</th><th class="sortable num">feature</th><th class="sortable num">frequency</th>
+<th class="sortable num">mean activation</th><th class="sortable num">max activation</th>
+<th class="sortable num">carried KL (Σ {d.horizon} positions)</th><th class=sortable>top promoted token</th>
+<th class=sortable>best-aligned key token</th></tr></thead>
+<tbody>{rows}</tbody></table>
+<details><summary>What the columns mean</summary>{_definitions(d)}</details>"""
+    return _page(f"Feature dashboard · {d.site}", body, _INDEX_JS)
+
+
+def _index_row(card: FeatureCard) -> str:
+    promoted = card.logits_promoted[0].token if card.logits_promoted else ""
+    key = card.keys_aligned[0].token if card.keys_aligned else ""
+    search = f"{card.feature} {promoted} {key} " + " ".join(e.token for e in card.logits_promoted[:5])
+    link = f'<a href="{feature_page_name(card.head, card.feature)}">{card.feature}</a>'
+    return (f'<tr data-head="{card.head}" data-feature="{card.feature}" data-search="{escape(search.lower())}">'
+            f"{_num_cell(card.head, str(card.head), 'head')}<td class=num data-key=feature data-value={card.feature}>{link}</td>"
+            f"{_num_cell(card.frequency, f'{100 * card.frequency:.2f}%', 'frequency')}"
+            f"{_num_cell(card.mean_activation, _g(card.mean_activation), 'mean_activation')}"
+            f"{_num_cell(card.max_activation, _g(card.max_activation), 'max_activation')}"
+            f"{_num_cell(card.kl_carried, _g(card.kl_carried), 'kl_carried')}"
+            f"<td class=mono>{_show(promoted)}</td><td class=mono>{_show(key)}</td></tr>")
+
+
+def feature_page(d: Dashboard, card: FeatureCard) -> str:
+    head = next(h for h in d.heads if h.head == card.head)
+    stats = "".join(_stat(*s) for s in (
+        ("frequency", card.frequency, f"{100 * card.frequency:.3g}%", f"{card.n_firings} of {d.n_windows * d.window_length} positions"),
+        ("mean_activation", card.mean_activation, _g(card.mean_activation), "mean code where it fires"),
+        ("max_activation", card.max_activation, _g(card.max_activation), "largest code in the sample"),
+        ("kl_carried", card.kl_carried, _g(card.kl_carried), f"Σ KL over t … t+{d.horizon - 1}, ablated, {card.n_ablated} firings"),
+        ("kl_next", card.kl_next, _g(card.kl_next), "KL at the firing position"),
+        ("half_life", head.half_life[1], _tokens(head.half_life[1]) + " tokens",
+         f"head {head.head}'s memory, p10–p90 {_tokens(head.half_life[0])}–{_tokens(head.half_life[2])}"),
+    ))
+    contexts = "".join(_context(c, card.max_activation) for c in card.top_contexts) or '<p class="muted">never fired in the sample</p>'
+    body = f"""
+<p><a href="../index.html">← all features</a></p>
+<h1>Head {card.head} · feature {card.feature}</h1>
+<p class="meta">{_sae_line(d)} · dictionary {card.dictionary} of the SAE</p>
+<div class="stats">{stats}</div>
+<div class="grid"><div>
+<div class="panel"><h2>Activation histogram</h2>{_histogram(card)}</div>
+<div class="panel"><h2>Value side: direct effect on the logits through the read</h2>
+<div class="pair">{_logit_table("promoted", "promoted", card.logits_promoted)}{_logit_table("suppressed", "suppressed", card.logits_suppressed)}</div></div>
+</div><div>
+<div class="panel"><h2>Top activations (held-out text)</h2>{contexts}</div>
+<div class="panel"><h2>Key side: write keys k̂ along the atom's key factor u</h2>
+<div class="pair">{_key_table("most aligned", "aligned", card.keys_aligned)}{_key_table("most opposed", "opposed", card.keys_opposed)}</div></div>
+</div></div>
+<details><summary>How these are computed</summary>{_definitions(d)}</details>"""
+    return _page(f"head {card.head} · feature {card.feature}", body)
+
+
+# ---------------------------------------------------------------------------------------------- parts
+
+
+_STAT_LABELS = {"frequency": "frequency", "mean_activation": "mean activation", "max_activation": "max activation",
+                "kl_carried": "carried KL when ablated", "kl_next": "KL at the firing", "half_life": "head half-life"}
+
+
+def _stat(key: str, value: float | None, shown: str, note: str) -> str:
+    return (f'<div class="stat" data-stat="{key}" data-value="{_full(value)}"><div class="label">{_STAT_LABELS[key]}</div>'
+            f'<div class="value">{escape(shown)}</div><div class="label">{escape(note)}</div></div>')
+
+
+def _histogram(card: FeatureCard, width: int = 400, height: int = 150) -> str:
+    """An inline SVG bar chart of the positive codes' histogram."""
+    counts, edges = card.histogram_counts, card.histogram_edges
+    if not any(counts):
+        return '<p class="muted">never fired in the sample</p>'
+    top, pad, bottom = max(counts), 28, 18
+    bar = (width - pad) / len(counts)
+    rects = []
+    for j, count in enumerate(counts):
+        h = (height - bottom - 10) * count / top
+        rects.append(f'<rect class="bin" data-count="{count}" data-lo="{_full(edges[j])}" data-hi="{_full(edges[j + 1])}" '
+                     f'x="{pad + j * bar:.1f}" y="{height - bottom - h:.1f}" width="{max(bar - 1, 1):.1f}" height="{h:.1f}" '
+                     f'fill="#e07b00"><title>{_g(edges[j])} – {_g(edges[j + 1])}: {count}</title></rect>')
+    return (f'<svg class="hist" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+            f'aria-label="activation histogram">{"".join(rects)}'
+            f'<line x1="{pad}" y1="{height - bottom}" x2="{width}" y2="{height - bottom}" stroke="#9aa3b2"/>'
+            f'<text x="{pad}" y="{height - 4}">0</text><text x="{width}" y="{height - 4}" text-anchor="end">{_g(edges[-1])}</text>'
+            f'<text x="{pad - 4}" y="14" text-anchor="end">{top}</text>'
+            f'<text x="{(width + pad) / 2}" y="{height - 4}" text-anchor="middle">activation (positions where it fires)</text></svg>')
+
+
+def _context(c: ShownContext, max_activation: float) -> str:
+    spans = []
+    for offset, (token, act) in enumerate(zip(c.tokens, c.activations)):
+        fire = " fire" if c.start + offset == c.position else ""
+        alpha = 0.0 if max_activation <= 0 else min(1.0, act / max_activation)
+        spans.append(f'<span class="tok{fire}" data-act="{_full(act)}" title="activation {_g(act)}" '
+                     f'style="background: rgba(255, 140, 0, {alpha:.3f})">{_show(token)}</span>')
+    return (f'<div class="context" data-window="{c.window}" data-position="{c.position}" data-activation="{_full(c.activation)}">'
+            f'<span class="act">{_g(c.activation)}</span>{"".join(spans)}</div>')
+
+
+def _key_table(title: str, kind: str, matches: list[KeyMatch]) -> str:
+    scale = max((abs(m.alignment) for m in matches), default=1.0) or 1.0
+    rows = "".join(
+        f'<tr class="key" data-window="{m.window}" data-position="{m.position}" data-alignment="{_full(m.alignment)}">'
+        f'<td class=mono><span class="muted">{_show(m.left_context[-20:])}</span>{_show(m.token)}</td>'
+        f'<td class=num>{m.alignment:+.3f}</td><td><span class="bar key" style="width: {40 * abs(m.alignment) / scale:.0f}px"></span></td></tr>'
+        for m in matches)
+    return f'<table class="keys" data-kind="{kind}"><thead><tr><th>{escape(title)}</th><th class=num>k̂ᵀu</th><th></th></tr></thead><tbody>{rows}</tbody></table>'
+
+
+def _logit_table(title: str, kind: str, effects: list[LogitEffect]) -> str:
+    if not effects:
+        return '<p class="muted">no firings to average over</p>'
+    scale = max(abs(e.logit_change) for e in effects) or 1.0
+    colour = "up" if kind == "promoted" else "down"
+    rows = "".join(
+        f'<tr class="logit" data-token-id="{e.token_id}" data-value="{_full(e.logit_change)}"><td class=mono>{_show(e.token)}</td>'
+        f'<td class=num>{e.logit_change:+.3g}</td><td><span class="bar {colour}" style="width: {40 * abs(e.logit_change) / scale:.0f}px"></span></td></tr>'
+        for e in effects)
+    return f'<table class="logits" data-kind="{kind}"><thead><tr><th>{escape(title)}</th><th class=num>Δlogit</th><th></th></tr></thead><tbody>{rows}</tbody></table>'
+
+
+def _definitions(d: Dashboard) -> str:
+    items = [
+        "<b>frequency</b>: the fraction of held-out positions where the feature's code a > 0; <b>mean activation</b>: the mean a where a > 0.",
+        "<b>key side</b>: k̂ᵀu of each position's write key k̂ (unit) with the atom's unit key factor u (the atom is u vᵀ); "
+        "both signs count, since u vᵀ = (−u)(−v)ᵀ.",
+        "<b>value side</b>: at each firing the state holds (a/s)·u vᵀ more, so the read moves by Δo = (a/s)(q̂ᵀu) v exactly; "
+        "the gated RMSNorm is linearised at the clean read, then W_o (this head's columns), then the unembedding with the final "
+        "norm's scale frozen (direct path, later layers skipped); Δlogit is the mean over the feature's firings.",
+        f"<b>carried KL</b>: at its top firings, (a/s)·u vᵀ is removed from the state of the head and the model continues from it; "
+        f"KL(clean ‖ ablated) summed over the firing position and the next {d.horizon - 1}, averaged over the firings.",
+        "<b>half-life</b>: the head's median decay half-life ln ½ / g over the sample (memory census).",
+    ]
+    return "<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
+
+
+def _num_cell(value: float | None, shown: str, key: str) -> str:
+    return f'<td class=num data-key="{key}" data-value="{_full(value)}">{escape(shown)}</td>'
+
+
+def _full(value: float | None) -> str:
+    """A number at full precision for data-* attributes; NaN for a missing one (sorts last)."""
+    return "NaN" if value is None or (isinstance(value, float) and math.isnan(value)) else repr(float(value))
+
+
+def _g(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3g}"
+
+
+def _tokens(half_life: float) -> str:
+    return "∞" if math.isinf(half_life) else f"{half_life:.3g}" if half_life < 1000 else f"{half_life:.0f}"
+
+
+def _show(token: str) -> str:
+    """A token as visible text: newlines as ⏎, tabs as →, escaped for HTML."""
+    return escape(token.replace("\n", "⏎").replace("\t", "→"))
