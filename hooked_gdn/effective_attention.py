@@ -83,7 +83,7 @@ def over_writes(
 ) -> EffectiveAttention:
     """c_tj = G_{j→t} q̂_tᵀ k̂_j on the writes δ_j; initial term G_{−1→t} S_initᵀ q̂_t."""
     pattern = _segment_decay(g) * einsum(q_hat, k_hat, "b t h k, b j h k -> b h t j")
-    initial = torch.zeros_like(q_hat[..., :1]).expand(*q_hat.shape[:3], delta.shape[-1])
+    initial = q_hat.new_zeros(*q_hat.shape[:3], delta.shape[-1])
     if initial_state is not None:
         decay_from_start = g.double().cumsum(1).exp().to(g.dtype)  # G_{−1→t} = Π_{s=0..t} α_s
         initial = decay_from_start[..., None] * einsum(initial_state.to(q_hat.dtype), q_hat, "b h k v, b t h k -> b t h v")
