@@ -41,7 +41,9 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
-from hooked_gdn.pretrained import CENSUS_FILE, HELDOUT_CONTEXT, PRETRAINED_MODELS, austen_documents, heldout_census, heldout_windows
+from hooked_gdn.pretrained import (
+    CENSUS_FILE, HELDOUT_CONTEXT, PRETRAINED_MODELS, austen_documents, heldout_census, heldout_loss, heldout_windows,
+)
 
 EOS = "<|endoftext|>"
 
@@ -217,7 +219,7 @@ def token_stream(tokenizer: PreTrainedTokenizerFast) -> torch.Tensor:
 
 
 @torch.no_grad()
-def heldout_loss(model: Qwen3_5ForCausalLM, windows: torch.Tensor, batch: int = 16) -> float:
+def transformers_heldout_loss(model: Qwen3_5ForCausalLM, windows: torch.Tensor, batch: int = 16) -> float:
     model.eval()
     total, count = 0.0, 0
     for chunk in windows.split(batch):
@@ -228,14 +230,15 @@ def heldout_loss(model: Qwen3_5ForCausalLM, windows: torch.Tensor, batch: int = 
     return total / count
 
 
-PREVIOUS_CENSUS = Path(__file__).parents[1] / "results" / "census" / "gdn-austen-v1" / "census.json"
+RESULTS = Path(__file__).parents[1] / "results"
+PREVIOUS_CENSUS = RESULTS / "census" / "gdn-austen-v1" / "census.json"
+PREVIOUS_HELDOUT = RESULTS / "heldout" / "gdn-austen-v1.json"  # scripts/heldout_loss.py on the first version
+CARD_CONTEXTS = (256, 512, 1024)
 
 
-def model_census(folder: Path):
-    """The card's memory census of the model in ``folder``, written beside the weights (census.json, half_lives.png)."""
-    from hooked_gdn import HookedGatedDeltaNet
-
-    census = heldout_census(HookedGatedDeltaNet.from_pretrained(folder).eval())
+def model_census(model, folder: Path):
+    """The card's memory census of ``model``, written into its ``folder`` (census.json, half_lives.png)."""
+    census = heldout_census(model)
     census.save_json(folder / CENSUS_FILE)
     census.plot_half_lives(folder / "half_lives.png")
     return census
@@ -243,14 +246,18 @@ def model_census(folder: Path):
 
 def write_model_card(folder: Path) -> None:
     """README.md beside the weights, from the figures the training run saved and a fresh census."""
+    from hooked_gdn import HookedGatedDeltaNet
     from hooked_gdn.census import MemoryCensus
 
     stats = json.loads((folder / "training_stats.json").read_text())
     samples = json.loads((folder / "samples.json").read_text())
     config = json.loads((folder / "config.json").read_text())
     settings = stats["settings"]
-    census = model_census(folder)
+    model = HookedGatedDeltaNet.from_pretrained(folder).eval()
+    census = model_census(model, folder)
     previous = MemoryCensus.load_json(PREVIOUS_CENSUS) if PREVIOUS_CENSUS.exists() else None
+    by_context = {c: heldout_loss(model, c)[1] for c in CARD_CONTEXTS}
+    previous_by_context = json.loads(PREVIOUS_HELDOUT.read_text())["by_context"] if PREVIOUS_HELDOUT.exists() else {}
     ranked = lambda c: sum(r.effective_rank >= 4 for r in c.heads)
     layer_kinds = ", ".join("GDN" if t == "linear_attention" else "attention" for t in config["layer_types"])
     lines = [
@@ -282,6 +289,20 @@ def write_model_card(folder: Path) -> None:
         f"cut into non-overlapping windows of {stats['context']} tokens ({stats['heldout_tokens']} tokens,",
         f"{stats['heldout_characters']} characters); mean next-token cross-entropy with the bf16 weights computed in fp32.",
         "",
+        "Held-out bits per character by window length (each window starts from an empty memory;",
+        "`scripts/heldout_loss.py`):",
+        "",
+        "| window (tokens) | " + " | ".join(str(c) for c in CARD_CONTEXTS) + " |",
+        "|---|" + "---|" * len(CARD_CONTEXTS),
+        "| this version | " + " | ".join(f"{by_context[c]:.4f}" for c in CARD_CONTEXTS) + " |",
+    ]
+    if previous_by_context:
+        before = {c: previous_by_context[str(c)]["bits_per_char"] for c in CARD_CONTEXTS}
+        lines.append("| the first version | " + " | ".join(f"{before[c]:.4f}" for c in CARD_CONTEXTS) + " |")
+        lines += ["", "Change against the first version (negative is better): "
+                  + ", ".join(f"{by_context[c] - before[c]:+.4f} at {c}" for c in CARD_CONTEXTS) + " bits/char."]
+    lines += [
+        "",
         "## Decay initialisation (changed in this version)",
         "",
         "The first `gdn-austen` used transformers' initialisation (A ~ U(0.01, 16), dt_bias = 1, so",
@@ -302,7 +323,17 @@ def write_model_card(folder: Path) -> None:
         f"- this version: {census.summary()};",
     ]
     if previous is not None:
-        lines.append(f"- the first version: {previous.summary()}.")
+        lines.append(f"- the first version: {previous.summary()};")
+    learned = [r for r in census.heads if r.head not in settings["fixed_heads"]]
+    longest = max(learned, key=lambda r: r.half_life[1])
+    quiet = [r for r in census.heads if r.read_rms_over_sqrt_eps < 0.1]
+    lines += [
+        f"- learned-decay heads with median half-life ≥ 16: {sum(r.half_life[1] >= 16 for r in learned)} of {len(learned)} "
+        f"(the longest, layer {longest.layer} head {longest.head}: median {longest.half_life[1]:.3g}, "
+        f"90th percentile {longest.half_life[2]:.3g} tokens); the other long memories are the fixed-decay heads';",
+        f"- reads far below the gated norm's √ε (‖o‖rms/√ε < 0.1), so ε rather than the read sets the output scale: "
+        + (", ".join(f"layer {r.layer} head {r.head}" for r in quiet) if quiet else "none") + ".",
+    ]
     lines += ["", "![median half-life per GDN head](half_lives.png)", "", census.table(), "", "## Greedy continuations", ""]
     lines += [f"- {text!r}" for _, text in samples]
     (folder / "README.md").write_text("\n".join(lines) + "\n")
@@ -345,7 +376,7 @@ def main() -> None:
         if step % 50 == 0:
             print(f"step {step} loss {loss:.3f} {time.time() - start:.0f}s", flush=True)
         if step % 500 == 0:
-            print(f"  held-out loss {heldout_loss(model, windows):.4f}", flush=True)
+            print(f"  held-out loss {transformers_heldout_loss(model, windows):.4f}", flush=True)
             model.train()
     step = train(model, stream, settings, args.checkpoint, args.checkpoint_every, args.minutes, report)
     if step < settings.steps:
@@ -353,7 +384,7 @@ def main() -> None:
         return
 
     model = model.to(torch.bfloat16).float()  # the shipped (bf16) weights; the card is measured on them
-    loss = heldout_loss(model, windows)
+    loss = transformers_heldout_loss(model, windows)
     n_chars = len(tokenizer.decode(windows[:, 1:].flatten().tolist()))
     bpc = loss * windows[:, 1:].numel() / math.log(2) / n_chars
     samples = []
@@ -380,6 +411,8 @@ def main() -> None:
     }
     Path(tmp, "training_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     Path(tmp, "samples.json").write_text(json.dumps(samples, indent=2) + "\n")
+    for file in Path(tmp).iterdir():  # safetensors writes 0600: ship files anyone can read
+        file.chmod(0o644)
     shutil.rmtree(args.out, ignore_errors=True)
     os.replace(tmp, args.out)
     print(json.dumps(stats, indent=2))

@@ -13,6 +13,7 @@ other chapter (including each novel's front matter, before its first chapter) is
 from __future__ import annotations
 
 import gzip
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,3 +103,14 @@ def default_layer(name: str = "gdn-austen") -> int:
     from ..census import MemoryCensus
 
     return MemoryCensus.load_json(PRETRAINED_MODELS[name] / CENSUS_FILE).long_memory_layer()
+
+
+@torch.no_grad()
+def heldout_loss(model, context: int = HELDOUT_CONTEXT, batch_size: int = 16) -> tuple[float, float]:
+    """The model card's held-out figures for windows of ``context`` tokens: mean next-token
+    cross-entropy (nats/token) and bits per character of the predicted text."""
+    windows = heldout_windows(model.tokenizer, context)
+    total = sum(model(batch, "loss", loss_per_token=True).double().sum().item() for batch in windows.split(batch_size))
+    targets = windows[:, 1:]
+    characters = len(model.tokenizer.decode(targets.flatten().tolist()))
+    return total / targets.numel(), total / math.log(2) / characters
