@@ -311,8 +311,11 @@ def plot_patching_heatmap(
     for i, ax in enumerate(axs[:, 0]):
         image = ax.imshow(panels[i].numpy(), cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
         ax.set_yticks(range(rows), list(row_labels) if row_labels is not None else range(rows))
-        ax.set_xticks(range(cols), list(col_labels) if col_labels is not None else range(cols),
-                      rotation=90 if col_labels is not None else 0)
+        if i == n - 1:  # the panels share their columns: label them once, under the last
+            ax.set_xticks(range(cols), list(col_labels) if col_labels is not None else range(cols),
+                          rotation=90 if col_labels is not None else 0)
+        else:
+            ax.set_xticks(range(cols), [])
         ax.set_ylabel(ylabel)
         if panel_titles is not None:
             ax.set_title(panel_titles[i])
