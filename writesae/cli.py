@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     quick = commands.add_parser("quickstart", help="train and inspect a WriteSAE on the shipped model (the main job)")
-    quick.add_argument("--layer", type=int, help="GDN layer (default: the middle one)")
+    quick.add_argument("--layer", type=int, help="GDN layer (default: the one with the most long-memory heads, from the model card's census)")
     quick.add_argument("--heads", default="all", help="'all' or comma-separated head indices")
     quick.add_argument("--n-features", type=_positive_int, default=256)
     quick.add_argument("--k", type=_positive_int, default=8)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from hooked_gdn.pretrained import austen_corpus
+from hooked_gdn.pretrained import austen_corpus, default_layer
 from hooked_gdn.sites import site_name
 
 from .evals import downstream_metrics, reconstruction_metrics
@@ -31,13 +31,13 @@ OUTPUTS = ("sae", "training", "atoms.png", "activations.png", "training_curve.pn
 
 def top_activating_contexts(sae, store, model, features: list[tuple[int, int]], batch_size: int, max_samples: int,
                             n_top: int = 3, window: int = 12) -> dict[str, list[str]]:
-    """For each (head, feature): the held-out positions where it fires most, as text with the token in [[ ]]."""
+    """For each (model head, feature): the held-out positions where it fires most, as text with the token in [[ ]]."""
     best: dict[tuple[int, int], list[tuple[float, int, int]]] = {f: [] for f in features}
     with torch.no_grad():
         for x, origin in store.heldout_batches(batch_size, max_samples, with_origin=True):
             codes = sae.encode(x)
             for head, feature in features:
-                values = codes[:, head, feature]
+                values = codes[:, sae.cfg.dictionary(head), feature]
                 for i in values.topk(min(n_top, len(values))).indices.tolist():
                     if values[i] > 0:
                         best[(head, feature)].append((values[i].item(), *origin[i].tolist()))
@@ -60,12 +60,13 @@ def save_plots(sae, codes_sample: torch.Tensor, metrics_file: Path, out: Path) -
     import matplotlib.pyplot as plt
 
     written = []
-    atoms = sae.atoms().detach()[0, :8]  # head 0, first 8 atoms [8, d_k, d_v]
+    head = sae.cfg.head_indices[0]
+    atoms = sae.atoms().detach()[0, :8]  # the first dictionary's first 8 atoms [8, d_k, d_v]
     fig, axes = plt.subplots(2, 4, figsize=(12, 6))
     for ax, i in zip(axes.flat, range(len(atoms))):
         limit = atoms[i].abs().max().item()
         ax.imshow(atoms[i].numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit)
-        ax.set_title(f"head 0, atom {i}: v wᵀ")
+        ax.set_title(f"head {head}, atom {i}: v wᵀ")
         ax.axis("off")
     fig.tight_layout()
     written.append(_save(fig, out / "atoms.png"))
@@ -104,7 +105,7 @@ def run_quickstart(out: Path, layer: int | None = None, heads="all", n_features:
     claim_outputs(out, OUTPUTS)  # before any work: a file of the same name that is not ours stops the run
     model = HookedSAEGatedDeltaNet.from_pretrained("gdn-austen").eval()
     gdn_layers = model.cfg.gdn_layers
-    layer = gdn_layers[len(gdn_layers) // 2] if layer is None else layer
+    layer = default_layer("gdn-austen") if layer is None else layer  # the most long-memory heads, by the card's census
     if layer not in gdn_layers:
         raise ValueError(f"layer {layer} is not a GDN layer; the GDN layers are {gdn_layers}")
     documents, heldout = austen_corpus()
@@ -121,8 +122,8 @@ def run_quickstart(out: Path, layer: int | None = None, heads="all", n_features:
     tokens = torch.stack([store.context_tokens(i, "heldout") for i in range(eval_contexts)])
     downstream = downstream_metrics(model, sae, tokens, mode="loop")
     codes = torch.cat([sae.encode(x) for x in store.heldout_batches(batch_size, 2048)]).detach()
-    frequency = (codes > 0).float().mean(0)  # [heads, n]
-    features = [(h, int(f)) for h in range(min(2, sae.n_dicts)) for f in frequency[h].topk(2).indices]
+    frequency = (codes > 0).float().mean(0)  # [n_dicts, n]
+    features = [(sae.cfg.head_indices[d], int(f)) for d in range(min(2, sae.n_dicts)) for f in frequency[d].topk(2).indices]
     contexts = top_activating_contexts(sae, store, model, features, batch_size, 4096)
     sae.save(out / "sae")
     plots = save_plots(sae, codes, out / "training" / "metrics.jsonl", out)
