@@ -273,6 +273,9 @@ def _collect(model, sae: SAEBase, site: Site, windows: Tensor, n_keys: int, batc
                  direct_sum.cpu())
 
 
+CLEAN_LOGITS_BYTES = 1 << 29  # the carried KL keeps every window's clean logits up to this size
+
+
 @dataclass(frozen=True)
 class _Firing:
     card: int  # index into the cards
@@ -289,7 +292,8 @@ def _ablation_kl(model, sae: SAEBase, site: Site, windows: Tensor, firings: list
     """KL at t and summed over t … t + horizon − 1 for each firing, S_t − (a/s) A_i carried forward.
 
     Firings at one position share a forward pass, each on its own window cut after t + horizon − 1
-    (later tokens cannot change the scored logits)."""
+    (later tokens cannot change the scored logits). The clean logits of every window are computed
+    once when they fit in ``CLEAN_LOGITS_BYTES``, else beside each ablated pass."""
     heads = torch.tensor(sae.cfg.head_indices)
     kl_next, kl_carried = torch.zeros(len(firings)), torch.zeros(len(firings))
     by_position = defaultdict(list)
@@ -297,6 +301,9 @@ def _ablation_kl(model, sae: SAEBase, site: Site, windows: Tensor, firings: list
         by_position[firing.position].append(j)
     groups = [(t, rows[k : k + batch_rows]) for t, rows in sorted(by_position.items()) for k in range(0, len(rows), batch_rows)]
     device = model.W_E.device
+    clean_all = None
+    if windows.numel() * model.cfg.d_vocab * 4 <= CLEAN_LOGITS_BYTES:
+        clean_all = torch.cat([model(part.to(device)) for part in windows.split(batch_rows)])
     for t, rows in tqdm(groups, desc="ablating features at their firings", disable=not progress):
         chosen = [firings[j] for j in rows]
         tokens = windows[[f.window for f in chosen], : t + horizon].to(device)
@@ -311,7 +318,7 @@ def _ablation_kl(model, sae: SAEBase, site: Site, windows: Tensor, firings: list
             states[torch.arange(len(states)), model_heads] -= removed.to(states)
             return states
 
-        clean = model(tokens)
+        clean = model(tokens) if clean_all is None else clean_all[[f.window for f in chosen], : t + horizon]
         ablated = model.run_with_hooks(tokens, fwd_hooks=[(site.hook_name("hook_state"), edit_at_positions(remove, t))],
                                        state_positions=[t])
         kl = kl_from_clean(clean, ablated)[:, t:].cpu()

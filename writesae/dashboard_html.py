@@ -33,7 +33,9 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .stat .label { color: #5b6576; font-size: 12px; } .stat .value { font-size: 17px; font-weight: 600; }
 .grid { display: grid; grid-template-columns: minmax(380px, 1fr) minmax(480px, 1.5fr); gap: 20px; align-items: start; }
 .panel { background: #fff; border: 1px solid #dde2ea; border-radius: 6px; padding: 8px 12px; margin-bottom: 14px; }
-.pair { display: grid; grid-template-columns: 1fr 1fr; gap: 12px; } .pair table { width: 100%; }
+.pair { display: grid; grid-template-columns: 1fr 1fr; gap: 12px; }
+.pair table { width: 100%; table-layout: fixed; } .pair th, .pair td { padding: 2px 4px; overflow: hidden; }
+.pair td.mono { text-overflow: ellipsis; }
 .context { font-family: ui-monospace, "SFMono-Regular", Menlo, monospace; font-size: 13px; padding: 4px 0;
            border-bottom: 1px solid #eef1f6; white-space: pre-wrap; word-break: break-word; }
 .context .act { display: inline-block; width: 56px; color: #5b6576; }
@@ -175,16 +177,22 @@ def _index_row(card: FeatureCard) -> str:
 
 def feature_page(d: Dashboard, card: FeatureCard) -> str:
     head = next(h for h in d.heads if h.head == card.head)
+    p10, p50, p90 = (_tokens(x) for x in head.half_life)
     stats = "".join(_stat(*s) for s in (
-        ("frequency", card.frequency, f"{100 * card.frequency:.3g}%", f"{card.n_firings} of {d.n_windows * d.window_length} positions"),
+        ("frequency", card.frequency, f"{100 * card.frequency:.3g}%",
+         f"{card.n_firings} of {d.n_windows * d.window_length} positions"),
         ("mean_activation", card.mean_activation, _g(card.mean_activation), "mean code where it fires"),
         ("max_activation", card.max_activation, _g(card.max_activation), "largest code in the sample"),
-        ("kl_carried", card.kl_carried, _g(card.kl_carried), f"Σ KL over t … t+{d.horizon - 1}, ablated, {card.n_ablated} firings"),
+        ("kl_carried", card.kl_carried, _g(card.kl_carried),
+         f"Σ KL over t … t+{d.horizon - 1}, ablated, {card.n_ablated} firings"),
         ("kl_next", card.kl_next, _g(card.kl_next), "KL at the firing position"),
-        ("half_life", head.half_life[1], _tokens(head.half_life[1]) + " tokens",
-         f"head {head.head}'s memory, p10–p90 {_tokens(head.half_life[0])}–{_tokens(head.half_life[2])}"),
+        ("half_life", head.half_life[1], f"{p50} tokens", f"head {head.head}'s memory, p10–p90 {p10}–{p90}"),
     ))
-    contexts = "".join(_context(c, card.max_activation) for c in card.top_contexts) or '<p class="muted">never fired in the sample</p>'
+    contexts = "".join(_context(c, card.max_activation) for c in card.top_contexts)
+    contexts = contexts or '<p class="muted">never fired in the sample</p>'
+    values = (_logit_table("promoted", "promoted", card.logits_promoted)
+              + _logit_table("suppressed", "suppressed", card.logits_suppressed))
+    keys = _key_table("most aligned", "aligned", card.keys_aligned) + _key_table("most opposed", "opposed", card.keys_opposed)
     body = f"""
 <p><a href="../index.html">← all features</a></p>
 <h1>Head {card.head} · feature {card.feature}</h1>
@@ -193,11 +201,11 @@ def feature_page(d: Dashboard, card: FeatureCard) -> str:
 <div class="grid"><div>
 <div class="panel"><h2>Activation histogram</h2>{_histogram(card)}</div>
 <div class="panel"><h2>Value side: direct effect on the logits through the read</h2>
-<div class="pair">{_logit_table("promoted", "promoted", card.logits_promoted)}{_logit_table("suppressed", "suppressed", card.logits_suppressed)}</div></div>
+<div class="pair">{values}</div></div>
 </div><div>
 <div class="panel"><h2>Top activations (held-out text)</h2>{contexts}</div>
 <div class="panel"><h2>Key side: write keys k̂ along the atom's key factor u</h2>
-<div class="pair">{_key_table("most aligned", "aligned", card.keys_aligned)}{_key_table("most opposed", "opposed", card.keys_opposed)}</div></div>
+<div class="pair">{keys}</div></div>
 </div></div>
 <details><summary>How these are computed</summary>{_definitions(d)}</details>"""
     return _page(f"head {card.head} · feature {card.feature}", body)
@@ -247,14 +255,17 @@ def _context(c: ShownContext, max_activation: float) -> str:
             f'<span class="act">{_g(c.activation)}</span>{"".join(spans)}</div>')
 
 
+_COLUMNS = '<colgroup><col><col style="width: 64px"><col style="width: 44px"></colgroup>'  # token, number, bar
+
+
 def _key_table(title: str, kind: str, matches: list[KeyMatch]) -> str:
     scale = max((abs(m.alignment) for m in matches), default=1.0) or 1.0
     rows = "".join(
         f'<tr class="key" data-window="{m.window}" data-position="{m.position}" data-alignment="{_full(m.alignment)}">'
-        f'<td class=mono><span class="muted">{_show(m.left_context[-20:])}</span>{_show(m.token)}</td>'
-        f'<td class=num>{m.alignment:+.3f}</td><td><span class="bar key" style="width: {40 * abs(m.alignment) / scale:.0f}px"></span></td></tr>'
+        f'<td class=mono><span class="muted">{_show(m.left_context[-14:])}</span>{_show(m.token)}</td>'
+        f'<td class=num>{m.alignment:+.3f}</td><td>{_bar("key", m.alignment / scale)}</td></tr>'
         for m in matches)
-    return f'<table class="keys" data-kind="{kind}"><thead><tr><th>{escape(title)}</th><th class=num>k̂ᵀu</th><th></th></tr></thead><tbody>{rows}</tbody></table>'
+    return _table("keys", kind, title, "k̂ᵀu", rows)
 
 
 def _logit_table(title: str, kind: str, effects: list[LogitEffect]) -> str:
@@ -263,10 +274,21 @@ def _logit_table(title: str, kind: str, effects: list[LogitEffect]) -> str:
     scale = max(abs(e.logit_change) for e in effects) or 1.0
     colour = "up" if kind == "promoted" else "down"
     rows = "".join(
-        f'<tr class="logit" data-token-id="{e.token_id}" data-value="{_full(e.logit_change)}"><td class=mono>{_show(e.token)}</td>'
-        f'<td class=num>{e.logit_change:+.3g}</td><td><span class="bar {colour}" style="width: {40 * abs(e.logit_change) / scale:.0f}px"></span></td></tr>'
+        f'<tr class="logit" data-token-id="{e.token_id}" data-value="{_full(e.logit_change)}">'
+        f'<td class=mono>{_show(e.token)}</td><td class=num>{e.logit_change:+.3g}</td>'
+        f'<td>{_bar(colour, e.logit_change / scale)}</td></tr>'
         for e in effects)
-    return f'<table class="logits" data-kind="{kind}"><thead><tr><th>{escape(title)}</th><th class=num>Δlogit</th><th></th></tr></thead><tbody>{rows}</tbody></table>'
+    return _table("logits", kind, title, "Δlogit", rows)
+
+
+def _table(cls: str, kind: str, title: str, number: str, rows: str) -> str:
+    """A token | number | bar table."""
+    return (f'<table class="{cls}" data-kind="{kind}">{_COLUMNS}<thead><tr><th>{escape(title)}</th>'
+            f'<th class=num>{number}</th><th></th></tr></thead><tbody>{rows}</tbody></table>')
+
+
+def _bar(colour: str, fraction: float) -> str:
+    return f'<span class="bar {colour}" style="width: {36 * abs(fraction):.0f}px"></span>'
 
 
 def _definitions(d: Dashboard) -> str:
