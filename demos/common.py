@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from writesae import load_sae
 from hooked_gdn.pretrained import heldout_windows
+from hooked_gdn.sites import parse_site
+from writesae import load_sae
 from writesae.quickstart import run_quickstart
 from writesae.splice import HookedSAEGatedDeltaNet
 
@@ -44,20 +45,8 @@ def heldout_passages(model, n: int, context: int) -> torch.Tensor:
     return heldout_windows(model.tokenizer, context)[:n]
 
 
-@torch.no_grad()
-def frequent_features(model, sae, tokens: torch.Tensor, layer: int, heads: list[int], n: int) -> dict[int, list]:
-    """Per head, the ``n`` features active at the most (passage, position) pairs, with their frequency."""
-    site = f"blocks.{layer}.linear_attn.hook_state"
-    counts = torch.zeros(sae.n_dicts, sae.cfg.n_features)
-    for passage in tokens:
-        _, cache = model.run_with_cache(passage[None], names_filter=site)
-        counts += (sae.encode(cache[site][0].float()) > 0).float().sum(0)
-    freq = counts / (tokens.shape[0] * tokens.shape[1])
-    return {h: [(int(i), float(freq[h, i])) for i in freq[h].argsort(descending=True)[:n]] for h in heads}
-
-
 def sae_layer(sae) -> int:
-    return int(sae.cfg.site.split(".")[1])
+    return parse_site(sae.cfg.site).layer
 
 
 def write_json(path: Path, results: dict) -> None:

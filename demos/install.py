@@ -2,7 +2,7 @@
 
 For each head of the quickstart SAE's layer and each direction (v, w), at the last 3 positions of a
 held-out prompt the native write k̂_t δ_tᵀ is replaced by m ‖k̂_t δ_tᵀ‖_F · v wᵀ (unit v, w), the edit
-carries through the recurrence, and the model continues greedily (``install_in_generation`` in
+carries through the recurrence, and the model continues greedily (``install_study`` in
 ``writesae.experiments.install``). Per prompt, ``--targets`` target tokens are drawn (seeded) among
 the tokens ranked 100–1000 by the unmodified model's next-token distribution (``pick_targets``).
 
@@ -34,16 +34,8 @@ import time
 
 import torch
 
-from common import demo_parser, frequent_features, heldout_passages, load_model_and_sae, pyplot, sae_layer, save_figure, write_json
-from writesae.experiments.install import install_in_generation, pick_targets
-
-
-def summarise(rows: list[dict]) -> dict:
-    included = [x for r in rows for x in r["included"]]
-    lifts = torch.tensor([x for r in rows for x in r["lift"]])
-    n = len(included)
-    return {"inclusion_rate": sum(included) / n, "mean_lift": float(lifts.mean()), "median_lift": float(lifts.median()),
-            "frac_lift_positive": float((lifts > 0).float().mean()), "n": n}
+from common import demo_parser, heldout_passages, load_model_and_sae, pyplot, sae_layer, save_figure, write_json
+from writesae.experiments import atom_and_random_directions, frequent_features, install_study
 
 
 def main() -> None:
@@ -62,48 +54,13 @@ def main() -> None:
     prompts = heldout_passages(model, args.passages, args.context)
     T = prompts.shape[1]
     positions = [T - 3, T - 2, T - 1]
-    targets = [pick_targets(model, p, (100, 1000), args.targets, args.seed + i) for i, p in enumerate(prompts)]
-
-    features = frequent_features(model, sae, prompts, layer, args.heads, args.atoms)
+    features = frequent_features(model, sae, prompts, args.atoms, heads=args.heads)
     gen = torch.Generator().manual_seed(args.seed)
-    directions = []  # (head, kind, label, v, w)
-    for h in args.heads:
-        directions += [(h, "atom", f"feature {i}", sae.V[h, i, 0].detach().float(), sae.W[h, i, 0].detach().float())
-                       for i, _ in features[h]]
-        for j in range(args.random):
-            v, w = torch.randn(sae.cfg.d_k, generator=gen), torch.randn(sae.cfg.d_v, generator=gen)
-            directions.append((h, "random", f"random {j}", v / v.norm(), w / w.norm()))
-
-    rows = []  # one per (direction, m, prompt)
-    clean_included = []
-    for m in args.multipliers:
-        for h, kind, label, v, w in directions:
-            for p, prompt in enumerate(prompts):
-                r = install_in_generation(model, prompt, layer, h, v, w, m, positions, args.new_tokens, targets[p])
-                rows.append({"m": m, "head": h, "kind": kind, "direction": label, "prompt": p, **r})
-                if len(clean_included) < len(prompts):  # the clean continuation does not depend on the install
-                    clean_included.append([t in r["clean_continuation"] for t in targets[p]])
-        print(f"m = {m} done ({time.time() - start:.0f}s)", flush=True)
-
-    baseline = sum(map(sum, clean_included)) / sum(map(len, clean_included))
-    by_m = {kind: {m: summarise([r for r in rows if r["m"] == m and (kind == "all" or r["kind"] == kind)])
-                   for m in args.multipliers}
-            for kind in ("all", "atom", "random") if any(r["kind"] == kind for r in rows) or kind == "all"}
-    changed = {m: sum(r["continuation"] != r["clean_continuation"] for r in rows if r["m"] == m)
-                  / sum(r["m"] == m for r in rows) for m in args.multipliers}
-
-    # Post hoc, per (prompt, target): the best of all directions (any includes it; the largest lift).
-    best = {}
-    for m in args.multipliers:
-        pairs = {}
-        for r in rows:
-            if r["m"] != m:
-                continue
-            for j, (inc, lift) in enumerate(zip(r["included"], r["lift"])):
-                a, b = pairs.get((r["prompt"], j), (False, -float("inf")))
-                pairs[(r["prompt"], j)] = (a or inc, max(b, lift))
-        best[m] = {"inclusion_rate_any_direction": sum(a for a, _ in pairs.values()) / len(pairs),
-                   "mean_best_lift": sum(b for _, b in pairs.values()) / len(pairs), "n": len(pairs)}
+    directions = atom_and_random_directions(sae, {h: [i for i, _ in features[h]] for h in args.heads}, args.random, gen)
+    study = install_study(model, prompts, layer, directions, args.multipliers, positions=positions,
+                          max_new_tokens=args.new_tokens, n_targets=args.targets, seed=args.seed)
+    rows, baseline, by_m, changed, best = (study[key] for key in (
+        "runs", "clean_inclusion_rate", "by_multiplier", "continuation_changed_fraction", "best_direction_per_target"))
 
     example = next(r for r in rows if r["m"] == max(args.multipliers) and r["kind"] == "atom")
     results = {

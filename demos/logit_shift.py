@@ -10,10 +10,10 @@ later position t ≥ t0 with two predictions (``writesae.experiments.logit_shift
 
 Choices:
 
-- directions (v, w): for each head, the rank-1 atoms (V_i, W_i) of the ``--atoms`` features that are
-  active (code > 0) at the most (passage, position) pairs of the held-out passages used here, plus
-  ``--random`` seeded random unit directions as a control. All factors have unit norm, so
-  ‖v wᵀ‖_F = 1.
+- directions (v, w): for each head, the rank-1 atoms' factors (V_i, W_i), at unit norm, of the
+  ``--atoms`` features that are active (code > 0) at the most (passage, position) pairs of the
+  held-out passages used here, plus ``--random`` seeded random unit directions as a control
+  (`writesae.experiments.features`). So ‖v wᵀ‖_F = 1.
 - ε scale: ε = c · ‖S_t0‖_F for c in ``--eps`` (default 0.01 0.03 0.1 0.3 1), with ‖S_t0‖_F the
   clean state norm of that head at t0 in that passage, so c is the edit's size relative to the state.
 - R² = 1 − Σ(measured − predicted)² / Σ(measured − mean(measured))², pooled over every entry
@@ -36,29 +36,10 @@ import time
 
 import torch
 
-from common import demo_parser, frequent_features, heldout_passages, load_model_and_sae, pyplot, sae_layer, save_figure, write_json
-from writesae.experiments.logit_shift import SITES, exact_read_change, logit_jvp, measured_logit_change, paper_read_change
+from common import demo_parser, heldout_passages, load_model_and_sae, pyplot, sae_layer, save_figure, write_json
+from writesae.experiments import atom_and_random_directions, frequent_features, logit_shift_study
 
 METHODS = ("exact", "paper")
-
-
-class PooledR2:
-    """Streams Σ(m − p)², Σm, Σm², n so R² can be pooled over entries without keeping them."""
-
-    def __init__(self):
-        self.res = self.sm = self.sm2 = 0.0
-        self.n = 0
-
-    def add(self, predicted: torch.Tensor, measured: torch.Tensor) -> None:
-        p, m = predicted.double().flatten(), measured.double().flatten()
-        self.res += float((m - p).pow(2).sum())
-        self.sm += float(m.sum())
-        self.sm2 += float(m.pow(2).sum())
-        self.n += m.numel()
-
-    def value(self) -> float:
-        total = self.sm2 - self.sm**2 / self.n
-        return 1.0 - self.res / total if total > 0 else float("nan")
 
 
 def main() -> None:
@@ -79,75 +60,34 @@ def main() -> None:
     tokens = heldout_passages(model, args.passages, args.context)
     T = tokens.shape[1]
     t0 = T // 2 if args.t0 is None else args.t0 % T
-    distances = list(range(T - t0))
     epsilons = sorted(args.eps)
     gen = torch.Generator().manual_seed(args.seed)
 
-    features = frequent_features(model, sae, tokens, layer, args.heads, args.atoms)
-    directions = {}  # head -> [(kind, label, v, w)]
-    for h in args.heads:
-        directions[h] = [("atom", f"feature {i}", sae.V[h, i, 0].detach().float(), sae.W[h, i, 0].detach().float())
-                         for i, _ in features[h]]
-        for j in range(args.random):
-            v, w = torch.randn(sae.cfg.d_k, generator=gen), torch.randn(sae.cfg.d_v, generator=gen)
-            directions[h].append(("random", f"random {j}", v / v.norm(), w / w.norm()))
-
-    groups = ("all", "atom", "random")
-    by_eps = {(g, e, m): PooledR2() for g in groups for e in epsilons for m in METHODS}
-    by_dist = {(e, d, m): PooledR2() for e in epsilons for d in distances for m in METHODS}
-    scatter = {m: [] for m in METHODS}
-    scatter_measured = []
-    state_norms = []
-
-    site_state = f"blocks.{layer}.linear_attn.hook_state"
-    for p, passage in enumerate(tokens):
-        passage = passage[None]
-        with torch.no_grad():
-            _, cache = model.run_with_cache(passage, names_filter=[f"blocks.{layer}.linear_attn.{s}" for s in SITES])
-            _, state = model.run_with_cache(passage, names_filter=site_state, state_positions=[t0])
-        for h in args.heads:
-            norm = float(state[site_state][0, 0, h].float().norm())
-            state_norms.append(norm)
-            for kind, label, v, w in directions[h]:
-                # Both predictions at ε = 1 (they are linear in ε), rows t0 … T−1.
-                unit = {m: logit_jvp(model, passage, layer, h, t0, fn(cache, layer, h, t0, v, w, 1.0))[t0:]
-                        for m, fn in (("exact", exact_read_change), ("paper", paper_read_change))}
-                idx = torch.randint(0, unit["exact"].numel(), (args.scatter_points,), generator=gen)
-                for e in epsilons:
-                    eps = e * norm
-                    measured = measured_logit_change(model, passage, layer, h, t0, v, w, eps)[t0:]
-                    for m in METHODS:
-                        predicted = eps * unit[m]
-                        for g in ("all", kind):
-                            by_eps[(g, e, m)].add(predicted, measured)
-                        for d in distances:
-                            by_dist[(e, d, m)].add(predicted[d], measured[d])
-                        if e == epsilons[0]:
-                            scatter[m].append(predicted.flatten()[idx])
-                    if e == epsilons[0]:
-                        scatter_measured.append(measured.flatten()[idx])
-        print(f"passage {p + 1}/{len(tokens)} done ({time.time() - start:.0f}s)", flush=True)
+    features = frequent_features(model, sae, tokens, args.atoms, heads=args.heads)
+    directions = atom_and_random_directions(sae, {h: [i for i, _ in features[h]] for h in args.heads}, args.random, gen)
+    study = logit_shift_study(model, tokens, layer, t0, directions, epsilons, relative_to_state=True,
+                              samples=args.scatter_points, generator=gen)
+    distances = study["distances"]
 
     results = {
         "layer": layer, "heads": args.heads, "t0": t0, "context": T, "passages": len(tokens),
         "epsilon_multiples_of_state_norm": epsilons,
-        "mean_state_norm_at_t0": sum(state_norms) / len(state_norms),
-        "directions": {h: [label for _, label, _, _ in directions[h]] for h in args.heads},
+        "mean_state_norm_at_t0": study["mean_state_norm"],
+        "directions": {h: [d.label for d in directions if d.head == h] for h in args.heads},
         "feature_frequency": {h: {i: f for i, f in features[h]} for h in args.heads},
-        "r2_by_eps": {g: {e: {m: by_eps[(g, e, m)].value() for m in METHODS} for e in epsilons}
-                      for g in groups if by_eps[(g, epsilons[0], "exact")].n},
+        "r2_by_eps": study["r2_by_eps"],
         "distances": distances,
-        "r2_by_distance": {e: {m: [by_dist[(e, d, m)].value() for d in distances] for m in METHODS} for e in epsilons},
+        "r2_by_distance": study["r2_by_distance"],
         "seconds": time.time() - start,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "results.json", results)
 
     plt = pyplot()
-    measured = torch.cat(scatter_measured)
+    measured = study["samples"]["measured"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharex=True, sharey=True)
     for ax, m in zip(axes, METHODS):
-        predicted = torch.cat(scatter[m])
+        predicted = study["samples"][m]
         ax.scatter(predicted, measured, s=3, alpha=0.3)
         lim = float(max(measured.abs().max(), predicted.abs().max()))
         ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.8)
@@ -183,7 +123,7 @@ def main() -> None:
     save_figure(fig, args.out / "r2_vs_distance.png")
 
     print(f"\nlayer {layer}, heads {args.heads}, {len(tokens)} passages, t0 = {t0}, "
-          f"{len(directions[args.heads[0]])} directions/head; R² pooled over t ≥ t0 and vocabulary")
+          f"{len(results['directions'][args.heads[0]])} directions/head; R² pooled over t ≥ t0 and vocabulary")
     print(f"{'ε/‖S‖':>8} {'exact':>8} {'paper':>8} {'exact(atom)':>12} {'paper(atom)':>12} {'exact(rand)':>12} {'paper(rand)':>12}")
     for e in epsilons:
         r = results["r2_by_eps"]

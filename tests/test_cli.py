@@ -67,7 +67,7 @@ def test_quickstart_on_two_heads_labels_model_heads_and_writes_outputs_that_load
     # the SAE's dictionaries 0 and 1 are model heads 1 and 3: reports name the model heads
     assert {label.split(",")[0] for label in summary["top_contexts"]} == {"head 1", "head 3"}
     assert all("[[" in line for lines in summary["top_contexts"].values() for line in lines)
-    table = format_report(summary).splitlines()[3:5]
+    table = format_report(summary).splitlines()[4:6]
     assert [row.split()[0] for row in table] == ["1", "3"]
     for plot in ("atoms.png", "activations.png", "training_curve.png"):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from hooked_gdn.sites import gdn_hook_name, site_name
 from writesae import BilinearMatrixSAE
 from writesae.experiments import (
-    CONDITIONS, clustered_bootstrap, edit_at_positions, find_firings, gdn_hook_name, install_matrix,
-    kl_from_clean, substitution_test, summarize, wilson_interval, write_ablation,
+    CONDITIONS, atom_and_random_directions, atom_direction, clustered_bootstrap, edit_at_positions, find_firings,
+    frequent_features, install_matrix, kl_from_clean, site_codes, substitution_test, summarize, wilson_interval,
+    write_ablation,
 )
 
 from .conftest import random_tiny_model
@@ -25,10 +27,9 @@ def tokens():
     return torch.randint(1, 101, (2, 24), generator=torch.Generator().manual_seed(3))
 
 
-def make_sae(model, kind: str):
-    layer = model.cfg.gdn_layers[1]
-    return BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, n_features=16, k=3,
-                             site=gdn_hook_name(layer, kind), heads="all", n_heads=model.cfg.n_value_heads,
+def make_sae(model, kind: str, heads="all"):
+    return BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, n_features=16, k=3, heads=heads,
+                             site=site_name(model.cfg.gdn_layers[1], kind), n_heads=model.cfg.n_value_heads,
                              input_scale=2.0, seed=0)
 
 
@@ -84,7 +85,6 @@ def test_write_ablation_deletes_like_zero_beta(model, tokens):
     assert (result["logits"][:, :5] - result["clean_logits"][:, :5]).abs().max() <= 1e-6
     assert result["kl"][:, :5].abs().max() <= 1e-6 and result["loss_change"][:, :5].abs().max() <= 1e-6
     assert result["kl"][:, 5].min() > 1e-8 and result["kl"][:, -1].min() > 1e-8  # at t and carried
-    assert result["kl"].min() >= -1e-7
     assert result["mean_kl"].shape == (24,) and result["mean_loss_change"].shape == (23,)
     assert torch.allclose(result["mean_kl"], result["kl"].mean(0))
 
@@ -137,14 +137,14 @@ def test_installing_zero_equals_zero_beta(model, tokens):
 
 # --- firings and the substitution test ---------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["hook_write_value", "hook_state"])
+@pytest.mark.parametrize("kind", ["write", "state"])
 def test_find_firings_are_top_codes(model, tokens, kind):
     sae = make_sae(model, kind)
     layer = model.cfg.gdn_layers[1]
     key, value, state = (gdn_hook_name(layer, n) for n in ("hook_write_key", "hook_write_value", "hook_state"))
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=[key, value, state])
-        x = cache[state] if kind == "hook_state" else cache[key][..., :, None] * cache[value][..., None, :]
+        x = cache[state] if kind == "state" else cache[key][..., :, None] * cache[value][..., None, :]
         codes = sae.encode(x)  # [b, p, H_v, n]: the dense route, against find_firings' own
     firings = find_firings(model, sae, tokens)
     assert len(firings) == int((codes.amax(-1) > 0).sum()) > 0
@@ -161,39 +161,51 @@ def test_find_firings_are_top_codes(model, tokens, kind):
 
 
 def test_substitution_records(model, tokens):
-    sae = make_sae(model, "hook_write_value")
-    firings = [f for f in find_firings(model, sae, tokens) if f.position < 20][:3]
-    late = next(f for f in find_firings(model, sae, tokens) if f.position == 22)
+    # an SAE of two heads: dictionary d is model head heads[d]
+    sae, layer = make_sae(model, "write", heads=[1, 3]), model.cfg.gdn_layers[1]
+    every = find_firings(model, sae, tokens)
+    firings = [f for f in every if f.position < 20][:3]
+    late = next(f for f in every if f.position >= 21)
     records = substitution_test(model, sae, tokens, firings + [late], horizon=4, seed=0)
-    assert len(records) == 4
+    assert len(records) == 4 and {r["head"] for r in records} <= {1, 3}
     for r, f in zip(records, firings):
         assert (r["sequence"], r["position"], r["head"], r["feature"]) == (f.sequence, f.position, f.head, f.feature)
-        assert r["positions_scored"] == 4 and r["native_norm"] > 0
-        for metric in ("kl_next", "kl_sum", "kl_mean"):
-            assert set(r[metric]) == set(CONDITIONS) and min(r[metric].values()) >= -1e-7
+        assert r["positions_scored"] == 4 and set(r["kl_next"]) == set(CONDITIONS)
         assert r["kl_sum"]["delete"] == pytest.approx(4 * r["kl_mean"]["delete"])
-        assert r["kl_sum"]["delete"] >= r["kl_next"]["delete"] - 1e-7
-    assert records[-1]["positions_scored"] == 2  # cut at the end of the sequence
-    # the delete condition is β = 0 at that head and position
+    assert records[-1]["positions_scored"] == tokens.shape[1] - late.position  # cut at the end of the sequence
+    assert substitution_test(model, sae, tokens, firings, horizon=4, seed=0) == records[:3]  # seeded
+
+    # each condition, rebuilt here and installed alone (batching changes the last bits of these small KLs)
     f, r = firings[0], records[0]
     with torch.no_grad():
-        clean = model(tokens)
-    deleted = zero_beta(model, tokens, model.cfg.gdn_layers[1], [f.head], [f.position])
-    kl = torch.nn.functional.kl_div(deleted[f.sequence, f.position].log_softmax(-1),
-                                    clean[f.sequence, f.position].log_softmax(-1), log_target=True, reduction="sum")
-    assert r["kl_next"]["delete"] == pytest.approx(float(kl), rel=1e-3, abs=1e-7)
-    assert substitution_test(model, sae, tokens, firings, horizon=4, seed=0) == records[:3]  # seeded
-    # the atom condition installs a_i·atom_i / s: the decode of that one code, without b_dec
-    d = sae.cfg.head_indices.index(f.head)
+        clean, cache = model.run_with_cache(tokens, names_filter=[gdn_hook_name(layer, "hook_write_key"),
+                                                                  gdn_hook_name(layer, "hook_write_value")])
+    native = (cache["write_key", layer][f.sequence, f.position, f.head].norm()
+              * cache["write_value", layer][f.sequence, f.position, f.head].norm())
+    assert r["native_norm"] == pytest.approx(float(native), rel=1e-6)
+    d = sae.cfg.dictionary(f.head)
     with torch.no_grad():
         sae.b_dec.normal_()  # b_dec must not enter; the codes are already taken
         one_code = torch.zeros(sae.n_dicts, 1)
         one_code[d] = f.coefficient
-        decoded = sae.decode_sparse(torch.full((sae.n_dicts, 1), f.feature), one_code) - sae.b_dec / sae.cfg.input_scale
+        atom = (sae.decode_sparse(torch.full((sae.n_dicts, 1), f.feature), one_code) - sae.b_dec / sae.cfg.input_scale)[d]
+    g = torch.Generator().manual_seed(0)  # the first firing's random direction: the generator's first draws
+    u, w = torch.randn(model.cfg.d_key, generator=g), torch.randn(model.cfg.d_value, generator=g)
+    matrices = {
+        "atom": atom,  # a_i · atom_i / s
+        "atom_norm_matched": atom * native / atom.norm(),
+        "delete": torch.zeros_like(atom),
+        "random": torch.outer(u, w) * native / (u.norm() * w.norm()),
+    }
     sequence = tokens[f.sequence : f.sequence + 1]
-    atom_logits = install_matrix(model, sequence, model.cfg.gdn_layers[1], f.head, f.position, decoded[d])
-    kl_atom = kl_from_clean(clean[f.sequence], atom_logits[0])[f.position]
-    assert r["kl_next"]["atom"] == pytest.approx(float(kl_atom), rel=1e-4, abs=1e-8)
+    for condition, matrix in matrices.items():
+        kl = kl_from_clean(clean[f.sequence], install_matrix(model, sequence, layer, f.head, f.position, matrix)[0])
+        assert r["kl_next"][condition] == pytest.approx(float(kl[f.position]), rel=2e-2), condition
+        assert r["kl_sum"][condition] == pytest.approx(float(kl[f.position : f.position + 4].sum()), rel=2e-2), condition
+    # and deleting is β = 0 at that head and position
+    deleted = zero_beta(model, tokens, layer, [f.head], [f.position])
+    kl = kl_from_clean(clean[f.sequence], deleted[f.sequence])[f.position]
+    assert r["kl_next"]["delete"] == pytest.approx(float(kl), rel=2e-2)
 
 
 def test_summarize_counts_match_records():
@@ -206,6 +218,52 @@ def test_summarize_counts_match_records():
     assert (summary["n"], beats["wins"], chain["wins"]) == (5, 3, 2)
     assert (summary["n_features"], summary["n_passages"]) == (3, 2)
     assert beats["rate"] == 0.6 and beats["wilson"] == wilson_interval(3, 5)
-    for key in ("bootstrap_by_feature", "bootstrap_by_passage"):
-        assert 0 <= beats[key][0] <= 0.6 <= beats[key][1] <= 1
+    hits = np.array([1.0, 0.0, 1.0, 1.0, 0.0])  # atom < delete, record by record
+    by = dict(n_resamples=200, seed=0)
+    assert beats["bootstrap_by_feature"] == clustered_bootstrap(hits, [i % 3 for i in range(5)], **by)[1:]
+    assert beats["bootstrap_by_passage"] == clustered_bootstrap(hits, [i % 2 for i in range(5)], **by)[1:]
     assert summarize(records, atom="atom_norm_matched", n_resamples=10)["atom_beats_delete"]["wins"] == 0
+
+
+# --- the SAE's features, by model head -------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["state", "write"])
+def test_frequent_features_are_indexed_by_model_head(model, tokens, kind):
+    # dictionaries 0 and 1 of this SAE are model heads 1 and 3
+    sae = make_sae(model, kind, heads=[1, 3])
+    site = gdn_hook_name(model.cfg.gdn_layers[1], "hook_state")
+    with torch.no_grad():
+        if kind == "state":
+            _, cache = model.run_with_cache(tokens, names_filter=site)
+            x = cache[site]
+        else:
+            _, cache = model.run_with_cache(tokens, names_filter=lambda name: "hook_write_" in name)
+            layer = model.cfg.gdn_layers[1]
+            x = cache["write_key", layer][..., :, None] * cache["write_value", layer][..., None, :]
+        codes = sae.encode(x[:, :, [1, 3]])  # the dense route, against site_codes' own
+    torch.testing.assert_close(site_codes(model, sae, tokens), codes, rtol=1e-5, atol=1e-6)
+    chosen = frequent_features(model, sae, tokens, 3)
+    assert list(chosen) == [1, 3]
+    for d, head in enumerate([1, 3]):
+        frequency = (codes[:, :, d] > 0).float().mean((0, 1))
+        assert [f for f, _ in chosen[head]] == frequency.argsort(descending=True)[:3].tolist()
+        assert [share for _, share in chosen[head]] == pytest.approx(frequency.sort(descending=True).values[:3].tolist())
+    assert list(frequent_features(model, sae, tokens, 1, heads=[3])) == [3]
+    with pytest.raises(ValueError, match=r"head 0 has no dictionary in this SAE; its heads are \[1, 3\]"):
+        frequent_features(model, sae, tokens, 1, heads=[0])
+
+
+def test_atom_directions_are_unit_factors_of_the_model_heads_atom():
+    sae = BilinearMatrixSAE(d_k=5, d_v=4, n_features=6, k=2, heads=[1, 3], input_scale=0.25, seed=0)
+    sae.fold_input_scale_()  # as a trained SAE is saved: W now has norm 1 / s = 4
+    direction = atom_direction(sae, 3, 2)
+    assert (direction.head, direction.kind, direction.label) == (3, "atom", "feature 2")
+    assert direction.v.norm() == pytest.approx(1) and direction.w.norm() == pytest.approx(1)
+    atom = sae.atoms()[1, 2].detach()  # dictionary 1 is head 3
+    torch.testing.assert_close(torch.outer(direction.v, direction.w), atom / atom.norm())
+    directions = atom_and_random_directions(sae, {3: [2, 0], 1: [5]}, 1, torch.Generator().manual_seed(0))
+    assert [(d.head, d.label) for d in directions] == [(3, "feature 2"), (3, "feature 0"), (3, "random 0"),
+                                                        (1, "feature 5"), (1, "random 0")]
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(5, generator=g)
+    torch.testing.assert_close(directions[2].v, v / v.norm())

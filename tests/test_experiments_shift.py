@@ -1,20 +1,25 @@
-"""The logit-shift prediction (exact propagator vs measurement) and installs in generation, on a random tiny model."""
+"""The logit-shift prediction (exact propagator vs measurement vs the paper's approximation) and
+installs in generation, on a random tiny model."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from writesae.experiments import install, logit_shift as ls
+from hooked_gdn.sites import gdn_hook_name
+from writesae.experiments import edit_at_positions, install, logit_shift as ls
+from writesae.experiments.features import Direction
 
 from .conftest import random_tiny_model
 
-LAYER, HEAD, T0 = 1, 0, 10  # head 0 of this layer decays slowest (α ≈ 0.6), so edits carry far
+LAYER, HEAD, T0 = 1, 0, 10
 
 
 def site(name):
-    return f"blocks.{LAYER}.linear_attn.{name}"
+    return gdn_hook_name(LAYER, name)
 
 
 @pytest.fixture(scope="module")
@@ -23,28 +28,38 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
+def slow():
+    """The tiny model with layer 1's decays slowed to α ≈ 0.9 (from ≈ 0.3): an edit at t0 is still
+    carried many positions later, through every (I − β k̂ k̂ᵀ) on the way."""
+    model = random_tiny_model()
+    with torch.no_grad():
+        model.blocks[LAYER].linear_attn.A_log.fill_(math.log(0.08))  # g ≈ −0.08 · softplus(1 + a)
+    return model
+
+
+@pytest.fixture(scope="module")
 def tokens():
     return torch.randint(0, 101, (1, 24), generator=torch.Generator().manual_seed(1))
 
 
-def unit_directions(model, n, seed=0):
+def unit_directions(model, n, seed=0, head=HEAD, kind="random"):
     g = torch.Generator().manual_seed(seed)
-    return [(F.normalize(torch.randn(model.cfg.d_key, generator=g), dim=0),
-             F.normalize(torch.randn(model.cfg.d_value, generator=g), dim=0)) for _ in range(n)]
+    return [Direction(head, kind, f"{kind} {i}", F.normalize(torch.randn(model.cfg.d_key, generator=g), dim=0),
+                      F.normalize(torch.randn(model.cfg.d_value, generator=g), dim=0)) for i in range(n)]
 
 
 @pytest.mark.parametrize("eps", [1e-3, 1.0, 50.0])
 def test_exact_read_change_equals_measured_at_any_eps(tiny, tokens, eps):
-    (v, w), = unit_directions(tiny, 1)
+    (d,) = unit_directions(tiny, 1)
     seen = {}
     with torch.no_grad():
         _, cache = tiny.run_with_cache(tokens, names_filter=[site(s) for s in ls.SITES] + [site("hook_recurrence_out")])
         tiny.run_with_hooks(tokens, state_positions=[T0], fwd_hooks=[
-            (site("hook_state"), ls.state_edit_hook(HEAD, T0, v, w, eps)),
+            (site("hook_state"), ls.state_edit_hook(HEAD, T0, d.v, d.w, eps)),
             (site("hook_recurrence_out"), lambda o, hook: seen.__setitem__("o", o.clone())),
         ])
     change = (seen["o"] - cache[site("hook_recurrence_out")])[0]  # [T, H, d_v]
-    predicted = ls.exact_read_change(cache, LAYER, HEAD, T0, v, w, eps)
+    predicted = ls.exact_read_change(cache, LAYER, HEAD, T0, d.v, d.w, eps)
     assert predicted.shape == (tokens.shape[1] - T0, tiny.cfg.d_value)
     # exact up to fp32 rounding of the reads themselves, however large ε is
     edited = seen["o"][0, T0:, HEAD]
@@ -56,37 +71,25 @@ def test_exact_read_change_equals_measured_at_any_eps(tiny, tokens, eps):
     assert change[:, others].abs().max() <= rounding and change[:T0].abs().max() <= rounding
 
 
-def test_jvp_prediction_matches_measured_logit_shift_for_small_eps(tiny, tokens):
-    study = ls.logit_shift_study(tiny, tokens, LAYER, HEAD, T0, unit_directions(tiny, 3), epsilons=[1e-3, 3.0])
-    assert study["by_eps"][1e-3]["exact"] > 0.99
-    assert min(study["by_distance"][1e-3]["exact"]) > 0.9
-    assert len(study["by_distance"][1e-3]["paper"]) == tokens.shape[1] - T0
-    # Large edits leave the linear regime of the network after the layer (the RMSNorm of o, later layers).
-    assert study["by_eps"][3.0]["exact"] < study["by_eps"][1e-3]["exact"]
-    # The single-direction helpers agree with the study's pooled computation.
-    v, w = unit_directions(tiny, 1)[0]
-    measured = ls.measured_logit_change(tiny, tokens, LAYER, HEAD, T0, v, w, 1e-3)
-    assert ls.r_squared(ls.predicted_logit_change(tiny, tokens, LAYER, HEAD, T0, v, w, 1e-3), measured) > 0.99
-    assert ls.r_squared(ls.paper_approximation(tiny, tokens, LAYER, HEAD, T0, v, w, 1e-3), measured) > 0.5
-
-
-def test_propagator_steps_by_hand():
+def test_exact_read_change_is_the_product_of_the_steps_by_hand():
+    # a hand-made cache of one head: ⟨M_{t0→t}ᵀ q̂_t, v⟩ with M = A_t ⋯ A_{t0+1}, later factors on the left
     g_ = torch.Generator().manual_seed(3)
-    T, d_k = 6, 5
-    k = F.normalize(torch.randn(T, d_k, generator=g_), dim=-1)
-    beta, g = torch.rand(T, generator=g_), -torch.rand(T, generator=g_)
-    A = [g[s].exp() * (torch.eye(d_k) - beta[s] * torch.outer(k[s], k[s])) for s in range(T)]
-    assert torch.allclose(ls.propagator(k, beta, g, 2, 2), torch.eye(d_k))
-    assert torch.allclose(ls.propagator(k, beta, g, 2, 3), A[3], atol=1e-6)
-    # later factors on the left; the factors do not commute, so the order is visible
-    assert torch.allclose(ls.propagator(k, beta, g, 2, 4), A[4] @ A[3], atol=1e-6)
+    T, d_k, t0 = 6, 5, 2
+    q, k = (F.normalize(torch.randn(1, T, 1, d_k, generator=g_), dim=-1) for _ in range(2))
+    beta, g = torch.rand(1, T, 1, generator=g_), -torch.rand(1, T, 1, generator=g_)
+    cache = dict(zip((gdn_hook_name(0, name) for name in ls.SITES), (q, k, beta, g)))
+    v, w = torch.randn(d_k, generator=g_), torch.randn(3, generator=g_)
+    A = [g[0, s, 0].exp() * (torch.eye(d_k) - beta[0, s, 0] * torch.outer(k[0, s, 0], k[0, s, 0])) for s in range(T)]
+    M = [torch.eye(d_k), A[3], A[4] @ A[3], A[5] @ A[4] @ A[3]]
+    expected = torch.stack([(M[i].T @ q[0, t0 + i, 0]) @ v * w for i in range(T - t0)])
+    torch.testing.assert_close(ls.exact_read_change(cache, 0, 0, t0, v, w, 1.0), expected)
+    # the factors do not commute, so the order is visible
     assert not torch.allclose(A[4] @ A[3], A[3] @ A[4], atol=1e-4)
-    # with β = 0 only the decays remain: M = G I, G = Π α_s
-    assert torch.allclose(ls.propagator(k, torch.zeros(T), g, 1, 5), g[2:6].sum().exp() * torch.eye(d_k), atol=1e-6)
 
 
 def test_paper_approximation_is_exact_without_writes(tiny, tokens):
-    (v, w), = unit_directions(tiny, 1, seed=4)
+    (d,) = unit_directions(tiny, 1, seed=4)
+    v, w = d.v, d.w
 
     def no_writes(beta, hook):
         return torch.zeros_like(beta)
@@ -102,6 +105,43 @@ def test_paper_approximation_is_exact_without_writes(tiny, tokens):
     assert difference.norm() > 1e-3 * exact.norm()
 
 
+def test_with_slow_decays_the_exact_propagation_predicts_what_the_papers_approximation_misses(slow, tokens):
+    # after t0 (at t0 both predictions are the edit itself, and would dominate a pooled R²)
+    _, cache = slow.run_with_cache(tokens, names_filter=[site(s) for s in ls.SITES])
+    assert cache[site("hook_log_decay")][0, :, HEAD].exp().mean() == pytest.approx(0.9, abs=0.02)
+    pooled = {method: ls.PooledR2() for method in ls.READ_CHANGES}
+    for d in unit_directions(slow, 3):
+        measured = ls.measured_logit_change(slow, tokens, LAYER, HEAD, T0, d.v, d.w, 1e-3)[T0 + 1:]
+        for method, read_change in ls.READ_CHANGES.items():
+            change = read_change(cache, LAYER, HEAD, T0, d.v, d.w, 1e-3)
+            pooled[method].add(ls.logit_jvp(slow, tokens, LAYER, HEAD, T0, change)[T0 + 1:], measured)
+    assert pooled["exact"].value() > 0.999
+    assert pooled["paper"].value() < 0.95
+
+
+def test_the_study_pools_passages_heads_and_directions(slow):
+    tokens = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(5))
+    t0 = 8
+    directions = unit_directions(slow, 2, head=0, kind="atom") + unit_directions(slow, 1, seed=1, head=2)
+    study = ls.logit_shift_study(slow, tokens, LAYER, t0, directions, epsilons=[1e-3, 30.0], relative_to_state=True,
+                                 samples=5, generator=torch.Generator().manual_seed(0))
+    assert set(study["r2_by_eps"]) == {"all", "atom", "random"} and study["distances"] == list(range(16 - t0))
+    assert study["r2_by_eps"]["all"][1e-3]["exact"] > 0.999 and min(study["r2_by_distance"][1e-3]["exact"]) > 0.99
+    # large edits leave the linear regime of the network after the layer (the RMSNorm of o, later layers)
+    assert study["r2_by_eps"]["all"][30.0]["exact"] < study["r2_by_eps"]["all"][1e-3]["exact"]
+    # ε is relative to each head's clean state norm at t0 in each passage
+    with torch.no_grad():
+        _, states = slow.run_with_cache(tokens, names_filter=site("hook_state"), state_positions=[t0])
+    norms = states[site("hook_state")][:, 0, [0, 2]].flatten(-2).norm(dim=-1)  # [passage, head]
+    assert study["mean_state_norm"] == pytest.approx(norms.mean().item(), rel=1e-5)
+    assert all(len(values) == 2 * 3 * 5 for values in study["samples"].values())  # passages × directions × samples
+    # the first passage's first sample: drawn with the generator, at the smallest ε, predicted as ε · JVP
+    first = torch.randint(0, (16 - t0) * slow.cfg.d_vocab, (5,), generator=torch.Generator().manual_seed(0))
+    eps = 1e-3 * norms[0, 0].item()
+    measured = ls.measured_logit_change(slow, tokens[:1], LAYER, 0, t0, directions[0].v, directions[0].w, eps)[t0:]
+    torch.testing.assert_close(study["samples"]["measured"][:5], measured.flatten()[first])
+
+
 def test_install_of_the_native_write_changes_nothing(tiny, tokens):
     prompt, t = tokens[:, :12], 11
     with torch.no_grad():
@@ -114,16 +154,57 @@ def test_install_of_the_native_write_changes_nothing(tiny, tokens):
     assert max(abs(x) for x in same["lift"]) < 1e-4
 
 
-def test_large_install_changes_the_continuation(tiny, tokens):
-    prompt = tokens[:, :12]
-    (v, w), = unit_directions(tiny, 1, seed=5)
-    result = install.install_in_generation(tiny, prompt, LAYER, HEAD, v, w, 300.0, max_new_tokens=8, target_tokens=[3, 7])
-    assert result["continuation"] != result["clean_continuation"]
-    assert len(result["included"]) == len(result["lift"]) == 2
-    study = install.install_study(tiny, [prompt], LAYER, HEAD, v, w, multipliers=(1.5, 300.0), max_new_tokens=4,
-                                  rank_range=(10, 40), n_targets=5)
-    assert set(study) == {1.5, 300.0} and study[300.0]["n"] == 5
-    assert 0.0 <= study[300.0]["inclusion_rate"] <= 1.0
+def test_an_install_writes_m_times_the_native_norm_of_its_own_position(tiny, tokens):
+    # at middle positions, whose native writes differ in norm: the direction at m × ‖k̂_t δ_tᵀ‖_F of t itself
+    prompt, positions, m = tokens[:, :12], [4, 7], 2.5
+    (d,) = unit_directions(tiny, 1, seed=5)
+    with torch.no_grad():
+        clean, cache = tiny.run_with_cache(prompt, names_filter=[site("hook_write_key"), site("hook_write_value")])
+    native = cache[site("hook_write_key")][0, :, HEAD].norm(dim=-1) * cache[site("hook_write_value")][0, :, HEAD].norm(dim=-1)
+    assert abs(native[4] / native[7] - 1) > 0.05
+
+    def key(rows, position):  # the write of HEAD at t becomes v (m ‖k̂_t δ_t‖ w)ᵀ
+        rows[:, HEAD] = d.v
+        return rows
+
+    def value(rows, position):
+        rows[:, HEAD] = m * native[position] * d.w
+        return rows
+
+    with torch.no_grad():
+        forced = tiny.run_with_hooks(prompt, fwd_hooks=[(site("hook_write_key"), edit_at_positions(key, positions)),
+                                                        (site("hook_write_value"), edit_at_positions(value, positions))])
+    lift = (forced[0, -1].log_softmax(-1) - clean[0, -1].log_softmax(-1))[[3, 7]]
+    result = install.install_in_generation(tiny, prompt, LAYER, HEAD, d.v, d.w, m, positions=positions,
+                                           max_new_tokens=4, target_tokens=[3, 7])
+    torch.testing.assert_close(torch.tensor(result["lift"]), lift, rtol=1e-4, atol=1e-5)
+    assert lift.abs().max() > 1e-3
+
+
+def test_the_install_study_aggregates_its_runs(tiny, tokens):
+    prompts = [tokens[0, :12], tokens[0, 4:16]]
+    directions = unit_directions(tiny, 1, seed=5, kind="atom") + unit_directions(tiny, 1, seed=6, head=2)
+    study = install.install_study(tiny, prompts, LAYER, directions, multipliers=(1.5, 300.0), max_new_tokens=4,
+                                  rank_range=(10, 40), n_targets=3)
+    runs = study["runs"]
+    assert [(r["m"], r["direction"], r["prompt"]) for r in runs] == [
+        (m, d.label, i) for m in (1.5, 300.0) for d in directions for i in range(2)]
+    assert runs[0]["targets"] == install.pick_targets(tiny, prompts[0], (10, 40), 3, seed=0)
+    assert runs[1]["targets"] == install.pick_targets(tiny, prompts[1], (10, 40), 3, seed=1)  # seed + i
+    at_300 = [r for r in runs if r["m"] == 300.0]
+    assert any(r["continuation"] != r["clean_continuation"] for r in at_300)  # a large install changes things
+    for group, kind in (("all", None), ("atom", "atom"), ("random", "random")):
+        chosen = [r for r in at_300 if kind in (None, r["kind"])]
+        included = [x for r in chosen for x in r["included"]]
+        summary = study["by_multiplier"][group][300.0]
+        assert summary["n"] == len(included) == 3 * len(chosen)
+        assert summary["inclusion_rate"] == sum(included) / len(included)
+        assert summary["mean_lift"] == pytest.approx(sum(x for r in chosen for x in r["lift"]) / len(included), rel=1e-5)
+    changed = sum(r["continuation"] != r["clean_continuation"] for r in at_300) / len(at_300)
+    assert study["continuation_changed_fraction"][300.0] == changed
+    best = study["best_direction_per_target"][300.0]
+    assert best["n"] == 6 and best["mean_best_lift"] == pytest.approx(
+        sum(max(r["lift"][j] for r in at_300 if r["prompt"] == i) for i in range(2) for j in range(3)) / 6, rel=1e-5)
 
 
 def test_pick_targets_ranks_lie_in_range(tiny, tokens):

@@ -137,6 +137,13 @@ class SAEConfig:
             return list(range(self.n_heads))
         return list(self.heads) if isinstance(self.heads, list) else [self.heads]
 
+    def dictionary(self, head: int) -> int:
+        """The index on the n_dicts axis of model head ``head``'s dictionary."""
+        heads = self.head_indices
+        if head not in heads:
+            raise ValueError(f"head {head} has no dictionary in this SAE; its heads are {heads}")
+        return heads.index(head)
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)

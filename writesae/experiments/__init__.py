@@ -1,12 +1,19 @@
-"""Experiments at the write site (DESIGN §5): write ablation, the atom substitution test, and the
-intervals they report."""
+"""Experiments at the write site (DESIGN §5): write ablation, the atom substitution test, the
+logit-shift prediction and installs in generation, the SAE features they use, and the intervals
+they report."""
 
 from .ablation import write_ablation
-from .edits import edit_at_positions, gdn_hook_name, kl_from_clean
+from .edits import edit_at_positions, kl_from_clean
+from .features import Direction, atom_and_random_directions, atom_direction, frequent_features, site_codes
+from .install import install_in_generation, install_study, pick_targets
+from .logit_shift import PooledR2, exact_read_change, logit_shift_study, measured_logit_change, paper_read_change
 from .stats import clustered_bootstrap, wilson_interval
 from .substitution import CONDITIONS, Firing, find_firings, install_matrix, substitution_test, summarize
 
 __all__ = [
-    "CONDITIONS", "Firing", "clustered_bootstrap", "edit_at_positions", "find_firings", "gdn_hook_name",
-    "install_matrix", "kl_from_clean", "substitution_test", "summarize", "wilson_interval", "write_ablation",
+    "CONDITIONS", "Direction", "Firing", "PooledR2", "atom_and_random_directions", "atom_direction",
+    "clustered_bootstrap", "edit_at_positions", "exact_read_change", "find_firings", "frequent_features",
+    "install_in_generation", "install_matrix", "install_study", "kl_from_clean", "logit_shift_study",
+    "measured_logit_change", "paper_read_change", "pick_targets", "site_codes", "substitution_test", "summarize",
+    "wilson_interval", "write_ablation",
 ]

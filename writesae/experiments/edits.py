@@ -1,5 +1,6 @@
-"""What the write-site experiments share: hook names, a hook that edits chosen sequence positions in
-any recurrence mode, the KL they all report, and a one-sequence input check."""
+"""What the write-site experiments share: a hook that edits chosen sequence positions in any
+recurrence mode, the KL they all report, and a one-sequence input check. Hook names come from
+`hooked_gdn.sites`."""
 
 from __future__ import annotations
 
@@ -7,12 +8,10 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float, Int
 from torch import Tensor
 
-
-def gdn_hook_name(layer: int, name: str) -> str:
-    """The full name of a GDN hook point, e.g. ``blocks.4.linear_attn.hook_write_value``."""
-    return f"blocks.{layer}.linear_attn.{name}"
+from hooked_gdn.sites import hook_positions
 
 
 def as_list(x: int | Iterable[int]) -> list[int]:
@@ -23,14 +22,14 @@ def edit_at_positions(edit: Callable[[Tensor, int], Tensor], positions: int | It
     """A hook on a GDN write/state hook point that replaces the rows x[:, i] of the given sequence
     positions by ``edit(rows, position)`` (rows: [b, H_v, ...]) and leaves the others alone.
 
-    It finds where it is through ``hook.ctx["positions"]``, so it works in parallel mode (one call
+    It finds where it is through `hooked_gdn.sites.hook_positions`, so it works in parallel mode (one call
     with every position) and sequential mode (one call per position) alike; rows it does not touch
     stay unedited, and the model carries the edited ones forward.
     """
     wanted = torch.tensor(as_list(positions))
 
     def hook(x: Tensor, hook) -> Tensor | None:
-        here = hook.ctx["positions"]
+        here = hook_positions(hook)
         rows = torch.isin(here, wanted).nonzero().flatten().tolist()
         if not rows:
             return None  # observe only: no recompute
@@ -42,8 +41,9 @@ def edit_at_positions(edit: Callable[[Tensor, int], Tensor], positions: int | It
     return hook
 
 
-def kl_from_clean(clean_logits: Tensor, logits: Tensor) -> Tensor:
-    """KL(p_clean ‖ p) = Σ_v p_clean(v) (log p_clean(v) − log p(v)) per position [..., p], in nats.
+def kl_from_clean(clean_logits: Float[Tensor, "*batch pos d_vocab"],
+                  logits: Float[Tensor, "*batch pos d_vocab"]) -> Float[Tensor, "*batch pos"]:
+    """KL(p_clean ‖ p) = Σ_v p_clean(v) (log p_clean(v) − log p(v)) per position, in nats.
 
     The clean model's distribution is the reference: the KL measures how much an edit moves the
     prediction away from what the model would have said (expectation under p_clean).
@@ -53,7 +53,7 @@ def kl_from_clean(clean_logits: Tensor, logits: Tensor) -> Tensor:
     return (log_clean.exp() * (log_clean - log_edited)).sum(-1)
 
 
-def one_sequence(tokens: Tensor, what: str) -> Tensor:
+def one_sequence(tokens: Int[Tensor, "1 pos"] | Int[Tensor, " pos"], what: str) -> Int[Tensor, "1 pos"]:
     """``tokens`` as [1, T]; ``what`` names the caller in the error for a batch."""
     tokens = torch.as_tensor(tokens)
     tokens = tokens[None] if tokens.dim() == 1 else tokens

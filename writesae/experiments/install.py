@@ -15,14 +15,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from .edits import edit_at_positions, gdn_hook_name, one_sequence
+from hooked_gdn.sites import gdn_hook_name
+
+from .edits import edit_at_positions, one_sequence
+from .features import Direction
 
 
 @torch.no_grad()
 def install_in_generation(
-    model, prompt_tokens: Tensor, layer: int, head: int, v: Tensor, w: Tensor, multiplier: float,
+    model, prompt_tokens: Int[Tensor, " pos"] | Int[Tensor, "1 pos"], layer: int, head: int, v: Float[Tensor, " d_k"],
+    w: Float[Tensor, " d_v"], multiplier: float,
     positions: Sequence[int] | None = None, max_new_tokens: int = 20, target_tokens: Sequence[int] = (),
 ) -> dict:
     """Replace the write of (layer, head) at ``positions`` by v wᵀ at ``multiplier`` × the native norm, then generate greedily.
@@ -67,7 +72,8 @@ def install_in_generation(
 
 
 @torch.no_grad()
-def pick_targets(model, prompt_tokens: Tensor, rank_range: tuple[int, int] = (100, 1000), n: int = 10, seed: int = 0) -> list[int]:
+def pick_targets(model, prompt_tokens: Int[Tensor, " pos"] | Int[Tensor, "1 pos"], rank_range: tuple[int, int] = (100, 1000),
+                 n: int = 10, seed: int = 0) -> list[int]:
     """``n`` tokens drawn at random (seeded) among those ranked in [lo, hi) by the clean next-token distribution (rank 0: the top)."""
     tokens = one_sequence(prompt_tokens, "an install")
     lo, hi = rank_range
@@ -79,30 +85,63 @@ def pick_targets(model, prompt_tokens: Tensor, rank_range: tuple[int, int] = (10
     return by_rank[chosen].tolist()
 
 
+def _summary(runs: list[dict]) -> dict:
+    """Inclusion rate and log-prob lifts over the (prompt, target) pairs of some runs."""
+    included = [x for r in runs for x in r["included"]]
+    lifts = torch.tensor([x for r in runs for x in r["lift"]])
+    if not included:
+        return {"inclusion_rate": float("nan"), "mean_lift": float("nan"), "median_lift": float("nan"),
+                "frac_lift_positive": float("nan"), "n": 0}
+    return {"inclusion_rate": sum(included) / len(included), "mean_lift": float(lifts.mean()),
+            "median_lift": float(lifts.median()), "frac_lift_positive": float((lifts > 0).float().mean()),
+            "n": len(included)}
+
+
 def install_study(
-    model, prompts: Sequence[Tensor], layer: int, head: int, v: Tensor, w: Tensor,
+    model, prompts: Sequence[Int[Tensor, " pos"]], layer: int, directions: Sequence[Direction],
     multipliers: Sequence[float] = (1.5, 3, 6), targets: Sequence[Sequence[int]] | None = None,
     positions: Sequence[int] | None = None, max_new_tokens: int = 20, rank_range: tuple[int, int] = (100, 1000),
     n_targets: int = 10, seed: int = 0,
 ) -> dict:
-    """Install v wᵀ in each prompt at each multiplier; aggregate over prompts and their targets.
+    """Install each direction (in its head) in each prompt at each multiplier, and aggregate.
 
-    ``targets[i]`` are prompt i's target tokens; by default ``pick_targets`` draws them by rank.
-    Returns ``{m: {"inclusion_rate", "mean_lift", "n"}}``, n the number of (prompt, target) pairs.
+    ``targets[i]`` are prompt i's target tokens; by default `pick_targets` draws ``n_targets`` by
+    rank, with seed ``seed + i``. Returns:
+
+    - ``runs``: one record per (multiplier m, direction, prompt), in that order of loops, with the
+      direction's ``head``, ``kind`` and ``label`` and `install_in_generation`'s fields;
+    - ``clean_inclusion_rate``: the targets' inclusion in the unmodified continuations;
+    - ``by_multiplier``: ``{group: {m: {"inclusion_rate", "mean_lift", "median_lift",
+      "frac_lift_positive", "n"}}}`` over the (prompt, target) pairs, for the group "all" and each
+      direction kind;
+    - ``continuation_changed_fraction``: ``{m: fraction of runs whose continuation differs}``;
+    - ``best_direction_per_target``: ``{m: {"inclusion_rate_any_direction", "mean_best_lift", "n"}}``,
+      per (prompt, target) the best over directions, chosen post hoc (an upper bound on picking the
+      direction per target).
     """
     if targets is None:
-        targets = [pick_targets(model, p, rank_range, n_targets, seed) for p in prompts]
-    study = {}
+        targets = [pick_targets(model, p, rank_range, n_targets, seed + i) for i, p in enumerate(prompts)]
+    runs = [{"m": m, "head": d.head, "kind": d.kind, "direction": d.label, "prompt": i,
+             **install_in_generation(model, prompt, layer, d.head, d.v, d.w, m, positions, max_new_tokens, targets[i])}
+            for m in multipliers for d in directions for i, prompt in enumerate(prompts)]
+    clean = [t in run["clean_continuation"] for run in runs[: len(prompts)] for t in run["targets"]]
+    groups = ["all", *dict.fromkeys(d.kind for d in directions)]
+    at = {m: [r for r in runs if r["m"] == m] for m in multipliers}
+    best = {}
     for m in multipliers:
-        included, lifts = [], []
-        for prompt, prompt_targets in zip(prompts, targets, strict=True):
-            result = install_in_generation(model, prompt, layer, head, v, w, m, positions, max_new_tokens, prompt_targets)
-            included += result["included"]
-            lifts += result["lift"]
-        n = len(included)
-        study[m] = {
-            "inclusion_rate": sum(included) / n if n else float("nan"),
-            "mean_lift": sum(lifts) / n if n else float("nan"),
-            "n": n,
-        }
-    return study
+        pairs: dict[tuple[int, int], tuple[bool, float]] = {}
+        for r in at[m]:
+            for j, (included, lift) in enumerate(zip(r["included"], r["lift"])):
+                seen, largest = pairs.get((r["prompt"], j), (False, -float("inf")))
+                pairs[r["prompt"], j] = (seen or included, max(largest, lift))
+        best[m] = {"inclusion_rate_any_direction": sum(a for a, _ in pairs.values()) / max(1, len(pairs)),
+                   "mean_best_lift": sum(b for _, b in pairs.values()) / max(1, len(pairs)), "n": len(pairs)}
+    return {
+        "runs": runs,
+        "clean_inclusion_rate": sum(clean) / len(clean) if clean else float("nan"),
+        "by_multiplier": {g: {m: _summary([r for r in at[m] if g in ("all", r["kind"])]) for m in multipliers}
+                          for g in groups},
+        "continuation_changed_fraction": {m: sum(r["continuation"] != r["clean_continuation"] for r in at[m]) / len(at[m])
+                                          for m in multipliers},
+        "best_direction_per_target": best,
+    }

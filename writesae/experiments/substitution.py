@@ -16,15 +16,18 @@ below the deletion's: it carries what the write carried, better than nothing at 
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
 import numpy as np
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from .edits import edit_at_positions, gdn_hook_name, kl_from_clean
+from hooked_gdn.sites import gdn_hook_name, parse_site
+
+from .edits import edit_at_positions, kl_from_clean
+from .features import site_codes
 from .stats import clustered_bootstrap, wilson_interval
 
 CONDITIONS = ("atom", "atom_norm_matched", "delete", "random")
@@ -42,24 +45,15 @@ class Firing:
     coefficient: float
 
 
-def _sae_site(sae) -> tuple[int, str]:
-    """(layer, "hook_state" | "hook_write_value") from the SAE's site."""
-    match = re.fullmatch(r"blocks\.(\d+)\.linear_attn\.(hook_state|hook_write_value)", sae.cfg.site or "")
-    if match is None:
-        raise ValueError(f"the substitution test needs an SAE on blocks.L.linear_attn.hook_state or "
-                         f"hook_write_value, got site {sae.cfg.site!r}")
-    return int(match[1]), match[2]
-
-
-def _writes(model, tokens: Tensor, layer: int, extra_names: Iterable[str] = ()) -> tuple[Tensor, Tensor, Tensor, dict]:
-    """Clean logits, k̂ [b, p, H_v, d_k] and δ [b, p, H_v, d_v] of ``layer``, and the whole cache."""
+def _writes(model, tokens: Tensor, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Clean logits, k̂ [b, p, H_v, d_k] and δ [b, p, H_v, d_v] of ``layer``."""
     key, value = gdn_hook_name(layer, "hook_write_key"), gdn_hook_name(layer, "hook_write_value")
-    logits, cache = model.run_with_cache(tokens, names_filter=[key, value, *extra_names])
-    return logits, cache[key], cache[value], cache
+    logits, cache = model.run_with_cache(tokens, names_filter=[key, value])
+    return logits, cache[key], cache[value]
 
 
 @torch.no_grad()
-def find_firings(model, sae, tokens: Tensor, min_activation: float = 0.0,
+def find_firings(model, sae, tokens: Int[Tensor, "batch pos"], min_activation: float = 0.0,
                  features: Iterable[int] | None = None) -> list[Firing]:
     """Every (sequence, position, head) whose top code exceeds ``min_activation``, as a `Firing`.
 
@@ -67,17 +61,8 @@ def find_firings(model, sae, tokens: Tensor, min_activation: float = 0.0,
     (ids, on any head) keeps only firings whose top feature is one of them; a feature that is
     active but not the top code of its head and position is not a firing.
     """
-    layer, kind = _sae_site(sae)
     heads = sae.cfg.head_indices
-    dtype = sae.b_dec.dtype
-    state_name = gdn_hook_name(layer, "hook_state")
-    extra = [state_name] if kind == "hook_state" else []
-    _, k_hat, delta, cache = _writes(model, tokens, layer, extra_names=extra)
-    if kind == "hook_state":
-        codes = sae.encode(cache[state_name][:, :, heads].to(dtype))
-    else:
-        codes = sae.encode_factors(k_hat[:, :, heads].to(dtype), delta[:, :, heads].to(dtype))
-    coefficient, top = codes.max(-1)  # [b, p, n_dicts]
+    coefficient, top = site_codes(model, sae, tokens).max(-1)  # [b, p, n_dicts]
     keep = coefficient > min_activation
     if features is not None:
         keep &= torch.isin(top, torch.tensor(list(features), device=top.device))
@@ -86,7 +71,8 @@ def find_firings(model, sae, tokens: Tensor, min_activation: float = 0.0,
 
 
 @torch.no_grad()
-def install_matrix(model, tokens: Tensor, layer: int, head: int, position: int, matrix: Tensor) -> Tensor:
+def install_matrix(model, tokens: Int[Tensor, "batch pos"], layer: int, head: int, position: int,
+                   matrix: Float[Tensor, "d_k d_v"] | Float[Tensor, "batch d_k d_v"]) -> Float[Tensor, "batch pos d_vocab"]:
     """Logits [b, p, d_vocab] with head ``head``'s write at ``position`` replaced by ``matrix``
     ([d_k, d_v], or [b, d_k, d_v] for one matrix per sequence), carried forward.
 
@@ -108,7 +94,7 @@ def install_matrix(model, tokens: Tensor, layer: int, head: int, position: int, 
 
 
 @torch.no_grad()
-def substitution_test(model, sae, tokens: Tensor, firings: Iterable[Firing], horizon: int = 8,
+def substitution_test(model, sae, tokens: Int[Tensor, "batch pos"], firings: Iterable[Firing], horizon: int = 8,
                       seed: int = 0) -> list[dict]:
     """One record per firing, with the four conditions of the module docstring run as one batch.
 
@@ -122,16 +108,15 @@ def substitution_test(model, sae, tokens: Tensor, firings: Iterable[Firing], hor
     The random directions come from one generator seeded with ``seed`` and drawn in firing order,
     so a rerun with the same firings gives the same records.
     """
-    layer, _ = _sae_site(sae)
-    heads = sae.cfg.head_indices
+    layer = parse_site(sae.cfg.site).layer
     atoms = sae.atoms().float()
     generator = torch.Generator().manual_seed(seed)
-    clean, k_hat, delta, _ = _writes(model, tokens, layer)
+    clean, k_hat, delta = _writes(model, tokens, layer)
     records = []
     for f in firings:
         t, h = f.position, f.head
         native_norm = k_hat[f.sequence, t, h].norm() * delta[f.sequence, t, h].norm()
-        coded = atoms[heads.index(h), f.feature] * f.coefficient / sae.cfg.input_scale
+        coded = atoms[sae.cfg.dictionary(h), f.feature] * f.coefficient / sae.cfg.input_scale
         u = torch.randn(atoms.shape[-2], generator=generator)
         w = torch.randn(atoms.shape[-1], generator=generator)
         matrices = torch.stack([
