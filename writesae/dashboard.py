@@ -50,9 +50,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooked_gdn.census import memory_census
-from hooked_gdn.sites import Site, parse_site
+from hooked_gdn.sites import Site, edit_at_positions, parse_site
 
-from .experiments.edits import edit_at_positions, kl_from_clean
+from .experiments.edits import kl_from_clean
 from .sae import SAEBase
 
 
