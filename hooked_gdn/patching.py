@@ -34,6 +34,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .model import HookedGatedDeltaNet
 from .sites import GDN_HOOKS, gdn_hook_name
 
 PatchingMetric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""] | float]
@@ -71,7 +72,7 @@ class Patch:
     """
 
     name: str
-    clean: Tensor
+    clean: Float[Tensor, "batch pos ..."]
     positions: tuple[int, ...] | None = None
     heads: tuple[int, ...] | None = None
     features: tuple[int, ...] | None = None
@@ -89,7 +90,7 @@ def _axis_mask(n: int, chosen: Sequence[int] | None, device) -> Tensor:
     return mask
 
 
-def _patch_hook(patch: Patch, model) -> Callable:
+def _patch_hook(patch: Patch, model: HookedGatedDeltaNet) -> Callable:
     positions_hook = model.hook_dict[patch.positions_from] if patch.positions_from else None
 
     def hook(x: Tensor, hook) -> Tensor | None:
@@ -109,7 +110,7 @@ def _patch_hook(patch: Patch, model) -> Callable:
     return hook
 
 
-def as_tokens(model, tokens) -> Int[Tensor, "batch pos"]:
+def as_tokens(model: HookedGatedDeltaNet, tokens: str | Tensor) -> Int[Tensor, "batch pos"]:
     if isinstance(tokens, str):
         return model.to_tokens(tokens)
     if not isinstance(tokens, Tensor):
@@ -134,7 +135,7 @@ def check_patch(patch: Patch, tokens: Tensor) -> None:
 
 
 def run_with_patches(
-    model, corrupted_tokens: str | Int[Tensor, "batch pos"], patches: Sequence[Patch], **forward_kwargs
+    model: HookedGatedDeltaNet, corrupted_tokens: str | Int[Tensor, "batch pos"], patches: Sequence[Patch], **forward_kwargs
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """The corrupted run with every patch applied at once; returns its logits.
 
@@ -157,7 +158,7 @@ def run_with_patches(
     return model.run_with_hooks(tokens, fwd_hooks=[(p.name, _patch_hook(p, model)) for p in patches], **forward_kwargs)
 
 
-def _gdn_layers(model, layers: Sequence[int] | None) -> list[int]:
+def _gdn_layers(model: HookedGatedDeltaNet, layers: Sequence[int] | None) -> list[int]:
     gdn = list(model.cfg.gdn_layers)
     layers = gdn if layers is None else [int(layer) for layer in layers]
     bad = [layer for layer in layers if layer not in gdn]
@@ -207,7 +208,7 @@ def patch_grid(
 
 
 def generic_activation_patch(
-    model,
+    model: HookedGatedDeltaNet,
     corrupted_tokens: str | Int[Tensor, "batch pos"],
     clean_cache: Mapping[str, Tensor],
     patching_metric: PatchingMetric,
@@ -249,14 +250,17 @@ def generic_activation_patch(
     return patch_grid(axes, index_axis_names, run, patching_metric, show_progress)
 
 
-def get_act_patch_state(model, corrupted_tokens, clean_cache, patching_metric, index_axis_names=AXES, **kwargs) -> Tensor:
+def get_act_patch_state(
+    model: HookedGatedDeltaNet, corrupted_tokens, clean_cache, patching_metric, index_axis_names=AXES, **kwargs
+) -> Float[Tensor, "..."]:
     """Patch the state S_t; default grid [layer, pos, head]. Carried forward from each patched position."""
     return generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric, "state", index_axis_names, **kwargs)
 
 
 def get_act_patch_write(
-    model, corrupted_tokens, clean_cache, patching_metric, index_axis_names=AXES, side: str = "both", **kwargs
-) -> Tensor:
+    model: HookedGatedDeltaNet, corrupted_tokens, clean_cache, patching_metric, index_axis_names=AXES, side: str = "both",
+    **kwargs,
+) -> Float[Tensor, "..."]:
     """Patch the write k̂_t δ_tᵀ: ``side`` "both", "key" (k̂) or "value" (δ); default grid [layer, pos, head]."""
     sides = {"both": "write", "key": "write_key", "value": "write_value"}
     if side not in sides:
@@ -264,7 +268,9 @@ def get_act_patch_write(
     return generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric, sides[side], index_axis_names, **kwargs)
 
 
-def get_act_patch_read(model, corrupted_tokens, clean_cache, patching_metric, index_axis_names=AXES, **kwargs) -> Tensor:
+def get_act_patch_read(
+    model: HookedGatedDeltaNet, corrupted_tokens, clean_cache, patching_metric, index_axis_names=AXES, **kwargs
+) -> Float[Tensor, "..."]:
     """Patch the read o_t = S_tᵀ q̂_t (``hook_recurrence_out``); default grid [layer, pos, head]."""
     return generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric, "read", index_axis_names, **kwargs)
 
@@ -273,7 +279,7 @@ MEMORY_SITES = ("state", "write", "read")
 
 
 def get_act_patch_memory_every(
-    model, corrupted_tokens, clean_cache, patching_metric, **kwargs
+    model: HookedGatedDeltaNet, corrupted_tokens, clean_cache, patching_metric, **kwargs
 ) -> Float[Tensor, "3 layer pos"]:
     """The state, the write (both sides) and the read, each patched per GDN layer and position over
     all heads: [3, layer, pos] in the order of ``MEMORY_SITES`` (as TransformerLens' ``get_act_patch_block_every``)."""
