@@ -33,6 +33,7 @@ from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
 from hooked_gdn import HookedGatedDeltaNet
 from hooked_gdn.loading import hf_to_hooked_state_dict
+from hooked_gdn.sites import site_name
 from tl_bridge import boot_bridge, bridge_state_hook_name
 
 
@@ -77,7 +78,7 @@ def p2(hf, ours, repeats: int) -> list[tuple]:
     T = 512
     tokens = torch.randint(0, 4096, (1, T))
     layer = ours.cfg.gdn_layers[0]
-    site = f"blocks.{layer}.linear_attn.hook_state"
+    site = site_name(layer, "state")
     shape = (1, T, ours.cfg.n_value_heads, ours.cfg.d_key, ours.cfg.d_value)
     source = torch.randn(shape)
     fns = {
@@ -113,9 +114,10 @@ P3_CHILD = """
 import sys, torch
 sys.path.insert(0, {path!r})
 from bench_engine import models
+from hooked_gdn.sites import site_name
 _, model = models({layers})
 tokens = torch.randint(0, 4096, (1, 2048))
-site = f"blocks.{{model.cfg.gdn_layers[0]}}.linear_attn.hook_state"
+site = site_name(model.cfg.gdn_layers[0], "state")
 def rss_kib(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
@@ -145,7 +147,7 @@ def p3(layers: int) -> list[tuple]:
 def p4(ours, repeats: int) -> list[tuple]:
     T = 512
     tokens = torch.randint(0, 4096, (1, T))
-    site = f"blocks.{ours.cfg.gdn_layers[-1]}.linear_attn.hook_write_value"
+    site = site_name(ours.cfg.gdn_layers[-1], "write")
 
     def delete_late_write(x, hook):
         x = x.clone()

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from hooked_gdn.sites import site_name
 from writesae import BilinearMatrixSAE, FlatSAE
 
 
@@ -57,7 +58,7 @@ def streaming_states_per_second(steps: int, batch: int) -> float:
     store = ActivationStore(model, austen_documents("train"),
                             StoreConfig(layer=layer, heads="all", context=128, positions=8, buffer_size=2048))
     sae = BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, n_features=512, k=16, heads="all",
-                            n_heads=model.cfg.n_value_heads, site=f"blocks.{layer}.linear_attn.hook_state", seed=0)
+                            n_heads=model.cfg.n_value_heads, site=site_name(layer, "state"), seed=0)
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         train(sae, store, TrainConfig(steps=steps, batch_size=batch, out_dir=out, eval_every=0, checkpoint_every=0, progress=False))

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from hooked_gdn.sites import gdn_hook_name
+
 
 def boot_bridge(folder: str):
     """Boot a TransformerBridge on the local Qwen3.5 text checkpoint in ``folder`` (CPU, fp32, eval)
@@ -62,7 +64,7 @@ def bridge_state_hook_name(bridge, layer: int) -> str:
     The hook holds the state after every position, laid out ``[batch, pos, n_value_heads, d_key,
     d_value]`` in fp32 -- the same [d_key, d_value] order as hooked_gdn's states (no transpose).
     """
-    name = f"blocks.{layer}.linear_attn.hook_ssm_state"
+    name = gdn_hook_name(layer, "hook_ssm_state")  # TransformerLens' name for the state
     if name not in bridge.hook_dict:
         raise ValueError(f"layer {layer} has no Gated DeltaNet state hook (is it an attention layer?)")
     return name

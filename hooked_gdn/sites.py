@@ -10,14 +10,16 @@ matrix-valued GDN sites that SAEs read have one word each, their *kind*:
 The write and state hook points fire on all positions at once (parallel mode) or one at a time
 (sequential mode, generation, a cached prefix). The layer tells them which sequence positions their
 tensor's dim 1 holds (`tell_positions`), and a hook reads them with `hook_positions`, so one hook
-function works in every mode.
+function works in every mode; `edit_at_positions` makes such a hook from an edit of rows.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+
+import torch
 
 from jaxtyping import Int
 from torch import Tensor
@@ -102,3 +104,26 @@ def tell_positions(positions: Int[Tensor, " p"], *hook_points) -> None:
 def hook_positions(hook) -> Int[Tensor, " p"]:
     """Inside a hook on a write or state hook point: the sequence positions of its tensor's dim 1."""
     return hook.ctx[_POSITIONS]
+
+
+def edit_at_positions(edit: Callable[[Tensor, int], Tensor], positions: int | Iterable[int]):
+    """A hook on a GDN write or state hook point that replaces the rows x[:, i] of the given sequence
+    positions by ``edit(rows, position)`` (rows: [b, H_v, ...]) and leaves the others alone.
+
+    It reads `hook_positions`, so it works in parallel mode (one call with every position),
+    sequential mode and generation (one call per position) alike; rows it does not touch stay
+    unedited, and the model carries the edited ones forward.
+    """
+    wanted = torch.tensor([positions] if isinstance(positions, int) else list(positions))
+
+    def hook(x: Tensor, hook) -> Tensor | None:
+        here = hook_positions(hook)
+        rows = torch.isin(here, wanted).nonzero().flatten().tolist()
+        if not rows:
+            return None  # observe only: no recompute
+        x = x.clone()
+        for i in rows:
+            x[:, i] = edit(x[:, i], int(here[i]))
+        return x
+
+    return hook

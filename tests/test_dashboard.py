@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from hooked_gdn.census import memory_census
-from hooked_gdn.sites import site_name
+from hooked_gdn.sites import gdn_hook_name, site_name
 from writesae import BilinearMatrixSAE, FlatSAE
 from writesae.cli import main as cli_main
 from writesae.dashboard import build_dashboard
@@ -101,7 +101,7 @@ def built(request, tmp_path_factory):
 
 def _codes_and_cache(model, sae, windows, kind):
     """The SAE's codes [n, T, n_dicts, n] at every position, and a cache of the layer's read side."""
-    names = [f"blocks.{LAYER}.linear_attn.hook_{n}" for n in
+    names = [gdn_hook_name(LAYER, f"hook_{n}") for n in
              ("write_key", "write_value", "read_query", "recurrence_out", "gate_input", "state")]
     _, cache = model.run_with_cache(windows, names_filter=names + ["ln_final.hook_scale"])
     heads = sae.cfg.head_indices
@@ -245,7 +245,7 @@ def test_carried_kl_is_the_state_edit_removing_the_feature_at_its_shown_firings(
         w, t, act = int(context["data-window"]), int(context["data-position"]), float(context["data-activation"])
         tokens = windows[w : w + 1]
         clean = model(tokens)
-        hooks = [(f"blocks.{LAYER}.linear_attn.hook_state", state_edit_hook(head, t, sigma[r] * u[:, r], vh[r], -act / sae.cfg.input_scale))
+        hooks = [(site_name(LAYER, "state"), state_edit_hook(head, t, sigma[r] * u[:, r], vh[r], -act / sae.cfg.input_scale))
                  for r in range(len(sigma))]
         kl = kl_from_clean(clean, model.run_with_hooks(tokens, fwd_hooks=hooks, state_positions=[t]))[0]
         kl_next.append(float(kl[t].detach()))
@@ -264,8 +264,8 @@ def test_an_sae_on_a_site_the_model_lacks_is_refused_before_any_forward_pass(tmp
     model.add_hook("hook_embed", lambda x, hook: forwards.append(1))
     attention_layer = model.cfg.attention_layers[0]
     sae = BilinearMatrixSAE(d_k=12, d_v=8, n_features=4, k=1, heads=0, n_heads=4,
-                            site=f"blocks.{attention_layer}.linear_attn.hook_state")
-    with pytest.raises(ValueError, match=f"does not exist on .*blocks.{attention_layer}.linear_attn.hook_state"):
+                            site=site_name(attention_layer, "state"))
+    with pytest.raises(ValueError, match=f"does not exist on .*{site_name(attention_layer, 'state')}"):
         build_dashboard(model, sae, torch.zeros(1, 4, dtype=torch.long), progress=False)
     assert forwards == []
 

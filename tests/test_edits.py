@@ -5,26 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-
-
-def at_positions(edit, positions):
-    """A hook that applies ``edit(rows)`` at the given sequence positions, in any mode (hook.ctx["positions"])."""
-
-    def hook(x, hook):
-        where = torch.isin(hook.ctx["positions"], torch.tensor(positions)).nonzero().flatten()
-        if len(where) == 0:
-            return None
-        x = x.clone()
-        for i in where.tolist():
-            pos = int(hook.ctx["positions"][i])
-            x[:, i] = edit(x[:, i], pos)
-        return x
-
-    return hook
+from hooked_gdn.sites import edit_at_positions, gdn_hook_name
 
 
 def site(model, name):
-    return f"blocks.{model.cfg.gdn_layers[1]}.linear_attn.{name}"
+    return gdn_hook_name(model.cfg.gdn_layers[1], name)
 
 
 def edit_cases(model):
@@ -50,11 +35,11 @@ def edit_cases(model):
         return rows + diffs[pos]
 
     return {
-        "delete write": [(site(model, "hook_write_value"), at_positions(delete, [20]))],
-        "replace write": [(site(model, "hook_write_key"), at_positions(set_key, [20])),
-                          (site(model, "hook_write_value"), at_positions(set_value, [20]))],
-        "state difference at one position": [(site(model, "hook_state"), at_positions(add_diff, [17]))],
-        "state differences at several positions": [(site(model, "hook_state"), at_positions(add_diff, [5, 17, 40]))],
+        "delete write": [(site(model, "hook_write_value"), edit_at_positions(delete, [20]))],
+        "replace write": [(site(model, "hook_write_key"), edit_at_positions(set_key, [20])),
+                          (site(model, "hook_write_value"), edit_at_positions(set_value, [20]))],
+        "state difference at one position": [(site(model, "hook_state"), edit_at_positions(add_diff, [17]))],
+        "state differences at several positions": [(site(model, "hook_state"), edit_at_positions(add_diff, [5, 17, 40]))],
     }
 
 
@@ -99,7 +84,7 @@ def test_deleting_the_write_equals_zero_beta(model):
         return rows
 
     with torch.no_grad():
-        deleted = model.run_with_hooks(tokens, fwd_hooks=[(site(model, "hook_write_value"), at_positions(zero, [t]))])
+        deleted = model.run_with_hooks(tokens, fwd_hooks=[(site(model, "hook_write_value"), edit_at_positions(zero, [t]))])
 
         def zero_beta(x, hook):
             x = x.clone()
@@ -117,7 +102,7 @@ def test_in_place_edits_count(model):
         x[:, 10] = 0  # TransformerLens habit: edit in place, return nothing
 
     with torch.no_grad():
-        returned = model.run_with_hooks(tokens, fwd_hooks=[(site(model, "hook_write_value"), at_positions(lambda r, p: r * 0, [10]))])
+        returned = model.run_with_hooks(tokens, fwd_hooks=[(site(model, "hook_write_value"), edit_at_positions(lambda r, p: r * 0, [10]))])
         edited = model.run_with_hooks(tokens, fwd_hooks=[(site(model, "hook_write_value"), in_place)])
     assert torch.allclose(returned, edited, atol=1e-6)
 

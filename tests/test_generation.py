@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hooked_gdn.sites import gdn_hook_name
+from hooked_gdn.sites import edit_at_positions, gdn_hook_name, hook_positions
 
-from .test_edits import at_positions, site
+from .test_edits import site
 
 
 def test_prefill_then_continue_equals_one_forward(model):
@@ -61,7 +61,7 @@ def test_write_hook_fires_every_step_and_its_edit_steers_generation(model):
     seen = []
 
     def record(x, hook):
-        seen.append(hook.ctx["positions"].tolist())
+        seen.append(hook_positions(hook).tolist())
 
     name = site(model, "hook_write_value")
     with model.hooks(fwd_hooks=[(name, record)]):
@@ -70,7 +70,7 @@ def test_write_hook_fires_every_step_and_its_edit_steers_generation(model):
 
     clean = model.generate(prompt, max_new_tokens=8, stop_at_eos=False)
     big = lambda rows, pos: rows * 0 + 50.0
-    with model.hooks(fwd_hooks=[(name, at_positions(big, [6, 7]))]):
+    with model.hooks(fwd_hooks=[(name, edit_at_positions(big, [6, 7]))]):
         steered = model.generate(prompt, max_new_tokens=8, stop_at_eos=False)
     assert torch.equal(steered[:, :8], clean[:, :8])  # the prompt and the token chosen before the edit
     assert not torch.equal(steered, clean)

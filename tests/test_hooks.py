@@ -7,6 +7,8 @@ import torch
 from transformers import LlamaConfig
 
 from hooked_gdn import HookedGatedDeltaNet
+from hooked_gdn import sites
+from hooked_gdn.sites import block_name, site_name
 
 GDN_HOOKS = [
     "hook_in", "hook_q_pre_conv", "hook_k_pre_conv", "hook_v_pre_conv", "hook_q", "hook_k", "hook_v",
@@ -20,13 +22,14 @@ BLOCK_HOOKS = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn
 
 def test_every_design_hook_exists(model):
     cfg = model.cfg
+    assert sorted(sites.GDN_HOOKS) == sorted(GDN_HOOKS)  # the short keys' vocabulary is DESIGN §3's
     assert "hook_embed" in model.hook_dict
     for i in range(cfg.n_layers):
         for name in BLOCK_HOOKS:
-            assert f"blocks.{i}.{name}" in model.hook_dict
+            assert block_name(i, name) in model.hook_dict
         mixer, names = ("linear_attn", GDN_HOOKS) if i in cfg.gdn_layers else ("attn", ATTN_HOOKS)
         for name in names:
-            assert f"blocks.{i}.{mixer}.{name}" in model.hook_dict
+            assert block_name(i, f"{mixer}.{name}") in model.hook_dict
 
 
 def test_run_with_cache_shapes(model):
@@ -34,8 +37,8 @@ def test_run_with_cache_shapes(model):
     b, p = 2, 11
     H, Hk, dk, dv, D = cfg.n_value_heads, cfg.n_key_heads, cfg.d_key, cfg.d_value, cfg.d_model
     _, cache = model.run_with_cache(torch.randint(0, 101, (b, p)), names_filter=lambda n: True)
-    gdn = f"blocks.{cfg.gdn_layers[0]}.linear_attn"
-    attn = f"blocks.{cfg.attention_layers[0]}.attn"
+    gdn = block_name(cfg.gdn_layers[0], "linear_attn")
+    attn = block_name(cfg.attention_layers[0], "attn")
     expected = {
         "hook_embed": (b, p, D),
         "blocks.0.hook_resid_pre": (b, p, D), "blocks.0.hook_attn_out": (b, p, D), "blocks.0.hook_mlp_out": (b, p, D),
@@ -84,7 +87,7 @@ def plain_recurrence(q, k, v, beta, g, n_value_heads):
 @pytest.mark.parametrize("length", [1, 29, 70])
 def test_state_and_write_hooks_equal_the_plain_recurrence(model, length):
     layer = model.cfg.gdn_layers[-1]
-    site = f"blocks.{layer}.linear_attn"
+    site = block_name(layer, "linear_attn")
     _, cache = model.run_with_cache(torch.randint(0, 101, (2, length)), names_filter=lambda n: n.startswith(site))
     q_hat, k_hat, delta, states, out = plain_recurrence(
         cache[f"{site}.hook_q"], cache[f"{site}.hook_k"], cache[f"{site}.hook_v"].float(),
@@ -101,7 +104,7 @@ def test_state_and_write_hooks_equal_the_plain_recurrence(model, length):
 
 
 def test_state_positions_select_exactly_those_states(model):
-    site = f"blocks.{model.cfg.gdn_layers[0]}.linear_attn.hook_state"
+    site = site_name(model.cfg.gdn_layers[0], "state")
     tokens = torch.randint(0, 101, (2, 90))
     _, full = model.run_with_cache(tokens, names_filter=site)
     _, some = model.run_with_cache(tokens, names_filter=site, state_positions=[0, 3, 64, -1])
@@ -154,7 +157,7 @@ def test_bad_inputs_are_rejected(model):
 
 
 def test_hook_returning_wrong_shape_is_named(model):
-    name = f"blocks.{model.cfg.gdn_layers[0]}.linear_attn.hook_write_value"
+    name = site_name(model.cfg.gdn_layers[0], "write")
     with pytest.raises(ValueError, match="hook_write_value returned"):
         model.run_with_hooks(torch.zeros(1, 4, dtype=torch.long), fwd_hooks=[(name, lambda x, hook: x[:, :2])])
 
@@ -176,7 +179,7 @@ def test_states_are_formed_only_when_hooked(model, monkeypatch):
     assert asked and all(p is None for p in asked)
     asked.clear()
     layer = model.cfg.gdn_layers[1]
-    model.run_with_cache(tokens, names_filter=f"blocks.{layer}.linear_attn.hook_state", state_positions=[3, 7])
+    model.run_with_cache(tokens, names_filter=site_name(layer, "state"), state_positions=[3, 7])
     assert [None if p is None else p.tolist() for p in asked] == [None if i != layer else [3, 7] for i in model.cfg.gdn_layers]
 
 
@@ -207,13 +210,13 @@ def test_stop_at_layer_returns_the_residual_stream_there(model):
     (True, TypeError, "integer positions"),
 ])
 def test_state_positions_are_never_reinterpreted(model, positions, error, message):
-    site = f"blocks.{model.cfg.gdn_layers[0]}.linear_attn.hook_state"
+    site = site_name(model.cfg.gdn_layers[0], "state")
     with pytest.raises(error, match=message):
         model.run_with_cache(torch.randint(0, 101, (1, 8)), names_filter=site, state_positions=positions)
 
 
 def test_state_positions_keep_the_order_given(model):
-    site = f"blocks.{model.cfg.gdn_layers[0]}.linear_attn.hook_state"
+    site = site_name(model.cfg.gdn_layers[0], "state")
     tokens = torch.randint(0, 101, (1, 8))
     _, every = model.run_with_cache(tokens, names_filter=site)
     for positions, rows in (([2, -1], [2, 7]), (torch.tensor([0, 5]), [0, 5]), (3, [3])):
@@ -237,7 +240,7 @@ def test_boolean_and_float_zero_one_masks_are_masks(model):
 
 @pytest.mark.parametrize("dtype", [torch.long, torch.int32, torch.bool])
 def test_hook_returning_a_non_float_tensor_is_refused(model, dtype):
-    name = f"blocks.{model.cfg.gdn_layers[0]}.linear_attn.hook_write_value"
+    name = site_name(model.cfg.gdn_layers[0], "write")
     with pytest.raises(TypeError, match=f"hook_write_value returned a tensor of dtype {dtype}"):
         model.run_with_hooks(torch.zeros(1, 4, dtype=torch.long), fwd_hooks=[(name, lambda x, hook: x.to(dtype))])
     with pytest.raises(TypeError, match="hook_resid_post returned a tensor of dtype"):

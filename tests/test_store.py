@@ -15,12 +15,13 @@ from safetensors.torch import load_file, save_file
 
 from hooked_gdn import HookedGatedDeltaNet
 from hooked_gdn.pretrained import Document
+from hooked_gdn.sites import block_name
 from writesae.store import ActivationStore, StoreConfig
 
 from .conftest import random_tiny_model, tiny_hf_config
 
 LAYER = 1
-SITE = f"blocks.{LAYER}.linear_attn"
+SITE = block_name(LAYER, "linear_attn")
 
 
 @pytest.fixture(scope="module")

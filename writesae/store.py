@@ -33,10 +33,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
+from hooked_gdn.sites import KINDS, gdn_hook_name, site_name
+
 SPLITS = ("train", "heldout")
-KINDS = ("state", "write")
+Samples = Float[Tensor, "batch n_heads d_k d_v"]
+Origins = Int[Tensor, "batch 2"]  # (context index, position) within the split
 # purposes of the seeded generators, so that each draws an independent stream from one seed
 _HELDOUT_CHOICE, _EPOCH_ORDER, _STREAM, _HELDOUT_POSITIONS, _SCALE_ORDER = range(5)
 
@@ -95,9 +99,8 @@ class StoreConfig:
 
     @property
     def site(self) -> str:
-        """The hook name an SAE on these samples has as its ``cfg.site`` (see `writesae.splice`)."""
-        hook = "hook_state" if self.kind == "state" else "hook_write_value"
-        return f"blocks.{self.layer}.linear_attn.{hook}"
+        """The hook name an SAE on these samples has as its ``cfg.site`` (see `hooked_gdn.sites`)."""
+        return site_name(self.layer, self.kind)
 
     @property
     def samples_per_context(self) -> int:
@@ -174,8 +177,8 @@ class ActivationStore:
     def n_contexts(self, split: str = "train") -> int:
         return len(self._contexts[_check_split(split)])
 
-    def context_tokens(self, index: int, split: str = "train") -> Tensor:
-        """The tokens [context] of context ``index`` of ``split`` (an origin's first entry)."""
+    def context_tokens(self, index: int, split: str = "train") -> Int[Tensor, " context"]:
+        """The tokens of context ``index`` of ``split`` (an origin's first entry)."""
         return self._contexts[_check_split(split)][index].long()
 
     # ------------------------------------------------------------------ extraction
@@ -213,7 +216,7 @@ class ActivationStore:
             _, cache = self.model.run_with_cache(tokens, names_filter=self.cfg.site, state_positions=union, stop_at_layer=self.cfg.layer + 1)
             x = cache[self.cfg.site][rows, torch.searchsorted(union, positions.contiguous()).to(device)][:, :, heads]
         else:
-            names = [f"blocks.{self.cfg.layer}.linear_attn.{hook}" for hook in ("hook_write_key", "hook_write_value")]
+            names = [gdn_hook_name(self.cfg.layer, hook) for hook in ("hook_write_key", "hook_write_value")]
             _, cache = self.model.run_with_cache(tokens, names_filter=names, stop_at_layer=self.cfg.layer + 1)
             k, delta = (cache[name][rows, positions.to(device)][:, :, heads] for name in names)
             x = k.unsqueeze(-1) * delta.unsqueeze(-2)  # k̂ δᵀ [n, P, n_heads, d_k, d_v]
@@ -243,7 +246,7 @@ class ActivationStore:
             yield x_rest, origin_rest
 
     def heldout_batches(self, batch_size: int, max_samples: int | None = None,
-                        with_origin: bool = False) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
+                        with_origin: bool = False) -> Iterator[Samples | tuple[Samples, Origins]]:
         """The held-out samples, unshuffled and the same on every call: contexts in order, random
         positions (if any) from a fixed seed; at most ``max_samples``."""
         order = torch.arange(self.n_contexts("heldout"))
@@ -294,8 +297,8 @@ class ActivationStore:
         perm = torch.randperm(len(x), generator=self._generator)
         self._buffer, self._origins = x[perm.to(x.device)], origin[perm]
 
-    def next_batch(self, batch_size: int, with_origin: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """The next training batch X [batch_size, n_heads, d_k, d_v] (with its origins [batch_size, 2])."""
+    def next_batch(self, batch_size: int, with_origin: bool = False) -> Samples | tuple[Samples, Origins]:
+        """The next training batch X (with its origins)."""
         if not 0 < batch_size <= self.cfg.buffer_size // 2:
             raise ValueError(f"batch_size must lie in [1, buffer_size // 2 = {self.cfg.buffer_size // 2}], got {batch_size}")
         if len(self._buffer) < self.cfg.buffer_size // 2:
@@ -304,7 +307,7 @@ class ActivationStore:
         origin, self._origins = self._origins[:batch_size], self._origins[batch_size:]
         return (x, origin) if with_origin else x
 
-    def train_batches(self, batch_size: int, with_origin: bool = False) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
+    def train_batches(self, batch_size: int, with_origin: bool = False) -> Iterator[Samples | tuple[Samples, Origins]]:
         """`next_batch` forever."""
         while True:
             yield self.next_batch(batch_size, with_origin)

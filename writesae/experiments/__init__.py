@@ -2,8 +2,10 @@
 logit-shift prediction and installs in generation, the SAE features they use, and the intervals
 they report."""
 
+from hooked_gdn.sites import edit_at_positions
+
 from .ablation import write_ablation
-from .edits import edit_at_positions, kl_from_clean
+from .edits import kl_from_clean
 from .features import Direction, atom_and_random_directions, atom_direction, frequent_features, site_codes
 from .install import install_in_generation, install_study, pick_targets
 from .logit_shift import PooledR2, exact_read_change, logit_shift_study, measured_logit_change, paper_read_change

@@ -7,9 +7,9 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from hooked_gdn.sites import gdn_hook_name
+from hooked_gdn.sites import edit_at_positions, gdn_hook_name
 
-from .edits import as_list, edit_at_positions, kl_from_clean
+from .edits import as_list, kl_from_clean
 
 
 @torch.no_grad()

@@ -1,44 +1,19 @@
-"""What the write-site experiments share: a hook that edits chosen sequence positions in any
-recurrence mode, the KL they all report, and a one-sequence input check. Hook names come from
-`hooked_gdn.sites`."""
+"""What the write-site experiments share: the KL they all report, and a one-sequence input check.
+Hook names, and the hook that edits chosen sequence positions in any recurrence mode
+(`edit_at_positions`), come from `hooked_gdn.sites`."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from hooked_gdn.sites import hook_positions
-
 
 def as_list(x: int | Iterable[int]) -> list[int]:
     return [int(x)] if isinstance(x, int) else [int(i) for i in x]
-
-
-def edit_at_positions(edit: Callable[[Tensor, int], Tensor], positions: int | Iterable[int]):
-    """A hook on a GDN write/state hook point that replaces the rows x[:, i] of the given sequence
-    positions by ``edit(rows, position)`` (rows: [b, H_v, ...]) and leaves the others alone.
-
-    It finds where it is through `hooked_gdn.sites.hook_positions`, so it works in parallel mode (one call
-    with every position) and sequential mode (one call per position) alike; rows it does not touch
-    stay unedited, and the model carries the edited ones forward.
-    """
-    wanted = torch.tensor(as_list(positions))
-
-    def hook(x: Tensor, hook) -> Tensor | None:
-        here = hook_positions(hook)
-        rows = torch.isin(here, wanted).nonzero().flatten().tolist()
-        if not rows:
-            return None  # observe only: no recompute
-        x = x.clone()
-        for i in rows:
-            x[:, i] = edit(x[:, i], int(here[i]))
-        return x
-
-    return hook
 
 
 def kl_from_clean(clean_logits: Float[Tensor, "*batch pos d_vocab"],

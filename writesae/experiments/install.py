@@ -18,9 +18,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from hooked_gdn.sites import gdn_hook_name
+from hooked_gdn.sites import edit_at_positions, gdn_hook_name
 
-from .edits import edit_at_positions, one_sequence
+from .edits import one_sequence
 from .features import Direction
 
 

@@ -27,9 +27,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from hooked_gdn.sites import block_name, gdn_hook_name
+from hooked_gdn.sites import block_name, edit_at_positions, gdn_hook_name
 
-from .edits import edit_at_positions, one_sequence
+from .edits import one_sequence
 from .features import Direction
 
 SITES = ("hook_read_query", "hook_write_key", "hook_beta", "hook_log_decay")

@@ -24,9 +24,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from hooked_gdn.sites import gdn_hook_name, parse_site
+from hooked_gdn.sites import edit_at_positions, gdn_hook_name, parse_site
 
-from .edits import edit_at_positions, kl_from_clean
+from .edits import kl_from_clean
 from .features import site_codes
 from .stats import clustered_bootstrap, wilson_interval
 
