@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -39,6 +37,7 @@ from hooked_gdn import HookedGatedDeltaNet, gated_delta_rule_reference
 from hooked_gdn.effective_attention import effective_attention
 from hooked_gdn.pretrained import heldout_windows, pretrained_path
 from hooked_gdn.sites import gdn_hook_name
+from bench_engine import median_times
 
 OUT = Path(__file__).parent / "results"
 
@@ -60,17 +59,8 @@ def relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def tl_names(layer: int) -> list[str]:
-    return [f"blocks.{layer}.linear_attn.hook_{n}" for n in ("q", "k", "v", "beta", "log_decay", "recurrence_out")]
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """The bridge's hook points that its effective attention and our comparison read (named as ours)."""
+    return [gdn_hook_name(layer, f"hook_{n}") for n in ("q", "k", "v", "beta", "log_decay", "recurrence_out")]
 
 
 def main() -> None:
@@ -96,9 +86,9 @@ def main() -> None:
         rows = []
         for layer in layers:
             o_ours = ours[gdn_hook_name(layer, "hook_recurrence_out")].float()
-            o_tl = theirs[f"blocks.{layer}.linear_attn.hook_recurrence_out"].float()
+            o_tl = theirs[gdn_hook_name(layer, "hook_recurrence_out")].float()
             M = mixers[layer].compute_effective_attention(theirs, layer)  # [b, H, t, j], already β_j-weighted
-            tl_read = einsum(M, theirs[f"blocks.{layer}.linear_attn.hook_v"].float(), "b h t j, b j h v -> b t h v")
+            tl_read = einsum(M, theirs[gdn_hook_name(layer, "hook_v")].float(), "b h t j, b j h v -> b t h v")
             writes = effective_attention(ours, layer, "writes")
             inputs = effective_attention(ours, layer, "inputs")
             gla_normalised = einsum(writes.pattern, inputs.values, "b h t j, b j h v -> b t h v")
@@ -114,9 +104,12 @@ def main() -> None:
                 "model_vs_fp64": relative_error(o_ours.double(), exact),
             })
 
-        t_ours = median_time(lambda: [effective_attention(ours, layer, "inputs") for layer in layers], args.repeats)
-        t_writes = median_time(lambda: [effective_attention(ours, layer, "writes") for layer in layers], args.repeats)
-        t_tl = median_time(lambda: [mixers[layer].compute_effective_attention(theirs, layer) for layer in layers], args.repeats)
+        times = median_times({
+            "inputs": lambda: [effective_attention(ours, layer, "inputs") for layer in layers],
+            "writes": lambda: [effective_attention(ours, layer, "writes") for layer in layers],
+            "transformer_lens": lambda: [mixers[layer].compute_effective_attention(theirs, layer) for layer in layers],
+        }, args.repeats)
+        t_ours, t_writes, t_tl = times["inputs"], times["writes"], times["transformer_lens"]
 
         # one head's patterns on the first window, as weights on v_j (ours over the inputs: c_tj β_j)
         layer, head, span = layers[len(layers) // 2], 0, min(48, args.context)
