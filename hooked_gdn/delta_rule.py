@@ -24,17 +24,25 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
+from jaxtyping import Float, Int
 from torch import Tensor
 
 DEFAULT_CHUNK_SIZE = 64
 
+# the recurrence's inputs and outputs (b batch, T positions, H value heads)
+Queries = Keys = Float[Tensor, "b T H d_k"]
+Values = Float[Tensor, "b T H d_v"]
+PerHead = Float[Tensor, "b T H"]  # g, β
+State = Float[Tensor, "b H d_k d_v"]
+
 
 @dataclass
 class DeltaRuleOutput:
-    out: Tensor  # o_t [b, T, H, d_v]
-    write_value: Tensor  # δ_t [b, T, H, d_v], as written (forced where an edit forced it)
-    final_state: Tensor  # S_T [b, H, d_k, d_v]
-    states: Tensor | None = None  # S_t at the requested positions [b, P, H, d_k, d_v]
+    out: Values  # o_t
+    write_value: Values  # δ_t, as written (forced where an edit forced it)
+    final_state: State  # S_T
+    states: Float[Tensor, "b P H d_k d_v"] | None = None  # S_t at the requested positions
 
 
 @dataclass
@@ -110,8 +118,8 @@ def _edited_step(state, t, q, k, v, g, beta, edits: DeltaRuleEdits | None):
 
 
 def gated_delta_rule_reference(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
-    initial_state: Tensor | None = None, edits: DeltaRuleEdits | None = None,
+    q: Queries, k: Keys, v: Values, g: PerHead, beta: PerHead,
+    initial_state: State | None = None, edits: DeltaRuleEdits | None = None,
 ) -> DeltaRuleOutput:
     """The recurrence one position at a time, exactly as written; returns the states at every position."""
     state = _zero_state(k, v) if initial_state is None else initial_state
@@ -125,8 +133,8 @@ def gated_delta_rule_reference(
 
 
 def chunked_gated_delta_rule(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
-    initial_state: Tensor | None = None, state_positions: Tensor | None = None,
+    q: Queries, k: Keys, v: Values, g: PerHead, beta: PerHead,
+    initial_state: State | None = None, state_positions: Int[Tensor, " P"] | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> DeltaRuleOutput:
     """The WY/UT chunked form. ``state_positions`` [P] asks for S_t at those positions.
@@ -190,13 +198,13 @@ def chunked_gated_delta_rule(
             states.view(-1, d_k, d_v).baddbmm_(weighted_keys.reshape(-1, d_k, C), delta[:, :, n].reshape(-1, C, d_v))
         states = states.transpose(1, 2)
 
-    unchunk = lambda x: x.reshape(b, H, N * C, d_v)[:, :, :T].transpose(1, 2)
+    unchunk = lambda x: rearrange(x, "b h n c d -> b (n c) h d")[:, :T]
     return DeltaRuleOutput(unchunk(out), unchunk(delta), state, states)
 
 
 def gated_delta_rule(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
-    initial_state: Tensor | None = None, state_positions: Tensor | None = None,
+    q: Queries, k: Keys, v: Values, g: PerHead, beta: PerHead,
+    initial_state: State | None = None, state_positions: Int[Tensor, " P"] | None = None,
     edits: DeltaRuleEdits | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> DeltaRuleOutput:
     """The chunked recurrence with edits: chunked between edited positions, one exact step at each."""
