@@ -102,6 +102,8 @@ def main() -> None:
                 "ours_writes": relative_error(writes.out(), o_ours),
                 "ours_inputs": relative_error(inputs.out(), o_ours),
                 "model_vs_fp64": relative_error(o_ours.double(), exact),
+                "ours_writes_vs_fp64": relative_error(writes.out().double(), exact),
+                "ours_inputs_vs_fp64": relative_error(inputs.out().double(), exact),
             })
 
         times = median_times({
