@@ -19,7 +19,8 @@ points does (DESIGN §3): later positions follow the delta rule from the patched
 patched at one position runs in the default parallel mode; a state patched at several positions
 runs one position at a time (``recurrence="sequential"``), so that each holds exactly its clean
 value (in parallel mode each position's clean − corrupted difference would be added and carried,
-and the differences would sum). The SAE-feature version is `writesae.patching`.
+and the differences would sum). `run_with_patches` applies any list of `Patch`es in one run; the
+SAE-feature version is `writesae.patching`.
 """
 
 from __future__ import annotations
@@ -162,6 +163,8 @@ def _gdn_layers(model: HookedGatedDeltaNet, layers: Sequence[int] | None) -> lis
     gdn = list(model.cfg.gdn_layers)
     layers = gdn if layers is None else [int(layer) for layer in layers]
     bad = [layer for layer in layers if layer not in gdn]
+    if not layers:
+        raise ValueError(f"no layers to patch; this model's GDN layers are {gdn}")
     if bad:
         raise ValueError(f"layers {bad} are not Gated DeltaNet layers; this model's GDN layers are {gdn}")
     return layers
