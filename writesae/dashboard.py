@@ -395,6 +395,9 @@ def build_dashboard(
         raise ValueError(f"windows must be integer tokens [n, T] with T ≥ 2, got {windows.dtype} {tuple(windows.shape)}")
     if not all(isinstance(x, int) and x >= 1 for x in (n_contexts, n_keys, n_logits, bins, horizon, batch_size)):
         raise ValueError("n_contexts, n_keys, n_logits, bins, horizon and batch_size must be positive ints")
+    if not (isinstance(ablation_firings, int) and ablation_firings >= 0 and (features_per_head is None or features_per_head >= 1)):
+        raise ValueError(f"ablation_firings must be an int ≥ 0 and features_per_head None or ≥ 1, "
+                         f"got {ablation_firings!r} and {features_per_head!r}")
     windows = windows.long().cpu()
     T, N = windows.shape[1], windows.numel()
     sae = sae.eval()
