@@ -88,7 +88,8 @@ def recover_folder(path: Path, version: Callable[[Path], int | None]) -> Path | 
     ``version(folder)`` ranks a complete folder (higher is newer) and is None for an incomplete one.
     Returns the leftover that replaced ``path``, or None when ``path`` was already the newest.
     """
-    copies = [c for left in leftovers(path) for c in ([left] if ".new." in left.name else [left / path.name])]
+    new = f".{path.name}.new."
+    copies = [left if left.name.startswith(new) else left / path.name for left in leftovers(path)]
     ranked = [(v, c == path, c) for c in [path, *copies] if c.is_dir() and (v := version(c)) is not None]
     newest = max(ranked, key=lambda r: r[:2], default=(None, True, path))[2]
     if newest != path:
