@@ -141,6 +141,7 @@ def test_empty_text_is_refused():
         memory_census(model, [])
 
 
+@pytest.mark.slow
 def test_census_command_prints_the_table_and_writes_json_and_heatmap(tmp_path, capsys):
     from writesae.cli import main
 

@@ -34,6 +34,7 @@ def test_loads_offline_with_its_tokenizer(shipped, monkeypatch):
     assert sum(f.stat().st_size for f in FOLDER.glob("*.safetensors")) <= 20 * 2**20
 
 
+@pytest.mark.slow
 def test_heldout_loss_matches_the_model_card(shipped):
     stats = json.loads((FOLDER / "training_stats.json").read_text())
     assert f"{stats['heldout_loss']:.4f}" in (FOLDER / "README.md").read_text()
@@ -71,6 +72,7 @@ def test_strings_tokens_and_padding(shipped):
     assert isinstance(continued, str) and continued.startswith("Mr. Darcy")
 
 
+@pytest.mark.slow
 def test_readme_main_job_runs_in_under_a_minute():
     # the requirement, checked with a timeout rather than a timing assertion
     result = subprocess.run([sys.executable, "-m", "hooked_gdn.demo"], capture_output=True, text=True, timeout=60)
