@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+from jaxtyping import Int
 from torch import Tensor
 
 from hooked_gdn.sites import edit_at_positions, gdn_hook_name
@@ -13,8 +14,8 @@ from .edits import as_list, kl_from_clean
 
 
 @torch.no_grad()
-def write_ablation(model, tokens: Tensor, layer: int, heads: int | Iterable[int], positions: int | Iterable[int],
-                   scale: float = 0.0) -> dict:
+def write_ablation(model, tokens: Int[Tensor, "batch pos"], layer: int, heads: int | Iterable[int],
+                   positions: int | Iterable[int], scale: float = 0.0) -> dict:
     """Replace the write k̂_t δ_tᵀ by k̂_t (scale·δ_t)ᵀ on ``heads`` at every t in ``positions``
     (same positions in every sequence; scale 0 deletes the write) through a ``hook_write_value``
     edit, and let the recurrence carry it forward from the edited state.
