@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .files import atomic_file
 from .sites import gdn_hook_name
 
 PERCENTILES = (0.1, 0.5, 0.9)
@@ -104,7 +103,8 @@ class MemoryCensus:
 
     def save_json(self, path: str | Path) -> None:
         """Write the census as JSON, atomically (a temporary file renamed into place)."""
-        _write_atomic(Path(path), json.dumps(_finite(self.to_dict()), indent=2) + "\n")
+        with atomic_file(path) as f:
+            f.write(json.dumps(_finite(self.to_dict()), indent=2) + "\n")
 
     @classmethod
     def load_json(cls, path: str | Path) -> "MemoryCensus":
@@ -283,24 +283,3 @@ def _finite(value):
 
 def _infinite(value):
     return math.copysign(math.inf, value) if isinstance(value, float) and abs(value) >= 1e308 else value
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

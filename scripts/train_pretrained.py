@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
+from hooked_gdn.files import atomic_file
 from hooked_gdn.pretrained import (
     CENSUS_FILE, HELDOUT_CONTEXT, PRETRAINED_MODELS, austen_documents, heldout_census, heldout_loss, heldout_windows,
 )
@@ -197,18 +198,8 @@ def train(model: Qwen3_5ForCausalLM, stream: torch.Tensor, settings: TrainSettin
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write ``state`` to a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(path, "wb") as f:
+        torch.save(state, f)
 
 
 def token_stream(tokenizer: PreTrainedTokenizerFast) -> torch.Tensor:
