@@ -8,8 +8,11 @@ here first, in about 2.5 minutes, when ``--sae`` does not exist yet), on held-ou
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -54,6 +57,28 @@ def write_json(path: Path, results: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2, default=float) + "\n")
     os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def provenance(seed: int, model: str = "gdn-austen", sae: str | None = None, **inputs) -> dict:
+    """What produced a result: the command line as run, the seed, the model and SAE (names and the SHA-256 of
+    their weights) and the inputs (passages, context, ...). Every demo's results.json carries it."""
+    from hooked_gdn.pretrained import pretrained_path
+
+    record = {"command": shlex.join(["python", *sys.argv]), "seed": seed, "model": model}
+    model_folder = pretrained_path(model)
+    if model_folder is not None:
+        record["model_sha256"] = file_sha256(model_folder / "model.safetensors")
+    if sae is not None:
+        from writesae.io import resolve_sae, WEIGHTS_FILE
+
+        record["sae"] = str(sae)
+        record["sae_sha256"] = file_sha256(resolve_sae(sae) / WEIGHTS_FILE)
+    record["inputs"] = inputs
+    return record
 
 
 def pyplot():

@@ -34,6 +34,29 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 VERSION_KEY = "writesae_version"
 CHECKSUM_KEY = "weights_sha256"
 MAX_CFG_BYTES = 1 << 20  # a cfg.json is a few hundred bytes; a limit keeps a link to /dev/zero from hanging
+#: SAEs shipped with the package, by name "MODEL/SITE" (e.g. "gdn-austen/L5-state"), each a folder here
+PRETRAINED_SAES_DIR = Path(__file__).parent / "pretrained"
+
+
+def pretrained_saes() -> list[str]:
+    """The names of the shipped SAEs."""
+    return sorted(str(cfg.parent.relative_to(PRETRAINED_SAES_DIR)) for cfg in PRETRAINED_SAES_DIR.glob(f"*/*/{CFG_FILE}"))
+
+
+def resolve_sae(name_or_path: str | Path) -> Path:
+    """The folder of a shipped SAE's name, or ``name_or_path`` itself. A shipped name that is also a
+    different folder here is ambiguous, and refused rather than guessed."""
+    path = Path(name_or_path)
+    shipped = PRETRAINED_SAES_DIR / str(name_or_path)
+    if str(name_or_path) in pretrained_saes():
+        if path.exists() and path.resolve() != shipped.resolve():
+            raise ValueError(f"{str(name_or_path)!r} names both a shipped SAE and {path.resolve()}: pass "
+                             f"'./{name_or_path}' for the local one, or {shipped} for the shipped one")
+        return shipped
+    if not path.exists():
+        raise FileNotFoundError(f"{name_or_path} is neither an SAE folder nor a shipped SAE "
+                                f"(shipped: {', '.join(pretrained_saes()) or 'none'})")
+    return path
 
 
 def save_sae(sae: SAEBase, path: str | Path) -> None:
@@ -122,8 +145,9 @@ def _fsync(path) -> None:
 
 
 def load_sae(path: str | Path, device: torch.device | str | None = None) -> SAEBase:
-    """The SAE saved in the folder ``path``, of the class its cfg names, on ``device`` (default CPU)."""
-    path = Path(path)
+    """The SAE saved in the folder ``path`` (or shipped under that name, see `pretrained_saes`), of the
+    class its cfg names, on ``device`` (default CPU)."""
+    path = resolve_sae(path)
     cfg, checksum = _read_cfg(path / CFG_FILE)
     with torch.device("meta"):  # shapes only: the weights come from the file
         sae = ARCHITECTURES[cfg.architecture](cfg)

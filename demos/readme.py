@@ -1,0 +1,81 @@
+"""The README's experiment numbers, generated from the committed results.
+
+    python demos/readme.py           # rewrite every generated block of README.md from demos/results/
+    python demos/readme.py --check   # exit 1 and name the blocks that differ
+
+A generated block in README.md is delimited by ``<!-- results: NAME -->`` and ``<!-- /results: NAME -->``.
+Its text is ``readme_block(results)`` of the demo module ``demos/NAME.py``, applied to that demo's committed
+``demos/results/NAME/results.json`` (or the module's ``RESULTS_JSON``, a path relative to the repository).
+So every number in a block is traceable to one file, whose ``provenance`` names the command, seed, model and
+SAE that produced it; ``tests/test_readme_numbers.py`` checks that the README and the files agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+BLOCK = re.compile(r"(<!-- results: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results: (?P=name) -->)", re.S)
+
+
+def _demo_module(name: str):
+    path = ROOT / "demos" / f"{name}.py"
+    if not path.exists():
+        raise FileNotFoundError(f"README block {name!r} has no demo module {path}")
+    sys.path.insert(0, str(path.parent))  # the demos import their shared ``common`` module
+    try:
+        spec = importlib.util.spec_from_file_location(f"demos_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    if not hasattr(module, "readme_block"):
+        raise AttributeError(f"{path} has no readme_block(results) for the README block {name!r}")
+    return module
+
+
+def results_file(name: str, module=None) -> Path:
+    module = module or _demo_module(name)
+    return ROOT / getattr(module, "RESULTS_JSON", f"demos/results/{name}/results.json")
+
+
+def render(name: str) -> str:
+    """The block ``name``'s text, from its committed results."""
+    module = _demo_module(name)
+    results = json.loads(results_file(name, module).read_text())
+    return module.readme_block(results).rstrip("\n") + "\n"
+
+
+def blocks(text: str) -> dict[str, str]:
+    """The generated blocks of a README text: name -> body."""
+    found: dict[str, str] = {}
+    for match in BLOCK.finditer(text):
+        if match["name"] in found:
+            raise ValueError(f"README has two blocks named {match['name']!r}")
+        found[match["name"]] = match["body"]
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 if a block differs")
+    args = parser.parse_args()
+    text = README.read_text()
+    stale = [name for name, body in blocks(text).items() if render(name) != body]
+    if args.check:
+        for name in stale:
+            print(f"README block {name!r} differs from {results_file(name).relative_to(ROOT)}")
+        sys.exit(1 if stale else 0)
+    new = BLOCK.sub(lambda m: m[1] + render(m["name"]) + m[4], text)
+    README.write_text(new)
+    print(f"rewrote {len(stale)} block(s): {', '.join(stale) or 'none changed'}")
+
+
+if __name__ == "__main__":
+    main()
