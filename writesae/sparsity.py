@@ -31,6 +31,8 @@ from einops import rearrange
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+from . import distributed
+
 if TYPE_CHECKING:
     from .sae import SAEBase
     from .train import TrainConfig
@@ -69,8 +71,10 @@ def auxk_loss(sae: SAEBase, pre: Float[Tensor, "batch n_dicts n"], residual: Flo
     values, indices = pre.masked_fill(~dead, -math.inf).topk(k, dim=-1)  # heads with < k dead ones get zeros
     e_hat = sae.decode_atoms(indices, values.relu())
     error = (residual - e_hat).pow(2).sum((0, 2, 3))
-    energy = residual.pow(2).sum((0, 2, 3)).clamp_min(torch.finfo(residual.dtype).tiny)
-    return (error / energy)[heads].mean()
+    # over the global batch when data-parallel: this rank's error over every rank's energy, times W,
+    # so that the ranks' mean gradient is the whole batch's
+    energy = distributed.sum_over_ranks(residual.pow(2).sum((0, 2, 3))).clamp_min(torch.finfo(residual.dtype).tiny)
+    return (error * distributed.rank_and_world()[1] / energy)[heads].mean()
 
 
 class TopK(_AuxKTrained):
@@ -104,6 +108,9 @@ class BatchTopK(_AuxKTrained):
     kept): the plain mean over the first 1/momentum batches, an exponential average after that.
     Only training-mode passes that record gradients update it; passes under ``torch.no_grad()``
     (evaluation in training mode, the hook-free recompute behind ``use_error_term``) leave it alone.
+    Data-parallel (`writesae.distributed`), such a pass keeps the k·B largest of the global batch
+    of B = W·b samples: each rank's k·B largest are gathered, and the (k·B)-th largest of them all is
+    the threshold every rank applies to its own b samples.
     In eval mode a = ReLU(z)·[z ≥ threshold]; before any calibration that is plain ReLU.
     """
 
@@ -121,10 +128,18 @@ class BatchTopK(_AuxKTrained):
             return acts * (pre >= self.threshold[:, None])
         per_head = rearrange(acts, "... h n -> h (... n)")
         n_samples = per_head.shape[1] // pre.shape[-1]
-        kept, indices = per_head.topk(self.k * n_samples, dim=-1, sorted=False)
-        if torch.is_grad_enabled():
-            self._calibrate(kept.detach().amin(-1))
-        codes = torch.zeros_like(per_head).scatter(-1, indices, kept)
+        world = distributed.rank_and_world()[1]
+        if world > 1 and torch.is_grad_enabled():
+            keep = self.k * n_samples * world
+            local = per_head.detach().topk(min(keep, per_head.shape[1]), dim=-1).values
+            threshold = rearrange(distributed.gather_rows(local), "w h m -> h (w m)").topk(keep, dim=-1).values.amin(-1)
+            self._calibrate(threshold)
+            codes = per_head * (per_head >= threshold[:, None])
+        else:
+            kept, indices = per_head.topk(self.k * n_samples, dim=-1, sorted=False)
+            if torch.is_grad_enabled():
+                self._calibrate(kept.detach().amin(-1))
+            codes = torch.zeros_like(per_head).scatter(-1, indices, kept)
         return rearrange(codes, "h (b n) -> b h n", n=pre.shape[-1]).reshape(pre.shape)
 
     @torch.no_grad()

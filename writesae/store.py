@@ -136,7 +136,7 @@ class ActivationStore:
         if eos is None:
             raise ValueError("documents are joined with EOS, but neither the model's config nor its tokenizer has one")
         self.model, self.cfg, self.heads = model, cfg, heads
-        self.d_k, self.d_v = mcfg.d_key, mcfg.d_value
+        self.d_k, self.d_v, self.n_value_heads = mcfg.d_key, mcfg.d_value, mcfg.n_value_heads
         self.dtype = getattr(torch, cfg.dtype)
 
         self.document_names, documents = _read_documents(source, cfg.text_column)
@@ -154,6 +154,9 @@ class ActivationStore:
         self._epoch = self._cursor = 0
         self._order = (None, None)  # (epoch, its permutation of the training contexts)
         self._buffer, self._origins = self._empty()
+
+    def __str__(self) -> str:
+        return "the store"
 
     # ------------------------------------------------------------------ corpus
 

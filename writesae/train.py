@@ -35,6 +35,14 @@ rest. A non-finite loss term or parameter stops training with a `FloatingPointEr
 anything is saved, leaving the last good checkpoint in place. A held-out evaluation that looks
 diverged (FVU above ``DIVERGED_FVU``, or every code zero) gives a `RuntimeWarning`, and the
 last one's reason is ``TrainResult.diverged``.
+
+Samples come from an `ActivationStore` (streamed from the model) or a `CachedActivations` (read
+from an on-disk cache). Under torchrun (`writesae.distributed`), training from a cache is
+data-parallel: every rank draws the same global batch of ``batch_size`` samples and takes its
+share, gradients are averaged over ranks, and the whole batch's statistics (dead features, AuxK's
+residual energy, BatchTopK's threshold) are reduced across ranks, so W ranks end with the weights
+one rank would have. Rank 0 alone writes the output folder and evaluates on held-out samples;
+every rank resumes from the same checkpoint.
 """
 
 from __future__ import annotations
@@ -47,17 +55,22 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import distributed
 from .evals import reconstruction_metrics
 from .io import atomic_folder, leftovers, load_sae, recover_folder, save_sae
 from .outputs import claim_outputs
 from .sae import BilinearMatrixSAE, SAEBase
 from .store import ActivationStore
+
+if TYPE_CHECKING:
+    from .disk_cache import CachedActivations
 
 DECAYS = ("cosine", "linear", "constant")
 OUTPUTS = ("checkpoint", "metrics.jsonl", "sae")  # what train writes in out_dir
@@ -157,10 +170,10 @@ def _batch_fvu(x: Tensor, recons: Tensor) -> float:
 
 def _guard(step: int, tensors: dict[str, Tensor], checkpoint: Path, last_checkpoint: int | None) -> None:
     bad = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
-    if bad:
+    if distributed.any_rank(bool(bad)):  # every rank stops, not only the one that saw it
         kept = (f"the last good checkpoint (step {last_checkpoint}) is intact at {checkpoint}"
                 if last_checkpoint is not None else "no checkpoint had been written")
-        raise FloatingPointError(f"step {step}: non-finite {', '.join(bad)}; training stopped, and {kept}")
+        raise FloatingPointError(f"step {step}: non-finite {', '.join(bad) or 'values on another rank'}; training stopped, and {kept}")
 
 
 def claim_out_dir(cfg: TrainConfig) -> Path:
@@ -169,18 +182,22 @@ def claim_out_dir(cfg: TrainConfig) -> Path:
     return claim_outputs(cfg.out_dir, [*OUTPUTS, *(["wandb"] if cfg.wandb_project else [])])
 
 
-def train(sae: SAEBase, store: ActivationStore, cfg: TrainConfig | None = None, **config) -> TrainResult:
+def train(sae: SAEBase, store: ActivationStore | CachedActivations, cfg: TrainConfig | None = None, **config) -> TrainResult:
     """Train ``sae`` in place on ``store``'s training stream (see the module docstring)."""
     if cfg is None:
         cfg = TrainConfig(**config)
     elif config:
         raise TypeError(f"pass either a TrainConfig or its keywords, not both (got {sorted(config)})")
     _check_compatible(sae, store)
-    out = claim_out_dir(cfg)
+    lead, world = distributed.is_lead(), distributed.rank_and_world()[1]
+    if world > 1:
+        _check_distributed(sae, store, cfg, world)
+    out = claim_out_dir(cfg) if lead else Path(cfg.out_dir)
     checkpoint, metrics_file = out / "checkpoint", out / "metrics.jsonl"
-    recovered = recover_folder(checkpoint, _checkpoint_step)
-    for left in leftovers(out / "sae"):  # a kill while the final SAE was saved: it is saved again at the end
+    recovered = recover_folder(checkpoint, _checkpoint_step) if lead else None
+    for left in leftovers(out / "sae") if lead else []:  # a kill while the final SAE was saved: it is saved again at the end
         shutil.rmtree(left)
+    distributed.barrier()  # the other ranks read the checkpoint rank 0 has recovered
     if recovered is not None:
         warnings.warn(f"{checkpoint} was being replaced when a run was killed; restored the newest complete "
                       f"checkpoint (step {_checkpoint_step(checkpoint)}) from {recovered.name}", stacklevel=2)
@@ -194,16 +211,17 @@ def train(sae: SAEBase, store: ActivationStore, cfg: TrainConfig | None = None, 
         torch.manual_seed(cfg.seed)
         if cfg.input_scale_samples:
             sae.cfg.input_scale = store.estimate_input_scale(cfg.input_scale_samples)
-    _drop_records_after(metrics_file, start)  # those of a run that went on past its last checkpoint
+    if lead:
+        _drop_records_after(metrics_file, start)  # those of a run that went on past its last checkpoint
     last_checkpoint = start if start else None
-    run = _wandb_run(cfg)
+    run = _wandb_run(cfg) if lead else None
     train_record = heldout_record = diverged = None
     sae.train()
-    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=not cfg.progress)
+    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=not cfg.progress or not lead)
     clock, samples = time.perf_counter(), 0
     try:
         for step in bar:
-            x = store.next_batch(cfg.batch_size).to(device, dtype)
+            x = distributed.rank_rows(store.next_batch(cfg.batch_size)).to(device, dtype)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             terms, codes, recons = _loss_terms(sae, x, since_fired > cfg.dead_after_samples, cfg)
@@ -211,45 +229,52 @@ def train(sae: SAEBase, store: ActivationStore, cfg: TrainConfig | None = None, 
             loss = sum(terms.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(sae.parameters())
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
             optimizer.step()
             if cfg.normalize_factors:
                 sae.normalize_factors_()
             _guard(step, {f"parameter {name} after the update": p for name, p in sae.named_parameters()}, checkpoint, last_checkpoint)
-            since_fired += len(x)
-            since_fired[(codes != 0).any(0)] = 0
-            samples += len(x)
+            since_fired += cfg.batch_size
+            since_fired[distributed.sum_over_ranks((codes != 0).any(0).int()) > 0] = 0  # fired anywhere in the global batch
+            samples += cfg.batch_size
 
             last = step == cfg.steps
             if cfg.log_every and (step % cfg.log_every == 0 or last):
                 with torch.no_grad():
-                    train_record = {"step": step, "split": "train", "loss": loss.item(),
-                                    **{f"loss_{name}": t.item() for name, t in terms.items()},
-                                    "lr": lr_at(step, cfg), "l0": (codes != 0).sum(-1).double().mean().item(),
-                                    "fvu": _batch_fvu(x, recons.detach()),
+                    # means over the ranks' shares: exact for the loss terms and L0, FVU is the shares' mean
+                    means = {"loss": loss, **{f"loss_{name}": t for name, t in terms.items()},
+                             "l0": (codes != 0).sum(-1).double().mean(), "fvu": torch.tensor(_batch_fvu(x, recons.detach()))}
+                    means = dict(zip(means, (distributed.sum_over_ranks(torch.stack([v.double() for v in means.values()])) / world).tolist()))
+                    train_record = {"step": step, "split": "train", **means, "lr": lr_at(step, cfg),
                                     "dead_fraction": (since_fired > cfg.dead_after_samples).double().mean().item(),
                                     "samples_per_s": samples / (time.perf_counter() - clock)}
-                _log(metrics_file, train_record, run)
+                if lead:
+                    _log(metrics_file, train_record, run)
                 bar.set_postfix(loss=f"{train_record['loss']:.4g}", fvu=f"{train_record['fvu']:.3f}")
                 clock, samples = time.perf_counter(), 0
-            if cfg.eval_every and (step % cfg.eval_every == 0 or last):
+            if lead and cfg.eval_every and (step % cfg.eval_every == 0 or last):
                 heldout_record = {"step": step, "split": "heldout", **evaluate(sae, store, cfg)}
                 _log(metrics_file, heldout_record, run)
                 diverged = divergence(heldout_record)
                 if diverged:
                     warnings.warn(f"step {step}: the SAE looks diverged: {diverged}", RuntimeWarning, stacklevel=2)
             if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or last):
-                _save_checkpoint(checkpoint, step, sae, optimizer, store, since_fired, cfg)
+                if lead:
+                    _save_checkpoint(checkpoint, step, sae, optimizer, store, since_fired, cfg)
+                distributed.barrier()  # no rank runs ahead of the checkpoint it would resume from
                 last_checkpoint = step
     finally:
         bar.close()
         if run is not None:
             run.finish()
-    final = copy.deepcopy(sae)
-    if cfg.fold_input_scale and not (isinstance(sae, BilinearMatrixSAE) and sae.cfg.tied):
-        final.fold_input_scale_()
-    save_sae(final, out / "sae")
+    if lead:
+        final = copy.deepcopy(sae)
+        if cfg.fold_input_scale and not (isinstance(sae, BilinearMatrixSAE) and sae.cfg.tied):
+            final.fold_input_scale_()
+        save_sae(final, out / "sae")
+    distributed.barrier()
     return TrainResult(sae, max(start, cfg.steps), start, train_record, heldout_record, out, diverged)
 
 
@@ -275,15 +300,26 @@ def divergence(heldout: dict) -> str | None:
     return None
 
 
-def _check_compatible(sae: SAEBase, store: ActivationStore) -> None:
-    sae.learn_n_heads_(store.model.cfg.n_value_heads)
+def _check_compatible(sae: SAEBase, store: ActivationStore | CachedActivations) -> None:
+    sae.learn_n_heads_(store.n_value_heads)
     if (sae.cfg.d_k, sae.cfg.d_v, sae.cfg.head_indices) != (store.d_k, store.d_v, store.heads):
         raise ValueError(f"the SAE reads d_k={sae.cfg.d_k}, d_v={sae.cfg.d_v}, heads {sae.cfg.head_indices}; "
-                         f"the store gives d_k={store.d_k}, d_v={store.d_v}, heads {store.heads}")
+                         f"{store} gives d_k={store.d_k}, d_v={store.d_v}, heads {store.heads}")
     if sae.cfg.site is None:
         sae.cfg.site = store.cfg.site
     elif sae.cfg.site != store.cfg.site:
-        raise ValueError(f"the SAE's site is {sae.cfg.site}, the store's {store.cfg.site}")
+        raise ValueError(f"the SAE's site is {sae.cfg.site}, but {store} holds {store.cfg.site}")
+
+
+def _check_distributed(sae: SAEBase, store: ActivationStore | CachedActivations, cfg: TrainConfig, world: int) -> None:
+    """Data-parallel training reads a cache, splits the batch evenly, and every rank agrees on the run."""
+    if isinstance(store, ActivationStore):
+        raise ValueError(f"training on {world} ranks reads its samples from a cache (every rank would run the model "
+                         f"for the whole batch otherwise): write one with `writesae cache` and train with --cache")
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} does not split evenly over {world} ranks")
+    distributed.check_same_on_every_rank({"train_config": asdict(cfg), "sae": asdict(sae.cfg), "samples": store.fingerprint()},
+                                         "training run")
 
 
 def _log(file: Path, record: dict, run) -> None:

@@ -1,0 +1,227 @@
+"""The on-disk activation cache (writesae.disk_cache): the samples are the model's own, shards are
+atomic and checksummed, an interrupted or disk-full run resumes, and training from it resumes exactly."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+from contextlib import contextmanager
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import writesae.disk_cache as disk_cache
+from hooked_gdn.sites import gdn_hook_name, site_name
+from writesae import BilinearMatrixSAE, load_sae
+from writesae.disk_cache import CachedActivations, read_manifest, write_cache
+from writesae.store import ActivationStore, StoreConfig
+from writesae.train import TrainConfig, train
+
+from .conftest import random_tiny_model
+
+HEADS = [0, 2]
+STORE = dict(layer=1, heads=HEADS, context=16, positions=[2, 7, 15], model_batch_size=4, heldout_fraction=0.2)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_tiny_model()
+
+
+@pytest.fixture(scope="module")
+def documents():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(1, 101, (40,), generator=g) for _ in range(40)]
+
+
+def make_store(model, documents, **kw) -> ActivationStore:
+    return ActivationStore(model, documents, StoreConfig(**(STORE | kw)))
+
+
+def write(model, documents, folder, store_kw=None, **kw):
+    kw = dict(model_name="tiny", corpus="random tokens", shard_samples=12, progress=False) | kw
+    return write_cache(make_store(model, documents, **(store_kw or {})), folder, **kw)
+
+
+@pytest.fixture(scope="module")
+def cache(model, documents, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cache")
+    write(model, documents, folder)
+    return folder
+
+
+def test_shards_hold_the_models_states_and_the_manifest_describes_them(model, documents, cache):
+    store = make_store(model, documents)
+    manifest = read_manifest(cache)
+    assert manifest["site"] == site_name(1, "state") and manifest["heads"] == HEADS and manifest["dtype"] == "float32"
+    assert manifest["samples_per_shard"] == 12 and manifest["contexts_per_shard"] == 4 and manifest["positions"] == [2, 7, 15]
+    heldout_names = [store.document_names[i] for i in store.heldout_document_ids]
+    assert manifest["heldout_documents"] == heldout_names and manifest["documents"] == 40
+    for split in ("train", "heldout"):
+        shards = manifest["shards"][split]
+        assert [s["index"] for s in shards] == list(range(manifest["splits"][split]["shards"]))
+        assert sum(s["samples"] for s in shards) == 3 * store.n_contexts(split) == manifest["splits"][split]["samples"]
+        for shard in shards:
+            assert shard["file"].startswith(f"{split}/")  # the held-out split is stored apart
+            assert hashlib.sha256((cache / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]
+        # every sample is the state the model forms at its origin, straight from run_with_cache
+        last = load_file(cache / shards[-1]["file"])
+        contexts, positions = last["origins"].unique_consecutive(dim=0).T
+        tokens = torch.stack([store.context_tokens(int(c), split) for c in contexts.unique()])
+        _, full = model.run_with_cache(tokens, names_filter=site_name(1, "state"))
+        rows = torch.searchsorted(contexts.unique(), contexts.contiguous())
+        expected = full[site_name(1, "state")][rows, positions][:, HEADS]
+        torch.testing.assert_close(last["x"], expected, rtol=1e-5, atol=1e-6)
+        assert set(positions.tolist()) == {2, 7, 15}
+    assert not (cache / "manifest-parts").exists() or not list((cache / "manifest-parts").iterdir())
+
+
+def test_writes_in_bfloat16_are_the_float32_samples_rounded(model, documents, cache, tmp_path):
+    write(model, documents, tmp_path, store_kw=dict(kind="write", positions=2), dtype="bfloat16")
+    manifest = read_manifest(tmp_path)
+    assert manifest["site"] == site_name(1, "write") and manifest["dtype"] == "bfloat16"
+    shard = load_file(tmp_path / manifest["shards"]["train"][0]["file"])
+    assert shard["x"].dtype == torch.bfloat16
+    store = make_store(model, documents, kind="write", positions=2)
+    contexts, positions = shard["origins"].T
+    names = [gdn_hook_name(1, hook) for hook in ("hook_write_key", "hook_write_value")]
+    _, full = model.run_with_cache(torch.stack([store.context_tokens(int(c)) for c in contexts]), names_filter=names)
+    rows = torch.arange(len(contexts))
+    k, delta = (full[name][rows, positions][:, HEADS] for name in names)
+    assert torch.equal(shard["x"], (k.unsqueeze(-1) * delta.unsqueeze(-2)).bfloat16())
+
+
+class DiskFull:
+    """`atomic_file` whose binary files run out of space half-way through the ``fail_at``-th shard."""
+
+    def __init__(self, fail_at: int):
+        self.fail_at, self.shards, self.real = fail_at, 0, disk_cache.atomic_file
+
+    @contextmanager
+    def __call__(self, path, mode="w"):
+        with self.real(path, mode) as f:
+            if "b" in mode:
+                self.shards += 1
+                if self.shards == self.fail_at:
+                    write = f.write
+                    f.write = lambda data: (write(data[: len(data) // 2]), self._full())
+            yield f
+
+    @staticmethod
+    def _full():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_mid_shard_leaves_a_cache_that_resumes_to_the_same_bytes(model, documents, cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(disk_cache, "atomic_file", DiskFull(fail_at=3))
+    with pytest.raises(OSError, match="No space left"):
+        write(model, documents, tmp_path)
+    part = json.loads((tmp_path / "manifest-parts" / "rank-0.json").read_text())
+    assert [s["index"] for s in part["shards"]["train"]] == [0, 1]  # the manifest lists the shards before the failure
+    assert not (tmp_path / "manifest.json").exists()
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["shard-000000.safetensors", "shard-000001.safetensors"]
+    with pytest.raises(ValueError, match="unfinished"):
+        CachedActivations(tmp_path)
+    with pytest.raises(ValueError, match=r"other settings \(.*dtype: the cache has 'float32', this run 'bfloat16'"):
+        write(model, documents, tmp_path, dtype="bfloat16")
+    monkeypatch.undo()
+    rewritten = []
+    real = disk_cache._shard_bytes
+    monkeypatch.setattr(disk_cache, "_shard_bytes", lambda store, s, split, j: rewritten.append((split, j)) or real(store, s, split, j))
+    write(model, documents, tmp_path)
+    assert rewritten[0] == ("train", 2) and ("train", 0) not in rewritten  # resumed at the first missing shard
+    assert read_manifest(tmp_path)["shards"] == read_manifest(cache)["shards"]  # byte for byte (the checksums) the same
+    assert not list((tmp_path / "manifest-parts").iterdir())
+
+
+def test_a_corrupted_shard_is_named_and_never_read(cache, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy)
+    shard = copy / "train" / "shard-000001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte inside the samples: still a readable safetensors file
+    shard.write_bytes(bytes(data))
+    reader = CachedActivations(copy, buffer_size=4096)
+    reader.load_shard("train", 0)
+    with pytest.raises(ValueError, match=r"shard-000001\.safetensors: its SHA-256 differs .* corrupted"):
+        reader.next_batch(8)  # the first refill reads every shard
+
+
+def test_the_sampler_shuffles_across_shards_yields_each_sample_once_and_resumes_exactly(cache):
+    reader = CachedActivations(cache, buffer_size=48, seed=3)
+    everything = torch.cat([reader.load_shard("train", i)[0] for i in range(len(reader.manifest["shards"]["train"]))])
+    batches = [reader.next_batch(6) for _ in range(25)]
+    # 150 of the 246 samples, before the stream wraps round: each a distinct cached sample, shards mixed
+    match = (torch.cat(batches).flatten(1)[:, None] == everything.flatten(1)[None]).all(-1)
+    assert match.sum(1).eq(1).all() and match.sum(0).le(1).all()
+    shard = match.float().argmax(1) // 12
+    assert len(set(shard[:12].tolist())) > 2  # the first two batches draw from more than two shards
+    assert not torch.equal(shard, shard.sort().values)
+
+    again = CachedActivations(cache, buffer_size=48, seed=3)
+    for _ in range(5):
+        again.next_batch(6)
+    state = again.state_dict()
+    resumed = CachedActivations(cache, buffer_size=48, seed=3)
+    resumed.load_state_dict(state)
+    for i in range(5, 60):  # past the end of the first epoch
+        got, reference = resumed.next_batch(6), again.next_batch(6)
+        assert torch.equal(got, reference) and (i >= len(batches) or torch.equal(got, batches[i]))
+    with pytest.raises(ValueError, match="another cache or reader"):
+        CachedActivations(cache, buffer_size=48, seed=4).load_state_dict(state)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def make_sae(model, **kw):
+    kw = dict(n_features=64, k=4, seed=0) | kw
+    return BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, heads=HEADS, n_heads=model.cfg.n_value_heads, **kw)
+
+
+def run(model, cache, out, sae_kw=None, **kw):
+    cfg = dict(out_dir=str(out), steps=12, batch_size=16, lr=1e-2, warmup_steps=2, log_every=1, eval_every=6,
+               eval_samples=48, checkpoint_every=5, progress=False, input_scale_samples=48,
+               dead_after_samples=32, auxk_k=4) | kw
+    return train(make_sae(model, **(sae_kw or {})), CachedActivations(cache, buffer_size=48, seed=1), TrainConfig(**cfg))
+
+
+def test_training_from_the_cache_learns_and_resumes_exactly(model, cache, tmp_path, monkeypatch):
+    whole = run(model, cache, tmp_path / "whole", sae_kw=dict(k=8), steps=40, checkpoint_every=0, eval_every=10)
+    records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    heldout = [r for r in records if r["split"] == "heldout"]
+    assert heldout[-1]["fvu"] < heldout[0]["fvu"] - 0.03 and heldout[-1]["samples"] == 48
+    assert any(r.get("loss_auxk", 0) > 0 for r in records)
+    assert whole.sae.cfg.input_scale == CachedActivations(cache).estimate_input_scale(48)
+
+    reference = run(model, cache, tmp_path / "reference")
+    calls, next_batch = [], CachedActivations.next_batch
+
+    def crash_at_step_8(self, batch_size):
+        calls.append(1)
+        if len(calls) == 8:
+            raise Interrupted
+        return next_batch(self, batch_size)
+
+    monkeypatch.setattr(CachedActivations, "next_batch", crash_at_step_8)
+    with pytest.raises(Interrupted):
+        run(model, cache, tmp_path / "split")
+    monkeypatch.undo()
+    resumed = run(model, cache, tmp_path / "split")
+    assert resumed.start_step == 5
+    a, b = reference.sae.state_dict(), resumed.sae.state_dict()
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert load_sae(tmp_path / "split" / "sae").cfg.site == site_name(1, "state")
+
+
+def test_a_cache_of_another_site_or_heads_is_refused(model, cache, tmp_path):
+    with pytest.raises(ValueError, match=rf"site is {site_name(1, 'write')}, but the cache at .* holds {site_name(1, 'state')}"):
+        run(model, cache, tmp_path, sae_kw=dict(site=site_name(1, "write")))
+    sae = BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, n_features=8, k=2, heads="all", seed=0)
+    with pytest.raises(ValueError, match=r"heads \[0, 1, 2, 3\]; the cache at .* gives .* heads \[0, 2\]"):
+        train(sae, CachedActivations(cache), TrainConfig(out_dir=str(tmp_path), steps=1, progress=False))
