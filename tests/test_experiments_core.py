@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -10,8 +12,8 @@ from hooked_gdn.sites import gdn_hook_name, site_name
 from writesae import BilinearMatrixSAE
 from writesae.experiments import (
     CONDITIONS, atom_and_random_directions, atom_direction, clustered_bootstrap, edit_at_positions, find_firings,
-    frequent_features, install_matrix, kl_from_clean, site_codes, substitution_test, summarize, wilson_interval,
-    write_ablation,
+    frequent_features, install_matrix, kl_from_clean, native_writes, site_codes, substitution_test, summarize,
+    wilson_interval, write_ablation,
 )
 
 from .conftest import random_tiny_model
@@ -170,19 +172,18 @@ def test_substitution_records(model, tokens):
     assert len(records) == 4 and {r["head"] for r in records} <= {1, 3}
     for r, f in zip(records, firings):
         assert (r["sequence"], r["position"], r["head"], r["feature"]) == (f.sequence, f.position, f.head, f.feature)
-        assert r["positions_scored"] == 4 and set(r["kl_next"]) == set(CONDITIONS)
+        assert r["positions_scored"] == 4 and set(r["kl_next"]) == set(CONDITIONS) and r["native"] == "k_delta"
         assert r["kl_sum"]["delete"] == pytest.approx(4 * r["kl_mean"]["delete"])
     assert records[-1]["positions_scored"] == tokens.shape[1] - late.position  # cut at the end of the sequence
     assert substitution_test(model, sae, tokens, firings, horizon=4, seed=0) == records[:3]  # seeded
 
     # each condition, rebuilt here and installed alone (batching changes the last bits of these small KLs)
-    f, r = firings[0], records[0]
+    f = firings[0]
     with torch.no_grad():
-        clean, cache = model.run_with_cache(tokens, names_filter=[gdn_hook_name(layer, "hook_write_key"),
-                                                                  gdn_hook_name(layer, "hook_write_value")])
-    native = (cache["write_key", layer][f.sequence, f.position, f.head].norm()
-              * cache["write_value", layer][f.sequence, f.position, f.head].norm())
-    assert r["native_norm"] == pytest.approx(float(native), rel=1e-6)
+        clean, cache = model.run_with_cache(tokens, names_filter=lambda name: name.startswith(f"blocks.{layer}."))
+    k_hat, delta = cache["write_key", layer][f.sequence, f.position, f.head], cache["write_value", layer][f.sequence, f.position, f.head]
+    beta, v = cache["beta", layer][f.sequence, f.position, f.head], cache["v", layer][f.sequence, f.position, f.head]
+    natives = {"k_delta": k_hat.norm() * delta.norm(), "beta_k_v": beta * k_hat.norm() * v.norm()}
     d = sae.cfg.dictionary(f.head)
     with torch.no_grad():
         sae.b_dec.normal_()  # b_dec must not enter; the codes are already taken
@@ -191,38 +192,106 @@ def test_substitution_records(model, tokens):
         atom = (sae.decode_sparse(torch.full((sae.n_dicts, 1), f.feature), one_code) - sae.b_dec / sae.cfg.input_scale)[d]
     g = torch.Generator().manual_seed(0)  # the first firing's random direction: the generator's first draws
     u, w = torch.randn(model.cfg.d_key, generator=g), torch.randn(model.cfg.d_value, generator=g)
-    matrices = {
-        "atom": atom,  # a_i · atom_i / s
-        "atom_norm_matched": atom * native / atom.norm(),
-        "delete": torch.zeros_like(atom),
-        "random": torch.outer(u, w) * native / (u.norm() * w.norm()),
-    }
+    random = torch.outer(u, w) / (u.norm() * w.norm())
     sequence = tokens[f.sequence : f.sequence + 1]
-    for condition, matrix in matrices.items():
-        kl = kl_from_clean(clean[f.sequence], install_matrix(model, sequence, layer, f.head, f.position, matrix)[0])
-        assert r["kl_next"][condition] == pytest.approx(float(kl[f.position]), rel=2e-2), condition
-        assert r["kl_sum"][condition] == pytest.approx(float(kl[f.position : f.position + 4].sum()), rel=2e-2), condition
-    # and deleting is β = 0 at that head and position
+    for native, native_norm in natives.items():
+        (r,) = substitution_test(model, sae, tokens, firings[:1], horizon=4, seed=0, native=native)
+        assert r["native_norm"] == pytest.approx(float(native_norm), rel=1e-5)
+        assert r["atom_norm"] == pytest.approx(float(atom.norm()), rel=1e-5)
+        matrices = {
+            "atom": atom,  # a_i · atom_i / s
+            "atom_native_norm": atom * native_norm / atom.norm(),
+            "delete": torch.zeros_like(atom),
+            "random_atom_norm": random * atom.norm(),
+            "random_native_norm": random * native_norm,
+        }
+        for condition, matrix in matrices.items():
+            logits = install_matrix(model, sequence, layer, f.head, f.position, matrix, native=native)[0]
+            kl = kl_from_clean(clean[f.sequence], logits)
+            assert r["kl_next"][condition] == pytest.approx(float(kl[f.position]), rel=2e-2), (native, condition)
+            assert r["kl_sum"][condition] == pytest.approx(float(kl[f.position : f.position + 4].sum()), rel=2e-2)
+    # deleting k̂δᵀ is β = 0 at that head and position (deleting βk̂vᵀ: the next test)
     deleted = zero_beta(model, tokens, layer, [f.head], [f.position])
     kl = kl_from_clean(clean[f.sequence], deleted[f.sequence])[f.position]
-    assert r["kl_next"]["delete"] == pytest.approx(float(kl), rel=2e-2)
+    assert records[0]["kl_next"]["delete"] == pytest.approx(float(kl), rel=2e-2)
+
+
+def test_the_papers_native_write_is_the_state_change_without_the_erase(model, tokens):
+    # β k̂ vᵀ = S_t − α_t (I − β_t k̂_t k̂_tᵀ) S_{t−1}, by hand from the clean states
+    layer, head, t = model.cfg.gdn_layers[1], 2, 9
+    names = [gdn_hook_name(layer, n) for n in ("hook_write_key", "hook_write_value", "hook_beta", "hook_v",
+                                               "hook_log_decay", "hook_state")]
+    with torch.no_grad():
+        clean, cache = model.run_with_cache(tokens, names_filter=names, state_positions=[t - 1, t])
+    previous, state = cache[names[-1]][:, 0, head].double(), cache[names[-1]][:, 1, head].double()
+    k_hat, beta = cache[names[0]][:, t, head].double(), cache[names[2]][:, t, head].double()
+    alpha = cache[names[4]][:, t, head].double().exp()
+    erase_kept = alpha[:, None, None] * (previous - beta[:, None, None] * k_hat[:, :, None] * (k_hat[:, None, :] @ previous))
+    paper = native_writes(cache, layer, "beta_k_v")[:, t, head]
+    ours = native_writes(cache, layer, "k_delta")[:, t, head]
+    torch.testing.assert_close(paper.double(), state - erase_kept, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.double(), state - alpha[:, None, None] * previous, rtol=1e-4, atol=1e-5)
+    assert (paper - ours).norm() > 1e-3 * ours.norm()  # the erase is not negligible here
+    # installing the native write back (either definition) changes nothing; installing zero under the
+    # paper's definition leaves S_t = α (I − β k̂ k̂ᵀ) S_{t−1}, set here through hook_state
+    for native, matrix in (("k_delta", ours), ("beta_k_v", paper)):
+        assert (install_matrix(model, tokens, layer, head, t, matrix, native=native) - clean).abs().max() <= 1e-5
+
+    def set_state(rows, position):
+        rows[:, head] = erase_kept.to(rows)
+        return rows
+
+    with torch.no_grad():
+        expected = model.run_with_hooks(tokens, fwd_hooks=[(names[-1], edit_at_positions(set_state, t))], state_positions=[t])
+    zero = torch.zeros(model.cfg.d_key, model.cfg.d_value)
+    assert (install_matrix(model, tokens, layer, head, t, zero, native="beta_k_v") - expected).abs().max() <= 1e-5
+    assert (expected - clean).abs().max() > 1e-4
+
+
+def test_experiments_refuse_heads_layers_and_positions_they_do_not_cover(model, tokens):
+    sae, layer = make_sae(model, "write", heads=[1, 3]), model.cfg.gdn_layers[1]
+    firing = find_firings(model, sae, tokens)[0]
+    with pytest.raises(ValueError, match=r"head 0 has no dictionary in this SAE; its heads are \[1, 3\]"):
+        substitution_test(model, sae, tokens, [dataclasses.replace(firing, head=0)])
+    with pytest.raises(ValueError, match="firing position 24 is outside the text: it has 24 tokens"):
+        substitution_test(model, sae, tokens, [dataclasses.replace(firing, position=24)])
+    with pytest.raises(ValueError, match="native write is one of"):
+        substitution_test(model, sae, tokens, [firing], native="delta")
+    zero = torch.zeros(model.cfg.d_key, model.cfg.d_value)
+    attention = next(i for i in range(model.cfg.n_layers) if i not in model.cfg.gdn_layers)
+    with pytest.raises(ValueError, match=rf"layer {attention} is not a GDN layer of this model"):
+        install_matrix(model, tokens, attention, 1, 3, zero)
+    with pytest.raises(ValueError, match=r"head\(s\) \[4\] do not exist in GDN layer"):
+        install_matrix(model, tokens, layer, 4, 3, zero)
+    with pytest.raises(ValueError, match=r"position \[30\] outside the text: it has 24 tokens"):
+        install_matrix(model, tokens, layer, 1, 30, zero)
+    with pytest.raises(ValueError, match=r"position \[-25\] outside the text"):
+        write_ablation(model, tokens, layer, [1], [3, -25])
+    with pytest.raises(ValueError, match=rf"layer {attention} is not a GDN layer"):
+        write_ablation(model, tokens, attention, [1], [3])
 
 
 def test_summarize_counts_match_records():
     kls = [(0.1, 0.5, 0.9), (0.6, 0.5, 0.9), (0.2, 0.3, 0.25), (0.0, 1.0, 2.0), (0.4, 0.4, 1.0)]
     records = [{"sequence": i % 2, "head": 0, "feature": i % 3,
-                "kl_next": {"atom": a, "atom_norm_matched": 9.0, "delete": d, "random": r}}
+                "kl_next": {"atom": a, "atom_native_norm": 9.0, "delete": d, "random_atom_norm": r,
+                            "random_native_norm": 0.0}}
                for i, (a, d, r) in enumerate(kls)]
     summary = summarize(records, n_resamples=200)
-    beats, chain = summary["atom_beats_delete"], summary["strict_chain"]
+    rates = summary["rates"]
+    beats, chain = rates["atom<delete"], rates["atom<delete<random_atom_norm"]
     assert (summary["n"], beats["wins"], chain["wins"]) == (5, 3, 2)
+    assert rates["atom<random_atom_norm"]["wins"] == 5 and rates["atom_native_norm<delete"]["wins"] == 0
+    assert rates["atom_native_norm<random_native_norm"]["wins"] == 0
     assert (summary["n_features"], summary["n_passages"]) == (3, 2)
     assert beats["rate"] == 0.6 and beats["wilson"] == wilson_interval(3, 5)
     hits = np.array([1.0, 0.0, 1.0, 1.0, 0.0])  # atom < delete, record by record
     by = dict(n_resamples=200, seed=0)
     assert beats["bootstrap_by_feature"] == clustered_bootstrap(hits, [i % 3 for i in range(5)], **by)[1:]
     assert beats["bootstrap_by_passage"] == clustered_bootstrap(hits, [i % 2 for i in range(5)], **by)[1:]
-    assert summarize(records, atom="atom_norm_matched", n_resamples=10)["atom_beats_delete"]["wins"] == 0
+    assert summary["median_kl"]["delete"][0] == 0.5  # the median of 0.5, 0.5, 0.3, 1.0, 0.4
+    with pytest.raises(ValueError, match="a comparison is 'a<b' or 'a<b<c'"):
+        summarize(records, comparisons=["atom<random"])
 
 
 # --- the SAE's features, by model head -------------------------------------------------------------

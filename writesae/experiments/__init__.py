@@ -10,12 +10,15 @@ from .features import Direction, atom_and_random_directions, atom_direction, fre
 from .install import install_in_generation, install_study, pick_targets
 from .logit_shift import PooledR2, exact_read_change, logit_shift_study, measured_logit_change, paper_read_change
 from .stats import clustered_bootstrap, wilson_interval
-from .substitution import CONDITIONS, Firing, find_firings, install_matrix, substitution_test, summarize
+from .substitution import (
+    COMPARISONS, CONDITIONS, NATIVE_WRITES, Firing, find_firings, install_matrix, native_writes, substitution_test,
+    summarize,
+)
 
 __all__ = [
-    "CONDITIONS", "Direction", "Firing", "PooledR2", "atom_and_random_directions", "atom_direction",
+    "COMPARISONS", "CONDITIONS", "Direction", "NATIVE_WRITES", "Firing", "PooledR2", "atom_and_random_directions", "atom_direction",
     "clustered_bootstrap", "edit_at_positions", "exact_read_change", "find_firings", "frequent_features",
     "install_in_generation", "install_matrix", "install_study", "kl_from_clean", "logit_shift_study",
-    "measured_logit_change", "paper_read_change", "pick_targets", "site_codes", "substitution_test", "summarize",
+    "measured_logit_change", "native_writes", "paper_read_change", "pick_targets", "site_codes", "substitution_test", "summarize",
     "wilson_interval", "write_ablation",
 ]

@@ -35,3 +35,25 @@ def one_sequence(tokens: Int[Tensor, "1 pos"] | Int[Tensor, " pos"], what: str) 
     if tokens.shape[0] != 1:
         raise ValueError(f"{what} takes one sequence at a time, got a batch of {tokens.shape[0]}")
     return tokens
+
+
+def check_site(model, layer: int, heads: Iterable[int] = ()) -> None:
+    """Refuse a layer that is not a GDN layer of ``model``, or a head outside its H_v value heads."""
+    gdn_layers = list(model.cfg.gdn_layers)
+    if layer not in gdn_layers:
+        raise ValueError(f"layer {layer} is not a GDN layer of this model; its GDN layers are {gdn_layers}")
+    n_heads = model.cfg.n_value_heads
+    outside = [h for h in heads if not 0 <= h < n_heads]
+    if outside:
+        raise ValueError(f"head(s) {outside} do not exist in GDN layer {layer}: its value heads are 0 … {n_heads - 1}")
+
+
+def check_positions(positions: int | Iterable[int], length: int, what: str = "position") -> list[int]:
+    """``positions`` in a text of ``length`` tokens, negative ones counted from its end (−1 is the last);
+    a position outside the text is refused."""
+    positions = as_list(positions)
+    outside = [p for p in positions if not -length <= p < length]
+    if outside:
+        raise ValueError(f"{what} {outside} outside the text: it has {length} tokens (positions 0 … {length - 1}, "
+                         f"or −{length} … −1 from the end)")
+    return [p % length for p in positions]

@@ -49,13 +49,20 @@ def frequent_features(model, sae, tokens: Int[Tensor, "batch pos"], n: int,
 
 @dataclass(frozen=True)
 class Direction:
-    """A rank-1 direction v wᵀ (unit v [d_k], unit w [d_v]) in one model head's state."""
+    """A rank-1 direction v wᵀ (unit v [d_k], unit w [d_v]) in one model head's state; an SAE atom
+    records the GDN ``layer`` of its SAE's site (an experiment at another layer refuses it)."""
 
     head: int
-    kind: str  # "atom" (an SAE feature's factors) or "random" (a control)
+    kind: str  # "atom" (an SAE feature's factors), "random" (a control), "aimed" (chosen for a target)
     label: str  # e.g. "feature 12", "random 0"
     v: Tensor
     w: Tensor
+    layer: int | None = None
+
+    def check_layer(self, layer: int) -> None:
+        if self.layer is not None and self.layer != layer:
+            raise ValueError(f"{self.label} of head {self.head} belongs to GDN layer {self.layer} (its SAE's site), "
+                             f"not to layer {layer}")
 
 
 def atom_direction(sae, head: int, feature: int) -> Direction:
@@ -64,7 +71,8 @@ def atom_direction(sae, head: int, feature: int) -> Direction:
         raise ValueError(f"a rank-1 factored atom is one direction v wᵀ; this SAE is {sae.cfg.architecture} of rank {sae.cfg.rank}")
     d = sae.cfg.dictionary(head)
     v, w = (F.normalize(factor[d, feature, 0].detach().float(), dim=0) for factor in (sae.V, sae.W))
-    return Direction(head, "atom", f"feature {feature}", v, w)
+    layer = None if sae.cfg.site is None else parse_site(sae.cfg.site).layer
+    return Direction(head, "atom", f"feature {feature}", v, w, layer)
 
 
 def atom_and_random_directions(sae, features: dict[int, Sequence[int]], n_random: int,
