@@ -6,20 +6,33 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("qwen3_5_text", "qwen3_5")
-# transformers options the layers do not read, at the only values they implement
-_FIXED_OPTIONS = {"hidden_act": "silu", "attention_bias": False}
+MIXER_TYPES = ("linear_attention", "full_attention")  # GDN, gated (or plain) full attention
+MLP_TYPES = ("dense", "moe")  # SwiGLU, or routed SwiGLU experts plus a shared expert
+BLOCK_NORMS = ("pre", "post")
 
 
 @dataclass
 class HookedGDNConfig:
-    """Sizes and options of a Gated DeltaNet + gated attention hybrid.
+    """Sizes and options of a Gated DeltaNet + full attention hybrid (every family of `hooked_gdn.architectures`).
 
     GDN layers: ``n_key_heads`` (H_k) key/query heads of size ``d_key`` (d_k) and ``n_value_heads``
     (H_v) value heads of size ``d_value`` (d_v); each key head serves H_v / H_k consecutive value
     heads. Attention layers: ``n_heads`` query heads and ``n_key_value_heads`` KV heads of size
-    ``d_head``, with q/k RMSNorm, a sigmoid output gate and rotary embeddings on the first
-    ``rotary_dim`` features.
+    ``d_head``, with q/k RMSNorm and rotary embeddings on the first ``rotary_dim`` features (0: none).
+
+    The options below default to Qwen3.5; each family's module sets the ones it differs in:
+
+    - ``mlp_types``: per layer, "dense" (SwiGLU of width ``d_mlp``) or "moe" (``n_experts`` SwiGLU
+      experts of width ``d_expert``, the top ``n_experts_per_token`` by router softmax, their weights
+      renormalised when ``norm_topk_prob``; plus a sigmoid-gated shared expert of width
+      ``d_shared_expert``). None: all dense.
+    - ``zero_centred_norms``: RMSNorms scale by (1 + w) (Qwen) or by w (OLMo-Hybrid).
+    - ``attention_block_norm``: "pre", x + attn(ln1(x)), or "post", x + ln1_post(attn(x)) and
+      likewise for the MLP (OLMo-Hybrid's attention blocks; GDN blocks are always pre-norm).
+    - ``attention_output_gate``: the sigmoid gate on the attention output (Qwen); ``qk_norm_per_head``:
+      q/k RMSNorm over each head's d_head (Qwen) or over all heads' features at once (OLMo-Hybrid).
+    - ``allow_neg_eigval``: β = 2σ(b) ∈ (0, 2), so I − β k̂k̂ᵀ may have a negative eigenvalue (OLMo-Hybrid).
+    - ``gated_norm_eps``: ε of the GDN output norm (None: ``eps``).
     """
 
     d_model: int
@@ -38,6 +51,19 @@ class HookedGDNConfig:
     d_value: int
     conv_kernel: int = 4
     eps: float = 1e-6
+    architecture: str = "qwen3_5"  # the family's key in hooked_gdn.architectures
+    mlp_types: list[str] | None = None
+    n_experts: int = 0
+    n_experts_per_token: int = 0
+    d_expert: int = 0
+    d_shared_expert: int = 0
+    norm_topk_prob: bool = True
+    zero_centred_norms: bool = True
+    attention_block_norm: str = "pre"
+    attention_output_gate: bool = True
+    qk_norm_per_head: bool = True
+    allow_neg_eigval: bool = False
+    gated_norm_eps: float | None = None
     tie_word_embeddings: bool = False
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -51,9 +77,19 @@ class HookedGDNConfig:
     def __post_init__(self):
         if len(self.layer_types) != self.n_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.n_layers} layers")
-        unknown = set(self.layer_types) - {"linear_attention", "full_attention"}
+        unknown = set(self.layer_types) - set(MIXER_TYPES)
         if unknown:
-            raise ValueError(f"unknown layer types {sorted(unknown)}")
+            raise ValueError(f"unknown layer types {sorted(unknown)}; the layer types are {MIXER_TYPES}")
+        if self.mlp_types is None:
+            self.mlp_types = ["dense"] * self.n_layers
+        if len(self.mlp_types) != self.n_layers or set(self.mlp_types) - set(MLP_TYPES):
+            raise ValueError(f"mlp_types must give one of {MLP_TYPES} for each of the {self.n_layers} layers, got {self.mlp_types}")
+        if "moe" in self.mlp_types and not 0 < self.n_experts_per_token <= self.n_experts:
+            raise ValueError(f"an MoE layer needs 0 < n_experts_per_token ({self.n_experts_per_token}) <= n_experts ({self.n_experts})")
+        if self.attention_block_norm not in BLOCK_NORMS:
+            raise ValueError(f"attention_block_norm must be one of {BLOCK_NORMS}, got {self.attention_block_norm!r}")
+        if self.rotary_dim % 2 or not 0 <= self.rotary_dim <= self.d_head:
+            raise ValueError(f"rotary_dim must be even and in [0, d_head={self.d_head}], got {self.rotary_dim}")
         if self.n_value_heads % self.n_key_heads:
             raise ValueError(f"n_value_heads ({self.n_value_heads}) must be a multiple of n_key_heads ({self.n_key_heads})")
         if self.n_heads % self.n_key_value_heads:
@@ -67,50 +103,20 @@ class HookedGDNConfig:
     def attention_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.layer_types) if t == "full_attention"]
 
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.mlp_types) if t == "moe"]
+
+    @property
+    def gdn_norm_eps(self) -> float:
+        return self.eps if self.gated_norm_eps is None else self.gated_norm_eps
+
     @classmethod
     def from_hf_config(cls, hf_config, model_name: str = "custom") -> "HookedGDNConfig":
-        """Build from a transformers config of type ``qwen3_5_text``, or ``qwen3_5`` (its text config)."""
-        model_type = getattr(hf_config, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"unsupported model type {model_type!r}: HookedGatedDeltaNet supports "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen3.5 Gated DeltaNet hybrids)"
-            )
-        tie = getattr(hf_config, "tie_word_embeddings", False)
-        if model_type == "qwen3_5":
-            hf_config = hf_config.text_config
-            tie = tie or getattr(hf_config, "tie_word_embeddings", False)
-        c = hf_config
-        for option, implemented in _FIXED_OPTIONS.items():  # what the layers hard-code: refuse anything else
-            if getattr(c, option, implemented) != implemented:
-                raise ValueError(f"unsupported {option}={getattr(c, option)!r}: HookedGatedDeltaNet implements only "
-                                 f"{option}={implemented!r}, as Qwen3.5 uses")
-        rope = c.rope_parameters or {}
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"unsupported rope_type {rope['rope_type']!r}: only 'default' rotary embeddings are implemented")
-        head_dim = c.head_dim or c.hidden_size // c.num_attention_heads
-        return cls(
-            d_model=c.hidden_size,
-            n_layers=c.num_hidden_layers,
-            d_vocab=c.vocab_size,
-            d_mlp=c.intermediate_size,
-            layer_types=list(c.layer_types),
-            n_heads=c.num_attention_heads,
-            n_key_value_heads=c.num_key_value_heads,
-            d_head=head_dim,
-            rotary_dim=int(head_dim * rope.get("partial_rotary_factor", 1.0)),
-            rotary_base=float(rope.get("rope_theta", 10000.0)),
-            n_key_heads=c.linear_num_key_heads,
-            n_value_heads=c.linear_num_value_heads,
-            d_key=c.linear_key_head_dim,
-            d_value=c.linear_value_head_dim,
-            conv_kernel=c.linear_conv_kernel_dim,
-            eps=c.rms_norm_eps,
-            tie_word_embeddings=bool(tie),
-            eos_token_id=c.eos_token_id if not isinstance(c.eos_token_id, list) else c.eos_token_id[0],
-            pad_token_id=c.pad_token_id,
-            model_name=model_name,
-        )
+        """Build from a transformers config of any supported family (`hooked_gdn.architectures`)."""
+        from .architectures import architecture_for
+
+        return architecture_for(hf_config).hooked_config(hf_config, model_name)
 
     def to_dict(self) -> dict:
         d = asdict(self)

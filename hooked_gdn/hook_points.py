@@ -26,6 +26,8 @@ class CheckedHookPoint(HookPoint):
         if x.dtype.is_floating_point and not y.dtype.is_floating_point:  # a cast would silently round or binarise
             raise TypeError(f"a hook on {self.name} returned a tensor of dtype {y.dtype}; it must return a floating "
                             f"tensor (it is cast to {x.dtype})")
+        if not x.dtype.is_floating_point and y.dtype.is_floating_point:  # integer sites (expert indices): no rounding
+            raise TypeError(f"a hook on {self.name} returned a tensor of dtype {y.dtype}; it must return an integer tensor")
         return y.to(x.dtype)
 
     def fire_and_diff(

@@ -1,4 +1,4 @@
-"""The components of a Qwen3.5 hybrid: norms, the Gated DeltaNet layer, gated attention, the MLP, the block.
+"""The components of a Gated DeltaNet hybrid: norms, the Gated DeltaNet layer, full attention, the block.
 
 Weights are stored as [out, in] matrices, as transformers stores them, so that every ``F.linear``
 computes exactly what transformers computes. The GDN layer's carry DESIGN §2's symbols (W_qkv x).
@@ -6,7 +6,9 @@ The quantities TransformerLens also has are stored under transformers' names (``
 ``up_proj``, …) and read under TransformerLens' names and orientation, as views: per-head
 ``W_Q``/``W_K``/``W_V`` [head, d_model, d_head] and ``W_O`` [head, d_head, d_model], and the MLP's
 ``W_gate``/``W_in`` [d_model, d_mlp] and ``W_out`` [d_mlp, d_model]. Each hook point is declared
-on its own line with its shape and sits where its quantity is computed (DESIGN §3).
+on its own line with its shape and sits where its quantity is computed (DESIGN §3). The MLPs (SwiGLU
+and the sparse MoE block) are in `hooked_gdn.mlp`. The families' variants (`HookedGDNConfig`'s
+options, set by `hooked_gdn.architectures`) are branches here, each named by its option.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .cache import GDNCache
 from .config import HookedGDNConfig
 from .delta_rule import DEFAULT_CHUNK_SIZE, DeltaRuleEdits, decay_and_predict, gated_delta_rule, read, write
 from .hook_points import CheckedHookPoint, any_hooked
+from .mlp import GatedMLP, SparseMoE
 from .sites import tell_positions
 
 
@@ -48,18 +51,25 @@ def _matrix(out_features: int, in_features: int) -> nn.Parameter:
 
 
 class RMSNorm(nn.Module):
-    """Qwen3.5's zero-centred RMSNorm: x / scale · (1 + w), scale = sqrt(mean(x²) + ε), computed in fp32.
+    """RMSNorm x / scale · (1 + w) (Qwen's zero-centred weight) or x / scale · w (``zero_centred=False``,
+    OLMo-Hybrid), scale = sqrt(mean(x²) + ε), computed in fp32.
 
     ``hook_scale`` is TransformerLens' scale, what ``ActivationCache.apply_ln_to_stack`` divides a
     residual stack by. The norm multiplies by rsqrt(mean(x²) + ε), as transformers does, so the
     scale is formed only for hooks, and used only where a hook edited it.
     """
 
-    def __init__(self, d: int, eps: float):
+    def __init__(self, d: int, eps: float, zero_centred: bool = True):
         super().__init__()
-        self.w = nn.Parameter(torch.zeros(d))
+        self.zero_centred = zero_centred
+        self.w = nn.Parameter(torch.zeros(d) if zero_centred else torch.ones(d))
         self.eps = eps
         self.hook_scale = CheckedHookPoint()  # [..., 1], fp32
+
+    @property
+    def weight(self) -> Float[Tensor, " d"]:
+        """What the normalised input is multiplied by: 1 + w, or w."""
+        return 1.0 + self.w if self.zero_centred else self.w
 
     def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         x32 = x.float()
@@ -68,7 +78,7 @@ class RMSNorm(nn.Module):
             scale, edited, _ = self.hook_scale.fire_and_diff(inverse_scale.reciprocal(), 1)
             if edited is not None:
                 inverse_scale = scale.reciprocal()
-        return (x32 * inverse_scale * (1.0 + self.w.float())).type_as(x)
+        return (x32 * inverse_scale * self.weight.float()).type_as(x)
 
 
 class GatedRMSNorm(nn.Module):
@@ -110,7 +120,7 @@ class GatedDeltaNet(nn.Module):
         self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, 1, cfg.conv_kernel))
         self.A_log = nn.Parameter(torch.empty(cfg.n_value_heads))
         self.dt_bias = nn.Parameter(torch.ones(cfg.n_value_heads))
-        self.norm = GatedRMSNorm(cfg.d_value, cfg.eps)
+        self.norm = GatedRMSNorm(cfg.d_value, cfg.gdn_norm_eps)
         self.W_o = _matrix(cfg.d_model, self.value_dim)
         # b batch, p positions; the recurrence's hook points are fp32
         self.hook_in = CheckedHookPoint()  # [b, p, d_model], after ln1
@@ -122,7 +132,7 @@ class GatedDeltaNet(nn.Module):
         self.hook_v = CheckedHookPoint()  # [b, p, H_v, d_v]
         self.hook_gate_input = CheckedHookPoint()  # [b, p, H_v, d_v]: z
         self.hook_beta_logit = CheckedHookPoint()  # [b, p, H_v]: b
-        self.hook_beta = CheckedHookPoint()  # [b, p, H_v]: β = σ(b)
+        self.hook_beta = CheckedHookPoint()  # [b, p, H_v]: β = σ(b), or 2σ(b) with allow_neg_eigval
         self.hook_log_decay = CheckedHookPoint()  # [b, p, H_v]: g, α = e^g
         self.hook_read_query = CheckedHookPoint()  # [b, p, H_v, d_k]: q̂
         self.hook_write_key = CheckedHookPoint()  # [b, p, H_v, d_k]: k̂; edits carried
@@ -163,7 +173,7 @@ class GatedDeltaNet(nn.Module):
         v = self.hook_v(self._heads(v, cfg.d_value))
         z = self.hook_gate_input(self._heads(F.linear(x, self.W_z), cfg.d_value))
         b = self.hook_beta_logit(F.linear(x, self.W_b))
-        beta = self.hook_beta(b.sigmoid())
+        beta = self.hook_beta(2.0 * b.sigmoid() if cfg.allow_neg_eigval else b.sigmoid())
         a = F.linear(x, self.W_a)
         g = self.hook_log_decay(-self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias))
 
@@ -236,17 +246,24 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class GatedAttention(nn.Module):
-    """Full attention with q/k RMSNorm, partial rotary, grouped KV heads and a sigmoid output gate."""
+    """Full attention with q/k RMSNorm, partial rotary, grouped KV heads and (Qwen) a sigmoid output gate.
+
+    Without ``attention_output_gate`` there are no gate rows and no ``hook_gate``; without
+    ``qk_norm_per_head`` the q/k norms run over all heads' features at once (OLMo-Hybrid).
+    """
 
     def __init__(self, cfg: HookedGDNConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
-        self.q_proj = _matrix(2 * cfg.n_heads * cfg.d_head, cfg.d_model)  # per head: d_head query rows, then d_head gate rows
+        self.gated = cfg.attention_output_gate
+        # with the gate, per head: d_head query rows, then d_head gate rows
+        self.q_proj = _matrix((2 if self.gated else 1) * cfg.n_heads * cfg.d_head, cfg.d_model)
         self.k_proj = _matrix(cfg.n_key_value_heads * cfg.d_head, cfg.d_model)
         self.v_proj = _matrix(cfg.n_key_value_heads * cfg.d_head, cfg.d_model)
         self.o_proj = _matrix(cfg.d_model, cfg.n_heads * cfg.d_head)
-        self.q_norm = RMSNorm(cfg.d_head, cfg.eps)
-        self.k_norm = RMSNorm(cfg.d_head, cfg.eps)
+        norm_width = lambda heads: cfg.d_head if cfg.qk_norm_per_head else heads * cfg.d_head
+        self.q_norm = RMSNorm(norm_width(cfg.n_heads), cfg.eps, cfg.zero_centred_norms)
+        self.k_norm = RMSNorm(norm_width(cfg.n_key_value_heads), cfg.eps, cfg.zero_centred_norms)
         self.hook_q = CheckedHookPoint()  # [b, p, n_heads, d_head], after q_norm, before rotary
         self.hook_k = CheckedHookPoint()  # [b, p, n_kv, d_head], after k_norm, before rotary
         self.hook_v = CheckedHookPoint()  # [b, p, n_kv, d_head]
@@ -255,13 +272,14 @@ class GatedAttention(nn.Module):
         self.hook_attn_scores = CheckedHookPoint()  # [b, n_heads, p, past + p], fires only when hooked
         self.hook_pattern = CheckedHookPoint()  # [b, n_heads, p, past + p], fires only when hooked
         self.hook_z = CheckedHookPoint()  # [b, p, n_heads, d_head]
-        self.hook_gate = CheckedHookPoint()  # [b, p, n_heads, d_head]: the sigmoid output gate
+        if self.gated:
+            self.hook_gate = CheckedHookPoint()  # [b, p, n_heads, d_head]: the sigmoid output gate
 
     # TransformerLens' per-head weights: x @ W_Q[h] is head h's query before q_norm; W_K and W_V
     # repeat each KV head for the query heads it serves; head h adds (z ⊙ gate)[h] @ W_O[h].
     @property
     def W_Q(self) -> Float[Tensor, "n_heads d_model d_head"]:
-        return rearrange(self.q_proj, "(h qg d) m -> qg h m d", qg=2, d=self.cfg.d_head)[0]  # qg: query, gate
+        return rearrange(self.q_proj, "(h qg d) m -> qg h m d", qg=2 if self.gated else 1, d=self.cfg.d_head)[0]  # qg: query, gate
 
     @property
     def W_K(self) -> Float[Tensor, "n_heads d_model d_head"]:
@@ -284,9 +302,11 @@ class GatedAttention(nn.Module):
     ) -> Float[Tensor, "b p d_model"]:
         cfg = self.cfg
         b, p, _ = x.shape
-        q, gate_logits = F.linear(x, self.q_proj).view(b, p, cfg.n_heads, 2 * cfg.d_head).chunk(2, -1)
-        q = self.hook_q(self.q_norm(q))
-        k = self.hook_k(self.k_norm(F.linear(x, self.k_proj).view(b, p, cfg.n_key_value_heads, cfg.d_head)))
+        q = F.linear(x, self.q_proj)
+        if self.gated:
+            q, gate_logits = q.view(b, p, cfg.n_heads, 2 * cfg.d_head).chunk(2, -1)
+        q = self.hook_q(self._qk_norm(self.q_norm, q, cfg.n_heads))
+        k = self.hook_k(self._qk_norm(self.k_norm, F.linear(x, self.k_proj), cfg.n_key_value_heads))
         v = self.hook_v(F.linear(x, self.v_proj).view(b, p, cfg.n_key_value_heads, cfg.d_head))
         q = self.hook_rot_q(apply_rotary(q, cos, sin))
         k = self.hook_rot_k(apply_rotary(k, cos, sin))
@@ -302,8 +322,16 @@ class GatedAttention(nn.Module):
         else:
             z = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask)
         z = self.hook_z(z.transpose(1, 2))
-        gate = self.hook_gate(gate_logits.sigmoid())
-        return F.linear((z * gate).flatten(2), self.o_proj)
+        if self.gated:
+            z = z * self.hook_gate(gate_logits.sigmoid())
+        return F.linear(z.flatten(2), self.o_proj)
+
+    def _qk_norm(self, norm: RMSNorm, x: Tensor, heads: int) -> Float[Tensor, "b p heads d_head"]:
+        """q or k [b, p, heads, d_head] (or [b, p, heads · d_head]), normalised per head or across heads."""
+        b, p = x.shape[:2]
+        if self.cfg.qk_norm_per_head:
+            return norm(x.reshape(b, p, heads, self.cfg.d_head))
+        return norm(x.reshape(b, p, heads * self.cfg.d_head)).view(b, p, heads, self.cfg.d_head)
 
     def _mask(self, ctx: ForwardContext, p: int, total: int, dtype: torch.dtype, device) -> Tensor:
         """Additive mask [b or 1, 1, p, total]: causal, and pad keys masked (a finite minimum, so no NaN)."""
@@ -314,61 +342,48 @@ class GatedAttention(nn.Module):
         return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-class GatedMLP(nn.Module):
-    """SwiGLU: post = SiLU(x @ W_gate) ⊙ (x @ W_in), out = post @ W_out (TransformerLens' names)."""
-
-    def __init__(self, cfg: HookedGDNConfig):
-        super().__init__()
-        self.gate_proj = _matrix(cfg.d_mlp, cfg.d_model)
-        self.up_proj = _matrix(cfg.d_mlp, cfg.d_model)
-        self.down_proj = _matrix(cfg.d_model, cfg.d_mlp)
-        self.hook_pre = CheckedHookPoint()  # [b, p, d_mlp]: x @ W_gate
-        self.hook_pre_linear = CheckedHookPoint()  # [b, p, d_mlp]: x @ W_in
-        self.hook_post = CheckedHookPoint()  # [b, p, d_mlp]: the neurons' activations
-
-    @property
-    def W_gate(self) -> Float[Tensor, "d_model d_mlp"]:
-        return self.gate_proj.T
-
-    @property
-    def W_in(self) -> Float[Tensor, "d_model d_mlp"]:
-        return self.up_proj.T
-
-    @property
-    def W_out(self) -> Float[Tensor, "d_mlp d_model"]:
-        return self.down_proj.T
-
-    def forward(self, x: Float[Tensor, "b p d_model"]) -> Float[Tensor, "b p d_model"]:
-        pre = self.hook_pre(F.linear(x, self.gate_proj))
-        post = self.hook_post(F.silu(pre) * self.hook_pre_linear(F.linear(x, self.up_proj)))
-        return F.linear(post, self.down_proj)
-
-
 class Block(nn.Module):
-    """Pre-norm residual block; the mixer is ``linear_attn`` (GDN) or ``attn`` (gated attention)."""
+    """Residual block; the mixer is ``linear_attn`` (GDN) or ``attn`` (full attention), the MLP dense or MoE.
+
+    Pre-norm (``ln1``, ``ln2``): x + mixer(ln1(x)), then + mlp(ln2(·)). Post-norm (attention blocks
+    with ``attention_block_norm="post"``, OLMo-Hybrid; TransformerLens' Gemma-2 names ``ln1_post``,
+    ``ln2_post``): x + ln1_post(attn(x)), then + ln2_post(mlp(·)). Either way ``hook_attn_out`` and
+    ``hook_mlp_out`` are what is added to the residual stream, so ``decompose_resid`` still sums.
+    """
 
     def __init__(self, cfg: HookedGDNConfig, layer: int):
         super().__init__()
         self.is_gdn = cfg.layer_types[layer] == "linear_attention"
-        self.ln1 = RMSNorm(cfg.d_model, cfg.eps)
+        self.post_norm = not self.is_gdn and cfg.attention_block_norm == "post"
+        norm = lambda: RMSNorm(cfg.d_model, cfg.eps, cfg.zero_centred_norms)
+        if self.post_norm:
+            self.ln1_post, self.ln2_post = norm(), norm()
+        else:
+            self.ln1, self.ln2 = norm(), norm()
         if self.is_gdn:
             self.linear_attn = GatedDeltaNet(cfg, layer)
         else:
             self.attn = GatedAttention(cfg, layer)
-        self.ln2 = RMSNorm(cfg.d_model, cfg.eps)
-        self.mlp = GatedMLP(cfg)
+        if cfg.mlp_types[layer] == "moe":
+            self.mlp = SparseMoE(cfg.d_model, cfg.n_experts, cfg.n_experts_per_token, cfg.d_expert, cfg.d_shared_expert,
+                                 cfg.norm_topk_prob)
+        else:
+            self.mlp = GatedMLP(cfg.d_model, cfg.d_mlp)
         self.hook_resid_pre = CheckedHookPoint()  # [b, p, d_model]
         self.hook_attn_out = CheckedHookPoint()  # [b, p, d_model]: the mixer's output, GDN or attention
         self.hook_resid_mid = CheckedHookPoint()  # [b, p, d_model]
-        self.hook_mlp_out = CheckedHookPoint()  # [b, p, d_model]
+        self.hook_mlp_out = CheckedHookPoint()  # [b, p, d_model]: the MLP's (or MoE block's) output
         self.hook_resid_post = CheckedHookPoint()  # [b, p, d_model]
 
     def forward(
         self, x: Float[Tensor, "b p d_model"], ctx: ForwardContext, cos: Float[Tensor, "b p r"], sin: Float[Tensor, "b p r"]
     ) -> Float[Tensor, "b p d_model"]:
         resid_pre = self.hook_resid_pre(x)
-        h = self.ln1(resid_pre)
-        mixed = self.linear_attn(h, ctx) if self.is_gdn else self.attn(h, ctx, cos, sin)
+        if self.post_norm:
+            mixed = self.ln1_post(self.attn(resid_pre, ctx, cos, sin))
+        else:
+            h = self.ln1(resid_pre)
+            mixed = self.linear_attn(h, ctx) if self.is_gdn else self.attn(h, ctx, cos, sin)
         resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(mixed))
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
-        return self.hook_resid_post(resid_mid + mlp_out)
+        mlp_out = self.ln2_post(self.mlp(resid_mid)) if self.post_norm else self.mlp(self.ln2(resid_mid))
+        return self.hook_resid_post(resid_mid + self.hook_mlp_out(mlp_out))

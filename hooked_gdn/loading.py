@@ -1,8 +1,7 @@
-"""Loading Qwen3.5 checkpoints (transformers format: config.json + safetensors) into `HookedGatedDeltaNet`."""
+"""Loading checkpoints of the supported GDN families (transformers format: config.json + safetensors) into `HookedGatedDeltaNet`."""
 
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 
@@ -10,37 +9,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
+from .architectures import BY_KEY
+from .architectures.base import TEXT_PREFIXES
 from .config import HookedGDNConfig
 from .pretrained import pretrained_path
-from .sites import block_name
 
-# transformers' names inside a decoder layer -> ours inside a block
-_LAYER_RENAMES = {
-    "input_layernorm.weight": "ln1.w",
-    "post_attention_layernorm.weight": "ln2.w",
-    "linear_attn.in_proj_qkv.weight": "linear_attn.W_qkv",
-    "linear_attn.in_proj_z.weight": "linear_attn.W_z",
-    "linear_attn.in_proj_b.weight": "linear_attn.W_b",
-    "linear_attn.in_proj_a.weight": "linear_attn.W_a",
-    "linear_attn.conv1d.weight": "linear_attn.conv_weight",
-    "linear_attn.A_log": "linear_attn.A_log",
-    "linear_attn.dt_bias": "linear_attn.dt_bias",
-    "linear_attn.norm.weight": "linear_attn.norm.w",
-    "linear_attn.out_proj.weight": "linear_attn.W_o",
-    "self_attn.q_proj.weight": "attn.q_proj",
-    "self_attn.k_proj.weight": "attn.k_proj",
-    "self_attn.v_proj.weight": "attn.v_proj",
-    "self_attn.o_proj.weight": "attn.o_proj",
-    "self_attn.q_norm.weight": "attn.q_norm.w",
-    "self_attn.k_norm.weight": "attn.k_norm.w",
-    "mlp.gate_proj.weight": "mlp.gate_proj",
-    "mlp.up_proj.weight": "mlp.up_proj",
-    "mlp.down_proj.weight": "mlp.down_proj",
-}
-_TEXT_PREFIXES = ("model.language_model.", "model.")  # Qwen3_5ForConditionalGeneration, Qwen3_5ForCausalLM
-_IGNORED_PREFIXES = ("model.visual.", "visual.", "mtp.")  # the vision tower and multi-token-prediction head
-_EMBEDDING_KEYS = tuple(f"{p}embed_tokens.weight" for p in _TEXT_PREFIXES)
-_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
+_EMBEDDING_KEYS = tuple(f"{p}embed_tokens.weight" for p in TEXT_PREFIXES)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
@@ -66,28 +40,30 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
 
 
 def hf_to_hooked_state_dict(hf_state: dict[str, torch.Tensor], cfg: HookedGDNConfig) -> dict[str, torch.Tensor]:
-    """Rename a transformers Qwen3.5 (text or multimodal) state dict to ours; vision weights are dropped."""
-    ours = {}
+    """Our state dict from a transformers one of ``cfg``'s family, in memory (through the family's
+    placements; keys outside the text model are dropped). A weight left unfilled is refused by name."""
+    from .model import HookedGatedDeltaNet
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in HookedGatedDeltaNet(cfg).state_dict().items()}
+    family, ours, filled = BY_KEY[cfg.architecture], {}, {}
+    placements = {key: family.placements(key, cfg, tensor.shape) for key, tensor in hf_state.items()}
+    embedding = next((hf_state[k] for k, found in placements.items() if [p.target for p in found] == ["W_E"]), None)
     for key, tensor in hf_state.items():
-        if key.startswith(_IGNORED_PREFIXES):
-            continue
-        if key == "lm_head.weight":
-            ours["lm_head"] = tensor
-            continue
-        local = next((key[len(p):] for p in _TEXT_PREFIXES if key.startswith(p)), None)
-        if local == "embed_tokens.weight":
-            ours["W_E"] = tensor
-        elif local == "norm.weight":
-            ours["ln_final.w"] = tensor
-        elif local is not None and (m := _LAYER_KEY.fullmatch(local)) and m.group(2) in _LAYER_RENAMES:
-            ours[block_name(int(m.group(1)), _LAYER_RENAMES[m.group(2)])] = tensor
-        else:
-            raise ValueError(f"unexpected weight {key!r}: this checkpoint is not a Qwen3.5 Gated DeltaNet model")
-    if cfg.tie_word_embeddings and "lm_head" in ours:
-        head = ours.pop("lm_head")
-        if "W_E" in ours and not torch.equal(head, ours["W_E"]):
-            raise ValueError("tie_word_embeddings is set, but lm_head.weight differs from the embedding: "
-                             "set tie_word_embeddings=False to use the separate head")
+        for p in placements[key]:
+            if p.target == "lm_head" and cfg.tie_word_embeddings:
+                if embedding is not None and not torch.equal(tensor, embedding):
+                    raise ValueError("tie_word_embeddings is set, but lm_head.weight differs from the embedding: "
+                                     "set tie_word_embeddings=False to use the separate head")
+                continue
+            if p.target not in shapes:
+                raise ValueError(f"checkpoint tensor {key!r} goes to {p.target!r}, which this model lacks")
+            part = p.take(tensor)
+            ours.setdefault(p.target, tensor.new_empty(shapes[p.target]))[p.index] = part
+            filled[p.target] = filled.get(p.target, 0) + part.numel()
+    missing = [name for name, shape in shapes.items() if filled.get(name, 0) < shape.numel()]
+    if missing:
+        raise ValueError(f"the checkpoint lacks weights for {missing[:5]}{' …' if len(missing) > 5 else ''}")
     return ours
 
 
@@ -115,9 +91,6 @@ def load_pretrained(cls, name_or_path, device=None, dtype=None):
         cfg.tie_word_embeddings = False
     model = cls(cfg, tokenizer)
     state = hf_to_hooked_state_dict(weights, cfg)
-    missing = sorted(set(model.state_dict()) - set(state))
-    if missing:
-        raise ValueError(f"checkpoint {name_or_path} lacks weights for {missing[:5]}{' …' if len(missing) > 5 else ''}")
     dtype = dtype or torch.float32
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
     model.cfg.dtype = dtype

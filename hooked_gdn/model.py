@@ -1,4 +1,5 @@
-"""`HookedGatedDeltaNet`: a TransformerLens-style Qwen3.5 text model with the GDN state and write as hook points."""
+"""`HookedGatedDeltaNet`: a TransformerLens-style Gated DeltaNet hybrid (Qwen3.5, Qwen3.5-MoE, Qwen3-Next,
+OLMo-Hybrid) with the GDN state and write as hook points."""
 
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ def _default_cache_filter(name: str) -> bool:
 
 
 class HookedGatedDeltaNet(HookedRootModule):
-    """Qwen3.5's text model (Gated DeltaNet + gated attention), re-implemented with hook points.
+    """A Gated DeltaNet hybrid's text model, re-implemented with hook points: one class for every family
+    of `hooked_gdn.architectures` (Qwen3.5, Qwen3.5-MoE, Qwen3-Next, OLMo-Hybrid), whose differences
+    are options of its config.
 
     Forward keywords beyond TransformerLens':
 
@@ -63,7 +66,7 @@ class HookedGatedDeltaNet(HookedRootModule):
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
         self.hook_embed = CheckedHookPoint()  # [b, p, d_model]
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.ln_final = RMSNorm(cfg.d_model, cfg.eps)
+        self.ln_final = RMSNorm(cfg.d_model, cfg.eps, cfg.zero_centred_norms)
         # [d_vocab, d_model] as transformers stores it, so F.linear computes what transformers computes
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
         inv_freq = 1.0 / cfg.rotary_base ** (torch.arange(0, cfg.rotary_dim, 2, dtype=torch.float) / cfg.rotary_dim)
@@ -74,7 +77,7 @@ class HookedGatedDeltaNet(HookedRootModule):
 
     @classmethod
     def from_config(cls, hf_config, device=None, dtype=None, tokenizer=None) -> "HookedGatedDeltaNet":
-        """A randomly initialised model for a transformers Qwen3.5 config."""
+        """A randomly initialised model for a transformers config of any supported family."""
         model = cls(HookedGDNConfig.from_hf_config(hf_config), tokenizer)
         model.init_weights()
         model.cfg.dtype = dtype or torch.float32
@@ -82,7 +85,7 @@ class HookedGatedDeltaNet(HookedRootModule):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, device=None, dtype=None) -> "HookedGatedDeltaNet":
-        """Load a Qwen3.5 checkpoint: a shipped short name (``gdn-austen``), a local folder or a hub id."""
+        """Load a checkpoint of any supported family: a shipped short name (``gdn-austen``), a local folder or a hub id."""
         from .loading import load_pretrained
 
         return load_pretrained(cls, name_or_path, device=device, dtype=dtype)
@@ -95,8 +98,8 @@ class HookedGatedDeltaNet(HookedRootModule):
                 p.copy_(torch.empty_like(p).uniform_(0.01, 16).log())
             elif name.endswith("dt_bias") or name.endswith("norm.w"):  # GatedRMSNorm multiplies by w
                 p.fill_(1.0)
-            elif name.endswith(".w"):  # zero-centred RMSNorm: 1 + w
-                p.zero_()
+            elif name.endswith(".w"):  # RMSNorm: 1 + w, or w
+                p.fill_(0.0 if self.cfg.zero_centred_norms else 1.0)
             elif name.endswith("conv_weight"):
                 nn.init.uniform_(p, -p.shape[-1] ** -0.5, p.shape[-1] ** -0.5)
             else:
@@ -110,15 +113,16 @@ class HookedGatedDeltaNet(HookedRootModule):
     def tokens_to_residual_directions(
         self, tokens: str | int | Int[Tensor, "..."]
     ) -> Float[Tensor, "... d_model"]:
-        """The residual-stream direction of each token's logit, after ln_final's scale: (1 + w) ⊙ W_U[:, token].
+        """The residual-stream direction of each token's logit, after ln_final's scale: (1 + w) ⊙ W_U[:, token]
+        (w ⊙ W_U[:, token] where the norms are not zero-centred).
 
-        The final norm's weight (1 + w) is folded in, as TransformerLens folds it into W_U, so that
+        The final norm's weight is folded in, as TransformerLens folds it into W_U, so that
         ``cache.logit_attrs`` of a stack from ``apply_ln_to_stack(..., layer=-1)`` sums to the logits.
         """
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
         tokens = torch.as_tensor(tokens, device=self.W_E.device)
-        return (1.0 + self.ln_final.w) * self.W_U.T[tokens]
+        return self.ln_final.weight * self.W_U.T[tokens]
 
     # ------------------------------------------------------------------ tokens
 

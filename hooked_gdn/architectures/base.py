@@ -1,0 +1,96 @@
+"""What every family module provides: its config conversion and its checkpoint weight-name mapping.
+
+A checkpoint key maps to a list of `Placement`s, each saying where the tensor (or a part of it)
+goes in our state dict: ``ours[target][index] = theirs[source]``. A plain rename is one
+placement of the whole tensor; a fused projection that we keep as several matrices (Qwen3-Next's
+``in_proj_qkvz``) is several placements with row selections; one expert of a checkpoint that
+stores experts separately is a placement into one slice of our stacked expert tensor. A key that
+is not part of the text model (a vision tower, a multi-token-prediction head) maps to no
+placements, and a key the family does not know is refused with its name. So a loader can stream a
+checkpoint one tensor at a time: it needs only the key, the tensor's shape and the config (the shape
+only where a family's files come in two layouts, e.g. OLMo-Hybrid's split convs).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from torch import Tensor
+
+from ..config import HookedGDNConfig
+from ..sites import block_name
+
+# where the text model's weights sit: ...ForConditionalGeneration (multimodal), ...ForCausalLM
+TEXT_PREFIXES = ("model.language_model.", "model.")
+# not part of the text model: vision towers, multi-token-prediction heads
+IGNORED_PREFIXES = ("model.visual.", "visual.", "mtp.", "model.mtp.")
+_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
+
+
+@dataclass(frozen=True, eq=False)
+class Placement:
+    """``ours[target][index] = theirs[source]``: indices as tensor indexing takes them (a tuple of
+    ints and slices, or a LongTensor of rows); () is the whole tensor."""
+
+    target: str
+    index: tuple = ()
+    source: tuple | Tensor = ()
+
+    def take(self, tensor: Tensor) -> Tensor:
+        """The part of the checkpoint tensor that goes to ``ours[target][index]``."""
+        return tensor[self.source]
+
+
+# (layer, key inside the decoder layer, config, the tensor's shape) -> placements inside the block, or None if unknown
+LayerPlacements = Callable[[int, str, HookedGDNConfig, Sequence[int]], "list[Placement] | None"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One family: the transformers ``model_type``s it reads, and the two functions that hold its differences."""
+
+    key: str  # HookedGDNConfig.architecture, e.g. "qwen3_5_moe"
+    name: str  # as people call it, e.g. "Qwen3.5-MoE"
+    model_types: tuple[str, ...]
+    hooked_config: Callable[..., HookedGDNConfig]  # (transformers config, model_name) -> our config
+    layer_placements: LayerPlacements
+
+    def placements(self, key: str, cfg: HookedGDNConfig, shape: Sequence[int]) -> list[Placement]:
+        """Where checkpoint tensor ``key`` of ``shape`` goes in our state dict; [] for keys outside the text model."""
+        if key.startswith(IGNORED_PREFIXES):
+            return []
+        if key == "lm_head.weight":
+            return [Placement("lm_head")]
+        local = next((key[len(p):] for p in TEXT_PREFIXES if key.startswith(p)), None)
+        if local == "embed_tokens.weight":
+            return [Placement("W_E")]
+        if local == "norm.weight":
+            return [Placement("ln_final.w")]
+        match = _LAYER_KEY.fullmatch(local) if local is not None else None
+        found = None
+        if match is not None and int(match[1]) < cfg.n_layers:
+            layer = int(match[1])
+            found = self.layer_placements(layer, match[2], cfg, shape)
+        if found is None:
+            raise ValueError(f"unexpected weight {key!r}: not part of a {self.name} checkpoint of this config")
+        return [replace(p, target=block_name(layer, p.target)) for p in found]
+
+
+def renamed(table: dict[str, str], name: str) -> list[Placement] | None:
+    """One whole-tensor placement if ``name`` is in the rename table."""
+    return [Placement(table[name])] if name in table else None
+
+
+def refuse_options(hf_config, family: str, implemented: dict) -> None:
+    """Refuse transformers options the layers hard-code, at any value but the implemented one."""
+    for option, value in implemented.items():
+        if getattr(hf_config, option, value) != value:
+            raise ValueError(f"unsupported {option}={getattr(hf_config, option)!r}: HookedGatedDeltaNet implements only "
+                             f"{option}={value!r}, as {family} uses")
+
+
+def first_token_id(token_id):
+    """transformers allows a list of EOS ids; generation stops at the first."""
+    return token_id[0] if isinstance(token_id, list) else token_id
