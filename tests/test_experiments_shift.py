@@ -111,7 +111,7 @@ def test_with_slow_decays_the_exact_propagation_predicts_what_the_papers_approxi
     assert cache[site("hook_log_decay")][0, :, HEAD].exp().mean() == pytest.approx(0.9, abs=0.02)
     pooled = {method: ls.PooledR2() for method in ls.READ_CHANGES}
     for d in unit_directions(slow, 3):
-        measured = ls.measured_logit_change(slow, tokens, LAYER, HEAD, T0, d.v, d.w, 1e-3)[T0 + 1:]
+        measured = ls.measured_change(slow, tokens, LAYER, HEAD, T0, d.v, d.w, 1e-3)[0][T0 + 1:]
         for method, read_change in ls.READ_CHANGES.items():
             change = read_change(cache, LAYER, HEAD, T0, d.v, d.w, 1e-3)
             pooled[method].add(ls.logit_jvp(slow, tokens, LAYER, HEAD, T0, change)[T0 + 1:], measured)
@@ -119,27 +119,79 @@ def test_with_slow_decays_the_exact_propagation_predicts_what_the_papers_approxi
     assert pooled["paper"].value() < 0.95
 
 
-def test_the_study_pools_passages_heads_and_directions(slow):
+def test_the_study_pools_passages_heads_and_directions_after_t0(slow):
     tokens = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(5))
     t0 = 8
     directions = unit_directions(slow, 2, head=0, kind="atom") + unit_directions(slow, 1, seed=1, head=2)
     study = ls.logit_shift_study(slow, tokens, LAYER, t0, directions, epsilons=[1e-3, 30.0], relative_to_state=True,
                                  samples=5, generator=torch.Generator().manual_seed(0))
-    assert set(study["r2_by_eps"]) == {"all", "atom", "random"} and study["distances"] == list(range(16 - t0))
-    assert study["r2_by_eps"]["all"][1e-3]["exact"] > 0.999 and min(study["r2_by_distance"][1e-3]["exact"]) > 0.99
+    assert set(study["r2"]) == {"all", "atom", "random", "head 0", "head 2"}
+    assert study["bins"] == [[1, 2], [2, 4], [4, 8]] and set(study["r2_by_distance"]) == {0, 2}
+    small = study["r2"]["all"][1e-3]
+    assert small["read"]["exact"] > 1 - 1e-6 and small["logits"]["exact"] > 0.999  # exact at the read, JVP after
+    assert small["read"]["paper"] < 0.99 and min(study["r2_by_distance"][0][1e-3]["read"]["exact"]) > 1 - 1e-6
     # large edits leave the linear regime of the network after the layer (the RMSNorm of o, later layers)
-    assert study["r2_by_eps"]["all"][30.0]["exact"] < study["r2_by_eps"]["all"][1e-3]["exact"]
+    assert study["r2"]["all"][30.0]["logits"]["exact"] < small["logits"]["exact"]
+    assert study["r2"]["all"][30.0]["read"]["exact"] > 1 - 1e-6  # but not the read: the layer is affine in S
     # ε is relative to each head's clean state norm at t0 in each passage
     with torch.no_grad():
         _, states = slow.run_with_cache(tokens, names_filter=site("hook_state"), state_positions=[t0])
     norms = states[site("hook_state")][:, 0, [0, 2]].flatten(-2).norm(dim=-1)  # [passage, head]
     assert study["mean_state_norm"] == pytest.approx(norms.mean().item(), rel=1e-5)
     assert all(len(values) == 2 * 3 * 5 for values in study["samples"].values())  # passages × directions × samples
+    # R² of the paper's read in head 2 (one direction), by hand over positions t > t0 only: t0 is left out
+    (d,) = directions[2:]
+    predicted, measured = [], []
+    for i in range(2):
+        with torch.no_grad():
+            _, cache = slow.run_with_cache(tokens[i : i + 1], names_filter=[site(s) for s in ls.SITES])
+        eps = 1e-3 * norms[i, 1].item()
+        predicted.append(ls.paper_read_change(cache, LAYER, 2, t0, d.v, d.w, eps)[1:])
+        measured.append(ls.measured_change(slow, tokens[i : i + 1], LAYER, 2, t0, d.v, d.w, eps)[1][t0 + 1:])
+    predicted, measured = torch.cat(predicted).double(), torch.cat(measured).double()
+    by_hand = 1 - (measured - predicted).pow(2).sum() / (measured - measured.mean()).pow(2).sum()
+    assert study["r2"]["head 2"][1e-3]["read"]["paper"] == pytest.approx(float(by_hand), abs=1e-6)
+    assert study["r2_by_distance"][2][1e-3]["read"]["paper"][-1] < 1
     # the first passage's first sample: drawn with the generator, at the smallest ε, predicted as ε · JVP
-    first = torch.randint(0, (16 - t0) * slow.cfg.d_vocab, (5,), generator=torch.Generator().manual_seed(0))
+    first = torch.randint(0, (16 - t0 - 1) * slow.cfg.d_vocab, (5,), generator=torch.Generator().manual_seed(0))
     eps = 1e-3 * norms[0, 0].item()
-    measured = ls.measured_logit_change(slow, tokens[:1], LAYER, 0, t0, directions[0].v, directions[0].w, eps)[t0:]
-    torch.testing.assert_close(study["samples"]["measured"][:5], measured.flatten()[first])
+    logits, _ = ls.measured_change(slow, tokens[:1], LAYER, 0, t0, directions[0].v, directions[0].w, eps)
+    torch.testing.assert_close(study["samples"]["measured"][:5], logits[t0 + 1:].flatten()[first])
+
+
+def test_state_gradient_is_the_adjoint_of_the_exact_read_change():
+    # Σ_t ⟨g_t, Δo_t⟩ = vᵀ J_t0 w for every t0, with a hand-made cache of one head
+    gen = torch.Generator().manual_seed(4)
+    T, d_k, d_v = 9, 5, 3
+    q, k = (F.normalize(torch.randn(1, T, 1, d_k, generator=gen), dim=-1) for _ in range(2))
+    beta, g = torch.rand(1, T, 1, generator=gen), -torch.rand(1, T, 1, generator=gen)
+    cache = dict(zip((gdn_hook_name(0, name) for name in ls.SITES), (q, k, beta, g)))
+    read_grad = torch.randn(T, d_v, generator=gen)
+    positions = [2, 5, 8]
+    J = ls.state_gradient(cache, 0, 0, read_grad, positions)
+    assert J.shape == (3, d_k, d_v)
+    for t0, J_t0 in zip(positions, J):
+        for _ in range(3):
+            v, w = torch.randn(d_k, generator=gen), torch.randn(d_v, generator=gen)
+            forward = (ls.exact_read_change(cache, 0, 0, t0, v, w, 1.0) * read_grad[t0:]).sum()
+            assert float(v @ J_t0 @ w) == pytest.approx(float(forward), rel=1e-5, abs=1e-6)
+    with pytest.raises(ValueError, match=r"install position \[9\] outside the text: it has 9 tokens"):
+        ls.state_gradient(cache, 0, 0, read_grad, [9])
+
+
+def test_the_logit_shift_study_refuses_what_it_cannot_measure(tiny, tokens):
+    (d,) = unit_directions(tiny, 1)
+    with pytest.raises(ValueError, match=r"t0 \[24\] outside the text: it has 24 tokens"):
+        ls.logit_shift_study(tiny, tokens, LAYER, 24, [d], [1e-3])
+    with pytest.raises(ValueError, match="t0 = 23 is the last position"):
+        ls.logit_shift_study(tiny, tokens, LAYER, -1, [d], [1e-3])
+    with pytest.raises(ValueError, match=r"head\(s\) \[7\] do not exist in GDN layer 1"):
+        ls.logit_shift_study(tiny, tokens, LAYER, T0, [Direction(7, "random", "r", d.v, d.w)], [1e-3])
+    with pytest.raises(ValueError, match="layer 3 is not a GDN layer of this model"):
+        ls.logit_shift_study(tiny, tokens, 3, T0, [d], [1e-3])
+    atom = Direction(HEAD, "atom", "feature 0", d.v, d.w, layer=2)
+    with pytest.raises(ValueError, match="feature 0 of head 0 belongs to GDN layer 2 \\(its SAE's site\\), not to layer 1"):
+        ls.logit_shift_study(tiny, tokens, LAYER, T0, [atom], [1e-3])
 
 
 def test_install_of_the_native_write_changes_nothing(tiny, tokens):

@@ -8,7 +8,9 @@ from .ablation import write_ablation
 from .edits import kl_from_clean
 from .features import Direction, atom_and_random_directions, atom_direction, frequent_features, site_codes
 from .install import install_in_generation, install_study, pick_targets
-from .logit_shift import PooledR2, exact_read_change, logit_shift_study, measured_logit_change, paper_read_change
+from .logit_shift import (
+    PooledR2, exact_read_change, logit_shift_study, measured_change, paper_read_change, read_gradient, state_gradient,
+)
 from .stats import clustered_bootstrap, wilson_interval
 from .substitution import (
     COMPARISONS, CONDITIONS, NATIVE_WRITES, Firing, find_firings, install_matrix, native_writes, substitution_test,
@@ -19,6 +21,6 @@ __all__ = [
     "COMPARISONS", "CONDITIONS", "Direction", "NATIVE_WRITES", "Firing", "PooledR2", "atom_and_random_directions", "atom_direction",
     "clustered_bootstrap", "edit_at_positions", "exact_read_change", "find_firings", "frequent_features",
     "install_in_generation", "install_matrix", "install_study", "kl_from_clean", "logit_shift_study",
-    "measured_logit_change", "native_writes", "paper_read_change", "pick_targets", "site_codes", "substitution_test", "summarize",
+    "measured_change", "native_writes", "paper_read_change", "pick_targets", "read_gradient", "site_codes", "state_gradient", "substitution_test", "summarize",
     "wilson_interval", "write_ablation",
 ]

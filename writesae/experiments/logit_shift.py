@@ -16,7 +16,13 @@ every ε, not to first order. The paper's approximation keeps only the decays:
 
 Beyond this layer the network is not linear (the gated RMSNorm of o, later layers), so both read
 changes are pushed to the logits by one Jacobian-vector product of the logits with respect to
-``hook_recurrence_out`` around the clean run; only that step is a first-order approximation.
+``hook_recurrence_out`` around the clean run; only that step is a first-order approximation. The
+study compares both predictions with the measured change at the read Δo (where the exact form has
+no approximation at all) and at the logits, at positions t > t0 only: at t0 both are ε ⟨q̂_t0, v⟩ w.
+
+The adjoint runs the other way (`state_gradient`): given ∂f/∂o_t for every t (one VJP of any scalar f
+of the logits, `read_gradient`), ∂f/∂S_t0 = Σ_{t ≥ t0} M_{t0→t}ᵀ q̂_t (∂f/∂o_t)ᵀ, a d_k × d_v matrix J
+with f's first-order change under ε v wᵀ equal to ε vᵀ J w; installs use it to aim (see `install`).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from torch import Tensor
 
 from hooked_gdn.sites import block_name, edit_at_positions, gdn_hook_name
 
-from .edits import one_sequence
+from .edits import check_positions, check_site, one_sequence
 from .features import Direction
 
 SITES = ("hook_read_query", "hook_write_key", "hook_beta", "hook_log_decay")
@@ -76,6 +82,43 @@ def paper_read_change(cache, layer: int, head: int, t0: int, v: Float[Tensor, " 
     return eps * gain[:, None] * w.to(q)
 
 
+def state_gradient(cache, layer: int, head: int, read_grad: Float[Tensor, "T d_v"],
+                   positions: Sequence[int]) -> Float[Tensor, "n_positions d_k d_v"]:
+    """J_t0 = Σ_{t ≥ t0} M_{t0→t}ᵀ q̂_t g_tᵀ for each t0 in ``positions``, g_t = ``read_grad[t]`` = ∂f/∂o_t.
+
+    The adjoint of `exact_read_change`: Σ_t ⟨g_t, Δo_t⟩ = ε vᵀ J_t0 w for the edit ε v wᵀ at t0. Each
+    A_s is symmetric, so the sum is accumulated backwards, X_t = q̂_t g_tᵀ + A_{t+1} X_{t+1}, J_t0 = X_t0.
+    """
+    q, k, beta, g = _head_inputs(cache, layer, head)
+    positions = check_positions(positions, q.shape[0], "install position")
+    read_grad = read_grad.to(q)
+    wanted = set(positions)
+    x, found = torch.zeros(q.shape[1], read_grad.shape[1], dtype=q.dtype), {}
+    for t in range(q.shape[0] - 1, min(positions) - 1, -1):
+        if t + 1 < q.shape[0]:  # x ← A_{t+1} x
+            x = g[t + 1].exp() * (x - beta[t + 1] * k[t + 1][:, None] * (k[t + 1] @ x)[None, :])
+        x = x + torch.outer(q[t], read_grad[t])
+        if t in wanted:
+            found[t] = x
+    return torch.stack([found[t] for t in positions])
+
+
+@torch.enable_grad()
+def read_gradient(model, tokens: Int[Tensor, "1 T"], layer: int, head: int, position: int,
+                  target: int) -> Float[Tensor, "T d_v"]:
+    """g_t = ∂ log p(target | tokens[: position + 1]) / ∂o_t of (layer, head), for every t: one
+    backward pass (a vector-Jacobian product) around the clean run; zero for t > ``position``."""
+    tokens = one_sequence(tokens, "the read gradient")
+    check_site(model, layer, [head])
+    (position,) = check_positions(position, tokens.shape[1])
+    name = gdn_hook_name(layer, "hook_recurrence_out")
+    shift = torch.zeros(1, tokens.shape[1], model.cfg.n_value_heads, model.cfg.d_value, requires_grad=True)
+    logits = model.run_with_hooks(tokens, fwd_hooks=[(name, lambda o, hook: o + shift.to(o.dtype))])
+    log_p = logits[0, position].float().log_softmax(-1)[target]
+    (grad,) = torch.autograd.grad(log_p, shift)
+    return grad[0, :, head]
+
+
 def _clean_cache(model, tokens: Tensor, layer: int):
     return model.run_with_cache(tokens, names_filter=[gdn_hook_name(layer, name) for name in SITES])
 
@@ -118,14 +161,20 @@ def state_edit_hook(head: int, t0: int, v: Tensor, w: Tensor, eps: float):
 
 
 @torch.no_grad()
-def measured_logit_change(model, tokens: Int[Tensor, "1 T"], layer: int, head: int, t0: int, v: Float[Tensor, " d_k"],
-                          w: Float[Tensor, " d_v"], eps: float) -> Float[Tensor, "T d_vocab"]:
-    """Logits with ε v wᵀ added to S_{t0} (carried forward) minus clean logits."""
+def measured_change(model, tokens: Int[Tensor, "1 T"], layer: int, head: int, t0: int, v: Float[Tensor, " d_k"],
+                    w: Float[Tensor, " d_v"], eps: float) -> tuple[Float[Tensor, "T d_vocab"], Float[Tensor, "T d_v"]]:
+    """(Δlogits, Δo of ``head``): the logits and the head's read with ε v wᵀ added to S_{t0}
+    (carried forward), minus the clean run's."""
     tokens = one_sequence(tokens, "the logit-shift study")
-    clean = model(tokens).float()
-    hooks = [(gdn_hook_name(layer, "hook_state"), state_edit_hook(head, t0, v, w, eps))]
-    edited = model.run_with_hooks(tokens, fwd_hooks=hooks, state_positions=[t0]).float()
-    return (edited - clean)[0]
+    check_site(model, layer, [head])
+    (t0,) = check_positions(t0, tokens.shape[1], "t0")
+    read = gdn_hook_name(layer, "hook_recurrence_out")
+    clean, cache = model.run_with_cache(tokens, names_filter=read)
+    seen = {}
+    hooks = [(gdn_hook_name(layer, "hook_state"), state_edit_hook(head, t0, v, w, eps)),
+             (read, lambda o, hook: seen.__setitem__("o", o))]
+    edited = model.run_with_hooks(tokens, fwd_hooks=hooks, state_positions=[t0])
+    return (edited.float() - clean.float())[0], (seen["o"].float() - cache[read].float())[0, :, head]
 
 
 READ_CHANGES = {"exact": exact_read_change, "paper": paper_read_change}
@@ -151,31 +200,53 @@ class PooledR2:
         return 1.0 - self.residual / variance if variance > 0 else float("nan")
 
 
+def distance_bins(max_distance: int) -> list[tuple[int, int]]:
+    """[1, 2), [2, 4), [4, 8), … up to ``max_distance`` (inclusive): distances t − t0 ≥ 1 by octave."""
+    bins, lo = [], 1
+    while lo <= max_distance:
+        bins.append((lo, min(2 * lo, max_distance + 1)))
+        lo *= 2
+    return bins
+
+
+SCALES = ("read", "logits")
+
+
 def logit_shift_study(
     model, tokens: Int[Tensor, "batch pos"] | Int[Tensor, " pos"], layer: int, t0: int,
     directions: Sequence[Direction], epsilons: Sequence[float], relative_to_state: bool = False,
     samples: int = 0, generator: torch.Generator | None = None,
 ) -> dict:
-    """R² of the exact and the paper's prediction against measured logit changes, pooled over the
-    passages of ``tokens``, the ``directions`` (each in its own head) and the positions t ≥ t0.
+    """R² of the exact and the paper's prediction against the measured change, at the head's read Δo
+    and at the logits, pooled over the passages of ``tokens``, the ``directions`` (each in its own
+    head) and the positions t > t0 (at t0 both predictions are the edit itself).
 
     Each direction's edit is ε v wᵀ added to its head's S_{t0}, with ε = e for each e in
     ``epsilons``, or e · ‖S_{t0}‖_F (that head's clean state norm in that passage) when
     ``relative_to_state``. Both predictions are linear in ε, so each costs one JVP per passage and
-    direction (at ε = 1, then scaled); each ε costs one edited forward. ``samples`` entries
-    (position ≥ t0, token) per passage and direction are drawn from ``generator`` at the first ε,
+    direction (at ε = 1, then scaled); each ε costs one edited forward. ``samples`` logit entries
+    (position > t0, token) per passage and direction are drawn from ``generator`` at the first ε,
     for a scatter plot.
 
-    Returns ``{"epsilons", "distances", "mean_state_norm" (None unless relative), "r2_by_eps":
-    {group: {e: {"exact", "paper"}}}, "r2_by_distance": {e: {"exact": [R² at t0 + d], "paper":
-    [...]}}, "samples": {"exact", "paper", "measured"} (flat tensors)}``; the groups are "all" and
-    each direction kind ("atom", "random").
+    Returns ``{"epsilons", "t0", "bins" ([lo, hi) of t − t0), "mean_state_norm" (None unless
+    relative), "r2": {group: {e: {scale: {method: R²}}}}, "r2_by_distance": {head: {e: {scale:
+    {method: [R² per bin]}}}}, "samples": {"exact", "paper", "measured"} (flat tensors)}``; scales
+    are "read" and "logits", methods "exact" and "paper", the groups "all", each direction kind
+    ("atom", "random") and each head ("head 1"), the heads of ``r2_by_distance`` ints.
     """
     tokens = tokens[None] if tokens.dim() == 1 else tokens
-    distances = list(range(tokens.shape[1] - t0))
-    groups = ["all", *dict.fromkeys(d.kind for d in directions)]
-    by_eps = {(g, e, m): PooledR2() for g in groups for e in epsilons for m in METHODS}
-    by_distance = {(e, d, m): PooledR2() for e in epsilons for d in distances for m in METHODS}
+    check_site(model, layer, [d.head for d in directions])
+    (t0,) = check_positions(t0, tokens.shape[1], "t0")
+    if t0 == tokens.shape[1] - 1:
+        raise ValueError(f"t0 = {t0} is the last position: no later position is left to predict")
+    for direction in directions:
+        direction.check_layer(layer)
+    bins = distance_bins(tokens.shape[1] - 1 - t0)
+    heads = list(dict.fromkeys(d.head for d in directions))
+    groups = ["all", *dict.fromkeys(d.kind for d in directions), *(f"head {h}" for h in heads)]
+    pooled = {(g, e, s, m): PooledR2() for g in groups for e in epsilons for s in SCALES for m in METHODS}
+    by_distance = {(h, e, b, s, m): PooledR2() for h in heads for e in epsilons for b in bins for s in SCALES
+                   for m in METHODS}
     drawn = {m: [] for m in (*METHODS, "measured")}
     state_site, state_norms = gdn_hook_name(layer, "hook_state"), []
     for passage in tokens:
@@ -184,31 +255,37 @@ def logit_shift_study(
             _, cache = _clean_cache(model, passage, layer)
             if relative_to_state:
                 _, states = model.run_with_cache(passage, names_filter=state_site, state_positions=[t0])
-        for head in dict.fromkeys(d.head for d in directions):
+        for head in heads:
             scale = float(states[state_site][0, 0, head].float().norm()) if relative_to_state else 1.0
             state_norms.append(scale)
             for direction in (d for d in directions if d.head == head):
                 v, w = direction.v, direction.w
-                unit = {m: logit_jvp(model, passage, layer, head, t0, read_change(cache, layer, head, t0, v, w, 1.0))[t0:]
-                        for m, read_change in READ_CHANGES.items()}
-                chosen = torch.randint(0, unit["exact"].numel(), (samples,), generator=generator)
+                read = {m: read_change(cache, layer, head, t0, v, w, 1.0)[1:] for m, read_change in READ_CHANGES.items()}
+                unit = {"read": read, "logits": {
+                    m: logit_jvp(model, passage, layer, head, t0, read_change(cache, layer, head, t0, v, w, 1.0))[t0 + 1:]
+                    for m, read_change in READ_CHANGES.items()}}
+                chosen = torch.randint(0, unit["logits"]["exact"].numel(), (samples,), generator=generator)
                 for e in epsilons:
                     eps = e * scale
-                    measured = measured_logit_change(model, passage, layer, head, t0, v, w, eps)[t0:]
-                    for m in METHODS:
-                        predicted = eps * unit[m]
-                        for group in ("all", direction.kind):
-                            by_eps[group, e, m].add(predicted, measured)
-                        for d in distances:
-                            by_distance[e, d, m].add(predicted[d], measured[d])
-                        if e == epsilons[0]:
-                            drawn[m].append(predicted.flatten()[chosen])
+                    logits, o = measured_change(model, passage, layer, head, t0, v, w, eps)
+                    measured = {"read": o[t0 + 1:], "logits": logits[t0 + 1:]}
+                    for s in SCALES:
+                        for m in METHODS:
+                            predicted = eps * unit[s][m]
+                            for group in ("all", direction.kind, f"head {head}"):
+                                pooled[group, e, s, m].add(predicted, measured[s])
+                            for lo, hi in bins:
+                                by_distance[head, e, (lo, hi), s, m].add(predicted[lo - 1 : hi - 1], measured[s][lo - 1 : hi - 1])
                     if e == epsilons[0]:
-                        drawn["measured"].append(measured.flatten()[chosen])
+                        for m in METHODS:
+                            drawn[m].append(eps * unit["logits"][m].flatten()[chosen])
+                        drawn["measured"].append(measured["logits"].flatten()[chosen])
     return {
-        "epsilons": list(epsilons), "distances": distances,
+        "epsilons": list(epsilons), "t0": t0, "bins": [list(b) for b in bins],
         "mean_state_norm": sum(state_norms) / len(state_norms) if relative_to_state else None,
-        "r2_by_eps": {g: {e: {m: by_eps[g, e, m].value() for m in METHODS} for e in epsilons} for g in groups},
-        "r2_by_distance": {e: {m: [by_distance[e, d, m].value() for d in distances] for m in METHODS} for e in epsilons},
+        "r2": {g: {e: {s: {m: pooled[g, e, s, m].value() for m in METHODS} for s in SCALES} for e in epsilons}
+               for g in groups},
+        "r2_by_distance": {h: {e: {s: {m: [by_distance[h, e, b, s, m].value() for b in bins] for m in METHODS}
+                                   for s in SCALES} for e in epsilons} for h in heads},
         "samples": {name: torch.cat(values) for name, values in drawn.items()},
     }
