@@ -13,7 +13,7 @@ options, set by `hooked_gdn.architectures`) are branches here, each named by its
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,14 @@ class ForwardContext:
     @property
     def current_mask(self) -> Tensor | None:
         return None if self.attention_mask is None else self.attention_mask[:, -self.position_ids.shape[1]:]
+
+    def to(self, device, non_blocking: bool = False) -> "ForwardContext":
+        """This context with its tensors on ``device``: what accelerate's hooks call to move a block's
+        inputs to the block's device. The cache is shared, not moved: each layer's entries live
+        on that layer's device."""
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
+        return replace(self, attention_mask=move(self.attention_mask), position_ids=move(self.position_ids),
+                       state_positions=move(self.state_positions))
 
 
 def _matrix(out_features: int, in_features: int) -> nn.Parameter:

@@ -1,21 +1,34 @@
-"""Loading checkpoints of the supported GDN families (transformers format: config.json + safetensors) into `HookedGatedDeltaNet`."""
+"""Loading checkpoints of the supported GDN families (transformers format: config.json + safetensors) into `HookedGatedDeltaNet`.
+
+`load_pretrained` builds the model on the meta device and streams the (sharded) safetensors into it
+one tensor at a time, through each family's per-key placements (`hooked_gdn.architectures`);
+`load_pretrained_in_memory` is the plain path it is tested and benchmarked against.
+"""
 
 from __future__ import annotations
 
+import json
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
 from safetensors.torch import load_file
+from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
 from .architectures import BY_KEY
-from .architectures.base import TEXT_PREFIXES
 from .config import HookedGDNConfig
+from .placement import check_available, dispatch, main_device, plan_device_map
 from .pretrained import pretrained_path
 
-_EMBEDDING_KEYS = tuple(f"{p}embed_tokens.weight" for p in TEXT_PREFIXES)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+_INDEX_FILE = "model.safetensors.index.json"  # a sharded checkpoint's map from tensor to file
+_MAP_WINDOW_BYTES = 64 * 2**20  # bytes read through one memory map before its file is reopened
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
@@ -44,7 +57,7 @@ def hf_to_hooked_state_dict(hf_state: dict[str, torch.Tensor], cfg: HookedGDNCon
     placements; keys outside the text model are dropped). A weight left unfilled is refused by name."""
     from .model import HookedGatedDeltaNet
 
-    with torch.device("meta"):
+    with init_empty_weights():
         shapes = {k: v.shape for k, v in HookedGatedDeltaNet(cfg).state_dict().items()}
     family, ours, filled = BY_KEY[cfg.architecture], {}, {}
     placements = {key: family.placements(key, cfg, tensor.shape) for key, tensor in hf_state.items()}
@@ -63,35 +76,186 @@ def hf_to_hooked_state_dict(hf_state: dict[str, torch.Tensor], cfg: HookedGDNCon
             filled[p.target] = filled.get(p.target, 0) + part.numel()
     missing = [name for name, shape in shapes.items() if filled.get(name, 0) < shape.numel()]
     if missing:
-        raise ValueError(f"the checkpoint lacks weights for {missing[:5]}{' …' if len(missing) > 5 else ''}")
+        raise ValueError(f"the state dict lacks weights for {_some(missing)}")
     return ours
 
 
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors weights in {folder}")
+    """Every tensor of the checkpoint, read into memory."""
     state = {}
-    for f in files:
-        state.update(load_file(f))
+    for path in SafetensorsCheckpoint.open(folder).names:
+        state.update(load_file(path))
     return state
 
 
-def load_pretrained(cls, name_or_path, device=None, dtype=None):
+@dataclass(frozen=True)
+class SafetensorsCheckpoint:
+    """A checkpoint's safetensors files and each tensor's shape, from their headers (no tensor data
+    is read): the files ``model.safetensors.index.json`` lists when there is one, else every
+    ``*.safetensors`` file of the folder."""
+
+    names: dict[Path, list[str]]  # file -> the tensors it holds
+    shapes: dict[str, torch.Size]
+
+    @classmethod
+    def open(cls, folder: Path) -> "SafetensorsCheckpoint":
+        index = folder / _INDEX_FILE
+        if index.exists():
+            listed = json.loads(index.read_text())["weight_map"]
+            files = sorted({folder / name for name in listed.values()})
+            absent = [f.name for f in files if not f.exists()]
+            if absent:
+                raise FileNotFoundError(f"{index} lists shards that are not in {folder}: {absent}")
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no .safetensors weights in {folder}")
+        names, shapes = {}, {}
+        for path in files:
+            with safe_open(path, "pt") as f:
+                names[path] = list(f.keys())
+                for name in names[path]:
+                    if name in shapes:
+                        raise ValueError(f"tensor {name!r} is in two files of {folder}")
+                    shapes[name] = torch.Size(f.get_slice(name).get_shape())
+        if index.exists() and set(listed) - set(shapes):
+            raise ValueError(f"{index} lists tensors that its shards do not hold: {_some(sorted(set(listed) - set(shapes)))}")
+        return cls(names, shapes)
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, read into memory."""
+        path = next(path for path, names in self.names.items() if name in names)
+        with safe_open(path, "pt") as f:
+            return f.get_tensor(name).clone()
+
+    def stream(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor in turn, memory-mapped: its bytes are read when it is used, so copy it and drop it.
+
+        Pages read through a memory map stay in the resident set until the map is closed, so each
+        file is reopened after every ``_MAP_WINDOW_BYTES``: the stream holds at most about that
+        much (or one tensor, if larger) beyond what the caller keeps.
+        """
+        for path, names in self.names.items():
+            start = 0
+            while start < len(names):
+                with safe_open(path, "pt") as f:
+                    window = 0
+                    while start < len(names) and window < _MAP_WINDOW_BYTES:
+                        tensor = f.get_tensor(names[start])
+                        window += tensor.nbytes
+                        yield names[start], tensor
+                        del tensor
+                        start += 1
+
+
+def _some(names: list[str], shown: int = 8) -> str:
+    return ", ".join(names[:shown]) + (f" … ({len(names)} in all)" if len(names) > shown else "")
+
+
+def _open(name_or_path):
+    """The folder, config, tokenizer, checkpoint and per-tensor placements of a checkpoint, checked
+    against each other before any tensor data is read."""
     folder = resolve_checkpoint(name_or_path)
     cfg = HookedGDNConfig.from_hf_config(AutoConfig.from_pretrained(folder), model_name=str(name_or_path))
     has_tokenizer = any((folder / f).exists() for f in _TOKENIZER_FILES)
     tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
-    weights = read_safetensors(folder)
-    head, embedding = weights.get("lm_head.weight"), next((weights[k] for k in _EMBEDDING_KEYS if k in weights), None)
-    if cfg.tie_word_embeddings and head is not None and embedding is not None and not torch.equal(head, embedding):
-        # transformers keeps both weights when they differ (with a warning), so the head is separate
-        warnings.warn(f"{name_or_path}: config.json sets tie_word_embeddings, but the checkpoint's lm_head.weight differs "
-                      "from its embedding; using the separate head, as transformers does")
-        cfg.tie_word_embeddings = False
-    model = cls(cfg, tokenizer)
-    state = hf_to_hooked_state_dict(weights, cfg)
+    checkpoint = SafetensorsCheckpoint.open(folder)
+    family = BY_KEY[cfg.architecture]
+    placements, unexpected = {}, []
+    for key in checkpoint.shapes:
+        try:
+            placements[key] = family.placements(key, cfg, checkpoint.shapes[key])
+        except ValueError:
+            unexpected.append(key)
+    if unexpected:
+        raise ValueError(f"checkpoint {name_or_path} holds tensors that a {family.name} model of its config does not "
+                         f"have: {_some(unexpected)}")
+    heads = [key for key, found in placements.items() if any(p.target == "lm_head" for p in found)]
+    embeddings = [key for key, found in placements.items() if any(p.target == "W_E" for p in found)]
+    if cfg.tie_word_embeddings and heads:
+        if embeddings and not torch.equal(checkpoint.read(heads[0]), checkpoint.read(embeddings[0])):
+            # transformers keeps both weights when they differ (with a warning), so the head is separate
+            warnings.warn(f"{name_or_path}: config.json sets tie_word_embeddings, but the checkpoint's lm_head.weight "
+                          "differs from its embedding; using the separate head, as transformers does")
+            cfg.tie_word_embeddings = False
+        else:
+            placements.update({key: [] for key in heads})
+    return folder, cfg, tokenizer, checkpoint, placements
+
+
+def _check_placements(model: nn.Module, checkpoint: SafetensorsCheckpoint, placements: dict, name_or_path) -> None:
+    """Every parameter and persistent buffer of ``model`` filled exactly once, each from a tensor of the right shape."""
+    ours = model.state_dict()
+    filled = dict.fromkeys(ours, 0)
+    for key, found in placements.items():
+        for p in found:
+            if p.target not in ours:
+                raise ValueError(f"checkpoint {name_or_path}: tensor {key!r} goes to {p.target!r}, which this model lacks")
+            theirs, part = torch.empty(checkpoint.shapes[key], device="meta")[p.source], ours[p.target][p.index]
+            if theirs.shape != part.shape:
+                raise ValueError(f"checkpoint {name_or_path}: tensor {key!r} gives {p.target} a part of shape "
+                                 f"{tuple(theirs.shape)}, where the config needs {tuple(part.shape)}")
+            filled[p.target] += part.numel()
+    missing = [name for name, tensor in ours.items() if filled[name] < tensor.numel()]
+    if missing:
+        raise ValueError(f"checkpoint {name_or_path} lacks weights for {_some(missing)}")
+    twice = [name for name, tensor in ours.items() if filled[name] > tensor.numel()]
+    if twice:
+        raise ValueError(f"checkpoint {name_or_path} gives weights more than once for {_some(twice)}")
+
+
+def _device_of(name: str, plan: dict[str, str], default: str) -> str:
+    owners = [key for key in plan if name == key or name.startswith(f"{key}.")]
+    return plan[max(owners, key=len)] if owners else default
+
+
+def load_pretrained(cls, name_or_path, device=None, dtype=None, device_map=None, max_memory=None):
+    """Build the model on the meta device, then stream the checkpoint into it one tensor at a time,
+    each straight into ``dtype`` on its device: the peak is the model plus about one map window
+    (`SafetensorsCheckpoint.stream`), not twice the model. With ``device_map``, the blocks go
+    where `hooked_gdn.placement` plans and accelerate's hooks move activations between devices."""
+    if device is not None and device_map is not None:
+        raise ValueError("give device or device_map, not both")
+    if max_memory is not None and device_map is None:
+        raise ValueError("max_memory goes with device_map='auto'")
+    _, cfg, tokenizer, checkpoint, placements = _open(name_or_path)
     dtype = dtype or torch.float32
+    # parameters on the meta device; buffers (the rotary frequencies) are built for real, on the CPU
+    # as the in-memory path builds them, and moved below
+    with init_empty_weights(include_buffers=False):
+        model = cls(cfg, tokenizer)
+    _check_placements(model, checkpoint, placements, name_or_path)
+    plan = {} if device_map is None else plan_device_map(model, device_map, max_memory, dtype)
+    check_available(plan)
+    default = str(torch.device(device or "cpu")) if device_map is None else main_device(model, plan)
+    with torch.no_grad():
+        for key, tensor in checkpoint.stream():
+            for p in placements[key]:
+                target_device = _device_of(p.target, plan, default)
+                part = p.take(tensor)
+                if isinstance(p.index, tuple) and not p.index:
+                    value = part.to(target_device, dtype, copy=True)
+                else:  # one part of a tensor that several checkpoint tensors fill
+                    if model.get_parameter(p.target).is_meta:
+                        empty = torch.empty(model.get_parameter(p.target).shape, dtype=dtype, device=target_device)
+                        set_module_tensor_to_device(model, p.target, target_device, value=empty, dtype=dtype, clear_cache=False)
+                    model.get_parameter(p.target)[p.index] = part.to(target_device, dtype)
+                    continue
+                set_module_tensor_to_device(model, p.target, target_device, value=value, dtype=dtype, clear_cache=False)
+            del tensor
+        for name, buffer in model.named_buffers():
+            set_module_tensor_to_device(model, name, _device_of(name, plan, default), value=buffer, dtype=dtype, clear_cache=False)
+    model.cfg.dtype = dtype
+    return model if device_map is None else dispatch(model, plan)
+
+
+def load_pretrained_in_memory(cls, name_or_path, device=None, dtype=None):
+    """The plain path that `load_pretrained` is tested and benchmarked against: every tensor read
+    into memory, then copied into a materialised model (about twice the weights at its peak)."""
+    folder, cfg, tokenizer, _, _ = _open(name_or_path)
+    dtype = dtype or torch.float32
+    model = cls(cfg, tokenizer)
+    state = hf_to_hooked_state_dict(read_safetensors(folder), cfg)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
     model.cfg.dtype = dtype
     return model.to(device=device, dtype=dtype)

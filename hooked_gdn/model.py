@@ -84,11 +84,19 @@ class HookedGatedDeltaNet(HookedRootModule):
         return model.to(device=device, dtype=model.cfg.dtype)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, device=None, dtype=None) -> "HookedGatedDeltaNet":
-        """Load a checkpoint of any supported family: a shipped short name (``gdn-austen``), a local folder or a hub id."""
+    def from_pretrained(
+        cls, name_or_path: str | Path, device=None, dtype=None, device_map=None, max_memory=None
+    ) -> "HookedGatedDeltaNet":
+        """Load a checkpoint of any supported family: a shipped short name (``gdn-austen``), a local folder or a hub id.
+
+        The model is built on the meta device and the weights streamed in one tensor at a time, so
+        loading needs about the weights' size in memory, not twice it. ``device_map``:
+        ``{block_index: device}`` or ``"auto"`` (within ``max_memory``, accelerate's form) spreads
+        the blocks over several devices (`hooked_gdn.placement`); otherwise all goes on ``device``.
+        """
         from .loading import load_pretrained
 
-        return load_pretrained(cls, name_or_path, device=device, dtype=dtype)
+        return load_pretrained(cls, name_or_path, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:

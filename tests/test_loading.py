@@ -1,0 +1,216 @@
+"""Lean loading (meta construction, sharded safetensors streamed one tensor at a time) and block placement.
+
+The references: the in-memory path (every tensor read, then copied into a materialised model),
+transformers' logits, and accelerate's own device-map computation.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from accelerate import init_empty_weights, infer_auto_device_map
+from accelerate.utils import get_balanced_memory
+from safetensors.torch import load_file, save_file
+from transformers import Qwen3_5ForCausalLM
+
+from hooked_gdn import HookedGatedDeltaNet
+from hooked_gdn.loading import load_pretrained_in_memory
+from hooked_gdn.placement import plan_device_map
+from hooked_gdn.sites import edit_at_positions, gdn_hook_name
+
+from .conftest import randomize_, tiny_hf_config
+
+N_BLOCKS = 4  # the "grouped" tiny config
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """A randomized tiny transformers checkpoint saved in many shards with an index, and its transformers model."""
+    torch.manual_seed(0)
+    hf = Qwen3_5ForCausalLM(tiny_hf_config("grouped")).eval()
+    randomize_(hf)
+    folder = tmp_path_factory.mktemp("sharded")
+    hf.save_pretrained(folder, max_shard_size="40KB")
+    return folder, hf
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(1, 101, (2, 11), generator=torch.Generator().manual_seed(1))
+
+
+def _same_model(a: HookedGatedDeltaNet, b: HookedGatedDeltaNet) -> None:
+    for (name, x), (_, y) in zip(a.state_dict(keep_vars=True).items(), b.state_dict(keep_vars=True).items(), strict=True):
+        assert x.dtype == y.dtype and torch.equal(x, y), name
+    for (name, x), (_, y) in zip(a.named_buffers(), b.named_buffers(), strict=True):  # non-persistent ones too
+        assert x.device == y.device and x.dtype == y.dtype and torch.equal(x, y), name
+
+
+def test_the_fixture_is_sharded_with_an_index(sharded):
+    folder, _ = sharded
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_model_equals_the_in_memory_path_bit_for_bit(sharded, tokens, dtype):
+    folder, hf = sharded
+    lean = HookedGatedDeltaNet.from_pretrained(folder, dtype=dtype).eval()
+    reference = load_pretrained_in_memory(HookedGatedDeltaNet, folder, dtype=dtype).eval()
+    _same_model(lean, reference)
+    assert not any(t.is_meta for t in [*lean.parameters(), *lean.buffers()])
+    with torch.no_grad():
+        assert torch.equal(lean(tokens), reference(tokens))
+        if dtype == torch.float32:
+            assert (lean(tokens) - hf(tokens).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shipped_model_streamed_equals_the_in_memory_path(dtype):
+    lean = HookedGatedDeltaNet.from_pretrained("gdn-austen", dtype=dtype).eval()
+    reference = load_pretrained_in_memory(HookedGatedDeltaNet, "gdn-austen", dtype=dtype).eval()
+    _same_model(lean, reference)
+    tokens = lean.to_tokens("It is a truth universally acknowledged, that a single man")
+    with torch.no_grad():
+        assert torch.equal(lean(tokens), reference(tokens))
+
+
+def _rewrite(folder, change) -> None:
+    """Apply ``change`` to the single-file checkpoint's state dict, in place."""
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    change(state)
+    save_file(state, path, metadata={"format": "pt"})
+
+
+@pytest.fixture
+def single_file(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for f in tiny_checkpoint().iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
+def test_missing_tensors_are_named(single_file):
+    _rewrite(single_file, lambda s: [s.pop("model.layers.1.mlp.up_proj.weight"), s.pop("model.norm.weight")])
+    with pytest.raises(ValueError, match=r"lacks weights for blocks\.1\.mlp\.up_proj, ln_final\.w"):
+        HookedGatedDeltaNet.from_pretrained(single_file)
+
+
+def test_unexpected_tensors_are_named(single_file):
+    _rewrite(single_file, lambda s: s.update({"model.layers.0.mlp.extra.weight": torch.zeros(2),
+                                               "model.layers.9.mlp.up_proj.weight": torch.zeros(2)}))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.extra\.weight, model\.layers\.9\.mlp\.up_proj\.weight"):
+        HookedGatedDeltaNet.from_pretrained(single_file)
+
+
+def test_a_tensor_of_the_wrong_shape_is_named(single_file):
+    _rewrite(single_file, lambda s: s.update({"model.layers.2.mlp.down_proj.weight": torch.zeros(48, 63)}))
+    with pytest.raises(ValueError, match=r"'model\.layers\.2\.mlp\.down_proj\.weight'.*\(48, 63\).*\(48, 64\)"):
+        HookedGatedDeltaNet.from_pretrained(single_file)
+
+
+def test_an_index_naming_an_absent_shard_is_refused(sharded, tmp_path):
+    folder, _ = sharded
+    for f in folder.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=shard.name):
+        HookedGatedDeltaNet.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- placement
+
+
+def _meta_model(sharded_folder) -> HookedGatedDeltaNet:
+    from hooked_gdn.config import HookedGDNConfig
+    from transformers import AutoConfig
+
+    with init_empty_weights():
+        return HookedGatedDeltaNet(HookedGDNConfig.from_hf_config(AutoConfig.from_pretrained(sharded_folder)))
+
+
+def test_a_given_map_places_each_block_where_asked(sharded):
+    asked = {0: 0, 1: "cuda:1", 2: torch.device("cuda", 1), 3: "cpu"}  # planned on the meta device: nothing is loaded
+    plan = plan_device_map(_meta_model(sharded[0]), asked)
+    assert [plan[f"blocks.{i}"] for i in range(N_BLOCKS)] == ["cuda:0", "cuda:1", "cuda:1", "cpu"]
+    assert plan["W_E"] == plan["lm_head"] == plan["ln_final"] == "cuda:0"  # with block 0: accelerate's main device
+
+
+def test_auto_splits_blocks_as_accelerate_computes(sharded):
+    model = _meta_model(sharded[0])
+    total = sum(p.numel() * 2 for p in model.parameters())  # bf16 bytes
+    for share, spills in [(3 / 4, False), (1 / 2, True)]:  # two GPUs (as indices) that hold it; that do not
+        max_memory = {0: int(share * total), 1: int(share * total), "cpu": 10 * total}
+        plan = plan_device_map(model, "auto", max_memory=max_memory, dtype=torch.bfloat16)
+        balanced = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=["Block"], dtype=torch.bfloat16)
+        expected = infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=["Block"], dtype=torch.bfloat16)
+        as_named = lambda d: d if d == "cpu" else f"cuda:{d}"
+        blocks = [plan[f"blocks.{i}"] for i in range(N_BLOCKS)]
+        assert blocks == [as_named(expected[f"blocks.{i}"]) for i in range(N_BLOCKS)]
+        assert plan["W_E"] == plan["lm_head"] == plan["ln_final"] == as_named(expected["W_E"])
+        assert {"cuda:0", "cuda:1"} <= {*blocks, plan["W_E"]} and ("cpu" in blocks) == spills
+
+
+@pytest.fixture(scope="module")
+def unplaced(sharded):
+    return HookedGatedDeltaNet.from_pretrained(sharded[0]).eval()
+
+
+@pytest.fixture(scope="module")
+def dispatched(sharded):
+    return HookedGatedDeltaNet.from_pretrained(sharded[0], device_map={i: "cpu" for i in range(N_BLOCKS)}).eval()
+
+
+def test_a_dispatched_model_runs_through_accelerate_hooks(dispatched, unplaced, tokens):
+    assert dispatched.hf_device_map == {"W_E": "cpu", "lm_head": "cpu", "ln_final": "cpu",
+                                        **{f"blocks.{i}": "cpu" for i in range(N_BLOCKS)}}
+    assert all(str(block._hf_hook.execution_device) == "cpu" for block in dispatched.blocks)
+    _same_model(dispatched, unplaced)
+    with torch.no_grad():
+        assert torch.equal(dispatched(tokens), unplaced(tokens))
+
+
+def test_auto_on_this_machine_puts_everything_on_the_cpu(sharded, unplaced, tokens):
+    model = HookedGatedDeltaNet.from_pretrained(sharded[0], device_map="auto", max_memory={"cpu": "1GiB"}).eval()
+    assert set(model.hf_device_map.values()) == {"cpu"}
+    with torch.no_grad():
+        assert torch.equal(model(tokens), unplaced(tokens))
+
+
+def test_a_dispatched_model_caches_edits_and_generates(dispatched, unplaced, tokens):
+    site = gdn_hook_name(1, "hook_state")
+    caches = [model.run_with_cache(tokens, names_filter=site, state_positions=[4, -1])[1][site] for model in (dispatched, unplaced)]
+    assert torch.equal(*caches)
+    delete = edit_at_positions(lambda rows, t: torch.zeros_like(rows), [3])  # a carried write edit
+    edited = []
+    for model in (dispatched, unplaced):
+        with torch.no_grad():
+            edited.append(model.run_with_hooks(tokens, fwd_hooks=[(gdn_hook_name(0, "hook_write_value"), delete)]))
+    assert torch.equal(*edited)
+    with torch.no_grad():
+        assert not torch.equal(edited[0][:, 4:], unplaced(tokens)[:, 4:])  # the edit carried past its position
+    generated = [model.generate(tokens, max_new_tokens=4, stop_at_eos=False) for model in (dispatched, unplaced)]
+    assert torch.equal(*generated)
+
+
+@pytest.mark.parametrize("device_map, error", [
+    ({0: "cpu", 1: "cpu", 3: "cpu"}, r"no device for blocks \[2\]"),
+    ({i: "cpu" for i in range(N_BLOCKS + 1)}, r"names blocks \[4\]"),
+    ({0: "cpu", 1: "cpu", 2: "meta", 3: "cpu"}, r"'meta': \['blocks\.2'\].*available: \["),
+    ({0: "cpu", 1: "cpu", 2: "cpu", 3: "cuda:99"}, r"'cuda:99': \['blocks\.3'\]"),
+    ({0: "cpu", 1: "cpu", 2: "cpu", 3: "gpu-one"}, r"'gpu-one' is not a device"),
+    ("balanced", r"'auto' or \{block_index: device\}"),
+])
+def test_bad_device_maps_are_refused(sharded, device_map, error):
+    with pytest.raises(ValueError, match=error):
+        HookedGatedDeltaNet.from_pretrained(sharded[0], device_map=device_map)
+
+
+def test_device_and_device_map_together_are_refused(sharded):
+    with pytest.raises(ValueError, match="not both"):
+        HookedGatedDeltaNet.from_pretrained(sharded[0], device="cpu", device_map={i: "cpu" for i in range(N_BLOCKS)})
