@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -233,30 +234,93 @@ def test_an_install_writes_m_times_the_native_norm_of_its_own_position(tiny, tok
     assert lift.abs().max() > 1e-3
 
 
-def test_the_install_study_aggregates_its_runs(tiny, tokens):
+def test_the_aimed_direction_moves_its_target_as_predicted_and_more_than_random_directions(tiny, tokens):
+    prompt, positions = tokens[:, :12], [9, 10, 11]
+    (target,) = install.pick_targets(tiny, prompt, rank_range=(20, 60), n=1, seed=3)
+    J, offset = install.install_gradient(tiny, prompt, LAYER, HEAD, target, positions)
+    aimed, sigma = install.aimed_direction(J, HEAD, "aimed")
+    assert float(aimed.v @ J @ aimed.w) == pytest.approx(sigma, rel=1e-4) and sigma > 0
+    with torch.no_grad():
+        clean, cache = tiny.run_with_cache(prompt, names_filter=[site("hook_write_key"), site("hook_write_value")])
+    k_hat, delta = cache[site("hook_write_key")][0, :, HEAD], cache[site("hook_write_value")][0, :, HEAD]
+    native = k_hat.norm(dim=-1) * delta.norm(dim=-1)
+
+    def lift(v, w, eps):  # log p(target) after adding ε n_t v wᵀ to S_t at each install position, measured
+        def add(states, t):
+            states[:, HEAD] += eps * native[t] * torch.outer(v, w)
+            return states
+
+        with torch.no_grad():
+            edited = tiny.run_with_hooks(prompt, fwd_hooks=[(site("hook_state"), edit_at_positions(add, positions))],
+                                         state_positions=positions)
+        return float(edited[0, -1].log_softmax(-1)[target] - clean[0, -1].log_softmax(-1)[target])
+
+    def first_order(v, w, eps=1e-2):  # the central difference: no second-order term
+        return (lift(v, w, eps) - lift(v, w, -eps)) / (2 * eps)
+
+    assert first_order(aimed.v, aimed.w) == pytest.approx(sigma, rel=2e-3)
+    for d in unit_directions(tiny, 8, seed=11):
+        assert float(d.v @ J @ d.w) < sigma
+        assert first_order(d.v, d.w) == pytest.approx(float(d.v @ J @ d.w), rel=1e-2, abs=2e-3 * sigma)
+        assert lift(d.v, d.w, 1e-2) < lift(aimed.v, aimed.w, 1e-2)
+    # the offset c is Σ ⟨J_t0, k̂ δᵀ⟩: at one position, the native write's own gain
+    J_one, c_one = install.install_gradient(tiny, prompt, LAYER, HEAD, target, [10])
+    assert float(k_hat[10] @ J_one @ delta[10]) / float(native[10]) == pytest.approx(c_one, rel=1e-4)
+
+
+def test_the_aimed_atom_is_the_dictionarys_best_by_first_order_gain(tiny):
+    from writesae import BilinearMatrixSAE
+
+    sae = BilinearMatrixSAE(d_k=tiny.cfg.d_key, d_v=tiny.cfg.d_value, n_features=16, k=3, heads=[0, 2],
+                            site=gdn_hook_name(LAYER, "hook_state"), n_heads=4, seed=0)
+    J = torch.randn(tiny.cfg.d_key, tiny.cfg.d_value, generator=torch.Generator().manual_seed(0))
+    atom, gain = install.aimed_atom(sae, 2, J)
+    gains = [float(torch.outer(a.v, a.w).flatten() @ J.flatten()) for a in
+             (install.atom_direction(sae, 2, i) for i in range(16))]
+    assert (atom.kind, atom.label, atom.layer) == ("aimed_atom", f"feature {max(range(16), key=gains.__getitem__)}", LAYER)
+    assert gain == pytest.approx(max(gains), rel=1e-5)
+    with pytest.raises(ValueError, match=r"head 1 has no dictionary in this SAE"):
+        install.aimed_atom(sae, 1, J)
+
+
+def test_the_install_study_aims_at_each_target_and_scores_controls_on_all(tiny, tokens):
     prompts = [tokens[0, :12], tokens[0, 4:16]]
-    directions = unit_directions(tiny, 1, seed=5, kind="atom") + unit_directions(tiny, 1, seed=6, head=2)
-    study = install.install_study(tiny, prompts, LAYER, directions, multipliers=(1.5, 300.0), max_new_tokens=4,
-                                  rank_range=(10, 40), n_targets=3)
+    controls = unit_directions(tiny, 1, seed=5, kind="random") + unit_directions(tiny, 1, seed=6, head=2)
+    study = install.install_study(tiny, prompts, LAYER, [0, 2], controls, multipliers=(1.0, 300.0), max_new_tokens=4,
+                                  rank_range=(10, 40), n_targets=2)
     runs = study["runs"]
-    assert [(r["m"], r["direction"], r["prompt"]) for r in runs] == [
-        (m, d.label, i) for m in (1.5, 300.0) for d in directions for i in range(2)]
-    assert runs[0]["targets"] == install.pick_targets(tiny, prompts[0], (10, 40), 3, seed=0)
-    assert runs[1]["targets"] == install.pick_targets(tiny, prompts[1], (10, 40), 3, seed=1)  # seed + i
-    at_300 = [r for r in runs if r["m"] == 300.0]
-    assert any(r["continuation"] != r["clean_continuation"] for r in at_300)  # a large install changes things
-    for group, kind in (("all", None), ("atom", "atom"), ("random", "random")):
-        chosen = [r for r in at_300 if kind in (None, r["kind"])]
-        included = [x for r in chosen for x in r["included"]]
-        summary = study["by_multiplier"][group][300.0]
-        assert summary["n"] == len(included) == 3 * len(chosen)
-        assert summary["inclusion_rate"] == sum(included) / len(included)
-        assert summary["mean_lift"] == pytest.approx(sum(x for r in chosen for x in r["lift"]) / len(included), rel=1e-5)
-    changed = sum(r["continuation"] != r["clean_continuation"] for r in at_300) / len(at_300)
-    assert study["continuation_changed_fraction"][300.0] == changed
-    best = study["best_direction_per_target"][300.0]
-    assert best["n"] == 6 and best["mean_best_lift"] == pytest.approx(
-        sum(max(r["lift"][j] for r in at_300 if r["prompt"] == i) for i in range(2) for j in range(3)) / 6, rel=1e-5)
+    targets = [install.pick_targets(tiny, p, (10, 40), 2, seed=i) for i, p in enumerate(prompts)]
+    # per prompt and head: 2 aimed directions scored on their own target, the head's control on both, at 2 m
+    assert len(runs) == 2 * 2 * (2 + 2) * 2
+    aimed = [r for r in runs if r["kind"] == "aimed"]
+    assert [(r["prompt"], r["head"], r["target"], r["m"]) for r in aimed] == [
+        (i, h, y, m) for i in range(2) for h in (0, 2) for y in targets[i] for m in (1.0, 300.0)]
+    assert all(r["label"] == f"aimed at {r['target']}" for r in aimed)
+    assert {(r["prompt"], r["target"]) for r in study["clean"]} == {(i, y) for i in range(2) for y in targets[i]}
+    # the aimed direction has the largest first-order gain for its target in its head
+    for r in aimed:
+        rivals = [x for x in runs if (x["prompt"], x["head"], x["target"], x["m"]) == (r["prompt"], r["head"], r["target"], r["m"])]
+        assert r["gain"] == max(x["gain"] for x in rivals) and len(rivals) == 2
+        # the same offset c for every direction scored on that target (it is the native writes' own)
+        offsets = [x["m"] * x["gain"] - x["predicted_lift"] for x in rivals]
+        assert offsets[1] == pytest.approx(offsets[0], rel=1e-5, abs=1e-7)
+    # one run, rebuilt by hand: install_in_generation of that direction at that m
+    r = aimed[1]
+    J, offset = install.install_gradient(tiny, prompts[r["prompt"]], LAYER, r["head"], r["target"])
+    d, _ = install.aimed_direction(J, r["head"], "aimed")
+    alone = install.install_in_generation(tiny, prompts[r["prompt"]], LAYER, r["head"], d.v, d.w, r["m"], max_new_tokens=4,
+                                          target_tokens=[r["target"]])
+    assert alone["included"] == [r["included"]] and alone["lift"] == pytest.approx([r["lift"]], rel=1e-3, abs=1e-4)
+    assert r["predicted_lift"] == pytest.approx(r["m"] * r["gain"] - offset, rel=1e-5)
+    summary = install.summarize_installs(runs)
+    assert set(summary) == {"aimed", "random"} and summary["random"][300.0]["n"] == 2 * 2 * 2
+    chosen = [x for x in runs if x["kind"] == "aimed" and x["m"] == 300.0]
+    assert summary["aimed"][300.0]["inclusion_rate"] == sum(x["included"] for x in chosen) / len(chosen)
+    assert summary["aimed"][300.0]["mean_lift"] == pytest.approx(np.mean([x["lift"] for x in chosen]))
+    with pytest.raises(ValueError, match=r"head\(s\) \[5\] do not exist"):
+        install.install_study(tiny, prompts, LAYER, [5])
+    with pytest.raises(ValueError, match=r"install position \[12\] outside the text: it has 12 tokens"):
+        install.install_directions(tiny, prompts[0], LAYER, 0, controls[0].v[None], controls[0].w[None], [1.0], positions=[12])
 
 
 def test_pick_targets_ranks_lie_in_range(tiny, tokens):

@@ -7,7 +7,10 @@ from hooked_gdn.sites import edit_at_positions
 from .ablation import write_ablation
 from .edits import kl_from_clean
 from .features import Direction, atom_and_random_directions, atom_direction, frequent_features, site_codes
-from .install import install_in_generation, install_study, pick_targets
+from .install import (
+    aimed_atom, aimed_direction, install_directions, install_gradient, install_in_generation, install_study, pick_targets,
+    summarize_installs,
+)
 from .logit_shift import (
     PooledR2, exact_read_change, logit_shift_study, measured_change, paper_read_change, read_gradient, state_gradient,
 )
@@ -20,7 +23,7 @@ from .substitution import (
 __all__ = [
     "COMPARISONS", "CONDITIONS", "Direction", "NATIVE_WRITES", "Firing", "PooledR2", "atom_and_random_directions", "atom_direction",
     "clustered_bootstrap", "edit_at_positions", "exact_read_change", "find_firings", "frequent_features",
-    "install_in_generation", "install_matrix", "install_study", "kl_from_clean", "logit_shift_study",
-    "measured_change", "native_writes", "paper_read_change", "pick_targets", "read_gradient", "site_codes", "state_gradient", "substitution_test", "summarize",
+    "aimed_atom", "aimed_direction", "install_directions", "install_gradient", "install_in_generation", "install_matrix", "install_study", "kl_from_clean", "logit_shift_study",
+    "measured_change", "native_writes", "paper_read_change", "pick_targets", "read_gradient", "site_codes", "state_gradient", "substitution_test", "summarize", "summarize_installs",
     "wilson_interval", "write_ablation",
 ]
