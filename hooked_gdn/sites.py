@@ -35,6 +35,13 @@ GDN_HOOKS = (
     "hook_write_value", "hook_state", "hook_final_state", "hook_recurrence_out", "hook_gated_out", "hook_out",
 )
 
+# every hook point of a sparse MoE block (``blocks.L.mlp``), in the order of the computation (`hooked_gdn.mlp`);
+# its output is the block's ``hook_mlp_out``, and its shared expert has the SwiGLU's own hook points
+MOE_HOOKS = (
+    "hook_router_logits", "hook_expert_indices", "hook_topk_weights", "hook_experts_out", "hook_shared_expert_out",
+    "hook_shared_expert_gate",
+)
+
 _SITE = re.compile(r"blocks\.(\d+)\.linear_attn\.(hook_state|hook_write_value)")
 _POSITIONS = "positions"  # the key in a hook point's ``ctx``
 
@@ -47,6 +54,13 @@ def block_name(layer: int, name: str) -> str:
 def gdn_hook_name(layer: int, hook: str) -> str:
     """The full name of a GDN hook point, e.g. ``gdn_hook_name(4, "hook_write_value")``."""
     return block_name(layer, f"linear_attn.{hook}")
+
+
+def moe_hook_name(layer: int, hook: str) -> str:
+    """The full name of an MoE hook point, e.g. ``moe_hook_name(3, "hook_expert_indices")``."""
+    if hook not in MOE_HOOKS:
+        raise ValueError(f"{hook!r} is not an MoE hook point; they are {', '.join(MOE_HOOKS)}")
+    return block_name(layer, f"mlp.{hook}")
 
 
 def site_name(layer: int, kind: str) -> str:
@@ -89,9 +103,12 @@ def parse_site(name: str | None, gdn_layers: Sequence[int] | None = None) -> Sit
 
 def act_name(name: str, layer: int | None = None, layer_type: str | None = None, gdn_layers: Sequence[int] = ()) -> str:
     """TransformerLens' ``get_act_name``, and in a GDN layer its hook points by their short name:
-    ``act_name("state", 4, gdn_layers=[0, 1, 2, 4])`` is ``blocks.4.linear_attn.hook_state``."""
+    ``act_name("state", 4, gdn_layers=[0, 1, 2, 4])`` is ``blocks.4.linear_attn.hook_state``; an MoE
+    block's likewise (``act_name("expert_indices", 3)`` is ``blocks.3.mlp.hook_expert_indices``)."""
     if layer in gdn_layers and layer_type in (None, "linear_attn") and f"hook_{name}" in GDN_HOOKS:
         return gdn_hook_name(layer, f"hook_{name}")
+    if layer is not None and layer_type in (None, "mlp") and f"hook_{name}" in MOE_HOOKS:
+        return moe_hook_name(layer, f"hook_{name}")
     return get_act_name(name, layer, layer_type)
 
 

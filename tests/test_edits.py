@@ -7,6 +7,8 @@ import torch
 
 from hooked_gdn.sites import edit_at_positions, gdn_hook_name
 
+from .conftest import FAMILIES
+
 
 def site(model, name):
     return gdn_hook_name(model.cfg.gdn_layers[1], name)
@@ -43,6 +45,7 @@ def edit_cases(model):
     }
 
 
+@pytest.mark.parametrize("model", FAMILIES, indirect=True)
 @pytest.mark.parametrize("case", ["delete write", "replace write", "state difference at one position",
                                   "state differences at several positions"])
 def test_parallel_edit_equals_sequential_edit(model, case):

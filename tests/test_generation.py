@@ -7,9 +7,11 @@ import torch
 
 from hooked_gdn.sites import edit_at_positions, gdn_hook_name, hook_positions
 
+from .conftest import FAMILIES
 from .test_edits import site
 
 
+@pytest.mark.parametrize("model", FAMILIES, indirect=True)
 def test_prefill_then_continue_equals_one_forward(model):
     tokens = torch.randint(0, 101, (2, 53), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -34,6 +36,7 @@ def test_the_cached_conv_state_is_a_copy_of_the_last_conv_inputs(model):
         assert conv.untyped_storage().nbytes() == conv.numel() * conv.element_size()
 
 
+@pytest.mark.parametrize("model", FAMILIES, indirect=True)
 def test_prefill_with_left_padding_continues_like_unpadded(model):
     tokens = torch.randint(1, 101, (2, 20), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(tokens)
@@ -46,8 +49,9 @@ def test_prefill_with_left_padding_continues_like_unpadded(model):
     assert (continued[1] - alone[0, -5:]).abs().max().item() <= 1e-4
 
 
-def test_greedy_generate_matches_transformers(make_pair):
-    hf, ours = make_pair("grouped", seed=3)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_greedy_generate_matches_transformers(make_pair, name):
+    hf, ours = make_pair(name, seed=3)
     prompt = torch.randint(1, 101, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0,

@@ -10,6 +10,8 @@ from hooked_gdn import HookedGatedDeltaNet
 from hooked_gdn import sites
 from hooked_gdn.sites import block_name, site_name
 
+from .conftest import FAMILIES
+
 GDN_HOOKS = [
     "hook_in", "hook_q_pre_conv", "hook_k_pre_conv", "hook_v_pre_conv", "hook_q", "hook_k", "hook_v",
     "hook_beta_logit", "hook_beta", "hook_log_decay", "hook_read_query", "hook_write_key", "hook_write_value",
@@ -84,6 +86,7 @@ def plain_recurrence(q, k, v, beta, g, n_value_heads):
     return q_hat, k_hat, torch.stack(deltas, 1), torch.stack(states, 1), torch.stack(outs, 1)
 
 
+@pytest.mark.parametrize("model", FAMILIES, indirect=True)
 @pytest.mark.parametrize("length", [1, 29, 70])
 def test_state_and_write_hooks_equal_the_plain_recurrence(model, length):
     layer = model.cfg.gdn_layers[-1]
@@ -103,6 +106,7 @@ def test_state_and_write_hooks_equal_the_plain_recurrence(model, length):
     assert close(cache[f"{site}.hook_recurrence_out"], out)
 
 
+@pytest.mark.parametrize("model", FAMILIES, indirect=True)
 def test_state_positions_select_exactly_those_states(model):
     site = site_name(model.cfg.gdn_layers[0], "state")
     tokens = torch.randint(0, 101, (2, 90))

@@ -9,12 +9,13 @@ from hooked_gdn.sites import gdn_hook_name, site_name
 from writesae import BilinearMatrixSAE, FlatSAE
 from writesae.splice import HookedSAEGatedDeltaNet
 
-from .conftest import random_tiny_model
+from .conftest import FAMILIES, random_tiny_model
 
 
 @pytest.fixture(scope="module")
-def model():
-    return random_tiny_model(HookedSAEGatedDeltaNet)
+def model(request):
+    """The "grouped" tiny model; a test runs on every family with ``parametrize("model", FAMILIES, indirect=True)``."""
+    return random_tiny_model(HookedSAEGatedDeltaNet, getattr(request, "param", "grouped"))
 
 
 def make_sae(model, kind="state", heads="all", cls=BilinearMatrixSAE, **kwargs):
@@ -25,6 +26,7 @@ def make_sae(model, kind="state", heads="all", cls=BilinearMatrixSAE, **kwargs):
 TOKENS = torch.randint(0, 101, (2, 30), generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.parametrize("model", FAMILIES, indirect=True)
 @pytest.mark.parametrize("kind", ["state", "write"])
 @pytest.mark.parametrize("recurrence", ["parallel", "sequential"])
 def test_error_term_leaves_logits_unchanged(model, kind, recurrence):
@@ -37,6 +39,7 @@ def test_error_term_leaves_logits_unchanged(model, kind, recurrence):
     assert (without_error - clean).abs().max().item() > 1e-4  # a random SAE does change the model
 
 
+@pytest.mark.parametrize("model", FAMILIES, indirect=True)
 def test_zeroing_a_feature_changes_logits_from_the_spliced_position_on(model):
     t = 12
     sae = make_sae(model, heads=[1, 2])
