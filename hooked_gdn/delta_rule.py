@@ -11,6 +11,11 @@ Per head, with S_0 = 0 or a given initial state [b, H, d_k, d_v]:
 
     S̃ = α_t S_{t−1},  δ_t = β_t (v_t − S̃ᵀ k̂_t),  S_t = S̃ + k̂_t δ_tᵀ,  o_t = S_tᵀ q̂_t,  α_t = exp(g_t).
 
+With ``erase=False`` the erase term S̃ᵀk̂_t is dropped, δ_t = β_t v_t: the scalar-decay, rank-1-write
+recurrence of Mamba-2's SSD layer (h_t = exp(Δ_t A) h_{t−1} + B_t (Δ_t x_t)ᵀ, y_t = h_tᵀ C_t, with
+q̂ = C, k̂ = B, v = x, β = Δ, g = Δ A; `hooked_gdn.mamba2`). Every function below takes it, and edits
+mean the same in both.
+
 ``gated_delta_rule_reference`` runs that one position at a time; it is the ground truth that the
 chunked path and every edit path are tested against. ``chunked_gated_delta_rule`` is the WY/UT
 form: within a chunk of C positions the δ's solve one unit-lower-triangular system, so the cost is
@@ -84,10 +89,10 @@ class DeltaRuleEdits:
         return state
 
 
-def decay_and_predict(state: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
-    """One position's S̃ = α S and δ = β (v − S̃ᵀ k̂), for S [b, H, d_k, d_v] and per-head rows."""
+def decay_and_predict(state: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, erase: bool = True) -> tuple[Tensor, Tensor]:
+    """One position's S̃ = α S and δ = β (v − S̃ᵀ k̂) (δ = β v without ``erase``), for S [b, H, d_k, d_v] and per-head rows."""
     decayed = state * g.exp()[..., None, None]
-    delta = beta[..., None] * (v - torch.einsum("bhkv,bhk->bhv", decayed, k))
+    delta = beta[..., None] * (v - torch.einsum("bhkv,bhk->bhv", decayed, k) if erase else v)
     return decayed, delta
 
 
@@ -105,9 +110,9 @@ def _zero_state(k: Tensor, v: Tensor) -> Tensor:
     return k.new_zeros(k.shape[0], k.shape[2], k.shape[3], v.shape[3])
 
 
-def _edited_step(state, t, q, k, v, g, beta, edits: DeltaRuleEdits | None):
+def _edited_step(state, t, q, k, v, g, beta, edits: DeltaRuleEdits | None, erase: bool = True):
     """Position t of the recurrence with its edits applied: returns (S_t, o_t, δ_t)."""
-    decayed, delta = decay_and_predict(state, k[:, t], v[:, t], g[:, t], beta[:, t])
+    decayed, delta = decay_and_predict(state, k[:, t], v[:, t], g[:, t], beta[:, t], erase)
     key = k[:, t]
     if edits is not None:
         key, delta = edits.write_at(t, key, delta)
@@ -119,13 +124,13 @@ def _edited_step(state, t, q, k, v, g, beta, edits: DeltaRuleEdits | None):
 
 def gated_delta_rule_reference(
     q: Queries, k: Keys, v: Values, g: PerHead, beta: PerHead,
-    initial_state: State | None = None, edits: DeltaRuleEdits | None = None,
+    initial_state: State | None = None, edits: DeltaRuleEdits | None = None, erase: bool = True,
 ) -> DeltaRuleOutput:
     """The recurrence one position at a time, exactly as written; returns the states at every position."""
     state = _zero_state(k, v) if initial_state is None else initial_state
     outs, deltas, states = [], [], []
     for t in range(k.shape[1]):
-        state, o, delta = _edited_step(state, t, q, k, v, g, beta, edits)
+        state, o, delta = _edited_step(state, t, q, k, v, g, beta, edits, erase)
         outs.append(o)
         deltas.append(delta)
         states.append(state)
@@ -135,7 +140,7 @@ def gated_delta_rule_reference(
 def chunked_gated_delta_rule(
     q: Queries, k: Keys, v: Values, g: PerHead, beta: PerHead,
     initial_state: State | None = None, state_positions: Int[Tensor, " P"] | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int = DEFAULT_CHUNK_SIZE, erase: bool = True,
 ) -> DeltaRuleOutput:
     """The WY/UT chunked form. ``state_positions`` [P] asks for S_t at those positions.
 
@@ -146,6 +151,7 @@ def chunked_gated_delta_rule(
         o_i = e^{γ_i} S_0ᵀ q̂_i + Σ_{j≤i} D_ij (q̂_iᵀ k̂_j) δ_j,
         S_i = e^{γ_i} S_0 + Σ_{j≤i} D_ij k̂_j δ_jᵀ.
 
+    Without ``erase`` there is no system to solve: A = 0 and δ = β v (the SSD form of Mamba-2).
     The chunk-start states come from a loop over chunks; the states at requested positions are
     then the last line, computed for all of them at once.
     """
@@ -162,10 +168,12 @@ def chunked_gated_delta_rule(
     gamma = g.cumsum(-1)
     causal = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
     decay = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-    k_beta = k * beta[..., None]
-    system = (k_beta @ k.transpose(-1, -2)) * decay  # I + A, with its diagonal taken as 1 below
-    u = torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True)
-    w = torch.linalg.solve_triangular(system, k_beta * gamma.exp()[..., None], upper=False, unitriangular=True)
+    u, w = v * beta[..., None], None  # δ = u − w S_0
+    if erase:
+        k_beta = k * beta[..., None]
+        system = (k_beta @ k.transpose(-1, -2)) * decay  # I + A, with its diagonal taken as 1 below
+        u = torch.linalg.solve_triangular(system, u, upper=False, unitriangular=True)
+        w = torch.linalg.solve_triangular(system, k_beta * gamma.exp()[..., None], upper=False, unitriangular=True)
     qk = (q @ k.transpose(-1, -2)) * decay
     q_decayed = q * gamma.exp()[..., None]
     k_to_chunk_end = k * (gamma[..., -1:] - gamma).exp()[..., None]
@@ -175,7 +183,7 @@ def chunked_gated_delta_rule(
     outs, deltas, chunk_starts = [], [], []  # lists, not in-place writes, so autograd can run back through
     for n in range(N):
         chunk_starts.append(state)
-        delta_n = u[:, :, n] - w[:, :, n] @ state
+        delta_n = u[:, :, n] if w is None else u[:, :, n] - w[:, :, n] @ state
         outs.append(q_decayed[:, :, n] @ state + qk[:, :, n] @ delta_n)
         deltas.append(delta_n)
         state = state * chunk_decay[:, :, n] + k_to_chunk_end[:, :, n].transpose(-1, -2) @ delta_n
@@ -205,12 +213,12 @@ def chunked_gated_delta_rule(
 def gated_delta_rule(
     q: Queries, k: Keys, v: Values, g: PerHead, beta: PerHead,
     initial_state: State | None = None, state_positions: Int[Tensor, " P"] | None = None,
-    edits: DeltaRuleEdits | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    edits: DeltaRuleEdits | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE, erase: bool = True,
 ) -> DeltaRuleOutput:
     """The chunked recurrence with edits: chunked between edited positions, one exact step at each."""
     edited = edits.positions() if edits is not None else []
     if not edited:
-        return chunked_gated_delta_rule(q, k, v, g, beta, initial_state, state_positions, chunk_size)
+        return chunked_gated_delta_rule(q, k, v, g, beta, initial_state, state_positions, chunk_size, erase)
     T = k.shape[1]
     wanted = state_positions.tolist() if state_positions is not None else []
     state = _zero_state(k, v) if initial_state is None else initial_state
@@ -221,7 +229,7 @@ def gated_delta_rule(
             in_segment = [p for p in wanted if start <= p < e]
             segment = chunked_gated_delta_rule(
                 q[:, start:e], k[:, start:e], v[:, start:e], g[:, start:e], beta[:, start:e], state,
-                torch.tensor(in_segment, device=k.device) - start if in_segment else None, chunk_size,
+                torch.tensor(in_segment, device=k.device) - start if in_segment else None, chunk_size, erase,
             )
             outs.append(segment.out)
             deltas.append(segment.write_value)
@@ -229,7 +237,7 @@ def gated_delta_rule(
             state = segment.final_state
         if e == T:
             break
-        state, o, delta = _edited_step(state, e, q, k, v, g, beta, edits)
+        state, o, delta = _edited_step(state, e, q, k, v, g, beta, edits, erase)
         outs.append(o[:, None])
         deltas.append(delta[:, None])
         if e in wanted:

@@ -115,6 +115,8 @@ def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
 class GatedDeltaNet(nn.Module):
     """The GDN layer of DESIGN §2, with its recurrent state and rank-1 write as editable hook points."""
 
+    erase = True  # the delta rule's erase term; Mamba-2's SSD mixer (`hooked_gdn.mamba2`) runs this recurrence without it
+
     def __init__(self, cfg: HookedGDNConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
@@ -126,6 +128,7 @@ class GatedDeltaNet(nn.Module):
         self.W_b = _matrix(cfg.n_value_heads, cfg.d_model)
         self.W_a = _matrix(cfg.n_value_heads, cfg.d_model)
         self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, 1, cfg.conv_kernel))
+        self.conv_bias = None  # Qwen's conv has none (Mamba-2's has one)
         self.A_log = nn.Parameter(torch.empty(cfg.n_value_heads))
         self.dt_bias = nn.Parameter(torch.ones(cfg.n_value_heads))
         self.norm = GatedRMSNorm(cfg.d_value, cfg.gdn_norm_eps)
@@ -163,7 +166,8 @@ class GatedDeltaNet(nn.Module):
         padded = torch.cat([past.to(x.dtype), x], -1)
         if ctx.cache is not None:
             ctx.cache.update_conv_state(self.layer, padded, self.cfg.conv_kernel)
-        return rearrange(F.silu(F.conv1d(padded, self.conv_weight.to(x.dtype), groups=self.conv_dim)), "b c p -> b p c")
+        bias = None if self.conv_bias is None else self.conv_bias.to(x.dtype)
+        return rearrange(F.silu(F.conv1d(padded, self.conv_weight.to(x.dtype), bias, groups=self.conv_dim)), "b c p -> b p c")
 
     def forward(self, x: Float[Tensor, "b p d_model"], ctx: ForwardContext) -> Float[Tensor, "b p d_model"]:
         cfg = self.cfg
@@ -204,7 +208,7 @@ class GatedDeltaNet(nn.Module):
         positions = None
         if hooked_state:
             positions = ctx.state_positions if ctx.state_positions is not None else torch.arange(k_hat.shape[1], device=k_hat.device)
-        run = lambda edits, positions: gated_delta_rule(q_hat, k_hat, v, g, beta, initial, positions, edits, ctx.chunk_size)
+        run = lambda edits, positions: gated_delta_rule(q_hat, k_hat, v, g, beta, initial, positions, edits, ctx.chunk_size, self.erase)
         result = run(None, positions)
         edits = DeltaRuleEdits()
         if any_hooked(self.hook_write_key, self.hook_write_value):
@@ -234,7 +238,7 @@ class GatedDeltaNet(nn.Module):
         outs = []
         for t in range(k_hat.shape[1]):
             tell_positions(torch.tensor([ctx.past_length + t]), self.hook_write_key, self.hook_write_value, self.hook_state)
-            decayed, delta = decay_and_predict(state, k_hat[:, t], v[:, t], g[:, t], beta[:, t])
+            decayed, delta = decay_and_predict(state, k_hat[:, t], v[:, t], g[:, t], beta[:, t], self.erase)
             key = self.hook_write_key(k_hat[:, t : t + 1])[:, 0]
             delta = self.hook_write_value(delta[:, None])[:, 0]
             state = write(decayed, key.float(), delta.float())

@@ -32,6 +32,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hooked_gdn import HookedGatedDeltaNet
+from hooked_gdn.mamba2 import HookedMamba2
 from hooked_gdn.sites import Site, hook_positions, parse_site
 
 from .sae import SAEBase
@@ -102,6 +103,11 @@ class HookedSAEGatedDeltaNet(HookedGatedDeltaNet):
     def run_with_cache_with_saes(self, *model_args, saes: list[SAEBase] = (), use_error_term: bool | None = None, **kwargs):
         with self.saes(saes, use_error_term=use_error_term):
             return self.run_with_cache(*model_args, **kwargs)
+
+
+class HookedSAEMamba2(HookedSAEGatedDeltaNet, HookedMamba2):
+    """`HookedMamba2` that SAEs can be attached to, at the same sites: its SSD state h_t (d_state × head_dim
+    per head) and its write B_t (Δ_t x_t)ᵀ."""
 
 
 def zero_ablation_hooks(model: HookedGatedDeltaNet, sae: SAEBase) -> list[tuple[str, Callable]]:
