@@ -11,6 +11,10 @@ Per GDN layer and value head, over the positions of some text:
 - ‖o_t‖_rms / √ε of the read, against the gated RMSNorm's ε: near or below 1, ε rather than the read
   sets the head's output scale.
 
+The same census runs on a `hooked_gdn.mamba2.HookedMamba2`, whose SSD heads have GDN's hook names:
+there α_t = exp(Δ_t A), the β column is the write strength Δ_t, S_t is h_t (d_state × head_dim), the
+write is B_t (Δ_t x_t)ᵀ, and o_t = h_tᵀ C_t before the D x_t skip (ε: the gated norm's, over a group of heads).
+
 The state statistics are medians over the positions where states are formed (``state_every``);
 the decay and β statistics use every position. Windows start from a zero state, so the first
 positions of each window see a short past: use windows (``context``) several times longer than

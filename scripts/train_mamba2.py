@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 from transformers import Mamba2Config, Mamba2ForCausalLM, PreTrainedTokenizerFast
 
-from hooked_gdn.pretrained import HELDOUT_CONTEXT, PRETRAINED_DIR, heldout_windows
+from hooked_gdn.pretrained import HELDOUT_CONTEXT, PRETRAINED_MODELS, heldout_windows
 from train_pretrained import TrainSettings, token_stream, train, transformers_heldout_loss
 
-OUT = PRETRAINED_DIR / "mamba2-austen"
-TOKENIZER_SOURCE = PRETRAINED_DIR / "gdn-austen"
+OUT = PRETRAINED_MODELS["mamba2-austen"]
+TOKENIZER_SOURCE = PRETRAINED_MODELS["gdn-austen"]
 
 
 def model_config(vocab_size: int, eos_id: int) -> Mamba2Config:
@@ -109,9 +109,9 @@ def write_model_card(folder: Path) -> None:
         f"| SSD heads per layer | {config['num_heads']} heads, head_dim (d_v) {config['head_dim']}, d_state (d_k) "
         f"{config['state_size']}, {config['n_groups']} B/C groups, conv kernel {config['conv_kernel']} |",
         f"| vocabulary | {config['vocab_size']} byte-level BPE tokens (gdn-austen's tokenizer), `<|endoftext|>` = EOS |",
-        f"| training | {stats['steps']} steps × {settings['batch']} windows of {settings['context']} tokens "
-        f"({stats['train_tokens_seen'] / 1e6:.1f} M tokens seen), AdamW lr {settings['lr']}, seed {settings['seed']}, "
-        f"{stats['train_seconds'] / 60:.0f} min on one CPU thread |",
+        f"| training | {stats['steps']} steps (of a {settings['steps']}-step cosine schedule) × {settings['batch']} windows "
+        f"of {settings['context']} tokens ({stats['train_tokens_seen'] / 1e6:.2f} M tokens seen), AdamW lr {settings['lr']}, "
+        f"seed {settings['seed']}, one CPU thread |",
         f"| **held-out loss** | **{stats['heldout_loss']:.4f}** nats/token |",
         f"| **held-out bits per character** | **{stats['heldout_bits_per_char']:.4f}** |",
         f"| heads with median half-life ≥ 16 / ≥ 64 tokens | {census.count(16)} / {census.count(64)} of {len(census.heads)} |",
@@ -130,8 +130,9 @@ def write_model_card(folder: Path) -> None:
         "",
         "## Memory census",
         "",
-        f"`writesae census --model mamba2-austen` on the first {census.n_tokens} held-out tokens in windows of "
-        f"{census.context} (`census.json`, `half_lives.png` beside this card): {census.summary()}.",
+        f"`heldout_census(HookedMamba2.from_pretrained(\"mamba2-austen\"))` (`hooked_gdn.pretrained`) on the first "
+        f"{census.n_tokens} held-out tokens in windows of {census.context} (`census.json`, `half_lives.png` beside "
+        f"this card): {census.summary()}.",
         "In Mamba-2 terms: α = exp(Δ_t A) is the decay, the β column is the mean write strength Δ_t, the state",
         "is h_t (d_state × head_dim per head), the write is B_t (Δ_t x_t)ᵀ, and the read ‖o‖ is y_t = h_tᵀ C_t",
         "before the D skip term and the gated norm.",
@@ -160,6 +161,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--card-only", action="store_true", help="only rewrite README.md (and its census) from the saved model")
+    p.add_argument("--ship-checkpoint", action="store_true",
+                   help="ship the checkpoint as it stands, before the schedule's end (the card says at which step)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.card_only:
@@ -168,30 +171,41 @@ def main() -> None:
     settings = settings_from(args)
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(TOKENIZER_SOURCE)
-    stream = token_stream(tokenizer)
     windows = heldout_windows(tokenizer)
     torch.manual_seed(settings.seed)
     model = Mamba2ForCausalLM(model_config(len(tokenizer), tokenizer.eos_token_id))
+    if args.ship_checkpoint:
+        state = torch.load(args.checkpoint, weights_only=True)
+        if state["settings"] != asdict(settings):
+            raise ValueError(f"{args.checkpoint} was written with settings {state['settings']}, not {asdict(settings)}")
+        model.load_state_dict(state["model"])
+        step = state["step"]
+    else:
+        stream = token_stream(tokenizer)
+        print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {len(stream)} training tokens, "
+              f"{windows.numel()} held-out tokens")
+        start = time.time()
+        def report(step: int, loss: float) -> None:
+            if step % 10 == 0:
+                print(f"step {step} loss {loss:.3f} {time.time() - start:.0f}s", flush=True)
+        step = train(model, stream, settings, args.checkpoint, args.checkpoint_every, args.minutes, report)
+        if step < settings.steps:
+            print(f"stopped at step {step} of {settings.steps}; rerun the same command to resume")
+            return
+    ship(model, tokenizer, windows, settings, step, args.out)
+
+
+def ship(model: Mamba2ForCausalLM, tokenizer, windows: torch.Tensor, settings: TrainSettings, step: int, out: Path) -> None:
+    """Measure the bf16 weights on the held-out windows, save them with their figures, write the card."""
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{n_params / 1e6:.2f} M parameters, {len(stream)} training tokens, {windows.numel()} held-out tokens")
-
-    start = time.time()
-    def report(step: int, loss: float) -> None:
-        if step % 10 == 0:
-            print(f"step {step} loss {loss:.3f} {time.time() - start:.0f}s", flush=True)
-    step = train(model, stream, settings, args.checkpoint, args.checkpoint_every, args.minutes, report)
-    if step < settings.steps:
-        print(f"stopped at step {step} of {settings.steps}; rerun the same command to resume")
-        return
-
     model = model.to(torch.bfloat16).float()  # the shipped (bf16) weights; the card is measured on them
     loss = transformers_heldout_loss(model, windows)
     n_chars = len(tokenizer.decode(windows[:, 1:].flatten().tolist()))
     samples = []
     for prompt in ("It is a truth universally acknowledged", "Anne Elliot", "\"My dear Emma,\" said"):
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        out = model.generate(ids, max_new_tokens=40, do_sample=False)
-        samples.append((prompt, tokenizer.decode(out[0])))
+        generated = model.generate(ids, max_new_tokens=40, do_sample=False)
+        samples.append((prompt, tokenizer.decode(generated[0])))
     stats = {
         "heldout_loss": round(loss, 4),
         "heldout_bits_per_char": round(loss * windows[:, 1:].numel() / math.log(2) / n_chars, 4),
@@ -201,14 +215,13 @@ def main() -> None:
         "steps": step,
         "train_tokens_seen": step * settings.batch * settings.context,
         "parameters": n_params,
-        "train_seconds": round(time.time() - start),
         "settings": asdict(settings),
     }
-    save_model(model, tokenizer, stats, samples, args.out)
+    save_model(model, tokenizer, stats, samples, out)
     print(json.dumps(stats, indent=2))
     for _, text in samples:
         print(repr(text))
-    write_model_card(args.out)
+    write_model_card(out)
 
 
 if __name__ == "__main__":

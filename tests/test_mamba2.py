@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,11 +12,13 @@ from hypothesis import strategies as st
 from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig
 from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
 
+from hooked_gdn.census import memory_census
 from hooked_gdn.delta_rule import chunked_gated_delta_rule, gated_delta_rule, gated_delta_rule_reference
 from hooked_gdn.mamba2 import HookedMamba2
 from hooked_gdn.sites import edit_at_positions, gdn_hook_name, site_name
 from writesae import BilinearMatrixSAE
 from writesae.evals import downstream_metrics
+from writesae.experiments import logit_shift
 from writesae.patching import get_act_patch_sae_features, sae_acts_name
 from writesae.splice import HookedSAEMamba2
 from writesae.store import ActivationStore, StoreConfig
@@ -262,6 +266,39 @@ def test_write_hooks_fire_at_every_generation_step(model):
     with model.hooks(fwd_hooks=[(gdn_hook_name(1, "hook_write_value"), hook)]):
         model.generate(TOKENS[:1, :5], max_new_tokens=4, stop_at_eos=False)
     assert fired == [5, 1, 1, 1]
+
+
+def test_census_half_lives_are_those_of_the_weights():
+    """With dt's rows of in_proj zeroed, Δ = softplus(dt_bias) at every position, so each head's
+    half-life is ln 2 / (A softplus(dt_bias)) exactly, computed here from the weights alone."""
+    torch.manual_seed(0)
+    model = HookedMamba2.from_config(tiny_config()).eval()
+    H = model.cfg.n_value_heads
+    with torch.no_grad():
+        for block in model.blocks:
+            block.linear_attn.W_in[-H:] = 0  # the dt rows come last: z, x, B, C, dt
+    census = memory_census(model, TOKENS, state_every=4)
+    assert [(r.layer, r.head) for r in census.heads] == [(layer, h) for layer in range(2) for h in range(H)]
+    for r in census.heads:
+        mixer = model.blocks[r.layer].linear_attn
+        half_life = math.log(2) / (mixer.A_log[r.head].exp() * torch.nn.functional.softplus(mixer.dt_bias[r.head])).item()
+        assert r.half_life == pytest.approx((half_life,) * 3, rel=1e-4)
+        assert 1 <= r.effective_rank <= min(model.cfg.d_key, model.cfg.d_value)
+
+
+def test_logit_shift_propagator_is_the_decay_alone(model):
+    """Without the erase term a state edit ε v wᵀ at t0 is carried as G_{t0→t} ε v wᵀ: the exact read
+    change is the paper's decay-only form, and both equal the read change measured by editing the state."""
+    t0, head, layer = 6, 2, 1
+    g = torch.Generator().manual_seed(5)
+    v, w = torch.randn(model.cfg.d_key, generator=g), torch.randn(model.cfg.d_value, generator=g)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(TOKENS[:1], names_filter=[gdn_hook_name(layer, s) for s in logit_shift.SITES])
+    exact = logit_shift.exact_read_change(cache, layer, head, t0, v, w, 0.3)
+    _, measured = logit_shift.measured_change(model, TOKENS[:1], layer, head, t0, v, w, 0.3)
+    assert_close(exact, measured[t0:], 1e-4)
+    assert_close(logit_shift.paper_read_change(cache, layer, head, t0, v, w, 0.3), exact, 1e-5)
+    assert exact.abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------- WriteSAE on Mamba-2 states

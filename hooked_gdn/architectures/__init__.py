@@ -23,6 +23,8 @@ def supported() -> str:
 def architecture_for(hf_config) -> Architecture:
     """The family of a transformers config, by its ``model_type``; anything else is refused, naming the supported ones."""
     model_type = getattr(hf_config, "model_type", None)
+    if model_type == "mamba2":
+        raise ValueError("this is a Mamba-2 checkpoint (model_type 'mamba2'): load it with hooked_gdn.mamba2.HookedMamba2")
     if model_type not in ARCHITECTURES:
         raise ValueError(f"unsupported model type {model_type!r}: HookedGatedDeltaNet supports the Gated DeltaNet "
                          f"hybrids {supported()}")

@@ -53,10 +53,17 @@ def _carry(v: Float[Tensor, " d_k"], k_hat: Tensor, beta: Tensor, g: Tensor, t0:
 
 
 def _head_inputs(cache, layer: int, head: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One head's q̂ [T, d_k], k̂ [T, d_k], β [T], g [T] from a cache of the layer's ``SITES``."""
+    """One head's q̂ [T, d_k], k̂ [T, d_k], β [T], g [T] from a cache of the layer's ``SITES``.
+
+    A layer without the erase term (Mamba-2's SSD, `hooked_gdn.mamba2`) has A_s = α_s I: the
+    propagator at β = 0, so β is returned as 0 there. A cache that is a plain dict is taken as GDN's.
+    """
     q, k, beta, g = (cache[gdn_hook_name(layer, name)] for name in SITES)
     if q.shape[0] != 1:
         raise ValueError(f"the cache must hold one sequence, got a batch of {q.shape[0]}")
+    model = getattr(cache, "model", None)
+    if model is not None and not model.blocks[layer].linear_attn.erase:
+        beta = torch.zeros_like(beta)
     return q[0, :, head].float(), k[0, :, head].float(), beta[0, :, head].float(), g[0, :, head].float()
 
 
