@@ -196,7 +196,9 @@ def install_study(
             for y, (J, _) in gradients.items():
                 installs.append((aimed_direction(J, head, f"aimed at {y}", layer)[0], [y]))
                 if sae is not None:
-                    installs.append((aimed_atom(sae, head, J)[0], [y]))
+                    atom = aimed_atom(sae, head, J)[0]
+                    atom.check_layer(layer)
+                    installs.append((atom, [y]))
             installs += [(d, targets) for d in controls if d.head == head]
             batch = [(d, scored, m) for d, scored in installs for m in multipliers]
             out = install_directions(model, prompt, layer, head, torch.stack([d.v for d, _, _ in batch]),
@@ -217,7 +219,8 @@ def install_study(
 
 def summarize_installs(runs: Sequence[dict], confidence: float = 0.95) -> dict:
     """Per kind and multiplier over ``runs``: ``{kind: {m: {"inclusion_rate", "wilson", "n",
-    "mean_lift", "median_lift", "mean_gain"}}}`` (each (prompt, head, direction, target) one trial)."""
+    "mean_lift", "median_lift", "mean_predicted_lift", "mean_gain"}}}`` (each (prompt, head,
+    direction, target) one trial)."""
     summary: dict = {}
     for kind in dict.fromkeys(r["kind"] for r in runs):
         summary[kind] = {}
@@ -227,5 +230,6 @@ def summarize_installs(runs: Sequence[dict], confidence: float = 0.95) -> dict:
             lifts = np.array([r["lift"] for r in chosen])
             summary[kind][m] = {"inclusion_rate": hits / len(chosen), "wilson": wilson_interval(hits, len(chosen), confidence),
                                 "n": len(chosen), "mean_lift": float(lifts.mean()), "median_lift": float(np.median(lifts)),
+                                "mean_predicted_lift": float(np.mean([r["predicted_lift"] for r in chosen])),
                                 "mean_gain": float(np.mean([r["gain"] for r in chosen]))}
     return summary
