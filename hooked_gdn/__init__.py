@@ -4,6 +4,7 @@ from .activation_cache import GDNActivationCache
 from .cache import GDNCache
 from .config import HookedGDNConfig
 from .delta_rule import DeltaRuleEdits, chunked_gated_delta_rule, gated_delta_rule, gated_delta_rule_reference
+from .mamba2 import HookedMamba2, HookedMamba2Config
 from .model import HookedGatedDeltaNet
 
 __all__ = [
@@ -11,6 +12,8 @@ __all__ = [
     "GDNCache",
     "HookedGDNConfig",
     "HookedGatedDeltaNet",
+    "HookedMamba2",
+    "HookedMamba2Config",
     "DeltaRuleEdits",
     "chunked_gated_delta_rule",
     "gated_delta_rule",

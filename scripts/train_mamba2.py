@@ -12,8 +12,10 @@ The training loop, its checkpoint/resume, the schedule and the weight-decay grou
 ``scripts/train_pretrained.py``'s. transformers' own Mamba-2 initialisation
 already spans timescales (A = 1 … n_heads, dt log-uniform in [1e-3, 1e-1]); the weight-decay groups
 keep decay off A_log, dt_bias, D and the norms, which would otherwise pull the half-lives to one token.
-The size fits the 45-minute CPU budget of the issue (one thread): about 3.8 M parameters, windows of
-256 tokens.
+The size was chosen for the issue's budget of 45 CPU-minutes on one thread: about 3.8 M parameters,
+windows of 256 tokens, 400 steps of about 5 CPU-seconds each. ``--ship-checkpoint`` ships the
+checkpoint as it stands instead; the shipped weights are the step-100 checkpoint of that schedule
+(the shared machine gave the run too little CPU to finish before the deadline), and the card says so.
 """
 
 from __future__ import annotations
