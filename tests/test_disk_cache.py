@@ -6,20 +6,25 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import re
+import shutil
 from contextlib import contextmanager
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import Qwen3_5ForCausalLM
 
 import writesae.disk_cache as disk_cache
+from hooked_gdn.pretrained import PRETRAINED_MODELS, austen_documents
 from hooked_gdn.sites import gdn_hook_name, site_name
 from writesae import BilinearMatrixSAE, load_sae
+from writesae.cli import main
 from writesae.disk_cache import CachedActivations, read_manifest, write_cache
 from writesae.store import ActivationStore, StoreConfig
 from writesae.train import TrainConfig, train
 
-from .conftest import random_tiny_model
+from .conftest import random_tiny_model, tiny_hf_config
 
 HEADS = [0, 2]
 STORE = dict(layer=1, heads=HEADS, context=16, positions=[2, 7, 15], model_batch_size=4, heldout_fraction=0.2)
@@ -137,8 +142,6 @@ def test_a_full_disk_mid_shard_leaves_a_cache_that_resumes_to_the_same_bytes(mod
 
 
 def test_a_corrupted_shard_is_named_and_never_read(cache, tmp_path):
-    import shutil
-
     copy = tmp_path / "copy"
     shutil.copytree(cache, copy)
     shard = copy / "train" / "shard-000001.safetensors"
@@ -225,3 +228,34 @@ def test_a_cache_of_another_site_or_heads_is_refused(model, cache, tmp_path):
     sae = BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, n_features=8, k=2, heads="all", seed=0)
     with pytest.raises(ValueError, match=r"heads \[0, 1, 2, 3\]; the cache at .* gives .* heads \[0, 2\]"):
         train(sae, CachedActivations(cache), TrainConfig(out_dir=str(tmp_path), steps=1, progress=False))
+
+
+def test_the_cache_and_train_commands(tmp_path, capsys):
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny"
+    Qwen3_5ForCausalLM(tiny_hf_config("grouped", vocab_size=4096)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # text needs a tokenizer: borrow the shipped one
+        shutil.copy(PRETRAINED_MODELS["gdn-austen"] / name, folder / name)
+    data = tmp_path / "data"
+    data.mkdir()
+    text = austen_documents("heldout")[0].text
+    for i in range(4):  # four documents of 4,000 characters
+        (data / f"part{i}.txt").write_text(text[4000 * i : 4000 * (i + 1)])
+    common = ["--model", str(folder), "--data", str(data), "--context", "32", "--positions", "2"]
+    main(["cache", *common, "--layer", "1", "--heads", "1,3", "--kind", "write", "--out", str(tmp_path / "cache"),
+          "--shard-samples", "64", "--storage-dtype", "bfloat16", "--no-progress"])
+    manifest = read_manifest(tmp_path / "cache")
+    assert manifest["site"] == site_name(1, "write") and manifest["heads"] == [1, 3] and manifest["dtype"] == "bfloat16"
+    assert str(data) in manifest["corpus"] and len(manifest["heldout_documents"]) == 1
+    assert f"wrote {tmp_path / 'cache' / 'manifest.json'}" in capsys.readouterr().out
+
+    train_args = ["train", "--cache", str(tmp_path / "cache"), "--steps", "3", "--batch-size", "16", "--buffer-size", "64",
+                  "--n-features", "16", "--k", "2", "--eval-every", "3", "--no-progress"]
+    main([*train_args, "--out", str(tmp_path / "run")])
+    sae = load_sae(tmp_path / "run" / "sae")
+    assert sae.cfg.site == site_name(1, "write") and sae.cfg.head_indices == [1, 3] and sae.cfg.model_name == str(folder)
+    for wrong, message in ((["--layer", "2"], "site is blocks.2.linear_attn.hook_write_value, but the cache at"),
+                           (["--heads", "all"], r"heads \[0, 1, 2, 3\]; the cache at")):
+        with pytest.raises(SystemExit) as exit:
+            main([*train_args, *wrong, "--out", str(tmp_path / "wrong")])
+        assert exit.value.code == 2 and re.search(message, capsys.readouterr().err)

@@ -4,6 +4,11 @@
     writesae train --layer 4 --steps 2000 --out runs/l4   # an SAE on the bundled novels
     writesae eval runs/l4/sae --contexts 16
     writesae dashboard runs/l4/sae --out runs/l4/dashboard   # then open runs/l4/dashboard/index.html
+    writesae cache --layer 4 --out cache/l4                  # extract once (writesae.disk_cache) ...
+    writesae train --cache cache/l4 --steps 2000 --out runs/l4-cached   # ... train many SAEs from it
+
+Under ``torchrun --nproc_per_node N -m writesae.cli``, ``cache`` splits its shards over the ranks
+and ``train --cache`` is data-parallel (`writesae.distributed`).
 
 Without ``--data`` the bundled Austen novels are used, with the shipped model's held-out chapters
 (Persuasion 21–24) as the held-out documents. ``--data`` takes text files (``.gz`` ones are
@@ -26,6 +31,8 @@ from pathlib import Path
 import torch
 
 from hooked_gdn.pretrained import CENSUS_CONTEXT, CENSUS_TOKENS
+
+from . import distributed
 
 
 def _positive_int(text: str) -> int:
@@ -62,11 +69,23 @@ def _parser() -> argparse.ArgumentParser:
     quick.add_argument("--out", type=Path, default=Path("quickstart-out"))
     quick.add_argument("--seed", type=int, default=0)
 
+    cache = commands.add_parser("cache", help="extract a GDN layer's states or writes once, into sharded safetensors files")
+    _add_store_args(cache)
+    cache.add_argument("--layer", type=int, required=True)
+    cache.add_argument("--heads", default="all", help="'all' or comma-separated head indices")
+    cache.add_argument("--kind", choices=["state", "write"], default="state", help="the site: the state S_t or the write k̂_t δ_tᵀ")
+    cache.add_argument("--out", type=Path, required=True, help="the cache folder (a rerun finishes an interrupted one)")
+    cache.add_argument("--shard-samples", type=_positive_int, default=4096, help="samples per shard (whole contexts)")
+    cache.add_argument("--storage-dtype", choices=["float32", "bfloat16"], default="float32", help="the samples' dtype on disk")
+    cache.add_argument("--no-progress", action="store_true")
+
     tr = commands.add_parser("train", help="train an SAE on a GDN layer's states or writes")
     _add_store_args(tr)
-    tr.add_argument("--layer", type=int, required=True)
-    tr.add_argument("--heads", default="all", help="'all' or comma-separated head indices")
-    tr.add_argument("--kind", choices=["state", "write"], default="state", help="the site: the state S_t or the write k̂_t δ_tᵀ")
+    tr.add_argument("--cache", type=Path, help="train from this cache (writesae cache) instead of streaming from the model; "
+                    "the site, heads and corpus are the cache's")
+    tr.add_argument("--layer", type=int, help="GDN layer (required without --cache)")
+    tr.add_argument("--heads", help="'all' or comma-separated head indices (default: all, or the cache's)")
+    tr.add_argument("--kind", choices=["state", "write"], help="the site: the state S_t (default) or the write k̂_t δ_tᵀ")
     tr.add_argument("--architecture", choices=["bilinear", "matrix", "flat"], default="bilinear")
     tr.add_argument("--tied", action="store_true", help="bilinear encoder tied to the decoder (U = V, P = W)")
     tr.add_argument("--n-features", type=_positive_int, default=512)
@@ -149,6 +168,7 @@ def _load_model(args):
 def cmd_train(args) -> None:
     from hooked_gdn.sites import site_name
 
+    from .disk_cache import CachedActivations
     from .sae import ARCHITECTURES
     from .train import TrainConfig, claim_out_dir, train
 
@@ -156,19 +176,49 @@ def cmd_train(args) -> None:
         out_dir=str(args.out), steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, progress=not args.no_progress, wandb_project=args.wandb, seed=args.seed,
     )
-    claim_out_dir(train_cfg)  # refuse a file in the way now, not after loading the model and the corpus
-    model = _load_model(args)
-    heads = _heads(args.heads)
+    if distributed.is_lead():
+        claim_out_dir(train_cfg)  # refuse a file in the way now, not after loading the model and the corpus
+    if args.cache:  # the SAE reads the cache's site and heads unless told otherwise (then train checks they match)
+        store = CachedActivations(args.cache, buffer_size=args.buffer_size, seed=args.seed)
+        m = store.manifest
+        layer, kind, heads = m["layer"] if args.layer is None else args.layer, args.kind or m["kind"], m["heads"]
+        d_k, d_v, model_name = m["d_k"], m["d_v"], m["model"]
+    elif args.layer is None:
+        raise ValueError("--layer is required (or --cache DIR, to train from a cache)")
+    else:
+        model = _load_model(args)
+        layer, kind, heads = args.layer, args.kind or "state", "all"
+        d_k, d_v, model_name = model.cfg.d_key, model.cfg.d_value, args.model
+    heads = _heads(args.heads) if args.heads else heads
     sae = ARCHITECTURES[args.architecture](
-        d_k=model.cfg.d_key, d_v=model.cfg.d_value, n_features=args.n_features, rank=args.rank, sparsity=args.sparsity,
-        k=args.k, site=site_name(args.layer, args.kind), heads=heads, tied=args.tied, model_name=args.model,
+        d_k=d_k, d_v=d_v, n_features=args.n_features, rank=args.rank, sparsity=args.sparsity,
+        k=args.k, site=site_name(layer, kind), heads=heads, tied=args.tied, model_name=model_name,
         seed=args.seed, device=args.device,
     )
-    store = _store(model, args, args.layer, heads, args.kind)
+    if not args.cache:
+        store = _store(model, args, layer, heads, kind)
     result = train(sae, store, train_cfg)
-    print(f"saved {result.out_dir / 'sae'}")
+    if distributed.is_lead():
+        print(f"saved {result.out_dir / 'sae'}")
     if result.diverged:
         raise SystemExit(f"writesae train: the saved SAE looks diverged: {result.diverged}")
+
+
+def cmd_cache(args) -> None:
+    from .disk_cache import OUTPUTS, write_cache
+    from .outputs import claim_outputs
+
+    if distributed.is_lead():
+        claim_outputs(args.out, OUTPUTS)  # refuse a file in the way now, not after loading the model and the corpus
+    model = _load_model(args)
+    store = _store(model, args, args.layer, _heads(args.heads), args.kind)
+    corpus = ", ".join(map(str, args.data)) if args.data else f"{args.model}'s bundled novels (its held-out chapters held out)"
+    manifest = write_cache(store, args.out, model_name=args.model, corpus=corpus, shard_samples=args.shard_samples,
+                           dtype=args.storage_dtype, progress=not args.no_progress)
+    if distributed.is_lead():
+        splits = json.loads(manifest.read_text())["splits"]
+        print(f"wrote {manifest}: {splits['train']['samples']} training and {splits['heldout']['samples']} held-out samples "
+              f"in {splits['train']['shards']} + {splits['heldout']['shards']} shards")
 
 
 def cmd_eval(args) -> None:
@@ -254,11 +304,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
     command = {"train": cmd_train, "eval": cmd_eval, "quickstart": cmd_quickstart, "census": cmd_census,
-               "dashboard": cmd_dashboard}[args.command]
+               "dashboard": cmd_dashboard, "cache": cmd_cache}[args.command]
     try:
+        if args.command in ("cache", "train"):  # under torchrun: join the process group, one device per rank
+            args.device = distributed.init_from_env(args.device)
         command(args)
     except (ValueError, OSError, FloatingPointError) as error:  # bad input: its message names it; no traceback
         parser.exit(2, f"writesae {args.command}: error: {error}\n")
+    finally:
+        distributed.close()
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PARTS = "manifest-parts"
 STORAGE_DTYPES = ("float32", "bfloat16")
+OUTPUTS = (MANIFEST, *SPLITS, PARTS)  # what a cache folder holds
 # seed purposes, after the store's own (writesae.store): positions of cache shards, the cache sampler
 _SHARD_POSITIONS, _CACHE_EPOCH_ORDER, _CACHE_STREAM = 100, 101, 102
 
@@ -109,7 +110,7 @@ def write_cache(store: ActivationStore, folder: str | Path, *, model_name: str, 
     distributed.check_same_on_every_rank(settings, "cache settings")
     rank, world = distributed.rank_and_world()
     if rank == 0:
-        claim_outputs(folder, [MANIFEST, *SPLITS, PARTS])
+        claim_outputs(folder, OUTPUTS)
         for name in [*SPLITS, PARTS]:
             (folder / name).mkdir(exist_ok=True)
             for temporary in (folder / name).glob(".*"):  # atomic_file's, left by a killed run
@@ -122,6 +123,8 @@ def write_cache(store: ActivationStore, folder: str | Path, *, model_name: str, 
     todo = [(split, j) for split in SPLITS for j in range(settings["splits"][split]["shards"])
             if j % world == rank and (split, j) not in done]
     part = folder / PARTS / f"rank-{rank}.json"
+    # first the done shards this rank now owns: it may be replacing a part that listed other ranks' shards
+    _write_json(part, {**settings, "shards": _by_split(mine)})
     for split, j in tqdm(todo, desc=f"cache shards (rank {rank})", disable=not progress or not todo):
         data = _shard_bytes(store, settings, split, j)
         with atomic_file(folder / shard_file(split, j), "wb") as f:
@@ -129,8 +132,6 @@ def write_cache(store: ActivationStore, folder: str | Path, *, model_name: str, 
         mine[split, j] = {"index": j, "file": shard_file(split, j), "bytes": len(data),
                           "samples": _shard_contexts(settings, split, j).numel() * settings["samples_per_context"],
                           "sha256": hashlib.sha256(data).hexdigest()}
-        _write_json(part, {**settings, "shards": _by_split(mine)})
-    if not todo:
         _write_json(part, {**settings, "shards": _by_split(mine)})
     distributed.barrier()
     if rank == 0:
