@@ -170,9 +170,10 @@ def substitution_test(model, sae, tokens: Int[Tensor, "batch pos"], firings: Ite
         random = torch.outer(u, w) / (u.norm() * w.norm())
         matrices = torch.stack([coded, coded * (native_norm / atom_norm), torch.zeros_like(coded),
                                 random * atom_norm, random * native_norm])
-        sequence = tokens[f.sequence].repeat(len(CONDITIONS), 1)
-        kl = kl_from_clean(clean[f.sequence], install_matrix(model, sequence, layer, h, t, matrices, native))
-        window = kl[:, t : t + horizon]
+        end = t + horizon  # the model is causal: positions after the horizon need not run
+        sequence = tokens[f.sequence, :end].repeat(len(CONDITIONS), 1)
+        kl = kl_from_clean(clean[f.sequence, :end], install_matrix(model, sequence, layer, h, t, matrices, native))
+        window = kl[:, t:end]
         records.append({
             **asdict(f),
             "native": native,
