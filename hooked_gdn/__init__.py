@@ -1,4 +1,5 @@
-"""hooked_gdn: Qwen3.5 (Gated DeltaNet + gated attention) with TransformerLens hook points on the state and the write."""
+"""hooked_gdn: Gated DeltaNet hybrids (Qwen3.5, Qwen3.5-MoE, Qwen3-Next, OLMo-Hybrid; Mamba-2 in
+`HookedMamba2`) with TransformerLens hook points on the state and the write."""
 
 from .activation_cache import GDNActivationCache
 from .cache import GDNCache
