@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from writesae import BilinearMatrixSAE, MatrixSAE
-from writesae.evals import downstream_metrics, reconstruction_metrics
+from writesae.evals import downstream_metrics, downstream_references, reconstruction_metrics
 from hooked_gdn.sites import site_name
 from writesae.splice import HookedSAEGatedDeltaNet
 
@@ -74,3 +74,17 @@ def test_an_sae_that_reconstructs_zero_is_the_zero_ablation(model, mode, kind):
     assert metrics["ce_spliced"] == pytest.approx(metrics["ce_zero_ablated"], rel=1e-6)
     assert metrics["kl_spliced"] == pytest.approx(metrics["kl_zero_ablated"], rel=1e-5)
     assert metrics["ce_loss_recovered"] == pytest.approx(0, abs=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["loop", "single"])
+def test_shared_references_score_every_sae_on_the_heads_as_alone(model, mode):
+    references = downstream_references(model, make_sae(model, "state"), TOKENS, mode, seed=3)
+    sae = make_sae(model, "state", tied=True)  # another SAE on the same site and heads
+    torch.nn.init.normal_(sae.V, generator=torch.Generator().manual_seed(1))
+    assert downstream_metrics(model, sae, TOKENS, mode, seed=3, references=references) == downstream_metrics(model, sae, TOKENS, mode, seed=3)
+    other_heads = BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, n_features=16, k=2, heads=[0, 1],
+                                    site=make_sae(model, "state").cfg.site)
+    with pytest.raises(ValueError, match=r"another splice: heads \[1, 3\], not \[0, 1\]"):
+        downstream_metrics(model, other_heads, TOKENS, mode, seed=3, references=references)
+    with pytest.raises(ValueError, match="another splice: other tokens"):
+        downstream_metrics(model, make_sae(model, "state"), TOKENS[:2], mode, seed=3, references=references)

@@ -7,7 +7,9 @@
   loop (every position, ``recurrence="sequential"``) or at single positions (one position per
   sequence, the rest carried), and the CE loss recovered against zero-ablating the site where
   the SAE is spliced (`writesae.splice.zero_ablation_hooks`):
-  (CE_zero − CE_spliced) / (CE_zero − CE_clean), 1 when splicing costs nothing.
+  (CE_zero − CE_spliced) / (CE_zero − CE_clean), 1 when splicing costs nothing. The clean and
+  zero-ablated runs depend only on the site, heads, tokens and mode: `downstream_references` computes
+  them once for many SAEs (a comparison of architectures on the same heads).
 """
 
 from __future__ import annotations
@@ -63,32 +65,57 @@ def _ce_and_kl(logits: Tensor, clean_log_probs: Tensor, tokens: Tensor, from_pos
     return (ce * keep).sum() / keep.sum(), (kl * keep).sum() / keep.sum()
 
 
+def _runs(model, tokens: Tensor, mode: str, seed: int) -> tuple[Tensor, list[tuple[slice, dict]]]:
+    """The first scored position of each sequence, and the (rows, forward keywords) of each spliced run."""
+    if mode not in ("loop", "single"):
+        raise ValueError(f"mode must be 'loop' or 'single', got {mode!r}")
+    b, T = tokens.shape
+    if mode == "loop":
+        return torch.zeros(b, dtype=torch.long), [(slice(None), dict(recurrence="sequential"))]
+    starts = torch.randint(1, T - 1, (b,), generator=torch.Generator().manual_seed(seed))
+    return starts, [(slice(i, i + 1), dict(state_positions=[int(t)])) for i, t in enumerate(starts)]
+
+
+@torch.no_grad()
+def downstream_references(model, sae: SAEBase, tokens: Int[Tensor, "batch pos"], mode: str = "loop",
+                          seed: int = 0) -> dict:
+    """What `downstream_metrics` compares a splice of ``sae`` against: the clean logits and those with
+    the site zero-ablated on the SAE's heads where the splice acts. They hold for every SAE on the same
+    site and heads, with the same tokens, mode and seed."""
+    _, runs = _runs(model, tokens, mode, seed)
+    zero = zero_ablation_hooks(model, sae)
+    return {
+        "site": sae.cfg.site, "heads": sae.cfg.head_indices, "mode": mode, "seed": seed, "tokens": tokens,
+        "clean": model(tokens),
+        "zero_ablated": torch.cat([model.run_with_hooks(tokens[rows], fwd_hooks=zero, **kw) for rows, kw in runs]),
+    }
+
+
 @torch.no_grad()
 def downstream_metrics(model, sae: SAEBase, tokens: Int[Tensor, "batch pos"], mode: str = "loop",
-                       seed: int = 0) -> dict[str, float]:
+                       seed: int = 0, references: dict | None = None) -> dict[str, float]:
     """CE and KL to the clean model with ``sae`` spliced into ``model`` (a `HookedSAEGatedDeltaNet`).
 
     ``mode="loop"``: the SAE at every position, in the loop (sequential recurrence); scores cover
     every position. ``mode="single"``: one random position t per sequence (seeded), the rest
     carried; scores cover positions t onwards. The zero ablation acts exactly where the splice acts.
+    ``references``: `downstream_references` of an SAE on the same site and heads for the same
+    tokens, mode and seed (computed here when None).
     """
-    if mode not in ("loop", "single"):
-        raise ValueError(f"mode must be 'loop' or 'single', got {mode!r}")
-    clean = model(tokens)
-    clean_log_probs = clean[:, :-1].float().log_softmax(-1)
-    b, T = tokens.shape
-    if mode == "loop":
-        starts = torch.zeros(b, dtype=torch.long)
-        runs = [(slice(None), dict(recurrence="sequential"))]
+    starts, runs = _runs(model, tokens, mode, seed)
+    if references is None:
+        references = downstream_references(model, sae, tokens, mode, seed)
     else:
-        starts = torch.randint(1, T - 1, (b,), generator=torch.Generator().manual_seed(seed))
-        runs = [(slice(i, i + 1), dict(state_positions=[int(t)])) for i, t in enumerate(starts)]
+        wanted = {"site": sae.cfg.site, "heads": sae.cfg.head_indices, "mode": mode, "seed": seed}
+        differ = [f"{key} {references[key]!r}, not {value!r}" for key, value in wanted.items() if references[key] != value]
+        if differ or not torch.equal(references["tokens"], tokens):
+            raise ValueError(f"the references were computed for another splice: {'; '.join(differ) or 'other tokens'}")
+    clean = references["clean"]
+    clean_log_probs = clean[:, :-1].float().log_softmax(-1)
     spliced = torch.cat([model.run_with_saes(tokens[rows], saes=[sae], **kw) for rows, kw in runs])
-    zero = zero_ablation_hooks(model, sae)
-    ablated = torch.cat([model.run_with_hooks(tokens[rows], fwd_hooks=zero, **kw) for rows, kw in runs])
     ce_clean, _ = _ce_and_kl(clean, clean_log_probs, tokens, starts)
     ce_spliced, kl_spliced = _ce_and_kl(spliced, clean_log_probs, tokens, starts)
-    ce_zero, kl_zero = _ce_and_kl(ablated, clean_log_probs, tokens, starts)
+    ce_zero, kl_zero = _ce_and_kl(references["zero_ablated"], clean_log_probs, tokens, starts)
     return {
         "ce_clean": ce_clean.item(),
         "ce_spliced": ce_spliced.item(),
