@@ -104,6 +104,15 @@ def write_model_card(folder: Path) -> None:
         "`HookedMamba2` and `writesae` run on real Mamba-2 weights offline. Same tokenizer, split and held-out",
         "chapters as `gdn-austen`. Reproduce it with `nice -n 10 python scripts/train_mamba2.py --threads 1`.",
         "",
+    ]
+    if stats["steps"] < settings["steps"]:
+        lines += [
+            f"**Shipped before the end of its schedule:** this is the step-{stats['steps']} checkpoint of the "
+            f"{settings['steps']}-step run, shipped with `--ship-checkpoint` (stop the run after that checkpoint, then",
+            "`python scripts/train_mamba2.py --ship-checkpoint`); the shared machine gave the run too little CPU to finish.",
+            "",
+        ]
+    lines += [
         "| | |",
         "|---|---|",
         f"| parameters | {stats['parameters'] / 1e6:.2f} M (weights stored in bf16, embeddings tied) |",

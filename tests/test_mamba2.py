@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -12,9 +13,11 @@ from hypothesis import strategies as st
 from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig
 from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
 
+from hooked_gdn import HookedGatedDeltaNet
 from hooked_gdn.census import memory_census
 from hooked_gdn.delta_rule import chunked_gated_delta_rule, gated_delta_rule, gated_delta_rule_reference
 from hooked_gdn.mamba2 import HookedMamba2
+from hooked_gdn.pretrained import PRETRAINED_MODELS, heldout_loss
 from hooked_gdn.sites import edit_at_positions, gdn_hook_name, site_name
 from writesae import BilinearMatrixSAE
 from writesae.evals import downstream_metrics
@@ -187,6 +190,8 @@ def test_mamba1_and_unimplemented_options_are_refused(tmp_path):
         HookedMamba2.from_config(tiny_config(time_step_limit=(0.0, 0.1)))
     with pytest.raises(ValueError, match="hidden_act"):
         HookedMamba2.from_config(tiny_config(hidden_act="gelu"))
+    with pytest.raises(ValueError, match="HookedMamba2"):  # the GDN class points to the Mamba-2 one
+        HookedGatedDeltaNet.from_config(tiny_config())
 
 
 # ---------------------------------------------------------------- hooks, edits and generation
@@ -343,3 +348,28 @@ def test_writesae_trains_splices_and_patches_on_mamba2_states(tmp_path):
                                index_axis_names=(), use_error_term=False, show_progress=False)
     later = slice(model.cfg.conv_kernel, None)  # past the conv window over the corrupted token
     assert (seen[0][:, later] - clean_spliced[:, later]).abs().max().item() <= 1e-4
+
+
+# ---------------------------------------------------------------- the shipped mamba2-austen
+
+SHIPPED = PRETRAINED_MODELS["mamba2-austen"]
+
+
+def test_shipped_model_loads_offline_and_equals_transformers(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = HookedMamba2.from_pretrained("mamba2-austen").eval()
+    assert model.tokenizer is not None and model.cfg.n_key_heads > 1
+    assert sum(f.stat().st_size for f in SHIPPED.glob("*.safetensors")) <= 10 * 2**20  # bf16, a few M parameters
+    hf = Mamba2ForCausalLM.from_pretrained(SHIPPED, dtype=torch.float32).eval()
+    tokens = model.to_tokens("Captain Wentworth had no fortune. He had been lucky in his profession.")
+    with torch.no_grad():
+        assert (model(tokens) - hf(tokens).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.slow
+def test_shipped_model_heldout_loss_matches_its_card():
+    stats = json.loads((SHIPPED / "training_stats.json").read_text())
+    assert f"{stats['heldout_loss']:.4f}" in (SHIPPED / "README.md").read_text()
+    nats, bits_per_char = heldout_loss(HookedMamba2.from_pretrained("mamba2-austen").eval())
+    assert nats == pytest.approx(stats["heldout_loss"], rel=0.005)
+    assert bits_per_char == pytest.approx(stats["heldout_bits_per_char"], rel=0.005)
