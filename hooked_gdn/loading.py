@@ -132,8 +132,8 @@ class SafetensorsCheckpoint:
         """Every tensor in turn, memory-mapped: its bytes are read when it is used, so copy it and drop it.
 
         Pages read through a memory map stay in the resident set until the map is closed, so each
-        file is reopened after every ``_MAP_WINDOW_BYTES``: the stream holds at most about that
-        much (or one tensor, if larger) beyond what the caller keeps.
+        file is reopened after every ``_MAP_WINDOW_BYTES``: the stream holds at most that much plus
+        one tensor beyond what the caller keeps.
         """
         for path, names in self.names.items():
             start = 0
@@ -232,16 +232,15 @@ def load_pretrained(cls, name_or_path, device=None, dtype=None, device_map=None,
         for key, tensor in checkpoint.stream():
             for p in placements[key]:
                 target_device = _device_of(p.target, plan, default)
-                part = p.take(tensor)
-                if isinstance(p.index, tuple) and not p.index:
-                    value = part.to(target_device, dtype, copy=True)
-                else:  # one part of a tensor that several checkpoint tensors fill
-                    if model.get_parameter(p.target).is_meta:
-                        empty = torch.empty(model.get_parameter(p.target).shape, dtype=dtype, device=target_device)
-                        set_module_tensor_to_device(model, p.target, target_device, value=empty, dtype=dtype, clear_cache=False)
-                    model.get_parameter(p.target)[p.index] = part.to(target_device, dtype)
+                part = p.take(tensor).to(target_device, dtype, copy=True)  # a copy: the mapped bytes are let go
+                if isinstance(p.index, tuple) and not p.index:  # the whole weight
+                    set_module_tensor_to_device(model, p.target, target_device, value=part, dtype=dtype, clear_cache=False)
                     continue
-                set_module_tensor_to_device(model, p.target, target_device, value=value, dtype=dtype, clear_cache=False)
+                # one part of a weight that several checkpoint tensors fill (fused projections, experts one by one)
+                if model.get_parameter(p.target).is_meta:
+                    empty = torch.empty(model.get_parameter(p.target).shape, dtype=dtype, device=target_device)
+                    set_module_tensor_to_device(model, p.target, target_device, value=empty, dtype=dtype, clear_cache=False)
+                model.get_parameter(p.target)[p.index] = part
             del tensor
         for name, buffer in model.named_buffers():
             set_module_tensor_to_device(model, name, _device_of(name, plan, default), value=buffer, dtype=dtype, clear_cache=False)
