@@ -1,0 +1,104 @@
+"""demos/compare_architectures.py: its head rule on the shipped census, its parameter matching, and a micro-run on a tiny model."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hooked_gdn.census import MemoryCensus
+from hooked_gdn.pretrained import CENSUS_FILE, PRETRAINED_MODELS
+from writesae.splice import HookedSAEGatedDeltaNet
+
+from .conftest import random_tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demos"))
+import compare_architectures as demo  # noqa: E402  (a script beside its `common` module)
+
+
+def test_the_head_rule_on_the_shipped_census():
+    census = MemoryCensus.load_json(PRETRAINED_MODELS["gdn-austen"] / CENSUS_FILE)
+    # by the census table: layer 6 has fixed-decay heads 1, 3 (106, 1024 tokens) and learned heads 2, 0 (1.2, 2.8 tokens);
+    # every other audible layer has at most one head below 3 tokens, and layer 0's reads are silent
+    choice = demo.choose_heads(census, 64, 3)
+    assert choice["layer"] == 6 and choice["heads"] == {"long-memory": [1, 3], "memoryless": [0, 2]}
+    assert demo.choose_heads(census, 64, 3, layer=5)["heads"] == {"long-memory": [1, 3], "memoryless": [0]}
+    with pytest.raises(ValueError, match="layer 6 has no memoryless heads"):
+        demo.choose_heads(census, 64, 0.5, layer=6)
+    with pytest.raises(ValueError, match="layer 3 is not in the census"):
+        demo.choose_heads(census, 64, 3, layer=3)
+
+
+def test_equal_parameters_picks_features_with_equal_weight_counts():
+    n = demo.features_at_equal_parameters(8, k=4, d_k=64, d_v=64)
+    # weights per head by DESIGN §4: Flat 2·n·d_k·d_v; Matrix n·(d_k·d_v + d_k + d_v); Bilinear n·r·(d_k + d_v), twice untied
+    weights = {"Flat": 2 * 4096, "Matrix": 4096 + 128, "Bilinear tied r1": 128, "Bilinear untied r1": 256,
+               "Bilinear tied r2": 256, "Bilinear untied r2": 512}
+    assert n == {"Flat": 8, "Matrix": 16, "Bilinear tied r1": 512, "Bilinear untied r1": 256, "Bilinear tied r2": 256,
+                 "Bilinear untied r2": 128}
+    for architecture, features in n.items():
+        assert demo.weights_per_head(architecture, features, 4, 64, 64) == features * weights[architecture]
+        assert abs(features * weights[architecture] - 65536) <= 0.05 * 65536
+    with pytest.raises(ValueError, match="Matrix: 7 features have 812 weights per head, not within 5%"):
+        demo.features_at_equal_parameters(4, k=2, d_k=12, d_v=8)  # 768 weights: Matrix's 116 per feature cannot match
+
+
+def test_window_positions():
+    assert demo.window_positions(256, 16) == list(range(135, 256, 8))
+    with pytest.raises(ValueError, match="positions must lie in"):
+        demo.window_positions(16, 9)
+
+
+def test_a_micro_run_gives_every_architecture_under_both_matchings(tmp_path):
+    model = random_tiny_model(HookedSAEGatedDeltaNet)
+    g = torch.Generator().manual_seed(0)
+    documents = [torch.randint(1, 101, (60,), generator=g) for _ in range(12)]
+    choice = {"layer": 1, "heads": {"long-memory": [0, 2], "memoryless": [3]},
+              "median_half_life": {"0": 40.0, "1": 5.0, "2": 90.0, "3": 0.5}, "rule": "given"}
+    sizes = dict(k=2, n_features=8, budget_features=5, steps=20, batch_size=8, lr=1e-2, train_samples=32, heldout_samples=16,
+                 context=16, positions=4, ce_windows=1, ce_context=6, auxk_k=4, dead_after_samples=64)
+    ce_tokens = torch.randint(1, 101, (1, 6), generator=g)
+    results = demo.run_comparison(model, documents, [10, 11], choice, sizes, [0, 1], ce_tokens, sites=("state",), log=lambda _: None)
+
+    equal_parameters = demo.features_at_equal_parameters(5, 2, model.cfg.d_key, model.cfg.d_value)
+    keys = [(r["group"], r["matching"], r["architecture"]) for r in results["summary"]]
+    assert sorted(keys) == sorted((g, m, a) for g in demo.GROUPS for m in demo.MATCHINGS for a in demo.ARCHITECTURES)
+    for row in results["summary"]:
+        same = [r for r in results["runs"] if (r["group"], r["matching"], r["architecture"]) == (row["group"], row["matching"], row["architecture"])]
+        assert [r["seed"] for r in same] == [0, 1] and row["heads"] == choice["heads"][row["group"]]
+        assert row["n_features"] == (8 if row["matching"] == "equal L0" else equal_parameters[row["architecture"]])
+        fvu = [r["heldout"]["fvu"] for r in same]
+        assert row["fvu_mean"] == pytest.approx(sum(fvu) / 2) and row["fvu_spread"] == pytest.approx(statistics.stdev(fvu))
+        assert all(0 < f < 10 for f in fvu)
+        for r in same:
+            assert len(r["heldout"]["fvu_per_head"]) == len(row["heads"]) and r["heldout"]["samples"] == 16
+            assert r["curve"]["heldout_steps"] == [4, 8, 12, 16, 20] and r["heldout"]["fvu"] == r["curve"]["heldout_fvu"][-1]
+            assert r["converged"] == (max(r["last_fifth_change_per_head"]) < 0.02)
+            ce = r["ce"]
+            assert ce["ce_loss_recovered"] == pytest.approx((ce["ce_zero_ablated"] - ce["ce_spliced"]) / (ce["ce_zero_ablated"] - ce["ce_clean"]))
+    # one clean and one zero-ablated reference per head group, shared by its runs
+    for group in demo.GROUPS:
+        assert len({(r["ce"]["ce_clean"], r["ce"]["ce_zero_ablated"]) for r in results["runs"] if r["group"] == group}) == 1
+    budget = results["parameter_budget_per_head"]
+    assert budget == 2 * 5 * 12 * 8
+    assert all(abs(r["weights_per_head"] - budget) <= 0.05 * budget for r in results["summary"] if r["matching"] == "equal parameters")
+
+    results["provenance"] = {"command": "python demos/compare_architectures.py", "model": "tiny"}
+    block = demo.readme_block(results)
+    table = [line for line in block.splitlines() if line.startswith("| state |")]
+    assert len(table) == len(results["summary"]) == 24
+    first = results["summary"][0]
+    assert f"{first['fvu_mean']:.3f} ± {first['fvu_spread']:.3f}" in table[0]
+    demo.plot(results, tmp_path / "comparison.png")
+    assert (tmp_path / "comparison.png").stat().st_size > 10_000
+
+
+def test_bad_sizes_are_refused():
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--steps", "152"])
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--seeds", "1"])
+    assert demo.parse_args([]).steps % 5 == 0
