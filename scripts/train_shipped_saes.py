@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import shutil
@@ -47,6 +48,7 @@ from writesae.train import TrainConfig, train
 
 MODEL = "gdn-austen"
 CONVERGED_BELOW = 0.02  # relative change of held-out FVU over the last fifth of training
+ILL_CONDITIONED = 0.01  # nats: a zero ablation that moves CE less than this leaves CE recovered meaningless
 
 
 def extract(model, kind: str, layer: int, n_train: int, context: int, positions: int, seed: int) -> InMemoryActivations:
@@ -58,12 +60,13 @@ def extract(model, kind: str, layer: int, n_train: int, context: int, positions:
 
 
 def train_sae(sae, samples: InMemoryActivations, out: Path, args) -> tuple:
-    result = train(sae, samples, TrainConfig(
+    train(sae, samples, TrainConfig(
         out_dir=str(out), steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.steps // 20,
         eval_every=args.steps // 10, eval_samples=args.eval_samples, checkpoint_every=args.steps // 10,
         seed=args.seed, progress=False, log_every=50))
     curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return result.sae.eval(), [r for r in curve if r.get("split") == "heldout"]
+    # the SAE as train saved it (input scale folded into its weights), so that what ships is what was evaluated
+    return load_sae(out / "sae").eval(), [r for r in curve if r.get("split") == "heldout"]
 
 
 def convergence(heldout_curve: list[dict], steps: int) -> dict:
@@ -126,11 +129,22 @@ def write_card(folder: Path, results: dict) -> None:
         "| SAE | mode | CE clean | CE spliced | CE zero-ablated | CE recovered | KL spliced | KL zero-ablated |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    shown = lambda value, digits: f"{value:.{digits}f}" if math.isfinite(value) else "diverged"
     for name in ("writesae", "flat"):
         for mode, d in results["downstream"][name].items():
             lines.append(f"| {'WriteSAE' if name == 'writesae' else 'FlatSAE'} | {mode} | {d['ce_clean']:.4f} | "
-                         f"{d['ce_spliced']:.4f} | {d['ce_zero_ablated']:.4f} | {d['ce_loss_recovered']:.3f} | "
-                         f"{d['kl_spliced']:.4f} | {d['kl_zero_ablated']:.4f} |")
+                         f"{shown(d['ce_spliced'], 4)} | {d['ce_zero_ablated']:.4f} | {shown(d['ce_loss_recovered'], 3)} | "
+                         f"{shown(d['kl_spliced'], 4)} | {d['kl_zero_ablated']:.4f} |")
+    if not math.isfinite(results["downstream"]["writesae"]["loop"]["ce_spliced"]):
+        lines += ["", "In the loop the spliced state diverges (overflow to inf, then NaN): each position's state is the "
+                  "SAE's reconstruction of the delta rule's update of the last spliced state, and where α ≈ 1 (the "
+                  "long-memory heads) any direction the SAE amplifies grows geometrically; "
+                  "`scripts/loop_divergence.py` records the state norms."]
+    flat_modes = [f"{mode} ({d['ce_zero_ablated'] - d['ce_clean']:+.4f} nats)" for mode, d in results["downstream"]["writesae"].items()
+                  if abs(d["ce_zero_ablated"] - d["ce_clean"]) < ILL_CONDITIONED]
+    if flat_modes:
+        lines += ["", f"Zero-ablation barely moves CE in {', '.join(flat_modes)}: CE recovered divides by that "
+                  "difference and is noise there; compare the KLs instead."]
     lines += ["", "![held-out FVU during training](training_curve.png)", ""]
     (folder / "README.md").write_text("\n".join(lines))
 
