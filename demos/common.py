@@ -1,8 +1,9 @@
-"""What every demo shares: the shipped model, the quickstart's SAE, held-out passages, atomic outputs.
+"""What every demo shares: the shipped model, the shipped SAE, held-out passages, atomic outputs.
 
-Each demo runs on `gdn-austen` with the SAE that ``writesae quickstart`` trains (it is trained
-here first, in about 2.5 minutes, when ``--sae`` does not exist yet), on held-out passages
-(Persuasion 21–24, unseen by model and SAE), and writes a results JSON and plots to ``--out``.
+Each demo runs on `gdn-austen` with the shipped SAE ``--sae gdn-austen/L5-state`` (any shipped name,
+see ``writesae.io.pretrained_saes()``, or an SAE folder; ``quickstart-out/sae`` is trained by
+``writesae quickstart`` first, in about 2.5 minutes, when it does not exist yet), on held-out
+passages (Persuasion 21–24, unseen by model and SAE), and writes a results JSON and plots to ``--out``.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from writesae import load_sae
 from writesae.quickstart import run_quickstart
 from writesae.splice import HookedSAEGatedDeltaNet
 
+DEFAULT_SAE = "gdn-austen/L5-state"
+QUICKSTART_SAE = Path("quickstart-out/sae")
+
 
 def demo_parser(description: str, default_out: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sae", type=Path, default=Path("quickstart-out/sae"), help="an SAE on a GDN layer's states")
+    parser.add_argument("--sae", default=DEFAULT_SAE, help="a shipped SAE's name or an SAE folder, on a GDN layer's states")
     parser.add_argument("--passages", type=int, default=8, help="held-out passages")
     parser.add_argument("--context", type=int, default=64, help="tokens per passage")
     parser.add_argument("--out", type=Path, default=Path(default_out))
@@ -34,13 +38,14 @@ def demo_parser(description: str, default_out: str) -> argparse.ArgumentParser:
     return parser
 
 
-def load_model_and_sae(sae_path: Path):
-    """The shipped model (with SAE splicing) and the SAE at ``sae_path``, trained by the quickstart if absent."""
-    if not (sae_path / "cfg.json").exists():
-        print(f"{sae_path} does not exist: training it with the quickstart first")
-        run_quickstart(sae_path.parent)
+def load_model_and_sae(sae: str | Path):
+    """The shipped model (with SAE splicing) and the SAE ``sae`` (a shipped name or a folder);
+    ``quickstart-out/sae`` is trained by the quickstart if absent."""
+    if Path(sae) == QUICKSTART_SAE and not (QUICKSTART_SAE / "cfg.json").exists():
+        print(f"{sae} does not exist: training it with the quickstart first")
+        run_quickstart(QUICKSTART_SAE.parent)
     model = HookedSAEGatedDeltaNet.from_pretrained("gdn-austen").eval()
-    return model, load_sae(sae_path).eval()
+    return model, load_sae(sae).eval()
 
 
 def heldout_passages(model, n: int, context: int) -> torch.Tensor:
@@ -50,6 +55,19 @@ def heldout_passages(model, n: int, context: int) -> torch.Tensor:
 
 def sae_layer(sae) -> int:
     return parse_site(sae.cfg.site).layer
+
+
+def memory_groups(layer: int, heads, model_name: str = "gdn-austen") -> dict:
+    """``heads`` of GDN ``layer`` split by the shipped census (median half-life ≥ 16 tokens: "long",
+    else "short"), with each head's median half-life in tokens."""
+    from hooked_gdn.census import LONG_MEMORY, MemoryCensus
+    from hooked_gdn.pretrained import CENSUS_FILE, PRETRAINED_MODELS
+
+    census = MemoryCensus.load_json(PRETRAINED_MODELS[model_name] / CENSUS_FILE)
+    half_life = {h: census.head(layer, h).half_life[1] for h in heads}
+    return {"long": [h for h in heads if half_life[h] >= LONG_MEMORY],
+            "short": [h for h in heads if half_life[h] < LONG_MEMORY],
+            "half_life": half_life, "min_half_life": LONG_MEMORY}
 
 
 def write_json(path: Path, results: dict) -> None:

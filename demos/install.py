@@ -1,118 +1,135 @@
-"""Installs in generation: write an SAE atom into one head's memory and see whether target tokens follow.
+"""Installs aimed at a target: can one rank-1 write into a head's memory make the model say a chosen token?
 
-For each head of the quickstart SAE's layer and each direction (v, w), at the last 3 positions of a
-held-out prompt the native write k̂_t δ_tᵀ is replaced by m ‖k̂_t δ_tᵀ‖_F · v wᵀ (unit v, w), the edit
-carries through the recurrence, and the model continues greedily (``install_study`` in
-``writesae.experiments.install``). Per prompt, ``--targets`` target tokens are drawn (seeded) among
-the tokens ranked 100–1000 by the unmodified model's next-token distribution (``pick_targets``).
+    python demos/install.py     # writes demos/results/install/{results.json, runs.jsonl, inclusion.png}
 
-Choices:
+For each held-out prompt, ``--targets`` target tokens are drawn (seeded) among those ranked 100–1000
+by the unmodified model's next-token distribution. At the last 3 prompt positions the native write
+k̂_t δ_tᵀ of one head is replaced by m ‖k̂_t δ_tᵀ‖_F · v wᵀ (unit v, w), the edit carries through the
+recurrence, and the model continues greedily for ``--new-tokens`` tokens; a target is included when
+it appears among them (``writesae.experiments.install``). Directions, per (prompt, head, target):
 
-- directions: per head, the rank-1 atoms (V_i, W_i) of the ``--atoms`` features active at the most
-  (prompt, position) pairs of the held-out prompts, and ``--random`` seeded random unit rank-1
-  directions as a control. The targets are not chosen to match the atom: this asks how far a
-  generic installed atom moves mid-ranked tokens, not whether a designed install hits its target.
-- multipliers m (``--multipliers``, default 1.5 3 6) scale the installed write to m × the native
-  write's Frobenius norm at each position.
-- inclusion rate: the fraction of (prompt, target) pairs whose target appears among the
-  ``--new-tokens`` greedy tokens; the unmodified continuation's rate is the baseline (m = 0 in the plot).
-- lift: log p_edited(target | prompt) − log p_clean(target | prompt) at the first generated step, in nats.
-- "changed": the fraction of installs whose greedy continuation differs from the unmodified one;
-  "any"/"best" (chosen post hoc, an upper bound on picking the atom per target): whether any
-  direction's install put the target in the continuation, and the largest lift over directions.
+- aimed: the top singular pair of J = Σ_t0 n_t0 Σ_{t ≥ t0} M_{t0→t}ᵀ q̂_t (∂ log p(target)/∂o_t)ᵀ,
+  the unit v wᵀ that raises the target's first-step log-prob most to first order (exact propagator
+  through the layer, one VJP for the rest of the network);
+- aimed atom: the SAE atom of that head with the largest V_iᵀ J W_i (the best the dictionary offers);
+- controls, not aimed, scored on every target of the prompt: the head's most frequent feature on
+  these prompts (``--frequent``) and ``--random`` seeded random unit directions.
 
-Outputs in ``--out`` (default demo-out/install): results.json and dose_response.png (inclusion rate
-and mean lift vs m, atoms and random directions).
+Multipliers m (``--multipliers``) scale the write to m × the native norm. Heads are split by the
+shipped census into long-memory (heads 1 and 3 of layer 5) and short-memory (heads 0 and 2). Reported
+per kind, group and m: inclusion rate with Wilson intervals (each (prompt, head, direction, target)
+one trial), the mean first-step log-prob lift (nats), and its first-order prediction m vᵀJw − c.
 
-    python demos/install.py                          # ~2 minutes on 2 CPU cores (8 prompts × 12 directions × 3 m)
-    python demos/install.py --passages 8 --heads 0 1 2 3 --atoms 3 --new-tokens 20
+It finishes in minutes (about 5 on one CPU core at the defaults), so an interrupted run is rerun
+from the start; every install is saved in runs.jsonl.
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 import torch
 
-from common import demo_parser, heldout_passages, load_model_and_sae, pyplot, sae_layer, save_figure, write_json
-from writesae.experiments import atom_and_random_directions, frequent_features, install_study
+from common import (demo_parser, heldout_passages, load_model_and_sae, memory_groups, provenance, pyplot, sae_layer,
+                    save_figure, write_json)
+from writesae.experiments import atom_and_random_directions, frequent_features, install_study, summarize_installs
+
+KINDS = {"aimed": "aimed (J's top singular pair)", "aimed_atom": "aimed atom (best V_iᵀJW_i)",
+         "atom": "frequent atom (control)", "random": "random (control)"}
 
 
 def main() -> None:
-    parser = demo_parser(__doc__, "demo-out/install")
-    parser.add_argument("--heads", type=int, nargs="+", default=[0, 1, 2, 3])
-    parser.add_argument("--atoms", type=int, default=2, help="most frequent features per head installed")
+    parser = demo_parser(__doc__, "demos/results/install")
+    parser.set_defaults(passages=12)
+    parser.add_argument("--frequent", type=int, default=1, help="most frequent features per head installed (control)")
     parser.add_argument("--random", type=int, default=1, help="random unit rank-1 directions per head (control)")
-    parser.add_argument("--multipliers", type=float, nargs="+", default=[1.5, 3.0, 6.0])
-    parser.add_argument("--targets", type=int, default=10, help="targets per prompt, ranked 100–1000 by the clean model")
-    parser.add_argument("--new-tokens", type=int, default=20, help="greedy tokens generated")
+    parser.add_argument("--multipliers", type=float, nargs="+", default=[1.0, 4.0, 16.0])
+    parser.add_argument("--targets", type=int, default=3, help="targets per prompt, ranked 100–1000 by the clean model")
+    parser.add_argument("--new-tokens", type=int, default=12, help="greedy tokens generated")
     args = parser.parse_args()
     start = time.time()
 
     model, sae = load_model_and_sae(args.sae)
     layer = sae_layer(sae)
+    heads = sae.cfg.head_indices
+    census = memory_groups(layer, heads)
     prompts = heldout_passages(model, args.passages, args.context)
-    T = prompts.shape[1]
-    positions = [T - 3, T - 2, T - 1]
-    features = frequent_features(model, sae, prompts, args.atoms, heads=args.heads)
+    features = frequent_features(model, sae, prompts, args.frequent)
     gen = torch.Generator().manual_seed(args.seed)
-    directions = atom_and_random_directions(sae, {h: [i for i, _ in features[h]] for h in args.heads}, args.random, gen)
-    study = install_study(model, prompts, layer, directions, args.multipliers, positions=positions,
+    controls = atom_and_random_directions(sae, {h: [i for i, _ in features[h]] for h in heads}, args.random, gen)
+    study = install_study(model, prompts, layer, heads, controls, sae=sae, multipliers=args.multipliers,
                           max_new_tokens=args.new_tokens, n_targets=args.targets, seed=args.seed)
-    rows, baseline, by_m, changed, best = (study[key] for key in (
-        "runs", "clean_inclusion_rate", "by_multiplier", "continuation_changed_fraction", "best_direction_per_target"))
-
-    example = next(r for r in rows if r["m"] == max(args.multipliers) and r["kind"] == "atom")
+    runs = study["runs"]
+    clean_rate = sum(c["included"] for c in study["clean"]) / len(study["clean"])
     results = {
-        "layer": layer, "heads": args.heads, "prompts": len(prompts), "context": T, "positions": positions,
-        "rank_range": [100, 1000], "targets_per_prompt": args.targets, "new_tokens": args.new_tokens,
-        "feature_frequency": {h: {i: f for i, f in features[h]} for h in args.heads},
-        "clean_inclusion_rate": baseline,
-        "by_multiplier": by_m,
-        "continuation_changed_fraction": changed,
-        "best_direction_per_target": best,
-        "example": {"head": example["head"], "direction": example["direction"], "m": example["m"],
-                    "prompt_tail": model.to_string(prompts[example["prompt"], -20:]),
-                    "clean": model.to_string(example["clean_continuation"]),
-                    "installed": model.to_string(example["continuation"]),
-                    "targets": [model.to_string([t]) for t in example["targets"]]},
-        "runs": [{k: r[k] for k in ("m", "head", "kind", "direction", "prompt", "targets", "included", "lift")}
-                 for r in rows],
-        "seconds": time.time() - start,
+        "provenance": provenance(args.seed, sae=args.sae, passages=args.passages, context=args.context,
+                                 targets=args.targets, multipliers=args.multipliers, new_tokens=args.new_tokens,
+                                 frequent=args.frequent, random=args.random),
+        "layer": layer, "heads": census, "prompts": len(prompts), "context": prompts.shape[1],
+        "install_positions": "the last 3 prompt positions", "rank_range": [100, 1000], "targets_per_prompt": args.targets,
+        "new_tokens": args.new_tokens, "multipliers": args.multipliers,
+        "frequent_features": {h: [i for i, _ in features[h]] for h in heads},
+        "clean_inclusion_rate": clean_rate, "clean_n": len(study["clean"]),
+        "summary": {group: summarize_installs([r for r in runs if r["head"] in census[group]])
+                    for group in ("long", "short") if census[group]},
+        "seconds": round(time.time() - start),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "results.json", results)
+    tmp = args.out / "runs.tmp"
+    tmp.write_text("".join(json.dumps({k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in r.items()}) + "\n"
+                           for r in runs))
+    tmp.replace(args.out / "runs.jsonl")
 
     plt = pyplot()
-    ms = [0.0] + list(args.multipliers)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for kind, style in (("all", "-o"), ("atom", ":s"), ("random", "-.^")):
-        if kind not in by_m:
-            continue
-        ax1.plot(ms, [baseline] + [by_m[kind][m]["inclusion_rate"] for m in args.multipliers], style, label=kind)
-        ax2.plot(ms, [0.0] + [by_m[kind][m]["mean_lift"] for m in args.multipliers], style, label=kind)
-    ax1.set_xlabel("multiplier m (0 = unmodified)")
-    ax1.set_ylabel("target inclusion rate")
-    ax1.set_title(f"targets in {args.new_tokens} greedy tokens")
-    ax2.set_xlabel("multiplier m (0 = unmodified)")
-    ax2.set_ylabel("mean first-step log-prob lift (nats)")
-    ax2.axhline(0, color="k", lw=0.5)
-    for ax in (ax1, ax2):
-        ax.legend()
-    fig.suptitle(f"installs at layer {layer}, last 3 prompt positions, targets ranked 100–1000")
-    save_figure(fig, args.out / "dose_response.png")
-
-    print(f"\nlayer {layer}, heads {args.heads}, {len(prompts)} prompts × {args.targets} targets, "
-          f"{len(directions)} directions; unmodified inclusion rate {baseline:.3f}")
-    print(f"{'m':>5} {'incl(all)':>10} {'lift(all)':>10} {'incl(atom)':>11} {'lift(atom)':>11} "
-          f"{'incl(rand)':>11} {'lift(rand)':>11} {'changed':>8} {'incl(any)':>10} {'lift(best)':>11}")
-    for m in args.multipliers:
-        a, t = by_m["all"][m], by_m.get("atom", by_m["all"])[m]
-        rnd = by_m.get("random", {}).get(m, {"inclusion_rate": float("nan"), "mean_lift": float("nan")})
-        print(f"{m:>5g} {a['inclusion_rate']:>10.3f} {a['mean_lift']:>10.3f} {t['inclusion_rate']:>11.3f} "
-              f"{t['mean_lift']:>11.3f} {rnd['inclusion_rate']:>11.3f} {rnd['mean_lift']:>11.3f} {changed[m]:>8.2f} "
-              f"{best[m]['inclusion_rate_any_direction']:>10.3f} {best[m]['mean_best_lift']:>11.3f}")
+    fig, axes = plt.subplots(1, len(results["summary"]), figsize=(5.5 * len(results["summary"]), 4), squeeze=False)
+    for ax, (group, summary) in zip(axes[0], results["summary"].items()):
+        for kind, label in KINDS.items():
+            if kind in summary:
+                rates = [summary[kind][m]["inclusion_rate"] for m in args.multipliers]
+                errors = [[r - summary[kind][m]["wilson"][0] for r, m in zip(rates, args.multipliers)],
+                          [summary[kind][m]["wilson"][1] - r for r, m in zip(rates, args.multipliers)]]
+                ax.errorbar(args.multipliers, rates, errors, marker="o", capsize=3, label=label)
+        ax.axhline(clean_rate, color="k", lw=0.5, label="unmodified")
+        ax.set(xscale="log", xlabel="m (× the native write's norm)", ylabel="target inclusion rate", ylim=(-0.02, 1.02),
+               title=f"{group}-memory heads {census[group]}, layer {layer}")
+        ax.legend(fontsize=7)
+    save_figure(fig, args.out / "inclusion.png")
+    print(readme_block(json.loads((args.out / "results.json").read_text())))  # as the README reads it
     print(f"wrote {args.out} in {time.time() - start:.0f}s")
+
+
+def readme_block(results: dict) -> str:
+    """The README's install paragraph and table; every number from ``results``."""
+    ms = results["multipliers"]
+    heads = results["heads"]
+    lines = [
+        f"`python demos/install.py` (about {max(1, round(results['seconds'] / 60))} min; layer {results['layer']}, {results['prompts']} held-out "
+        f"prompts of {results['context']} tokens, {results['targets_per_prompt']} targets each ranked "
+        f"{results['rank_range'][0]}–{results['rank_range'][1]} by the unmodified model, installs at the last 3 positions, "
+        f"{results['new_tokens']} greedy tokens; long-memory heads {heads['long']}, short-memory {heads['short']}). "
+        f"Unmodified, {100 * results['clean_inclusion_rate']:.1f}% of the {results['clean_n']} targets appear. "
+        f"Target inclusion (Wilson 95%) and mean first-step log-prob lift in nats (its first-order prediction in brackets):",
+        "",
+        "| heads | direction | " + " | ".join(f"m = {m:g}" for m in ms) + " |",
+        "|---|---|" + "---|" * len(ms),
+    ]
+    for group, summary in results["summary"].items():
+        for kind, label in KINDS.items():
+            if kind not in summary:
+                continue
+            cells = []
+            for m in ms:
+                s = summary[kind][str(m)]
+                low, high = s["wilson"]
+                cells.append(f"{100 * s['inclusion_rate']:.0f}% ({100 * low:.0f}–{100 * high:.0f}), "
+                             f"{s['mean_lift']:+.2f} ({s['mean_predicted_lift']:+.2f})")
+            lines.append(f"| {group} | {label} | " + " | ".join(cells) + " |")
+    n = {group: summary["aimed"][str(ms[0])]["n"] for group, summary in results["summary"].items()}
+    lines += ["", "Trials per cell: " + ", ".join(f"{n[g]} ({g}, aimed)" for g in n) + "; the controls are scored on "
+              "every target of their prompt."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
