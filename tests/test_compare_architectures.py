@@ -58,7 +58,7 @@ def test_a_micro_run_gives_every_architecture_under_both_matchings(tmp_path):
     documents = [torch.randint(1, 101, (60,), generator=g) for _ in range(12)]
     choice = {"layer": 1, "heads": {"long-memory": [0, 2], "memoryless": [3]},
               "median_half_life": {"0": 40.0, "1": 5.0, "2": 90.0, "3": 0.5}, "rule": "given"}
-    sizes = dict(k=2, n_features=8, budget_features=5, steps=20, batch_size=8, lr=1e-2, train_samples=32, heldout_samples=16,
+    sizes = dict(k=2, n_features=8, budget_features=5, steps=10, batch_size=8, lr=1e-2, train_samples=32, heldout_samples=16,
                  context=16, positions=4, ce_windows=1, ce_context=6, auxk_k=4, dead_after_samples=64)
     ce_tokens = torch.randint(1, 101, (1, 6), generator=g)
     results = demo.run_comparison(model, documents, [10, 11], choice, sizes, [0, 1], ce_tokens, sites=("state",), log=lambda _: None)
@@ -75,7 +75,7 @@ def test_a_micro_run_gives_every_architecture_under_both_matchings(tmp_path):
         assert all(0 < f < 10 for f in fvu)
         for r in same:
             assert len(r["heldout"]["fvu_per_head"]) == len(row["heads"]) and r["heldout"]["samples"] == 16
-            assert r["curve"]["heldout_steps"] == [4, 8, 12, 16, 20] and r["heldout"]["fvu"] == r["curve"]["heldout_fvu"][-1]
+            assert r["curve"]["heldout_steps"] == [2, 4, 6, 8, 10] and r["heldout"]["fvu"] == r["curve"]["heldout_fvu"][-1]
             assert r["converged"] == (max(r["last_fifth_change_per_head"]) < 0.02)
             ce = r["ce"]
             assert ce["ce_loss_recovered"] == pytest.approx((ce["ce_zero_ablated"] - ce["ce_spliced"]) / (ce["ce_zero_ablated"] - ce["ce_clean"]))
