@@ -105,7 +105,7 @@ def readme_block(results: dict) -> str:
     ms = results["multipliers"]
     heads = results["heads"]
     lines = [
-        f"`python demos/install.py` (about {max(1, round(results['seconds'] / 60))} min; layer {results['layer']}, {results['prompts']} held-out "
+        f"`python demos/install.py` ({max(1, round(results['seconds'] / 60))} min wall time on the shared, busy machine here; layer {results['layer']}, {results['prompts']} held-out "
         f"prompts of {results['context']} tokens, {results['targets_per_prompt']} targets each ranked "
         f"{results['rank_range'][0]}–{results['rank_range'][1]} by the unmodified model, installs at the last 3 positions, "
         f"{results['new_tokens']} greedy tokens; long-memory heads {heads['long']}, short-memory {heads['short']}). "

@@ -120,7 +120,7 @@ def readme_block(results: dict) -> str:
     r2, bins, heads = results["r2"], results["bins"], results["heads"]
     n_directions = len(next(iter(results["directions"].values())))
     lines = [
-        f"`python demos/logit_shift.py` (about {max(1, round(results['seconds'] / 60))} min; layer {results['layer']}, heads "
+        f"`python demos/logit_shift.py` ({max(1, round(results['seconds'] / 60))} min wall time on the shared, busy machine here; layer {results['layer']}, heads "
         + ", ".join(f"{h} (half-life {results['half_life'][str(h)]:.0f} tokens)" for h in heads)
         + f"; {results['passages']} held-out passages of {results['context']} tokens, edit at t0 = {results['t0']}, "
         f"{n_directions} directions per head (frequent atoms and random); ε in multiples of ‖S_t0‖_F). R² pooled over "

@@ -131,7 +131,7 @@ def readme_block(results: dict) -> str:
     describe = lambda group: ", ".join(f"{h} ({half[h]:.0f})" for h in heads[group])
     any_summary = next(iter(next(iter(s.values())).values()))["kl_next"]
     lines = [
-        f"`python demos/substitution.py` (about {max(1, round(results['seconds'] / 60))} min; {results['passages']} held-out passages of "
+        f"`python demos/substitution.py` ({max(1, round(results['seconds'] / 60))} min wall time on the shared, busy machine here; {results['passages']} held-out passages of "
         f"{results['context']} tokens, {results['firings_per_head']} firings per passage and head, {results['firings']} "
         f"firings, each under both native-write definitions; KL summed over {results['horizon']} positions; layer "
         f"{results['layer']}). Long-memory heads (median half-life in tokens): {describe('long')}; short-memory "
