@@ -1,13 +1,14 @@
-"""The feature dashboard of the quickstart SAE, and the README's screenshot of one feature page.
+"""The feature dashboard of an SAE (by default the shipped ``gdn-austen/L5-state``), and the README's
+screenshot of one feature page.
 
     python demos/dashboard.py     # site in demo-out/dashboard/, screenshot demos/results/dashboard/feature.png
 
-Builds the same site as ``writesae dashboard quickstart-out/sae --out demo-out/dashboard`` (the
-shipped model's held-out chapters, 32 windows of 128 tokens, every feature), then photographs one
-feature page with headless Chromium: among the features that fire on at least 1% of positions,
-the one whose ablation moves the prediction most (largest carried KL). The SAE is trained first by
-the quickstart when ``--sae`` does not exist; after the shipped model changes, retrain it
-(``writesae quickstart``) before rerunning. Needs ``chromium`` on the PATH for the screenshot.
+Builds the same site as ``writesae dashboard SAE --out demo-out/dashboard`` (the shipped model's
+held-out chapters, 32 windows of 128 tokens, every feature), then photographs one feature page with
+headless Chromium: among the features that fire on at least 1% of positions, the one whose ablation
+moves the prediction most (largest carried KL). ``--sae quickstart-out/sae`` uses the quickstart's
+SAE instead (trained first when it does not exist). Needs ``chromium`` on the PATH for the screenshot.
+The committed screenshot predates the shipped SAEs: it shows a quickstart SAE's feature.
 """
 
 from __future__ import annotations
