@@ -34,7 +34,7 @@ import torch
 from transformers import Mamba2Config, Mamba2ForCausalLM, PreTrainedTokenizerFast
 
 from hooked_gdn.pretrained import HELDOUT_CONTEXT, PRETRAINED_MODELS, heldout_windows
-from train_pretrained import TrainSettings, token_stream, train, transformers_heldout_loss
+from train_pretrained import CARD_CONTEXTS, TrainSettings, model_census, token_stream, train, transformers_heldout_loss
 
 OUT = PRETRAINED_MODELS["mamba2-austen"]
 TOKENIZER_SOURCE = PRETRAINED_MODELS["gdn-austen"]
@@ -80,22 +80,17 @@ def save_model(model: Mamba2ForCausalLM, tokenizer, stats: dict, samples: list, 
     os.replace(tmp, out)
 
 
-CARD_CONTEXTS = (256, 512, 1024)
-
-
 def write_model_card(folder: Path) -> None:
     """README.md beside the weights, from the figures the training run saved and a fresh memory census."""
     from hooked_gdn.mamba2 import HookedMamba2
-    from hooked_gdn.pretrained import CENSUS_FILE, heldout_census, heldout_loss
+    from hooked_gdn.pretrained import heldout_loss
 
     stats = json.loads((folder / "training_stats.json").read_text())
     samples = json.loads((folder / "samples.json").read_text())
     config = json.loads((folder / "config.json").read_text())
     settings = stats["settings"]
     model = HookedMamba2.from_pretrained(folder).eval()
-    census = heldout_census(model)
-    census.save_json(folder / CENSUS_FILE)
-    census.plot_half_lives(folder / "half_lives.png")
+    census = model_census(model, folder)
     by_context = {c: heldout_loss(model, c)[1] for c in CARD_CONTEXTS}
     lines = [
         "# mamba2-austen",
