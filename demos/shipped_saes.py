@@ -14,8 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from common import file_sha256, write_json
-from hooked_gdn.pretrained import pretrained_path
+from common import file_sha256, provenance, write_json
 from hooked_gdn.sites import site_name
 from writesae import load_sae
 from writesae.io import WEIGHTS_FILE, pretrained_saes, resolve_sae
@@ -43,10 +42,8 @@ def collect() -> dict:
     limits = json.loads((ROOT / LIMITS).read_text()) if (ROOT / LIMITS).exists() else None
     divergence = json.loads((ROOT / DIVERGENCE).read_text()) if (ROOT / DIVERGENCE).exists() else None
     return {
-        "provenance": {"command": "python demos/shipped_saes.py", "seed": seeds.pop() if len(seeds) == 1 else sorted(seeds),
-                       "model": "gdn-austen",
-                       "model_sha256": file_sha256(pretrained_path("gdn-austen") / "model.safetensors"),
-                       "sae": sorted(saes), "inputs": {name: s["command"] for name, s in saes.items()}},
+        "provenance": {**provenance(seeds.pop() if len(seeds) == 1 else sorted(seeds),
+                                    **{name: s["command"] for name, s in saes.items()}), "sae": sorted(saes)},
         "saes": saes,
         "loop_divergence": divergence and {"file": DIVERGENCE, **divergence},
         "limits": limits and {"file": LIMITS, **{key: limits[key] for key in ("provenance", "heads", "half_lives", "pca_fvu",
