@@ -8,17 +8,18 @@ through the recurrence, and measure KL(p_clean ‖ p_ablated) of the next-token 
 change in next-token loss, by distance from t. Reported: the mean at t (the very next prediction)
 and over the 8 positions from t, with each head's median half-life from the shipped census.
 
-It finishes in about a minute, so an interrupted run is rerun from the start.
+It finishes in a minute or two, so an interrupted run is rerun from the start.
 """
 
 from __future__ import annotations
 
 import json
+import time
 
 import torch
 
 from common import (demo_parser, heldout_passages, load_model_and_sae, memory_groups, provenance, pyplot, sae_layer,
-                    save_figure, write_json)
+                    save_figure, wall_time, write_json)
 from writesae.experiments import write_ablation
 
 SCALES = (0.0, 0.5, 2.0)
@@ -29,6 +30,7 @@ def main() -> None:
     parser = demo_parser(__doc__, "demos/results/ablation")
     parser.set_defaults(passages=32)
     args = parser.parse_args()
+    start = time.time()
     torch.manual_seed(args.seed)
     model, sae = load_model_and_sae(args.sae)
     layer = sae_layer(sae)
@@ -49,6 +51,7 @@ def main() -> None:
                                          "loss_change_next": loss[0].item(),
                                          "kl_next_per_passage": out["kl"][:, t].tolist()}
             results["heads"][str(head)] = per_scale
+    results["seconds"] = round(time.time() - start)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "results.json", results)
 
@@ -71,7 +74,7 @@ def main() -> None:
 def readme_block(results: dict) -> str:
     """The README's write-ablation paragraph and table; every number from ``results``."""
     lines = [
-        f"`python demos/ablation.py` (under a minute; layer {results['layer']}, the write at t = {results['position']} of "
+        f"`python demos/ablation.py` ({wall_time(results)}; layer {results['layer']}, the write at t = {results['position']} of "
         f"{results['passages']} held-out passages of {results['context']} tokens). Mean over passages; KL in nats:",
         "",
         f"| head (half-life) | KL next, deleted | KL mean over {results['horizon']}, deleted | Δloss next, deleted "

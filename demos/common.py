@@ -82,11 +82,13 @@ def file_sha256(path: Path) -> str:
 
 
 def provenance(seed: int, model: str = "gdn-austen", sae: str | None = None, **inputs) -> dict:
-    """What produced a result: the command line as run, the seed, the model and SAE (names and the SHA-256 of
-    their weights) and the inputs (passages, context, ...). Every demo's results.json carries it."""
+    """What produced a result: the command line as run, the seed, the CPU threads torch used, the model and
+    SAE (names and the SHA-256 of their weights) and the inputs (passages, context, ...). Every demo's
+    results.json carries it."""
     from hooked_gdn.pretrained import pretrained_path
 
-    record = {"command": shlex.join(["python", *sys.argv]), "seed": seed, "model": model}
+    record = {"command": shlex.join(["python", *sys.argv]), "seed": seed, "model": model,
+              "cpu_threads": torch.get_num_threads()}
     model_folder = pretrained_path(model)
     if model_folder is not None:
         record["model_sha256"] = file_sha256(model_folder / "model.safetensors")
@@ -97,6 +99,13 @@ def provenance(seed: int, model: str = "gdn-austen", sae: str | None = None, **i
         record["sae_sha256"] = file_sha256(resolve_sae(sae) / WEIGHTS_FILE)
     record["inputs"] = inputs
     return record
+
+
+def wall_time(results: dict) -> str:
+    """"N min (or s) wall time at T CPU threads", from a results file's ``seconds`` and provenance."""
+    seconds, threads = results["seconds"], results["provenance"].get("cpu_threads")
+    took = f"{seconds} s" if seconds < 90 else f"{round(seconds / 60)} min"
+    return f"{took} wall time" + (f" at {threads} CPU threads" if threads else "")
 
 
 def pyplot():

@@ -16,14 +16,19 @@ seeds, and every seed's numbers) as a table (``readme_block``) and a plot.
   heads in both), among the layers whose reads are not silent (some head's median ‖o‖_rms / √ε ≥ 1);
   ``--layer`` overrides it.
 - Samples: extracted once per site into memory (`writesae.in_memory`): ``--train-samples`` from random
-  training windows of the novels and the first ``--heldout-samples`` of Persuasion 21–24, at
-  ``--positions`` evenly spaced positions in the second half of each ``--context``-token window (so every
-  state has at least half a window of history).
+  training windows of the novels and every held-out window of Persuasion 21–24 (or its first
+  ``--heldout-samples``), at ``--positions`` evenly spaced positions in the second half of each
+  ``--context``-token window (so every state has at least half a window of history).
+- References beside the SAEs, per site and head group, fitted on the same training samples: PCA with
+  k components (`writesae.baselines.PCABaseline`, k = the SAEs' L0) and the training mean alone (every
+  sample reconstructed as the training mean; its held-out FVU is above 1 by how far the held-out mean
+  lies from the training mean).
 - Training: `writesae.train.train` on the in-memory samples; the held-out FVU is evaluated every fifth of
   training. A run has converged when each head's held-out FVU changed by less than 2% over the last fifth.
-- CE loss recovered: `writesae.evals.downstream_metrics` in the loop, on the first ``--ce-windows``
-  held-out windows of ``--ce-context`` tokens; an SAE splices only its own heads, and the zero ablation
-  it is measured against acts on the same heads.
+- CE loss recovered and KL(p_clean ‖ p_spliced): `writesae.evals.downstream_metrics` in the loop, on the
+  first ``--ce-windows`` held-out windows of ``--ce-context`` tokens; an SAE splices only its own heads,
+  and the zero ablation it is measured against acts on the same heads. Zero-ablating two heads of one
+  layer moves CE little, so CE recovered (a ratio over that small difference) is noisy; the KL is not.
 
 It finishes in minutes, so an interrupted run is rerun from the start.
 """
@@ -44,6 +49,8 @@ from hooked_gdn.census import MemoryCensus
 from hooked_gdn.pretrained import CENSUS_FILE, PRETRAINED_MODELS, austen_corpus, heldout_windows
 from writesae import BilinearMatrixSAE, FlatSAE, MatrixSAE
 from writesae.evals import downstream_metrics, downstream_references
+from writesae.baselines import PCABaseline
+from writesae.evals import reconstruction_metrics
 from writesae.in_memory import InMemoryActivations
 from writesae.splice import HookedSAEGatedDeltaNet
 from writesae.store import ActivationStore, StoreConfig
@@ -59,6 +66,7 @@ ARCHITECTURES = {
     "Bilinear tied r2": (BilinearMatrixSAE, {"tied": True, "rank": 2}),
     "Bilinear untied r2": (BilinearMatrixSAE, {"tied": False, "rank": 2}),
 }
+WRITESAE = "Bilinear untied r1"
 SITES = ("state", "write")
 GROUPS = ("long-memory", "memoryless")
 MATCHINGS = ("equal L0", "equal parameters")
@@ -157,6 +165,17 @@ def train_run(samples: InMemoryActivations, architecture: str, n_features: int, 
     }
 
 
+def reference_fvus(samples: InMemoryActivations, k: int) -> dict:
+    """Held-out FVU of PCA-k and of the training mean, both fitted on the training samples (mean over heads and per head)."""
+    pca = PCABaseline.fit(samples.train, k, seed=0)
+    mean_only = PCABaseline(pca.b_dec, pca.components[..., :0], samples.d_k, samples.d_v)
+    fvus = {}
+    for name, method in ((f"PCA-{k}", pca), ("training mean", mean_only)):
+        per_head = reconstruction_metrics(method, samples.heldout_batches(1024))["fvu"]
+        fvus[name] = {"fvu": statistics.fmean(per_head), "fvu_per_head": per_head}
+    return fvus
+
+
 def extract(model, documents: list, heldout_documents: list, layer: int, kind: str, heads: list[int], sizes: dict) -> InMemoryActivations:
     store = ActivationStore(model, documents, StoreConfig(
         layer=layer, kind=kind, heads=heads, context=sizes["context"], positions=window_positions(sizes["context"], sizes["positions"]),
@@ -174,7 +193,7 @@ def run_comparison(model, documents: list, heldout_documents: list, choice: dict
     n_features = {"equal L0": {a: sizes["n_features"] for a in ARCHITECTURES},
                   "equal parameters": features_at_equal_parameters(sizes["budget_features"], sizes["k"], cfg.d_key, cfg.d_value)}
     all_heads = [h for group in GROUPS for h in choice["heads"][group]]
-    runs, clock = [], {"extraction_s": 0.0, "training_s": 0.0, "ce_s": 0.0}
+    runs, references_fvu, clock = [], [], {"extraction_s": 0.0, "training_s": 0.0, "ce_s": 0.0}
     for site in sites:
         start = time.perf_counter()
         samples = extract(model, documents, heldout_documents, layer, site, all_heads, sizes)
@@ -182,6 +201,7 @@ def run_comparison(model, documents: list, heldout_documents: list, choice: dict
         for group in GROUPS:
             heads = choice["heads"][group]
             group_samples, references = samples.select_heads(heads), None
+            references_fvu.append({"site": site, "group": group, "heads": heads, **reference_fvus(group_samples, sizes["k"])})
             for matching in MATCHINGS:
                 for architecture, n in n_features[matching].items():
                     for seed in seeds:
@@ -198,16 +218,17 @@ def run_comparison(model, documents: list, heldout_documents: list, choice: dict
                                      "architecture": architecture, "n_features": n,
                                      "weights_per_head": sae.n_weight_parameters() // len(heads), "seed": seed, **run})
                         log(f"{site:5} {group:11} {matching:16} {architecture:18} n={n:<4} seed {seed}: held-out FVU "
-                            f"{run['heldout']['fvu']:.3f}, CE recovered {run['ce']['ce_loss_recovered']:.3f}"
+                            f"{run['heldout']['fvu']:.3f}, CE recovered {run['ce']['ce_loss_recovered']:.3f}, KL {run['ce']['kl_spliced']:.3f}"
                             f"{'' if run['converged'] else ' (not converged)'}")
     return {"layer": layer, "heads": choice, "sizes": sizes, "seeds": seeds, "n_features": n_features,
             "parameter_budget_per_head": weights_per_head("Flat", sizes["budget_features"], sizes["k"], cfg.d_key, cfg.d_value),
             "spread": "sample standard deviation over seeds", "converged_below": CONVERGED_BELOW,
-            "runs": runs, "summary": summarize(runs), "elapsed": clock}
+            "heldout_samples": samples.n_samples("heldout"), "references": references_fvu,
+            "runs": runs, "summary": summarize(runs), "elapsed": clock, "threads": torch.get_num_threads()}
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-    """Mean and spread over seeds of held-out FVU and CE loss recovered, per (site, group, matching, architecture)."""
+    """Mean and spread over seeds of held-out FVU, CE loss recovered and KL, per (site, group, matching, architecture)."""
     rows: dict[tuple, list[dict]] = {}
     for run in runs:
         rows.setdefault((run["site"], run["group"], run["matching"], run["architecture"]), []).append(run)
@@ -215,11 +236,13 @@ def summarize(runs: list[dict]) -> list[dict]:
     for (site, group, matching, architecture), same in rows.items():
         fvu = [r["heldout"]["fvu"] for r in same]
         ce = [r["ce"]["ce_loss_recovered"] for r in same]
+        kl = [r["ce"]["kl_spliced"] for r in same]
         summary.append({"site": site, "group": group, "heads": same[0]["heads"], "matching": matching,
                         "architecture": architecture, "n_features": same[0]["n_features"],
                         "weights_per_head": same[0]["weights_per_head"], "seeds": len(same),
                         "fvu_mean": statistics.fmean(fvu), "fvu_spread": statistics.stdev(fvu),
                         "ce_recovered_mean": statistics.fmean(ce), "ce_recovered_spread": statistics.stdev(ce),
+                        "kl_mean": statistics.fmean(kl), "kl_spread": statistics.stdev(kl),
                         "converged": sum(r["converged"] for r in same)})
     return summary
 
@@ -227,30 +250,48 @@ def summarize(runs: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------------- outputs
 
 
+METRICS = (("fvu", "held-out FVU"), ("ce_loss_recovered", "CE loss recovered (loop)"), ("kl_spliced", "KL to clean (loop), nats"))
+
+
+def _value(run: dict, metric: str) -> float:
+    return run["heldout"]["fvu"] if metric == "fvu" else run["ce"][metric]
+
+
 def plot(results: dict, path: Path) -> None:
     plt = pyplot()
     names = list(ARCHITECTURES)
     panels = [(site, matching) for site in SITES for matching in MATCHINGS]
-    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7.5), sharey="row", squeeze=False)
+    fig, axes = plt.subplots(len(METRICS), len(panels), figsize=(4.2 * len(panels), 11), sharey="row", squeeze=False)
     for column, (site, matching) in enumerate(panels):
-        for row, (metric, label) in enumerate((("fvu", "held-out FVU"), ("ce", "CE loss recovered (loop)"))):
+        for row, (metric, label) in enumerate(METRICS):
             ax = axes[row, column]
             for offset, (group, color) in zip((-0.15, 0.15), zip(GROUPS, ("tab:blue", "tab:orange"))):
                 for i, name in enumerate(names):
                     same = [r for r in results["runs"] if (r["site"], r["matching"], r["architecture"], r["group"]) == (site, matching, name, group)]
-                    values = [r["heldout"]["fvu"] if metric == "fvu" else r["ce"]["ce_loss_recovered"] for r in same]
+                    values = [_value(r, metric) for r in same]
                     ax.scatter([i + offset] * len(values), values, s=14, color=color, alpha=0.6,
                                label=f"{group} heads {same[0]['heads']}" if i == 0 and same else None)
                     if values:
                         ax.hlines(statistics.fmean(values), i + offset - 0.12, i + offset + 0.12, color=color)
-            ax.set_xticks(range(len(names)), [n.replace("Bilinear ", "Bil. ") for n in names], rotation=40, ha="right", fontsize=8)
-            ax.set_title(f"{site}, {matching}", fontsize=10)
+                if metric == "fvu":
+                    for reference in results["references"]:
+                        if (reference["site"], reference["group"]) == (site, group):
+                            pca = next(key for key in reference if key.startswith("PCA-"))
+                            ax.axhline(reference[pca]["fvu"], color=color, ls="--", lw=0.8, label=f"{pca}, {group}")
+                if metric == "kl_spliced" and same:
+                    ax.axhline(same[0]["ce"]["kl_zero_ablated"], color=color, ls=":", lw=0.8, label=f"zero-ablated, {group}")
+            ax.set_xticks(range(len(names)), [n.replace("Bilinear ", "Bil. ") for n in names] if row == len(METRICS) - 1 else [],
+                          rotation=40, ha="right", fontsize=8)
+            if row == 0:
+                ax.set_title(f"{site}, {matching}", fontsize=10)
             if column == 0:
                 ax.set_ylabel(label)
-            if row == 1:
+            if metric == "ce_loss_recovered":
                 ax.axhline(0, color="grey", lw=0.5)
-    axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f"gdn-austen layer {results['layer']}: dots are seeds, bars their mean", fontsize=10)
+    axes[0, 0].legend(fontsize=7)
+    axes[-1, 0].legend(fontsize=7)
+    fig.suptitle(f"gdn-austen layer {results['layer']}: dots are seeds, bars their mean; dashed: PCA-k, dotted: the heads "
+                 "zero-ablated", fontsize=10)
     save_figure(fig, path)
     plt.close(fig)
 
@@ -263,18 +304,18 @@ def readme_block(results: dict) -> str:
     runs = results["runs"]
     minutes = sum(results["elapsed"].values()) / 60
     lines = [
-        f"`{results['provenance']['command']}` ({minutes:.0f} min on one CPU thread; seeds "
-        f"{', '.join(map(str, results['seeds']))}; `demos/results/compare_architectures/results.json` has every "
+        f"`{results['provenance']['command']}` ({minutes:.0f} min at {results['threads']} CPU threads; seeds "
+        f"{', '.join(map(str, results['seeds']))}; `{results['provenance']['inputs']['out']}/results.json` has every "
         f"run's numbers and FVU curve). GDN layer {results['layer']} of `{results['provenance']['model']}`; "
         f"long-memory heads {heads('long-memory')} and memoryless heads {heads('memoryless')} (median half-lives in "
-        f"tokens; {choice['rule']}). Per site, {s['train_samples']} training and {s['heldout_samples']} held-out "
+        f"tokens; {choice['rule']}). Per site, {s['train_samples']} training and {results['heldout_samples']} held-out "
         f"samples per head, at {s['positions']} positions in the second half of {s['context']}-token windows. "
         f"TopK k = {s['k']} everywhere; at equal L0 every SAE has {s['n_features']} features; at equal parameters "
         f"{results['parameter_budget_per_head']:,} weights per head (a FlatSAE with {s['budget_features']} features): "
         + ", ".join(f"{name} {n}" for name, n in eq.items()) + " features. "
-        f"{s['steps']} steps of {s['batch_size']} samples, lr {s['lr']:g} (warmup, cosine decay). CE loss recovered: "
-        f"the SAE spliced in the loop on its own heads, {s['ce_windows']} held-out windows of {s['ce_context']} "
-        f"tokens, against zero-ablating the same heads. Mean ± {results['spread']}. "
+        f"{s['steps']} steps of {s['batch_size']} samples, lr {s['lr']:g} (warmup, cosine decay). CE loss recovered and "
+        f"KL(p_clean ‖ p_spliced): the SAE spliced in the loop on its own heads, {s['ce_windows']} held-out windows of "
+        f"{s['ce_context']} tokens, against zero-ablating the same heads. Mean ± {results['spread']}. "
         f"{sum(r['converged'] for r in runs)} of {len(runs)} runs converged (held-out FVU of every head changed "
         f"< {100 * results['converged_below']:g}% over the last fifth of training).",
         "",
@@ -286,17 +327,32 @@ def readme_block(results: dict) -> str:
                 rows = [r for r in results["summary"] if (r["site"], r["group"], r["matching"]) == (site, group, matching)]
                 if rows:
                     fvu = min(rows, key=lambda r: r["fvu_mean"])
-                    ce = max(rows, key=lambda r: r["ce_recovered_mean"])
+                    kl = min(rows, key=lambda r: r["kl_mean"])
                     best.append(f"{site}, {group}, {matching}: {fvu['architecture']} ({fvu['fvu_mean']:.3f}) / "
-                                f"{ce['architecture']} ({ce['ce_recovered_mean']:.3f})")
-    lines += ["Lowest held-out FVU / highest CE recovered, by site, heads and matching: " + "; ".join(best) + ".", ""]
-    lines += ["| site | heads | matching | architecture | features | weights / head | held-out FVU | CE recovered | converged |",
-              "|---|---|---|---|---|---|---|---|---|"]
+                                f"{kl['architecture']} ({kl['kl_mean']:.3f})")
+    lines += ["Lowest held-out FVU / lowest KL, by site, heads and matching: " + "; ".join(best) + ".", ""]
+    mean_fvu = {(r["site"], r["group"], r["matching"], r["architecture"]): r["fvu_mean"] for r in results["summary"]}
+    versus = [f"{site}, {group}, {matching}: {mean_fvu[site, group, matching, WRITESAE]:.3f} / "
+              f"{mean_fvu[site, group, matching, 'Flat']:.3f}"
+              for site in SITES for group in GROUPS for matching in MATCHINGS if (site, group, matching, WRITESAE) in mean_fvu]
+    lines += [f"The paper's claim in one line, {WRITESAE} (the shipped WriteSAE's form) / Flat held-out FVU: "
+              + "; ".join(versus) + ".", ""]
+    references = []
+    for r in results["references"]:
+        references.append(f"{r['site']}, {r['group']} {r['heads']}: " + ", ".join(
+            f"{name} {value['fvu']:.3f}" for name, value in r.items() if isinstance(value, dict)))
+    kl_zero = {(r["site"], r["group"]): r["ce"]["kl_zero_ablated"] for r in runs}
+    lines += ["References fitted on the same training samples (held-out FVU): " + "; ".join(references)
+              + ". KL of zero-ablating the heads instead: " + "; ".join(
+                  f"{site}, {group} {kl:.3f}" for (site, group), kl in kl_zero.items()) + ".", ""]
+    lines += ["| site | heads | matching | architecture | features | weights / head | held-out FVU | CE recovered | KL | converged |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["summary"]:
         lines.append(f"| {r['site']} | {r['group']} {r['heads']} | {r['matching']} | {r['architecture']} | {r['n_features']} | "
                      f"{r['weights_per_head']:,} | {r['fvu_mean']:.3f} ± {r['fvu_spread']:.3f} | "
-                     f"{r['ce_recovered_mean']:.3f} ± {r['ce_recovered_spread']:.3f} | {r['converged']}/{r['seeds']} |")
-    lines += ["", "![held-out FVU and CE recovered per architecture, seeds as dots](demos/results/compare_architectures/comparison.png)"]
+                     f"{r['ce_recovered_mean']:.3f} ± {r['ce_recovered_spread']:.3f} | {r['kl_mean']:.3f} ± {r['kl_spread']:.3f} | "
+                     f"{r['converged']}/{r['seeds']} |")
+    lines += ["", f"![held-out FVU, CE recovered and KL per architecture, seeds as dots]({results['provenance']['inputs']['out']}/comparison.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -312,13 +368,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--train-samples", type=int, default=2048)
-    p.add_argument("--heldout-samples", type=int, default=512)
+    p.add_argument("--heldout-samples", type=int, default=None, help="the first ones (default: every held-out sample)")
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--positions", type=int, default=16, help="per window, evenly spaced in its second half")
     p.add_argument("--ce-windows", type=int, default=4)
     p.add_argument("--ce-context", type=int, default=64)
     p.add_argument("--seeds", type=int, default=3, help="seeds 0, 1, ... (at least 2, for a spread)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
     p.add_argument("--out", type=Path, default=Path("demos/results/compare_architectures"))
     args = p.parse_args(argv)
     if args.steps % 5 or args.steps < 5:
@@ -338,7 +394,8 @@ def sizes_from(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sizes = sizes_from(args)
     model = HookedSAEGatedDeltaNet.from_pretrained(MODEL).eval()
     choice = choose_heads(MemoryCensus.load_json(PRETRAINED_MODELS[MODEL] / CENSUS_FILE), args.long_half_life,
@@ -349,7 +406,8 @@ def main(argv=None) -> None:
     heldout = [i for i, d in enumerate(documents) if d.name in set(heldout_names)]
     ce_tokens = heldout_windows(model.tokenizer, args.ce_context)[: args.ce_windows]
     results = run_comparison(model, [torch.tensor(t) for t in ids], heldout, choice, sizes, list(range(args.seeds)), ce_tokens)
-    results = {"provenance": provenance(0, model=MODEL, **sizes, seeds=args.seeds, layer=choice["layer"]), **results}
+    results = {"provenance": provenance(0, model=MODEL, **sizes, seeds=args.seeds, layer=choice["layer"], out=str(args.out)),
+               **results}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "results.json", results)
     plot(results, args.out / "comparison.png")

@@ -20,7 +20,7 @@ shipped census into long-memory (heads 1 and 3 of layer 5) and short-memory (hea
 per kind, group and m: inclusion rate with Wilson intervals (each (prompt, head, direction, target)
 one trial), the mean first-step log-prob lift (nats), and its first-order prediction m vᵀJw − c.
 
-It finishes in minutes (about 5 on one CPU core at the defaults), so an interrupted run is rerun
+It finishes in minutes (about 2.5 at 2 CPU threads at the defaults), so an interrupted run is rerun
 from the start; every install is saved in runs.jsonl.
 """
 
@@ -32,7 +32,7 @@ import time
 import torch
 
 from common import (demo_parser, heldout_passages, load_model_and_sae, memory_groups, provenance, pyplot, sae_layer,
-                    save_figure, write_json)
+                    save_figure, wall_time, write_json)
 from writesae.experiments import atom_and_random_directions, frequent_features, install_study, summarize_installs
 
 KINDS = {"aimed": "aimed (J's top singular pair)", "aimed_atom": "aimed atom (best V_iᵀJW_i)",
@@ -105,7 +105,7 @@ def readme_block(results: dict) -> str:
     ms = results["multipliers"]
     heads = results["heads"]
     lines = [
-        f"`python demos/install.py` ({max(1, round(results['seconds'] / 60))} min wall time on the shared, busy machine here; layer {results['layer']}, {results['prompts']} held-out "
+        f"`python demos/install.py` ({wall_time(results)}; layer {results['layer']}, {results['prompts']} held-out "
         f"prompts of {results['context']} tokens, {results['targets_per_prompt']} targets each ranked "
         f"{results['rank_range'][0]}–{results['rank_range'][1]} by the unmodified model, installs at the last 3 positions, "
         f"{results['new_tokens']} greedy tokens; long-memory heads {heads['long']}, short-memory {heads['short']}). "

@@ -28,7 +28,7 @@ Choices:
 - where the approximation holds: the last octave, per head, before the paper's R² at the read first
   falls below ``--holds-above`` (default 0.9), at the smallest ε.
 
-It finishes in minutes (about 3 on one CPU core at the defaults), so an interrupted run is rerun
+It finishes in minutes (about 1 at 2 CPU threads at the defaults), so an interrupted run is rerun
 from the start.
 """
 
@@ -40,7 +40,7 @@ import time
 import torch
 
 from common import (demo_parser, heldout_passages, load_model_and_sae, memory_groups, provenance, pyplot, sae_layer,
-                    save_figure, write_json)
+                    save_figure, wall_time, write_json)
 from writesae.experiments import atom_and_random_directions, frequent_features, logit_shift_study
 
 METHODS = ("exact", "paper")
@@ -120,7 +120,7 @@ def readme_block(results: dict) -> str:
     r2, bins, heads = results["r2"], results["bins"], results["heads"]
     n_directions = len(next(iter(results["directions"].values())))
     lines = [
-        f"`python demos/logit_shift.py` ({max(1, round(results['seconds'] / 60))} min wall time on the shared, busy machine here; layer {results['layer']}, heads "
+        f"`python demos/logit_shift.py` ({wall_time(results)}; layer {results['layer']}, heads "
         + ", ".join(f"{h} (half-life {results['half_life'][str(h)]:.0f} tokens)" for h in heads)
         + f"; {results['passages']} held-out passages of {results['context']} tokens, edit at t0 = {results['t0']}, "
         f"{n_directions} directions per head (frequent atoms and random); ε in multiples of ‖S_t0‖_F). R² pooled over "

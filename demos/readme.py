@@ -6,6 +6,8 @@
 A generated block in README.md is delimited by ``<!-- results: NAME -->`` and ``<!-- /results: NAME -->``.
 Its text is ``readme_block(results)`` of the demo module ``demos/NAME.py``, applied to that demo's committed
 ``demos/results/NAME/results.json`` (or the module's ``RESULTS_JSON``, a path relative to the repository).
+A block ``NAME/VARIANT`` renders ``demos/results/NAME/VARIANT/results.json``, a run of the same demo with
+other flags, through the same ``readme_block``.
 So every number in a block is traceable to one file, whose ``provenance`` names the command, seed, model and
 SAE that produced it; ``tests/test_readme_numbers.py`` checks that the README and the files agree.
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-BLOCK = re.compile(r"(<!-- results: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results: (?P=name) -->)", re.S)
+BLOCK = re.compile(r"(<!-- results: (?P<name>[\w-]+(?:/[\w-]+)?) -->\n)(?P<body>.*?)(<!-- /results: (?P=name) -->)", re.S)
 
 
 def _demo_module(name: str):
@@ -41,13 +43,15 @@ def _demo_module(name: str):
 
 
 def results_file(name: str, module=None) -> Path:
+    if "/" in name:  # a variant: its own folder under the demo's
+        return ROOT / "demos" / "results" / name / "results.json"
     module = module or _demo_module(name)
     return ROOT / getattr(module, "RESULTS_JSON", f"demos/results/{name}/results.json")
 
 
 def render(name: str) -> str:
     """The block ``name``'s text, from its committed results."""
-    module = _demo_module(name)
+    module = _demo_module(name.split("/")[0])
     results = json.loads(results_file(name, module).read_text())
     return module.readme_block(results).rstrip("\n") + "\n"
 

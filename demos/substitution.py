@@ -19,7 +19,7 @@ and 2, ≈ 2 and ≈ 7 tokens: short, not strictly memoryless), reported separat
 ≥ 30 passage clusters. The SAE's error term is not added back (the question is what the atom alone
 carries).
 
-It finishes in minutes (about 3 on one CPU core at the defaults), so an interrupted run is rerun
+It finishes in minutes (about 2.5 at 2 CPU threads at the defaults), so an interrupted run is rerun
 from the start; one record per firing is saved in records.jsonl.
 """
 
@@ -33,7 +33,7 @@ from collections import defaultdict
 import torch
 
 from common import (demo_parser, heldout_passages, load_model_and_sae, memory_groups, provenance, pyplot, sae_layer,
-                    save_figure, write_json)
+                    save_figure, wall_time, write_json)
 from writesae.experiments import NATIVE_WRITES, find_firings, substitution_test, summarize
 
 METRICS = ("kl_next", "kl_sum")
@@ -131,7 +131,7 @@ def readme_block(results: dict) -> str:
     describe = lambda group: ", ".join(f"{h} ({half[h]:.0f})" for h in heads[group])
     any_summary = next(iter(next(iter(s.values())).values()))["kl_next"]
     lines = [
-        f"`python demos/substitution.py` ({max(1, round(results['seconds'] / 60))} min wall time on the shared, busy machine here; {results['passages']} held-out passages of "
+        f"`python demos/substitution.py` ({wall_time(results)}; {results['passages']} held-out passages of "
         f"{results['context']} tokens, {results['firings_per_head']} firings per passage and head, {results['firings']} "
         f"firings, each under both native-write definitions; KL summed over {results['horizon']} positions; layer "
         f"{results['layer']}). Long-memory heads (median half-life in tokens): {describe('long')}; short-memory "

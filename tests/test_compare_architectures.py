@@ -79,6 +79,16 @@ def test_a_micro_run_gives_every_architecture_under_both_matchings(tmp_path):
             assert r["converged"] == (max(r["last_fifth_change_per_head"]) < 0.02)
             ce = r["ce"]
             assert ce["ce_loss_recovered"] == pytest.approx((ce["ce_zero_ablated"] - ce["ce_spliced"]) / (ce["ce_zero_ablated"] - ce["ce_clean"]))
+            assert ce["kl_spliced"] >= 0 and row["kl_mean"] == pytest.approx(statistics.fmean(r["ce"]["kl_spliced"] for r in same))
+    # references per head group: the training mean's held-out FVU by hand, and PCA-k, which can only do better
+    assert [(r["site"], r["group"]) for r in results["references"]] == [("state", g) for g in demo.GROUPS]
+    for reference in results["references"]:
+        samples = demo.extract(model, documents, [10, 11], 1, "state", reference["heads"], sizes)
+        train, heldout = samples.train.flatten(-2).double(), samples.heldout.flatten(-2).double()
+        by_hand = (heldout - train.mean(0)).pow(2).sum((0, 2)) / (heldout - heldout.mean(0)).pow(2).sum((0, 2))
+        assert reference["training mean"]["fvu_per_head"] == pytest.approx(by_hand.tolist(), rel=1e-5)
+        assert all(p <= m + 1e-9 for p, m in zip(reference["PCA-2"]["fvu_per_head"], by_hand.tolist()))
+    assert results["heldout_samples"] == 16 and results["threads"] == torch.get_num_threads()
     # one clean and one zero-ablated reference per head group, shared by its runs
     for group in demo.GROUPS:
         assert len({(r["ce"]["ce_clean"], r["ce"]["ce_zero_ablated"]) for r in results["runs"] if r["group"] == group}) == 1
@@ -86,12 +96,13 @@ def test_a_micro_run_gives_every_architecture_under_both_matchings(tmp_path):
     assert budget == 2 * 5 * 12 * 8
     assert all(abs(r["weights_per_head"] - budget) <= 0.05 * budget for r in results["summary"] if r["matching"] == "equal parameters")
 
-    results["provenance"] = {"command": "python demos/compare_architectures.py", "model": "tiny"}
+    results["provenance"] = {"command": "python demos/compare_architectures.py", "model": "tiny", "inputs": {"out": "somewhere"}}
     block = demo.readme_block(results)
     table = [line for line in block.splitlines() if line.startswith("| state |")]
     assert len(table) == len(results["summary"]) == 24
     first = results["summary"][0]
-    assert f"{first['fvu_mean']:.3f} ± {first['fvu_spread']:.3f}" in table[0]
+    assert f"{first['fvu_mean']:.3f} ± {first['fvu_spread']:.3f}" in table[0] and f"{first['kl_mean']:.3f} ±" in table[0]
+    assert "training mean" in block and "somewhere/comparison.png" in block
     demo.plot(results, tmp_path / "comparison.png")
     assert (tmp_path / "comparison.png").stat().st_size > 10_000
 

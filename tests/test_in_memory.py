@@ -43,9 +43,16 @@ def test_from_store_takes_exactly_the_samples_asked_for(model, store, samples):
     _, cache = model.run_with_cache(contexts, names_filter=store.cfg.site)
     every = cache[store.cfg.site][:, :, HEADS].flatten(0, 1).flatten(1)
     nearest = torch.cdist(samples.train.flatten(1), every).min(1)
-    assert torch.all(nearest.values < 1e-3 * every.norm(dim=1).max())  # fp32 rounding of other state_positions and len(set(nearest.indices.tolist())) == 50
+    assert torch.all(nearest.values < 1e-3 * every.norm(dim=1).max())  # fp32 rounding of other state_positions
+    assert len(set(nearest.indices.tolist())) == 50
     with pytest.raises(ValueError, match="fewer than the 100000 asked for"):
         InMemoryActivations.from_store(store, n_train=10, n_heldout=100_000)
+
+
+def test_from_store_takes_every_heldout_sample_when_none_is_given(store):
+    every = InMemoryActivations.from_store(store, n_train=10, n_heldout=None)
+    assert len(every.heldout) == store.n_contexts("heldout") * store.cfg.samples_per_context
+    torch.testing.assert_close(every.heldout, torch.cat(list(store.heldout_batches(7))), rtol=0, atol=0)
 
 
 def test_select_heads_views_the_same_samples(samples):

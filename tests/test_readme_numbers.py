@@ -13,7 +13,8 @@ spec.loader.exec_module(readme)
 
 BLOCKS = readme.blocks((ROOT / "README.md").read_text())
 # the experiments whose README numbers must come from committed results
-EXPECTED = {"ablation", "substitution", "logit_shift", "install", "shipped_saes"}
+EXPECTED = {"ablation", "substitution", "logit_shift", "install", "shipped_saes", "compare_architectures",
+            "compare_architectures/longer"}
 
 
 def test_the_experiments_have_generated_blocks():

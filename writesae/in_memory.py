@@ -51,17 +51,18 @@ class InMemoryActivations:
         self._sha256: str | None = None
 
     @classmethod
-    def from_store(cls, store: ActivationStore, n_train: int, n_heldout: int, seed: int = 0) -> InMemoryActivations:
+    def from_store(cls, store: ActivationStore, n_train: int, n_heldout: int | None = None, seed: int = 0
+                   ) -> InMemoryActivations:
         """``n_train`` training samples of ``store`` (its training contexts in a permutation seeded by
-        ``seed``, positions by its rule) and its first ``n_heldout`` held-out samples; the store's own
-        stream is left alone. Exactly these samples are extracted, none thrown away."""
-        if n_train < 1 or n_heldout < 1:
+        ``seed``, positions by its rule) and its first ``n_heldout`` held-out samples (all of them when
+        None); the store's own stream is left alone. Exactly these samples are extracted, none thrown away."""
+        if n_train < 1 or (n_heldout is not None and n_heldout < 1):
             raise ValueError(f"n_train and n_heldout must be positive, got {n_train} and {n_heldout}")
         generator = _generator(seed, _MEMORY_CONTEXTS)
         order = torch.randperm(store.n_contexts("train"), generator=generator)
         train = torch.cat([x for x, _ in store._fixed_batches("train", order, generator, n_train, n_train)])
-        heldout = torch.cat(list(store.heldout_batches(n_heldout, n_heldout)))
-        for split, x, wanted in (("training", train, n_train), ("held-out", heldout, n_heldout)):
+        heldout = torch.cat(list(store.heldout_batches(n_heldout or 1024, n_heldout)))
+        for split, x, wanted in (("training", train, n_train), ("held-out", heldout, n_heldout or 1)):
             if len(x) < wanted:
                 raise ValueError(f"the {split} split gives {len(x)} samples, fewer than the {wanted} asked for")
         return cls(train, heldout, store.cfg, store.heads, store.n_value_heads, seed)
