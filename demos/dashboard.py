@@ -8,7 +8,6 @@ held-out chapters, 32 windows of 128 tokens, every feature), then photographs on
 headless Chromium: among the features that fire on at least 1% of positions, the one whose ablation
 moves the prediction most (largest carried KL). ``--sae quickstart-out/sae`` uses the quickstart's
 SAE instead (trained first when it does not exist). Needs ``chromium`` on the PATH for the screenshot.
-The committed screenshot predates the shipped SAEs: it shows a quickstart SAE's feature.
 """
 
 from __future__ import annotations
