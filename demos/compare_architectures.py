@@ -30,14 +30,16 @@ seeds, and every seed's numbers) as a table (``readme_block``) and a plot.
   and the zero ablation it is measured against acts on the same heads. Zero-ablating two heads of one
   layer moves CE little, so CE recovered (a ratio over that small difference) is noisy; the KL is not.
 
-It finishes in 12 minutes at the defaults (2 CPU threads), so an interrupted run is rerun from the start;
-a larger run (the README's ``longer``, 41 minutes) loses what it had done when interrupted.
+It finishes in 12 minutes at the defaults (2 CPU threads). Every finished run is appended to
+``--out``/runs.jsonl.partial, so an interrupted comparison rerun with the same flags trains only the runs
+it lacks (the samples are extracted again); the file is removed once results.json is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -184,16 +186,47 @@ def extract(model, documents: list, heldout_documents: list, layer: int, kind: s
     return InMemoryActivations.from_store(store, sizes["train_samples"], sizes["heldout_samples"], seed=0)
 
 
+RUN_KEY = ("site", "group", "matching", "architecture", "seed")
+
+
+def finished_runs(records: Path, header: dict) -> dict[tuple, dict]:
+    """The runs an interrupted comparison with the same ``header`` recorded in ``records``, by `RUN_KEY`
+    (a last line cut off by the interruption is dropped); a new file with the header when there is none."""
+    if not records.exists():
+        records.parent.mkdir(parents=True, exist_ok=True)
+        tmp = records.with_suffix(".tmp")
+        tmp.write_text(json.dumps(header) + "\n")
+        tmp.replace(records)
+        return {}
+    lines = records.read_text().splitlines()
+    if not lines or json.loads(lines[0]) != json.loads(json.dumps(header)):
+        raise ValueError(f"{records} holds the runs of a comparison with other settings, layer, heads, seeds or sites; "
+                         f"delete it to start afresh, or rerun with the settings it was made with")
+    runs = []
+    for line in lines[1:]:
+        try:
+            runs.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # the line being written when the run was stopped
+    return {tuple(run[key] for key in RUN_KEY): run for run in runs}
+
+
 def run_comparison(model, documents: list, heldout_documents: list, choice: dict, sizes: dict, seeds: list[int],
-                   ce_tokens: torch.Tensor, sites=SITES, log=print) -> dict:
+                   ce_tokens: torch.Tensor, sites=SITES, log=print, records: Path | None = None) -> dict:
     """Every (site, head group, matching, architecture, seed) run, and their summary (see the module docstring).
 
     ``documents``: token sequences, one per document; ``heldout_documents``: the indices of the held-out ones.
+    ``records``: a JSON-lines file to which every finished run is appended; a rerun with the same settings
+    takes the runs it holds instead of training them again (the samples and references are recomputed).
     """
     cfg, layer = model.cfg, choice["layer"]
     n_features = {"equal L0": {a: sizes["n_features"] for a in ARCHITECTURES},
                   "equal parameters": features_at_equal_parameters(sizes["budget_features"], sizes["k"], cfg.d_key, cfg.d_value)}
     all_heads = [h for group in GROUPS for h in choice["heads"][group]]
+    header = {"layer": layer, "heads": choice["heads"], "sizes": sizes, "seeds": seeds, "sites": list(sites)}
+    finished = finished_runs(records, header) if records is not None else {}
+    if finished:
+        log(f"resuming: {len(finished)} runs recorded in {records}")
     runs, references_fvu, clock = [], [], {"extraction_s": 0.0, "training_s": 0.0, "ce_s": 0.0}
     for site in sites:
         start = time.perf_counter()
@@ -206,18 +239,20 @@ def run_comparison(model, documents: list, heldout_documents: list, choice: dict
             for matching in MATCHINGS:
                 for architecture, n in n_features[matching].items():
                     for seed in seeds:
-                        start = time.perf_counter()
-                        run = train_run(group_samples, architecture, n, seed, sizes)
-                        clock["training_s"] += time.perf_counter() - start
-                        start = time.perf_counter()
-                        sae = run.pop("sae")
-                        if references is None:
-                            references = downstream_references(model, sae, ce_tokens, mode="loop")
-                        run["ce"] = downstream_metrics(model, sae, ce_tokens, mode="loop", references=references)
-                        clock["ce_s"] += time.perf_counter() - start
-                        runs.append({"site": site, "group": group, "heads": heads, "matching": matching,
-                                     "architecture": architecture, "n_features": n,
-                                     "weights_per_head": sae.n_weight_parameters() // len(heads), "seed": seed, **run})
+                        run = finished.get((site, group, matching, architecture, seed))
+                        if run is None:
+                            run = train_and_score(model, group_samples, architecture, n, seed, sizes, ce_tokens, references)
+                            references = run.pop("references")
+                            run = {"site": site, "group": group, "heads": heads, "matching": matching,
+                                   "architecture": architecture, "n_features": n, "seed": seed, **run}
+                            if records is not None:
+                                with records.open("a") as file:
+                                    file.write(json.dumps(run) + "\n")
+                                    file.flush()
+                                    os.fsync(file.fileno())
+                        clock["training_s"] += run["seconds"]["training"]
+                        clock["ce_s"] += run["seconds"]["ce"]
+                        runs.append(run)
                         log(f"{site:5} {group:11} {matching:16} {architecture:18} n={n:<4} seed {seed}: held-out FVU "
                             f"{run['heldout']['fvu']:.3f}, CE recovered {run['ce']['ce_loss_recovered']:.3f}, KL {run['ce']['kl_spliced']:.3f}"
                             f"{'' if run['converged'] else ' (not converged)'}")
@@ -226,6 +261,21 @@ def run_comparison(model, documents: list, heldout_documents: list, choice: dict
             "spread": "sample standard deviation over seeds", "converged_below": CONVERGED_BELOW,
             "heldout_samples": samples.n_samples("heldout"), "references": references_fvu,
             "runs": runs, "summary": summarize(runs), "elapsed": clock, "threads": torch.get_num_threads()}
+
+
+def train_and_score(model, samples: InMemoryActivations, architecture: str, n_features: int, seed: int, sizes: dict,
+                    ce_tokens: torch.Tensor, references: dict | None) -> dict:
+    """`train_run`, then CE and KL with the SAE spliced in the loop (its ``references`` computed when None
+    and returned), and the seconds each took."""
+    start = time.perf_counter()
+    run = train_run(samples, architecture, n_features, seed, sizes)
+    trained = time.perf_counter()
+    sae = run.pop("sae")
+    if references is None:
+        references = downstream_references(model, sae, ce_tokens, mode="loop")
+    run["ce"] = downstream_metrics(model, sae, ce_tokens, mode="loop", references=references)
+    return {"weights_per_head": sae.n_weight_parameters() // len(samples.heads), **run, "references": references,
+            "seconds": {"training": trained - start, "ce": time.perf_counter() - trained}}
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -406,11 +456,14 @@ def main(argv=None) -> None:
     ids = model.tokenizer([d.text for d in documents], add_special_tokens=False)["input_ids"]  # once, for both sites
     heldout = [i for i, d in enumerate(documents) if d.name in set(heldout_names)]
     ce_tokens = heldout_windows(model.tokenizer, args.ce_context)[: args.ce_windows]
-    results = run_comparison(model, [torch.tensor(t) for t in ids], heldout, choice, sizes, list(range(args.seeds)), ce_tokens)
+    records = args.out / "runs.jsonl.partial"
+    results = run_comparison(model, [torch.tensor(t) for t in ids], heldout, choice, sizes, list(range(args.seeds)), ce_tokens,
+                             records=records)
     results = {"provenance": provenance(0, model=MODEL, **sizes, seeds=args.seeds, layer=choice["layer"], out=str(args.out)),
                **results}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "results.json", results)
+    records.unlink()  # every run is in results.json; a rerun starts afresh
     plot(results, args.out / "comparison.png")
     print(readme_block(results))
 

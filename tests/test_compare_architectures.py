@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -105,6 +106,43 @@ def test_a_micro_run_gives_every_architecture_under_both_matchings(tmp_path):
     assert "training mean" in block and "somewhere/comparison.png" in block
     demo.plot(results, tmp_path / "comparison.png")
     assert (tmp_path / "comparison.png").stat().st_size > 10_000
+
+
+def test_an_interrupted_comparison_resumes_to_the_same_runs(tmp_path):
+    model = random_tiny_model(HookedSAEGatedDeltaNet)
+    g = torch.Generator().manual_seed(1)
+    documents = [torch.randint(1, 101, (60,), generator=g) for _ in range(12)]
+    choice = {"layer": 1, "heads": {"long-memory": [0], "memoryless": [3]}, "median_half_life": {}, "rule": "given"}
+    sizes = dict(k=2, n_features=6, budget_features=5, steps=5, batch_size=8, lr=1e-2, train_samples=16, heldout_samples=8,
+                 context=16, positions=2, ce_windows=1, ce_context=6, auxk_k=4, dead_after_samples=64)
+    ce_tokens = torch.randint(1, 101, (1, 6), generator=g)
+    compare = lambda **kw: demo.run_comparison(model, documents, [10, 11], choice, sizes, [0, 1], ce_tokens, sites=("write",), **kw)
+    without_seconds = lambda runs: [{k: v for k, v in r.items() if k != "seconds"} for r in runs]
+
+    uninterrupted = compare(log=lambda _: None)
+    records, logged = tmp_path / "runs.jsonl.partial", []
+
+    def stop_after_five(line):
+        logged.append(line)
+        if len(logged) == 5:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        compare(log=stop_after_five, records=records)
+    with records.open("a") as file:
+        file.write('{"site": "write", "gro')  # the line being written when it was stopped
+    trained = []
+    monkey = pytest.MonkeyPatch()
+    original = demo.train_run
+    monkey.setattr(demo, "train_run", lambda *a, **kw: trained.append(a[1:4]) or original(*a, **kw))
+    try:
+        resumed = compare(log=lambda _: None, records=records)
+    finally:
+        monkey.undo()
+    assert len(trained) == len(uninterrupted["runs"]) - 5  # only the runs the records lacked
+    assert json.loads(json.dumps(without_seconds(resumed["runs"]))) == json.loads(json.dumps(without_seconds(uninterrupted["runs"])))
+    with pytest.raises(ValueError, match="holds the runs of a comparison with other settings"):
+        demo.run_comparison(model, documents, [10, 11], choice, sizes | {"steps": 10}, [0, 1], ce_tokens, sites=("write",),
+                            log=lambda _: None, records=records)
 
 
 def test_bad_sizes_are_refused():
