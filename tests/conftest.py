@@ -6,6 +6,9 @@ real loading path is what the parity tests exercise.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -14,6 +17,7 @@ from transformers import (
 )
 
 from hooked_gdn import HookedGatedDeltaNet
+from hooked_gdn.pretrained import PRETRAINED_MODELS
 
 # One thread: these tensors are tiny, and a second thread only waits for a time slice at every op
 # when the machine's other core is busy.
@@ -61,6 +65,15 @@ def tiny_hf_config(name: str = "grouped", **overrides):
     kwargs.update(family)
     kwargs.update(overrides)
     return config_class(**kwargs)
+
+
+def save_tiny_checkpoint_with_tokenizer(folder: Path) -> Path:
+    """A random tiny Qwen3.5 saved by transformers into ``folder`` (seeded by the caller), with the shipped
+    model's tokenizer files beside it so that commands reading text can run on it."""
+    Qwen3_5ForCausalLM(tiny_hf_config("grouped", vocab_size=4096)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(PRETRAINED_MODELS["gdn-austen"] / name, folder / name)
+    return folder
 
 
 def random_tiny_model(cls=HookedGatedDeltaNet, name: str = "grouped"):

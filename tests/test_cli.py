@@ -6,23 +6,20 @@ import gzip
 import json
 import random
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen3_5ForCausalLM
 
 from hooked_gdn import HookedGatedDeltaNet
-from hooked_gdn.pretrained import PRETRAINED_MODELS
 from writesae import BilinearMatrixSAE, load_sae
 from writesae.cli import main
 from writesae.quickstart import format_report, run_quickstart
 from writesae.store import ActivationStore
 
-from .conftest import tiny_hf_config
+from .conftest import save_tiny_checkpoint_with_tokenizer
 
 
 def writesae(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -40,9 +37,7 @@ def test_help_lists_the_commands_and_options():
 def test_twenty_step_cli_run_on_a_random_tiny_model_writes_a_loadable_sae(tmp_path):
     torch.manual_seed(0)
     folder = tmp_path / "tiny"
-    Qwen3_5ForCausalLM(tiny_hf_config("grouped", vocab_size=4096)).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):  # text needs a tokenizer: borrow the shipped one
-        shutil.copy(PRETRAINED_MODELS["gdn-austen"] / name, folder / name)
+    save_tiny_checkpoint_with_tokenizer(folder)
     out = tmp_path / "run"
     result = writesae("train", "--model", str(folder), "--layer", "1", "--steps", "20", "--batch-size", "16",
                       "--n-features", "32", "--k", "4", "--context", "32", "--eval-every", "10", "--out", str(out),

@@ -13,10 +13,9 @@ from contextlib import contextmanager
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Qwen3_5ForCausalLM
 
 import writesae.disk_cache as disk_cache
-from hooked_gdn.pretrained import PRETRAINED_MODELS, austen_documents
+from hooked_gdn.pretrained import austen_documents
 from hooked_gdn.sites import gdn_hook_name, site_name
 from writesae import BilinearMatrixSAE, load_sae
 from writesae.cli import main
@@ -24,7 +23,7 @@ from writesae.disk_cache import CachedActivations, read_manifest, write_cache
 from writesae.store import ActivationStore, StoreConfig
 from writesae.train import TrainConfig, train
 
-from .conftest import random_tiny_model, tiny_hf_config
+from .conftest import random_tiny_model, save_tiny_checkpoint_with_tokenizer
 
 HEADS = [0, 2]
 STORE = dict(layer=1, heads=HEADS, context=16, positions=[2, 7, 15], model_batch_size=4, heldout_fraction=0.2)
@@ -233,9 +232,7 @@ def test_a_cache_of_another_site_or_heads_is_refused(model, cache, tmp_path):
 def test_the_cache_and_train_commands(tmp_path, capsys):
     torch.manual_seed(0)
     folder = tmp_path / "tiny"
-    Qwen3_5ForCausalLM(tiny_hf_config("grouped", vocab_size=4096)).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):  # text needs a tokenizer: borrow the shipped one
-        shutil.copy(PRETRAINED_MODELS["gdn-austen"] / name, folder / name)
+    save_tiny_checkpoint_with_tokenizer(folder)
     data = tmp_path / "data"
     data.mkdir()
     text = austen_documents("heldout")[0].text
