@@ -24,7 +24,7 @@ import torch
 
 from hooked_gdn.census import MemoryCensus
 from hooked_gdn.pretrained import CENSUS_FILE, PRETRAINED_MODELS
-from train_shipped_saes import MODEL, extract, train_sae
+from train_shipped_saes import MODEL, add_sample_and_training_arguments, extract, train_sae
 from writesae.baselines import PCABaseline
 from writesae.evals import reconstruction_metrics
 from hooked_gdn.files import atomic_file
@@ -46,20 +46,10 @@ def best_rank_k_fvu(train: torch.Tensor, heldout: torch.Tensor, k: int) -> list[
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layer", type=int, default=5)
+    add_sample_and_training_arguments(p)
     p.add_argument("--dictionary-sizes", type=int, nargs="+", default=[64, 256, 1024])
-    p.add_argument("--k", type=int, default=16)
     p.add_argument("--other-k", type=int, nargs="+", default=[4, 64], help="k values tried at --n-features")
-    p.add_argument("--n-features", type=int, default=256)
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--context", type=int, default=512)
-    p.add_argument("--positions", type=int, default=32)
-    p.add_argument("--train-samples", type=int, default=24576)
-    p.add_argument("--eval-samples", type=int, default=4096)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=Path("runs/shipped-saes/L5-state-limits"))
     p.add_argument("--out", type=Path, default=Path("results/shipped-saes"))
     args = p.parse_args()

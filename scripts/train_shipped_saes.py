@@ -166,22 +166,28 @@ def plot_curves(curves: dict[str, list[dict]], heads: list[int], path: Path) -> 
     plt.close(fig)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kind", choices=("state", "write"), required=True)
+def add_sample_and_training_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags, with the shipped SAEs' values as defaults, that fix their samples (`extract`) and their
+    training (`train_sae`, all but ``--steps``): scripts/sae_limits.py takes the same ones."""
     p.add_argument("--layer", type=int, default=5)
     p.add_argument("--n-features", type=int, default=256)
     p.add_argument("--k", type=int, default=16)
-    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--positions", type=int, default=32)
     p.add_argument("--eval-samples", type=int, default=4096)
     p.add_argument("--train-samples", type=int, default=24576)
-    p.add_argument("--loop-windows", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kind", choices=("state", "write"), required=True)
+    add_sample_and_training_arguments(p)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--loop-windows", type=int, default=8)
     p.add_argument("--work", type=Path, default=Path("runs/shipped-saes"))
     p.add_argument("--ship-to", type=Path, default=PRETRAINED_SAES_DIR, help="the folder of shipped SAEs")
     args = p.parse_args()
