@@ -130,3 +130,28 @@ def test_readme_splice_example_runs():
     assert torch.allclose(namespace["logits"], namespace["clean"], atol=1e-5)
     t, shift = namespace["t"], namespace["shift"]
     assert (shift[:t] < 1e-6).all() and shift[t] > 0
+
+
+@pytest.mark.parametrize("entry", ["run_with_saes", "run_with_cache_with_saes", "saes", "add_sae"])
+@pytest.mark.parametrize("own", [False, True])
+def test_use_error_term_given_for_a_call_ends_with_it(model, entry, own):
+    """A per-call ``use_error_term`` holds only while the SAE is attached, as in SAELens: a later splice
+    without it must use the SAE's own setting, not silently reproduce the clean model."""
+    sae = make_sae(model)
+    sae.use_error_term = own
+    with torch.no_grad():
+        expected = model.run_with_saes(TOKENS, saes=[sae])
+        if entry == "run_with_saes":
+            model.run_with_saes(TOKENS, saes=[sae], use_error_term=not own)
+        elif entry == "run_with_cache_with_saes":
+            model.run_with_cache_with_saes(TOKENS, saes=[sae], use_error_term=not own)
+        elif entry == "saes":
+            with pytest.raises(RuntimeError, match="inside"), model.saes([sae], use_error_term=not own):
+                assert sae.use_error_term is (not own)
+                raise RuntimeError("inside")  # restored on the way out of an error too
+        else:
+            model.add_sae(sae, use_error_term=not own)
+            assert sae.use_error_term is (not own)
+            model.reset_saes()
+        assert sae.use_error_term is own
+        assert torch.equal(model.run_with_saes(TOKENS, saes=[sae]), expected)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float
@@ -40,16 +41,25 @@ from .sae import SAEBase
 Reconstruct = Callable[[Float[Tensor, "batch P n_heads d_k d_v"]], Float[Tensor, "batch P n_heads d_k d_v"]]
 
 
+@dataclass
+class _Attachment:
+    """An attached SAE, the hooks that splice it, and its ``use_error_term`` from before it was attached."""
+
+    sae: SAEBase
+    own_use_error_term: bool
+    handles: list = field(default_factory=list)  # [(hook point, handle)]
+
+
 class HookedSAEGatedDeltaNet(HookedGatedDeltaNet):
     """`HookedGatedDeltaNet` that SAEs can be attached to (load it with ``from_pretrained`` as usual)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._attached: dict[str, tuple[SAEBase, list]] = {}  # site -> (sae, [(hook point, handle)])
+        self._attached: dict[str, _Attachment] = {}
 
     @property
     def acts_to_saes(self) -> dict[str, SAEBase]:
-        return {site: sae for site, (sae, _) in self._attached.items()}
+        return {site: attachment.sae for site, attachment in self._attached.items()}
 
     def _check_sae(self, sae: SAEBase) -> Site:
         site = parse_site(sae.cfg.site, self.cfg.gdn_layers)
@@ -61,25 +71,30 @@ class HookedSAEGatedDeltaNet(HookedGatedDeltaNet):
         return site
 
     def add_sae(self, sae: SAEBase, use_error_term: bool | None = None) -> None:
-        """Attach ``sae`` at its ``cfg.site``; its reconstruction is spliced in from the next forward on."""
+        """Attach ``sae`` at its ``cfg.site``; its reconstruction is spliced in from the next forward on.
+
+        ``use_error_term`` (None: the SAE's own setting) holds while the SAE is attached; detaching it
+        restores the SAE's own setting, as SAELens does, so a later splice is never silently exact."""
         site = self._check_sae(sae)
+        attachment = _Attachment(sae, own_use_error_term=sae.use_error_term)
         if use_error_term is not None:
             sae.use_error_term = use_error_term
         sae.to(self.W_E.device)
         self.hook_dict[site.name].sae = sae
         points = _splice_points(self, site, sae.cfg.head_indices, sae)
         # permanent, and first, so that user hooks on the site see the spliced value
-        handles = [(hp, hp.add_hook(fn, is_permanent=True, prepend=True)) for hp, fn in points]
-        self._attached[sae.cfg.site] = (sae, handles)
+        attachment.handles = [(hp, hp.add_hook(fn, is_permanent=True, prepend=True)) for hp, fn in points]
+        self._attached[sae.cfg.site] = attachment
         self.setup()
 
     def reset_saes(self, sites: list[str] | None = None) -> None:
-        """Detach the SAEs at ``sites`` (default: all)."""
+        """Detach the SAEs at ``sites`` (default: all), restoring each one's own ``use_error_term``."""
         for site in list(self._attached if sites is None else sites):
-            sae, handles = self._attached.pop(site)
-            for hp, handle in handles:
+            attachment = self._attached.pop(site)
+            for hp, handle in attachment.handles:
                 handle.hook.remove()
                 hp.fwd_hooks.remove(handle)
+            attachment.sae.use_error_term = attachment.own_use_error_term
             del self.hook_dict[site].sae
         self.setup()
 
