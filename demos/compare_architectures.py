@@ -53,6 +53,7 @@ from hooked_gdn.pretrained import CENSUS_FILE, PRETRAINED_MODELS, austen_corpus,
 from writesae import BilinearMatrixSAE, FlatSAE, MatrixSAE
 from writesae.evals import downstream_metrics, downstream_references
 from writesae.baselines import PCABaseline
+from writesae.differences import differences
 from writesae.evals import reconstruction_metrics
 from writesae.in_memory import InMemoryActivations
 from writesae.splice import HookedSAEGatedDeltaNet
@@ -199,8 +200,9 @@ def finished_runs(records: Path, header: dict) -> dict[tuple, dict]:
         tmp.replace(records)
         return {}
     lines = records.read_text().splitlines()
-    if not lines or json.loads(lines[0]) != json.loads(json.dumps(header)):
-        raise ValueError(f"{records} holds the runs of a comparison with other settings, layer, heads, seeds or sites; "
+    differing = differences(json.loads(lines[0]) if lines else {}, json.loads(json.dumps(header)), "the records have", "this run")
+    if differing:
+        raise ValueError(f"{records} holds the runs of a comparison with other settings ({'; '.join(differing)}); "
                          f"delete it to start afresh, or rerun with the settings it was made with")
     runs = []
     for line in lines[1:]:

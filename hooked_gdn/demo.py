@@ -1,8 +1,8 @@
-"""Look at a GDN layer's matrix memory on the shipped model: ``python -m hooked_gdn.demo``.
+"""Look at a GDN layer's matrix memory on the shipped model: python -m hooked_gdn.demo
 
-Caches ``hook_state`` of one GDN layer at a few positions of a sentence (``state_positions``, so
-only those states are formed) and prints, per head, the state's Frobenius norm and its top
-singular values: how much the memory holds, and how many directions it spreads over.
+Caches hook_state of one GDN layer at a few positions of a sentence (state_positions, so only
+those states are formed) and prints, per head, the state's Frobenius norm and its top singular
+values: how much the memory holds, and how many directions it spreads over.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import argparse
 import torch
 
 from .model import HookedGatedDeltaNet
+from .pretrained import PRETRAINED_MODELS, default_layer
 from .sites import site_name
 
 DEFAULT_TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife."
@@ -40,14 +41,19 @@ def describe_states(model: HookedGatedDeltaNet, text: str, layer: int, positions
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="gdn-austen", help="shipped short name, local folder or hub id")
-    parser.add_argument("--layer", type=int, help="a GDN layer (default: the middle one)")
-    parser.add_argument("--text", default=DEFAULT_TEXT)
-    parser.add_argument("--positions", type=int, nargs="+", default=[1, 8, 16, -1], help="negative counts from the end")
+    parser.add_argument("--model", default="gdn-austen", help="a shipped model's name, a checkpoint folder or a hub id owner/name")
+    parser.add_argument("--layer", type=int, help="a GDN layer (default for a shipped model: the one with the most "
+                        "long-memory heads, by its census, as everywhere else; required for other models)")
+    parser.add_argument("--text", default=DEFAULT_TEXT, help="the text to run (default: the first sentence of Pride and Prejudice)")
+    parser.add_argument("--positions", type=int, nargs="+", default=[1, 8, 16, -1],
+                        help="token positions to show, negative ones counting from the end (default: 1 8 16 -1)")
     args = parser.parse_args(argv)
-    model = HookedGatedDeltaNet.from_pretrained(args.model).eval()
+    if args.layer is None and args.model not in PRETRAINED_MODELS:
+        parser.error(f"--layer is required for {args.model!r}: only the shipped models ({', '.join(PRETRAINED_MODELS)}) "
+                     "come with the census that picks the default")
+    model = HookedGatedDeltaNet.from_pretrained(args.model)
     gdn_layers = model.cfg.gdn_layers
-    layer = args.layer if args.layer is not None else gdn_layers[len(gdn_layers) // 2]
+    layer = default_layer(args.model) if args.layer is None else args.layer
     if layer not in gdn_layers:
         parser.error(f"layer {layer} is not a GDN layer; the GDN layers are {gdn_layers}")
     with torch.no_grad():

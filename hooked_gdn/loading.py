@@ -7,7 +7,9 @@ one tensor at a time, through each family's per-key placements (`hooked_gdn.arch
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from transformers import AutoConfig, AutoTokenizer
 from .architectures import BY_KEY
 from .config import HookedGDNConfig
 from .placement import check_available, dispatch, main_device, plan_device_map
-from .pretrained import pretrained_path
+from .pretrained import PRETRAINED_MODELS, pretrained_path
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 _INDEX_FILE = "model.safetensors.index.json"  # a sharded checkpoint's map from tensor to file
@@ -32,24 +34,77 @@ _MAP_WINDOW_BYTES = 64 * 2**20  # bytes read through one memory map before its f
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
-    """A shipped short name, a local folder, or a hub id (downloaded; needs the internet).
+    """A shipped short name, a local folder, or a hub id ``owner/name`` (downloaded; needs the internet).
 
-    A shipped name that is also a path here is ambiguous, and refused rather than guessed.
+    A shipped name that is also a path here is ambiguous, and refused rather than guessed. Only an
+    ``owner/name`` is sent to the hub: hub ids without an owner ("gpt2") exist, but they are legacy
+    ones and none is a GDN model, so a bare name that is neither shipped nor a folder here (a typo
+    such as "gdn-austn") is refused with the shipped names and the checkpoint folders here, instead
+    of failing on the network. A hub id that cannot be downloaded is refused saying why.
     """
-    shipped = pretrained_path(str(name_or_path))
+    name = str(name_or_path)
+    shipped = pretrained_path(name)
     path = Path(name_or_path)
     if shipped is not None:
         if path.exists() and path.resolve() != shipped.resolve():
-            raise ValueError(f"{str(name_or_path)!r} names both the shipped model and {path.resolve()}: pass "
-                             f"'./{name_or_path}' for the local one, or {shipped} for the shipped one")
+            raise ValueError(f"{name!r} names both the shipped model and {path.resolve()}: pass "
+                             f"'./{name}' for the local one, or {shipped} for the shipped one")
         return shipped
     if path.is_dir():
         return path
-    if path.exists() or str(name_or_path).startswith((".", "/")):
-        raise FileNotFoundError(f"{name_or_path} is not a checkpoint folder")
+    if path.exists():
+        raise FileNotFoundError(f"{name} is not a checkpoint folder")
+    if not _is_hub_id(name):
+        raise FileNotFoundError(f"no such folder or shipped name: {name!r}{_did_you_mean(name)}; {_known_checkpoints()}; "
+                                f"a hub id has the form owner/name")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
-    return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    except LocalEntryNotFoundError as error:
+        why = "the hub could not be reached (offline?), and the local hub cache does not hold the model"
+        raise FileNotFoundError(f"{name!r} is not a folder here, and {_hub_failure(why)}") from error
+    except RepositoryNotFoundError as error:  # also a gated or private model this machine may not read
+        why = "the hub has no such model that this machine may read (a gated or private one needs a login: hf auth login)"
+        raise FileNotFoundError(f"{name!r} is not a folder here, and {_hub_failure(why)}") from error
+    except OSError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(f"{name!r} is not a folder here, and {_hub_failure(first_line)}") from error
+
+
+def _is_hub_id(name: str) -> bool:
+    """``owner/name`` in the characters the hub allows."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if name.startswith((".", "/")) or name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _hub_failure(why: str) -> str:
+    return f"it could not be downloaded from the Hugging Face hub: {why}; {_known_checkpoints()}"
+
+
+def _local_checkpoint_folders() -> list[str]:
+    """The folders in the working directory that hold a checkpoint (a config.json)."""
+    return sorted(p.name for p in Path.cwd().iterdir() if os.path.isfile(p / "config.json"))  # False where unreadable
+
+
+def _known_checkpoints() -> str:
+    local = _local_checkpoint_folders()
+    return (f"shipped names: {', '.join(PRETRAINED_MODELS)}; checkpoint folders in {Path.cwd()}: "
+            f"{', '.join(local) if local else 'none'}")
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, [*PRETRAINED_MODELS, *_local_checkpoint_folders()], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def hf_to_hooked_state_dict(hf_state: dict[str, torch.Tensor], cfg: HookedGDNConfig) -> dict[str, torch.Tensor]:
@@ -223,7 +278,7 @@ def load_pretrained(cls, name_or_path, device=None, dtype=None, device_map=None,
     # parameters on the meta device; buffers (the rotary frequencies) are built for real, on the CPU
     # as the in-memory path builds them, and moved below
     with init_empty_weights(include_buffers=False):
-        model = cls(cfg, tokenizer)
+        model = cls(cfg, tokenizer).eval()  # loaded to be studied, as transformers' from_pretrained gives it
     _check_placements(model, checkpoint, placements, name_or_path)
     plan = {} if device_map is None else plan_device_map(model, device_map, max_memory, dtype)
     check_available(plan)
@@ -253,7 +308,7 @@ def load_pretrained_in_memory(cls, name_or_path, device=None, dtype=None):
     into memory, then copied into a materialised model (about twice the weights at its peak)."""
     folder, cfg, tokenizer, _, _ = _open(name_or_path)
     dtype = dtype or torch.float32
-    model = cls(cfg, tokenizer)
+    model = cls(cfg, tokenizer).eval()  # loaded to be studied, as transformers' from_pretrained gives it
     state = hf_to_hooked_state_dict(read_safetensors(folder), cfg)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
     model.cfg.dtype = dtype

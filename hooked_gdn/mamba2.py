@@ -267,7 +267,8 @@ class HookedMamba2(HookedGatedDeltaNet):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, device=None, dtype=None) -> "HookedMamba2":
-        """Load a ``Mamba2ForCausalLM`` checkpoint: a shipped short name (``mamba2-austen``), a local folder or a hub id."""
+        """Load a ``Mamba2ForCausalLM`` checkpoint: a shipped short name (``mamba2-austen``), a local folder or a hub
+        id, in eval mode."""
         from .architectures.mamba2 import load_pretrained
 
         return load_pretrained(cls, name_or_path, device=device, dtype=dtype)

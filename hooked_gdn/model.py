@@ -93,6 +93,7 @@ class HookedGatedDeltaNet(HookedRootModule):
         loading needs about the weights' size in memory, not twice it. ``device_map``:
         ``{block_index: device}`` or ``"auto"`` (within ``max_memory``, accelerate's form) spreads
         the blocks over several devices (`hooked_gdn.placement`); otherwise all goes on ``device``.
+        The model comes in eval mode, as transformers' ``from_pretrained`` gives it.
         """
         from .loading import load_pretrained
 

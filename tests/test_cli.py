@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import random
+import re
 import shlex
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import torch
 
 from hooked_gdn import HookedGatedDeltaNet
+from hooked_gdn.pretrained import default_layer
 from writesae import BilinearMatrixSAE, load_sae
-from writesae.cli import main
+from writesae.cli import _parser, main
 from writesae.quickstart import format_report, run_quickstart
 from writesae.store import ActivationStore
 
@@ -26,11 +30,39 @@ def writesae(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "writesae.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.slow
-def test_help_lists_the_commands_and_options():
-    for command, option in (("train", "--n-features"), ("eval", "--contexts"), ("quickstart", "--steps")):
-        result = writesae(command, "--help")
-        assert result.returncode == 0 and option in result.stdout
+COMMANDS = ["quickstart", "cache", "train", "census", "eval", "dashboard"]
+
+
+def help_text(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exit:
+        main([*args, "--help"])
+    assert exit.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_names_every_command_and_explains_every_option_with_its_default(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option: its help and default are never cut by the wrapping
+    top = help_text(capsys)
+    assert all(f"\n    {command}" in top for command in COMMANDS) and "--version" in top and "`" not in top
+    commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert sorted(commands) == sorted(COMMANDS)
+    for name, command in commands.items():
+        text = help_text(capsys, name)
+        assert "`" not in text, name  # plain text, not reST
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+            shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+            assert not shown or f"(default: {action.default})" in text or "%(default)" in action.help, \
+                f"{name} {action.option_strings}: its default is not shown"
+    quickstart = help_text(capsys, "quickstart")
+    assert re.search(r"--n-features N_FEATURES\s+features per head \(default: 256\)", quickstart)
+    assert f"(default: {default_layer()})" in quickstart
+
+
+def test_version_is_the_installed_distributions(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out == f"writesae {version('writesae')}\n"
 
 
 @pytest.mark.slow
@@ -48,22 +80,29 @@ def test_twenty_step_cli_run_on_a_random_tiny_model_writes_a_loadable_sae(tmp_pa
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in records) == 20 and any(r["split"] == "heldout" for r in records)
     result = writesae("eval", str(out / "sae"), "--model", str(folder), "--context", "32", "--contexts", "2",
-                      "--samples", "64", "--json", str(tmp_path / "eval.json"))
+                      "--samples", "64", "--out", str(out))
     assert result.returncode == 0, result.stderr
-    metrics = json.loads((tmp_path / "eval.json").read_text())
+    assert "CE loss recovered" in result.stdout and result.stdout.endswith(f"wrote {out / 'eval.json'}\n")
+    metrics = json.loads((out / "eval.json").read_text())
     assert len(metrics["reconstruction"]["fvu"]) == 4 and "ce_loss_recovered" in metrics["downstream"]
+    assert "eval.json" in json.loads((out / "writesae-outputs.json").read_text())["created"]
 
 
 @pytest.mark.slow
-def test_quickstart_on_two_heads_labels_model_heads_and_writes_outputs_that_load(tmp_path):
-    summary = run_quickstart(tmp_path, heads=[1, 3], n_features=32, k=4, steps=6, batch_size=16, context=64,
-                             eval_contexts=2, progress=False)
+def test_quickstart_on_two_heads_labels_model_heads_and_writes_outputs_that_load(tmp_path, capsys):
+    summary = run_quickstart(tmp_path, heads=[1, 3], n_features=32, k=4, steps=6, batch_size=16, context=64, positions=16,
+                             buffer_size=64, input_scale_samples=64, heldout_samples=128, eval_contexts=2)
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("quickstart: ")]
+    # what it does, from the start, and the training's size and expected time before training
+    assert said[0] == "quickstart: loading gdn-austen and tokenising the six novels"
+    assert "128 held-out states of layer 5" in said[1] and "6 steps of 16 states" in said[2] and "takes about" in said[2]
+    assert summary["reconstruction"]["samples"] == 128 and summary["config"]["positions"] == 16
     sae = load_sae(tmp_path / "sae")
     assert sae.cfg.site == summary["site"] and sae.cfg.model_name == "gdn-austen" and sae.cfg.head_indices == [1, 3]
     # the SAE's dictionaries 0 and 1 are model heads 1 and 3: reports name the model heads
     assert {label.split(",")[0] for label in summary["top_contexts"]} == {"head 1", "head 3"}
     assert all("[[" in line for lines in summary["top_contexts"].values() for line in lines)
-    table = format_report(summary).splitlines()[4:6]
+    table = format_report(summary).splitlines()[5:7]
     assert [row.split()[0] for row in table] == ["1", "3"]
     for plot in ("atoms.png", "activations.png", "training_curve.png"):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
@@ -117,8 +156,10 @@ def test_the_readmes_data_commands_train_and_evaluate_on_the_files_text(tmp_path
         trained_on.clear()
         main(command[1:] + SMALL[command[1]].split())
         out = capsys.readouterr().out
-        if command[1] == "eval":
-            assert "FVU" in out and "ce_loss_recovered" in out
+        if command[1] == "eval":  # a table, and the figures in eval-out/eval.json
+            assert "head    FVU     L0   dead  dense" in out and "CE loss recovered: " in out
+            metrics = json.loads((tmp_path / "eval-out" / "eval.json").read_text())
+            assert f"CE loss recovered: {metrics['downstream']['ce_loss_recovered']:.3f}" in out
             continue
         # every trained sample comes from a context whose text, cut at EOS, lies in one of the files
         pieces = []
@@ -175,7 +216,8 @@ def trained(tmp_path_factory):
     return root
 
 
-def test_eval_errors_name_the_argument_or_the_file(trained, tmp_path, capsys):
+def test_eval_errors_name_the_argument_or_the_file(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where eval-out/, the default --out, goes
     corpus, sae = str(trained / "corpus"), str(trained / "run" / "sae")
     small = SMALL["eval"].split()
     assert "argument --contexts: must be a positive integer, got 0" in cli_error(capsys, "eval", sae, "--contexts", "0")
@@ -190,6 +232,45 @@ def test_eval_errors_name_the_argument_or_the_file(trained, tmp_path, capsys):
     (tmp_path / "bad" / "cfg.json").write_text("null")
     assert "cfg.json must hold a JSON object" in cli_error(capsys, "eval", str(tmp_path / "bad"))
     assert "no file or folder at" in cli_error(capsys, "eval", sae, "--data", str(tmp_path / "nowhere"), *small)
+
+
+def test_eval_prints_a_table_writes_its_json_in_out_and_warns_of_an_fvu_above_1(trained, tmp_path, capsys):
+    out = tmp_path / "eval"
+    main(["eval", str(trained / "run" / "sae"), "--data", str(trained / "corpus"), *SMALL["eval"].split(), "--out", str(out)])
+    printed, err = capsys.readouterr()
+    metrics = json.loads((out / "eval.json").read_text())
+    fvu = metrics["reconstruction"]["fvu"]
+    assert metrics["site"] == "blocks.4.linear_attn.hook_state" and min(fvu) > 1  # the diverged SAE of the fixture
+    rows = printed.splitlines()[5:9]
+    assert [row.split()[:2] for row in rows] == [[str(head), f"{value:.3g}"] for head, value in enumerate(fvu)]
+    assert "CE loss recovered: " in printed and printed.endswith(f"wrote {out / 'eval.json'}\n")
+    assert err.startswith("writesae eval: warning: held-out FVU above 1 for head 0 (") and err.count("\n") == 1
+    assert "worse than predicting the held-out mean" in err and "distribution shift" in err
+
+
+def test_eval_never_replaces_a_file_it_did_not_create(trained, tmp_path, capsys, monkeypatch):
+    import writesae.cli as cli
+
+    (tmp_path / "eval.json").write_text("my own figures\n")
+    monkeypatch.setattr(cli, "_store", lambda *args: pytest.fail("the corpus was read"))
+    err = cli_error(capsys, "eval", str(trained / "run" / "sae"), "--out", str(tmp_path))
+    assert f"{tmp_path / 'eval.json'} exists and was not created by writesae" in err
+    assert (tmp_path / "eval.json").read_text() == "my own figures\n"
+
+
+def test_a_rerun_with_another_n_features_names_that_field(trained, capsys):
+    err = cli_error(capsys, "train", "--data", str(trained / "corpus"), "--out", str(trained / "run"), *SMALL["train"].split(),
+                    "--lr", "1e6", "--n-features", "16")
+    assert err == (f"writesae train: error: cannot resume from {trained / 'run' / 'checkpoint'}: sae.n_features: the "
+                   f"checkpoint has 32, this run 16 (use another out_dir (--out), or resume=False)\n")
+
+
+def test_a_mistyped_model_name_lists_the_shipped_names_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = cli_error(capsys, "census", "--model", "gdn-austn")
+    assert err == (f"writesae census: error: no such folder or shipped name: 'gdn-austn' (did you mean 'gdn-austen'?); "
+                   f"shipped names: gdn-austen, mamba2-austen; checkpoint folders in {tmp_path}: none; a hub id has the "
+                   f"form owner/name\n")
 
 
 def test_a_run_that_diverges_without_a_nan_exits_non_zero(trained):

@@ -140,7 +140,8 @@ def test_an_interrupted_comparison_resumes_to_the_same_runs(tmp_path):
         monkey.undo()
     assert len(trained) == len(uninterrupted["runs"]) - 5  # only the runs the records lacked
     assert json.loads(json.dumps(without_seconds(resumed["runs"]))) == json.loads(json.dumps(without_seconds(uninterrupted["runs"])))
-    with pytest.raises(ValueError, match="holds the runs of a comparison with other settings"):
+    with pytest.raises(ValueError, match=r"holds the runs of a comparison with other settings \(sizes\.steps: the records "
+                                         r"have \d+, this run 10\); delete it"):
         demo.run_comparison(model, documents, [10, 11], choice, sizes | {"steps": 10}, [0, 1], ce_tokens, sites=("write",),
                             log=lambda _: None, records=records)
 

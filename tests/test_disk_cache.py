@@ -134,10 +134,44 @@ def test_a_full_disk_mid_shard_leaves_a_cache_that_resumes_to_the_same_bytes(mod
     rewritten = []
     real = disk_cache._shard_bytes
     monkeypatch.setattr(disk_cache, "_shard_bytes", lambda store, s, split, j: rewritten.append((split, j)) or real(store, s, split, j))
-    write(model, documents, tmp_path)
+    told = []
+    write(model, documents, tmp_path, log=told.append)
+    said = re.fullmatch(rf"writing the cache {tmp_path}: .* in (\d+) shards, .*; (\d+) shards left to write, .* free on its disk\)",
+                        told[0])
+    assert said and int(said[2]) == int(said[1]) - 2  # the two written before the disk filled up are not counted
     assert rewritten[0] == ("train", 2) and ("train", 0) not in rewritten  # resumed at the first missing shard
     assert read_manifest(tmp_path)["shards"] == read_manifest(cache)["shards"]  # byte for byte (the checksums) the same
     assert not list((tmp_path / "manifest-parts").iterdir())
+
+
+def test_the_size_is_stated_before_writing_and_a_disk_too_small_is_refused(model, documents, cache, tmp_path, monkeypatch):
+    manifest = read_manifest(cache)
+    samples = sum(manifest["splits"][split]["samples"] for split in ("train", "heldout"))
+    shards = sum(manifest["splits"][split]["shards"] for split in ("train", "heldout"))
+    size = samples * (len(HEADS) * 12 * 8 * 4 + 2 * 8)  # x in float32 (2 heads of 12 × 8) and the origin (2 int64)
+    on_disk = sum(shard["bytes"] for split in manifest["shards"].values() for shard in split)
+    assert samples * disk_cache.sample_bytes(manifest) == size <= on_disk <= size + 1024 * shards  # + the headers
+    usage = shutil.disk_usage(tmp_path)
+    described = f"{samples:,} samples of 2 heads × 12 × 8 float32 in {shards} shards, {disk_cache._size(size)}"
+    told = []
+    monkeypatch.setattr(disk_cache.shutil, "disk_usage", lambda folder: usage._replace(free=size - 1))
+    with pytest.raises(OSError) as error:
+        write(model, documents, tmp_path, log=told.append)
+    free = disk_cache._size(size - 1)
+    assert told == [f"writing the cache {tmp_path}: {described} ({free} free on its disk)"]
+    assert str(error.value).startswith(f"the cache {tmp_path} needs {disk_cache._size(size)} more ({described}), and its "
+                                       f"disk has {free} free: ")
+    assert not list((tmp_path / "train").iterdir()) and not (tmp_path / "manifest.json").exists()  # nothing written
+    monkeypatch.setattr(disk_cache.shutil, "disk_usage", lambda folder: usage._replace(free=size))
+    write(model, documents, tmp_path, log=None)
+    assert read_manifest(tmp_path)["shards"] == manifest["shards"]
+
+
+def test_a_rerun_with_other_settings_names_each_differing_field(model, documents, cache):
+    with pytest.raises(ValueError) as error:
+        write(model, documents, cache, store_kw=dict(positions=[1, 2, 3]))
+    assert (f"{cache / 'manifest.json'} was written with other settings (positions: the cache has [2, 7, 15], this run "
+            f"[1, 2, 3]; store_config.positions: the cache has [2, 7, 15], this run [1, 2, 3]): ") in str(error.value)
 
 
 def test_a_corrupted_shard_is_named_and_never_read(cache, tmp_path):
@@ -229,7 +263,7 @@ def test_a_cache_of_another_site_or_heads_is_refused(model, cache, tmp_path):
         train(sae, CachedActivations(cache), TrainConfig(out_dir=str(tmp_path), steps=1, progress=False))
 
 
-def test_the_cache_and_train_commands(tmp_path, capsys):
+def test_the_cache_and_train_commands(tmp_path, capsys, monkeypatch):
     torch.manual_seed(0)
     folder = tmp_path / "tiny"
     save_tiny_checkpoint_with_tokenizer(folder)
@@ -244,7 +278,9 @@ def test_the_cache_and_train_commands(tmp_path, capsys):
     manifest = read_manifest(tmp_path / "cache")
     assert manifest["site"] == site_name(1, "write") and manifest["heads"] == [1, 3] and manifest["dtype"] == "bfloat16"
     assert str(data) in manifest["corpus"] and len(manifest["heldout_documents"]) == 1
-    assert f"wrote {tmp_path / 'cache' / 'manifest.json'}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith(f"writing the cache {tmp_path / 'cache'}: ") and " samples of 2 heads × 12 × 8 bfloat16 in " in out
+    assert f"wrote {tmp_path / 'cache' / 'manifest.json'}" in out
 
     train_args = ["train", "--cache", str(tmp_path / "cache"), "--steps", "3", "--batch-size", "16", "--buffer-size", "64",
                   "--n-features", "16", "--k", "2", "--eval-every", "3", "--no-progress"]
@@ -256,3 +292,12 @@ def test_the_cache_and_train_commands(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit:
             main([*train_args, *wrong, "--out", str(tmp_path / "wrong")])
         assert exit.value.code == 2 and re.search(message, capsys.readouterr().err)
+    # a disk too small for the cache: one line, before anything is written
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(disk_cache.shutil, "disk_usage", lambda folder: usage._replace(free=1000))
+    with pytest.raises(SystemExit) as exit:
+        main(["cache", *common, "--layer", "1", "--out", str(tmp_path / "small"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"writesae cache: error: the cache {tmp_path / 'small'} needs ") and "its disk has 1000 bytes free" in err
+    assert not list((tmp_path / "small" / "train").iterdir())

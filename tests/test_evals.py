@@ -88,3 +88,13 @@ def test_shared_references_score_every_sae_on_the_heads_as_alone(model, mode):
         downstream_metrics(model, other_heads, TOKENS, mode, seed=3, references=references)
     with pytest.raises(ValueError, match="another splice: other tokens"):
         downstream_metrics(model, make_sae(model, "state"), TOKENS[:2], mode, seed=3, references=references)
+
+
+def test_an_fvu_above_1_is_named_by_model_head_and_explained():
+    from writesae.evals import worse_than_the_mean
+
+    assert worse_than_the_mean([0.4, 1.0], heads=[1, 3]) is None  # 1 is the mean's own FVU: not worse
+    message = worse_than_the_mean([0.4, 1.25, float("nan")], heads=[0, 2, 3])
+    assert message.startswith("held-out FVU above 1 for head 2 (1.25), head 3 (nan): there the SAE reconstructs worse "
+                              "than predicting the held-out mean would")
+    assert "distribution shift" in message

@@ -7,18 +7,22 @@ transformers' logits, and accelerate's own device-map computation.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from accelerate import init_empty_weights, infer_auto_device_map
 from accelerate.utils import get_balanced_memory
+from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors.torch import load_file, save_file
 from transformers import Qwen3_5ForCausalLM
 
 from hooked_gdn import HookedGatedDeltaNet
 from hooked_gdn.loading import load_pretrained_in_memory
+from hooked_gdn.mamba2 import HookedMamba2
 from hooked_gdn.placement import plan_device_map
 from hooked_gdn.sites import edit_at_positions, gdn_hook_name
+from writesae.splice import HookedSAEGatedDeltaNet, HookedSAEMamba2
 
 from .conftest import randomize_, tiny_hf_config
 
@@ -214,3 +218,74 @@ def test_bad_device_maps_are_refused(sharded, device_map, error):
 def test_device_and_device_map_together_are_refused(sharded):
     with pytest.raises(ValueError, match="not both"):
         HookedGatedDeltaNet.from_pretrained(sharded[0], device="cpu", device_map={i: "cpu" for i in range(N_BLOCKS)})
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+
+
+@pytest.mark.parametrize("cls, name", [(HookedGatedDeltaNet, "gdn-austen"), (HookedSAEGatedDeltaNet, "gdn-austen"),
+                                       (HookedMamba2, "mamba2-austen"), (HookedSAEMamba2, "mamba2-austen")])
+def test_every_class_loads_in_eval_mode(cls, name):
+    model = cls.from_pretrained(name)  # no .eval(): TransformerLens' patching refuses a model in training mode
+    assert type(model) is cls and [n for n, m in model.named_modules() if m.training] == []
+
+
+def test_the_in_memory_and_dispatched_loads_are_in_eval_mode(sharded):
+    for model in (load_pretrained_in_memory(HookedGatedDeltaNet, sharded[0]),
+                  HookedGatedDeltaNet.from_pretrained(sharded[0], device_map={i: "cpu" for i in range(N_BLOCKS)})):
+        assert [n for n, m in model.named_modules() if m.training] == []
+
+
+@pytest.fixture
+def in_a_folder_with_a_checkpoint(tiny_checkpoint, tmp_path, monkeypatch):
+    """The working directory: a checkpoint folder, a folder that is not one; the hub must not be asked."""
+    import huggingface_hub
+
+    shutil.copytree(tiny_checkpoint(), tmp_path / "my-model")
+    (tmp_path / "notes").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("the hub was asked"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("name, suggestion", [("gdn-austn", " (did you mean 'gdn-austen'?)"),
+                                              ("my-modl", " (did you mean 'my-model'?)"), ("./nothing", ""),
+                                              ("runs/a/b", ""), ("runs/my model", " (did you mean 'my-model'?)")])
+def test_a_name_that_is_neither_shipped_nor_a_folder_nor_a_hub_id_lists_the_names(in_a_folder_with_a_checkpoint, name,
+                                                                                  suggestion):
+    with pytest.raises(FileNotFoundError) as error:
+        HookedGatedDeltaNet.from_pretrained(name)
+    assert str(error.value) == (f"no such folder or shipped name: {name!r}{suggestion}; shipped names: gdn-austen, "
+                                f"mamba2-austen; checkpoint folders in {in_a_folder_with_a_checkpoint}: my-model; "
+                                f"a hub id has the form owner/name")
+    with pytest.raises(FileNotFoundError, match="no such folder or shipped name: 'mamba2-austn'"):
+        HookedMamba2.from_pretrained("mamba2-austn")
+
+
+class NoSuchModelOnTheHub(RepositoryNotFoundError):
+    """The hub's answer for a model it does not have (or this machine may not read), without an HTTP response."""
+
+    def __init__(self, message: str):
+        OSError.__init__(self, message)
+
+
+@pytest.mark.parametrize("failure, why", [
+    (LocalEntryNotFoundError("Got: ConnectError: [Errno -2] Name or service not known\nAn error happened while trying "
+                             "to locate the files on the Hub"),
+     "the hub could not be reached (offline?), and the local hub cache does not hold the model"),
+    (NoSuchModelOnTheHub("404 Client Error.\nRepository Not Found"),
+     "the hub has no such model that this machine may read (a gated or private one needs a login: hf auth login)"),
+    (OSError("a first line\nand a second"), "a first line"),
+])
+def test_a_hub_id_that_cannot_be_downloaded_says_why_in_one_line(in_a_folder_with_a_checkpoint, monkeypatch, failure, why):
+    import huggingface_hub
+
+    def download(repo_id, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    with pytest.raises(FileNotFoundError) as error:
+        HookedGatedDeltaNet.from_pretrained("someone/gdn-austn")
+    assert str(error.value) == (f"'someone/gdn-austn' is not a folder here, and it could not be downloaded from the "
+                                f"Hugging Face hub: {why}; shipped names: gdn-austen, mamba2-austen; checkpoint "
+                                f"folders in {in_a_folder_with_a_checkpoint}: my-model")

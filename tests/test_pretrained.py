@@ -136,3 +136,13 @@ def test_the_default_layer_is_the_one_with_most_long_memory_heads():
     best = max(sum(r.half_life[1] >= 16 for r in card.heads if r.layer == L) for L in card.layers())
     assert sum(r.half_life[1] >= 16 for r in card.heads if r.layer == layer) == best
     assert f"| default layer (most heads with half-life ≥ 16) | {layer} |" in (FOLDER / "README.md").read_text()
+
+
+def test_the_demo_studies_the_default_layer_and_asks_for_one_on_other_models(capsys, tmp_path):
+    from hooked_gdn.demo import main
+
+    main(["--positions", "1", "-1"])
+    assert capsys.readouterr().out.startswith(f"gdn-austen: blocks.{default_layer()}.linear_attn.hook_state, ")
+    with pytest.raises(SystemExit) as exit:
+        main(["--model", str(tmp_path)])  # any other model: no census ships with it
+    assert exit.value.code == 2 and "--layer is required for" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -124,8 +125,15 @@ def test_resume_equals_the_uninterrupted_run(model, documents, tmp_path, monkeyp
     assert all(torch.equal(saved_a[name], saved_b[name]) for name in saved_a)
     timeless = lambda out: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in records(out) if r["split"] == "train"]
     assert timeless(tmp_path / "split") == timeless(tmp_path / "whole")  # one record per step, the same values
-    with pytest.raises(ValueError, match="batch_size was 32, now 16"):
+    checkpoint = tmp_path / "split" / "checkpoint"
+    with pytest.raises(ValueError) as error:
         run(model, documents, tmp_path / "split", **kw | dict(batch_size=16))
+    assert str(error.value) == (f"cannot resume from {checkpoint}: batch_size: the checkpoint has 32, this run 16 "
+                                f"(use another out_dir (--out), or resume=False)")
+    with pytest.raises(ValueError) as error:  # the SAE's own config: the fields that differ, not two whole configs
+        run(model, documents, tmp_path / "split", **kw | dict(sae_kw=dict(n_features=32, k=2, sparsity="batchtopk")))
+    assert str(error.value) == (f"cannot resume from {checkpoint}: sae.n_features: the checkpoint has 64, this run 32 "
+                                f"(use another out_dir (--out), or resume=False)")
 
 
 def test_a_nan_batch_stops_training_and_keeps_the_last_good_checkpoint(model, documents, tmp_path, monkeypatch):
@@ -281,3 +289,21 @@ def test_a_run_that_diverges_without_a_nan_says_so(model, documents, tmp_path):
     assert "L0 = 0" in result.diverged
     healthy = run(model, documents, tmp_path / "healthy", eval_every=12)
     assert healthy.diverged is None
+
+
+def test_a_last_heldout_fvu_above_1_warns_of_a_distribution_shift_without_failing(model, documents, tmp_path):
+    # held out: documents of one token repeated, unlike any training text; the SAE reconstructs worse than their mean
+    shifted = [*documents[:64], *[torch.full((40,), 77) for _ in range(16)]]
+    store = make_store(model, shifted, heldout_documents=[str(i) for i in range(64, 80)])
+    cfg = TrainConfig(out_dir=str(tmp_path), steps=24, batch_size=32, lr=1e-2, warmup_steps=3, eval_every=12,
+                      eval_samples=256, checkpoint_every=0, progress=False, input_scale_samples=256)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(make_sae(model), store, cfg)
+    fvu = result.heldout_metrics["fvu_per_head"]
+    assert result.diverged is None and all(1 < value <= 10 for value in fvu)
+    shown = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert shown == [f"step 24: held-out FVU above 1 for head 0 ({fvu[0]:.3g}), head 2 ({fvu[1]:.3g}): there the SAE "
+                     f"reconstructs worse than predicting the held-out mean would. This happens when the "
+                     f"held-out text differs from the training text (a distribution shift: the SAE learnt the training "
+                     f"samples' mean and spread, and the held-out mean lies elsewhere), or when the SAE is undertrained"]

@@ -4,7 +4,12 @@ The core (this package's top level) imports without TransformerLens; `writesae.s
 `hooked_gdn.HookedGatedDeltaNet`.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("writesae")  # pyproject.toml's, as installed: the one place the version is written
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "unknown"
 
 from .io import load_sae, save_sae
 from .sae import ARCHITECTURES, BilinearMatrixSAE, FlatSAE, MatrixSAE, SAEConfig

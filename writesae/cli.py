@@ -1,22 +1,6 @@
-"""The ``writesae`` command: ``train``, ``eval`` and ``quickstart`` (the same as the Python API).
+"""The ``writesae`` command, the same as the Python API: its commands are the ``cmd_*`` functions, and
+`DESCRIPTION` is what ``writesae --help`` says about all of them (plain text: it is read in a terminal).
 
-    writesae quickstart                                   # the main job, a few minutes on 2 CPU cores
-    writesae train --layer 4 --steps 2000 --out runs/l4   # an SAE on the bundled novels
-    writesae eval runs/l4/sae --contexts 16
-    writesae dashboard runs/l4/sae --out runs/l4/dashboard   # then open runs/l4/dashboard/index.html
-    writesae cache --layer 4 --out cache/l4                  # extract once (writesae.disk_cache) ...
-    writesae train --cache cache/l4 --steps 2000 --out runs/l4-cached   # ... train many SAEs from it
-
-Under ``torchrun --nproc_per_node N -m writesae.cli``, ``cache`` splits its shards over the ranks
-and ``train --cache`` is data-parallel (`writesae.distributed`).
-
-Without ``--data`` the bundled Austen novels are used, with the shipped model's held-out chapters
-(Persuasion 21–24) as the held-out documents. ``--data`` takes text files (``.gz`` ones are
-decompressed) and folders (their ``.txt`` and ``.txt.gz`` files, recursively); each file is one
-document, and a seeded 5% of them (at least one) is held out, the same for ``train`` and ``eval``.
-
-``--out`` may be a new or existing folder: the tool writes only the names it lists in its manifest
-there (see `writesae.outputs`), and refuses to start when a file of the same name is in the way.
 Bad input ends with ``writesae <command>: error: ...`` and exit status 2, not a traceback.
 """
 
@@ -24,15 +8,64 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
-from hooked_gdn.pretrained import CENSUS_CONTEXT, CENSUS_TOKENS
+from hooked_gdn.files import atomic_file
+from hooked_gdn.pretrained import CENSUS_CONTEXT, CENSUS_TOKENS, default_layer
 
-from . import distributed
+from . import __version__, distributed
+from .quickstart import QuickstartConfig
+
+DESCRIPTION = """\
+Train, evaluate and inspect sparse autoencoders (SAEs) on the matrix memory of Gated DeltaNet
+layers: a layer's state S_t, or its rank-1 write k̂_t δ_tᵀ.
+
+examples:
+  writesae quickstart                                  the main job, on the shipped model gdn-austen
+  writesae train --layer 5 --steps 2000 --out runs/l5  an SAE on the bundled novels
+  writesae eval runs/l5/sae --contexts 16 --out runs/l5
+                                                       held-out metrics: a table, and runs/l5/eval.json
+  writesae dashboard runs/l5/sae --out runs/l5/dash    then open runs/l5/dash/index.html
+  writesae cache --layer 5 --out cache/l5              extract a layer's samples once ...
+  writesae train --cache cache/l5 --out runs/l5-c      ... and train many SAEs from them
+  writesae census                                      how long each GDN head of a model remembers
+
+"writesae COMMAND --help" lists a command's options, with their defaults.
+
+Text: without --data the bundled Austen novels are used, with the shipped model's held-out chapters
+(Persuasion 21-24) held out. --data takes text files (.gz ones are decompressed) and folders
+(their .txt and .txt.gz files, recursively); each file is one document, and a seeded 5% of them
+(at least one) is held out, the same for train and eval.
+
+Output folders: --out may be a new or existing folder. The tool writes there only the names it
+lists in writesae-outputs.json, and stops before any work when a file of the same name that it did
+not create is in the way.
+
+Several processes: under "torchrun --nproc_per_node N -m writesae.cli", cache splits its shards
+over the ranks and train --cache is data-parallel.
+
+Bad input ends with "writesae COMMAND: error: ..." and exit status 2; train exits with status 1
+when the SAE it saved looks diverged.
+"""
+
+EVAL_FILE = "eval.json"  # what eval writes in its --out
+
+
+class _CommandHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, unless it has none to show (None, or False for a switch)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _TopHelpFormatter(argparse.RawDescriptionHelpFormatter, _CommandHelpFormatter):
+    """`DESCRIPTION` as written: its examples are laid out by hand."""
 
 
 def _positive_int(text: str) -> int:
@@ -43,85 +76,117 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_store_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="gdn-austen", help="shipped short name, local folder or hub id")
+MODEL_HELP = "a shipped model's name (gdn-austen), a checkpoint folder, or a Hugging Face hub id owner/name"
+DEVICE_HELP = "torch device to run on, e.g. cuda (default: cpu; under torchrun, cuda means each rank's cuda:LOCAL_RANK)"
+DTYPE_HELP = "the model's dtype (its recurrence runs in float32 whatever this is)"
+SAE_HELP = "an SAE folder (cfg.json + sae_weights.safetensors), or a shipped SAE's name (gdn-austen/L5-state)"
+PROGRESS_HELP = "no progress bar"
+STORE_SEED_HELP = "random seed: the held-out choice of --data documents and the random positions"
+
+
+def _add_store_args(p: argparse.ArgumentParser, seed_help: str) -> None:
+    p.add_argument("--model", default="gdn-austen", help=MODEL_HELP)
     p.add_argument("--data", nargs="+", type=Path, help="text files (.txt, .gz) or folders of them (default: the bundled novels)")
     p.add_argument("--context", type=_positive_int, default=128, help="tokens per context")
-    p.add_argument("--positions", default="8", help="'all', 'final' or k random positions per context")
-    p.add_argument("--buffer-size", type=_positive_int, default=4096, help="training samples in the shuffled buffer")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="the model's dtype")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--positions", default="8", help="'all', 'final', or k: that many random positions per context")
+    p.add_argument("--device", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+
+
+def _command(commands, name: str, help: str) -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=help, description=help, formatter_class=_CommandHelpFormatter)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="writesae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="writesae", description=DESCRIPTION, formatter_class=_TopHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
 
-    quick = commands.add_parser("quickstart", help="train and inspect a WriteSAE on the shipped model (the main job)")
-    quick.add_argument("--layer", type=int, help="GDN layer (default: the one with the most long-memory heads, from the model card's census)")
-    quick.add_argument("--heads", default="all", help="'all' or comma-separated head indices")
-    quick.add_argument("--n-features", type=_positive_int, default=256)
-    quick.add_argument("--k", type=_positive_int, default=8)
-    quick.add_argument("--steps", type=_positive_int, default=400)
-    quick.add_argument("--batch-size", type=_positive_int, default=128)
-    quick.add_argument("--lr", type=float, default=2e-3)
-    quick.add_argument("--out", type=Path, default=Path("quickstart-out"))
-    quick.add_argument("--seed", type=int, default=0)
+    quick = _command(commands, "quickstart", "the main job: train a WriteSAE on the shipped model's states and report "
+                     "on held-out text (per-head FVU, CE loss recovered, top-activating contexts)")
+    defaults = QuickstartConfig()  # the flags' defaults are the config's: one owner
+    quick.add_argument("--layer", type=int, default=default_layer("gdn-austen"),
+                       help="GDN layer; the default has the most long-memory heads by the model card's census")
+    quick.add_argument("--heads", default=defaults.heads, help="'all' or comma-separated head indices")
+    quick.add_argument("--n-features", type=_positive_int, default=defaults.n_features, help="features per head")
+    quick.add_argument("--k", type=_positive_int, default=defaults.k, help="features active per sample and head, TopK")
+    quick.add_argument("--steps", type=_positive_int, default=defaults.steps, help="training steps")
+    quick.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help="samples per training step")
+    quick.add_argument("--lr", type=float, default=defaults.lr, help="Adam's learning rate after warmup")
+    quick.add_argument("--context", type=_positive_int, default=defaults.context, help="tokens per training context")
+    quick.add_argument("--positions", type=_positive_int, default=defaults.positions,
+                       help="training states taken per context (random, distinct positions)")
+    quick.add_argument("--heldout-samples", type=_positive_int, default=defaults.heldout_samples,
+                       help="held-out states, extracted once and used by every evaluation")
+    quick.add_argument("--eval-contexts", type=_positive_int, default=defaults.eval_contexts,
+                       help="held-out contexts for the CE with the SAE in the loop")
+    quick.add_argument("--out", type=Path, default=Path("quickstart-out"), help="folder for the SAE, the plots and summary.json")
+    quick.add_argument("--seed", type=int, default=defaults.seed, help="random seed: positions, shuffling, the SAE's initialisation")
 
-    cache = commands.add_parser("cache", help="extract a GDN layer's states or writes once, into sharded safetensors files")
-    _add_store_args(cache)
-    cache.add_argument("--layer", type=int, required=True)
+    cache = _command(commands, "cache", "extract a GDN layer's states or writes once, into sharded safetensors files "
+                     "(states its size on disk first, and refuses when the disk is too small)")
+    _add_store_args(cache, STORE_SEED_HELP)
+    cache.set_defaults(buffer_size=1)  # the store's training buffer is never filled here
+    cache.add_argument("--layer", type=int, required=True, help="GDN layer")
     cache.add_argument("--heads", default="all", help="'all' or comma-separated head indices")
     cache.add_argument("--kind", choices=["state", "write"], default="state", help="the site: the state S_t or the write k̂_t δ_tᵀ")
     cache.add_argument("--out", type=Path, required=True, help="the cache folder (a rerun finishes an interrupted one)")
     cache.add_argument("--shard-samples", type=_positive_int, default=4096, help="samples per shard (whole contexts)")
     cache.add_argument("--storage-dtype", choices=["float32", "bfloat16"], default="float32", help="the samples' dtype on disk")
-    cache.add_argument("--no-progress", action="store_true")
+    cache.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)
 
-    tr = commands.add_parser("train", help="train an SAE on a GDN layer's states or writes")
-    _add_store_args(tr)
+    tr = _command(commands, "train", "train an SAE on a GDN layer's states or writes")
+    _add_store_args(tr, f"{STORE_SEED_HELP}, the shuffling and the SAE's initialisation")
+    tr.add_argument("--buffer-size", type=_positive_int, default=4096, help="training samples in the shuffled buffer")
     tr.add_argument("--cache", type=Path, help="train from this cache (writesae cache) instead of streaming from the model; "
                     "the site, heads and corpus are the cache's")
     tr.add_argument("--layer", type=int, help="GDN layer (required without --cache)")
     tr.add_argument("--heads", help="'all' or comma-separated head indices (default: all, or the cache's)")
     tr.add_argument("--kind", choices=["state", "write"], help="the site: the state S_t (default) or the write k̂_t δ_tᵀ")
-    tr.add_argument("--architecture", choices=["bilinear", "matrix", "flat"], default="bilinear")
+    tr.add_argument("--architecture", choices=["bilinear", "matrix", "flat"], default="bilinear",
+                    help="bilinear: WriteSAE, rank-r atoms with a bilinear encoder; matrix: rank-r atoms, linear encoder; "
+                         "flat: a plain SAE on the flattened d_k × d_v matrix")
     tr.add_argument("--tied", action="store_true", help="bilinear encoder tied to the decoder (U = V, P = W)")
-    tr.add_argument("--n-features", type=_positive_int, default=512)
-    tr.add_argument("--rank", type=_positive_int, default=1)
-    tr.add_argument("--sparsity", choices=["topk", "batchtopk", "relu", "jumprelu"], default="topk")
-    tr.add_argument("--k", type=_positive_int, default=16)
-    tr.add_argument("--steps", type=_positive_int, default=2000)
-    tr.add_argument("--batch-size", type=_positive_int, default=256)
-    tr.add_argument("--lr", type=float, default=4e-4)
-    tr.add_argument("--eval-every", type=int, default=500)
-    tr.add_argument("--checkpoint-every", type=int, default=500)
-    tr.add_argument("--out", type=Path, default=Path("runs/sae"))
-    tr.add_argument("--no-progress", action="store_true")
+    tr.add_argument("--n-features", type=_positive_int, default=512, help="features per head")
+    tr.add_argument("--rank", type=_positive_int, default=1, help="rank of each atom, for bilinear and matrix")
+    tr.add_argument("--sparsity", choices=["topk", "batchtopk", "relu", "jumprelu"], default="topk", help="the activation rule")
+    tr.add_argument("--k", type=_positive_int, default=16, help="features active per sample and head, for topk and batchtopk")
+    tr.add_argument("--steps", type=_positive_int, default=2000, help="training steps")
+    tr.add_argument("--batch-size", type=_positive_int, default=256, help="samples per training step")
+    tr.add_argument("--lr", type=float, default=4e-4, help="Adam's learning rate after warmup")
+    tr.add_argument("--eval-every", type=int, default=500, help="steps between held-out evaluations, and one at the end (0: none)")
+    tr.add_argument("--checkpoint-every", type=int, default=500,
+                    help="steps between checkpoints, and one at the end; a rerun resumes from the last (0: none)")
+    tr.add_argument("--out", type=Path, default=Path("runs/sae"), help="folder for sae/, checkpoint/ and metrics.jsonl")
+    tr.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)
     tr.add_argument("--wandb", metavar="PROJECT", help="also log to this wandb project")
 
-    census = commands.add_parser("census", help="how long each GDN head remembers: decay half-lives, β, state rank")
-    census.add_argument("--model", default="gdn-austen", help="shipped short name, local folder or hub id")
+    census = _command(commands, "census", "how long each GDN head remembers: decay half-lives, β, state rank")
+    census.add_argument("--model", default="gdn-austen", help=MODEL_HELP)
     census.add_argument("--tokens", type=int, default=CENSUS_TOKENS, help="held-out tokens to measure on (the model card's: %(default)s)")
     census.add_argument("--context", type=int, default=CENSUS_CONTEXT, help="tokens per window, each starting from a zero state")
     census.add_argument("--state-every", type=int, default=1, help="form states at every n-th position only")
     census.add_argument("--out", type=Path, default=Path("census-out"), help="folder for census.json and half_lives.png")
-    census.add_argument("--device", default=None)
-    census.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="the model's dtype")
+    census.add_argument("--device", help=DEVICE_HELP)
+    census.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
 
-    ev = commands.add_parser("eval", help="held-out reconstruction and downstream metrics of a saved SAE")
-    ev.add_argument("sae", type=Path, help="an SAE folder (cfg.json + sae_weights.safetensors)")
-    _add_store_args(ev)
-    ev.add_argument("--samples", type=_positive_int, default=4096, help="held-out states for the reconstruction metrics")
+    ev = _command(commands, "eval", f"held-out reconstruction and downstream metrics of a saved SAE: printed as a "
+                  f"table, and written to {EVAL_FILE} in --out")
+    ev.add_argument("sae", type=Path, help=SAE_HELP)
+    _add_store_args(ev, f"{STORE_SEED_HELP} (train's, to evaluate on the documents it held out)")
+    ev.set_defaults(buffer_size=1)  # the store's training buffer is never filled here
+    ev.add_argument("--samples", type=_positive_int, default=4096, help="held-out samples for the reconstruction metrics")
     ev.add_argument("--contexts", type=_positive_int, default=8, help="held-out contexts for the downstream metrics")
-    ev.add_argument("--mode", choices=["loop", "single"], default="loop")
-    ev.add_argument("--json", type=Path, help="also write the metrics here")
+    ev.add_argument("--mode", choices=["loop", "single"], default="loop",
+                    help="loop: the SAE spliced in at every position, in the loop; single: at one random position per "
+                         "context, the rest carried")
+    ev.add_argument("--out", type=Path, default=Path("eval-out"), help=f"folder for {EVAL_FILE}")
 
-    dash = commands.add_parser("dashboard", help="a static HTML site of an SAE's features: where they fire, the keys "
-                               "they read, their effect on the logits, their ablation KL")
-    dash.add_argument("sae", type=Path, help="an SAE folder (cfg.json + sae_weights.safetensors)")
-    dash.add_argument("--model", default="gdn-austen", help="shipped short name, local folder or hub id")
+    dash = _command(commands, "dashboard", "a static HTML site of an SAE's features: where they fire, the keys they "
+                    "read, their effect on the logits, their ablation KL")
+    dash.add_argument("sae", type=Path, help=SAE_HELP)
+    dash.add_argument("--model", default="gdn-austen", help=MODEL_HELP)
     dash.add_argument("--out", type=Path, default=Path("dashboard-out"), help="folder for index.html and features/")
     dash.add_argument("--data", nargs="+", type=Path, help="text files (.txt, .gz) or folders of them; their held-out "
                       "documents are read (default: the shipped model's held-out chapters)")
@@ -132,10 +197,10 @@ def _parser() -> argparse.ArgumentParser:
     dash.add_argument("--ablation-firings", type=int, default=4, help="top firings ablated per feature for the carried KL (0: none)")
     dash.add_argument("--horizon", type=_positive_int, default=8, help="positions the carried KL sums over")
     dash.add_argument("--batch-size", type=_positive_int, default=4, help="windows per forward pass")
-    dash.add_argument("--device", default=None)
-    dash.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="the model's dtype")
+    dash.add_argument("--device", help=DEVICE_HELP)
+    dash.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
     dash.add_argument("--seed", type=int, default=0, help="the held-out choice of --data documents")
-    dash.add_argument("--no-progress", action="store_true")
+    dash.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)
     dash.set_defaults(positions="final", buffer_size=1)  # the store only cuts the windows here
     return parser
 
@@ -162,7 +227,7 @@ def _store(model, args, layer: int, heads, kind: str):
 def _load_model(args):
     from .splice import HookedSAEGatedDeltaNet
 
-    return HookedSAEGatedDeltaNet.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    return HookedSAEGatedDeltaNet.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype))
 
 
 def cmd_train(args) -> None:
@@ -224,8 +289,9 @@ def cmd_cache(args) -> None:
 def cmd_eval(args) -> None:
     from hooked_gdn.sites import parse_site
 
-    from .evals import downstream_metrics, reconstruction_metrics
+    from .evals import downstream_metrics, metrics_table, reconstruction_metrics, worse_than_the_mean
     from .io import CFG_FILE, load_sae
+    from .outputs import claim_outputs
 
     sae = load_sae(args.sae, device=args.device).eval()
     model = _load_model(args)
@@ -233,6 +299,7 @@ def cmd_eval(args) -> None:
         site = parse_site(sae.cfg.site, model.cfg.gdn_layers)
     except ValueError as error:
         raise ValueError(f"{args.sae / CFG_FILE}: site {error}") from error
+    claim_outputs(args.out, [EVAL_FILE])  # once the inputs fit, and before the corpus is read and the metrics computed
     store = _store(model, args, site.layer, sae.cfg.heads, site.kind)
     if args.contexts > store.n_contexts("heldout"):
         raise ValueError(f"--contexts {args.contexts}: the held-out documents give only {store.n_contexts('heldout')} "
@@ -240,21 +307,27 @@ def cmd_eval(args) -> None:
     recon = reconstruction_metrics(sae, store.heldout_batches(256, args.samples))
     tokens = torch.stack([store.context_tokens(i, "heldout") for i in range(args.contexts)])
     downstream = downstream_metrics(model, sae, tokens, mode=args.mode)
-    print("head   FVU    L0     dead   dense")
-    for h, head in enumerate(sae.cfg.head_indices):
-        print(f"{head:>4}   {recon['fvu'][h]:.3f}  {recon['l0'][h]:5.1f}  {recon['dead_fraction'][h]:.3f}  {recon['dense_fraction'][h]:.3f}")
-    print(json.dumps(downstream, indent=2))
-    if args.json:
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps({"reconstruction": recon, "downstream": downstream}, indent=2) + "\n")
-        os.replace(tmp, args.json)
+    heads = sae.cfg.head_indices
+    print(f"{args.sae} on {args.model}: {sae.cfg.site}, {args.contexts} held-out contexts of {args.context} tokens\n")
+    print(metrics_table(recon, downstream, heads, args.mode))
+    worse = worse_than_the_mean(recon["fvu"], heads)
+    if worse:
+        warnings.warn(worse, RuntimeWarning)
+    with atomic_file(args.out / EVAL_FILE) as f:
+        json.dump({"sae": str(args.sae), "model": args.model, "site": sae.cfg.site, "heads": heads, "mode": args.mode,
+                   "contexts": args.contexts, "context": args.context, "reconstruction": recon, "downstream": downstream},
+                  f, indent=2)
+        f.write("\n")
+    print(f"\nwrote {args.out / EVAL_FILE}")
 
 
 def cmd_quickstart(args) -> None:
     from .quickstart import format_report, run_quickstart
 
-    summary = run_quickstart(args.out, layer=args.layer, heads=_heads(args.heads), n_features=args.n_features, k=args.k,
-                             steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    summary = run_quickstart(args.out, QuickstartConfig(
+        layer=args.layer, heads=_heads(args.heads), n_features=args.n_features, k=args.k, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, context=args.context, positions=args.positions,
+        heldout_samples=args.heldout_samples, eval_contexts=args.eval_contexts, seed=args.seed))
     print(format_report(summary))
     print(f"\nwrote {args.out}/: sae/, {', '.join(summary['plots'])}, summary.json")
 
@@ -267,7 +340,7 @@ def cmd_census(args) -> None:
     from .outputs import claim_outputs
 
     claim_outputs(args.out, ["census.json", "half_lives.png"])
-    model = HookedGatedDeltaNet.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    model = HookedGatedDeltaNet.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     text = [doc.text for doc in austen_documents("heldout")]
     census = memory_census(model, text, context=args.context, max_tokens=args.tokens, state_every=args.state_every)
     print(census.table())
@@ -305,10 +378,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     command = {"train": cmd_train, "eval": cmd_eval, "quickstart": cmd_quickstart, "census": cmd_census,
                "dashboard": cmd_dashboard, "cache": cmd_cache}[args.command]
+
+    def show_warning(message, *_) -> None:  # as the errors are shown: one line, naming the command
+        print(f"writesae {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        if args.command in ("cache", "train"):  # under torchrun: join the process group, one device per rank
-            args.device = distributed.init_from_env(args.device)
-        command(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            if args.command in ("cache", "train"):  # under torchrun: join the process group, one device per rank
+                args.device = distributed.init_from_env(args.device)
+            command(args)
     except (ValueError, OSError, FloatingPointError) as error:  # bad input: its message names it; no traceback
         parser.exit(2, f"writesae {args.command}: error: {error}\n")
     finally:

@@ -33,7 +33,8 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from tqdm.auto import tqdm
 from hooked_gdn.files import atomic_file
 
 from . import distributed
+from .differences import differences
 from .outputs import claim_outputs
 from .store import SPLITS, ActivationStore, Samples, StoreConfig, _generator
 
@@ -97,12 +99,15 @@ def cache_settings(store: ActivationStore, model_name: str, corpus: str, shard_s
 
 
 def write_cache(store: ActivationStore, folder: str | Path, *, model_name: str, corpus: str,
-                shard_samples: int = 4096, dtype: str = "float32", progress: bool = True) -> Path:
+                shard_samples: int = 4096, dtype: str = "float32", progress: bool = True,
+                log: Callable[[str], None] | None = print) -> Path:
     """Extract ``store``'s training and held-out samples into the cache ``folder`` (the module
     docstring), or finish a cache an interrupted call left. Returns the manifest's path.
 
     ``model_name`` and ``corpus`` describe the source in the manifest; ``shard_samples`` is rounded
     down to whole contexts (at least one); ``dtype`` is the storage dtype, "float32" or "bfloat16".
+    Before writing, ``log`` (rank 0's; None for silence) is told the size of the cache and what is
+    left to write, and an `OSError` refuses to start when the folder's disk has less free space than that.
     Under torchrun every rank calls it with the same arguments.
     """
     folder = Path(folder)
@@ -118,10 +123,14 @@ def write_cache(store: ActivationStore, folder: str | Path, *, model_name: str, 
     distributed.barrier()
     done = _done_shards(folder, settings)
     distributed.barrier()  # every rank has read the old parts before any rank replaces its own
+    missing = [(split, j) for split in SPLITS for j in range(settings["splits"][split]["shards"]) if (split, j) not in done]
+    shortage = _plan_disk(folder, settings, missing, log) if rank == 0 else None
+    shortage = distributed.gather_objects(shortage)[0]  # rank 0's finding: every rank stops, or none does
+    if shortage:
+        raise OSError(shortage)
 
     mine = {(split, j): entry for (split, j), entry in done.items() if j % world == rank}
-    todo = [(split, j) for split in SPLITS for j in range(settings["splits"][split]["shards"])
-            if j % world == rank and (split, j) not in done]
+    todo = [(split, j) for split, j in missing if j % world == rank]
     part = folder / PARTS / f"rank-{rank}.json"
     # first the done shards this rank now owns: it may be replacing a part that listed other ranks' shards
     _write_json(part, {**settings, "shards": _by_split(mine)})
@@ -130,8 +139,7 @@ def write_cache(store: ActivationStore, folder: str | Path, *, model_name: str, 
         with atomic_file(folder / shard_file(split, j), "wb") as f:
             f.write(data)
         mine[split, j] = {"index": j, "file": shard_file(split, j), "bytes": len(data),
-                          "samples": _shard_contexts(settings, split, j).numel() * settings["samples_per_context"],
-                          "sha256": hashlib.sha256(data).hexdigest()}
+                          "samples": _shard_samples(settings, split, j), "sha256": hashlib.sha256(data).hexdigest()}
         _write_json(part, {**settings, "shards": _by_split(mine)})
     distributed.barrier()
     if rank == 0:
@@ -143,6 +151,44 @@ def write_cache(store: ActivationStore, folder: str | Path, *, model_name: str, 
 def _shard_contexts(settings: dict, split: str, index: int) -> Tensor:
     per_shard, n = settings["contexts_per_shard"], settings["splits"][split]["contexts"]
     return torch.arange(index * per_shard, min((index + 1) * per_shard, n))
+
+
+def _shard_samples(settings: dict, split: str, index: int) -> int:
+    return _shard_contexts(settings, split, index).numel() * settings["samples_per_context"]
+
+
+def sample_bytes(settings: dict) -> int:
+    """The bytes one sample takes in a shard of a cache of these settings: x (heads × d_k × d_v in the
+    storage dtype) and its origin (two int64); each shard adds a header of a few hundred bytes."""
+    itemsize = torch.empty(0, dtype=getattr(torch, settings["dtype"])).element_size()
+    return len(settings["heads"]) * settings["d_k"] * settings["d_v"] * itemsize + 2 * 8
+
+
+def _plan_disk(folder: Path, settings: dict, missing: list[tuple[str, int]], log) -> str | None:
+    """Tell ``log`` what the cache will take on disk; why the disk is too small for what is left to write, or None."""
+    per_sample = sample_bytes(settings)
+    total_samples = sum(settings["splits"][split]["samples"] for split in SPLITS)
+    total_shards = sum(settings["splits"][split]["shards"] for split in SPLITS)
+    needed = sum(_shard_samples(settings, split, j) for split, j in missing) * per_sample
+    free = shutil.disk_usage(folder).free
+    shape = f"{len(settings['heads'])} heads × {settings['d_k']} × {settings['d_v']} {settings['dtype']}"
+    size = f"{total_samples:,} samples of {shape} in {total_shards} shards, {_size(total_samples * per_sample)}"
+    if log is not None:
+        left = "" if len(missing) == total_shards else f"; {len(missing)} shards left to write, {_size(needed)}"
+        log(f"writing the cache {folder}: {size}{left} ({_size(free)} free on its disk)")
+    if needed > free:
+        return (f"the cache {folder} needs {_size(needed)} more ({size}), and its disk has {_size(free)} free: "
+                f"free some space, write it elsewhere, or store it in bfloat16 (half the size) or with fewer "
+                f"positions per context")
+    return None
+
+
+def _size(n_bytes: int) -> str:
+    """Bytes in binary units, as df -h and du -h count them: 4.1 GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} bytes"
 
 
 def _shard_bytes(store: ActivationStore, settings: dict, split: str, index: int) -> bytes:
@@ -176,11 +222,6 @@ def _read_json(path: Path) -> dict:
     return obj
 
 
-def _settings_differences(recorded: dict, settings: dict) -> list[str]:
-    return [f"{k}: the cache has {recorded.get(k)!r}, this run {settings.get(k)!r}"
-            for k in sorted((set(settings) | set(recorded)) - {"shards", "complete"}) if recorded.get(k) != settings.get(k)]
-
-
 def _done_shards(folder: Path, settings: dict) -> dict[tuple[str, int], dict]:
     """The shards already written (listed in the manifest or a rank's part, their file of the recorded
     size present); a manifest or part of other settings is refused."""
@@ -189,9 +230,10 @@ def _done_shards(folder: Path, settings: dict) -> dict[tuple[str, int], dict]:
         if not path.exists():
             continue
         recorded = _read_json(path)
-        differences = _settings_differences(recorded, settings)
-        if differences:
-            raise ValueError(f"{path} was written with other settings ({'; '.join(differences)}): "
+        recorded_settings = {k: v for k, v in recorded.items() if k not in ("shards", "complete")}
+        differing = differences(recorded_settings, settings, "the cache has", "this run")
+        if differing:
+            raise ValueError(f"{path} was written with other settings ({'; '.join(differing)}): "
                              f"finish it with the same arguments, or write the new cache to another folder")
         for split in SPLITS:
             for entry in recorded["shards"][split]:

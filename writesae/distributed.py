@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .differences import differences
+
 
 def rank_and_world() -> tuple[int, int]:
     """(this process's rank, the number of ranks); (0, 1) outside a process group."""
@@ -70,13 +72,11 @@ def gather_objects(obj) -> list:
 def check_same_on_every_rank(settings: dict, what: str) -> None:
     """Refuse to go on when any rank's ``settings`` differ from rank 0's, naming the ranks and keys."""
     everyone = gather_objects(json.loads(json.dumps(settings)))
-    differing = [(rank, [k for k in sorted(set(s) | set(everyone[0])) if s.get(k) != everyone[0].get(k)])
-                 for rank, s in enumerate(everyone)]
-    differing = [(rank, keys) for rank, keys in differing if keys]
+    differing = [(rank, differences(everyone[0], s, "rank 0 has", f"rank {rank}")) for rank, s in enumerate(everyone)]
+    differing = [(rank, found) for rank, found in differing if found]
     if differing:
-        rank, keys = differing[0]
-        detail = "; ".join(f"{k}: rank 0 has {everyone[0].get(k)!r}, rank {rank} {everyone[rank].get(k)!r}" for k in keys)
-        raise ValueError(f"the ranks disagree on the {what} ({detail}): every rank must be started with the same arguments")
+        rank, found = differing[0]
+        raise ValueError(f"the ranks disagree on the {what} ({'; '.join(found)}): every rank must be started with the same arguments")
 
 
 def rank_rows(batch: Tensor) -> Tensor:

@@ -10,6 +10,8 @@
   (CE_zero − CE_spliced) / (CE_zero − CE_clean), 1 when splicing costs nothing. The clean and
   zero-ablated runs depend only on the site, heads, tokens and mode: `downstream_references` computes
   them once for many SAEs (a comparison of architectures on the same heads).
+- `worse_than_the_mean`: the warning for a head whose FVU is above 1, and why that can happen;
+  `metrics_table`: both kinds of metrics as text.
 """
 
 from __future__ import annotations
@@ -23,6 +25,21 @@ from torch import Tensor
 
 from .sae import SAEBase
 from .splice import zero_ablation_hooks
+
+#: The FVU of predicting the held-out mean for every sample; an SAE above it reconstructs worse than that constant.
+MEAN_PREDICTION_FVU = 1.0
+
+
+def worse_than_the_mean(fvu: list[float], heads: list[int]) -> str | None:
+    """Why held-out FVUs above `MEAN_PREDICTION_FVU` matter (per model head, as `reconstruction_metrics`
+    gives them for ``heads``), or None when no head is above it."""
+    above = [f"head {head} ({value:.3g})" for head, value in zip(heads, fvu) if not value <= MEAN_PREDICTION_FVU]
+    if not above:
+        return None
+    return (f"held-out FVU above {MEAN_PREDICTION_FVU:g} for {', '.join(above)}: there the SAE reconstructs worse "
+            f"than predicting the held-out mean would. This happens when the held-out text differs from the training "
+            f"text (a distribution shift: the SAE learnt the training samples' mean and spread, and the held-out "
+            f"mean lies elsewhere), or when the SAE is undertrained")
 
 
 @torch.no_grad()
@@ -124,3 +141,20 @@ def downstream_metrics(model, sae: SAEBase, tokens: Int[Tensor, "batch pos"], mo
         "kl_zero_ablated": kl_zero.item(),
         "ce_loss_recovered": ((ce_zero - ce_spliced) / (ce_zero - ce_clean)).item(),
     }
+
+
+def metrics_table(reconstruction: dict, downstream: dict, heads: list[int], mode: str) -> str:
+    """`reconstruction_metrics` (of model ``heads``) and `downstream_metrics` (in ``mode``) as text tables."""
+    r, d = reconstruction, downstream
+    lines = [f"held-out reconstruction, {r['samples']} samples", "head    FVU     L0   dead  dense",
+             "----  -----  -----  -----  -----"]
+    for h, head in enumerate(heads):
+        lines.append(f"{head:>4}  {r['fvu'][h]:5.3g}  {r['l0'][h]:5.1f}  {r['dead_fraction'][h]:5.3f}  {r['dense_fraction'][h]:5.3f}")
+    where = "in the loop, at every position" if mode == "loop" else "at one position per context"
+    lines += ["", f"next-token loss with the SAE spliced {where}",
+              "              CE (nats/token)  KL from clean", "------------  ---------------  -------------",
+              f"clean         {d['ce_clean']:15.4f}",
+              f"spliced       {d['ce_spliced']:15.4f}  {d['kl_spliced']:13.4f}",
+              f"zero-ablated  {d['ce_zero_ablated']:15.4f}  {d['kl_zero_ablated']:13.4f}",
+              f"CE loss recovered: {d['ce_loss_recovered']:.3f} (1: splicing costs nothing; 0: as bad as zero-ablating)"]
+    return "\n".join(lines)

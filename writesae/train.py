@@ -34,7 +34,8 @@ run would have. A process killed while swapping checkpoints leaves complete copi
 rest. A non-finite loss term or parameter stops training with a `FloatingPointError` before
 anything is saved, leaving the last good checkpoint in place. A held-out evaluation that looks
 diverged (FVU above ``DIVERGED_FVU``, or every code zero) gives a `RuntimeWarning`, and the
-last one's reason is ``TrainResult.diverged``.
+last one's reason is ``TrainResult.diverged``; a last one with a head's FVU above 1, worse than
+predicting the mean (`writesae.evals.worse_than_the_mean`), gives a `RuntimeWarning` saying why.
 
 Samples come from an `ActivationStore` (streamed from the model) or a `CachedActivations` (read
 from an on-disk cache). Under torchrun (`writesae.distributed`), training from a cache is
@@ -63,7 +64,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import distributed
-from .evals import reconstruction_metrics
+from .differences import differences
+from .evals import MEAN_PREDICTION_FVU, reconstruction_metrics, worse_than_the_mean
 from .io import atomic_folder, leftovers, load_sae, recover_folder, save_sae
 from .outputs import claim_outputs
 from .sae import BilinearMatrixSAE, SAEBase
@@ -260,6 +262,8 @@ def train(sae: SAEBase, store: ActivationStore | CachedActivations, cfg: TrainCo
                 diverged = divergence(heldout_record)
                 if diverged:
                     warnings.warn(f"step {step}: the SAE looks diverged: {diverged}", RuntimeWarning, stacklevel=2)
+                elif last and (worse := worse_than_the_mean(heldout_record["fvu_per_head"], sae.cfg.head_indices)):
+                    warnings.warn(f"step {step}: {worse}", RuntimeWarning, stacklevel=2)  # the saved SAE's, once
             if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or last):
                 if lead:
                     _save_checkpoint(checkpoint, step, sae, optimizer, store, since_fired, cfg)
@@ -294,7 +298,8 @@ def evaluate(sae: SAEBase, store: ActivationStore, cfg: TrainConfig) -> dict:
 def divergence(heldout: dict) -> str | None:
     """Why a held-out evaluation (of `evaluate`) shows a diverged SAE, or None when it does not."""
     if not heldout["fvu"] <= DIVERGED_FVU:
-        return f"held-out FVU {heldout['fvu']:.3g} (above {DIVERGED_FVU:g}; predicting the mean gives 1): lower the learning rate"
+        return (f"held-out FVU {heldout['fvu']:.3g} (above {DIVERGED_FVU:g}; predicting the mean gives "
+                f"{MEAN_PREDICTION_FVU:g}): lower the learning rate")
     if heldout["l0"] == 0:
         return "every held-out code is zero (L0 = 0): no feature fires"
     return None
@@ -376,13 +381,14 @@ def _load_checkpoint(path: Path, sae: SAEBase, optimizer: torch.optim.Optimizer,
                      since_fired: Tensor, cfg: TrainConfig) -> int:
     """Restore everything `_save_checkpoint` wrote into the live objects; return the step."""
     index = json.loads((path / "state.json").read_text())
-    before, now = index["train_config"], json.loads(json.dumps(asdict(cfg)))
-    changed = [f"{k} was {before[k]!r}, now {now[k]!r}" for k in _TRAJECTORY if before[k] != now[k]]
-    if changed:
-        raise ValueError(f"cannot resume from {path}: {'; '.join(changed)} (use another out_dir, or resume=False)")
     saved = load_sae(path / "sae", device=sae.b_dec.device)
-    if replace(saved.cfg, input_scale=1.0) != replace(sae.cfg, input_scale=1.0):
-        raise ValueError(f"cannot resume from {path}: its SAE config {saved.cfg} differs from this SAE's {sae.cfg}")
+    now_cfg = json.loads(json.dumps(asdict(cfg)))  # as the checkpoint reads back
+    # the settings the run continues with, the SAE's own config apart from its input scale (estimated by the first run)
+    before = {**{k: index["train_config"][k] for k in _TRAJECTORY}, "sae": asdict(replace(saved.cfg, input_scale=1.0))}
+    now = {**{k: now_cfg[k] for k in _TRAJECTORY}, "sae": asdict(replace(sae.cfg, input_scale=1.0))}
+    changed = differences(before, now, "the checkpoint has", "this run")
+    if changed:
+        raise ValueError(f"cannot resume from {path}: {'; '.join(changed)} (use another out_dir (--out), or resume=False)")
     sae.cfg.input_scale = saved.cfg.input_scale
     sae.load_state_dict(saved.state_dict())
     tensors = {k: t.clone() for k, t in load_file(path / "state.safetensors").items()}  # fresh, aligned storage

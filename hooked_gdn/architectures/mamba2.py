@@ -104,7 +104,7 @@ def load_pretrained(cls, name_or_path, device=None, dtype=None):
     cfg = hooked_config(AutoConfig.from_pretrained(folder), model_name=str(name_or_path))
     tokenizer = AutoTokenizer.from_pretrained(folder) if any((folder / f).exists() for f in _TOKENIZER_FILES) else None
     dtype = dtype or torch.float32
-    model = cls(cfg, tokenizer)
+    model = cls(cfg, tokenizer).eval()  # loaded to be studied, as transformers' from_pretrained gives it
     state = hooked_state_dict(read_safetensors(folder), cfg)
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
     if missing or unexpected:
