@@ -9,7 +9,6 @@ passages (Persuasion 21–24, unseen by model and SAE), and writes a results JSO
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shlex
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from hooked_gdn.files import file_sha256
 from hooked_gdn.pretrained import heldout_windows
 from hooked_gdn.sites import parse_site
 from writesae import load_sae
@@ -75,10 +75,6 @@ def write_json(path: Path, results: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2, default=float) + "\n")
     os.replace(tmp, path)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def provenance(seed: int, model: str = "gdn-austen", sae: str | None = None, **inputs) -> dict:

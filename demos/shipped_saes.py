@@ -14,7 +14,8 @@ import json
 import math
 from pathlib import Path
 
-from common import file_sha256, provenance, write_json
+from common import provenance, write_json
+from hooked_gdn.files import file_sha256
 from hooked_gdn.sites import site_name
 from writesae import load_sae
 from writesae.io import WEIGHTS_FILE, pretrained_saes, resolve_sae

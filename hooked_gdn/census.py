@@ -118,19 +118,18 @@ class MemoryCensus:
         return cls(heads=heads, **raw)
 
     def plot_half_lives(self, path: str | Path) -> None:
-        """A heatmap of the median half-life, GDN layer by head, on a log colour scale."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        """A heatmap of the median half-life, GDN layer by head, on a log colour scale (drawn without
+        pyplot, so the caller's matplotlib backend is left as it is)."""
         from matplotlib.colors import LogNorm
+        from matplotlib.figure import Figure
 
         layers = self.layers()
         n_heads = 1 + max(r.head for r in self.heads)
         grid = torch.full((len(layers), n_heads), float("nan"))
         for r in self.heads:
             grid[layers.index(r.layer), r.head] = min(max(r.half_life[1], 0.1), 1e5)
-        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n_heads, 1.0 + 0.5 * len(layers)))
+        fig = Figure(figsize=(1.2 + 0.9 * n_heads, 1.0 + 0.5 * len(layers)))
+        ax = fig.subplots()
         image = ax.imshow(grid.numpy(), cmap="viridis", norm=LogNorm(vmin=0.1, vmax=max(1e3, float(grid.nan_to_num(0).max()))), aspect="auto")
         for i, layer in enumerate(layers):
             for h in range(n_heads):
@@ -146,7 +145,6 @@ class MemoryCensus:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
-        plt.close(fig)
 
 
 def census_tokens(model, text: str | Sequence[str], context: int = 512, max_tokens: int | None = None) -> Int[Tensor, "window pos"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from contextlib import contextmanager
@@ -31,3 +32,8 @@ def atomic_file(path: str | Path, mode: str = "w"):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes: what results record to name the exact weights that produced them."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

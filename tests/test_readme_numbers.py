@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from hooked_gdn.files import file_sha256
+from hooked_gdn.pretrained import pretrained_path
+
 ROOT = Path(__file__).parents[1]
 spec = importlib.util.spec_from_file_location("demos_readme", ROOT / "demos" / "readme.py")
 readme = importlib.util.module_from_spec(spec)
@@ -13,7 +16,7 @@ spec.loader.exec_module(readme)
 
 BLOCKS = readme.blocks((ROOT / "README.md").read_text())
 # the experiments whose README numbers must come from committed results
-EXPECTED = {"ablation", "substitution", "logit_shift", "install", "shipped_saes", "compare_architectures",
+EXPECTED = {"quickstart", "ablation", "substitution", "logit_shift", "install", "shipped_saes", "compare_architectures",
             "compare_architectures/longer"}
 
 
@@ -32,3 +35,13 @@ def test_results_name_what_produced_them(name):
     assert {"command", "seed", "model"} <= set(provenance)
     assert provenance["command"].startswith("python ")
 
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_results_come_from_the_shipped_weights(name):
+    """A result made with other weights than the ones shipped (an earlier training, say) is stale: its
+    figures would not reproduce. (The quickstart's clean CE once differed in the fourth digit for that.)"""
+    provenance = json.loads(readme.results_file(name).read_text())["provenance"]
+    folder = pretrained_path(provenance["model"])
+    assert folder is not None, f"{name}: {provenance['model']!r} is not a shipped model"
+    assert provenance["model_sha256"] == file_sha256(folder / "model.safetensors"), f"{name}: rerun its demo on the shipped model"

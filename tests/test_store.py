@@ -240,3 +240,22 @@ def test_estimate_input_scale(model):
     assert (scale**2 * states.pow(2).sum((-2, -1)).mean()).item() == pytest.approx(1.0, rel=1e-5)
     untouched = store(model, positions="final")
     assert torch.equal(s.next_batch(8), untouched.next_batch(8))  # estimating leaves the stream alone
+
+
+@pytest.mark.parametrize("kept", [5, 12, None])
+def test_kept_heldout_samples_are_the_extracted_ones_and_run_no_model(model, kept, monkeypatch):
+    s = store(model, positions=3, heldout_fraction=0.5)
+    asked = [(7, None), (4, 5), (16, 12), (3, 1)]
+    expected = [list(s.heldout_batches(b, n, with_origin=True)) for b, n in asked]
+    total = sum(len(x) for x, _ in expected[0])
+    assert s.keep_heldout(kept) == min(total, kept or total)
+    extractions = []
+    monkeypatch.setattr(s, "_extract", lambda *args: extractions.append(args) or ActivationStore._extract(s, *args))
+    for (batch_size, n), batches in zip(asked, expected):
+        got = list(s.heldout_batches(batch_size, n, with_origin=True))
+        assert [len(x) for x, _ in got] == [len(x) for x, _ in batches]
+        for (x, origin), (x_expected, origin_expected) in zip(got, batches):
+            assert torch.equal(x, x_expected) and torch.equal(origin, origin_expected)
+        served_from_memory = kept is None or (n is not None and n <= kept)
+        assert (not extractions) == served_from_memory, (kept, n)
+        extractions.clear()
