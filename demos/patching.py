@@ -1,6 +1,6 @@
 """Activation patching over the GDN memory of the shipped model: where does a name's gender travel?
 
-    python demos/patching.py        # about a minute on CPU; writes demos/results/patching/{patching.png, results.json}
+    python demos/patching.py        # about 12 s on 2 CPU cores; writes demos/results/patching/{patching.png, results.json}
 
 Clean:     "The rain had not stopped all the morning. Elizabeth walked slowly home, and as"  (→ " she")
 Corrupted: the same with " Darcy" for " Elizabeth"                                     (→ " he")
@@ -28,7 +28,9 @@ from hooked_gdn.patching import (
     generic_activation_patch,
     get_act_patch_memory_every,
     get_act_patch_state,
+    logit_diff_recovered,
     plot_patching_heatmap,
+    position_labels,
 )
 
 CLEAN = "The rain had not stopped all the morning. Elizabeth walked slowly home, and as"
@@ -51,14 +53,9 @@ def main() -> None:
 
     model = HookedGatedDeltaNet.from_pretrained(args.model, dtype=torch.float32).eval()
     clean, corrupted = model.to_tokens(CLEAN), model.to_tokens(CORRUPTED)
-    answer, wrong = model.to_single_token(ANSWER), model.to_single_token(WRONG)
-    logit_diff = lambda logits: logits[0, -1, answer] - logits[0, -1, wrong]
+    metric = logit_diff_recovered(model, clean, corrupted, ANSWER, WRONG)
     with torch.no_grad():
-        clean_logits, clean_cache = model.run_with_cache(clean, names_filter=lambda name: ".linear_attn." in name)
-        clean_ld, corrupted_ld = float(logit_diff(clean_logits)), float(logit_diff(model(corrupted)))
-    if abs(clean_ld - corrupted_ld) < 1e-3:
-        raise SystemExit(f"the swap does not change the prediction (logit diff {clean_ld:.4f} vs {corrupted_ld:.4f}): nothing to patch")
-    metric = lambda logits: (logit_diff(logits) - corrupted_ld) / (clean_ld - corrupted_ld)
+        _, clean_cache = model.run_with_cache(clean, names_filter=lambda name: ".linear_attn." in name)
 
     every = get_act_patch_memory_every(model, corrupted, clean_cache, metric)  # [3 sites, layer, pos]
     all_layers = torch.stack([generic_activation_patch(model, corrupted, clean_cache, metric, site, ("pos",))
@@ -66,7 +63,7 @@ def main() -> None:
     by_head = get_act_patch_state(model, corrupted, clean_cache, metric, ("layer", "head"))  # [layer, head]
 
     layers = [f"L{layer}" for layer in model.cfg.gdn_layers]
-    positions = [f"{t}:{s!r}" for t, s in enumerate(model.to_str_tokens(clean[0]))]
+    positions = position_labels(model, clean)
     swapped = int((clean != corrupted).nonzero()[0, 1])
     fig = plot_patching_heatmap(
         torch.cat([every, all_layers[:, None]], 1), row_labels=layers + ["all"], col_labels=positions, ylabel="GDN layer",
@@ -81,7 +78,7 @@ def main() -> None:
         "model": args.model,
         "clean": CLEAN, "corrupted": CORRUPTED, "answer": ANSWER, "wrong": WRONG,
         "swapped_position": swapped, "tokens": model.to_str_tokens(clean[0]),
-        "logit_diff_clean": round(clean_ld, 4), "logit_diff_corrupted": round(corrupted_ld, 4),
+        "logit_diff_clean": round(metric.clean, 4), "logit_diff_corrupted": round(metric.corrupted, 4),
         "metric": "(LD_patched - LD_corrupted) / (LD_clean - LD_corrupted), LD = logit(answer) - logit(wrong) at the last position",
         "layers": list(model.cfg.gdn_layers),
         "grids": {site: every[i].round(decimals=4).tolist() for i, site in enumerate(MEMORY_SITES)},
@@ -95,7 +92,7 @@ def main() -> None:
                           for i, site in enumerate(MEMORY_SITES)},
     }
     write_json(args.out / "results.json", results)
-    print(f"logit diff {ANSWER!r} − {WRONG!r}: clean {clean_ld:.3f}, corrupted {corrupted_ld:.3f}")
+    print(f"logit diff {ANSWER!r} − {WRONG!r}: clean {metric.clean:.3f}, corrupted {metric.corrupted:.3f}")
     for site in results["top"]:
         print(f"largest recovery, {site}: " + ", ".join(f"{e['row']} {e['col']} {e['value']:.3f}" for e in results["top"][site]))
     print(f"wrote {args.out / 'patching.png'} and {args.out / 'results.json'}")

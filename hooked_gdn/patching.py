@@ -21,6 +21,10 @@ runs one position at a time (``recurrence="sequential"``), so that each holds ex
 value (in parallel mode each position's clean − corrupted difference would be added and carried,
 and the differences would sum). `run_with_patches` applies any list of `Patch`es in one run; the
 SAE-feature version is `writesae.patching`.
+
+`logit_diff_recovered` builds the usual metric: the logit difference between two answers, normalised
+to 0 for the corrupted run and 1 for the clean one. `plot_patching_heatmap` draws a grid, and
+`position_labels` names its positions by their tokens.
 """
 
 from __future__ import annotations
@@ -292,6 +296,48 @@ def get_act_patch_memory_every(
     ])
 
 
+@dataclass(frozen=True)
+class LogitDiffRecovered:
+    """A patching metric: the logit difference LD = logit(``answer``) − logit(``wrong``) at the last
+    position (mean over the batch), normalised as (LD − ``corrupted``) / (``clean`` − ``corrupted``),
+    so the corrupted run scores 0 and the clean run 1. Build it with `logit_diff_recovered`."""
+
+    answer: int
+    wrong: int
+    clean: float  # LD of the clean run
+    corrupted: float  # LD of the corrupted run
+
+    def __call__(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
+        return (logit_diff(logits, self.answer, self.wrong) - self.corrupted) / (self.clean - self.corrupted)
+
+
+def logit_diff(logits: Float[Tensor, "batch pos d_vocab"], answer: int, wrong: int) -> Float[Tensor, ""]:
+    """logit(``answer``) − logit(``wrong``) at the last position, mean over the batch."""
+    return (logits[:, -1, answer] - logits[:, -1, wrong]).mean()
+
+
+def logit_diff_recovered(
+    model: HookedGatedDeltaNet, clean_tokens: str | Int[Tensor, "batch pos"], corrupted_tokens: str | Int[Tensor, "batch pos"],
+    answer: str | int, wrong: str | int,
+) -> LogitDiffRecovered:
+    """The normalised logit-difference metric of `LogitDiffRecovered` for this pair of prompts, the
+    clean run's answer and the corrupted run's (each a string of one token, or a token id). Refused
+    when the two runs' logit differences are equal: there is nothing to recover."""
+    answer, wrong = (model.to_single_token(t) if isinstance(t, str) else int(t) for t in (answer, wrong))
+    with torch.no_grad():
+        clean, corrupted = (float(logit_diff(model(as_tokens(model, tokens)), answer, wrong))
+                            for tokens in (clean_tokens, corrupted_tokens))
+    if abs(clean - corrupted) < 1e-3:
+        raise ValueError(f"the corruption does not change the logit difference (clean {clean:.4f}, corrupted "
+                         f"{corrupted:.4f}): nothing to patch")
+    return LogitDiffRecovered(answer, wrong, clean, corrupted)
+
+
+def position_labels(model: HookedGatedDeltaNet, tokens: str | Int[Tensor, "batch pos"]) -> list[str]:
+    """Column labels for a heatmap over positions: ``"t:'token'"`` for each token of the first prompt."""
+    return [f"{t}:{s!r}" for t, s in enumerate(model.to_str_tokens(as_tokens(model, tokens)[0]))]
+
+
 def plot_patching_heatmap(
     values: Float[Tensor, "rows cols"] | Float[Tensor, "panels rows cols"],
     row_labels: Sequence[str] | None = None,
@@ -304,11 +350,9 @@ def plot_patching_heatmap(
     path: str | Path | None = None,
 ):
     """A heatmap of a patching result (one panel per entry of a 3-D result's first axis), diverging
-    around 0 on one colour scale; saved to ``path`` when given. Returns the matplotlib figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    around 0 on one colour scale; saved to ``path`` when given. Returns the matplotlib figure, drawn
+    without pyplot so that the caller's backend is left as it is (a notebook shows the returned figure)."""
+    from matplotlib.figure import Figure
 
     values = torch.as_tensor(values).detach().float().cpu()
     panels = values[None] if values.dim() == 2 else values
@@ -316,7 +360,8 @@ def plot_patching_heatmap(
         raise ValueError(f"a heatmap needs a 2-D or 3-D result, got shape {tuple(values.shape)}")
     n, rows, cols = panels.shape
     limit = max(float(panels.abs().max()), 1e-12)
-    fig, axs = plt.subplots(n, 1, figsize=(max(4.0, 0.45 * cols + 2), (0.35 * rows + 1.2) * n), squeeze=False)
+    fig = Figure(figsize=(max(4.0, 0.45 * cols + 2), (0.35 * rows + 1.2) * n))
+    axs = fig.subplots(n, 1, squeeze=False)
     for i, ax in enumerate(axs[:, 0]):
         image = ax.imshow(panels[i].numpy(), cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
         ax.set_yticks(range(rows), list(row_labels) if row_labels is not None else range(rows))

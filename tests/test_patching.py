@@ -23,7 +23,9 @@ from hooked_gdn.patching import (
     get_act_patch_read,
     get_act_patch_state,
     get_act_patch_write,
+    logit_diff_recovered,
     plot_patching_heatmap,
+    position_labels,
     run_with_patches,
 )
 from hooked_gdn.sites import gdn_hook_name, hook_positions
@@ -216,3 +218,21 @@ def test_heatmap_has_one_panel_per_site(tmp_path):
     assert len(images) == 3
     assert all(im.get_clim() == (-2.0, 2.0) for im in images)  # one scale, centred on 0
     assert (tmp_path / "h.png").stat().st_size > 0
+
+
+def test_logit_diff_recovered_is_0_for_the_corrupted_run_and_1_for_the_clean_run():
+    model = random_tiny_model()
+    clean, corrupted = clean_and_corrupted()
+    metric = logit_diff_recovered(model, clean, corrupted, 5, 7)
+    with torch.no_grad():
+        clean_logits, corrupted_logits = model(clean), model(corrupted)
+    assert metric.clean == pytest.approx(float(logit_difference(clean_logits)))
+    assert float(metric(clean_logits)) == pytest.approx(1.0, abs=1e-5)
+    assert float(metric(corrupted_logits)) == pytest.approx(0.0, abs=1e-5)
+    with pytest.raises(ValueError, match="nothing to patch"):
+        logit_diff_recovered(model, clean, clean, 5, 7)
+
+
+def test_position_labels_name_each_position_by_its_token():
+    model = HookedGatedDeltaNet.from_pretrained("gdn-austen")
+    assert position_labels(model, "Anne walked") == ["0:'Anne'", "1:' walked'"]
