@@ -49,7 +49,7 @@ class HookedGatedDeltaNet(HookedRootModule):
 
     Hooks on ``hook_write_key`` / ``hook_write_value`` / ``hook_state`` that return changed rows
     (or change them in place) edit the recurrence, and the edit carries through every later
-    position (DESIGN §3); an edit of ``hook_final_state`` is what a cache continues from. These
+    position (docs/design.md §8); an edit of ``hook_final_state`` is what a cache continues from. These
     hooks find the sequence positions of their tensor's dim 1 with ``hooked_gdn.sites.hook_positions``
     (counting a cached prefix), so one hook function works in parallel mode, sequential mode and
     generation. The recurrence and its hook points run in fp32 whatever the model dtype.

@@ -15,7 +15,7 @@ tensor shaped like the grid, ready for `plot_patching_heatmap`. Thin wrappers na
 
 Layers are the GDN layers (``model.cfg.gdn_layers``, or a subset given as ``layers``); the grid's
 layer axis follows that list. State and write patches carry forward, as every edit of those hook
-points does (DESIGN §3): later positions follow the delta rule from the patched state. A state
+points does (docs/design.md §8): later positions follow the delta rule from the patched state. A state
 patched at one position runs in the default parallel mode; a state patched at several positions
 runs one position at a time (``recurrence="sequential"``), so that each holds exactly its clean
 value (in parallel mode each position's clean − corrupted difference would be added and carried,

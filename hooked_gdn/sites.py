@@ -1,6 +1,6 @@
 """Hook-site names, built and parsed in one place, and the positions a write or state hook sees.
 
-Names follow TransformerLens: ``blocks.{layer}.{component}.hook_{quantity}`` (DESIGN §3). The two
+Names follow TransformerLens: ``blocks.{layer}.{component}.hook_{quantity}`` (docs/design.md §7). The two
 matrix-valued GDN sites that SAEs read have one word each, their *kind*:
 
 - ``"state"``: ``blocks.L.linear_attn.hook_state``, the state S_t [b, p, H_v, d_k, d_v];
@@ -28,7 +28,7 @@ from transformer_lens.utilities import get_act_name
 KINDS = ("state", "write")
 KIND_HOOKS = {"state": "hook_state", "write": "hook_write_value"}  # kind -> the hook point named by the site
 
-# every hook point of a GDN layer, in the order of the computation (DESIGN §3)
+# every hook point of a GDN layer, in the order of the computation (docs/design.md §7.2)
 GDN_HOOKS = (
     "hook_in", "hook_q_pre_conv", "hook_k_pre_conv", "hook_v_pre_conv", "hook_q", "hook_k", "hook_v",
     "hook_gate_input", "hook_beta_logit", "hook_beta", "hook_log_decay", "hook_read_query", "hook_write_key",

@@ -35,7 +35,7 @@ def test_the_head_rule_on_the_shipped_census():
 
 def test_equal_parameters_picks_features_with_equal_weight_counts():
     n = demo.features_at_equal_parameters(8, k=4, d_k=64, d_v=64)
-    # weights per head by DESIGN §4: Flat 2·n·d_k·d_v; Matrix n·(d_k·d_v + d_k + d_v); Bilinear n·r·(d_k + d_v), twice untied
+    # weights per head by docs/design.md §13: Flat 2·n·d_k·d_v; Matrix n·(d_k·d_v + d_k + d_v); Bilinear n·r·(d_k + d_v), twice untied
     weights = {"Flat": 2 * 4096, "Matrix": 4096 + 128, "Bilinear tied r1": 128, "Bilinear untied r1": 256,
                "Bilinear tied r2": 256, "Bilinear untied r2": 512}
     assert n == {"Flat": 8, "Matrix": 16, "Bilinear tied r1": 512, "Bilinear untied r1": 256, "Bilinear tied r2": 256,

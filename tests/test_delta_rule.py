@@ -1,4 +1,4 @@
-"""The chunked recurrence and its edit paths against the sequential reference of DESIGN §2."""
+"""The chunked recurrence and its edit paths against the sequential reference of docs/design.md §6.1."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hook points: names and shapes of DESIGN §3, observed values against a plain recurrence, errors."""
+"""Hook points: names and shapes of docs/design.md §7, observed values against a plain recurrence, errors."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ BLOCK_HOOKS = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn
 
 def test_every_design_hook_exists(model):
     cfg = model.cfg
-    assert sorted(sites.GDN_HOOKS) == sorted(GDN_HOOKS)  # the short keys' vocabulary is DESIGN §3's
+    assert sorted(sites.GDN_HOOKS) == sorted(GDN_HOOKS)  # the short keys' vocabulary is docs/design.md §7's
     assert "hook_embed" in model.hook_dict
     for i in range(cfg.n_layers):
         for name in BLOCK_HOOKS:
@@ -68,7 +68,7 @@ def test_default_cache_leaves_out_states(model):
 
 
 def plain_recurrence(q, k, v, beta, g, n_value_heads):
-    """DESIGN §2 written out again, from the cached projections: returns (q̂, k̂, δ, S, o) over positions."""
+    """docs/design.md §2 written out again, from the cached projections: returns (q̂, k̂, δ, S, o) over positions."""
     group = n_value_heads // q.shape[2]
     l2norm = lambda x: x / ((x * x).sum(-1, keepdim=True) + 1e-6).sqrt()  # eps inside the root, as transformers
     q_hat = l2norm(q.float().repeat_interleave(group, 2)) / q.shape[-1] ** 0.5

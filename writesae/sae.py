@@ -1,4 +1,4 @@
-"""Sparse autoencoders on a matrix site (DESIGN §4): `FlatSAE`, `MatrixSAE`, `BilinearMatrixSAE`.
+"""Sparse autoencoders on a matrix site (docs/design.md §13): `FlatSAE`, `MatrixSAE`, `BilinearMatrixSAE`.
 
 An SAE reads X ∈ R^{d_k×d_v} (one head's state S_t, or its write k̂ δᵀ) for each of n_dicts heads,
 with an independent dictionary per head: inputs are [*batch, n_dicts, d_k, d_v], codes a are
@@ -371,7 +371,7 @@ class SAEBase(nn.Module):
         return (codes * self.atom_norms()).sum(-1)
 
     def n_weight_parameters(self) -> int:
-        """Weights of DESIGN §4's table (no biases, no thresholds), times n_dicts."""
+        """Weights of docs/design.md §13's table (no biases, no thresholds), times n_dicts."""
         return sum(p.numel() for name, p in self.named_parameters(recurse=False) if name not in ("b_enc", "b_dec"))
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""The sparsity rules of DESIGN §4: maps from pre-activations z to codes a, both [*batch, n_dicts, n],
+"""The sparsity rules of docs/design.md §13: maps from pre-activations z to codes a, both [*batch, n_dicts, n],
 and the terms each adds to the training loss.
 
 Every rule acts on each dictionary (head) separately:

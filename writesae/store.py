@@ -1,4 +1,4 @@
-"""The activation store (DESIGN §5): samples X ∈ R^{d_k×d_v} of one GDN layer, streamed from a corpus.
+"""The activation store (docs/design.md §14): samples X ∈ R^{d_k×d_v} of one GDN layer, streamed from a corpus.
 
 A sample is one head-stack X [n_heads, d_k, d_v] at one position of one context: the state S_t
 (``kind="state"``, taken from ``hook_state`` with ``state_positions``, so only the chosen positions'

@@ -1,4 +1,4 @@
-"""Training an SAE on an `ActivationStore` (DESIGN §5): `TrainConfig`, `train`.
+"""Training an SAE on an `ActivationStore` (docs/design.md §14): `TrainConfig`, `train`.
 
 Loss on a batch of raw samples X [B, H, d_k, d_v] (H heads, one dictionary each), in the scaled
 units where mean ‖sX‖²_F = 1 (s = ``sae.cfg.input_scale``), summed term by term:

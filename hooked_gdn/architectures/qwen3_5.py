@@ -1,4 +1,4 @@
-"""Qwen3.5 (dense): the reference family; DESIGN §2 is its GDN layer.
+"""Qwen3.5 (dense): the reference family; docs/design.md §2 is its GDN layer.
 
 transformers: ``Qwen3_5ForCausalLM`` (``qwen3_5_text``) and ``Qwen3_5ForConditionalGeneration``
 (``qwen3_5``, whose vision tower is ignored). Zero-centred (1 + w) RMSNorms, pre-norm blocks,

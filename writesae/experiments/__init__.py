@@ -1,4 +1,4 @@
-"""Experiments at the write site (DESIGN §5): write ablation, the atom substitution test, the
+"""Experiments at the write site (docs/design.md §15): write ablation, the atom substitution test, the
 logit-shift prediction and installs in generation, the SAE features they use, and the intervals
 they report."""
 

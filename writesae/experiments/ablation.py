@@ -1,4 +1,4 @@
-"""Write ablation (DESIGN §5): delete or scale the write k̂_t δ_tᵀ of chosen heads at chosen positions."""
+"""Write ablation (docs/design.md §15): delete or scale the write k̂_t δ_tᵀ of chosen heads at chosen positions."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The atom substitution test (DESIGN §5): does an SAE atom stand in for the write it explains?
+"""The atom substitution test (docs/design.md §15): does an SAE atom stand in for the write it explains?
 
 At a firing (sequence, position t, head h, feature i with top code a_i) the native write of head h
 is removed and a matrix M put in its place, and the model continues from that state (the edit is
