@@ -1,4 +1,5 @@
-"""The gated delta rule of DESIGN §2: a plain sequential reference, the chunked fast path, and edits.
+"""The gated delta rule of docs/design.md §2, computed as in §6: a plain sequential reference, the chunked
+fast path, and edits.
 
 Every function takes the recurrence's inputs in TransformerLens layout, position on dim 1, already
 head-expanded to the H_v value heads and in fp32:
@@ -94,6 +95,21 @@ def decay_and_predict(state: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tens
     decayed = state * g.exp()[..., None, None]
     delta = beta[..., None] * (v - torch.einsum("bhkv,bhk->bhv", decayed, k) if erase else v)
     return decayed, delta
+
+
+def transition(x: Float[Tensor, "... d_k"], k: Float[Tensor, "... d_k"], g: Tensor, beta: Tensor,
+               erase: bool = True) -> Float[Tensor, "... d_k"]:
+    """A_t x for key-space vectors x, the map the state's rows go through at one position when nothing
+    is written: S̃ − k̂ (β k̂ᵀ S̃) = A_t S_{t−1} with A_t = α_t (I − β_t k̂_t k̂_tᵀ), or α_t I without
+    ``erase`` (Mamba-2). ``k``, and ``g``, ``beta`` with a trailing axis added, broadcast against ``x``.
+
+    A_t is symmetric, so this is also its adjoint: carrying a query back to an earlier position
+    (effective attention over the inputs) and carrying a state edit forward (the logit-shift
+    propagation) are both this map. It is the one copy of the transition outside the engine's steps.
+    """
+    if erase:
+        x = x - (beta[..., None] * (x * k).sum(-1, keepdim=True)) * k
+    return g.exp()[..., None] * x
 
 
 def write(decayed: Tensor, k: Tensor, delta: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 """Exact effective attention of a Gated DeltaNet head: its read o_t as a weighted sum over past positions.
 
-The recurrence (DESIGN §2, positions 0-based, S_init the state before position 0: zero, or a cached
-prefix's) unrolls in two exact ways (DESIGN §5a):
+The recurrence (docs/design.md §2, positions 0-based, S_init the state before position 0: zero, or a cached
+prefix's) unrolls in two exact ways (docs/design.md §9):
 
 - **over the writes** δ_j. S_t = α_t S_{t−1} + k̂_t δ_tᵀ, so with G_{j→t} = Π_{s=j+1..t} α_s
 
@@ -34,6 +34,7 @@ from einops import einsum, rearrange
 from jaxtyping import Float
 from torch import Tensor
 
+from .delta_rule import transition
 from .sites import gdn_hook_name
 
 DECOMPOSITIONS = ("writes", "inputs")
@@ -97,38 +98,48 @@ def over_inputs(
     g: Float[Tensor, "batch pos head"],
     beta: Float[Tensor, "batch pos head"],
     initial_state: Float[Tensor, "batch head d_k d_v"] | None = None,
+    erase: bool = True,
 ) -> EffectiveAttention:
     """c_tj = q̂_tᵀ A_t⋯A_{j+1} k̂_j on β_j v_j; initial term (A_t⋯A_0 S_init)ᵀ q̂_t.
 
-    Each A_s = α_s (I − β_s k̂_s k̂_sᵀ) is symmetric, so r_tj = A_{j+1}⋯A_t q̂_t is q̂_t carried back
-    to position j; one sweep from the last position to the first carries every query at once
-    (O(T² d_k) per head) and c_tj = r_tjᵀ k̂_j.
+    A_s is the recurrence's `hooked_gdn.delta_rule.transition`: α_s (I − β_s k̂_s k̂_sᵀ), or α_s I for a
+    recurrence without ``erase`` (Mamba-2, where this equals the decomposition over the writes). It is
+    symmetric, so r_tj = A_{j+1}⋯A_t q̂_t is q̂_t carried back to position j; one sweep from the last
+    position to the first carries every query at once (O(T² d_k) per head) and c_tj = r_tjᵀ k̂_j.
     """
     b, T, H, d_k = k_hat.shape
     q = rearrange(q_hat, "b t h k -> b h t k")
     k = rearrange(k_hat, "b t h k -> b h t k")
-    alpha, beta_ = rearrange(g.exp(), "b t h -> b h t"), rearrange(beta, "b t h -> b h t")
+    g_, beta_ = rearrange(g, "b t h -> b h t"), rearrange(beta, "b t h -> b h t")
+    step = lambda rows, s: transition(rows, k[:, :, s, None], g_[:, :, s, None], beta_[:, :, s, None], erase)
     carried = q.new_zeros(b, H, T, d_k)  # row t: r_tj for t ≥ j; rows t < j stay zero
     columns = []
     for j in range(T - 1, -1, -1):
         if j + 1 < T:
-            carried = _apply_transition(carried, k[:, :, j + 1], alpha[:, :, j + 1], beta_[:, :, j + 1])
+            carried = step(carried, j + 1)
         carried = carried.index_copy(2, torch.tensor([j], device=q.device), q[:, :, j : j + 1])
         columns.append(einsum(carried, k[:, :, j], "b h t k, b h k -> b h t"))
     pattern = torch.stack(columns[::-1], -1)
     values = beta[..., None] * v
     initial = torch.zeros_like(values)
     if initial_state is not None:
-        carried = _apply_transition(carried, k[:, :, 0], alpha[:, :, 0], beta_[:, :, 0])  # A_0⋯A_t q̂_t
+        carried = step(carried, 0)  # A_0⋯A_t q̂_t
         initial = einsum(initial_state.to(q.dtype), carried, "b h k v, b h t k -> b t h v")
     return EffectiveAttention(pattern, values, initial, "inputs")
 
 
-def _apply_transition(r: Tensor, k: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
-    """A r = α (r − β (k̂ᵀ r) k̂) for rows r [b, h, t, d_k] and one position's k̂ [b, h, d_k], α, β [b, h]."""
-    along_key = einsum(r, k, "b h t k, b h k -> b h t")
-    erased = r - (beta[..., None] * along_key)[..., None] * k[:, :, None]
-    return alpha[..., None, None] * erased
+def recurrence_erases(cache: Mapping[str, Tensor], layer: int, erase: bool | None = None) -> bool:
+    """Whether layer ``layer``'s recurrence has the delta rule's erase (GDN) or not (Mamba-2): ``erase``
+    when given, else read off the model of a ``run_with_cache`` cache. A cache without its model (a
+    plain dict) does not say, so it needs ``erase``: guessing would give a decomposition that does not
+    add up on the other family."""
+    if erase is not None:
+        return erase
+    model = getattr(cache, "model", None)
+    if model is None:
+        raise ValueError("this cache does not say whether the layer's recurrence erases (it holds no model): pass "
+                         "erase=True for a Gated DeltaNet layer or erase=False for a Mamba-2 layer")
+    return model.blocks[layer].linear_attn.erase
 
 
 def _select_heads(x: Tensor, heads: Sequence[int] | None, dim: int) -> Tensor:
@@ -141,6 +152,7 @@ def effective_attention(
     over: str = "writes",
     heads: int | Sequence[int] | None = None,
     initial_state: Float[Tensor, "batch head d_k d_v"] | None = None,
+    erase: bool | None = None,
 ) -> EffectiveAttention:
     """The exact effective attention of GDN layer ``layer`` from a ``model.run_with_cache(tokens)`` cache.
 
@@ -150,7 +162,8 @@ def effective_attention(
     ``heads`` selects value heads (default all); the result's head axis follows their order.
     ``initial_state`` [b, H_v, d_k, d_v] is the state the cached run started from, for a run that
     continued a prefix (``model(tokens, cache=prefix)``: take ``prefix.recurrent_states[layer]``
-    before the call, which replaces it); it is given for all heads.
+    before the call, which replaces it); it is given for all heads. ``erase``: whether the layer's
+    recurrence erases (`recurrence_erases`), read off the cache's model unless given.
     """
     if over not in DECOMPOSITIONS:
         raise ValueError(f"over must be one of {DECOMPOSITIONS}, got {over!r}")
@@ -170,4 +183,5 @@ def effective_attention(
         initial_state = _select_heads(initial_state.float(), heads, 1)
     if over == "writes":
         return over_writes(x["read_query"], x["write_key"], x["write_value"], x["log_decay"], initial_state)
-    return over_inputs(x["read_query"], x["write_key"], x["v"], x["log_decay"], x["beta"], initial_state)
+    return over_inputs(x["read_query"], x["write_key"], x["v"], x["log_decay"], x["beta"], initial_state,
+                       recurrence_erases(cache, layer, erase))

@@ -1,6 +1,6 @@
 """The logit-shift prediction: how a rank-1 state edit ε v wᵀ at (layer, head, t0) moves the logits.
 
-Per head the GDN recurrence (DESIGN §2) is, with α_t = exp(g_t),
+Per head the GDN recurrence (docs/design.md §5) is, with α_t = exp(g_t),
 
     S_t = α_t (I − β_t k̂_t k̂_tᵀ) S_{t−1} + β_t k̂_t v_tᵀ,      o_t = S_tᵀ q̂_t.
 
@@ -28,11 +28,14 @@ with f's first-order change under ε v wᵀ equal to ε vᵀ J w; installs use i
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from hooked_gdn.delta_rule import transition
+from hooked_gdn.effective_attention import recurrence_erases
 from hooked_gdn.sites import block_name, edit_at_positions, gdn_hook_name
 
 from .edits import check_positions, check_site, one_sequence
@@ -42,68 +45,84 @@ SITES = ("hook_read_query", "hook_write_key", "hook_beta", "hook_log_decay")
 METHODS = ("exact", "paper")
 
 
-def _carry(v: Float[Tensor, " d_k"], k_hat: Tensor, beta: Tensor, g: Tensor, t0: int) -> Float[Tensor, "T_minus_t0 d_k"]:
-    """M_{t0→t} v for every t in t0 … T−1, stacked, from one head's k̂ [T, d_k], β [T], g [T]:
-    A_s = α_s (I − β_s k̂_s k̂_sᵀ) applied one position at a time, never forming a d_k × d_k matrix."""
+@dataclass
+class _Head:
+    """One head's q̂ [T, d_k], k̂ [T, d_k], β [T] and g [T], and whether its recurrence erases."""
+
+    q: Tensor
+    k: Tensor
+    beta: Tensor
+    g: Tensor
+    erase: bool
+
+    def step(self, x: Float[Tensor, "... d_k"], s: int) -> Float[Tensor, "... d_k"]:
+        """A_s x: the recurrence's own `hooked_gdn.delta_rule.transition` (α_s I for Mamba-2's SSD)."""
+        return transition(x, self.k[s], self.g[s], self.beta[s], self.erase)
+
+
+def _carry(v: Float[Tensor, " d_k"], head: _Head, t0: int) -> Float[Tensor, "T_minus_t0 d_k"]:
+    """M_{t0→t} v for every t in t0 … T−1, stacked: A_s applied one position at a time, never forming
+    a d_k × d_k matrix."""
     out = [v]
-    for s in range(t0 + 1, k_hat.shape[0]):
-        v = g[s].exp() * (v - beta[s] * k_hat[s] * (k_hat[s] @ v))
+    for s in range(t0 + 1, head.k.shape[0]):
+        v = head.step(v, s)
         out.append(v)
     return torch.stack(out)
 
 
-def _head_inputs(cache, layer: int, head: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One head's q̂ [T, d_k], k̂ [T, d_k], β [T], g [T] from a cache of the layer's ``SITES``.
+def _one_head(cache, layer: int, head: int, name: str) -> Tensor:
+    """One head's values of the layer's hook ``name`` in a cache of one sequence, in fp32."""
+    x = cache[gdn_hook_name(layer, name)]
+    if x.shape[0] != 1:
+        raise ValueError(f"the cache must hold one sequence, got a batch of {x.shape[0]}")
+    return x[0, :, head].float()
 
-    A layer without the erase term (Mamba-2's SSD, `hooked_gdn.mamba2`) has A_s = α_s I: the
-    propagator at β = 0, so β is returned as 0 there. A cache that is a plain dict is taken as GDN's.
-    """
-    q, k, beta, g = (cache[gdn_hook_name(layer, name)] for name in SITES)
-    if q.shape[0] != 1:
-        raise ValueError(f"the cache must hold one sequence, got a batch of {q.shape[0]}")
-    model = getattr(cache, "model", None)
-    if model is not None and not model.blocks[layer].linear_attn.erase:
-        beta = torch.zeros_like(beta)
-    return q[0, :, head].float(), k[0, :, head].float(), beta[0, :, head].float(), g[0, :, head].float()
+
+def _head_inputs(cache, layer: int, head: int, erase: bool | None) -> _Head:
+    """One head's inputs from a cache of the layer's ``SITES`` (``erase``: see
+    `hooked_gdn.effective_attention.recurrence_erases`)."""
+    return _Head(*(_one_head(cache, layer, head, name) for name in SITES), recurrence_erases(cache, layer, erase))
 
 
 def exact_read_change(cache, layer: int, head: int, t0: int, v: Float[Tensor, " d_k"], w: Float[Tensor, " d_v"],
-                      eps: float) -> Float[Tensor, "T_minus_t0 d_v"]:
+                      eps: float, erase: bool | None = None) -> Float[Tensor, "T_minus_t0 d_v"]:
     """Δo_t = ε ⟨M_{t0→t}ᵀ q̂_t, v⟩ w for t = t0 … T−1, exact for any ε.
 
-    ``cache`` is a clean ``run_with_cache`` holding the layer's q̂, k̂, β and g (``SITES``).
+    ``cache`` is a clean ``run_with_cache`` holding the layer's q̂, k̂, β and g (``SITES``); a plain
+    dict needs ``erase`` (`hooked_gdn.effective_attention.recurrence_erases`).
     ⟨Mᵀ q̂, v⟩ = ⟨q̂, M v⟩, so v is carried forward instead of forming M.
     """
-    q, k, beta, g = _head_inputs(cache, layer, head)
-    carried = _carry(v.to(k), k, beta, g, t0)  # M_{t0→t} v, [T − t0, d_k]
-    gain = (q[t0:] * carried).sum(-1)
-    return eps * gain[:, None] * w.to(k)
+    inputs = _head_inputs(cache, layer, head, erase)
+    carried = _carry(v.to(inputs.k), inputs, t0)  # M_{t0→t} v, [T − t0, d_k]
+    gain = (inputs.q[t0:] * carried).sum(-1)
+    return eps * gain[:, None] * w.to(inputs.k)
 
 
 def paper_read_change(cache, layer: int, head: int, t0: int, v: Float[Tensor, " d_k"], w: Float[Tensor, " d_v"],
                       eps: float) -> Float[Tensor, "T_minus_t0 d_v"]:
     """The approximation ε G_{t0→t} ⟨q̂_t, v⟩ w, G the product of the decays α over (t0, t]."""
-    q, _, _, g = _head_inputs(cache, layer, head)
+    q, g = (_one_head(cache, layer, head, name) for name in ("hook_read_query", "hook_log_decay"))
     decay = torch.cat([g.new_zeros(1), g[t0 + 1:].cumsum(0)]).exp()  # G_{t0→t0} = 1
     gain = decay * (q[t0:] @ v.to(q))
     return eps * gain[:, None] * w.to(q)
 
 
 def state_gradient(cache, layer: int, head: int, read_grad: Float[Tensor, "T d_v"],
-                   positions: Sequence[int]) -> Float[Tensor, "n_positions d_k d_v"]:
+                   positions: Sequence[int], erase: bool | None = None) -> Float[Tensor, "n_positions d_k d_v"]:
     """J_t0 = Σ_{t ≥ t0} M_{t0→t}ᵀ q̂_t g_tᵀ for each t0 in ``positions``, g_t = ``read_grad[t]`` = ∂f/∂o_t.
 
     The adjoint of `exact_read_change`: Σ_t ⟨g_t, Δo_t⟩ = ε vᵀ J_t0 w for the edit ε v wᵀ at t0. Each
     A_s is symmetric, so the sum is accumulated backwards, X_t = q̂_t g_tᵀ + A_{t+1} X_{t+1}, J_t0 = X_t0.
     """
-    q, k, beta, g = _head_inputs(cache, layer, head)
+    inputs = _head_inputs(cache, layer, head, erase)
+    q = inputs.q
     positions = check_positions(positions, q.shape[0], "install position")
     read_grad = read_grad.to(q)
     wanted = set(positions)
     x, found = torch.zeros(q.shape[1], read_grad.shape[1], dtype=q.dtype), {}
     for t in range(q.shape[0] - 1, min(positions) - 1, -1):
-        if t + 1 < q.shape[0]:  # x ← A_{t+1} x
-            x = g[t + 1].exp() * (x - beta[t + 1] * k[t + 1][:, None] * (k[t + 1] @ x)[None, :])
+        if t + 1 < q.shape[0]:  # x ← A_{t+1} x, on x's columns (key-space vectors)
+            x = inputs.step(x.T, t + 1).T
         x = x + torch.outer(q[t], read_grad[t])
         if t in wanted:
             found[t] = x
