@@ -1,12 +1,12 @@
 """The components of a Gated DeltaNet hybrid: norms, the Gated DeltaNet layer, full attention, the block.
 
 Weights are stored as [out, in] matrices, as transformers stores them, so that every ``F.linear``
-computes exactly what transformers computes. The GDN layer's carry DESIGN §2's symbols (W_qkv x).
+computes exactly what transformers computes. The GDN layer's carry docs/design.md §2's symbols (W_qkv x).
 The quantities TransformerLens also has are stored under transformers' names (``q_proj``,
 ``up_proj``, …) and read under TransformerLens' names and orientation, as views: per-head
 ``W_Q``/``W_K``/``W_V`` [head, d_model, d_head] and ``W_O`` [head, d_head, d_model], and the MLP's
 ``W_gate``/``W_in`` [d_model, d_mlp] and ``W_out`` [d_mlp, d_model]. Each hook point is declared
-on its own line with its shape and sits where its quantity is computed (DESIGN §3). The MLPs (SwiGLU
+on its own line with its shape and sits where its quantity is computed (docs/design.md §7). The MLPs (SwiGLU
 and the sparse MoE block) are in `hooked_gdn.mlp`. The families' variants (`HookedGDNConfig`'s
 options, set by `hooked_gdn.architectures`) are branches here, each named by its option.
 """
@@ -113,7 +113,7 @@ def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 class GatedDeltaNet(nn.Module):
-    """The GDN layer of DESIGN §2, with its recurrent state and rank-1 write as editable hook points."""
+    """The GDN layer of docs/design.md §2, with its recurrent state and rank-1 write as editable hook points."""
 
     erase = True  # the delta rule's erase term; Mamba-2's SSD mixer (`hooked_gdn.mamba2`) runs this recurrence without it
 
@@ -199,8 +199,17 @@ class GatedDeltaNet(nn.Module):
         if ctx.cache is not None:
             ctx.cache.update_recurrent_state(self.layer, final)
         o = self.hook_recurrence_out(out.to(x.dtype))
-        y = self.hook_gated_out(self.norm(o, z))
-        return self.hook_out(F.linear(y.flatten(2), self.W_o))
+        return self.hook_out(self.output_from_read(o, {"gate_input": z}))
+
+    #: what `output_from_read` needs besides the read, by hook short name
+    OUTPUT_INPUTS = ("gate_input",)
+
+    def output_from_read(self, o: Float[Tensor, "... H d_v"], inputs: dict[str, Tensor]) -> Float[Tensor, "... d_model"]:
+        """Everything the mixer does after the recurrence: the gated norm of the reads o_t (all heads), with
+        ``inputs`` the `OUTPUT_INPUTS` at the same positions, then W_o. Its JVP in o is the exact first-order
+        effect of a change of the read on the residual stream (the dashboards' direct effect)."""
+        y = self.hook_gated_out(self.norm(o, inputs["gate_input"]))
+        return F.linear(y.flatten(-2).to(self.W_o.dtype), self.W_o)
 
     def _parallel(self, q_hat, k_hat, v, g, beta, initial, ctx: ForwardContext):
         """Chunked recurrence; write and state edits returned by hooks are carried forward exactly."""

@@ -73,6 +73,12 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
         raise FileNotFoundError(f"{name!r} is not a folder here, and {_hub_failure(first_line)}") from error
 
 
+def checkpoint_model_type(name_or_path: str | Path) -> str | None:
+    """transformers' ``model_type`` of a checkpoint (shipped name, folder or hub id), from its config.json:
+    what decides which hooked class loads it."""
+    return json.loads((resolve_checkpoint(name_or_path) / "config.json").read_text()).get("model_type")
+
+
 def _is_hub_id(name: str) -> bool:
     """``owner/name`` in the characters the hub allows."""
     from huggingface_hub.errors import HFValidationError

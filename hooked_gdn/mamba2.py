@@ -5,7 +5,7 @@ Per layer and head, Mamba-2's SSD mixer keeps a state h_t ∈ R^{d_state × head
     h_t = exp(Δ_t A) h_{t−1} + B_t (Δ_t x_t)ᵀ,    y_t = h_tᵀ C_t + D x_t,
 
 then a gated RMSNorm (y ⊙ SiLU(z), normalised per group of heads) and the output projection. That is
-the gated delta rule of DESIGN §2 without its erase term, with the write strength Δ_t in place of β,
+the gated delta rule of docs/design.md §2 without its erase term (§4), with the write strength Δ_t in place of β,
 so the mixer runs `hooked_gdn.delta_rule` with ``erase=False`` through the GDN layer's own hook and
 edit machinery (`Mamba2Mixer` subclasses `GatedDeltaNet` for its recurrence only). Its hook points
 keep the GDN names wherever the quantity is the same, with d_k = d_state and d_v = head_dim:
@@ -117,10 +117,10 @@ class GroupedGatedRMSNorm(nn.Module):
         self.w = nn.Parameter(torch.ones(cfg.d_inner))
         self.eps, self.groups = cfg.eps, cfg.n_key_heads
 
-    def forward(self, y: Float[Tensor, "b p H P"], z: Float[Tensor, "b p H P"]) -> Float[Tensor, "b p H P"]:
-        gated = rearrange(y.float() * F.silu(z.float()), "b p (g h) d -> b p g (h d)", g=self.groups)
+    def forward(self, y: Float[Tensor, "... H P"], z: Float[Tensor, "... H P"]) -> Float[Tensor, "... H P"]:
+        gated = rearrange(y.float() * F.silu(z.float()), "... (g h) d -> ... g (h d)", g=self.groups)
         normed = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.w.view(y.shape[2], y.shape[3]) * rearrange(normed, "b p g (h d) -> b p (g h) d", g=self.groups, d=y.shape[3])
+        return self.w.view(y.shape[-2], y.shape[-1]) * rearrange(normed, "... g (h d) -> ... (g h) d", g=self.groups, d=y.shape[-1])
 
 
 class Mamba2Mixer(GatedDeltaNet):
@@ -201,8 +201,15 @@ class Mamba2Mixer(GatedDeltaNet):
         if ctx.cache is not None:
             ctx.cache.update_recurrent_state(self.layer, final)
         o = self.hook_recurrence_out(out)
-        y = self.hook_gated_out(self.norm(o + self.D.float()[:, None] * xs.float(), z))
-        return self.hook_out(F.linear(y.flatten(2).to(x.dtype), self.W_o, self.b_o))
+        return self.hook_out(self.output_from_read(o, {"gate_input": z, "v": xs}))
+
+    OUTPUT_INPUTS = ("gate_input", "v")  # z, and x for the D skip
+
+    def output_from_read(self, o: Float[Tensor, "... H P"], inputs: dict[str, Tensor]) -> Float[Tensor, "... d_model"]:
+        """After the recurrence: the D skip, the group-wise gated norm (gate before norm) and W_o (see
+        `hooked_gdn.layers.GatedDeltaNet.output_from_read`)."""
+        y = self.hook_gated_out(self.norm(o + self.D.float()[:, None] * inputs["v"].float(), inputs["gate_input"]))
+        return F.linear(y.flatten(-2).to(self.W_o.dtype), self.W_o, self.b_o)
 
 
 class Mamba2Block(nn.Module):
@@ -239,7 +246,7 @@ class HookedMamba2(HookedGatedDeltaNet):
     It is a `HookedGatedDeltaNet` for everything that is not a layer: ``forward`` (and its keywords
     ``state_positions``, ``recurrence``, ``cache``, ``stop_at_layer``), ``run_with_cache``,
     ``prefill``, ``generate``, the tokenizer helpers and ``W_E``/``W_U``. Write and state edits carry
-    through the recurrence exactly as for GDN (DESIGN §3).
+    through the recurrence exactly as for GDN (docs/design.md §8).
     """
 
     def __init__(self, cfg: HookedMamba2Config, tokenizer=None):

@@ -56,7 +56,7 @@ def test_help_names_every_command_and_explains_every_option_with_its_default(cap
                 f"{name} {action.option_strings}: its default is not shown"
     quickstart = help_text(capsys, "quickstart")
     assert re.search(r"--n-features N_FEATURES\s+features per head \(default: 256\)", quickstart)
-    assert f"(default: {default_layer()})" in quickstart
+    assert f"gdn-austen {default_layer('gdn-austen')}, mamba2-austen {default_layer('mamba2-austen')})" in quickstart
 
 
 def test_version_is_the_installed_distributions(capsys):
@@ -283,7 +283,36 @@ def test_quickstart_refuses_a_users_file_of_the_same_name_before_any_work(tmp_pa
     import writesae.quickstart as quickstart
 
     (tmp_path / "atoms.png").write_bytes(b"my own picture")
-    monkeypatch.setattr(quickstart.HookedSAEGatedDeltaNet, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(quickstart, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(FileExistsError, match=f"{tmp_path / 'atoms.png'} exists and was not created by writesae"):
         run_quickstart(tmp_path, steps=1)
     assert (tmp_path / "atoms.png").read_bytes() == b"my own picture" and sorted(p.name for p in tmp_path.iterdir()) == ["atoms.png"]
+
+
+def test_every_command_runs_on_the_shipped_mamba2_model(tmp_path, capsys):
+    """The commands load --model by its checkpoint's model_type (writesae.splice.load_model), so a Mamba-2
+    model goes through each of them (they refused it before: each loaded a HookedGatedDeltaNet)."""
+    text_folder(tmp_path / "corpus")
+    model, data = ["--model", "mamba2-austen"], ["--data", str(tmp_path / "corpus"), "--context", "32"]
+    main(["cache", *model, *data, "--positions", "2", "--layer", "0", "--heads", "1,3", "--out", str(tmp_path / "cache"),
+          "--shard-samples", "64", "--no-progress"])
+    main(["train", "--cache", str(tmp_path / "cache"), "--n-features", "16", "--k", "2", "--steps", "3", "--batch-size", "8",
+          "--buffer-size", "32", "--eval-every", "3", "--checkpoint-every", "3", "--out", str(tmp_path / "run"), "--no-progress"])
+    sae = str(tmp_path / "run" / "sae")
+    assert load_sae(sae).cfg.site == "blocks.0.linear_attn.hook_state" and load_sae(sae).cfg.head_indices == [1, 3]
+    main(["eval", sae, *model, *data, "--samples", "16", "--contexts", "2", "--out", str(tmp_path / "eval")])
+    main(["dashboard", sae, *model, *data, "--contexts", "2", "--features-per-head", "2", "--out", str(tmp_path / "dash"),
+          "--no-progress"])
+    main(["census", *model, "--tokens", "64", "--context", "32", "--out", str(tmp_path / "census")])
+    for written in ("eval/eval.json", "dash/index.html", "census/census.json"):
+        assert (tmp_path / written).is_file(), written
+    assert len(json.loads((tmp_path / "census" / "census.json").read_text())["heads"]) == 6 * 8  # every SSD layer and head
+
+
+@pytest.mark.slow
+def test_quickstart_runs_on_the_shipped_mamba2_model(tmp_path):
+    summary = run_quickstart(tmp_path, model="mamba2-austen", heads=[0, 5], n_features=16, k=2, steps=4, batch_size=16,
+                             context=64, positions=16, buffer_size=64, input_scale_samples=64, heldout_samples=64,
+                             eval_contexts=2, progress=False)
+    assert summary["model"] == "mamba2-austen" and summary["site"] == "blocks.0.linear_attn.hook_state"  # its census's layer
+    assert load_sae(tmp_path / "sae").cfg.model_name == "mamba2-austen"

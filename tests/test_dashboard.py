@@ -333,3 +333,39 @@ def test_pages_render_in_headless_chromium_without_console_errors(built):
         assert errors == []
     finally:
         browser.quit()
+
+
+@pytest.mark.parametrize("family", ["gdn", "mamba2"])
+def test_direct_effect_is_the_mixers_own_derivative_by_central_differences(family):
+    """The value side's Δr: checked against the real forward, with the read moved by ±ε Δo at one head
+    and position (Mamba-2's norm mixes the heads of a group, and adds its D skip before the norm)."""
+    from hooked_gdn.mamba2 import HookedMamba2
+    from writesae.dashboard import _direct_output_change
+
+    model = random_tiny_model() if family == "gdn" else HookedMamba2.from_pretrained("mamba2-austen")
+    layer = model.cfg.gdn_layers[-1]
+    mixer = model.blocks[layer].linear_attn
+    name = lambda short: f"blocks.{layer}.linear_attn.hook_{short}"
+    tokens = torch.randint(1, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=[name("recurrence_out"), *map(name, mixer.OUTPUT_INPUTS)])
+    o = cache[name("recurrence_out")][0].float()
+    rows, heads = torch.tensor([3, 7, 7]), torch.tensor([0, 1, model.cfg.n_value_heads - 1])
+    delta = torch.randn(3, model.cfg.d_value, generator=torch.Generator().manual_seed(1)) * o.abs().mean()
+    ours = _direct_output_change(mixer, o, {s: cache[name(s)][0] for s in mixer.OUTPUT_INPUTS}, rows, heads, delta)
+
+    def mixer_out(row: int, head: int, shift: torch.Tensor) -> torch.Tensor:
+        def move(read, hook):
+            read = read.clone()
+            read[0, row, head] += shift.to(read.dtype)
+            return read
+        seen = {}
+        with torch.no_grad():
+            model.run_with_hooks(tokens, fwd_hooks=[(name("recurrence_out"), move),
+                                                    (name("out"), lambda x, hook: seen.__setitem__("out", x[0, row].float()))])
+        return seen["out"]
+
+    eps = 1e-2
+    for j in range(3):
+        expected = (mixer_out(rows[j], heads[j], eps * delta[j]) - mixer_out(rows[j], heads[j], -eps * delta[j])) / (2 * eps)
+        assert (ours[j] - expected).norm() <= 1e-3 * expected.norm(), (family, j)

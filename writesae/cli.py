@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from hooked_gdn.files import atomic_file
-from hooked_gdn.pretrained import CENSUS_CONTEXT, CENSUS_TOKENS, default_layer
+from hooked_gdn.pretrained import CENSUS_CONTEXT, CENSUS_TOKENS, PRETRAINED_MODELS, default_layer
 
 from . import __version__, distributed
 from .quickstart import QuickstartConfig
@@ -106,8 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     quick = _command(commands, "quickstart", "the main job: train a WriteSAE on the shipped model's states and report "
                      "on held-out text (per-head FVU, CE loss recovered, top-activating contexts)")
     defaults = QuickstartConfig()  # the flags' defaults are the config's: one owner
-    quick.add_argument("--layer", type=int, default=default_layer("gdn-austen"),
-                       help="GDN layer; the default has the most long-memory heads by the model card's census")
+    quick.add_argument("--model", default=defaults.model, choices=list(PRETRAINED_MODELS), help="the shipped model to study")
+    quick.add_argument("--layer", type=int, help="GDN layer (default: the one with the most long-memory heads by the "
+                       f"model card's census: {', '.join(f'{m} {default_layer(m)}' for m in PRETRAINED_MODELS)})")
     quick.add_argument("--heads", default=defaults.heads, help="'all' or comma-separated head indices")
     quick.add_argument("--n-features", type=_positive_int, default=defaults.n_features, help="features per head")
     quick.add_argument("--k", type=_positive_int, default=defaults.k, help="features active per sample and head, TopK")
@@ -225,9 +226,9 @@ def _store(model, args, layer: int, heads, kind: str):
 
 
 def _load_model(args):
-    from .splice import HookedSAEGatedDeltaNet
+    from .splice import load_model
 
-    return HookedSAEGatedDeltaNet.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    return load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
 
 
 def cmd_train(args) -> None:
@@ -325,7 +326,7 @@ def cmd_quickstart(args) -> None:
     from .quickstart import format_report, run_quickstart
 
     summary = run_quickstart(args.out, QuickstartConfig(
-        layer=args.layer, heads=_heads(args.heads), n_features=args.n_features, k=args.k, steps=args.steps,
+        model=args.model, layer=args.layer, heads=_heads(args.heads), n_features=args.n_features, k=args.k, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, context=args.context, positions=args.positions,
         heldout_samples=args.heldout_samples, eval_contexts=args.eval_contexts, seed=args.seed))
     print(format_report(summary))
@@ -333,14 +334,13 @@ def cmd_quickstart(args) -> None:
 
 
 def cmd_census(args) -> None:
-    from hooked_gdn import HookedGatedDeltaNet
     from hooked_gdn.census import memory_census
     from hooked_gdn.pretrained import austen_documents
 
     from .outputs import claim_outputs
 
     claim_outputs(args.out, ["census.json", "half_lives.png"])
-    model = HookedGatedDeltaNet.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    model = _load_model(args)
     text = [doc.text for doc in austen_documents("heldout")]
     census = memory_census(model, text, context=args.context, max_tokens=args.tokens, state_every=args.state_every)
     print(census.table())

@@ -1,7 +1,7 @@
 """Feature dashboards: what one SAE feature on a GDN state or write site fires on, reads and writes.
 
 This module computes; `writesae.dashboard_html` renders the result as a static site. The SAE sits on
-``blocks.L.linear_attn.hook_state`` or ``…hook_write_value`` (DESIGN §4) with one dictionary per head
+``blocks.L.linear_attn.hook_state`` or ``…hook_write_value`` (docs/design.md §12) with one dictionary per head
 in ``sae.cfg.head_indices``: dictionary d belongs to model head h = heads[d]. Feature i of dictionary
 d has the atom A_i = Σ_r V_ir W_irᵀ (u vᵀ at rank 1) and codes a_i ≥ 0; s is ``cfg.input_scale``, so
 the feature's share of the matrix it codes is (a_i / s) A_i.
@@ -20,9 +20,9 @@ matrix X_t (S_t, or the write k̂_t δ_tᵀ through ``encode_factors``). Per fea
   k̂ ∥ −u contributes along the atom too, with δ ∥ −v.
 - **value side**, the direct effect on the logits through the read. At a firing (t, a) the state
   holds (a/s) A_i more, so the read o_t = S_tᵀ q̂_t moves by exactly Δo = (a/s) A_iᵀ q̂_t
-  (= (a/s)(q̂_tᵀu) v at rank 1). The gated RMSNorm y = w ⊙ o/ρ ⊙ SiLU(z), ρ = √(mean(o²) + ε), is
-  linearised at the clean o_t, z_t: Δy = w ⊙ SiLU(z_t) ⊙ (Δo − o_t (o_tᵀΔo) / (d_v ρ²)) / ρ. W_o's
-  columns of head h give the residual change Δr = W_o[:, h] Δy. The direct path skips every later
+  (= (a/s)(q̂_tᵀu) v at rank 1). What the mixer does after the recurrence (its ``output_from_read``:
+  GDN's per-head gated RMSNorm y = w ⊙ o/ρ ⊙ SiLU(z), or Mamba-2's D skip and group-wise norm, then
+  W_o) is linearised at the clean reads by a JVP, giving the residual change Δr. The direct path skips every later
   layer and freezes the final RMSNorm's scale σ_t (as TransformerLens' ``apply_ln_to_stack``), so
   Δlogits = W_Uᵀ((1 + w_final) ⊙ Δr) / σ_t (`HookedGatedDeltaNet.tokens_to_residual_directions`).
   The page shows the mean of Δlogits over the feature's firings in the sample (the code a included,
@@ -187,15 +187,6 @@ def atom_reads(sae: SAEBase, queries: Float[Tensor, "m d_k"], dictionaries: Int[
     return torch.cat(out) if out else queries.new_zeros(0, sae.cfg.d_v)
 
 
-def gated_norm_jvp(norm, o: Float[Tensor, "m d_v"], z: Float[Tensor, "m d_v"],
-                   delta_o: Float[Tensor, "m d_v"]) -> Float[Tensor, "m d_v"]:
-    """The gated RMSNorm y = w ⊙ o/ρ ⊙ SiLU(z), ρ = √(mean(o²) + ε), linearised at o:
-    Δy = w ⊙ SiLU(z) ⊙ (Δo − o (oᵀΔo) / (d_v ρ²)) / ρ."""
-    rho_sq = o.pow(2).mean(-1, keepdim=True) + norm.eps
-    radial = o * (o * delta_o).sum(-1, keepdim=True) / (o.shape[-1] * rho_sq)
-    return norm.w.float().to(o.device) * F.silu(z) * (delta_o - radial) / rho_sq.sqrt()
-
-
 @dataclass
 class _Pass:
     """What one run over the windows collects: sparse codes, key-side extremes, value-side sums."""
@@ -209,9 +200,9 @@ class _Pass:
     direct_sum: Tensor  # [n_dicts, n, d_model]: Σ over firings of Δr / σ_t
 
 
-def _site_hooks(site: Site) -> dict[str, str]:
+def _site_hooks(site: Site, mixer) -> dict[str, str]:
     names = {short: site.hook_name(f"hook_{short}") for short in
-             ("write_key", "write_value", "read_query", "recurrence_out", "gate_input")}
+             ("write_key", "write_value", "read_query", "recurrence_out", *mixer.OUTPUT_INPUTS)}
     if site.kind == "state":
         names["state"] = site.hook_name("hook_state")
     return names
@@ -230,11 +221,9 @@ def _merge_extremes(best: tuple[Tensor, Tensor] | None, scores: Tensor, position
 @torch.no_grad()
 def _collect(model, sae: SAEBase, site: Site, windows: Tensor, n_keys: int, batch_size: int, progress: bool) -> _Pass:
     heads = torch.tensor(sae.cfg.head_indices)
-    names = _site_hooks(site)
-    gdn = model.blocks[site.layer].linear_attn
-    d_v = model.cfg.d_value
+    mixer = model.blocks[site.layer].linear_attn
+    names = _site_hooks(site, mixer)
     dtype, device = sae.b_dec.dtype, sae.b_dec.device  # everything per position is computed beside the SAE
-    W_o = gdn.W_o.float().view(model.cfg.d_model, model.cfg.n_value_heads, d_v)[:, heads].to(device)  # [d_model, n_dicts, d_v]
     u = key_factors(sae)
     T = windows.shape[1]
     parts = defaultdict(list)
@@ -244,7 +233,7 @@ def _collect(model, sae: SAEBase, site: Site, windows: Tensor, n_keys: int, batc
         batch = windows[first : first + batch_size].to(model.W_E.device)
         _, cache = model.run_with_cache(batch, names_filter=[*names.values(), "ln_final.hook_scale"])
         take = lambda short: cache[names[short]][:, :, heads.to(batch.device)].float().flatten(0, 1).to(device)  # [b·T, n_dicts, …]
-        k_hat, q_hat, o, z = take("write_key"), take("read_query"), take("recurrence_out"), take("gate_input")
+        k_hat, q_hat = take("write_key"), take("read_query")
         if site.kind == "state":
             codes = sae.encode(take("state").to(dtype))
         else:
@@ -260,17 +249,31 @@ def _collect(model, sae: SAEBase, site: Site, windows: Tensor, n_keys: int, batc
         key_bottom = _merge_extremes(key_bottom, alignment, positions, n_keys, largest=False)
 
         delta_o = a[:, None] / sae.cfg.input_scale * atom_reads(sae, q_hat[row, d], d, i)
-        delta_y = gated_norm_jvp(gdn.norm, o[row, d], z[row, d], delta_o)
+        every_head = lambda short: cache[names[short]].float().flatten(0, 1)  # [b·T, H, …]: norms may mix heads
+        delta_r = _direct_output_change(mixer, every_head("recurrence_out"), {s: every_head(s) for s in mixer.OUTPUT_INPUTS},
+                                        row.to(batch.device), heads.to(batch.device)[d.to(batch.device)], delta_o.to(batch.device))
         sigma = cache["ln_final.hook_scale"].float().flatten(0, 1).to(device)[row]  # [m, 1]: the final norm's frozen scale
-        delta_r = torch.empty(len(a), model.cfg.d_model, device=device)
-        for dictionary in range(sae.n_dicts):  # one head's W_o at a time: no [m, d_model, d_v] gather
-            mine = d == dictionary
-            delta_r[mine] = delta_y[mine] @ W_o[:, dictionary].T
-        direct_sum.index_put_((d, i), delta_r / sigma, accumulate=True)
+        direct_sum.index_put_((d, i), delta_r.to(device) / sigma, accumulate=True)
     cat = {key: torch.cat(value) for key, value in parts.items()}
     cpu = lambda pair: (pair[0].cpu(), pair[1].cpu())
     return _Pass(cat["positions"], cat["dictionaries"], cat["features"], cat["values"], cpu(key_top), cpu(key_bottom),
                  direct_sum.cpu())
+
+
+def _direct_output_change(mixer, o: Float[Tensor, "n H d_v"], inputs: dict[str, Tensor], rows: Int[Tensor, " m"],
+                          heads: Int[Tensor, " m"], delta_o: Float[Tensor, "m d_v"], chunk: int = 4096) -> Float[Tensor, "m d_model"]:
+    """The mixer output's change, to first order, when the read of head ``heads[j]`` at position ``rows[j]``
+    moves by ``delta_o[j]``: the JVP of the mixer's own `output_from_read` at the clean reads, in chunks of
+    firings (each needs every head of its position: Mamba-2's norm mixes a group of heads)."""
+    out = []
+    for part in torch.arange(len(rows), device=rows.device).split(chunk):
+        at = rows[part]
+        tangent = torch.zeros_like(o[at])
+        tangent[torch.arange(len(part), device=rows.device), heads[part]] = delta_o[part]
+        given = {name: x[at] for name, x in inputs.items()}
+        _, change = torch.func.jvp(lambda read: mixer.output_from_read(read, given), (o[at],), (tangent,))
+        out.append(change.float())
+    return torch.cat(out) if out else o.new_zeros(0, mixer.W_o.shape[0])
 
 
 CLEAN_LOGITS_BYTES = 1 << 29  # the carried KL keeps every window's clean logits up to this size

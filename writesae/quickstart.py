@@ -1,6 +1,6 @@
 """The main job, ``writesae quickstart``: a WriteSAE on the shipped model's states, trained and inspected.
 
-Loads ``gdn-austen``, streams the states of all heads of one GDN layer from the training novels,
+Loads ``gdn-austen`` (or the other shipped model, ``mamba2-austen``), streams the states of all heads of one GDN layer from the training novels,
 trains a `BilinearMatrixSAE`, and reports on held-out text (Persuasion, chapters 21–24, which the
 model never saw either): a per-head table of FVU, L0 and dead fraction, the CE loss recovered with
 the SAE spliced in the loop, and the top-activating contexts of a few features. Writes the SAE,
@@ -27,30 +27,30 @@ import torch
 from matplotlib.figure import Figure
 
 from hooked_gdn.files import atomic_file, file_sha256
-from hooked_gdn.pretrained import austen_corpus, default_layer, pretrained_path
+from hooked_gdn.pretrained import PRETRAINED_MODELS, austen_corpus, default_layer, pretrained_path
 from hooked_gdn.sites import site_name
 
 from .evals import downstream_metrics, metrics_table, reconstruction_metrics
 from .outputs import claim_outputs
 from .sae import BilinearMatrixSAE
-from .splice import HookedSAEGatedDeltaNet
+from .splice import load_model
 from .store import ActivationStore, StoreConfig
 from .train import TrainConfig, train
-
-MODEL = "gdn-austen"
-
 
 @dataclass
 class QuickstartConfig:
     """The main job's settings; ``writesae quickstart``'s flags and their defaults are these fields.
 
-    ``layer`` None: the shipped census's long-memory layer (`hooked_gdn.pretrained.default_layer`).
+    ``model``: a shipped model (`hooked_gdn.pretrained.PRETRAINED_MODELS`: gdn-austen, mamba2-austen), whose
+    census picks the default layer and whose held-out chapters are held out here too.
+    ``layer`` None: that census's long-memory layer (`hooked_gdn.pretrained.default_layer`).
     ``positions``: training states per context (random, distinct). ``buffer_size``: the store's
     shuffle buffer, in samples. ``input_scale_samples``: training states the SAE's input scale is
     estimated from. ``heldout_samples``: held-out states, extracted once, for every
     evaluation. ``eval_contexts``: held-out contexts for the CE with the SAE in the loop.
     """
 
+    model: str = "gdn-austen"
     layer: int | None = None
     heads: int | list[int] | str = "all"
     n_features: int = 256
@@ -148,9 +148,12 @@ def run_quickstart(out: Path, cfg: QuickstartConfig | None = None, progress: boo
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda text: None)
     claim_outputs(out, OUTPUTS)  # before any work: a file of the same name that is not ours stops the run
     started = time.perf_counter()
-    say(f"quickstart: loading {MODEL} and tokenising the six novels")
-    model = HookedSAEGatedDeltaNet.from_pretrained(MODEL)
-    layer = default_layer(MODEL) if cfg.layer is None else cfg.layer  # the most long-memory heads, by the card's census
+    if cfg.model not in PRETRAINED_MODELS:
+        raise ValueError(f"the quickstart runs on a shipped model ({', '.join(PRETRAINED_MODELS)}), not {cfg.model!r}: "
+                         f"train on another with writesae train --model")
+    say(f"quickstart: loading {cfg.model} and tokenising the six novels")
+    model = load_model(cfg.model)
+    layer = default_layer(cfg.model) if cfg.layer is None else cfg.layer  # the most long-memory heads, by the card's census
     if layer not in model.cfg.gdn_layers:
         raise ValueError(f"layer {layer} is not a GDN layer; the GDN layers are {model.cfg.gdn_layers}")
     documents, heldout = austen_corpus()
@@ -169,7 +172,7 @@ def run_quickstart(out: Path, cfg: QuickstartConfig | None = None, progress: boo
         f"measured the model's share takes about {_minutes(training_contexts * seconds_per_context)}, and the bar shows the whole")
     site = site_name(layer, "state")
     sae = BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, n_features=cfg.n_features, k=cfg.k, sparsity="topk",
-                            site=site, heads=cfg.heads, n_heads=model.cfg.n_value_heads, model_name=MODEL, seed=cfg.seed)
+                            site=site, heads=cfg.heads, n_heads=model.cfg.n_value_heads, model_name=cfg.model, seed=cfg.seed)
     sae = train(sae, store, TrainConfig(
         steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, out_dir=str(out / "training"), warmup_steps=cfg.steps // 20,
         eval_every=max(1, cfg.steps // 4), eval_samples=cfg.heldout_samples, input_scale_samples=cfg.input_scale_samples,
@@ -185,10 +188,10 @@ def run_quickstart(out: Path, cfg: QuickstartConfig | None = None, progress: boo
     contexts = top_activating_contexts(sae, store, model, features, cfg.batch_size, cfg.heldout_samples)
     sae.save(out / "sae")
     plots = save_plots(sae, codes, out / "training" / "metrics.jsonl", out)
-    summary = {"model": MODEL, "site": site, "heads": sae.cfg.head_indices, "config": asdict(cfg) | {"layer": layer},
+    summary = {"model": cfg.model, "site": site, "heads": sae.cfg.head_indices, "config": asdict(cfg) | {"layer": layer},
                "n_features": cfg.n_features, "k": cfg.k, "steps": cfg.steps, "reconstruction": recon,
                "downstream_in_the_loop": downstream, "top_contexts": contexts, "plots": plots, "sae": "sae/",
-               "provenance": {"model_sha256": file_sha256(pretrained_path(MODEL) / "model.safetensors"),
+               "provenance": {"model_sha256": file_sha256(pretrained_path(cfg.model) / "model.safetensors"),
                               "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
                               "seconds": round(time.perf_counter() - started, 1)}}
     with atomic_file(out / "summary.json") as f:

@@ -9,7 +9,7 @@ SAE with heads="all" learns the layer's number of heads when attached.
 The SAE becomes the submodule ``sae`` of the site's hook point, so its hook points are named
 ``<site>.sae.hook_sae_acts_post`` etc. and can be cached and patched like any other.
 
-Splicing follows DESIGN §3's carry semantics. A state SAE replaces S_t by its reconstruction
+Splicing (docs/design.md §12) follows §8's carry semantics. A state SAE replaces S_t by its reconstruction
 (on its heads) wherever ``hook_state`` fires; a write SAE replaces the write k̂_t δ_tᵀ by its
 reconstruction, applied as the state difference X̂_t − k̂_t δ_tᵀ at t. Either way later positions
 follow the delta rule from the spliced state. Where it fires is ``state_positions`` (default: every
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hooked_gdn import HookedGatedDeltaNet
+from hooked_gdn.architectures.mamba2 import MODEL_TYPE as MAMBA2_MODEL_TYPE
+from hooked_gdn.loading import checkpoint_model_type
 from hooked_gdn.mamba2 import HookedMamba2
 from hooked_gdn.sites import Site, hook_positions, parse_site
 
@@ -123,6 +126,14 @@ class HookedSAEGatedDeltaNet(HookedGatedDeltaNet):
 class HookedSAEMamba2(HookedSAEGatedDeltaNet, HookedMamba2):
     """`HookedMamba2` that SAEs can be attached to, at the same sites: its SSD state h_t (d_state × head_dim
     per head) and its write B_t (Δ_t x_t)ᵀ."""
+
+
+def load_model(name_or_path: str | Path, device=None, dtype=None) -> HookedSAEGatedDeltaNet:
+    """A checkpoint of any supported family, SAEs attachable, chosen by its config's ``model_type``:
+    `HookedSAEMamba2` for Mamba-2, else `HookedSAEGatedDeltaNet`, which refuses a type it does not
+    support, naming the supported ones. What the ``writesae`` commands load their ``--model`` with."""
+    mamba2 = checkpoint_model_type(name_or_path) == MAMBA2_MODEL_TYPE
+    return (HookedSAEMamba2 if mamba2 else HookedSAEGatedDeltaNet).from_pretrained(name_or_path, device=device, dtype=dtype)
 
 
 def zero_ablation_hooks(model: HookedGatedDeltaNet, sae: SAEBase) -> list[tuple[str, Callable]]:
