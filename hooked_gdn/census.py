@@ -1,4 +1,4 @@
-"""The memory census: how long each GDN head remembers and how much its state holds (DESIGN §5a).
+"""The memory census: how long each GDN head remembers and how much its state holds (docs/design.md §11).
 
 Per GDN layer and value head, over the positions of some text:
 
@@ -193,10 +193,10 @@ def memory_census(
         raise ValueError(f"the census needs token windows of shape [n, pos] with n, pos ≥ 1, got {tuple(windows.shape)}")
     positions = torch.arange(0, windows.shape[1], state_every)
     stats = {layer: _LayerStats() for layer in gdn_layers}
-    sqrt_eps = math.sqrt(model.cfg.eps)
 
     def hooks_for(layer: int) -> list:
         acc, hook_name = stats[layer], lambda hook: gdn_hook_name(layer, hook)
+        sqrt_eps = math.sqrt(model.blocks[layer].linear_attn.norm.eps)  # the ε of the norm the read goes into
         writes: dict[str, Tensor] = {}
 
         def log_decay(g, hook):

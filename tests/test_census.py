@@ -71,6 +71,18 @@ def test_state_statistics_match_numpy_on_the_cached_states():
         assert record.read_rms_over_sqrt_eps == pytest.approx(lower_median(read), rel=1e-4)
 
 
+def test_read_is_measured_against_the_epsilon_of_the_norm_it_goes_into():
+    """OLMo-Hybrid's GDN output norm has ε = 1e-5 whatever its rms_norm_eps (here 1e-3)."""
+    model = HookedGatedDeltaNet.from_config(tiny_hf_config("olmo_hybrid", rms_norm_eps=1e-3)).eval()
+    layer = model.cfg.gdn_layers[0]
+    assert model.cfg.eps == 1e-3 and model.blocks[layer].linear_attn.norm.eps == 1e-5
+    tokens = torch.randint(1, 101, (1, 9), generator=torch.Generator().manual_seed(0))
+    _, cache = model.run_with_cache(tokens, names_filter=gdn_hook_name(layer, "hook_recurrence_out"))
+    rms = cache[gdn_hook_name(layer, "hook_recurrence_out")][0, :, 0].float().pow(2).mean(-1).sqrt()
+    expected = rms.median() / math.sqrt(1e-5)  # torch's median: the lower middle value, as the census takes
+    assert memory_census(model, tokens).head(layer, 0).read_rms_over_sqrt_eps == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_one_write_is_a_rank_one_state_made_entirely_of_that_write():
     model = random_tiny_model()
     census = memory_census(model, torch.randint(1, 101, (2, 1)))
