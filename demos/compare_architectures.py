@@ -24,7 +24,8 @@ seeds, and every seed's numbers) as a table (``readme_block``) and a plot.
   sample reconstructed as the training mean; its held-out FVU is above 1 by how far the held-out mean
   lies from the training mean).
 - Training: `writesae.train.train` on the in-memory samples; the held-out FVU is evaluated every fifth of
-  training. A run has converged when each head's held-out FVU changed by less than 2% over the last fifth.
+  training. A run has converged when each head's held-out FVU changed by less than 2% over the last fifth
+  (`writesae.train.convergence`).
 - CE loss recovered and KL(p_clean ‖ p_spliced): `writesae.evals.downstream_metrics` in the loop, on the
   first ``--ce-windows`` held-out windows of ``--ce-context`` tokens; an SAE splices only its own heads,
   and the zero ablation it is measured against acts on the same heads. Zero-ablating two heads of one
@@ -48,7 +49,7 @@ from pathlib import Path
 import torch
 
 from common import provenance, pyplot, save_figure, write_json
-from hooked_gdn.census import MemoryCensus
+from hooked_gdn.census import VERY_LONG_MEMORY, MemoryCensus
 from hooked_gdn.pretrained import CENSUS_FILE, PRETRAINED_MODELS, austen_corpus, heldout_windows
 from writesae import BilinearMatrixSAE, FlatSAE, MatrixSAE
 from writesae.evals import downstream_metrics, downstream_references
@@ -58,7 +59,7 @@ from writesae.evals import reconstruction_metrics
 from writesae.in_memory import InMemoryActivations
 from writesae.splice import HookedSAEGatedDeltaNet
 from writesae.store import ActivationStore, StoreConfig
-from writesae.train import TrainConfig, train
+from writesae.train import CONVERGED_BELOW, TrainConfig, convergence, train
 
 MODEL = "gdn-austen"
 #: label: (class, config keywords)
@@ -74,7 +75,6 @@ WRITESAE = "Bilinear untied r1"
 SITES = ("state", "write")
 GROUPS = ("long-memory", "memoryless")
 MATCHINGS = ("equal L0", "equal parameters")
-CONVERGED_BELOW = 0.02  # relative change of each head's held-out FVU over the last fifth of training
 PARAMETER_TOLERANCE = 0.05  # relative distance of a matched weight count from the budget
 
 
@@ -154,8 +154,7 @@ def train_run(samples: InMemoryActivations, architecture: str, n_features: int, 
             log_every=max(1, steps // 20), progress=False, seed=seed))
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     heldout = [r for r in records if r["split"] == "heldout"]
-    by_step = {r["step"]: r["fvu_per_head"] for r in heldout}
-    change = [abs(end - before) / end for end, before in zip(by_step[steps], by_step[steps * 4 // 5])]
+    settled = convergence(records)
     final = result.heldout_metrics
     return {
         "sae": result.sae.eval(),
@@ -164,8 +163,8 @@ def train_run(samples: InMemoryActivations, architecture: str, n_features: int, 
         "curve": {"heldout_steps": [r["step"] for r in heldout], "heldout_fvu": [r["fvu"] for r in heldout],
                   "train_steps": [r["step"] for r in records if r["split"] == "train"],
                   "train_batch_fvu": [r["fvu"] for r in records if r["split"] == "train"]},
-        "last_fifth_change_per_head": change,
-        "converged": max(change) < CONVERGED_BELOW,
+        "last_fifth_change_per_head": settled["relative_change"],
+        "converged": settled["converged"],
     }
 
 
@@ -412,7 +411,8 @@ def readme_block(results: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layer", type=int, default=None, help="a GDN layer (default: by the rule above)")
-    p.add_argument("--long-half-life", type=float, default=64.0)
+    p.add_argument("--long-half-life", type=float, default=VERY_LONG_MEMORY,
+                   help="tokens (default: the census's VERY_LONG_MEMORY)")
     p.add_argument("--memoryless-half-life", type=float, default=3.0)
     p.add_argument("--k", type=int, default=4, help="TopK k (the L0) of every SAE")
     p.add_argument("--n-features", type=int, default=64, help="features of every SAE at equal L0")

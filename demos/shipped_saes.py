@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from common import provenance, write_json
+from hooked_gdn.census import LONG_MEMORY
 from hooked_gdn.files import file_sha256
 from hooked_gdn.sites import site_name
 from writesae import load_sae
@@ -24,7 +25,6 @@ RESULTS_JSON = "demos/results/shipped_saes/results.json"
 ROOT = Path(__file__).parents[1]
 LIMITS = "results/shipped-saes/L5-state-limits.json"  # scripts/sae_limits.py
 DIVERGENCE = "results/shipped-saes/L5-state-loop-divergence.json"  # scripts/loop_divergence.py
-LONG_MEMORY = 16  # tokens: the census's threshold for a long-memory head
 
 
 def collect() -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from hooked_gdn.census import MemoryCensus
+from hooked_gdn.census import VERY_LONG_MEMORY, MemoryCensus
 from hooked_gdn.pretrained import CENSUS_FILE, PRETRAINED_MODELS
 from train_shipped_saes import MODEL, add_sample_and_training_arguments, extract, train_sae
 from writesae.baselines import PCABaseline
@@ -30,8 +30,6 @@ from writesae.evals import reconstruction_metrics
 from hooked_gdn.files import atomic_file
 from writesae.sae import BilinearMatrixSAE
 from writesae.splice import HookedSAEGatedDeltaNet
-
-LONG_MEMORY = 64  # tokens
 
 
 @torch.no_grad()
@@ -57,7 +55,7 @@ def main() -> None:
     start = time.time()
 
     census = MemoryCensus.load_json(PRETRAINED_MODELS[MODEL] / CENSUS_FILE)
-    heads = [r.head for r in census.heads if r.layer == args.layer and r.half_life[1] >= LONG_MEMORY]
+    heads = [r.head for r in census.heads if r.layer == args.layer and r.half_life[1] >= VERY_LONG_MEMORY]
     model = HookedSAEGatedDeltaNet.from_pretrained(MODEL).eval()
     samples = extract(model, "state", args.layer, args.train_samples, args.context, args.positions, args.seed)
     samples = samples.select_heads(heads)

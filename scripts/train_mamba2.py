@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from transformers import Mamba2Config, Mamba2ForCausalLM, PreTrainedTokenizerFast
 
+from hooked_gdn.census import LONG_MEMORY, VERY_LONG_MEMORY
 from hooked_gdn.pretrained import HELDOUT_CONTEXT, PRETRAINED_MODELS, heldout_windows
 from train_pretrained import CARD_CONTEXTS, TrainSettings, model_census, token_stream, train, transformers_heldout_loss
 
@@ -120,7 +121,8 @@ def write_model_card(folder: Path) -> None:
         f"seed {settings['seed']}, one CPU thread |",
         f"| **held-out loss** | **{stats['heldout_loss']:.4f}** nats/token |",
         f"| **held-out bits per character** | **{stats['heldout_bits_per_char']:.4f}** |",
-        f"| heads with median half-life ≥ 16 / ≥ 64 tokens | {census.count(16)} / {census.count(64)} of {len(census.heads)} |",
+        f"| heads with median half-life ≥ {LONG_MEMORY} / ≥ {VERY_LONG_MEMORY} tokens | {census.count(LONG_MEMORY)} / "
+        f"{census.count(VERY_LONG_MEMORY)} of {len(census.heads)} |",
         f"| heads with state effective rank ≥ 4 | {sum(r.effective_rank >= 4 for r in census.heads)} of {len(census.heads)} |",
         f"| layer with the most long-memory heads | {census.long_memory_layer()} |",
         "",

@@ -244,7 +244,7 @@ def model_census(model, folder: Path):
 def write_model_card(folder: Path) -> None:
     """README.md beside the weights, from the figures the training run saved and a fresh census."""
     from hooked_gdn import HookedGatedDeltaNet
-    from hooked_gdn.census import MemoryCensus
+    from hooked_gdn.census import LONG_MEMORY, VERY_LONG_MEMORY, MemoryCensus
 
     stats = json.loads((folder / "training_stats.json").read_text())
     samples = json.loads((folder / "samples.json").read_text())
@@ -279,9 +279,10 @@ def write_model_card(folder: Path) -> None:
         f"({stats['train_tokens_seen'] / 1e6:.1f} M tokens seen), AdamW lr {settings['lr']}, seed {settings['seed']}, on CPU |",
         f"| **held-out loss** | **{stats['heldout_loss']:.4f}** nats/token |",
         f"| **held-out bits per character** | **{stats['heldout_bits_per_char']:.4f}** |",
-        f"| GDN heads with median half-life ≥ 16 / ≥ 64 tokens | {census.count(16)} / {census.count(64)} of {len(census.heads)} |",
+        f"| GDN heads with median half-life ≥ {LONG_MEMORY} / ≥ {VERY_LONG_MEMORY} tokens | {census.count(LONG_MEMORY)} / "
+        f"{census.count(VERY_LONG_MEMORY)} of {len(census.heads)} |",
         f"| GDN heads with state effective rank ≥ 4 | {ranked(census)} of {len(census.heads)} |",
-        f"| default layer (most heads with half-life ≥ 16) | {census.long_memory_layer()} |",
+        f"| default layer (most heads with half-life ≥ {LONG_MEMORY}) | {census.long_memory_layer()} |",
         "",
         "Held-out text: Persuasion, chapters 21-24 (never trained on), as chapter documents joined with EOS,",
         f"cut into non-overlapping windows of {stats['context']} tokens ({stats['heldout_tokens']} tokens,",
@@ -340,7 +341,8 @@ def write_model_card(folder: Path) -> None:
     longest = max(learned, key=lambda r: r.half_life[1])
     quiet = [r for r in census.heads if r.read_rms_over_sqrt_eps < 0.1]
     lines += [
-        f"- learned-decay heads with median half-life ≥ 16: {sum(r.half_life[1] >= 16 for r in learned)} of {len(learned)} "
+        f"- learned-decay heads with median half-life ≥ {LONG_MEMORY}: {sum(r.half_life[1] >= LONG_MEMORY for r in learned)} "
+        f"of {len(learned)} "
         f"(the longest, layer {longest.layer} head {longest.head}: median {longest.half_life[1]:.3g}, "
         f"90th percentile {longest.half_life[2]:.3g} tokens); the other long memories are the fixed-decay heads';",
         f"- reads far below the gated norm's √ε (‖o‖rms/√ε < 0.1), so ε rather than the read sets the output scale: "

@@ -16,9 +16,9 @@ extracts the same samples again (a few minutes) and resumes each SAE from its la
 4. Evaluate on the held-out samples: FVU, L0, dead and dense fractions per head (all three), and,
    for the two SAEs, CE loss recovered and KL with the SAE spliced into the model on held-out
    windows, in the loop and at single positions (`writesae.evals.downstream_metrics`).
-5. Convergence: the held-out FVU of each head changes by less than 2% over the last fifth of
-   training. Then the SAE, ``eval.json`` and its card (``README.md``, ``training_curve.png``) are
-   written into the package (``writesae/pretrained/gdn-austen/L5-<kind>/``).
+5. Convergence (`writesae.train.convergence`): the held-out FVU of each head changes by less than
+   2% over the last fifth of training. Then the SAE, ``eval.json`` and its card (``README.md``,
+   ``training_curve.png``) are written into the package (``writesae/pretrained/gdn-austen/L5-<kind>/``).
 """
 
 from __future__ import annotations
@@ -44,10 +44,9 @@ from writesae.io import PRETRAINED_SAES_DIR, load_sae, save_sae
 from writesae.sae import BilinearMatrixSAE, FlatSAE
 from writesae.splice import HookedSAEGatedDeltaNet
 from writesae.store import ActivationStore, StoreConfig
-from writesae.train import TrainConfig, train
+from writesae.train import CONVERGED_BELOW, TrainConfig, convergence, train
 
 MODEL = "gdn-austen"
-CONVERGED_BELOW = 0.02  # relative change of held-out FVU over the last fifth of training
 ILL_CONDITIONED = 0.01  # nats: a zero ablation that moves CE less than this leaves CE recovered meaningless
 
 
@@ -67,15 +66,6 @@ def train_sae(sae, samples: InMemoryActivations, out: Path, args) -> tuple:
     curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # the SAE as train saved it (input scale folded into its weights), so that what ships is what was evaluated
     return load_sae(out / "sae").eval(), [r for r in curve if r.get("split") == "heldout"]
-
-
-def convergence(heldout_curve: list[dict], steps: int) -> dict:
-    """Held-out FVU per head at 4/5 of training and at the end, and the relative change."""
-    by_step = {r["step"]: r["fvu_per_head"] for r in heldout_curve}
-    before, after = by_step[steps * 4 // 5], by_step[steps]
-    change = [abs(a - b) / b for a, b in zip(after, before)]
-    return {"fvu_at_four_fifths": before, "fvu_at_end": after, "relative_change": change,
-            "converged": max(change) < CONVERGED_BELOW}
 
 
 def downstream(model, sae, windows: torch.Tensor, loop_windows: int, seed: int) -> dict:
@@ -229,8 +219,8 @@ def main() -> None:
                  f"novels, {args.positions} random positions each), {samples.n_samples('heldout')} held-out samples "
                  f"(every window of Persuasion chapters 21–24, unseen by the model)"),
         "half_lives": [half_life[args.layer, h] for h in heads],
-        "convergence": convergence(writesae_curve, args.steps),
-        "flat_convergence": convergence(flat_curve, args.steps),
+        "convergence": convergence(writesae_curve),
+        "flat_convergence": convergence(flat_curve),
         "reconstruction": reconstruction,
         "downstream": down,
         "curves": {"writesae": writesae_curve, "flat": flat_curve},

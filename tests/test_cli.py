@@ -18,9 +18,10 @@ import torch
 
 from hooked_gdn import HookedGatedDeltaNet
 from hooked_gdn.pretrained import default_layer
-from writesae import BilinearMatrixSAE, load_sae
+from writesae import ARCHITECTURES, BilinearMatrixSAE, load_sae
 from writesae.cli import _parser, main
 from writesae.quickstart import format_report, run_quickstart
+from writesae.sparsity import SPARSITIES
 from writesae.store import ActivationStore
 
 from .conftest import save_tiny_checkpoint_with_tokenizer
@@ -57,6 +58,22 @@ def test_help_names_every_command_and_explains_every_option_with_its_default(cap
     quickstart = help_text(capsys, "quickstart")
     assert re.search(r"--n-features N_FEATURES\s+features per head \(default: 256\)", quickstart)
     assert f"gdn-austen {default_layer('gdn-austen')}, mamba2-austen {default_layer('mamba2-austen')})" in quickstart
+
+
+def test_trains_choices_are_the_registries(capsys, monkeypatch):
+    commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    options = {a.dest: a for a in commands["train"]._actions}
+    assert options["architecture"].choices == list(ARCHITECTURES) and options["architecture"].default == "bilinear"
+    assert options["sparsity"].choices == list(SPARSITIES) and options["sparsity"].default == "topk"
+    monkeypatch.setenv("COLUMNS", "1000")
+    text = help_text(capsys, "train")
+    assert "; ".join(f"{name}: {cls.summary}" for name, cls in ARCHITECTURES.items()) in text
+    assert re.search(r"--k K\s+features active per sample and head, for topk and batchtopk \(default: 16\)", text)
+    with pytest.raises(SystemExit) as exit:
+        main(["train", "--sparsity", "l2"])
+    assert exit.value.code == 2
+    refusal = capsys.readouterr().err.splitlines()[-1]  # argparse quotes the choices or not, by Python version
+    assert "argument --sparsity: invalid choice: 'l2' (choose from " in refusal and all(name in refusal for name in SPARSITIES)
 
 
 def test_version_is_the_installed_distributions(capsys):
@@ -228,7 +245,8 @@ def test_eval_errors_name_the_argument_or_the_file(trained, tmp_path, capsys, mo
     bad.cfg.site = "blocks.4.mlp.hook_post"
     bad.save(tmp_path / "bad")
     err = cli_error(capsys, "eval", str(tmp_path / "bad"), "--data", corpus, *small)
-    assert f"{tmp_path / 'bad' / 'cfg.json'}: site 'blocks.4.mlp.hook_post' is not an SAE site" in err
+    assert f"{tmp_path / 'bad' / 'cfg.json'}: the SAE's site does not exist on " in err
+    assert "'blocks.4.mlp.hook_post' is not an SAE site" in err
     (tmp_path / "bad" / "cfg.json").write_text("null")
     assert "cfg.json must hold a JSON object" in cli_error(capsys, "eval", str(tmp_path / "bad"))
     assert "no file or folder at" in cli_error(capsys, "eval", sae, "--data", str(tmp_path / "nowhere"), *small)

@@ -22,10 +22,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from writesae import ARCHITECTURES, BilinearMatrixSAE, FlatSAE, MatrixSAE, SAEConfig, load_sae, save_sae
-from writesae.sparsity import JumpReLU
+from writesae.sparsity import SPARSITIES, JumpReLU, make_sparsity
 
 ARCHS = ["flat", "matrix", "bilinear", "tied"]  # "tied" is the tied BilinearMatrixSAE
-SPARSITIES = ["topk", "batchtopk", "relu", "jumprelu"]
 FAST = settings(max_examples=20, deadline=None)
 
 
@@ -138,7 +137,7 @@ def test_dense_pre_activations(arch):
 
 
 @FAST
-@given(arch=st.sampled_from(ARCHS), sparsity=st.sampled_from(SPARSITIES), rank=st.integers(1, 3),
+@given(arch=st.sampled_from(ARCHS), sparsity=st.sampled_from(list(SPARSITIES)), rank=st.integers(1, 3),
        n_dicts=st.integers(1, 3), batch=st.lists(st.integers(1, 3), max_size=2), scale=st.sampled_from([1.0, 0.4]),
        seed=st.integers(0, 10**6))
 def test_factor_encoding_equals_matrix_encoding(arch, sparsity, rank, n_dicts, batch, scale, seed):
@@ -588,6 +587,23 @@ def test_config_errors(changes, message):
     kw = {"architecture": "matrix", "d_k": 4, "d_v": 3, "n_features": 12, "k": 3, **changes}
     with pytest.raises(ValueError, match=message):
         SAEConfig(**kw)
+
+
+def test_architectures_and_sparsity_rules_are_named_by_their_registries_alone():
+    kw = {"architecture": "matrix", "d_k": 4, "d_v": 3, "n_features": 12, "k": 3}
+    with pytest.raises(ValueError) as error:
+        SAEConfig(**kw | {"sparsity": "l2"})
+    assert str(error.value) == "unknown sparsity 'l2'; expected one of ['topk', 'batchtopk', 'relu', 'jumprelu']"
+    assert list(SPARSITIES) == ["topk", "batchtopk", "relu", "jumprelu"]
+    with pytest.raises(ValueError) as error:
+        SAEConfig(**kw | {"architecture": "conv"})
+    assert str(error.value) == "unknown architecture 'conv'; expected one of ['bilinear', 'flat', 'matrix']"
+    assert all(cls.architecture == name for name, cls in ARCHITECTURES.items())
+    for name, rule in SPARSITIES.items():
+        assert type(make_sparsity(SAEConfig(**kw | {"sparsity": name}))) is rule
+    # a rule that keeps cfg.k features is held to k <= n_features; one that does not ignores k
+    assert [name for name, rule in SPARSITIES.items() if rule.uses_k] == ["topk", "batchtopk"]
+    SAEConfig(**kw | {"sparsity": "relu", "k": 13})
 
 
 @pytest.mark.parametrize("arch", ["flat", "matrix", "bilinear"])

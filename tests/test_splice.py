@@ -110,11 +110,11 @@ def test_attach_errors_are_clear(model):
     for bad in ("blocks.0.hook_resid_pre", site_name(attn, "state")):  # one error, listing the sites
         with pytest.raises(ValueError) as error:
             model.add_sae(BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, site=bad, **kw))
-        assert str(error.value) == f"{bad!r} is not an SAE site; the sites are {valid}"
+        assert str(error.value) == f"the SAE's site does not exist on custom: {bad!r} is not an SAE site; the sites are {valid}"
     with pytest.raises(ValueError, match="made for a site of 7 heads; this site has 4"):
         model.add_sae(BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, site=site_name(gdn, "state"),
                                         heads=[0], n_features=8, k=2, n_heads=7))
-    with pytest.raises(ValueError, match=r"heads \[5\] out of range"):
+    with pytest.raises(ValueError, match=rf"the SAE's head\(s\) \[5\] do not exist in GDN layer {gdn}: its value heads are 0 … 3"):
         model.add_sae(BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, site=site_name(gdn, "state"),
                                         heads=[5], n_features=8, k=2))
     assert not model.acts_to_saes

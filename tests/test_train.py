@@ -15,7 +15,7 @@ import torch
 from writesae import ARCHITECTURES, BilinearMatrixSAE, load_sae
 from writesae.store import ActivationStore, StoreConfig
 from writesae.sparsity import auxk_loss
-from writesae.train import TrainConfig, lr_at, train
+from writesae.train import CONVERGED_BELOW, TrainConfig, convergence, lr_at, train
 
 from .conftest import random_tiny_model
 
@@ -197,6 +197,32 @@ def test_lr_schedule(decay):
         assert decayed[45] == pytest.approx(1 - 45 / 90)
     if decay == "cosine":
         assert decayed[45] == pytest.approx(0.5)
+
+
+def metrics_records(heldout_fvus: dict[int, list[float]]) -> list[dict]:
+    """A metrics.jsonl's records: a held-out evaluation per step given, each after a training record."""
+    records = []
+    for step, fvus in heldout_fvus.items():
+        records.append({"step": step, "split": "train", "fvu": 0.5, "fvu_per_head": [9.0] * len(fvus)})
+        records.append({"step": step, "split": "heldout", "fvu": sum(fvus) / len(fvus), "fvu_per_head": fvus})
+    return records
+
+
+def test_convergence_compares_each_heads_heldout_fvu_over_the_last_fifth():
+    assert CONVERGED_BELOW == 0.02
+    # head 0 moved 1% of its final FVU from step 40 to 50, head 1 nothing; the training records are not read
+    settled = convergence(metrics_records({10: [0.9, 0.9], 20: [0.7, 0.6], 30: [0.55, 0.5], 40: [0.505, 0.5], 50: [0.5, 0.5]}))
+    assert settled["fvu_at_four_fifths"] == [0.505, 0.5] and settled["fvu_at_end"] == [0.5, 0.5]
+    assert settled["relative_change"] == pytest.approx([0.01, 0.0]) and settled["converged"]
+    # head 1 still moving 3% of its final FVU (2.9% of the earlier one): not converged, whatever head 0 does
+    moving = convergence(metrics_records({80: [0.5, 0.515], 100: [0.5, 0.5]}))
+    assert moving["relative_change"] == pytest.approx([0.0, 0.03]) and not moving["converged"]
+    # 0.0099 is 2.02% of the earlier FVU and 1.98% of the final one, the reference
+    assert convergence(metrics_records({80: [0.5, 0.49], 100: [0.5, 0.4999]}))["converged"]
+    with pytest.raises(ValueError, match=r"4/5 of training \(step 40\).*evaluated at steps \[25, 50\]"):
+        convergence(metrics_records({25: [0.6], 50: [0.5]}))
+    with pytest.raises(ValueError, match="none"):
+        convergence([{"step": 5, "split": "train", "fvu": 0.5}])
 
 
 @pytest.mark.parametrize("sparsity", ["topk", "batchtopk", "relu", "jumprelu"])

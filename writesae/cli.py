@@ -19,6 +19,8 @@ from hooked_gdn.pretrained import CENSUS_CONTEXT, CENSUS_TOKENS, PRETRAINED_MODE
 
 from . import __version__, distributed
 from .quickstart import QuickstartConfig
+from .sae import ARCHITECTURES
+from .sparsity import SPARSITIES
 
 DESCRIPTION = """\
 Train, evaluate and inspect sparse autoencoders (SAEs) on the matrix memory of Gated DeltaNet
@@ -145,14 +147,14 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--layer", type=int, help="GDN layer (required without --cache)")
     tr.add_argument("--heads", help="'all' or comma-separated head indices (default: all, or the cache's)")
     tr.add_argument("--kind", choices=["state", "write"], help="the site: the state S_t (default) or the write k̂_t δ_tᵀ")
-    tr.add_argument("--architecture", choices=["bilinear", "matrix", "flat"], default="bilinear",
-                    help="bilinear: WriteSAE, rank-r atoms with a bilinear encoder; matrix: rank-r atoms, linear encoder; "
-                         "flat: a plain SAE on the flattened d_k × d_v matrix")
+    tr.add_argument("--architecture", choices=list(ARCHITECTURES), default="bilinear",
+                    help="; ".join(f"{name}: {cls.summary}" for name, cls in ARCHITECTURES.items()))
     tr.add_argument("--tied", action="store_true", help="bilinear encoder tied to the decoder (U = V, P = W)")
     tr.add_argument("--n-features", type=_positive_int, default=512, help="features per head")
     tr.add_argument("--rank", type=_positive_int, default=1, help="rank of each atom, for bilinear and matrix")
-    tr.add_argument("--sparsity", choices=["topk", "batchtopk", "relu", "jumprelu"], default="topk", help="the activation rule")
-    tr.add_argument("--k", type=_positive_int, default=16, help="features active per sample and head, for topk and batchtopk")
+    tr.add_argument("--sparsity", choices=list(SPARSITIES), default="topk", help="the activation rule")
+    tr.add_argument("--k", type=_positive_int, default=16, help="features active per sample and head, for "
+                    + " and ".join(name for name, rule in SPARSITIES.items() if rule.uses_k))
     tr.add_argument("--steps", type=_positive_int, default=2000, help="training steps")
     tr.add_argument("--batch-size", type=_positive_int, default=256, help="samples per training step")
     tr.add_argument("--lr", type=float, default=4e-4, help="Adam's learning rate after warmup")
@@ -235,7 +237,6 @@ def cmd_train(args) -> None:
     from hooked_gdn.sites import site_name
 
     from .disk_cache import CachedActivations
-    from .sae import ARCHITECTURES
     from .train import TrainConfig, claim_out_dir, train
 
     train_cfg = TrainConfig(
@@ -287,19 +288,26 @@ def cmd_cache(args) -> None:
               f"in {splits['train']['shards']} + {splits['heldout']['shards']} shards")
 
 
-def cmd_eval(args) -> None:
-    from hooked_gdn.sites import parse_site
-
-    from .evals import downstream_metrics, metrics_table, reconstruction_metrics, worse_than_the_mean
+def _sae_and_model(args):
+    """The SAE and the model of an eval or a dashboard, and the SAE's site, checked to fit before
+    anything is computed or written; a misfit names the SAE's config file."""
     from .io import CFG_FILE, load_sae
-    from .outputs import claim_outputs
+    from .site_fit import check_sae_fits
 
     sae = load_sae(args.sae, device=args.device).eval()
     model = _load_model(args)
     try:
-        site = parse_site(sae.cfg.site, model.cfg.gdn_layers)
+        site = check_sae_fits(sae, model)
     except ValueError as error:
-        raise ValueError(f"{args.sae / CFG_FILE}: site {error}") from error
+        raise ValueError(f"{args.sae / CFG_FILE}: {error}") from error
+    return sae, model, site
+
+
+def cmd_eval(args) -> None:
+    from .evals import downstream_metrics, metrics_table, reconstruction_metrics, worse_than_the_mean
+    from .outputs import claim_outputs
+
+    sae, model, site = _sae_and_model(args)
     claim_outputs(args.out, [EVAL_FILE])  # once the inputs fit, and before the corpus is read and the metrics computed
     store = _store(model, args, site.layer, sae.cfg.heads, site.kind)
     if args.contexts > store.n_contexts("heldout"):
@@ -351,17 +359,11 @@ def cmd_census(args) -> None:
 
 
 def cmd_dashboard(args) -> None:
-    from .dashboard import build_dashboard, check_site
+    from .dashboard import build_dashboard
     from .dashboard_html import OUTPUTS, write_site
-    from .io import load_sae
     from .outputs import claim_outputs
 
-    sae = load_sae(args.sae, device=args.device).eval()
-    model = _load_model(args)
-    try:
-        site = check_site(model, sae)  # before any computation, and before the output folder is touched
-    except ValueError as error:
-        raise ValueError(f"{args.sae}: {error}") from error
+    sae, model, site = _sae_and_model(args)
     claim_outputs(args.out, OUTPUTS)
     store = _store(model, args, site.layer, sae.cfg.head_indices, site.kind)
     n = min(args.contexts, store.n_contexts("heldout"))

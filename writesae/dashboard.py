@@ -50,10 +50,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooked_gdn.census import memory_census
-from hooked_gdn.sites import Site, edit_at_positions, parse_site
+from hooked_gdn.sites import Site, edit_at_positions
 
 from .experiments.edits import kl_from_clean
 from .sae import SAEBase
+from .site_fit import check_sae_fits
 
 
 @dataclass(frozen=True)
@@ -137,26 +138,6 @@ class Dashboard:
             if (card.head, card.feature) == (head, feature):
                 return card
         raise KeyError(f"no card for head {head}, feature {feature}")
-
-
-def check_site(model, sae: SAEBase) -> Site:
-    """The SAE's site on ``model``, or a ValueError naming what does not fit: a site the model does
-    not have, other d_k/d_v, or heads beyond the layer's."""
-    try:
-        site = parse_site(sae.cfg.site, model.cfg.gdn_layers)
-    except ValueError as error:
-        raise ValueError(f"the SAE's site does not exist on {model.cfg.model_name}: {error}") from error
-    if (sae.cfg.d_k, sae.cfg.d_v) != (model.cfg.d_key, model.cfg.d_value):
-        raise ValueError(f"the SAE codes {sae.cfg.d_k}×{sae.cfg.d_v} matrices; {model.cfg.model_name}'s GDN heads "
-                         f"are {model.cfg.d_key}×{model.cfg.d_value}")
-    n_heads = model.cfg.n_value_heads
-    if sae.cfg.n_heads is None:
-        sae.learn_n_heads_(n_heads)
-    bad = [h for h in sae.cfg.head_indices if not 0 <= h < n_heads]
-    if bad or sae.cfg.n_heads != n_heads:
-        raise ValueError(f"the SAE was made for heads {sae.cfg.head_indices} of a {sae.cfg.n_heads}-head site; "
-                         f"layer {site.layer} of {model.cfg.model_name} has {n_heads} value heads")
-    return site
 
 
 def key_factors(sae: SAEBase) -> Float[Tensor, "n_dicts n d_k"]:
@@ -389,10 +370,10 @@ def build_dashboard(
     """The dashboard of ``sae`` on ``model`` (a `HookedGatedDeltaNet`) over held-out token windows.
 
     Cards for every feature, or for each head's ``features_per_head`` most frequent ones. The SAE
-    is checked against the model (`check_site`) before anything runs. See the module docstring for
+    is checked against the model (`check_sae_fits`) before anything runs. See the module docstring for
     what each quantity is; ``batch_size`` counts windows per forward pass.
     """
-    site = check_site(model, sae)
+    site = check_sae_fits(sae, model)
     windows = torch.as_tensor(windows)
     if windows.dim() != 2 or windows.shape[1] < 2 or windows.dtype.is_floating_point:
         raise ValueError(f"windows must be integer tokens [n, T] with T ≥ 2, got {windows.dtype} {tuple(windows.shape)}")

@@ -22,9 +22,9 @@ atomically, so a kill or a full disk mid-shard loses that shard only. When every
 rank 0 merges the parts into ``manifest.json``; ranks whose settings differ are refused before
 anything is written, and so is a rerun whose settings differ from the cache's.
 
-`CachedActivations` reads a complete cache with the interface the trainer uses
-(``next_batch``, ``heldout_batches``, ``estimate_input_scale``, ``state_dict``). Every shard is
-checked against its SHA-256 when read; a corrupted one is refused, named, never used as data.
+`CachedActivations` reads a complete cache as a `writesae.samples.SampleSource`, the interface
+the trainer reads samples through. Every shard is checked against its SHA-256 when read; a
+corrupted one is refused, named, never used as data.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ from hooked_gdn.files import atomic_file
 from . import distributed
 from .differences import differences
 from .outputs import claim_outputs
-from .store import SPLITS, ActivationStore, Samples, StoreConfig, _generator
+from .samples import Samples, input_scale
+from .store import SPLITS, ActivationStore, StoreConfig, _generator
 
 FORMAT = "writesae-activation-cache"
 FORMAT_VERSION = 1
@@ -277,7 +278,8 @@ def read_manifest(folder: str | Path) -> dict:
 
 
 class CachedActivations:
-    """A complete cache's samples, for `writesae.train.train` in place of an `ActivationStore`.
+    """A complete cache's samples, for `writesae.train.train` in place of an `ActivationStore`; a
+    `writesae.samples.SampleSource`.
 
     Training stream: epoch e visits the training shards in a permutation seeded by (seed, e); their
     samples go into a buffer that is refilled with whole shards whenever it is less than half full,
@@ -355,18 +357,19 @@ class CachedActivations:
             yield rest
 
     def estimate_input_scale(self, n_samples: int = 4096) -> float:
-        """s with mean ‖s·X‖²_F = 1 (over samples and heads) on the first ``n_samples`` training samples
-        in shard order: the training stream is left where it was."""
-        total, count = 0.0, 0
-        for x in self._samples_in_order("train"):
-            x = x[: n_samples - count // len(self.heads)]
-            total += x.double().pow(2).sum().item()
-            count += x.shape[0] * x.shape[1]
-            if count >= n_samples * len(self.heads):
+        """`writesae.samples.input_scale` on the first ``n_samples`` training samples in shard order, a
+        shard at a time: the training stream is left where it was."""
+        return input_scale(self._first_samples("train", n_samples), self)
+
+    def _first_samples(self, split: str, n_samples: int) -> Iterator[Samples]:
+        """The first ``n_samples`` samples of ``split`` in shard order, a shard (or the part still wanted) at a time."""
+        taken = 0
+        for x in self._samples_in_order(split):
+            x = x[: n_samples - taken]
+            yield x
+            taken += len(x)
+            if taken >= n_samples:
                 break
-        if not total > 0:
-            raise ValueError(f"the training samples of {self} have zero norm: no input scale makes their mean norm 1")
-        return (count / total) ** 0.5
 
     # ------------------------------------------------------------------ the training stream
 

@@ -1,8 +1,8 @@
 """Samples held in memory: extract a few thousand once, train many SAEs on them (or on some of their heads).
 
-`InMemoryActivations` has the interface `writesae.train.train` reads samples through (``next_batch``,
-``heldout_batches``, ``estimate_input_scale``, ``state_dict``), like `writesae.store.ActivationStore`
-(streamed from the model) and `writesae.disk_cache.CachedActivations` (read from disk). It suits
+`InMemoryActivations` is a `writesae.samples.SampleSource`, the interface `writesae.train.train` reads
+samples through, like `writesae.store.ActivationStore` (streamed from the model) and
+`writesae.disk_cache.CachedActivations` (read from disk). It suits
 comparisons that train many small SAEs on the same samples: the model runs once, not once per SAE.
 
 Training stream: epoch e visits every training sample once, in a permutation drawn from one
@@ -21,7 +21,8 @@ from dataclasses import replace
 
 import torch
 
-from .store import ActivationStore, Samples, StoreConfig, _generator
+from .samples import Samples
+from .store import ActivationStore, StoreConfig, _generator
 
 # purposes of the seeded generators, after the store's and the disk cache's own (see writesae.store._generator):
 # the training contexts and positions taken from a store, the training stream
@@ -104,6 +105,8 @@ class InMemoryActivations:
 
     def estimate_input_scale(self, n_samples: int = 4096) -> float:
         """s with mean ‖s·X‖²_F = 1 (over samples and heads) on the first ``n_samples`` training samples."""
+        # not writesae.samples.input_scale: its (count / total) ** 0.5 and this math.sqrt differ in the last
+        # bit for about one ratio in a thousand, and the shipped SAEs were trained with this one
         total = self.train[:n_samples].double().pow(2).sum().item()
         if not total > 0:
             raise ValueError(f"the training samples of {self} have zero norm: no input scale makes their mean norm 1")

@@ -20,9 +20,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from hooked_gdn.patching import Patch, PatchingMetric, as_tokens, check_patch, patch_grid, run_with_patches
-from hooked_gdn.sites import gdn_hook_name, parse_site
+from hooked_gdn.sites import gdn_hook_name
 
 from .sae import SAEBase
+from .site_fit import check_sae_fits
 from .splice import HookedSAEGatedDeltaNet
 
 FEATURE_AXES = ("pos", "head", "feature")
@@ -55,7 +56,7 @@ def get_act_patch_sae_features(
     every position of the clean run, e.g. from ``model.run_with_cache_with_saes(clean_tokens,
     saes=[sae], use_error_term=True, names_filter=sae_acts_name(sae))``.
     """
-    site = parse_site(sae.cfg.site, model.cfg.gdn_layers)  # refuses a site this model does not have
+    site = check_sae_fits(sae, model)  # refuses an SAE that does not fit this model, before any run
     attached = model.acts_to_saes.get(sae.cfg.site)
     if attached is not None and attached is not sae:
         raise ValueError(f"another SAE is attached at {sae.cfg.site}; reset_saes() first")

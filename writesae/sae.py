@@ -34,15 +34,13 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from .sparsity import Codes, JumpReLU, make_sparsity
+from .sparsity import SPARSITIES, Codes, JumpReLU, make_sparsity
 
 # shapes of the public API: X (a head's d_k × d_v matrix per dictionary), the codes (from
 # `writesae.sparsity`), and the factors of X = k δᵀ
 Matrices = Float[Tensor, "*batch n_dicts d_k d_v"]
 Keys = Float[Tensor, "*batch n_dicts d_k"]
 Values = Float[Tensor, "*batch n_dicts d_v"]
-
-SPARSITIES = ("topk", "batchtopk", "relu", "jumprelu")
 
 
 @dataclass
@@ -87,7 +85,7 @@ class SAEConfig:
             raise ValueError(f"rank applies to the factored architectures; a flat SAE has no rank (got rank={self.rank})")
         if self.tied and self.architecture != "bilinear":
             raise ValueError(f"tied=True needs the bilinear architecture (U = V, P = W), not {self.architecture!r}")
-        if self.sparsity in ("topk", "batchtopk") and self.k > self.n_features:
+        if SPARSITIES[self.sparsity].uses_k and self.k > self.n_features:
             raise ValueError(f"k={self.k} exceeds n_features={self.n_features}")
         for name in ("input_scale", "jumprelu_bandwidth", "jumprelu_initial_threshold"):
             value = getattr(self, name)
@@ -217,6 +215,7 @@ class SAEBase(nn.Module):
     """
 
     architecture: str
+    summary: str  # what the architecture is, in a few words (``writesae train --help`` lists them)
 
     def __init__(self, cfg: SAEConfig | None = None, *, seed: int | None = None,
                  device: torch.device | str | None = None, **config):
@@ -426,6 +425,7 @@ class FlatSAE(SAEBase):
     """The baseline: vec(X) as a d_k·d_v vector. Parameters W_enc, W_dec [n_dicts, n, d_k·d_v]."""
 
     architecture = "flat"
+    summary = "a plain SAE on the flattened d_k × d_v matrix"
 
     def _init_weights(self, generator, dtype):
         h, n, d = self.n_dicts, self.cfg.n_features, self.cfg.d_k * self.cfg.d_v
@@ -480,6 +480,7 @@ class MatrixSAE(_FactoredDecoderSAE):
     V [n_dicts, n, r, d_k], W [n_dicts, n, r, d_v]."""
 
     architecture = "matrix"
+    summary = "rank-r atoms, linear encoder"
 
     def _init_weights(self, generator, dtype):
         self._init_decoder(generator, dtype)
@@ -511,6 +512,7 @@ class BilinearMatrixSAE(_FactoredDecoderSAE):
     P [n_dicts, n, r, d_v]; decoder atoms Σ_r V_ir W_irᵀ. Tied: U = V and P = W (no U, P stored)."""
 
     architecture = "bilinear"
+    summary = "WriteSAE, rank-r atoms with a bilinear encoder"
 
     def _init_weights(self, generator, dtype):
         self._init_decoder(generator, dtype)
@@ -554,8 +556,5 @@ class BilinearMatrixSAE(_FactoredDecoderSAE):
         return self
 
 
-ARCHITECTURES: dict[str, type[SAEBase]] = {
-    "flat": FlatSAE,
-    "matrix": MatrixSAE,
-    "bilinear": BilinearMatrixSAE,
-}
+ARCHITECTURES: dict[str, type[SAEBase]] = {cls.architecture: cls for cls in (BilinearMatrixSAE, MatrixSAE, FlatSAE)}
+"""Every SAE class by its ``cfg.architecture`` (what ``writesae train --architecture`` offers, in this order)."""

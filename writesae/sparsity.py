@@ -11,9 +11,11 @@ Every rule acts on each dictionary (head) separately:
 - ``JumpReLU``: a = z·H(z − θ) with a learned per-feature θ and straight-through θ-gradients.
   Trained with the L0 surrogate, ``l0_coefficient`` · Σ_i H(z_i − θ_i).
 
-``training_terms`` gives a rule's weighted loss terms (means over samples and heads), the trainer's
-settings (`writesae.train.TrainConfig`: ``auxk_k``, ``auxk_weight``, ``l0_coefficient``) supplying
-the weights; ``decode`` is the reconstruction the trainer uses, the cheapest one the rule allows.
+`SPARSITIES` maps each rule's name (an `SAEConfig`'s ``sparsity``) to its class, which builds it from
+the config (``from_config``). ``training_terms`` gives a rule's weighted loss terms (means over
+samples and heads), the trainer's settings (`writesae.train.TrainConfig`: ``auxk_k``,
+``auxk_weight``, ``l0_coefficient``) supplying the weights; ``decode`` is the reconstruction the
+trainer uses, the cheapest one the rule allows.
 
 AuxK (Gao et al., 2024): auxk_weight · mean over heads with a dead feature of
 Σ_b ‖e − ê‖²_F / Σ_b ‖e‖²_F, with e = s(X − X̂) (no gradient) the residual and
@@ -34,14 +36,24 @@ from torch import Tensor, nn
 from . import distributed
 
 if TYPE_CHECKING:
-    from .sae import SAEBase
+    from .sae import SAEBase, SAEConfig
     from .train import TrainConfig
 
 Codes = Float[Tensor, "*batch n_dicts n"]
 
 
 class Sparsity(nn.Module):
-    """A sparsity rule: ``forward`` maps z to a; the training terms and the decode path are its own."""
+    """A sparsity rule: ``forward`` maps z to a; the training terms and the decode path are its own.
+
+    ``uses_k``: whether ``cfg.k`` sets how many features the rule keeps.
+    """
+
+    uses_k = False
+
+    @classmethod
+    def from_config(cls, cfg: SAEConfig) -> Sparsity:
+        """The rule with the settings an `SAEConfig` gives it."""
+        raise NotImplementedError
 
     def training_terms(self, sae: SAEBase, pre: Codes, codes: Codes, residual: Float[Tensor, "batch n_dicts d_k d_v"],
                        dead: Bool[Tensor, "n_dicts n"], cfg: TrainConfig) -> dict[str, Tensor]:
@@ -54,6 +66,8 @@ class Sparsity(nn.Module):
 
 
 class _AuxKTrained(Sparsity):
+    uses_k = True
+
     def training_terms(self, sae, pre, codes, residual, dead, cfg):
         if cfg.auxk_weight <= 0:
             return {}
@@ -82,6 +96,10 @@ class TopK(_AuxKTrained):
         super().__init__()
         self.k = k
 
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(cfg.k)
+
     def forward(self, pre: Codes) -> Codes:
         values, indices = pre.topk(self.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter(-1, indices, values.relu())
@@ -93,6 +111,10 @@ class TopK(_AuxKTrained):
 
 
 class ReLU(Sparsity):
+    @classmethod
+    def from_config(cls, cfg):
+        return cls()
+
     def forward(self, pre: Codes) -> Codes:
         return pre.relu()
 
@@ -121,6 +143,10 @@ class BatchTopK(_AuxKTrained):
         self.k = k
         self.register_buffer("threshold", torch.zeros(n_dicts))
         self.register_buffer("n_updates", torch.zeros((), dtype=torch.long))
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(cfg.k, len(cfg.head_indices))
 
     def forward(self, pre: Codes) -> Codes:
         acts = pre.relu()
@@ -161,6 +187,10 @@ class JumpReLU(Sparsity):
         self.bandwidth = bandwidth
         self.log_threshold = nn.Parameter(torch.full((n_dicts, n_features), float(initial_threshold)).log())
 
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(len(cfg.head_indices), cfg.n_features, cfg.jumprelu_bandwidth, cfg.jumprelu_initial_threshold)
+
     def forward(self, pre: Codes) -> Codes:
         return _Jump.apply(pre, self.log_threshold.exp(), self.bandwidth, False)
 
@@ -192,13 +222,15 @@ class _Jump(torch.autograd.Function):
         return grad_pre, grad_theta.reshape(-1, *theta.shape).sum(0), None, None
 
 
-def make_sparsity(cfg) -> Sparsity:
+SPARSITIES: dict[str, type[Sparsity]] = {
+    "topk": TopK,
+    "batchtopk": BatchTopK,
+    "relu": ReLU,
+    "jumprelu": JumpReLU,
+}
+"""Every sparsity rule by the name an `SAEConfig` (and ``writesae train --sparsity``) gives it."""
+
+
+def make_sparsity(cfg: SAEConfig) -> Sparsity:
     """The sparsity rule an `SAEConfig` names."""
-    n_dicts = len(cfg.head_indices)
-    if cfg.sparsity == "topk":
-        return TopK(cfg.k)
-    if cfg.sparsity == "batchtopk":
-        return BatchTopK(cfg.k, n_dicts)
-    if cfg.sparsity == "relu":
-        return ReLU()
-    return JumpReLU(n_dicts, cfg.n_features, cfg.jumprelu_bandwidth, cfg.jumprelu_initial_threshold)
+    return SPARSITIES[cfg.sparsity].from_config(cfg)

@@ -37,9 +37,10 @@ from hooked_gdn import HookedGatedDeltaNet
 from hooked_gdn.architectures.mamba2 import MODEL_TYPE as MAMBA2_MODEL_TYPE
 from hooked_gdn.loading import checkpoint_model_type
 from hooked_gdn.mamba2 import HookedMamba2
-from hooked_gdn.sites import Site, hook_positions, parse_site
+from hooked_gdn.sites import Site, hook_positions
 
 from .sae import SAEBase
+from .site_fit import check_sae_fits
 
 Reconstruct = Callable[[Float[Tensor, "batch P n_heads d_k d_v"]], Float[Tensor, "batch P n_heads d_k d_v"]]
 
@@ -64,21 +65,14 @@ class HookedSAEGatedDeltaNet(HookedGatedDeltaNet):
     def acts_to_saes(self) -> dict[str, SAEBase]:
         return {site: attachment.sae for site, attachment in self._attached.items()}
 
-    def _check_sae(self, sae: SAEBase) -> Site:
-        site = parse_site(sae.cfg.site, self.cfg.gdn_layers)
-        if (sae.cfg.d_k, sae.cfg.d_v) != (self.cfg.d_key, self.cfg.d_value):
-            raise ValueError(f"SAE dims d_k={sae.cfg.d_k}, d_v={sae.cfg.d_v} do not match the model's {self.cfg.d_key}, {self.cfg.d_value}")
-        sae.learn_n_heads_(self.cfg.n_value_heads)
-        if site.name in self._attached:
-            raise ValueError(f"an SAE is already attached at {site.name}; reset_saes() first")
-        return site
-
     def add_sae(self, sae: SAEBase, use_error_term: bool | None = None) -> None:
         """Attach ``sae`` at its ``cfg.site``; its reconstruction is spliced in from the next forward on.
 
         ``use_error_term`` (None: the SAE's own setting) holds while the SAE is attached; detaching it
         restores the SAE's own setting, as SAELens does, so a later splice is never silently exact."""
-        site = self._check_sae(sae)
+        site = check_sae_fits(sae, self)
+        if site.name in self._attached:
+            raise ValueError(f"an SAE is already attached at {site.name}; reset_saes() first")
         attachment = _Attachment(sae, own_use_error_term=sae.use_error_term)
         if use_error_term is not None:
             sae.use_error_term = use_error_term
@@ -139,7 +133,7 @@ def load_model(name_or_path: str | Path, device=None, dtype=None) -> HookedSAEGa
 def zero_ablation_hooks(model: HookedGatedDeltaNet, sae: SAEBase) -> list[tuple[str, Callable]]:
     """``fwd_hooks`` that zero ``sae``'s site on its heads wherever splicing ``sae`` would act (where
     ``hook_state`` fires): the state set to 0, or the write deleted (its X̂ − k̂ δᵀ is −k̂ δᵀ)."""
-    site = parse_site(sae.cfg.site, model.cfg.gdn_layers)
+    site = check_sae_fits(sae, model)
     return [(hp.name, fn) for hp, fn in _splice_points(model, site, sae.cfg.head_indices, torch.zeros_like)]
 
 

@@ -33,13 +33,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 
 from hooked_gdn.sites import KINDS, gdn_hook_name, site_name
 
+from .samples import Samples, input_scale
+
 SPLITS = ("train", "heldout")
-Samples = Float[Tensor, "batch n_heads d_k d_v"]
 Origins = Int[Tensor, "batch 2"]  # (context index, position) within the split
 # purposes of the seeded generators, so that each draws an independent stream from one seed
 _HELDOUT_CHOICE, _EPOCH_ORDER, _STREAM, _HELDOUT_POSITIONS, _SCALE_ORDER = range(5)
@@ -109,7 +110,8 @@ class StoreConfig:
 
 
 class ActivationStore:
-    """Samples of ``model``'s layer ``cfg.layer`` over the documents of ``source`` (see the module docstring).
+    """Samples of ``model``'s layer ``cfg.layer`` over the documents of ``source`` (see the module docstring);
+    a `writesae.samples.SampleSource`.
 
     ``source``: a path (``str`` or ``Path``) or a list of ``Path``s, each a text file (``.txt``, or
     ``.txt.gz``) or a folder whose ``.txt``/``.txt.gz`` files, recursively and sorted, are the
@@ -280,18 +282,12 @@ class ActivationStore:
         return len(x)
 
     def estimate_input_scale(self, n_samples: int = 4096) -> float:
-        """s with mean ‖s·X‖²_F = 1 (over samples and heads) on ``n_samples`` training samples, from a
-        fixed seeded choice of contexts: the training stream is left where it was."""
+        """`writesae.samples.input_scale` on ``n_samples`` training samples, from a fixed seeded choice of
+        contexts, in batches of one model forward's samples: the training stream is left where it was."""
         generator = _generator(self.cfg.seed, _SCALE_ORDER)
         order = torch.randperm(self.n_contexts("train"), generator=generator)
-        total, count = 0.0, 0
         per_forward = self.cfg.model_batch_size * self.cfg.samples_per_context
-        for x, _ in self._fixed_batches("train", order, generator, per_forward, n_samples):
-            total += x.double().pow(2).sum().item()
-            count += x.shape[0] * x.shape[1]
-        if not total > 0:
-            raise ValueError(f"the training samples have zero norm (total {total}): no input scale makes their mean norm 1")
-        return (count / total) ** 0.5
+        return input_scale((x for x, _ in self._fixed_batches("train", order, generator, per_forward, n_samples)), self)
 
     # ------------------------------------------------------------------ the training stream
 
@@ -339,19 +335,20 @@ class ActivationStore:
 
     # ------------------------------------------------------------------ resuming
 
-    def _fingerprint(self) -> str:
+    def fingerprint(self) -> str:
+        """What a stream state belongs to: the config, the number of documents and of contexts per split."""
         return json.dumps({"config": asdict(self.cfg), "documents": len(self.document_names),
                            "contexts": [self.n_contexts(s) for s in SPLITS]}, sort_keys=True)
 
     def state_dict(self) -> dict:
         """The stream's position, flat: tensors (buffer, its origins, generator state) and JSON-able values."""
-        return {"epoch": self._epoch, "cursor": self._cursor, "fingerprint": self._fingerprint(),
+        return {"epoch": self._epoch, "cursor": self._cursor, "fingerprint": self.fingerprint(),
                 "generator": self._generator.get_state(), "buffer": self._buffer.cpu(), "buffer_origins": self._origins}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the stream from ``state``, which must come from a store of the same config and corpus."""
-        if state["fingerprint"] != self._fingerprint():
-            raise ValueError(f"this store state belongs to another store:\n  saved: {state['fingerprint']}\n  this:  {self._fingerprint()}")
+        if state["fingerprint"] != self.fingerprint():
+            raise ValueError(f"this store state belongs to another store:\n  saved: {state['fingerprint']}\n  this:  {self.fingerprint()}")
         self._epoch, self._cursor = int(state["epoch"]), int(state["cursor"])
         self._generator.set_state(state["generator"].clone())
         self._buffer = state["buffer"].to(self._device, self.dtype, copy=True)

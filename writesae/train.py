@@ -1,4 +1,4 @@
-"""Training an SAE on an `ActivationStore` (docs/design.md §14): `TrainConfig`, `train`.
+"""Training an SAE on a sample source (docs/design.md §14): `TrainConfig`, `train`, `convergence`.
 
 Loss on a batch of raw samples X [B, H, d_k, d_v] (H heads, one dictionary each), in the scaled
 units where mean ‖sX‖²_F = 1 (s = ``sae.cfg.input_scale``), summed term by term:
@@ -36,14 +36,15 @@ anything is saved, leaving the last good checkpoint in place. A held-out evaluat
 diverged (FVU above ``DIVERGED_FVU``, or every code zero) gives a `RuntimeWarning`, and the
 last one's reason is ``TrainResult.diverged``; a last one with a head's FVU above 1, worse than
 predicting the mean (`writesae.evals.worse_than_the_mean`), gives a `RuntimeWarning` saying why.
+`convergence` reads from a run's metrics whether its held-out FVU had settled by the end.
 
-Samples come from an `ActivationStore` (streamed from the model) or a `CachedActivations` (read
-from an on-disk cache). Under torchrun (`writesae.distributed`), training from a cache is
-data-parallel: every rank draws the same global batch of ``batch_size`` samples and takes its
-share, gradients are averaged over ranks, and the whole batch's statistics (dead features, AuxK's
-residual energy, BatchTopK's threshold) are reduced across ranks, so W ranks end with the weights
-one rank would have. Rank 0 alone writes the output folder and evaluates on held-out samples;
-every rank resumes from the same checkpoint.
+Samples come from a `writesae.samples.SampleSource`: an `ActivationStore` (streamed from the model),
+a `CachedActivations` (read from an on-disk cache) or an `InMemoryActivations`. Under torchrun
+(`writesae.distributed`), training from a cache is data-parallel: every rank draws the same global
+batch of ``batch_size`` samples and takes its share, gradients are averaged over ranks, and the
+whole batch's statistics (dead features, AuxK's residual energy, BatchTopK's threshold) are reduced
+across ranks, so W ranks end with the weights one rank would have. Rank 0 alone writes the output
+folder and evaluates on held-out samples; every rank resumes from the same checkpoint.
 """
 
 from __future__ import annotations
@@ -54,9 +55,9 @@ import math
 import shutil
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -69,15 +70,17 @@ from .evals import MEAN_PREDICTION_FVU, reconstruction_metrics, worse_than_the_m
 from .io import atomic_folder, leftovers, load_sae, recover_folder, save_sae
 from .outputs import claim_outputs
 from .sae import BilinearMatrixSAE, SAEBase
+from .samples import SampleSource
+from .site_fit import check_sae_fits
 from .store import ActivationStore
-
-if TYPE_CHECKING:
-    from .disk_cache import CachedActivations
 
 DECAYS = ("cosine", "linear", "constant")
 OUTPUTS = ("checkpoint", "metrics.jsonl", "sae")  # what train writes in out_dir
 # a held-out FVU this far above 1 (predicting the mean) means the SAE diverged, NaN or not
 DIVERGED_FVU = 10.0
+# a run has converged when every head's held-out FVU moved by less than this fraction over its last fifth of
+# training: one still moving more is still learning, and its numbers describe its step count more than the SAE
+CONVERGED_BELOW = 0.02
 # settings that change the trajectory: a resumed run must share them with the run it continues
 _TRAJECTORY = ("batch_size", "lr", "betas", "warmup_steps", "decay", "grad_clip", "auxk_k", "auxk_weight",
                "dead_after_samples", "l0_coefficient", "normalize_factors")
@@ -184,13 +187,15 @@ def claim_out_dir(cfg: TrainConfig) -> Path:
     return claim_outputs(cfg.out_dir, [*OUTPUTS, *(["wandb"] if cfg.wandb_project else [])])
 
 
-def train(sae: SAEBase, store: ActivationStore | CachedActivations, cfg: TrainConfig | None = None, **config) -> TrainResult:
+def train(sae: SAEBase, store: SampleSource, cfg: TrainConfig | None = None, **config) -> TrainResult:
     """Train ``sae`` in place on ``store``'s training stream (see the module docstring)."""
     if cfg is None:
         cfg = TrainConfig(**config)
     elif config:
         raise TypeError(f"pass either a TrainConfig or its keywords, not both (got {sorted(config)})")
-    _check_compatible(sae, store)
+    if sae.cfg.site is None:  # an SAE made without a site reads the samples' site
+        sae.cfg.site = store.cfg.site
+    check_sae_fits(sae, source=store)
     lead, world = distributed.is_lead(), distributed.rank_and_world()[1]
     if world > 1:
         _check_distributed(sae, store, cfg, world)
@@ -282,7 +287,7 @@ def train(sae: SAEBase, store: ActivationStore | CachedActivations, cfg: TrainCo
     return TrainResult(sae, max(start, cfg.steps), start, train_record, heldout_record, out, diverged)
 
 
-def evaluate(sae: SAEBase, store: ActivationStore, cfg: TrainConfig) -> dict:
+def evaluate(sae: SAEBase, store: SampleSource, cfg: TrainConfig) -> dict:
     """Held-out FVU, L0 and dead fraction (means over heads, and FVU per head), in eval mode."""
     was_training = sae.training
     sae.eval()
@@ -305,18 +310,25 @@ def divergence(heldout: dict) -> str | None:
     return None
 
 
-def _check_compatible(sae: SAEBase, store: ActivationStore | CachedActivations) -> None:
-    sae.learn_n_heads_(store.n_value_heads)
-    if (sae.cfg.d_k, sae.cfg.d_v, sae.cfg.head_indices) != (store.d_k, store.d_v, store.heads):
-        raise ValueError(f"the SAE reads d_k={sae.cfg.d_k}, d_v={sae.cfg.d_v}, heads {sae.cfg.head_indices}; "
-                         f"{store} gives d_k={store.d_k}, d_v={store.d_v}, heads {store.heads}")
-    if sae.cfg.site is None:
-        sae.cfg.site = store.cfg.site
-    elif sae.cfg.site != store.cfg.site:
-        raise ValueError(f"the SAE's site is {sae.cfg.site}, but {store} holds {store.cfg.site}")
+def convergence(records: Iterable[dict]) -> dict:
+    """Whether a run converged, from its metrics records (``metrics.jsonl``; the held-out ones are read):
+    each head's held-out FVU at 4/5 of the last evaluated step and at that step, their relative change
+    |FVU_end − FVU_4/5| / FVU_end, and whether every head's is below `CONVERGED_BELOW`."""
+    by_step = {r["step"]: r["fvu_per_head"] for r in records if r["split"] == "heldout"}
+    if not by_step:
+        raise ValueError("convergence reads held-out evaluations, and the records have none")
+    end = max(by_step)
+    four_fifths = end * 4 // 5
+    if four_fifths not in by_step:
+        raise ValueError(f"convergence compares held-out FVU at 4/5 of training (step {four_fifths}) with the end (step "
+                         f"{end}), but the run was evaluated at steps {sorted(by_step)}: evaluate every fifth of the steps")
+    before, after = by_step[four_fifths], by_step[end]
+    change = [abs(a - b) / a for a, b in zip(after, before)]
+    return {"fvu_at_four_fifths": before, "fvu_at_end": after, "relative_change": change,
+            "converged": max(change) < CONVERGED_BELOW}
 
 
-def _check_distributed(sae: SAEBase, store: ActivationStore | CachedActivations, cfg: TrainConfig, world: int) -> None:
+def _check_distributed(sae: SAEBase, store: SampleSource, cfg: TrainConfig, world: int) -> None:
     """Data-parallel training reads a cache, splits the batch evenly, and every rank agrees on the run."""
     if isinstance(store, ActivationStore):
         raise ValueError(f"training on {world} ranks reads its samples from a cache (every rank would run the model "
@@ -351,7 +363,7 @@ def _wandb_run(cfg: TrainConfig):
 # ---------------------------------------------------------------------- checkpoints
 
 
-def _save_checkpoint(path: Path, step: int, sae: SAEBase, optimizer: torch.optim.Optimizer, store: ActivationStore,
+def _save_checkpoint(path: Path, step: int, sae: SAEBase, optimizer: torch.optim.Optimizer, store: SampleSource,
                      since_fired: Tensor, cfg: TrainConfig) -> None:
     """Write the checkpoint beside ``path``, then swap it in: a reader never sees half of one."""
     with atomic_folder(path) as tmp:
@@ -377,7 +389,7 @@ def _checkpoint_step(folder: Path) -> int | None:
     return step if isinstance(step, int) and all((folder / f).is_file() for f in files) else None
 
 
-def _load_checkpoint(path: Path, sae: SAEBase, optimizer: torch.optim.Optimizer, store: ActivationStore,
+def _load_checkpoint(path: Path, sae: SAEBase, optimizer: torch.optim.Optimizer, store: SampleSource,
                      since_fired: Tensor, cfg: TrainConfig) -> int:
     """Restore everything `_save_checkpoint` wrote into the live objects; return the step."""
     index = json.loads((path / "state.json").read_text())

@@ -10,7 +10,8 @@ from torch import Tensor
 
 from hooked_gdn.sites import edit_at_positions, gdn_hook_name
 
-from .edits import as_list, check_positions, check_site, kl_from_clean
+from ..site_fit import check_layer_heads
+from .edits import as_list, check_positions, kl_from_clean
 
 
 @torch.no_grad()
@@ -29,7 +30,7 @@ def write_ablation(model, tokens: Int[Tensor, "batch pos"], layer: int, heads: i
       (see `kl_from_clean`); ``mean_kl`` [p] its mean over sequences.
     """
     heads = as_list(heads)
-    check_site(model, layer, heads)
+    check_layer_heads(model, layer, heads)
     positions = check_positions(positions, tokens.shape[-1])
 
     def scale_delta(delta_rows: Tensor, position: int) -> Tensor:  # δ rows: [b, H_v, d_v]

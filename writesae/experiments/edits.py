@@ -1,6 +1,7 @@
 """What the write-site experiments share: the KL they all report, and a one-sequence input check.
 Hook names, and the hook that edits chosen sequence positions in any recurrence mode
-(`edit_at_positions`), come from `hooked_gdn.sites`."""
+(`edit_at_positions`), come from `hooked_gdn.sites`; the check that a layer and heads exist
+(`check_layer_heads`), and that an SAE fits the model (`check_sae_fits`), from `writesae.site_fit`."""
 
 from __future__ import annotations
 
@@ -35,17 +36,6 @@ def one_sequence(tokens: Int[Tensor, "1 pos"] | Int[Tensor, " pos"], what: str) 
     if tokens.shape[0] != 1:
         raise ValueError(f"{what} takes one sequence at a time, got a batch of {tokens.shape[0]}")
     return tokens
-
-
-def check_site(model, layer: int, heads: Iterable[int] = ()) -> None:
-    """Refuse a layer that is not a GDN layer of ``model``, or a head outside its H_v value heads."""
-    gdn_layers = list(model.cfg.gdn_layers)
-    if layer not in gdn_layers:
-        raise ValueError(f"layer {layer} is not a GDN layer of this model; its GDN layers are {gdn_layers}")
-    n_heads = model.cfg.n_value_heads
-    outside = [h for h in heads if not 0 <= h < n_heads]
-    if outside:
-        raise ValueError(f"head(s) {outside} do not exist in GDN layer {layer}: its value heads are 0 … {n_heads - 1}")
 
 
 def check_positions(positions: int | Iterable[int], length: int, what: str = "position") -> list[int]:

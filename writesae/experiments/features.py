@@ -17,12 +17,14 @@ from torch import Tensor
 
 from hooked_gdn.sites import parse_site
 
+from ..site_fit import check_sae_fits
+
 
 @torch.no_grad()
 def site_codes(model, sae, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos n_dicts n"]:
     """The SAE's codes at every position of its site: of the state S_t, or of the write k̂_t δ_tᵀ
     (through ``encode_factors``, without forming it)."""
-    site = parse_site(sae.cfg.site)
+    site = check_sae_fits(sae, model)
     heads, dtype = sae.cfg.head_indices, sae.b_dec.dtype
     if site.kind == "state":
         _, cache = model.run_with_cache(tokens, names_filter=site.name)

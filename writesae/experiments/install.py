@@ -34,7 +34,8 @@ from torch import Tensor
 
 from hooked_gdn.sites import edit_at_positions, gdn_hook_name
 
-from .edits import check_positions, check_site, one_sequence
+from ..site_fit import check_layer_heads
+from .edits import check_positions, one_sequence
 from .features import Direction, atom_direction
 from .logit_shift import SITES, read_gradient, state_gradient
 from .stats import wilson_interval
@@ -59,7 +60,7 @@ def install_directions(
     log-probs with the install, "clean_continuation", "clean_log_probs": [d_vocab]}``.
     """
     tokens = one_sequence(prompt_tokens, "an install")
-    check_site(model, layer, [head])
+    check_layer_heads(model, layer, [head])
     T, n = tokens.shape[1], v.shape[0]
     positions = list(range(T - 3, T)) if positions is None else check_positions(positions, T, "install position")
     if not (w.shape[0] == len(multipliers) == n):
@@ -133,7 +134,7 @@ def install_gradient(model, prompt_tokens: Int[Tensor, " pos"] | Int[Tensor, "1 
     """(J, c): J = Σ_t0 n_t0 J_t0 and c = Σ_t0 ⟨J_t0, k̂_t0 δ_t0ᵀ⟩ of the module docstring, so that
     installing v wᵀ (unit) at m × the native norms changes log p(target) by m vᵀ J w − c to first order."""
     tokens = one_sequence(prompt_tokens, "an install")
-    check_site(model, layer, [head])
+    check_layer_heads(model, layer, [head])
     T = tokens.shape[1]
     positions = list(range(T - 3, T)) if positions is None else check_positions(positions, T, "install position")
     names = [gdn_hook_name(layer, name) for name in (*SITES, "hook_write_value")]
@@ -184,7 +185,7 @@ def install_study(
     ``gain`` (vᵀ J w) and ``predicted_lift`` (m · gain − c, first order); ``clean`` one per (prompt,
     target) with ``included`` in the unmodified continuation.
     """
-    check_site(model, layer, heads)
+    check_layer_heads(model, layer, heads)
     for direction in controls:
         direction.check_layer(layer)
     runs, clean = [], []

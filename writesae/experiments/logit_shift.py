@@ -38,7 +38,8 @@ from hooked_gdn.delta_rule import transition
 from hooked_gdn.effective_attention import recurrence_erases
 from hooked_gdn.sites import block_name, edit_at_positions, gdn_hook_name
 
-from .edits import check_positions, check_site, one_sequence
+from ..site_fit import check_layer_heads
+from .edits import check_positions, one_sequence
 from .features import Direction
 
 SITES = ("hook_read_query", "hook_write_key", "hook_beta", "hook_log_decay")
@@ -135,7 +136,7 @@ def read_gradient(model, tokens: Int[Tensor, "1 T"], layer: int, head: int, posi
     """g_t = ∂ log p(target | tokens[: position + 1]) / ∂o_t of (layer, head), for every t: one
     backward pass (a vector-Jacobian product) around the clean run; zero for t > ``position``."""
     tokens = one_sequence(tokens, "the read gradient")
-    check_site(model, layer, [head])
+    check_layer_heads(model, layer, [head])
     (position,) = check_positions(position, tokens.shape[1])
     name = gdn_hook_name(layer, "hook_recurrence_out")
     shift = torch.zeros(1, tokens.shape[1], model.cfg.n_value_heads, model.cfg.d_value, requires_grad=True)
@@ -192,7 +193,7 @@ def measured_change(model, tokens: Int[Tensor, "1 T"], layer: int, head: int, t0
     """(Δlogits, Δo of ``head``): the logits and the head's read with ε v wᵀ added to S_{t0}
     (carried forward), minus the clean run's."""
     tokens = one_sequence(tokens, "the logit-shift study")
-    check_site(model, layer, [head])
+    check_layer_heads(model, layer, [head])
     (t0,) = check_positions(t0, tokens.shape[1], "t0")
     read = gdn_hook_name(layer, "hook_recurrence_out")
     clean, cache = model.run_with_cache(tokens, names_filter=read)
@@ -261,7 +262,7 @@ def logit_shift_study(
     ("atom", "random") and each head ("head 1"), the heads of ``r2_by_distance`` ints.
     """
     tokens = tokens[None] if tokens.dim() == 1 else tokens
-    check_site(model, layer, [d.head for d in directions])
+    check_layer_heads(model, layer, [d.head for d in directions])
     (t0,) = check_positions(t0, tokens.shape[1], "t0")
     if t0 == tokens.shape[1] - 1:
         raise ValueError(f"t0 = {t0} is the last position: no later position is left to predict")

@@ -33,9 +33,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from hooked_gdn.sites import edit_at_positions, gdn_hook_name, parse_site
+from hooked_gdn.sites import edit_at_positions, gdn_hook_name
 
-from .edits import check_positions, check_site, kl_from_clean
+from ..site_fit import check_layer_heads, check_sae_fits
+from .edits import check_positions, kl_from_clean
 from .features import site_codes
 from .stats import clustered_bootstrap, wilson_interval
 
@@ -108,7 +109,7 @@ def install_matrix(model, tokens: Int[Tensor, "batch pos"], layer: int, head: in
     a matrix of any rank. For ``"k_delta"`` and M = v wᵀ this is forcing the write to (k̂, δ) = (v, w).
     """
     _check_native(native)
-    check_site(model, layer, [head])
+    check_layer_heads(model, layer, [head])
     (position,) = check_positions(position, tokens.shape[-1])
     inputs = {}  # β and v of this forward: they are computed before the write, in every recurrence mode
 
@@ -152,8 +153,7 @@ def substitution_test(model, sae, tokens: Int[Tensor, "batch pos"], firings: Ite
     definitions, so a rerun with the same firings gives the same records.
     """
     _check_native(native)
-    layer = parse_site(sae.cfg.site).layer
-    check_site(model, layer)
+    layer = check_sae_fits(sae, model).layer
     atoms = sae.atoms().float()
     generator = torch.Generator().manual_seed(seed)
     clean, cache = model.run_with_cache(tokens, names_filter=[gdn_hook_name(layer, name) for name in _WRITE_SITES])
