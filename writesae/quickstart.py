@@ -1,8 +1,8 @@
 """The main job, ``writesae quickstart``: a WriteSAE on the shipped model's states, trained and inspected.
 
-Loads ``gdn-austen`` (or the other shipped model, ``mamba2-austen``), streams the states of all heads of one GDN layer from the training novels,
-trains a `BilinearMatrixSAE`, and reports on held-out text (Persuasion, chapters 21–24, which the
-model never saw either): a per-head table of FVU, L0 and dead fraction, the CE loss recovered with
+Loads ``gdn-austen`` (or the other shipped model, ``mamba2-austen``), streams the states of all heads
+of one GDN layer from the training novels, trains a `BilinearMatrixSAE`, and reports on held-out text
+(Persuasion, chapters 21–24, which the model never saw either): a per-head table of FVU, L0 and dead fraction, the CE loss recovered with
 the SAE spliced in the loop, and the top-activating contexts of a few features. Writes the SAE,
 plots (atom heatmaps, activation histograms, the training curve) and ``summary.json`` to ``--out``.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -36,6 +35,7 @@ from .sae import BilinearMatrixSAE
 from .splice import load_model
 from .store import ActivationStore, StoreConfig
 from .train import TrainConfig, train
+
 
 @dataclass
 class QuickstartConfig:
@@ -132,9 +132,8 @@ def save_plots(sae, codes_sample: torch.Tensor, metrics_file: Path, out: Path) -
 
 
 def _save(fig, path: Path) -> str:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     return path.name
 
 
@@ -154,8 +153,6 @@ def run_quickstart(out: Path, cfg: QuickstartConfig | None = None, progress: boo
     say(f"quickstart: loading {cfg.model} and tokenising the six novels")
     model = load_model(cfg.model)
     layer = default_layer(cfg.model) if cfg.layer is None else cfg.layer  # the most long-memory heads, by the card's census
-    if layer not in model.cfg.gdn_layers:
-        raise ValueError(f"layer {layer} is not a GDN layer; the GDN layers are {model.cfg.gdn_layers}")
     documents, heldout = austen_corpus()
     store = ActivationStore(model, documents, StoreConfig(
         layer=layer, heads=cfg.heads, context=cfg.context, positions=cfg.positions, buffer_size=cfg.buffer_size,
