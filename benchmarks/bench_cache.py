@@ -1,7 +1,7 @@
 """Issue 16: the on-disk activation cache against streaming, on the shipped model, in one run.
 
-    python benchmarks/bench_cache.py                        # gdn-austen, layer 5, all 4 heads, states
-    python benchmarks/bench_cache.py --contexts 128 --steps 40
+    python -m benchmarks.bench_cache                        # gdn-austen, layer 5, all 4 heads, states
+    python -m benchmarks.bench_cache --contexts 128 --steps 40
 
 Samples are states of all heads of GDN layer 5 at 8 random positions per 128-token context of the
 training novels (the first ``--contexts`` contexts' worth of documents of 1024 tokens, 10% of them

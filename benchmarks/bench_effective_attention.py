@@ -1,7 +1,7 @@
 """E1: effective attention of the GDN layers, exact (ours) against TransformerLens 4.3's heuristic, on one checkpoint.
 
-    python benchmarks/bench_effective_attention.py                  # gdn-austen, 4 held-out windows of 128 tokens
-    python benchmarks/bench_effective_attention.py --model FOLDER --windows 8 --context 256
+    python -m benchmarks.bench_effective_attention                  # gdn-austen, 4 held-out windows of 128 tokens
+    python -m benchmarks.bench_effective_attention --model FOLDER --windows 8 --context 256
 
 Both libraries load the same checkpoint (a transformers Qwen3.5 folder; default the shipped
 gdn-austen) and read the same held-out text. Each effective attention rebuilds every GDN layer's
@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 from einops import einsum
 
+from benchmarks.bench_engine import median_times
 from hooked_gdn import HookedGatedDeltaNet, gated_delta_rule_reference
 from hooked_gdn.effective_attention import effective_attention
 from hooked_gdn.pretrained import heldout_windows, pretrained_path
 from hooked_gdn.sites import gdn_hook_name
-from bench_engine import median_times
 
 OUT = Path(__file__).parent / "results"
 

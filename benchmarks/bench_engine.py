@@ -1,7 +1,7 @@
 """P1–P4: the recurrence engine's speed and memory, as ratios measured in one run.
 
-    python benchmarks/bench_engine.py            # all four, Qwen3.5-0.8B GDN head sizes, 4 layers
-    python benchmarks/bench_engine.py --only P3 --layers 2
+    python -m benchmarks.bench_engine            # all four, Qwen3.5-0.8B GDN head sizes, 4 layers
+    python -m benchmarks.bench_engine --only P3 --layers 2
 
 Model: H_v = 16, d_k = d_v = 128, d_model = 1024, d_mlp = 3584 (Qwen3.5-0.8B's sizes) with few
 layers (3 GDN : 1 attention by default), random weights, fp32, batch 1.
@@ -22,33 +22,43 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
+import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+import transformers
 from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
+from benchmarks.timing import synchronize
+from benchmarks.tl_bridge import boot_bridge, bridge_state_hook_name
 from hooked_gdn import HookedGatedDeltaNet
+from hooked_gdn.files import atomic_file
 from hooked_gdn.loading import hf_to_hooked_state_dict
 from hooked_gdn.sites import site_name
-from tl_bridge import boot_bridge, bridge_state_hook_name
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_JSON = ROOT / "benchmarks" / "results" / "bench_engine.json"
 
 
-def bench_config(layers: int) -> Qwen3_5TextConfig:
-    return Qwen3_5TextConfig(
+def bench_config(layers: int, **sizes) -> Qwen3_5TextConfig:
+    """Qwen3.5-0.8B's sizes with ``layers`` layers; ``sizes`` overrides any (a smaller model to test a script)."""
+    return Qwen3_5TextConfig(**dict(
         vocab_size=4096, hidden_size=1024, intermediate_size=3584, num_hidden_layers=layers,
         num_attention_heads=8, num_key_value_heads=2, head_dim=256,
         linear_num_key_heads=16, linear_num_value_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
         rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25},
-    )
+    ) | sizes)
 
 
-def models(layers: int):
+def models(layers: int, **sizes):
     torch.manual_seed(0)
-    hf = Qwen3_5ForCausalLM(bench_config(layers)).eval()
+    hf = Qwen3_5ForCausalLM(bench_config(layers, **sizes)).eval()
     ours = HookedGatedDeltaNet.from_config(hf.config).eval()
     ours.load_state_dict(hf_to_hooked_state_dict(hf.state_dict(), ours.cfg))
     return hf, ours
@@ -61,45 +71,48 @@ def median_times(fns: dict, repeats: int) -> dict[str, float]:
         fn()  # warm up
     for _ in range(repeats):
         for name, fn in fns.items():
+            synchronize()
             start = time.perf_counter()
             fn()
+            synchronize()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def p1(hf, ours, repeats: int) -> list[tuple]:
-    tokens = torch.randint(0, 4096, (1, 512))
+def p1(hf, ours, repeats: int, T: int = 512) -> list[tuple]:
+    tokens = torch.randint(0, 4096, (1, T), device=ours.W_E.device)
     t = median_times({"ours": lambda: ours(tokens), "transformers": lambda: hf(tokens).logits}, repeats)
-    return [("P1", "forward, no hooks / transformers (T=512)", t["ours"] / t["transformers"], "≤ 1.05",
+    return [("P1", f"forward, no hooks / transformers (T={T})", t["ours"] / t["transformers"], "≤ 1.05",
              f"{t['ours'] * 1e3:.0f} ms vs {t['transformers'] * 1e3:.0f} ms")]
 
 
-def p2(hf, ours, repeats: int) -> list[tuple]:
-    T = 512
-    tokens = torch.randint(0, 4096, (1, T))
+def p2(hf, ours, repeats: int, T: int = 512) -> list[tuple]:
+    """On the model's device (a GPU too: the bytes are then written by a device copy)."""
+    device = ours.W_E.device
+    tokens = torch.randint(0, 4096, (1, T), device=device)
     layer = ours.cfg.gdn_layers[0]
     site = site_name(layer, "state")
     shape = (1, T, ours.cfg.n_value_heads, ours.cfg.d_key, ours.cfg.d_value)
-    source = torch.randn(shape)
+    source = torch.randn(shape, device=device)
     fns = {
         "clean": lambda: ours(tokens),
         "cached": lambda: ours.run_with_cache(tokens, names_filter=site),
-        "write bytes": lambda: torch.empty(shape).copy_(source),
+        "write bytes": lambda: torch.empty(shape, device=device).copy_(source),
     }
     t = median_times(fns, repeats)
     scans = {"scan": lambda: ours.run_with_cache(tokens, names_filter=site, recurrence="sequential")}
     with tempfile.TemporaryDirectory() as folder:
         try:  # TransformerLens 4.3's per-token eager scan, on the same weights, if its bridge boots them
             hf.save_pretrained(folder)
-            bridge = boot_bridge(folder)
+            bridge = boot_bridge(folder, device=str(device))
             name = bridge_state_hook_name(bridge, layer)
             scans["TransformerLens"] = lambda: bridge.run_with_cache(tokens, names_filter=name, use_cache=False)
-        except RuntimeError as err:
+        except (RuntimeError, ValueError) as err:
             print(f"P2: no TransformerLens column ({err})")
         scan = median_times(scans, max(1, repeats // 3))
     gib = source.numel() * 4 / 2**30
     rows = [
-        ("P2a", "per-token scan (our sequential mode) / ours, all T=512 states of one layer", scan["scan"] / t["cached"],
+        ("P2a", f"per-token scan (our sequential mode) / ours, all T={T} states of one layer", scan["scan"] / t["cached"],
          "≥ 10", f"{scan['scan'] * 1e3:.0f} ms vs {t['cached'] * 1e3:.0f} ms"),
         ("P2b", "(ours − clean forward) / writing the same bytes", (t["cached"] - t["clean"]) / t["write bytes"], "≤ 2.5",
          f"{(t['cached'] - t['clean']) * 1e3:.0f} ms vs {t['write bytes'] * 1e3:.0f} ms for {gib:.2f} GiB"),
@@ -110,10 +123,10 @@ def p2(hf, ours, repeats: int) -> list[tuple]:
     return rows
 
 
+# run by ``python -c`` in the repository root, which is then first on the child's path
 P3_CHILD = """
-import sys, torch
-sys.path.insert(0, {path!r})
-from bench_engine import models
+import torch
+from benchmarks.bench_engine import models
 from hooked_gdn.sites import site_name
 _, model = models({layers})
 tokens = torch.randint(0, 4096, (1, 2048))
@@ -137,8 +150,8 @@ with torch.no_grad():
 def p3(layers: int) -> list[tuple]:
     peaks = {}
     for case in (False, True):
-        code = P3_CHILD.format(path=sys.path[0], layers=layers, cache=case)
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        code = P3_CHILD.format(layers=layers, cache=case)
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
         peaks[case] = int(out.stdout.strip().splitlines()[-1])
     return [("P3", "peak memory, 8 of T=2048 states cached / no hooks", peaks[True] / peaks[False], "≤ 1.2",
              f"{peaks[True] / 1024:.0f} MiB vs {peaks[False] / 1024:.0f} MiB above the loaded model")]
@@ -165,7 +178,8 @@ def main() -> None:
     parser.add_argument("--only", default="P1,P2,P3,P4")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--json", type=Path, default=RESULTS_JSON,
+                        help=f"where the rows and their provenance go (default {RESULTS_JSON.relative_to(ROOT)})")
     args = parser.parse_args()
     wanted = args.only.split(",")
     rows = []
@@ -184,9 +198,28 @@ def main() -> None:
     print("| id | measure | ratio | target | times |\n|---|---|---|---|---|")
     for rid, what, ratio, target, detail in rows:
         print(f"| {rid} | {what} | {ratio:.2f} | {target} | {detail} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([dict(zip(("id", "measure", "ratio", "target", "detail"), r)) for r in rows], f, indent=2)
+    results = {"provenance": {"command": shlex.join(["python", "-m", "benchmarks.bench_engine", *sys.argv[1:]]),
+                              "date": time.strftime("%Y-%m-%d", time.gmtime()), "torch": torch.__version__,
+                              "transformers": transformers.__version__, "cpu_threads": torch.get_num_threads(),
+                              "processor": platform.processor() or platform.machine(), "layers": args.layers,
+                              "repeats": args.repeats},
+               "rows": [dict(zip(("id", "measure", "ratio", "target", "detail"), r)) for r in rows]}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(args.json, "w") as f:
+        json.dump(results, f, indent=2)
+
+
+def results_block(results: dict | None) -> str:
+    """RESULTS.md's P1–P4 table, from ``benchmarks/results/bench_engine.json``."""
+    if results is None:
+        return "Not yet run: `python -m benchmarks.bench_engine`.\n"
+    p = results["provenance"]
+    lines = [f"`{p['command']}` on {p['date']} (torch {p['torch']}, transformers {p['transformers']}, {p['cpu_threads']} CPU "
+             f"threads, {p['layers']} layers, medians of {p['repeats']} interleaved repeats), "
+             "`benchmarks/results/bench_engine.json`:", "",
+             "| id | measure | ratio | target | times |", "|---|---|---|---|---|"]
+    lines += [f"| {r['id']} | {r['measure']} | {r['ratio']:.2f} | {r['target']} | {r['detail']} |" for r in results["rows"]]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """L1: peak resident memory while loading a multi-shard checkpoint, streaming loader against the in-memory path.
 
-    python benchmarks/bench_loading.py                 # bf16 and fp32 checkpoints; writes benchmarks/results/loading.json
-    python benchmarks/bench_loading.py --dtypes bf16
+    python -m benchmarks.bench_loading                 # bf16 and fp32 checkpoints; writes benchmarks/results/loading.json
+    python -m benchmarks.bench_loading --dtypes bf16
 
 For each dtype, transformers saves a random wide, shallow Qwen3.5 (d_vocab 50000, d_model 1024,
 4 layers: 3 GDN + 1 attention, d_mlp 4096; 186 M parameters: 372 MB in bf16) in that dtype, in

@@ -1,7 +1,7 @@
 """P5: SAE training throughput and parameter memory, WriteSAE against the flat baseline, in one run.
 
-    python benchmarks/bench_sae.py                  # d_k = d_v = 128, n_features = 4096, one head
-    python benchmarks/bench_sae.py --n-features 2048 --batch 128
+    python -m benchmarks.bench_sae                  # d_k = d_v = 128, n_features = 4096, one head
+    python -m benchmarks.bench_sae --n-features 2048 --batch 128
 
 - training steps (Adam, TopK k=32, forward + backward + step) on random states X [batch, 1, 128, 128]:
   states/s of `BilinearMatrixSAE` (rank 1) and of `FlatSAE` at equal n_features, and their ratio;
@@ -13,33 +13,49 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 
 import torch
 
+from benchmarks.timing import median_seconds
 from hooked_gdn.sites import site_name
 from writesae import BilinearMatrixSAE, FlatSAE
 
 
-def train_step_seconds(sae, batch: torch.Tensor, repeats: int) -> float:
+def train_step(sae, batch: torch.Tensor):
+    """The trainer's step on ``batch`` (TopK codes, only the active atoms decoded; Adam), as a function."""
     optimiser = torch.optim.Adam(sae.parameters(), lr=1e-4)
 
-    def step():  # the trainer's step: TopK codes, only the active atoms decoded
+    def step():
         values, indices = sae.encode(batch).topk(sae.cfg.k, dim=-1)
         loss = (sae.decode_sparse(indices, values) - batch).pow(2).sum((-2, -1)).mean()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
 
-    step()  # warm up (and allocate Adam's moments)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    return step
+
+
+def train_step_seconds(sae, batch: torch.Tensor, repeats: int) -> float:
+    return median_seconds(train_step(sae, batch), repeats)  # the warm-up call allocates Adam's moments
+
+
+def step_flops(step) -> int:
+    """FLOPs of one call of ``step`` (forward and backward) as torch counts them: matrix products only
+    (mm, bmm and the einsums made of them); element-wise work, top-k, gathers and Adam are not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
         step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return counter.get_total_flops()
+
+
+def matmul_seconds(flops: int, device, repeats: int, dtype=torch.float32) -> tuple[float, int]:
+    """Median time of one plain square ``torch.matmul`` of about ``flops`` FLOPs (2·m³), and its exact FLOPs."""
+    m = max(1, round((flops / 2) ** (1 / 3)))
+    a, b = (torch.randn(m, m, device=device, dtype=dtype) for _ in range(2))
+    return median_seconds(lambda: torch.matmul(a, b), repeats), 2 * m**3
 
 
 def memory_mib(sae) -> float:

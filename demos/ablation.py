@@ -1,6 +1,6 @@
 """Write ablation on the shipped model: what deleting (or scaling) one head's write does downstream.
 
-    python demos/ablation.py                 # writes demos/results/ablation/{results.json, kl.png}
+    python -m demos.ablation                 # writes demos/results/ablation/{results.json, kl.png}
 
 For every head of the SAE's layer (the SAE itself is not used: only its layer), on held-out
 passages: delete (scale 0) or scale (0.5, 2) the write k̂_t δ_tᵀ at the middle position t, carried
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from common import (demo_parser, heldout_passages, load_model_and_sae, memory_groups, provenance, pyplot, sae_layer,
+from demos.common import (demo_parser, heldout_passages, load_model_and_sae, memory_groups, provenance, pyplot, sae_layer,
                     save_figure, wall_time, write_json)
 from writesae.experiments import write_ablation
 
@@ -74,7 +74,7 @@ def main() -> None:
 def readme_block(results: dict) -> str:
     """The README's write-ablation paragraph and table; every number from ``results``."""
     lines = [
-        f"`python demos/ablation.py` ({wall_time(results)}; layer {results['layer']}, the write at t = {results['position']} of "
+        f"`python -m demos.ablation` ({wall_time(results)}; layer {results['layer']}, the write at t = {results['position']} of "
         f"{results['passages']} held-out passages of {results['context']} tokens). Mean over passages; KL in nats:",
         "",
         f"| head (half-life) | KL next, deleted | KL mean over {results['horizon']}, deleted | Δloss next, deleted "

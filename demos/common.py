@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -77,13 +78,32 @@ def write_json(path: Path, results: dict) -> None:
     os.replace(tmp, path)
 
 
+def command_line() -> str:
+    """The command as run: ``python -m demos.NAME ARGS`` for a demo run as a module (as the README runs them),
+    ``python PROGRAM ARGS`` otherwise."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    program = ["-m", spec.name] if spec is not None and spec.name != "__main__" else sys.argv[:1]
+    return shlex.join(["python", *program, *sys.argv[1:]])
+
+
+_SCRIPT_COMMAND = re.compile(r"^python (demos|scripts|benchmarks)/(\w+)\.py(?= |$)")
+
+
+def run_now(command: str) -> str:
+    """A recorded command as it is run today. Results recorded before ``demos``, ``scripts`` and ``benchmarks``
+    became packages name their script by path (``python demos/quickstart.py --steps 600``); that program is run
+    now as a module (``python -m demos.quickstart --steps 600``), with the same arguments. The results files keep
+    what they recorded; the README shows the command that works."""
+    return _SCRIPT_COMMAND.sub(r"python -m \1.\2", command)
+
+
 def provenance(seed: int, model: str = "gdn-austen", sae: str | None = None, **inputs) -> dict:
     """What produced a result: the command line as run, the seed, the CPU threads torch used, the model and
     SAE (names and the SHA-256 of their weights) and the inputs (passages, context, ...). Every demo's
     results.json carries it."""
     from hooked_gdn.pretrained import pretrained_path
 
-    record = {"command": shlex.join(["python", *sys.argv]), "seed": seed, "model": model,
+    record = {"command": command_line(), "seed": seed, "model": model,
               "cpu_threads": torch.get_num_threads()}
     model_folder = pretrained_path(model)
     if model_folder is not None:

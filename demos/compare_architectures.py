@@ -1,6 +1,6 @@
 """The architecture comparison of the WriteSAE claim, as one command: Flat, Matrix and Bilinear SAEs on the same samples.
 
-    python demos/compare_architectures.py      # 12 minutes at 2 CPU threads; writes demos/results/compare_architectures/
+    python -m demos.compare_architectures      # 12 minutes at 2 CPU threads; writes demos/results/compare_architectures/
 
 On GDN layer L of `gdn-austen`, for the state and the write (sites "state" and "write"), on two head groups
 chosen from the shipped memory census, train every architecture below with 3 seeds, matched two ways, and
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from common import provenance, pyplot, save_figure, write_json
+from demos.common import provenance, pyplot, run_now, save_figure, write_json
 from hooked_gdn.census import VERY_LONG_MEMORY, MemoryCensus
 from hooked_gdn.pretrained import CENSUS_FILE, PRETRAINED_MODELS, austen_corpus, heldout_windows
 from writesae import BilinearMatrixSAE, FlatSAE, MatrixSAE
@@ -356,7 +356,7 @@ def readme_block(results: dict) -> str:
     runs = results["runs"]
     minutes = sum(results["elapsed"].values()) / 60
     lines = [
-        f"`{results['provenance']['command']}` ({minutes:.0f} min at {results['threads']} CPU threads; seeds "
+        f"`{run_now(results['provenance']['command'])}` ({minutes:.0f} min at {results['threads']} CPU threads; seeds "
         f"{', '.join(map(str, results['seeds']))}; `{results['provenance']['inputs']['out']}/results.json` has every "
         f"run's numbers and FVU curve). GDN layer {results['layer']} of `{results['provenance']['model']}`; "
         f"long-memory heads {heads('long-memory')} and memoryless heads {heads('memoryless')} (median half-lives in "

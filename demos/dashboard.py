@@ -1,7 +1,7 @@
 """The feature dashboard of an SAE (by default the shipped ``gdn-austen/L5-state``), and the README's
 screenshot of one feature page.
 
-    python demos/dashboard.py     # site in demo-out/dashboard/, screenshot demos/results/dashboard/feature.png
+    python -m demos.dashboard     # site in demo-out/dashboard/, screenshot demos/results/dashboard/feature.png
 
 Builds the same site as ``writesae dashboard SAE --out demo-out/dashboard`` (the shipped model's
 held-out chapters, 32 windows of 128 tokens, every feature), then photographs one feature page with
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from common import demo_parser, heldout_passages, load_model_and_sae
+from demos.common import demo_parser, heldout_passages, load_model_and_sae
 from writesae.dashboard import build_dashboard
 from writesae.dashboard_html import feature_page_name, write_site
 

@@ -1,6 +1,6 @@
 """Installs aimed at a target: can one rank-1 write into a head's memory make the model say a chosen token?
 
-    python demos/install.py     # writes demos/results/install/{results.json, runs.jsonl, inclusion.png}
+    python -m demos.install     # writes demos/results/install/{results.json, runs.jsonl, inclusion.png}
 
 For each held-out prompt, ``--targets`` target tokens are drawn (seeded) among those ranked 100–1000
 by the unmodified model's next-token distribution. At the last 3 prompt positions the native write
@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from common import (demo_parser, heldout_passages, load_model_and_sae, memory_groups, provenance, pyplot, sae_layer,
+from demos.common import (demo_parser, heldout_passages, load_model_and_sae, memory_groups, provenance, pyplot, sae_layer,
                     save_figure, wall_time, write_json)
 from writesae.experiments import atom_and_random_directions, frequent_features, install_study, summarize_installs
 
@@ -105,7 +105,7 @@ def readme_block(results: dict) -> str:
     ms = results["multipliers"]
     heads = results["heads"]
     lines = [
-        f"`python demos/install.py` ({wall_time(results)}; layer {results['layer']}, {results['prompts']} held-out "
+        f"`python -m demos.install` ({wall_time(results)}; layer {results['layer']}, {results['prompts']} held-out "
         f"prompts of {results['context']} tokens, {results['targets_per_prompt']} targets each ranked "
         f"{results['rank_range'][0]}–{results['rank_range'][1]} by the unmodified model, installs at the last 3 positions, "
         f"{results['new_tokens']} greedy tokens; long-memory heads {heads['long']}, short-memory {heads['short']}). "

@@ -1,6 +1,6 @@
 """Does a rank-1 state edit move the read and the logits the way the recurrence says it should?
 
-    python demos/logit_shift.py     # writes demos/results/logit_shift/{results.json, r2_vs_distance.png}
+    python -m demos.logit_shift     # writes demos/results/logit_shift/{results.json, r2_vs_distance.png}
 
 We add ε v wᵀ to one head's state S_t0 of the SAE's layer, at t0 = ``--t0`` of a held-out passage of
 ``--context`` tokens, let the edit carry forward, and compare the measured change at every later
@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from common import (demo_parser, heldout_passages, load_model_and_sae, memory_groups, provenance, pyplot, sae_layer,
+from demos.common import (demo_parser, heldout_passages, load_model_and_sae, memory_groups, provenance, pyplot, sae_layer,
                     save_figure, wall_time, write_json)
 from writesae.experiments import atom_and_random_directions, frequent_features, logit_shift_study
 
@@ -120,7 +120,7 @@ def readme_block(results: dict) -> str:
     r2, bins, heads = results["r2"], results["bins"], results["heads"]
     n_directions = len(next(iter(results["directions"].values())))
     lines = [
-        f"`python demos/logit_shift.py` ({wall_time(results)}; layer {results['layer']}, heads "
+        f"`python -m demos.logit_shift` ({wall_time(results)}; layer {results['layer']}, heads "
         + ", ".join(f"{h} (half-life {results['half_life'][str(h)]:.0f} tokens)" for h in heads)
         + f"; {results['passages']} held-out passages of {results['context']} tokens, edit at t0 = {results['t0']}, "
         f"{n_directions} directions per head (frequent atoms and random); ε in multiples of ‖S_t0‖_F). R² pooled over "

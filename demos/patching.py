@@ -1,6 +1,6 @@
 """Activation patching over the GDN memory of the shipped model: where does a name's gender travel?
 
-    python demos/patching.py        # about 12 s on 2 CPU cores; writes demos/results/patching/{patching.png, results.json}
+    python -m demos.patching        # about 12 s on 2 CPU cores; writes demos/results/patching/{patching.png, results.json}
 
 Clean:     "The rain had not stopped all the morning. Elizabeth walked slowly home, and as"  (→ " she")
 Corrupted: the same with " Darcy" for " Elizabeth"                                     (→ " he")
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from common import save_figure, write_json
+from demos.common import save_figure, write_json
 from hooked_gdn import HookedGatedDeltaNet
 from hooked_gdn.patching import (
     MEMORY_SITES,
@@ -74,7 +74,7 @@ def main() -> None:
 
     heads = [f"h{h}" for h in range(by_head.shape[1])]
     results = {
-        "command": "python demos/patching.py",
+        "command": "python -m demos.patching",
         "model": args.model,
         "clean": CLEAN, "corrupted": CORRUPTED, "answer": ANSWER, "wrong": WRONG,
         "swapped_position": swapped, "tokens": model.to_str_tokens(clean[0]),

@@ -1,7 +1,7 @@
 """The main job as a user runs it: ``writesae quickstart``, timed, with its summary kept as the README's figures.
 
-    python demos/quickstart.py       # writes demos/results/quickstart/results.json
-    python demos/quickstart.py --steps 600 --out demos/results/quickstart/steps-600   # a variant: flags pass through
+    python -m demos.quickstart       # writes demos/results/quickstart/results.json
+    python -m demos.quickstart --steps 600 --out demos/results/quickstart/steps-600   # a variant: flags pass through
 
 Runs the README's command in a fresh temporary folder (``writesae quickstart --out TMP``, with no
 other flag than those given here), measures its wall time from the outside, and keeps its ``summary.json`` with the provenance
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import provenance, wall_time, write_json
+from demos.common import provenance, run_now, wall_time, write_json
 
 COMMAND = ["writesae", "quickstart"]
 
@@ -51,7 +51,7 @@ def readme_block(results: dict) -> str:
     return (
         f"Run here on an idle machine with {results['provenance']['inputs']['cpu_cores']} CPU cores, "
         f"`{results['provenance']['inputs']['command']}` took **{wall_time(results)}** (seed {cfg['seed']}; "
-        f"`{results['provenance']['command']}` timed it and keeps its summary). "
+        f"`{run_now(results['provenance']['command'])}` timed it and keeps its summary). "
         f"Held-out FVU per head {', '.join(map(str, summary['heads']))}: {fvu} (dead fractions {dead}) at L0 "
         f"{sum(r['l0']) / len(r['l0']):.0f}, after {cfg['steps']} steps of {cfg['batch_size']} states. With the SAE in the "
         f"loop at every position of {cfg['eval_contexts']} held-out contexts of {cfg['context']} tokens: CE "

@@ -1,7 +1,7 @@
 """The README's experiment numbers, generated from the committed results.
 
-    python demos/readme.py           # rewrite every generated block of README.md from demos/results/
-    python demos/readme.py --check   # exit 1 and name the blocks that differ
+    python -m demos.readme           # rewrite every generated block of README.md from demos/results/
+    python -m demos.readme --check   # exit 1 and name the blocks that differ
 
 A generated block in README.md is delimited by ``<!-- results: NAME -->`` and ``<!-- /results: NAME -->``.
 Its text is ``readme_block(results)`` of the demo module ``demos/NAME.py``, applied to that demo's committed
@@ -10,33 +10,42 @@ A block ``NAME/VARIANT`` renders ``demos/results/NAME/VARIANT/results.json``, a 
 other flags, through the same ``readme_block``.
 So every number in a block is traceable to one file, whose ``provenance`` names the command, seed, model and
 SAE that produced it; ``tests/test_readme_numbers.py`` checks that the README and the files agree.
+
+A block ``<!-- generated: NAME -->`` … ``<!-- /generated: NAME -->`` is the text of a function of the library
+(``GENERATED``), such as the capability matrix that ``tests/test_capabilities.py`` runs cell by cell.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 BLOCK = re.compile(r"(<!-- results: (?P<name>[\w-]+(?:/[\w-]+)?) -->\n)(?P<body>.*?)(<!-- /results: (?P=name) -->)", re.S)
+GENERATED_BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /generated: (?P=name) -->)", re.S)
+
+
+def _capability_table() -> str:
+    from hooked_gdn.capabilities import capability_table
+
+    return capability_table()
+
+
+#: generated blocks that are not results: name -> what renders them
+GENERATED = {"capabilities": _capability_table}
 
 
 def _demo_module(name: str):
     path = ROOT / "demos" / f"{name}.py"
     if not path.exists():
         raise FileNotFoundError(f"README block {name!r} has no demo module {path}")
-    sys.path.insert(0, str(path.parent))  # the demos import their shared ``common`` module
-    try:
-        spec = importlib.util.spec_from_file_location(f"demos_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
+    module = importlib.import_module(f"demos.{name}")
     if not hasattr(module, "readme_block"):
         raise AttributeError(f"{path} has no readme_block(results) for the README block {name!r}")
     return module
@@ -56,10 +65,16 @@ def render(name: str) -> str:
     return module.readme_block(results).rstrip("\n") + "\n"
 
 
-def blocks(text: str) -> dict[str, str]:
-    """The generated blocks of a README text: name -> body."""
+def render_generated(name: str) -> str:
+    if name not in GENERATED:
+        raise KeyError(f"README block 'generated: {name}' has no renderer; the generated blocks are {sorted(GENERATED)}")
+    return GENERATED[name]().rstrip("\n") + "\n"
+
+
+def blocks(text: str, pattern: re.Pattern = BLOCK) -> dict[str, str]:
+    """The blocks of a README text (results blocks, or ``GENERATED_BLOCK``): name -> body."""
     found: dict[str, str] = {}
-    for match in BLOCK.finditer(text):
+    for match in pattern.finditer(text):
         if match["name"] in found:
             raise ValueError(f"README has two blocks named {match['name']!r}")
         found[match["name"]] = match["body"]
@@ -67,16 +82,23 @@ def blocks(text: str) -> dict[str, str]:
 
 
 def main() -> None:
+    if __spec__ is None:  # run by path (python demos/readme.py): the package is importable only as a module from the root
+        sys.exit(subprocess.run([sys.executable, "-m", "demos.readme", *sys.argv[1:]], cwd=ROOT).returncode)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 if a block differs")
     args = parser.parse_args()
     text = README.read_text()
     stale = [name for name, body in blocks(text).items() if render(name) != body]
+    stale_generated = [name for name, body in blocks(text, GENERATED_BLOCK).items() if render_generated(name) != body]
     if args.check:
         for name in stale:
             print(f"README block {name!r} differs from {results_file(name).relative_to(ROOT)}")
-        sys.exit(1 if stale else 0)
+        for name in stale_generated:
+            print(f"README block {name!r} differs from what {GENERATED[name].__name__} renders")
+        sys.exit(1 if stale or stale_generated else 0)
+    stale += stale_generated
     new = BLOCK.sub(lambda m: m[1] + render(m["name"]) + m[4], text)
+    new = GENERATED_BLOCK.sub(lambda m: m[1] + render_generated(m["name"]) + m[4], new)
     README.write_text(new)
     print(f"rewrote {len(stale)} block(s): {', '.join(stale) or 'none changed'}")
 

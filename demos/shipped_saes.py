@@ -1,6 +1,6 @@
 """The shipped SAEs of gdn-austen against PCA-k and a FlatSAE at the same L0, from their eval cards.
 
-    python demos/shipped_saes.py     # writes demos/results/shipped_saes/results.json
+    python -m demos.shipped_saes     # writes demos/results/shipped_saes/results.json
 
 Collects the figures ``scripts/train_shipped_saes.py`` recorded in each shipped SAE's ``eval.json``
 (held-out FVU per head for the WriteSAE, PCA-k and the FlatSAE; CE recovered and KL spliced in the
@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from common import provenance, write_json
+from demos.common import provenance, run_now, write_json
 from hooked_gdn.census import LONG_MEMORY
 from hooked_gdn.files import file_sha256
 from hooked_gdn.sites import site_name
@@ -38,7 +38,7 @@ def collect() -> dict:
                                                      "convergence", "reconstruction", "downstream")}
         saes[name]["sae_sha256"] = file_sha256(folder / WEIGHTS_FILE)
     if not saes:
-        raise FileNotFoundError("no shipped SAEs: run scripts/train_shipped_saes.py first")
+        raise FileNotFoundError("no shipped SAEs: run python -m scripts.train_shipped_saes first")
     seeds = {s["settings"]["seed"] for s in saes.values()}
     limits = json.loads((ROOT / LIMITS).read_text()) if (ROOT / LIMITS).exists() else None
     divergence = json.loads((ROOT / DIVERGENCE).read_text()) if (ROOT / DIVERGENCE).exists() else None
@@ -63,7 +63,7 @@ def readme_block(results: dict) -> str:
         lines += [
             f"**`{name}`** (the {s['kind']} of layer {s['layer']}, heads {', '.join(map(str, s['heads']))}; "
             f"{s['settings']['n_features']} features per head, TopK k = {s['settings']['k']}, {s['settings']['steps']} "
-            f"steps; `{s['command']}`). Held-out FVU per head, with PCA-k and a FlatSAE at the same L0:",
+            f"steps; `{run_now(s['command'])}`). Held-out FVU per head, with PCA-k and a FlatSAE at the same L0:",
             "",
             "| head | median half-life | WriteSAE | PCA-k | FlatSAE | WriteSAE / PCA-k |",
             "|---|---|---|---|---|---|",
@@ -109,7 +109,7 @@ def _limits_paragraph(limits: dict) -> list[str]:
     heads = limits["heads"]
     fvus = lambda values: " / ".join(f"{v:.3f}" for v in values)
     lines = [f"What limits the state SAE on the long-memory heads {', '.join(map(str, heads))} (`{limits['file']}`, "
-             f"`{limits['provenance']['command']}`; {limits['provenance']['inputs']['steps']} steps per variant). "
+             f"`{run_now(limits['provenance']['command'])}`; {limits['provenance']['inputs']['steps']} steps per variant). "
              f"Held-out FVU per head ({' / '.join(f'head {h}' for h in heads)}):", "",
              "| features per head | k | WriteSAE | PCA-k | best rank-k per sample |", "|---|---|---|---|---|"]
     for r in limits["runs"]:

@@ -1,6 +1,6 @@
 """The atom substitution test on the shipped model with the shipped SAE, no variant favoured.
 
-    python demos/substitution.py     # writes demos/results/substitution/{results.json, records.jsonl, win_rates.png}
+    python -m demos.substitution     # writes demos/results/substitution/{results.json, records.jsonl, win_rates.png}
 
 At firings of the SAE's features on ``--passages`` held-out passages (a firing: feature i is the top
 code of a head at a position), the native write is removed and the model continues, carried, under
@@ -32,7 +32,7 @@ from collections import defaultdict
 
 import torch
 
-from common import (demo_parser, heldout_passages, load_model_and_sae, memory_groups, provenance, pyplot, sae_layer,
+from demos.common import (demo_parser, heldout_passages, load_model_and_sae, memory_groups, provenance, pyplot, sae_layer,
                     save_figure, wall_time, write_json)
 from writesae.experiments import NATIVE_WRITES, find_firings, substitution_test, summarize
 
@@ -131,7 +131,7 @@ def readme_block(results: dict) -> str:
     describe = lambda group: ", ".join(f"{h} ({half[h]:.0f})" for h in heads[group])
     any_summary = next(iter(next(iter(s.values())).values()))["kl_next"]
     lines = [
-        f"`python demos/substitution.py` ({wall_time(results)}; {results['passages']} held-out passages of "
+        f"`python -m demos.substitution` ({wall_time(results)}; {results['passages']} held-out passages of "
         f"{results['context']} tokens, {results['firings_per_head']} firings per passage and head, {results['firings']} "
         f"firings, each under both native-write definitions; KL summed over {results['horizon']} positions; layer "
         f"{results['layer']}). Long-memory heads (median half-life in tokens): {describe('long')}; short-memory "

@@ -1,11 +1,13 @@
-"""hooked_gdn: Gated DeltaNet hybrids (Qwen3.5, Qwen3.5-MoE, Qwen3-Next, OLMo-Hybrid; Mamba-2 in
-`HookedMamba2`) with TransformerLens hook points on the state and the write."""
+"""hooked_gdn: language models with a matrix memory (the Gated DeltaNet hybrids Qwen3.5, Qwen3.5-MoE,
+Qwen3-Next, OLMo-Hybrid, and Mamba-2), with TransformerLens hook points on the memory's state and write."""
 
 from .activation_cache import GDNActivationCache
 from .cache import GDNCache
-from .config import HookedGDNConfig
-from .delta_rule import DeltaRuleEdits, chunked_gated_delta_rule, gated_delta_rule, gated_delta_rule_reference
+from .config import HookedGDNConfig, HookedModelConfig
+from .delta_rule import (DELTA_RULE, SCALAR_DECAY, DeltaRuleEdits, Transition, chunked_gated_delta_rule, gated_delta_rule,
+                         gated_delta_rule_reference)
 from .mamba2 import HookedMamba2, HookedMamba2Config
+from .memory import MatrixMemory
 from .model import HookedGatedDeltaNet
 
 __all__ = [
@@ -15,6 +17,11 @@ __all__ = [
     "HookedGatedDeltaNet",
     "HookedMamba2",
     "HookedMamba2Config",
+    "HookedModelConfig",
+    "MatrixMemory",
+    "Transition",
+    "DELTA_RULE",
+    "SCALAR_DECAY",
     "DeltaRuleEdits",
     "chunked_gated_delta_rule",
     "gated_delta_rule",

@@ -11,7 +11,7 @@ Per GDN layer and value head, over the positions of some text:
 - ‖o_t‖_rms / √ε of the read, against the gated RMSNorm's ε: near or below 1, ε rather than the read
   sets the head's output scale.
 
-The same census runs on a `hooked_gdn.mamba2.HookedMamba2`, whose SSD heads have GDN's hook names:
+The same census runs on Mamba-2, whose SSD heads have GDN's hook names (`hooked_gdn.mamba2`):
 there α_t = exp(Δ_t A), the β column is the write strength Δ_t, S_t is h_t (d_state × head_dim), the
 write is B_t (Δ_t x_t)ᵀ, and o_t = h_tᵀ C_t before the D x_t skip (ε: the gated norm's, over a group of heads).
 

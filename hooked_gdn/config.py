@@ -1,4 +1,6 @@
-"""`HookedGDNConfig`: the architecture of a Qwen3.5-style hybrid, in TransformerLens' names."""
+"""Model configs in TransformerLens' names: `HookedModelConfig`, what every family shares (sizes of the
+matrix-memory heads, norms, tokens), and `HookedGDNConfig`, a Gated DeltaNet + attention hybrid's. Mamba-2's
+is `hooked_gdn.mamba2.HookedMamba2Config`."""
 
 from __future__ import annotations
 
@@ -11,14 +13,74 @@ MLP_TYPES = ("dense", "moe")  # SwiGLU, or routed SwiGLU experts plus a shared e
 BLOCK_NORMS = ("pre", "post")
 
 
-@dataclass
-class HookedGDNConfig:
-    """Sizes and options of a Gated DeltaNet + full attention hybrid (every family of `hooked_gdn.architectures`).
+@dataclass(kw_only=True)
+class HookedModelConfig:
+    """What every family's config holds: the sizes of its matrix-memory layers and the rest of a language model.
 
-    GDN layers: ``n_key_heads`` (H_k) key/query heads of size ``d_key`` (d_k) and ``n_value_heads``
-    (H_v) value heads of size ``d_value`` (d_v); each key head serves H_v / H_k consecutive value
-    heads. Attention layers: ``n_heads`` query heads and ``n_key_value_heads`` KV heads of size
-    ``d_head``, with q/k RMSNorm and rotary embeddings on the first ``rotary_dim`` features (0: none).
+    Memory layers: ``n_key_heads`` (H_k) key/query heads (Mamba-2: its B/C groups) of size ``d_key``
+    (d_k; Mamba-2: d_state) and ``n_value_heads`` (H_v) value heads of size ``d_value`` (d_v; Mamba-2:
+    head_dim); each key head serves H_v / H_k consecutive value heads. ``architecture`` is the family's
+    key in `hooked_gdn.architectures`, which builds its blocks; ``layer_types`` (a field or a property of
+    each family's config) says which layers are memory layers ("linear_attention") and which attention.
+    Fields are keyword-only.
+    """
+
+    d_model: int
+    n_layers: int
+    d_vocab: int
+    n_key_heads: int
+    n_value_heads: int
+    d_key: int
+    d_value: int
+    architecture: str
+    conv_kernel: int = 4
+    eps: float = 1e-6
+    rotary_dim: int = 0  # attention layers' rotary features (0: none, or no attention layers)
+    rotary_base: float = 10000.0
+    tie_word_embeddings: bool = False
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    model_name: str = "custom"
+    dtype: torch.dtype = torch.float32
+    # TransformerLens attributes that ActivationCache helpers read
+    normalization_type: str = "RMS"
+    attn_only: bool = False
+    act_fn: str = "silu"
+
+    def __post_init__(self):
+        if self.n_value_heads % self.n_key_heads:
+            raise ValueError(f"n_value_heads ({self.n_value_heads}) must be a multiple of n_key_heads ({self.n_key_heads}), "
+                             f"the heads that share a key (Mamba-2: the heads and n_groups)")
+
+    @property
+    def gdn_layers(self) -> list[int]:
+        """The layers with a matrix memory (``blocks.L.linear_attn``)."""
+        return [i for i, t in enumerate(self.layer_types) if t == "linear_attention"]
+
+    @property
+    def attention_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == "full_attention"]
+
+    @classmethod
+    def from_hf_config(cls, hf_config, model_name: str = "custom") -> "HookedModelConfig":
+        """Build from a transformers config of any supported family (`hooked_gdn.architectures`)."""
+        from .architectures import architecture_for
+
+        return architecture_for(hf_config).hooked_config(hf_config, model_name)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["dtype"] = str(self.dtype).removeprefix("torch.")
+        return d
+
+
+@dataclass(kw_only=True)
+class HookedGDNConfig(HookedModelConfig):
+    """Sizes and options of a Gated DeltaNet + full attention hybrid (the GDN families of `hooked_gdn.architectures`).
+
+    GDN layers: the memory sizes of `HookedModelConfig`. Attention layers: ``n_heads`` query heads and
+    ``n_key_value_heads`` KV heads of size ``d_head``, with q/k RMSNorm and rotary embeddings on the first
+    ``rotary_dim`` features (0: none) of base ``rotary_base``.
 
     The options below default to Qwen3.5; each family's module sets the ones it differs in:
 
@@ -35,23 +97,11 @@ class HookedGDNConfig:
     - ``gated_norm_eps``: ε of the GDN output norm (None: ``eps``).
     """
 
-    d_model: int
-    n_layers: int
-    d_vocab: int
     d_mlp: int
     layer_types: list[str]  # "linear_attention" (GDN) or "full_attention", one per layer
     n_heads: int
     n_key_value_heads: int
     d_head: int
-    rotary_dim: int
-    rotary_base: float
-    n_key_heads: int
-    n_value_heads: int
-    d_key: int
-    d_value: int
-    conv_kernel: int = 4
-    eps: float = 1e-6
-    architecture: str = "qwen3_5"  # the family's key in hooked_gdn.architectures
     mlp_types: list[str] | None = None
     n_experts: int = 0
     n_experts_per_token: int = 0
@@ -64,17 +114,9 @@ class HookedGDNConfig:
     qk_norm_per_head: bool = True
     allow_neg_eigval: bool = False
     gated_norm_eps: float | None = None
-    tie_word_embeddings: bool = False
-    eos_token_id: int | None = None
-    pad_token_id: int | None = None
-    model_name: str = "custom"
-    dtype: torch.dtype = torch.float32
-    # TransformerLens attributes that ActivationCache helpers read
-    normalization_type: str = "RMS"
-    attn_only: bool = False
-    act_fn: str = "silu"
 
     def __post_init__(self):
+        super().__post_init__()
         if len(self.layer_types) != self.n_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.n_layers} layers")
         unknown = set(self.layer_types) - set(MIXER_TYPES)
@@ -90,18 +132,8 @@ class HookedGDNConfig:
             raise ValueError(f"attention_block_norm must be one of {BLOCK_NORMS}, got {self.attention_block_norm!r}")
         if self.rotary_dim % 2 or not 0 <= self.rotary_dim <= self.d_head:
             raise ValueError(f"rotary_dim must be even and in [0, d_head={self.d_head}], got {self.rotary_dim}")
-        if self.n_value_heads % self.n_key_heads:
-            raise ValueError(f"n_value_heads ({self.n_value_heads}) must be a multiple of n_key_heads ({self.n_key_heads})")
         if self.n_heads % self.n_key_value_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_key_value_heads ({self.n_key_value_heads})")
-
-    @property
-    def gdn_layers(self) -> list[int]:
-        return [i for i, t in enumerate(self.layer_types) if t == "linear_attention"]
-
-    @property
-    def attention_layers(self) -> list[int]:
-        return [i for i, t in enumerate(self.layer_types) if t == "full_attention"]
 
     @property
     def moe_layers(self) -> list[int]:
@@ -110,15 +142,3 @@ class HookedGDNConfig:
     @property
     def gdn_norm_eps(self) -> float:
         return self.eps if self.gated_norm_eps is None else self.gated_norm_eps
-
-    @classmethod
-    def from_hf_config(cls, hf_config, model_name: str = "custom") -> "HookedGDNConfig":
-        """Build from a transformers config of any supported family (`hooked_gdn.architectures`)."""
-        from .architectures import architecture_for
-
-        return architecture_for(hf_config).hooked_config(hf_config, model_name)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["dtype"] = str(self.dtype).removeprefix("torch.")
-        return d

@@ -12,10 +12,10 @@ Per head, with S_0 = 0 or a given initial state [b, H, d_k, d_v]:
 
     S̃ = α_t S_{t−1},  δ_t = β_t (v_t − S̃ᵀ k̂_t),  S_t = S̃ + k̂_t δ_tᵀ,  o_t = S_tᵀ q̂_t,  α_t = exp(g_t).
 
-With ``erase=False`` the erase term S̃ᵀk̂_t is dropped, δ_t = β_t v_t: the scalar-decay, rank-1-write
-recurrence of Mamba-2's SSD layer (h_t = exp(Δ_t A) h_{t−1} + B_t (Δ_t x_t)ᵀ, y_t = h_tᵀ C_t, with
-q̂ = C, k̂ = B, v = x, β = Δ, g = Δ A; `hooked_gdn.mamba2`). Every function below takes it, and edits
-mean the same in both.
+The map S_{t−1} ↦ S̃_t that every position applies before its write is a named `Transition`:
+``DELTA_RULE`` (α_t with the delta rule's erase, Gated DeltaNet) or ``SCALAR_DECAY`` (α_t alone, δ_t = β_t v_t:
+Mamba-2's SSD layer, h_t = exp(Δ_t A) h_{t−1} + B_t (Δ_t x_t)ᵀ, y_t = h_tᵀ C_t, with q̂ = C, k̂ = B, v = x,
+β = Δ, g = Δ A; `hooked_gdn.mamba2`). Every function below takes one, and edits mean the same under both.
 
 ``gated_delta_rule_reference`` runs that one position at a time; it is the ground truth that the
 chunked path and every edit path are tested against. ``chunked_gated_delta_rule`` is the WY/UT
@@ -90,26 +90,46 @@ class DeltaRuleEdits:
         return state
 
 
-def decay_and_predict(state: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, erase: bool = True) -> tuple[Tensor, Tensor]:
-    """One position's S̃ = α S and δ = β (v − S̃ᵀ k̂) (δ = β v without ``erase``), for S [b, H, d_k, d_v] and per-head rows."""
-    decayed = state * g.exp()[..., None, None]
-    delta = beta[..., None] * (v - torch.einsum("bhkv,bhk->bhv", decayed, k) if erase else v)
-    return decayed, delta
+@dataclass(frozen=True)
+class Transition:
+    """A kind of memory transition: the map A_t that a head's state goes through at one position before
+    its write (docs/design.md §5). Each mixer's `hooked_gdn.memory.MatrixMemory` holds one, and it is
+    the one owner of that map: the engine's steps, effective attention over the inputs, the
+    logit-shift propagation and its gradient all ask it.
 
+    - ``DELTA_RULE`` (Gated DeltaNet): A_t = α_t (I − β_t k̂_t k̂_tᵀ); the write δ_t = β_t (v_t − S̃ᵀ k̂_t)
+      holds what the erase took out.
+    - ``SCALAR_DECAY`` (Mamba-2's SSD): A_t = α_t I; δ_t = β_t v_t.
 
-def transition(x: Float[Tensor, "... d_k"], k: Float[Tensor, "... d_k"], g: Tensor, beta: Tensor,
-               erase: bool = True) -> Float[Tensor, "... d_k"]:
-    """A_t x for key-space vectors x, the map the state's rows go through at one position when nothing
-    is written: S̃ − k̂ (β k̂ᵀ S̃) = A_t S_{t−1} with A_t = α_t (I − β_t k̂_t k̂_tᵀ), or α_t I without
-    ``erase`` (Mamba-2). ``k``, and ``g``, ``beta`` with a trailing axis added, broadcast against ``x``.
-
-    A_t is symmetric, so this is also its adjoint: carrying a query back to an earlier position
-    (effective attention over the inputs) and carrying a state edit forward (the logit-shift
-    propagation) are both this map. It is the one copy of the transition outside the engine's steps.
+    Both are symmetric, so ``adjoint`` is ``apply``; a per-channel decay with its own removal key and
+    rate (RWKV-7's diag(w_t) − (a_t ⊙ κ̂_t) κ̂_tᵀ) is neither, which is why the two are named apart.
     """
-    if erase:
-        x = x - (beta[..., None] * (x * k).sum(-1, keepdim=True)) * k
-    return g.exp()[..., None] * x
+
+    name: str
+    erases: bool  # the delta rule's erase term: S̃ᵀ k̂_t is subtracted from the value before it is written
+
+    def apply(self, x: Float[Tensor, "... d_k"], k: Float[Tensor, "... d_k"], g: Tensor, beta: Tensor) -> Float[Tensor, "... d_k"]:
+        """A_t x for key-space vectors x (the rows of S_{t−1}, or an edit of them carried forward). ``k``,
+        and ``g``, ``beta`` with a trailing axis added, broadcast against ``x``."""
+        if self.erases:
+            x = x - (beta[..., None] * (x * k).sum(-1, keepdim=True)) * k
+        return g.exp()[..., None] * x
+
+    def adjoint(self, x: Float[Tensor, "... d_k"], k: Float[Tensor, "... d_k"], g: Tensor, beta: Tensor) -> Float[Tensor, "... d_k"]:
+        """A_tᵀ x: a query carried back to an earlier position (effective attention over the inputs, the
+        gradient of a later read with respect to an earlier state)."""
+        return self.apply(x, k, g, beta)  # both kinds are symmetric
+
+    def decay_and_predict(self, state: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+        """One position's S̃ = α S and write value δ = β (v − S̃ᵀ k̂) (β v without the erase), for S [b, H, d_k, d_v]
+        and per-head rows."""
+        decayed = state * g.exp()[..., None, None]
+        delta = beta[..., None] * (v - torch.einsum("bhkv,bhk->bhv", decayed, k) if self.erases else v)
+        return decayed, delta
+
+
+DELTA_RULE = Transition("delta_rule", erases=True)
+SCALAR_DECAY = Transition("scalar_decay", erases=False)
 
 
 def write(decayed: Tensor, k: Tensor, delta: Tensor) -> Tensor:
@@ -126,9 +146,9 @@ def _zero_state(k: Tensor, v: Tensor) -> Tensor:
     return k.new_zeros(k.shape[0], k.shape[2], k.shape[3], v.shape[3])
 
 
-def _edited_step(state, t, q, k, v, g, beta, edits: DeltaRuleEdits | None, erase: bool = True):
+def _edited_step(state, t, q, k, v, g, beta, edits: DeltaRuleEdits | None, transition: Transition):
     """Position t of the recurrence with its edits applied: returns (S_t, o_t, δ_t)."""
-    decayed, delta = decay_and_predict(state, k[:, t], v[:, t], g[:, t], beta[:, t], erase)
+    decayed, delta = transition.decay_and_predict(state, k[:, t], v[:, t], g[:, t], beta[:, t])
     key = k[:, t]
     if edits is not None:
         key, delta = edits.write_at(t, key, delta)
@@ -140,13 +160,13 @@ def _edited_step(state, t, q, k, v, g, beta, edits: DeltaRuleEdits | None, erase
 
 def gated_delta_rule_reference(
     q: Queries, k: Keys, v: Values, g: PerHead, beta: PerHead,
-    initial_state: State | None = None, edits: DeltaRuleEdits | None = None, erase: bool = True,
+    initial_state: State | None = None, edits: DeltaRuleEdits | None = None, transition: Transition = DELTA_RULE,
 ) -> DeltaRuleOutput:
     """The recurrence one position at a time, exactly as written; returns the states at every position."""
     state = _zero_state(k, v) if initial_state is None else initial_state
     outs, deltas, states = [], [], []
     for t in range(k.shape[1]):
-        state, o, delta = _edited_step(state, t, q, k, v, g, beta, edits, erase)
+        state, o, delta = _edited_step(state, t, q, k, v, g, beta, edits, transition)
         outs.append(o)
         deltas.append(delta)
         states.append(state)
@@ -156,7 +176,7 @@ def gated_delta_rule_reference(
 def chunked_gated_delta_rule(
     q: Queries, k: Keys, v: Values, g: PerHead, beta: PerHead,
     initial_state: State | None = None, state_positions: Int[Tensor, " P"] | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE, erase: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE, transition: Transition = DELTA_RULE,
 ) -> DeltaRuleOutput:
     """The WY/UT chunked form. ``state_positions`` [P] asks for S_t at those positions.
 
@@ -167,7 +187,8 @@ def chunked_gated_delta_rule(
         o_i = e^{γ_i} S_0ᵀ q̂_i + Σ_{j≤i} D_ij (q̂_iᵀ k̂_j) δ_j,
         S_i = e^{γ_i} S_0 + Σ_{j≤i} D_ij k̂_j δ_jᵀ.
 
-    Without ``erase`` there is no system to solve: A = 0 and δ = β v (the SSD form of Mamba-2).
+    Without the erase (``SCALAR_DECAY``) there is no system to solve: A = 0 and δ = β v (the SSD form
+    of Mamba-2).
     The chunk-start states come from a loop over chunks; the states at requested positions are
     then the last line, computed for all of them at once.
     """
@@ -185,7 +206,7 @@ def chunked_gated_delta_rule(
     causal = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
     decay = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~causal, float("-inf")).exp()
     u, w = v * beta[..., None], None  # δ = u − w S_0
-    if erase:
+    if transition.erases:
         k_beta = k * beta[..., None]
         system = (k_beta @ k.transpose(-1, -2)) * decay  # I + A, with its diagonal taken as 1 below
         u = torch.linalg.solve_triangular(system, u, upper=False, unitriangular=True)
@@ -229,12 +250,12 @@ def chunked_gated_delta_rule(
 def gated_delta_rule(
     q: Queries, k: Keys, v: Values, g: PerHead, beta: PerHead,
     initial_state: State | None = None, state_positions: Int[Tensor, " P"] | None = None,
-    edits: DeltaRuleEdits | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE, erase: bool = True,
+    edits: DeltaRuleEdits | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE, transition: Transition = DELTA_RULE,
 ) -> DeltaRuleOutput:
     """The chunked recurrence with edits: chunked between edited positions, one exact step at each."""
     edited = edits.positions() if edits is not None else []
     if not edited:
-        return chunked_gated_delta_rule(q, k, v, g, beta, initial_state, state_positions, chunk_size, erase)
+        return chunked_gated_delta_rule(q, k, v, g, beta, initial_state, state_positions, chunk_size, transition)
     T = k.shape[1]
     wanted = state_positions.tolist() if state_positions is not None else []
     state = _zero_state(k, v) if initial_state is None else initial_state
@@ -245,7 +266,7 @@ def gated_delta_rule(
             in_segment = [p for p in wanted if start <= p < e]
             segment = chunked_gated_delta_rule(
                 q[:, start:e], k[:, start:e], v[:, start:e], g[:, start:e], beta[:, start:e], state,
-                torch.tensor(in_segment, device=k.device) - start if in_segment else None, chunk_size, erase,
+                torch.tensor(in_segment, device=k.device) - start if in_segment else None, chunk_size, transition,
             )
             outs.append(segment.out)
             deltas.append(segment.write_value)
@@ -253,7 +274,7 @@ def gated_delta_rule(
             state = segment.final_state
         if e == T:
             break
-        state, o, delta = _edited_step(state, e, q, k, v, g, beta, edits, erase)
+        state, o, delta = _edited_step(state, e, q, k, v, g, beta, edits, transition)
         outs.append(o[:, None])
         deltas.append(delta[:, None])
         if e in wanted:

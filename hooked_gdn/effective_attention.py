@@ -34,7 +34,7 @@ from einops import einsum, rearrange
 from jaxtyping import Float
 from torch import Tensor
 
-from .delta_rule import transition
+from .delta_rule import DELTA_RULE, Transition
 from .sites import gdn_hook_name
 
 DECOMPOSITIONS = ("writes", "inputs")
@@ -98,20 +98,20 @@ def over_inputs(
     g: Float[Tensor, "batch pos head"],
     beta: Float[Tensor, "batch pos head"],
     initial_state: Float[Tensor, "batch head d_k d_v"] | None = None,
-    erase: bool = True,
+    transition: Transition = DELTA_RULE,
 ) -> EffectiveAttention:
     """c_tj = q̂_tᵀ A_t⋯A_{j+1} k̂_j on β_j v_j; initial term (A_t⋯A_0 S_init)ᵀ q̂_t.
 
-    A_s is the recurrence's `hooked_gdn.delta_rule.transition`: α_s (I − β_s k̂_s k̂_sᵀ), or α_s I for a
-    recurrence without ``erase`` (Mamba-2, where this equals the decomposition over the writes). It is
-    symmetric, so r_tj = A_{j+1}⋯A_t q̂_t is q̂_t carried back to position j; one sweep from the last
-    position to the first carries every query at once (O(T² d_k) per head) and c_tj = r_tjᵀ k̂_j.
+    A_s is the layer's `hooked_gdn.delta_rule.Transition`: α_s (I − β_s k̂_s k̂_sᵀ), or α_s I for
+    ``SCALAR_DECAY`` (Mamba-2, where this equals the decomposition over the writes). r_tj = A_{j+1}ᵀ⋯A_tᵀ q̂_t
+    is q̂_t carried back to position j by the adjoints; one sweep from the last position to the first
+    carries every query at once (O(T² d_k) per head) and c_tj = r_tjᵀ k̂_j.
     """
     b, T, H, d_k = k_hat.shape
     q = rearrange(q_hat, "b t h k -> b h t k")
     k = rearrange(k_hat, "b t h k -> b h t k")
     g_, beta_ = rearrange(g, "b t h -> b h t"), rearrange(beta, "b t h -> b h t")
-    step = lambda rows, s: transition(rows, k[:, :, s, None], g_[:, :, s, None], beta_[:, :, s, None], erase)
+    step = lambda rows, s: transition.adjoint(rows, k[:, :, s, None], g_[:, :, s, None], beta_[:, :, s, None])
     carried = q.new_zeros(b, H, T, d_k)  # row t: r_tj for t ≥ j; rows t < j stay zero
     columns = []
     for j in range(T - 1, -1, -1):
@@ -128,18 +128,19 @@ def over_inputs(
     return EffectiveAttention(pattern, values, initial, "inputs")
 
 
-def recurrence_erases(cache: Mapping[str, Tensor], layer: int, erase: bool | None = None) -> bool:
-    """Whether layer ``layer``'s recurrence has the delta rule's erase (GDN) or not (Mamba-2): ``erase``
+def recurrence_transition(cache: Mapping[str, Tensor], layer: int, transition: Transition | None = None) -> Transition:
+    """Layer ``layer``'s `Transition` (``DELTA_RULE`` for GDN, ``SCALAR_DECAY`` for Mamba-2): ``transition``
     when given, else read off the model of a ``run_with_cache`` cache. A cache without its model (a
-    plain dict) does not say, so it needs ``erase``: guessing would give a decomposition that does not
-    add up on the other family."""
-    if erase is not None:
-        return erase
+    plain dict) does not say, so it needs ``transition``: guessing would give a decomposition that does
+    not add up on the other family."""
+    if transition is not None:
+        return transition
     model = getattr(cache, "model", None)
     if model is None:
-        raise ValueError("this cache does not say whether the layer's recurrence erases (it holds no model): pass "
-                         "erase=True for a Gated DeltaNet layer or erase=False for a Mamba-2 layer")
-    return model.blocks[layer].linear_attn.erase
+        raise ValueError("this cache does not say which transition the layer's memory has (it holds no model): pass "
+                         "transition=DELTA_RULE for a Gated DeltaNet layer or transition=SCALAR_DECAY for a Mamba-2 layer "
+                         "(hooked_gdn.delta_rule)")
+    return model.blocks[layer].linear_attn.transition
 
 
 def _select_heads(x: Tensor, heads: Sequence[int] | None, dim: int) -> Tensor:
@@ -152,7 +153,7 @@ def effective_attention(
     over: str = "writes",
     heads: int | Sequence[int] | None = None,
     initial_state: Float[Tensor, "batch head d_k d_v"] | None = None,
-    erase: bool | None = None,
+    transition: Transition | None = None,
 ) -> EffectiveAttention:
     """The exact effective attention of GDN layer ``layer`` from a ``model.run_with_cache(tokens)`` cache.
 
@@ -162,8 +163,8 @@ def effective_attention(
     ``heads`` selects value heads (default all); the result's head axis follows their order.
     ``initial_state`` [b, H_v, d_k, d_v] is the state the cached run started from, for a run that
     continued a prefix (``model(tokens, cache=prefix)``: take ``prefix.recurrent_states[layer]``
-    before the call, which replaces it); it is given for all heads. ``erase``: whether the layer's
-    recurrence erases (`recurrence_erases`), read off the cache's model unless given.
+    before the call, which replaces it); it is given for all heads. ``transition``: the layer's
+    (`recurrence_transition`), read off the cache's model unless given.
     """
     if over not in DECOMPOSITIONS:
         raise ValueError(f"over must be one of {DECOMPOSITIONS}, got {over!r}")
@@ -184,4 +185,4 @@ def effective_attention(
     if over == "writes":
         return over_writes(x["read_query"], x["write_key"], x["write_value"], x["log_decay"], initial_state)
     return over_inputs(x["read_query"], x["write_key"], x["v"], x["log_decay"], x["beta"], initial_state,
-                       recurrence_erases(cache, layer, erase))
+                       recurrence_transition(cache, layer, transition))

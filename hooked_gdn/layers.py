@@ -23,10 +23,10 @@ from torch import Tensor, nn
 
 from .cache import GDNCache
 from .config import HookedGDNConfig
-from .delta_rule import DEFAULT_CHUNK_SIZE, DeltaRuleEdits, decay_and_predict, gated_delta_rule, read, write
+from .delta_rule import DEFAULT_CHUNK_SIZE, DELTA_RULE
 from .hook_points import CheckedHookPoint, any_hooked
+from .memory import MatrixMemory
 from .mlp import GatedMLP, SparseMoE
-from .sites import tell_positions
 
 
 @dataclass
@@ -112,14 +112,34 @@ def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
-class GatedDeltaNet(nn.Module):
-    """The GDN layer of docs/design.md §2, with its recurrent state and rank-1 write as editable hook points."""
+def split_heads(x: Float[Tensor, "b p hd"], d: int) -> Float[Tensor, "b p h d"]:
+    return rearrange(x, "b p (h d) -> b p h d", d=d)
 
-    erase = True  # the delta rule's erase term; Mamba-2's SSD mixer (`hooked_gdn.mamba2`) runs this recurrence without it
+
+def causal_conv(
+    x: Float[Tensor, "b p c"], weight: Float[Tensor, "c 1 K"], bias: Float[Tensor, " c"] | None, ctx: ForwardContext, layer: int
+) -> Float[Tensor, "b p c"]:
+    """SiLU of the causal depthwise conv (kernel K) over positions, continuing the cache's last K−1 inputs
+    of ``layer`` and leaving its own there: the short conv before the GDN and Mamba-2 recurrences."""
+    kernel = weight.shape[-1]
+    x = rearrange(x, "b p c -> b c p")
+    past = None if ctx.cache is None else ctx.cache.conv_states.get(layer)
+    if past is None:
+        past = x.new_zeros(x.shape[0], x.shape[1], kernel - 1)
+    padded = torch.cat([past.to(x.dtype), x], -1)
+    if ctx.cache is not None:
+        ctx.cache.update_conv_state(layer, padded, kernel)
+    bias = None if bias is None else bias.to(x.dtype)
+    return rearrange(F.silu(F.conv1d(padded, weight.to(x.dtype), bias, groups=x.shape[1])), "b c p -> b p c")
+
+
+class GatedDeltaNet(MatrixMemory):
+    """The GDN layer of docs/design.md §2: a `MatrixMemory` with the delta rule's transition, whose state
+    and rank-1 write are editable hook points; this class holds the projections, conv, gates and output norm."""
 
     def __init__(self, cfg: HookedGDNConfig, layer: int):
-        super().__init__()
-        self.cfg, self.layer = cfg, layer
+        super().__init__(layer, DELTA_RULE)
+        self.cfg = cfg
         self.key_dim = cfg.n_key_heads * cfg.d_key
         self.value_dim = cfg.n_value_heads * cfg.d_value
         self.conv_dim = 2 * self.key_dim + self.value_dim
@@ -128,7 +148,6 @@ class GatedDeltaNet(nn.Module):
         self.W_b = _matrix(cfg.n_value_heads, cfg.d_model)
         self.W_a = _matrix(cfg.n_value_heads, cfg.d_model)
         self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, 1, cfg.conv_kernel))
-        self.conv_bias = None  # Qwen's conv has none (Mamba-2's has one)
         self.A_log = nn.Parameter(torch.empty(cfg.n_value_heads))
         self.dt_bias = nn.Parameter(torch.ones(cfg.n_value_heads))
         self.norm = GatedRMSNorm(cfg.d_value, cfg.gdn_norm_eps)
@@ -145,29 +164,10 @@ class GatedDeltaNet(nn.Module):
         self.hook_beta_logit = CheckedHookPoint()  # [b, p, H_v]: b
         self.hook_beta = CheckedHookPoint()  # [b, p, H_v]: β = σ(b), or 2σ(b) with allow_neg_eigval
         self.hook_log_decay = CheckedHookPoint()  # [b, p, H_v]: g, α = e^g
-        self.hook_read_query = CheckedHookPoint()  # [b, p, H_v, d_k]: q̂
-        self.hook_write_key = CheckedHookPoint()  # [b, p, H_v, d_k]: k̂; edits carried
-        self.hook_write_value = CheckedHookPoint()  # [b, p, H_v, d_v]: δ; edits carried
-        self.hook_state = CheckedHookPoint()  # [b, P, H_v, d_k, d_v]: S_t at state_positions; edits carried
-        self.hook_final_state = CheckedHookPoint()  # [b, H_v, d_k, d_v]
-        self.hook_recurrence_out = CheckedHookPoint()  # [b, p, H_v, d_v]: o
+        # the memory's own (`MatrixMemory`): hook_read_query, hook_write_key, hook_write_value, hook_state,
+        # hook_final_state, hook_recurrence_out, with H = H_v
         self.hook_gated_out = CheckedHookPoint()  # [b, p, H_v, d_v]: y, each head's input to W_o
         self.hook_out = CheckedHookPoint()  # [b, p, d_model]
-
-    def _heads(self, x: Float[Tensor, "b p hd"], d: int) -> Float[Tensor, "b p h d"]:
-        return rearrange(x, "b p (h d) -> b p h d", d=d)
-
-    def _conv(self, qkv: Float[Tensor, "b p conv_dim"], ctx: ForwardContext) -> Float[Tensor, "b p conv_dim"]:
-        """Causal depthwise conv (kernel K) over positions, continuing the cached last K−1 inputs."""
-        x = rearrange(qkv, "b p c -> b c p")
-        past = None if ctx.cache is None else ctx.cache.conv_states.get(self.layer)
-        if past is None:
-            past = x.new_zeros(x.shape[0], x.shape[1], self.cfg.conv_kernel - 1)
-        padded = torch.cat([past.to(x.dtype), x], -1)
-        if ctx.cache is not None:
-            ctx.cache.update_conv_state(self.layer, padded, self.cfg.conv_kernel)
-        bias = None if self.conv_bias is None else self.conv_bias.to(x.dtype)
-        return rearrange(F.silu(F.conv1d(padded, self.conv_weight.to(x.dtype), bias, groups=self.conv_dim)), "b c p -> b p c")
 
     def forward(self, x: Float[Tensor, "b p d_model"], ctx: ForwardContext) -> Float[Tensor, "b p d_model"]:
         cfg = self.cfg
@@ -175,30 +175,24 @@ class GatedDeltaNet(nn.Module):
             x = x * ctx.current_mask[..., None].to(x.dtype)
         x = self.hook_in(x)
         q, k, v = F.linear(x, self.W_qkv).split([self.key_dim, self.key_dim, self.value_dim], -1)
-        q = self.hook_q_pre_conv(self._heads(q, cfg.d_key))
-        k = self.hook_k_pre_conv(self._heads(k, cfg.d_key))
-        v = self.hook_v_pre_conv(self._heads(v, cfg.d_value))
-        mixed = self._conv(torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], -1), ctx)
+        q = self.hook_q_pre_conv(split_heads(q, cfg.d_key))
+        k = self.hook_k_pre_conv(split_heads(k, cfg.d_key))
+        v = self.hook_v_pre_conv(split_heads(v, cfg.d_value))
+        mixed = causal_conv(torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], -1), self.conv_weight, None, ctx, self.layer)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], -1)
-        q = self.hook_q(self._heads(q, cfg.d_key))
-        k = self.hook_k(self._heads(k, cfg.d_key))
-        v = self.hook_v(self._heads(v, cfg.d_value))
-        z = self.hook_gate_input(self._heads(F.linear(x, self.W_z), cfg.d_value))
+        q = self.hook_q(split_heads(q, cfg.d_key))
+        k = self.hook_k(split_heads(k, cfg.d_key))
+        v = self.hook_v(split_heads(v, cfg.d_value))
+        z = self.hook_gate_input(split_heads(F.linear(x, self.W_z), cfg.d_value))
         b = self.hook_beta_logit(F.linear(x, self.W_b))
         beta = self.hook_beta(2.0 * b.sigmoid() if cfg.allow_neg_eigval else b.sigmoid())
         a = F.linear(x, self.W_a)
         g = self.hook_log_decay(-self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias))
 
         group = cfg.n_value_heads // cfg.n_key_heads
-        q_hat = self.hook_read_query(l2norm(q.float().repeat_interleave(group, 2)) * cfg.d_key**-0.5)
+        q_hat = l2norm(q.float().repeat_interleave(group, 2)) * cfg.d_key**-0.5
         k_hat = l2norm(k.float().repeat_interleave(group, 2))
-        initial = None if ctx.cache is None else ctx.cache.recurrent_states.get(self.layer)
-        recurrence = self._sequential if ctx.sequential else self._parallel
-        out, final = recurrence(q_hat, k_hat, v.float(), g, beta.float(), initial, ctx)
-        final = self.hook_final_state(final)
-        if ctx.cache is not None:
-            ctx.cache.update_recurrent_state(self.layer, final)
-        o = self.hook_recurrence_out(out.to(x.dtype))
+        o = self.recur(q_hat, k_hat, v.float(), g, beta.float(), ctx, out_dtype=x.dtype)
         return self.hook_out(self.output_from_read(o, {"gate_input": z}))
 
     #: what `output_from_read` needs besides the read, by hook short name
@@ -211,50 +205,10 @@ class GatedDeltaNet(nn.Module):
         y = self.hook_gated_out(self.norm(o, inputs["gate_input"]))
         return F.linear(y.flatten(-2).to(self.W_o.dtype), self.W_o)
 
-    def _parallel(self, q_hat, k_hat, v, g, beta, initial, ctx: ForwardContext):
-        """Chunked recurrence; write and state edits returned by hooks are carried forward exactly."""
-        hooked_state = any_hooked(self.hook_state)
-        positions = None
-        if hooked_state:
-            positions = ctx.state_positions if ctx.state_positions is not None else torch.arange(k_hat.shape[1], device=k_hat.device)
-        run = lambda edits, positions: gated_delta_rule(q_hat, k_hat, v, g, beta, initial, positions, edits, ctx.chunk_size, self.erase)
-        result = run(None, positions)
-        edits = DeltaRuleEdits()
-        if any_hooked(self.hook_write_key, self.hook_write_value):
-            tell_positions(ctx.past_length + torch.arange(k_hat.shape[1]), self.hook_write_key, self.hook_write_value)
-            key, key_edited, _ = self.hook_write_key.fire_and_diff(k_hat, 1)
-            value, value_edited, _ = self.hook_write_value.fire_and_diff(result.write_value, 1)
-            edited = [m for m in (key_edited, value_edited) if m is not None]
-            if edited:  # a row is forced where either side of its write was edited
-                edits.write_mask = edited[0] if len(edited) == 1 else edited[0] | edited[1]
-                edits.write_key, edits.write_value = key.float(), value.float()
-                result = run(edits, positions)
-        if hooked_state:
-            tell_positions(ctx.past_length + positions.cpu(), self.hook_state)
-            recompute = lambda: run(edits, positions).states
-            states, edited, original = self.hook_state.fire_and_diff(result.states, 2, recompute)
-            if edited is not None:
-                rows = edited.any(dim=(0, 2)).nonzero().flatten()
-                edits.diff_positions = positions[rows]
-                edits.state_diff = (states - original)[:, rows].float()
-                result = run(edits, None)
-        return result.out, result.final_state
 
-    def _sequential(self, q_hat, k_hat, v, g, beta, initial, ctx: ForwardContext):
-        """One position at a time; the write and state hooks fire per position with p = 1."""
-        state = initial if initial is not None else k_hat.new_zeros(k_hat.shape[0], k_hat.shape[2], k_hat.shape[3], v.shape[3])
-        fire_state = set(range(k_hat.shape[1]) if ctx.state_positions is None else ctx.state_positions.tolist())
-        outs = []
-        for t in range(k_hat.shape[1]):
-            tell_positions(torch.tensor([ctx.past_length + t]), self.hook_write_key, self.hook_write_value, self.hook_state)
-            decayed, delta = decay_and_predict(state, k_hat[:, t], v[:, t], g[:, t], beta[:, t], self.erase)
-            key = self.hook_write_key(k_hat[:, t : t + 1])[:, 0]
-            delta = self.hook_write_value(delta[:, None])[:, 0]
-            state = write(decayed, key.float(), delta.float())
-            if t in fire_state:
-                state = self.hook_state(state[:, None])[:, 0].float()
-            outs.append(read(state, q_hat[:, t]))
-        return torch.stack(outs, 1), state
+def rotary_inv_freq(rotary_dim: int, base: float) -> Float[Tensor, " half_rotary_dim"]:
+    """The rotary embedding's inverse frequencies base^(−2i/r) (empty without rotary features)."""
+    return 1.0 / base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -408,3 +362,19 @@ class Block(nn.Module):
         resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(mixed))
         mlp_out = self.ln2_post(self.mlp(resid_mid)) if self.post_norm else self.mlp(self.ln2(resid_mid))
         return self.hook_resid_post(resid_mid + self.hook_mlp_out(mlp_out))
+
+
+def init_hybrid_weights(model: nn.Module, std: float = 0.02) -> None:
+    """Qwen3.5's initialisation of a GDN hybrid: normal(0, std) matrices, A = U(0.01, 16), dt_bias = 1, norms
+    at identity."""
+    for name, p in model.named_parameters():
+        if name.endswith("A_log"):
+            p.copy_(torch.empty_like(p).uniform_(0.01, 16).log())
+        elif name.endswith("dt_bias") or name.endswith("norm.w"):  # GatedRMSNorm multiplies by w
+            p.fill_(1.0)
+        elif name.endswith(".w"):  # RMSNorm: 1 + w, or w
+            p.fill_(0.0 if model.cfg.zero_centred_norms else 1.0)
+        elif name.endswith("conv_weight"):
+            nn.init.uniform_(p, -p.shape[-1] ** -0.5, p.shape[-1] ** -0.5)
+        else:
+            nn.init.normal_(p, std=std)

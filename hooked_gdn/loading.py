@@ -1,4 +1,4 @@
-"""Loading checkpoints of the supported GDN families (transformers format: config.json + safetensors) into `HookedGatedDeltaNet`.
+"""Loading checkpoints of every supported family (transformers format: config.json + safetensors) into `HookedGatedDeltaNet`.
 
 `load_pretrained` builds the model on the meta device and streams the (sharded) safetensors into it
 one tensor at a time, through each family's per-key placements (`hooked_gdn.architectures`);
@@ -24,7 +24,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
 from .architectures import BY_KEY
-from .config import HookedGDNConfig
+from .config import HookedModelConfig
 from .placement import check_available, dispatch, main_device, plan_device_map
 from .pretrained import PRETRAINED_MODELS, pretrained_path
 
@@ -73,12 +73,6 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
         raise FileNotFoundError(f"{name!r} is not a folder here, and {_hub_failure(first_line)}") from error
 
 
-def checkpoint_model_type(name_or_path: str | Path) -> str | None:
-    """transformers' ``model_type`` of a checkpoint (shipped name, folder or hub id), from its config.json:
-    what decides which hooked class loads it."""
-    return json.loads((resolve_checkpoint(name_or_path) / "config.json").read_text()).get("model_type")
-
-
 def _is_hub_id(name: str) -> bool:
     """``owner/name`` in the characters the hub allows."""
     from huggingface_hub.errors import HFValidationError
@@ -113,7 +107,7 @@ def _did_you_mean(name: str) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def hf_to_hooked_state_dict(hf_state: dict[str, torch.Tensor], cfg: HookedGDNConfig) -> dict[str, torch.Tensor]:
+def hf_to_hooked_state_dict(hf_state: dict[str, torch.Tensor], cfg: HookedModelConfig) -> dict[str, torch.Tensor]:
     """Our state dict from a transformers one of ``cfg``'s family, in memory (through the family's
     placements; keys outside the text model are dropped). A weight left unfilled is refused by name."""
     from .model import HookedGatedDeltaNet
@@ -217,7 +211,7 @@ def _open(name_or_path):
     """The folder, config, tokenizer, checkpoint and per-tensor placements of a checkpoint, checked
     against each other before any tensor data is read."""
     folder = resolve_checkpoint(name_or_path)
-    cfg = HookedGDNConfig.from_hf_config(AutoConfig.from_pretrained(folder), model_name=str(name_or_path))
+    cfg = HookedModelConfig.from_hf_config(AutoConfig.from_pretrained(folder), model_name=str(name_or_path))
     has_tokenizer = any((folder / f).exists() for f in _TOKENIZER_FILES)
     tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
     checkpoint = SafetensorsCheckpoint.open(folder)

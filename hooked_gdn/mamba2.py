@@ -5,10 +5,10 @@ Per layer and head, Mamba-2's SSD mixer keeps a state h_t ∈ R^{d_state × head
     h_t = exp(Δ_t A) h_{t−1} + B_t (Δ_t x_t)ᵀ,    y_t = h_tᵀ C_t + D x_t,
 
 then a gated RMSNorm (y ⊙ SiLU(z), normalised per group of heads) and the output projection. That is
-the gated delta rule of docs/design.md §2 without its erase term (§4), with the write strength Δ_t in place of β,
-so the mixer runs `hooked_gdn.delta_rule` with ``erase=False`` through the GDN layer's own hook and
-edit machinery (`Mamba2Mixer` subclasses `GatedDeltaNet` for its recurrence only). Its hook points
-keep the GDN names wherever the quantity is the same, with d_k = d_state and d_v = head_dim:
+the gated delta rule of docs/design.md §2 without its erase term (§4), with the write strength Δ_t in place of β:
+a `hooked_gdn.memory.MatrixMemory` with the ``SCALAR_DECAY`` transition, whose state and write hook points
+and carried edits, parallel and sequential, are the same component's as GDN's. Its hook points keep the
+GDN names wherever the quantity is the same, with d_k = d_state and d_v = head_dim:
 
 =====================  =====================================  ==========================
 GDN                    Mamba-2                                hook (under linear_attn.)
@@ -27,85 +27,53 @@ Also ``hook_q/k_pre_conv`` and ``hook_q/k`` (C and B per group, [b,p,G,N]), ``ho
 ``hook_gate_input`` (z), ``hook_gated_out`` (each head's slice of the gated norm's output) and
 ``hook_final_state``. The model keeps TransformerLens' block names (``ln1``, ``hook_attn_out`` for the
 mixer's output, ``ln_final``) and the mixer sits at ``blocks.L.linear_attn``, so `hooked_gdn.sites`,
-the census and `writesae` address it as they address a GDN layer. Everything beyond the layers
-(tokens, caching activations, loss, prefill and generation) is `HookedGatedDeltaNet`'s.
+the census and `writesae` address it as they address a GDN layer. The model is `HookedGatedDeltaNet`
+(tokens, caching activations, loss, prefill and generation), which builds its blocks through the
+family's entry in `hooked_gdn.architectures`; `HookedMamba2` is that class restricted to Mamba-2.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
-from transformer_lens import HookedRootModule
 
+from .config import HookedModelConfig
+from .delta_rule import SCALAR_DECAY
 from .hook_points import CheckedHookPoint
-from .layers import ForwardContext, GatedDeltaNet, RMSNorm, _matrix
+from .layers import ForwardContext, RMSNorm, _matrix, causal_conv, split_heads
+from .memory import MatrixMemory
 from .model import HookedGatedDeltaNet
 
 
-@dataclass
-class HookedMamba2Config:
-    """A Mamba-2 language model's sizes, in the names `HookedGDNConfig` gives the same quantities.
+@dataclass(kw_only=True)
+class HookedMamba2Config(HookedModelConfig):
+    """A Mamba-2 language model: `HookedModelConfig`'s sizes, in the names GDN gives the same quantities.
 
     Each layer has ``n_value_heads`` (H) SSD heads of size ``d_value`` (head_dim, P) with states of
     ``d_key`` (d_state, N) rows; B and C come in ``n_key_heads`` (n_groups, G) groups, each shared by
-    H / G consecutive heads, as GDN's key heads are.
+    H / G consecutive heads, as GDN's key heads are. Every layer is a memory layer; there is no
+    attention, MLP or rotary embedding.
     """
 
-    d_model: int
-    n_layers: int
-    d_vocab: int
-    n_value_heads: int
-    n_key_heads: int
-    d_key: int
-    d_value: int
-    conv_kernel: int = 4
-    eps: float = 1e-5
+    architecture: str = "mamba2"
     use_bias: bool = False  # biases of the input and output projections
     use_conv_bias: bool = True
     residual_in_fp32: bool = True
-    tie_word_embeddings: bool = False
-    eos_token_id: int | None = None
-    pad_token_id: int | None = None
-    model_name: str = "custom"
-    architecture: str = "mamba2"
-    dtype: torch.dtype = torch.float32
-    # TransformerLens attributes that ActivationCache helpers read (no MLPs: every block is its mixer)
-    normalization_type: str = "RMS"
-    attn_only: bool = True
-    act_fn: str = "silu"
-
-    def __post_init__(self):
-        if self.n_value_heads % self.n_key_heads:
-            raise ValueError(f"the number of heads ({self.n_value_heads}) must be a multiple of n_groups ({self.n_key_heads})")
+    attn_only: bool = True  # for TransformerLens: no MLPs, every block is its mixer
 
     @property
     def layer_types(self) -> list[str]:
         return ["linear_attention"] * self.n_layers
 
     @property
-    def gdn_layers(self) -> list[int]:
-        """The layers with a matrix memory: all of them."""
-        return list(range(self.n_layers))
-
-    @property
-    def attention_layers(self) -> list[int]:
-        return []
-
-    @property
     def d_inner(self) -> int:
         return self.n_value_heads * self.d_value
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["dtype"] = str(self.dtype).removeprefix("torch.")
-        return d
 
 
 class GroupedGatedRMSNorm(nn.Module):
@@ -123,17 +91,15 @@ class GroupedGatedRMSNorm(nn.Module):
         return self.w.view(y.shape[-2], y.shape[-1]) * rearrange(normed, "... g (h d) -> ... (g h) d", g=self.groups, d=y.shape[-1])
 
 
-class Mamba2Mixer(GatedDeltaNet):
-    """Mamba-2's SSD mixer. Its weights and front end are its own; the recurrence, with its state and
-    write hook points and their carried edits, parallel and sequential, is `GatedDeltaNet`'s with
-    ``erase = False``. Weights as transformers stores them: ``W_in`` (in_proj: z, x, B, C, dt rows),
-    ``conv_weight``/``conv_bias``, ``dt_bias``, ``A_log``, ``D``, ``norm.w``, ``W_o`` (out_proj)."""
-
-    erase = False
+class Mamba2Mixer(MatrixMemory):
+    """Mamba-2's SSD mixer: a `MatrixMemory` with the scalar-decay transition (no erase), whose state and
+    write hook points and carried edits are the memory's. This class holds its own weights, as
+    transformers stores them: ``W_in`` (in_proj: z, x, B, C, dt rows), ``conv_weight``/``conv_bias``,
+    ``dt_bias``, ``A_log``, ``D``, ``norm.w``, ``W_o`` (out_proj)."""
 
     def __init__(self, cfg: HookedMamba2Config, layer: int):
-        nn.Module.__init__(self)  # not GatedDeltaNet.__init__: none of its projections exist here
-        self.cfg, self.layer = cfg, layer
+        super().__init__(layer, SCALAR_DECAY)
+        self.cfg = cfg
         H, N = cfg.n_value_heads, cfg.d_key
         self.group_dim = cfg.n_key_heads * N
         self.conv_dim = cfg.d_inner + 2 * self.group_dim  # x, B, C
@@ -159,12 +125,8 @@ class Mamba2Mixer(GatedDeltaNet):
         self.hook_beta_logit = CheckedHookPoint()  # [b, p, H]: dt, before dt_bias and softplus
         self.hook_beta = CheckedHookPoint()  # [b, p, H]: Δ, the write strength
         self.hook_log_decay = CheckedHookPoint()  # [b, p, H]: g = Δ A
-        self.hook_read_query = CheckedHookPoint()  # [b, p, H, N]: C per head
-        self.hook_write_key = CheckedHookPoint()  # [b, p, H, N]: B per head; edits carried
-        self.hook_write_value = CheckedHookPoint()  # [b, p, H, P]: Δ x; edits carried
-        self.hook_state = CheckedHookPoint()  # [b, P, H, N, P]: h_t at state_positions; edits carried
-        self.hook_final_state = CheckedHookPoint()  # [b, H, N, P]
-        self.hook_recurrence_out = CheckedHookPoint()  # [b, p, H, P]: h_tᵀ C_t
+        # the memory's own (`MatrixMemory`): hook_read_query (C per head), hook_write_key (B per head),
+        # hook_write_value (Δ x), hook_state (h_t), hook_final_state, hook_recurrence_out (h_tᵀ C_t)
         self.hook_gated_out = CheckedHookPoint()  # [b, p, H, P]: the gated norm's output, each head's input to W_o
         self.hook_out = CheckedHookPoint()  # [b, p, d_model]
 
@@ -175,39 +137,32 @@ class Mamba2Mixer(GatedDeltaNet):
             x = x * mask
         x = self.hook_in(x)
         z, xBC, dt = F.linear(x, self.W_in, self.b_in).split([cfg.d_inner, self.conv_dim, cfg.n_value_heads], -1)
-        z = self.hook_gate_input(self._heads(z, cfg.d_value))
+        z = self.hook_gate_input(split_heads(z, cfg.d_value))
         xs, B, C = xBC.split([cfg.d_inner, self.group_dim, self.group_dim], -1)
-        xs = self.hook_v_pre_conv(self._heads(xs, cfg.d_value))
-        B = self.hook_k_pre_conv(self._heads(B, cfg.d_key))
-        C = self.hook_q_pre_conv(self._heads(C, cfg.d_key))
-        mixed = self._conv(torch.cat([xs.flatten(2), B.flatten(2), C.flatten(2)], -1), ctx)
+        xs = self.hook_v_pre_conv(split_heads(xs, cfg.d_value))
+        B = self.hook_k_pre_conv(split_heads(B, cfg.d_key))
+        C = self.hook_q_pre_conv(split_heads(C, cfg.d_key))
+        mixed = causal_conv(torch.cat([xs.flatten(2), B.flatten(2), C.flatten(2)], -1), self.conv_weight, self.conv_bias, ctx,
+                            self.layer)
         if mask is not None:
             mixed = mixed * mask
         xs, B, C = mixed.split([cfg.d_inner, self.group_dim, self.group_dim], -1)
-        xs = self.hook_v(self._heads(xs, cfg.d_value))
-        B = self.hook_k(self._heads(B, cfg.d_key))
-        C = self.hook_q(self._heads(C, cfg.d_key))
+        xs = self.hook_v(split_heads(xs, cfg.d_value))
+        B = self.hook_k(split_heads(B, cfg.d_key))
+        C = self.hook_q(split_heads(C, cfg.d_key))
         dt = self.hook_beta_logit(dt)
         strength = self.hook_beta(F.softplus(dt.float() + self.dt_bias.float()))  # Δ
         g = self.hook_log_decay(-self.A_log.float().exp() * strength)
 
         group = cfg.n_value_heads // cfg.n_key_heads
-        read_query = self.hook_read_query(C.float().repeat_interleave(group, 2))
-        write_key = B.float().repeat_interleave(group, 2)
-        initial = None if ctx.cache is None else ctx.cache.recurrent_states.get(self.layer)
-        recurrence = self._sequential if ctx.sequential else self._parallel
-        out, final = recurrence(read_query, write_key, xs.float(), g, strength, initial, ctx)
-        final = self.hook_final_state(final)
-        if ctx.cache is not None:
-            ctx.cache.update_recurrent_state(self.layer, final)
-        o = self.hook_recurrence_out(out)
+        o = self.recur(C.float().repeat_interleave(group, 2), B.float().repeat_interleave(group, 2), xs.float(), g, strength, ctx)
         return self.hook_out(self.output_from_read(o, {"gate_input": z, "v": xs}))
 
     OUTPUT_INPUTS = ("gate_input", "v")  # z, and x for the D skip
 
     def output_from_read(self, o: Float[Tensor, "... H P"], inputs: dict[str, Tensor]) -> Float[Tensor, "... d_model"]:
-        """After the recurrence: the D skip, the group-wise gated norm (gate before norm) and W_o (see
-        `hooked_gdn.layers.GatedDeltaNet.output_from_read`)."""
+        """After the recurrence: the D skip, the group-wise gated norm (gate before norm) and W_o (as
+        `hooked_gdn.layers.GatedDeltaNet.output_from_read`: its JVP in o is the read's direct effect)."""
         y = self.hook_gated_out(self.norm(o + self.D.float()[:, None] * inputs["v"].float(), inputs["gate_input"]))
         return F.linear(y.flatten(-2).to(self.W_o.dtype), self.W_o, self.b_o)
 
@@ -240,62 +195,30 @@ class FinalNorm(RMSNorm):
         return super().forward(x).to(self.w.dtype)
 
 
+def init_mamba2_weights(model: nn.Module, std: float = 0.02, dt_range: tuple[float, float] = (1e-3, 1e-1)) -> None:
+    """transformers' Mamba-2 initialisation: A = 1 … H, D = 1, dt log-uniform in ``dt_range``
+    (dt_bias = softplus⁻¹(dt)), norms at identity, zero biases, normal(0, std) matrices."""
+    for name, p in model.named_parameters():
+        if name.endswith("A_log"):
+            p.copy_(torch.arange(1, p.numel() + 1, dtype=p.dtype).log())
+        elif name.endswith("dt_bias"):
+            lo, hi = math.log(dt_range[0]), math.log(dt_range[1])
+            dt = torch.empty_like(p).uniform_(lo, hi).exp()
+            p.copy_(dt + torch.log(-torch.expm1(-dt)))
+        elif name.endswith((".D", ".w")):
+            p.fill_(1.0)
+        elif name.endswith(("b_in", "b_o", "conv_bias")):
+            p.zero_()
+        elif name.endswith("conv_weight"):
+            nn.init.uniform_(p, -p.shape[-1] ** -0.5, p.shape[-1] ** -0.5)
+        else:
+            nn.init.normal_(p, std=std)
+
+
 class HookedMamba2(HookedGatedDeltaNet):
-    """A Mamba-2 language model with hook points; see the module docstring for the hook table.
+    """`HookedGatedDeltaNet` restricted to Mamba-2 checkpoints and configs, the name Mamba-2 users call; see
+    the module docstring for the hook table. ``HookedGatedDeltaNet.from_pretrained("mamba2-austen")``
+    builds the same model. Write and state edits carry through the recurrence exactly as for GDN
+    (docs/design.md §8)."""
 
-    It is a `HookedGatedDeltaNet` for everything that is not a layer: ``forward`` (and its keywords
-    ``state_positions``, ``recurrence``, ``cache``, ``stop_at_layer``), ``run_with_cache``,
-    ``prefill``, ``generate``, the tokenizer helpers and ``W_E``/``W_U``. Write and state edits carry
-    through the recurrence exactly as for GDN (docs/design.md §8).
-    """
-
-    def __init__(self, cfg: HookedMamba2Config, tokenizer=None):
-        HookedRootModule.__init__(self)  # not HookedGatedDeltaNet.__init__, which builds GDN/attention blocks
-        self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
-        self.hook_embed = CheckedHookPoint()  # [b, p, d_model]
-        self.blocks = nn.ModuleList(Mamba2Block(cfg, i) for i in range(cfg.n_layers))
-        self.ln_final = FinalNorm(cfg.d_model, cfg.eps, zero_centred=False)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
-        # no rotary embeddings: the shared forward's rotary angles are empty, and the blocks ignore them
-        self.register_buffer("rotary_inv_freq", torch.zeros(0), persistent=False)
-        self.setup()
-
-    @classmethod
-    def from_config(cls, hf_config, device=None, dtype=None, tokenizer=None) -> "HookedMamba2":
-        """A randomly initialised model (transformers' Mamba-2 initialisation) for a ``Mamba2Config``."""
-        from .architectures.mamba2 import hooked_config
-
-        model = cls(hooked_config(hf_config), tokenizer)
-        model.init_weights()
-        model.cfg.dtype = dtype or torch.float32
-        return model.to(device=device, dtype=model.cfg.dtype)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, device=None, dtype=None) -> "HookedMamba2":
-        """Load a ``Mamba2ForCausalLM`` checkpoint: a shipped short name (``mamba2-austen``), a local folder or a hub
-        id, in eval mode."""
-        from .architectures.mamba2 import load_pretrained
-
-        return load_pretrained(cls, name_or_path, device=device, dtype=dtype)
-
-    @torch.no_grad()
-    def init_weights(self, std: float = 0.02, dt_range: tuple[float, float] = (1e-3, 1e-1)) -> None:
-        """transformers' Mamba-2 initialisation: A = 1 … H, D = 1, dt log-uniform in ``dt_range``
-        (dt_bias = softplus⁻¹(dt)), norms at identity, zero biases, normal(0, std) matrices."""
-        for name, p in self.named_parameters():
-            if name.endswith("A_log"):
-                p.copy_(torch.arange(1, p.numel() + 1, dtype=p.dtype).log())
-            elif name.endswith("dt_bias"):
-                lo, hi = math.log(dt_range[0]), math.log(dt_range[1])
-                dt = torch.empty_like(p).uniform_(lo, hi).exp()
-                p.copy_(dt + torch.log(-torch.expm1(-dt)))
-            elif name.endswith((".D", ".w")):
-                p.fill_(1.0)
-            elif name.endswith(("b_in", "b_o", "conv_bias")):
-                p.zero_()
-            elif name.endswith("conv_weight"):
-                nn.init.uniform_(p, -p.shape[-1] ** -0.5, p.shape[-1] ** -0.5)
-            else:
-                nn.init.normal_(p, std=std)
+    FAMILIES = ("mamba2",)

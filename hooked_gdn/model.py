@@ -1,5 +1,6 @@
-"""`HookedGatedDeltaNet`: a TransformerLens-style Gated DeltaNet hybrid (Qwen3.5, Qwen3.5-MoE, Qwen3-Next,
-OLMo-Hybrid) with the GDN state and write as hook points."""
+"""`HookedGatedDeltaNet`: a TransformerLens-style language model whose layers keep a matrix memory (the Gated
+DeltaNet hybrids Qwen3.5, Qwen3.5-MoE, Qwen3-Next, OLMo-Hybrid, and Mamba-2), with the memory's state and
+write as hook points."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from transformer_lens import HookedRootModule
 
 from .activation_cache import GDNActivationCache
 from .cache import GDNCache
-from .config import HookedGDNConfig
+from .config import HookedModelConfig
 from .delta_rule import DEFAULT_CHUNK_SIZE
 from .hook_points import CheckedHookPoint
-from .layers import Block, ForwardContext, RMSNorm
+from .layers import ForwardContext, rotary_inv_freq
 
 RETURN_TYPES = ("logits", "loss", "both", None)
 RECURRENCES = ("parallel", "sequential")
@@ -34,9 +35,10 @@ def _default_cache_filter(name: str) -> bool:
 
 
 class HookedGatedDeltaNet(HookedRootModule):
-    """A Gated DeltaNet hybrid's text model, re-implemented with hook points: one class for every family
-    of `hooked_gdn.architectures` (Qwen3.5, Qwen3.5-MoE, Qwen3-Next, OLMo-Hybrid), whose differences
-    are options of its config.
+    """A matrix-memory language model's text model, re-implemented with hook points: one class for every
+    family of `hooked_gdn.architectures` (Qwen3.5, Qwen3.5-MoE, Qwen3-Next, OLMo-Hybrid, Mamba-2). The
+    family's registry entry builds the blocks and the final norm from the config; everything else
+    (tokens, forward, caching, prefill, generation) is this class's, the same for all.
 
     Forward keywords beyond TransformerLens':
 
@@ -59,26 +61,43 @@ class HookedGatedDeltaNet(HookedRootModule):
     attention's and MLP's (see `hooked_gdn.layers`).
     """
 
-    def __init__(self, cfg: HookedGDNConfig, tokenizer=None):
+    #: the families (keys of `hooked_gdn.architectures.BY_KEY`) this class builds; None: every one
+    FAMILIES: tuple[str, ...] | None = None
+
+    def __init__(self, cfg: HookedModelConfig, tokenizer=None):
         super().__init__()
+        family = self.family_of(cfg)
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
         self.hook_embed = CheckedHookPoint()  # [b, p, d_model]
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.ln_final = RMSNorm(cfg.d_model, cfg.eps, cfg.zero_centred_norms)
+        self.blocks = nn.ModuleList(family.block(cfg, i) for i in range(cfg.n_layers))
+        self.ln_final = family.final_norm(cfg)
         # [d_vocab, d_model] as transformers stores it, so F.linear computes what transformers computes
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
-        inv_freq = 1.0 / cfg.rotary_base ** (torch.arange(0, cfg.rotary_dim, 2, dtype=torch.float) / cfg.rotary_dim)
-        self.register_buffer("rotary_inv_freq", inv_freq, persistent=False)
+        self.register_buffer("rotary_inv_freq", rotary_inv_freq(cfg.rotary_dim, cfg.rotary_base), persistent=False)
         self.setup()
+
+    @classmethod
+    def family_of(cls, cfg: HookedModelConfig):
+        """The registry entry (`hooked_gdn.architectures.Architecture`) that builds ``cfg``'s model; a config of
+        a family this class does not build is refused, naming the class that does."""
+        from .architectures import BY_KEY
+
+        if cfg.architecture not in BY_KEY:
+            raise ValueError(f"unknown architecture {cfg.architecture!r}; the families are {sorted(BY_KEY)}")
+        family = BY_KEY[cfg.architecture]
+        if cls.FAMILIES is not None and family.key not in cls.FAMILIES:
+            raise ValueError(f"{cls.__name__} builds {', '.join(BY_KEY[k].name for k in cls.FAMILIES)} models; this is a "
+                             f"{family.name} config ({family.key}): use HookedGatedDeltaNet, which builds every family")
+        return family
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
     def from_config(cls, hf_config, device=None, dtype=None, tokenizer=None) -> "HookedGatedDeltaNet":
-        """A randomly initialised model for a transformers config of any supported family."""
-        model = cls(HookedGDNConfig.from_hf_config(hf_config), tokenizer)
+        """A randomly initialised model (the family's initialisation) for a transformers config of any supported family."""
+        model = cls(HookedModelConfig.from_hf_config(hf_config), tokenizer)
         model.init_weights()
         model.cfg.dtype = dtype or torch.float32
         return model.to(device=device, dtype=model.cfg.dtype)
@@ -101,18 +120,8 @@ class HookedGatedDeltaNet(HookedRootModule):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
-        """Qwen3.5's initialisation: normal(0, std) matrices, A = U(0.01, 16), dt_bias = 1, norms at identity."""
-        for name, p in self.named_parameters():
-            if name.endswith("A_log"):
-                p.copy_(torch.empty_like(p).uniform_(0.01, 16).log())
-            elif name.endswith("dt_bias") or name.endswith("norm.w"):  # GatedRMSNorm multiplies by w
-                p.fill_(1.0)
-            elif name.endswith(".w"):  # RMSNorm: 1 + w, or w
-                p.fill_(0.0 if self.cfg.zero_centred_norms else 1.0)
-            elif name.endswith("conv_weight"):
-                nn.init.uniform_(p, -p.shape[-1] ** -0.5, p.shape[-1] ** -0.5)
-            else:
-                nn.init.normal_(p, std=std)
+        """The family's initialisation (as transformers initialises it), matrices normal(0, std)."""
+        self.family_of(self.cfg).init_weights(self, std)
 
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:

@@ -1,6 +1,6 @@
 """Held-out loss of a model by window length, on the model card's text (Persuasion chapters 21–24).
 
-    python scripts/heldout_loss.py gdn-austen --contexts 256 512 1024 --json results/heldout/gdn-austen.json
+    python -m scripts.heldout_loss gdn-austen --contexts 256 512 1024 --json results/heldout/gdn-austen.json
 
 The card's protocol cuts the held-out chapters, joined with EOS, into non-overlapping windows of
 ``context`` tokens; each window starts from an empty memory, so longer windows reward a model
@@ -34,7 +34,7 @@ def main() -> None:
         print(f"context {context}: {nats:.4f} nats/token, {bpc:.4f} bits/char")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = {"command": "python " + " ".join(sys.argv), "model": args.model, "by_context": figures}
+        record = {"command": " ".join(["python -m scripts.heldout_loss", *sys.argv[1:]]), "model": args.model, "by_context": figures}
         args.json.write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -1,6 +1,6 @@
 """Why the shipped state SAE diverges when spliced in the loop: the state norm per head, clean and spliced.
 
-    python scripts/loop_divergence.py    # writes results/shipped-saes/L5-state-loop-divergence.json
+    python -m scripts.loop_divergence    # writes results/shipped-saes/L5-state-loop-divergence.json
 
 Splicing a state SAE in the loop makes S_t = SAE(α_t (I − β_t k̂_t k̂_tᵀ) S_{t−1} + β_t k̂_t v_tᵀ) a
 feedback system: each position's state is the SAE's reconstruction of the delta rule's update of
@@ -43,7 +43,7 @@ def main() -> None:
     clean, spliced = state_norms(model, tokens), state_norms(model, tokens, [load_sae(SAE).eval()])
     shown = [0, 10, 20, 50, 100, 150, POSITIONS - 1]
     results = {
-        "provenance": {"command": shlex.join(["python", "scripts/loop_divergence.py", *sys.argv[1:]]), "seed": None,
+        "provenance": {"command": shlex.join(["python", "-m", "scripts.loop_divergence", *sys.argv[1:]]), "seed": None,
                        "model": "gdn-austen", "sae": SAE,
                        "inputs": f"the first held-out window (Persuasion 21-24), its first {POSITIONS} tokens"},
         "positions": shown,

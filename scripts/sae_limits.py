@@ -1,7 +1,7 @@
 """What limits the shipped state WriteSAE on long-memory heads: held-out FVU against dictionary size,
 sparsity k and training steps, with PCA-k beside each.
 
-    python scripts/sae_limits.py     # writes results/shipped-saes/L5-state-limits.{json,png}
+    python -m scripts.sae_limits     # writes results/shipped-saes/L5-state-limits.{json,png}
 
 Same samples and training settings as ``scripts/train_shipped_saes.py --kind state`` (layer 5,
 windows of 512 tokens, 32 positions each, seed 0), restricted to the long-memory heads (median
@@ -24,7 +24,7 @@ import torch
 
 from hooked_gdn.census import VERY_LONG_MEMORY, MemoryCensus
 from hooked_gdn.pretrained import CENSUS_FILE, PRETRAINED_MODELS
-from train_shipped_saes import MODEL, add_sample_and_training_arguments, extract, train_sae
+from scripts.train_shipped_saes import MODEL, add_sample_and_training_arguments, extract, train_sae
 from writesae.baselines import PCABaseline
 from writesae.evals import reconstruction_metrics
 from hooked_gdn.files import atomic_file
@@ -77,7 +77,7 @@ def main() -> None:
            for k in ks}
     best = {k: best_rank_k_fvu(samples.train, samples.heldout, k) for k in ks}
     results = {
-        "provenance": {"command": shlex.join(["python", "scripts/sae_limits.py", *sys.argv[1:]]), "seed": args.seed,
+        "provenance": {"command": shlex.join(["python", "-m", "scripts.sae_limits", *sys.argv[1:]]), "seed": args.seed,
                        "model": MODEL, "inputs": {"layer": args.layer, "heads": heads, "window": args.context,
                                                   "positions_per_window": args.positions,
                                                   "train_samples": samples.n_samples("train"),

@@ -1,6 +1,6 @@
 """Train and save the shipped ``mamba2-austen`` model: a small Mamba-2 on the bundled novels.
 
-    nice -n 10 python scripts/train_mamba2.py --threads 1
+    nice -n 10 python -m scripts.train_mamba2 --threads 1
 
 Reproduces ``hooked_gdn/pretrained/mamba2-austen`` (config.json, model.safetensors in bf16, the
 tokenizer, README.md model card with its memory census). Same text, tokenizer, split and held-out
@@ -35,7 +35,7 @@ from transformers import Mamba2Config, Mamba2ForCausalLM, PreTrainedTokenizerFas
 
 from hooked_gdn.census import LONG_MEMORY, VERY_LONG_MEMORY
 from hooked_gdn.pretrained import HELDOUT_CONTEXT, PRETRAINED_MODELS, heldout_windows
-from train_pretrained import CARD_CONTEXTS, TrainSettings, model_census, token_stream, train, transformers_heldout_loss
+from scripts.train_pretrained import CARD_CONTEXTS, TrainSettings, model_census, token_stream, train, transformers_heldout_loss
 
 OUT = PRETRAINED_MODELS["mamba2-austen"]
 TOKENIZER_SOURCE = PRETRAINED_MODELS["gdn-austen"]
@@ -98,14 +98,14 @@ def write_model_card(folder: Path) -> None:
         "",
         "A small Mamba-2 (SSD layers only) trained from scratch on Jane Austen's six novels, shipped so that",
         "`HookedMamba2` and `writesae` run on real Mamba-2 weights offline. Same tokenizer, split and held-out",
-        "chapters as `gdn-austen`. Reproduce it with `nice -n 10 python scripts/train_mamba2.py --threads 1`.",
+        "chapters as `gdn-austen`. Reproduce it with `nice -n 10 python -m scripts.train_mamba2 --threads 1`.",
         "",
     ]
     if stats["steps"] < settings["steps"]:
         lines += [
             f"**Shipped before the end of its schedule:** this is the step-{stats['steps']} checkpoint of the "
             f"{settings['steps']}-step run, shipped with `--ship-checkpoint` (stop the run after that checkpoint, then",
-            "`python scripts/train_mamba2.py --ship-checkpoint`); the shared machine gave the run too little CPU to finish.",
+            "`python -m scripts.train_mamba2 --ship-checkpoint`); the shared machine gave the run too little CPU to finish.",
             "",
         ]
     lines += [

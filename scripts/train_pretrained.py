@@ -1,6 +1,6 @@
 """Train and save the shipped ``gdn-austen`` model: a BPE tokenizer and a small Qwen3.5 hybrid.
 
-    python scripts/train_pretrained.py --threads 1
+    python -m scripts.train_pretrained --threads 1
 
 Reproduces ``hooked_gdn/pretrained/gdn-austen`` (config.json, model.safetensors, tokenizer files,
 README.md model card with its memory census) from the bundled novels. It uses transformers'
@@ -263,7 +263,7 @@ def write_model_card(folder: Path) -> None:
         "",
         "A small Qwen3.5-architecture hybrid (Gated DeltaNet : gated attention = 3 : 1) trained from scratch on",
         "Jane Austen's six novels, shipped so that `hooked_gdn` and `writesae` run on real weights offline.",
-        "Reproduce it with `python scripts/train_pretrained.py` (a BPE tokenizer and the model, both on the same text;",
+        "Reproduce it with `python -m scripts.train_pretrained` (a BPE tokenizer and the model, both on the same text;",
         "seed, settings and the document split are in the script and in `training_stats.json`).",
         "",
         "| | |",

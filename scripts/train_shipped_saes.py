@@ -1,7 +1,7 @@
 """Train, evaluate and ship the SAEs of `gdn-austen`: ``gdn-austen/L5-state`` and ``gdn-austen/L5-write``.
 
-    python scripts/train_shipped_saes.py --kind state     # writes writesae/pretrained/gdn-austen/L5-state
-    python scripts/train_shipped_saes.py --kind write     # writes writesae/pretrained/gdn-austen/L5-write
+    python -m scripts.train_shipped_saes --kind state     # writes writesae/pretrained/gdn-austen/L5-state
+    python -m scripts.train_shipped_saes --kind write     # writes writesae/pretrained/gdn-austen/L5-write
 
 Training checkpoints go to ``runs/shipped-saes/L5-<kind>/``; after a kill, rerunning the same command
 extracts the same samples again (a few minutes) and resumes each SAE from its last checkpoint.
@@ -210,7 +210,7 @@ def main() -> None:
     heads = writesae.cfg.head_indices
     results = {
         "name": name, "kind": args.kind, "layer": args.layer, "heads": heads,
-        "command": shlex.join(["python", "scripts/train_shipped_saes.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "-m", "scripts.train_shipped_saes", *sys.argv[1:]]),
         "settings": {"n_features": args.n_features, "k": args.k, "steps": args.steps, "batch_size": args.batch_size,
                      "lr": args.lr, "seed": args.seed, "window": args.context, "positions_per_window": args.positions,
                      "train_samples": args.train_samples, "loop_windows": args.loop_windows,

@@ -94,8 +94,8 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
                 p.mul_(50.0)
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
+@pytest.fixture(name="tiny_checkpoint", scope="session")
+def tiny_checkpoint_fixture(tmp_path_factory):
     """``tiny_checkpoint(name, seed)``: the folder of a randomized tiny transformers checkpoint, saved once a session."""
     folders = {}
 
@@ -111,8 +111,8 @@ def tiny_checkpoint(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="session")
-def make_pair(tiny_checkpoint):
+@pytest.fixture(name="make_pair", scope="session")
+def make_pair_fixture(tiny_checkpoint):
     """``make_pair(name, dtype, seed)``: (transformers model, our model) loaded from one saved tiny checkpoint."""
 
     def make(name: str = "grouped", dtype=torch.float32, seed: int = 0):
@@ -123,8 +123,8 @@ def make_pair(tiny_checkpoint):
     return make
 
 
-@pytest.fixture
-def model(request, tiny_checkpoint):
+@pytest.fixture(name="model")
+def model_fixture(request, tiny_checkpoint):
     """Our model on the "grouped" tiny checkpoint, fresh for each test (so a test may change it); a test
     runs it on every family with ``@pytest.mark.parametrize("model", FAMILIES, indirect=True)``."""
     return HookedGatedDeltaNet.from_pretrained(tiny_checkpoint(getattr(request, "param", "grouped"))).eval()

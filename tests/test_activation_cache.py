@@ -13,8 +13,8 @@ from hooked_gdn.sites import block_name, gdn_hook_name
 from .conftest import tiny_hf_config
 
 
-@pytest.fixture(scope="module", params=["grouped", "tied"])
-def run(request):
+@pytest.fixture(name="run", scope="module", params=["grouped", "tied"])
+def run_fixture(request):
     """A randomized tiny model (untied, or with tied embeddings), tokens, and its logits and full cache."""
     torch.manual_seed(0)
     model = HookedGatedDeltaNet.from_config(tiny_hf_config(request.param)).eval()

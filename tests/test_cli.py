@@ -221,8 +221,8 @@ def test_train_refuses_a_file_in_out_before_loading_anything(tmp_path, monkeypat
     assert (tmp_path / "out" / "metrics.jsonl").read_text() == "my own notes\n"
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+@pytest.fixture(name="trained", scope="module")
+def trained_fixture(tmp_path_factory):
     """A folder of text, and an SAE trained on it through the CLI at a learning rate that makes it diverge
     (it is an SAE all the same, for the errors that come before any metric)."""
     root = tmp_path_factory.mktemp("trained")

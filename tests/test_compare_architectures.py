@@ -1,11 +1,9 @@
-"""demos/compare_architectures.py: its head rule on the shipped census, its parameter matching, and a micro-run on a tiny model."""
+"""demos.compare_architectures: its head rule on the shipped census, its parameter matching, and a micro-run on a tiny model."""
 
 from __future__ import annotations
 
 import json
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,10 +12,9 @@ from hooked_gdn.census import MemoryCensus
 from hooked_gdn.pretrained import CENSUS_FILE, PRETRAINED_MODELS
 from writesae.splice import HookedSAEGatedDeltaNet
 
-from .conftest import random_tiny_model
+from demos import compare_architectures as demo
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demos"))
-import compare_architectures as demo  # noqa: E402  (a script beside its `common` module)
+from .conftest import random_tiny_model
 
 
 def test_the_head_rule_on_the_shipped_census():
@@ -97,7 +94,7 @@ def test_a_micro_run_gives_every_architecture_under_both_matchings(tmp_path):
     assert budget == 2 * 5 * 12 * 8
     assert all(abs(r["weights_per_head"] - budget) <= 0.05 * budget for r in results["summary"] if r["matching"] == "equal parameters")
 
-    results["provenance"] = {"command": "python demos/compare_architectures.py", "model": "tiny", "inputs": {"out": "somewhere"}}
+    results["provenance"] = {"command": "python -m demos.compare_architectures", "model": "tiny", "inputs": {"out": "somewhere"}}
     block = demo.readme_block(results)
     table = [line for line in block.splitlines() if line.startswith("| state |")]
     assert len(table) == len(results["summary"]) == 24

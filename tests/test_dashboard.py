@@ -87,8 +87,8 @@ def _groups(tags, opens, member) -> list[tuple[dict, list[dict]]]:
     return groups
 
 
-@pytest.fixture(scope="module", params=sorted(SAES))
-def built(request, tmp_path_factory):
+@pytest.fixture(name="built", scope="module", params=sorted(SAES))
+def built_fixture(request, tmp_path_factory):
     """(kind, model, sae, windows, dashboard, site folder)."""
     model, sae = _slow_decay_model(), SAES[request.param]()
     windows = torch.randint(0, model.cfg.d_vocab, (5, 20), generator=torch.Generator().manual_seed(3))

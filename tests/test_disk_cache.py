@@ -29,13 +29,13 @@ HEADS = [0, 2]
 STORE = dict(layer=1, heads=HEADS, context=16, positions=[2, 7, 15], model_batch_size=4, heldout_fraction=0.2)
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(name="model", scope="module")
+def model_fixture():
     return random_tiny_model()
 
 
-@pytest.fixture(scope="module")
-def documents():
+@pytest.fixture(name="documents", scope="module")
+def documents_fixture():
     g = torch.Generator().manual_seed(0)
     return [torch.randint(1, 101, (40,), generator=g) for _ in range(40)]
 
@@ -49,8 +49,8 @@ def write(model, documents, folder, store_kw=None, **kw):
     return write_cache(make_store(model, documents, **(store_kw or {})), folder, **kw)
 
 
-@pytest.fixture(scope="module")
-def cache(model, documents, tmp_path_factory):
+@pytest.fixture(name="cache", scope="module")
+def cache_fixture(model, documents, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cache")
     write(model, documents, folder)
     return folder
@@ -109,8 +109,8 @@ class DiskFull:
             if "b" in mode:
                 self.shards += 1
                 if self.shards == self.fail_at:
-                    write = f.write
-                    f.write = lambda data: (write(data[: len(data) // 2]), self._full())
+                    write_bytes = f.write
+                    f.write = lambda data: (write_bytes(data[: len(data) // 2]), self._full())
             yield f
 
     @staticmethod

@@ -101,8 +101,8 @@ def worker(rank: int, world: int, tmp, port: int) -> None:
         distributed.close()
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
+@pytest.fixture(name="two_ranks", scope="module")
+def two_ranks_fixture(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distributed")
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))

@@ -33,8 +33,8 @@ def test_reconstruction_metrics_match_direct_formulas():
     assert got["samples"] == 23
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(name="model", scope="module")
+def model_fixture():
     return random_tiny_model(HookedSAEGatedDeltaNet)
 
 

@@ -19,13 +19,13 @@ from writesae.experiments import (
 from .conftest import random_tiny_model
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(name="model", scope="module")
+def model_fixture():
     return random_tiny_model()
 
 
-@pytest.fixture(scope="module")
-def tokens():
+@pytest.fixture(name="tokens", scope="module")
+def tokens_fixture():
     return torch.randint(1, 101, (2, 24), generator=torch.Generator().manual_seed(3))
 
 

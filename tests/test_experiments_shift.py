@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hooked_gdn.delta_rule import DELTA_RULE
 from hooked_gdn.sites import gdn_hook_name
 from writesae.experiments import edit_at_positions, install, logit_shift as ls
 from writesae.experiments.features import Direction
@@ -23,13 +24,13 @@ def site(name):
     return gdn_hook_name(LAYER, name)
 
 
-@pytest.fixture(scope="module")
-def tiny():
+@pytest.fixture(name="tiny", scope="module")
+def tiny_fixture():
     return random_tiny_model()  # fp32, H_v = 4, d_k = 12, d_v = 8
 
 
-@pytest.fixture(scope="module")
-def slow():
+@pytest.fixture(name="slow", scope="module")
+def slow_fixture():
     """The tiny model with layer 1's decays slowed to α ≈ 0.9 (from ≈ 0.3): an edit at t0 is still
     carried many positions later, through every (I − β k̂ k̂ᵀ) on the way."""
     model = random_tiny_model()
@@ -38,8 +39,8 @@ def slow():
     return model
 
 
-@pytest.fixture(scope="module")
-def tokens():
+@pytest.fixture(name="tokens", scope="module")
+def tokens_fixture():
     return torch.randint(0, 101, (1, 24), generator=torch.Generator().manual_seed(1))
 
 
@@ -83,8 +84,8 @@ def test_exact_read_change_is_the_product_of_the_steps_by_hand():
     A = [g[0, s, 0].exp() * (torch.eye(d_k) - beta[0, s, 0] * torch.outer(k[0, s, 0], k[0, s, 0])) for s in range(T)]
     M = [torch.eye(d_k), A[3], A[4] @ A[3], A[5] @ A[4] @ A[3]]
     expected = torch.stack([(M[i].T @ q[0, t0 + i, 0]) @ v * w for i in range(T - t0)])
-    torch.testing.assert_close(ls.exact_read_change(cache, 0, 0, t0, v, w, 1.0, erase=True), expected)
-    with pytest.raises(ValueError, match="pass erase=True for a Gated DeltaNet layer"):
+    torch.testing.assert_close(ls.exact_read_change(cache, 0, 0, t0, v, w, 1.0, transition=DELTA_RULE), expected)
+    with pytest.raises(ValueError, match="pass transition=DELTA_RULE for a Gated DeltaNet layer"):
         ls.exact_read_change(cache, 0, 0, t0, v, w, 1.0)  # a plain dict does not say which recurrence it is
     # the factors do not commute, so the order is visible
     assert not torch.allclose(A[4] @ A[3], A[3] @ A[4], atol=1e-4)
@@ -171,15 +172,15 @@ def test_state_gradient_is_the_adjoint_of_the_exact_read_change():
     cache = dict(zip((gdn_hook_name(0, name) for name in ls.SITES), (q, k, beta, g)))
     read_grad = torch.randn(T, d_v, generator=gen)
     positions = [2, 5, 8]
-    J = ls.state_gradient(cache, 0, 0, read_grad, positions, erase=True)
+    J = ls.state_gradient(cache, 0, 0, read_grad, positions, transition=DELTA_RULE)
     assert J.shape == (3, d_k, d_v)
     for t0, J_t0 in zip(positions, J):
         for _ in range(3):
             v, w = torch.randn(d_k, generator=gen), torch.randn(d_v, generator=gen)
-            forward = (ls.exact_read_change(cache, 0, 0, t0, v, w, 1.0, erase=True) * read_grad[t0:]).sum()
+            forward = (ls.exact_read_change(cache, 0, 0, t0, v, w, 1.0, transition=DELTA_RULE) * read_grad[t0:]).sum()
             assert float(v @ J_t0 @ w) == pytest.approx(float(forward), rel=1e-5, abs=1e-6)
     with pytest.raises(ValueError, match=r"install position \[9\] outside the text: it has 9 tokens"):
-        ls.state_gradient(cache, 0, 0, read_grad, [9], erase=True)
+        ls.state_gradient(cache, 0, 0, read_grad, [9], transition=DELTA_RULE)
 
 
 def test_the_logit_shift_study_refuses_what_it_cannot_measure(tiny, tokens):

@@ -17,20 +17,20 @@ from .conftest import random_tiny_model
 HEADS = [0, 2, 3]
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(name="model", scope="module")
+def model_fixture():
     return random_tiny_model()
 
 
-@pytest.fixture(scope="module")
-def store(model):
+@pytest.fixture(name="store", scope="module")
+def store_fixture(model):
     g = torch.Generator().manual_seed(0)
     documents = [torch.randint(1, 101, (40,), generator=g) for _ in range(40)]
     return ActivationStore(model, documents, StoreConfig(layer=1, heads=HEADS, context=16, positions=4, heldout_fraction=0.2))
 
 
-@pytest.fixture(scope="module")
-def samples(store):
+@pytest.fixture(name="samples", scope="module")
+def samples_fixture(store):
     return InMemoryActivations.from_store(store, n_train=50, n_heldout=20, seed=3)
 
 

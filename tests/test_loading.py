@@ -29,8 +29,8 @@ from .conftest import randomize_, tiny_hf_config
 N_BLOCKS = 4  # the "grouped" tiny config
 
 
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
+@pytest.fixture(name="sharded", scope="module")
+def sharded_fixture(tmp_path_factory):
     """A randomized tiny transformers checkpoint saved in many shards with an index, and its transformers model."""
     torch.manual_seed(0)
     hf = Qwen3_5ForCausalLM(tiny_hf_config("grouped")).eval()
@@ -40,8 +40,8 @@ def sharded(tmp_path_factory):
     return folder, hf
 
 
-@pytest.fixture(scope="module")
-def tokens():
+@pytest.fixture(name="tokens", scope="module")
+def tokens_fixture():
     return torch.randint(1, 101, (2, 11), generator=torch.Generator().manual_seed(1))
 
 
@@ -89,8 +89,8 @@ def _rewrite(folder, change) -> None:
     save_file(state, path, metadata={"format": "pt"})
 
 
-@pytest.fixture
-def single_file(tiny_checkpoint, tmp_path):
+@pytest.fixture(name="single_file")
+def single_file_fixture(tiny_checkpoint, tmp_path):
     folder = tmp_path / "ckpt"
     folder.mkdir()
     for f in tiny_checkpoint().iterdir():
@@ -160,13 +160,13 @@ def test_auto_splits_blocks_as_accelerate_computes(sharded):
         assert {"cuda:0", "cuda:1"} <= {*blocks, plan["W_E"]} and ("cpu" in blocks) == spills
 
 
-@pytest.fixture(scope="module")
-def unplaced(sharded):
+@pytest.fixture(name="unplaced", scope="module")
+def unplaced_fixture(sharded):
     return HookedGatedDeltaNet.from_pretrained(sharded[0]).eval()
 
 
-@pytest.fixture(scope="module")
-def dispatched(sharded):
+@pytest.fixture(name="dispatched", scope="module")
+def dispatched_fixture(sharded):
     return HookedGatedDeltaNet.from_pretrained(sharded[0], device_map={i: "cpu" for i in range(N_BLOCKS)}).eval()
 
 
@@ -236,8 +236,8 @@ def test_the_in_memory_and_dispatched_loads_are_in_eval_mode(sharded):
         assert [n for n, m in model.named_modules() if m.training] == []
 
 
-@pytest.fixture
-def in_a_folder_with_a_checkpoint(tiny_checkpoint, tmp_path, monkeypatch):
+@pytest.fixture(name="in_a_folder_with_a_checkpoint")
+def in_a_folder_with_a_checkpoint_fixture(tiny_checkpoint, tmp_path, monkeypatch):
     """The working directory: a checkpoint folder, a folder that is not one; the hub must not be asked."""
     import huggingface_hub
 

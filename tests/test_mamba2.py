@@ -15,7 +15,7 @@ from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
 
 from hooked_gdn import HookedGatedDeltaNet
 from hooked_gdn.census import memory_census
-from hooked_gdn.delta_rule import chunked_gated_delta_rule, gated_delta_rule, gated_delta_rule_reference
+from hooked_gdn.delta_rule import SCALAR_DECAY, chunked_gated_delta_rule, gated_delta_rule, gated_delta_rule_reference
 from hooked_gdn.effective_attention import effective_attention
 from hooked_gdn.mamba2 import HookedMamba2
 from hooked_gdn.pretrained import PRETRAINED_MODELS, heldout_loss
@@ -28,6 +28,7 @@ from writesae.splice import HookedSAEMamba2
 from writesae.store import ActivationStore, StoreConfig
 from writesae.train import TrainConfig, train
 
+from .conftest import tiny_hf_config
 from .test_delta_rule import assert_close, edits_for, random_inputs
 
 # ---------------------------------------------------------------- the recurrence without the erase term
@@ -52,7 +53,7 @@ def as_delta_rule(x, dt, A, B, C):
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 10_000), T=st.integers(1, 40), G=st.sampled_from([1, 2]), chunk_size=st.sampled_from([1, 8, 64]))
 def test_erase_free_recurrence_equals_mamba2_in_its_own_symbols(seed, T, G, chunk_size):
-    """The sequential reference with erase=False is h_t = exp(Δ_t A) h_{t−1} + B_t (Δ_t x_t)ᵀ, y_t = h_tᵀ C_t,
+    """The sequential reference with the SCALAR_DECAY transition is h_t = exp(Δ_t A) h_{t−1} + B_t (Δ_t x_t)ᵀ, y_t = h_tᵀ C_t,
     written here in Mamba-2's symbols; the chunked form agrees with it, and with transformers' own SSD scan."""
     b, H, N, P = 2, 4, 6, 5
     x, dt, A, B, C, h0 = ssd_inputs(seed, b, T, H, G, N, P)
@@ -62,13 +63,13 @@ def test_erase_free_recurrence_equals_mamba2_in_its_own_symbols(seed, T, G, chun
         h = torch.exp(dt[:, t] * A)[..., None, None] * h + k[:, t, :, :, None] * (dt[:, t, :, None] * x[:, t])[:, :, None, :]
         ys.append(torch.einsum("bhnp,bhn->bhp", h, q[:, t]))
         hs.append(h)
-    ref = gated_delta_rule_reference(q, k, v, g, beta, h0, erase=False)
+    ref = gated_delta_rule_reference(q, k, v, g, beta, h0, transition=SCALAR_DECAY)
     assert_close(ref.out, torch.stack(ys, 1), 1e-5)
     assert_close(ref.states, torch.stack(hs, 1), 1e-5)
     assert_close(ref.write_value, dt[..., None] * x, 1e-6)
 
     positions = torch.randperm(T, generator=torch.Generator().manual_seed(seed))[: max(1, T // 3)].sort().values
-    fast = chunked_gated_delta_rule(q, k, v, g, beta, h0, positions, chunk_size, erase=False)
+    fast = chunked_gated_delta_rule(q, k, v, g, beta, h0, positions, chunk_size, transition=SCALAR_DECAY)
     assert_close(fast.out, ref.out)
     assert_close(fast.final_state, ref.final_state)
     assert_close(fast.states, ref.states[:, positions])
@@ -85,12 +86,12 @@ def test_erase_free_edits_carried_exactly(seed, T, chunk_size, kind):
     b, H, d_k, d_v = 2, 2, 8, 5
     q, k, v, g, beta, initial = random_inputs(seed, b, T, H, d_k, d_v)
     edits = edits_for(seed, b, T, H, d_k, d_v, kind)
-    ref = gated_delta_rule_reference(q, k, v, g, beta, initial, edits, erase=False)
-    fast = gated_delta_rule(q, k, v, g, beta, initial, torch.arange(T), edits, chunk_size, erase=False)
+    ref = gated_delta_rule_reference(q, k, v, g, beta, initial, edits, transition=SCALAR_DECAY)
+    fast = gated_delta_rule(q, k, v, g, beta, initial, torch.arange(T), edits, chunk_size, transition=SCALAR_DECAY)
     assert_close(fast.out, ref.out)
     assert_close(fast.write_value, ref.write_value)
     assert_close(fast.states, ref.states)
-    clean = gated_delta_rule_reference(q, k, v, g, beta, initial, erase=False)
+    clean = gated_delta_rule_reference(q, k, v, g, beta, initial, transition=SCALAR_DECAY)
     first = edits.positions()[0]
     assert torch.equal(ref.out[:, :first], clean.out[:, :first])
     assert not torch.allclose(ref.out[:, first:], clean.out[:, first:])
@@ -122,8 +123,8 @@ def perturb_(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
     return module
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+@pytest.fixture(name="checkpoint", scope="module")
+def checkpoint_fixture(tmp_path_factory):
     """``checkpoint(name)``: a perturbed random transformers Mamba-2, saved once."""
     folders = {}
 
@@ -191,15 +192,26 @@ def test_mamba1_and_unimplemented_options_are_refused(tmp_path):
         HookedMamba2.from_config(tiny_config(time_step_limit=(0.0, 0.1)))
     with pytest.raises(ValueError, match="hidden_act"):
         HookedMamba2.from_config(tiny_config(hidden_act="gelu"))
-    with pytest.raises(ValueError, match="HookedMamba2"):  # the GDN class points to the Mamba-2 one
-        HookedGatedDeltaNet.from_config(tiny_config())
+    with pytest.raises(ValueError, match="HookedMamba2 builds Mamba-2 models; this is a Qwen3.5 config .* use HookedGatedDeltaNet"):
+        HookedMamba2.from_config(tiny_hf_config())
+
+
+def test_the_one_model_class_builds_mamba2():
+    """``HookedGatedDeltaNet`` builds (and loads) Mamba-2 too; ``HookedMamba2`` is the same class restricted."""
+    torch.manual_seed(0)
+    general = HookedGatedDeltaNet.from_config(tiny_config())
+    torch.manual_seed(0)
+    named = HookedMamba2.from_config(tiny_config())
+    assert isinstance(named, HookedGatedDeltaNet) and type(general.blocks[0]) is type(named.blocks[0])
+    assert general.cfg == named.cfg
+    assert all(torch.equal(a, b) for a, b in zip(general.state_dict().values(), named.state_dict().values()))
 
 
 # ---------------------------------------------------------------- hooks, edits and generation
 
 
-@pytest.fixture
-def model(checkpoint):
+@pytest.fixture(name="model")
+def model_fixture(checkpoint):
     return HookedMamba2.from_pretrained(checkpoint()).eval()
 
 

@@ -16,8 +16,8 @@ from writesae import BilinearMatrixSAE
 from writesae.quickstart import save_plots
 
 
-@pytest.fixture
-def users_backend():
+@pytest.fixture(name="users_backend")
+def users_backend_fixture():
     before = matplotlib.get_backend()
     matplotlib.use("svg")  # a backend no library function would pick
     yield "svg"

@@ -20,8 +20,8 @@ from hooked_gdn.pretrained import (
 FOLDER = PRETRAINED_MODELS["gdn-austen"]
 
 
-@pytest.fixture(scope="module")
-def shipped():
+@pytest.fixture(name="shipped", scope="module")
+def shipped_fixture():
     return HookedGatedDeltaNet.from_pretrained("gdn-austen").eval()
 
 

@@ -1,23 +1,29 @@
-"""Every generated block of README.md equals what ``demos/readme.py`` renders from the committed results."""
+"""Every generated block of README.md equals what ``python -m demos.readme`` renders from the committed results."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from demos import readme
 from hooked_gdn.files import file_sha256
 from hooked_gdn.pretrained import pretrained_path
 
 ROOT = Path(__file__).parents[1]
-spec = importlib.util.spec_from_file_location("demos_readme", ROOT / "demos" / "readme.py")
-readme = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(readme)
 
 BLOCKS = readme.blocks((ROOT / "README.md").read_text())
 # the experiments whose README numbers must come from committed results
 EXPECTED = {"quickstart", "ablation", "substitution", "logit_shift", "install", "shipped_saes", "compare_architectures",
             "compare_architectures/longer"}
+
+
+GENERATED = readme.blocks((ROOT / "README.md").read_text(), readme.GENERATED_BLOCK)
+
+
+def test_the_capability_matrix_is_in_the_readme_as_the_suite_declares_it():
+    assert set(GENERATED) == set(readme.GENERATED)
+    for name, body in GENERATED.items():
+        assert body == readme.render_generated(name), f"run: python -m demos.readme (block {name!r} is stale)"
 
 
 def test_the_experiments_have_generated_blocks():
@@ -26,7 +32,7 @@ def test_the_experiments_have_generated_blocks():
 
 @pytest.mark.parametrize("name", sorted(BLOCKS))
 def test_block_equals_its_committed_results(name):
-    assert BLOCKS[name] == readme.render(name), f"run: python demos/readme.py (block {name!r} is stale)"
+    assert BLOCKS[name] == readme.render(name), f"run: python -m demos.readme (block {name!r} is stale)"
 
 
 @pytest.mark.parametrize("name", sorted(BLOCKS))

@@ -13,16 +13,16 @@ from writesae.store import ActivationStore, StoreConfig
 from .conftest import random_tiny_model
 
 
-@pytest.fixture(scope="module")
-def store():
+@pytest.fixture(name="store", scope="module")
+def store_fixture():
     g = torch.Generator().manual_seed(0)
     documents = [torch.randint(1, 101, (40,), generator=g) for _ in range(20)]
     return ActivationStore(random_tiny_model(), documents, StoreConfig(layer=1, heads=[0, 2], context=16, positions=3,
                                                                        model_batch_size=4, heldout_fraction=0.2))
 
 
-@pytest.fixture(scope="module")
-def cache(store, tmp_path_factory):
+@pytest.fixture(name="cache", scope="module")
+def cache_fixture(store, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cache")
     write_cache(store, folder, model_name="tiny", corpus="random tokens", shard_samples=9, progress=False, log=None)
     return CachedActivations(folder)

@@ -37,8 +37,8 @@ MISFITS = {
 }
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(name="model", scope="module")
+def model_fixture():
     return random_tiny_model(HookedSAEGatedDeltaNet)
 
 

@@ -12,8 +12,8 @@ from writesae.splice import HookedSAEGatedDeltaNet
 from .conftest import FAMILIES, random_tiny_model
 
 
-@pytest.fixture(scope="module")
-def model(request):
+@pytest.fixture(name="model", scope="module")
+def model_fixture(request):
     """The "grouped" tiny model; a test runs on every family with ``parametrize("model", FAMILIES, indirect=True)``."""
     return random_tiny_model(HookedSAEGatedDeltaNet, getattr(request, "param", "grouped"))
 

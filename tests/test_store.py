@@ -24,8 +24,8 @@ LAYER = 1
 SITE = block_name(LAYER, "linear_attn")
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(name="model", scope="module")
+def model_fixture():
     return random_tiny_model()
 
 
@@ -125,8 +125,8 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def text_model(model):
+@pytest.fixture(name="text_model", scope="module")
+def text_model_fixture(model):
     """The tiny model with a word-level tokenizer trained on TEXTS (EOS = 0, as in the model's config)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -22,13 +22,13 @@ from .conftest import random_tiny_model
 HEADS = [0, 2]
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(name="model", scope="module")
+def model_fixture():
     return random_tiny_model()
 
 
-@pytest.fixture(scope="module")
-def documents():
+@pytest.fixture(name="documents", scope="module")
+def documents_fixture():
     g = torch.Generator().manual_seed(0)
     return [torch.randint(1, 101, (40,), generator=g) for _ in range(80)]
 
@@ -201,11 +201,11 @@ def test_lr_schedule(decay):
 
 def metrics_records(heldout_fvus: dict[int, list[float]]) -> list[dict]:
     """A metrics.jsonl's records: a held-out evaluation per step given, each after a training record."""
-    records = []
+    written = []
     for step, fvus in heldout_fvus.items():
-        records.append({"step": step, "split": "train", "fvu": 0.5, "fvu_per_head": [9.0] * len(fvus)})
-        records.append({"step": step, "split": "heldout", "fvu": sum(fvus) / len(fvus), "fvu_per_head": fvus})
-    return records
+        written.append({"step": step, "split": "train", "fvu": 0.5, "fvu_per_head": [9.0] * len(fvus)})
+        written.append({"step": step, "split": "heldout", "fvu": sum(fvus) / len(fvus), "fvu_per_head": fvus})
+    return written
 
 
 def test_convergence_compares_each_heads_heldout_fvu_over_the_last_fifth():

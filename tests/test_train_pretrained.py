@@ -3,20 +3,15 @@ fixed-decay heads, and a bit-exact resume after a kill."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from .conftest import tiny_hf_config
+from scripts import train_pretrained as recipe
 
-_spec = importlib.util.spec_from_file_location("train_pretrained", Path(__file__).parents[1] / "scripts" / "train_pretrained.py")
-recipe = sys.modules["train_pretrained"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(recipe)
+from .conftest import tiny_hf_config
 
 SETTINGS = recipe.TrainSettings(context=16, batch=2, steps=6, lr=1e-2, fixed_heads=(1, 3), fixed_half_lives=(16.0, 1024.0))
 

@@ -34,9 +34,6 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hooked_gdn import HookedGatedDeltaNet
-from hooked_gdn.architectures.mamba2 import MODEL_TYPE as MAMBA2_MODEL_TYPE
-from hooked_gdn.loading import checkpoint_model_type
-from hooked_gdn.mamba2 import HookedMamba2
 from hooked_gdn.sites import Site, hook_positions
 
 from .sae import SAEBase
@@ -117,17 +114,17 @@ class HookedSAEGatedDeltaNet(HookedGatedDeltaNet):
             return self.run_with_cache(*model_args, **kwargs)
 
 
-class HookedSAEMamba2(HookedSAEGatedDeltaNet, HookedMamba2):
-    """`HookedMamba2` that SAEs can be attached to, at the same sites: its SSD state h_t (d_state × head_dim
-    per head) and its write B_t (Δ_t x_t)ᵀ."""
+class HookedSAEMamba2(HookedSAEGatedDeltaNet):
+    """`HookedSAEGatedDeltaNet` restricted to Mamba-2, as `hooked_gdn.mamba2.HookedMamba2` is: SAEs attach at the
+    same sites, its SSD state h_t (d_state × head_dim per head) and its write B_t (Δ_t x_t)ᵀ."""
+
+    FAMILIES = ("mamba2",)
 
 
 def load_model(name_or_path: str | Path, device=None, dtype=None) -> HookedSAEGatedDeltaNet:
-    """A checkpoint of any supported family, SAEs attachable, chosen by its config's ``model_type``:
-    `HookedSAEMamba2` for Mamba-2, else `HookedSAEGatedDeltaNet`, which refuses a type it does not
-    support, naming the supported ones. What the ``writesae`` commands load their ``--model`` with."""
-    mamba2 = checkpoint_model_type(name_or_path) == MAMBA2_MODEL_TYPE
-    return (HookedSAEMamba2 if mamba2 else HookedSAEGatedDeltaNet).from_pretrained(name_or_path, device=device, dtype=dtype)
+    """A checkpoint of any supported family, SAEs attachable (a family it does not support is refused,
+    naming the supported ones): what the ``writesae`` commands load their ``--model`` with."""
+    return HookedSAEGatedDeltaNet.from_pretrained(name_or_path, device=device, dtype=dtype)
 
 
 def zero_ablation_hooks(model: HookedGatedDeltaNet, sae: SAEBase) -> list[tuple[str, Callable]]:

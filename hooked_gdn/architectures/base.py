@@ -1,4 +1,5 @@
-"""What every family module provides: its config conversion and its checkpoint weight-name mapping.
+"""What every family module provides: its config conversion, its checkpoint weight-name mapping, and the
+parts of its model (blocks, final norm, initialisation) that `HookedGatedDeltaNet` builds from them.
 
 A checkpoint key maps to a list of `Placement`s, each saying where the tensor (or a part of it)
 goes in our state dict: ``ours[target][index] = theirs[source]``. A plain rename is one
@@ -17,9 +18,10 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..config import HookedGDNConfig
+from ..config import HookedGDNConfig, HookedModelConfig
+from ..layers import Block, RMSNorm, init_hybrid_weights
 from ..sites import block_name
 
 # where the text model's weights sit: ...ForConditionalGeneration (multimodal), ...ForCausalLM
@@ -44,29 +46,41 @@ class Placement:
 
 
 # (layer, key inside the decoder layer, config, the tensor's shape) -> placements inside the block, or None if unknown
-LayerPlacements = Callable[[int, str, HookedGDNConfig, Sequence[int]], "list[Placement] | None"]
+LayerPlacements = Callable[[int, str, HookedModelConfig, Sequence[int]], "list[Placement] | None"]
+
+
+def hybrid_final_norm(cfg: HookedGDNConfig) -> nn.Module:
+    return RMSNorm(cfg.d_model, cfg.eps, cfg.zero_centred_norms)
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """One family: the transformers ``model_type``s it reads, and the two functions that hold its differences."""
+    """One family: the transformers ``model_type``s it reads, the two functions that hold its checkpoints'
+    differences, and what builds its model. The defaults are the GDN hybrids' (pre-norm blocks of
+    `hooked_gdn.layers`, transformers' ``model.layers.L.`` key layout)."""
 
-    key: str  # HookedGDNConfig.architecture, e.g. "qwen3_5_moe"
+    key: str  # HookedModelConfig.architecture, e.g. "qwen3_5_moe"
     name: str  # as people call it, e.g. "Qwen3.5-MoE"
     model_types: tuple[str, ...]
-    hooked_config: Callable[..., HookedGDNConfig]  # (transformers config, model_name) -> our config
+    hooked_config: Callable[..., HookedModelConfig]  # (transformers config, model_name) -> our config
     layer_placements: LayerPlacements
+    block: Callable[[HookedModelConfig, int], nn.Module] = Block  # (config, layer) -> blocks.L
+    final_norm: Callable[[HookedModelConfig], nn.Module] = hybrid_final_norm  # config -> ln_final
+    init_weights: Callable[[nn.Module, float], None] = init_hybrid_weights  # (model, std): transformers' initialisation
+    text_prefixes: tuple[str, ...] = TEXT_PREFIXES  # what precedes "layers.L." and the embedding's and final norm's keys
+    embedding_keys: tuple[str, ...] = ("embed_tokens.weight",)
+    final_norm_key: str = "norm.weight"
 
-    def placements(self, key: str, cfg: HookedGDNConfig, shape: Sequence[int]) -> list[Placement]:
+    def placements(self, key: str, cfg: HookedModelConfig, shape: Sequence[int]) -> list[Placement]:
         """Where checkpoint tensor ``key`` of ``shape`` goes in our state dict; [] for keys outside the text model."""
         if key.startswith(IGNORED_PREFIXES):
             return []
         if key == "lm_head.weight":
             return [Placement("lm_head")]
-        local = next((key[len(p):] for p in TEXT_PREFIXES if key.startswith(p)), None)
-        if local == "embed_tokens.weight":
+        local = next((key[len(p):] for p in self.text_prefixes if key.startswith(p)), None)
+        if local in self.embedding_keys:
             return [Placement("W_E")]
-        if local == "norm.weight":
+        if local == self.final_norm_key:
             return [Placement("ln_final.w")]
         match = _LAYER_KEY.fullmatch(local) if local is not None else None
         found = None

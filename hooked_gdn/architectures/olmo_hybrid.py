@@ -27,64 +27,29 @@ from collections.abc import Sequence
 import torch
 
 from ..config import HookedGDNConfig
-from .base import Architecture, Placement, first_token_id, refuse_options, renamed
+from .base import Architecture, Placement, renamed
+from .hybrid import ATTENTION_RENAMES, GDN_RENAMES, MLP_RENAMES, PRE_NORM_RENAMES, hybrid_fields
 
 GATED_NORM_EPS = 1e-5
 _ORIGINAL_NAMES = {"attention_layer_norm.": "input_layernorm.", "feedforward_layer_norm.": "post_attention_layernorm."}
-_MLP_RENAMES = {"mlp.gate_proj.weight": "mlp.gate_proj", "mlp.up_proj.weight": "mlp.up_proj",
-                "mlp.down_proj.weight": "mlp.down_proj"}
-_GDN_RENAMES = _MLP_RENAMES | {
-    "input_layernorm.weight": "ln1.w",
-    "post_attention_layernorm.weight": "ln2.w",
+_GDN_RENAMES = PRE_NORM_RENAMES | MLP_RENAMES | GDN_RENAMES | {
     "linear_attn.g_proj.weight": "linear_attn.W_z",
     "linear_attn.b_proj.weight": "linear_attn.W_b",
     "linear_attn.a_proj.weight": "linear_attn.W_a",
-    "linear_attn.conv1d.weight": "linear_attn.conv_weight",
-    "linear_attn.A_log": "linear_attn.A_log",
-    "linear_attn.dt_bias": "linear_attn.dt_bias",
     "linear_attn.o_norm.weight": "linear_attn.norm.w",
     "linear_attn.o_proj.weight": "linear_attn.W_o",
 }
-_ATTENTION_RENAMES = _MLP_RENAMES | {
+_ATTENTION_RENAMES = MLP_RENAMES | ATTENTION_RENAMES | {
     "post_attention_layernorm.weight": "ln1_post.w",
     "post_feedforward_layernorm.weight": "ln2_post.w",
-    "self_attn.q_proj.weight": "attn.q_proj",
-    "self_attn.k_proj.weight": "attn.k_proj",
-    "self_attn.v_proj.weight": "attn.v_proj",
-    "self_attn.o_proj.weight": "attn.o_proj",
-    "self_attn.q_norm.weight": "attn.q_norm.w",
-    "self_attn.k_norm.weight": "attn.k_norm.w",
 }
 
 
 def hooked_config(hf_config, model_name: str = "custom") -> HookedGDNConfig:
     c = hf_config
-    refuse_options(c, "OLMo-Hybrid", {"hidden_act": "silu", "attention_bias": False})
-    rope = c.rope_parameters or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"unsupported rope_type {rope['rope_type']!r}: only 'default' rotary embeddings are implemented")
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return HookedGDNConfig(
-        d_model=c.hidden_size,
-        n_layers=c.num_hidden_layers,
-        d_vocab=c.vocab_size,
+        **hybrid_fields(c, bool(c.tie_word_embeddings), "OLMo-Hybrid", model_name),
         d_mlp=c.intermediate_size,
-        layer_types=list(c.layer_types),
-        n_heads=c.num_attention_heads,
-        n_key_value_heads=c.num_key_value_heads,
-        d_head=head_dim,
-        rotary_dim=0 if rope.get("rope_theta") is None else head_dim,
-        rotary_base=float(rope.get("rope_theta") or 10000.0),
-        n_key_heads=c.linear_num_key_heads,
-        n_value_heads=c.linear_num_value_heads,
-        d_key=c.linear_key_head_dim,
-        d_value=c.linear_value_head_dim,
-        conv_kernel=c.linear_conv_kernel_dim,
-        eps=c.rms_norm_eps,
-        tie_word_embeddings=bool(c.tie_word_embeddings),
-        eos_token_id=first_token_id(c.eos_token_id),
-        pad_token_id=c.pad_token_id,
-        model_name=model_name,
         architecture="olmo_hybrid",
         zero_centred_norms=False,
         attention_block_norm="post",

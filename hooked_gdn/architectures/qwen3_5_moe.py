@@ -18,6 +18,7 @@ import re
 from ..config import HookedGDNConfig
 from . import qwen3_5
 from .base import Architecture, Placement, renamed
+from .hybrid import hybrid_fields
 
 _SHARED_RENAMES = {
     "gate.weight": "mlp.router",
@@ -49,7 +50,7 @@ def moe_fields(c) -> dict:
 def hooked_config(hf_config, model_name: str = "custom") -> HookedGDNConfig:
     c, tie = qwen3_5.text_config(hf_config)
     return HookedGDNConfig(
-        **qwen3_5.shared_fields(c, tie, "Qwen3.5-MoE", model_name), **moe_fields(c),
+        **hybrid_fields(c, tie, "Qwen3.5-MoE", model_name), **moe_fields(c),
         d_mlp=c.moe_intermediate_size,  # no dense MLPs; TransformerLens' d_mlp of an MoE model is an expert's width
         mlp_types=["moe"] * c.num_hidden_layers, norm_topk_prob=True, architecture="qwen3_5_moe",
     )

@@ -22,6 +22,7 @@ import torch
 from ..config import HookedGDNConfig
 from . import qwen3_5, qwen3_5_moe
 from .base import Architecture, Placement
+from .hybrid import hybrid_fields
 
 
 def _grouped_rows(cfg: HookedGDNConfig, widths: list[int]) -> list[torch.Tensor]:
@@ -49,7 +50,7 @@ def hooked_config(hf_config, model_name: str = "custom") -> HookedGDNConfig:
     sparse = [c.num_experts > 0 and i not in c.mlp_only_layers and (i + 1) % c.decoder_sparse_step == 0
               for i in range(c.num_hidden_layers)]
     return HookedGDNConfig(
-        **qwen3_5.shared_fields(c, bool(c.tie_word_embeddings), "Qwen3-Next", model_name), **qwen3_5_moe.moe_fields(c),
+        **hybrid_fields(c, bool(c.tie_word_embeddings), "Qwen3-Next", model_name), **qwen3_5_moe.moe_fields(c),
         d_mlp=c.intermediate_size, mlp_types=["moe" if s else "dense" for s in sparse], norm_topk_prob=c.norm_topk_prob,
         architecture="qwen3_next",
     )

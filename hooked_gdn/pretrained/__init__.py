@@ -23,8 +23,8 @@ import torch
 PRETRAINED_DIR = Path(__file__).parent
 CORPUS_DIR = PRETRAINED_DIR / "austen"
 
-#: Short names accepted by ``from_pretrained``, mapped to folders in this package: ``gdn-austen`` for
-#: ``HookedGatedDeltaNet``, ``mamba2-austen`` (a small Mamba-2, ``scripts/train_mamba2.py``) for ``HookedMamba2``.
+#: Short names accepted by ``from_pretrained``, mapped to folders in this package: ``gdn-austen`` (a Qwen3.5 hybrid)
+#: and ``mamba2-austen`` (a small Mamba-2, ``scripts/train_mamba2.py``).
 PRETRAINED_MODELS = {"gdn-austen": PRETRAINED_DIR / "gdn-austen", "mamba2-austen": PRETRAINED_DIR / "mamba2-austen"}
 
 NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")

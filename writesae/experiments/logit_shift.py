@@ -34,8 +34,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from hooked_gdn.delta_rule import transition
-from hooked_gdn.effective_attention import recurrence_erases
+from hooked_gdn.delta_rule import Transition
+from hooked_gdn.effective_attention import recurrence_transition
 from hooked_gdn.sites import block_name, edit_at_positions, gdn_hook_name
 
 from ..site_fit import check_layer_heads
@@ -48,17 +48,21 @@ METHODS = ("exact", "paper")
 
 @dataclass
 class _Head:
-    """One head's q̂ [T, d_k], k̂ [T, d_k], β [T] and g [T], and whether its recurrence erases."""
+    """One head's q̂ [T, d_k], k̂ [T, d_k], β [T] and g [T], and its layer's transition."""
 
     q: Tensor
     k: Tensor
     beta: Tensor
     g: Tensor
-    erase: bool
+    transition: Transition
 
     def step(self, x: Float[Tensor, "... d_k"], s: int) -> Float[Tensor, "... d_k"]:
-        """A_s x: the recurrence's own `hooked_gdn.delta_rule.transition` (α_s I for Mamba-2's SSD)."""
-        return transition(x, self.k[s], self.g[s], self.beta[s], self.erase)
+        """A_s x: the layer's own `hooked_gdn.delta_rule.Transition` (α_s I for Mamba-2's SSD)."""
+        return self.transition.apply(x, self.k[s], self.g[s], self.beta[s])
+
+    def step_back(self, x: Float[Tensor, "... d_k"], s: int) -> Float[Tensor, "... d_k"]:
+        """A_sᵀ x, the adjoint of `step`."""
+        return self.transition.adjoint(x, self.k[s], self.g[s], self.beta[s])
 
 
 def _carry(v: Float[Tensor, " d_k"], head: _Head, t0: int) -> Float[Tensor, "T_minus_t0 d_k"]:
@@ -79,21 +83,21 @@ def _one_head(cache, layer: int, head: int, name: str) -> Tensor:
     return x[0, :, head].float()
 
 
-def _head_inputs(cache, layer: int, head: int, erase: bool | None) -> _Head:
-    """One head's inputs from a cache of the layer's ``SITES`` (``erase``: see
-    `hooked_gdn.effective_attention.recurrence_erases`)."""
-    return _Head(*(_one_head(cache, layer, head, name) for name in SITES), recurrence_erases(cache, layer, erase))
+def _head_inputs(cache, layer: int, head: int, transition: Transition | None) -> _Head:
+    """One head's inputs from a cache of the layer's ``SITES`` (``transition``: see
+    `hooked_gdn.effective_attention.recurrence_transition`)."""
+    return _Head(*(_one_head(cache, layer, head, name) for name in SITES), recurrence_transition(cache, layer, transition))
 
 
 def exact_read_change(cache, layer: int, head: int, t0: int, v: Float[Tensor, " d_k"], w: Float[Tensor, " d_v"],
-                      eps: float, erase: bool | None = None) -> Float[Tensor, "T_minus_t0 d_v"]:
+                      eps: float, transition: Transition | None = None) -> Float[Tensor, "T_minus_t0 d_v"]:
     """Δo_t = ε ⟨M_{t0→t}ᵀ q̂_t, v⟩ w for t = t0 … T−1, exact for any ε.
 
     ``cache`` is a clean ``run_with_cache`` holding the layer's q̂, k̂, β and g (``SITES``); a plain
-    dict needs ``erase`` (`hooked_gdn.effective_attention.recurrence_erases`).
+    dict needs ``transition`` (`hooked_gdn.effective_attention.recurrence_transition`).
     ⟨Mᵀ q̂, v⟩ = ⟨q̂, M v⟩, so v is carried forward instead of forming M.
     """
-    inputs = _head_inputs(cache, layer, head, erase)
+    inputs = _head_inputs(cache, layer, head, transition)
     carried = _carry(v.to(inputs.k), inputs, t0)  # M_{t0→t} v, [T − t0, d_k]
     gain = (inputs.q[t0:] * carried).sum(-1)
     return eps * gain[:, None] * w.to(inputs.k)
@@ -109,21 +113,21 @@ def paper_read_change(cache, layer: int, head: int, t0: int, v: Float[Tensor, " 
 
 
 def state_gradient(cache, layer: int, head: int, read_grad: Float[Tensor, "T d_v"],
-                   positions: Sequence[int], erase: bool | None = None) -> Float[Tensor, "n_positions d_k d_v"]:
+                   positions: Sequence[int], transition: Transition | None = None) -> Float[Tensor, "n_positions d_k d_v"]:
     """J_t0 = Σ_{t ≥ t0} M_{t0→t}ᵀ q̂_t g_tᵀ for each t0 in ``positions``, g_t = ``read_grad[t]`` = ∂f/∂o_t.
 
-    The adjoint of `exact_read_change`: Σ_t ⟨g_t, Δo_t⟩ = ε vᵀ J_t0 w for the edit ε v wᵀ at t0. Each
-    A_s is symmetric, so the sum is accumulated backwards, X_t = q̂_t g_tᵀ + A_{t+1} X_{t+1}, J_t0 = X_t0.
+    The adjoint of `exact_read_change`: Σ_t ⟨g_t, Δo_t⟩ = ε vᵀ J_t0 w for the edit ε v wᵀ at t0. The sum
+    is accumulated backwards, X_t = q̂_t g_tᵀ + A_{t+1}ᵀ X_{t+1}, J_t0 = X_t0.
     """
-    inputs = _head_inputs(cache, layer, head, erase)
+    inputs = _head_inputs(cache, layer, head, transition)
     q = inputs.q
     positions = check_positions(positions, q.shape[0], "install position")
     read_grad = read_grad.to(q)
     wanted = set(positions)
     x, found = torch.zeros(q.shape[1], read_grad.shape[1], dtype=q.dtype), {}
     for t in range(q.shape[0] - 1, min(positions) - 1, -1):
-        if t + 1 < q.shape[0]:  # x ← A_{t+1} x, on x's columns (key-space vectors)
-            x = inputs.step(x.T, t + 1).T
+        if t + 1 < q.shape[0]:  # x ← A_{t+1}ᵀ x, on x's columns (key-space vectors)
+            x = inputs.step_back(x.T, t + 1).T
         x = x + torch.outer(q[t], read_grad[t])
         if t in wanted:
             found[t] = x

@@ -1,0 +1,113 @@
+"""`MatrixMemory`: a layer's matrix memory, the one component every recurrent mixer is built on.
+
+Each head keeps a state S_t [d_k, d_v]; each position decays (and, with an erase, partly removes) it by
+the layer's `Transition`, writes a rank-1 k̂_t δ_tᵀ and reads o_t = S_tᵀ q̂_t (docs/design.md §5). This
+class owns everything about that memory and nothing else: its hook points, under the names every family
+shares (``hook_read_query``, ``hook_write_key``, ``hook_write_value``, ``hook_state``,
+``hook_final_state``, ``hook_recurrence_out``); the chunked recurrence with write and state edits
+carried forward exactly, and the sequential one whose hooks fire per position (§8); the states at
+``state_positions``; and the cache's recurrent state.
+
+A mixer *is* a `MatrixMemory`: the Gated DeltaNet layer (`hooked_gdn.layers.GatedDeltaNet`) and
+Mamba-2's SSD mixer (`hooked_gdn.mamba2.Mamba2Mixer`) subclass it, call its constructor with their
+transition, hold only what is their own (projections, conv, gates, output norm) and hand their q̂, k̂,
+v, g and β to `recur`. So the memory's hook points sit directly on the mixer
+(``blocks.L.linear_attn.hook_state``), as TransformerLens users address them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from .delta_rule import DeltaRuleEdits, Transition, gated_delta_rule, read, write
+from .hook_points import CheckedHookPoint, any_hooked
+from .sites import tell_positions
+
+if TYPE_CHECKING:
+    from .layers import ForwardContext
+
+
+class MatrixMemory(nn.Module):
+    """The matrix memory of a layer's heads (see the module docstring); ``transition`` is its kind."""
+
+    def __init__(self, layer: int, transition: Transition):
+        super().__init__()
+        self.layer, self.transition = layer, transition
+        # b batch, p positions, H heads; the memory's hook points are fp32
+        self.hook_read_query = CheckedHookPoint()  # [b, p, H, d_k]: q̂
+        self.hook_write_key = CheckedHookPoint()  # [b, p, H, d_k]: k̂; edits carried
+        self.hook_write_value = CheckedHookPoint()  # [b, p, H, d_v]: δ; edits carried
+        self.hook_state = CheckedHookPoint()  # [b, P, H, d_k, d_v]: S_t at state_positions; edits carried
+        self.hook_final_state = CheckedHookPoint()  # [b, H, d_k, d_v]: what a cache continues from
+        self.hook_recurrence_out = CheckedHookPoint()  # [b, p, H, d_v]: o
+
+    def recur(
+        self,
+        read_query: Float[Tensor, "b p H d_k"],
+        write_key: Float[Tensor, "b p H d_k"],
+        value: Float[Tensor, "b p H d_v"],
+        log_decay: Float[Tensor, "b p H"],
+        strength: Float[Tensor, "b p H"],
+        ctx: ForwardContext,
+        out_dtype: torch.dtype | None = None,
+    ) -> Float[Tensor, "b p H d_v"]:
+        """The reads o_t of the current input (in ``out_dtype``, default fp32), continuing from and updating
+        ``ctx.cache``; the inputs are fp32 and already expanded to the H value heads."""
+        read_query = self.hook_read_query(read_query)
+        initial = None if ctx.cache is None else ctx.cache.recurrent_states.get(self.layer)
+        recurrence = self._sequential if ctx.sequential else self._parallel
+        out, final = recurrence(read_query, write_key, value, log_decay, strength, initial, ctx)
+        final = self.hook_final_state(final)
+        if ctx.cache is not None:
+            ctx.cache.update_recurrent_state(self.layer, final)
+        return self.hook_recurrence_out(out if out_dtype is None else out.to(out_dtype))
+
+    def _parallel(self, q_hat, k_hat, v, g, beta, initial, ctx: ForwardContext):
+        """Chunked recurrence; write and state edits returned by hooks are carried forward exactly."""
+        hooked_state = any_hooked(self.hook_state)
+        positions = None
+        if hooked_state:
+            positions = ctx.state_positions if ctx.state_positions is not None else torch.arange(k_hat.shape[1], device=k_hat.device)
+        run = lambda edits, positions: gated_delta_rule(q_hat, k_hat, v, g, beta, initial, positions, edits, ctx.chunk_size,
+                                                        self.transition)
+        result = run(None, positions)
+        edits = DeltaRuleEdits()
+        if any_hooked(self.hook_write_key, self.hook_write_value):
+            tell_positions(ctx.past_length + torch.arange(k_hat.shape[1]), self.hook_write_key, self.hook_write_value)
+            key, key_edited, _ = self.hook_write_key.fire_and_diff(k_hat, 1)
+            value, value_edited, _ = self.hook_write_value.fire_and_diff(result.write_value, 1)
+            edited = [m for m in (key_edited, value_edited) if m is not None]
+            if edited:  # a row is forced where either side of its write was edited
+                edits.write_mask = edited[0] if len(edited) == 1 else edited[0] | edited[1]
+                edits.write_key, edits.write_value = key.float(), value.float()
+                result = run(edits, positions)
+        if hooked_state:
+            tell_positions(ctx.past_length + positions.cpu(), self.hook_state)
+            recompute = lambda: run(edits, positions).states
+            states, edited, original = self.hook_state.fire_and_diff(result.states, 2, recompute)
+            if edited is not None:
+                rows = edited.any(dim=(0, 2)).nonzero().flatten()
+                edits.diff_positions = positions[rows]
+                edits.state_diff = (states - original)[:, rows].float()
+                result = run(edits, None)
+        return result.out, result.final_state
+
+    def _sequential(self, q_hat, k_hat, v, g, beta, initial, ctx: ForwardContext):
+        """One position at a time; the write and state hooks fire per position with p = 1."""
+        state = initial if initial is not None else k_hat.new_zeros(k_hat.shape[0], k_hat.shape[2], k_hat.shape[3], v.shape[3])
+        fire_state = set(range(k_hat.shape[1]) if ctx.state_positions is None else ctx.state_positions.tolist())
+        outs = []
+        for t in range(k_hat.shape[1]):
+            tell_positions(torch.tensor([ctx.past_length + t]), self.hook_write_key, self.hook_write_value, self.hook_state)
+            decayed, delta = self.transition.decay_and_predict(state, k_hat[:, t], v[:, t], g[:, t], beta[:, t])
+            key = self.hook_write_key(k_hat[:, t : t + 1])[:, 0]
+            delta = self.hook_write_value(delta[:, None])[:, 0]
+            state = write(decayed, key.float(), delta.float())
+            if t in fire_state:
+                state = self.hook_state(state[:, None])[:, 0].float()
+            outs.append(read(state, q_hat[:, t]))
+        return torch.stack(outs, 1), state
