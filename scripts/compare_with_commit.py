@@ -74,6 +74,12 @@ def dump(tree: Path, out: Path) -> None:
         raise SystemExit(f"computing the numbers with the tree at {tree} failed (its traceback is above)")
 
 
+def _working_tree() -> str:
+    git = lambda *args: subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    head = git("rev-parse", "HEAD")
+    return head if not git("status", "--porcelain", "--untracked-files=no") else f"{head} plus uncommitted changes"
+
+
 def compare(ref: str) -> dict:
     import torch
 
@@ -91,8 +97,7 @@ def compare(ref: str) -> dict:
         raise SystemExit(f"the two trees computed different things: {sorted(set(a) ^ set(b))}")
     differ = {k: float((a[k].detach().double() - b[k].detach().double()).abs().max()) for k in a if not torch.equal(a[k], b[k])}
     return {"command": " ".join(["python -m scripts.compare_with_commit", *sys.argv[1:]]), "before": commit,
-            "after": "the working tree at " + subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                                            text=True, check=True).stdout.strip() + " plus uncommitted changes",
+            "after": _working_tree(),
             "models": list(MODELS), "tensors": len(a), "differ": differ, "torch": torch.__version__}
 
 
