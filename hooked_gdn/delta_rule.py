@@ -26,7 +26,7 @@ it runs the chunked form between edited positions and takes one exact step at ea
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,17 @@ class DeltaRuleOutput:
     states: Float[Tensor, "b P H d_k d_v"] | None = None  # S_t at the requested positions
 
 
+def edited_positions(masks: list[Tensor | None], diff_positions: Tensor | None) -> list[int]:
+    """The positions an edit touches, in order: where any of the [b, T, H] ``masks`` is set, and ``diff_positions``."""
+    edited = set()
+    for mask in masks:
+        if mask is not None:
+            edited |= set(mask.any(dim=(0, 2)).nonzero().flatten().tolist())
+    if diff_positions is not None:
+        edited |= set(diff_positions.tolist())
+    return sorted(edited)
+
+
 @dataclass
 class DeltaRuleEdits:
     """Edits carried exactly through the recurrence.
@@ -69,12 +80,7 @@ class DeltaRuleEdits:
 
     def positions(self) -> list[int]:
         """The edited positions, in order."""
-        edited = set()
-        if self.write_mask is not None:
-            edited |= set(self.write_mask.any(dim=(0, 2)).nonzero().flatten().tolist())
-        if self.diff_positions is not None:
-            edited |= set(self.diff_positions.tolist())
-        return sorted(edited)
+        return edited_positions([self.write_mask], self.diff_positions)
 
     def write_at(self, t: int, key: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
         if self.write_mask is None:
@@ -163,14 +169,20 @@ def gated_delta_rule_reference(
     initial_state: State | None = None, edits: DeltaRuleEdits | None = None, transition: Transition = DELTA_RULE,
 ) -> DeltaRuleOutput:
     """The recurrence one position at a time, exactly as written; returns the states at every position."""
-    state = _zero_state(k, v) if initial_state is None else initial_state
-    outs, deltas, states = [], [], []
-    for t in range(k.shape[1]):
-        state, o, delta = _edited_step(state, t, q, k, v, g, beta, edits, transition)
+    step = lambda state, t: _edited_step(state, t, q, k, v, g, beta, edits, transition)
+    return DeltaRuleOutput(*step_by_step(step, _zero_state(k, v) if initial_state is None else initial_state, k.shape[1]))
+
+
+def step_by_step(step, initial: Tensor, T: int):
+    """``step(state, t)`` (giving the state, o_t and the per-position second output) from ``initial`` over T
+    positions: the outputs, the second outputs, the final state and every state, stacked on dim 1."""
+    state, outs, seconds, states = initial, [], [], []
+    for t in range(T):
+        state, o, second = step(state, t)
         outs.append(o)
-        deltas.append(delta)
+        seconds.append(second)
         states.append(state)
-    return DeltaRuleOutput(torch.stack(outs, 1), torch.stack(deltas, 1), state, torch.stack(states, 1))
+    return torch.stack(outs, 1), torch.stack(seconds, 1), state, torch.stack(states, 1)
 
 
 def chunked_gated_delta_rule(
@@ -256,29 +268,37 @@ def gated_delta_rule(
     edited = edits.positions() if edits is not None else []
     if not edited:
         return chunked_gated_delta_rule(q, k, v, g, beta, initial_state, state_positions, chunk_size, transition)
-    T = k.shape[1]
+    chunk = lambda start, end, state, positions: chunked_gated_delta_rule(
+        q[:, start:end], k[:, start:end], v[:, start:end], g[:, start:end], beta[:, start:end], state, positions, chunk_size,
+        transition)
+    step = lambda state, t: _edited_step(state, t, q, k, v, g, beta, edits, transition)
+    initial = _zero_state(k, v) if initial_state is None else initial_state
+    return DeltaRuleOutput(*between_edits(chunk, step, initial, k.shape[1], edited, state_positions))
+
+
+def between_edits(chunk, step, initial: Tensor, T: int, edited: list[int], state_positions: Tensor | None):
+    """A recurrence with edits at the positions ``edited``: ``chunk(start, end, state, positions)`` (its chunked
+    form over [start, end), giving out, the per-position second output, the final state and the states at
+    ``positions``, the fields of a `DeltaRuleOutput` or alike, in that order) on each stretch between them and ``step(state, t)`` (an exact step with the edits, giving
+    the state, o_t and the second output) at each. Returns the four, states at ``state_positions``."""
     wanted = state_positions.tolist() if state_positions is not None else []
-    state = _zero_state(k, v) if initial_state is None else initial_state
-    outs, deltas, states = [], [], {}
+    state, outs, seconds, states = initial, [], [], {}
     start = 0
     for e in edited + [T]:
         if e > start:
             in_segment = [p for p in wanted if start <= p < e]
-            segment = chunked_gated_delta_rule(
-                q[:, start:e], k[:, start:e], v[:, start:e], g[:, start:e], beta[:, start:e], state,
-                torch.tensor(in_segment, device=k.device) - start if in_segment else None, chunk_size, transition,
-            )
-            outs.append(segment.out)
-            deltas.append(segment.write_value)
-            states.update({p: segment.states[:, j] for j, p in enumerate(in_segment)})
-            state = segment.final_state
+            segment = chunk(start, e, state, torch.tensor(in_segment, device=initial.device) - start if in_segment else None)
+            out, second, state, segment_states = (getattr(segment, f.name) for f in fields(segment))
+            outs.append(out)
+            seconds.append(second)
+            states.update({p: segment_states[:, j] for j, p in enumerate(in_segment)})
         if e == T:
             break
-        state, o, delta = _edited_step(state, e, q, k, v, g, beta, edits, transition)
+        state, o, second = step(state, e)
         outs.append(o[:, None])
-        deltas.append(delta[:, None])
+        seconds.append(second[:, None])
         if e in wanted:
             states[e] = state
         start = e + 1
     stacked = torch.stack([states[p] for p in wanted], 1) if wanted else None
-    return DeltaRuleOutput(torch.cat(outs, 1), torch.cat(deltas, 1), state, stacked)
+    return torch.cat(outs, 1), torch.cat(seconds, 1), state, stacked

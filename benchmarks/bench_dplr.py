@@ -1,0 +1,111 @@
+"""D1–D4: the DPLR engine of RWKV-7 (`hooked_gdn.dplr`), as ratios measured in one run.
+
+    python -m benchmarks.bench_dplr                 # T = 512 and 2048
+    python -m benchmarks.bench_dplr --lengths 256
+
+One layer's recurrence at RWKV-7 0.1B's sizes (12 heads of head size 64), batch 1, fp32, inputs shaped as
+the layer makes them (w ∈ (0.545, 1), a ∈ (0, 1), unit κ̂):
+
+- D1: the sequential reference / the chunked form, every read o_t.
+- D2: the same with the state at every position formed (the reference forms them anyway).
+- D3: one carried state edit at t = T − 10 / the clean chunked form.
+- D4: the chunked DPLR form on Gated DeltaNet's inputs / GDN's own chunked engine (`hooked_gdn.delta_rule`):
+  what the generality costs.
+
+Times are medians of interleaved repeats (`benchmarks.bench_engine.median_times`). The comparison with
+BlinkDL's RWKV-7 forward waits for the RWKV-7 model (issue 24).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_engine import median_times
+from hooked_gdn.delta_rule import chunked_gated_delta_rule
+from hooked_gdn.dplr import DEFAULT_CHUNK_SIZE, DPLREdits, chunked_dplr, dplr, dplr_reference
+from hooked_gdn.files import atomic_file
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_JSON = ROOT / "benchmarks" / "results" / "bench_dplr.json"
+HEADS, HEAD_SIZE = 12, 64
+
+
+def inputs(T: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    rows = (1, T, HEADS, HEAD_SIZE)
+    randn = lambda *shape: torch.randn(*shape, generator=g)
+    log_w = -0.6065 * torch.sigmoid(randn(*rows) - 1.0)
+    a = torch.sigmoid(randn(*rows))
+    kappa = torch.nn.functional.normalize(randn(*rows), dim=-1)
+    return randn(*rows), log_w, kappa, a, randn(*rows), randn(*rows)
+
+
+def rows_for(T: int, repeats: int) -> list[dict]:
+    x = inputs(T)
+    every = torch.arange(T)
+    edit = DPLREdits(diff_positions=torch.tensor([T - 10]), state_diff=torch.randn(1, 1, HEADS, HEAD_SIZE, HEAD_SIZE))
+    t = median_times({"reference": lambda: dplr_reference(*x), "chunked": lambda: chunked_dplr(*x),
+                      "chunked_states": lambda: chunked_dplr(*x, state_positions=every),
+                      "edited": lambda: dplr(*x, edits=edit)}, repeats)
+    # GDN's inputs: w = α, κ̂ = k̂, a = α β, k̃ = β k̂
+    q, k = (torch.nn.functional.normalize(y, dim=-1) for y in (x[0], x[2]))
+    g, beta = x[1][..., 0], x[3][..., 0]
+    gdn = (q, k, x[5], g, beta)
+    as_dplr = (q, g[..., None].expand_as(k), k, (g.exp() * beta)[..., None].expand_as(k), beta[..., None] * k, x[5])
+    t |= median_times({"gdn": lambda: chunked_gated_delta_rule(*gdn), "gdn_as_dplr": lambda: chunked_dplr(*as_dplr)}, repeats)
+    ms = lambda name: f"{t[name] * 1e3:.0f} ms"
+    return [
+        {"id": "D1", "T": T, "measure": "sequential reference / chunked, every read", "ratio": t["reference"] / t["chunked"],
+         "detail": f"{ms('reference')} vs {ms('chunked')}"},
+        {"id": "D2", "T": T, "measure": "sequential reference / chunked, every state formed",
+         "ratio": t["reference"] / t["chunked_states"], "detail": f"{ms('reference')} vs {ms('chunked_states')}"},
+        {"id": "D3", "T": T, "measure": "one carried state edit at t = T − 10 / clean chunked", "ratio": t["edited"] / t["chunked"],
+         "detail": f"{ms('edited')} vs {ms('chunked')}"},
+        {"id": "D4", "T": T, "measure": "chunked DPLR on GDN's inputs / GDN's own chunked engine",
+         "ratio": t["gdn_as_dplr"] / t["gdn"], "detail": f"{ms('gdn_as_dplr')} vs {ms('gdn')}"},
+    ]
+
+
+def results_block(results: dict | None) -> str:
+    """RESULTS.md's D1–D4 table, from ``benchmarks/results/bench_dplr.json``."""
+    if results is None:
+        return "Not yet run: `python -m benchmarks.bench_dplr`.\n"
+    p = results["provenance"]
+    lines = [f"`{p['command']}` on {p['date']} (torch {p['torch']}, {p['cpu_threads']} CPU threads, {p['heads']} heads of "
+             f"{p['head_size']}, chunk {p['chunk_size']}, batch 1, fp32, medians of {p['repeats']} interleaved repeats), "
+             "`benchmarks/results/bench_dplr.json`:", "",
+             "| T | id | measure | ratio | times |", "|---|---|---|---|---|"]
+    lines += [f"| {r['T']} | {r['id']} | {r['measure']} | {r['ratio']:.2f} | {r['detail']} |" for r in results["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="512,2048")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=RESULTS_JSON)
+    args = parser.parse_args()
+    with torch.no_grad():
+        rows = [row for T in map(int, args.lengths.split(",")) for row in rows_for(T, args.repeats)]
+    results = {"provenance": {"command": shlex.join(["python", "-m", "benchmarks.bench_dplr", *sys.argv[1:]]),
+                              "date": time.strftime("%Y-%m-%d", time.gmtime()), "torch": torch.__version__,
+                              "cpu_threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine(),
+                              "heads": HEADS, "head_size": HEAD_SIZE, "chunk_size": DEFAULT_CHUNK_SIZE,
+                              "repeats": args.repeats, "seed": 0},
+               "rows": rows}
+    print(results_block(results))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(args.json, "w") as f:
+        json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
