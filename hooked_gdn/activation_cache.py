@@ -6,7 +6,9 @@ keys, ``accumulated_resid``, ``decompose_resid`` (every block's mixer, GDN or at
 model's ``tokens_to_residual_directions``) and the MLP neuron results. Added: a GDN hook point of a
 GDN layer by its short name, ``cache["state", L]`` for ``blocks.L.linear_attn.hook_state`` (likewise
 ``"write_value"``, ``"beta"``, ``"q"``, … in a GDN layer). The per-head results raise an error that
-says why they do not apply.
+says why they do not apply. A default cache of an input longer than
+``hooked_gdn.model.DEFAULT_CACHE_MAX_PATTERN_LENGTH`` has no ``hook_attn_scores`` / ``hook_pattern``;
+asking for one raises a KeyError that says how to get it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ class GDNActivationCache(ActivationCache):
         if isinstance(key, tuple) and len(key) > 1 and isinstance(key[1], int):
             layer = key[1] + self.model.cfg.n_layers if key[1] < 0 else key[1]
             key = act_name(key[0], layer, key[2] if len(key) > 2 else None, gdn_layers=self.model.cfg.gdn_layers)
+        if isinstance(key, str) and key in self.model.hook_dict and key.endswith(("hook_attn_scores", "hook_pattern")) \
+                and key not in self.cache_dict:
+            from .model import pattern_left_out_message
+
+            raise KeyError(f"{key} is not in this cache. {pattern_left_out_message()}")
         return super().__getitem__(key)
 
     def apply_slice_to_batch_dim(self, batch_slice) -> GDNActivationCache:

@@ -152,7 +152,8 @@ class MemoryCensus:
         fig.tight_layout()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        with atomic_file(path, "wb") as f:
+            fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=120)
 
 
 def census_tokens(model, text: str | Sequence[str], context: int = 512, max_tokens: int | None = None) -> Int[Tensor, "window pos"]:

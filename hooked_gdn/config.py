@@ -5,12 +5,21 @@ is `hooked_gdn.mamba2.HookedMamba2Config`."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 
 MIXER_TYPES = ("linear_attention", "full_attention")  # GDN, gated (or plain) full attention
 MLP_TYPES = ("dense", "moe")  # SwiGLU, or routed SwiGLU experts plus a shared expert
 BLOCK_NORMS = ("pre", "post")
+
+
+class ConfigSizeError(ValueError):
+    """A size field of a config that is not a positive (or, for counts, non-negative) integer; ``field`` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(kw_only=True)
@@ -47,10 +56,23 @@ class HookedModelConfig:
     attn_only: bool = False
     act_fn: str = "silu"
 
+    #: the size fields, which must be integers > 0 (``SIZES``) or >= 0 (``COUNTS``); each family's config adds its own
+    SIZES: ClassVar[tuple[str, ...]] = ("d_model", "n_layers", "d_vocab", "n_key_heads", "n_value_heads", "d_key", "d_value",
+                                        "conv_kernel")
+    COUNTS: ClassVar[tuple[str, ...]] = ("rotary_dim",)
+
     def __post_init__(self):
+        for name in (*self.SIZES, *self.COUNTS):
+            value, least = getattr(self, name), 1 if name in self.SIZES else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigSizeError(name, f"{name} must be an integer >= {least}, got {value!r}")
         if self.n_value_heads % self.n_key_heads:
             raise ValueError(f"n_value_heads ({self.n_value_heads}) must be a multiple of n_key_heads ({self.n_key_heads}), "
                              f"the heads that share a key (Mamba-2: the heads and n_groups)")
+
+    def sizes(self) -> dict[str, int]:
+        """Every size field (`SIZES`, `COUNTS`) and its value."""
+        return {name: getattr(self, name) for name in (*self.SIZES, *self.COUNTS)}
 
     @property
     def gdn_layers(self) -> list[int]:
@@ -66,7 +88,14 @@ class HookedModelConfig:
         """Build from a transformers config of any supported family (`hooked_gdn.architectures`)."""
         from .architectures import architecture_for
 
-        return architecture_for(hf_config).hooked_config(hf_config, model_name)
+        family = architecture_for(hf_config)
+        try:
+            return family.hooked_config(hf_config, model_name)
+        except ConfigSizeError as error:  # named as the transformers config names it
+            theirs = family.config_names.get(error.field)
+            if theirs is None:
+                raise
+            raise ConfigSizeError(error.field, f"{error} (config.json's {theirs})") from None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -114,6 +143,10 @@ class HookedGDNConfig(HookedModelConfig):
     qk_norm_per_head: bool = True
     allow_neg_eigval: bool = False
     gated_norm_eps: float | None = None
+
+    SIZES: ClassVar[tuple[str, ...]] = (*HookedModelConfig.SIZES, "d_mlp", "n_heads", "n_key_value_heads", "d_head")
+    COUNTS: ClassVar[tuple[str, ...]] = (*HookedModelConfig.COUNTS, "n_experts", "n_experts_per_token", "d_expert",
+                                         "d_shared_expert")
 
     def __post_init__(self):
         super().__post_init__()

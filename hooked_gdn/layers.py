@@ -289,13 +289,18 @@ class GatedAttention(nn.Module):
             k, v = ctx.cache.append_kv(self.layer, k, v)
         group = cfg.n_heads // cfg.n_key_value_heads
         q_, k_, v_ = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(group, 1), v.transpose(1, 2).repeat_interleave(group, 1)
-        mask = self._mask(ctx, p, k.shape[1], q_.dtype, x.device)
-        if any_hooked(self.hook_attn_scores, self.hook_pattern):
+        total = k.shape[1]
+        if any_hooked(self.hook_attn_scores, self.hook_pattern):  # the pattern is [p, total] per head anyway
+            mask = self._mask(ctx, p, total, q_.dtype, x.device)
             scores = self.hook_attn_scores((q_ @ k_.transpose(-1, -2)) * cfg.d_head**-0.5 + mask)
             pattern = self.hook_pattern(scores.softmax(-1, dtype=torch.float32).to(q_.dtype))
             z = pattern @ v_
-        else:
-            z = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask)
+        elif ctx.attention_mask is None and p == total:  # prefill without padding: the causal kernel, no [p, p] mask
+            z = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True)
+        elif ctx.attention_mask is None and p == 1:  # one new token after a cached prefix sees every key
+            z = F.scaled_dot_product_attention(q_, k_, v_)
+        else:  # padding, or several tokens after a cached prefix (is_causal would align them to the top left)
+            z = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=self._mask(ctx, p, total, q_.dtype, x.device))
         z = self.hook_z(z.transpose(1, 2))
         if self.gated:
             z = z * self.hook_gate(gate_logits.sigmoid())

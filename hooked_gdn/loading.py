@@ -3,6 +3,21 @@
 `load_pretrained` builds the model on the meta device and streams the (sharded) safetensors into it
 one tensor at a time, through each family's per-key placements (`hooked_gdn.architectures`);
 `load_pretrained_in_memory` is the plain path it is tested and benchmarked against.
+
+A checkpoint is checked before anything is built or any tensor data is read (`_open`), from
+config.json and the safetensors headers:
+
+- every shard file stays inside the checkpoint folder (`_shard_path`; links followed);
+- every size field of the config (`HookedModelConfig.sizes`) is an integer > 0 (counts >= 0), at most
+  the largest dimension of any tensor in the checkpoint (``n_layers`` aside: it must equal the number of
+  layers the checkpoint holds weights for). That is the bound: each size the model uses is at most some
+  weight's dimension, so nothing sized by the config outgrows the checkpoint;
+- every tensor that fills a weight is stored in a floating-point dtype (an integer or bool tensor is
+  not cast);
+- the model built on the meta device (nothing allocated) gets every weight exactly once, each of the
+  config's shape.
+
+While streaming, each tensor is checked to be finite as it is read (no second pass over the files).
 """
 
 from __future__ import annotations
@@ -10,17 +25,19 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoTokenizer
 
 from .architectures import BY_KEY
@@ -57,6 +74,14 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     if not _is_hub_id(name):
         raise FileNotFoundError(f"no such folder or shipped name: {name!r}{_did_you_mean(name)}; {_known_checkpoints()}; "
                                 f"a hub id has the form owner/name")
+    owner, rest = name.split("/")
+    if Path(owner).is_dir():  # a path with a typo in its last part, not a hub id: refused here, not on the network
+        inside = sorted(p.name for p in Path(owner).iterdir() if p.is_dir())
+        close = difflib.get_close_matches(rest, inside, n=1)
+        hint = f" (did you mean '{owner}/{close[0]}'?)" if close else ""
+        raise FileNotFoundError(f"no such folder or shipped name: {name!r}: {owner}/ is a folder here and holds no "
+                                f"{rest!r}{hint}; {_known_checkpoints()} (for the hub model {name}, run from a folder "
+                                f"without {owner}/)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -118,6 +143,8 @@ def hf_to_hooked_state_dict(hf_state: dict[str, torch.Tensor], cfg: HookedModelC
     placements = {key: family.placements(key, cfg, tensor.shape) for key, tensor in hf_state.items()}
     embedding = next((hf_state[k] for k, found in placements.items() if [p.target for p in found] == ["W_E"]), None)
     for key, tensor in hf_state.items():
+        if placements[key]:
+            _check_finite(key, tensor, "state dict")
         for p in placements[key]:
             if p.target == "lm_head" and cfg.tie_word_embeddings:
                 if embedding is not None and not torch.equal(tensor, embedding):
@@ -135,11 +162,23 @@ def hf_to_hooked_state_dict(hf_state: dict[str, torch.Tensor], cfg: HookedModelC
     return ours
 
 
+def _check_finite(key: str, tensor: torch.Tensor, name_or_path) -> None:
+    """Refuse a checkpoint tensor with a NaN or an infinity: one reduction over it, values unchanged (its
+    minimum and maximum, through which a NaN propagates and in which an infinity shows; ~45x faster than
+    ``isfinite(t).all()`` in fp16 on the CPU)."""
+    if not tensor.numel():
+        return
+    checked = tensor if tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else tensor.float()
+    low, high = torch.aminmax(checked)
+    if not bool(torch.isfinite(low) & torch.isfinite(high)):
+        raise ValueError(f"checkpoint {name_or_path}: tensor {key!r} holds NaN or infinite values")
+
+
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint, read into memory."""
     state = {}
     for path in SafetensorsCheckpoint.open(folder).names:
-        state.update(load_file(path))
+        state.update(load_file(path))  # a readable safetensors file: SafetensorsCheckpoint.open has parsed its header
     return state
 
 
@@ -147,35 +186,46 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
 class SafetensorsCheckpoint:
     """A checkpoint's safetensors files and each tensor's shape, from their headers (no tensor data
     is read): the files ``model.safetensors.index.json`` lists when there is one, else every
-    ``*.safetensors`` file of the folder."""
+    ``*.safetensors`` file of the folder. Every file must lie inside the folder (`_shard_path`), and a file
+    whose header cannot be read (truncated, not safetensors) is refused by name."""
 
     names: dict[Path, list[str]]  # file -> the tensors it holds
     shapes: dict[str, torch.Size]
+    dtypes: dict[str, str]  # safetensors' names: "F32", "BF16", "I32", "BOOL", …
 
     @classmethod
     def open(cls, folder: Path) -> "SafetensorsCheckpoint":
         index = folder / _INDEX_FILE
         if index.exists():
-            listed = json.loads(index.read_text())["weight_map"]
-            files = sorted({folder / name for name in listed.values()})
+            try:
+                listed = json.loads(index.read_text())["weight_map"]
+                entries = {key: str(name) for key, name in listed.items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                raise ValueError(f"{index} is not a safetensors index ({type(error).__name__}: {error})") from None
+            files = sorted({_shard_path(folder, name, f"{index}: tensor {key!r}") for key, name in entries.items()})
             absent = [f.name for f in files if not f.exists()]
             if absent:
                 raise FileNotFoundError(f"{index} lists shards that are not in {folder}: {absent}")
         else:
-            files = sorted(folder.glob("*.safetensors"))
+            files = sorted(_shard_path(folder, f.name, str(folder)) for f in folder.glob("*.safetensors"))
             if not files:
                 raise FileNotFoundError(f"no .safetensors weights in {folder}")
-        names, shapes = {}, {}
+        names, shapes, dtypes = {}, {}, {}
         for path in files:
-            with safe_open(path, "pt") as f:
-                names[path] = list(f.keys())
-                for name in names[path]:
-                    if name in shapes:
-                        raise ValueError(f"tensor {name!r} is in two files of {folder}")
-                    shapes[name] = torch.Size(f.get_slice(name).get_shape())
+            try:
+                with safe_open(path, "pt") as f:
+                    names[path] = list(f.keys())
+                    for name in names[path]:
+                        if name in shapes:
+                            raise ValueError(f"tensor {name!r} is in two files of {folder}")
+                        found = f.get_slice(name)
+                        shapes[name], dtypes[name] = torch.Size(found.get_shape()), found.get_dtype()
+            except (SafetensorError, OSError) as error:  # truncated, not safetensors, unreadable
+                why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise ValueError(f"{path} is not a readable safetensors file (truncated or damaged?): {why}") from None
         if index.exists() and set(listed) - set(shapes):
             raise ValueError(f"{index} lists tensors that its shards do not hold: {_some(sorted(set(listed) - set(shapes)))}")
-        return cls(names, shapes)
+        return cls(names, shapes, dtypes)
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor, read into memory."""
@@ -203,18 +253,38 @@ class SafetensorsCheckpoint:
                         start += 1
 
 
+def _shard_path(folder: Path, name: str, entry: str) -> Path:
+    """``folder / name``, refused (naming ``entry``) unless it stays inside the checkpoint folder: ``name``
+    relative and without "..", and the file it reaches, links followed, inside the folder. In the hub's
+    cache a snapshot's files are links to its repository's ``blobs/``, which is allowed for a snapshot folder."""
+    parts = PurePosixPath(name).parts
+    if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
+        raise ValueError(f"{entry}: shard path {name!r} leaves the checkpoint folder {folder}")
+    path, real, home = folder / name, (folder / name).resolve(), folder.resolve()
+    inside = [home] + ([home.parent.parent / "blobs"] if home.parent.name == "snapshots" else [])
+    if not any(real.is_relative_to(root) for root in inside):
+        raise ValueError(f"{entry}: shard path {name!r} leads to {real}, outside the checkpoint folder {folder}")
+    return path
+
+
 def _some(names: list[str], shown: int = 8) -> str:
     return ", ".join(names[:shown]) + (f" … ({len(names)} in all)" if len(names) > shown else "")
 
 
-def _open(name_or_path):
+def _open(cls, name_or_path):
     """The folder, config, tokenizer, checkpoint and per-tensor placements of a checkpoint, checked
-    against each other before any tensor data is read."""
+    against each other (the module's docstring says how) before any tensor data is read or any model
+    of ``cls`` built but on the meta device."""
     folder = resolve_checkpoint(name_or_path)
-    cfg = HookedModelConfig.from_hf_config(AutoConfig.from_pretrained(folder), model_name=str(name_or_path))
+    checkpoint = SafetensorsCheckpoint.open(folder)
+    try:
+        hf_config = AutoConfig.from_pretrained(folder)
+    except StrictDataclassError as error:  # transformers' field types, e.g. vocab_size: 1e10
+        raise ValueError(f"{folder / 'config.json'}: {' '.join(str(error).split())}") from None
+    cfg = HookedModelConfig.from_hf_config(hf_config, model_name=str(name_or_path))
+    _check_sizes(cfg, checkpoint, name_or_path)
     has_tokenizer = any((folder / f).exists() for f in _TOKENIZER_FILES)
     tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
-    checkpoint = SafetensorsCheckpoint.open(folder)
     family = BY_KEY[cfg.architecture]
     placements, unexpected = {}, []
     for key in checkpoint.shapes:
@@ -225,6 +295,16 @@ def _open(name_or_path):
     if unexpected:
         raise ValueError(f"checkpoint {name_or_path} holds tensors that a {family.name} model of its config does not "
                          f"have: {_some(unexpected)}")
+    not_float = [f"{key} ({checkpoint.dtypes[key]})" for key, found in placements.items()
+                 if found and not _is_float(checkpoint.dtypes[key])]
+    if not_float:
+        raise ValueError(f"checkpoint {name_or_path} stores weights in a dtype that is not floating point: "
+                         f"{_some(not_float)}")
+    layers = {int(m[1]) for found in placements.values() for p in found if (m := _BLOCK.match(p.target))}
+    if layers != set(range(cfg.n_layers)):
+        absent = [str(i) for i in range(cfg.n_layers) if i not in layers]
+        raise ValueError(f"checkpoint {name_or_path}: its config has {_field(cfg, 'n_layers')}={cfg.n_layers}, but the "
+                         f"checkpoint holds weights for {len(layers)} layers (none for layers {_some(absent)})")
     heads = [key for key, found in placements.items() if any(p.target == "lm_head" for p in found)]
     embeddings = [key for key, found in placements.items() if any(p.target == "W_E" for p in found)]
     if cfg.tie_word_embeddings and heads:
@@ -235,7 +315,34 @@ def _open(name_or_path):
             cfg.tie_word_embeddings = False
         else:
             placements.update({key: [] for key in heads})
+    with torch.device("meta"):  # every tensor on the meta device: nothing is allocated whatever the sizes
+        _check_placements(cls(cfg, tokenizer), checkpoint, placements, name_or_path)
     return folder, cfg, tokenizer, checkpoint, placements
+
+
+_BLOCK = re.compile(r"blocks\.(\d+)\.")
+
+
+def _is_float(dtype: str) -> bool:
+    """Whether a safetensors dtype name ("F32", "BF16", "F8_E4M3", "I32", "BOOL", …) is a floating-point one."""
+    return dtype.startswith("F") or dtype == "BF16"
+
+
+def _field(cfg: HookedModelConfig, field: str) -> str:
+    """A size field, with the transformers config's name for it where the family gives one."""
+    theirs = BY_KEY[cfg.architecture].config_names.get(field)
+    return f"{field} ({theirs})" if theirs else field
+
+
+def _check_sizes(cfg: HookedModelConfig, checkpoint: SafetensorsCheckpoint, name_or_path) -> None:
+    """The bound on a config's sizes, before anything is computed from them: each at most the largest
+    dimension of any tensor in the checkpoint (``n_layers`` is checked against the layers it holds)."""
+    largest = max((d for shape in checkpoint.shapes.values() for d in shape), default=0)
+    too_large = [f"{_field(cfg, field)}={value}" for field, value in cfg.sizes().items()
+                 if field != "n_layers" and value > largest]
+    if too_large:
+        raise ValueError(f"checkpoint {name_or_path}: config sizes larger than any dimension of its tensors "
+                         f"(the largest is {largest}): {_some(too_large)}")
 
 
 def _check_placements(model: nn.Module, checkpoint: SafetensorsCheckpoint, placements: dict, name_or_path) -> None:
@@ -273,18 +380,19 @@ def load_pretrained(cls, name_or_path, device=None, dtype=None, device_map=None,
         raise ValueError("give device or device_map, not both")
     if max_memory is not None and device_map is None:
         raise ValueError("max_memory goes with device_map='auto'")
-    _, cfg, tokenizer, checkpoint, placements = _open(name_or_path)
+    _, cfg, tokenizer, checkpoint, placements = _open(cls, name_or_path)
     dtype = dtype or torch.float32
     # parameters on the meta device; buffers (the rotary frequencies) are built for real, on the CPU
     # as the in-memory path builds them, and moved below
     with init_empty_weights(include_buffers=False):
         model = cls(cfg, tokenizer).eval()  # loaded to be studied, as transformers' from_pretrained gives it
-    _check_placements(model, checkpoint, placements, name_or_path)
     plan = {} if device_map is None else plan_device_map(model, device_map, max_memory, dtype)
     check_available(plan)
     default = str(torch.device(device or "cpu")) if device_map is None else main_device(model, plan)
     with torch.no_grad():
         for key, tensor in checkpoint.stream():
+            if placements[key]:
+                _check_finite(key, tensor, name_or_path)
             for p in placements[key]:
                 target_device = _device_of(p.target, plan, default)
                 part = p.take(tensor).to(target_device, dtype, copy=True)  # a copy: the mapped bytes are let go
@@ -306,7 +414,7 @@ def load_pretrained(cls, name_or_path, device=None, dtype=None, device_map=None,
 def load_pretrained_in_memory(cls, name_or_path, device=None, dtype=None):
     """The plain path that `load_pretrained` is tested and benchmarked against: every tensor read
     into memory, then copied into a materialised model (about twice the weights at its peak)."""
-    folder, cfg, tokenizer, _, _ = _open(name_or_path)
+    folder, cfg, tokenizer, _, _ = _open(cls, name_or_path)
     dtype = dtype or torch.float32
     model = cls(cfg, tokenizer).eval()  # loaded to be studied, as transformers' from_pretrained gives it
     state = hf_to_hooked_state_dict(read_safetensors(folder), cfg)

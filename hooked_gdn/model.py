@@ -4,6 +4,7 @@ write as hook points."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -29,9 +30,32 @@ def _require_tokens(tokens: Tensor) -> None:
         raise ValueError(f"the input has no tokens (shape {tuple(tokens.shape)}): give at least one token per sequence")
 
 
+#: The most key positions (a cached prefix included) at which a default ``run_with_cache`` still holds
+#: ``hook_attn_scores`` and ``hook_pattern``. They are [b, n_heads, p, past + p]: quadratic in the length
+#: (at 32k tokens 4 GiB per head and layer in fp32), and hooking them also replaces the fused causal kernel by
+#: the materialised scores, so beyond this a default cache would grow as T² while all else it holds grows as T.
+#: 2048 keeps TransformerLens' ``cache["pattern", L]`` for the inputs people inspect by eye (16 MiB per
+#: head and layer); longer inputs leave both out with a warning saying how to get them (name them).
+DEFAULT_CACHE_MAX_PATTERN_LENGTH = 2048
+_PATTERN_HOOKS = ("hook_attn_scores", "hook_pattern")
+
+
 def _default_cache_filter(name: str) -> bool:
     # Every state at every position is large (18 MiB a token on Qwen3.5-0.8B): it must be asked for.
     return not name.endswith("hook_state")
+
+
+def _is_pattern_hook(name: str) -> bool:
+    return name.endswith(_PATTERN_HOOKS)
+
+
+def pattern_left_out_message() -> str:
+    """What a default cache of a long input says about its missing attention patterns (one text, so Python's
+    warning filter shows it once)."""
+    return (f"run_with_cache without names_filter leaves out hook_attn_scores and hook_pattern for inputs longer than "
+            f"hooked_gdn.model.DEFAULT_CACHE_MAX_PATTERN_LENGTH = {DEFAULT_CACHE_MAX_PATTERN_LENGTH} positions (a cached "
+            f"prefix counted): they are [b, n_heads, T, T] per attention layer. To get them, name them, e.g. "
+            f"names_filter=lambda name: name.endswith('hook_pattern') or <the other hooks you want>")
 
 
 class HookedGatedDeltaNet(HookedRootModule):
@@ -215,6 +239,8 @@ class HookedGatedDeltaNet(HookedRootModule):
         if state_positions is None:
             return None
         positions = torch.as_tensor(state_positions)
+        if positions.numel() == 0 and not positions.dtype.is_complex and positions.dtype != torch.bool:
+            positions = positions.long()  # [] reads as float32: no positions is no dtype question
         if positions.dtype == torch.bool or positions.dtype.is_floating_point or positions.dtype.is_complex:
             raise TypeError(f"state_positions must be integer positions, got dtype {positions.dtype} "
                             f"(for a boolean mask pass mask.nonzero().flatten())")
@@ -321,12 +347,18 @@ class HookedGatedDeltaNet(HookedRootModule):
         """Run and cache activations, as TransformerLens does, with two differences.
 
         - With no ``names_filter``, everything except ``hook_state`` is cached: name the states'
-          site(s) to get them (and pass ``state_positions`` to keep only some positions).
+          site(s) to get them (and pass ``state_positions`` to keep only some positions). Above
+          ``DEFAULT_CACHE_MAX_PATTERN_LENGTH`` positions (a cached prefix counted) ``hook_attn_scores``
+          and ``hook_pattern`` (T² per head) are left out too, with a warning: name them to get them.
         - A hook that fires once per position (the write and state hooks in sequential mode) is
           cached as the concatenation of its firings along positions.
         """
         if names_filter is None:
             keep = _default_cache_filter
+            length = self._key_length(model_args, model_kwargs)
+            if length > DEFAULT_CACHE_MAX_PATTERN_LENGTH and any(_is_pattern_hook(name) for name in self.hook_dict):
+                warnings.warn(pattern_left_out_message(), stacklevel=2)
+                keep = lambda name: _default_cache_filter(name) and not _is_pattern_hook(name)
         elif isinstance(names_filter, str):
             keep = lambda name: name == names_filter
         elif isinstance(names_filter, list):
@@ -350,6 +382,19 @@ class HookedGatedDeltaNet(HookedRootModule):
         if remove_batch_dim:
             store = {k: v[0] for k, v in store.items()}
         return out, GDNActivationCache(store, self, has_batch_dim=not remove_batch_dim)
+
+    def _key_length(self, model_args: tuple, model_kwargs: dict) -> int:
+        """The number of key positions a forward with these arguments attends over: the input's length plus a
+        cached prefix (strings are tokenized once more here, to count them)."""
+        input = model_args[0] if model_args else model_kwargs.get("input")
+        if isinstance(input, Tensor):
+            length = input.shape[-1]
+        elif (isinstance(input, str) or isinstance(input, list) and all(isinstance(s, str) for s in input)) and self.tokenizer:
+            length = self.to_tokens(input).shape[-1]
+        else:
+            length = 0  # forward will refuse it with its own message
+        cache = model_kwargs.get("cache")
+        return length + (cache.length if cache is not None else 0)
 
     def _check_hook_name(self, name) -> None:
         if isinstance(name, str) and name not in self.hook_dict:

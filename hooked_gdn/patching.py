@@ -39,6 +39,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .files import atomic_file
 from .model import HookedGatedDeltaNet
 from .sites import GDN_HOOKS, gdn_hook_name
 
@@ -379,5 +380,6 @@ def plot_patching_heatmap(
         fig.suptitle(title)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=100, bbox_inches="tight")
+        with atomic_file(path, "wb") as f:
+            fig.savefig(f, format=Path(path).suffix.lstrip(".") or "png", dpi=100, bbox_inches="tight")
     return fig

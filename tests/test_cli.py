@@ -334,3 +334,95 @@ def test_quickstart_runs_on_the_shipped_mamba2_model(tmp_path):
                              eval_contexts=2, progress=False)
     assert summary["model"] == "mamba2-austen" and summary["site"] == "blocks.0.linear_attn.hook_state"  # its census's layer
     assert load_sae(tmp_path / "sae").cfg.model_name == "mamba2-austen"
+
+
+def test_census_and_device_arguments_are_refused_in_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    import writesae.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "_load_model", lambda args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "argument --context: must be a positive integer, got 0" in cli_error(capsys, "census", "--context", "0")
+    assert "argument --tokens: must be a positive integer, got -5" in cli_error(capsys, "census", "--tokens", "-5")
+    assert "argument --state-every: must be a positive integer, got 0" in cli_error(capsys, "census", "--state-every", "0")
+    err = cli_error(capsys, "census", "--device", "banana", "--out", "new")
+    assert err.startswith("writesae census: error: argument --device: 'banana' is not a torch device") and err.count("\n") == 1
+    err = cli_error(capsys, "train", "--layer", "4", "--device", "cuda")
+    assert err.startswith("writesae train: error: argument --device: 'cuda': CUDA is not available on this machine")
+    assert err.count("\n") == 1 and not Path("new").exists()
+    assert "argument --device: 'cuda:0'" in cli_error(capsys, "eval", "gdn-austen/L5-state", "--device", "cuda:0")
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume_and_a_corrupt_line_is_named(tmp_path):
+    from writesae.train import _drop_records_after, _log
+
+    metrics = tmp_path / "metrics.jsonl"
+    for step in (1, 2, 3):
+        _log(metrics, {"step": step, "split": "train"}, None)
+    whole = metrics.read_text()
+    metrics.write_text(whole + '{"step": 4, "spl')  # a run killed in the middle of an append
+    with pytest.warns(UserWarning, match=f"{re.escape(str(metrics))}: dropped its last line"):
+        _drop_records_after(metrics, 2)
+    assert metrics.read_text() == "".join(line + "\n" for line in whole.splitlines()[:2])
+    metrics.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=f"{re.escape(str(metrics))}, line 2: not a metrics record"):
+        _drop_records_after(metrics, 2)
+    metrics.write_text('{"step": 1}\n{"step": 2, "cut')  # a torn line that ends with a newline is no torn append
+    with pytest.warns(UserWarning, match="dropped its last line"):
+        _drop_records_after(metrics, 5)
+    assert metrics.read_text() == '{"step": 1}\n'
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from safetensors import SafetensorError
+
+    import writesae.train as train_module
+
+    text_folder(tmp_path / "corpus")
+    saves = []
+
+    def save_file(*args, **kwargs):
+        saves.append(args[1])
+        if len(saves) == 2:  # safetensors reports a full disk so
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                                  'left on device" })')
+        if len(saves) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    real = train_module.save_file
+    monkeypatch.setattr(train_module, "save_file", save_file)
+    out = tmp_path / "run"
+    args = ["train", "--data", str(tmp_path / "corpus"), "--out", str(out), *SMALL["train"].split(), "--steps", "2",
+            "--checkpoint-every", "1"]
+    for _ in range(2):  # the second resumes from step 1 and fails the same way
+        err = cli_error(capsys, *args).splitlines()[-1]  # after the warning that the FVU is above 1
+        assert err.startswith("writesae train: error: could not write the step-2 checkpoint beside ")
+        assert "No space left on device" in err and f"the previous checkpoint (step 1) is intact at {out / 'checkpoint'}" in err
+        assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 1
+        assert not [p.name for p in out.iterdir() if p.name.startswith(".checkpoint")]
+
+
+def test_train_refuses_a_sae_folder_it_could_not_replace_before_loading_anything(tmp_path, capsys, monkeypatch):
+    import writesae.cli as cli
+    from writesae.outputs import claim_outputs
+
+    claim_outputs(tmp_path, ["sae"])  # writesae made sae/ once; then the user put their notes in it
+    (tmp_path / "sae").mkdir()
+    (tmp_path / "sae" / "notes.txt").write_text("mine\n")
+    monkeypatch.setattr(cli, "_load_model", lambda args: pytest.fail("the model was loaded"))
+    err = cli_error(capsys, "train", "--layer", "4", "--out", str(tmp_path))
+    assert f"{tmp_path / 'sae'} exists and is not an SAE folder" in err and err.count("\n") == 1
+    assert (tmp_path / "sae" / "notes.txt").read_text() == "mine\n"
+
+
+def test_a_failed_command_removes_only_the_out_it_created(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert "no such folder or shipped name" in cli_error(capsys, "train", "--layer", "4", "--model", "gdn-austn",
+                                                         "--out", "new/run")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    assert "no such folder or shipped name" in cli_error(capsys, "census", "--model", "gdn-austn", "--out", "mine")
+    assert (tmp_path / "mine").is_dir()  # the user's folder: kept, as the manifest the claim wrote in it

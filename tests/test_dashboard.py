@@ -6,7 +6,12 @@ Chromium is installed, the pages in a headless browser."""
 from __future__ import annotations
 
 import math
+import re
+import resource
 import shutil
+import signal
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -288,6 +293,84 @@ def test_the_site_does_not_replace_files_it_did_not_create(built, tmp_path):
     assert (tmp_path / "index.html").read_text() == "mine"
 
 
+def _site_files(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_a_link_planted_in_the_site_is_refused_never_written_through(built, tmp_path):
+    dashboard, site = built[4], tmp_path / "site"
+    shutil.copytree(built[5], site)
+    before = _site_files(site)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    card = dashboard.features[0]
+    page = site / feature_page_name(card.head, card.feature)
+    page.unlink()
+    page.symlink_to(victim)
+    with pytest.raises(FileExistsError, match=f"{re.escape(str(page))} is a symbolic link"):
+        write_site(dashboard, site, progress=False)
+    assert victim.read_text() == "mine" and page.is_symlink()  # neither followed nor replaced
+    assert _site_files(site) == before | {str(page.relative_to(site)): b"mine"}  # no other page rewritten
+    elsewhere = tmp_path / "elsewhere"  # nor through a features/ that is a link to a folder elsewhere
+    (site / "features").rename(elsewhere)
+    (site / "features").symlink_to(elsewhere)
+    with pytest.raises(FileExistsError, match=f"{re.escape(str(site / 'features'))} is a symbolic link"):
+        write_site(dashboard, site, progress=False)
+    assert victim.read_text() == "mine" and not any(path.name.startswith(".") for path in elsewhere.iterdir())
+
+
+_HOLD_THE_LOCK = """
+import sys
+from writesae.outputs import output_lock
+with output_lock(sys.argv[1], "writesae dashboard"):
+    print("locked", flush=True)
+    sys.stdin.read()  # until killed
+"""
+
+
+def test_a_second_run_on_the_site_is_refused_and_a_killed_runs_lock_is_not_in_the_way(built, tmp_path):
+    dashboard, site = built[4], tmp_path / "site"
+    shutil.copytree(built[5], site)
+    before = _site_files(site)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_THE_LOCK, str(site)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(BlockingIOError, match=rf"{re.escape(str(site))} \(writesae dashboard\) is in use by "
+                                                  rf"another process \(pid {holder.pid}, lock file"):
+            write_site(dashboard, site, progress=False)
+        assert _site_files(site) == before | {".writesae.lock": f"{holder.pid}\n".encode()}
+    finally:
+        holder.kill()  # SIGKILL: its lock file stays, naming a dead process, and its flock goes with it
+        holder.wait()
+    assert (site / ".writesae.lock").exists()
+    write_site(dashboard, site, progress=False)
+    assert _site_files(site) == before
+
+
+def test_a_write_that_fails_half_way_leaves_every_page_whole(built, tmp_path):
+    """A file-size limit (RLIMIT_FSIZE) makes writes fail part-way, as a full disk does: each page is
+    then the old one or absent, never a truncated one, and no temporary is left."""
+    dashboard, site = built[4], tmp_path / "site"
+    shutil.copytree(built[5], site)
+    before = _site_files(site)
+    for path in site.rglob("*.html"):
+        path.write_bytes(path.read_bytes() + b"<!-- old -->")  # so that a replaced page shows
+    old = _site_files(site)
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2000, limits[1]))  # every page is larger than this
+    try:
+        with pytest.raises(OSError):
+            write_site(dashboard, site, progress=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert _site_files(site) == old and min(len(page) for name, page in before.items() if name.endswith(".html")) > 2000
+    assert not [path for path in site.rglob(".*") if path.name != ".writesae.lock"] and not (site / ".writesae.lock").exists()
+    write_site(dashboard, site, progress=False)
+    assert _site_files(site) == before
+
+
 def _browser():
     """A headless Chromium driven by selenium, or a skip naming what is missing (both are optional: the
     ``browser`` extra and Debian's chromium and chromium-driver)."""
@@ -369,3 +452,12 @@ def test_direct_effect_is_the_mixers_own_derivative_by_central_differences(famil
     for j in range(3):
         expected = (mixer_out(rows[j], heads[j], eps * delta[j]) - mixer_out(rows[j], heads[j], -eps * delta[j])) / (2 * eps)
         assert (ours[j] - expected).norm() <= 1e-3 * expected.norm(), (family, j)
+
+
+def test_control_characters_from_the_corpus_never_reach_a_page_raw():
+    from writesae import dashboard_html
+
+    shown = dashboard_html._show("a\x00b\x07c\x1b\x7f\x85<d>\n\t")
+    assert shown == "a␀b␇c␛␡&lt;U+0085&gt;&lt;d&gt;⏎→"
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in shown)
+    assert dashboard_html.escape('x"\x00') == "x&quot;␀" and dashboard_html.escape('"', quote=False) == '"'

@@ -7,8 +7,14 @@ import errno
 import hashlib
 import json
 import re
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,10 +40,14 @@ def model_fixture():
     return random_tiny_model()
 
 
-@pytest.fixture(name="documents", scope="module")
-def documents_fixture():
+def random_documents() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return [torch.randint(1, 101, (40,), generator=g) for _ in range(40)]
+
+
+@pytest.fixture(name="documents", scope="module")
+def documents_fixture():
+    return random_documents()
 
 
 def make_store(model, documents, **kw) -> ActivationStore:
@@ -301,3 +311,121 @@ def test_the_cache_and_train_commands(tmp_path, capsys, monkeypatch):
     assert exit.value.code == 2 and err.count("\n") == 1
     assert err.startswith(f"writesae cache: error: the cache {tmp_path / 'small'} needs ") and "its disk has 1000 bytes free" in err
     assert not list((tmp_path / "small" / "train").iterdir())
+
+
+def _dead_pid() -> int:
+    """The id of a process that has ended (and been reaped)."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    return int(done.stdout)
+
+
+def test_a_rerun_removes_only_its_own_dead_temporaries_and_leaves_user_files(model, documents, cache, tmp_path):
+    shutil.copytree(cache, tmp_path, dirs_exist_ok=True)
+    host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40]
+    prefix = lambda name, pid: f".{name}.tmp-{host}-{pid}-"  # noqa: E731  as atomic_file names its temporaries
+    user = [tmp_path / "train" / ".gitkeep", tmp_path / "manifest-parts" / ".keep", tmp_path / "heldout" / ".notes.tmp",
+            tmp_path / "manifest-parts" / "rank-notes.json"]
+    for path in user:
+        path.write_text("mine")
+    for name in ("train", "heldout", "manifest-parts"):
+        (tmp_path / name / ".ipynb_checkpoints").mkdir()
+        (tmp_path / name / ".ipynb_checkpoints" / "x.json").write_text("{}")
+    stale = tmp_path / "train" / (prefix("shard-000001.safetensors", _dead_pid()) + "abcd1234")
+    live = tmp_path / "train" / (prefix("shard-000002.safetensors", os.getppid()) + "abcd1234")  # a live process's
+    stale.write_bytes(b"half a shard")
+    live.write_bytes(b"half a shard")
+    (tmp_path / ".writesae.lock").write_text(f"{_dead_pid()}\n")  # left by a killed run: its flock went with it
+    write(model, documents, tmp_path)
+    assert all(path.read_text() == "mine" for path in user)
+    assert all((tmp_path / name / ".ipynb_checkpoints" / "x.json").exists() for name in ("train", "heldout", "manifest-parts"))
+    assert not stale.exists() and live.read_bytes() == b"half a shard"
+    assert read_manifest(tmp_path) == read_manifest(cache) and not (tmp_path / ".writesae.lock").exists()
+
+
+_FIRST_RUN = """
+import sys, time
+from pathlib import Path
+import writesae.disk_cache as disk_cache
+from tests.conftest import random_tiny_model
+from tests.test_disk_cache import random_documents, write
+
+folder, ready, go = map(Path, sys.argv[1:])
+real = disk_cache._shard_bytes
+def slow_shard_bytes(*args):  # the first shard waits until the test says go: the lock is held meanwhile
+    ready.touch()
+    while not go.exists():
+        time.sleep(0.05)
+    return real(*args)
+disk_cache._shard_bytes = slow_shard_bytes
+write(random_tiny_model(), random_documents(), folder)
+"""
+
+
+def test_a_second_cache_run_on_one_folder_is_refused_naming_the_first(model, documents, tmp_path, capsys):
+    folder, ready, go = tmp_path / "cache", tmp_path / "ready", tmp_path / "go"
+    save_tiny_checkpoint_with_tokenizer(tmp_path / "tiny")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text(austen_documents("heldout")[0].text[:4000])
+    (tmp_path / "data" / "b.txt").write_text(austen_documents("heldout")[0].text[4000:8000])
+    capsys.readouterr()
+    repo = Path(__file__).resolve().parents[1]
+    first = subprocess.Popen([sys.executable, "-c", _FIRST_RUN, str(folder), str(ready), str(go)], cwd=repo,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ready.exists():
+            assert first.poll() is None, first.communicate()[0]
+            assert time.monotonic() < deadline, "the first run never started writing"
+            time.sleep(0.05)
+        temporaries = set(folder.rglob(".*"))
+        with pytest.raises(BlockingIOError, match=rf"the output folder {re.escape(str(folder))} \(writesae cache\) is "
+                                                  rf"in use by another process \(pid {first.pid}, lock file .*\.writesae\.lock\)"):
+            write(model, documents, folder)
+        with pytest.raises(SystemExit) as exit:  # the command: one line, exit status 2
+            main(["cache", "--model", str(tmp_path / "tiny"), "--data", str(tmp_path / "data"), "--context", "32",
+                  "--layer", "1", "--out", str(folder), "--no-progress"])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.count("\n") == 1 and err.startswith("writesae cache: error: the output folder")
+        assert f"in use by another process (pid {first.pid}, lock file" in err
+        assert set(folder.rglob(".*")) == temporaries  # the second runs touched nothing of the first's
+    finally:
+        go.touch()
+        output = first.communicate(timeout=240)[0]
+    assert first.returncode == 0, output
+    assert read_manifest(folder)["complete"] and not (folder / ".writesae.lock").exists()
+    write(model, documents, folder)  # and once the first is done, a rerun is welcome
+
+
+def test_a_link_in_the_cache_is_refused_not_written_through(model, documents, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    folder = tmp_path / "cache"
+    write(model, documents, folder)
+    shutil.rmtree(folder / "heldout")
+    (folder / "heldout").symlink_to(elsewhere)
+    with pytest.raises(FileExistsError, match=f"{re.escape(str(folder / 'heldout'))} is a symbolic link"):
+        write(model, documents, folder)
+    assert not list(elsewhere.iterdir())
+    (folder / "heldout").unlink()
+    (folder / "heldout").mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    (folder / "heldout" / "shard-000000.safetensors").symlink_to(victim)
+    with pytest.raises(FileExistsError, match="shard-000000.safetensors is a symbolic link"):
+        write(model, documents, folder)
+    assert victim.read_text() == "mine"
+
+
+def test_a_rerun_writes_again_a_shard_whose_bytes_differ_from_its_checksum(model, documents, cache, tmp_path, monkeypatch):
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy)
+    shard = copy / "train" / "shard-000001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF  # the right size, other bytes
+    shard.write_bytes(bytes(data))
+    rewritten = []
+    real = disk_cache._shard_bytes
+    monkeypatch.setattr(disk_cache, "_shard_bytes", lambda store, s, split, j: rewritten.append((split, j)) or real(store, s, split, j))
+    write(model, documents, copy)
+    assert rewritten == [("train", 1)] and shard.read_bytes() == (cache / "train" / "shard-000001.safetensors").read_bytes()
+    CachedActivations(copy, buffer_size=4096).next_batch(8)  # every shard read, and checked, without a complaint

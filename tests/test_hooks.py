@@ -274,3 +274,12 @@ def test_options_the_layers_do_not_implement_are_refused(option):
     (name, value), = option.items()
     with pytest.raises(ValueError, match=f"unsupported {name}={value!r}"):
         HookedGatedDeltaNet.from_config(tiny_hf_config(**option))
+
+
+@pytest.mark.parametrize("model", FAMILIES, indirect=True)
+def test_no_state_positions_cache_no_states(model):
+    site = site_name(model.cfg.gdn_layers[0], "state")
+    tokens = torch.randint(0, 101, (2, 20))
+    _, cache = model.run_with_cache(tokens, names_filter=site, state_positions=[])  # [] reads as a float tensor
+    assert cache[site].shape[:2] == (2, 0)
+    assert torch.equal(model(tokens, state_positions=[]), model(tokens))

@@ -7,6 +7,7 @@ transformers' logits, and accelerate's own device-map computation.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -289,3 +290,189 @@ def test_a_hub_id_that_cannot_be_downloaded_says_why_in_one_line(in_a_folder_wit
     assert str(error.value) == (f"'someone/gdn-austn' is not a folder here, and it could not be downloaded from the "
                                 f"Hugging Face hub: {why}; shipped names: gdn-austen, mamba2-austen; checkpoint "
                                 f"folders in {in_a_folder_with_a_checkpoint}: my-model")
+
+
+def test_a_typo_in_a_path_that_looks_like_a_hub_id_is_refused_here_not_on_the_network(in_a_folder_with_a_checkpoint):
+    folder = in_a_folder_with_a_checkpoint
+    (folder / "notes" / "run-model").mkdir()
+    with pytest.raises(FileNotFoundError) as error:  # notes/ is a folder here: a path, not the hub's owner 'notes'
+        HookedGatedDeltaNet.from_pretrained("notes/run-modl")
+    assert str(error.value) == (f"no such folder or shipped name: 'notes/run-modl': notes/ is a folder here and holds no "
+                                f"'run-modl' (did you mean 'notes/run-model'?); shipped names: gdn-austen, mamba2-austen; "
+                                f"checkpoint folders in {folder}: my-model (for the hub model notes/run-modl, run from a "
+                                f"folder without notes/)")
+
+
+# ---------------------------------------------------------------------------------------------- hostile or broken checkpoints
+
+
+@pytest.mark.parametrize("dtype, stored", [(torch.int32, "I32"), (torch.bool, "BOOL"), (torch.int64, "I64")])
+def test_a_weight_stored_in_a_non_float_dtype_is_refused_by_name(single_file, dtype, stored):
+    key = "model.layers.1.mlp.up_proj.weight"
+    _rewrite(single_file, lambda s: s.update({key: s[key].to(dtype)}))
+    with pytest.raises(ValueError, match=rf"not floating point: {re.escape(key)} \({stored}\)"):
+        HookedGatedDeltaNet.from_pretrained(single_file)
+    with pytest.raises(ValueError, match=rf"{re.escape(key)} \({stored}\)"):
+        load_pretrained_in_memory(HookedGatedDeltaNet, single_file)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_weight_with_nan_or_inf_is_refused_by_name(single_file, value):
+    key = "model.layers.2.linear_attn.in_proj_qkv.weight"
+    _rewrite(single_file, lambda s: s[key].view(-1).__setitem__(17, value))
+    with pytest.raises(ValueError, match=rf"tensor '{re.escape(key)}' holds NaN or infinite values"):
+        HookedGatedDeltaNet.from_pretrained(single_file)
+    with pytest.raises(ValueError, match=rf"tensor '{re.escape(key)}' holds NaN or infinite values"):
+        load_pretrained_in_memory(HookedGatedDeltaNet, single_file)
+
+
+def test_finiteness_is_checked_while_streaming_reading_each_tensor_once(sharded, monkeypatch):
+    from hooked_gdn import loading
+
+    streamed, read, stream = [], [], loading.SafetensorsCheckpoint.stream
+
+    def counted_stream(self):
+        for key, tensor in stream(self):
+            streamed.append(key)
+            yield key, tensor
+
+    monkeypatch.setattr(loading.SafetensorsCheckpoint, "stream", counted_stream)
+    monkeypatch.setattr(loading.SafetensorsCheckpoint, "read", lambda self, name: read.append(name))
+    monkeypatch.setattr(loading, "load_file", lambda *a, **k: pytest.fail("a second read of a file"))
+    HookedGatedDeltaNet.from_pretrained(sharded[0])
+    shapes = loading.SafetensorsCheckpoint.open(sharded[0]).shapes
+    assert sorted(streamed) == sorted(shapes) and read == []  # each tensor once, nothing read beside the stream
+
+
+def _set_config(folder, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_a_config_with_more_layers_than_the_checkpoint_is_refused_before_building(single_file, monkeypatch):
+    from hooked_gdn import model as model_module
+
+    built = []
+    monkeypatch.setattr(model_module.HookedGatedDeltaNet, "setup", lambda self: built.append(self))
+    _set_config(single_file, num_hidden_layers=10**5, layer_types=None)  # transformers fills in the layer types
+    with pytest.raises(ValueError, match=r"n_layers \(num_hidden_layers\)=100000, but the checkpoint holds weights for 4 "
+                                         r"layers \(none for layers 4, 5, .* \(99996 in all\)\)"):
+        HookedGatedDeltaNet.from_pretrained(single_file)
+    assert built == []  # no model was built, not even on the meta device
+
+
+def test_a_config_with_fewer_layers_than_the_checkpoint_names_the_extra_ones(single_file):
+    _set_config(single_file, num_hidden_layers=3, layer_types=None)
+    with pytest.raises(ValueError, match=r"does not have: model\.layers\.3\."):
+        HookedGatedDeltaNet.from_pretrained(single_file)
+
+
+@pytest.mark.parametrize("changes, error", [
+    (dict(hidden_size=-48), r"d_model must be an integer >= 1, got -48 \(config\.json's hidden_size\)"),
+    (dict(linear_num_value_heads=0), r"n_value_heads must be an integer >= 1, got 0 \(config\.json's linear_num_value_heads\)"),
+    (dict(vocab_size=1e10), r"config\.json: .*'vocab_size'.* expected int, got float"),
+    (dict(vocab_size=10**10), r"larger than any dimension of its tensors \(the largest is 128\): d_vocab \(vocab_size\)=10000000000"),
+    (dict(intermediate_size=10**12, head_dim=10**6),
+     r"\(the largest is 128\): d_mlp \(intermediate_size\)=1000000000000, d_head \(head_dim\)=1000000, "
+     r"rotary_dim \(head_dim × partial_rotary_factor\)=500000$"),
+])
+def test_config_sizes_are_checked_naming_the_field(single_file, changes, error):
+    _set_config(single_file, **changes)
+    with pytest.raises(ValueError, match=error):
+        HookedGatedDeltaNet.from_pretrained(single_file)
+
+
+def test_a_config_within_the_bound_but_not_the_checkpoints_shapes_is_refused_on_the_meta_device(single_file):
+    """hidden_size = vocab_size: within the bound, but the model it describes is refused before the in-memory
+    path materialises it."""
+    _set_config(single_file, hidden_size=101)
+    with pytest.raises(ValueError, match=r"tensor '\S+' gives \S+ a part of shape \(\d+, 48\), where the config needs "
+                                         r"\(\d+, 101\)"):
+        load_pretrained_in_memory(HookedGatedDeltaNet, single_file)
+
+
+@pytest.mark.parametrize("cls, kwargs, field", [
+    ("HookedGDNConfig", dict(d_head=2.5), "d_head"), ("HookedGDNConfig", dict(n_layers=True), "n_layers"),
+    ("HookedGDNConfig", dict(n_experts=-1), "n_experts"), ("HookedMamba2Config", dict(d_key=0), "d_key"),
+])
+def test_config_classes_refuse_sizes_that_are_not_positive_integers(cls, kwargs, field):
+    from hooked_gdn.config import ConfigSizeError, HookedGDNConfig
+    from hooked_gdn.mamba2 import HookedMamba2Config
+
+    sizes = dict(d_model=8, n_layers=1, d_vocab=5, n_key_heads=1, n_value_heads=1, d_key=4, d_value=4)
+    if cls == "HookedGDNConfig":
+        sizes |= dict(d_mlp=8, layer_types=["linear_attention"], n_heads=1, n_key_value_heads=1, d_head=4,
+                      architecture="qwen3_5")
+    config_class = {"HookedGDNConfig": HookedGDNConfig, "HookedMamba2Config": HookedMamba2Config}[cls]
+    config_class(**sizes)
+    with pytest.raises(ConfigSizeError, match=rf"^{field} must be an integer") as error:
+        config_class(**sizes | kwargs)
+    assert error.value.field == field
+
+
+@pytest.fixture(name="sharded_copy")
+def sharded_copy_fixture(sharded, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(sharded[0], folder)
+    return folder
+
+
+def _remap(folder, key: str, shard: str) -> str:
+    """Point ``key`` in the index at ``shard``; returns the shard it was in."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    before, index["weight_map"][key] = index["weight_map"][key], shard
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return before
+
+
+@pytest.mark.parametrize("shard", ["../../../../etc/passwd", "/etc/passwd", "sub/../../x.safetensors"])
+def test_an_index_entry_leaving_the_folder_is_refused_unopened(sharded_copy, monkeypatch, shard):
+    from hooked_gdn import loading
+
+    opened = []
+    monkeypatch.setattr(loading, "safe_open", lambda path, *a, **k: opened.append(path) or pytest.fail(f"opened {path}"))
+    _remap(sharded_copy, "model.norm.weight", shard)
+    with pytest.raises(ValueError, match=rf"tensor 'model\.norm\.weight': shard path '{re.escape(shard)}' leaves the "
+                                         r"checkpoint folder"):
+        HookedGatedDeltaNet.from_pretrained(sharded_copy)
+    assert opened == []
+
+
+def test_a_shard_reached_through_a_link_leading_outside_is_refused(sharded_copy, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shard = _remap(sharded_copy, "model.norm.weight", "linked/shard.safetensors")
+    shutil.copy(sharded_copy / shard, outside / "shard.safetensors")
+    (sharded_copy / "linked").symlink_to(outside)
+    with pytest.raises(ValueError, match=r"tensor 'model\.norm\.weight': shard path 'linked/shard\.safetensors' leads to "
+                                         rf"{re.escape(str(outside.resolve()))}/shard\.safetensors, outside the checkpoint"):
+        HookedGatedDeltaNet.from_pretrained(sharded_copy)
+
+
+def test_a_linked_single_file_outside_the_folder_is_refused(single_file, tmp_path):
+    (single_file / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    (single_file / "model.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(ValueError, match=r"'model\.safetensors' leads to .*elsewhere\.safetensors, outside the checkpoint"):
+        HookedGatedDeltaNet.from_pretrained(single_file)
+
+
+def test_a_hub_cache_snapshot_whose_files_link_to_its_blobs_loads(single_file, tmp_path):
+    """The hub's cache: snapshots/<commit>/ holds links to ../../blobs/<hash>, which is inside the model's cache."""
+    repo = tmp_path / "models--someone--tiny"
+    snapshot, blobs = repo / "snapshots" / "0123abc", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for f in single_file.iterdir():
+        shutil.copy(f, blobs / f"blob-{f.name}")
+        (snapshot / f.name).symlink_to(f"../../blobs/blob-{f.name}")
+    _same_model(HookedGatedDeltaNet.from_pretrained(snapshot), HookedGatedDeltaNet.from_pretrained(single_file))
+
+
+@pytest.mark.parametrize("keep", [5000, -100])  # inside the header; inside the tensor data
+def test_a_truncated_safetensors_file_is_refused_in_one_line(single_file, keep):
+    path = single_file / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:keep])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} is not a readable safetensors file") as error:
+        HookedGatedDeltaNet.from_pretrained(single_file)
+    assert "\n" not in str(error.value)

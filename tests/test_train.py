@@ -264,11 +264,26 @@ def test_the_tool_replaces_its_own_outputs_and_nothing_else(model, documents, tm
     (tmp_path / "notes.txt").write_text("untouched\n")
     run(model, documents, tmp_path, steps=2, checkpoint_every=2)
     manifest = json.loads((tmp_path / "writesae-outputs.json").read_text())
-    assert manifest["created"] == ["checkpoint", "metrics.jsonl", "sae"]
+    assert manifest["created"] == [".writesae.lock", "checkpoint", "metrics.jsonl", "sae"]  # the lock: held only while it runs
     run(model, documents, tmp_path, steps=4, checkpoint_every=2, resume=False)  # ours: replaced
     assert max(r["step"] for r in records(tmp_path)) == 4 and min(r["step"] for r in records(tmp_path)) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "metrics.jsonl", "notes.txt", "sae", "writesae-outputs.json"]
     assert (tmp_path / "notes.txt").read_text() == "untouched\n"
+
+
+def test_a_second_run_on_a_folder_being_trained_into_is_refused_before_it_writes(model, documents, tmp_path):
+    """While one run holds the folder's lock (here held by hand, as a first run would), a second stops naming it
+    and writes nothing; once it is released, training runs."""
+    from writesae.outputs import output_lock
+
+    run(model, documents, tmp_path, steps=2, checkpoint_every=2)
+    before = {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
+    with output_lock(tmp_path, "writesae train"):
+        with pytest.raises(BlockingIOError, match=str(os.getpid())):
+            run(model, documents, tmp_path, steps=4, checkpoint_every=2)
+    assert {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*") if p.name != ".writesae.lock"} == before
+    run(model, documents, tmp_path, steps=4, checkpoint_every=2)
+    assert max(r["step"] for r in records(tmp_path)) == 4
 
 
 class Killed(BaseException):

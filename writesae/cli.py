@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from hooked_gdn.files import atomic_file
 from hooked_gdn.pretrained import CENSUS_CONTEXT, CENSUS_TOKENS, PRETRAINED_MODELS, default_layer
@@ -78,10 +80,32 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _check_device(text: str | None) -> None:
+    """--device names a torch device this machine has (checked once parsed, before anything runs: an
+    argparse type would also check the values a later --device overrides)."""
+    if text is None:
+        return
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"argument --device: {text!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"argument --device: {text!r}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"argument --device: {text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"argument --device: {text!r}: MPS is not available on this machine (use --device cpu)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"argument --device: {text!r}: only cpu, cuda and mps devices are supported")
+
+
 MODEL_HELP = "a shipped model's name (gdn-austen), a checkpoint folder, or a Hugging Face hub id owner/name"
 DEVICE_HELP = "torch device to run on, e.g. cuda (default: cpu; under torchrun, cuda means each rank's cuda:LOCAL_RANK)"
 DTYPE_HELP = "the model's dtype (its recurrence runs in float32 whatever this is)"
 SAE_HELP = "an SAE folder (cfg.json + sae_weights.safetensors), or a shipped SAE's name (gdn-austen/L5-state)"
+OTHER_MODEL_HELP = ("use the SAE with --model even when its weights are not those the SAE was trained on "
+                    "(a warning instead of the refusal)")
 PROGRESS_HELP = "no progress bar"
 STORE_SEED_HELP = "random seed: the held-out choice of --data documents and the random positions"
 
@@ -167,9 +191,9 @@ def _parser() -> argparse.ArgumentParser:
 
     census = _command(commands, "census", "how long each GDN head remembers: decay half-lives, β, state rank")
     census.add_argument("--model", default="gdn-austen", help=MODEL_HELP)
-    census.add_argument("--tokens", type=int, default=CENSUS_TOKENS, help="held-out tokens to measure on (the model card's: %(default)s)")
-    census.add_argument("--context", type=int, default=CENSUS_CONTEXT, help="tokens per window, each starting from a zero state")
-    census.add_argument("--state-every", type=int, default=1, help="form states at every n-th position only")
+    census.add_argument("--tokens", type=_positive_int, default=CENSUS_TOKENS, help="held-out tokens to measure on (the model card's: %(default)s)")
+    census.add_argument("--context", type=_positive_int, default=CENSUS_CONTEXT, help="tokens per window, each starting from a zero state")
+    census.add_argument("--state-every", type=_positive_int, default=1, help="form states at every n-th position only")
     census.add_argument("--out", type=Path, default=Path("census-out"), help="folder for census.json and half_lives.png")
     census.add_argument("--device", help=DEVICE_HELP)
     census.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
@@ -185,6 +209,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="loop: the SAE spliced in at every position, in the loop; single: at one random position per "
                          "context, the rest carried")
     ev.add_argument("--out", type=Path, default=Path("eval-out"), help=f"folder for {EVAL_FILE}")
+    ev.add_argument("--allow-other-model", action="store_true", help=OTHER_MODEL_HELP)
 
     dash = _command(commands, "dashboard", "a static HTML site of an SAE's features: where they fire, the keys they "
                     "read, their effect on the logits, their ablation KL")
@@ -204,6 +229,7 @@ def _parser() -> argparse.ArgumentParser:
     dash.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
     dash.add_argument("--seed", type=int, default=0, help="the held-out choice of --data documents")
     dash.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)
+    dash.add_argument("--allow-other-model", action="store_true", help=OTHER_MODEL_HELP)
     dash.set_defaults(positions="final", buffer_size=1)  # the store only cuts the windows here
     return parser
 
@@ -290,16 +316,21 @@ def cmd_cache(args) -> None:
 
 def _sae_and_model(args):
     """The SAE and the model of an eval or a dashboard, and the SAE's site, checked to fit before
-    anything is computed or written; a misfit names the SAE's config file."""
+    anything is computed or written; a misfit names the SAE's config file. An SAE trained on other
+    weights than --model's is refused, unless --allow-other-model (then a warning)."""
     from .io import CFG_FILE, load_sae
-    from .site_fit import check_sae_fits
+    from .site_fit import OtherModelError, OtherModelWarning, check_sae_fits
 
     sae = load_sae(args.sae, device=args.device).eval()
     model = _load_model(args)
     try:
-        site = check_sae_fits(sae, model)
+        site = check_sae_fits(sae, model, other_model="warn" if args.allow_other_model else "refuse")
+    except OtherModelError as error:
+        raise ValueError(f"{args.sae}: {error} (--allow-other-model to use it anyway)") from error
     except ValueError as error:
         raise ValueError(f"{args.sae / CFG_FILE}: {error}") from error
+    # warned once: the tools that check the SAE again stay quiet (main's catch_warnings scopes the filter)
+    warnings.filterwarnings("ignore", category=OtherModelWarning)
     return sae, model, site
 
 
@@ -360,11 +391,10 @@ def cmd_census(args) -> None:
 
 def cmd_dashboard(args) -> None:
     from .dashboard import build_dashboard
-    from .dashboard_html import OUTPUTS, write_site
-    from .outputs import claim_outputs
+    from .dashboard_html import check_site_folder, write_site
 
     sae, model, site = _sae_and_model(args)
-    claim_outputs(args.out, OUTPUTS)
+    check_site_folder(args.out)  # a file or link in the way is refused now, not after the dashboard is computed
     store = _store(model, args, site.layer, sae.cfg.head_indices, site.kind)
     n = min(args.contexts, store.n_contexts("heldout"))
     windows = torch.stack([store.context_tokens(i, "heldout") for i in range(n)])
@@ -384,16 +414,55 @@ def main(argv: list[str] | None = None) -> None:
     def show_warning(message, *_) -> None:  # as the errors are shown: one line, naming the command
         print(f"writesae {args.command}: warning: {message}", file=sys.stderr)
 
+    made = _folders_to_make(args.out)  # a failed command leaves no --out of its own making behind
+    done = False
     try:
         with warnings.catch_warnings():
             warnings.showwarning = show_warning
+            _check_device(getattr(args, "device", None))
             if args.command in ("cache", "train"):  # under torchrun: join the process group, one device per rank
                 args.device = distributed.init_from_env(args.device)
             command(args)
-    except (ValueError, OSError, FloatingPointError) as error:  # bad input: its message names it; no traceback
-        parser.exit(2, f"writesae {args.command}: error: {error}\n")
+        done = True
+    except KNOWN_ERRORS as error:  # bad input, a full disk …: its message names it; one line, no traceback
+        parser.exit(2, f"writesae {args.command}: error: {_one_line(error)}\n")
     finally:
+        if not done and distributed.is_lead():
+            _remove_unused(made)
         distributed.close()
+
+
+#: the errors `main` reports in one line with exit status 2 (a SafetensorError is how safetensors reports
+#: an I/O failure such as a full disk)
+KNOWN_ERRORS = (ValueError, OSError, FloatingPointError, SafetensorError)
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__
+
+
+def _folders_to_make(out: Path | None) -> list[Path]:
+    """The folders ``out`` and its missing parents that a command would create, innermost first."""
+    missing = []
+    while out is not None and not os.path.lexists(out) and out != out.parent:
+        missing.append(out)
+        out = out.parent
+    return missing
+
+
+def _remove_unused(made: list[Path]) -> None:
+    """Remove the folders a failed command created, innermost first, while they hold nothing but the
+    manifest it wrote; anything else in them (written by the command or by anyone) is kept."""
+    from .outputs import MANIFEST
+
+    for folder in made:
+        try:
+            if (folder / MANIFEST).is_file() and [p.name for p in folder.iterdir()] == [MANIFEST]:
+                (folder / MANIFEST).unlink()
+            folder.rmdir()  # only an empty one
+        except OSError:
+            return
 
 
 if __name__ == "__main__":

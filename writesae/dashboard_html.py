@@ -9,15 +9,18 @@ is what the tests read back. The quantities are defined in `writesae.dashboard`.
 from __future__ import annotations
 
 import math
-from html import escape
+import re
+from html import escape as _html_escape
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .dashboard import Dashboard, FeatureCard, HeadCard, KeyMatch, LogitEffect, ShownContext
-from .outputs import claim_outputs
+from hooked_gdn.files import atomic_file
 
-OUTPUTS = ("index.html", "features")  # what `write_site` creates in its folder
+from .outputs import LOCK, claim_outputs, output_lock, output_subfolder
+
+OUTPUTS = ("index.html", "features", LOCK)  # what `write_site` creates in its folder (the lock only while writing)
 
 _CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1280px;
@@ -104,15 +107,37 @@ def feature_page_name(head: int, feature: int) -> str:
     return f"features/head{head}_feature{feature}.html"
 
 
+def check_site_folder(out: str | Path) -> Path:
+    """Refuse, before any work, an output folder `write_site` may not write: a file of one of its names
+    that the tool did not create (`claim_outputs`), a ``features`` that is a link or not a folder, or
+    a link inside ``features/``. Returns the folder, created if needed."""
+    out = claim_outputs(out, OUTPUTS)
+    features = output_subfolder(out, "features")
+    links = sorted(entry for entry in features.iterdir() if entry.is_symlink())
+    if links:
+        raise FileExistsError(f"{links[0]} is a symbolic link, which writesae did not create; nothing was written "
+                              f"through it: remove the link or choose another output folder")
+    return out
+
+
 def write_site(dashboard: Dashboard, out: str | Path, progress: bool = True) -> Path:
     """Write the site into ``out`` (created if needed; only files the tool created are replaced) and
-    return the index's path."""
-    out = claim_outputs(out, OUTPUTS)
-    (out / "features").mkdir(exist_ok=True)
-    for card in tqdm(dashboard.features, desc="writing feature pages", disable=not progress):
-        (out / feature_page_name(card.head, card.feature)).write_text(feature_page(dashboard, card), encoding="utf-8")
-    index = out / "index.html"
-    index.write_text(index_page(dashboard), encoding="utf-8")
+    return the index's path.
+
+    Every page is written whole or not at all (`hooked_gdn.files.atomic_file`), never through a
+    link: a symbolic link inside ``features/`` (or a ``features`` that is one) is refused with its path
+    before any page is written, and left as it is, neither followed nor replaced. The folder is
+    locked while the pages are written (`writesae.outputs.output_lock`): a second run writing the
+    same folder at the same time is refused, naming the first."""
+    out = check_site_folder(out)
+    with output_lock(out, "writesae dashboard"):
+        out = check_site_folder(out)  # again, now that no other run can change it
+        for card in tqdm(dashboard.features, desc="writing feature pages", disable=not progress):
+            with atomic_file(out / feature_page_name(card.head, card.feature), encoding="utf-8") as f:
+                f.write(feature_page(dashboard, card))
+        index = out / "index.html"
+        with atomic_file(index, encoding="utf-8") as f:
+            f.write(index_page(dashboard))
     return index
 
 
@@ -321,6 +346,23 @@ def _g(value: float | None) -> str:
 
 def _tokens(half_life: float) -> str:
     return "∞" if math.isinf(half_life) else f"{half_life:.3g}" if half_life < 1000 else f"{half_life:.0f}"
+
+
+#: control characters other than tab, newline and carriage return: never written raw into a page
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _visible_control(match: re.Match) -> str:
+    code = ord(match.group())
+    if code < 0x20:
+        return chr(0x2400 + code)  # its Unicode control picture: NUL as ␀, BEL as ␇
+    return "␡" if code == 0x7F else f"<U+{code:04X}>"  # escaped afterwards, so shown as text
+
+
+def escape(text: str, quote: bool = True) -> str:
+    """``html.escape``, with control characters (NUL, BEL, …, which corpora do hold) shown visibly
+    instead of written raw into the page."""
+    return _html_escape(_CONTROL.sub(_visible_control, str(text)), quote)
 
 
 def _show(token: str) -> str:

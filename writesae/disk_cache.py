@@ -6,6 +6,7 @@ Layout of a cache folder::
     train/shard-000000.safetensors      x [n, n_heads, d_k, d_v] (float32 or bfloat16), origins [n, 2]
     heldout/shard-000000.safetensors    the held-out split, stored apart
     manifest-parts/rank-0.json          per-rank progress while writing (removed when complete)
+    .writesae.lock                      held while a run writes the folder (removed when it ends)
 
 The samples are exactly those of `writesae.store.ActivationStore` (same corpus, split by document,
 contexts, kind, heads and position rule); origins are (context index, position) within the split.
@@ -22,6 +23,12 @@ atomically, so a kill or a full disk mid-shard loses that shard only. When every
 rank 0 merges the parts into ``manifest.json``; ranks whose settings differ are refused before
 anything is written, and so is a rerun whose settings differ from the cache's.
 
+One run at a time writes a folder: rank 0 holds its lock (`writesae.outputs.output_lock`) from
+before anything is touched until the run ends, and a second run is refused, naming the first's pid.
+A rerun removes only the temporaries `hooked_gdn.files.atomic_file` named for processes of this host
+that are no longer running; anything else in the folders (a ``.gitkeep``, ``.ipynb_checkpoints/``)
+is left alone, and a link where a shard or one of the folders goes is refused, never written through.
+
 `CachedActivations` reads a complete cache as a `writesae.samples.SampleSource`, the interface
 the trainer reads samples through. Every shard is checked against its SHA-256 when read; a
 corrupted one is refused, named, never used as data.
@@ -33,8 +40,10 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
@@ -49,8 +58,9 @@ from hooked_gdn.files import atomic_file
 
 from . import distributed
 from .differences import differences
-from .outputs import claim_outputs
+from .outputs import LOCK, claim_outputs, output_lock, output_subfolder
 from .samples import Samples, input_scale
+from .site_fit import model_fingerprint
 from .store import SPLITS, ActivationStore, StoreConfig, _generator
 
 FORMAT = "writesae-activation-cache"
@@ -58,7 +68,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PARTS = "manifest-parts"
 STORAGE_DTYPES = ("float32", "bfloat16")
-OUTPUTS = (MANIFEST, *SPLITS, PARTS)  # what a cache folder holds
+OUTPUTS = (MANIFEST, *SPLITS, PARTS, LOCK)  # what a cache folder holds (the lock only while a run writes it)
 # seed purposes, after the store's own (writesae.store): positions of cache shards, the cache sampler
 _SHARD_POSITIONS, _CACHE_EPOCH_ORDER, _CACHE_STREAM = 100, 101, 102
 
@@ -86,7 +96,8 @@ def cache_settings(store: ActivationStore, model_name: str, corpus: str, shard_s
                          "shards": math.ceil(len(contexts) / contexts_per_shard),
                          "tokens_sha256": hashlib.sha256(contexts.numpy().tobytes()).hexdigest()}
     settings = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "model": model_name, "site": cfg.site,
+        "format": FORMAT, "format_version": FORMAT_VERSION, "model": model_name,
+        "model_fingerprint": model_fingerprint(store.model), "site": cfg.site,
         "layer": cfg.layer, "kind": cfg.kind, "heads": store.heads, "n_value_heads": store.model.cfg.n_value_heads,
         "d_k": store.d_k, "d_v": store.d_v, "positions": cfg.positions, "context": cfg.context, "dtype": dtype,
         "corpus": corpus, "documents": len(store.document_names),
@@ -115,13 +126,26 @@ def write_cache(store: ActivationStore, folder: str | Path, *, model_name: str, 
     settings = cache_settings(store, model_name, corpus, shard_samples, dtype)
     distributed.check_same_on_every_rank(settings, "cache settings")
     rank, world = distributed.rank_and_world()
-    if rank == 0:
-        claim_outputs(folder, OUTPUTS)
-        for name in [*SPLITS, PARTS]:
-            (folder / name).mkdir(exist_ok=True)
-            for temporary in (folder / name).glob(".*"):  # atomic_file's, left by a killed run
-                temporary.unlink()
-    distributed.barrier()
+    with ExitStack() as held:
+        refused = None
+        if rank == 0:  # one run at a time: a second is refused before it touches anything
+            try:
+                claim_outputs(folder, OUTPUTS)
+                held.enter_context(output_lock(folder, "writesae cache"))
+                for name in [*SPLITS, PARTS]:  # real folders; only killed runs' temporaries of ours are removed
+                    output_subfolder(folder, name)
+            except OSError as error:
+                refused = error
+        message = distributed.gather_objects(None if refused is None else str(refused))[0]
+        if refused is not None:
+            raise refused
+        if message:  # every rank stops with rank 0
+            raise OSError(message)
+        return _write_cache_locked(store, folder, settings, rank, world, progress, log)
+
+
+def _write_cache_locked(store, folder: Path, settings: dict, rank: int, world: int, progress: bool, log) -> Path:
+    """`write_cache` once rank 0 holds the folder's lock (released when it returns or raises)."""
     done = _done_shards(folder, settings)
     distributed.barrier()  # every rank has read the old parts before any rank replaces its own
     missing = [(split, j) for split in SPLITS for j in range(settings["splits"][split]["shards"]) if (split, j) not in done]
@@ -223,15 +247,25 @@ def _read_json(path: Path) -> dict:
     return obj
 
 
+def _parts(folder: Path) -> list[Path]:
+    """The ranks' parts of the manifest in the folder, ``rank-R.json``, in order; nothing else there."""
+    parts = folder / PARTS
+    if not parts.is_dir():
+        return []
+    return sorted(path for path in parts.iterdir() if re.fullmatch(r"rank-[0-9]+\.json", path.name))
+
+
 def _done_shards(folder: Path, settings: dict) -> dict[tuple[str, int], dict]:
     """The shards already written (listed in the manifest or a rank's part, their file of the recorded
-    size present); a manifest or part of other settings is refused."""
+    size and SHA-256 present); a manifest or part of other settings is refused."""
     done = {}
-    for path in [folder / MANIFEST, *sorted((folder / PARTS).glob("rank-*.json"))]:
+    for path in [folder / MANIFEST, *_parts(folder)]:
         if not path.exists():
             continue
         recorded = _read_json(path)
         recorded_settings = {k: v for k, v in recorded.items() if k not in ("shards", "complete")}
+        if "model_fingerprint" not in recorded_settings:  # a cache begun before fingerprints were recorded
+            recorded_settings["model_fingerprint"] = settings["model_fingerprint"]
         differing = differences(recorded_settings, settings, "the cache has", "this run")
         if differing:
             raise ValueError(f"{path} was written with other settings ({'; '.join(differing)}): "
@@ -239,9 +273,17 @@ def _done_shards(folder: Path, settings: dict) -> dict[tuple[str, int], dict]:
         for split in SPLITS:
             for entry in recorded["shards"][split]:
                 file = folder / entry["file"]
-                if file.is_file() and file.stat().st_size == entry["bytes"]:
-                    done[split, entry["index"]] = entry
+                if file.is_file() and file.stat().st_size == entry["bytes"] and _sha256(file) == entry["sha256"]:
+                    done[split, entry["index"]] = entry  # a shard of the right size but other bytes is written again
     return done
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _merge_parts(folder: Path, settings: dict, world: int) -> None:
@@ -253,7 +295,7 @@ def _merge_parts(folder: Path, settings: dict, world: int) -> None:
         raise ValueError(f"the cache at {folder} lacks {len(missing)} shards after all {world} ranks finished "
                          f"(first {missing[0]}): a rank's part of the manifest is missing")
     _write_json(folder / MANIFEST, {**settings, "shards": _by_split(done), "complete": True})
-    for part in (folder / PARTS).glob("rank-*.json"):
+    for part in _parts(folder):  # the ranks' parts only: a user's file beside them stays
         part.unlink()
 
 
@@ -265,7 +307,7 @@ def read_manifest(folder: str | Path) -> dict:
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.exists():
-        parts = list((folder / PARTS).glob("rank-*.json")) if (folder / PARTS).is_dir() else []
+        parts = _parts(folder)
         if parts:
             raise ValueError(f"the cache at {folder} is unfinished (no {MANIFEST}, only per-rank parts): "
                              f"rerun writesae cache with the same arguments to finish it")
@@ -296,6 +338,8 @@ class CachedActivations:
         self.manifest = m = read_manifest(self.folder)
         self.cfg = StoreConfig(**m["store_config"], buffer_size=buffer_size)
         self.heads, self.n_value_heads, self.d_k, self.d_v = m["heads"], m["n_value_heads"], m["d_k"], m["d_v"]
+        # the model the samples came from, which an SAE trained on them records (no fingerprint in older caches)
+        self.model_name, self.model_fingerprint = m["model"], m.get("model_fingerprint")
         self.dtype = getattr(torch, m["dtype"])
         self.buffer_size, self.seed = buffer_size, seed
         self._shards = {split: m["shards"][split] for split in SPLITS}

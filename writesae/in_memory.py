@@ -22,6 +22,7 @@ from dataclasses import replace
 import torch
 
 from .samples import Samples
+from .site_fit import model_fingerprint
 from .store import ActivationStore, StoreConfig, _generator
 
 # purposes of the seeded generators, after the store's and the disk cache's own (see writesae.store._generator):
@@ -33,11 +34,13 @@ class InMemoryActivations:
     """Training and held-out samples X [n, n_heads, d_k, d_v] of one site, for `writesae.train.train`.
 
     ``cfg``: the `StoreConfig` the samples came from (the trainer reads its ``site``); ``heads``: the
-    model heads along axis 1; ``n_value_heads``: the site's number of heads.
+    model heads along axis 1; ``n_value_heads``: the site's number of heads. ``model_name`` and
+    ``model_fingerprint`` (`writesae.site_fit.model_fingerprint`) name the model the samples came
+    from, when known (`from_store` records them): an SAE trained on the samples records them.
     """
 
     def __init__(self, train: Samples, heldout: Samples, cfg: StoreConfig, heads: list[int], n_value_heads: int,
-                 seed: int = 0):
+                 seed: int = 0, *, model_name: str | None = None, model_fingerprint: str | None = None):
         for split, x in (("train", train), ("heldout", heldout)):
             if x.dim() != 4 or x.shape[1] != len(heads) or len(x) == 0:
                 raise ValueError(f"{split} samples must be [n >= 1, n_heads={len(heads)}, d_k, d_v], got {tuple(x.shape)}")
@@ -46,6 +49,7 @@ class InMemoryActivations:
         self.train, self.heldout = train, heldout
         self.cfg, self.heads, self.n_value_heads, self.seed = cfg, list(heads), n_value_heads, seed
         self.d_k, self.d_v = train.shape[2], train.shape[3]
+        self.model_name, self.model_fingerprint = model_name, model_fingerprint
         self._generator = _generator(seed, _MEMORY_STREAM)
         self._order = torch.randperm(len(train), generator=self._generator)
         self._cursor = 0
@@ -66,7 +70,8 @@ class InMemoryActivations:
         for split, x, wanted in (("training", train, n_train), ("held-out", heldout, n_heldout or 1)):
             if len(x) < wanted:
                 raise ValueError(f"the {split} split gives {len(x)} samples, fewer than the {wanted} asked for")
-        return cls(train, heldout, store.cfg, store.heads, store.n_value_heads, seed)
+        return cls(train, heldout, store.cfg, store.heads, store.n_value_heads, seed,
+                   model_name=store.model.cfg.model_name, model_fingerprint=model_fingerprint(store.model))
 
     def select_heads(self, heads: list[int], seed: int | None = None) -> InMemoryActivations:
         """The same samples on the model heads ``heads`` only (views, no copy), with a fresh stream."""
@@ -75,7 +80,8 @@ class InMemoryActivations:
             raise ValueError(f"heads {heads} must be a non-empty selection of the samples' heads {self.heads}")
         rows = [self.heads.index(h) for h in heads]
         return InMemoryActivations(self.train[:, rows], self.heldout[:, rows], replace(self.cfg, heads=list(heads)),
-                                   heads, self.n_value_heads, self.seed if seed is None else seed)
+                                   heads, self.n_value_heads, self.seed if seed is None else seed,
+                                   model_name=self.model_name, model_fingerprint=self.model_fingerprint)
 
     def __str__(self) -> str:
         return f"the in-memory samples of {self.cfg.site} (heads {self.heads})"

@@ -1,6 +1,6 @@
 """SAEs on disk: a folder with ``cfg.json`` (every `SAEConfig` field plus ``writesae_version`` and
-the weights file's SHA-256) and ``sae_weights.safetensors`` (parameters and buffers, e.g. the
-BatchTopK threshold). No pickle.
+the weights file's SHA-256; the fields in `OPTIONAL_KEYS`, added later, may be absent) and
+``sae_weights.safetensors`` (parameters and buffers, e.g. the BatchTopK threshold). No pickle.
 
 Saving writes a temporary folder beside the target, fsyncs it and renames it into place, so a
 reader never sees a half-written SAE, and files get the permissions the umask allows. Loading
@@ -33,6 +33,9 @@ CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 VERSION_KEY = "writesae_version"
 CHECKSUM_KEY = "weights_sha256"
+#: SAEConfig fields added after SAEs were first saved: a cfg.json without one gets the field's default
+#: (model_fingerprint: None, an SAE that does not know the weights it was trained on)
+OPTIONAL_KEYS = frozenset({"model_fingerprint"})
 MAX_CFG_BYTES = 1 << 20  # a cfg.json is a few hundred bytes; a limit keeps a link to /dev/zero from hanging
 #: SAEs shipped with the package, by name "MODEL/SITE" (e.g. "gdn-austen/L5-state"), each a folder here
 PRETRAINED_SAES_DIR = Path(__file__).parent / "pretrained"
@@ -200,8 +203,8 @@ def _read_cfg(file: Path) -> tuple[SAEConfig, str | None]:
     raw.pop(VERSION_KEY, None)
     checksum = raw.pop(CHECKSUM_KEY, None)
     known = {f.name for f in fields(SAEConfig)}
-    if known - raw.keys():
-        raise ValueError(f"{file}: missing keys {sorted(known - raw.keys())}")
+    if known - OPTIONAL_KEYS - raw.keys():
+        raise ValueError(f"{file}: missing keys {sorted(known - OPTIONAL_KEYS - raw.keys())}")
     if raw.keys() - known:
         raise ValueError(f"{file}: unknown keys {sorted(raw.keys() - known)}")
     try:

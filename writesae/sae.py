@@ -51,7 +51,10 @@ class SAEConfig:
     dictionaries trained as one batched module. ``n_heads``, the site's number of heads, may be left
     None: an SAE learns it from the model when attached or trained (`SAEBase.learn_n_heads_`). ``input_scale``: see the
     module docstring. ``l1_coefficient`` weighs the ReLU SAE's L1 penalty in training; the
-    ``jumprelu_*`` fields are the JumpReLU bandwidth ε and the initial θ.
+    ``jumprelu_*`` fields are the JumpReLU bandwidth ε and the initial θ. ``model_name`` and
+    ``model_fingerprint`` record the model the SAE was trained on, its name and
+    `writesae.site_fit.model_fingerprint` of its weights (set by training; None in SAEs saved before
+    it was recorded): `writesae.site_fit.check_sae_fits` warns when the SAE is used with another model.
     """
 
     architecture: str
@@ -71,6 +74,7 @@ class SAEConfig:
     jumprelu_initial_threshold: float = 1e-3
     model_name: str | None = None
     dtype: str = "float32"
+    model_fingerprint: str | None = None
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -94,7 +98,7 @@ class SAEConfig:
         if not (isinstance(self.l1_coefficient, (int, float)) and math.isfinite(self.l1_coefficient)
                 and self.l1_coefficient >= 0):
             raise ValueError(f"l1_coefficient must be a finite number >= 0, got {self.l1_coefficient!r}")
-        for name in ("site", "model_name"):
+        for name in ("site", "model_name", "model_fingerprint"):
             if not isinstance(getattr(self, name), (str, type(None))):
                 raise ValueError(f"{name} must be a string or None, got {getattr(self, name)!r}")
         if not isinstance(self.tied, bool):

@@ -6,23 +6,80 @@ its heads are heads of that layer; an SAE made with heads="all" learns the layer
 It fits a sample source (`check_sae_fits(sae, source=...)`: training) on the same terms, the source's
 one site standing for the model's, and it must read exactly the source's heads.
 `check_layer_heads` is the part that needs no SAE: a GDN layer of the model and heads of it.
+
+An SAE also records the model it was trained on: ``cfg.model_name`` and ``cfg.model_fingerprint``,
+`model_fingerprint` of the model's weights, set when it is checked against the samples it trains on
+(if they come from a model). Checked against a model whose fingerprint differs, the SAE fits but
+was trained on other weights: `check_sae_fits` warns (`OtherModelWarning`, naming both models), or
+refuses (`OtherModelError`) when asked to, as the ``writesae`` commands do unless given
+``--allow-other-model``. An SAE saved before fingerprints were recorded has none, and is used
+without a word.
 """
 
 from __future__ import annotations
 
+import hashlib
+import warnings
 from collections.abc import Iterable
+
+import torch
 
 from hooked_gdn.sites import Site, parse_site
 
 from .sae import SAEBase
 
+#: values read from each weight tensor by `model_fingerprint`, evenly spaced over it
+FINGERPRINT_SAMPLES = 256
+_FINGERPRINT_FORMAT = b"writesae model fingerprint v1\n"
 
-def check_sae_fits(sae: SAEBase, model=None, *, source=None) -> Site:
+
+class OtherModelWarning(UserWarning):
+    """An SAE is used with a model whose weights are not those it was trained on."""
+
+
+class OtherModelError(ValueError):
+    """`check_sae_fits` with ``other_model="refuse"``: the SAE was trained on another model's weights."""
+
+
+def model_fingerprint(model) -> str:
+    """A SHA-256 hex digest that tells ``model``'s weights from other weights, cheaply.
+
+    It hashes, for each parameter in name order (those of SAEs attached to the model left out), its
+    name, its shape and `FINGERPRINT_SAMPLES` of its values, evenly spaced over the flattened tensor
+    (all of them in a smaller one), rounded to bfloat16. So it costs a few hundred values per
+    tensor, not a pass over the weights; it is the same for the same weights loaded twice, on any
+    device and in float32 or bfloat16 (or float16 from a float16 checkpoint); and it differs for
+    another training run, another seed, a fine-tune, or weights of other shapes. An edit of a few
+    weights between the sampled ones goes unseen: it is a check against using the wrong model, not
+    a checksum.
+    """
+    digest = hashlib.sha256(_FINGERPRINT_FORMAT)
+    saes = tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, SAEBase))
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+            if name.startswith(saes):
+                continue
+            flat = p.detach().reshape(-1)
+            step = max(1, -(-flat.numel() // FINGERPRINT_SAMPLES))  # ceil: at most FINGERPRINT_SAMPLES values
+            sample = flat[::step].to("cpu", torch.bfloat16).contiguous()
+            digest.update(f"{name} {list(p.shape)}\n".encode())
+            digest.update(sample.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_sae_fits(sae: SAEBase, model=None, *, source=None, other_model: str = "warn") -> Site:
     """The SAE's site on ``model``, or on the sample ``source`` (a store, a cache, samples in memory:
     anything with ``cfg.site``, ``heads``, ``n_value_heads``, ``d_k`` and ``d_v``), with the SAE told
-    the site's head count; a ValueError naming what does not fit otherwise. Pass one of the two."""
+    the site's head count; a ValueError naming what does not fit otherwise. Pass one of the two.
+
+    The SAE's recorded model is compared with ``model``, or with the source's (its ``model``, or
+    its ``model_fingerprint``): weights other than the recorded ones give an `OtherModelWarning`,
+    or with ``other_model="refuse"`` an `OtherModelError`. An SAE that records no fingerprint gets
+    the source's (and its model's name, if it has none): training records them so."""
     if (model is None) == (source is None):
         raise TypeError("check_sae_fits takes a model or a sample source, one of the two")
+    if other_model not in ("warn", "refuse"):
+        raise ValueError(f"other_model must be 'warn' or 'refuse', got {other_model!r}")
     if source is None:
         where, n_heads, shape = model.cfg.model_name, model.cfg.n_value_heads, (model.cfg.d_key, model.cfg.d_value)
         try:
@@ -44,7 +101,33 @@ def check_sae_fits(sae: SAEBase, model=None, *, source=None) -> Site:
         raise ValueError(f"{error} ({site.name} of {where})") from error
     if source is not None and sae.cfg.head_indices != list(source.heads):
         raise ValueError(f"the SAE reads heads {sae.cfg.head_indices}; {source} gives samples of heads {list(source.heads)}")
+    _check_same_model(sae, model if source is None else getattr(source, "model", None), source, other_model)
     return site
+
+
+def _check_same_model(sae: SAEBase, model, source, other_model: str) -> None:
+    """Compare the SAE's recorded model with ``model`` (or the ``source``'s recorded fingerprint, when
+    it has no model); record it in an SAE trained on ``source`` that has none."""
+    if model is not None:
+        name = model.cfg.model_name
+        fingerprint = model_fingerprint(model) if sae.cfg.model_fingerprint is not None or source is not None else None
+    else:  # a source without its model, e.g. a cache (None if it does not record one)
+        name, fingerprint = getattr(source, "model_name", None), getattr(source, "model_fingerprint", None)
+    if fingerprint is None:
+        return
+    recorded = sae.cfg.model_fingerprint
+    if recorded is None:
+        if source is not None:  # training: the SAE learns the weights it is trained on
+            sae.cfg.model_fingerprint = fingerprint
+            sae.cfg.model_name = sae.cfg.model_name or name
+        return
+    if recorded != fingerprint:
+        message = (f"the SAE was trained on {sae.cfg.model_name or 'an unnamed model'} (weights fingerprint "
+                   f"{recorded[:12]}), not on {name or 'this model'} (weights fingerprint {fingerprint[:12]}): its "
+                   f"features were learnt on other weights")
+        if other_model == "refuse":
+            raise OtherModelError(message)
+        warnings.warn(message, OtherModelWarning, stacklevel=3)
 
 
 def check_layer_heads(model, layer: int, heads: Iterable[int] = ()) -> None:

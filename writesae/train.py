@@ -23,7 +23,10 @@ with s folded into its weights by ``fold_input_scale_`` (input_scale 1, same out
 
 Output folder. ``out_dir`` gets ``checkpoint/``, ``metrics.jsonl`` and ``sae/`` (and ``wandb/``
 with wandb); they are claimed through `writesae.outputs` before the first step, so a file of the
-same name that the tool did not create is refused at once and never replaced.
+same name that the tool did not create is refused at once and never replaced; so is an ``sae``
+that is not an SAE folder. Each ``metrics.jsonl`` record is appended in one write, fsynced: a kill
+leaves at most a torn last line, which a resume drops with a warning naming the file (a bad line
+elsewhere is refused by file and line number).
 
 Checkpoints (``out_dir/checkpoint``, replaced atomically) hold the SAE (writesae folder), Adam's
 state, the step, the dead counters, the RNG state and the store's stream state, in safetensors and
@@ -32,7 +35,8 @@ JSON (no pickle). The schedule is a function of the step, so the step is its who
 run would have. A process killed while swapping checkpoints leaves complete copies beside
 ``checkpoint/``; the next call resumes from the newest, says so with a warning, and removes the
 rest. A non-finite loss term or parameter stops training with a `FloatingPointError` before
-anything is saved, leaving the last good checkpoint in place. A held-out evaluation that looks
+anything is saved, leaving the last good checkpoint in place; so does a checkpoint that cannot be
+written (a full disk: an `OSError` naming the checkpoint). A held-out evaluation that looks
 diverged (FVU above ``DIVERGED_FVU``, or every code zero) gives a `RuntimeWarning`, and the
 last one's reason is ``TrainResult.diverged``; a last one with a head's FVU above 1, worse than
 predicting the mean (`writesae.evals.worse_than_the_mean`), gives a `RuntimeWarning` saying why.
@@ -49,9 +53,12 @@ folder and evaluates on held-out samples; every rank resumes from the same check
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import json
 import math
+import os
 import shutil
 import time
 import warnings
@@ -60,22 +67,25 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hooked_gdn.files import atomic_file
+
 from . import distributed
 from .differences import differences
 from .evals import MEAN_PREDICTION_FVU, reconstruction_metrics, worse_than_the_mean
-from .io import atomic_folder, leftovers, load_sae, recover_folder, save_sae
-from .outputs import claim_outputs
+from .io import CFG_FILE, WEIGHTS_FILE, _is_sae_folder, atomic_folder, leftovers, load_sae, recover_folder, save_sae
+from .outputs import LOCK, claim_outputs, output_lock
 from .sae import BilinearMatrixSAE, SAEBase
 from .samples import SampleSource
 from .site_fit import check_sae_fits
 from .store import ActivationStore
 
 DECAYS = ("cosine", "linear", "constant")
-OUTPUTS = ("checkpoint", "metrics.jsonl", "sae")  # what train writes in out_dir
+OUTPUTS = ("checkpoint", "metrics.jsonl", "sae", LOCK)  # what train writes in out_dir
 # a held-out FVU this far above 1 (predicting the mean) means the SAE diverged, NaN or not
 DIVERGED_FVU = 10.0
 # a run has converged when every head's held-out FVU moved by less than this fraction over its last fifth of
@@ -183,8 +193,13 @@ def _guard(step: int, tensors: dict[str, Tensor], checkpoint: Path, last_checkpo
 
 def claim_out_dir(cfg: TrainConfig) -> Path:
     """Claim what `train` writes in ``cfg.out_dir`` (see `writesae.outputs`); a caller may do it before
-    the slow setup, and `train` does it again before the first step."""
-    return claim_outputs(cfg.out_dir, [*OUTPUTS, *(["wandb"] if cfg.wandb_project else [])])
+    the slow setup, and `train` does it again before the first step. An ``sae`` that the final save
+    would refuse to replace (anything but an SAE folder) is refused here, before any work."""
+    out = claim_outputs(cfg.out_dir, [*OUTPUTS, *(["wandb"] if cfg.wandb_project else [])])
+    if os.path.lexists(out / "sae") and not _is_sae_folder(out / "sae"):
+        raise FileExistsError(f"{out / 'sae'} exists and is not an SAE folder (only {CFG_FILE} and {WEIGHTS_FILE}); "
+                              f"nothing was changed: move it away or choose another output folder")
+    return out
 
 
 def train(sae: SAEBase, store: SampleSource, cfg: TrainConfig | None = None, **config) -> TrainResult:
@@ -200,6 +215,13 @@ def train(sae: SAEBase, store: SampleSource, cfg: TrainConfig | None = None, **c
     if world > 1:
         _check_distributed(sae, store, cfg, world)
     out = claim_out_dir(cfg) if lead else Path(cfg.out_dir)
+    # one run at a time writes a folder: a second run on it stops here, naming the first
+    with output_lock(out, "writesae train") if lead else contextlib.nullcontext():
+        return _train_into(out, sae, store, cfg, lead, world)
+
+
+def _train_into(out: Path, sae: SAEBase, store: SampleSource, cfg: TrainConfig, lead: bool, world: int) -> TrainResult:
+    """`train` once ``out`` is claimed and locked."""
     checkpoint, metrics_file = out / "checkpoint", out / "metrics.jsonl"
     recovered = recover_folder(checkpoint, _checkpoint_step) if lead else None
     for left in leftovers(out / "sae") if lead else []:  # a kill while the final SAE was saved: it is saved again at the end
@@ -340,16 +362,46 @@ def _check_distributed(sae: SAEBase, store: SampleSource, cfg: TrainConfig, worl
 
 
 def _log(file: Path, record: dict, run) -> None:
-    with file.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one record as one write, flushed and fsynced: a crash leaves at most a torn last line,
+    which `_drop_records_after` drops on resume."""
+    line = (json.dumps(record) + "\n").encode()
+    fd = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask applies
+    try:
+        written = os.write(fd, line)
+        if written != len(line):
+            raise OSError(errno.ENOSPC, f"{file}: only {written} of a record's {len(line)} bytes were written")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     if run is not None:
         run.log({f"{record['split']}/{k}": v for k, v in record.items() if isinstance(v, float)}, step=record["step"])
 
 
 def _drop_records_after(file: Path, step: int) -> None:
-    if file.exists():
-        keep = [line for line in file.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        file.write_text("".join(line + "\n" for line in keep))
+    """Keep the records up to ``step`` (rewritten atomically). A torn last line, a crash in the
+    middle of an append, is dropped with a warning; a bad line anywhere else is refused by number."""
+    if not file.exists():
+        return
+    text = file.read_text(errors="replace")
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last record
+    keep = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            record_step = record["step"]
+        except (ValueError, KeyError, TypeError) as error:
+            if number == len(lines) and not text.endswith("\n"):
+                warnings.warn(f"{file}: dropped its last line, a record cut short when a run was killed "
+                              f"({len(line)} characters: {line[:40]!r})", stacklevel=3)
+                continue
+            raise ValueError(f"{file}, line {number}: not a metrics record ({type(error).__name__}: {error}); "
+                             f"move the file away to start a new one") from None
+        if record_step <= step:
+            keep.append(line)
+    with atomic_file(file) as f:
+        f.write("".join(line + "\n" for line in keep))
 
 
 def _wandb_run(cfg: TrainConfig):
@@ -365,18 +417,26 @@ def _wandb_run(cfg: TrainConfig):
 
 def _save_checkpoint(path: Path, step: int, sae: SAEBase, optimizer: torch.optim.Optimizer, store: SampleSource,
                      since_fired: Tensor, cfg: TrainConfig) -> None:
-    """Write the checkpoint beside ``path``, then swap it in: a reader never sees half of one."""
-    with atomic_folder(path) as tmp:
-        save_sae(sae, tmp / "sae")
-        opt = optimizer.state_dict()
-        store_state = store.state_dict()
-        tensors = {f"optimizer.{i}.{name}": t for i, state in opt["state"].items() for name, t in state.items()}
-        tensors |= {f"store.{k}": v for k, v in store_state.items() if isinstance(v, Tensor)}
-        tensors |= {"since_fired": since_fired, "torch_rng": torch.get_rng_state()}
-        save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, tmp / "state.safetensors")
-        index = {"step": step, "optimizer_param_groups": opt["param_groups"], "train_config": asdict(cfg),
-                 "store": {k: v for k, v in store_state.items() if not isinstance(v, Tensor)}}
-        (tmp / "state.json").write_text(json.dumps(index, indent=2) + "\n")
+    """Write the checkpoint beside ``path``, then swap it in: a reader never sees half of one. A failed
+    write (a full disk) is raised as one OSError naming the checkpoint; the previous one stays intact."""
+    previous = _checkpoint_step(path)
+    try:
+        with atomic_folder(path) as tmp:
+            save_sae(sae, tmp / "sae")
+            opt = optimizer.state_dict()
+            store_state = store.state_dict()
+            tensors = {f"optimizer.{i}.{name}": t for i, state in opt["state"].items() for name, t in state.items()}
+            tensors |= {f"store.{k}": v for k, v in store_state.items() if isinstance(v, Tensor)}
+            tensors |= {"since_fired": since_fired, "torch_rng": torch.get_rng_state()}
+            save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, tmp / "state.safetensors")
+            index = {"step": step, "optimizer_param_groups": opt["param_groups"], "train_config": asdict(cfg),
+                     "store": {k: v for k, v in store_state.items() if not isinstance(v, Tensor)}}
+            (tmp / "state.json").write_text(json.dumps(index, indent=2) + "\n")
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as a SafetensorError
+        why = " ".join(str(error).split()) or type(error).__name__
+        kept = (f"the previous checkpoint (step {previous}) is intact at {path}" if previous is not None
+                else "no checkpoint had been written")
+        raise OSError(f"could not write the step-{step} checkpoint beside {path} ({why}); {kept}") from error
 
 
 def _checkpoint_step(folder: Path) -> int | None:
@@ -396,7 +456,11 @@ def _load_checkpoint(path: Path, sae: SAEBase, optimizer: torch.optim.Optimizer,
     saved = load_sae(path / "sae", device=sae.b_dec.device)
     now_cfg = json.loads(json.dumps(asdict(cfg)))  # as the checkpoint reads back
     # the settings the run continues with, the SAE's own config apart from its input scale (estimated by the first run)
-    before = {**{k: index["train_config"][k] for k in _TRAJECTORY}, "sae": asdict(replace(saved.cfg, input_scale=1.0))}
+    # (a checkpoint saved before SAEs recorded their model, without a fingerprint, is taken to be of this one)
+    unrecorded = {} if saved.cfg.model_fingerprint is not None else {
+        "model_fingerprint": sae.cfg.model_fingerprint, "model_name": saved.cfg.model_name or sae.cfg.model_name}
+    before = {**{k: index["train_config"][k] for k in _TRAJECTORY},
+              "sae": asdict(replace(saved.cfg, input_scale=1.0, **unrecorded))}
     now = {**{k: now_cfg[k] for k in _TRAJECTORY}, "sae": asdict(replace(sae.cfg, input_scale=1.0))}
     changed = differences(before, now, "the checkpoint has", "this run")
     if changed:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from torch import Tensor, nn
 
@@ -70,6 +70,7 @@ class Architecture:
     text_prefixes: tuple[str, ...] = TEXT_PREFIXES  # what precedes "layers.L." and the embedding's and final norm's keys
     embedding_keys: tuple[str, ...] = ("embed_tokens.weight",)
     final_norm_key: str = "norm.weight"
+    config_names: dict[str, str] = field(default_factory=dict)  # our size fields -> the transformers config's, for messages
 
     def placements(self, key: str, cfg: HookedModelConfig, shape: Sequence[int]) -> list[Placement]:
         """Where checkpoint tensor ``key`` of ``shape`` goes in our state dict; [] for keys outside the text model."""

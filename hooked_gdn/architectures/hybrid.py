@@ -25,6 +25,15 @@ ATTENTION_RENAMES = {
     "self_attn.q_norm.weight": "attn.q_norm.w",
     "self_attn.k_norm.weight": "attn.k_norm.w",
 }
+# our size fields -> the names the GDN hybrids' transformers configs give them (for messages)
+CONFIG_NAMES = {
+    "d_model": "hidden_size", "n_layers": "num_hidden_layers", "d_vocab": "vocab_size", "n_heads": "num_attention_heads",
+    "n_key_value_heads": "num_key_value_heads", "d_head": "head_dim", "rotary_dim": "head_dim × partial_rotary_factor",
+    "n_key_heads": "linear_num_key_heads", "n_value_heads": "linear_num_value_heads", "d_key": "linear_key_head_dim",
+    "d_value": "linear_value_head_dim", "conv_kernel": "linear_conv_kernel_dim", "d_mlp": "intermediate_size",
+    "n_experts": "num_experts", "n_experts_per_token": "num_experts_per_tok", "d_expert": "moe_intermediate_size",
+    "d_shared_expert": "shared_expert_intermediate_size",
+}
 
 
 def hybrid_fields(c, tie: bool, family: str, model_name: str) -> dict:

@@ -28,7 +28,7 @@ import torch
 
 from ..config import HookedGDNConfig
 from .base import Architecture, Placement, renamed
-from .hybrid import ATTENTION_RENAMES, GDN_RENAMES, MLP_RENAMES, PRE_NORM_RENAMES, hybrid_fields
+from .hybrid import ATTENTION_RENAMES, CONFIG_NAMES, GDN_RENAMES, MLP_RENAMES, PRE_NORM_RENAMES, hybrid_fields
 
 GATED_NORM_EPS = 1e-5
 _ORIGINAL_NAMES = {"attention_layer_norm.": "input_layernorm.", "feedforward_layer_norm.": "post_attention_layernorm."}
@@ -87,4 +87,4 @@ def layer_placements(layer: int, name: str, cfg: HookedGDNConfig, shape: Sequenc
     return renamed(_GDN_RENAMES, name)
 
 
-ARCHITECTURE = Architecture("olmo_hybrid", "OLMo-Hybrid", ("olmo_hybrid",), hooked_config, layer_placements)
+ARCHITECTURE = Architecture("olmo_hybrid", "OLMo-Hybrid", ("olmo_hybrid",), hooked_config, layer_placements, config_names=CONFIG_NAMES)

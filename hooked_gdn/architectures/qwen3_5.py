@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from ..config import HookedGDNConfig
 from .base import Architecture, Placement, renamed
-from .hybrid import ATTENTION_RENAMES, GDN_RENAMES, MLP_RENAMES, PRE_NORM_RENAMES, hybrid_fields
+from .hybrid import ATTENTION_RENAMES, CONFIG_NAMES, GDN_RENAMES, MLP_RENAMES, PRE_NORM_RENAMES, hybrid_fields
 
 # transformers' names inside a decoder layer -> ours inside a block
 LAYER_RENAMES = PRE_NORM_RENAMES | MLP_RENAMES | GDN_RENAMES | ATTENTION_RENAMES | {
@@ -42,4 +42,5 @@ def layer_placements(layer: int, name: str, cfg: HookedGDNConfig, shape: Sequenc
     return renamed(LAYER_RENAMES, name)
 
 
-ARCHITECTURE = Architecture("qwen3_5", "Qwen3.5", ("qwen3_5_text", "qwen3_5"), hooked_config, layer_placements)
+ARCHITECTURE = Architecture("qwen3_5", "Qwen3.5", ("qwen3_5_text", "qwen3_5"), hooked_config, layer_placements,
+                            config_names=CONFIG_NAMES)

@@ -18,7 +18,7 @@ import re
 from ..config import HookedGDNConfig
 from . import qwen3_5
 from .base import Architecture, Placement, renamed
-from .hybrid import hybrid_fields
+from .hybrid import CONFIG_NAMES, hybrid_fields
 
 _SHARED_RENAMES = {
     "gate.weight": "mlp.router",
@@ -62,4 +62,5 @@ def layer_placements(layer: int, name: str, cfg: HookedGDNConfig, shape: Sequenc
     return qwen3_5.layer_placements(layer, name, cfg, shape)
 
 
-ARCHITECTURE = Architecture("qwen3_5_moe", "Qwen3.5-MoE", ("qwen3_5_moe_text", "qwen3_5_moe"), hooked_config, layer_placements)
+ARCHITECTURE = Architecture("qwen3_5_moe", "Qwen3.5-MoE", ("qwen3_5_moe_text", "qwen3_5_moe"), hooked_config, layer_placements,
+                            config_names=CONFIG_NAMES | {"d_mlp": "moe_intermediate_size"})

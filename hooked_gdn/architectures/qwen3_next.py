@@ -22,7 +22,7 @@ import torch
 from ..config import HookedGDNConfig
 from . import qwen3_5, qwen3_5_moe
 from .base import Architecture, Placement
-from .hybrid import hybrid_fields
+from .hybrid import CONFIG_NAMES, hybrid_fields
 
 
 def _grouped_rows(cfg: HookedGDNConfig, widths: list[int]) -> list[torch.Tensor]:
@@ -62,4 +62,4 @@ def layer_placements(layer: int, name: str, cfg: HookedGDNConfig, shape: Sequenc
     return fused_projection_placements(name, cfg) or qwen3_5.layer_placements(layer, name, cfg, shape)
 
 
-ARCHITECTURE = Architecture("qwen3_next", "Qwen3-Next", ("qwen3_next",), hooked_config, layer_placements)
+ARCHITECTURE = Architecture("qwen3_next", "Qwen3-Next", ("qwen3_next",), hooked_config, layer_placements, config_names=CONFIG_NAMES)
