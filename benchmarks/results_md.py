@@ -14,25 +14,18 @@ thereby traceable to one file, whose ``provenance`` names the command, machine a
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
 
-from demos.readme import BLOCK, blocks
+from demos.readme import BLOCK, blocks, renderer_module
 
 HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "RESULTS.md"
 
 
 def _module(name: str):
-    path = HERE / f"{name}.py"
-    if not path.exists():
-        raise FileNotFoundError(f"RESULTS.md section {name!r} has no benchmark module {path}")
-    module = importlib.import_module(f"benchmarks.{name}")
-    if not hasattr(module, "results_block"):
-        raise AttributeError(f"{path} has no results_block(results) for the RESULTS.md section {name!r}")
-    return module
+    return renderer_module("benchmarks", name, "results_block", f"RESULTS.md section {name!r}")
 
 
 def results_file(name: str, module=None) -> Path:

@@ -41,14 +41,20 @@ def _capability_table() -> str:
 GENERATED = {"capabilities": _capability_table}
 
 
-def _demo_module(name: str):
-    path = ROOT / "demos" / f"{name}.py"
+def renderer_module(package: str, name: str, renderer: str, block: str):
+    """The module ``package.name`` that renders a generated block with its function ``renderer`` (refused,
+    naming ``block``, when there is no such module or function)."""
+    path = ROOT / package / f"{name}.py"
     if not path.exists():
-        raise FileNotFoundError(f"README block {name!r} has no demo module {path}")
-    module = importlib.import_module(f"demos.{name}")
-    if not hasattr(module, "readme_block"):
-        raise AttributeError(f"{path} has no readme_block(results) for the README block {name!r}")
+        raise FileNotFoundError(f"{block} has no module {path}")
+    module = importlib.import_module(f"{package}.{name}")
+    if not hasattr(module, renderer):
+        raise AttributeError(f"{path} has no {renderer}(results) for {block}")
     return module
+
+
+def _demo_module(name: str):
+    return renderer_module("demos", name, "readme_block", f"README block {name!r}")
 
 
 def results_file(name: str, module=None) -> Path:
