@@ -4,7 +4,7 @@ The owner of every write the tools make, and of the names those writes leave whi
 
 - `atomic_file` writes a file whole or not at all, and never through a symbolic link (it refuses a
   target that is one: the tools create no links, so a link there is someone else's).
-- Its temporary file is named ``.NAME.tmp-HOST-PID-XXXXXXXX`` (`temporary_name`): the writing
+- Its temporary file is named ``.NAME.tmp-HOST-PID-XXXXXXXX`` (`temporary_prefix`): the writing
   process's host and id and a random part. `remove_stale_temporaries` removes only such files, and
   only those of a process of this host that is no longer alive; any other file, a user's
   ``.gitkeep`` or ``.ipynb_checkpoints/``, or another live run's temporary, is left alone.
@@ -142,5 +142,11 @@ def exclusive_lock(path: str | Path, what: str):
 
 
 def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes: what results record to name the exact weights that produced them."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """The SHA-256 of a file's bytes, read in 16 MiB pieces (a cache shard or a checkpoint need not fit in
+    memory twice): what results record to name the exact weights that produced them, and what a cache
+    checks its shards against."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 24):
+            digest.update(piece)
+    return digest.hexdigest()

@@ -272,9 +272,9 @@ def _some(names: list[str], shown: int = 8) -> str:
 
 
 def _open(cls, name_or_path):
-    """The folder, config, tokenizer, checkpoint and per-tensor placements of a checkpoint, checked
-    against each other (the module's docstring says how) before any tensor data is read or any model
-    of ``cls`` built but on the meta device."""
+    """The folder, config, tokenizer, checkpoint, per-tensor placements and the model of ``cls`` to load
+    into (in eval mode, its parameters on the meta device), checked against each other (the module's
+    docstring says how) before any tensor data is read."""
     folder = resolve_checkpoint(name_or_path)
     checkpoint = SafetensorsCheckpoint.open(folder)
     try:
@@ -315,9 +315,12 @@ def _open(cls, name_or_path):
             cfg.tie_word_embeddings = False
         else:
             placements.update({key: [] for key in heads})
-    with torch.device("meta"):  # every tensor on the meta device: nothing is allocated whatever the sizes
-        _check_placements(cls(cfg, tokenizer), checkpoint, placements, name_or_path)
-    return folder, cfg, tokenizer, checkpoint, placements
+    # parameters on the meta device (nothing allocated, whatever the sizes); buffers (the rotary frequencies,
+    # at most a weight's dimension by _check_sizes) are built for real, on the CPU as the in-memory path builds them
+    with init_empty_weights(include_buffers=False):
+        model = cls(cfg, tokenizer).eval()  # loaded to be studied, as transformers' from_pretrained gives it
+    _check_placements(model, checkpoint, placements, name_or_path)
+    return folder, cfg, tokenizer, checkpoint, placements, model
 
 
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
@@ -380,12 +383,8 @@ def load_pretrained(cls, name_or_path, device=None, dtype=None, device_map=None,
         raise ValueError("give device or device_map, not both")
     if max_memory is not None and device_map is None:
         raise ValueError("max_memory goes with device_map='auto'")
-    _, cfg, tokenizer, checkpoint, placements = _open(cls, name_or_path)
+    _, cfg, _, checkpoint, placements, model = _open(cls, name_or_path)  # parameters on the meta device
     dtype = dtype or torch.float32
-    # parameters on the meta device; buffers (the rotary frequencies) are built for real, on the CPU
-    # as the in-memory path builds them, and moved below
-    with init_empty_weights(include_buffers=False):
-        model = cls(cfg, tokenizer).eval()  # loaded to be studied, as transformers' from_pretrained gives it
     plan = {} if device_map is None else plan_device_map(model, device_map, max_memory, dtype)
     check_available(plan)
     default = str(torch.device(device or "cpu")) if device_map is None else main_device(model, plan)
@@ -414,7 +413,7 @@ def load_pretrained(cls, name_or_path, device=None, dtype=None, device_map=None,
 def load_pretrained_in_memory(cls, name_or_path, device=None, dtype=None):
     """The plain path that `load_pretrained` is tested and benchmarked against: every tensor read
     into memory, then copied into a materialised model (about twice the weights at its peak)."""
-    folder, cfg, tokenizer, _, _ = _open(cls, name_or_path)
+    folder, cfg, tokenizer, *_ = _open(cls, name_or_path)
     dtype = dtype or torch.float32
     model = cls(cfg, tokenizer).eval()  # loaded to be studied, as transformers' from_pretrained gives it
     state = hf_to_hooked_state_dict(read_safetensors(folder), cfg)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .dashboard import Dashboard, FeatureCard, HeadCard, KeyMatch, LogitEffect, ShownContext
-from hooked_gdn.files import atomic_file
+from hooked_gdn.files import atomic_file, refuse_link
 
+from .dashboard import Dashboard, FeatureCard, HeadCard, KeyMatch, LogitEffect, ShownContext
 from .outputs import LOCK, claim_outputs, output_lock, output_subfolder
 
 OUTPUTS = ("index.html", "features", LOCK)  # what `write_site` creates in its folder (the lock only while writing)
@@ -113,10 +113,8 @@ def check_site_folder(out: str | Path) -> Path:
     a link inside ``features/``. Returns the folder, created if needed."""
     out = claim_outputs(out, OUTPUTS)
     features = output_subfolder(out, "features")
-    links = sorted(entry for entry in features.iterdir() if entry.is_symlink())
-    if links:
-        raise FileExistsError(f"{links[0]} is a symbolic link, which writesae did not create; nothing was written "
-                              f"through it: remove the link or choose another output folder")
+    for entry in sorted(features.iterdir()):
+        refuse_link(entry)
     return out
 
 

@@ -54,7 +54,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_gdn.files import atomic_file
+from hooked_gdn.files import atomic_file, file_sha256
 
 from . import distributed
 from .differences import differences
@@ -273,17 +273,9 @@ def _done_shards(folder: Path, settings: dict) -> dict[tuple[str, int], dict]:
         for split in SPLITS:
             for entry in recorded["shards"][split]:
                 file = folder / entry["file"]
-                if file.is_file() and file.stat().st_size == entry["bytes"] and _sha256(file) == entry["sha256"]:
+                if file.is_file() and file.stat().st_size == entry["bytes"] and file_sha256(file) == entry["sha256"]:
                     done[split, entry["index"]] = entry  # a shard of the right size but other bytes is written again
     return done
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with file.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _merge_parts(folder: Path, settings: dict, world: int) -> None:
