@@ -11,7 +11,7 @@ from torch import Tensor
 
 @dataclass
 class GDNCache:
-    """Per-layer state of a prefix: GDN conv inputs and recurrent states, attention keys and values.
+    """Per-layer state of a prefix: GDN conv inputs and recurrent states, attention keys and values, RWKV-7 token shifts.
 
     A forward with ``cache=`` continues from it and updates it in place, through the ``update_*``
     and ``append_kv`` methods, so generation is a loop of one-token forwards. Entries are replaced,
@@ -23,6 +23,7 @@ class GDNCache:
     keys: dict[int, Tensor] = field(default_factory=dict)  # rotated keys [b, length, n_kv, d_head]
     values: dict[int, Tensor] = field(default_factory=dict)  # [b, length, n_kv, d_head]
     attention_mask: Tensor | None = None  # [b, length], 0 at padding
+    shift_states: dict[str, Tensor] = field(default_factory=dict)  # RWKV-7's token shifts: the last input [b, d_model]
 
     @property
     def length(self) -> int:
@@ -55,4 +56,5 @@ class GDNCache:
         return k, v
 
     def copy(self) -> "GDNCache":
-        return GDNCache(dict(self.conv_states), dict(self.recurrent_states), dict(self.keys), dict(self.values), self.attention_mask)
+        return GDNCache(dict(self.conv_states), dict(self.recurrent_states), dict(self.keys), dict(self.values), self.attention_mask,
+                        dict(self.shift_states))

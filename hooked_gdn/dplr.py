@@ -37,13 +37,35 @@ from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .delta_rule import between_edits, edited_positions, step_by_step
+from .delta_rule import Transition, between_edits, edited_positions, step_by_step
 
 DEFAULT_CHUNK_SIZE = 16
 
 Rows = Float[Tensor, "b T H d_k"]  # r, log w, κ̂, a, k̃
 Values = Float[Tensor, "b T H d_v"]
 State = Float[Tensor, "b H d_k d_v"]
+
+
+@dataclass(frozen=True)
+class DPLRTransition(Transition):
+    """RWKV-7's transition G_t = diag(w_t) − (a_t ⊙ κ̂_t) κ̂_tᵀ (`hooked_gdn.delta_rule.Transition`'s kind for this
+    engine). It is not symmetric, so ``apply`` and ``adjoint`` differ; both take one position's per-channel
+    ``log_w``, ``kappa`` and ``a``, broadcasting against ``x``."""
+
+    def apply(self, x: Float[Tensor, "... d_k"], log_w: Tensor, kappa: Tensor, a: Tensor) -> Float[Tensor, "... d_k"]:
+        """G_t x (a column of S_{t−1}, or an edit of it carried forward)."""
+        return log_w.exp() * x - (a * kappa) * (kappa * x).sum(-1, keepdim=True)
+
+    def adjoint(self, x: Float[Tensor, "... d_k"], log_w: Tensor, kappa: Tensor, a: Tensor) -> Float[Tensor, "... d_k"]:
+        """G_tᵀ x (a read query carried back to an earlier position)."""
+        return log_w.exp() * x - kappa * (a * kappa * x).sum(-1, keepdim=True)
+
+    def decay_and_predict(self, *args):
+        raise TypeError("the diagonal-plus-low-rank transition has no write prediction: its erase is a term of its own "
+                        "(hooked_gdn.dplr.erase_value)")
+
+
+DIAGONAL_PLUS_LOW_RANK = DPLRTransition("diagonal_plus_low_rank", erases=True)
 
 
 @dataclass
@@ -82,9 +104,20 @@ def _zero_state(k: Tensor, v: Tensor) -> Tensor:
     return k.new_zeros(k.shape[0], k.shape[2], k.shape[3], v.shape[3])
 
 
+def erase_value(state: State, kappa: Float[Tensor, "b H d_k"]) -> Float[Tensor, "b H d_v"]:
+    """e_t = −S_{t−1}ᵀ κ̂_t: what the erase removes, read from the state before the decay."""
+    return -torch.einsum("bhkv,bhk->bhv", state, kappa)
+
+
+def update(state: State, log_w, kappa, a, erase, key, value) -> State:
+    """S_t = diag(w_t) S_{t−1} + (a_t ⊙ κ̂_t) e_tᵀ + k̃_t v_tᵀ, for one position's rows [b, H, d]."""
+    return (state * log_w.exp()[..., None] + (a * kappa)[..., :, None] * erase[..., None, :]
+            + key[..., :, None] * value[..., None, :])
+
+
 def _step(state, t, r, log_w, kappa, a, k, v, edits: DPLREdits | None):
     """Position t, exactly, with its edits: returns (S_t, o_t, e_t)."""
-    erase = -torch.einsum("bhkv,bhk->bhv", state, kappa[:, t])
+    erase = erase_value(state, kappa[:, t])
     key, value = k[:, t], v[:, t]
     if edits is not None:
         if edits.erase_mask is not None:
@@ -92,9 +125,7 @@ def _step(state, t, r, log_w, kappa, a, k, v, edits: DPLREdits | None):
         if edits.write_mask is not None:
             forced = edits.write_mask[:, t, :, None]
             key, value = torch.where(forced, edits.write_key[:, t], key), torch.where(forced, edits.write_value[:, t], value)
-    removal = a[:, t] * kappa[:, t]
-    state = (state * log_w[:, t].exp()[..., None] + removal[..., :, None] * erase[..., None, :]
-             + key[..., :, None] * value[..., None, :])
+    state = update(state, log_w[:, t], kappa[:, t], a[:, t], erase, key, value)
     if edits is not None and edits.diff_positions is not None:
         for i in (edits.diff_positions == t).nonzero().flatten().tolist():
             state = state + edits.state_diff[:, i]

@@ -13,7 +13,7 @@ options, set by `hooked_gdn.architectures`) are branches here, each named by its
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,8 @@ class ForwardContext:
     sequential: bool
     past_length: int = 0  # positions already in the cache
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    # what one layer hands to later ones in the same forward (RWKV-7's "v_first"); shared by the copies `to` makes
+    shared: dict = field(default_factory=dict)
 
     @property
     def current_mask(self) -> Tensor | None:

@@ -40,7 +40,7 @@ from torch import nn
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoTokenizer
 
-from .architectures import BY_KEY
+from .architectures import ARCHITECTURES, BY_KEY
 from .config import HookedModelConfig
 from .placement import check_available, dispatch, main_device, plan_device_map
 from .pretrained import PRETRAINED_MODELS, pretrained_path
@@ -277,11 +277,7 @@ def _open(cls, name_or_path):
     docstring says how) before any tensor data is read."""
     folder = resolve_checkpoint(name_or_path)
     checkpoint = SafetensorsCheckpoint.open(folder)
-    try:
-        hf_config = AutoConfig.from_pretrained(folder)
-    except StrictDataclassError as error:  # transformers' field types, e.g. vocab_size: 1e10
-        raise ValueError(f"{folder / 'config.json'}: {' '.join(str(error).split())}") from None
-    cfg = HookedModelConfig.from_hf_config(hf_config, model_name=str(name_or_path))
+    cfg = HookedModelConfig.from_hf_config(read_config(folder), model_name=str(name_or_path))
     _check_sizes(cfg, checkpoint, name_or_path)
     has_tokenizer = any((folder / f).exists() for f in _TOKENIZER_FILES)
     tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
@@ -324,6 +320,23 @@ def _open(cls, name_or_path):
 
 
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
+
+
+def read_config(folder: Path):
+    """The checkpoint's config: transformers' (AutoConfig), or, for a family transformers does not register
+    (RWKV-7), the family's own reading of config.json (`hooked_gdn.architectures.Architecture.read_config`)."""
+    path = folder / "config.json"
+    try:
+        given = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable JSON config ({error})") from None
+    family = ARCHITECTURES.get(given.get("model_type")) if isinstance(given, dict) else None
+    if family is not None and family.read_config is not None:
+        return family.read_config(given)
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except StrictDataclassError as error:  # transformers' field types, e.g. vocab_size: 1e10
+        raise ValueError(f"{path}: {' '.join(str(error).split())}") from None
 
 
 def _is_float(dtype: str) -> bool:
@@ -383,6 +396,12 @@ def load_pretrained(cls, name_or_path, device=None, dtype=None, device_map=None,
         raise ValueError("give device or device_map, not both")
     if max_memory is not None and device_map is None:
         raise ValueError("max_memory goes with device_map='auto'")
+    if str(name_or_path).endswith(".pth"):  # a BlinkDL state dict (RWKV-7 only)
+        if device_map is not None:
+            raise ValueError("a .pth state dict loads onto one device: give device, not device_map")
+        from .architectures.rwkv7 import load_blinkdl
+
+        return load_blinkdl(cls, Path(name_or_path), device=device, dtype=dtype)
     _, cfg, _, checkpoint, placements, model = _open(cls, name_or_path)  # parameters on the meta device
     dtype = dtype or torch.float32
     plan = {} if device_map is None else plan_device_map(model, device_map, max_memory, dtype)

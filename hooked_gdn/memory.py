@@ -24,6 +24,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from .delta_rule import DeltaRuleEdits, Transition, gated_delta_rule, read, write
+from .dplr import DIAGONAL_PLUS_LOW_RANK, DPLREdits, dplr, erase_value, update
 from .hook_points import CheckedHookPoint, any_hooked
 from .sites import tell_positions
 
@@ -68,22 +69,33 @@ class MatrixMemory(nn.Module):
 
     def _parallel(self, q_hat, k_hat, v, g, beta, initial, ctx: ForwardContext):
         """Chunked recurrence; write and state edits returned by hooks are carried forward exactly."""
-        hooked_state = any_hooked(self.hook_state)
-        positions = None
-        if hooked_state:
-            positions = ctx.state_positions if ctx.state_positions is not None else torch.arange(k_hat.shape[1], device=k_hat.device)
         run = lambda edits, positions: gated_delta_rule(q_hat, k_hat, v, g, beta, initial, positions, edits, ctx.chunk_size,
                                                         self.transition)
-        result = run(None, positions)
-        edits = DeltaRuleEdits()
-        if any_hooked(self.hook_write_key, self.hook_write_value):
-            tell_positions(ctx.past_length + torch.arange(k_hat.shape[1]), self.hook_write_key, self.hook_write_value)
+
+        def fire_writes(result, edits: DeltaRuleEdits) -> bool:
             key, key_edited, _ = self.hook_write_key.fire_and_diff(k_hat, 1)
             value, value_edited, _ = self.hook_write_value.fire_and_diff(result.write_value, 1)
             edited = [m for m in (key_edited, value_edited) if m is not None]
             if edited:  # a row is forced where either side of its write was edited
                 edits.write_mask = edited[0] if len(edited) == 1 else edited[0] | edited[1]
                 edits.write_key, edits.write_value = key.float(), value.float()
+            return bool(edited)
+
+        return self._carry_edits(run, fire_writes, DeltaRuleEdits(), k_hat.shape[1], ctx)
+
+    def _carry_edits(self, run, fire_writes, edits, T: int, ctx: ForwardContext):
+        """The parallel flow every engine shares: ``run(edits, positions)`` (the chunked engine with edits, giving
+        ``out``, ``final_state`` and ``states`` at ``positions``), then the write hooks (``fire_writes(result,
+        edits)`` fills ``edits`` from what they changed and says whether they did), rerun with those edits, then
+        the state hook at the chosen positions, rerun with its differences."""
+        hooked_state = any_hooked(self.hook_state)
+        positions = None
+        if hooked_state:
+            positions = ctx.state_positions if ctx.state_positions is not None else torch.arange(T, device=self.device_of(ctx))
+        result = run(None, positions)
+        if any_hooked(*self.write_hooks()):
+            tell_positions(ctx.past_length + torch.arange(T), *self.write_hooks())
+            if fire_writes(result, edits):
                 result = run(edits, positions)
         if hooked_state:
             tell_positions(ctx.past_length + positions.cpu(), self.hook_state)
@@ -96,13 +108,21 @@ class MatrixMemory(nn.Module):
                 result = run(edits, None)
         return result.out, result.final_state
 
+    def write_hooks(self) -> tuple:
+        """The hook points whose edits force a position's write (and, with an erase of its own, its erase)."""
+        return (self.hook_write_key, self.hook_write_value)
+
+    @staticmethod
+    def device_of(ctx: ForwardContext):
+        return ctx.position_ids.device
+
     def _sequential(self, q_hat, k_hat, v, g, beta, initial, ctx: ForwardContext):
         """One position at a time; the write and state hooks fire per position with p = 1."""
         state = initial if initial is not None else k_hat.new_zeros(k_hat.shape[0], k_hat.shape[2], k_hat.shape[3], v.shape[3])
         fire_state = set(range(k_hat.shape[1]) if ctx.state_positions is None else ctx.state_positions.tolist())
         outs = []
         for t in range(k_hat.shape[1]):
-            tell_positions(torch.tensor([ctx.past_length + t]), self.hook_write_key, self.hook_write_value, self.hook_state)
+            tell_positions(torch.tensor([ctx.past_length + t]), *self.write_hooks(), self.hook_state)
             decayed, delta = self.transition.decay_and_predict(state, k_hat[:, t], v[:, t], g[:, t], beta[:, t])
             key = self.hook_write_key(k_hat[:, t : t + 1])[:, 0]
             delta = self.hook_write_value(delta[:, None])[:, 0]
@@ -110,4 +130,76 @@ class MatrixMemory(nn.Module):
             if t in fire_state:
                 state = self.hook_state(state[:, None])[:, 0].float()
             outs.append(read(state, q_hat[:, t]))
+        return torch.stack(outs, 1), state
+
+
+class DPLRMemory(MatrixMemory):
+    """A `MatrixMemory` whose transition is diagonal plus low rank (RWKV-7, `hooked_gdn.dplr`): a per-channel decay
+    w_t, an erase along its own removal key κ̂_t at its own rate a_t, and a write k̃_t v_tᵀ that does not depend
+    on the state. Its erase (a_t ⊙ κ̂_t) e_tᵀ, with e_t = −S_{t−1}ᵀ κ̂_t, is a second rank-1 term, so it has a hook
+    point of its own, ``hook_erase_value`` [b, p, H, d_v] (e_t; edits carried: a changed row forces that erase,
+    zeros delete it); ``hook_write_key`` is k̃_t and ``hook_write_value`` v_t. States, final state and reads are
+    the memory's, as for every family."""
+
+    def __init__(self, layer: int):
+        super().__init__(layer, DIAGONAL_PLUS_LOW_RANK)
+        self.hook_erase_value = CheckedHookPoint()  # [b, p, H, d_v]: e_t; edits carried
+
+    def write_hooks(self) -> tuple:
+        return (self.hook_write_key, self.hook_write_value, self.hook_erase_value)
+
+    def recur_dplr(
+        self,
+        read_query: Float[Tensor, "b p H d_k"],
+        log_w: Float[Tensor, "b p H d_k"],
+        kappa: Float[Tensor, "b p H d_k"],
+        a: Float[Tensor, "b p H d_k"],
+        write_key: Float[Tensor, "b p H d_k"],
+        value: Float[Tensor, "b p H d_v"],
+        ctx: ForwardContext,
+    ) -> Float[Tensor, "b p H d_v"]:
+        """The reads o_t = S_tᵀ r_t (fp32), continuing from and updating ``ctx.cache``; inputs fp32."""
+        read_query = self.hook_read_query(read_query)
+        initial = None if ctx.cache is None else ctx.cache.recurrent_states.get(self.layer)
+        inputs = (read_query, log_w, kappa, a, write_key, value)
+        recurrence = self._sequential_dplr if ctx.sequential else self._parallel_dplr
+        out, final = recurrence(inputs, initial, ctx)
+        final = self.hook_final_state(final)
+        if ctx.cache is not None:
+            ctx.cache.update_recurrent_state(self.layer, final)
+        return self.hook_recurrence_out(out)
+
+    def _parallel_dplr(self, inputs, initial, ctx: ForwardContext):
+        run = lambda edits, positions: dplr(*inputs, initial, positions, edits, ctx.chunk_size)
+        key, value = inputs[4], inputs[5]
+
+        def fire_writes(result, edits: DPLREdits) -> bool:
+            new_key, key_edited, _ = self.hook_write_key.fire_and_diff(key, 1)
+            new_value, value_edited, _ = self.hook_write_value.fire_and_diff(value, 1)
+            erase, erase_edited, _ = self.hook_erase_value.fire_and_diff(result.erase_value, 1)
+            written = [m for m in (key_edited, value_edited) if m is not None]
+            if written:
+                edits.write_mask = written[0] if len(written) == 1 else written[0] | written[1]
+                edits.write_key, edits.write_value = new_key.float(), new_value.float()
+            if erase_edited is not None:
+                edits.erase_mask, edits.erase_value = erase_edited, erase.float()
+            return bool(written) or erase_edited is not None
+
+        return self._carry_edits(run, fire_writes, DPLREdits(), key.shape[1], ctx)
+
+    def _sequential_dplr(self, inputs, initial, ctx: ForwardContext):
+        """One position at a time; the write, erase and state hooks fire per position with p = 1."""
+        r, log_w, kappa, a, k, v = inputs
+        state = initial if initial is not None else k.new_zeros(k.shape[0], k.shape[2], k.shape[3], v.shape[3])
+        fire_state = set(range(k.shape[1]) if ctx.state_positions is None else ctx.state_positions.tolist())
+        outs = []
+        for t in range(k.shape[1]):
+            tell_positions(torch.tensor([ctx.past_length + t]), *self.write_hooks(), self.hook_state)
+            erase = self.hook_erase_value(erase_value(state, kappa[:, t])[:, None])[:, 0].float()
+            key = self.hook_write_key(k[:, t : t + 1])[:, 0].float()
+            value = self.hook_write_value(v[:, t : t + 1])[:, 0].float()
+            state = update(state, log_w[:, t], kappa[:, t], a[:, t], erase, key, value)
+            if t in fire_state:
+                state = self.hook_state(state[:, None])[:, 0].float()
+            outs.append(read(state, r[:, t]))
         return torch.stack(outs, 1), state

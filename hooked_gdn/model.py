@@ -95,6 +95,8 @@ class HookedGatedDeltaNet(HookedRootModule):
         self.tokenizer = tokenizer
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
         self.hook_embed = CheckedHookPoint()  # [b, p, d_model]
+        # a norm of the embeddings (RWKV-7's), applied before hook_embed: the residual stream starts after it
+        self.ln_embed = family.embedding_norm(cfg) if family.embedding_norm is not None else None
         self.blocks = nn.ModuleList(family.block(cfg, i) for i in range(cfg.n_layers))
         self.ln_final = family.final_norm(cfg)
         # [d_vocab, d_model] as transformers stores it, so F.linear computes what transformers computes
@@ -300,7 +302,8 @@ class HookedGatedDeltaNet(HookedRootModule):
             past_length=past_length,
             chunk_size=chunk_size,
         )
-        x = self.hook_embed(self.W_E[tokens])
+        x = self.W_E[tokens]
+        x = self.hook_embed(x if self.ln_embed is None else self.ln_embed(x))
         angles = position_ids[..., None].float() * self.rotary_inv_freq
         angles = torch.cat([angles, angles], -1)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)

@@ -158,11 +158,17 @@ def build_model(config: Qwen3_5TextConfig, settings: TrainSettings) -> Qwen3_5Fo
     return model
 
 
+def transformers_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    return model(tokens).logits
+
+
 def train(model: Qwen3_5ForCausalLM, stream: torch.Tensor, settings: TrainSettings, checkpoint: Path,
-          checkpoint_every: int = 100, minutes: float = math.inf, on_step=None) -> int:
+          checkpoint_every: int = 100, minutes: float = math.inf, on_step=None, logits_of=transformers_logits,
+          groups=parameter_groups) -> int:
     """Train ``model`` on random windows of ``stream`` until ``settings.steps`` (or ``minutes``);
-    resume from ``checkpoint`` if it exists. Returns the step reached."""
-    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
+    resume from ``checkpoint`` if it exists. Returns the step reached. ``logits_of(model, tokens)`` runs the
+    model (a transformers model by default); ``groups(model, weight_decay)`` gives the optimiser's groups."""
+    optimizer = torch.optim.AdamW(groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
     warmup = max(1, settings.steps // 30)
     schedule = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, settings.steps) / settings.steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -184,7 +190,7 @@ def train(model: Qwen3_5ForCausalLM, stream: torch.Tensor, settings: TrainSettin
     while step < settings.steps and time.time() - start < minutes * 60:
         offsets = torch.randint(0, len(stream) - settings.context - 1, (settings.batch,), generator=sampler)
         batch = torch.stack([stream[o : o + settings.context + 1] for o in offsets.tolist()])
-        logits = model(batch[:, :-1]).logits
+        logits = logits_of(model, batch[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -287,7 +287,7 @@ def test_a_mistyped_model_name_lists_the_shipped_names_in_one_line(tmp_path, cap
     monkeypatch.chdir(tmp_path)
     err = cli_error(capsys, "census", "--model", "gdn-austn")
     assert err == (f"writesae census: error: no such folder or shipped name: 'gdn-austn' (did you mean 'gdn-austen'?); "
-                   f"shipped names: gdn-austen, mamba2-austen; checkpoint folders in {tmp_path}: none; a hub id has the "
+                   f"shipped names: gdn-austen, mamba2-austen, rwkv7-austen; checkpoint folders in {tmp_path}: none; a hub id has the "
                    f"form owner/name\n")
 
 

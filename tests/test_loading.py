@@ -257,7 +257,7 @@ def test_a_name_that_is_neither_shipped_nor_a_folder_nor_a_hub_id_lists_the_name
     with pytest.raises(FileNotFoundError) as error:
         HookedGatedDeltaNet.from_pretrained(name)
     assert str(error.value) == (f"no such folder or shipped name: {name!r}{suggestion}; shipped names: gdn-austen, "
-                                f"mamba2-austen; checkpoint folders in {in_a_folder_with_a_checkpoint}: my-model; "
+                                f"mamba2-austen, rwkv7-austen; checkpoint folders in {in_a_folder_with_a_checkpoint}: my-model; "
                                 f"a hub id has the form owner/name")
     with pytest.raises(FileNotFoundError, match="no such folder or shipped name: 'mamba2-austn'"):
         HookedMamba2.from_pretrained("mamba2-austn")
@@ -288,7 +288,7 @@ def test_a_hub_id_that_cannot_be_downloaded_says_why_in_one_line(in_a_folder_wit
     with pytest.raises(FileNotFoundError) as error:
         HookedGatedDeltaNet.from_pretrained("someone/gdn-austn")
     assert str(error.value) == (f"'someone/gdn-austn' is not a folder here, and it could not be downloaded from the "
-                                f"Hugging Face hub: {why}; shipped names: gdn-austen, mamba2-austen; checkpoint "
+                                f"Hugging Face hub: {why}; shipped names: gdn-austen, mamba2-austen, rwkv7-austen; checkpoint "
                                 f"folders in {in_a_folder_with_a_checkpoint}: my-model")
 
 
@@ -298,7 +298,7 @@ def test_a_typo_in_a_path_that_looks_like_a_hub_id_is_refused_here_not_on_the_ne
     with pytest.raises(FileNotFoundError) as error:  # notes/ is a folder here: a path, not the hub's owner 'notes'
         HookedGatedDeltaNet.from_pretrained("notes/run-modl")
     assert str(error.value) == (f"no such folder or shipped name: 'notes/run-modl': notes/ is a folder here and holds no "
-                                f"'run-modl' (did you mean 'notes/run-model'?); shipped names: gdn-austen, mamba2-austen; "
+                                f"'run-modl' (did you mean 'notes/run-model'?); shipped names: gdn-austen, mamba2-austen, rwkv7-austen; "
                                 f"checkpoint folders in {folder}: my-model (for the hub model notes/run-modl, run from a "
                                 f"folder without notes/)")
 

@@ -71,6 +71,11 @@ class Architecture:
     embedding_keys: tuple[str, ...] = ("embed_tokens.weight",)
     final_norm_key: str = "norm.weight"
     config_names: dict[str, str] = field(default_factory=dict)  # our size fields -> the transformers config's, for messages
+    embedding_norm: Callable[[HookedModelConfig], nn.Module] | None = None  # config -> ln_embed (None: no such norm)
+    # keys (after the text prefix) that go to the model itself rather than a block, e.g. a norm stored in layer 0's folder
+    top_level_keys: dict[str, str] = field(default_factory=dict)
+    # config.json's dict -> a config object for ``hooked_config``, for a family transformers does not register (None: AutoConfig)
+    read_config: Callable[[dict], object] | None = None
 
     def placements(self, key: str, cfg: HookedModelConfig, shape: Sequence[int]) -> list[Placement]:
         """Where checkpoint tensor ``key`` of ``shape`` goes in our state dict; [] for keys outside the text model."""
@@ -83,6 +88,8 @@ class Architecture:
             return [Placement("W_E")]
         if local == self.final_norm_key:
             return [Placement("ln_final.w")]
+        if local in self.top_level_keys:
+            return [Placement(self.top_level_keys[local])]
         match = _LAYER_KEY.fullmatch(local) if local is not None else None
         found = None
         if match is not None and int(match[1]) < cfg.n_layers:

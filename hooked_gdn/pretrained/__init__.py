@@ -24,8 +24,10 @@ PRETRAINED_DIR = Path(__file__).parent
 CORPUS_DIR = PRETRAINED_DIR / "austen"
 
 #: Short names accepted by ``from_pretrained``, mapped to folders in this package: ``gdn-austen`` (a Qwen3.5 hybrid)
-#: and ``mamba2-austen`` (a small Mamba-2, ``scripts/train_mamba2.py``).
-PRETRAINED_MODELS = {"gdn-austen": PRETRAINED_DIR / "gdn-austen", "mamba2-austen": PRETRAINED_DIR / "mamba2-austen"}
+#: ``mamba2-austen`` (a small Mamba-2, ``scripts/train_mamba2.py``) and ``rwkv7-austen`` (a small RWKV-7,
+#: ``scripts/train_rwkv7.py``).
+PRETRAINED_MODELS = {"gdn-austen": PRETRAINED_DIR / "gdn-austen", "mamba2-austen": PRETRAINED_DIR / "mamba2-austen",
+                     "rwkv7-austen": PRETRAINED_DIR / "rwkv7-austen"}
 
 NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
 HELDOUT_NOVEL, HELDOUT_FIRST_CHAPTER = "persuasion", 21
