@@ -1,4 +1,4 @@
-"""D1–D4: the DPLR engine of RWKV-7 (`hooked_gdn.dplr`), as ratios measured in one run.
+"""D1–D7: the DPLR engine of RWKV-7 (`hooked_gdn.dplr`), as ratios measured in one run.
 
     python -m benchmarks.bench_dplr                 # T = 512 and 2048
     python -m benchmarks.bench_dplr --lengths 256
@@ -12,15 +12,26 @@ the layer makes them (w ∈ (0.545, 1), a ∈ (0, 1), unit κ̂):
 - D4: the chunked DPLR form on Gated DeltaNet's inputs / GDN's own chunked engine (`hooked_gdn.delta_rule`):
   what the generality costs.
 
-Times are medians of interleaved repeats (`benchmarks.bench_engine.median_times`). The comparison with
-BlinkDL's RWKV-7 forward waits for the RWKV-7 model (issue 24).
+And the whole model, `HookedRWKV7`, at the same layer sizes (d_model 768, 12 heads of 64, channel mix 3072; 2
+layers, vocabulary 256, random weights), against BlinkDL's reference forward (the ``rwkv`` package's
+``RWKV_x070``, TorchScript, "cpu fp32"; it loops over positions, forming every state on the way) on the same
+weights and threads:
+
+- D5: BlinkDL's forward / ours (parallel), the logits of every position.
+- D6: BlinkDL's forward / ours with every state of every layer cached (``run_with_cache`` of ``hook_state``).
+- D7: our sequential recurrence (``recurrence="sequential"``) / our parallel forward.
+
+Times are medians of interleaved repeats (`benchmarks.bench_engine.median_times`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import os
 import platform
+import tempfile
 import shlex
 import sys
 import time
@@ -29,7 +40,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_engine import median_times
-from hooked_gdn.delta_rule import chunked_gated_delta_rule
+from hooked_gdn.delta_rule import DEFAULT_CHUNK_SIZE as MODEL_CHUNK_SIZE, chunked_gated_delta_rule
 from hooked_gdn.dplr import DEFAULT_CHUNK_SIZE, DPLREdits, chunked_dplr, dplr, dplr_reference
 from hooked_gdn.files import atomic_file
 
@@ -74,13 +85,49 @@ def rows_for(T: int, repeats: int) -> list[dict]:
     ]
 
 
+MODEL_LAYERS, MODEL_VOCAB, MODEL_WIDTH = 2, 256, HEADS * HEAD_SIZE
+
+
+def model_rows_for(T: int, repeats: int) -> list[dict]:
+    """D5–D7: `HookedRWKV7` against BlinkDL's forward on the same random weights (written as a BlinkDL .pth)."""
+    os.environ["RWKV_V7_ON"] = "1"  # read when rwkv.model is imported: its RWKV-7 class
+    from rwkv.model import RWKV
+
+    from hooked_gdn.rwkv7 import HookedRWKV7
+    from tests.rwkv7_models import random_blinkdl_state
+
+    state = random_blinkdl_state(d_model=MODEL_WIDTH, head_size=HEAD_SIZE, n_layers=MODEL_LAYERS, d_vocab=MODEL_VOCAB,
+                                 d_mlp=4 * MODEL_WIDTH, ranks=dict(w=64, a=64, v=32, g=128))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.pth"
+        torch.save(state, path)
+        ours = HookedRWKV7.from_pretrained(path)
+        theirs = RWKV(str(path.with_suffix("")), strategy="cpu fp32")
+    tokens = torch.randint(0, MODEL_VOCAB, (1, T), generator=torch.Generator().manual_seed(1))
+    ids = tokens[0].tolist()
+    every_state = [f"blocks.{i}.linear_attn.hook_state" for i in range(MODEL_LAYERS)]
+    gap = float((ours(tokens)[0] - theirs.forward(ids, None, full_output=True)[0]).abs().max())
+    t = median_times({"blinkdl": lambda: theirs.forward(ids, None, full_output=True), "ours": lambda: ours(tokens),
+                      "ours_states": lambda: ours.run_with_cache(tokens, names_filter=every_state),
+                      "ours_sequential": lambda: ours(tokens, recurrence="sequential")}, repeats)
+    ms = lambda name: f"{t[name] * 1e3:.0f} ms"
+    return [
+        {"id": "D5", "T": T, "measure": "BlinkDL's RWKV-7 forward / HookedRWKV7's, every position's logits",
+         "ratio": t["blinkdl"] / t["ours"], "detail": f"{ms('blinkdl')} vs {ms('ours')}; logits agree to {gap:.1e}"},
+        {"id": "D6", "T": T, "measure": "BlinkDL's forward / ours caching every state of every layer",
+         "ratio": t["blinkdl"] / t["ours_states"], "detail": f"{ms('blinkdl')} vs {ms('ours_states')}"},
+        {"id": "D7", "T": T, "measure": "our sequential recurrence / our parallel forward",
+         "ratio": t["ours_sequential"] / t["ours"], "detail": f"{ms('ours_sequential')} vs {ms('ours')}"},
+    ]
+
+
 def results_block(results: dict | None) -> str:
-    """RESULTS.md's D1–D4 table, from ``benchmarks/results/bench_dplr.json``."""
+    """RESULTS.md's D1–D7 table, from ``benchmarks/results/bench_dplr.json``."""
     if results is None:
         return "Not yet run: `python -m benchmarks.bench_dplr`.\n"
     p = results["provenance"]
     lines = [f"`{p['command']}` on {p['date']} (torch {p['torch']}, {p['cpu_threads']} CPU threads, {p['heads']} heads of "
-             f"{p['head_size']}, chunk {p['chunk_size']}, batch 1, fp32, medians of {p['repeats']} interleaved repeats), "
+             f"{p['head_size']}, chunk {p['chunk_size']} (the model's forward: its default chunk, {p['model_chunk_size']}), batch 1, fp32, medians of {p['repeats']} interleaved repeats), "
              "`benchmarks/results/bench_dplr.json`:", "",
              "| T | id | measure | ratio | times |", "|---|---|---|---|---|"]
     lines += [f"| {r['T']} | {r['id']} | {r['measure']} | {r['ratio']:.2f} | {r['detail']} |" for r in results["rows"]]
@@ -94,11 +141,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=RESULTS_JSON)
     args = parser.parse_args()
     with torch.no_grad():
-        rows = [row for T in map(int, args.lengths.split(",")) for row in rows_for(T, args.repeats)]
+        lengths = list(map(int, args.lengths.split(",")))
+        rows = [row for T in lengths for row in rows_for(T, args.repeats)]
+        rows += [row for T in lengths for row in model_rows_for(T, args.repeats)]
     results = {"provenance": {"command": shlex.join(["python", "-m", "benchmarks.bench_dplr", *sys.argv[1:]]),
                               "date": time.strftime("%Y-%m-%d", time.gmtime()), "torch": torch.__version__,
                               "cpu_threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine(),
                               "heads": HEADS, "head_size": HEAD_SIZE, "chunk_size": DEFAULT_CHUNK_SIZE,
+                              "model_chunk_size": MODEL_CHUNK_SIZE, "rwkv": importlib.metadata.version("rwkv"),
                               "repeats": args.repeats, "seed": 0},
                "rows": rows}
     print(results_block(results))

@@ -37,8 +37,14 @@ def _capability_table() -> str:
     return capability_table()
 
 
+def _shipped_models_table() -> str:
+    from hooked_gdn.pretrained import shipped_models_table
+
+    return shipped_models_table()
+
+
 #: generated blocks that are not results: name -> what renders them
-GENERATED = {"capabilities": _capability_table}
+GENERATED = {"capabilities": _capability_table, "shipped_models": _shipped_models_table}
 
 
 def renderer_module(package: str, name: str, renderer: str, block: str):

@@ -66,6 +66,7 @@ MATRIX: dict[str, dict[str, str | None]] = {
     "qwen3_next": _all_hold(),
     "olmo_hybrid": _all_hold(),
     "mamba2": _all_hold(),
+    "rwkv7": _all_hold(),
 }
 
 

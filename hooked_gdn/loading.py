@@ -38,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 from huggingface_hub.errors import StrictDataclassError
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from .architectures import ARCHITECTURES, BY_KEY
 from .config import HookedModelConfig
@@ -280,8 +280,10 @@ def _open(cls, name_or_path):
     cfg = HookedModelConfig.from_hf_config(read_config(folder), model_name=str(name_or_path))
     _check_sizes(cfg, checkpoint, name_or_path)
     has_tokenizer = any((folder / f).exists() for f in _TOKENIZER_FILES)
-    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
     family = BY_KEY[cfg.architecture]
+    # a family transformers does not register: its config.json tells AutoTokenizer nothing (and it warns that it cannot)
+    own_config = {"config": PretrainedConfig()} if family.read_config is not None else {}
+    tokenizer = AutoTokenizer.from_pretrained(folder, **own_config) if has_tokenizer else None
     placements, unexpected = {}, []
     for key in checkpoint.shapes:
         try:

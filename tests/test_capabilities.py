@@ -23,6 +23,8 @@ from safetensors.torch import load_file
 from transformers import Mamba2ForCausalLM
 
 from hooked_gdn import DeltaRuleEdits, GDNCache, HookedGatedDeltaNet, gated_delta_rule_reference
+from hooked_gdn.dplr import DPLREdits, dplr_reference
+from hooked_gdn.memory import DPLRMemory
 from hooked_gdn.architectures import BY_KEY, FAMILIES
 from hooked_gdn.capabilities import MATRIX, TOOLS, capability_table, lacking, require
 from hooked_gdn.census import memory_census
@@ -38,27 +40,39 @@ from writesae.store import ActivationStore, StoreConfig
 from writesae.train import TrainConfig, train
 
 from .conftest import FAMILY_CONFIGS, randomize_, tiny_hf_config
+from .rwkv7_models import random_blinkdl_state, save_fla
 from .test_mamba2 import perturb_, tiny_config as tiny_mamba2_config
 
 T, CHUNK = 23, 8  # positions: odd, and three chunks of the chunked recurrence (the last one padded)
 
 
 def _gdn(name: str):
-    """A random tiny transformers model of conftest's config ``name``, norms, gates and decays randomized."""
-    def build():
+    """A random tiny transformers model of conftest's config ``name``, norms, gates and decays randomized, saved."""
+    def save(folder: Path) -> None:
         hf = FAMILY_CONFIGS[name][1](tiny_hf_config(name))
         randomize_(hf)
-        return hf
-    return build
+        _slow_decays_(hf.eval())
+        hf.save_pretrained(folder)
+    return save
 
 
-# family key -> a random tiny transformers model of it (seeded by the caller); a new family needs one here
+def _mamba2(folder: Path) -> None:
+    perturb_(Mamba2ForCausalLM(tiny_mamba2_config("groups"))).eval().save_pretrained(folder)
+
+
+def _rwkv7(folder: Path) -> None:
+    """flash-linear-attention's format, every weight random; w_0 lowered so most channels keep tens of tokens."""
+    save_fla(random_blinkdl_state(decay_bias=-3.0), folder)
+
+
+# family key -> what saves a random tiny checkpoint of it into a folder (seeded by the caller); a new family needs one here
 TINY_MODELS = {
     "qwen3_5": _gdn("grouped"),
     "qwen3_5_moe": _gdn("qwen3_5_moe"),
     "qwen3_next": _gdn("qwen3_next"),
     "olmo_hybrid": _gdn("olmo_hybrid"),
-    "mamba2": lambda: perturb_(Mamba2ForCausalLM(tiny_mamba2_config("groups"))),
+    "mamba2": _mamba2,
+    "rwkv7": _rwkv7,
 }
 
 
@@ -81,10 +95,8 @@ def checkpoints_fixture(tmp_path_factory):
     def folder(family: str) -> Path:
         if family not in folders:
             torch.manual_seed(0)
-            hf = TINY_MODELS[family]().eval()
-            _slow_decays_(hf)
             folders[family] = tmp_path_factory.mktemp(f"capabilities-{family}")
-            hf.save_pretrained(folders[family])
+            TINY_MODELS[family](folders[family])
         return folders[family]
 
     return folder
@@ -124,19 +136,42 @@ def sizes(model) -> tuple[int, int, int]:
     return model.cfg.n_value_heads, model.cfg.d_key, model.cfg.d_value
 
 
+def erases_apart(model, layer: int) -> bool:
+    """Whether the layer's erase is a term of its own (RWKV-7's DPLR memory) rather than folded into its write."""
+    return isinstance(model.blocks[layer].linear_attn, DPLRMemory)
+
+
+def reference_inputs(model, layer: int) -> tuple[str, ...]:
+    """The hook short names whose cached values are the layer's plain reference recurrence's inputs, in its order."""
+    if erases_apart(model, layer):
+        return ("read_query", "log_decay", "erase_key", "erase_rate", "write_key", "write_value")
+    return ("read_query", "write_key", "v", "log_decay", "beta")
+
+
+def reference(model, layer: int, c: dict, edits: dict | None = None):
+    """The layer's plain sequential recurrence (`dplr_reference` or `gated_delta_rule_reference`) on the cached inputs
+    ``c`` (by short name), with edits given as the fields the two edit classes share."""
+    inputs = [c[name] for name in reference_inputs(model, layer)]
+    if erases_apart(model, layer):
+        return dplr_reference(*inputs, edits=None if edits is None else DPLREdits(**edits))
+    return gated_delta_rule_reference(*inputs, edits=None if edits is None else DeltaRuleEdits(**edits),
+                                      transition=model.blocks[layer].linear_attn.transition)
+
+
 # ---------------------------------------------------------------- the cells
 
 
 def check_hooks(cell: Cell) -> None:
     """hook_state at chosen positions (one counted from the end) is the full run's, the sequential run's and the
-    plain reference recurrence's on the cached q̂, k̂, v, g, β; the hooks agree with S_t = α_t S_{t−1} + k̂_t δ_tᵀ
-    (δ holding the erase) and o_t = S_tᵀ q̂_t."""
+    plain reference recurrence's on the cached inputs; the hooks agree with S_t = A_t S_{t−1} + write_t (GDN: α_t and
+    k̂_t δ_tᵀ, δ holding the erase; RWKV-7: diag(w_t), its erase (a_t ⊙ κ̂_t) e_tᵀ, and k̃_t v_tᵀ) and o_t = S_tᵀ q̂_t."""
     model = cell.model()
     H, d_k, d_v = sizes(model)
     tokens = random_tokens(model, 2, T, 0)
     chosen, at = [0, 5, 8, 16, -1], torch.tensor([0, 5, 8, 16, T - 1])
-    shorts = ("state", "final_state", "read_query", "write_key", "write_value", "v", "beta", "log_decay", "recurrence_out")
     layers = model.cfg.gdn_layers
+    shorts = {"state", "final_state", "recurrence_out", "erase_value" if erases_apart(model, layers[0]) else "write_value",
+              *reference_inputs(model, layers[0])}
     states = [hook(layer, "state") for layer in layers]
     with torch.no_grad():
         _, full = model.run_with_cache(tokens, names_filter=[hook(layer, s) for layer in layers for s in shorts],
@@ -149,24 +184,30 @@ def check_hooks(cell: Cell) -> None:
         assert some[hook(layer, "state")].shape == (2, len(chosen), H, d_k, d_v)
         assert relative_error(some[hook(layer, "state")], c["state"][:, at]) <= 1e-5
         assert relative_error(sequential[hook(layer, "state")], c["state"][:, at]) <= 1e-5
-        reference = gated_delta_rule_reference(c["read_query"], c["write_key"], c["v"], c["log_decay"], c["beta"],
-                                               transition=model.blocks[layer].linear_attn.transition)
-        assert relative_error(c["state"], reference.states) <= 1e-5
-        assert relative_error(c["write_value"], reference.write_value) <= 1e-5
-        assert relative_error(c["recurrence_out"], reference.out) <= 1e-5
+        expected = reference(model, layer, c)
+        assert relative_error(c["state"], expected.states) <= 1e-5
+        assert relative_error(c["recurrence_out"], expected.out) <= 1e-5
         assert relative_error(c["final_state"], c["state"][:, -1]) <= 1e-6
         before = torch.cat([torch.zeros_like(c["state"][:, :1]), c["state"][:, :-1]], 1)
-        written = c["state"] - c["log_decay"].exp()[..., None, None] * before
+        if erases_apart(model, layer):
+            assert relative_error(c["erase_value"], expected.erase_value) <= 1e-5
+            erase = torch.einsum("bthk,bthv->bthkv", c["erase_rate"] * c["erase_key"], c["erase_value"])
+            assert relative_error(c["erase_value"], -torch.einsum("bthkv,bthk->bthv", before, c["erase_key"])) <= 1e-5
+            written = c["state"] - c["log_decay"].exp()[..., None] * before - erase
+        else:
+            assert relative_error(c["write_value"], expected.write_value) <= 1e-5
+            written = c["state"] - c["log_decay"].exp()[..., None, None] * before
         assert relative_error(written, torch.einsum("bthk,bthv->bthkv", c["write_key"], c["write_value"])) <= 1e-5
         assert relative_error(torch.einsum("bthkv,bthk->bthv", c["state"], c["read_query"]), c["recurrence_out"]) <= 1e-5
         assert relative_error(written, c["state"]) > 1e-2  # the past is a real part of the state
 
 
 def check_edits(cell: Cell) -> None:
-    """State edits (a difference added at two positions), write edits (a write replaced, one deleted) and both at
-    once, in the default parallel mode: equal to the sequential mode in the logits, to the reference recurrence
-    with the same `DeltaRuleEdits` in the layer's reads and final state; the logits change from the first edited
-    position to the end, not before it."""
+    """State edits (a difference added at two positions), write edits (a write replaced, one deleted), for a memory
+    whose erase is its own term an erase edit (one deleted) too, and all at once, in the default parallel mode:
+    equal to the sequential mode in the logits, to the reference recurrence with the same edits (`DeltaRuleEdits`,
+    `DPLREdits`) in the layer's reads and final state; the logits change from the first edited position to the
+    end, not before it."""
     model = cell.model()
     H, d_k, d_v = sizes(model)
     layer = model.cfg.gdn_layers[-1]  # hybrids: an attention layer follows; Mamba-2: the last block
@@ -192,7 +233,7 @@ def check_edits(cell: Cell) -> None:
     state_hooks = [(hook(layer, "state"), edit_at_positions(add_diff, list(diffs)))]
     write_hooks = [(hook(layer, "write_key"), edit_at_positions(set_key, [6])),
                    (hook(layer, "write_value"), edit_at_positions(set_value, [6, 11]))]
-    inputs = ("read_query", "write_key", "v", "log_decay", "beta")
+    inputs = reference_inputs(model, layer)
     with torch.no_grad():
         clean, cache = model.run_with_cache(tokens, names_filter=[hook(layer, s) for s in inputs], chunk_size=CHUNK)
     c = {s: cache[hook(layer, s)] for s in inputs}
@@ -205,16 +246,25 @@ def check_edits(cell: Cell) -> None:
                        state_diff=torch.stack(list(diffs.values()))[None].expand(2, -1, -1, -1, -1))
     cases = {"state": (state_hooks, state_edits, 4), "write": (write_hooks, write_edits, 6),
              "both": (write_hooks + state_hooks, write_edits | state_edits, 4)}
+    if erases_apart(model, layer):
+        def delete_erase(rows, pos):
+            rows[:, 1] = 0.0
+            return rows
+
+        erase_mask = torch.zeros(2, T, H, dtype=torch.bool)
+        erase_mask[:, 9, 1] = True
+        erase_hooks = [(hook(layer, "erase_value"), edit_at_positions(delete_erase, [9]))]
+        erase_edits = dict(erase_mask=erase_mask, erase_value=torch.zeros(2, T, H, d_v))
+        cases |= {"erase": (erase_hooks, erase_edits, 9),
+                  "all": (write_hooks + erase_hooks + state_hooks, write_edits | erase_edits | state_edits, 4)}
     for case, (hooks, edits, first) in cases.items():
         with torch.no_grad(), model.hooks(fwd_hooks=hooks):
             parallel, edited = model.run_with_cache(
                 tokens, names_filter=[hook(layer, "recurrence_out"), hook(layer, "final_state")], chunk_size=CHUNK)
             sequential = model(tokens, recurrence="sequential")
-        reference = gated_delta_rule_reference(c["read_query"], c["write_key"], c["v"], c["log_decay"], c["beta"],
-                                               edits=DeltaRuleEdits(**edits),
-                                               transition=model.blocks[layer].linear_attn.transition)
-        assert relative_error(edited[hook(layer, "recurrence_out")], reference.out) <= 1e-5, case
-        assert relative_error(edited[hook(layer, "final_state")], reference.final_state) <= 1e-5, case
+        expected = reference(model, layer, c, edits)
+        assert relative_error(edited[hook(layer, "recurrence_out")], expected.out) <= 1e-5, case
+        assert relative_error(edited[hook(layer, "final_state")], expected.final_state) <= 1e-5, case
         assert max_gap(parallel, sequential) <= 1e-4, case
         assert max_gap(parallel[:, :first], clean[:, :first]) <= 1e-5, case
         assert max_gap(parallel[:, first], clean[:, first]) > 1e-4, case
@@ -292,14 +342,17 @@ def check_effective_attention(cell: Cell) -> None:
 
 def check_patching(cell: Cell) -> None:
     """Patching the corrupted run's own states changes nothing; patching every clean state, or every clean write
-    (both sides) with its decay, into the corrupted run gives the clean final states; a clean state patched at one
+    (both sides) with its decay (and, where the erase is its own term, its removal key and rate), into the corrupted
+    run gives the clean final states; a clean state patched at one
     position and head equals that state edit by hand in the sequential mode, downstream logits included."""
     model = cell.model()
     layers = model.cfg.gdn_layers
     clean = random_tokens(model, 1, 13, 7)
     corrupted = clean.clone()
     corrupted[0, 2] = 2 + (clean[0, 2] - 1) % (model.cfg.d_vocab - 2)  # another token of 2 … d_vocab − 1
-    sites = ("state", "write_key", "write_value", "log_decay")
+    # the state, and what makes each position's step: its write (both sides) and decay, and an erase's own key and rate
+    sites = ("state", "write_key", "write_value", "log_decay") + (("erase_key", "erase_rate") if erases_apart(model, layers[0])
+                                                                  else ())
     names = [hook(layer, s) for layer in layers for s in sites]
     with torch.no_grad():
         clean_logits, clean_cache = model.run_with_cache(clean, names_filter=names)
@@ -446,8 +499,10 @@ def check_splicing(cell: Cell) -> None:
                 rows[:, heads] += change
                 return rows
 
-            by_hand = model.run_with_hooks(tokens, fwd_hooks=[(hook(layer, "state"), edit_at_positions(add, [t]))])
-            spliced = model.run_with_saes(tokens, saes=[sae], state_positions=[t])
+            # the chunking of the cached states the changes were computed from, so both runs start from those states
+            by_hand = model.run_with_hooks(tokens, fwd_hooks=[(hook(layer, "state"), edit_at_positions(add, [t]))],
+                                           chunk_size=CHUNK)
+            spliced = model.run_with_saes(tokens, saes=[sae], state_positions=[t], chunk_size=CHUNK)
             in_the_loop = model.run_with_saes(tokens, saes=[sae], state_positions=[t], recurrence="sequential")
         assert max_gap(spliced, by_hand) <= 1e-5, kind
         assert max_gap(in_the_loop, by_hand) <= 1e-4, kind
@@ -544,5 +599,5 @@ def test_the_table_shows_every_cell(monkeypatch):
     with pytest.raises(ValueError, match=refusal):
         require("mamba2", "dashboard")
     require("qwen3_5", "dashboard")
-    with pytest.raises(ValueError, match="no row for family 'rwkv7'"):
-        lacking("rwkv7", "hooks")
+    with pytest.raises(ValueError, match="no row for family 'mamba'"):
+        lacking("mamba", "hooks")

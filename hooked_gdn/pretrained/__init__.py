@@ -117,3 +117,26 @@ def heldout_loss(model, context: int = HELDOUT_CONTEXT, batch_size: int = 16) ->
     targets = windows[:, 1:]
     characters = len(model.tokenizer.decode(targets.flatten().tolist()))
     return total / targets.numel(), total / math.log(2) / characters
+
+
+#: the family of each shipped model, as the README's table names it
+SHIPPED_FAMILIES = {"gdn-austen": "Qwen3.5 (GDN : attention = 3 : 1)", "mamba2-austen": "Mamba-2", "rwkv7-austen": "RWKV-7"}
+
+
+def shipped_models_table() -> str:
+    """The shipped models side by side, from the files beside each (training_stats.json, census.json): the README's
+    table, so that its figures are the committed ones."""
+    import json
+
+    from ..census import LONG_MEMORY, VERY_LONG_MEMORY, MemoryCensus
+
+    lines = [f"| model | family | parameters | tokens seen in training | held-out bits/char | heads with median half-life "
+             f"≥ {LONG_MEMORY} / ≥ {VERY_LONG_MEMORY} tokens | card |", "|---|---|---|---|---|---|---|"]
+    for name, folder in PRETRAINED_MODELS.items():
+        stats = json.loads((folder / "training_stats.json").read_text())
+        census = MemoryCensus.load_json(folder / CENSUS_FILE)
+        lines.append(f"| `{name}` | {SHIPPED_FAMILIES[name]} | {stats['parameters'] / 1e6:.2f} M | "
+                     f"{stats['train_tokens_seen'] / 1e6:.2f} M | {stats['heldout_bits_per_char']:.4f} | "
+                     f"{census.count(LONG_MEMORY)} / {census.count(VERY_LONG_MEMORY)} of {len(census.heads)} | "
+                     f"`hooked_gdn/pretrained/{name}/README.md` |")
+    return "\n".join(lines) + "\n"
