@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
 
 import torch
 from accelerate import init_empty_weights
@@ -40,7 +41,7 @@ from torch import nn
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
-from .architectures import ARCHITECTURES, BY_KEY
+from .architectures import ARCHITECTURES, BY_KEY, NOT_SUPPORTED, architecture_for
 from .config import HookedModelConfig
 from .placement import check_available, dispatch, main_device, plan_device_map
 from .pretrained import PRETRAINED_MODELS, pretrained_path
@@ -333,6 +334,8 @@ def read_config(folder: Path):
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}: not a readable JSON config ({error})") from None
     family = ARCHITECTURES.get(given.get("model_type")) if isinstance(given, dict) else None
+    if isinstance(given, dict) and given.get("model_type") in NOT_SUPPORTED:  # before transformers' own (multi-line) refusal
+        architecture_for(SimpleNamespace(model_type=given["model_type"]))
     if family is not None and family.read_config is not None:
         return family.read_config(given)
     try:

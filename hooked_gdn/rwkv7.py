@@ -174,7 +174,7 @@ class RWKV7TimeMix(DPLRMemory):
         self.hook_k = CheckedHookPoint()  # [b, p, H, N]: k_t, the key projection
         self.hook_v = CheckedHookPoint()  # [b, p, H, N]: the value projection, before the v_first mix
         if layer == 0:
-            self.hook_v_first = CheckedHookPoint()  # [b, p, H, N]: this layer's value, which every later layer mixes in
+            self.hook_v_first = CheckedHookPoint()  # [b, p, H, N]: this layer's value as every later layer mixes it in
         else:
             self.hook_v_mix = CheckedHookPoint()  # [b, p, H, N]: σ(v_0 + x_v V_1 V_2), the share of v_first
         self.hook_log_decay = CheckedHookPoint()  # [b, p, H, N]: log w_t, per channel
@@ -201,7 +201,7 @@ class RWKV7TimeMix(DPLRMemory):
         log_w = self.hook_log_decay(split_heads(-DECAY_SCALE * torch.sigmoid(self.decay(xw, torch.tanh).float()), N))
         a = self.hook_erase_rate(split_heads(torch.sigmoid(self.rate(xa).float()), N))
         if self.layer == 0:
-            ctx.shared["v_first"] = v = self.hook_v_first(v)
+            ctx.shared["v_first"] = self.hook_v_first(v)  # later layers' copy: an edit here leaves layer 0's own value
         else:
             share = self.hook_v_mix(split_heads(torch.sigmoid(self.value_mix(xv)), N))
             v = v + (ctx.shared["v_first"].to(v.device) - v) * share

@@ -234,7 +234,8 @@ def blinkdl_to_fla(state: dict) -> dict[str, torch.Tensor]:
             name, layout = BLINKDL_LAYER_NAMES[match[2]]
             if match[1] == "0" and match[2] in ("att.v0", "att.v1", "att.v2"):
                 continue  # layer 0 has no value mix: BlinkDL's files carry unused placeholders
-            fla[f"model.layers.{match[1]}.{name}"] = {_KEEP: tensor, _FLAT: tensor.flatten(), _TRANSPOSED: tensor.T}[layout]
+            fla[f"model.layers.{match[1]}.{name}"] = (tensor.flatten() if layout == _FLAT else tensor.T if layout == _TRANSPOSED
+                                                      else tensor)  # only the one asked for: .T of a 3-D tensor is deprecated
         else:
             unknown.append(key)
     if unknown:
