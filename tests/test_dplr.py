@@ -66,6 +66,24 @@ def test_states_at_chosen_positions():
     assert_close(fast.states, ref.states[:, positions])
 
 
+@pytest.mark.parametrize("log_w", [None, -2.0])  # the layer's decays (factored) and decays beyond FACTORED_SPAN over 64
+def test_every_state_has_the_references_gradient(log_w):
+    """The every-state path writes its states in place; the gradient of every state with respect to every input is
+    still the reference's."""
+    inputs = list(rwkv7_inputs(2, T=37))
+    if log_w is not None:
+        inputs[1] = torch.full_like(inputs[1], log_w)
+    inputs = [x.requires_grad_() for x in inputs]
+    weights = torch.randn(2, 37, 3, 8, 6, generator=torch.Generator().manual_seed(3))
+    (chunked_dplr(*inputs, torch.arange(37), chunk_size=64).states * weights).sum().backward()
+    fast = [x.grad for x in inputs[1:]]  # the states do not depend on the read query r
+    for x in inputs:
+        x.grad = None
+    (dplr_reference(*inputs).states * weights).sum().backward()
+    for got, x in zip(fast, inputs[1:]):
+        assert_close(got, x.grad)
+
+
 @pytest.mark.parametrize("log_w", [-0.6065, -2.0])
 def test_no_factor_overflows_over_a_long_chunk(log_w):
     """64 positions at RWKV-7's strongest decay (−γ_C = 38.8: the per-position factors stay below e^{38.8}) and
