@@ -26,10 +26,12 @@ class Tool:
 TOOLS: tuple[Tool, ...] = (
     Tool("hooks", "Hooks and `state_positions`",
          "`hook_state` at chosen positions [b, P, H, d_k, d_v] equals the full run's, the sequential run's and the "
-         "reference recurrence's states; S_t − α_t S_{t−1} = k̂_t δ_tᵀ and o_t = S_tᵀ q̂_t from the hooks"),
+         "reference recurrence's states; S_t − α_t S_{t−1} = k̂_t δ_tᵀ (RWKV-7: S_t − diag(w_t) S_{t−1} − (a_t ⊙ κ̂_t) e_tᵀ = "
+         "k̃_t v_tᵀ) and o_t = S_tᵀ q̂_t from the hooks"),
     Tool("edits", "Carried state and write edits",
-         "state and write edits in parallel mode equal the sequential mode's and `gated_delta_rule_reference` with "
-         "`DeltaRuleEdits`, in the layer's reads, its final state and the logits downstream"),
+         "state and write edits (RWKV-7: and a deleted erase) in parallel mode equal the sequential mode's and the "
+         "reference recurrence's with the same edits (`DeltaRuleEdits`, `DPLREdits`), in the layer's reads, its final "
+         "state and the logits downstream"),
     Tool("generation", "Generation with hooks",
          "`generate` with a state and a write edit changes the continuation and equals a prefill + step loop, whose "
          "logits equal one forward over the whole sequence with the same hooks (left padding)"),
@@ -41,7 +43,7 @@ TOOLS: tuple[Tool, ...] = (
          "write and decay, restores the clean final states; a one-position state patch equals the edit by hand"),
     Tool("census", "Memory census",
          "every memory layer and head, finite and in range; half-lives and mean β equal those of the cached "
-         "`hook_log_decay` and `hook_beta`"),
+         "`hook_log_decay` (RWKV-7: over each head's channels) and `hook_beta` (RWKV-7: `hook_erase_rate`)"),
     Tool("sae_training", "SAE training (streaming store, disk cache)",
          "the store's and the cache's samples are the model's states and writes at their origins; a WriteSAE "
          "trains from each, with finite losses and a decreasing FVU"),

@@ -15,6 +15,25 @@ The same census runs on Mamba-2, whose SSD heads have GDN's hook names (`hooked_
 there α_t = exp(Δ_t A), the β column is the write strength Δ_t, S_t is h_t (d_state × head_dim), the
 write is B_t (Δ_t x_t)ᵀ, and o_t = h_tᵀ C_t before the D x_t skip (ε: the gated norm's, over a group of heads).
 
+And on RWKV-7 (`hooked_gdn.rwkv7`, docs/design.md §17), S_t = diag(w_t) S_{t−1} + (a_t ⊙ κ̂_t) e_tᵀ + k̃_t v_tᵀ,
+o_t = S_tᵀ r_t:
+
+- the decay is per channel, log w_t [b, p, H, N], so a head's α and half-life percentiles are over all its
+  N channels and all positions together (a per-head decay is the one-channel case);
+- the β column is the mean in-context rate a_t (``hook_erase_rate``), over channels and positions: the
+  share of the old value along κ̂_t that the erase removes;
+- the write is k̃_t v_tᵀ (``hook_write_key``, ``hook_write_value``), so ``write_share`` is
+  cos²(S_t, k̃_t v_tᵀ) and the rest of the state is the past carried by G_t = diag(w_t) − (a_t ⊙ κ̂_t) κ̂_tᵀ,
+  the decay *and* the erase: unlike GDN's δ_t, the erase (a_t ⊙ κ̂_t) e_tᵀ is a rank-1 term along its own
+  key κ̂_t, which does not fold into the write, and it removes the past rather than adding anything new.
+  From a zero state the first write is still the whole state (share 1);
+- the read goes into a per-head GroupNorm, which centres it before dividing by √(var + ε): its column is
+  ‖o_t − mean(o_t)‖_rms / √ε, with ε the GroupNorm's ``cfg.group_norm_eps``.
+
+Each family's few facts the shared hook names do not say (its rate's hook point, its read norm's ε and
+whether that norm centres) are declared once, by the memory layer (`MatrixMemory.RATE_HOOK`, ``read_norm_eps``,
+``READ_NORM_CENTRES``, overridden by RWKV-7's time mix).
+
 The state statistics are medians over the positions where states are formed (``state_every``);
 the decay and β statistics use every position. Windows start from a zero state, so the first
 positions of each window see a short past: use windows (``context``) several times longer than
@@ -47,11 +66,16 @@ LONG_MEMORY = 16
 VERY_LONG_MEMORY = 64
 
 
+def _per_head(x: Float[Tensor, "b p H *channels"]) -> Float[Tensor, "samples H"]:
+    """A per-position statistic, per head or per channel, as samples of each head: [b · p · channels, H]."""
+    return x.float().movedim(2, -1).reshape(-1, x.shape[2])
+
+
 @dataclass(frozen=True)
 class HeadCensus:
     layer: int
     head: int
-    alpha: tuple[float, float, float]  # 10th, 50th, 90th percentile
+    alpha: tuple[float, float, float]  # 10th, 50th, 90th percentile (over positions, and channels where per channel)
     half_life: tuple[float, float, float]  # tokens; inf where α = 1
     mean_beta: float
     effective_rank: float  # median over positions of (Σσ)² / Σσ²
@@ -205,13 +229,14 @@ def memory_census(
 
     def hooks_for(layer: int) -> list:
         acc, hook_name = stats[layer], lambda hook: gdn_hook_name(layer, hook)
-        sqrt_eps = math.sqrt(model.blocks[layer].linear_attn.norm.eps)  # the ε of the norm the read goes into
+        mixer = model.blocks[layer].linear_attn
+        sqrt_eps = math.sqrt(mixer.read_norm_eps())  # the ε of the norm the read goes into
         writes: dict[str, Tensor] = {}
 
         def log_decay(g, hook):
-            acc.log_decay.append(g.float().flatten(0, 1))
+            acc.log_decay.append(_per_head(g))
         def beta(b, hook):
-            acc.beta.append(b.float().flatten(0, 1))
+            acc.beta.append(_per_head(b))
         def write_key(k, hook):
             writes["key"] = k[:, positions].float()
         def write_value(d, hook):
@@ -219,9 +244,12 @@ def memory_census(
         def state(s, hook):
             acc.add_states(s.float(), writes["key"], writes["value"])
         def read(o, hook):
-            acc.read_rms.append(o.float().pow(2).mean(-1).sqrt().flatten(0, 1) / sqrt_eps)
+            o = o.float()
+            if mixer.READ_NORM_CENTRES:
+                o = o - o.mean(-1, keepdim=True)
+            acc.read_rms.append(o.pow(2).mean(-1).sqrt().flatten(0, 1) / sqrt_eps)
 
-        return [(hook_name("hook_log_decay"), log_decay), (hook_name("hook_beta"), beta),
+        return [(hook_name("hook_log_decay"), log_decay), (hook_name(mixer.RATE_HOOK), beta),
                 (hook_name("hook_write_key"), write_key), (hook_name("hook_write_value"), write_value),
                 (hook_name("hook_state"), state), (hook_name("hook_recurrence_out"), read)]
 
@@ -236,7 +264,8 @@ def memory_census(
 
 
 class _LayerStats:
-    """Per-position statistics of one GDN layer, [N, H_v] each, gathered while the model runs."""
+    """Per-position statistics of one GDN layer, [N, H_v] each (N: positions, times channels for a per-channel
+    decay or rate), gathered while the model runs."""
 
     def __init__(self):
         self.log_decay: list[Tensor] = []

@@ -4,6 +4,7 @@ is `hooked_gdn.mamba2.HookedMamba2Config`."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
@@ -32,6 +33,13 @@ class HookedModelConfig:
     key in `hooked_gdn.architectures`, which builds its blocks; ``layer_types`` (a field or a property of
     each family's config) says which layers are memory layers ("linear_attention") and which attention.
     Fields are keyword-only.
+
+    TransformerLens' code reads more from ``cfg`` than sizes. ``n_ctx`` and ``original_architecture``
+    follow from the family; the model built from the config sets what only it knows: ``device`` (its
+    embedding's, kept right when it moves), ``n_params``, ``tokenizer_prepends_bos`` and
+    ``default_prepend_bos`` (what ``prepend_bos=None`` means: whatever the tokenizer does, until set).
+    ``n_heads`` and ``d_head`` are the attention layers' (`HookedGDNConfig`) or, in a family without
+    attention, the memory's heads (`AttentionFreeHeads`).
     """
 
     d_model: int
@@ -56,6 +64,19 @@ class HookedModelConfig:
     attn_only: bool = False
     act_fn: str = "silu"
 
+    #: TransformerLens' longest input: none here. The memories are fixed-size states, and the attention layers compute
+    #: their rotary angles per position (no table), so any length runs (as transformers runs it; a checkpoint's
+    #: max_position_embeddings is the length its attention was trained to, not a limit).
+    n_ctx = sys.maxsize
+    # set by the model built from this config (not fields: facts of the model, not of the checkpoint's config):
+    # its embedding's device, its parameters outside the embedding and unembedding (TransformerLens' n_params,
+    # norms counted), whether its tokenizer puts a BOS first by itself, and what prepend_bos=None means: at first
+    # that same answer, so that strings get the tokenizer's own special tokens (none, for every shipped tokenizer)
+    device = None
+    n_params = None
+    tokenizer_prepends_bos = False
+    default_prepend_bos = False
+
     #: the size fields, which must be integers > 0 (``SIZES``) or >= 0 (``COUNTS``); each family's config adds its own
     SIZES: ClassVar[tuple[str, ...]] = ("d_model", "n_layers", "d_vocab", "n_key_heads", "n_value_heads", "d_key", "d_value",
                                         "conv_kernel")
@@ -69,6 +90,16 @@ class HookedModelConfig:
         if self.n_value_heads % self.n_key_heads:
             raise ValueError(f"n_value_heads ({self.n_value_heads}) must be a multiple of n_key_heads ({self.n_key_heads}), "
                              f"the heads that share a key (Mamba-2: the heads and n_groups)")
+
+    @property
+    def original_architecture(self) -> str:
+        """TransformerLens' name of the architecture a model was converted from: the transformers class this
+        family reproduces (``Qwen3_5ForCausalLM``, ``Mamba2ForCausalLM``, …)."""
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        from .architectures import BY_KEY
+
+        return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[BY_KEY[self.architecture].model_types[0]]
 
     def sizes(self) -> dict[str, int]:
         """Every size field (`SIZES`, `COUNTS`) and its value."""
@@ -101,6 +132,21 @@ class HookedModelConfig:
         d = asdict(self)
         d["dtype"] = str(self.dtype).removeprefix("torch.")
         return d
+
+
+class AttentionFreeHeads:
+    """TransformerLens' ``n_heads`` and ``d_head`` for a family without attention (Mamba-2, RWKV-7): the memory's
+    H_v value heads of size d_v, as TransformerLens' bridge counts those models' heads. Code that takes them for
+    attention heads fails on the hook points and weights it then asks for (``hook_z``, ``hook_pattern``, ``W_O``),
+    which these models do not have."""
+
+    @property
+    def n_heads(self) -> int:
+        return self.n_value_heads
+
+    @property
+    def d_head(self) -> int:
+        return self.d_value
 
 
 @dataclass(kw_only=True)

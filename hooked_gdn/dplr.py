@@ -204,16 +204,19 @@ def chunked_dplr(r: Rows, log_w: Rows, kappa: Rows, a: Rows, k: Rows, v: Values,
         # S_i = e^{γ_i} ⊙ S_0 + Σ_j (e^{γ_i − γ_j} ⊙ α_j) e_jᵀ + (e^{γ_i − γ_j} ⊙ k̃_j) v_jᵀ: one product over the 2C terms
         values = torch.cat([erase, v], -2)  # [b, H, N, 2C, d_v]
         every = len(state_positions) == T and bool((state_positions == torch.arange(T, device=k.device)).all())
-        if every and pairs is _pairs_factored:
+        if every and pairs is _pairs_factored and 2 * C > d_v:
             # every state, S_i = e^{γ_i} ⊙ (S_0 + Σ_{j≤i} e^{−γ_j} ⊙ (α_j e_jᵀ + k̃_j v_jᵀ)): each position's two rank-1 terms
-            # in one batched product, then a running sum over the chunk; memory about the states' own
+            # in one batched product, S_0 added to the chunk's first, a running sum over the chunk, the decay. Three
+            # passes over the states, against the product below's [C, 2C, d_k] keys per position: cheaper once 2C > d_v
             scale = (-gamma).exp()
             terms = torch.stack([removal * scale, k * scale], -1) @ torch.stack([erase, v], -2)  # [b, H, N, C, d_k, d_v]
-            # in place (autograd keeps what it needs: tests/test_dplr.py checks the gradient), so written once more, not thrice
-            states = terms.cumsum_(3).add_(torch.stack(starts, 2)[:, :, :, None]).mul_(gamma.exp()[..., None])
+            terms[:, :, :, 0] += torch.stack(starts, 2)
+            # in place (autograd keeps what it needs: tests/test_dplr.py checks the gradient)
+            states = terms.cumsum_(3).mul_(gamma.exp()[..., None])
             states = states.flatten(2, 3)[:, :, :T].transpose(1, 2)
         elif every:
-            # every state, the pair exponents formed one by one: per chunk, rows (i, d_k) of the weighted keys times the values
+            # every state, each pair's exponent formed as one difference: per chunk, rows (i, d_k) of the weighted keys
+            # times the values
             decay = (gamma[..., :, None, :] - gamma[..., None, :, :]).masked_fill(~lower[..., None], float("-inf")).exp()
             keys = torch.cat([decay * removal[..., None, :, :], decay * k[..., None, :, :]], -2)  # [b, H, N, C_i, 2C, d_k]
             states = torch.stack(starts, 2)[:, :, :, None] * gamma.exp()[..., None]  # [b, H, N, C, d_k, d_v]

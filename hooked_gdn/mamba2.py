@@ -43,7 +43,7 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from .config import HookedModelConfig
+from .config import AttentionFreeHeads, HookedModelConfig
 from .delta_rule import SCALAR_DECAY
 from .hook_points import CheckedHookPoint
 from .layers import ForwardContext, RMSNorm, _matrix, causal_conv, split_heads
@@ -52,13 +52,13 @@ from .model import HookedGatedDeltaNet
 
 
 @dataclass(kw_only=True)
-class HookedMamba2Config(HookedModelConfig):
+class HookedMamba2Config(HookedModelConfig, AttentionFreeHeads):
     """A Mamba-2 language model: `HookedModelConfig`'s sizes, in the names GDN gives the same quantities.
 
     Each layer has ``n_value_heads`` (H) SSD heads of size ``d_value`` (head_dim, P) with states of
     ``d_key`` (d_state, N) rows; B and C come in ``n_key_heads`` (n_groups, G) groups, each shared by
     H / G consecutive heads, as GDN's key heads are. Every layer is a memory layer; there is no
-    attention, MLP or rotary embedding.
+    attention, MLP or rotary embedding (TransformerLens' ``n_heads``, ``d_head``: H and P).
     """
 
     architecture: str = "mamba2"

@@ -35,6 +35,11 @@ if TYPE_CHECKING:
 class MatrixMemory(nn.Module):
     """The matrix memory of a layer's heads (see the module docstring); ``transition`` is its kind."""
 
+    #: what the memory census (`hooked_gdn.census`) reads beyond the shared hooks: the hook whose mean is its β
+    #: column (the write strength: GDN's β_t, Mamba-2's Δ_t), and whether the norm the read goes into centres it
+    RATE_HOOK = "hook_beta"
+    READ_NORM_CENTRES = False
+
     def __init__(self, layer: int, transition: Transition):
         super().__init__()
         self.layer, self.transition = layer, transition
@@ -107,6 +112,10 @@ class MatrixMemory(nn.Module):
                 edits.state_diff = (states - original)[:, rows].float()
                 result = run(edits, None)
         return result.out, result.final_state
+
+    def read_norm_eps(self) -> float:
+        """The ε of the norm the read o_t goes into (both mixers' gated RMSNorm, ``norm``)."""
+        return self.norm.eps
 
     def write_hooks(self) -> tuple:
         """The hook points whose edits force a position's write (and, with an erase of its own, its erase)."""

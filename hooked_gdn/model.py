@@ -1,5 +1,5 @@
 """`HookedGatedDeltaNet`: a TransformerLens-style language model whose layers keep a matrix memory (the Gated
-DeltaNet hybrids Qwen3.5, Qwen3.5-MoE, Qwen3-Next, OLMo-Hybrid, and Mamba-2), with the memory's state and
+DeltaNet hybrids Qwen3.5, Qwen3.5-MoE, Qwen3-Next, OLMo-Hybrid, Mamba-2 and RWKV-7), with the memory's state and
 write as hook points."""
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ from .layers import ForwardContext, rotary_inv_freq
 
 RETURN_TYPES = ("logits", "loss", "both", None)
 RECURRENCES = ("parallel", "sequential")
+PADDING_SIDES = ("left", "right")
+#: Where strings of different lengths are padded when no ``padding_side`` is given (the tokenizer's own
+#: ``padding_side`` is not read): on the left, so every row's last position is its last token, which is
+#: where its final state, a cache and generation continue from.
+DEFAULT_PADDING_SIDE = "left"
 
 
 def _require_tokens(tokens: Tensor) -> None:
@@ -60,9 +65,20 @@ def pattern_left_out_message() -> str:
 
 class HookedGatedDeltaNet(HookedRootModule):
     """A matrix-memory language model's text model, re-implemented with hook points: one class for every
-    family of `hooked_gdn.architectures` (Qwen3.5, Qwen3.5-MoE, Qwen3-Next, OLMo-Hybrid, Mamba-2). The
-    family's registry entry builds the blocks and the final norm from the config; everything else
+    family of `hooked_gdn.architectures` (Qwen3.5, Qwen3.5-MoE, Qwen3-Next, OLMo-Hybrid, Mamba-2, RWKV-7).
+    The family's registry entry builds the blocks and the final norm from the config; everything else
     (tokens, forward, caching, prefill, generation) is this class's, the same for all.
+
+    Strings are tokenized as TransformerLens tokenizes them: ``forward``, ``to_tokens``, ``to_str_tokens``
+    and ``generate`` (and ``run_with_cache`` / ``run_with_hooks``, which pass them on) take ``prepend_bos``
+    (None: ``cfg.default_prepend_bos``, which is whether the tokenizer adds a BOS itself, so by default a
+    string gets the tokenizer's own special tokens; True puts the tokenizer's BOS first, or its EOS where it
+    has no BOS, as TransformerLens does) and ``padding_side`` ("left" or "right"; None: left,
+    `DEFAULT_PADDING_SIDE`), and a string input's padding is masked in ``forward`` whichever its side. Token
+    tensors are taken as given: pass their ``attention_mask``. ``cfg`` has what TransformerLens' tools read
+    (``device``, ``n_ctx``, ``n_params``, ``n_heads``, …; see `hooked_gdn.config.HookedModelConfig`), so
+    ``transformer_lens.utilities.test_prompt`` and ``transformer_lens.patching``'s per-layer patching run on
+    every family (but a Mamba-2 block has no MLP, so no ``hook_mlp_out`` to patch).
 
     Forward keywords beyond TransformerLens':
 
@@ -94,6 +110,7 @@ class HookedGatedDeltaNet(HookedRootModule):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+        cfg.device = self.W_E.device
         self.hook_embed = CheckedHookPoint()  # [b, p, d_model]
         # a norm of the embeddings (RWKV-7's), applied before hook_embed: the residual stream starts after it
         self.ln_embed = family.embedding_norm(cfg) if family.embedding_norm is not None else None
@@ -102,7 +119,27 @@ class HookedGatedDeltaNet(HookedRootModule):
         # [d_vocab, d_model] as transformers stores it, so F.linear computes what transformers computes
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
         self.register_buffer("rotary_inv_freq", rotary_inv_freq(cfg.rotary_dim, cfg.rotary_base), persistent=False)
+        cfg.n_params = sum(p.numel() for name, p in self.named_parameters() if name not in ("W_E", "lm_head"))
         self.setup()
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+        # whether the tokenizer puts a BOS first by itself, as TransformerLens detects it (on "a"); by default
+        # strings keep the tokenizer's own special tokens, so prepend_bos=None means the same
+        bos = None if tokenizer is None else tokenizer.bos_token_id
+        prepends = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+        self.cfg.tokenizer_prepends_bos = self.cfg.default_prepend_bos = prepends
+
+    def _apply(self, fn, recurse=True):
+        # .to, .cuda, .cpu and the dtype casts move the weights through here: cfg.device follows the embedding
+        moved = super()._apply(fn, recurse)
+        self.cfg.device = self.W_E.device
+        return moved
 
     @classmethod
     def family_of(cls, cfg: HookedModelConfig):
@@ -142,7 +179,9 @@ class HookedGatedDeltaNet(HookedRootModule):
         """
         from .loading import load_pretrained
 
-        return load_pretrained(cls, name_or_path, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
+        model = load_pretrained(cls, name_or_path, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
+        model.cfg.device = model.W_E.device  # the weights were streamed onto their devices, not moved by .to
+        return model
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
@@ -175,13 +214,34 @@ class HookedGatedDeltaNet(HookedRootModule):
             raise ValueError("this model has no tokenizer: pass token tensors, or load a folder that has tokenizer files")
         return self.tokenizer
 
-    def to_tokens(self, input: str | list[str]) -> Int[Tensor, "batch pos"]:
-        """Token ids [b, p] (left-padded with the pad token when the strings differ in length)."""
-        return self._tokenize(input)[0]
+    def to_tokens(
+        self, input: str | list[str], prepend_bos: bool | None = None, padding_side: str | None = None
+    ) -> Int[Tensor, "batch pos"]:
+        """Token ids [b, p], padded with the pad token on ``padding_side`` (None: left) when the strings differ
+        in length. ``prepend_bos`` (None: ``cfg.default_prepend_bos``): True puts the tokenizer's BOS first, or
+        its EOS where it has no BOS (as TransformerLens, which makes the EOS the BOS of such a tokenizer);
+        False leaves it out, also where the tokenizer puts one first by itself."""
+        return self._tokenize(input, prepend_bos, padding_side)[0]
 
-    def _tokenize(self, input: str | list[str]) -> tuple[Tensor, Tensor]:
+    def _tokenize(self, input: str | list[str], prepend_bos: bool | None = None, padding_side: str | None = None
+                  ) -> tuple[Tensor, Tensor]:
+        """Token ids and their attention mask, both [b, p]: the mask is the tokenizer's (1 at each string's
+        tokens, a prepended BOS included), whichever id the padding has."""
         tok = self._require_tokenizer()
-        enc = tok([input] if isinstance(input, str) else list(input), return_tensors="pt", padding=True, padding_side="left")
+        prepend_bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+        padding_side = DEFAULT_PADDING_SIDE if padding_side is None else padding_side
+        if padding_side not in PADDING_SIDES:
+            raise ValueError(f"padding_side must be one of {PADDING_SIDES} or None, got {padding_side!r}")
+        rows = tok([input] if isinstance(input, str) else list(input))["input_ids"]
+        if prepend_bos and not self.cfg.tokenizer_prepends_bos:
+            bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+            if bos is None:
+                raise ValueError("prepend_bos=True needs a BOS token, or an EOS token to stand for it; the tokenizer has "
+                                 "neither")
+            rows = [[bos, *row] for row in rows]
+        elif not prepend_bos and self.cfg.tokenizer_prepends_bos:
+            rows = [row[1:] if row[:1] == [tok.bos_token_id] else row for row in rows]
+        enc = tok.pad({"input_ids": rows}, padding=True, padding_side=padding_side, return_tensors="pt")
         device = self.W_E.device
         return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
@@ -192,9 +252,12 @@ class HookedGatedDeltaNet(HookedRootModule):
             return [tok.decode(row) for row in tokens.tolist()]
         return tok.decode(tokens.tolist())
 
-    def to_str_tokens(self, input: str | Tensor | Sequence[int]) -> list[str]:
+    def to_str_tokens(
+        self, input: str | Tensor | Sequence[int], prepend_bos: bool | None = None, padding_side: str | None = None
+    ) -> list[str]:
+        """Each token of one sequence as text; a string is tokenized as ``to_tokens`` tokenizes it."""
         tok = self._require_tokenizer()
-        ids = self.to_tokens(input)[0] if isinstance(input, str) else torch.as_tensor(input)
+        ids = self.to_tokens(input, prepend_bos, padding_side)[0] if isinstance(input, str) else torch.as_tensor(input)
         if ids.dim() != 1:
             raise ValueError(f"to_str_tokens takes one sequence, got a tensor of shape {tuple(ids.shape)}")
         return [tok.decode([i]) for i in ids.tolist()]
@@ -206,11 +269,13 @@ class HookedGatedDeltaNet(HookedRootModule):
             raise ValueError(f"{string!r} is {len(ids)} tokens, not one: {[self.tokenizer.decode([i]) for i in ids]}")
         return ids[0]
 
-    def _tokens_and_mask(self, input, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _tokens_and_mask(
+        self, input, attention_mask: Tensor | None, prepend_bos: bool | None = None, padding_side: str | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         if isinstance(input, (str, list)) and (isinstance(input, str) or all(isinstance(s, str) for s in input)):
             if attention_mask is not None:
                 raise ValueError("attention_mask goes with token input; strings are padded and masked for you")
-            tokens, mask = self._tokenize(input)
+            tokens, mask = self._tokenize(input, prepend_bos, padding_side)
             _require_tokens(tokens)
             return tokens, (None if bool(mask.all()) else mask)
         if not isinstance(input, Tensor):
@@ -273,17 +338,27 @@ class HookedGatedDeltaNet(HookedRootModule):
         recurrence: str = "parallel",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         stop_at_layer: int | None = None,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
     ) -> Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "*loss"] | tuple[Tensor, Tensor] | None:
         """Logits [b, p, d_vocab], the mean next-token loss (or [b, p − 1] with ``loss_per_token``), both, or None.
 
         ``stop_at_layer=i`` runs only the embedding and blocks 0 … i − 1 and returns the residual
         stream there (as in TransformerLens): what reading one layer's activations needs.
+        ``prepend_bos`` and ``padding_side`` tokenize string input as ``to_tokens`` does (token input
+        ignores them, as TransformerLens does). Padding writes nothing to the memories, so each row's
+        logits at its tokens are its own on either side; but on the right a row's last positions are
+        padding, through which its state still decays, so its ``hook_final_state`` is not its last
+        token's, and a ``cache`` (``prefill``, ``generate``) refuses such rows.
         """
         if return_type not in RETURN_TYPES:
             raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
         if recurrence not in RECURRENCES:
             raise ValueError(f"recurrence must be one of {RECURRENCES}, got {recurrence!r}")
-        tokens, mask = self._tokens_and_mask(input, attention_mask)
+        tokens, mask = self._tokens_and_mask(input, attention_mask, prepend_bos, padding_side)
+        if cache is not None and mask is not None and not bool(mask[:, -1].all()):
+            raise ValueError("a cache continues each row from its last position, and some rows end in padding (right "
+                             "padding): pad on the left (padding_side='left', the default)")
         b, p = tokens.shape
         full_mask = mask
         past_length = cache.length if cache is not None else 0
@@ -393,7 +468,7 @@ class HookedGatedDeltaNet(HookedRootModule):
         if isinstance(input, Tensor):
             length = input.shape[-1]
         elif (isinstance(input, str) or isinstance(input, list) and all(isinstance(s, str) for s in input)) and self.tokenizer:
-            length = self.to_tokens(input).shape[-1]
+            length = self.to_tokens(input, model_kwargs.get("prepend_bos"), model_kwargs.get("padding_side")).shape[-1]
         else:
             length = 0  # forward will refuse it with its own message
         cache = model_kwargs.get("cache")
@@ -434,12 +509,16 @@ class HookedGatedDeltaNet(HookedRootModule):
         stop_at_eos: bool = True,
         eos_token_id: int | None = None,
         attention_mask: Int[Tensor, "batch pos"] | None = None,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
         **forward_kwargs,
     ) -> Int[Tensor, "batch pos_plus_new"] | str | list[str]:
         """Continue the input; hooks fire at every step (with p = 1) and their edits apply.
 
         Returns the tokens [b, p + new] for token input, and the decoded text (prompt included)
-        for string input. Sequences that reached EOS are continued with EOS.
+        for string input. Sequences that reached EOS are continued with EOS. Strings are tokenized
+        as ``to_tokens`` tokenizes them (``prepend_bos``, ``padding_side``); strings of different
+        lengths padded on the right are refused (each row continues from its last position).
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -447,7 +526,7 @@ class HookedGatedDeltaNet(HookedRootModule):
             raise ValueError(f"sampling needs temperature > 0, got {temperature!r} (greedy decoding is do_sample=False)")
         if do_sample and top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= self.cfg.d_vocab):
             raise ValueError(f"top_k must be an int in [1, d_vocab={self.cfg.d_vocab}] or None, got {top_k!r}")
-        tokens, mask = self._tokens_and_mask(input, attention_mask)
+        tokens, mask = self._tokens_and_mask(input, attention_mask, prepend_bos, padding_side)
         eos = eos_token_id if eos_token_id is not None else self.cfg.eos_token_id
         if stop_at_eos and eos is None:
             raise ValueError("stop_at_eos needs an eos_token_id (the config has none)")

@@ -41,14 +41,14 @@ from tqdm.auto import tqdm
 
 from .files import atomic_file
 from .model import HookedGatedDeltaNet
-from .sites import GDN_HOOKS, gdn_hook_name
+from .sites import GDN_HOOKS, SITE_KEY_HOOKS, SITE_VALUE_HOOK, gdn_hook_name
 
 PatchingMetric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""] | float]
 
 AXES = ("layer", "pos", "head")
 _NAMED = {
     "state": ("hook_state",),
-    "write": ("hook_write_key", "hook_write_value"),
+    "write": (*SITE_KEY_HOOKS["write"], SITE_VALUE_HOOK["write"]),  # the write site's key and value
     "write_key": ("hook_write_key",),
     "write_value": ("hook_write_value",),
     "read": ("hook_recurrence_out",),

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from .config import HookedModelConfig
+from .config import AttentionFreeHeads, HookedModelConfig
 from .hook_points import CheckedHookPoint, any_hooked
 from .layers import ForwardContext, _matrix, split_heads
 from .memory import DPLRMemory
@@ -63,11 +63,12 @@ HEAD_SIZE = 64
 
 
 @dataclass(kw_only=True)
-class HookedRWKV7Config(HookedModelConfig):
+class HookedRWKV7Config(HookedModelConfig, AttentionFreeHeads):
     """An RWKV-7 language model: `HookedModelConfig`'s sizes (H = ``n_key_heads`` = ``n_value_heads`` heads of
-    size N = ``d_key`` = ``d_value``, H · N = ``d_model``), the channel mix's width ``d_mlp`` and the ranks of
-    the four low-rank maps (decay, in-context rate, value mix, gate). ``eps`` is the LayerNorms';
-    ``group_norm_eps`` the read's per-head GroupNorm's (flash-linear-attention: N · norm_eps; BlinkDL: 64e-5)."""
+    size N = ``d_key`` = ``d_value``, H · N = ``d_model``; TransformerLens' ``n_heads``, ``d_head``: H and N),
+    the channel mix's width ``d_mlp`` and the ranks of the four low-rank maps (decay, in-context rate, value
+    mix, gate). ``eps`` is the LayerNorms'; ``group_norm_eps`` the read's per-head GroupNorm's
+    (flash-linear-attention: N · norm_eps; BlinkDL: 64e-5)."""
 
     architecture: str = "rwkv7"
     d_mlp: int
@@ -95,6 +96,10 @@ class HookedRWKV7Config(HookedModelConfig):
     @property
     def layer_types(self) -> list[str]:
         return ["linear_attention"] * self.n_layers
+
+    @property
+    def original_architecture(self) -> str:
+        return "RWKV7ForCausalLM"  # flash-linear-attention's class: transformers has no RWKV-7
 
 
 class LayerNorm(nn.Module):
@@ -152,6 +157,8 @@ class RWKV7TimeMix(DPLRMemory):
     read's GroupNorm ``norm``."""
 
     MIXES = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")
+    RATE_HOOK = "hook_erase_rate"  # the census's β column: the in-context rate a_t
+    READ_NORM_CENTRES = True  # the read's per-head GroupNorm centres it
 
     def __init__(self, cfg: HookedRWKV7Config, layer: int):
         super().__init__(layer)
@@ -212,6 +219,9 @@ class RWKV7TimeMix(DPLRMemory):
         k_tilde = k.float() * (1 + (a - 1) * self.k_a.float().view(-1, N))
         o = self.recur_dplr(r, log_w.float(), kappa, a, k_tilde, v.float(), ctx)
         return self.hook_out(self.output_from_read(o, {"read_query": r, "write_key": k_tilde, "write_value": v, "gate": g}))
+
+    def read_norm_eps(self) -> float:
+        return self.cfg.group_norm_eps
 
     OUTPUT_INPUTS = ("read_query", "write_key", "write_value", "gate")  # r, k̃ and v for the bonus; g
 

@@ -406,17 +406,20 @@ def check_census(cell: Cell) -> None:
     windows = random_tokens(model, 3, 21, 8)
     census = memory_census(model, windows, state_every=2)
     assert [(r.layer, r.head) for r in census.heads] == [(layer, h) for layer in layers for h in range(H)]
+    rate = {layer: model.blocks[layer].linear_attn.RATE_HOOK for layer in layers}  # β, or RWKV-7's a_t
     with torch.no_grad():
-        _, cache = model.run_with_cache(windows, names_filter=[hook(layer, s) for layer in layers for s in ("log_decay", "beta")])
+        _, cache = model.run_with_cache(windows, names_filter=[hook(layer, "log_decay") for layer in layers]
+                                        + [gdn_hook_name(layer, rate[layer]) for layer in layers])
     for r in census.heads:
         numbers = [*r.alpha, *r.half_life, r.mean_beta, r.effective_rank, r.top_share, r.write_share, r.read_rms_over_sqrt_eps]
         assert all(math.isfinite(x) for x in numbers), r
         assert 0 < r.alpha[0] <= r.alpha[1] <= r.alpha[2] < 1 and 0 < r.half_life[0] <= r.half_life[1] <= r.half_life[2]
         assert 1 - 1e-4 <= r.effective_rank <= min(d_k, d_v) + 1e-4 and 0 < r.top_share <= 1 + 1e-6
         assert 0 <= r.write_share <= 1 + 1e-6 and r.read_rms_over_sqrt_eps > 0 and r.mean_beta > 0
-        g = cache[hook(r.layer, "log_decay")][..., r.head].double().flatten()
+        of_head = lambda x: x[:, :, r.head].double().flatten()  # per head [b, p, H], or per channel [b, p, H, N]
+        g = of_head(cache[hook(r.layer, "log_decay")])
         assert r.half_life[1] == pytest.approx(math.log(0.5) / float(torch.quantile(g, 0.5)), rel=1e-6)
-        assert r.mean_beta == pytest.approx(float(cache[hook(r.layer, "beta")][..., r.head].double().mean()), rel=1e-5)
+        assert r.mean_beta == pytest.approx(float(of_head(cache[gdn_hook_name(r.layer, rate[r.layer])]).mean()), rel=1e-5)
 
 
 def assert_learnt(result, out: Path) -> None:

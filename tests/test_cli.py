@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from hooked_gdn import HookedGatedDeltaNet
-from hooked_gdn.pretrained import default_layer
+from hooked_gdn.pretrained import PRETRAINED_MODELS, default_layer
 from writesae import ARCHITECTURES, BilinearMatrixSAE, load_sae
 from writesae.cli import _parser, main
 from writesae.quickstart import format_report, run_quickstart
@@ -57,7 +57,15 @@ def test_help_names_every_command_and_explains_every_option_with_its_default(cap
                 f"{name} {action.option_strings}: its default is not shown"
     quickstart = help_text(capsys, "quickstart")
     assert re.search(r"--n-features N_FEATURES\s+features per head \(default: 256\)", quickstart)
-    assert f"gdn-austen {default_layer('gdn-austen')}, mamba2-austen {default_layer('mamba2-austen')})" in quickstart
+    assert f"gdn-austen {default_layer('gdn-austen')}, mamba2-austen {default_layer('mamba2-austen')}, rwkv7-austen" in quickstart
+
+
+def test_a_shipped_model_without_its_census_yet_leaves_every_help_working(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("COLUMNS", "1000")
+    monkeypatch.setitem(PRETRAINED_MODELS, "no-census", tmp_path)  # a model folder whose census.json is still to come
+    assert "no-census: none yet, give --layer" in help_text(capsys, "quickstart")
+    with pytest.raises(ValueError, match="no-census ships no census.json yet, whose census picks the default layer: give --layer"):
+        run_quickstart(tmp_path / "out", model="no-census", progress=False)
 
 
 def test_trains_choices_are_the_registries(capsys, monkeypatch):
@@ -334,6 +342,35 @@ def test_quickstart_runs_on_the_shipped_mamba2_model(tmp_path):
                              eval_contexts=2, progress=False)
     assert summary["model"] == "mamba2-austen" and summary["site"] == "blocks.0.linear_attn.hook_state"  # its census's layer
     assert load_sae(tmp_path / "sae").cfg.model_name == "mamba2-austen"
+
+
+def test_every_command_runs_on_the_shipped_rwkv7_model_with_its_erase_site(tmp_path):
+    """rwkv7-austen (flash-linear-attention's format) through cache, train, eval, dashboard and census, on the erase
+    site only RWKV-7 has: the SAE's site is the erase's hook, and the cache's samples are its rank-1 erases."""
+    text_folder(tmp_path / "corpus")
+    model, data = ["--model", "rwkv7-austen"], ["--data", str(tmp_path / "corpus"), "--context", "32"]
+    main(["cache", *model, *data, "--kind", "erase", "--positions", "2", "--layer", "1", "--heads", "0,3", "--out",
+          str(tmp_path / "cache"), "--shard-samples", "64", "--no-progress"])
+    main(["train", "--cache", str(tmp_path / "cache"), "--n-features", "16", "--k", "2", "--steps", "3", "--batch-size", "8",
+          "--buffer-size", "32", "--eval-every", "3", "--checkpoint-every", "3", "--out", str(tmp_path / "run"), "--no-progress"])
+    sae = str(tmp_path / "run" / "sae")
+    assert load_sae(sae).cfg.site == "blocks.1.linear_attn.hook_erase_value" and load_sae(sae).cfg.head_indices == [0, 3]
+    main(["eval", sae, *model, *data, "--samples", "16", "--contexts", "2", "--out", str(tmp_path / "eval")])
+    main(["dashboard", sae, *model, *data, "--contexts", "2", "--features-per-head", "2", "--out", str(tmp_path / "dash"),
+          "--no-progress"])
+    main(["census", *model, "--tokens", "64", "--context", "32", "--out", str(tmp_path / "census")])
+    for written in ("eval/eval.json", "dash/index.html", "census/census.json"):
+        assert (tmp_path / written).is_file(), written
+    assert len(json.loads((tmp_path / "census" / "census.json").read_text())["heads"]) == 4 * 4  # every layer and head
+
+
+@pytest.mark.slow
+def test_quickstart_runs_on_the_shipped_rwkv7_model(tmp_path):
+    summary = run_quickstart(tmp_path, model="rwkv7-austen", heads=[0, 3], n_features=16, k=2, steps=4, batch_size=16,
+                             context=64, positions=16, buffer_size=64, input_scale_samples=64, heldout_samples=64,
+                             eval_contexts=2, progress=False)
+    assert summary["model"] == "rwkv7-austen" and summary["site"] == "blocks.1.linear_attn.hook_state"  # its census's layer
+    assert load_sae(tmp_path / "sae").cfg.model_name == "rwkv7-austen"
 
 
 def test_census_and_device_arguments_are_refused_in_one_line_before_any_work(tmp_path, capsys, monkeypatch):

@@ -17,7 +17,8 @@ import torch
 from safetensors import SafetensorError
 
 from hooked_gdn.files import atomic_file
-from hooked_gdn.pretrained import CENSUS_CONTEXT, CENSUS_TOKENS, PRETRAINED_MODELS, default_layer
+from hooked_gdn.pretrained import CENSUS_CONTEXT, CENSUS_FILE, CENSUS_TOKENS, PRETRAINED_MODELS, default_layer
+from hooked_gdn.sites import KINDS
 
 from . import __version__, distributed
 from .quickstart import QuickstartConfig
@@ -26,7 +27,8 @@ from .sparsity import SPARSITIES
 
 DESCRIPTION = """\
 Train, evaluate and inspect sparse autoencoders (SAEs) on the matrix memory of Gated DeltaNet
-layers: a layer's state S_t, or its rank-1 write k̂_t δ_tᵀ.
+layers (and Mamba-2's and RWKV-7's): a layer's state S_t, its rank-1 write k̂_t δ_tᵀ, or RWKV-7's
+rank-1 erase (a_t ⊙ κ̂_t) e_tᵀ.
 
 examples:
   writesae quickstart                                  the main job, on the shipped model gdn-austen
@@ -100,6 +102,7 @@ def _check_device(text: str | None) -> None:
         raise ValueError(f"argument --device: {text!r}: only cpu, cuda and mps devices are supported")
 
 
+KIND_HELP = "the site: the state S_t, the write k̂_t δ_tᵀ, or (RWKV-7) the erase (a_t ⊙ κ̂_t) e_tᵀ"
 MODEL_HELP = "a shipped model's name (gdn-austen), a checkpoint folder, or a Hugging Face hub id owner/name"
 DEVICE_HELP = "torch device to run on, e.g. cuda (default: cpu; under torchrun, cuda means each rank's cuda:LOCAL_RANK)"
 DTYPE_HELP = "the model's dtype (its recurrence runs in float32 whatever this is)"
@@ -134,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     defaults = QuickstartConfig()  # the flags' defaults are the config's: one owner
     quick.add_argument("--model", default=defaults.model, choices=list(PRETRAINED_MODELS), help="the shipped model to study")
     quick.add_argument("--layer", type=int, help="GDN layer (default: the one with the most long-memory heads by the "
-                       f"model card's census: {', '.join(f'{m} {default_layer(m)}' for m in PRETRAINED_MODELS)})")
+                       f"model card's census: {_default_layers()})")
     quick.add_argument("--heads", default=defaults.heads, help="'all' or comma-separated head indices")
     quick.add_argument("--n-features", type=_positive_int, default=defaults.n_features, help="features per head")
     quick.add_argument("--k", type=_positive_int, default=defaults.k, help="features active per sample and head, TopK")
@@ -157,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     cache.set_defaults(buffer_size=1)  # the store's training buffer is never filled here
     cache.add_argument("--layer", type=int, required=True, help="GDN layer")
     cache.add_argument("--heads", default="all", help="'all' or comma-separated head indices")
-    cache.add_argument("--kind", choices=["state", "write"], default="state", help="the site: the state S_t or the write k̂_t δ_tᵀ")
+    cache.add_argument("--kind", choices=list(KINDS), default="state", help=KIND_HELP)
     cache.add_argument("--out", type=Path, required=True, help="the cache folder (a rerun finishes an interrupted one)")
     cache.add_argument("--shard-samples", type=_positive_int, default=4096, help="samples per shard (whole contexts)")
     cache.add_argument("--storage-dtype", choices=["float32", "bfloat16"], default="float32", help="the samples' dtype on disk")
@@ -170,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
                     "the site, heads and corpus are the cache's")
     tr.add_argument("--layer", type=int, help="GDN layer (required without --cache)")
     tr.add_argument("--heads", help="'all' or comma-separated head indices (default: all, or the cache's)")
-    tr.add_argument("--kind", choices=["state", "write"], help="the site: the state S_t (default) or the write k̂_t δ_tᵀ")
+    tr.add_argument("--kind", choices=list(KINDS), help=f"{KIND_HELP} (default: state, or the cache's)")
     tr.add_argument("--architecture", choices=list(ARCHITECTURES), default="bilinear",
                     help="; ".join(f"{name}: {cls.summary}" for name, cls in ARCHITECTURES.items()))
     tr.add_argument("--tied", action="store_true", help="bilinear encoder tied to the decoder (U = V, P = W)")
@@ -232,6 +235,13 @@ def _parser() -> argparse.ArgumentParser:
     dash.add_argument("--allow-other-model", action="store_true", help=OTHER_MODEL_HELP)
     dash.set_defaults(positions="final", buffer_size=1)  # the store only cuts the windows here
     return parser
+
+
+def _default_layers() -> str:
+    """Each shipped model's default layer, for the help; a model whose card ships no census yet has none (the
+    help must not fail on it: every command builds this parser)."""
+    return ", ".join(f"{name} {default_layer(name)}" if (folder / CENSUS_FILE).exists() else f"{name}: none yet, give --layer"
+                     for name, folder in PRETRAINED_MODELS.items())
 
 
 def _heads(text: str):

@@ -1,22 +1,22 @@
-"""Feature dashboards: what one SAE feature on a GDN state or write site fires on, reads and writes.
+"""Feature dashboards: what one SAE feature on a GDN state, write or (RWKV-7) erase site fires on, reads and writes.
 
 This module computes; `writesae.dashboard_html` renders the result as a static site. The SAE sits on
-``blocks.L.linear_attn.hook_state`` or ``…hook_write_value`` (docs/design.md §12) with one dictionary per head
-in ``sae.cfg.head_indices``: dictionary d belongs to model head h = heads[d]. Feature i of dictionary
-d has the atom A_i = Σ_r V_ir W_irᵀ (u vᵀ at rank 1) and codes a_i ≥ 0; s is ``cfg.input_scale``, so
-the feature's share of the matrix it codes is (a_i / s) A_i.
+``blocks.L.linear_attn.hook_state``, ``…hook_write_value`` or ``…hook_erase_value`` (docs/design.md §12) with
+one dictionary per head in ``sae.cfg.head_indices``: dictionary d belongs to model head h = heads[d]. Feature i
+of dictionary d has the atom A_i = Σ_r V_ir W_irᵀ (u vᵀ at rank 1) and codes a_i ≥ 0; s is ``cfg.input_scale``,
+so the feature's share of the matrix it codes is (a_i / s) A_i.
 
 Held-out token windows [n, T] are run once, and at every position t the SAE codes each of its heads'
-matrix X_t (S_t, or the write k̂_t δ_tᵀ through ``encode_factors``). Per feature:
+matrix X_t (S_t, or the write k̂_t δ_tᵀ or erase (a_t ⊙ κ̂_t) e_tᵀ through ``encode_factors``). Per feature:
 
 - **frequency** P(a_i > 0) over the n·T positions; **mean activation** E[a_i | a_i > 0]; the
   histogram of the positive a_i (equal bins on [0, max a_i], the last one closed).
 - **top activations**: the positions of largest a_i, greedily, skipping a position within
   ``left`` tokens of one already shown in the same window (a state feature stays on for many
   consecutive positions); each with the feature's a_i on the tokens around it.
-- **key side**: the alignment k̂_tᵀu of every position's write key (unit, through l2norm) with the
-  atom's unit key factor u (V_i at rank 1; the top left singular vector of A_i otherwise, its sign
-  making its largest entry positive). Both ends are shown: since u vᵀ = (−u)(−v)ᵀ, a write with
+- **key side**: the alignment k̂_tᵀu of every position's write key (GDN's is unit, through l2norm; RWKV-7's
+  k̃_t is not) or, at an erase site, its erase key a_t ⊙ κ̂_t, with the atom's unit key factor u (V_i at
+  rank 1; the top left singular vector of A_i otherwise, its sign making its largest entry positive). Both ends are shown: since u vᵀ = (−u)(−v)ᵀ, a write with
   k̂ ∥ −u contributes along the atom too, with δ ∥ −v.
 - **value side**, the direct effect on the logits through the read. At a firing (t, a) the state
   holds (a/s) A_i more, so the read o_t = S_tᵀ q̂_t moves by exactly Δo = (a/s) A_iᵀ q̂_t
@@ -35,7 +35,7 @@ matrix X_t (S_t, or the write k̂_t δ_tᵀ through ``encode_factors``). Per fea
   every later position, `writesae.experiments.edit_at_positions`); the score is
   KL(p_clean ‖ p_ablated) at t (``kl_next``) and summed over t … t + horizon − 1, cut at the window's
   end (``kl_carried``, `writesae.experiments.kl_from_clean`), averaged over those firings. For a
-  write SAE this is the same as editing the write at t to k̂_t δ_tᵀ − (a/s) A_i.
+  write SAE this is the same as editing the write at t to k̂_t δ_tᵀ − (a/s) A_i (an erase SAE's likewise).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooked_gdn.census import memory_census
-from hooked_gdn.sites import Site, edit_at_positions
+from hooked_gdn.sites import SITE_KEY_HOOKS, SITE_VALUE_HOOK, Site, edit_at_positions, rank_one_key
 
 from .experiments.edits import kl_from_clean
 from .sae import SAEBase
@@ -181,12 +181,18 @@ class _Pass:
     direct_sum: Tensor  # [n_dicts, n, d_model]: Σ over firings of Δr / σ_t
 
 
+def _key_factor_names(site: Site) -> list[str]:
+    """The short names of the hooks whose product is the key side's key: the site's own key for a write or an
+    erase, the write's for a state (what enters it)."""
+    return [hook[len("hook_"):] for hook in SITE_KEY_HOOKS["write" if site.kind == "state" else site.kind]]
+
+
 def _site_hooks(site: Site, mixer) -> dict[str, str]:
-    names = {short: site.hook_name(f"hook_{short}") for short in
-             ("write_key", "write_value", "read_query", "recurrence_out", *mixer.OUTPUT_INPUTS)}
-    if site.kind == "state":
-        names["state"] = site.hook_name("hook_state")
-    return names
+    """Short name -> hook name of what a pass reads: the key factors, the state or the site's value, the read
+    query and the read with what ``output_from_read`` needs besides it."""
+    value = "hook_state" if site.kind == "state" else SITE_VALUE_HOOK[site.kind]
+    shorts = (*_key_factor_names(site), value[len("hook_"):], "read_query", "recurrence_out", *mixer.OUTPUT_INPUTS)
+    return {short: site.hook_name(f"hook_{short}") for short in shorts}
 
 
 def _merge_extremes(best: tuple[Tensor, Tensor] | None, scores: Tensor, positions: Tensor, k: int,
@@ -214,11 +220,11 @@ def _collect(model, sae: SAEBase, site: Site, windows: Tensor, n_keys: int, batc
         batch = windows[first : first + batch_size].to(model.W_E.device)
         _, cache = model.run_with_cache(batch, names_filter=[*names.values(), "ln_final.hook_scale"])
         take = lambda short: cache[names[short]][:, :, heads.to(batch.device)].float().flatten(0, 1).to(device)  # [b·T, n_dicts, …]
-        k_hat, q_hat = take("write_key"), take("read_query")
+        k_hat, q_hat = rank_one_key([take(short) for short in _key_factor_names(site)]), take("read_query")
         if site.kind == "state":
             codes = sae.encode(take("state").to(dtype))
-        else:
-            codes = sae.encode_factors(k_hat.to(dtype), take("write_value").to(dtype))
+        else:  # the rank-1 site from its factors, never formed
+            codes = sae.encode_factors(k_hat.to(dtype), take(SITE_VALUE_HOOK[site.kind][len("hook_"):]).to(dtype))
         positions = first * T + torch.arange(len(k_hat), device=device)
         row, d, i = codes.nonzero(as_tuple=True)
         a = codes[row, d, i].float()

@@ -1,7 +1,7 @@
 """The main job, ``writesae quickstart``: a WriteSAE on the shipped model's states, trained and inspected.
 
-Loads ``gdn-austen`` (or the other shipped model, ``mamba2-austen``), streams the states of all heads
-of one GDN layer from the training novels, trains a `BilinearMatrixSAE`, and reports on held-out text
+Loads ``gdn-austen`` (or another shipped model, ``mamba2-austen`` or ``rwkv7-austen``), streams the states of
+all heads of one GDN layer (the matrix-memory layer of any family) from the training novels, trains a `BilinearMatrixSAE`, and reports on held-out text
 (Persuasion, chapters 21–24, which the model never saw either): a per-head table of FVU, L0 and dead fraction, the CE loss recovered with
 the SAE spliced in the loop, and the top-activating contexts of a few features. Writes the SAE,
 plots (atom heatmaps, activation histograms, the training curve) and ``summary.json`` to ``--out``.
@@ -26,7 +26,7 @@ import torch
 from matplotlib.figure import Figure
 
 from hooked_gdn.files import atomic_file, file_sha256
-from hooked_gdn.pretrained import PRETRAINED_MODELS, austen_corpus, default_layer, pretrained_path
+from hooked_gdn.pretrained import CENSUS_FILE, PRETRAINED_MODELS, austen_corpus, default_layer, pretrained_path
 from hooked_gdn.sites import site_name
 
 from .evals import downstream_metrics, metrics_table, reconstruction_metrics
@@ -41,7 +41,7 @@ from .train import TrainConfig, train
 class QuickstartConfig:
     """The main job's settings; ``writesae quickstart``'s flags and their defaults are these fields.
 
-    ``model``: a shipped model (`hooked_gdn.pretrained.PRETRAINED_MODELS`: gdn-austen, mamba2-austen), whose
+    ``model``: a shipped model (`hooked_gdn.pretrained.PRETRAINED_MODELS`: gdn-austen, mamba2-austen, rwkv7-austen), whose
     census picks the default layer and whose held-out chapters are held out here too.
     ``layer`` None: that census's long-memory layer (`hooked_gdn.pretrained.default_layer`).
     ``positions``: training states per context (random, distinct). ``buffer_size``: the store's
@@ -150,6 +150,8 @@ def run_quickstart(out: Path, cfg: QuickstartConfig | None = None, progress: boo
     if cfg.model not in PRETRAINED_MODELS:
         raise ValueError(f"the quickstart runs on a shipped model ({', '.join(PRETRAINED_MODELS)}), not {cfg.model!r}: "
                          f"train on another with writesae train --model")
+    if cfg.layer is None and not (PRETRAINED_MODELS[cfg.model] / CENSUS_FILE).exists():
+        raise ValueError(f"{cfg.model} ships no {CENSUS_FILE} yet, whose census picks the default layer: give --layer")
     say(f"quickstart: loading {cfg.model} and tokenising the six novels")
     model = load_model(cfg.model)
     layer = default_layer(cfg.model) if cfg.layer is None else cfg.layer  # the most long-memory heads, by the card's census

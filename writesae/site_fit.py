@@ -24,7 +24,7 @@ from collections.abc import Iterable
 
 import torch
 
-from hooked_gdn.sites import Site, parse_site
+from hooked_gdn.sites import Site, parse_model_site, parse_site
 
 from .sae import SAEBase
 
@@ -83,7 +83,7 @@ def check_sae_fits(sae: SAEBase, model=None, *, source=None, other_model: str = 
     if source is None:
         where, n_heads, shape = model.cfg.model_name, model.cfg.n_value_heads, (model.cfg.d_key, model.cfg.d_value)
         try:
-            site = parse_site(sae.cfg.site, model.cfg.gdn_layers)
+            site = parse_model_site(sae.cfg.site, model)
         except ValueError as error:
             raise ValueError(f"the SAE's site does not exist on {where}: {error}") from error
     else:

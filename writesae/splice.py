@@ -2,17 +2,20 @@
 
 Named as in SAELens' ``HookedSAETransformer``: ``add_sae``, ``reset_saes``, ``saes(...)``,
 ``run_with_saes`` and ``run_with_cache_with_saes``. An SAE's ``cfg.site`` is a site of
-`hooked_gdn.sites`: the state S_t of a GDN layer ("state", ``hook_state``), or its rank-1 write
-k̂_t δ_tᵀ ("write", ``hook_write_value``, fed from ``hook_write_key`` and ``hook_write_value``). An
-SAE with heads="all" learns the layer's number of heads when attached.
+`hooked_gdn.sites`: the state S_t of a GDN layer ("state", ``hook_state``), its rank-1 write
+k̂_t δ_tᵀ ("write", ``hook_write_value``, fed from ``hook_write_key`` and ``hook_write_value``), or in
+RWKV-7 its rank-1 erase (a_t ⊙ κ̂_t) e_tᵀ ("erase", ``hook_erase_value``, fed from ``hook_erase_rate``,
+``hook_erase_key`` and ``hook_erase_value``). An SAE with heads="all" learns the layer's number of heads
+when attached.
 
 The SAE becomes the submodule ``sae`` of the site's hook point, so its hook points are named
 ``<site>.sae.hook_sae_acts_post`` etc. and can be cached and patched like any other.
 
 Splicing (docs/design.md §12) follows §8's carry semantics. A state SAE replaces S_t by its reconstruction
 (on its heads) wherever ``hook_state`` fires; a write SAE replaces the write k̂_t δ_tᵀ by its
-reconstruction, applied as the state difference X̂_t − k̂_t δ_tᵀ at t. Either way later positions
-follow the delta rule from the spliced state. Where it fires is ``state_positions`` (default: every
+reconstruction, applied as the state difference X̂_t − k̂_t δ_tᵀ at t, and an erase SAE likewise adds
+X̂_t − (a_t ⊙ κ̂_t) e_tᵀ. Either way later positions follow the recurrence from the spliced state (their
+δ or e read it). Where it fires is ``state_positions`` (default: every
 position). With ``recurrence="sequential"`` the SAE runs in the loop: each position's input is the
 state (or write) that the earlier splices produced. In the default parallel mode each position's
 replacement is computed from the clean run, and the differences are carried forward; with one
@@ -34,7 +37,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hooked_gdn import HookedGatedDeltaNet
-from hooked_gdn.sites import Site, hook_positions
+from hooked_gdn.sites import Site, hook_positions, rank_one, rank_one_key, told_positions
 
 from .sae import SAEBase
 from .site_fit import check_sae_fits
@@ -129,18 +132,18 @@ def load_model(name_or_path: str | Path, device=None, dtype=None) -> HookedSAEGa
 
 def zero_ablation_hooks(model: HookedGatedDeltaNet, sae: SAEBase) -> list[tuple[str, Callable]]:
     """``fwd_hooks`` that zero ``sae``'s site on its heads wherever splicing ``sae`` would act (where
-    ``hook_state`` fires): the state set to 0, or the write deleted (its X̂ − k̂ δᵀ is −k̂ δᵀ)."""
+    ``hook_state`` fires): the state set to 0, or the write (erase) deleted (its X̂ − k̂ δᵀ is −k̂ δᵀ)."""
     site = check_sae_fits(sae, model)
     return [(hp.name, fn) for hp, fn in _splice_points(model, site, sae.cfg.head_indices, torch.zeros_like)]
 
 
 def _splice_points(model: HookedGatedDeltaNet, site: Site, heads: list[int], reconstruct: Reconstruct) -> list[tuple]:
     """(hook point, hook) pairs that replace the site on ``heads`` by ``reconstruct`` of it."""
-    gdn = model.blocks[site.layer].linear_attn
     heads = torch.tensor(heads)
     if site.kind == "state":
-        return [(gdn.hook_state, _state_splice(reconstruct, heads))]
-    return list(zip((gdn.hook_write_key, gdn.hook_write_value, gdn.hook_state), _write_splice(reconstruct, heads)))
+        return [(model.hook_dict[site.name], _state_splice(reconstruct, heads))]
+    points = [model.hook_dict[name] for name in (*site.key_hooks, site.value_hook, site.hook_name("hook_state"))]
+    return list(zip(points, _rank_one_splice(reconstruct, heads, len(site.key_hooks))))
 
 
 def _replace_heads(full: Tensor, heads: Tensor, new: Tensor) -> Tensor:
@@ -156,20 +159,31 @@ def _state_splice(reconstruct: Reconstruct, heads: Tensor):
     return splice
 
 
-def _write_splice(reconstruct: Reconstruct, heads: Tensor):
-    """Three hooks: remember k̂ and δ (with their positions), then add X̂ − k̂ δᵀ to the state."""
-    seen: dict[str, Tensor] = {}
+def _rank_one_splice(reconstruct: Reconstruct, heads: Tensor, n_key_factors: int):
+    """Hooks on the site's key factors, its value and ``hook_state``: remember each with the positions it holds,
+    then add X̂ − key valueᵀ to the state.
 
-    def keep_key(k: Tensor, hook) -> None:
-        seen["key"], seen["positions"] = k, hook_positions(hook)
+    A write key is told its positions, as the value is; an erase key or rate is not: it fires once per forward
+    with every position of the input, before any value, so its rows run on from the first position the value
+    hook is shown in that forward (the cached prefix's length)."""
+    seen: dict = {"factors": [None] * n_key_factors}
 
-    def keep_value(delta: Tensor, hook) -> None:
-        seen["value"] = delta
+    def keep_factor(i: int):
+        def keep(factor: Tensor, hook) -> None:
+            seen["factors"][i] = (factor, told_positions(hook))
+
+        return keep
+
+    def keep_value(value: Tensor, hook) -> None:
+        seen["value"], seen["positions"] = value, hook_positions(hook)
+        for i, (factor, positions) in enumerate(seen["factors"]):
+            if positions is None:
+                seen["factors"][i] = (factor, seen["positions"][0] + torch.arange(factor.shape[1]))
 
     def splice(states: Tensor, hook) -> Tensor:
-        rows = torch.searchsorted(seen["positions"], hook_positions(hook))
-        k, delta = seen["key"][:, rows][:, :, heads], seen["value"][:, rows][:, :, heads]
-        write = k[..., :, None] * delta[..., None, :]  # [b, P, n_heads, d_k, d_v]
-        return _replace_heads(states, heads, states[:, :, heads] + reconstruct(write) - write)
+        here = hook_positions(hook)
+        pick = lambda x, positions: x[:, torch.searchsorted(positions, here)][:, :, heads]
+        x = rank_one(rank_one_key([pick(*factor) for factor in seen["factors"]]), pick(seen["value"], seen["positions"]))
+        return _replace_heads(states, heads, states[:, :, heads] + reconstruct(x) - x)  # x: [b, P, n_heads, d_k, d_v]
 
-    return keep_key, keep_value, splice
+    return (*(keep_factor(i) for i in range(n_key_factors)), keep_value, splice)

@@ -2,9 +2,10 @@
 
 A sample is one head-stack X [n_heads, d_k, d_v] at one position of one context: the state S_t
 (``kind="state"``, taken from ``hook_state`` with ``state_positions``, so only the chosen positions'
-states are formed) or the write k̂_t δ_tᵀ (``kind="write"``, formed here from ``hook_write_key`` and
-``hook_write_value`` at the chosen positions). Batches come in the SAE's input layout
-[batch, n_heads, d_k, d_v].
+states are formed), the write k̂_t δ_tᵀ (``kind="write"``, formed here from ``hook_write_key`` and
+``hook_write_value`` at the chosen positions) or, in RWKV-7, the erase (a_t ⊙ κ̂_t) e_tᵀ (``kind="erase"``,
+from ``hook_erase_rate``, ``hook_erase_key`` and ``hook_erase_value``; `hooked_gdn.sites` says which hooks
+make a site's key and value). Batches come in the SAE's input layout [batch, n_heads, d_k, d_v].
 
 Corpus. Documents are tokenised once, up front, and kept in memory. Each split's documents, in
 their source order, each followed by EOS, form one token stream cut into contexts of ``context``
@@ -36,7 +37,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from hooked_gdn.sites import KINDS, gdn_hook_name, site_name
+from hooked_gdn.sites import KINDS, parse_model_site, rank_one, rank_one_key, site_name
 
 from .samples import Samples, input_scale
 
@@ -50,7 +51,7 @@ _HELDOUT_CHOICE, _EPOCH_ORDER, _STREAM, _HELDOUT_POSITIONS, _SCALE_ORDER = range
 class StoreConfig:
     """What to extract, and how to stream it.
 
-    ``layer``: a GDN layer. ``kind``: "state" or "write". ``heads``: an int, a list or "all".
+    ``layer``: a GDN layer. ``kind``: "state", "write" or (RWKV-7) "erase". ``heads``: an int, a list or "all".
     ``positions`` per context: "all", "final", an int k (k distinct random positions per context)
     or a list of positions (negative ones count from the end). ``buffer_size`` and
     ``model_batch_size`` count samples and contexts. ``text_column`` names the text of a
@@ -131,6 +132,7 @@ class ActivationStore:
         mcfg = model.cfg
         if cfg.layer not in mcfg.gdn_layers:
             raise ValueError(f"layer {cfg.layer} is not a GDN layer; the GDN layers are {mcfg.gdn_layers}")
+        self.site = parse_model_site(cfg.site, model)  # refuses an erase site where the family has no erase of its own
         heads = list(range(mcfg.n_value_heads)) if cfg.heads == "all" else cfg.heads if isinstance(cfg.heads, list) else [cfg.heads]
         if not heads or len(set(heads)) != len(heads) or not all(isinstance(h, int) and 0 <= h < mcfg.n_value_heads for h in heads):
             raise ValueError(f"heads {cfg.heads!r} must be distinct ints in [0, {mcfg.n_value_heads}) (or 'all')")
@@ -222,10 +224,10 @@ class ActivationStore:
             _, cache = self.model.run_with_cache(tokens, names_filter=self.cfg.site, state_positions=union, stop_at_layer=self.cfg.layer + 1)
             x = cache[self.cfg.site][rows, torch.searchsorted(union, positions.contiguous()).to(device)][:, :, heads]
         else:
-            names = [gdn_hook_name(self.cfg.layer, hook) for hook in ("hook_write_key", "hook_write_value")]
+            names = [*self.site.key_hooks, self.site.value_hook]
             _, cache = self.model.run_with_cache(tokens, names_filter=names, stop_at_layer=self.cfg.layer + 1)
-            k, delta = (cache[name][rows, positions.to(device)][:, :, heads] for name in names)
-            x = k.unsqueeze(-1) * delta.unsqueeze(-2)  # k̂ δᵀ [n, P, n_heads, d_k, d_v]
+            *key_factors, value = (cache[name][rows, positions.to(device)][:, :, heads] for name in names)
+            x = rank_one(rank_one_key(key_factors), value)  # k̂ δᵀ or (a ⊙ κ̂) eᵀ [n, P, n_heads, d_k, d_v]
         origins = torch.stack([indices[:, None].expand_as(positions), positions], -1)
         return x.flatten(0, 1).to(self.dtype), origins.flatten(0, 1)
 

@@ -15,23 +15,23 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from hooked_gdn.sites import parse_site
+from hooked_gdn.sites import parse_site, rank_one_key
 
 from ..site_fit import check_sae_fits
 
 
 @torch.no_grad()
 def site_codes(model, sae, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos n_dicts n"]:
-    """The SAE's codes at every position of its site: of the state S_t, or of the write k̂_t δ_tᵀ
-    (through ``encode_factors``, without forming it)."""
+    """The SAE's codes at every position of its site: of the state S_t, or of the write k̂_t δ_tᵀ or the erase
+    (a_t ⊙ κ̂_t) e_tᵀ (through ``encode_factors``, without forming it)."""
     site = check_sae_fits(sae, model)
     heads, dtype = sae.cfg.head_indices, sae.b_dec.dtype
     if site.kind == "state":
         _, cache = model.run_with_cache(tokens, names_filter=site.name)
         return sae.encode(cache[site.name][:, :, heads].to(dtype))
-    key, value = site.hook_name("hook_write_key"), site.hook_name("hook_write_value")
-    _, cache = model.run_with_cache(tokens, names_filter=[key, value])
-    return sae.encode_factors(cache[key][:, :, heads].to(dtype), cache[value][:, :, heads].to(dtype))
+    _, cache = model.run_with_cache(tokens, names_filter=[*site.key_hooks, site.value_hook])
+    key = rank_one_key([cache[name][:, :, heads] for name in site.key_hooks])
+    return sae.encode_factors(key.to(dtype), cache[site.value_hook][:, :, heads].to(dtype))
 
 
 @torch.no_grad()

@@ -1,0 +1,269 @@
+"""TransformerLens' own tools on every family, called as TransformerLens users call them.
+
+``transformer_lens.patching.get_act_patch_resid_pre`` / ``get_act_patch_block_every`` and
+``transformer_lens.utilities.test_prompt`` read ``cfg`` (``device``, ``n_heads``, …) and pass ``prepend_bos``
+to ``to_tokens`` / ``to_str_tokens``; here they run on a tiny random checkpoint of each family, saved as users
+save theirs and loaded with ``from_pretrained``, with the shipped tokenizer beside it (so its vocabulary is
+the tokenizer's). The patching results are checked against what must hold whatever the weights: an
+activation that is the same in the clean and the corrupted run changes nothing when patched, and the
+residual stream at the only position where the runs differ carries all of the difference.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from transformer_lens import patching
+from transformer_lens.utilities import test_prompt as tl_test_prompt
+from transformers import AutoTokenizer, Mamba2ForCausalLM
+
+from hooked_gdn import HookedGatedDeltaNet
+from hooked_gdn.architectures import BY_KEY
+from hooked_gdn.model import DEFAULT_PADDING_SIDE
+from hooked_gdn.pretrained import PRETRAINED_MODELS
+
+from .conftest import FAMILY_CONFIGS, tiny_hf_config
+from .rwkv7_models import random_blinkdl_state, save_fla
+from .test_mamba2 import tiny_config as tiny_mamba2_config
+
+TOKENIZER = PRETRAINED_MODELS["gdn-austen"]  # the shipped tokenizer: no BOS, EOS = pad = "<|endoftext|>" (id 0)
+VOCAB = 4096  # its vocabulary
+CONFIG_NAMES = {"qwen3_5": "grouped", "qwen3_5_moe": "qwen3_5_moe", "qwen3_next": "qwen3_next", "olmo_hybrid": "olmo_hybrid"}
+NO_ATTENTION = ("mamba2", "rwkv7")
+PROMPT, ANSWER = "Mr. Darcy was", "not"
+T = 5  # positions of the patching inputs
+
+
+def save_tiny(family: str, folder: Path) -> None:
+    """A random tiny checkpoint of ``family`` with the shipped tokenizer's files beside it."""
+    torch.manual_seed(0)
+    if family in CONFIG_NAMES:
+        FAMILY_CONFIGS[CONFIG_NAMES[family]][1](tiny_hf_config(CONFIG_NAMES[family], vocab_size=VOCAB)).save_pretrained(folder)
+    elif family == "mamba2":
+        Mamba2ForCausalLM(tiny_mamba2_config("groups", vocab_size=VOCAB)).save_pretrained(folder)
+    else:
+        save_fla(random_blinkdl_state(d_vocab=VOCAB), folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER / name, folder / name)
+
+
+@pytest.fixture(name="tiny", scope="module")
+def tiny_fixture(tmp_path_factory):
+    """``tiny(family)``: the family's tiny model with the shipped tokenizer, loaded once a module."""
+    models = {}
+
+    def model(family: str) -> HookedGatedDeltaNet:
+        if family not in models:
+            folder = tmp_path_factory.mktemp(f"tl-tools-{family}")
+            save_tiny(family, folder)
+            models[family] = HookedGatedDeltaNet.from_pretrained(folder)
+        return models[family]
+
+    return model
+
+
+def test_every_family_is_covered():
+    assert set(CONFIG_NAMES) | set(NO_ATTENTION) == set(BY_KEY)
+
+
+# ------------------------------------------------------------------ cfg
+
+
+@pytest.mark.parametrize("family", sorted(BY_KEY))
+def test_cfg_has_what_transformer_lens_reads(tiny, family):
+    model = tiny(family)
+    cfg = model.cfg
+    assert cfg.device == model.W_E.device == torch.device("cpu")
+    assert cfg.n_ctx == sys.maxsize  # no limit: fixed-size memories, rotary angles computed per position
+    assert cfg.n_params == sum(p.numel() for p in model.parameters()) - model.W_E.numel() - (
+        0 if model.lm_head is None else model.lm_head.numel())
+    assert cfg.tokenizer_prepends_bos is False and cfg.default_prepend_bos is False
+    written = json.loads((Path(cfg.model_name) / "config.json").read_text())["architectures"][0]
+    assert cfg.original_architecture == written  # as transformers (flash-linear-attention for RWKV-7) names the class
+    if family in NO_ATTENTION:
+        assert (cfg.n_heads, cfg.d_head) == (cfg.n_value_heads, cfg.d_value)  # the memory's heads
+    else:
+        attention = model.blocks[cfg.attention_layers[0]].attn
+        assert attention.W_O.shape == (cfg.n_heads, cfg.d_head, cfg.d_model)
+
+
+def test_cfg_device_follows_the_model():
+    model = HookedGatedDeltaNet.from_config(tiny_hf_config())
+    moved = copy.deepcopy(model).to("meta")
+    assert moved.cfg.device == torch.device("meta")
+    assert model.cfg.device == torch.device("cpu")  # the copy's config is its own
+
+
+# ------------------------------------------------------------------ prepend_bos and padding_side
+
+
+def test_defaults_tokenize_as_before(tiny):
+    """No BOS and left padding, the tokenizer's own ids and mask: what the model did before it took these keywords."""
+    model = tiny("qwen3_5")
+    texts = ["Mr. Darcy was", "Emma"]
+    before = model.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+    assert DEFAULT_PADDING_SIDE == "left"
+    assert torch.equal(model.to_tokens(texts), before["input_ids"])
+    assert torch.equal(model.to_tokens(texts, prepend_bos=False, padding_side="left"), before["input_ids"])
+    assert model.to_str_tokens(PROMPT) == [model.tokenizer.decode([i]) for i in before["input_ids"][0].tolist()]
+    with torch.no_grad():
+        assert torch.equal(model(texts), model(before["input_ids"], attention_mask=before["attention_mask"]))
+
+
+def test_prepend_bos_puts_the_eos_first_for_a_tokenizer_without_bos(tiny):
+    model = tiny("qwen3_5")
+    tok = model.tokenizer
+    assert tok.bos_token is None and tok.eos_token_id == tok.pad_token_id == 0
+    plain, short = tok(PROMPT)["input_ids"], tok("Emma")["input_ids"]
+    assert model.to_tokens(PROMPT, prepend_bos=True).tolist() == [[tok.eos_token_id, *plain]]
+    assert model.to_str_tokens(PROMPT, prepend_bos=True) == [tok.eos_token] + model.to_str_tokens(PROMPT)
+    # the BOS counts as a token (1 in the mask) although its id is the padding's
+    left = model.to_tokens(["Emma", PROMPT], prepend_bos=True)
+    assert left[0].tolist() == [tok.pad_token_id] * (len(plain) - len(short)) + [tok.eos_token_id, *short]
+    with torch.no_grad():
+        padded = model(["Emma", PROMPT], prepend_bos=True)
+        alone = model(torch.tensor([[tok.eos_token_id, *short]]))
+        assert torch.allclose(padded[0, -len(alone[0]):], alone[0], atol=1e-5)
+        assert torch.allclose(padded[1], model(PROMPT, prepend_bos=True)[0], atol=1e-5)
+
+
+def test_padding_side_right_pads_at_the_end_and_masks_it(tiny):
+    model = tiny("qwen3_5")
+    texts = ["Emma", PROMPT]
+    n = len(model.tokenizer("Emma")["input_ids"])
+    right, left = model.to_tokens(texts, padding_side="right"), model.to_tokens(texts)
+    assert right[0, :n].tolist() == left[0, -n:].tolist() and (right[0, n:] == model.tokenizer.pad_token_id).all()
+    with torch.no_grad():
+        assert torch.allclose(model(texts, padding_side="right")[0, :n], model(texts)[0, -n:], atol=1e-5)
+        # loss leaves the padding out on either side
+        assert torch.allclose(model(texts, "loss", padding_side="right"), model(texts, "loss"), atol=1e-5)
+    with pytest.raises(ValueError, match="padding_side must be one of"):
+        model.to_tokens(texts, padding_side="middle")
+
+
+def test_right_padding_is_refused_where_a_row_continues_from_its_last_position(tiny):
+    model = tiny("mamba2")
+    with pytest.raises(ValueError, match="right padding"):
+        model.generate(["Emma", PROMPT], max_new_tokens=2, padding_side="right")
+    with pytest.raises(ValueError, match="right padding"):
+        model.prefill(["Emma", PROMPT], padding_side="right")
+    model.generate([PROMPT, PROMPT], max_new_tokens=2, padding_side="right")  # nothing padded: nothing to refuse
+
+
+def test_generate_run_with_cache_and_run_with_hooks_pass_prepend_bos_on(tiny):
+    model = tiny("rwkv7")
+    with_bos = model.to_tokens(PROMPT, prepend_bos=True)
+    assert model.generate(PROMPT, max_new_tokens=3, prepend_bos=True) == model.to_string(
+        model.generate(with_bos, max_new_tokens=3)[0])
+    _, cache = model.run_with_cache(PROMPT, prepend_bos=True, names_filter="hook_embed")
+    assert cache["hook_embed"].shape[1] == with_bos.shape[1]
+    with torch.no_grad():
+        assert torch.equal(model.run_with_hooks(PROMPT, prepend_bos=True, fwd_hooks=[]), model(with_bos))
+
+
+def test_a_tokenizer_that_prepends_bos_keeps_it_by_default(tiny):
+    """Llama-style tokenizers put their BOS first themselves: by default strings keep it (the tokenizer's own
+    special tokens), prepend_bos=True adds no second one, and prepend_bos=False takes it off."""
+    model = copy.deepcopy(tiny("qwen3_5"))
+    plain = model.tokenizer
+    model.tokenizer = AutoTokenizer.from_pretrained(TOKENIZER, bos_token="<|endoftext|>", add_bos_token=True)
+    assert model.cfg.tokenizer_prepends_bos is True and model.cfg.default_prepend_bos is True
+    texts = ["Emma", PROMPT]
+    own = model.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")["input_ids"]
+    assert torch.equal(model.to_tokens(texts), own) and torch.equal(model.to_tokens(texts, prepend_bos=True), own)
+    assert torch.equal(model.to_tokens(texts, prepend_bos=False), plain(texts, return_tensors="pt", padding=True,
+                                                                         padding_side="left")["input_ids"])
+    model.tokenizer = plain
+    assert model.cfg.tokenizer_prepends_bos is False and model.cfg.default_prepend_bos is False
+
+
+# ------------------------------------------------------------------ TransformerLens' tools
+
+
+def _runs(model, differ_at: int) -> tuple[torch.Tensor, torch.Tensor, object, Callable]:
+    """Clean and corrupted tokens [1, T] that differ only at position ``differ_at``, the clean cache, and a metric
+    (the log-probability of the clean run's top next token at the last position)."""
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(2, model.cfg.d_vocab, (1, T), generator=g)
+    corrupted = clean.clone()
+    corrupted[0, differ_at] = 2 + (clean[0, differ_at] - 1) % (model.cfg.d_vocab - 2)  # the next id, 0 and 1 skipped
+    _, cache = model.run_with_cache(clean)
+    with torch.no_grad():
+        answer = int(model(clean)[0, -1].argmax())
+    return clean, corrupted, cache, lambda logits: logits[0, -1].log_softmax(-1)[answer]
+
+
+def _metric_of(model, tokens, metric) -> torch.Tensor:
+    with torch.no_grad():
+        return metric(model(tokens))
+
+
+@pytest.mark.parametrize("family", sorted(BY_KEY))
+def test_get_act_patch_resid_pre(tiny, family):
+    """Runs that differ at the first position only: patching the clean embedding there (layer 0, position 0)
+    recovers the clean metric; every other patch at layer 0 moves an activation the runs share."""
+    model = tiny(family)
+    clean, corrupted, cache, metric = _runs(model, differ_at=0)
+    result = patching.get_act_patch_resid_pre(model, corrupted, cache, metric)
+    assert result.shape == (model.cfg.n_layers, T)
+    torch.testing.assert_close(result[0, 0], _metric_of(model, clean, metric), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(result[0, 1:], _metric_of(model, corrupted, metric).expand(T - 1), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(_metric_of(model, clean, metric), _metric_of(model, corrupted, metric), atol=1e-3)
+
+
+BLOCK_EVERY = [pytest.param(f, marks=pytest.mark.xfail(
+    raises=KeyError, strict=True, reason="a Mamba-2 block has no MLP, so no blocks.L.hook_mlp_out to patch"))
+    if f == "mamba2" else f for f in sorted(BY_KEY)]
+
+
+@pytest.mark.parametrize("family", BLOCK_EVERY)
+def test_get_act_patch_block_every(tiny, family):
+    """Runs that differ at the last position only: every patch at an earlier position (residual stream,
+    mixer output, MLP output) moves an activation the runs share, and the residual stream at the last
+    position carries the whole difference into any layer, except where a layer reads more than the
+    residual stream: RWKV-7's layers after the first also mix in layer 0's value (v_first)."""
+    model = tiny(family)
+    clean, corrupted, cache, metric = _runs(model, differ_at=T - 1)
+    result = patching.get_act_patch_block_every(model, corrupted, cache, metric)
+    L = model.cfg.n_layers
+    assert result.shape == (3, L, T)  # resid_pre, attn_out (every mixer's), mlp_out
+    torch.testing.assert_close(result[:, :, :-1], _metric_of(model, corrupted, metric).expand(3, L, T - 1),
+                               atol=1e-5, rtol=1e-5)
+    carried = 1 if family == "rwkv7" else L  # the layers whose resid_pre at the last position is all that differs
+    recovered = _metric_of(model, clean, metric)
+    torch.testing.assert_close(result[0, :carried, -1], recovered.expand(carried), atol=1e-5, rtol=1e-5)
+    assert not torch.isclose(result[0, carried:, -1], recovered, atol=1e-3).any()
+
+
+@pytest.mark.parametrize("family", sorted(BY_KEY))
+@pytest.mark.parametrize("prepend_bos", [None, True])
+def test_test_prompt_prints_the_answers_rank(tiny, family, prepend_bos, capsys):
+    model = tiny(family)
+    tl_test_prompt(PROMPT, ANSWER, model, prepend_bos=prepend_bos, top_k=3)
+    printed = capsys.readouterr().out
+    prompt = model.to_tokens(PROMPT, prepend_bos=prepend_bos)
+    answer = model.to_tokens(" " + ANSWER, prepend_bos=False)
+    assert answer.shape == (1, 1)
+    with torch.no_grad():
+        logits = model(torch.cat([prompt, answer], 1))[0, prompt.shape[1] - 1]
+    rank = int((logits > logits[answer[0, 0]]).sum())
+    assert f"Tokenized prompt: {model.to_str_tokens(PROMPT, prepend_bos=prepend_bos)}" in printed
+    assert ("<|endoftext|>" in printed.splitlines()[0]) == bool(prepend_bos)
+    assert re.search(rf"Rank: {rank}\s+Logit:\s*{float(logits[answer[0, 0]]):.2f}", printed), printed
+    assert f"Ranks of the answer tokens: [(' {ANSWER}', {rank})]" in printed
+
+
+@pytest.mark.parametrize("family", NO_ATTENTION)
+def test_stack_head_results_explains_why_there_are_no_heads(tiny, family):
+    model = tiny(family)
+    _, cache = model.run_with_cache(PROMPT)
+    with pytest.raises(NotImplementedError, match="per-head results"):
+        cache.stack_head_results()
