@@ -36,11 +36,13 @@ class GDNActivationCache(ActivationCache):
 
     def _no_head_results(self, *args, **kwargs):
         cfg = self.model.cfg
+        family = self.model.family_of(cfg).name
+        layers = (f"layers {cfg.gdn_layers} of this {family} hybrid are Gated DeltaNet layers" if cfg.attention_layers
+                  else f"this {family} model has no attention layers: its {cfg.n_layers} layers are memory layers")
         raise NotImplementedError(
             f"per-head results are a layer × head grid of attention heads, each adding hook_z[h] @ W_O[h] to the "
-            f"residual stream; layers {cfg.gdn_layers} of this hybrid are Gated DeltaNet layers, with "
-            f"{cfg.n_value_heads} value heads mixed by linear_attn.W_o, not {cfg.n_heads} attention heads. "
-            "Decompose by layer with decompose_resid, or take a GDN head's contribution from "
+            f"residual stream; {layers}, with {cfg.n_value_heads} value heads mixed by linear_attn.W_o. "
+            "Decompose by layer with decompose_resid, or take a memory head's contribution from "
             "linear_attn.hook_gated_out and W_o"
         )
 

@@ -265,5 +265,6 @@ def test_test_prompt_prints_the_answers_rank(tiny, family, prepend_bos, capsys):
 def test_stack_head_results_explains_why_there_are_no_heads(tiny, family):
     model = tiny(family)
     _, cache = model.run_with_cache(PROMPT)
-    with pytest.raises(NotImplementedError, match="per-head results"):
+    with pytest.raises(NotImplementedError, match="per-head results") as error:
         cache.stack_head_results()
+    assert f"this {model.family_of(model.cfg).name} model has no attention layers" in str(error.value)
