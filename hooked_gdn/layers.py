@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from .cache import GDNCache

@@ -407,7 +407,7 @@ def load_pretrained(cls, name_or_path, device=None, dtype=None, device_map=None,
         from .architectures.rwkv7 import load_blinkdl
 
         return load_blinkdl(cls, Path(name_or_path), device=device, dtype=dtype)
-    _, cfg, _, checkpoint, placements, model = _open(cls, name_or_path)  # parameters on the meta device
+    _, _, _, checkpoint, placements, model = _open(cls, name_or_path)  # parameters on the meta device
     dtype = dtype or torch.float32
     plan = {} if device_map is None else plan_device_map(model, device_map, max_memory, dtype)
     check_available(plan)
