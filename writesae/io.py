@@ -7,12 +7,41 @@ reader never sees a half-written SAE, and files get the permissions the umask al
 refuses anything it would otherwise have to guess at: a cfg.json that is not a JSON object (or is
 not a regular file of sane size), weights whose checksum, names, shapes or kinds (floating or
 integer) differ from what the cfg says, and non-finite values.
+
+SAELens' folder format (``save_sae(sae, path, format="saelens")``; `load_sae` reads either format,
+telling them apart by the cfg's keys) holds the same two file names with SAELens' schema (its
+``SAEConfig.to_dict``, version 6): ``cfg.json`` with ``architecture``, ``d_in``, ``d_sae``,
+``dtype``, ``device``, ``apply_b_dec_to_input``, ``normalize_activations``,
+``reshape_activations``, ``metadata`` (``hook_name`` …) and, for "topk", ``k`` and
+``rescale_acts_by_decoder_norm``; ``sae_weights.safetensors`` with ``W_enc`` [d_in, d_sae],
+``b_enc`` [d_sae], ``W_dec`` [d_sae, d_in], ``b_dec`` [d_in] and, for "jumprelu", ``threshold``
+[d_sae]. Such an SAE encodes x ∈ R^d_in as σ((x − b_dec) W_enc + b_enc) and decodes f as
+f W_dec + b_dec. One dictionary of ours maps onto it with d_in = d_k·d_v, X flattened row-major
+(x[i·d_v + j] = X[i, j], torch's ``flatten``):
+
+| ours (one head)                               | SAELens                                          |
+|-----------------------------------------------|--------------------------------------------------|
+| encoder rows: W_enc,i, or vec(Σ_r U_ir P_irᵀ) | ``W_enc`` = their transpose, [d_in, d_sae]       |
+| vec(atom_i): W_dec,i, or vec(Σ_r V_ir W_irᵀ)  | rows of ``W_dec``                                |
+| b_enc; vec(b_dec)                             | ``b_enc``; ``b_dec`` (apply_b_dec_to_input true) |
+| sparsity "topk", k                            | "topk", ``k``, rescale_acts_by_decoder_norm false |
+| "relu"                                        | "standard"                                       |
+| "jumprelu", θ = exp(log_threshold)            | "jumprelu", ``threshold`` = θ                    |
+| "batchtopk" in eval mode, threshold t         | "jumprelu", θ = the float just below t (z > θ ⟺ z ≥ t), or "standard" when t = 0 |
+| site; the head; model_name                    | metadata ``hook_name``; ``hook_head_index``; ``model_name`` |
+| input_scale s                                 | folded: W_enc·s, W_dec/s, b_dec/s                |
+
+The bilinear encoder is linear in X (z_i = ⟨Σ_r U_ir P_irᵀ, X − b_dec⟩_F + b_enc,i), so every
+architecture exports. ``metadata["writesae"]`` keeps what SAELens has no field for (d_k, d_v, the
+site's head count, the model fingerprint, the original architecture and sparsity) and the weights'
+SHA-256, so that our SAE comes back as the FlatSAE it exported.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -25,9 +54,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
+from torch import Tensor
 
 from . import __version__
-from .sae import ARCHITECTURES, SAEConfig, SAEBase
+from .sae import ARCHITECTURES, BilinearMatrixSAE, FlatSAE, SAEConfig, SAEBase, _factor_atoms
+from .sparsity import BatchTopK
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -39,6 +70,13 @@ OPTIONAL_KEYS = frozenset({"model_fingerprint"})
 MAX_CFG_BYTES = 1 << 20  # a cfg.json is a few hundred bytes; a limit keeps a link to /dev/zero from hanging
 #: SAEs shipped with the package, by name "MODEL/SITE" (e.g. "gdn-austen/L5-state"), each a folder here
 PRETRAINED_SAES_DIR = Path(__file__).parent / "pretrained"
+#: the folder formats `save_sae` writes and `load_sae` reads (module docstring)
+FORMATS = ("writesae", "saelens")
+#: SAELens' architecture for each of our sparsity rules (BatchTopK: the eval-mode threshold, see `save_sae`)
+SAELENS_ARCHITECTURE = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+#: the SAELens version whose cfg.json layout we write, as SAELens reads it from metadata["sae_lens_version"]
+#: (an older or absent one makes SAELens convert the cfg from its pre-6.0 layout)
+SAELENS_SCHEMA_VERSION = "6.0.0"
 
 
 def pretrained_saes() -> list[str]:
@@ -62,18 +100,75 @@ def resolve_sae(name_or_path: str | Path) -> Path:
     return path
 
 
-def save_sae(sae: SAEBase, path: str | Path) -> None:
-    """Write ``sae`` to the folder ``path``, replacing an SAE folder already there (and only that)."""
+def save_sae(sae: SAEBase, path: str | Path, format: str = "writesae") -> None:
+    """Write ``sae`` to the folder ``path``, replacing an SAE folder already there (and only that).
+
+    ``format="saelens"`` writes the folder SAELens' ``SAE.load_from_disk`` reads (module docstring),
+    for an SAE of one dictionary, in eval-mode semantics (a BatchTopK SAE exports its calibrated
+    threshold). With input_scale 1 the SAELens SAE computes our reconstruction from the same
+    numbers (the bilinear encoder and factored atoms are formed as our own forward forms them),
+    so they agree but for the kernels' summation order; a scale s ≠ 1 is folded in (W_enc·s,
+    W_dec/s, b_dec/s), which rounds each weight once more. Refused, saying why: several
+    dictionaries, and a BatchTopK SAE in training mode (its codes depend on the batch).
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; expected one of {list(FORMATS)}")
     path = Path(path)
     if path.exists() and not _is_sae_folder(path):
         raise FileExistsError(f"{path} exists and is not an SAE folder (only {CFG_FILE} and {WEIGHTS_FILE}); not replacing it")
+    if format == "saelens":
+        tensors, cfg = saelens_tensors_and_cfg(sae)
+    else:
+        tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
+        cfg = {**asdict(sae.cfg), VERSION_KEY: __version__}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(path) as tmp:
-        tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={VERSION_KEY: __version__})
         checksum = hashlib.sha256((tmp / WEIGHTS_FILE).read_bytes()).hexdigest()
-        cfg = {**asdict(sae.cfg), VERSION_KEY: __version__, CHECKSUM_KEY: checksum}
+        (cfg["metadata"]["writesae"] if format == "saelens" else cfg)[CHECKSUM_KEY] = checksum
         (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+@torch.no_grad()
+def saelens_tensors_and_cfg(sae: SAEBase) -> tuple[dict[str, Tensor], dict]:
+    """The tensors and cfg.json of ``sae`` as an SAELens SAE (see `save_sae`; module docstring)."""
+    cfg = sae.cfg
+    if sae.n_dicts != 1:
+        raise ValueError(f"an SAELens SAE is one dictionary, and this {type(sae).__name__} has {sae.n_dicts} "
+                         f"(heads {cfg.head_indices}): SAELens has no per-head dictionaries to put them in")
+    if isinstance(sae.activation, BatchTopK) and sae.training:
+        raise ValueError("a BatchTopK SAE in training mode keeps the k·B largest codes of its batch, which no SAELens "
+                         "SAE computes; its eval mode is a threshold SAELens' jumprelu has: call sae.eval() first")
+    # the encoder as our forward forms it: the dense W_enc, or the bilinear Σ_r U_ir P_irᵀ; rows flattened row-major
+    encoder = _factor_atoms(*sae.encoder_factors) if isinstance(sae, BilinearMatrixSAE) else sae.W_enc
+    W_enc, W_dec = encoder[0].reshape(cfg.n_features, -1), sae.atoms()[0].reshape(cfg.n_features, -1)
+    b_dec = sae.b_dec[0].flatten()
+    s = cfg.input_scale
+    if s != 1:  # folded as fold_input_scale_ folds it; with s = 1 the numbers stay ours, untouched
+        W_enc, W_dec, b_dec = W_enc * s, W_dec / s, b_dec / s
+    tensors = {"W_enc": W_enc.T, "b_enc": sae.b_enc[0], "W_dec": W_dec, "b_dec": b_dec}
+    architecture, extra = SAELENS_ARCHITECTURE[cfg.sparsity], {}
+    if cfg.sparsity == "topk":
+        extra = {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
+    elif cfg.sparsity == "jumprelu":
+        tensors["threshold"] = sae.activation.log_threshold[0].exp()  # as our forward computes θ
+    elif cfg.sparsity == "batchtopk":
+        # ours keeps ReLU(z)·[z ≥ t], SAELens' jumprelu ReLU(z)·[z > relu(θ)]: equal for θ the float
+        # just below t > 0; t = 0 keeps every positive code, which is plain ReLU
+        threshold = sae.activation.threshold[0]
+        if threshold > 0:
+            tensors["threshold"] = torch.nextafter(threshold, threshold.new_tensor(-math.inf)).expand(cfg.n_features)
+        else:
+            architecture = "standard"
+    metadata = {"sae_lens_version": SAELENS_SCHEMA_VERSION, "hook_name": cfg.site, "hook_head_index": cfg.head_indices[0],
+                "model_name": cfg.model_name,
+                "writesae": {VERSION_KEY: __version__, "architecture": cfg.architecture, "sparsity": cfg.sparsity,
+                             "d_k": cfg.d_k, "d_v": cfg.d_v, "n_heads": cfg.n_heads,
+                             "model_fingerprint": cfg.model_fingerprint}}
+    saelens_cfg = {"architecture": architecture, "d_in": cfg.d_k * cfg.d_v, "d_sae": cfg.n_features, "dtype": cfg.dtype,
+                   "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+                   "reshape_activations": "none", "metadata": metadata, **extra}
+    return {name: t.detach().cpu().contiguous() for name, t in tensors.items()}, saelens_cfg
 
 
 @contextmanager
@@ -149,12 +244,112 @@ def _fsync(path) -> None:
 
 def load_sae(path: str | Path, device: torch.device | str | None = None) -> SAEBase:
     """The SAE saved in the folder ``path`` (or shipped under that name, see `pretrained_saes`), of the
-    class its cfg names, on ``device`` (default CPU)."""
+    class its cfg names, on ``device`` (default CPU). A folder in SAELens' format loads as a `FlatSAE`
+    (see `load_saelens`)."""
     path = resolve_sae(path)
-    cfg, checksum = _read_cfg(path / CFG_FILE)
+    if path.is_dir() and not os.path.lexists(path / CFG_FILE):
+        raise FileNotFoundError(f"{path} is not an SAE folder: it has no {CFG_FILE}; an SAE folder, in writesae's or "
+                                f"SAELens' format, holds {CFG_FILE} and {WEIGHTS_FILE} (this one holds "
+                                f"{sorted(p.name for p in path.iterdir()) or 'nothing'})")
+    raw = _read_json_object(path / CFG_FILE)
+    if _is_saelens_cfg(raw):
+        return load_saelens(path, raw, device)
+    cfg, checksum = _read_cfg(path / CFG_FILE, raw)
     with torch.device("meta"):  # shapes only: the weights come from the file
         sae = ARCHITECTURES[cfg.architecture](cfg)
     expected = sae.state_dict()
+    tensors = _read_weights(path, checksum, expected, _describe(cfg))
+    # copies in fresh storage: the file's buffers may be unaligned, which changes how kernels sum
+    # and so the last bits of every output
+    sae.load_state_dict({name: tensors[name].to(device or "cpu", t.dtype, copy=True) for name, t in expected.items()},
+                        assign=True)
+    return sae
+
+
+#: our sparsity rule for each SAELens architecture a FlatSAE computes
+SPARSITY_OF_SAELENS = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu"}
+
+
+def load_saelens(path: Path, raw: dict, device: torch.device | str | None = None) -> FlatSAE:
+    """The SAELens SAE in the folder ``path``, whose cfg.json holds ``raw``, as a FlatSAE of one
+    dictionary: W_enc,i = column i of SAELens' ``W_enc``, W_dec,i = row i of ``W_dec``, b_dec =
+    ``b_dec`` as a d_k × d_v matrix (row-major), θ = ``threshold`` through log θ (module docstring).
+
+    d_k × d_v is what ``metadata["writesae"]`` records (an SAE we exported), else 1 × d_in: a vector
+    SAE reads X = xᵀ. The site is ``metadata["hook_name"]`` (or a pre-6.0 cfg's top-level one), the
+    head ``hook_head_index`` (else 0). Tensors are cast to the cfg's dtype, as SAELens' loader casts
+    them. Refused, saying why, where no FlatSAE computes the same function: another architecture,
+    activation normalisation, a topk SAE that rescales codes by decoder norms that are not all 1,
+    apply_b_dec_to_input false with b_dec ≠ 0 (our encoder always subtracts b_dec), and a jumprelu
+    threshold ≤ 0 (ours is exp(log θ) > 0). A jumprelu θ comes back as exp(log θ), which can
+    differ from θ in the last bit: then only a pre-activation that close to θ gates differently.
+    """
+    file = path / CFG_FILE
+    architecture = raw.get("architecture", "standard")  # SAELens' default for a cfg without one
+    if architecture not in SPARSITY_OF_SAELENS:
+        raise ValueError(f"{file}: SAELens architecture {architecture!r} has no FlatSAE that computes it; loadable: "
+                         f"{', '.join(SPARSITY_OF_SAELENS)}")
+    activation_fn = raw.get("activation_fn", raw.get("activation_fn_str", "relu"))
+    refusals = []
+    if architecture == "standard" and activation_fn != "relu":
+        refusals.append(f"activation_fn {activation_fn!r} (a pre-6.0 cfg): a FlatSAE of sparsity relu computes ReLU")
+    if raw.get("normalize_activations") not in (None, "none"):
+        refusals.append(f"normalize_activations {raw['normalize_activations']!r} rescales inputs by a norm or factor "
+                        "a FlatSAE does not hold: fold it into the weights in SAELens first")
+    if raw.get("reshape_activations", "none") not in ("none", "hook_z"):
+        refusals.append(f"reshape_activations {raw['reshape_activations']!r} is not one SAELens documents")
+    d_in, d_sae = raw["d_in"], raw["d_sae"]
+    for name, value in (("d_in", d_in), ("d_sae", d_sae)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            refusals.append(f"{name} must be a positive int, got {value!r}")
+    if refusals:
+        raise ValueError(f"{file}: cannot load this SAELens SAE as a FlatSAE: " + "; ".join(refusals))
+    metadata = raw["metadata"] if isinstance(raw.get("metadata"), dict) else raw  # pre-6.0: settings at the top level
+    ours = metadata.get("writesae") if isinstance(metadata.get("writesae"), dict) else {}
+    head = metadata.get("hook_head_index")
+    k = raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k"))
+    settings = {"k": k} if architecture == "topk" else {}
+    try:
+        cfg = SAEConfig(architecture="flat", d_k=ours.get("d_k", 1), d_v=ours.get("d_v", d_in), n_features=d_sae,
+                        sparsity=SPARSITY_OF_SAELENS[architecture], site=metadata.get("hook_name", metadata.get("hook_point")),
+                        heads=head if isinstance(head, int) else 0, n_heads=ours.get("n_heads"),
+                        model_name=metadata.get("model_name"), dtype=str(raw.get("dtype", "float32")).removeprefix("torch."),
+                        model_fingerprint=ours.get("model_fingerprint"), **settings)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{file}: {error}") from error
+    if cfg.d_k * cfg.d_v != d_in:
+        raise ValueError(f"{file}: metadata.writesae's d_k × d_v = {cfg.d_k} × {cfg.d_v} is not d_in = {d_in}")
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    if architecture == "jumprelu":
+        shapes["threshold"] = (d_sae,)
+    expected = {name: torch.empty(shape, dtype=cfg.torch_dtype, device="meta") for name, shape in shapes.items()}
+    tensors = _read_weights(path, ours.get(CHECKSUM_KEY), expected, f"SAELens {architecture}, d_in={d_in}, d_sae={d_sae}")
+    tensors = {name: t.to(cfg.torch_dtype) for name, t in tensors.items()}
+    if not raw.get("apply_b_dec_to_input", True) and tensors["b_dec"].any():
+        refusals.append("apply_b_dec_to_input is false and b_dec is not 0: SAELens encodes x, a FlatSAE x − b_dec, "
+                        "and moving b_dec W_enc into b_enc would round differently")
+    if raw.get("rescale_acts_by_decoder_norm") and not (tensors["W_dec"].norm(dim=-1) == 1).all():
+        refusals.append("rescale_acts_by_decoder_norm is true and some decoder rows are not of norm 1: SAELens picks "
+                        "the top k of z·‖W_dec,i‖, a FlatSAE of z; SAELens' fold_W_dec_norm() makes them 1")
+    if architecture == "jumprelu" and not (tensors["threshold"] > 0).all():
+        refusals.append("a jumprelu threshold is <= 0 (SAELens then gates at 0), and a FlatSAE's threshold is "
+                        "exp(log θ) > 0")
+    if refusals:
+        raise ValueError(f"{file}: cannot load this SAELens SAE as a FlatSAE: " + "; ".join(refusals))
+    with torch.device("meta"):
+        sae = FlatSAE(cfg)
+    state = {"W_enc": tensors["W_enc"].T[None], "b_enc": tensors["b_enc"][None], "W_dec": tensors["W_dec"][None],
+             "b_dec": tensors["b_dec"].reshape(1, cfg.d_k, cfg.d_v)}
+    if architecture == "jumprelu":
+        state["activation.log_threshold"] = tensors["threshold"].log()[None]
+    # copies in fresh storage, contiguous in our layout (as `load_sae` explains)
+    sae.load_state_dict({name: t.to(device or "cpu", copy=True).contiguous() for name, t in state.items()}, assign=True)
+    return sae
+
+
+def _read_weights(path: Path, checksum: str | None, expected: dict[str, Tensor], described: str) -> dict[str, Tensor]:
+    """The tensors of ``path``'s weights file, checked against ``checksum`` (if not None) and against
+    ``expected``'s names, shapes and kinds (floating or integer), and checked to be finite."""
     file = path / WEIGHTS_FILE
     data = _read_regular_file(file)
     if checksum is not None and hashlib.sha256(data).hexdigest() != checksum:
@@ -170,15 +365,11 @@ def load_sae(path: str | Path, device: torch.device | str | None = None) -> SAEB
     problems += [f"{name} has dtype {tensors[name].dtype}, expected {t.dtype}" for name, t in expected.items()
                  if name in tensors and tensors[name].dtype.is_floating_point != t.dtype.is_floating_point]
     if problems:
-        raise ValueError(f"{file} does not match {path / CFG_FILE} ({_describe(cfg)}): " + "; ".join(problems))
+        raise ValueError(f"{file} does not match {path / CFG_FILE} ({described}): " + "; ".join(problems))
     non_finite = [name for name, t in tensors.items() if t.dtype.is_floating_point and not torch.isfinite(t).all()]
     if non_finite:
         raise ValueError(f"{file} holds non-finite values (NaN or Inf) in {', '.join(non_finite)}")
-    # copies in fresh storage: the file's buffers may be unaligned, which changes how kernels sum
-    # and so the last bits of every output
-    sae.load_state_dict({name: tensors[name].to(device or "cpu", t.dtype, copy=True) for name, t in expected.items()},
-                        assign=True)
-    return sae
+    return tensors
 
 
 def _read_regular_file(file: Path, max_bytes: int | None = None) -> bytes:
@@ -192,17 +383,31 @@ def _read_regular_file(file: Path, max_bytes: int | None = None) -> bytes:
     return data
 
 
-def _read_cfg(file: Path) -> tuple[SAEConfig, str | None]:
-    """The config in ``file`` and the weights checksum it records (None in folders saved without one)."""
+def _read_json_object(file: Path) -> dict:
+    """The JSON object in the cfg file ``file``."""
     try:
         raw = json.loads(_read_regular_file(file, MAX_CFG_BYTES))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{file} is not valid JSON: {error}") from error
     if not isinstance(raw, dict):
         raise ValueError(f"{file} must hold a JSON object of SAE settings, got {type(raw).__name__} {str(raw)[:40]}")
+    return raw
+
+
+def _is_saelens_cfg(raw: dict) -> bool:
+    return {"d_in", "d_sae"} <= raw.keys() and "d_k" not in raw
+
+
+def _read_cfg(file: Path, raw: dict) -> tuple[SAEConfig, str | None]:
+    """The config ``raw`` read from ``file`` and the weights checksum it records (None in folders saved
+    without one)."""
+    raw = dict(raw)
     raw.pop(VERSION_KEY, None)
     checksum = raw.pop(CHECKSUM_KEY, None)
     known = {f.name for f in fields(SAEConfig)}
+    if not raw.keys() & known:
+        raise ValueError(f"{file} is neither writesae's SAE config (keys {sorted(known - OPTIONAL_KEYS)}) nor "
+                         f"SAELens' (keys d_in, d_sae, architecture, ...); it has keys {sorted(raw)[:10]}")
     if known - OPTIONAL_KEYS - raw.keys():
         raise ValueError(f"{file}: missing keys {sorted(known - OPTIONAL_KEYS - raw.keys())}")
     if raw.keys() - known:
