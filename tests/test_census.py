@@ -44,6 +44,27 @@ def test_half_lives_and_beta_are_the_ones_set():
     assert census.count(16) == 2 * len(model.cfg.gdn_layers) and census.count(64) == len(model.cfg.gdn_layers)
 
 
+def test_decay_percentiles_are_numpys_10th_50th_and_90th_of_the_cached_decays():
+    """Constant decays, as above, cannot tell one percentile from another or from the mean: here the decays
+    depend on the input, spread over orders of magnitude within a head."""
+    model = random_tiny_model()
+    with torch.no_grad():
+        for layer in model.cfg.gdn_layers:
+            model.blocks[layer].linear_attn.W_a.mul_(20)  # half-lives from under 0.1 token to over 20 in one head
+    tokens = torch.randint(1, 101, (3, 21), generator=torch.Generator().manual_seed(0))
+    names = [gdn_hook_name(layer, "hook_log_decay") for layer in model.cfg.gdn_layers]
+    _, cache = model.run_with_cache(tokens, names_filter=names)
+    census = memory_census(model, tokens)
+    for layer, name in zip(model.cfg.gdn_layers, names):
+        g = cache[name].double().flatten(0, 1).numpy()  # [positions, H]
+        for h in range(g.shape[1]):
+            percentiles = np.percentile(g[:, h], [10, 50, 90])
+            record = census.head(layer, h)
+            assert record.alpha == pytest.approx(tuple(np.exp(percentiles)), rel=1e-6)
+            assert record.half_life == pytest.approx(tuple(math.log(0.5) / percentiles), rel=1e-6)
+            assert record.half_life[2] > 2 * record.half_life[0]  # spread: no percentile stands in for another
+
+
 def test_state_statistics_match_numpy_on_the_cached_states():
     model = random_tiny_model()
     _set_constant_decays(model, [1.0, 4.0, 16.0, 64.0])

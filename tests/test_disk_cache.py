@@ -197,6 +197,23 @@ def test_a_corrupted_shard_is_named_and_never_read(cache, tmp_path):
         reader.next_batch(8)  # the first refill reads every shard
 
 
+def test_a_corrupted_heldout_shard_is_named_never_read_and_written_again(model, documents, cache, tmp_path):
+    """The held-out split, which decides every reported FVU, is checked against its SHA-256 as the training split is."""
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy)
+    shard = copy / "heldout" / "shard-000000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte inside the samples: still a readable safetensors file
+    shard.write_bytes(bytes(data))
+    reader = CachedActivations(copy, buffer_size=4096)
+    reader.next_batch(8)  # the training split is intact
+    with pytest.raises(ValueError, match=r"heldout/shard-000000\.safetensors: its SHA-256 differs .* corrupted"):
+        next(reader.heldout_batches(8))
+    write(model, documents, copy)
+    assert shard.read_bytes() == (cache / "heldout" / "shard-000000.safetensors").read_bytes()
+    assert sum(len(x) for x in CachedActivations(copy).heldout_batches(8)) == read_manifest(cache)["splits"]["heldout"]["samples"]
+
+
 def test_the_sampler_shuffles_across_shards_yields_each_sample_once_and_resumes_exactly(cache):
     reader = CachedActivations(cache, buffer_size=48, seed=3)
     everything = torch.cat([reader.load_shard("train", i)[0] for i in range(len(reader.manifest["shards"]["train"]))])

@@ -6,7 +6,8 @@
 - Patching nothing equals the corrupted run: patching from the corrupted run's own cache, or at
   positions before the corruption, leaves every grid entry at the corrupted metric.
 - One position's state patch equals a hand-written hook in the sequential recurrence (the
-  ground truth), on a hybrid with attention layers.
+  ground truth), on a hybrid with attention layers; so does a patch at two positions, which runs in
+  the sequential recurrence itself.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from hooked_gdn.patching import (
     position_labels,
     run_with_patches,
 )
-from hooked_gdn.sites import gdn_hook_name, hook_positions
+from hooked_gdn.sites import edit_at_positions, gdn_hook_name, hook_positions
 from tests.conftest import random_tiny_model, tiny_hf_config
 
 T = 12
@@ -152,6 +153,32 @@ def test_one_position_state_patch_equals_a_manual_hook():
                 assert abs(float(grid[i, j, head]) - float(logit_difference(manual))) < 2e-5
                 moved += abs(float(grid[i, j, head]) - unpatched) > 1e-4
     assert moved >= 8  # most patches move the metric, so the comparison is not between two unchanged runs
+
+
+def test_a_state_patch_at_two_positions_equals_the_same_edit_by_hand_in_the_sequential_recurrence():
+    """Two positions, the fewest that need the sequential recurrence: in parallel mode the clean − corrupted
+    difference patched in at the first would be carried to the second and added to its own."""
+    model = random_tiny_model()
+    with torch.no_grad():
+        model.blocks[1].linear_attn.dt_bias.fill_(-12.0)  # half-lives ≈ 1e5 / A tokens: position 3's state reaches 8
+    clean, corrupted = clean_and_corrupted()
+    _, cache = gdn_cache(model, clean)
+    name, positions, head = gdn_hook_name(1, "hook_state"), (3, 8), 2
+    clean_states = cache[name]
+
+    def put_clean(rows, t):
+        rows[:, head] = clean_states[:, t, head]
+        return rows
+
+    patch = Patch(name, clean_states, positions, (head,))
+    with torch.no_grad():
+        patched = run_with_patches(model, corrupted, [patch])
+        sequential = run_with_patches(model, corrupted, [patch], recurrence="sequential")
+        by_hand = model.run_with_hooks(corrupted, recurrence="sequential", fwd_hooks=[(name, edit_at_positions(put_clean, positions))])
+        parallel = run_with_patches(model, corrupted, [patch], recurrence="parallel")
+    torch.testing.assert_close(patched, by_hand, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(sequential, by_hand, atol=2e-6, rtol=1e-5)
+    assert (parallel - by_hand)[:, positions[1]:].abs().amax() > 1e-3  # the summed differences do move the logits
 
 
 def test_every_site_is_indexed_like_its_grid():
