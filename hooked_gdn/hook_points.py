@@ -1,11 +1,16 @@
-"""A TransformerLens `HookPoint` that checks what hooks return and reports which rows they edited."""
+"""A TransformerLens `HookPoint` that checks what hooks return and reports which rows they edited.
+
+Also the one place where the TransformerLens versions we support (3.x and 4.x) differ for us:
+`add_hook_with_handle`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 from torch import Tensor
-from transformer_lens.hook_points import HookPoint
+from transformer_lens.hook_points import HookPoint, LensHandle
 
 
 class CheckedHookPoint(HookPoint):
@@ -59,3 +64,20 @@ class CheckedHookPoint(HookPoint):
 
 def any_hooked(*hook_points: HookPoint) -> bool:
     return any(hp.fwd_hooks for hp in hook_points)
+
+
+def add_hook_with_handle(
+    hook_point: HookPoint, hook: Callable, dir: Literal["fwd", "bwd"] = "fwd", is_permanent: bool = False,
+    level: int | None = None, prepend: bool = False,
+) -> LensHandle:
+    """``hook_point.add_hook(...)``, returning the new hook's `LensHandle` under TransformerLens 3.x and 4.x.
+
+    TransformerLens 4 returns the handle; 3.x returns None, having put the handle first (``prepend``)
+    or last in the hook point's ``fwd_hooks`` or ``bwd_hooks``, where it is taken from. Remove the hook
+    as TransformerLens does: ``handle.hook.remove()`` and drop the handle from that list.
+    """
+    handle = hook_point.add_hook(hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+    if handle is None:  # TransformerLens 3.x
+        handles = hook_point.fwd_hooks if dir == "fwd" else hook_point.bwd_hooks
+        handle = handles[0] if prepend else handles[-1]
+    return handle

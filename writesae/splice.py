@@ -37,6 +37,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hooked_gdn import HookedGatedDeltaNet
+from hooked_gdn.hook_points import add_hook_with_handle
 from hooked_gdn.sites import Site, hook_positions, rank_one, rank_one_key, told_positions
 
 from .sae import SAEBase
@@ -80,7 +81,7 @@ class HookedSAEGatedDeltaNet(HookedGatedDeltaNet):
         self.hook_dict[site.name].sae = sae
         points = _splice_points(self, site, sae.cfg.head_indices, sae)
         # permanent, and first, so that user hooks on the site see the spliced value
-        attachment.handles = [(hp, hp.add_hook(fn, is_permanent=True, prepend=True)) for hp, fn in points]
+        attachment.handles = [(hp, add_hook_with_handle(hp, fn, is_permanent=True, prepend=True)) for hp, fn in points]
         self._attached[sae.cfg.site] = attachment
         self.setup()
 
