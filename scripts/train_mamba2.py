@@ -20,12 +20,8 @@ the whole 400-step schedule's.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -35,7 +31,8 @@ from transformers import Mamba2Config, Mamba2ForCausalLM, PreTrainedTokenizerFas
 
 from hooked_gdn.census import LONG_MEMORY, VERY_LONG_MEMORY
 from hooked_gdn.pretrained import HELDOUT_CONTEXT, PRETRAINED_MODELS, heldout_windows
-from scripts.train_pretrained import CARD_CONTEXTS, TrainSettings, model_census, token_stream, train, transformers_heldout_loss
+from scripts.train_pretrained import (CARD_CONTEXTS, TrainSettings, model_census, ship_folder, small_model_arguments,
+                                     token_stream, train, transformers_heldout_loss)
 
 OUT = PRETRAINED_MODELS["mamba2-austen"]
 TOKENIZER_SOURCE = PRETRAINED_MODELS["gdn-austen"]
@@ -64,21 +61,6 @@ def settings_from(args) -> TrainSettings:
     # fixed_heads=(): every Mamba-2 head learns its decay
     return TrainSettings(context=args.context, batch=args.batch, steps=args.steps, lr=args.lr, seed=args.seed,
                          fixed_heads=())
-
-
-def save_model(model: Mamba2ForCausalLM, tokenizer, stats: dict, samples: list, out: Path) -> None:
-    """The bf16 weights, config, tokenizer, training_stats.json and samples.json, written whole then moved into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=out.parent)
-    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would ship an unreadable folder
-    model.to(torch.bfloat16).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    Path(tmp, "training_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    Path(tmp, "samples.json").write_text(json.dumps(samples, indent=2) + "\n")
-    for file in Path(tmp).iterdir():  # safetensors writes 0600: ship files anyone can read
-        file.chmod(0o644)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
 
 
 def write_model_card(folder: Path) -> None:
@@ -157,18 +139,7 @@ def write_model_card(folder: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=OUT)
-    p.add_argument("--checkpoint", type=Path, default=Path("runs/mamba2-austen-train/checkpoint.pt"))
-    p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--context", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--minutes", type=float, default=math.inf, help="stop early (resume later from the checkpoint)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--card-only", action="store_true", help="only rewrite README.md (and its census) from the saved model")
+    p = small_model_arguments(__doc__, OUT, checkpoint_every=50)
     p.add_argument("--ship-checkpoint", action="store_true",
                    help="ship the checkpoint as it stands, before the schedule's end (the card says at which step)")
     args = p.parse_args()
@@ -225,7 +196,7 @@ def ship(model: Mamba2ForCausalLM, tokenizer, windows: torch.Tensor, settings: T
         "parameters": n_params,
         "settings": asdict(settings),
     }
-    save_model(model, tokenizer, stats, samples, out)
+    ship_folder(out, model.to(torch.bfloat16).save_pretrained, tokenizer, stats, samples)
     print(json.dumps(stats, indent=2))
     for _, text in samples:
         print(repr(text))

@@ -213,6 +213,41 @@ def save_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, f)
 
 
+def small_model_arguments(description: str, out: Path, checkpoint_every: int) -> argparse.ArgumentParser:
+    """The command line of the small shipped models' scripts (mamba2-austen, rwkv7-austen): mamba2-austen's
+    schedule (400 steps of 8 windows of 256 tokens, lr 3e-3, seed 0, one thread) by default, the checkpoint in
+    runs/<model>-train/."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=out)
+    p.add_argument("--checkpoint", type=Path, default=Path("runs") / f"{out.name}-train" / "checkpoint.pt")
+    p.add_argument("--checkpoint-every", type=int, default=checkpoint_every)
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--minutes", type=float, default=math.inf, help="stop early (resume later from the checkpoint)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--card-only", action="store_true", help="only rewrite README.md (and its census) from the saved model")
+    return p
+
+
+def ship_folder(out: Path, write_weights, tokenizer, stats: dict, samples: list) -> None:
+    """A shipped model's folder, written whole then moved into place: ``write_weights(folder)`` (its config and
+    weights), the tokenizer, training_stats.json and samples.json, every file readable by anyone."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=out.parent)
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would ship an unreadable folder
+    write_weights(Path(tmp))
+    tokenizer.save_pretrained(tmp)
+    Path(tmp, "training_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    Path(tmp, "samples.json").write_text(json.dumps(samples, indent=2) + "\n")
+    for file in Path(tmp).iterdir():  # safetensors writes 0600: ship files anyone can read
+        file.chmod(0o644)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
 def token_stream(tokenizer: PreTrainedTokenizerFast) -> torch.Tensor:
     ids: list[int] = []
     for doc in austen_documents("train"):

@@ -17,12 +17,7 @@ resumes from its checkpoint when the same command is run again.
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -34,7 +29,8 @@ from hooked_gdn.architectures.rwkv7 import save_fla_checkpoint
 from hooked_gdn.census import LONG_MEMORY, VERY_LONG_MEMORY
 from hooked_gdn.pretrained import HELDOUT_CONTEXT, PRETRAINED_MODELS, heldout_loss, heldout_windows
 from hooked_gdn.rwkv7 import HookedRWKV7, HookedRWKV7Config
-from scripts.train_pretrained import CARD_CONTEXTS, TrainSettings, model_census, token_stream, train
+from scripts.train_pretrained import (CARD_CONTEXTS, TrainSettings, model_census, ship_folder, small_model_arguments,
+                                     token_stream, train)
 
 OUT = PRETRAINED_MODELS["rwkv7-austen"]
 TOKENIZER_SOURCE = PRETRAINED_MODELS["gdn-austen"]
@@ -59,21 +55,6 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def hooked_logits(model: HookedRWKV7, tokens: torch.Tensor) -> torch.Tensor:
     return model(tokens)
-
-
-def save_model(model: HookedRWKV7, tokenizer, stats: dict, samples: list, out: Path) -> None:
-    """The bf16 weights (fla format), tokenizer, training_stats.json and samples.json, written whole then moved into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=out.parent)
-    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would ship an unreadable folder
-    save_fla_checkpoint(model, Path(tmp), dtype=torch.bfloat16)
-    tokenizer.save_pretrained(tmp)
-    Path(tmp, "training_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    Path(tmp, "samples.json").write_text(json.dumps(samples, indent=2) + "\n")
-    for file in Path(tmp).iterdir():
-        file.chmod(0o644)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
 
 
 def write_model_card(folder: Path) -> None:
@@ -147,18 +128,7 @@ def write_model_card(folder: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=OUT)
-    p.add_argument("--checkpoint", type=Path, default=Path("runs/rwkv7-austen-train/checkpoint.pt"))
-    p.add_argument("--checkpoint-every", type=int, default=25)
-    p.add_argument("--context", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--minutes", type=float, default=math.inf, help="stop early (resume later from the checkpoint)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--card-only", action="store_true", help="only rewrite README.md (and its census) from the saved model")
+    p = small_model_arguments(__doc__, OUT, checkpoint_every=25)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.card_only:
@@ -208,7 +178,7 @@ def ship(model: HookedRWKV7, tokenizer, settings: TrainSettings, step: int, out:
         "train_minutes": round(minutes, 1),  # this session's part, when the run resumed from a checkpoint
         "settings": asdict(settings),
     }
-    save_model(model, tokenizer, stats, samples, out)
+    ship_folder(out, lambda folder: save_fla_checkpoint(model, folder, dtype=torch.bfloat16), tokenizer, stats, samples)
     print(json.dumps(stats, indent=2))
     for _, text in samples:
         print(repr(text))
