@@ -284,7 +284,7 @@ def _open(cls, name_or_path):
     family = BY_KEY[cfg.architecture]
     # a family transformers does not register: its config.json tells AutoTokenizer nothing (and it warns that it cannot)
     own_config = {"config": PretrainedConfig()} if family.read_config is not None else {}
-    tokenizer = AutoTokenizer.from_pretrained(folder, **own_config) if has_tokenizer else None
+    tokenizer = _tokenizer(folder, own_config, name_or_path) if has_tokenizer else None
     placements, unexpected = {}, []
     for key in checkpoint.shapes:
         try:
@@ -320,6 +320,20 @@ def _open(cls, name_or_path):
         model = cls(cfg, tokenizer).eval()  # loaded to be studied, as transformers' from_pretrained gives it
     _check_placements(model, checkpoint, placements, name_or_path)
     return folder, cfg, tokenizer, checkpoint, placements, model
+
+
+def _tokenizer(folder: Path, kwargs: dict, name_or_path):
+    """The checkpoint's tokenizer, or None with a warning where transformers cannot load it: the weights are what the
+    model needs, and one whose tokenizer is custom code (RWKV-7's "world" tokenizer, which transformers runs only with
+    ``trust_remote_code``, never run here) still works on token ids."""
+    try:
+        # trust_remote_code=False: left unset, transformers asks on a terminal whether to run the folder's code
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **kwargs)
+    except (ValueError, OSError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        warnings.warn(f"{name_or_path}: its tokenizer could not be loaded ({first}); the model is loaded without one: "
+                      "pass token ids, or set model.tokenizer", stacklevel=5)
+        return None
 
 
 _BLOCK = re.compile(r"blocks\.(\d+)\.")

@@ -476,3 +476,16 @@ def test_a_truncated_safetensors_file_is_refused_in_one_line(single_file, keep):
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} is not a readable safetensors file") as error:
         HookedGatedDeltaNet.from_pretrained(single_file)
     assert "\n" not in str(error.value)
+
+
+def test_a_tokenizer_that_is_custom_code_is_left_out_with_a_warning(tiny_checkpoint, tmp_path):
+    """RWKV-7's released "world" tokenizer is custom code (auto_map), which transformers runs only with
+    trust_remote_code: the weights load without it, and the warning names the checkpoint and what to do."""
+    folder = tmp_path / "custom-tokenizer"
+    shutil.copytree(tiny_checkpoint(), folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "WorldTokenizer", "auto_map": {"AutoTokenizer": ["world_tokenizer.WorldTokenizer", None]}}))
+    with pytest.warns(UserWarning, match=rf"^{re.escape(str(folder))}: its tokenizer could not be loaded .*pass token ids"):
+        model = HookedGatedDeltaNet.from_pretrained(folder)
+    assert model.tokenizer is None
+    assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, model.cfg.d_vocab)
