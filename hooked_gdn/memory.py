@@ -63,30 +63,40 @@ class MatrixMemory(nn.Module):
     ) -> Float[Tensor, "b p H d_v"]:
         """The reads o_t of the current input (in ``out_dtype``, default fp32), continuing from and updating
         ``ctx.cache``; the inputs are fp32 and already expanded to the H value heads."""
+        return self._recur(read_query, (write_key, value, log_decay, strength), ctx, out_dtype)
+
+    def _recur(self, read_query: Tensor, inputs: tuple, ctx: ForwardContext, out_dtype: torch.dtype | None = None) -> Tensor:
+        """What every engine's recurrence shares: the read query's hook, the cache's state in and out, the final
+        state's and the read's hooks; ``inputs`` are the engine's other inputs, in its order, which the mode's
+        recurrence (``_parallel`` or ``_sequential``, given the query first) takes."""
         read_query = self.hook_read_query(read_query)
         initial = None if ctx.cache is None else ctx.cache.recurrent_states.get(self.layer)
         recurrence = self._sequential if ctx.sequential else self._parallel
-        out, final = recurrence(read_query, write_key, value, log_decay, strength, initial, ctx)
+        out, final = recurrence((read_query, *inputs), initial, ctx)
         final = self.hook_final_state(final)
         if ctx.cache is not None:
             ctx.cache.update_recurrent_state(self.layer, final)
         return self.hook_recurrence_out(out if out_dtype is None else out.to(out_dtype))
 
-    def _parallel(self, q_hat, k_hat, v, g, beta, initial, ctx: ForwardContext):
+    def _parallel(self, inputs, initial, ctx: ForwardContext):
         """Chunked recurrence; write and state edits returned by hooks are carried forward exactly."""
+        q_hat, k_hat, v, g, beta = inputs
         run = lambda edits, positions: gated_delta_rule(q_hat, k_hat, v, g, beta, initial, positions, edits, ctx.chunk_size,
                                                         self.transition)
-
-        def fire_writes(result, edits: DeltaRuleEdits) -> bool:
-            key, key_edited, _ = self.hook_write_key.fire_and_diff(k_hat, 1)
-            value, value_edited, _ = self.hook_write_value.fire_and_diff(result.write_value, 1)
-            edited = [m for m in (key_edited, value_edited) if m is not None]
-            if edited:  # a row is forced where either side of its write was edited
-                edits.write_mask = edited[0] if len(edited) == 1 else edited[0] | edited[1]
-                edits.write_key, edits.write_value = key.float(), value.float()
-            return bool(edited)
-
+        fire_writes = lambda result, edits: self._force_edited_writes(k_hat, result.write_value, edits)
         return self._carry_edits(run, fire_writes, DeltaRuleEdits(), k_hat.shape[1], ctx)
+
+    def _force_edited_writes(self, key: Tensor, value: Tensor, edits) -> bool:
+        """Fire the write hooks on the write's two sides; where either side of a row changed, that row's write is
+        forced to the hooks' key and value (``edits.write_mask``, ``write_key``, ``write_value``: the fields
+        `DeltaRuleEdits` and `DPLREdits` share). Returns whether any row was."""
+        key, key_edited, _ = self.hook_write_key.fire_and_diff(key, 1)
+        value, value_edited, _ = self.hook_write_value.fire_and_diff(value, 1)
+        edited = [m for m in (key_edited, value_edited) if m is not None]
+        if edited:
+            edits.write_mask = edited[0] if len(edited) == 1 else edited[0] | edited[1]
+            edits.write_key, edits.write_value = key.float(), value.float()
+        return bool(edited)
 
     def _carry_edits(self, run, fire_writes, edits, T: int, ctx: ForwardContext):
         """The parallel flow every engine shares: ``run(edits, positions)`` (the chunked engine with edits, giving
@@ -125,8 +135,9 @@ class MatrixMemory(nn.Module):
     def device_of(ctx: ForwardContext):
         return ctx.position_ids.device
 
-    def _sequential(self, q_hat, k_hat, v, g, beta, initial, ctx: ForwardContext):
+    def _sequential(self, inputs, initial, ctx: ForwardContext):
         """One position at a time; the write and state hooks fire per position with p = 1."""
+        q_hat, k_hat, v, g, beta = inputs
         state = initial if initial is not None else k_hat.new_zeros(k_hat.shape[0], k_hat.shape[2], k_hat.shape[3], v.shape[3])
         fire_state = set(range(k_hat.shape[1]) if ctx.state_positions is None else ctx.state_positions.tolist())
         outs = []
@@ -168,35 +179,22 @@ class DPLRMemory(MatrixMemory):
         ctx: ForwardContext,
     ) -> Float[Tensor, "b p H d_v"]:
         """The reads o_t = S_tᵀ r_t (fp32), continuing from and updating ``ctx.cache``; inputs fp32."""
-        read_query = self.hook_read_query(read_query)
-        initial = None if ctx.cache is None else ctx.cache.recurrent_states.get(self.layer)
-        inputs = (read_query, log_w, kappa, a, write_key, value)
-        recurrence = self._sequential_dplr if ctx.sequential else self._parallel_dplr
-        out, final = recurrence(inputs, initial, ctx)
-        final = self.hook_final_state(final)
-        if ctx.cache is not None:
-            ctx.cache.update_recurrent_state(self.layer, final)
-        return self.hook_recurrence_out(out)
+        return self._recur(read_query, (log_w, kappa, a, write_key, value), ctx)
 
-    def _parallel_dplr(self, inputs, initial, ctx: ForwardContext):
+    def _parallel(self, inputs, initial, ctx: ForwardContext):
         run = lambda edits, positions: dplr(*inputs, initial, positions, edits, ctx.chunk_size)
         key, value = inputs[4], inputs[5]
 
         def fire_writes(result, edits: DPLREdits) -> bool:
-            new_key, key_edited, _ = self.hook_write_key.fire_and_diff(key, 1)
-            new_value, value_edited, _ = self.hook_write_value.fire_and_diff(value, 1)
+            written = self._force_edited_writes(key, value, edits)
             erase, erase_edited, _ = self.hook_erase_value.fire_and_diff(result.erase_value, 1)
-            written = [m for m in (key_edited, value_edited) if m is not None]
-            if written:
-                edits.write_mask = written[0] if len(written) == 1 else written[0] | written[1]
-                edits.write_key, edits.write_value = new_key.float(), new_value.float()
             if erase_edited is not None:
                 edits.erase_mask, edits.erase_value = erase_edited, erase.float()
-            return bool(written) or erase_edited is not None
+            return written or erase_edited is not None
 
         return self._carry_edits(run, fire_writes, DPLREdits(), key.shape[1], ctx)
 
-    def _sequential_dplr(self, inputs, initial, ctx: ForwardContext):
+    def _sequential(self, inputs, initial, ctx: ForwardContext):
         """One position at a time; the write, erase and state hooks fire per position with p = 1."""
         r, log_w, kappa, a, k, v = inputs
         state = initial if initial is not None else k.new_zeros(k.shape[0], k.shape[2], k.shape[3], v.shape[3])
