@@ -315,62 +315,45 @@ def test_quickstart_refuses_a_users_file_of_the_same_name_before_any_work(tmp_pa
     assert (tmp_path / "atoms.png").read_bytes() == b"my own picture" and sorted(p.name for p in tmp_path.iterdir()) == ["atoms.png"]
 
 
-def test_every_command_runs_on_the_shipped_mamba2_model(tmp_path, capsys):
-    """The commands load --model by its checkpoint's model_type (writesae.splice.load_model), so a Mamba-2
-    model goes through each of them (they refused it before: each loaded a HookedGatedDeltaNet)."""
+# (model, the cache's site options, the site the SAE gets, its heads, the census's heads): Mamba-2 on its default site
+# (the state), RWKV-7 on the erase site only it has, whose cache samples are its rank-1 erases
+SHIPPED_SMALL_MODELS = [
+    pytest.param("mamba2-austen", ["--layer", "0"], "blocks.0.linear_attn.hook_state", [1, 3], 6 * 8, id="mamba2"),
+    pytest.param("rwkv7-austen", ["--kind", "erase", "--layer", "1"], "blocks.1.linear_attn.hook_erase_value", [0, 3], 4 * 4,
+                 id="rwkv7-erase"),
+]
+
+
+@pytest.mark.parametrize("name, site_options, site, heads, n_heads", SHIPPED_SMALL_MODELS)
+def test_every_command_runs_on_the_shipped_mamba2_and_rwkv7_models(tmp_path, name, site_options, site, heads, n_heads):
+    """The commands load --model by its checkpoint's model_type (writesae.splice.load_model), so a Mamba-2 model and
+    an RWKV-7 model (flash-linear-attention's format) go through each of them (they refused Mamba-2 before: each
+    loaded a HookedGatedDeltaNet)."""
     text_folder(tmp_path / "corpus")
-    model, data = ["--model", "mamba2-austen"], ["--data", str(tmp_path / "corpus"), "--context", "32"]
-    main(["cache", *model, *data, "--positions", "2", "--layer", "0", "--heads", "1,3", "--out", str(tmp_path / "cache"),
-          "--shard-samples", "64", "--no-progress"])
-    main(["train", "--cache", str(tmp_path / "cache"), "--n-features", "16", "--k", "2", "--steps", "3", "--batch-size", "8",
-          "--buffer-size", "32", "--eval-every", "3", "--checkpoint-every", "3", "--out", str(tmp_path / "run"), "--no-progress"])
-    sae = str(tmp_path / "run" / "sae")
-    assert load_sae(sae).cfg.site == "blocks.0.linear_attn.hook_state" and load_sae(sae).cfg.head_indices == [1, 3]
-    main(["eval", sae, *model, *data, "--samples", "16", "--contexts", "2", "--out", str(tmp_path / "eval")])
-    main(["dashboard", sae, *model, *data, "--contexts", "2", "--features-per-head", "2", "--out", str(tmp_path / "dash"),
-          "--no-progress"])
-    main(["census", *model, "--tokens", "64", "--context", "32", "--out", str(tmp_path / "census")])
-    for written in ("eval/eval.json", "dash/index.html", "census/census.json"):
-        assert (tmp_path / written).is_file(), written
-    assert len(json.loads((tmp_path / "census" / "census.json").read_text())["heads"]) == 6 * 8  # every SSD layer and head
-
-
-@pytest.mark.slow
-def test_quickstart_runs_on_the_shipped_mamba2_model(tmp_path):
-    summary = run_quickstart(tmp_path, model="mamba2-austen", heads=[0, 5], n_features=16, k=2, steps=4, batch_size=16,
-                             context=64, positions=16, buffer_size=64, input_scale_samples=64, heldout_samples=64,
-                             eval_contexts=2, progress=False)
-    assert summary["model"] == "mamba2-austen" and summary["site"] == "blocks.0.linear_attn.hook_state"  # its census's layer
-    assert load_sae(tmp_path / "sae").cfg.model_name == "mamba2-austen"
-
-
-def test_every_command_runs_on_the_shipped_rwkv7_model_with_its_erase_site(tmp_path):
-    """rwkv7-austen (flash-linear-attention's format) through cache, train, eval, dashboard and census, on the erase
-    site only RWKV-7 has: the SAE's site is the erase's hook, and the cache's samples are its rank-1 erases."""
-    text_folder(tmp_path / "corpus")
-    model, data = ["--model", "rwkv7-austen"], ["--data", str(tmp_path / "corpus"), "--context", "32"]
-    main(["cache", *model, *data, "--kind", "erase", "--positions", "2", "--layer", "1", "--heads", "0,3", "--out",
+    model, data = ["--model", name], ["--data", str(tmp_path / "corpus"), "--context", "32"]
+    main(["cache", *model, *data, *site_options, "--positions", "2", "--heads", ",".join(map(str, heads)), "--out",
           str(tmp_path / "cache"), "--shard-samples", "64", "--no-progress"])
     main(["train", "--cache", str(tmp_path / "cache"), "--n-features", "16", "--k", "2", "--steps", "3", "--batch-size", "8",
           "--buffer-size", "32", "--eval-every", "3", "--checkpoint-every", "3", "--out", str(tmp_path / "run"), "--no-progress"])
     sae = str(tmp_path / "run" / "sae")
-    assert load_sae(sae).cfg.site == "blocks.1.linear_attn.hook_erase_value" and load_sae(sae).cfg.head_indices == [0, 3]
+    assert load_sae(sae).cfg.site == site and load_sae(sae).cfg.head_indices == heads
     main(["eval", sae, *model, *data, "--samples", "16", "--contexts", "2", "--out", str(tmp_path / "eval")])
     main(["dashboard", sae, *model, *data, "--contexts", "2", "--features-per-head", "2", "--out", str(tmp_path / "dash"),
           "--no-progress"])
     main(["census", *model, "--tokens", "64", "--context", "32", "--out", str(tmp_path / "census")])
     for written in ("eval/eval.json", "dash/index.html", "census/census.json"):
         assert (tmp_path / written).is_file(), written
-    assert len(json.loads((tmp_path / "census" / "census.json").read_text())["heads"]) == 4 * 4  # every layer and head
+    assert len(json.loads((tmp_path / "census" / "census.json").read_text())["heads"]) == n_heads  # every layer and head
 
 
 @pytest.mark.slow
-def test_quickstart_runs_on_the_shipped_rwkv7_model(tmp_path):
-    summary = run_quickstart(tmp_path, model="rwkv7-austen", heads=[0, 3], n_features=16, k=2, steps=4, batch_size=16,
+@pytest.mark.parametrize("name, heads, layer", [("mamba2-austen", [0, 5], 0), ("rwkv7-austen", [0, 3], 1)])
+def test_quickstart_runs_on_the_shipped_mamba2_and_rwkv7_models(tmp_path, name, heads, layer):
+    summary = run_quickstart(tmp_path, model=name, heads=heads, n_features=16, k=2, steps=4, batch_size=16,
                              context=64, positions=16, buffer_size=64, input_scale_samples=64, heldout_samples=64,
                              eval_contexts=2, progress=False)
-    assert summary["model"] == "rwkv7-austen" and summary["site"] == "blocks.1.linear_attn.hook_state"  # its census's layer
-    assert load_sae(tmp_path / "sae").cfg.model_name == "rwkv7-austen"
+    assert summary["model"] == name and summary["site"] == f"blocks.{layer}.linear_attn.hook_state"  # its census's layer
+    assert load_sae(tmp_path / "sae").cfg.model_name == name
 
 
 def test_census_and_device_arguments_are_refused_in_one_line_before_any_work(tmp_path, capsys, monkeypatch):
