@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from hooked_gdn.architectures.rwkv7 import BLINKDL_LAYER_NAMES, BLINKDL_NAMES
-from hooked_gdn.census import MemoryCensus
 from hooked_gdn.loading import read_safetensors
-from hooked_gdn.pretrained import CENSUS_FILE, PRETRAINED_MODELS, heldout_census, heldout_loss
+from hooked_gdn.pretrained import PRETRAINED_MODELS, heldout_loss
 from hooked_gdn.rwkv7 import HookedRWKV7
+
+from .test_pretrained import assert_census_matches_its_card
 
 SHIPPED = PRETRAINED_MODELS["rwkv7-austen"]
 
@@ -77,11 +78,4 @@ def test_heldout_loss_matches_its_card(shipped):
 
 @pytest.mark.slow
 def test_census_matches_its_card(shipped):
-    card = MemoryCensus.load_json(SHIPPED / CENSUS_FILE)
-    census = heldout_census(shipped)
-    assert (census.n_tokens, census.context) == (card.n_tokens, card.context)
-    for measured, recorded in zip(census.heads, card.heads, strict=True):
-        assert (measured.layer, measured.head) == (recorded.layer, recorded.head)
-        for field in ("half_life", "alpha", "mean_beta", "effective_rank", "top_share", "write_share", "read_rms_over_sqrt_eps"):
-            assert getattr(measured, field) == pytest.approx(getattr(recorded, field), rel=1e-3), field
-    assert census.summary() in (SHIPPED / "README.md").read_text()
+    assert_census_matches_its_card(shipped, SHIPPED)
