@@ -86,18 +86,14 @@ _OTHER_VERSIONS = (("att.time_maa_x", "RWKV-6 (or a pre-release RWKV-7 'rc')"), 
 _BLINKDL_LAYER = re.compile(r"blocks\.(\d+)\.(.+)")
 
 
-def _fla_defaults(c: dict) -> SimpleNamespace:
-    """flash-linear-attention's ``RWKV7Config`` fields, its defaults where config.json leaves them out."""
+def read_config(c: dict) -> SimpleNamespace:
+    """config.json's dict as flash-linear-attention reads it (transformers has no RWKV-7 config): its ``RWKV7Config``
+    fields, its defaults where the dict leaves them out."""
     defaults = dict(hidden_size=2048, hidden_ratio=4, intermediate_size=None, num_hidden_layers=24, head_dim=64, num_heads=None,
                     decay_low_rank_dim=64, gate_low_rank_dim=128, a_low_rank_dim=64, v_low_rank_dim=16, hidden_act="sqrelu",
                     norm_first=True, norm_bias=True, norm_eps=1e-5, attn=None, value_dim=None, vocab_size=32000,
                     tie_word_embeddings=False, eos_token_id=2, pad_token_id=None)
     return SimpleNamespace(**{**defaults, **c})
-
-
-def read_config(config: dict) -> SimpleNamespace:
-    """config.json's dict as flash-linear-attention reads it (transformers has no RWKV-7 config)."""
-    return _fla_defaults(config)
 
 
 def _low_rank_default(c, given, scale: float, per_head: bool) -> int:
@@ -250,10 +246,10 @@ def blinkdl_config(fla_state: dict, model_name: str) -> HookedRWKV7Config:
     vocab, C = fla_state["model.embeddings.weight"].shape
     layers = {int(k.split(".")[2]) for k in fla_state if k.startswith("model.layers.")}
     rank = lambda p: fla_state[f"model.layers.{1 if p == 'v' else 0}.attn.{p}_lora.lora.0.weight"].shape[0]
-    c = _fla_defaults(dict(hidden_size=C, num_hidden_layers=len(layers), head_dim=head_size, num_heads=n_heads,
-                           intermediate_size=fla_state["model.layers.0.ffn.key.weight"].shape[0], vocab_size=vocab,
-                           decay_low_rank_dim=rank("w"), a_low_rank_dim=rank("a"), gate_low_rank_dim=rank("g"),
-                           v_low_rank_dim=rank("v") if len(layers) > 1 else 1, eos_token_id=0, pad_token_id=None))
+    c = read_config(dict(hidden_size=C, num_hidden_layers=len(layers), head_dim=head_size, num_heads=n_heads,
+                         intermediate_size=fla_state["model.layers.0.ffn.key.weight"].shape[0], vocab_size=vocab,
+                         decay_low_rank_dim=rank("w"), a_low_rank_dim=rank("a"), gate_low_rank_dim=rank("g"),
+                         v_low_rank_dim=rank("v") if len(layers) > 1 else 1, eos_token_id=0, pad_token_id=None))
     if n_heads * head_size != C:
         raise ValueError(f"this .pth's r_k has {n_heads} heads of {head_size}, which do not span its {C} channels")
     cfg = hooked_config(c, model_name)
