@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_engine import median_times
+from benchmarks.bench_engine import load_average, median_times
 from hooked_gdn.delta_rule import DEFAULT_CHUNK_SIZE as MODEL_CHUNK_SIZE, chunked_gated_delta_rule
 from hooked_gdn.dplr import DEFAULT_CHUNK_SIZE, DPLREdits, chunked_dplr, dplr, dplr_reference
 from hooked_gdn.files import atomic_file
@@ -127,7 +127,9 @@ def results_block(results: dict | None) -> str:
         return "Not yet run: `python -m benchmarks.bench_dplr`.\n"
     p = results["provenance"]
     lines = [f"`{p['command']}` on {p['date']} (torch {p['torch']}, {p['cpu_threads']} CPU threads, {p['heads']} heads of "
-             f"{p['head_size']}, chunk {p['chunk_size']} (the model's forward: its default chunk, {p['model_chunk_size']}), batch 1, fp32, medians of {p['repeats']} interleaved repeats), "
+             f"{p['head_size']}, chunk {p['chunk_size']} (the model's forward: its default chunk, {p['model_chunk_size']}), batch 1, fp32, medians of {p['repeats']} interleaved repeats"
+             + (f", load average {p['load_average_before'][0]:.1f} before and {p['load_average_after'][0]:.1f} after on {p['cpu_count']} CPUs"
+                if "load_average_before" in p else "") + "), "
              "`benchmarks/results/bench_dplr.json`:", "",
              "| T | id | measure | ratio | times |", "|---|---|---|---|---|"]
     lines += [f"| {r['T']} | {r['id']} | {r['measure']} | {r['ratio']:.2f} | {r['detail']} |" for r in results["rows"]]
@@ -140,6 +142,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, default=RESULTS_JSON)
     args = parser.parse_args()
+    load_before, start = load_average(), time.perf_counter()
     with torch.no_grad():
         lengths = list(map(int, args.lengths.split(",")))
         rows = [row for T in lengths for row in rows_for(T, args.repeats)]
@@ -149,7 +152,9 @@ def main() -> None:
                               "cpu_threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine(),
                               "heads": HEADS, "head_size": HEAD_SIZE, "chunk_size": DEFAULT_CHUNK_SIZE,
                               "model_chunk_size": MODEL_CHUNK_SIZE, "rwkv": importlib.metadata.version("rwkv"),
-                              "repeats": args.repeats, "seed": 0},
+                              "repeats": args.repeats, "seed": 0, "load_average_before": load_before,
+                              "load_average_after": load_average(), "cpu_count": os.cpu_count(),
+                              "wall_s": round(time.perf_counter() - start, 1)},
                "rows": rows}
     print(results_block(results))
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """P1–P4: the recurrence engine's speed and memory, as ratios measured in one run.
 
-    python -m benchmarks.bench_engine            # all four, Qwen3.5-0.8B GDN head sizes, 4 layers
+    python -m benchmarks.bench_engine --threads 1,2   # all, Qwen3.5-0.8B GDN head sizes, 4 layers; P2 at 1 and 2 threads
     python -m benchmarks.bench_engine --only P3 --layers 2
 
 Model: H_v = 16, d_k = d_v = 128, d_model = 1024, d_mlp = 3584 (Qwen3.5-0.8B's sizes) with few
@@ -9,19 +9,26 @@ layers (3 GDN : 1 attention by default), random weights, fp32, batch 1.
 - P1: forward with no hooks / transformers' Qwen3_5ForCausalLM forward (same weights).   target ≤ 1.05
 - P2: caching hook_state of one layer at all T = 512 positions:
       per-token scan (our sequential mode) / ours                                      target ≥ 10
-      (ours − clean forward) / the time to write that many bytes                       target ≤ 2.5
-      TransformerLens 4.3's bridge with eager_scan (its per-token scan) / ours          peer column
+      (ours − clean forward) / the time to write that many bytes (P2b)                 target ≤ 1.5
+      TransformerLens 4.3's bridge with eager_scan (its per-token scan) / ours          peer, ≥ 2
+  The same P2 rows for Mamba-2 (a random ``Mamba2ForCausalLM`` loaded by both libraries, 4 layers,
+  `benchmarks.gpu_check`'s builder), at mamba2-370m's layer sizes (d_model 1024, 32 heads of 64, d_state 128)
+  and at a tiny size (d_model 128, 8 heads of 32, d_state 32) where per-call overheads weigh most;
+  the peer column is TransformerLens' ``SSM2MixerBridge`` with ``eager_scan`` (issue 28: goal ≥ 2).
 - P3: peak memory above the loaded model, caching P = 8 of T = 2048 states / no hooks.    target ≤ 1.2
 - P4: one carried write edit at a late position / a clean forward.                       target ≤ 1.5
 
-Times are medians of interleaved repeats; P3 runs each case in a fresh process and reads the
-kernel's peak-RSS counter (VmHWM, reset through /proc/self/clear_refs).
+P2 runs once per ``--threads`` count (rows say which); P1, P3, P4 at the first. Times are medians of
+interleaved repeats; the machine's load average is recorded before and after. P3 runs each case in a
+fresh process and reads the kernel's peak-RSS counter (VmHWM, reset through /proc/self/clear_refs).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -114,12 +121,12 @@ def p2(hf, ours, repeats: int, T: int = 512) -> list[tuple]:
     rows = [
         ("P2a", f"per-token scan (our sequential mode) / ours, all T={T} states of one layer", scan["scan"] / t["cached"],
          "≥ 10", f"{scan['scan'] * 1e3:.0f} ms vs {t['cached'] * 1e3:.0f} ms"),
-        ("P2b", "(ours − clean forward) / writing the same bytes", (t["cached"] - t["clean"]) / t["write bytes"], "≤ 2.5",
+        ("P2b", "(ours − clean forward) / writing the same bytes", (t["cached"] - t["clean"]) / t["write bytes"], "≤ 1.5",
          f"{(t['cached'] - t['clean']) * 1e3:.0f} ms vs {t['write bytes'] * 1e3:.0f} ms for {gib:.2f} GiB"),
     ]
     if "TransformerLens" in scan:
         rows.append(("P2c", "TransformerLens 4.3 bridge, eager_scan state cache / ours", scan["TransformerLens"] / t["cached"],
-                     "(peer)", f"{scan['TransformerLens'] * 1e3:.0f} ms vs {t['cached'] * 1e3:.0f} ms"))
+                     "≥ 2", f"{scan['TransformerLens'] * 1e3:.0f} ms vs {t['cached'] * 1e3:.0f} ms"))
     return rows
 
 
@@ -173,40 +180,80 @@ def p4(ours, repeats: int) -> list[tuple]:
              f"{t['edited'] * 1e3:.0f} ms vs {t['clean'] * 1e3:.0f} ms")]
 
 
+MAMBA2_SIZES = {"mamba2-370m layer": {}, "tiny": "SMALL_MAMBA2"}  # gpu_check's sizes: its defaults, its --small ones
+
+
+def mamba2_p2(repeats: int, layers: int, T: int = 512) -> list[tuple]:
+    """P2's rows for Mamba-2 at each of MAMBA2_SIZES, ids marked "·M2", measures naming the size."""
+    from benchmarks import gpu_check
+
+    rows = []
+    for label, sizes in MAMBA2_SIZES.items():
+        hf, ours = gpu_check._mamba2_models(layers, **(getattr(gpu_check, sizes) if isinstance(sizes, str) else sizes))
+        rows += [(f"{rid}·M2", f"Mamba-2 ({label} sizes): {what}", *rest) for rid, what, *rest in p2(hf, ours, repeats, T)]
+        del hf, ours
+    return rows
+
+
+def load_average() -> list[float]:
+    """The machine's 1-, 5- and 15-minute load averages (other processes' demand for the CPUs)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="P1,P2,P3,P4")
+    parser.add_argument("--only", default="P1,P2,P2M2,P3,P4", help="any of P1, P2 (GDN), P2M2 (Mamba-2), P3, P4")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", default=str(torch.get_num_threads()),
+                        help="comma-separated CPU thread counts to run P2 at (P1, P3, P4 run at the first)")
     parser.add_argument("--json", type=Path, default=RESULTS_JSON,
                         help=f"where the rows and their provenance go (default {RESULTS_JSON.relative_to(ROOT)})")
     args = parser.parse_args()
     wanted = args.only.split(",")
-    rows = []
+    thread_counts = [int(n) for n in args.threads.split(",")]
+    load_before, start = load_average(), time.perf_counter()
+    rows = []  # (threads, id, measure, ratio, target, detail)
     with torch.no_grad():
-        hf, ours = models(args.layers)
-        if "P1" in wanted:
-            rows += p1(hf, ours, args.repeats)
-        if "P2" in wanted:
-            rows += p2(hf, ours, args.repeats)
-        if "P4" in wanted:
-            rows += p4(ours, args.repeats)
-        del hf, ours
+        for i, threads in enumerate(thread_counts):
+            torch.set_num_threads(threads)
+            at = lambda new: [(threads, *row) for row in new]
+            if {"P1", "P2", "P4"} & set(wanted):
+                hf, ours = models(args.layers)
+                if "P1" in wanted and i == 0:
+                    rows += at(p1(hf, ours, args.repeats))
+                if "P2" in wanted:
+                    rows += at(p2(hf, ours, args.repeats))
+                if "P4" in wanted and i == 0:
+                    rows += at(p4(ours, args.repeats))
+                del hf, ours
+            if "P2M2" in wanted:
+                rows += at(mamba2_p2(args.repeats, args.layers))
+        torch.set_num_threads(thread_counts[0])
     if "P3" in wanted:
-        rows += p3(args.layers)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.layers} layers, fp32, batch 1\n")
-    print("| id | measure | ratio | target | times |\n|---|---|---|---|---|")
-    for rid, what, ratio, target, detail in rows:
-        print(f"| {rid} | {what} | {ratio:.2f} | {target} | {detail} |")
+        rows += [(thread_counts[0], *row) for row in p3(args.layers)]
+    print(f"torch {torch.__version__}, {args.layers} layers, fp32, batch 1, load average {load_before} -> {load_average()}\n")
+    print("| threads | id | measure | ratio | target | times |\n|---|---|---|---|---|---|")
+    for threads, rid, what, ratio, target, detail in rows:
+        print(f"| {threads} | {rid} | {what} | {ratio:.2f} | {target} | {detail} |")
     results = {"provenance": {"command": shlex.join(["python", "-m", "benchmarks.bench_engine", *sys.argv[1:]]),
                               "date": time.strftime("%Y-%m-%d", time.gmtime()), "torch": torch.__version__,
-                              "transformers": transformers.__version__, "cpu_threads": torch.get_num_threads(),
+                              "transformers": transformers.__version__, "transformer_lens": _version("transformer-lens"),
+                              "cpu_threads": thread_counts, "cpu_count": os.cpu_count(),
                               "processor": platform.processor() or platform.machine(), "layers": args.layers,
-                              "repeats": args.repeats},
-               "rows": [dict(zip(("id", "measure", "ratio", "target", "detail"), r)) for r in rows]}
+                              "repeats": args.repeats, "seed": 0, "load_average_before": load_before,
+                              "load_average_after": load_average(), "wall_s": round(time.perf_counter() - start, 1)},
+               "rows": [dict(zip(("threads", "id", "measure", "ratio", "target", "detail"), r)) for r in rows]}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(args.json, "w") as f:
         json.dump(results, f, indent=2)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def results_block(results: dict | None) -> str:
@@ -214,11 +261,15 @@ def results_block(results: dict | None) -> str:
     if results is None:
         return "Not yet run: `python -m benchmarks.bench_engine`.\n"
     p = results["provenance"]
-    lines = [f"`{p['command']}` on {p['date']} (torch {p['torch']}, transformers {p['transformers']}, {p['cpu_threads']} CPU "
-             f"threads, {p['layers']} layers, medians of {p['repeats']} interleaved repeats), "
-             "`benchmarks/results/bench_engine.json`:", "",
-             "| id | measure | ratio | target | times |", "|---|---|---|---|---|"]
-    lines += [f"| {r['id']} | {r['measure']} | {r['ratio']:.2f} | {r['target']} | {r['detail']} |" for r in results["rows"]]
+    threads = p["cpu_threads"] if isinstance(p["cpu_threads"], list) else [p["cpu_threads"]]
+    load = (f", load average {p['load_average_before'][0]:.1f} before and {p['load_average_after'][0]:.1f} after on "
+            f"{p['cpu_count']} CPUs" if "load_average_before" in p else "")
+    lines = [f"`{p['command']}` on {p['date']} (torch {p['torch']}, transformers {p['transformers']}, "
+             f"{'/'.join(map(str, threads))} CPU threads, {p['layers']} layers, medians of {p['repeats']} interleaved "
+             f"repeats{load}), `benchmarks/results/bench_engine.json`:", "",
+             "| threads | id | measure | ratio | target | times |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r.get('threads', threads[0])} | {r['id']} | {r['measure']} | {r['ratio']:.2f} | {r['target']} | {r['detail']} |"
+              for r in results["rows"]]
     return "\n".join(lines) + "\n"
 
 

@@ -1,54 +1,111 @@
-"""P5: SAE training throughput and parameter memory, WriteSAE against the flat baseline, in one run.
+"""P5: SAE training against the machine's matrix-product rate, in one run.
 
-    python -m benchmarks.bench_sae                  # d_k = d_v = 128, n_features = 4096, one head
-    python -m benchmarks.bench_sae --n-features 2048 --batch 128
+    python -m benchmarks.bench_sae                 # the grid below, 1 thread, about 10 minutes
+    python -m benchmarks.bench_sae --max-gflop 5   # a smaller grid
 
-- training steps (Adam, TopK k=32, forward + backward + step) on random states X [batch, 1, 128, 128]:
-  states/s of `BilinearMatrixSAE` (rank 1) and of `FlatSAE` at equal n_features, and their ratio;
-- parameter memory of each (weights, biases and Adam's two moments), and the ratio;
-- states/s streamed from the shipped model (`gdn-austen`, all heads of one GDN layer, 8 random
-  positions per 128-token context) into training a `BilinearMatrixSAE` on them.
+For `FlatSAE`, `MatrixSAE` (rank 1) and `BilinearMatrixSAE` (rank 1, untied), one head, TopK k = 32, at
+Qwen3.5-0.8B's GDN head shape (d_k = d_v = 128) and at the shipped gdn-austen's (64 × 64), over
+n_features ∈ {64, 1024, 16384} × batch ∈ {32, 256, 1024}: the trainer's own step
+(`writesae.train.training_step`: loss, backward, Adam, unit-norm factors, finiteness guards, dead
+counters) on random states, timed as the median of repeats. Each row gives states/s, the step's FLOPs
+(`training_step_flops`, counted analytically) and ``matmul_fraction``: achieved FLOP/s over the FLOP/s of one
+plain square ``torch.matmul`` of the same FLOPs, timed right after the step in the same run (so both
+see the same load). ``overhead_ms`` = step time − that matmul's time: what the step spends beyond its
+FLOPs at matrix-product speed. Steps above ``--max-gflop`` GFLOP, or whose weights, gradients and Adam
+moments would pass ``--max-gib`` GiB, are skipped (listed in the results): the grid is subsampled.
+
+``decode``: the two routes of `SAEBase.decode_atoms` (dense product of every code with every atom,
+and gathering the k active atoms), forward and backward, timed side by side at shapes around the
+crossover, with the route `writesae.sae.dense_decode_is_cheaper` picks: the measurement behind its
+``GATHER_COST_FLOPS``.
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
+import itertools
+import json
+import os
+import platform
+import shlex
+import sys
 import time
+from pathlib import Path
+from unittest import mock
 
 import torch
 
 from benchmarks.timing import median_seconds
-from hooked_gdn.sites import site_name
-from writesae import BilinearMatrixSAE, FlatSAE
+from hooked_gdn.files import atomic_file
+from writesae import BilinearMatrixSAE, FlatSAE, MatrixSAE
+from writesae.sae import GATHER_COST_FLOPS, dense_decode_is_cheaper
+from writesae.train import TrainConfig, make_optimizer, training_step, _guard
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_JSON = ROOT / "benchmarks" / "results" / "sae.json"
+CLASSES = {"flat": FlatSAE, "matrix": MatrixSAE, "bilinear": BilinearMatrixSAE}
+HEAD_SHAPES = {"Qwen3.5-0.8B": (128, 128), "gdn-austen": (64, 64)}
+N_FEATURES = (64, 1024, 16384)
+BATCHES = (32, 256, 1024)
+K = 32
+
+
+def training_step_flops(architecture: str, batch: int, n: int, k: int, d_k: int, d_v: int, rank: int = 1) -> int:
+    """FLOPs of one training step per head (forward and backward), matrix products only (2 per
+    multiply-add; the elementwise work, top-k, norms and Adam are not counted), as the step computes
+    them. D = d_k·d_v, B = batch, and "gathered" where `writesae.sae.dense_decode_is_cheaper` picks it:
+
+    encoder     flat, matrix: 2·B·n·D (z = W_enc·x), and backward (∂W_enc; ∂x, which b_dec needs)
+                              4·B·n·D dense or 4·B·k·D gathered (TopK passes a gradient to k features)
+                bilinear:     6·B·n·D + 6·n·r·D (against E_i = Σ_r U_ir P_irᵀ, forming E, ∂U and ∂P: dense)
+    decoder     gathered:     6·B·k·D flat, 6·B·k·r·D factored (x̂; ∂values; ∂atoms)
+                dense:        6·B·n·D, plus 6·n·r·D to form the atoms when factored
+    (AuxK adds nothing while no feature is dead, as in the benchmark.)
+    """
+    D = d_k * d_v
+    r = 1 if architecture == "flat" else rank
+    gathered = not dense_decode_is_cheaper(batch, n, k, d_k, d_v, None if architecture == "flat" else rank)
+    if architecture == "bilinear":
+        encoder = 6 * batch * n * D + 6 * n * r * D
+    else:  # the dense encoder's backward takes the flat rule (its rows are d_k·d_v numbers)
+        encoder = 2 * batch * n * D + 4 * batch * D * (n if dense_decode_is_cheaper(batch, n, k, d_k, d_v, None) else k)
+    decoder = 6 * batch * k * r * D if gathered else 6 * batch * n * D + (0 if architecture == "flat" else 6 * n * r * D)
+    return encoder + decoder
+
+
+def state_bytes(sae) -> int:
+    """Weights, gradients and Adam's two moments."""
+    return 4 * sum(p.numel() * p.element_size() for p in sae.parameters())
+
+
+def parameter_count(architecture: str, n: int, d_k: int, d_v: int) -> int:
+    D = d_k * d_v
+    return {"flat": 2 * n * D, "matrix": n * D + n * (d_k + d_v), "bilinear": 2 * n * (d_k + d_v)}[architecture] + n + D
 
 
 def train_step(sae, batch: torch.Tensor):
-    """The trainer's step on ``batch`` (TopK codes, only the active atoms decoded; Adam), as a function."""
-    optimiser = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    """The trainer's step (`writesae.train.training_step`, Adam at lr 1e-4) on a fixed batch, as a
+    function of no arguments; `benchmarks.gpu_check` times it too."""
+    cfg = TrainConfig(batch_size=len(batch), lr=1e-4)
+    optimizer = make_optimizer(sae, cfg)
+    since_fired = torch.zeros(sae.n_dicts, sae.cfg.n_features, dtype=torch.long, device=batch.device)
+    guard = lambda tensors: _guard(0, tensors, Path(os.devnull), None)
 
     def step():
-        values, indices = sae.encode(batch).topk(sae.cfg.k, dim=-1)
-        loss = (sae.decode_sparse(indices, values) - batch).pow(2).sum((-2, -1)).mean()
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
+        training_step(sae, optimizer, batch, since_fired, cfg, guard)
 
+    step.flops = training_step_flops(sae.cfg.architecture, len(batch), sae.cfg.n_features, sae.cfg.k, sae.cfg.d_k,
+                                     sae.cfg.d_v, sae.cfg.rank) * sae.n_dicts
     return step
+
+
+def step_flops(step) -> int:
+    """The FLOPs of a step made by `train_step` (`training_step_flops`, times its heads)."""
+    return step.flops
 
 
 def train_step_seconds(sae, batch: torch.Tensor, repeats: int) -> float:
     return median_seconds(train_step(sae, batch), repeats)  # the warm-up call allocates Adam's moments
-
-
-def step_flops(step) -> int:
-    """FLOPs of one call of ``step`` (forward and backward) as torch counts them: matrix products only
-    (mm, bmm and the einsums made of them); element-wise work, top-k, gathers and Adam are not counted."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        step()
-    return counter.get_total_flops()
 
 
 def matmul_seconds(flops: int, device, repeats: int, dtype=torch.float32) -> tuple[float, int]:
@@ -58,55 +115,123 @@ def matmul_seconds(flops: int, device, repeats: int, dtype=torch.float32) -> tup
     return median_seconds(lambda: torch.matmul(a, b), repeats), 2 * m**3
 
 
-def memory_mib(sae) -> float:
-    """Parameters plus Adam's two moments, in MiB."""
-    return 3 * sum(p.numel() * p.element_size() for p in sae.parameters()) / 2**20
+def step_row(architecture: str, shape: str, n: int, batch: int, repeats: int) -> dict:
+    d_k, d_v = HEAD_SHAPES[shape]
+    sae = CLASSES[architecture](d_k=d_k, d_v=d_v, n_features=n, k=K, seed=0)
+    x = torch.randn(batch, 1, d_k, d_v, generator=torch.Generator().manual_seed(0))
+    seconds = train_step_seconds(sae, x, repeats)
+    flops = training_step_flops(architecture, batch, n, K, d_k, d_v)
+    mm_seconds, mm_flops = matmul_seconds(flops, "cpu", repeats)
+    return {"architecture": architecture, "head_shape": shape, "d_k": d_k, "d_v": d_v, "n_features": n, "batch": batch,
+            "k": K, "decode": "dense" if dense_decode_is_cheaper(batch, n, K, d_k, d_v, None if architecture == "flat" else 1)
+            else "gathered", "step_ms": 1e3 * seconds, "states_per_s": batch / seconds, "step_gflop": flops / 1e9,
+            "gflop_per_s": flops / seconds / 1e9, "matmul_gflop_per_s": mm_flops / mm_seconds / 1e9,
+            "matmul_fraction": (flops / seconds) / (mm_flops / mm_seconds),
+            "overhead_ms": 1e3 * (seconds - mm_seconds * flops / mm_flops)}
 
 
-def streaming_states_per_second(steps: int, batch: int) -> float:
-    from hooked_gdn import HookedGatedDeltaNet
-    from hooked_gdn.pretrained import austen_documents
-    from writesae.store import ActivationStore, StoreConfig
-    from writesae.train import TrainConfig, train
+def decode_row(architecture: str, d: int, n: int, batch: int, repeats: int) -> dict:
+    """Forward + backward of decode_atoms by each route, on the same codes."""
+    sae = CLASSES[architecture](d_k=d, d_v=d, n_features=n, k=K, seed=0)
+    g = torch.Generator().manual_seed(0)
+    indices = torch.rand(batch, 1, n, generator=g).topk(K, dim=-1).indices
+    values = torch.rand(batch, 1, K, generator=g, requires_grad=True)
+    times = {}
+    for route in ("dense", "gathered"):
+        def run(route=route):
+            with mock.patch("writesae.sae.dense_decode_is_cheaper", lambda *shape: route == "dense"):
+                sae.decode_atoms(indices, values).sum().backward()
+        times[route] = median_seconds(run, repeats)
+    chosen = "dense" if dense_decode_is_cheaper(batch, n, K, d, d, None if architecture == "flat" else 1) else "gathered"
+    return {"architecture": architecture, "d_k": d, "d_v": d, "n_features": n, "batch": batch, "k": K,
+            "dense_ms": 1e3 * times["dense"], "gathered_ms": 1e3 * times["gathered"], "rule_picks": chosen,
+            "faster": min(times, key=times.get), "picked_time_over_best": times[chosen] / min(times.values())}
 
-    model = HookedGatedDeltaNet.from_pretrained("gdn-austen").eval()
-    layer = model.cfg.gdn_layers[len(model.cfg.gdn_layers) // 2]
-    store = ActivationStore(model, austen_documents("train"),
-                            StoreConfig(layer=layer, heads="all", context=128, positions=8, buffer_size=2048))
-    sae = BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, n_features=512, k=16, heads="all",
-                            n_heads=model.cfg.n_value_heads, site=site_name(layer, "state"), seed=0)
-    with tempfile.TemporaryDirectory() as out:
-        start = time.perf_counter()
-        train(sae, store, TrainConfig(steps=steps, batch_size=batch, out_dir=out, eval_every=0, checkpoint_every=0, progress=False))
-        return steps * batch / (time.perf_counter() - start)
+
+def provenance(script: str, args, **extra) -> dict:
+    """Command, date, versions, threads, load average and seed of a results file."""
+    return {"command": shlex.join(["python", "-m", f"benchmarks.{script}", *sys.argv[1:]]),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+            "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
+            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "load_average_before": list(os.getloadavg()), "seed": 0, **extra}
+
+
+def write_results(path: Path, results: dict) -> None:
+    results["provenance"]["load_average_after"] = list(os.getloadavg())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as f:
+        f.write(json.dumps(results, indent=1) + "\n")
+
+
+def results_block(results: dict | None) -> str:
+    """RESULTS.md's P5 section, from ``benchmarks/results/sae.json``."""
+    if results is None:
+        return "Not yet run: `python -m benchmarks.bench_sae`.\n"
+    p = results["provenance"]
+    lines = [f"`{p['command']}` on {p['date']} (torch {p['torch']}, {p['cpu_threads']} CPU thread(s), load average "
+             f"{p['load_average_before'][0]:.1f} before and {p['load_average_after'][0]:.1f} after on {p['cpu_count']} cores, "
+             f"medians of {p['repeats']} repeats, one head, TopK k = {p['k']}, Adam, the trainer's step), "
+             "`benchmarks/results/sae.json`. FLOPs counted analytically (`benchmarks.bench_sae.training_step_flops`); "
+             "*matmul fraction*: achieved FLOP/s over a plain square `torch.matmul` of the same FLOPs timed beside it; "
+             "*overhead*: step time minus that matmul's time.", "",
+             "| SAE | head | n | batch | decode | states/s | GFLOP/step | matmul fraction | overhead ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['architecture']} | {r['d_k']}×{r['d_v']} | {r['n_features']} | {r['batch']} | {r['decode']} | "
+              f"{r['states_per_s']:.0f} | {r['step_gflop']:.3g} | {r['matmul_fraction']:.2f} | {r['overhead_ms']:.1f} |"
+              for r in results["rows"]]
+    s = results["summary"]
+    lines += ["", f"Goal ≥ 0.6 of the matmul rate on steps of ≥ 1 GFLOP: {s['big_steps_meeting_goal']} of "
+              f"{s['big_steps']} meet it (lowest {s['big_steps_lowest_fraction']:.2f}). Goal ≤ 2 ms overhead at the "
+              f"smallest shapes (n = 64, batch 32): {', '.join(f'{a} {v:.1f} ms' for a, v in s['smallest_overhead_ms'].items())}.",
+              f"Skipped (over {p['max_gflop']} GFLOP a step or {p['max_gib']} GiB of state): "
+              f"{'; '.join(results['skipped']) or 'none'}.", "",
+              f"Decode routes (forward + backward, ms; the rule with GATHER_COST_FLOPS = {p['gather_cost_flops']} picks one):", "",
+              "| SAE | d | n | batch | dense | gathered | rule picks | picked / best |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['architecture']} | {r['d_k']} | {r['n_features']} | {r['batch']} | {r['dense_ms']:.1f} | "
+              f"{r['gathered_ms']:.1f} | {r['rule_picks']} | {r['picked_time_over_best']:.2f} |" for r in results["decode"]]
+    return "\n".join(lines) + "\n"
+
+
+def summary(rows: list[dict]) -> dict:
+    big = [r for r in rows if r["step_gflop"] >= 1]
+    smallest = {r["architecture"] + f" {r['d_k']}×{r['d_v']}": r["overhead_ms"] for r in rows
+                if r["n_features"] == min(N_FEATURES) and r["batch"] == min(BATCHES)}
+    return {"big_steps": len(big), "big_steps_meeting_goal": sum(r["matmul_fraction"] >= 0.6 for r in big),
+            "big_steps_lowest_fraction": min((r["matmul_fraction"] for r in big), default=float("nan")),
+            "smallest_overhead_ms": smallest}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-features", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--stream-steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-gflop", type=float, default=60.0, help="skip steps of more GFLOP than this")
+    parser.add_argument("--max-gib", type=float, default=1.5, help="skip SAEs whose weights+grads+Adam pass this")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=RESULTS_JSON)
     args = parser.parse_args()
-    d = 128
-    batch = torch.randn(args.batch, 1, d, d, generator=torch.Generator().manual_seed(0))
-    kw = dict(d_k=d, d_v=d, n_features=args.n_features, k=32, seed=0)
-    seconds, memory = {}, {}
-    for name, cls in (("BilinearMatrixSAE", BilinearMatrixSAE), ("FlatSAE", FlatSAE)):
-        sae = cls(**kw)
-        seconds[name] = train_step_seconds(sae, batch, args.repeats)
-        memory[name] = memory_mib(sae)
-        del sae
-    stream = streaming_states_per_second(args.stream_steps, args.batch)
-    rate = {name: args.batch / s for name, s in seconds.items()}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, d_k = d_v = {d}, n_features = {args.n_features}, "
-          f"batch {args.batch}\n")
-    print("| id | measure | BilinearMatrixSAE | FlatSAE | ratio |\n|---|---|---|---|---|")
-    print(f"| P5a | training states/s | {rate['BilinearMatrixSAE']:.0f} | {rate['FlatSAE']:.0f} | "
-          f"{rate['BilinearMatrixSAE'] / rate['FlatSAE']:.1f}× faster |")
-    print(f"| P5b | parameter + Adam memory | {memory['BilinearMatrixSAE']:.1f} MiB | {memory['FlatSAE']:.1f} MiB | "
-          f"{memory['FlatSAE'] / memory['BilinearMatrixSAE']:.0f}× smaller |")
-    print(f"| P5c | states/s streamed from gdn-austen into training | {stream:.0f} | | |")
+    torch.set_num_threads(args.threads)
+    results = {"provenance": provenance("bench_sae", args, repeats=args.repeats, k=K, max_gflop=args.max_gflop,
+                                        max_gib=args.max_gib, gather_cost_flops=GATHER_COST_FLOPS),
+               "rows": [], "skipped": [], "decode": []}
+    for architecture, shape, n, batch in itertools.product(CLASSES, HEAD_SHAPES, N_FEATURES, BATCHES):
+        d_k, d_v = HEAD_SHAPES[shape]
+        gib = 4 * 4 * parameter_count(architecture, n, d_k, d_v) / 2**30
+        gflop = training_step_flops(architecture, batch, n, K, d_k, d_v) / 1e9
+        if gflop > args.max_gflop or gib > args.max_gib:
+            results["skipped"].append(f"{architecture} {d_k}×{d_v} n={n} batch={batch} ({gflop:.0f} GFLOP, {gib:.1f} GiB)")
+            continue
+        row = step_row(architecture, shape, n, batch, args.repeats)
+        print(json.dumps(row), flush=True)
+        results["rows"].append(row)
+    for architecture, d, n, batch in [("flat", 64, n, 256) for n in (256, 1024, 4096)] + [
+            ("flat", 128, n, 32) for n in (256, 1024, 4096)] + [("bilinear", 64, n, 256) for n in (64, 256)]:
+        row = decode_row(architecture, d, n, batch, args.repeats)
+        print(json.dumps(row), flush=True)
+        results["decode"].append(row)
+    results["summary"] = summary(results["rows"])
+    write_results(args.json, results)
+    print(results_block(json.loads(args.json.read_text())))
 
 
 if __name__ == "__main__":

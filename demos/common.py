@@ -60,7 +60,8 @@ def sae_layer(sae) -> int:
 
 def memory_groups(layer: int, heads, model_name: str = "gdn-austen") -> dict:
     """``heads`` of GDN ``layer`` split by the shipped census (median half-life ≥ 16 tokens: "long",
-    else "short"), with each head's median half-life in tokens."""
+    else "short"), with each head's median half-life in tokens and whether its decay is fixed or learned
+    (``HeadCensus.decay_kind``)."""
     from hooked_gdn.census import LONG_MEMORY, MemoryCensus
     from hooked_gdn.pretrained import CENSUS_FILE, PRETRAINED_MODELS
 
@@ -68,7 +69,8 @@ def memory_groups(layer: int, heads, model_name: str = "gdn-austen") -> dict:
     half_life = {h: census.head(layer, h).half_life[1] for h in heads}
     return {"long": [h for h in heads if half_life[h] >= LONG_MEMORY],
             "short": [h for h in heads if half_life[h] < LONG_MEMORY],
-            "half_life": half_life, "min_half_life": LONG_MEMORY}
+            "half_life": half_life, "min_half_life": LONG_MEMORY,
+            "decay": {h: census.head(layer, h).decay_kind for h in heads}}
 
 
 def write_json(path: Path, results: dict) -> None:
@@ -121,7 +123,7 @@ def wall_time(results: dict) -> str:
     """"N min (or s) wall time at T CPU threads", from a results file's ``seconds`` and provenance."""
     seconds, threads = results["seconds"], results["provenance"].get("cpu_threads")
     took = f"{seconds} s" if seconds < 90 else f"{round(seconds / 60)} min"
-    return f"{took} wall time" + (f" at {threads} CPU threads" if threads else "")
+    return f"{took} wall time" + (f" at {threads} CPU thread{'s' if threads != 1 else ''}" if threads else "")
 
 
 def pyplot():

@@ -12,7 +12,9 @@ So every number in a block is traceable to one file, whose ``provenance`` names 
 SAE that produced it; ``tests/test_readme_numbers.py`` checks that the README and the files agree.
 
 A block ``<!-- generated: NAME -->`` … ``<!-- /generated: NAME -->`` is the text of a function of the library
-(``GENERATED``), such as the capability matrix that ``tests/test_capabilities.py`` runs cell by cell.
+(``GENERATED``), such as the capability matrix that ``tests/test_capabilities.py`` runs cell by cell, or of a
+benchmark's committed results on checkpoints other than the shipped ones (the comparison with TransformerLens'
+bridge, ``benchmarks/bridge_comparison.py``).
 """
 
 from __future__ import annotations
@@ -43,8 +45,23 @@ def _shipped_models_table() -> str:
     return shipped_models_table()
 
 
+def _bridge_comparison_table() -> str:
+    """The comparison with TransformerLens' bridge, from the committed results of benchmarks/bridge_comparison.py
+    (measured on tiny random checkpoints, not the shipped models, so it is not a ``results:`` block)."""
+    from benchmarks import bridge_comparison
+
+    return bridge_comparison.comparison_table(json.loads(bridge_comparison.RESULTS_JSON.read_text()))
+
+
+def _benchmark_summary() -> str:
+    from benchmarks.results_md import readme_summary
+
+    return readme_summary()
+
+
 #: generated blocks that are not results: name -> what renders them
-GENERATED = {"capabilities": _capability_table, "shipped_models": _shipped_models_table}
+GENERATED = {"capabilities": _capability_table, "shipped_models": _shipped_models_table,
+             "bridge_comparison": _bridge_comparison_table, "benchmark_summary": _benchmark_summary}
 
 
 def renderer_module(package: str, name: str, renderer: str, block: str):

@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from demos.common import provenance, run_now, write_json
+from demos.common import memory_groups, provenance, run_now, write_json
 from hooked_gdn.census import LONG_MEMORY
 from hooked_gdn.files import file_sha256
 from hooked_gdn.sites import site_name
@@ -37,6 +37,7 @@ def collect() -> dict:
         saes[name] = {key: results[key] for key in ("kind", "layer", "heads", "command", "settings", "half_lives",
                                                      "convergence", "reconstruction", "downstream")}
         saes[name]["sae_sha256"] = file_sha256(folder / WEIGHTS_FILE)
+        saes[name]["decay"] = [memory_groups(results["layer"], results["heads"])["decay"][h] for h in results["heads"]]
     if not saes:
         raise FileNotFoundError("no shipped SAEs: run python -m scripts.train_shipped_saes first")
     seeds = {s["settings"]["seed"] for s in saes.values()}
@@ -65,17 +66,19 @@ def readme_block(results: dict) -> str:
             f"{s['settings']['n_features']} features per head, TopK k = {s['settings']['k']}, {s['settings']['steps']} "
             f"steps; `{run_now(s['command'])}`). Held-out FVU per head, with PCA-k and a FlatSAE at the same L0:",
             "",
-            "| head | median half-life | WriteSAE | PCA-k | FlatSAE | WriteSAE / PCA-k |",
-            "|---|---|---|---|---|---|",
+            "| head | decay | median half-life | WriteSAE | PCA-k | FlatSAE | WriteSAE / PCA-k |",
+            "|---|---|---|---|---|---|---|",
         ]
         for i, head in enumerate(s["heads"]):
-            lines.append(f"| {head} | {s['half_lives'][i]:.3g} | {r['writesae']['fvu'][i]:.3f} | {r['pca']['fvu'][i]:.3f} | "
+            lines.append(f"| {head} | {s['decay'][i]} | {s['half_lives'][i]:.3g} | {r['writesae']['fvu'][i]:.3f} | "
+                         f"{r['pca']['fvu'][i]:.3f} | "
                          f"{r['flat']['fvu'][i]:.3f} | {ratios[i]:.2f} |")
         goal = all(ratios[i] <= 0.7 for i in long)
         d = s["downstream"]
         lines += [
             "",
-            f"On the long-memory heads ({', '.join(str(s['heads'][i]) for i in long)}: half-life ≥ {LONG_MEMORY} tokens) the "
+            f"On the long-memory heads ({', '.join(str(s['heads'][i]) for i in long)}: half-life ≥ {LONG_MEMORY} tokens; "
+            f"decay {' and '.join(sorted({s['decay'][i] for i in long}))}) the "
             f"WriteSAE's FVU is {', '.join(f'{ratios[i]:.2f}' for i in long)} × PCA-k's: the goal of ≤ 0.7 × is "
             f"{'met' if goal else 'NOT met'}. Held-out FVU moved by at most "
             f"{100 * max(c['relative_change']):.1f}% over the last fifth of training. " + _loop_sentence(d, results) + " "

@@ -64,6 +64,8 @@ LONG_MEMORY = 16
 # most past writes; the model cards count the heads above both, and the studies of SAEs on long memory take their
 # heads above this one (scripts/sae_limits.py, demos/compare_architectures.py)
 VERY_LONG_MEMORY = 64
+# relative spread of a head's decay below which the census calls it fixed: float32 rounding of one constant decay
+FIXED_DECAY_RTOL = 1e-6
 
 
 def _per_head(x: Float[Tensor, "b p H *channels"]) -> Float[Tensor, "samples H"]:
@@ -82,6 +84,18 @@ class HeadCensus:
     top_share: float  # median of σ₁² / ‖S‖²_F
     write_share: float  # median of cos²(S_t, k̂_t δ_tᵀ)
     read_rms_over_sqrt_eps: float  # median of ‖o_t‖_rms / √ε
+
+    @property
+    def decay_is_fixed(self) -> bool:
+        """Whether the decay took one value at every sampled position (its 10th and 90th percentiles agree): an
+        input-independent decay, such as gdn-austen's heads 1 and 3 of every GDN layer were trained with, rather
+        than one the head computes from its input. The two are different mechanisms, so the studies report them
+        apart. (A per-channel decay that is fixed but differs between channels reads as not fixed.)"""
+        return math.isclose(self.alpha[0], self.alpha[2], rel_tol=FIXED_DECAY_RTOL)
+
+    @property
+    def decay_kind(self) -> str:
+        return "fixed" if self.decay_is_fixed else "learned"
 
 
 @dataclass(frozen=True)

@@ -201,8 +201,9 @@ def chunked_gated_delta_rule(
 
     Without the erase (``SCALAR_DECAY``) there is no system to solve: A = 0 and δ = β v (the SSD form
     of Mamba-2).
-    The chunk-start states come from a loop over chunks; the states at requested positions are
-    then the last line, computed for all of them at once.
+    The chunk-start states come from a loop over chunks. Some states at requested positions are then the
+    last line, computed for all of them at once; every state is the recurrence's own step from each chunk's
+    start (`every_state`), which writes each state once, at a few flops per entry.
     """
     b, T, H, d_k = k.shape
     d_v = v.shape[-1]
@@ -240,23 +241,47 @@ def chunked_gated_delta_rule(
 
     states = None
     if state_positions is not None:
-        starts = torch.stack(chunk_starts, 2)  # [b, H, N, d_k, d_v]
-        # e^{γ_i} S_0 first, then += Σ_j D_ij k̂_j δ_jᵀ in place: the states are written once
         if len(state_positions) == T and bool((state_positions == torch.arange(T, device=k.device)).all()):
-            # every state: per chunk, rows (i, d_k) of D_ij k̂_j times δ [C, d_v]; no gathers
-            states = torch.mul(starts[:, :, :, None], gamma.exp()[..., None, None])  # [b, H, N, C, d_k, d_v]
-            weighted_keys = decay[..., :, None, :] * k.transpose(-1, -2).contiguous()[..., None, :, :]  # [b, H, N, C, d_k, C]
-            states.view(-1, C * d_k, d_v).baddbmm_(weighted_keys.view(-1, C * d_k, C), delta.view(-1, C, d_v))
-            states = states.flatten(2, 3)[:, :, :T]
-        else:  # some states: gather the rows of their chunks
+            states = every_state(chunk_starts, g.exp()[..., None], [(k, delta)], T)
+        else:  # some states: gather the rows of their chunks; e^{γ_i} S_0 first, then += Σ_j D_ij k̂_j δ_jᵀ in place
             n, i = state_positions // C, state_positions % C
-            states = starts[:, :, n].mul_(gamma[:, :, n, i].exp()[..., None, None])  # [b, H, P, d_k, d_v]
+            states = torch.stack(chunk_starts, 2)[:, :, n].mul_(gamma[:, :, n, i].exp()[..., None, None])  # [b, H, P, d_k, d_v]
             weighted_keys = (k[:, :, n] * decay[:, :, n, i][..., None]).transpose(-1, -2)  # D_ij k̂_j, 0 for j > i
             states.view(-1, d_k, d_v).baddbmm_(weighted_keys.reshape(-1, d_k, C), delta[:, :, n].reshape(-1, C, d_v))
-        states = states.transpose(1, 2)
+            states = states.transpose(1, 2)
 
     unchunk = lambda x: rearrange(x, "b h n c d -> b (n c) h d")[:, :T]
     return DeltaRuleOutput(unchunk(out), unchunk(delta), state, states)
+
+
+def every_state(
+    chunk_starts: list[State], decay: Float[Tensor, "b H N C d_k_or_1"],
+    terms: list[tuple[Float[Tensor, "b H N C d_k"], Float[Tensor, "b H N C d_v"]]], T: int,
+) -> Float[Tensor, "b T H d_k d_v"]:
+    """Every state S_t, t < T, of a chunked recurrence whose step is S_t = decay_t ⊙ S_{t−1} + Σ key_t value_tᵀ (one
+    rank-1 term per pair of ``terms``; ``decay`` scales the rows, per head or per channel), given each chunk's
+    start state and the chunked rows (C positions per chunk, padding past T).
+
+    The step itself is taken, at position i of every chunk at once, into the [b, T, H, d_k, d_v] result in place:
+    each state is written once, and read once by its successor. Unrolled within the chunk, the same states are one
+    product with C keys per state (S_i = e^{γ_i} S_0 + Σ_j D_ij k̂_j δ_jᵀ): 2·C flops per entry and a [C, d_k, C]
+    tensor of weighted keys per chunk, which cost two to three times the writing of the states; the step costs
+    2 + 2·len(terms) flops per entry and nothing beside the result (benchmarks/bench_engine.py, P2b)."""
+    b, H, N, C = decay.shape[:4]
+    d_k, d_v = terms[0][0].shape[-1], terms[0][1].shape[-1]
+    by_chunk = lambda x: x.movedim(1, 3)  # [b, N, C, H, ...]: position i of every chunk is one slice
+    decay = by_chunk(decay)[..., None]
+    terms = [(by_chunk(key)[..., :, None], by_chunk(value)[..., None, :]) for key, value in terms]
+    states = chunk_starts[0].new_empty(b, T, H, d_k, d_v)
+    previous = torch.stack(chunk_starts, 1)  # [b, N, H, d_k, d_v]
+    for i in range(min(C, T)):
+        current = states[:, i::C]  # position i of each chunk that reaches it (the last may not)
+        n = current.shape[1]
+        current.copy_(previous[:, :n]).mul_(decay[:, :n, i])  # in place, so autograd can run back through
+        for key, value in terms:
+            current.addcmul_(key[:, :n, i], value[:, :n, i])
+        previous = current
+    return states
 
 
 def gated_delta_rule(

@@ -37,7 +37,7 @@ from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .delta_rule import Transition, between_edits, edited_positions, step_by_step
+from .delta_rule import Transition, between_edits, edited_positions, every_state, step_by_step
 
 DEFAULT_CHUNK_SIZE = 16
 
@@ -201,28 +201,12 @@ def chunked_dplr(r: Rows, log_w: Rows, kappa: Rows, a: Rows, k: Rows, v: Values,
 
     states = None
     if state_positions is not None:
-        # S_i = e^{γ_i} ⊙ S_0 + Σ_j (e^{γ_i − γ_j} ⊙ α_j) e_jᵀ + (e^{γ_i − γ_j} ⊙ k̃_j) v_jᵀ: one product over the 2C terms
-        values = torch.cat([erase, v], -2)  # [b, H, N, 2C, d_v]
-        every = len(state_positions) == T and bool((state_positions == torch.arange(T, device=k.device)).all())
-        if every and pairs is _pairs_factored and 2 * C > d_v:
-            # every state, S_i = e^{γ_i} ⊙ (S_0 + Σ_{j≤i} e^{−γ_j} ⊙ (α_j e_jᵀ + k̃_j v_jᵀ)): each position's two rank-1 terms
-            # in one batched product, S_0 added to the chunk's first, a running sum over the chunk, the decay. Three
-            # passes over the states, against the product below's [C, 2C, d_k] keys per position: cheaper once 2C > d_v
-            scale = (-gamma).exp()
-            terms = torch.stack([removal * scale, k * scale], -1) @ torch.stack([erase, v], -2)  # [b, H, N, C, d_k, d_v]
-            terms[:, :, :, 0] += torch.stack(starts, 2)
-            # in place (autograd keeps what it needs: tests/test_dplr.py checks the gradient)
-            states = terms.cumsum_(3).mul_(gamma.exp()[..., None])
-            states = states.flatten(2, 3)[:, :, :T].transpose(1, 2)
-        elif every:
-            # every state, each pair's exponent formed as one difference: per chunk, rows (i, d_k) of the weighted keys
-            # times the values
-            decay = (gamma[..., :, None, :] - gamma[..., None, :, :]).masked_fill(~lower[..., None], float("-inf")).exp()
-            keys = torch.cat([decay * removal[..., None, :, :], decay * k[..., None, :, :]], -2)  # [b, H, N, C_i, 2C, d_k]
-            states = torch.stack(starts, 2)[:, :, :, None] * gamma.exp()[..., None]  # [b, H, N, C, d_k, d_v]
-            states.view(-1, C * d_k, d_v).baddbmm_(keys.transpose(-1, -2).reshape(-1, C * d_k, 2 * C), values.view(-1, 2 * C, d_v))
-            states = states.flatten(2, 3)[:, :, :T].transpose(1, 2)
+        if len(state_positions) == T and bool((state_positions == torch.arange(T, device=k.device)).all()):
+            # every state: the step S_t = diag(w_t) S_{t−1} + α_t e_tᵀ + k̃_t v_tᵀ from each chunk's start, written once
+            states = every_state(starts, log_w.exp(), [(removal, erase), (k, v)], T)
         else:  # some states: gather the rows of their chunks
+            # S_i = e^{γ_i} ⊙ S_0 + Σ_j (e^{γ_i − γ_j} ⊙ α_j) e_jᵀ + (e^{γ_i − γ_j} ⊙ k̃_j) v_jᵀ: one product over the 2C terms
+            values = torch.cat([erase, v], -2)  # [b, H, N, 2C, d_v]
             n, i = state_positions // C, state_positions % C
             start = torch.stack(starts, 2)[:, :, n]  # [b, H, P, d_k, d_v]
             exponent = gamma[:, :, n, i][..., None, :] - gamma[:, :, n]  # [b, H, P, C_j, d_k]: γ_i − γ_j

@@ -97,7 +97,7 @@ class EffectiveAttention:
         return terms
 
 
-def _segment_decay(g: Float[Tensor, "batch pos head"]) -> Float[Tensor, "batch head query key"]:
+def segment_decay(g: Float[Tensor, "batch pos head"]) -> Float[Tensor, "batch head query key"]:
     """G_{j→t} = exp(Σ_{s=j+1..t} g_s) for j ≤ t, else 0.
 
     The cumulative sum is taken in fp64: over long sequences Σ g reaches thousands, and the
@@ -118,7 +118,7 @@ def over_writes(
     initial_state: Float[Tensor, "batch head d_k d_v"] | None = None,
 ) -> EffectiveAttention:
     """c_tj = G_{j→t} q̂_tᵀ k̂_j on the writes δ_j; initial term G_{−1→t} S_initᵀ q̂_t."""
-    pattern = _segment_decay(g) * einsum(q_hat, k_hat, "b t h k, b j h k -> b h t j")
+    pattern = segment_decay(g) * einsum(q_hat, k_hat, "b t h k, b j h k -> b h t j")
     initial = q_hat.new_zeros(*q_hat.shape[:3], delta.shape[-1])
     if initial_state is not None:
         decay_from_start = g.double().cumsum(1).exp().to(g.dtype)  # G_{−1→t} = Π_{s=0..t} α_s
@@ -189,7 +189,7 @@ def over_writes_dplr(
     """RWKV-7 over its writes and erases: c_tj = r_tᵀ (e^{γ_t − γ_j} ⊙ k̃_j) on v_j, d_tj = r_tᵀ (e^{γ_t − γ_j} ⊙
     a_j ⊙ κ̂_j) on e_j; initial term (e^{γ_t} ⊙ r_t)ᵀ S_init (γ_t = Σ_{s≤t} log w_s, per channel).
 
-    Each exponent γ_t − γ_j is one fp64 difference (≤ 0), as `_segment_decay`'s; one query at a time keeps the
+    Each exponent γ_t − γ_j is one fp64 difference (≤ 0), as `segment_decay`'s; one query at a time keeps the
     per-channel decays [b, t + 1, H, d_k], not [b, T, T, H, d_k].
     """
     b, T, H, _ = k_tilde.shape

@@ -1,4 +1,5 @@
-"""A TransformerLens `HookPoint` that checks what hooks return and reports which rows they edited.
+"""A TransformerLens `HookPoint` that checks what hooks return and reports which rows they edited, and
+`AliasHookPoint`, another name (in another layout) for a hook point's value.
 
 Also the one place where the TransformerLens versions we support (3.x and 4.x) differ for us:
 `add_hook_with_handle`.
@@ -19,11 +20,40 @@ class CheckedHookPoint(HookPoint):
     ``fire_and_diff`` is for sites whose edits are carried through the recurrence: it also reports
     which rows (all dims but the trailing ``feature_dims``) the hooks changed, comparing against a
     copy so that in-place edits count too. Without hooks it costs nothing and reports None.
+
+    ``aliases`` (made by `alias`) fire right after this point's own hooks, each on the value in its layout;
+    what they return is this point's value, so their edits are this point's edits (carried where this
+    point's are).
     """
 
+    def __init__(self):
+        super().__init__()
+        self.aliases: list[AliasHookPoint] = []
+
+    def alias(self, to_alias: Callable[[Tensor], Tensor] | None = None,
+              from_alias: Callable[[Tensor], Tensor] | None = None) -> AliasHookPoint:
+        """A new hook point that sees this one's value as ``to_alias(value)`` (a view, e.g. a transpose, so that
+        in-place edits reach the value) and gives an edit back as ``from_alias(edited)``; identity by default.
+        Register it as a submodule under the name it is to have."""
+        alias = AliasHookPoint(to_alias, from_alias)
+        self.aliases.append(alias)
+        return alias
+
+    def is_hooked(self) -> bool:
+        """Whether this point or one of its aliases has a forward hook."""
+        return bool(self.fwd_hooks) or any(alias.fwd_hooks for alias in self.aliases)
+
     def __call__(self, x: Tensor) -> Tensor:
-        if not self.fwd_hooks:
+        if not self.is_hooked():
             return x
+        y = self._run_hooks(x) if self.fwd_hooks else x
+        for alias in self.aliases:
+            if alias.fwd_hooks:
+                alias.ctx.update(self.ctx)  # the positions the layer told this point (`hooked_gdn.sites.hook_positions`)
+                y = fire_in_layout(alias, y, alias.to_alias, alias.from_alias)
+        return y
+
+    def _run_hooks(self, x: Tensor) -> Tensor:
         y = super().__call__(x)
         if not isinstance(y, Tensor) or y.shape != x.shape:
             got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
@@ -45,7 +75,7 @@ class CheckedHookPoint(HookPoint):
         states), an untouched ``x`` is recognised by its version counter, and the original of an
         in-place edit is recomputed. Without hooks this costs nothing.
         """
-        if not self.fwd_hooks:
+        if not self.is_hooked():
             return x, None, x
         snapshot = x.clone() if recompute is None else None
         version = x._version
@@ -62,8 +92,34 @@ class CheckedHookPoint(HookPoint):
         return y, (edited if bool(edited.any()) else None), original
 
 
-def any_hooked(*hook_points: HookPoint) -> bool:
-    return any(hp.fwd_hooks for hp in hook_points)
+def _same(x: Tensor) -> Tensor:
+    return x
+
+
+class AliasHookPoint(CheckedHookPoint):
+    """Another name for a `CheckedHookPoint`'s value, in a layout of its own (`CheckedHookPoint.alias`): it holds
+    no tensor and fires only inside its target's firing, so caching, hooking and editing it are those of the
+    target seen through ``to_alias``/``from_alias``."""
+
+    def __init__(self, to_alias: Callable[[Tensor], Tensor] | None = None, from_alias: Callable[[Tensor], Tensor] | None = None):
+        super().__init__()
+        self.to_alias, self.from_alias = to_alias or _same, from_alias or _same
+
+
+def fire_in_layout(hook_point: CheckedHookPoint, x: Tensor, to_layout: Callable[[Tensor], Tensor],
+                   from_layout: Callable[[Tensor], Tensor]) -> Tensor:
+    """Fire ``hook_point`` on ``to_layout(x)`` and return ``x`` as its hooks left it: ``from_layout`` of what they
+    returned or edited in place, or ``x`` itself when they changed nothing (or there are none)."""
+    if not hook_point.is_hooked():
+        return x
+    seen = to_layout(x)
+    version = seen._version
+    y = hook_point(seen)
+    return x if y is seen and seen._version == version else from_layout(y)
+
+
+def any_hooked(*hook_points: CheckedHookPoint) -> bool:
+    return any(hp.is_hooked() for hp in hook_points)
 
 
 def add_hook_with_handle(

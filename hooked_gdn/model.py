@@ -45,9 +45,14 @@ DEFAULT_CACHE_MAX_PATTERN_LENGTH = 2048
 _PATTERN_HOOKS = ("hook_attn_scores", "hook_pattern")
 
 
+#: the hook points holding a [d_k, d_v] matrix per head and position: ours, and TransformerLens' Mamba-2 names for the
+#: state and the write (`hooked_gdn.mamba2`)
+STATE_SIZED_HOOKS = ("hook_state", "hook_ssm_state", "hook_ssm_write")
+
+
 def _default_cache_filter(name: str) -> bool:
     # Every state at every position is large (18 MiB a token on Qwen3.5-0.8B): it must be asked for.
-    return not name.endswith("hook_state")
+    return not name.endswith(STATE_SIZED_HOOKS)
 
 
 def _is_pattern_hook(name: str) -> bool:
@@ -120,6 +125,10 @@ class HookedGatedDeltaNet(HookedRootModule):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
         self.register_buffer("rotary_inv_freq", rotary_inv_freq(cfg.rotary_dim, cfg.rotary_base), persistent=False)
         cfg.n_params = sum(p.numel() for name, p in self.named_parameters() if name not in ("W_E", "lm_head"))
+        for block in self.blocks:
+            # every block's output is the one residual stream that ln_final reads (no stack of streams), which
+            # TransformerLens 4's logit lens asks each block before reading hook_resid_post through ln_final
+            block.hook_out_is_single_residual_stream = True
         self.setup()
 
     @property
@@ -193,6 +202,16 @@ class HookedGatedDeltaNet(HookedRootModule):
         """The unembedding: logits = ln_final(resid) @ W_U (W_Eᵀ when the embeddings are tied)."""
         return (self.W_E if self.lm_head is None else self.lm_head).T
 
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab"]:
+        """TransformerLens' unembedding bias: zeros, as these models have none (logits = ln_final(resid) @ W_U + b_U)."""
+        return torch.zeros(self.cfg.d_vocab, dtype=self.W_E.dtype, device=self.W_U.device)
+
+    def unembed(self, normalized_resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+        """The logits of a residual stream already through ``ln_final``, as TransformerLens' ``model.unembed``:
+        what ``forward`` computes last, and what TransformerLens' logit lens reads intermediate layers through."""
+        return F.linear(normalized_resid, self.W_U.T)
+
     def tokens_to_residual_directions(
         self, tokens: str | int | Int[Tensor, "..."]
     ) -> Float[Tensor, "... d_model"]:
@@ -215,16 +234,20 @@ class HookedGatedDeltaNet(HookedRootModule):
         return self.tokenizer
 
     def to_tokens(
-        self, input: str | list[str], prepend_bos: bool | None = None, padding_side: str | None = None
+        self, input: str | list[str], prepend_bos: bool | None = None, padding_side: str | None = None,
+        move_to_device: bool = True, truncate: bool = True,
     ) -> Int[Tensor, "batch pos"]:
         """Token ids [b, p], padded with the pad token on ``padding_side`` (None: left) when the strings differ
         in length. ``prepend_bos`` (None: ``cfg.default_prepend_bos``): True puts the tokenizer's BOS first, or
         its EOS where it has no BOS (as TransformerLens, which makes the EOS the BOS of such a tokenizer);
-        False leaves it out, also where the tokenizer puts one first by itself."""
-        return self._tokenize(input, prepend_bos, padding_side)[0]
+        False leaves it out, also where the tokenizer puts one first by itself. As in TransformerLens,
+        ``move_to_device`` puts the ids on ``cfg.device`` (False: they stay on the CPU, where the tokenizer
+        made them) and ``truncate`` keeps at most ``cfg.n_ctx`` tokens of each string (a BOS counted, on the
+        tokenizer's ``truncation_side``), which changes nothing while ``n_ctx`` is unlimited, as it is here."""
+        return self._tokenize(input, prepend_bos, padding_side, move_to_device, truncate)[0]
 
-    def _tokenize(self, input: str | list[str], prepend_bos: bool | None = None, padding_side: str | None = None
-                  ) -> tuple[Tensor, Tensor]:
+    def _tokenize(self, input: str | list[str], prepend_bos: bool | None = None, padding_side: str | None = None,
+                  move_to_device: bool = True, truncate: bool = True) -> tuple[Tensor, Tensor]:
         """Token ids and their attention mask, both [b, p]: the mask is the tokenizer's (1 at each string's
         tokens, a prepended BOS included), whichever id the padding has."""
         tok = self._require_tokenizer()
@@ -239,11 +262,25 @@ class HookedGatedDeltaNet(HookedRootModule):
                 raise ValueError("prepend_bos=True needs a BOS token, or an EOS token to stand for it; the tokenizer has "
                                  "neither")
             rows = [[bos, *row] for row in rows]
-        elif not prepend_bos and self.cfg.tokenizer_prepends_bos:
+        if truncate:  # before a BOS of the tokenizer's own is dropped, as TransformerLens truncates
+            rows = [self._truncated(row, tok) for row in rows]
+        if not prepend_bos and self.cfg.tokenizer_prepends_bos:
             rows = [row[1:] if row[:1] == [tok.bos_token_id] else row for row in rows]
         enc = tok.pad({"input_ids": rows}, padding=True, padding_side=padding_side, return_tensors="pt")
+        if not move_to_device:
+            return enc["input_ids"], enc["attention_mask"]
         device = self.W_E.device
         return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+    def _truncated(self, row: list[int], tok) -> list[int]:
+        """``row`` cut to ``cfg.n_ctx`` tokens on the tokenizer's ``truncation_side`` (as its ``truncation=True``
+        would cut it)."""
+        n_ctx = self.cfg.n_ctx
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
+            raise ValueError(f"cfg.n_ctx must be an int >= 1 to truncate to, got {n_ctx!r}")
+        if len(row) <= n_ctx:
+            return row
+        return row[-n_ctx:] if getattr(tok, "truncation_side", "right") == "left" else row[:n_ctx]
 
     def to_string(self, tokens: Tensor | Sequence[int]) -> str | list[str]:
         tok = self._require_tokenizer()
@@ -386,7 +423,7 @@ class HookedGatedDeltaNet(HookedRootModule):
             x = block(x, ctx, cos, sin)
         if stop_at_layer is not None:
             return x
-        logits = F.linear(self.ln_final(x), self.W_U.T)
+        logits = self.unembed(self.ln_final(x))
         if return_type == "logits":
             return logits
         if return_type is None:

@@ -98,3 +98,38 @@ def test_a_string_token_resolves_on_the_shipped_tokenizer():
     torch.testing.assert_close(model.tokens_to_residual_directions(" the"), model.tokens_to_residual_directions(token))
     with pytest.raises(ValueError, match="not one"):
         model.to_single_token(" Wentworth's")
+
+
+def test_transformer_lens_ssm_helpers_return_our_cached_state_and_exact_effective_attention(run):
+    from hooked_gdn.effective_attention import effective_attention
+
+    model, tokens, _, cache = run
+    layer = model.cfg.gdn_layers[-1]
+    with pytest.raises(KeyError, match="states are cached only when asked for"):
+        cache.compute_ssm_state(layer)
+    with torch.no_grad():
+        _, with_states = model.run_with_cache(tokens, names_filter=lambda name: name.endswith(
+            ("hook_state", "hook_read_query", "hook_write_key", "hook_v", "hook_beta", "hook_log_decay")))
+    states = with_states.compute_ssm_state(layer)
+    assert torch.equal(states, with_states[gdn_hook_name(layer, "hook_state")])
+    assert torch.equal(with_states.compute_ssm_state(layer, time_step=5), states[:, 5])
+    every = with_states.compute_ssm_state()  # a hybrid: a dict over its memory layers
+    assert sorted(every) == list(model.cfg.gdn_layers)
+    pattern = with_states.compute_ssm_effective_attention(layer)
+    assert torch.equal(pattern, effective_attention(with_states, layer, over="inputs").pattern)
+    assert pattern.shape == (3, model.cfg.n_value_heads, 14, 14)
+    with pytest.raises(ValueError, match="include_dt_scaling is an option of TransformerLens' Mamba mixers"):
+        with_states.compute_ssm_effective_attention(layer, include_dt_scaling=True)
+    attention = model.cfg.attention_layers[0]
+    with pytest.raises(TypeError, match=f"layer {attention} has no matrix memory"):
+        with_states.compute_ssm_state(attention)
+
+
+def test_neuron_results_on_a_model_without_mlps_say_so():
+    model = HookedGatedDeltaNet.from_pretrained("mamba2-austen").eval()
+    with torch.no_grad():
+        _, cache = model.run_with_cache(torch.randint(0, 50, (1, 6)))
+    with pytest.raises(NotImplementedError, match="blocks have no MLP, so no neurons"):
+        cache.stack_neuron_results(1)
+    stacked = cache.compute_ssm_effective_attention()  # every block a memory layer: a stack, dim 0 = layer
+    assert stacked.shape == (model.cfg.n_layers, 1, model.cfg.n_value_heads, 6, 6)

@@ -44,6 +44,32 @@ def test_half_lives_and_beta_are_the_ones_set():
     assert census.count(16) == 2 * len(model.cfg.gdn_layers) and census.count(64) == len(model.cfg.gdn_layers)
 
 
+def test_a_head_whose_decay_does_not_depend_on_the_input_is_called_fixed_and_the_others_learned():
+    """Heads 0 and 2 get a constant decay (W_a = 0), heads 1 and 3 keep one computed from the input."""
+    model = random_tiny_model()
+    with torch.no_grad():
+        for layer in model.cfg.gdn_layers:
+            mixer = model.blocks[layer].linear_attn
+            mixer.W_a.mul_(5)  # W_a: [H, d_model]
+            mixer.W_a[[0, 2]] = 0
+    census = memory_census(model, torch.randint(1, 101, (3, 21), generator=torch.Generator().manual_seed(0)))
+    for record in census.heads:
+        assert record.decay_is_fixed == (record.head in (0, 2)), record
+        assert record.decay_kind == ("fixed" if record.head in (0, 2) else "learned")
+
+
+def test_the_shipped_census_calls_fixed_exactly_the_heads_trained_with_a_fixed_decay():
+    import json
+
+    from hooked_gdn.pretrained import CENSUS_FILE, PRETRAINED_MODELS
+
+    folder = PRETRAINED_MODELS["gdn-austen"]
+    fixed = set(json.loads((folder / "training_stats.json").read_text())["settings"]["fixed_heads"])
+    census = MemoryCensus.load_json(folder / CENSUS_FILE)
+    assert {r.head for r in census.heads if r.decay_is_fixed} == fixed
+    assert all(r.decay_is_fixed == (r.head in fixed) for r in census.heads)
+
+
 def test_decay_percentiles_are_numpys_10th_50th_and_90th_of_the_cached_decays():
     """Constant decays, as above, cannot tell one percentile from another or from the mean: here the decays
     depend on the input, spread over orders of magnitude within a head."""

@@ -446,3 +446,42 @@ def test_a_failed_command_removes_only_the_out_it_created(tmp_path, capsys, monk
     (tmp_path / "mine").mkdir()
     assert "no such folder or shipped name" in cli_error(capsys, "census", "--model", "gdn-austn", "--out", "mine")
     assert (tmp_path / "mine").is_dir()  # the user's folder: kept, as the manifest the claim wrote in it
+
+
+def test_dashboard_flags_default_to_the_librarys_and_reach_it_and_loss_tokens_0_skips_the_token_ablations(
+        trained, tmp_path, monkeypatch):
+    """--loss-tokens, --quantiles and --quantile-contexts default to build_dashboard's own defaults; given, they reach
+    it; --loss-tokens 0 ablates only the carried KL's firings (horizon --horizon), no token's (horizon 1), and leaves
+    every other hover's loss change null."""
+    import functools
+    import inspect
+
+    import writesae.dashboard as dashboard
+
+    library = {name: p.default for name, p in inspect.signature(dashboard.build_dashboard).parameters.items()}
+    parsed = _parser().parse_args(["dashboard", "sae"])
+    assert (parsed.loss_tokens, parsed.quantiles, parsed.quantile_contexts) == (
+        library["loss_tokens"], library["n_quantiles"], library["quantile_contexts"])
+    received, horizons = {}, []
+    build, ablate = dashboard.build_dashboard, dashboard._ablate
+    spy = functools.wraps(build)(lambda *a, **kw: received.update(kw) or build(*a, **kw))  # its signature: the CLI's defaults
+    monkeypatch.setattr(dashboard, "build_dashboard", spy)
+    monkeypatch.setattr(dashboard, "_ablate", lambda m, s, site, w, firings, *a, **kw:
+                        horizons.extend(f.horizon for f in firings) or ablate(m, s, site, w, firings, *a, **kw))
+    out = tmp_path / "dash"
+    main(["dashboard", str(trained / "run" / "sae"), "--data", str(trained / "corpus"), *SMALL["eval"].split()[:6],
+          "--context", "32", "--contexts", "2", "--features-per-head", "2", "--horizon", "3", "--loss-tokens", "0",
+          "--quantiles", "2", "--quantile-contexts", "1", "--out", str(out), "--no-progress"])
+    assert {k: received[k] for k in ("loss_tokens", "n_quantiles", "quantile_contexts")} == dict(
+        loss_tokens=0, n_quantiles=2, quantile_contexts=1)
+    assert horizons and set(horizons) == {3}  # the carried KL's ablations only
+    cards = json.loads((out / "dashboard.json").read_text())["features"]
+    fired = [card for card in cards if card["n_firings"]]
+    assert fired and all(len(card["quantile_groups"]) == 2 for card in fired)
+    assert all(len(group["contexts"]) <= 1 for card in fired for group in card["quantile_groups"])
+    # a loss change only where the carried KL's ablation (the first --ablation-firings top contexts' firing) gave one
+    kl_firings = {(card["feature"], c["window"], c["position"]) for card in fired for c in card["top_contexts"][:4]}
+    hovers = [((card["feature"], c["window"], c["start"] + j), h) for card in fired
+              for c in card["top_contexts"] + [c for g in card["quantile_groups"] for c in g["contexts"]]
+              for j, h in enumerate(c["hovers"]) if h is not None]
+    assert len(hovers) > len(kl_firings) and all(h["loss_change"] is None for at, h in hovers if at not in kl_firings)

@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hooked_gdn.delta_rule import DeltaRuleEdits, chunked_gated_delta_rule, gated_delta_rule, gated_delta_rule_reference
+from hooked_gdn.delta_rule import (
+    DELTA_RULE, SCALAR_DECAY, DeltaRuleEdits, chunked_gated_delta_rule, gated_delta_rule, gated_delta_rule_reference,
+)
 
 
 def random_inputs(seed, b, T, H, d_k, d_v, decay_scale=3.0):
@@ -91,3 +93,43 @@ def test_forced_write_is_exactly_the_given_matrix():
     written = out.states[:, 1] - g[:, t].exp()[..., None, None] * out.states[:, 0]
     expected = edits.write_key[:, t, :, :, None] * edits.write_value[:, t, :, None, :]
     assert_close(written, expected, 1e-5)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    seed=st.integers(0, 10_000), b=st.integers(1, 2), T=st.integers(1, 150), H=st.integers(1, 3),
+    d_k=st.sampled_from([4, 8]), d_v=st.sampled_from([3, 8]), chunk_size=st.sampled_from([1, 4, 16, 64]),
+    with_initial=st.booleans(), decay_scale=st.sampled_from([0.01, 3.0, 30.0]), erases=st.booleans(),
+)
+def test_every_state_equals_sequential_and_the_product_form(seed, b, T, H, d_k, d_v, chunk_size, with_initial, decay_scale,
+                                                           erases):
+    """Every state (the step taken per position of all chunks at once, `every_state`) against the sequential
+    reference and against the unrolled per-chunk product it replaced, which the engine still uses for other
+    positions: asked for in reverse order, the same positions take that path. Both transitions (GDN, Mamba-2)."""
+    transition = DELTA_RULE if erases else SCALAR_DECAY
+    q, k, v, g, beta, initial = random_inputs(seed, b, T, H, d_k, d_v, decay_scale)
+    initial = initial if with_initial else None
+    ref = gated_delta_rule_reference(q, k, v, g, beta, initial, transition=transition)
+    every = chunked_gated_delta_rule(q, k, v, g, beta, initial, torch.arange(T), chunk_size, transition)
+    product = chunked_gated_delta_rule(q, k, v, g, beta, initial, torch.arange(T).flip(0), chunk_size, transition)
+    assert every.states.shape == (b, T, H, d_k, d_v) and every.states.is_contiguous()  # the layout hook_state hands on
+    assert_close(every.states, ref.states)
+    assert_close(every.states, product.states.flip(1))
+    # the states asked for change nothing else
+    plain = chunked_gated_delta_rule(q, k, v, g, beta, initial, None, chunk_size, transition)
+    for field in ("out", "write_value", "final_state"):
+        assert torch.equal(getattr(every, field), getattr(plain, field))
+
+
+def test_every_state_carries_the_gradient():
+    """The in-place writes of every state keep autograd's graph: the gradient of a function of every state, with
+    respect to each input but the query, is the sequential reference's."""
+    b, T, H, d_k, d_v = 2, 11, 2, 4, 3
+    inputs = [x.requires_grad_() for x in random_inputs(3, b, T, H, d_k, d_v)]
+    weights = torch.randn(b, T, H, d_k, d_v, generator=torch.Generator().manual_seed(4))
+    grads = {}
+    for name, fn in (("fast", lambda *x: chunked_gated_delta_rule(*x[:5], x[5], torch.arange(T), 4)),
+                     ("reference", gated_delta_rule_reference)):
+        grads[name] = torch.autograd.grad((fn(*inputs).states * weights).sum(), inputs[1:])  # the states do not read q̂
+    for fast, ref in zip(grads["fast"], grads["reference"]):
+        assert_close(fast, ref)

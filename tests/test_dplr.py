@@ -66,6 +66,19 @@ def test_states_at_chosen_positions():
     assert_close(fast.states, ref.states[:, positions])
 
 
+@pytest.mark.parametrize("chunk_size", [4, 16, 64])
+def test_every_state_equals_the_product_form(chunk_size):
+    """Every state (the step per position of all chunks at once, `hooked_gdn.delta_rule.every_state`) against the
+    unrolled per-chunk product it replaced, which the engine still uses for other positions (asked for in reverse
+    order, the same positions take that path), over several chunks and a partial last one, in the result's layout."""
+    inputs = rwkv7_inputs(5, T=75, strong_decay=True)
+    every = chunked_dplr(*inputs, torch.arange(75), chunk_size)
+    product = chunked_dplr(*inputs, torch.arange(75).flip(0), chunk_size)
+    assert every.states.shape == (2, 75, 3, 8, 6) and every.states.is_contiguous()
+    assert_close(every.states, product.states.flip(1))
+    assert_close(every.states, dplr_reference(*inputs).states)
+
+
 @pytest.mark.parametrize("log_w", [None, -2.0])  # the layer's decays (factored) and decays beyond FACTORED_SPAN over 64
 def test_every_state_has_the_references_gradient(log_w):
     """The every-state path writes its states in place; the gradient of every state with respect to every input is

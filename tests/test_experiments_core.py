@@ -1,4 +1,5 @@
-"""Write ablation, the atom substitution test and their intervals, on a tiny random model."""
+"""Write ablation, installing matrices, firings and the intervals, on a tiny random model (the substitution test's
+records and summary: tests/test_substitution.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ import torch
 from hooked_gdn.sites import gdn_hook_name, site_name
 from writesae import BilinearMatrixSAE
 from writesae.experiments import (
-    CONDITIONS, atom_and_random_directions, atom_direction, clustered_bootstrap, edit_at_positions, find_firings,
-    frequent_features, install_matrix, kl_from_clean, native_writes, site_codes, substitution_test, summarize,
-    wilson_interval, write_ablation,
+    atom_and_random_directions, atom_direction, clustered_bootstrap, edit_at_positions, find_firings,
+    frequent_features, install_matrix, native_writes, site_codes, substitution_test, wilson_interval, write_ablation,
 )
 
 from .conftest import random_tiny_model
@@ -162,60 +162,6 @@ def test_find_firings_are_top_codes(model, tokens, kind):
     assert len(find_firings(model, sae, tokens, features=chosen)) == sum(f.feature in chosen for f in firings)
 
 
-def test_substitution_records(model, tokens):
-    # an SAE of two heads: dictionary d is model head heads[d]
-    sae, layer = make_sae(model, "write", heads=[1, 3]), model.cfg.gdn_layers[1]
-    every = find_firings(model, sae, tokens)
-    firings = [f for f in every if f.position < 20][:3]
-    late = next(f for f in every if f.position >= 21)
-    records = substitution_test(model, sae, tokens, firings + [late], horizon=4, seed=0)
-    assert len(records) == 4 and {r["head"] for r in records} <= {1, 3}
-    for r, f in zip(records, firings):
-        assert (r["sequence"], r["position"], r["head"], r["feature"]) == (f.sequence, f.position, f.head, f.feature)
-        assert r["positions_scored"] == 4 and set(r["kl_next"]) == set(CONDITIONS) and r["native"] == "k_delta"
-        assert r["kl_sum"]["delete"] == pytest.approx(4 * r["kl_mean"]["delete"])
-    assert records[-1]["positions_scored"] == tokens.shape[1] - late.position  # cut at the end of the sequence
-    assert substitution_test(model, sae, tokens, firings, horizon=4, seed=0) == records[:3]  # seeded
-
-    # each condition, rebuilt here and installed alone (batching changes the last bits of these small KLs)
-    f = firings[0]
-    with torch.no_grad():
-        clean, cache = model.run_with_cache(tokens, names_filter=lambda name: name.startswith(f"blocks.{layer}."))
-    k_hat, delta = cache["write_key", layer][f.sequence, f.position, f.head], cache["write_value", layer][f.sequence, f.position, f.head]
-    beta, v = cache["beta", layer][f.sequence, f.position, f.head], cache["v", layer][f.sequence, f.position, f.head]
-    natives = {"k_delta": k_hat.norm() * delta.norm(), "beta_k_v": beta * k_hat.norm() * v.norm()}
-    d = sae.cfg.dictionary(f.head)
-    with torch.no_grad():
-        sae.b_dec.normal_()  # b_dec must not enter; the codes are already taken
-        one_code = torch.zeros(sae.n_dicts, 1)
-        one_code[d] = f.coefficient
-        atom = (sae.decode_sparse(torch.full((sae.n_dicts, 1), f.feature), one_code) - sae.b_dec / sae.cfg.input_scale)[d]
-    g = torch.Generator().manual_seed(0)  # the first firing's random direction: the generator's first draws
-    u, w = torch.randn(model.cfg.d_key, generator=g), torch.randn(model.cfg.d_value, generator=g)
-    random = torch.outer(u, w) / (u.norm() * w.norm())
-    sequence = tokens[f.sequence : f.sequence + 1]
-    for native, native_norm in natives.items():
-        (r,) = substitution_test(model, sae, tokens, firings[:1], horizon=4, seed=0, native=native)
-        assert r["native_norm"] == pytest.approx(float(native_norm), rel=1e-5)
-        assert r["atom_norm"] == pytest.approx(float(atom.norm()), rel=1e-5)
-        matrices = {
-            "atom": atom,  # a_i · atom_i / s
-            "atom_native_norm": atom * native_norm / atom.norm(),
-            "delete": torch.zeros_like(atom),
-            "random_atom_norm": random * atom.norm(),
-            "random_native_norm": random * native_norm,
-        }
-        for condition, matrix in matrices.items():
-            logits = install_matrix(model, sequence, layer, f.head, f.position, matrix, native=native)[0]
-            kl = kl_from_clean(clean[f.sequence], logits)
-            assert r["kl_next"][condition] == pytest.approx(float(kl[f.position]), rel=2e-2), (native, condition)
-            assert r["kl_sum"][condition] == pytest.approx(float(kl[f.position : f.position + 4].sum()), rel=2e-2)
-    # deleting k̂δᵀ is β = 0 at that head and position (deleting βk̂vᵀ: the next test)
-    deleted = zero_beta(model, tokens, layer, [f.head], [f.position])
-    kl = kl_from_clean(clean[f.sequence], deleted[f.sequence])[f.position]
-    assert records[0]["kl_next"]["delete"] == pytest.approx(float(kl), rel=2e-2)
-
-
 def test_the_papers_native_write_is_the_state_change_without_the_erase(model, tokens):
     # β k̂ vᵀ = S_t − α_t (I − β_t k̂_t k̂_tᵀ) S_{t−1}, by hand from the clean states
     layer, head, t = model.cfg.gdn_layers[1], 2, 9
@@ -269,29 +215,6 @@ def test_experiments_refuse_heads_layers_and_positions_they_do_not_cover(model, 
         write_ablation(model, tokens, layer, [1], [3, -25])
     with pytest.raises(ValueError, match=rf"layer {attention} is not a GDN layer"):
         write_ablation(model, tokens, attention, [1], [3])
-
-
-def test_summarize_counts_match_records():
-    kls = [(0.1, 0.5, 0.9), (0.6, 0.5, 0.9), (0.2, 0.3, 0.25), (0.0, 1.0, 2.0), (0.4, 0.4, 1.0)]
-    records = [{"sequence": i % 2, "head": 0, "feature": i % 3,
-                "kl_next": {"atom": a, "atom_native_norm": 9.0, "delete": d, "random_atom_norm": r,
-                            "random_native_norm": 0.0}}
-               for i, (a, d, r) in enumerate(kls)]
-    summary = summarize(records, n_resamples=200)
-    rates = summary["rates"]
-    beats, chain = rates["atom<delete"], rates["atom<delete<random_atom_norm"]
-    assert (summary["n"], beats["wins"], chain["wins"]) == (5, 3, 2)
-    assert rates["atom<random_atom_norm"]["wins"] == 5 and rates["atom_native_norm<delete"]["wins"] == 0
-    assert rates["atom_native_norm<random_native_norm"]["wins"] == 0
-    assert (summary["n_features"], summary["n_passages"]) == (3, 2)
-    assert beats["rate"] == 0.6 and beats["wilson"] == wilson_interval(3, 5)
-    hits = np.array([1.0, 0.0, 1.0, 1.0, 0.0])  # atom < delete, record by record
-    by = dict(n_resamples=200, seed=0)
-    assert beats["bootstrap_by_feature"] == clustered_bootstrap(hits, [i % 3 for i in range(5)], **by)[1:]
-    assert beats["bootstrap_by_passage"] == clustered_bootstrap(hits, [i % 2 for i in range(5)], **by)[1:]
-    assert summary["median_kl"]["delete"][0] == 0.5  # the median of 0.5, 0.5, 0.3, 1.0, 0.4
-    with pytest.raises(ValueError, match="a comparison is 'a<b' or 'a<b<c'"):
-        summarize(records, comparisons=["atom<random"])
 
 
 # --- the SAE's features, by model head -------------------------------------------------------------

@@ -210,7 +210,29 @@ def test_install_of_the_native_write_changes_nothing(tiny, tokens):
     assert max(abs(x) for x in same["lift"]) < 1e-4
 
 
-def test_an_install_writes_m_times_the_native_norm_of_its_own_position(tiny, tokens):
+def _additive_install(model, prompt, units, directions, m, positions):
+    """An install rebuilt by hand: log-softmax of the last position after S_t ← S_t + m n_t v wᵀ − k̂_t δ_tᵀ in each unit
+    at each position (n_t = ‖k̂_t‖ ‖δ_t‖ of the clean run), through hook_state."""
+    layers = sorted({layer for layer, _ in units})
+    names = [gdn_hook_name(layer, name) for layer in layers for name in ("hook_write_key", "hook_write_value")]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(prompt, names_filter=names)
+    hooks = []
+    for layer in layers:
+        def add(states, t, layer=layer):
+            for (unit_layer, head), d in zip(units, directions):
+                if unit_layer == layer:
+                    k = cache[gdn_hook_name(layer, "hook_write_key")][0, t, head]
+                    delta = cache[gdn_hook_name(layer, "hook_write_value")][0, t, head]
+                    states[:, head] += m * k.norm() * delta.norm() * torch.outer(d.v, d.w) - torch.outer(k, delta)
+            return states
+
+        hooks.append((gdn_hook_name(layer, "hook_state"), edit_at_positions(add, positions)))
+    with torch.no_grad():
+        return model.run_with_hooks(prompt, fwd_hooks=hooks, state_positions=positions)[0, -1].log_softmax(-1)
+
+
+def test_an_install_adds_m_times_the_native_norm_of_its_own_position_to_the_state(tiny, tokens):
     # at middle positions, whose native writes differ in norm: the direction at m × ‖k̂_t δ_tᵀ‖_F of t itself
     prompt, positions, m = tokens[:, :12], [4, 7], 2.5
     (d,) = unit_directions(tiny, 1, seed=5)
@@ -218,23 +240,62 @@ def test_an_install_writes_m_times_the_native_norm_of_its_own_position(tiny, tok
         clean, cache = tiny.run_with_cache(prompt, names_filter=[site("hook_write_key"), site("hook_write_value")])
     native = cache[site("hook_write_key")][0, :, HEAD].norm(dim=-1) * cache[site("hook_write_value")][0, :, HEAD].norm(dim=-1)
     assert abs(native[4] / native[7] - 1) > 0.05
-
-    def key(rows, position):  # the write of HEAD at t becomes v (m ‖k̂_t δ_t‖ w)ᵀ
-        rows[:, HEAD] = d.v
-        return rows
-
-    def value(rows, position):
-        rows[:, HEAD] = m * native[position] * d.w
-        return rows
-
-    with torch.no_grad():
-        forced = tiny.run_with_hooks(prompt, fwd_hooks=[(site("hook_write_key"), edit_at_positions(key, positions)),
-                                                        (site("hook_write_value"), edit_at_positions(value, positions))])
-    lift = (forced[0, -1].log_softmax(-1) - clean[0, -1].log_softmax(-1))[[3, 7]]
+    lift = (_additive_install(tiny, prompt, [(LAYER, HEAD)], [d], m, positions) - clean[0, -1].log_softmax(-1))[[3, 7]]
     result = install.install_in_generation(tiny, prompt, LAYER, HEAD, d.v, d.w, m, positions=positions,
                                            max_new_tokens=4, target_tokens=[3, 7])
     torch.testing.assert_close(torch.tensor(result["lift"]), lift, rtol=1e-4, atol=1e-5)
     assert lift.abs().max() > 1e-3
+
+
+def test_an_install_at_consecutive_positions_is_the_additive_edit_not_a_forced_write(slow, tokens):
+    """Forcing k̂ and δ at t0 and t0 + 1 drops the −α β k̂ k̂ᵀ ΔS term of t0's edit at t0 + 1: another edit than the one
+    the first-order prediction is derived for. The install is the additive one. (The slow decays keep t0's edit large
+    at t0 + 1, so the two edits differ by far more than the tolerance.)"""
+    tiny, prompt, positions, m = slow, tokens[:, :12], [9, 10, 11], 3.0
+    read = site("hook_recurrence_out")
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(prompt, names_filter=[site("hook_write_key"), site("hook_write_value"), read])
+    k_hat, delta = cache[site("hook_write_key")][0, :, HEAD], cache[site("hook_write_value")][0, :, HEAD]
+    native = k_hat.norm(dim=-1) * delta.norm(dim=-1)
+    # v along the key of position 10, so that 10's erase, k̂_10 k̂_10ᵀ, meets 9's edit in full
+    (random,) = unit_directions(tiny, 1, seed=5)
+    d = Direction(HEAD, "random", "along k̂_10", F.normalize(k_hat[10], dim=0), random.w)
+    out = install.install_directions(tiny, prompt, [(LAYER, HEAD)], d.v[None, None], d.w[None, None], [m], positions, 2)
+    additive = _additive_install(tiny, prompt, [(LAYER, HEAD)], [d], m, positions)
+    torch.testing.assert_close(out["log_probs"][0], additive, rtol=0, atol=2e-5)
+
+    def edited_read(fwd_hooks, **kwargs):  # the head's read at the last position under an edit
+        with torch.no_grad(), tiny.hooks(fwd_hooks=fwd_hooks):
+            _, edited = tiny.run_with_cache(prompt, names_filter=read, **kwargs)
+        return edited[read][0, -1, HEAD]
+
+    def add(states, t):
+        states[:, HEAD] += m * native[t] * torch.outer(d.v, d.w) - torch.outer(k_hat[t], delta[t])
+        return states
+
+    def force(site_name, rows_of):
+        def edit(rows, t):
+            rows[:, HEAD] = rows_of(t)
+            return rows
+
+        return (site(site_name), edit_at_positions(edit, positions))
+
+    additive_read = edited_read([(site("hook_state"), edit_at_positions(add, positions))], state_positions=positions)
+    forced_read = edited_read([force("hook_write_key", lambda t: d.v), force("hook_write_value", lambda t: m * native[t] * d.w)])
+    change = (additive_read - cache[read][0, -1, HEAD]).norm()
+    assert (forced_read - additive_read).norm() > 0.05 * change > 0
+
+
+def test_an_install_in_several_heads_and_layers_is_each_units_additive_edit(tiny, tokens):
+    prompt, positions, m = tokens[:, :12], [9, 10, 11], 2.0
+    units = [(LAYER, 0), (LAYER, 2)] + [(layer, 1) for layer in tiny.cfg.gdn_layers if layer != LAYER][:1]
+    directions = unit_directions(tiny, len(units), seed=7)
+    out = install.install_directions(tiny, prompt, units, torch.stack([d.v for d in directions])[None],
+                                     torch.stack([d.w for d in directions])[None], [m], positions, 2)
+    torch.testing.assert_close(out["log_probs"][0], _additive_install(tiny, prompt, units, directions, m, positions),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="names a \\(layer, head\\) twice"):
+        install.install_directions(tiny, prompt, [units[0], units[0]], torch.zeros(1, 2, 12), torch.zeros(1, 2, 8), [m])
 
 
 def test_the_aimed_direction_moves_its_target_as_predicted_and_more_than_random_directions(tiny, tokens):
@@ -290,7 +351,7 @@ def test_the_install_study_aims_at_each_target_and_scores_controls_on_all(tiny, 
     prompts = [tokens[0, :12], tokens[0, 4:16]]
     controls = unit_directions(tiny, 1, seed=5, kind="random") + unit_directions(tiny, 1, seed=6, head=2)
     study = install.install_study(tiny, prompts, LAYER, [0, 2], controls, multipliers=(1.0, 300.0), max_new_tokens=4,
-                                  rank_range=(10, 40), n_targets=2)
+                                  rank_range=(10, 40), n_targets=2, scopes=("head",))
     runs = study["runs"]
     targets = [install.pick_targets(tiny, p, (10, 40), 2, seed=i) for i, p in enumerate(prompts)]
     # per prompt and head: 2 aimed directions scored on their own target, the head's control on both, at 2 m
@@ -323,7 +384,36 @@ def test_the_install_study_aims_at_each_target_and_scores_controls_on_all(tiny, 
     with pytest.raises(ValueError, match=r"head\(s\) \[5\] do not exist"):
         install.install_study(tiny, prompts, LAYER, [5])
     with pytest.raises(ValueError, match=r"install position \[12\] outside the text: it has 12 tokens"):
-        install.install_directions(tiny, prompts[0], LAYER, 0, controls[0].v[None], controls[0].w[None], [1.0], positions=[12])
+        install.install_directions(tiny, prompts[0], [(LAYER, 0)], controls[0].v[None, None], controls[0].w[None, None], [1.0],
+                                   positions=[12])
+    with pytest.raises(ValueError, match=r"unknown install scope\(s\) \['heads'\]"):
+        install.install_study(tiny, prompts, LAYER, [0], scopes=("heads",))
+
+
+def test_joint_installs_sum_each_heads_first_order_terms_and_write_every_unit(tiny, tokens):
+    prompts = [tokens[0, :12]]
+    controls = (unit_directions(tiny, 1, seed=5, head=0) + unit_directions(tiny, 1, seed=6, head=2))
+    study = install.install_study(tiny, prompts, LAYER, [0, 2], controls, multipliers=(2.0,), max_new_tokens=3,
+                                  rank_range=(10, 40), n_targets=2, scopes=("head", "layer", "layers"))
+    runs = study["runs"]
+    by_scope = {scope: [r for r in runs if r["scope"] == scope] for scope in install.SCOPES}
+    n_units = len(tiny.cfg.gdn_layers) * tiny.cfg.n_value_heads
+    assert {r["units"] for r in by_scope["layer"]} == {2} and {r["units"] for r in by_scope["layers"]} == {n_units}
+    assert {r["head"] for r in by_scope["layer"] + by_scope["layers"]} == {None}
+    # the joint aimed install's first-order gain and offset are the sums of each head's alone
+    for joint in [r for r in by_scope["layer"] if r["kind"] == "aimed"]:
+        alone = [r for r in by_scope["head"] if (r["kind"], r["target"]) == ("aimed", joint["target"])]
+        assert len(alone) == 2
+        assert joint["gain"] == pytest.approx(sum(r["gain"] for r in alone), rel=1e-5)
+        assert joint["predicted_lift"] == pytest.approx(sum(r["predicted_lift"] for r in alone), rel=1e-5, abs=1e-6)
+    # the joint control puts each head's own control in it, scored on every target
+    joint_random = [r for r in by_scope["layer"] if r["kind"] == "random"]
+    assert [r["label"] for r in joint_random] == ["random 0 of each head"] * 2
+    # every unit's aimed direction maximises its own gain, so the joint aimed install beats joint random ones
+    for y in {r["target"] for r in by_scope["layers"]}:
+        aimed = next(r for r in by_scope["layers"] if (r["kind"], r["target"]) == ("aimed", y))
+        random = next(r for r in by_scope["layers"] if (r["kind"], r["target"]) == ("random", y))
+        assert aimed["gain"] > random["gain"]
 
 
 def test_pick_targets_ranks_lie_in_range(tiny, tokens):

@@ -225,7 +225,8 @@ def test_state_positions_keep_the_order_given(model):
     _, every = model.run_with_cache(tokens, names_filter=site)
     for positions, rows in (([2, -1], [2, 7]), (torch.tensor([0, 5]), [0, 5]), (3, [3])):
         _, cache = model.run_with_cache(tokens, names_filter=site, state_positions=positions)
-        assert torch.equal(cache[site], every[site][:, rows])
+        # every state comes from the recurrence's step, chosen ones from the chunk's closed form: equal to fp32 rounding
+        torch.testing.assert_close(cache[site], every[site][:, rows], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mask", [[[1, 2, 1]], [[1, 0.5, 1]], [[1, -1, 1]]])

@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -186,6 +187,86 @@ def test_sparse_decode_of_topk_codes(arch):
     codes = sae.encode(inputs(sae, 3, 5))
     values, indices = codes.topk(4, dim=-1)
     torch.testing.assert_close(sae.decode_sparse(indices, values), sae.decode(codes), rtol=0, atol=1e-12)
+
+
+@FAST
+@given(arch=st.sampled_from(ARCHS), m=st.integers(1, 12), batch=st.integers(1, 4), seed=st.integers(0, 10**6))
+def test_dense_and_gathered_decode_paths_agree_in_values_and_gradients(arch, m, batch, seed):
+    """decode_atoms' two routes (writesae.sae.dense_decode_is_cheaper picks one by the shapes) give the
+    same sum and the same gradients, for the values and for every decoder weight, repeats included."""
+    sae = make(arch, heads=[0, 1], seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, 12, (batch, 2, m), generator=g)  # repeats allowed: they add up
+    values = torch.randn(batch, 2, m, generator=g, dtype=torch.float64)
+    upstream = torch.randn(batch, 2, 4, 3, generator=g, dtype=torch.float64)
+    found = []
+    for dense in (True, False):
+        sae.zero_grad(set_to_none=True)
+        v = values.clone().requires_grad_()
+        with mock.patch("writesae.sae.dense_decode_is_cheaper", lambda *shape: dense):
+            out = sae.decode_atoms(indices, v)
+        (out * upstream).sum().backward()
+        found.append([out, v.grad, *[p.grad if p.grad is not None else torch.zeros_like(p) for p in factors_of(sae)]])
+    for dense, gathered in zip(*found):
+        torch.testing.assert_close(gathered, dense, rtol=0, atol=1e-12)
+
+
+@FAST
+@given(arch=st.sampled_from(["flat", "matrix"]), batch=st.integers(1, 5), sparse_grad=st.booleans(),
+       dense=st.booleans(), seed=st.integers(0, 10**6))
+def test_the_dense_encoders_backward_routes_give_autograds_gradients(arch, batch, sparse_grad, dense, seed):
+    """A dense encoder's backward, by either route of the shape rule, gives the gradients autograd gives
+    through the plain product z = W_enc · vec(X·s − b_dec), for TopK-sparse gradients of z and dense ones."""
+    sae = make(arch, heads=[0, 1], seed=seed, input_scale=1.5)
+    x = inputs(sae, batch, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    upstream = torch.randn(batch, 2, 12, generator=g, dtype=torch.float64)
+    if sparse_grad:  # what TopK passes back: at most k = 3 features per sample and head
+        upstream = torch.zeros_like(upstream).scatter(-1, torch.rand(batch, 2, 12, generator=g).topk(3, -1).indices,
+                                                      upstream[..., :3])
+    with mock.patch("writesae.sae.dense_decode_is_cheaper", lambda *shape: dense):
+        (sae.encode_pre(x) * upstream).sum().backward()
+    found = [sae.W_enc.grad, sae.b_dec.grad]
+    W_enc, b_dec = sae.W_enc.detach().clone().requires_grad_(), sae.b_dec.detach().clone().requires_grad_()
+    centred = (x * 1.5 - b_dec).flatten(-2)
+    (torch.einsum("bhd,hnd->bhn", centred, W_enc) * upstream).sum().backward()
+    for got, expected in zip(found, [W_enc.grad, b_dec.grad]):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_no_atoms_and_no_gradient_are_handled_on_the_gathered_routes(arch):
+    """m = 0 atoms decode to zeros; an all-zero gradient of z (every code dead) gives zero gradients, on
+    the shapes where the rule gathers (a dictionary much larger than the few features used)."""
+    sae = make(arch, n_features=4096, k=1)
+    assert not torch.any(sae.decode_atoms(torch.zeros(2, 1, 0, dtype=torch.long), torch.zeros(2, 1, 0, dtype=torch.float64)))
+    (sae.encode_pre(inputs(sae, 3)) * 0).sum().backward()
+    assert all(not torch.any(p.grad) for p in sae.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_decode_atoms_takes_the_route_the_shape_rule_names(monkeypatch, dense):
+    import writesae.sae as sae_module
+
+    sae = make("flat")
+    called = []
+    monkeypatch.setattr(sae_module, "dense_decode_is_cheaper", lambda *shape: dense)
+    monkeypatch.setattr(sae, "_decode_dense", lambda codes: called.append("dense") or codes.sum())
+    monkeypatch.setattr(sae, "_decode_gathered", lambda i, v: called.append("gathered") or v.sum())
+    sae.decode_atoms(torch.zeros(2, 1, 3, dtype=torch.long), torch.ones(2, 1, 3, dtype=torch.float64))
+    assert called == ["dense" if dense else "gathered"]
+
+
+def test_dense_decode_rule_on_the_shapes_that_matter():
+    """Flat dictionaries small against k·GATHER_COST_FLOPS decode densely; factored atoms, whose
+    gather is r·(d_k + d_v) numbers, gather at every shape the shipped SAEs and the bit-identity
+    check (scripts.compare_with_commit) train, so their numbers do not move."""
+    from writesae.sae import dense_decode_is_cheaper
+
+    assert dense_decode_is_cheaper(32, 64, 32, 64, 64, None)  # a 64-feature flat SAE
+    assert not dense_decode_is_cheaper(32, 16384, 32, 128, 128, None)
+    for n, m, batch in ((256, 16, 32), (256, 16, 4096), (64, 4, 32), (64, 32, 1024)):  # gdn-austen's SAEs; the check
+        assert not dense_decode_is_cheaper(batch, n, m, 64, 64, 1)
 
 
 # --- sparsity rules ---------------------------------------------------------------------------

@@ -6,6 +6,9 @@ sae-lens cannot be installed beside TransformerLens 4, so SAELens' side is its p
 holds SAELens folders written by hand to that schema (cfg.json by hand, the weights by its
 ``make_weights.py``), not by our exporter.
 
+Where sae-lens is installed (the TransformerLens 3.x subset of .ci/run), SAELens itself is the other side:
+its ``SAE.load_from_disk`` on our exports, and our `load_sae` on folders its ``save_model`` wrote.
+
 Exactness: with input_scale 1 (or a power of two) a round trip ours → SAELens folder → `load_sae`
 gives the same codes and reconstructions bit for bit (max abs difference 0); SAELens' formula on
 the same tensors agrees with ours to the last bits, as a matmul and an einsum may sum in another
@@ -25,11 +28,18 @@ from safetensors.torch import load_file, save_file
 
 from writesae import BilinearMatrixSAE, FlatSAE, load_sae, save_sae
 
+try:
+    import sae_lens
+except ImportError:  # the main environment: sae-lens needs transformer-lens<4
+    sae_lens = None
+
 from .test_sae import calibrate, inputs, make
 
 FIXTURES = Path(__file__).parent / "fixtures" / "saelens"
 ARCHS = ["flat", "matrix", "bilinear", "tied"]  # "tied" is the tied BilinearMatrixSAE
 SITE = "blocks.1.linear_attn.hook_state"
+needs_sae_lens = pytest.mark.skipif(sae_lens is None, reason="sae-lens is not importable here (it needs "
+                                    "transformer-lens<4): the TransformerLens 3.x subset of .ci/run installs it")
 
 
 def saelens_encode(cfg: dict, tensors: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -50,9 +60,10 @@ def saelens_reconstruction(cfg: dict, tensors: dict[str, torch.Tensor], x: torch
     return saelens_encode(cfg, tensors, x) @ tensors["W_dec"] + tensors["b_dec"]
 
 
-def one_head(arch: str, sparsity: str = "topk", **kw):
-    """A tiny one-dictionary SAE of head 2 of a 4-head site, d_k ≠ d_v (so a transposed flattening shows)."""
-    sae = make(arch, sparsity=sparsity, heads=2, n_heads=4, site=SITE, model_name="tiny",
+def one_head(arch: str, sparsity: str = "topk", heads=2, **kw):
+    """A tiny one-dictionary SAE of head 2 of a 4-head site, d_k ≠ d_v (so a transposed flattening shows); or of
+    the ``heads`` given, one dictionary each."""
+    sae = make(arch, sparsity=sparsity, heads=heads, n_heads=4, site=SITE, model_name="tiny",
                model_fingerprint="abc123", **kw)
     if sparsity == "batchtopk":
         calibrate(sae)
@@ -188,13 +199,94 @@ def test_saving_as_saelens_replaces_only_an_sae_folder(tmp_path):
 
 
 @pytest.mark.parametrize("build, message", [
-    (lambda: make("flat", heads=[0, 1]), r"an SAELens SAE is one dictionary, and this FlatSAE has 2 \(heads \[0, 1\]\)"),
+    (lambda: one_head("matrix", "topk", heads="all"), r"an SAELens SAE of several heads keeps the k largest codes of all "
+     r"of them together, and this MatrixSAE has 4 dictionaries \(heads \[0, 1, 2, 3\]\), each keeping its own k: not "
+     r"the same codes; pass head=h to export one head's dictionary"),
+    (lambda: one_head("flat", "relu", heads=[0, 1]), r"reads every head of its site flattened together .* this FlatSAE "
+     r"has 2 dictionaries \(heads \[0, 1\]\) of the site's 4: it would decode the others as b_dec; pass head=h"),
     (lambda: make("bilinear", sparsity="batchtopk").train(),
      r"BatchTopK SAE in training mode keeps the k·B largest codes of its batch.*call sae.eval\(\)"),
-], ids=["two heads", "batchtopk training"])
+], ids=["top-k of several heads", "some heads of the site", "batchtopk training"])
 def test_what_does_not_map_exactly_is_refused(tmp_path, build, message):
     with pytest.raises(ValueError, match=message):
         save_sae(build(), tmp_path / "sae", format="saelens")
+    assert not (tmp_path / "sae").exists()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("sparsity", ["topk", "jumprelu", "batchtopk"])
+def test_one_head_of_a_multi_head_sae_exports_as_that_head_alone(tmp_path, arch, sparsity):
+    """head=h exports model head h's dictionary (its own threshold included): the SAELens SAE computes on that
+    head's matrices exactly what the multi-head SAE computes there."""
+    sae = one_head(arch, sparsity, heads=[1, 3])
+    save_sae(sae, tmp_path / "head3", format="saelens", head=3)
+    loaded = load_sae(tmp_path / "head3")
+    assert (loaded.cfg.head_indices, loaded.cfg.n_heads) == ([3], 4)
+    x = inputs(sae, 64)
+    assert torch.equal(loaded(x[..., 1:, :, :]), sae(x)[..., 1:, :, :])
+    assert torch.equal(loaded.encode(x[..., 1:, :, :]), sae.encode(x)[..., 1:, :])
+    assert not torch.equal(loaded(x[..., :1, :, :]), sae(x)[..., :1, :, :])  # head 1's dictionary is another
+
+
+def whole_site(arch: str, sparsity: str, **kw):
+    """An SAE with a dictionary for every head of its 4-head site (BatchTopK: one calibrated threshold per head)."""
+    return one_head(arch, sparsity, heads="all", **kw)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("sparsity", ["relu", "jumprelu", "batchtopk"])
+def test_every_head_exports_as_one_block_diagonal_saelens_sae(tmp_path, arch, sparsity):
+    """Per-feature rules (ReLU, thresholds) on dictionaries of every head: one SAELens SAE over the site's heads
+    flattened together, d_in = H·d_k·d_v, d_sae = H·n, each head's dictionary a diagonal block. SAELens' formula on
+    it gives our codes and reconstructions (to the last bits: the zero blocks join the sums), and load_sae brings
+    back the multi-head SAE, bit for bit."""
+    sae = whole_site(arch, sparsity)
+    cfg, tensors = export(sae, tmp_path)
+    H, n, d = 4, 12, 12
+    assert (cfg["d_in"], cfg["d_sae"], cfg["metadata"]["hook_head_index"]) == (H * d, H * n, None)
+    assert not tensors["W_dec"][:n, d:].any() and torch.equal(tensors["W_dec"][n:2 * n, d:2 * d],
+                                                              sae.atoms()[1].reshape(n, d))
+    x = inputs(sae, 64)
+    flat = x.flatten(-3)  # SAELens flattens [H, d_k, d_v] row-major, as it does a hook without hook_head_index
+    codes = saelens_encode(cfg, tensors, flat)
+    assert torch.equal(codes != 0, sae.encode(x).flatten(-2) != 0)
+    assert (saelens_reconstruction(cfg, tensors, flat) - sae(x).flatten(-3)).abs().max() <= 1e-12
+    loaded = load_sae(tmp_path / "saelens")
+    assert (loaded.cfg.head_indices, loaded.cfg.n_features) == ([0, 1, 2, 3], n)
+    assert torch.equal(loaded.encode(x), sae.encode(x)) and torch.equal(loaded(x), sae(x))
+
+
+def test_a_head_whose_batchtopk_threshold_is_0_exports_as_theta_0(tmp_path):
+    """A head never calibrated (t = 0) keeps every positive code: θ = 0 in SAELens' jumprelu, which gates at 0.
+    SAELens computes ours; load_sae refuses it, as a FlatSAE's θ = exp(log θ) cannot be 0."""
+    sae = whole_site("flat", "batchtopk")
+    with torch.no_grad():
+        sae.activation.threshold[1] = 0.0
+    cfg, tensors = export(sae, tmp_path)
+    assert cfg["architecture"] == "jumprelu" and not tensors["threshold"][12:24].any() and tensors["threshold"][:12].all()
+    x = inputs(sae, 64)
+    assert (saelens_reconstruction(cfg, tensors, x.flatten(-3)) - sae(x).flatten(-3)).abs().max() <= 1e-12
+    with pytest.raises(ValueError, match=r"a jumprelu threshold is <= 0"):
+        load_sae(tmp_path / "saelens")
+
+
+def test_a_saelens_sae_whose_features_read_several_heads_is_refused(tmp_path):
+    export(whole_site("flat", "relu"), tmp_path)
+    weights = load_file(tmp_path / "saelens" / "sae_weights.safetensors")
+    weights["W_enc"][0, -1] = 0.5  # the last feature (head 3's) reads an entry of head 0
+    save_file(weights, tmp_path / "saelens" / "sae_weights.safetensors")
+    cfg = json.loads((tmp_path / "saelens" / "cfg.json").read_text())
+    del cfg["metadata"]["writesae"]["weights_sha256"]
+    (tmp_path / "saelens" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"W_enc or W_dec is not block-diagonal over the 4 heads \[0, 1, 2, 3\]"):
+        load_sae(tmp_path / "saelens")
+
+
+def test_head_is_refused_where_it_picks_nothing(tmp_path):
+    with pytest.raises(ValueError, match=r"head 2 has no dictionary in this SAE; its heads are \[1, 3\]"):
+        save_sae(one_head("flat", heads=[1, 3]), tmp_path / "sae", format="saelens", head=2)
+    with pytest.raises(ValueError, match=r"head picks the dictionary an SAELens folder holds"):
+        save_sae(one_head("flat", heads=[1, 3]), tmp_path / "sae", head=1)
     assert not (tmp_path / "sae").exists()
 
 
@@ -312,3 +404,76 @@ def test_a_corrupted_export_is_caught_by_its_checksum(tmp_path):
     file.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"SHA-256 differs .* the file is corrupted"):
         load_sae(tmp_path / "saelens")
+
+
+# --- against sae-lens itself -------------------------------------------------------------------------
+
+
+SAELENS_CLASSES = {"topk": "TopKSAE", "relu": "StandardSAE", "jumprelu": "JumpReLUSAE", "batchtopk": "JumpReLUSAE"}
+
+
+@needs_sae_lens
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("sparsity", ["topk", "relu", "jumprelu", "batchtopk"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_saelens_loads_our_export_and_reconstructs_identically(tmp_path, arch, sparsity, dtype):
+    """SAELens' own SAE.load_from_disk on our folder: the SAE class of our sparsity rule, and on each head
+    matrix flattened row-major, the same codes and reconstruction as ours, bit for bit."""
+    sae = one_head(arch, sparsity, dtype=dtype)
+    export(sae, tmp_path)
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "saelens"))
+    assert type(theirs).__name__ == SAELENS_CLASSES[sparsity]
+    assert (theirs.cfg.metadata.hook_name, theirs.cfg.metadata.hook_head_index, theirs.dtype) == (
+        SITE, 2, getattr(torch, dtype))
+    x = inputs(sae, 64)
+    flat = x[..., 0, :, :].flatten(-2)
+    with torch.no_grad():
+        codes, reconstruction = theirs.encode(flat), theirs(flat)
+    assert 0 < (codes != 0).float().mean() < 1
+    assert torch.equal(codes, sae.encode(x)[..., 0, :])
+    assert torch.equal(reconstruction, sae(x)[..., 0, :, :].flatten(-2))
+
+
+@needs_sae_lens
+@pytest.mark.parametrize("architecture, extra", [("standard", {}), ("topk", {"k": 3}), ("jumprelu", {})])
+def test_our_load_sae_reads_a_folder_saelens_saved(tmp_path, architecture, extra):
+    """An SAE that SAELens built (random weights, thresholds where it has them) and saved with its own
+    save_model loads with load_sae and computes what SAELens computes."""
+    theirs = sae_lens.SAE.from_dict({"architecture": architecture, "d_in": 12, "d_sae": 8, "dtype": "float32",
+                                     "device": "cpu", "metadata": {"hook_name": "blocks.1.hook_resid_post"}, **extra})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            values = 0.3 * torch.randn(param.shape, generator=g)
+            param.copy_(values.abs() + 0.05 if name == "threshold" else values)  # thresholds > 0, as ours are
+    theirs.save_model(tmp_path / "theirs")
+    ours = load_sae(tmp_path / "theirs")
+    assert type(ours) is FlatSAE and (ours.cfg.site, ours.cfg.d_k, ours.cfg.d_v, ours.cfg.n_features) == (
+        "blocks.1.hook_resid_post", 1, 12, 8)
+    x = torch.randn(256, 12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        codes, reconstruction = theirs.encode(x), theirs(x)
+    assert 0 < (codes != 0).float().mean() < 1
+    ours_codes = ours.encode(x.reshape(256, 1, 1, 12)).reshape(256, 8)
+    assert torch.equal(ours_codes != 0, codes != 0)
+    torch.testing.assert_close(ours_codes, codes, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours(x.reshape(256, 1, 1, 12)).reshape(256, 12), reconstruction, rtol=1e-6, atol=1e-6)
+
+
+@needs_sae_lens
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("sparsity", ["relu", "jumprelu", "batchtopk"])
+def test_saelens_loads_our_every_head_export_and_reconstructs_as_ours(tmp_path, arch, sparsity):
+    """SAELens' SAE.load_from_disk on the block-diagonal export of every head's dictionary, applied to the site's
+    heads flattened together: the same codes fire, and values agree to the last bits (the zero blocks join
+    SAELens' sums, so its summation order is not ours)."""
+    sae = whole_site(arch, sparsity)
+    export(sae, tmp_path)
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "saelens"))
+    assert type(theirs).__name__ == SAELENS_CLASSES[sparsity] and theirs.cfg.metadata.hook_head_index is None
+    x = inputs(sae, 64)
+    with torch.no_grad():
+        codes, reconstruction = theirs.encode(x.flatten(-3)), theirs(x.flatten(-3))
+    assert torch.equal(codes != 0, sae.encode(x).flatten(-2) != 0)
+    assert (codes - sae.encode(x).flatten(-2)).abs().max() <= 1e-12
+    assert (reconstruction - sae(x).flatten(-3)).abs().max() <= 1e-12

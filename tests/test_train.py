@@ -150,6 +150,21 @@ def test_a_nan_batch_stops_training_and_keeps_the_last_good_checkpoint(model, do
     assert all(torch.equal(t, sae.state_dict()[name]) for name, t in clean.sae.state_dict().items())
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("where", [0, 17, -1])
+def test_the_finiteness_guard_names_exactly_the_tensors_with_a_nan_or_an_infinity(bad, where):
+    from writesae.train import _nonfinite
+
+    tensors = {"fine": torch.randn(5, 7), "scalar": torch.tensor(2.0), "big": torch.full((3, 12), 3e38),
+               "half": torch.randn(4, 9, dtype=torch.float16)}
+    assert _nonfinite(tensors) == []
+    for name in ("fine", "half"):
+        broken = dict(tensors, **{name: tensors[name].clone()})
+        broken[name].view(-1)[where] = bad
+        assert _nonfinite(broken) == [name]
+    assert _nonfinite(dict(tensors, scalar=torch.tensor(bad))) == ["scalar"]
+
+
 def test_a_diverging_run_names_what_went_non_finite(model, documents, tmp_path):
     with pytest.raises(FloatingPointError, match=r"step \d+: non-finite (parameter|\w+ loss term)"):
         run(model, documents, tmp_path, lr=1e30, warmup_steps=0, steps=20)

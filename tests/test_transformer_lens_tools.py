@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformer_lens import patching
+from transformer_lens import ActivationCache, patching
 from transformer_lens.utilities import test_prompt as tl_test_prompt
 from transformers import AutoTokenizer, Mamba2ForCausalLM
 
@@ -40,6 +40,7 @@ CONFIG_NAMES = {"qwen3_5": "grouped", "qwen3_5_moe": "qwen3_5_moe", "qwen3_next"
 NO_ATTENTION = ("mamba2", "rwkv7")
 PROMPT, ANSWER = "Mr. Darcy was", "not"
 T = 5  # positions of the patching inputs
+TL_HAS_LOGIT_LENS = hasattr(ActivationCache, "logit_lens")  # TransformerLens 4's; 3.x has none
 
 
 def save_tiny(family: str, folder: Path) -> None:
@@ -185,6 +186,41 @@ def test_a_tokenizer_that_prepends_bos_keeps_it_by_default(tiny):
     assert model.cfg.tokenizer_prepends_bos is False and model.cfg.default_prepend_bos is False
 
 
+def test_to_tokens_move_to_device_and_truncate_as_transformer_lens(tiny):
+    """move_to_device=False leaves the ids on the CPU, where the tokenizer made them; truncate keeps cfg.n_ctx
+    tokens of each string (a prepended BOS counted, cut on the tokenizer's truncation side), which changes nothing
+    while n_ctx is unlimited. SAELens' activation store calls to_tokens(row, truncate=False, move_to_device=False,
+    prepend_bos=False)."""
+    model = copy.deepcopy(tiny("qwen3_5"))
+    full = model.to_tokens(PROMPT)
+    n = full.shape[1]
+    assert n > 3
+    meta = copy.deepcopy(model).to("meta")  # a device the ids visibly move to
+    assert meta.to_tokens(PROMPT).device == torch.device("meta")
+    assert torch.equal(meta.to_tokens(PROMPT, move_to_device=False), full)  # stays on the CPU
+    assert torch.equal(model.to_tokens(PROMPT, truncate=False, move_to_device=False, prepend_bos=False), full)
+    model.cfg.n_ctx = 3
+    assert torch.equal(model.to_tokens(PROMPT), full[:, :3])
+    assert torch.equal(model.to_tokens(PROMPT, truncate=False), full)
+    eos = model.tokenizer.eos_token_id
+    assert model.to_tokens(PROMPT, prepend_bos=True).tolist() == [[eos, *full[0, :2].tolist()]]
+    # strings of different lengths: each cut to n_ctx, then padded (and masked) to the longest
+    short = model.to_tokens("Emma", truncate=False)
+    both = model.to_tokens(["Emma", PROMPT], padding_side="right")
+    assert both.shape[1] == 3 and both[0, :short.shape[1]].tolist() == short[0, :3].tolist()
+    with torch.no_grad():  # forward truncates strings as to_tokens does
+        assert torch.equal(model(PROMPT), model(full[:, :3]))
+    model.tokenizer.truncation_side = "left"
+    try:
+        assert torch.equal(model.to_tokens(PROMPT), full[:, -3:])
+    finally:
+        model.tokenizer.truncation_side = "right"
+    model.cfg.n_ctx = 0
+    with pytest.raises(ValueError, match="cfg.n_ctx must be an int >= 1 to truncate to, got 0"):
+        model.to_tokens(PROMPT)
+    assert torch.equal(model.to_tokens(PROMPT, truncate=False), full)
+
+
 # ------------------------------------------------------------------ TransformerLens' tools
 
 
@@ -217,6 +253,21 @@ def test_get_act_patch_resid_pre(tiny, family):
     torch.testing.assert_close(result[0, 0], _metric_of(model, clean, metric), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(result[0, 1:], _metric_of(model, corrupted, metric).expand(T - 1), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(_metric_of(model, clean, metric), _metric_of(model, corrupted, metric), atol=1e-3)
+
+
+@pytest.mark.parametrize("family", sorted(BY_KEY))
+def test_get_act_patch_attn_out(tiny, family):
+    """Every block's mixer output (hook_attn_out: a memory layer's or an attention layer's), patched position by
+    position, on every family (Mamba-2 included, whose blocks have no MLP for block_every's third row): where the
+    runs agree the patch changes nothing, and at the last position, where they differ, it moves the metric."""
+    model = tiny(family)
+    clean, corrupted, cache, metric = _runs(model, differ_at=T - 1)
+    result = patching.get_act_patch_attn_out(model, corrupted, cache, metric)
+    L = model.cfg.n_layers
+    assert result.shape == (L, T)
+    corrupted_metric = _metric_of(model, corrupted, metric)
+    torch.testing.assert_close(result[:, :-1], corrupted_metric.expand(L, T - 1), atol=1e-5, rtol=1e-5)
+    assert not torch.isclose(result[:, -1], corrupted_metric, atol=1e-4).all()
 
 
 BLOCK_EVERY = [pytest.param(f, marks=pytest.mark.xfail(
@@ -268,3 +319,77 @@ def test_stack_head_results_explains_why_there_are_no_heads(tiny, family):
     with pytest.raises(NotImplementedError, match="per-head results") as error:
         cache.stack_head_results()
     assert f"this {model.family_of(model.cfg).name} model has no attention layers" in str(error.value)
+
+
+def _lens_by_hand(model, cache, positions=slice(None)) -> torch.Tensor:
+    """The logit lens computed here: each block's cached hook_resid_pre and the last block's hook_resid_post,
+    through ln_final and W_U, [n_layers + 1, batch, pos, d_vocab]."""
+    L = model.cfg.n_layers
+    stack = [cache[f"blocks.{i}.hook_resid_pre"] for i in range(L)] + [cache[f"blocks.{L - 1}.hook_resid_post"]]
+    with torch.no_grad():
+        return torch.stack([model.ln_final(resid[:, positions]) @ model.W_U for resid in stack])
+
+
+@pytest.mark.skipif(not TL_HAS_LOGIT_LENS, reason="cache.logit_lens is TransformerLens 4's; this is TransformerLens 3")
+@pytest.mark.parametrize("family", sorted(BY_KEY))
+def test_logit_lens_reads_each_layer_through_ln_final_and_unembed(tiny, family):
+    """TransformerLens 4's cache.logit_lens on every family (GDN hybrids, Mamba-2, RWKV-7's LayerNorm), against the
+    lens computed here from the cached residual stream; its last entry is the model's own logits."""
+    model = tiny(family).eval()
+    logits, cache = model.run_with_cache(PROMPT)
+    by_hand = _lens_by_hand(model, cache)
+    lens = cache.logit_lens(positions=None)
+    L = model.cfg.n_layers
+    assert lens.labels == [f"{i}_pre" for i in range(L)] + ["final_post"]
+    assert lens.values.shape == (L + 1, *logits.shape)
+    torch.testing.assert_close(lens.values, by_hand, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lens.values[-1], logits, rtol=1e-5, atol=1e-5)
+    # the entries differ from each other: a lens that read one layer everywhere would fail above
+    assert not torch.allclose(by_hand[0], by_hand[-1], atol=1e-3)
+    # targets: the answer's rank among all tokens at the last position, at every layer
+    answer = model.to_single_token(" " + ANSWER)
+    ranked = cache.logit_lens(targets=" " + ANSWER)
+    last = by_hand[:, :, -1]
+    assert torch.equal(ranked.rank_trajectory(" " + ANSWER), (last > last[..., answer:answer + 1]).sum(-1))
+    torch.testing.assert_close(ranked.values[..., 0], last[..., answer], rtol=1e-5, atol=1e-5)
+    top = cache.logit_lens(top_k=3, return_type="log_probs")
+    assert torch.equal(top.readout.top_ids, last.topk(3, -1).indices)
+    torch.testing.assert_close(top.values, last.log_softmax(-1).topk(3, -1).values, rtol=1e-5, atol=1e-5)
+    # TransformerLens' function given the model and the prompt runs it and reads the same
+    from transformer_lens.tools.analysis import logit_lens
+
+    torch.testing.assert_close(logit_lens(model, PROMPT, positions=None).values, by_hand, rtol=1e-5, atol=1e-5)
+    # with each block's resid_mid, where a block has one (a Mamba-2 block is one mixer, no MLP)
+    if family == "mamba2":
+        with pytest.raises(ValueError, match=r"incl_mid=True reads every block's hook_resid_mid, and blocks \[0, 1\] "
+                                             r"of this Mamba-2 model have none"):
+            cache.logit_lens(incl_mid=True)
+    else:
+        mid = cache.logit_lens(incl_mid=True, positions=None)
+        assert mid.labels[1::2][:L] == [f"{i}_mid" for i in range(L)]
+        with torch.no_grad():
+            torch.testing.assert_close(mid.values[1], model.ln_final(cache["blocks.0.hook_resid_mid"]) @ model.W_U,
+                                       rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mid.values[::2], by_hand, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(TL_HAS_LOGIT_LENS, reason="TransformerLens 4 has a logit lens")
+def test_logit_lens_under_transformer_lens_3_says_what_computes_the_same(tiny):
+    model = tiny("qwen3_5")
+    logits, cache = model.run_with_cache(PROMPT)
+    with pytest.raises(NotImplementedError, match=r"cache.logit_lens is TransformerLens 4's .* TransformerLens 3\.") as error:
+        cache.logit_lens()
+    recipe = "model.unembed(model.ln_final(cache.accumulated_resid(pos_slice=-1)))"
+    assert recipe in str(error.value)
+    with torch.no_grad():
+        torch.testing.assert_close(eval(recipe), _lens_by_hand(model, cache)[:, :, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_unembed_and_b_U_are_what_forward_computes_last(tiny):
+    model = tiny("olmo_hybrid")
+    tokens = model.to_tokens(PROMPT)
+    with torch.no_grad():
+        resid = model(tokens, stop_at_layer=model.cfg.n_layers)
+        assert torch.equal(model.unembed(model.ln_final(resid)), model(tokens))
+        assert torch.equal(model.unembed(model.ln_final(resid)) + model.b_U, model(tokens))
+    assert model.b_U.shape == (model.cfg.d_vocab,) and not model.b_U.any()

@@ -82,6 +82,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    """An argparse type: a count that may be 0 (0 turns the thing counted off)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer ≥ 0, got {value}")
+    return value
+
+
+def _dashboard_defaults() -> dict:
+    """`build_dashboard`'s keyword defaults: the command's are the library's."""
+    import inspect
+
+    from .dashboard import build_dashboard
+
+    return {name: p.default for name, p in inspect.signature(build_dashboard).parameters.items() if p.default is not p.empty}
+
+
 def _check_device(text: str | None) -> None:
     """--device names a torch device this machine has (checked once parsed, before anything runs: an
     argparse type would also check the values a later --device overrides)."""
@@ -227,6 +244,14 @@ def _parser() -> argparse.ArgumentParser:
     dash.add_argument("--top", type=_positive_int, default=10, help="top activations shown per feature")
     dash.add_argument("--ablation-firings", type=int, default=4, help="top firings ablated per feature for the carried KL (0: none)")
     dash.add_argument("--horizon", type=_positive_int, default=8, help="positions the carried KL sums over")
+    library = _dashboard_defaults()
+    dash.add_argument("--loss-tokens", type=_count, default=library["loss_tokens"],
+                      help="firing tokens per feature whose hover gets the loss change of a real ablation run (0: none, "
+                           "the ablations skipped)")
+    dash.add_argument("--quantiles", type=_positive_int, default=library["n_quantiles"],
+                      help="activation quantile groups per feature")
+    dash.add_argument("--quantile-contexts", type=_count, default=library["quantile_contexts"],
+                      help="contexts drawn at random from each quantile group")
     dash.add_argument("--batch-size", type=_positive_int, default=4, help="windows per forward pass")
     dash.add_argument("--device", help=DEVICE_HELP)
     dash.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
@@ -409,8 +434,9 @@ def cmd_dashboard(args) -> None:
     n = min(args.contexts, store.n_contexts("heldout"))
     windows = torch.stack([store.context_tokens(i, "heldout") for i in range(n)])
     dashboard = build_dashboard(model, sae, windows, features_per_head=args.features_per_head, n_contexts=args.top,
-                                ablation_firings=args.ablation_firings, horizon=args.horizon, batch_size=args.batch_size,
-                                progress=not args.no_progress)
+                                ablation_firings=args.ablation_firings, horizon=args.horizon, loss_tokens=args.loss_tokens,
+                                n_quantiles=args.quantiles, quantile_contexts=args.quantile_contexts,
+                                batch_size=args.batch_size, progress=not args.no_progress)
     index = write_site(dashboard, args.out, progress=not args.no_progress)
     print(f"wrote {index} and {len(dashboard.features)} feature pages in {args.out / 'features'}: open {index} in a browser")
 

@@ -28,6 +28,25 @@ matrix X_t (S_t, or the write k̂_t δ_tᵀ or erase (a_t ⊙ κ̂_t) e_tᵀ thr
   The page shows the mean of Δlogits over the feature's firings in the sample (the code a included,
   so it is the effect of an average firing), its largest (promoted) and smallest (suppressed)
   tokens. Only the norm and the frozen σ_t are approximations; the read itself is exact.
+- **logit histogram**: that mean Δlogits, one number per vocabulary token, in ``bins`` equal bins
+  on [its min, its max]. It plays the part of sae-dashboard's histogram of W_dec,i W_U, for an atom
+  that only reaches the logits through the read: the query q̂_t at the feature's own firings reads
+  (a/s) A_i, and the read goes through the mixer's output and the unembedding as above.
+- **quantile groups**: the positive codes cut at their quantiles j/n (``torch.quantile``, linear
+  interpolation, n = ``n_quantiles``); group j holds edge_j ≤ a < edge_{j+1}, the last also
+  a = edge_n, and ``quantile_contexts`` of its firings are drawn uniformly at random (``seed``; spaced
+  as the top activations are), so the page shows what weak firings look like, not only the top.
+- **hover** of every token where the feature fires in a shown context: the Δlogits of that one
+  firing (the value side's, not averaged), its ``n_hover_logits`` most promoted and suppressed
+  tokens, and the **loss change**: the cross-entropy of the next token x_{t+1} at t with
+  S_t − (a/s) A_i carried forward (the ablation below, scored at t), minus the clean one, by a real
+  run. Positive: the feature helped predict the next token. It is run at the first
+  ``loss_tokens`` firing tokens of each card: each shown context's outlined token first (top
+  contexts, then the quantile groups'), then the others in the order shown.
+- **correlated features**: by co-firing, the Jaccard index |F_i ∩ F_j| / |F_i ∪ F_j| of the sets
+  of sample positions where each fires, over every feature of the SAE (any head); by atom cosine,
+  ⟨A_i, A_j⟩_F / (‖A_i‖_F ‖A_j‖_F) with the other atoms of the same head (signed: the codes are
+  ≥ 0). The ``n_related`` largest of each.
 - **memory half-life** of the head: `hooked_gdn.census.memory_census` on the same windows
   (median ln ½ / g_t, with the 10th and 90th percentiles).
 - **carried KL when ablated**: at each of the feature's first ``ablation_firings`` shown firings,
@@ -40,8 +59,11 @@ matrix X_t (S_t, or the write k̂_t δ_tᵀ or erase (a_t ⊙ κ̂_t) e_tᵀ thr
 
 from __future__ import annotations
 
+import json
+import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +71,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hooked_gdn.cache import GDNCache
 from hooked_gdn.census import memory_census
+from hooked_gdn.model import DEFAULT_CHUNK_SIZE
+from hooked_gdn.files import atomic_file
 from hooked_gdn.sites import SITE_KEY_HOOKS, SITE_VALUE_HOOK, Site, edit_at_positions, rank_one_key
 
 from .experiments.edits import kl_from_clean
@@ -58,9 +83,29 @@ from .site_fit import check_sae_fits
 
 
 @dataclass(frozen=True)
+class LogitEffect:
+    token: str
+    token_id: int
+    logit_change: float
+
+
+@dataclass(frozen=True)
+class TokenHover:
+    """What hovering a token where the feature fires shows: the direct effect on the logits of this
+    one firing through the read (its most promoted and suppressed tokens), and ``loss_change``, the
+    next-token cross-entropy at this position with the feature removed from the state here minus
+    without (a real ablation run; None where it was not run or the window has no next token)."""
+
+    promoted: list[LogitEffect]
+    suppressed: list[LogitEffect]
+    loss_change: float | None
+
+
+@dataclass(frozen=True)
 class ShownContext:
-    """One top activation: ``activations[i]`` is the feature's code on ``tokens[i]``, the token at
-    position ``start + i`` of window ``window``; the firing token is at ``position``."""
+    """One shown activation: ``activations[i]`` is the feature's code on ``tokens[i]``, the token at
+    position ``start + i`` of window ``window``; the firing token is at ``position``. ``hovers[i]``
+    is token i's `TokenHover` where the feature fires there (None where it does not)."""
 
     window: int
     position: int
@@ -68,6 +113,28 @@ class ShownContext:
     start: int
     tokens: list[str]
     activations: list[float]
+    hovers: list[TokenHover | None] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class QuantileGroup:
+    """The firings with ``low`` ≤ a < ``high`` (the last group also a = ``high``): ``n_firings`` of
+    them, and ``contexts`` sampled uniformly among them."""
+
+    low: float
+    high: float
+    n_firings: int
+    contexts: list[ShownContext]
+
+
+@dataclass(frozen=True)
+class RelatedFeature:
+    """Another feature of the SAE and its ``score`` with this one (Jaccard index or atom cosine)."""
+
+    head: int
+    dictionary: int
+    feature: int
+    score: float
 
 
 @dataclass(frozen=True)
@@ -79,13 +146,6 @@ class KeyMatch:
     token: str
     left_context: str
     alignment: float
-
-
-@dataclass(frozen=True)
-class LogitEffect:
-    token: str
-    token_id: int
-    logit_change: float
 
 
 @dataclass
@@ -106,6 +166,11 @@ class FeatureCard:
     keys_opposed: list[KeyMatch]
     logits_promoted: list[LogitEffect]
     logits_suppressed: list[LogitEffect]
+    logit_histogram_counts: list[int] = field(default_factory=list)
+    logit_histogram_edges: list[float] = field(default_factory=list)
+    quantile_groups: list[QuantileGroup] = field(default_factory=list)
+    co_firing: list[RelatedFeature] = field(default_factory=list)
+    atom_cosine: list[RelatedFeature] = field(default_factory=list)
     kl_next: float | None = None
     kl_carried: float | None = None
     n_ablated: int = 0
@@ -138,6 +203,70 @@ class Dashboard:
             if (card.head, card.feature) == (head, feature):
                 return card
         raise KeyError(f"no card for head {head}, feature {feature}")
+
+    def export_json(self, path: str | Path) -> Path:
+        """Write every number of the dashboard to ``path`` as JSON (UTF-8), in the format
+        docs/dashboard_schema.json defines: ``{"schema": "writesae.dashboard", "schema_version": 2,``
+        then this dataclass's fields (`dataclasses.asdict`)``}``, every float to `SIGNIFICANT_DIGITS`
+        significant digits (`written`), every infinite or NaN one as null; a hover's promoted and suppressed
+        tokens as [token id, Δlogit] pairs, their texts once in ``vocabulary`` (`_compact_hovers`). Written whole or not at all (`hooked_gdn.files.atomic_file`, never through a link); a
+        file already at ``path`` is replaced only when it is such an export itself."""
+        path = Path(path)
+        if path.exists() and not path.is_symlink() and _schema_of(path) != SCHEMA_NAME:
+            raise FileExistsError(f"{path} exists and is not a dashboard export ({SCHEMA_NAME}): not replacing it")
+        record = _compact_hovers({"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, **_as_written(asdict(self))})
+        with atomic_file(path, encoding="utf-8") as f:
+            json.dump(record, f, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return path
+
+
+#: the name and version of `Dashboard.export_json`'s format (docs/dashboard_schema.json); the version
+#: goes up whenever a field changes meaning or goes away
+SCHEMA_NAME, SCHEMA_VERSION = "writesae.dashboard", 2
+
+#: the significant digits of every float the dashboard writes (the pages' data-* attributes, dashboard.json):
+#: more than the measurements hold (an fp32 ablation's loss change, a sample's frequency), a fifth of the bytes
+SIGNIFICANT_DIGITS = 4
+
+
+def written(value: float) -> float:
+    """``value`` rounded to `SIGNIFICANT_DIGITS` significant digits, as the dashboard writes it (inf and NaN kept)."""
+    return float(f"{value:.{SIGNIFICANT_DIGITS}g}") if math.isfinite(value) else value
+
+
+def _schema_of(path: Path) -> str | None:
+    """The ``schema`` field of the JSON object at ``path``, or None when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record.get("schema") if isinstance(record, dict) else None
+
+
+def _compact_hovers(record: dict) -> dict:
+    """The exported ``record`` with every hover's promoted and suppressed tokens as [token id, Δlogit] pairs and
+    their texts once, in a ``vocabulary`` (the token id as a string -> its text) added last."""
+    vocabulary = {}
+    for card in record["features"]:
+        for context in card["top_contexts"] + [c for group in card["quantile_groups"] for c in group["contexts"]]:
+            for hover in filter(None, context["hovers"]):
+                for kind in ("promoted", "suppressed"):
+                    vocabulary.update((str(effect["token_id"]), effect["token"]) for effect in hover[kind])
+                    hover[kind] = [[effect["token_id"], effect["logit_change"]] for effect in hover[kind]]
+    return {**record, "vocabulary": dict(sorted(vocabulary.items(), key=lambda item: int(item[0])))}
+
+
+def _as_written(value):
+    """``value`` (nested dicts, lists and tuples) with every float `written`, infinite and NaN ones as None,
+    tuples as lists."""
+    if isinstance(value, dict):
+        return {key: _as_written(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_written(item) for item in value]
+    if isinstance(value, float):
+        return written(value) if math.isfinite(value) else None
+    return value
 
 
 def key_factors(sae: SAEBase) -> Float[Tensor, "n_dicts n d_k"]:
@@ -235,16 +364,26 @@ def _collect(model, sae: SAEBase, site: Site, windows: Tensor, n_keys: int, batc
         key_top = _merge_extremes(key_top, alignment, positions, n_keys, largest=True)
         key_bottom = _merge_extremes(key_bottom, alignment, positions, n_keys, largest=False)
 
-        delta_o = a[:, None] / sae.cfg.input_scale * atom_reads(sae, q_hat[row, d], d, i)
-        every_head = lambda short: cache[names[short]].float().flatten(0, 1)  # [b·T, H, …]: norms may mix heads
-        delta_r = _direct_output_change(mixer, every_head("recurrence_out"), {s: every_head(s) for s in mixer.OUTPUT_INPUTS},
-                                        row.to(batch.device), heads.to(batch.device)[d.to(batch.device)], delta_o.to(batch.device))
-        sigma = cache["ln_final.hook_scale"].float().flatten(0, 1).to(device)[row]  # [m, 1]: the final norm's frozen scale
-        direct_sum.index_put_((d, i), delta_r.to(device) / sigma, accumulate=True)
+        direct_sum.index_put_((d, i), _direct_residuals(sae, mixer, cache, names, heads, q_hat, row, d, i, a), accumulate=True)
     cat = {key: torch.cat(value) for key, value in parts.items()}
     cpu = lambda pair: (pair[0].cpu(), pair[1].cpu())
     return _Pass(cat["positions"], cat["dictionaries"], cat["features"], cat["values"], cpu(key_top), cpu(key_bottom),
                  direct_sum.cpu())
+
+
+def _direct_residuals(sae: SAEBase, mixer, cache, names: dict[str, str], heads: Int[Tensor, " n_dicts"],
+                      q_hat: Float[Tensor, "n n_dicts d_k"], rows: Int[Tensor, " m"], d: Int[Tensor, " m"],
+                      i: Int[Tensor, " m"], a: Float[Tensor, " m"]) -> Float[Tensor, "m d_model"]:
+    """Δr / σ_t of each firing (feature i of dictionary d with code a at flat position ``rows`` of the
+    cached batch): the read's exact change Δo = (a/s) A_iᵀ q̂_t through the mixer's linearised output,
+    over the final norm's frozen scale (the module docstring's value side). On the SAE's device."""
+    delta_o = a[:, None] / sae.cfg.input_scale * atom_reads(sae, q_hat[rows, d], d, i)
+    every_head = lambda short: cache[names[short]].float().flatten(0, 1)  # [b·T, H, …]: norms may mix heads
+    on = every_head("recurrence_out").device
+    delta_r = _direct_output_change(mixer, every_head("recurrence_out"), {s: every_head(s) for s in mixer.OUTPUT_INPUTS},
+                                    rows.to(on), heads.to(on)[d.to(on)], delta_o.to(on))
+    sigma = cache["ln_final.hook_scale"].float().flatten(0, 1).to(a.device)[rows]  # [m, 1]: the final norm's frozen scale
+    return delta_r.to(a.device) / sigma
 
 
 def _direct_output_change(mixer, o: Float[Tensor, "n H d_v"], inputs: dict[str, Tensor], rows: Int[Tensor, " m"],
@@ -263,57 +402,141 @@ def _direct_output_change(mixer, o: Float[Tensor, "n H d_v"], inputs: dict[str, 
     return torch.cat(out) if out else o.new_zeros(0, mixer.W_o.shape[0])
 
 
-CLEAN_LOGITS_BYTES = 1 << 29  # the carried KL keeps every window's clean logits up to this size
+ABLATION_CACHE_BYTES = 1 << 28  # the caches one batch of ablations (and its windows' clean run) may hold
 
 
 @dataclass(frozen=True)
 class _Firing:
-    card: int  # index into the cards
     window: int
     position: int
     dictionary: int
     feature: int
     activation: float
+    horizon: int  # positions scored from the firing on (the window is cut after them)
+
+
+def _cache_rows(cache: GDNCache, rows: Int[Tensor, " m"]) -> GDNCache:
+    """A `GDNCache` holding the given batch rows of ``cache`` (in that order, repeats allowed), as copies."""
+    pick = lambda value: ({key: x[rows] for key, x in value.items()} if isinstance(value, dict)
+                          else None if value is None else value[rows])
+    return GDNCache(**{entry.name: pick(getattr(cache, entry.name)) for entry in fields(cache)})
+
+
+def _cache_bytes(cache: GDNCache) -> int:
+    """The bytes of every tensor ``cache`` holds."""
+    tensors = [x for entry in fields(cache) for value in [getattr(cache, entry.name)]
+               for x in (value.values() if isinstance(value, dict) else [value]) if x is not None]
+    return sum(x.numel() * x.element_size() for x in tensors)
 
 
 @torch.no_grad()
-def _ablation_kl(model, sae: SAEBase, site: Site, windows: Tensor, firings: list[_Firing], horizon: int,
-                 batch_rows: int, progress: bool) -> tuple[Tensor, Tensor]:
-    """KL at t and summed over t … t + horizon − 1 for each firing, S_t − (a/s) A_i carried forward.
+def _ablate(model, sae: SAEBase, site: Site, windows: Tensor, firings: list[_Firing], progress: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(KL at t, KL summed over t … t + horizon − 1, loss change at t) for each firing, with
+    S_t − (a/s) A_i carried forward. The loss change is the cross-entropy of the window's next token
+    x_{t+1} under the ablated logits at t minus under the clean ones (NaN at a window's last position).
 
-    Firings at one position share a forward pass, each on its own window cut after t + horizon − 1
-    (later tokens cannot change the scored logits). The clean logits of every window are computed
-    once when they fit in ``CLEAN_LOGITS_BYTES``, else beside each ablated pass."""
+    Exact, and cheap: positions before t are the clean run's and later tokens cannot change the scored
+    logits, so the windows are run once (as many at a time as ``ABLATION_CACHE_BYTES`` holds), clean, in segments that stop at every
+    position t some firing is ablated at (a `GDNCache` continues each segment from the last). There the
+    firings at t with one horizon continue from their windows' rows of that cache over t … t + horizon − 1
+    only, many at once, one batch row each (the state edit is per row), beside one clean row per window, so
+    the ablated and clean logits come from the same computation. Each recurrence runs in chunks no longer than
+    its input (a chunk is padded to its full length)."""
     heads = torch.tensor(sae.cfg.head_indices)
     kl_next, kl_carried = torch.zeros(len(firings)), torch.zeros(len(firings))
-    by_position = defaultdict(list)
+    loss_change = torch.full((len(firings),), float("nan"))
+    if not firings:
+        return kl_next, kl_carried, loss_change
+    device, T = model.W_E.device, windows.shape[1]
+    state_hook = site.hook_name("hook_state")
+    # windows per clean run and rows per continuation: each holds a cache as big as a whole window's at most
+    batch_rows = max(1, ABLATION_CACHE_BYTES // max(_cache_bytes(model.prefill(windows[:1].to(device))), 1))
+    by_window = defaultdict(list)
     for j, firing in enumerate(firings):
-        by_position[firing.position].append(j)
-    groups = [(t, rows[k : k + batch_rows]) for t, rows in sorted(by_position.items()) for k in range(0, len(rows), batch_rows)]
-    device = model.W_E.device
-    clean_all = None
-    if windows.numel() * model.cfg.d_vocab * 4 <= CLEAN_LOGITS_BYTES:
-        clean_all = torch.cat([model(part.to(device)) for part in windows.split(batch_rows)])
-    for t, rows in tqdm(groups, desc="ablating features at their firings", disable=not progress):
+        by_window[firing.window].append(j)
+    used = sorted(by_window)
+    chunks = [used[k : k + batch_rows] for k in range(0, len(used), batch_rows)]
+    bar = tqdm(total=len(firings), desc="ablating features at their firings", disable=not progress)
+    for chunk in chunks:
+        tokens = windows[chunk].to(device)
+        local = {w: k for k, w in enumerate(chunk)}
+        grouped = defaultdict(list)  # (t, horizon) -> firings
+        for w in chunk:
+            for j in by_window[w]:
+                grouped[firings[j].position, firings[j].horizon].append(j)
+        cache, done = None, 0  # the clean run of the chunk's windows over positions < done
+        for (t, horizon), members in sorted(grouped.items()):
+            if t > done:
+                cache = cache or GDNCache()
+                model(tokens[:, done:t], return_type=None, cache=cache, chunk_size=min(t - done, DEFAULT_CHUNK_SIZE))
+                done = t
+            end = min(T, t + horizon)
+            for k in range(0, len(members), batch_rows):
+                rows = members[k : k + batch_rows]
+                chosen = [firings[j] for j in rows]
+                which = [local[f.window] for f in chosen]
+                clean_of = sorted(set(which))  # one clean row per window, after the ablated rows
+                index = torch.tensor(which + clean_of, device=device)
+                d = torch.tensor([f.dictionary for f in chosen])
+                i = torch.tensor([f.feature for f in chosen])
+                a = torch.tensor([f.activation for f in chosen])
+                removed = atom_matrices(sae, d, i) * (a / sae.cfg.input_scale)[:, None, None]  # [m, d_k, d_v]
+                removed = torch.cat([removed, removed.new_zeros(len(clean_of), *removed.shape[1:])]).to(device)
+                model_heads = torch.cat([heads[d], heads.new_zeros(len(clean_of))]).to(device)
+
+                def remove(states: Tensor, position: int) -> Tensor:  # [rows, H_v, d_k, d_v] at t
+                    states[torch.arange(len(states), device=states.device), model_heads] -= removed.to(states)
+                    return states
+
+                logits = model.run_with_hooks(tokens[index, t:end], fwd_hooks=[(state_hook, edit_at_positions(remove, t))],
+                                              cache=None if cache is None else _cache_rows(cache, index), state_positions=[0],
+                                              chunk_size=min(end - t, DEFAULT_CHUNK_SIZE))
+                ablated = logits[: len(rows)]
+                clean = logits[len(rows) :][[clean_of.index(w) for w in which]]
+                kl = kl_from_clean(clean, ablated).cpu()
+                kl_next[rows], kl_carried[rows] = kl[:, 0], kl.sum(1)
+                if t + 1 < T:
+                    following = tokens[which, t + 1]
+                    loss = lambda scored: F.cross_entropy(scored[:, 0].float(), following, reduction="none").cpu()
+                    loss_change[rows] = loss(ablated) - loss(clean)
+                bar.update(len(rows))
+    bar.close()
+    return kl_next, kl_carried, loss_change
+
+
+@torch.no_grad()
+def _firing_logit_extremes(model, sae: SAEBase, site: Site, windows: Tensor, firings: list[_Firing], directions: Tensor,
+                           n: int, batch_size: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """The n largest and the n smallest Δlogits (values [m, n], token ids [m, n]) of each of the given firings:
+    Δr / σ_t (`_direct_residuals`) through the unembedding ``directions``, from one cached pass over the windows
+    the firings lie in (their logits formed a window batch at a time)."""
+    heads = torch.tensor(sae.cfg.head_indices)
+    mixer = model.blocks[site.layer].linear_attn
+    names = {short: name for short, name in _site_hooks(site, mixer).items()
+             if short in ("read_query", "recurrence_out", *mixer.OUTPUT_INPUTS)}
+    device, T = sae.b_dec.device, windows.shape[1]
+    n = min(n, directions.shape[0])
+    extremes = [torch.zeros(len(firings), n), torch.zeros(len(firings), n, dtype=torch.long),
+                torch.zeros(len(firings), n), torch.zeros(len(firings), n, dtype=torch.long)]
+    by_window = defaultdict(list)
+    for j, firing in enumerate(firings):
+        by_window[firing.window].append(j)
+    used = sorted(by_window)
+    for first in range(0, len(used), batch_size):
+        part = used[first : first + batch_size]
+        _, cache = model.run_with_cache(windows[part].to(model.W_E.device),
+                                        names_filter=[*names.values(), "ln_final.hook_scale"])
+        q_hat = cache[names["read_query"]][:, :, heads.to(model.W_E.device)].float().flatten(0, 1).to(device)
+        rows = [j for w in part for j in by_window[w]]
         chosen = [firings[j] for j in rows]
-        tokens = windows[[f.window for f in chosen], : t + horizon].to(device)
-        d = torch.tensor([f.dictionary for f in chosen])
-        i = torch.tensor([f.feature for f in chosen])
-        a = torch.tensor([f.activation for f in chosen])
-        removed = atom_matrices(sae, d, i)  # [b, d_k, d_v]
-        removed = removed * (a / sae.cfg.input_scale).to(removed)[:, None, None]
-        model_heads = heads[d]
-
-        def remove(states: Tensor, position: int) -> Tensor:  # [b, H_v, d_k, d_v] at t
-            states[torch.arange(len(states)), model_heads] -= removed.to(states)
-            return states
-
-        clean = model(tokens) if clean_all is None else clean_all[[f.window for f in chosen], : t + horizon]
-        ablated = model.run_with_hooks(tokens, fwd_hooks=[(site.hook_name("hook_state"), edit_at_positions(remove, t))],
-                                       state_positions=[t])
-        kl = kl_from_clean(clean, ablated)[:, t:].cpu()
-        kl_next[rows], kl_carried[rows] = kl[:, 0], kl.sum(1)
-    return kl_next, kl_carried
+        flat = torch.tensor([part.index(f.window) * T + f.position for f in chosen], device=device)
+        d = torch.tensor([f.dictionary for f in chosen], device=device)
+        i = torch.tensor([f.feature for f in chosen], device=device)
+        a = torch.tensor([f.activation for f in chosen], device=device)
+        logits = _direct_residuals(sae, mixer, cache, names, heads, q_hat, flat, d, i, a).cpu() @ directions.T
+        for j, top in enumerate((logits.topk(n), logits.topk(n, largest=False))):
+            extremes[2 * j][rows], extremes[2 * j + 1][rows] = top.values, top.indices
+    return (extremes[0], extremes[1]), (extremes[2], extremes[3])
 
 
 def token_strings(model, windows: Int[Tensor, "window pos"]) -> list[list[str]]:
@@ -355,6 +578,75 @@ def _key_matches(extremes: tuple[Tensor, Tensor], d: int, i: int, T: int, tokens
     return matches
 
 
+def _quantile_groups(values: Tensor, positions: Tensor, dense: Tensor, T: int, tokens: list[list[str]], n_groups: int,
+                     per_group: int, left: int, right: int, generator: torch.Generator) -> list[QuantileGroup]:
+    """The feature's positive codes cut at their quantiles j/n_groups (`torch.quantile`, linear
+    interpolation): group j holds edge_j ≤ a < edge_{j+1} (the last also a = edge_n), and up to
+    ``per_group`` of its firings are drawn uniformly at random (spaced as the top contexts are)."""
+    if not len(values):
+        return []
+    edges = torch.quantile(values, torch.linspace(0.0, 1.0, n_groups + 1))
+    group = torch.bucketize(values, edges[1:-1], right=True)
+    groups = []
+    for j in range(n_groups):
+        members = positions[group == j]
+        drawn = members[torch.randperm(len(members), generator=generator)]
+        groups.append(QuantileGroup(float(edges[j]), float(edges[j + 1]), len(members),
+                                    _shown_contexts(dense, drawn, T, tokens, per_group, left, right)))
+    return groups
+
+
+def _co_firing(positions: Tensor, keys: Tensor, counts: Tensor, members: list[Tensor], selected: list[int], N: int,
+               n_related: int) -> list[list[tuple[int, float]]]:
+    """For each selected feature (a flat key d·n + i, its positions ``members``), the ``n_related``
+    other features with the largest Jaccard index |F_i ∩ F_j| / |F_i ∪ F_j| of their firing sets
+    F = {positions where a > 0} over all the sample's positions (only those with one in common)."""
+    if not selected:
+        return []
+    firing = torch.sparse_coo_tensor(torch.stack([keys, positions]), torch.ones(len(keys)), (len(counts), N),
+                                     check_invariants=True).coalesce()
+    out = []
+    for chunk in torch.arange(len(selected)).split(max(1, (1 << 24) // N)):
+        indicator = torch.zeros(N, len(chunk))
+        for column, c in enumerate(chunk.tolist()):
+            indicator[members[c], column] = 1.0
+        both = torch.sparse.mm(firing, indicator).T  # [chunk, all features]: |F_i ∩ F_j|
+        own = counts[[selected[c] for c in chunk.tolist()]].float()
+        jaccard = both / (own[:, None] + counts.float()[None, :] - both).clamp_min(1.0)
+        for row, c in enumerate(chunk.tolist()):
+            jaccard[row, selected[c]] = 0.0
+            top = jaccard[row].topk(min(n_related, len(counts)))
+            out.append([(int(k), float(v)) for v, k in zip(top.values, top.indices) if v > 0])
+    return out
+
+
+def _atom_cosines(sae: SAEBase, selected: list[tuple[int, int]], n_related: int) -> list[list[tuple[int, float]]]:
+    """For each selected (dictionary, feature), the ``n_related`` other atoms of its dictionary (as flat keys
+    d·n + j) with the largest cosine ⟨A_i, A_j⟩_F / (‖A_i‖_F ‖A_j‖_F) (signed: codes are ≥ 0, so −A_i is
+    not A_i; atoms of different heads live in different heads' states and are not compared)."""
+    atoms = F.normalize(sae.atoms().detach().float().flatten(2), dim=-1)  # [n_dicts, n, d_k·d_v]
+    out = []
+    for d, i in selected:
+        cosine = atoms[d] @ atoms[d, i]
+        cosine[i] = -float("inf")
+        top = cosine.topk(min(n_related, len(cosine) - 1))
+        out.append([(d * len(cosine) + int(j), float(v)) for v, j in zip(top.values, top.indices)])
+    return out
+
+
+def _extremes(logits: Float[Tensor, "m d_vocab"], n: int, vocab) -> tuple[list[list[LogitEffect]], list[list[LogitEffect]]]:
+    """Each row's n largest and n smallest entries as `LogitEffect` lists."""
+    n = min(n, logits.shape[1])
+    up, down = logits.topk(n), logits.topk(n, largest=False)
+    return _effects(up.values, up.indices, vocab), _effects(down.values, down.indices, vocab)
+
+
+def _effects(values: Float[Tensor, "m n"], ids: Int[Tensor, "m n"], vocab) -> list[list[LogitEffect]]:
+    """Each row's (Δlogit, token id) pairs as a `LogitEffect` list."""
+    return [[LogitEffect(vocab(t), t, v) for v, t in zip(row_values, row_ids)]
+            for row_values, row_ids in zip(values.tolist(), ids.tolist())]
+
+
 @torch.no_grad()
 def build_dashboard(
     model,
@@ -370,6 +662,12 @@ def build_dashboard(
     bins: int = 30,
     ablation_firings: int = 4,
     horizon: int = 8,
+    n_quantiles: int = 5,
+    quantile_contexts: int = 3,
+    n_hover_logits: int = 3,
+    loss_tokens: int = 8,
+    n_related: int = 5,
+    seed: int = 0,
     batch_size: int = 4,
     progress: bool = True,
 ) -> Dashboard:
@@ -377,17 +675,22 @@ def build_dashboard(
 
     Cards for every feature, or for each head's ``features_per_head`` most frequent ones. The SAE
     is checked against the model (`check_sae_fits`) before anything runs. See the module docstring for
-    what each quantity is; ``batch_size`` counts windows per forward pass.
+    what each quantity is; ``batch_size`` counts windows per forward pass (the ablations size theirs by
+    ``ABLATION_CACHE_BYTES``, `_ablate`), ``seed`` seeds the draws of the quantile groups' contexts. Every float
+    is written (pages, JSON) to ``SIGNIFICANT_DIGITS`` significant digits.
     """
     site = check_sae_fits(sae, model)
     windows = torch.as_tensor(windows)
     if windows.dim() != 2 or windows.shape[1] < 2 or windows.dtype.is_floating_point:
         raise ValueError(f"windows must be integer tokens [n, T] with T ≥ 2, got {windows.dtype} {tuple(windows.shape)}")
-    if not all(isinstance(x, int) and x >= 1 for x in (n_contexts, n_keys, n_logits, bins, horizon, batch_size)):
-        raise ValueError("n_contexts, n_keys, n_logits, bins, horizon and batch_size must be positive ints")
-    if not (isinstance(ablation_firings, int) and ablation_firings >= 0 and (features_per_head is None or features_per_head >= 1)):
-        raise ValueError(f"ablation_firings must be an int ≥ 0 and features_per_head None or ≥ 1, "
-                         f"got {ablation_firings!r} and {features_per_head!r}")
+    positive = dict(n_contexts=n_contexts, n_keys=n_keys, n_logits=n_logits, bins=bins, horizon=horizon, n_quantiles=n_quantiles,
+                    n_hover_logits=n_hover_logits, n_related=n_related, batch_size=batch_size)
+    if not all(isinstance(x, int) and x >= 1 for x in positive.values()):
+        raise ValueError(f"{', '.join(positive)} must be positive ints, got {positive}")
+    counts_ok = all(isinstance(x, int) and x >= 0 for x in (ablation_firings, quantile_contexts, loss_tokens))
+    if not (counts_ok and (features_per_head is None or features_per_head >= 1)):
+        raise ValueError(f"ablation_firings, quantile_contexts and loss_tokens must be ints ≥ 0 and features_per_head None or ≥ 1, "
+                         f"got {ablation_firings!r}, {quantile_contexts!r}, {loss_tokens!r} and {features_per_head!r}")
     windows = windows.long().cpu()
     T, N = windows.shape[1], windows.numel()
     sae = sae.eval()
@@ -397,58 +700,113 @@ def build_dashboard(
 
     D, n = sae.n_dicts, sae.cfg.n_features
     key = collected.dictionaries * n + collected.features
-    counts = torch.bincount(key, minlength=D * n).view(D, n)
-    sums = torch.zeros(D * n).index_add_(0, key, collected.values).view(D, n)
+    counts = torch.bincount(key, minlength=D * n)
+    sums = torch.zeros(D * n).index_add_(0, key, collected.values)
     # each feature's codes, largest first, as one slice of the sorted triples
     order = collected.values.argsort(descending=True, stable=True)
     order = order[key[order].argsort(stable=True)]
-    starts = torch.cat([torch.zeros(1, dtype=torch.long), counts.flatten().cumsum(0)])
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    mine = lambda flat_key: order[starts[flat_key] : starts[flat_key + 1]]
 
-    selected = _select(counts, features_per_head)
-    mean_direct = torch.stack([collected.direct_sum[d, i] / max(int(counts[d, i]), 1) for d, i in selected])
-    logits = ((1.0 + model.ln_final.w.float().cpu()) * mean_direct) @ model.W_U.float().cpu()  # [cards, d_vocab]
+    selected = _select(counts.view(D, n), features_per_head)
+    directions = model.tokens_to_residual_directions(torch.arange(model.cfg.d_vocab)).float().cpu()  # [d_vocab, d_model]
+    mean_direct = torch.stack([collected.direct_sum[d, i] / max(int(counts[d * n + i]), 1) for d, i in selected])
+    logits = mean_direct @ directions.T  # [cards, d_vocab]: the mean firing's direct effect
     vocab = _vocabulary(model)
+    co_firing = _co_firing(collected.positions, key, counts, [collected.positions[mine(d * n + i)] for d, i in selected],
+                           [d * n + i for d, i in selected], N, n_related)
+    cosines = _atom_cosines(sae, selected, n_related)
+    related = lambda pairs: [RelatedFeature(sae.cfg.head_indices[k // n], k // n, k % n, score) for k, score in pairs]
 
     cards = []
     for c, (d, i) in enumerate(selected):
-        mine = order[starts[d * n + i] : starts[d * n + i + 1]]
-        values = collected.values[mine]
-        dense = torch.zeros(N).index_put_((collected.positions[mine],), values)
+        values = collected.values[mine(d * n + i)]
+        positions = collected.positions[mine(d * n + i)]
+        dense = torch.zeros(N).index_put_((positions,), values)
         top = float(values[0]) if len(values) else 0.0
         hist = torch.histc(values, bins=bins, min=0.0, max=top) if len(values) else torch.zeros(bins)
         fired = len(values) > 0
-        promoted = logits[c].topk(min(n_logits, logits.shape[1])) if fired else None
-        suppressed = logits[c].topk(min(n_logits, logits.shape[1]), largest=False) if fired else None
+        promoted, suppressed = _extremes(logits[c : c + 1], n_logits, vocab) if fired else ([[]], [[]])
+        low, high = (float(logits[c].min()), float(logits[c].max())) if fired else (0.0, 0.0)
         cards.append(FeatureCard(
             head=sae.cfg.head_indices[d], dictionary=d, feature=i, n_firings=len(values),
-            frequency=len(values) / N, mean_activation=float(sums[d, i]) / max(len(values), 1), max_activation=top,
+            frequency=len(values) / N, mean_activation=float(sums[d * n + i]) / max(len(values), 1), max_activation=top,
             histogram_counts=[int(x) for x in hist.tolist()],
             histogram_edges=torch.linspace(0.0, top, bins + 1).tolist(),
-            top_contexts=_shown_contexts(dense, collected.positions[mine], T, tokens, n_contexts, left, right),
+            top_contexts=_shown_contexts(dense, positions, T, tokens, n_contexts, left, right),
             keys_aligned=_key_matches(collected.key_top, d, i, T, tokens),
             keys_opposed=_key_matches(collected.key_bottom, d, i, T, tokens),
-            logits_promoted=[LogitEffect(vocab(t), t, v) for v, t in zip(*map(Tensor.tolist, promoted))] if fired else [],
-            logits_suppressed=[LogitEffect(vocab(t), t, v) for v, t in zip(*map(Tensor.tolist, suppressed))] if fired else [],
+            logits_promoted=promoted[0], logits_suppressed=suppressed[0],
+            logit_histogram_counts=[int(x) for x in torch.histc(logits[c], bins=bins, min=low, max=high).tolist()] if fired else [],
+            logit_histogram_edges=torch.linspace(low, high, bins + 1).tolist() if fired else [],
+            quantile_groups=_quantile_groups(values, positions, dense, T, tokens, n_quantiles, quantile_contexts, left, right,
+                                             torch.Generator().manual_seed(seed * D * n + d * n + i)),
+            co_firing=related(co_firing[c]), atom_cosine=related(cosines[c]),
         ))
-
-    firings = [_Firing(c, ctx.window, ctx.position, card.dictionary, card.feature, ctx.activation)
-               for c, card in enumerate(cards) for ctx in card.top_contexts[:ablation_firings]]
-    if firings:
-        kl_next, kl_carried = _ablation_kl(model, sae, site, windows, firings, horizon, 4 * batch_size, progress)
-        per_card = defaultdict(list)
-        for j, firing in enumerate(firings):
-            per_card[firing.card].append(j)
-        for c, rows in per_card.items():
-            cards[c].kl_next = float(kl_next[rows].mean())
-            cards[c].kl_carried = float(kl_carried[rows].mean())
-            cards[c].n_ablated = len(rows)
+    _add_ablations_and_hovers(model, sae, site, windows, cards, ablation_firings, horizon, loss_tokens, n_hover_logits,
+                              directions, vocab, batch_size, progress)
 
     head_cards = []
     for d, head in enumerate(sae.cfg.head_indices):
         record = census.head(site.layer, head)
-        head_cards.append(HeadCard(head, d, tuple(record.half_life), record.mean_beta, int((counts[d] > 0).sum())))
+        head_cards.append(HeadCard(head, d, tuple(record.half_life), record.mean_beta, int((counts.view(D, n)[d] > 0).sum())))
     return Dashboard(model.cfg.model_name, site.name, sae.cfg.architecture, n, sae.cfg.rank, len(windows), T, horizon,
                      head_cards, cards)
+
+
+def shown_contexts(card: FeatureCard) -> list[ShownContext]:
+    """Every context a card shows: the top ones, then each quantile group's."""
+    return card.top_contexts + [context for group in card.quantile_groups for context in group.contexts]
+
+
+def _add_ablations_and_hovers(model, sae: SAEBase, site: Site, windows: Tensor, cards: list[FeatureCard], ablation_firings: int,
+                              horizon: int, loss_tokens: int, n_hover_logits: int, directions: Tensor, vocab, batch_size: int,
+                              progress: bool) -> None:
+    """The carried KL of each card (at its first ``ablation_firings`` top contexts) and the hover of every
+    firing token of its contexts: the direct effect of that one firing, and its loss change for the
+    first ``loss_tokens`` of them (each context's own firing token first, then the others in the
+    order shown), all the ablations in one `_ablate` run."""
+    ablations: list[_Firing] = []
+    kl_rows: dict[int, list[int]] = defaultdict(list)  # card -> its rows of ablations for the KL
+    slot: dict[tuple[int, int, int], int] = {}  # (card, window, position) -> the row giving its loss change
+    hovered: list[tuple[int, _Firing]] = []  # (card, firing) of every firing token shown
+    for c, card in enumerate(cards):
+        for context in card.top_contexts[:ablation_firings]:
+            slot[c, context.window, context.position] = len(ablations)
+            kl_rows[c].append(len(ablations))
+            ablations.append(_Firing(context.window, context.position, card.dictionary, card.feature, context.activation, horizon))
+        firing_tokens = {}  # (window, position) -> code: each context's own firing token first
+        for context in shown_contexts(card):
+            firing_tokens.setdefault((context.window, context.position), context.activation)
+        for context in shown_contexts(card):
+            for offset, a in enumerate(context.activations):
+                if a > 0:
+                    firing_tokens.setdefault((context.window, context.start + offset), a)
+        for rank, ((w, t), a) in enumerate(firing_tokens.items()):
+            firing = _Firing(w, t, card.dictionary, card.feature, a, 1)
+            hovered.append((c, firing))
+            if rank < loss_tokens and (c, w, t) not in slot:
+                slot[c, w, t] = len(ablations)
+                ablations.append(firing)
+
+    kl_next, kl_carried, loss_change = _ablate(model, sae, site, windows, ablations, progress)
+    for c, rows in kl_rows.items():
+        cards[c].kl_next, cards[c].kl_carried = float(kl_next[rows].mean()), float(kl_carried[rows].mean())
+        cards[c].n_ablated = len(rows)
+
+    hovers: dict[tuple[int, int, int], TokenHover] = {}
+    up, down = _firing_logit_extremes(model, sae, site, windows, [f for _, f in hovered], directions, n_hover_logits, batch_size)
+    promoted, suppressed = _effects(*up, vocab), _effects(*down, vocab)
+    for (c, f), up, down in zip(hovered, promoted, suppressed):
+        row = slot.get((c, f.window, f.position))
+        loss = None if row is None or math.isnan(loss_change[row]) else float(loss_change[row])
+        hovers[c, f.window, f.position] = TokenHover(up, down, loss)
+    for c, card in enumerate(cards):
+        swap = lambda context: replace(context, hovers=[hovers.get((c, context.window, context.start + offset))
+                                                        for offset in range(len(context.tokens))])
+        card.top_contexts = [swap(context) for context in card.top_contexts]
+        card.quantile_groups = [replace(group, contexts=[swap(context) for context in group.contexts])
+                                for group in card.quantile_groups]
 
 
 def _vocabulary(model):

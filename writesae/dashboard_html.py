@@ -1,13 +1,17 @@
 """The feature dashboard as a static site: ``index.html`` and ``features/head{h}_feature{i}.html``.
 
-Every page is one self-contained file (inline CSS, the index's sorting and search as inline
-JavaScript, the histogram as inline SVG): open ``index.html`` in a browser, no server or network
-needed. Numbers are shown rounded and carried at full precision in ``data-*`` attributes, which
-is what the tests read back. The quantities are defined in `writesae.dashboard`.
+Every page is one self-contained file (inline CSS, the index's sorting and search and the feature
+pages' token tooltips as inline JavaScript, the histograms as inline SVG): open ``index.html`` in a
+browser, no server or network needed. Numbers are shown rounded and carried in ``data-*`` attributes
+to `writesae.dashboard.SIGNIFICANT_DIGITS` significant digits, as in ``dashboard.json``, which is what the
+tests read back. A firing token's promoted and suppressed tokens are [token id, Δlogit] pairs; each page
+holds the texts of the ids it uses once, in ``<script type="application/json" id="vocabulary">``. The quantities are defined in
+`writesae.dashboard`; ``dashboard.json`` beside the pages holds them all (`Dashboard.export_json`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from html import escape as _html_escape
@@ -17,10 +21,12 @@ from tqdm.auto import tqdm
 
 from hooked_gdn.files import atomic_file, refuse_link
 
-from .dashboard import Dashboard, FeatureCard, HeadCard, KeyMatch, LogitEffect, ShownContext
+from .dashboard import (Dashboard, FeatureCard, KeyMatch, LogitEffect, QuantileGroup, RelatedFeature, ShownContext, TokenHover,
+                        shown_contexts, written)
 from .outputs import LOCK, claim_outputs, output_lock, output_subfolder
 
-OUTPUTS = ("index.html", "features", LOCK)  # what `write_site` creates in its folder (the lock only while writing)
+JSON_NAME = "dashboard.json"  # the site's copy of the feature data (`Dashboard.export_json`)
+OUTPUTS = ("index.html", "features", JSON_NAME, LOCK)  # what `write_site` creates in its folder (the lock only while writing)
 
 _CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1280px;
@@ -52,6 +58,12 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 th.sortable { cursor: pointer; user-select: none; } th.sortable::after { content: " ↕"; color: #9aa3b2; }
 th.asc::after { content: " ↑"; color: #1d2430; } th.desc::after { content: " ↓"; color: #1d2430; }
 svg text { font: 11px system-ui, sans-serif; fill: #5b6576; }
+.tok[data-act] { cursor: default; }
+#tooltip { position: absolute; display: none; z-index: 10; max-width: 460px; background: #1d2430; color: #fbfbfd;
+           font: 12px/1.4 ui-monospace, Menlo, monospace; padding: 6px 9px; border-radius: 5px; pointer-events: none;
+           white-space: pre-wrap; }
+#tooltip b { color: #f0b45a; font-weight: 600; }
+.band { margin-top: 8px; } .band h3 { font-size: 13px; margin: 6px 0 2px; color: #3a4454; }
 details { margin-top: 10px; color: #3a4454; }
 """
 
@@ -102,6 +114,44 @@ _INDEX_JS = """
 """
 
 
+# The feature pages' token tooltip: built with textContent from the hovered token's data-* attributes
+# (never innerHTML, so token text cannot inject markup).
+_TOOLTIP_JS = """
+(function () {
+  const tip = document.getElementById("tooltip");
+  const vocabulary = JSON.parse(document.getElementById("vocabulary").textContent);
+  const signed = (x) => (x >= 0 ? "+" : "") + x.toPrecision(3);
+  const line = (label, text) => {
+    const row = document.createElement("div");
+    const name = document.createElement("b");
+    name.textContent = label + " ";
+    row.append(name, document.createTextNode(text));
+    return row;
+  };
+  document.querySelectorAll(".tok[data-act]").forEach((span) => {
+    span.addEventListener("mouseenter", () => {
+      const act = parseFloat(span.dataset.act);
+      const rows = [line("activation", act.toPrecision(3))];
+      if (span.dataset.promoted !== undefined) {
+        const loss = parseFloat(span.dataset.loss);
+        rows.push(line("loss change, removed here", isNaN(loss) ? "not computed" : signed(loss) + " nats"));
+        for (const kind of ["promoted", "suppressed"]) {
+          const effects = JSON.parse(span.dataset[kind]);
+          rows.push(line(kind, effects.map(([id, value]) => vocabulary[id] + " " + signed(value)).join("  ")));
+        }
+      }
+      tip.replaceChildren(...rows);
+      const box = span.getBoundingClientRect();
+      tip.style.left = (window.scrollX + box.left) + "px";
+      tip.style.top = (window.scrollY + box.bottom + 4) + "px";
+      tip.style.display = "block";
+    });
+    span.addEventListener("mouseleave", () => { tip.style.display = "none"; });
+  });
+})();
+"""
+
+
 def feature_page_name(head: int, feature: int) -> str:
     """The feature page's path inside the site folder."""
     return f"features/head{head}_feature{feature}.html"
@@ -133,6 +183,7 @@ def write_site(dashboard: Dashboard, out: str | Path, progress: bool = True) -> 
         for card in tqdm(dashboard.features, desc="writing feature pages", disable=not progress):
             with atomic_file(out / feature_page_name(card.head, card.feature), encoding="utf-8") as f:
                 f.write(feature_page(dashboard, card))
+        dashboard.export_json(out / JSON_NAME)
         index = out / "index.html"
         with atomic_file(index, encoding="utf-8") as f:
             f.write(index_page(dashboard))
@@ -180,7 +231,8 @@ def index_page(d: Dashboard) -> str:
 <th class="sortable num">carried KL (Σ {d.horizon} positions)</th><th class=sortable>top promoted token</th>
 <th class=sortable>best-aligned key token</th></tr></thead>
 <tbody>{rows}</tbody></table>
-<details><summary>What the columns mean</summary>{_definitions(d)}</details>"""
+<details><summary>What the columns mean</summary>{_definitions(d)}</details>
+<p class="muted">Every number of every card: <a href="{JSON_NAME}">{JSON_NAME}</a> (format: writesae's docs/dashboard_schema.json).</p>"""
     return _page(f"Feature dashboard · {d.site}", body, _INDEX_JS)
 
 
@@ -211,27 +263,40 @@ def feature_page(d: Dashboard, card: FeatureCard) -> str:
         ("kl_next", card.kl_next, _g(card.kl_next), "KL at the firing position"),
         ("half_life", head.half_life[1], f"{p50} tokens", f"head {head.head}'s memory, p10–p90 {p10}–{p90}"),
     ))
-    contexts = "".join(_context(c, card.max_activation) for c in card.top_contexts)
-    contexts = contexts or '<p class="muted">never fired in the sample</p>'
+    never = '<p class="muted">never fired in the sample</p>'
+    contexts = "".join(_context(c, card.max_activation, "top") for c in card.top_contexts) or never
+    bands = "".join(_band(j, group, j == len(card.quantile_groups) - 1, card.max_activation)
+                    for j, group in enumerate(card.quantile_groups)) or never
     values = (_logit_table("promoted", "promoted", card.logits_promoted)
               + _logit_table("suppressed", "suppressed", card.logits_suppressed))
     keys = _key_table("most aligned", "aligned", card.keys_aligned) + _key_table("most opposed", "opposed", card.keys_opposed)
+    related = (_related_table("co-firing", "co_firing", "Jaccard", card.co_firing, d)
+               + _related_table("atom cosine", "atom_cosine", "cos", card.atom_cosine, d))
     body = f"""
 <p><a href="../index.html">← all features</a></p>
 <h1>Head {card.head} · feature {card.feature}</h1>
 <p class="meta">{_sae_line(d)} · dictionary {card.dictionary} of the SAE</p>
 <div class="stats">{stats}</div>
 <div class="grid"><div>
-<div class="panel"><h2>Activation histogram</h2>{_histogram(card)}</div>
+<div class="panel"><h2>Activation histogram</h2>{_histogram(card.histogram_counts, card.histogram_edges, "hist", "bin",
+                                                                 "activation (positions where it fires)", "#e07b00")}</div>
 <div class="panel"><h2>Value side: direct effect on the logits through the read</h2>
-<div class="pair">{values}</div></div>
-</div><div>
-<div class="panel"><h2>Top activations (held-out text)</h2>{contexts}</div>
+<div class="pair">{values}</div>
+{_histogram(card.logit_histogram_counts, card.logit_histogram_edges, "logit-hist", "logit-bin",
+            "mean Δlogit of a firing, over the vocabulary", "#3b6fb6")}</div>
+<div class="panel"><h2>Correlated features</h2><div class="pair">{related}</div></div>
 <div class="panel"><h2>Key side: write keys k̂ along the atom's key factor u</h2>
 <div class="pair">{keys}</div></div>
+</div><div>
+<div class="panel"><h2>Top activations (held-out text)</h2>
+<p class="muted">hover a token: its activation; where the feature fires, the tokens this firing promotes and
+suppresses through the read, and the loss change when the feature is removed there</p>{contexts}</div>
+<div class="panel"><h2>Activation quantile groups</h2>{bands}</div>
 </div></div>
+<div id="tooltip" role="tooltip"></div>
+{_vocabulary(card)}
 <details><summary>How these are computed</summary>{_definitions(d)}</details>"""
-    return _page(f"head {card.head} · feature {card.feature}", body)
+    return _page(f"head {card.head} · feature {card.feature}", body, _TOOLTIP_JS)
 
 
 # ---------------------------------------------------------------------------------------------- parts
@@ -246,9 +311,9 @@ def _stat(key: str, value: float | None, shown: str, note: str) -> str:
             f'<div class="value">{escape(shown)}</div><div class="label">{escape(note)}</div></div>')
 
 
-def _histogram(card: FeatureCard, width: int = 400, height: int = 150) -> str:
-    """An inline SVG bar chart of the positive codes' histogram."""
-    counts, edges = card.histogram_counts, card.histogram_edges
+def _histogram(counts: list[int], edges: list[float], svg_class: str, bin_class: str, label: str, colour: str,
+               width: int = 400, height: int = 150) -> str:
+    """An inline SVG bar chart of a histogram (``edges`` one longer than ``counts``)."""
     if not any(counts):
         return '<p class="muted">never fired in the sample</p>'
     top, pad, bottom = max(counts), 28, 18
@@ -256,26 +321,60 @@ def _histogram(card: FeatureCard, width: int = 400, height: int = 150) -> str:
     rects = []
     for j, count in enumerate(counts):
         h = (height - bottom - 10) * count / top
-        rects.append(f'<rect class="bin" data-count="{count}" data-lo="{_full(edges[j])}" data-hi="{_full(edges[j + 1])}" '
+        rects.append(f'<rect class="{bin_class}" data-count="{count}" data-lo="{_full(edges[j])}" data-hi="{_full(edges[j + 1])}" '
                      f'x="{pad + j * bar:.1f}" y="{height - bottom - h:.1f}" width="{max(bar - 1, 1):.1f}" height="{h:.1f}" '
-                     f'fill="#e07b00"><title>{_g(edges[j])} – {_g(edges[j + 1])}: {count}</title></rect>')
-    return (f'<svg class="hist" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-            f'aria-label="activation histogram">{"".join(rects)}'
+                     f'fill="{colour}"><title>{_g(edges[j])} – {_g(edges[j + 1])}: {count}</title></rect>')
+    return (f'<svg class="{svg_class}" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+            f'aria-label="{escape(label)}">{"".join(rects)}'
             f'<line x1="{pad}" y1="{height - bottom}" x2="{width}" y2="{height - bottom}" stroke="#9aa3b2"/>'
-            f'<text x="{pad}" y="{height - 4}">0</text><text x="{width}" y="{height - 4}" text-anchor="end">{_g(edges[-1])}</text>'
+            f'<text x="{pad}" y="{height - 4}">{_g(edges[0])}</text>'
+            f'<text x="{width}" y="{height - 4}" text-anchor="end">{_g(edges[-1])}</text>'
             f'<text x="{pad - 4}" y="14" text-anchor="end">{top}</text>'
-            f'<text x="{(width + pad) / 2}" y="{height - 4}" text-anchor="middle">activation (positions where it fires)</text></svg>')
+            f'<text x="{(width + pad) / 2}" y="{height - 4}" text-anchor="middle">{escape(label)}</text></svg>')
 
 
-def _context(c: ShownContext, max_activation: float) -> str:
+def _band(j: int, group: QuantileGroup, last: bool, max_activation: float) -> str:
+    """Quantile group j: its edges (the last group closed above), size and drawn contexts."""
+    contexts = "".join(_context(c, max_activation, str(j)) for c in group.contexts) or '<p class="muted">no firings</p>'
+    return (f'<div class="band" data-group="{j}" data-low="{_full(group.low)}" data-high="{_full(group.high)}" '
+            f'data-count="{group.n_firings}"><h3>quantile group {j + 1}: {_g(group.low)} ≤ a {"≤" if last else "<"} '
+            f'{_g(group.high)} · {group.n_firings} firings, {len(group.contexts)} drawn at random</h3>{contexts}</div>')
+
+
+def _related_table(title: str, kind: str, number: str, related: list[RelatedFeature], d: Dashboard) -> str:
+    if not related:
+        return f'<p class="muted">{escape(title)}: none</p>'
+    pages = {(card.head, card.feature) for card in d.features}
+    name = lambda r: (f'<a href="../{feature_page_name(r.head, r.feature)}">head {r.head} · {r.feature}</a>'
+                      if (r.head, r.feature) in pages else f"head {r.head} · {r.feature}")
+    rows = "".join(
+        f'<tr class="related" data-head="{r.head}" data-feature="{r.feature}" data-score="{_full(r.score)}">'
+        f'<td>{name(r)}</td><td class=num>{r.score:.3f}</td><td>{_bar("key", r.score)}</td></tr>'
+        for r in related)
+    return _table("related", kind, title, number, rows)
+
+
+def _context(c: ShownContext, max_activation: float, section: str) -> str:
+    """A shown context, its tokens shaded by the code; ``section`` ("top" or the quantile group's number) says where it is."""
     spans = []
-    for offset, (token, act) in enumerate(zip(c.tokens, c.activations)):
+    hovers = c.hovers or [None] * len(c.tokens)
+    for offset, (token, act, hover) in enumerate(zip(c.tokens, c.activations, hovers)):
         fire = " fire" if c.start + offset == c.position else ""
         alpha = 0.0 if max_activation <= 0 else min(1.0, act / max_activation)
-        spans.append(f'<span class="tok{fire}" data-act="{_full(act)}" title="activation {_g(act)}" '
-                     f'style="background: rgba(255, 140, 0, {alpha:.3f})">{_show(token)}</span>')
-    return (f'<div class="context" data-window="{c.window}" data-position="{c.position}" data-activation="{_full(c.activation)}">'
+        shade = f' style="background:rgba(255,140,0,{alpha:.3f})"' if act > 0 else ""  # silent tokens: no shade
+        spans.append(f'<span class="tok{fire}" data-act="{_full(act)}"{_hover_attributes(hover)}{shade}>{_show(token)}</span>')
+    return (f'<div class="context" data-section="{section}" data-window="{c.window}" data-position="{c.position}" data-activation="{_full(c.activation)}">'
             f'<span class="act">{_g(c.activation)}</span>{"".join(spans)}</div>')
+
+
+def _hover_attributes(hover: TokenHover | None) -> str:
+    """A firing token's tooltip data: the loss change (NaN where not computed) and its promoted and
+    suppressed tokens as JSON lists of [token id, Δlogit] (their texts: `_vocabulary`)."""
+    if hover is None:
+        return ""
+    effects = lambda kind: escape(json.dumps([[e.token_id, written(e.logit_change)] for e in kind], separators=(",", ":")))
+    return (f' data-loss="{_full(hover.loss_change)}" data-promoted="{effects(hover.promoted)}"'
+            f' data-suppressed="{effects(hover.suppressed)}"')
 
 
 _COLUMNS = '<colgroup><col><col style="width: 64px"><col style="width: 44px"></colgroup>'  # token, number, bar
@@ -325,8 +424,31 @@ def _definitions(d: Dashboard) -> str:
         f"<b>carried KL</b>: at its top firings, (a/s)·u vᵀ is removed from the state of the head and the model continues from it; "
         f"KL(clean ‖ ablated) summed over the firing position and the next {d.horizon - 1}, averaged over the firings.",
         "<b>half-life</b>: the head's median decay half-life ln ½ / g over the sample (memory census).",
+        "<b>logit histogram</b>: the mean Δlogit above, one value per vocabulary token, binned: how many tokens a "
+        "typical firing moves, and by how much, through the read alone.",
+        "<b>quantile groups</b>: the positive codes cut at their quantiles (torch.quantile, linear interpolation); "
+        "group j holds the firings with edge_j ≤ a < edge_(j+1) (the last also a = its top edge), with contexts drawn "
+        "uniformly at random from it (seeded).",
+        "<b>hover</b> on a token where the feature fires: that one firing's Δlogit (as the value side, not averaged), "
+        "its most promoted and suppressed tokens, and the loss change: the cross-entropy of the next token at that "
+        "position when (a/s)·A is removed from the head's state there and the model continues from it, minus the "
+        "clean cross-entropy (a real ablation run; positive: the feature helped predict the next token). It is run at "
+        "up to a set number of firing tokens per feature, each context's outlined token first.",
+        "<b>correlated features</b>: co-firing is the Jaccard index |F_i ∩ F_j| / |F_i ∪ F_j| of the sets of held-out "
+        "positions where each fires, over every feature of the SAE (any head); atom cosine is ⟨A_i, A_j⟩ / (‖A_i‖ ‖A_j‖) "
+        "(Frobenius) with the other atoms of the same head, signed.",
     ]
     return "<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
+
+
+def _vocabulary(card: FeatureCard) -> str:
+    """The visible text of every token id the page's hovers name, once, as JSON in a script element (``<`` escaped,
+    so no token can close it)."""
+    texts = {effect.token_id: _visible(effect.token) for context in shown_contexts(card)
+             for hover in context.hovers if hover is not None for effect in hover.promoted + hover.suppressed}
+    data = json.dumps({str(k): v for k, v in sorted(texts.items())}, ensure_ascii=False, separators=(",", ":"))
+    data = data.replace("<", "\\u003c")
+    return f'<script type="application/json" id="vocabulary">{data}</script>'
 
 
 def _num_cell(value: float | None, shown: str, key: str) -> str:
@@ -334,8 +456,11 @@ def _num_cell(value: float | None, shown: str, key: str) -> str:
 
 
 def _full(value: float | None) -> str:
-    """A number at full precision for data-* attributes; NaN for a missing one (sorts last)."""
-    return "NaN" if value is None or (isinstance(value, float) and math.isnan(value)) else repr(float(value))
+    """A number for data-* attributes: an int as it is, a float `written` (to the dashboard's significant digits);
+    NaN for a missing one (sorts last)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "NaN"
+    return str(value) if isinstance(value, int) else repr(written(float(value)))
 
 
 def _g(value: float | None) -> str:
@@ -363,6 +488,11 @@ def escape(text: str, quote: bool = True) -> str:
     return _html_escape(_CONTROL.sub(_visible_control, str(text)), quote)
 
 
+def _visible(token: str) -> str:
+    """A token as visible text, not yet escaped: newlines as ⏎, tabs as →, other control characters as in `escape`."""
+    return _CONTROL.sub(_visible_control, token.replace("\n", "⏎").replace("\t", "→"))
+
+
 def _show(token: str) -> str:
-    """A token as visible text: newlines as ⏎, tabs as →, escaped for HTML."""
-    return escape(token.replace("\n", "⏎").replace("\t", "→"))
+    """A token as visible text (`_visible`), escaped for HTML."""
+    return escape(_visible(token))

@@ -31,10 +31,28 @@ f W_dec + b_dec. One dictionary of ours maps onto it with d_in = d_k·d_v, X fla
 | site; the head; model_name                    | metadata ``hook_name``; ``hook_head_index``; ``model_name`` |
 | input_scale s                                 | folded: W_enc·s, W_dec/s, b_dec/s                |
 
-The bilinear encoder is linear in X (z_i = ⟨Σ_r U_ir P_irᵀ, X − b_dec⟩_F + b_enc,i), so every
-architecture exports. ``metadata["writesae"]`` keeps what SAELens has no field for (d_k, d_v, the
-site's head count, the model fingerprint, the original architecture and sparsity) and the weights'
-SHA-256, so that our SAE comes back as the FlatSAE it exported.
+What is exact, for each architecture and head layout:
+
+- Every architecture, one dictionary. The decoder is exact because SAELens' decoder is linear in the
+  codes, f W_dec = Σ_i f_i vec(atom_i), whatever an atom's inner form: a MatrixSAE's rank-r Σ_r V_ir W_irᵀ or
+  a bilinear u wᵀ, formed as our forward forms it, is one row. The encoder is exact because every encoder
+  of ours is linear in X before the sparsity rule: the bilinear z_i = Σ_r U_irᵀ (X − b_dec) P_ir + b_enc,i
+  = ⟨Σ_r U_ir P_irᵀ, X − b_dec⟩_F + b_enc,i is a dense row (tied: U = V, P = W). What no dense row holds
+  (a nonlinear encoder, an attention-style read) does not exist among our SAEs.
+- Several heads' dictionaries (n_dicts > 1). ``head=h`` exports head h's one dictionary (its own
+  thresholds), exactly. Without it, one SAELens SAE over the site's heads flattened together
+  (x = vec of [H, d_k, d_v], as SAELens flattens a hook with a head axis and no ``hook_head_index``),
+  each head's dictionary a diagonal block of ``W_enc`` and ``W_dec`` (d_in = H·d_k·d_v, d_sae = H·n),
+  is exact for per-feature rules (ReLU, JumpReLU thresholds, BatchTopK's eval thresholds) when the SAE
+  has a dictionary for every head of its site, in order; its numbers differ from ours only in the
+  summation order of the zero blocks. Refused, saying why: top-k (SAELens keeps the k largest of all
+  H·n codes together, ours k per head: other codes), and dictionaries of only some heads (SAELens
+  would reconstruct the other heads as b_dec). ``load_sae`` splits such a folder back into the
+  per-head FlatSAE (metadata.writesae.heads), refusing weights that are not block-diagonal.
+
+``metadata["writesae"]`` keeps what SAELens has no field for (d_k, d_v, the site's head count, the
+heads, the model fingerprint, the original architecture and sparsity) and the weights' SHA-256, so
+that our SAE comes back as the FlatSAE it exported.
 """
 
 from __future__ import annotations
@@ -100,7 +118,7 @@ def resolve_sae(name_or_path: str | Path) -> Path:
     return path
 
 
-def save_sae(sae: SAEBase, path: str | Path, format: str = "writesae") -> None:
+def save_sae(sae: SAEBase, path: str | Path, format: str = "writesae", head: int | None = None) -> None:
     """Write ``sae`` to the folder ``path``, replacing an SAE folder already there (and only that).
 
     ``format="saelens"`` writes the folder SAELens' ``SAE.load_from_disk`` reads (module docstring),
@@ -108,16 +126,22 @@ def save_sae(sae: SAEBase, path: str | Path, format: str = "writesae") -> None:
     threshold). With input_scale 1 the SAELens SAE computes our reconstruction from the same
     numbers (the bilinear encoder and factored atoms are formed as our own forward forms them),
     so they agree but for the kernels' summation order; a scale s ≠ 1 is folded in (W_enc·s,
-    W_dec/s, b_dec/s), which rounds each weight once more. Refused, saying why: several
-    dictionaries, and a BatchTopK SAE in training mode (its codes depend on the batch).
+    W_dec/s, b_dec/s), which rounds each weight once more. An SAE of several heads' dictionaries
+    exports model head ``head``'s (exactly as an SAE of that head alone would; one folder per head), or
+    without ``head`` all of them as one block-diagonal SAELens SAE where that is exact (module
+    docstring). Refused, saying why: several dictionaries where no one SAELens SAE computes them
+    (top-k, or dictionaries of only some heads), and a BatchTopK SAE in training mode (its codes
+    depend on the batch).
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; expected one of {list(FORMATS)}")
+    if head is not None and format != "saelens":
+        raise ValueError("head picks the dictionary an SAELens folder holds; a writesae folder holds them all")
     path = Path(path)
     if path.exists() and not _is_sae_folder(path):
         raise FileExistsError(f"{path} exists and is not an SAE folder (only {CFG_FILE} and {WEIGHTS_FILE}); not replacing it")
     if format == "saelens":
-        tensors, cfg = saelens_tensors_and_cfg(sae)
+        tensors, cfg = saelens_tensors_and_cfg(sae, head)
     else:
         tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
         cfg = {**asdict(sae.cfg), VERSION_KEY: __version__}
@@ -130,45 +154,67 @@ def save_sae(sae: SAEBase, path: str | Path, format: str = "writesae") -> None:
 
 
 @torch.no_grad()
-def saelens_tensors_and_cfg(sae: SAEBase) -> tuple[dict[str, Tensor], dict]:
-    """The tensors and cfg.json of ``sae`` as an SAELens SAE (see `save_sae`; module docstring)."""
+def saelens_tensors_and_cfg(sae: SAEBase, head: int | None = None) -> tuple[dict[str, Tensor], dict]:
+    """The tensors and cfg.json of ``sae`` as an SAELens SAE (see `save_sae`; module docstring): model head
+    ``head``'s dictionary, or (None) every dictionary, block-diagonal over the site's heads flattened together."""
     cfg = sae.cfg
-    if sae.n_dicts != 1:
-        raise ValueError(f"an SAELens SAE is one dictionary, and this {type(sae).__name__} has {sae.n_dicts} "
-                         f"(heads {cfg.head_indices}): SAELens has no per-head dictionaries to put them in")
+    if head is None and sae.n_dicts != 1:
+        _require_whole_site(sae)
+    dicts = list(range(sae.n_dicts)) if head is None else [cfg.dictionary(head)]
     if isinstance(sae.activation, BatchTopK) and sae.training:
         raise ValueError("a BatchTopK SAE in training mode keeps the k·B largest codes of its batch, which no SAELens "
                          "SAE computes; its eval mode is a threshold SAELens' jumprelu has: call sae.eval() first")
+    n = cfg.n_features
     # the encoder as our forward forms it: the dense W_enc, or the bilinear Σ_r U_ir P_irᵀ; rows flattened row-major
     encoder = _factor_atoms(*sae.encoder_factors) if isinstance(sae, BilinearMatrixSAE) else sae.W_enc
-    W_enc, W_dec = encoder[0].reshape(cfg.n_features, -1), sae.atoms()[0].reshape(cfg.n_features, -1)
-    b_dec = sae.b_dec[0].flatten()
+    atoms = sae.atoms()
+    # one dictionary's block per head: feature i of head h reads and writes only head h's d_k·d_v entries
+    W_enc = torch.block_diag(*(encoder[d].reshape(n, -1).T for d in dicts))
+    W_dec = torch.block_diag(*(atoms[d].reshape(n, -1) for d in dicts))
+    b_dec = sae.b_dec[dicts].flatten()
     s = cfg.input_scale
     if s != 1:  # folded as fold_input_scale_ folds it; with s = 1 the numbers stay ours, untouched
         W_enc, W_dec, b_dec = W_enc * s, W_dec / s, b_dec / s
-    tensors = {"W_enc": W_enc.T, "b_enc": sae.b_enc[0], "W_dec": W_dec, "b_dec": b_dec}
+    tensors = {"W_enc": W_enc, "b_enc": sae.b_enc[dicts].flatten(), "W_dec": W_dec, "b_dec": b_dec}
     architecture, extra = SAELENS_ARCHITECTURE[cfg.sparsity], {}
     if cfg.sparsity == "topk":
         extra = {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
     elif cfg.sparsity == "jumprelu":
-        tensors["threshold"] = sae.activation.log_threshold[0].exp()  # as our forward computes θ
+        tensors["threshold"] = sae.activation.log_threshold[dicts].exp().flatten()  # as our forward computes θ
     elif cfg.sparsity == "batchtopk":
         # ours keeps ReLU(z)·[z ≥ t], SAELens' jumprelu ReLU(z)·[z > relu(θ)]: equal for θ the float
-        # just below t > 0; t = 0 keeps every positive code, which is plain ReLU
-        threshold = sae.activation.threshold[0]
-        if threshold > 0:
-            tensors["threshold"] = torch.nextafter(threshold, threshold.new_tensor(-math.inf)).expand(cfg.n_features)
+        # just below t > 0; t = 0 keeps every positive code, which is plain ReLU (and θ = 0 in a jumprelu)
+        threshold = sae.activation.threshold[dicts]
+        if (threshold > 0).any():
+            below = torch.nextafter(threshold, threshold.new_tensor(-math.inf))
+            tensors["threshold"] = torch.where(threshold > 0, below, 0).repeat_interleave(n)
         else:
             architecture = "standard"
-    metadata = {"sae_lens_version": SAELENS_SCHEMA_VERSION, "hook_name": cfg.site, "hook_head_index": cfg.head_indices[0],
-                "model_name": cfg.model_name,
+    heads = [cfg.head_indices[d] for d in dicts]
+    metadata = {"sae_lens_version": SAELENS_SCHEMA_VERSION, "hook_name": cfg.site,
+                "hook_head_index": heads[0] if len(heads) == 1 else None, "model_name": cfg.model_name,
                 "writesae": {VERSION_KEY: __version__, "architecture": cfg.architecture, "sparsity": cfg.sparsity,
-                             "d_k": cfg.d_k, "d_v": cfg.d_v, "n_heads": cfg.n_heads,
+                             "d_k": cfg.d_k, "d_v": cfg.d_v, "n_heads": cfg.n_heads, "heads": heads,
                              "model_fingerprint": cfg.model_fingerprint}}
-    saelens_cfg = {"architecture": architecture, "d_in": cfg.d_k * cfg.d_v, "d_sae": cfg.n_features, "dtype": cfg.dtype,
-                   "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+    saelens_cfg = {"architecture": architecture, "d_in": len(heads) * cfg.d_k * cfg.d_v, "d_sae": len(heads) * n,
+                   "dtype": cfg.dtype, "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
                    "reshape_activations": "none", "metadata": metadata, **extra}
     return {name: t.detach().cpu().contiguous() for name, t in tensors.items()}, saelens_cfg
+
+
+def _require_whole_site(sae: SAEBase) -> None:
+    """Refuse, saying why, an SAE of several dictionaries that no one SAELens SAE computes: SAELens flattens a
+    site's heads together ([H·d_k·d_v]) and keeps one set of codes, which is exact for per-feature rules (ReLU,
+    thresholds) on dictionaries of every head, in order, but not for top-k (SAELens' keeps the k largest codes
+    of all heads together, ours k per head) nor for dictionaries of some heads only."""
+    cfg, several = sae.cfg, f"this {type(sae).__name__} has {sae.n_dicts} dictionaries (heads {sae.cfg.head_indices})"
+    per_head = "pass head=h to export one head's dictionary, exactly (one folder per head)"
+    if cfg.sparsity == "topk":
+        raise ValueError(f"an SAELens SAE of several heads keeps the k largest codes of all of them together, and "
+                         f"{several}, each keeping its own k: not the same codes; {per_head}")
+    if cfg.head_indices != list(range(cfg.n_heads or 0)):
+        raise ValueError(f"an SAELens SAE reads every head of its site flattened together (hook_head_index None), and "
+                         f"{several} of the site's {cfg.n_heads}: it would decode the others as b_dec; {per_head}")
 
 
 @contextmanager
@@ -277,12 +323,14 @@ def load_saelens(path: Path, raw: dict, device: torch.device | str | None = None
 
     d_k × d_v is what ``metadata["writesae"]`` records (an SAE we exported), else 1 × d_in: a vector
     SAE reads X = xᵀ. The site is ``metadata["hook_name"]`` (or a pre-6.0 cfg's top-level one), the
-    head ``hook_head_index`` (else 0). Tensors are cast to the cfg's dtype, as SAELens' loader casts
-    them. Refused, saying why, where no FlatSAE computes the same function: another architecture,
-    activation normalisation, a topk SAE that rescales codes by decoder norms that are not all 1,
-    apply_b_dec_to_input false with b_dec ≠ 0 (our encoder always subtracts b_dec), and a jumprelu
-    threshold ≤ 0 (ours is exp(log θ) > 0). A jumprelu θ comes back as exp(log θ), which can
-    differ from θ in the last bit: then only a pre-activation that close to θ gates differently.
+    head ``hook_head_index`` (else 0). A folder of several heads' dictionaries, exported block-diagonal
+    by `save_sae` (``metadata["writesae"]["heads"]``), loads as one FlatSAE of those heads. Tensors are
+    cast to the cfg's dtype, as SAELens' loader casts them. Refused, saying why, where no FlatSAE
+    computes the same function: another architecture, activation normalisation, a topk SAE that
+    rescales codes by decoder norms that are not all 1, apply_b_dec_to_input false with b_dec ≠ 0
+    (our encoder always subtracts b_dec), a jumprelu threshold ≤ 0 (ours is exp(log θ) > 0), and
+    several heads' weights that are not block-diagonal. A jumprelu θ comes back as exp(log θ), which
+    can differ from θ in the last bit: then only a pre-activation that close to θ gates differently.
     """
     file = path / CFG_FILE
     architecture = raw.get("architecture", "standard")  # SAELens' default for a cfg without one
@@ -307,18 +355,26 @@ def load_saelens(path: Path, raw: dict, device: torch.device | str | None = None
     metadata = raw["metadata"] if isinstance(raw.get("metadata"), dict) else raw  # pre-6.0: settings at the top level
     ours = metadata.get("writesae") if isinstance(metadata.get("writesae"), dict) else {}
     head = metadata.get("hook_head_index")
+    # several heads' dictionaries exported block-diagonal (save_sae), else the one head SAELens names
+    heads = ours.get("heads") if isinstance(ours.get("heads"), list) and len(ours["heads"]) > 1 else \
+        head if isinstance(head, int) else 0
+    n_dicts = len(heads) if isinstance(heads, list) else 1
+    if d_sae % n_dicts:
+        raise ValueError(f"{file}: d_sae = {d_sae} is not {n_dicts} dictionaries (metadata.writesae's heads {heads}) "
+                         f"of one size")
     k = raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k"))
     settings = {"k": k} if architecture == "topk" else {}
     try:
-        cfg = SAEConfig(architecture="flat", d_k=ours.get("d_k", 1), d_v=ours.get("d_v", d_in), n_features=d_sae,
+        cfg = SAEConfig(architecture="flat", d_k=ours.get("d_k", 1), d_v=ours.get("d_v", d_in), n_features=d_sae // n_dicts,
                         sparsity=SPARSITY_OF_SAELENS[architecture], site=metadata.get("hook_name", metadata.get("hook_point")),
-                        heads=head if isinstance(head, int) else 0, n_heads=ours.get("n_heads"),
+                        heads=heads, n_heads=ours.get("n_heads"),
                         model_name=metadata.get("model_name"), dtype=str(raw.get("dtype", "float32")).removeprefix("torch."),
                         model_fingerprint=ours.get("model_fingerprint"), **settings)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{file}: {error}") from error
-    if cfg.d_k * cfg.d_v != d_in:
-        raise ValueError(f"{file}: metadata.writesae's d_k × d_v = {cfg.d_k} × {cfg.d_v} is not d_in = {d_in}")
+    if n_dicts * cfg.d_k * cfg.d_v != d_in:
+        raise ValueError(f"{file}: metadata.writesae's {n_dicts} heads × d_k × d_v = {n_dicts} × {cfg.d_k} × {cfg.d_v} "
+                         f"is not d_in = {d_in}")
     shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     if architecture == "jumprelu":
         shapes["threshold"] = (d_sae,)
@@ -334,17 +390,32 @@ def load_saelens(path: Path, raw: dict, device: torch.device | str | None = None
     if architecture == "jumprelu" and not (tensors["threshold"] > 0).all():
         refusals.append("a jumprelu threshold is <= 0 (SAELens then gates at 0), and a FlatSAE's threshold is "
                         "exp(log θ) > 0")
+    W_enc, W_dec = (_diagonal_blocks(w, n_dicts) for w in (tensors["W_enc"].T, tensors["W_dec"]))
+    if W_enc is None or W_dec is None:
+        refusals.append(f"W_enc or W_dec is not block-diagonal over the {n_dicts} heads {heads}: some feature reads or "
+                        "writes another head's entries, which no per-head dictionary does")
     if refusals:
         raise ValueError(f"{file}: cannot load this SAELens SAE as a FlatSAE: " + "; ".join(refusals))
     with torch.device("meta"):
         sae = FlatSAE(cfg)
-    state = {"W_enc": tensors["W_enc"].T[None], "b_enc": tensors["b_enc"][None], "W_dec": tensors["W_dec"][None],
-             "b_dec": tensors["b_dec"].reshape(1, cfg.d_k, cfg.d_v)}
+    state = {"W_enc": W_enc, "b_enc": tensors["b_enc"].reshape(n_dicts, -1), "W_dec": W_dec,
+             "b_dec": tensors["b_dec"].reshape(n_dicts, cfg.d_k, cfg.d_v)}
     if architecture == "jumprelu":
-        state["activation.log_threshold"] = tensors["threshold"].log()[None]
+        state["activation.log_threshold"] = tensors["threshold"].log().reshape(n_dicts, -1)
     # copies in fresh storage, contiguous in our layout (as `load_sae` explains)
     sae.load_state_dict({name: t.to(device or "cpu", copy=True).contiguous() for name, t in state.items()}, assign=True)
     return sae
+
+
+def _diagonal_blocks(matrix: Tensor, n_dicts: int) -> Tensor | None:
+    """The diagonal blocks [n_dicts, n, d] of a block-diagonal [n_dicts·n, n_dicts·d] matrix (rows: features,
+    columns: input entries), or None if an entry off the diagonal blocks is not 0."""
+    rows, columns = matrix.shape
+    blocks = matrix.reshape(n_dicts, rows // n_dicts, n_dicts, columns // n_dicts)
+    diagonal = torch.eye(n_dicts, dtype=torch.bool)[:, None, :, None].expand_as(blocks)
+    if blocks[~diagonal].any():
+        return None
+    return torch.stack([blocks[h, :, h] for h in range(n_dicts)])
 
 
 def _read_weights(path: Path, checksum: str | None, expected: dict[str, Tensor], described: str) -> dict[str, Tensor]:

@@ -171,15 +171,91 @@ def _unit_(factor: Tensor) -> Tensor:
     return norms
 
 
+def _rows(indices: Tensor, n_features: int) -> Tensor:
+    """Feature indices [..., n_dicts, m] as rows of a per-head parameter flattened over (head, feature)."""
+    return indices + n_features * torch.arange(indices.shape[-2], device=indices.device).unsqueeze(-1)
+
+
 def _pick(param: Tensor, indices: Tensor) -> Tensor:
-    """param[h, indices[..., h, j]] for a per-head parameter [n_dicts, n, ...]: [..., n_dicts, m, ...]."""
-    heads = torch.arange(param.shape[0], device=indices.device).unsqueeze(-1)
-    return param[heads, indices]
+    """param[h, indices[..., h, j]] for a per-head parameter [n_dicts, n, ...]: [..., n_dicts, m, ...].
+    One ``index_select`` of the flattened rows: a contiguous copy per row, where advanced indexing with
+    a head index beside it takes a slower general path (same numbers)."""
+    rows = _rows(indices, param.shape[1])
+    return param.flatten(0, 1).index_select(0, rows.flatten()).unflatten(0, indices.shape)
+
+
+# What gathering one number of an atom costs, in FLOPs of a dense matrix product: a gather streams memory
+# while a matrix product reuses what it loads. From the decode routes timed side by side on one CPU thread
+# (benchmarks/bench_sae.py, the "decode" rows of benchmarks/results/sae.json): flat dictionaries cross over
+# near n = 17·k, which this value puts the rule at (see `dense_decode_is_cheaper`).
+GATHER_COST_FLOPS = 32
+
+
+def dense_decode_is_cheaper(n_samples: int, n_features: int, m: int, d_k: int, d_v: int, rank: int | None) -> bool:
+    """Whether Σ_j values_j atom_{indices_j} over n_samples samples (per head) costs less as a dense
+    product of all n_features codes with all atoms than by gathering the m atoms each sample uses;
+    ``rank`` None for a flat decoder (W_dec rows), else the rank of factored atoms Σ_r V_r W_rᵀ.
+
+    dense:    2·n·d_k·d_v·(n_samples + rank)      (forming the n atoms, factored only, then the product)
+    gathered: n_samples·m·(G·g + 2·rank·d_k·d_v)   (g numbers gathered per atom, d_k·d_v flat and
+              rank·(d_k + d_v) factored, G = GATHER_COST_FLOPS; a flat decoder's product is rank 1)
+
+    The one place that chooses: `SAEBase.decode_atoms`, and the backward of a dense encoder (`_DenseEncoder`),
+    whose gradient reaches m features per sample (the same trade: n rows of d_k·d_v, or m gathered).
+    The backward passes cost the same multiples."""
+    atom = d_k * d_v
+    if rank is None:
+        dense, gathered = 2 * n_features * atom * n_samples, n_samples * m * (GATHER_COST_FLOPS * atom + 2 * atom)
+    else:
+        dense = 2 * n_features * atom * (n_samples + rank)
+        gathered = n_samples * m * (GATHER_COST_FLOPS * rank * (d_k + d_v) + 2 * rank * atom)
+    return dense < gathered
 
 
 def _dense_pre(W_enc: Tensor, centred: Tensor) -> Tensor:
-    """W_enc,i · vec(X·s − b_dec) [..., n_dicts, n] (b_enc not included)."""
-    return torch.einsum("...hd,hnd->...hn", centred.flatten(-2), W_enc)
+    """W_enc,i · vec(X·s − b_dec) [..., n_dicts, n] (b_enc not included). With gradients, through
+    `_DenseEncoder`, whose backward uses only the features that receive a gradient."""
+    flat = centred.flatten(-2)
+    if torch.is_grad_enabled() and (flat.requires_grad or W_enc.requires_grad):
+        return _DenseEncoder.apply(flat, W_enc, centred.shape[-2], centred.shape[-1])
+    return torch.einsum("...hd,hnd->...hn", flat, W_enc)
+
+
+class _DenseEncoder(torch.autograd.Function):
+    """z = W_enc · x per head, x [..., n_dicts, D], W_enc [n_dicts, n, D]. A sparse code passes a gradient
+    to the few features it kept (TopK: at most k per sample), so where `dense_decode_is_cheaper` says
+    gathering those m features' rows beats the dense products (the same trade as decoding m atoms), the
+    backward gathers: ∂x = Σ_j g_j W_enc,j (``embedding_bag``) and ∂W_enc,j += g_j x (``index_add_``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W_enc: Tensor, d_k: int, d_v: int) -> Tensor:
+        ctx.save_for_backward(x, W_enc)
+        ctx.d_k, ctx.d_v = d_k, d_v
+        return torch.einsum("...hd,hnd->...hn", x, W_enc)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, W_enc = ctx.saved_tensors
+        n_dicts, n, D = W_enc.shape
+        flat_grad = grad.reshape(-1, n_dicts, n)
+        m = max(int((flat_grad != 0).sum(-1).max()) if flat_grad.numel() else 0, 1)  # one zero where none is non-zero
+        if dense_decode_is_cheaper(flat_grad.shape[0], n, m, ctx.d_k, ctx.d_v, None):
+            grad_x = torch.einsum("...hn,hnd->...hd", grad, W_enc) if ctx.needs_input_grad[0] else None
+            grad_W = torch.einsum("...hn,...hd->hnd", grad, x) if ctx.needs_input_grad[1] else None
+            return grad_x, grad_W, None, None
+        # the m largest |g| of each sample and head hold every non-zero one (and zeros where there are fewer)
+        indices = flat_grad.abs().topk(m, dim=-1, sorted=False).indices
+        values = flat_grad.gather(-1, indices)
+        rows = _rows(indices, n)  # [B, n_dicts, m]
+        grad_x = grad_W = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(rows.flatten(0, -2), W_enc.flatten(0, 1), per_sample_weights=values.flatten(0, -2),
+                                     mode="sum").view(x.shape)
+        if ctx.needs_input_grad[1]:
+            contributions = values.unsqueeze(-1) * x.reshape(-1, n_dicts, 1, D)  # [B, n_dicts, m, D]
+            grad_W = W_enc.new_zeros(n_dicts * n, D).index_add_(0, rows.flatten(), contributions.reshape(-1, D))
+            grad_W = grad_W.view(n_dicts, n, D)
+        return grad_x, grad_W, None, None
 
 
 def _rescale_dense_codes_(sae: FlatSAE | MatrixSAE, c: Tensor) -> None:
@@ -293,8 +369,19 @@ class SAEBase(nn.Module):
 
     def decode_atoms(self, indices: Int[Tensor, "*batch n_dicts m"],
                      values: Float[Tensor, "*batch n_dicts m"]) -> Matrices:
-        """Σ_j values_j atom_{indices_j}, touching only those m atoms per sample and head: no b_dec,
-        and in the weights' units (the input scale s is not undone)."""
+        """Σ_j values_j atom_{indices_j} (repeated indices add up): no b_dec, and in the weights' units
+        (the input scale s is not undone). Gathers only those m atoms per sample and head, or, where
+        `dense_decode_is_cheaper` says so for these shapes, multiplies the dense code by all the atoms."""
+        rank = None if isinstance(self, FlatSAE) else self.cfg.rank
+        m = indices.shape[-1]
+        if m == 0 or dense_decode_is_cheaper(indices[..., 0, 0].numel(), self.cfg.n_features, m, self.cfg.d_k, self.cfg.d_v,
+                                             rank):  # no atom at all: the dense route's zeros
+            codes = values.new_zeros(*values.shape[:-1], self.cfg.n_features).scatter_add(-1, indices, values)
+            return self._decode_dense(codes)
+        return self._decode_gathered(indices, values)
+
+    def _decode_gathered(self, indices: Tensor, values: Tensor) -> Tensor:
+        """`decode_atoms` by gathering the m atoms' weights."""
         raise NotImplementedError
 
     def _fold_scale_(self, s: float) -> None:
@@ -345,8 +432,8 @@ class SAEBase(nn.Module):
 
     def decode_sparse(self, indices: Int[Tensor, "*batch n_dicts m"], values: Float[Tensor, "*batch n_dicts m"]
                       ) -> Matrices:
-        """`decode` of the code with ``values`` at ``indices`` and zeros
-        elsewhere (repeated indices add up), touching only those m atoms per sample and head."""
+        """`decode` of the code with ``values`` at ``indices`` and zeros elsewhere (repeated indices
+        add up), by `decode_atoms`: gathering only those m atoms where that is the cheaper way."""
         if indices.shape != values.shape or indices.dim() < 2 or indices.shape[-2] != self.n_dicts:
             raise ValueError(f"expected indices and values of one shape [..., n_dicts={self.n_dicts}, m], "
                              f"got {tuple(indices.shape)} and {tuple(values.shape)}")
@@ -367,7 +454,11 @@ class SAEBase(nn.Module):
         return self.hook_sae_output(recons + error)
 
     def _decode(self, codes: Tensor) -> Tensor:
-        return torch.einsum("...hn,hnkv->...hkv", codes, self.atoms()) + self.b_dec
+        return self._decode_dense(codes) + self.b_dec
+
+    def _decode_dense(self, codes: Tensor) -> Tensor:
+        """Σ_i a_i atom_i over every feature (no b_dec, weights' units)."""
+        return torch.einsum("...hn,hnkv->...hkv", codes, self.atoms())
 
     def l1_penalty(self, codes: Codes) -> Float[Tensor, "*batch n_dicts"]:
         """Σ_i a_i ‖atom_i‖_F: the L1 penalty weighted by atom norm (ReLU training)."""
@@ -445,9 +536,12 @@ class FlatSAE(SAEBase):
     def atom_norms(self):
         return self.W_dec.norm(dim=-1)
 
-    def decode_atoms(self, indices, values):
-        flat = torch.einsum("...hm,...hmd->...hd", values, _pick(self.W_dec, indices))
-        return flat.unflatten(-1, (self.cfg.d_k, self.cfg.d_v))
+    def _decode_gathered(self, indices, values):
+        # embedding_bag sums the weighted rows without materialising the [..., m, d_k·d_v] gather
+        # (a third of the time of gather-then-contract, forward and backward)
+        flat = F.embedding_bag(_rows(indices, self.cfg.n_features).flatten(0, -2), self.W_dec.flatten(0, 1),
+                               per_sample_weights=values.flatten(0, -2), mode="sum")
+        return flat.view(*indices.shape[:-1], self.cfg.d_k, self.cfg.d_v)
 
     def _fold_scale_(self, s):
         self.W_enc *= s
@@ -475,7 +569,7 @@ class _FactoredDecoderSAE(SAEBase):
     def atom_norms(self):
         return _factor_atom_norms(self.V, self.W)
 
-    def decode_atoms(self, indices, values):
+    def _decode_gathered(self, indices, values):
         return _factor_decode_sparse(self.V, self.W, indices, values)
 
 

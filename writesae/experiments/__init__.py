@@ -8,11 +8,11 @@ from .ablation import write_ablation
 from .edits import kl_from_clean
 from .features import Direction, atom_and_random_directions, atom_direction, frequent_features, site_codes
 from .install import (
-    aimed_atom, aimed_direction, install_directions, install_gradient, install_in_generation, install_study, pick_targets,
+    aimed_atom, aimed_direction, install_directions, install_gradient, install_gradients, install_in_generation, install_study, pick_targets,
     summarize_installs,
 )
 from .logit_shift import (
-    PooledR2, exact_read_change, logit_shift_study, measured_change, paper_read_change, read_gradient, state_gradient,
+    PooledR2, exact_read_change, logit_shift_study, measured_change, paper_read_change, read_gradient, read_gradients, state_gradient,
 )
 from .stats import clustered_bootstrap, wilson_interval
 from .substitution import (
@@ -23,7 +23,7 @@ from .substitution import (
 __all__ = [
     "COMPARISONS", "CONDITIONS", "Direction", "NATIVE_WRITES", "Firing", "PooledR2", "atom_and_random_directions", "atom_direction",
     "clustered_bootstrap", "edit_at_positions", "exact_read_change", "find_firings", "frequent_features",
-    "aimed_atom", "aimed_direction", "install_directions", "install_gradient", "install_in_generation", "install_matrix", "install_study", "kl_from_clean", "logit_shift_study",
-    "measured_change", "native_writes", "paper_read_change", "pick_targets", "read_gradient", "site_codes", "state_gradient", "substitution_test", "summarize", "summarize_installs",
+    "aimed_atom", "aimed_direction", "install_directions", "install_gradient", "install_gradients", "install_in_generation", "install_matrix", "install_study", "kl_from_clean", "logit_shift_study",
+    "measured_change", "native_writes", "paper_read_change", "pick_targets", "read_gradient", "read_gradients", "site_codes", "state_gradient", "substitution_test", "summarize", "summarize_installs",
     "wilson_interval", "write_ablation",
 ]

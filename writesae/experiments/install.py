@@ -1,22 +1,33 @@
-"""Installs in generation: write a rank-1 direction v wᵀ into one GDN head and see what the model says.
+"""Installs in generation: write rank-1 directions v wᵀ into GDN heads' memories and see what the model says.
 
-At each of a few consecutive prompt positions t (by default the last 3) the native write k̂_t δ_tᵀ of
-(layer, head) is replaced by m n_t · v wᵀ (unit v, w; n_t = ‖k̂_t δ_tᵀ‖_F = ‖k̂_t‖ ‖δ_t‖ from the clean
-run, so the installed norm does not depend on the recurrence mode or on the other installs),
-through ``hook_write_key`` (key v) and ``hook_write_value`` (value m n_t w); the edit carries
-through the rest of the prompt and into greedy generation.
+An install is a set of units (GDN layer, value head), one direction each. At each of a few consecutive prompt
+positions t0 (by default the last 3) the state of each unit gets the additive edit
 
-Aiming at a target token y. Let f = log p(y | prompt) at the last prompt position (the first
-generated token). Adding ΔS_t0 to the state at t0 changes the reads by Δo_t = (M_{t0→t} ΔS_t0)ᵀ q̂_t
-exactly (`logit_shift`), and f to first order by Σ_t ⟨g_t, Δo_t⟩ = ⟨J_t0, ΔS_t0⟩_F, with
-g_t = ∂f/∂o_t (one VJP, `read_gradient`) and J_t0 = Σ_{t ≥ t0} M_{t0→t}ᵀ q̂_t g_tᵀ (`state_gradient`).
-The install adds ΔS_t0 = m n_t0 v wᵀ − k̂_t0 δ_t0ᵀ at each install position, so
+    ΔS_t0 = m n_t0 v wᵀ − k̂_t0 δ_t0ᵀ,    n_t0 = ‖k̂_t0 δ_t0ᵀ‖_F = ‖k̂_t0‖ ‖δ_t0‖ of the clean run,
 
-    Δf ≈ m · vᵀ J w − Σ_t0 ⟨J_t0, k̂_t0 δ_t0ᵀ⟩,    J = Σ_t0 n_t0 J_t0   (a d_k × d_v matrix).
+through ``hook_state`` (unit v, w): the native write's contribution is taken out of the state and m times its
+norm is put back along v wᵀ. The edit carries through the rest of the prompt and into greedy generation.
+Because a GDN state is affine in the state before it (S_t = A_t S_{t−1} + β_t k̂_t v_tᵀ, with A_t = α_t (I − β_t
+k̂_t k̂_tᵀ) independent of S), an additive edit propagates through its own layer exactly as M_{t0→t} ΔS_t0; this
+is the edit the first-order prediction below is derived for. (An earlier version forced k̂ and δ instead, which
+is another edit: at consecutive positions it drops the −α β k̂ k̂ᵀ ΔS terms that the prediction assumes.)
 
-Over unit v, w, vᵀ J w is largest at J's top singular pair (v, w) = (u₁, v₁), where it equals σ₁:
-the aimed direction (`aimed_direction`). The aimed atom is the SAE atom of that head with the
-largest V_iᵀ J W_i (`aimed_atom`); frequent atoms and random directions, not aimed, are the controls.
+Aiming at a target token y. Let f = log p(y | prompt) at the last prompt position (the first generated token).
+Adding ΔS_t0 to the state of one unit at t0 changes its reads by Δo_t = (M_{t0→t} ΔS_t0)ᵀ q̂_t exactly
+(`logit_shift`), and f to first order by Σ_t ⟨g_t, Δo_t⟩ = ⟨J_t0, ΔS_t0⟩_F, with g_t = ∂f/∂o_t (one VJP,
+`read_gradient`) and J_t0 = Σ_{t ≥ t0} M_{t0→t}ᵀ q̂_t g_tᵀ (`state_gradient`). Summed over the install positions
+and over the units (first-order effects add),
+
+    Δf ≈ Σ_units (m · vᵀ J w − c),    J = Σ_t0 n_t0 J_t0 (d_k × d_v),   c = Σ_t0 ⟨J_t0, k̂_t0 δ_t0ᵀ⟩.
+
+Over unit v, w, vᵀ J w is largest at J's top singular pair (v, w) = (u₁, v₁), where it equals σ₁: the aimed
+direction (`aimed_direction`); with one norm budget per unit, the best joint install is each unit's own aimed
+direction. The aimed atom is the SAE atom of that head with the largest V_iᵀ J W_i (`aimed_atom`); frequent atoms
+and random directions, not aimed, are the controls.
+
+Installing into every head of a layer, or of every GDN layer, at once is part of the study (`install_study`'s
+scopes): a single head's effect on the logits is capped by its gated RMSNorm, so one head's failure to move a
+target says little about the direction written.
 
 We report, per target, whether it appears in the continuation, its first-step log-prob lift
 log p_edited(y | prompt) − log p_clean(y | prompt), and the first-order prediction of that lift.
@@ -37,52 +48,73 @@ from hooked_gdn.sites import edit_at_positions, gdn_hook_name
 from ..site_fit import check_layer_heads
 from .edits import check_positions, one_sequence
 from .features import Direction, atom_direction
-from .logit_shift import SITES, read_gradient, state_gradient
+from .logit_shift import SITES, read_gradients, state_gradient
 from .stats import wilson_interval
 
+Unit = tuple[int, int]  # (GDN layer, value head)
 
-def _native_norms(cache, layer: int, head: int) -> Float[Tensor, " pos"]:
+
+def _native_writes(cache, unit: Unit) -> tuple[Float[Tensor, "pos d_k"], Float[Tensor, "pos d_v"]]:
+    layer, head = unit
     key, value = cache[gdn_hook_name(layer, "hook_write_key")], cache[gdn_hook_name(layer, "hook_write_value")]
-    return key[0, :, head].norm(dim=-1) * value[0, :, head].norm(dim=-1)
+    return key[0, :, head].float(), value[0, :, head].float()
+
+
+def _check_units(model, units: Sequence[Unit]) -> list[Unit]:
+    units = [(int(layer), int(head)) for layer, head in units]
+    if not units:
+        raise ValueError("an install needs at least one (layer, head)")
+    if len(set(units)) != len(units):
+        raise ValueError(f"an install names a (layer, head) twice: {units}")
+    for layer in dict.fromkeys(layer for layer, _ in units):
+        check_layer_heads(model, layer, [head for unit_layer, head in units if unit_layer == layer])
+    return units
+
+
+def _install_positions(positions: Sequence[int] | None, T: int) -> list[int]:
+    return list(range(T - 3, T)) if positions is None else check_positions(positions, T, "install position")
 
 
 @torch.no_grad()
 def install_directions(
-    model, prompt_tokens: Int[Tensor, " pos"] | Int[Tensor, "1 pos"], layer: int, head: int,
-    v: Float[Tensor, "n d_k"], w: Float[Tensor, "n d_v"], multipliers: Sequence[float],
+    model, prompt_tokens: Int[Tensor, " pos"] | Int[Tensor, "1 pos"], units: Sequence[Unit],
+    v: Float[Tensor, "n units d_k"], w: Float[Tensor, "n units d_v"], multipliers: Sequence[float],
     positions: Sequence[int] | None = None, max_new_tokens: int = 20,
 ) -> dict:
-    """Install n directions at once (row i: v[i] w[i]ᵀ at ``multipliers[i]`` × the native norm), one
-    sequence of a batch each, replacing the writes of (layer, head) at ``positions`` (default the last
-    3), then generate greedily.
+    """Make n installs at once, one sequence of a batch each: install i puts v[i, u] w[i, u]ᵀ at
+    ``multipliers[i]`` × the native norm into unit ``units[u]`` (the additive state edit of the module
+    docstring) at ``positions`` (default the last 3), for every u; then generate greedily.
 
     Returns ``{"continuations": [n lists of new tokens], "log_probs": [n, d_vocab] first-step
     log-probs with the install, "clean_continuation", "clean_log_probs": [d_vocab]}``.
     """
     tokens = one_sequence(prompt_tokens, "an install")
-    check_layer_heads(model, layer, [head])
+    units = _check_units(model, units)
     T, n = tokens.shape[1], v.shape[0]
-    positions = list(range(T - 3, T)) if positions is None else check_positions(positions, T, "install position")
-    if not (w.shape[0] == len(multipliers) == n):
-        raise ValueError(f"need one w and one multiplier per v: got {n} v, {w.shape[0]} w and {len(multipliers)} multipliers")
-    key_site, value_site = gdn_hook_name(layer, "hook_write_key"), gdn_hook_name(layer, "hook_write_value")
+    positions = _install_positions(positions, T)
+    if not (w.shape[0] == len(multipliers) == n and v.shape[1] == w.shape[1] == len(units)):
+        raise ValueError(f"need one v and one w per install and unit, and one multiplier per install: got v {tuple(v.shape)}, "
+                         f"w {tuple(w.shape)}, {len(multipliers)} multipliers for {len(units)} units")
+    layers = list(dict.fromkeys(layer for layer, _ in units))
+    names = [gdn_hook_name(layer, name) for layer in layers for name in ("hook_write_key", "hook_write_value")]
+    clean_logits, cache = model.run_with_cache(tokens, names_filter=names)
+    installed = torch.as_tensor(multipliers, dtype=torch.float32)[:, None, None, None] * torch.einsum(
+        "nuk,nuv->nukv", F.normalize(v.float(), dim=-1), F.normalize(w.float(), dim=-1))
+    differences = {layer: {t: torch.zeros(n, model.cfg.n_value_heads, model.cfg.d_key, model.cfg.d_value)
+                           for t in positions} for layer in layers}
+    for u, unit in enumerate(units):
+        k_hat, delta = _native_writes(cache, unit)
+        for t in positions:
+            native = k_hat[t].norm() * delta[t].norm()
+            differences[unit[0]][t][:, unit[1]] = native * installed[:, u] - torch.outer(k_hat[t], delta[t])
 
-    clean_logits, cache = model.run_with_cache(tokens, names_filter=[key_site, value_site])
-    native = _native_norms(cache, layer, head)
-    keys = F.normalize(v.float(), dim=-1)
-    scaled = torch.as_tensor(multipliers, dtype=torch.float32)[:, None] * F.normalize(w.float(), dim=-1)
-    rows = {key_site: {t: keys for t in positions}, value_site: {t: native[t] * scaled for t in positions}}
-
-    def set_rows(site: str):  # the write row of ``head`` at each position t ← rows[site][t], one per sequence
-        def edit(x: Tensor, t: int) -> Tensor:
-            x[:, head] = rows[site][t].to(x)
-            return x
-
-        return edit_at_positions(edit, positions)
+    def add_difference(layer: int):  # S_t of every unit of ``layer`` ← S_t + ΔS_t, one install per sequence
+        return edit_at_positions(lambda states, t: states + differences[layer][t].to(states), positions)
 
     batch = tokens.repeat(n, 1)
-    with model.hooks(fwd_hooks=[(key_site, set_rows(key_site)), (value_site, set_rows(value_site))]):
-        edited_logits = model(batch)
+    hooks = [(gdn_hook_name(layer, "hook_state"), add_difference(layer)) for layer in layers]
+    with model.hooks(fwd_hooks=hooks):
+        edited_logits = model(batch, state_positions=positions)
         generated = model.generate(batch, max_new_tokens, stop_at_eos=False)
     clean_generated = model.generate(tokens, max_new_tokens, stop_at_eos=False)
     return {
@@ -98,12 +130,13 @@ def install_in_generation(
     w: Float[Tensor, " d_v"], multiplier: float,
     positions: Sequence[int] | None = None, max_new_tokens: int = 20, target_tokens: Sequence[int] = (),
 ) -> dict:
-    """Replace the write of (layer, head) at ``positions`` by v wᵀ at ``multiplier`` × the native norm, then generate greedily.
+    """Install v wᵀ at ``multiplier`` × the native norm into (layer, head) at ``positions``, then generate greedily.
 
     Returns ``{"continuation", "clean_continuation"}`` (new tokens only, as lists) and, per target,
     ``"included"`` (it appears in the continuation) and ``"lift"`` (first-step log-prob lift).
     """
-    out = install_directions(model, prompt_tokens, layer, head, v[None], w[None], [multiplier], positions, max_new_tokens)
+    out = install_directions(model, prompt_tokens, [(layer, head)], v[None, None], w[None, None], [multiplier], positions,
+                             max_new_tokens)
     continuation, lift = out["continuations"][0], out["log_probs"][0] - out["clean_log_probs"]
     targets = [int(t) for t in target_tokens]
     return {
@@ -129,23 +162,33 @@ def pick_targets(model, prompt_tokens: Int[Tensor, " pos"] | Int[Tensor, "1 pos"
     return by_rank[chosen].tolist()
 
 
-def install_gradient(model, prompt_tokens: Int[Tensor, " pos"] | Int[Tensor, "1 pos"], layer: int, head: int, target: int,
-                     positions: Sequence[int] | None = None) -> tuple[Float[Tensor, "d_k d_v"], float]:
-    """(J, c): J = Σ_t0 n_t0 J_t0 and c = Σ_t0 ⟨J_t0, k̂_t0 δ_t0ᵀ⟩ of the module docstring, so that
-    installing v wᵀ (unit) at m × the native norms changes log p(target) by m vᵀ J w − c to first order."""
+def install_gradients(model, prompt_tokens: Int[Tensor, " pos"] | Int[Tensor, "1 pos"], layer: int, heads: Sequence[int],
+                      target: int, positions: Sequence[int] | None = None) -> dict[int, tuple[Float[Tensor, "d_k d_v"], float]]:
+    """Per head of ``heads``, (J, c): J = Σ_t0 n_t0 J_t0 and c = Σ_t0 ⟨J_t0, k̂_t0 δ_t0ᵀ⟩ of the module docstring,
+    so that installing v wᵀ (unit) at m × the native norms into (layer, head) changes log p(target) by
+    m vᵀ J w − c to first order. One clean run and one VJP serve every head."""
     tokens = one_sequence(prompt_tokens, "an install")
-    check_layer_heads(model, layer, [head])
+    check_layer_heads(model, layer, heads)
     T = tokens.shape[1]
-    positions = list(range(T - 3, T)) if positions is None else check_positions(positions, T, "install position")
+    positions = _install_positions(positions, T)
     names = [gdn_hook_name(layer, name) for name in (*SITES, "hook_write_value")]
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=names)
-    J_t0 = state_gradient(cache, layer, head, read_gradient(model, tokens, layer, head, T - 1, target), positions)
-    native = _native_norms(cache, layer, head)[positions]
-    k_hat = cache[gdn_hook_name(layer, "hook_write_key")][0, positions, head].float()
-    delta = cache[gdn_hook_name(layer, "hook_write_value")][0, positions, head].float()
-    offset = torch.einsum("pkv,pk,pv->", J_t0, k_hat, delta)
-    return torch.einsum("p,pkv->kv", native, J_t0), float(offset)
+    read_grads = read_gradients(model, tokens, layer, T - 1, target)
+    gradients = {}
+    for head in heads:
+        J_t0 = state_gradient(cache, layer, head, read_grads[:, head], positions)
+        k_hat, delta = (x[positions] for x in _native_writes(cache, (layer, head)))
+        native = k_hat.norm(dim=-1) * delta.norm(dim=-1)
+        offset = torch.einsum("pkv,pk,pv->", J_t0, k_hat, delta)
+        gradients[head] = (torch.einsum("p,pkv->kv", native, J_t0), float(offset))
+    return gradients
+
+
+def install_gradient(model, prompt_tokens: Int[Tensor, " pos"] | Int[Tensor, "1 pos"], layer: int, head: int, target: int,
+                     positions: Sequence[int] | None = None) -> tuple[Float[Tensor, "d_k d_v"], float]:
+    """`install_gradients` of one head."""
+    return install_gradients(model, prompt_tokens, layer, [head], target, positions)[head]
 
 
 def aimed_direction(J: Float[Tensor, "d_k d_v"], head: int, label: str, layer: int | None = None) -> tuple[Direction, float]:
@@ -167,54 +210,106 @@ def aimed_atom(sae, head: int, J: Float[Tensor, "d_k d_v"]) -> tuple[Direction, 
     return Direction(head, "aimed_atom", atom.label, atom.v, atom.w, atom.layer), float(gains[best])
 
 
+SCOPES = {"head": "one head at a time", "layer": "every head of the study's layer at once",
+          "layers": "every head of every GDN layer at once"}
+
+
+def _joint_controls(controls: Sequence[Direction], heads: Sequence[int]) -> list[tuple[str, str, dict[int, Direction]]]:
+    """The controls installed in every head at once: the j-th control of each kind of every head together
+    (kind, label, head -> direction), for each j that every head has."""
+    joint = []
+    for kind in dict.fromkeys(d.kind for d in controls):
+        per_head = {h: [d for d in controls if d.kind == kind and d.head == h] for h in heads}
+        for j in range(min(len(found) for found in per_head.values())):
+            joint.append((kind, f"{kind} {j} of each head", {h: per_head[h][j] for h in heads}))
+    return joint
+
+
 def install_study(
     model, prompts: Sequence[Int[Tensor, " pos"]], layer: int, heads: Sequence[int], controls: Sequence[Direction] = (),
     sae=None, multipliers: Sequence[float] = (1, 3, 10), positions: Sequence[int] | None = None,
     max_new_tokens: int = 20, rank_range: tuple[int, int] = (100, 1000), n_targets: int = 3, seed: int = 0,
+    scopes: Sequence[str] = ("head", "layer"),
 ) -> dict:
-    """Installs aimed at targets, against controls, in each of ``heads`` of each prompt at each multiplier.
+    """Installs aimed at targets, against controls, in each of ``scopes`` (`SCOPES`), for each prompt and multiplier.
 
-    Per prompt i, `pick_targets` draws ``n_targets`` targets by rank (seed ``seed + i``). Per (prompt,
-    head, target) the aimed direction is installed (and, with ``sae``, the aimed atom); each
-    direction of ``controls`` in a head of ``heads`` (frequent atoms, random directions: not aimed)
-    is installed once per prompt and scored on every target. All of a (prompt, head)'s installs run
-    as one batch.
+    Per prompt i, `pick_targets` draws ``n_targets`` targets by rank (seed ``seed + i``). Per target the aimed
+    direction is installed (and, with ``sae``, the aimed atom): in scope "head" into each of ``heads`` alone; in
+    "layer" into all of ``heads`` at once, each its own aimed direction (atom); in "layers" into every value head of
+    every GDN layer at once (aimed directions only: the SAE has atoms for its own layer). Controls (frequent atoms,
+    random directions: not aimed) are installed once per prompt and scored on every target: in scope "head" each in
+    its own head, in "layer" the j-th control of each kind of every head together, in "layers" seeded random unit
+    directions in every unit (generator seed ``seed + i``). Each (prompt, scope, unit set)'s installs run as one batch.
 
-    Returns ``{"runs", "clean"}``: ``runs`` has one record per (prompt, head, direction, m, target)
-    with ``kind``, ``label``, ``included``, ``lift`` (measured first-step log-prob lift, nats),
-    ``gain`` (vᵀ J w) and ``predicted_lift`` (m · gain − c, first order); ``clean`` one per (prompt,
-    target) with ``included`` in the unmodified continuation.
+    Returns ``{"runs", "clean"}``: ``runs`` has one record per (prompt, scope, head, direction, m, target) with
+    ``scope``, ``head`` (None unless the scope is "head"), ``units`` (how many heads were written), ``kind``,
+    ``label``, ``included``, ``lift`` (measured first-step log-prob lift, nats), ``gain`` (Σ_units vᵀ J w) and
+    ``predicted_lift`` (m · gain − Σ_units c, first order); ``clean`` one per (prompt, target) with ``included`` in
+    the unmodified continuation.
     """
     check_layer_heads(model, layer, heads)
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if not scopes or unknown:
+        raise ValueError(f"unknown install scope(s) {unknown}: the scopes are {sorted(SCOPES)}")
     for direction in controls:
         direction.check_layer(layer)
+    every_unit = [(L, h) for L in model.cfg.gdn_layers for h in range(model.cfg.n_value_heads)]
     runs, clean = [], []
     for i, prompt in enumerate(prompts):
         targets = pick_targets(model, prompt, rank_range, n_targets, seed + i)
-        for head in heads:
-            installs = []  # (direction, the targets it is scored on)
-            gradients = {y: install_gradient(model, prompt, layer, head, y, positions) for y in targets}
-            for y, (J, _) in gradients.items():
-                installs.append((aimed_direction(J, head, f"aimed at {y}", layer)[0], [y]))
+        units_needed = {(layer, h) for h in heads} | (set(every_unit) if "layers" in scopes else set())
+        gradients = {}
+        for unit_layer in sorted({L for L, _ in units_needed}):
+            layer_heads = sorted(h for L, h in units_needed if L == unit_layer)
+            for y in targets:
+                for h, found in install_gradients(model, prompt, unit_layer, layer_heads, y, positions).items():
+                    gradients[(unit_layer, h), y] = found
+
+        def aimed(unit: Unit, y: int) -> Direction:
+            return aimed_direction(gradients[unit, y][0], unit[1], f"aimed at {y}", unit[0])[0]
+
+        def atom(unit: Unit, y: int) -> Direction:
+            return aimed_atom(sae, unit[1], gradients[unit, y][0])[0]
+
+        batches = []  # (scope, head, units, [(kind, label, directions per unit, scored targets)])
+        if "head" in scopes:
+            for h in heads:
+                unit = (layer, h)
+                installs = [("aimed", f"aimed at {y}", [aimed(unit, y)], [y]) for y in targets]
                 if sae is not None:
-                    atom = aimed_atom(sae, head, J)[0]
-                    atom.check_layer(layer)
-                    installs.append((atom, [y]))
-            installs += [(d, targets) for d in controls if d.head == head]
-            batch = [(d, scored, m) for d, scored in installs for m in multipliers]
-            out = install_directions(model, prompt, layer, head, torch.stack([d.v for d, _, _ in batch]),
-                                     torch.stack([d.w for d, _, _ in batch]), [m for _, _, m in batch],
+                    installs += [("aimed_atom", atom(unit, y).label, [atom(unit, y)], [y]) for y in targets]
+                installs += [(d.kind, d.label, [d], targets) for d in controls if d.head == h]
+                batches.append(("head", h, [unit], installs))
+        if "layer" in scopes:
+            units = [(layer, h) for h in heads]
+            installs = [("aimed", f"aimed at {y}", [aimed(u, y) for u in units], [y]) for y in targets]
+            if sae is not None:
+                installs += [("aimed_atom", f"aimed atoms for {y}", [atom(u, y) for u in units], [y]) for y in targets]
+            installs += [(kind, label, [chosen[h] for h in heads], targets)
+                         for kind, label, chosen in _joint_controls(controls, heads)]
+            batches.append(("layer", None, units, installs))
+        if "layers" in scopes:
+            gen = torch.Generator().manual_seed(seed + i)
+            random = [Direction(h, "random", "random", F.normalize(torch.randn(model.cfg.d_key, generator=gen), dim=0),
+                                F.normalize(torch.randn(model.cfg.d_value, generator=gen), dim=0), L) for L, h in every_unit]
+            installs = [("aimed", f"aimed at {y}", [aimed(u, y) for u in every_unit], [y]) for y in targets]
+            installs.append(("random", "random in every head", random, targets))
+            batches.append(("layers", None, every_unit, installs))
+        for scope, head, units, installs in batches:
+            rows = [(kind, label, directions, scored, m) for kind, label, directions, scored in installs for m in multipliers]
+            out = install_directions(model, prompt, units, torch.stack([torch.stack([d.v for d in r[2]]) for r in rows]),
+                                     torch.stack([torch.stack([d.w for d in r[2]]) for r in rows]), [r[4] for r in rows],
                                      positions, max_new_tokens)
             lift = out["log_probs"] - out["clean_log_probs"]
-            for row, (d, scored, m) in enumerate(batch):
+            for row, (kind, label, directions, scored, m) in enumerate(rows):
                 for y in scored:
-                    J, offset = gradients[y]
-                    gain = float(d.v @ J @ d.w)
-                    runs.append({"prompt": i, "head": head, "kind": d.kind, "label": d.label, "m": m, "target": y,
-                                 "included": y in out["continuations"][row], "lift": float(lift[row, y]),
-                                 "gain": gain, "predicted_lift": m * gain - offset})
-            if head == heads[0]:
-                clean += [{"prompt": i, "target": y, "included": y in out["clean_continuation"]} for y in targets]
+                    gain = sum(float(d.v @ gradients[u, y][0] @ d.w) for u, d in zip(units, directions))
+                    offset = sum(gradients[u, y][1] for u in units)
+                    runs.append({"prompt": i, "scope": scope, "head": head, "units": len(units), "kind": kind,
+                                 "label": label, "m": m, "target": y, "included": y in out["continuations"][row],
+                                 "lift": float(lift[row, y]), "gain": gain, "predicted_lift": m * gain - offset})
+        # every batch of a prompt generates the same clean continuation: the last one's
+        clean += [{"prompt": i, "target": y, "included": y in out["clean_continuation"]} for y in targets]
     return {"runs": runs, "clean": clean}
 
 

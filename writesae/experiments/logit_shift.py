@@ -135,19 +135,26 @@ def state_gradient(cache, layer: int, head: int, read_grad: Float[Tensor, "T d_v
 
 
 @torch.enable_grad()
-def read_gradient(model, tokens: Int[Tensor, "1 T"], layer: int, head: int, position: int,
-                  target: int) -> Float[Tensor, "T d_v"]:
-    """g_t = ∂ log p(target | tokens[: position + 1]) / ∂o_t of (layer, head), for every t: one
+def read_gradients(model, tokens: Int[Tensor, "1 T"], layer: int, position: int,
+                   target: int) -> Float[Tensor, "T H d_v"]:
+    """g_t = ∂ log p(target | tokens[: position + 1]) / ∂o_t of every value head of ``layer``, for every t: one
     backward pass (a vector-Jacobian product) around the clean run; zero for t > ``position``."""
     tokens = one_sequence(tokens, "the read gradient")
-    check_layer_heads(model, layer, [head])
+    check_layer_heads(model, layer)
     (position,) = check_positions(position, tokens.shape[1])
     name = gdn_hook_name(layer, "hook_recurrence_out")
     shift = torch.zeros(1, tokens.shape[1], model.cfg.n_value_heads, model.cfg.d_value, requires_grad=True)
     logits = model.run_with_hooks(tokens, fwd_hooks=[(name, lambda o, hook: o + shift.to(o.dtype))])
     log_p = logits[0, position].float().log_softmax(-1)[target]
     (grad,) = torch.autograd.grad(log_p, shift)
-    return grad[0, :, head]
+    return grad[0]
+
+
+def read_gradient(model, tokens: Int[Tensor, "1 T"], layer: int, head: int, position: int,
+                  target: int) -> Float[Tensor, "T d_v"]:
+    """`read_gradients` of one head."""
+    check_layer_heads(model, layer, [head])
+    return read_gradients(model, tokens, layer, position, target)[:, head]
 
 
 def _clean_cache(model, tokens: Tensor, layer: int):
