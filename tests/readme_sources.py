@@ -17,6 +17,9 @@ from typing import Any, Callable
 from hooked_gdn.census import LONG_MEMORY, VERY_LONG_MEMORY, HeadCensus
 
 
+ROOT = Path(__file__).parents[1]
+
+
 def value_at(data: Any, key: str) -> Any:
     """``data``'s entry at a ``/``-separated path of dict keys and list indices."""
     for part in key.split("/"):
@@ -159,7 +162,7 @@ ENTRIES = [
     # ---- the shipped models, Mamba-2 and RWKV-7
     Sourced("also on the same 0.82 M-token budget", "0.82", MAMBA2_STATS, transform=lambda s: s["train_tokens_seen"] / 1e6),
     Claim("also on the same 0.82 M-token budget", RWKV7_STATS,
-          lambda s: s["train_tokens_seen"] == _load(Path(__file__).parents[1], MAMBA2_STATS)["train_tokens_seen"]),
+          lambda s: s["train_tokens_seen"] == _load(ROOT, MAMBA2_STATS)["train_tokens_seen"]),
     NotMeasured("where one token's states are 18 MiB", "arithmetic from Qwen3.5-0.8B's published config: 18 GDN layers × 16 heads × 128 × 128 × 4 bytes"),
     NotMeasured("one token's states over all GDN layers of Qwen3.5-0.8B are 18 MiB", "the same arithmetic"),
     NotMeasured("logits ≤ 1e-4", "the tolerance the parity tests assert"),
@@ -231,8 +234,8 @@ ENTRIES = [
     Claim("no SAE beats PCA-4 by more than 0.01 in the longer run", COMPARE_LONGER, lambda r: _pca_margin(r) <= 0.01),
     Claim("every SAE is behind PCA-4 in the default run", COMPARE, lambda r: _pca_margin(r) < 0),
     Claim("Seeds change the FVU by less than 0.03 everywhere", COMPARE,
-          lambda r: max(_fvu_spreads(r, _load(Path(__file__).parents[1], COMPARE_LONGER))) < 0.03),
+          lambda r: max(_fvu_spreads(r, _load(ROOT, COMPARE_LONGER))) < 0.03),
     Claim("(mostly by under 0.005)", COMPARE,
-          lambda r: mean(s < 0.005 for s in _fvu_spreads(r, _load(Path(__file__).parents[1], COMPARE_LONGER))) > 0.5),
+          lambda r: mean(s < 0.005 for s in _fvu_spreads(r, _load(ROOT, COMPARE_LONGER))) > 0.5),
     NotMeasured("(default 32 × 128 tokens)", "a default"),
 ]

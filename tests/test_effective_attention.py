@@ -21,10 +21,8 @@ from tests.conftest import tiny_hf_config
 D_K, D_V = 16, 32
 
 
-def slow_decay_model() -> HookedGatedDeltaNet:
-    torch.manual_seed(0)
-    model = HookedGatedDeltaNet.from_config(
-        tiny_hf_config("grouped", linear_key_head_dim=D_K, linear_value_head_dim=D_V)).eval()
+def slow_decays_(model: HookedGatedDeltaNet) -> HookedGatedDeltaNet:
+    """Slows every GDN decay of ``model`` in place (and returns it), so that writes far back stay in every read."""
     with torch.no_grad():
         for block in model.blocks:
             if block.is_gdn:  # g = −exp(A_log)·softplus(a + dt_bias) ≈ −0.05·softplus(−2 + small): α ≈ 0.994
@@ -32,6 +30,12 @@ def slow_decay_model() -> HookedGatedDeltaNet:
                 block.linear_attn.dt_bias.fill_(-2.0)
                 block.linear_attn.W_a.mul_(0.1)
     return model
+
+
+def slow_decay_model() -> HookedGatedDeltaNet:
+    torch.manual_seed(0)
+    return slow_decays_(HookedGatedDeltaNet.from_config(
+        tiny_hf_config("grouped", linear_key_head_dim=D_K, linear_value_head_dim=D_V)).eval())
 
 
 def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:

@@ -347,6 +347,17 @@ def test_the_aimed_atom_is_the_dictionarys_best_by_first_order_gain(tiny):
         install.aimed_atom(sae, 1, J)
 
 
+def test_the_install_study_refuses_an_sae_of_another_layer(tiny, tokens):
+    from writesae import BilinearMatrixSAE
+
+    other = next(layer for layer in tiny.cfg.gdn_layers if layer != LAYER)
+    sae = BilinearMatrixSAE(d_k=tiny.cfg.d_key, d_v=tiny.cfg.d_value, n_features=16, k=3, heads=[0],
+                            site=gdn_hook_name(other, "hook_state"), n_heads=4, seed=0)
+    with pytest.raises(ValueError, match=f"belongs to GDN layer {other} \\(its SAE's site\\), not to layer {LAYER}"):
+        install.install_study(tiny, [tokens[0, :12]], LAYER, [0], sae=sae, multipliers=(1.0,), max_new_tokens=2,
+                              rank_range=(10, 40), n_targets=1, scopes=("head",))
+
+
 def test_the_install_study_aims_at_each_target_and_scores_controls_on_all(tiny, tokens):
     prompts = [tokens[0, :12], tokens[0, 4:16]]
     controls = unit_directions(tiny, 1, seed=5, kind="random") + unit_directions(tiny, 1, seed=6, head=2)

@@ -10,15 +10,13 @@ shipped write SAE.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from hooked_gdn import HookedGatedDeltaNet
 from hooked_gdn.sites import gdn_hook_name, site_name
 from tests.conftest import tiny_hf_config
-from tests.test_effective_attention import relative_error
+from tests.test_effective_attention import relative_error, slow_decays_
 from writesae.memory_attribution import (memory_attribution, memory_view, memory_view_html, rebuilt_state, state_parts,
                                          top_terms)
 from writesae.sae import ARCHITECTURES
@@ -27,17 +25,10 @@ TOLERANCE = 1e-5
 
 
 def slow_decay_model(name: str = "grouped") -> HookedGatedDeltaNet:
-    """A random tiny model whose GDN decays are slow (α ≈ 0.994, as tests/test_effective_attention.py's), so that
-    writes far back are a real part of every read."""
+    """A random tiny model whose GDN decays are slow (α ≈ 0.994, `slow_decays_`), so that writes far back are a
+    real part of every read."""
     torch.manual_seed(0)
-    model = HookedGatedDeltaNet.from_config(tiny_hf_config(name)).eval()
-    with torch.no_grad():
-        for block in model.blocks:
-            if block.is_gdn:
-                block.linear_attn.A_log.fill_(math.log(0.05))
-                block.linear_attn.dt_bias.fill_(-2.0)
-                block.linear_attn.W_a.mul_(0.1)
-    return model
+    return slow_decays_(HookedGatedDeltaNet.from_config(tiny_hf_config(name)).eval())
 
 
 def random_write_sae(model, layer: int, architecture: str = "bilinear", heads=(3, 1, 0), rank: int = 1,
@@ -52,6 +43,17 @@ def random_write_sae(model, layer: int, architecture: str = "bilinear", heads=(3
     with torch.no_grad():
         sae.b_dec.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed))
     return sae.eval()
+
+
+def one_sequence_run(length: int, seed: int, layer_index: int):
+    """`slow_decay_model`, one random sequence of ``length`` tokens (seeded), its full cache, its GDN layer
+    ``layer_index`` and a `random_write_sae` there."""
+    model = slow_decay_model()
+    tokens = torch.randint(1, 101, (1, length), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    layer = model.cfg.gdn_layers[layer_index]
+    return model, tokens, cache, layer, random_write_sae(model, layer)
 
 
 def sequential_states(cache, layer: int, head: int, sequence: int, initial=None) -> torch.Tensor:
@@ -131,12 +133,7 @@ def test_terms_match_the_plain_sequential_recurrence_and_rebuild_the_state():
 
 
 def test_rebuilt_state_keeps_the_largest_terms():
-    model = slow_decay_model()
-    tokens = torch.randint(1, 101, (1, 15), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens)
-    layer = model.cfg.gdn_layers[1]
-    sae = random_write_sae(model, layer)
+    model, tokens, cache, layer, sae = one_sequence_run(length=15, seed=2, layer_index=1)
     a = memory_attribution(model, cache, sae, 1, [14])
     rebuilt, _ = rebuilt_state(a, sae)
     some, n_atoms = rebuilt_state(a, sae, top=4)
@@ -155,12 +152,7 @@ def test_rebuilt_state_keeps_the_largest_terms():
 
 
 def test_top_terms_and_view():
-    model = slow_decay_model()
-    tokens = torch.randint(1, 101, (1, 21), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens)
-    layer = model.cfg.gdn_layers[0]
-    sae = random_write_sae(model, layer)
+    model, tokens, cache, layer, sae = one_sequence_run(length=21, seed=4, layer_index=0)
     a = memory_attribution(model, cache, sae, 0, [20], logit_tokens=[5, 9])
     by_read = top_terms(a, 0, n=6)
     assert len(by_read) == 6
@@ -185,12 +177,7 @@ def test_top_terms_and_view():
 
 
 def test_clear_errors():
-    model = slow_decay_model()
-    tokens = torch.randint(1, 101, (1, 9), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens)
-    layer = model.cfg.gdn_layers[0]
-    sae = random_write_sae(model, layer)
+    model, tokens, cache, layer, sae = one_sequence_run(length=9, seed=5, layer_index=0)
     state_sae = ARCHITECTURES["bilinear"](d_k=model.cfg.d_key, d_v=model.cfg.d_value, n_features=8, k=2,
                                           site=site_name(layer, "state"), heads=0)
     with pytest.raises(ValueError, match="needs a write SAE"):

@@ -33,7 +33,7 @@ try:
 except ImportError:  # the main environment: sae-lens needs transformer-lens<4
     sae_lens = None
 
-from .test_sae import calibrate, inputs, make
+from .test_sae import calibrate, edit_cfg, inputs, make
 
 FIXTURES = Path(__file__).parent / "fixtures" / "saelens"
 ARCHS = ["flat", "matrix", "bilinear", "tied"]  # "tied" is the tied BilinearMatrixSAE
@@ -330,13 +330,7 @@ def saelens_copy(tmp_path: Path, name: str = "topk", tensors=None, **changes) ->
     """A copy of a fixture folder with cfg.json entries changed (None removes one) and its tensors edited."""
     folder = tmp_path / name
     shutil.copytree(FIXTURES / name, folder)
-    cfg = json.loads((folder / "cfg.json").read_text())
-    for key, value in changes.items():
-        if value is None:
-            cfg.pop(key, None)
-        else:
-            cfg[key] = value
-    (folder / "cfg.json").write_text(json.dumps(cfg))
+    edit_cfg(folder, **changes)
     if tensors is not None:
         weights = load_file(folder / "sae_weights.safetensors")
         tensors(weights)

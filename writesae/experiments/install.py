@@ -265,26 +265,28 @@ def install_study(
                 for h, found in install_gradients(model, prompt, unit_layer, layer_heads, y, positions).items():
                     gradients[(unit_layer, h), y] = found
 
-        def aimed(unit: Unit, y: int) -> Direction:
-            return aimed_direction(gradients[unit, y][0], unit[1], f"aimed at {y}", unit[0])[0]
-
-        def atom(unit: Unit, y: int) -> Direction:
-            return aimed_atom(sae, unit[1], gradients[unit, y][0])[0]
+        # each (unit, target)'s aimed direction and atom, found once and installed in every scope that uses them
+        aimed_directions = {(unit, y): aimed_direction(J, unit[1], f"aimed at {y}", unit[0])[0]
+                            for (unit, y), (J, _) in gradients.items()}
+        aimed_atoms = {} if sae is None else {(unit, y): aimed_atom(sae, unit[1], gradients[unit, y][0])[0]
+                                              for unit in ((layer, h) for h in heads) for y in targets}
+        for found in aimed_atoms.values():
+            found.check_layer(layer)  # an atom of another layer's SAE is refused
 
         batches = []  # (scope, head, units, [(kind, label, directions per unit, scored targets)])
         if "head" in scopes:
             for h in heads:
                 unit = (layer, h)
-                installs = [("aimed", f"aimed at {y}", [aimed(unit, y)], [y]) for y in targets]
+                installs = [("aimed", f"aimed at {y}", [aimed_directions[unit, y]], [y]) for y in targets]
                 if sae is not None:
-                    installs += [("aimed_atom", atom(unit, y).label, [atom(unit, y)], [y]) for y in targets]
+                    installs += [("aimed_atom", aimed_atoms[unit, y].label, [aimed_atoms[unit, y]], [y]) for y in targets]
                 installs += [(d.kind, d.label, [d], targets) for d in controls if d.head == h]
                 batches.append(("head", h, [unit], installs))
         if "layer" in scopes:
             units = [(layer, h) for h in heads]
-            installs = [("aimed", f"aimed at {y}", [aimed(u, y) for u in units], [y]) for y in targets]
+            installs = [("aimed", f"aimed at {y}", [aimed_directions[u, y] for u in units], [y]) for y in targets]
             if sae is not None:
-                installs += [("aimed_atom", f"aimed atoms for {y}", [atom(u, y) for u in units], [y]) for y in targets]
+                installs += [("aimed_atom", f"aimed atoms for {y}", [aimed_atoms[u, y] for u in units], [y]) for y in targets]
             installs += [(kind, label, [chosen[h] for h in heads], targets)
                          for kind, label, chosen in _joint_controls(controls, heads)]
             batches.append(("layer", None, units, installs))
@@ -292,7 +294,7 @@ def install_study(
             gen = torch.Generator().manual_seed(seed + i)
             random = [Direction(h, "random", "random", F.normalize(torch.randn(model.cfg.d_key, generator=gen), dim=0),
                                 F.normalize(torch.randn(model.cfg.d_value, generator=gen), dim=0), L) for L, h in every_unit]
-            installs = [("aimed", f"aimed at {y}", [aimed(u, y) for u in every_unit], [y]) for y in targets]
+            installs = [("aimed", f"aimed at {y}", [aimed_directions[u, y] for u in every_unit], [y]) for y in targets]
             installs.append(("random", "random in every head", random, targets))
             batches.append(("layers", None, every_unit, installs))
         for scope, head, units, installs in batches:
