@@ -144,7 +144,7 @@ class MemoryCensus:
 
     def summary(self) -> str:
         n = len(self.heads)
-        return (f"{n} GDN heads on {self.n_tokens} tokens: median half-life ≥ {LONG_MEMORY} tokens in "
+        return (f"{n} recurrent heads on {self.n_tokens} tokens: median half-life ≥ {LONG_MEMORY} tokens in "
                 f"{self.count(LONG_MEMORY)}, ≥ {VERY_LONG_MEMORY} in {self.count(VERY_LONG_MEMORY)}; effective rank ≥ 4 "
                 f"in {sum(r.effective_rank >= 4 for r in self.heads)}")
 

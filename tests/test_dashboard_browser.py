@@ -1,7 +1,7 @@
 """The dashboard's pages in headless Chromium, driven by selenium: the index sorts and filters, a feature
-page draws its histograms, hovering a token shows its tooltip with the numbers the page carries, and no
-page logs a JavaScript error. Skipped, with the reason, where selenium, Chromium or chromedriver is
-missing (the ``browser`` extra; Debian's ``chromium`` and ``chromium-driver``)."""
+page draws its histograms, hovering a token shows its tooltip with the numbers the page carries, a feature
+page's link to a memory view lands on it, and no page logs a JavaScript error. Skipped, with the reason,
+where selenium, Chromium or chromedriver is missing (the ``browser`` extra; Debian's ``chromium`` and ``chromium-driver``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from writesae.dashboard_html import feature_page_name
+from writesae.dashboard_html import feature_page_name, memory_page_name
 
 from .test_dashboard import built_fixture, page_vocabulary  # noqa: F401  (the `built` fixture: a dashboard of a tiny model, its site)
 
@@ -105,4 +105,30 @@ def test_a_feature_page_draws_and_its_token_tooltip_shows_the_hover_numbers(buil
         assert tooltip.text.startswith("activation")
     ActionChains(browser).move_by_offset(0, 0).move_to_element(browser.find_element(By.TAG_NAME, "h1")).perform()
     WebDriverWait(browser, 5).until(lambda _: not tooltip.is_displayed())
+    assert _errors(browser) == []
+
+
+def test_a_feature_pages_retrieval_link_opens_its_memory_view(built, browser):
+    """A write SAE's feature page links the memory views that retrieve it; the link lands on that view of the
+    head's memory page, whose table shows; a state SAE's index says in one line why there is none."""
+    from selenium.webdriver.common.by import By
+
+    kind, model, sae, windows, dashboard, out = built
+    browser.get((out / "index.html").resolve().as_uri())
+    note = browser.find_element(By.ID, "memory-note")
+    if kind == "state":
+        assert note.is_displayed() and note.text.startswith("No memory view") and "write SAE" in note.text
+        assert browser.find_elements(By.CSS_SELECTOR, "a.memory-link") == []
+        return
+    card = max(dashboard.features, key=lambda c: len(c.retrieved_in))
+    assert card.retrieved_in
+    browser.get((out / feature_page_name(card.head, card.feature)).resolve().as_uri())
+    link = browser.find_element(By.CSS_SELECTOR, "tr.retrieval a")
+    link.click()
+    view = card.retrieved_in[0].view
+    assert browser.current_url.endswith(f"{memory_page_name(card.head).split('/')[1]}#view-{view}")
+    shown = browser.find_element(By.ID, f"view-{view}")
+    rows = shown.find_elements(By.CSS_SELECTOR, "tr.memory-term")
+    assert shown.is_displayed() and rows and all(row.is_displayed() for row in rows)
+    assert len(shown.find_elements(By.CSS_SELECTOR, "tr.memory-rest")) == 4
     assert _errors(browser) == []

@@ -129,20 +129,22 @@ def test_the_study_pools_passages_heads_and_directions_after_t0(slow):
     directions = unit_directions(slow, 2, head=0, kind="atom") + unit_directions(slow, 1, seed=1, head=2)
     study = ls.logit_shift_study(slow, tokens, LAYER, t0, directions, epsilons=[1e-3, 30.0], relative_to_state=True,
                                  samples=5, generator=torch.Generator().manual_seed(0))
-    assert set(study["r2"]) == {"all", "atom", "random", "head 0", "head 2"}
+    assert set(study["r2"]) == {"all"} and set(study["r2"]["all"]) == {"all", "atom", "random"}  # one group by default
+    assert study["head_groups"] == {0: "all", 2: "all"} and set(study["r2_by_head"]) == {0, 2}
     assert study["bins"] == [[1, 2], [2, 4], [4, 8]] and set(study["r2_by_distance"]) == {0, 2}
-    small = study["r2"]["all"][1e-3]
+    small = study["r2"]["all"]["all"][1e-3]
     assert small["read"]["exact"] > 1 - 1e-6 and small["logits"]["exact"] > 0.999  # exact at the read, JVP after
     assert small["read"]["paper"] < 0.99 and min(study["r2_by_distance"][0][1e-3]["read"]["exact"]) > 1 - 1e-6
     # large edits leave the linear regime of the network after the layer (the RMSNorm of o, later layers)
-    assert study["r2"]["all"][30.0]["logits"]["exact"] < small["logits"]["exact"]
-    assert study["r2"]["all"][30.0]["read"]["exact"] > 1 - 1e-6  # but not the read: the layer is affine in S
+    assert study["r2"]["all"]["all"][30.0]["logits"]["exact"] < small["logits"]["exact"]
+    assert study["r2"]["all"]["all"][30.0]["read"]["exact"] > 1 - 1e-6  # but not the read: the layer is affine in S
     # ε is relative to each head's clean state norm at t0 in each passage
     with torch.no_grad():
         _, states = slow.run_with_cache(tokens, names_filter=site("hook_state"), state_positions=[t0])
     norms = states[site("hook_state")][:, 0, [0, 2]].flatten(-2).norm(dim=-1)  # [passage, head]
-    assert study["mean_state_norm"] == pytest.approx(norms.mean().item(), rel=1e-5)
+    assert study["mean_state_norm"] == pytest.approx(dict(zip([0, 2], norms.mean(0).tolist())), rel=1e-5)  # per head
     assert all(len(values) == 2 * 3 * 5 for values in study["samples"].values())  # passages × directions × samples
+    assert study["samples"]["head"].tolist() == 2 * ([0] * 10 + [2] * 5)  # each sample's head
     # R² of the paper's read in head 2 (one direction), by hand over positions t > t0 only: t0 is left out
     (d,) = directions[2:]
     predicted, measured = [], []
@@ -154,13 +156,52 @@ def test_the_study_pools_passages_heads_and_directions_after_t0(slow):
         measured.append(ls.measured_change(slow, tokens[i : i + 1], LAYER, 2, t0, d.v, d.w, eps)[1][t0 + 1:])
     predicted, measured = torch.cat(predicted).double(), torch.cat(measured).double()
     by_hand = 1 - (measured - predicted).pow(2).sum() / (measured - measured.mean()).pow(2).sum()
-    assert study["r2"]["head 2"][1e-3]["read"]["paper"] == pytest.approx(float(by_hand), abs=1e-6)
+    assert study["r2_by_head"][2][1e-3]["read"]["paper"] == pytest.approx(float(by_hand), abs=1e-6)
     assert study["r2_by_distance"][2][1e-3]["read"]["paper"][-1] < 1
+    # each octave's share of the measured read change's sum of squares, by hand (rows are t − t0 = 1 … 7 per passage)
+    squares = torch.stack(measured.pow(2).sum(-1).split(16 - t0 - 1)).sum(0)
+    by_bin = torch.stack([squares[lo - 1 : hi - 1].sum() for lo, hi in study["bins"]])
+    assert study["share_by_distance"][2][1e-3]["read"] == pytest.approx((by_bin / by_bin.sum()).tolist(), rel=1e-9)
     # the first passage's first sample: drawn with the generator, at the smallest ε, predicted as ε · JVP
     first = torch.randint(0, (16 - t0 - 1) * slow.cfg.d_vocab, (5,), generator=torch.Generator().manual_seed(0))
     eps = 1e-3 * norms[0, 0].item()
     logits, _ = ls.measured_change(slow, tokens[:1], LAYER, 0, t0, directions[0].v, directions[0].w, eps)
     torch.testing.assert_close(study["samples"]["measured"][:5], logits[t0 + 1:].flatten()[first])
+
+
+def leaves(tree) -> dict:
+    """A nested dict of numbers (or lists of them) as {path: number}."""
+    if isinstance(tree, dict):
+        return {(key, *path): x for key, sub in tree.items() for path, x in leaves(sub).items()}
+    if isinstance(tree, list):
+        return {(i,): x for i, x in enumerate(tree)}
+    return {(): tree}
+
+
+def test_the_study_pools_within_each_head_group_and_never_across(slow):
+    # heads of different mechanisms (decay kinds, say) are labelled apart: each group's R² is the study of its heads alone
+    tokens = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(5))
+    t0, eps = 8, [1e-3]
+    directions = (unit_directions(slow, 1, head=0, kind="atom") + unit_directions(slow, 1, seed=1, head=1)
+                  + unit_directions(slow, 2, seed=2, head=2))
+    groups = {0: "fixed", 1: "fixed", 2: "learned"}
+    study = ls.logit_shift_study(slow, tokens, LAYER, t0, directions, eps, relative_to_state=True, head_groups=groups)
+    assert study["head_groups"] == groups
+    assert set(study["r2"]) == {"fixed", "learned"}
+    assert set(study["r2"]["fixed"]) == {"all", "atom", "random"} and set(study["r2"]["learned"]) == {"all", "random"}
+    for group in ("fixed", "learned"):
+        alone = ls.logit_shift_study(slow, tokens, LAYER, t0, [d for d in directions if groups[d.head] == group], eps,
+                                     relative_to_state=True)
+        assert leaves(study["r2"][group]) == pytest.approx(leaves(alone["r2"]["all"]), rel=1e-12)
+        for h in alone["r2_by_head"]:
+            assert leaves(study["r2_by_head"][h]) == pytest.approx(leaves(alone["r2_by_head"][h]), rel=1e-12)
+            assert leaves(study["r2_by_distance"][h]) == pytest.approx(leaves(alone["r2_by_distance"][h]), rel=1e-12)
+    # pooled across the groups the numbers are other ones: what labelling the heads keeps apart
+    across = ls.logit_shift_study(slow, tokens, LAYER, t0, directions, eps, relative_to_state=True)["r2"]["all"]["all"]
+    for group in ("fixed", "learned"):
+        assert abs(across[1e-3]["read"]["paper"] - study["r2"][group]["all"][1e-3]["read"]["paper"]) > 1e-3
+    with pytest.raises(ValueError, match=r"head_groups has no group for head\(s\) \[2\]"):
+        ls.logit_shift_study(slow, tokens, LAYER, t0, directions, eps, head_groups={0: "fixed", 1: "fixed"})
 
 
 def test_state_gradient_is_the_adjoint_of_the_exact_read_change():

@@ -252,6 +252,13 @@ def _parser() -> argparse.ArgumentParser:
                       help="activation quantile groups per feature")
     dash.add_argument("--quantile-contexts", type=_count, default=library["quantile_contexts"],
                       help="contexts drawn at random from each quantile group")
+    dash.add_argument("--memory-views", type=_count, default=library["memory_views"],
+                      help="write SAEs on Gated DeltaNet layers: positions per head shown as what the head's memory "
+                           "retrieves there, those whose read from writes ≥ --memory-min-distance back is largest (0: none)")
+    dash.add_argument("--memory-terms", type=_positive_int, default=library["memory_terms"],
+                      help="(past write, feature) terms shown per memory view")
+    dash.add_argument("--memory-min-distance", type=_count, default=library["memory_min_distance"],
+                      help="tokens back a write must be for its terms to be shown in a memory view")
     dash.add_argument("--batch-size", type=_positive_int, default=4, help="windows per forward pass")
     dash.add_argument("--device", help=DEVICE_HELP)
     dash.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
@@ -436,7 +443,9 @@ def cmd_dashboard(args) -> None:
     dashboard = build_dashboard(model, sae, windows, features_per_head=args.features_per_head, n_contexts=args.top,
                                 ablation_firings=args.ablation_firings, horizon=args.horizon, loss_tokens=args.loss_tokens,
                                 n_quantiles=args.quantiles, quantile_contexts=args.quantile_contexts,
-                                batch_size=args.batch_size, progress=not args.no_progress)
+                                memory_views=args.memory_views, memory_terms=args.memory_terms,
+                                memory_min_distance=args.memory_min_distance, batch_size=args.batch_size,
+                                progress=not args.no_progress)
     index = write_site(dashboard, args.out, progress=not args.no_progress)
     print(f"wrote {index} and {len(dashboard.features)} feature pages in {args.out / 'features'}: open {index} in a browser")
 

@@ -55,6 +55,26 @@ matrix X_t (S_t, or the write k̂_t δ_tᵀ or erase (a_t ⊙ κ̂_t) e_tᵀ thr
   KL(p_clean ‖ p_ablated) at t (``kl_next``) and summed over t … t + horizon − 1, cut at the window's
   end (``kl_carried``, `writesae.experiments.kl_from_clean`), averaged over those firings. For a
   write SAE this is the same as editing the write at t to k̂_t δ_tᵀ − (a/s) A_i (an erase SAE's likewise).
+- **memory view** (write SAEs on Gated DeltaNet layers only): "what this head's memory retrieves at position t",
+  `writesae.memory_attribution.memory_view`: head h's read o_t written exactly as a sum over (past write j,
+  feature i) terms G_{j→t} a_ji atom_iᵀ q̂_t / s, plus each write's decoder-bias and SAE-error terms and the
+  initial state's, and the same for the read's direct logit effect on the next token x_{t+1} (the output path
+  linearised at the run). The page shows the ``memory_terms`` terms of writes at least ``memory_min_distance``
+  positions back with the largest component along o_t (⟨term, o_t⟩ / ‖o_t‖), each with its token, and the rest of
+  the read summed: the other feature terms (nearer writes, and the far ones not shown), the bias, the errors, the
+  initial state; the shown terms plus the rest are ‖o_t‖ and the direct logit, exactly. **Which positions** (the
+  rule ``MEMORY_RULE``): per head, the ``memory_views`` positions t of the windows (t ≥ memory_min_distance, and
+  t < T − 1, so that there is a next token) whose **far read** ‖Σ_{j ≤ t − memory_min_distance} c_tj δ_j‖ is
+  largest, c_tj = G_{j→t} q̂_tᵀ k̂_j being effective attention over the writes
+  (`hooked_gdn.effective_attention`), so the part of o_t that old writes make, exactly; greedily, no two within
+  ``left`` tokens of each other in one window. Largest, not typical: these are the reads where the memory matters
+  most, as the top activations are a feature's strongest firings. **Where a write feature is retrieved**
+  (``FeatureCard.retrieved_in``): every view whose read has terms of the feature at that distance, with their sum
+  along o_t and their direct logit, largest first: from the same attribution, so free. Other sites (state and
+  erase SAEs, Mamba-2, RWKV-7) get no view and ``MemorySection.absent_reason`` says why in one line
+  (memory_attribution decomposes a GDN head's read over a write SAE's features only: see its docstring for
+  what the other families would need). Cost: one more forward over the windows (the far reads) and one over the
+  windows that hold a view, each view an O(T²) attribution: small beside the ablations.
 """
 
 from __future__ import annotations
@@ -73,11 +93,14 @@ from tqdm.auto import tqdm
 
 from hooked_gdn.cache import GDNCache
 from hooked_gdn.census import memory_census
+from hooked_gdn.delta_rule import DELTA_RULE
+from hooked_gdn.effective_attention import HOOKS as EFFECTIVE_ATTENTION_HOOKS, effective_attention
 from hooked_gdn.model import DEFAULT_CHUNK_SIZE
 from hooked_gdn.files import atomic_file
-from hooked_gdn.sites import SITE_KEY_HOOKS, SITE_VALUE_HOOK, Site, edit_at_positions, rank_one_key
+from hooked_gdn.sites import SITE_KEY_HOOKS, SITE_VALUE_HOOK, Site, edit_at_positions, gdn_hook_name, rank_one_key
 
 from .experiments.edits import kl_from_clean
+from .memory_attribution import FINAL_SCALE_HOOK, LOGIT_HOOKS, READ_HOOKS, attributable_layer, memory_view
 from .sae import SAEBase
 from .site_fit import check_sae_fits
 
@@ -148,6 +171,80 @@ class KeyMatch:
     alignment: float
 
 
+@dataclass(frozen=True)
+class MemoryTerm:
+    """One (past write, feature) term of a memory view's read: feature ``feature`` of the write at ``position``
+    (``distance`` = t − position back, code ``code``), its component along the read ⟨term, o_t⟩ / ‖o_t‖
+    (``read_projection``), its norm, and its direct logit on the view's next token (None without one)."""
+
+    position: int
+    distance: int
+    token: str
+    left_context: str
+    feature: int
+    code: float
+    read_projection: float
+    read_norm: float
+    logit: float | None
+
+
+@dataclass(frozen=True)
+class MemoryView:
+    """What head ``head``'s memory retrieves at ``position`` of window ``window`` (`memory_view`): the shown ``terms``,
+    and the rest of the read, ``rest_read_projection`` (along o_t / ‖o_t‖; keys `MEMORY_REST`), so that Σ terms +
+    Σ rest = ``read_norm``; the same for ``direct_logit`` on ``logit_token`` (x_{t+1}). ``left_context``: the
+    ``left`` tokens before the position; ``far_read_norm``: ‖the part of o_t that writes at least ``min_distance``
+    back make‖, the rule's score."""
+
+    head: int
+    dictionary: int
+    window: int
+    position: int
+    token: str
+    left_context: str
+    read_norm: float
+    far_read_norm: float
+    terms: list[MemoryTerm]
+    rest_read_projection: dict[str, float]
+    logit_token: str | None = None
+    logit_token_id: int | None = None
+    direct_logit: float | None = None
+    rest_logit: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class FeatureRetrieval:
+    """A memory view (``view``, its index in ``Dashboard.memory.views``) whose read has ``n_terms`` terms of this
+    feature at least ``min_distance`` back: their sum along o_t / ‖o_t‖ and their direct logit."""
+
+    view: int
+    window: int
+    position: int
+    n_terms: int
+    read_projection: float
+    logit: float | None
+
+
+@dataclass
+class MemorySection:
+    """The dashboard's memory views and how they were chosen (``rule``), or why there are none (``absent_reason``)."""
+
+    rule: str
+    min_distance: int
+    per_head: int
+    n_terms: int
+    views: list[MemoryView] = field(default_factory=list)
+    absent_reason: str | None = None
+
+
+#: how the memory views' positions are chosen (the module docstring's rule), as the pages and the JSON say it
+MEMORY_RULE = ("per head, the {per_head} positions t ({distance} ≤ t < T − 1) whose far read "
+               "‖Σ_{{j ≤ t − {distance}}} c_tj δ_j‖ (effective attention over the writes: the part of the read that "
+               "writes at least {distance} tokens back make) is largest, no two within {left} tokens of each other in a window")
+#: the parts of a memory view's read besides its shown terms
+MEMORY_REST = ("other_features", "bias", "errors", "initial")
+
+
 @dataclass
 class FeatureCard:
     """Everything one feature page shows (see the module docstring for each quantity)."""
@@ -174,6 +271,7 @@ class FeatureCard:
     kl_next: float | None = None
     kl_carried: float | None = None
     n_ablated: int = 0
+    retrieved_in: list[FeatureRetrieval] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -197,6 +295,7 @@ class Dashboard:
     horizon: int
     heads: list[HeadCard]
     features: list[FeatureCard] = field(default_factory=list)
+    memory: MemorySection | None = None
 
     def feature(self, head: int, feature: int) -> FeatureCard:
         for card in self.features:
@@ -667,6 +766,9 @@ def build_dashboard(
     n_hover_logits: int = 3,
     loss_tokens: int = 8,
     n_related: int = 5,
+    memory_views: int = 3,
+    memory_terms: int = 10,
+    memory_min_distance: int = 17,
     seed: int = 0,
     batch_size: int = 4,
     progress: bool = True,
@@ -677,20 +779,23 @@ def build_dashboard(
     is checked against the model (`check_sae_fits`) before anything runs. See the module docstring for
     what each quantity is; ``batch_size`` counts windows per forward pass (the ablations size theirs by
     ``ABLATION_CACHE_BYTES``, `_ablate`), ``seed`` seeds the draws of the quantile groups' contexts. Every float
-    is written (pages, JSON) to ``SIGNIFICANT_DIGITS`` significant digits.
+    is written (pages, JSON) to ``SIGNIFICANT_DIGITS`` significant digits. ``memory_views`` per head (0: none),
+    each showing ``memory_terms`` terms of writes at least ``memory_min_distance`` back: the memory view, for a
+    write SAE on a Gated DeltaNet layer (elsewhere ``Dashboard.memory`` says why there is none).
     """
     site = check_sae_fits(sae, model)
     windows = torch.as_tensor(windows)
     if windows.dim() != 2 or windows.shape[1] < 2 or windows.dtype.is_floating_point:
         raise ValueError(f"windows must be integer tokens [n, T] with T ≥ 2, got {windows.dtype} {tuple(windows.shape)}")
     positive = dict(n_contexts=n_contexts, n_keys=n_keys, n_logits=n_logits, bins=bins, horizon=horizon, n_quantiles=n_quantiles,
-                    n_hover_logits=n_hover_logits, n_related=n_related, batch_size=batch_size)
+                    n_hover_logits=n_hover_logits, n_related=n_related, memory_terms=memory_terms, batch_size=batch_size)
     if not all(isinstance(x, int) and x >= 1 for x in positive.values()):
         raise ValueError(f"{', '.join(positive)} must be positive ints, got {positive}")
-    counts_ok = all(isinstance(x, int) and x >= 0 for x in (ablation_firings, quantile_contexts, loss_tokens))
-    if not (counts_ok and (features_per_head is None or features_per_head >= 1)):
-        raise ValueError(f"ablation_firings, quantile_contexts and loss_tokens must be ints ≥ 0 and features_per_head None or ≥ 1, "
-                         f"got {ablation_firings!r}, {quantile_contexts!r}, {loss_tokens!r} and {features_per_head!r}")
+    counts = dict(ablation_firings=ablation_firings, quantile_contexts=quantile_contexts, loss_tokens=loss_tokens,
+                  memory_views=memory_views, memory_min_distance=memory_min_distance)
+    if not (all(isinstance(x, int) and x >= 0 for x in counts.values()) and (features_per_head is None or features_per_head >= 1)):
+        raise ValueError(f"{', '.join(counts)} must be ints ≥ 0 and features_per_head None or ≥ 1, "
+                         f"got {counts} and {features_per_head!r}")
     windows = windows.long().cpu()
     T, N = windows.shape[1], windows.numel()
     sae = sae.eval()
@@ -746,12 +851,120 @@ def build_dashboard(
     _add_ablations_and_hovers(model, sae, site, windows, cards, ablation_firings, horizon, loss_tokens, n_hover_logits,
                               directions, vocab, batch_size, progress)
 
+    memory, retrievals = _memory_section(model, sae, windows, tokens, vocab, memory_views, memory_terms, memory_min_distance,
+                                         left, batch_size, progress)
+    for card in cards:
+        card.retrieved_in = sorted(retrievals.get((card.dictionary, card.feature), []), key=lambda r: -abs(r.read_projection))
+
     head_cards = []
     for d, head in enumerate(sae.cfg.head_indices):
         record = census.head(site.layer, head)
         head_cards.append(HeadCard(head, d, tuple(record.half_life), record.mean_beta, int((counts.view(D, n)[d] > 0).sum())))
     return Dashboard(model.cfg.model_name, site.name, sae.cfg.architecture, n, sae.cfg.rank, len(windows), T, horizon,
-                     head_cards, cards)
+                     head_cards, cards, memory)
+
+
+def memory_unavailable(model, sae: SAEBase) -> str | None:
+    """Why ``sae`` on ``model`` gets no memory view, in one line (the first sentence of memory_attribution's own
+    refusal: its docstring says what the other families would need), or None where it gets one."""
+    try:
+        attributable_layer(model, sae)
+    except (ValueError, NotImplementedError) as refusal:
+        return f"No memory view: {str(refusal).split('. ')[0]} (writesae.memory_attribution)."
+    return None
+
+
+@torch.no_grad()
+def far_read_norms(model, sae: SAEBase, windows: Int[Tensor, "window pos"], min_distance: int,
+                   batch_size: int) -> Float[Tensor, "window pos n_dicts"]:
+    """‖Σ_{j ≤ t − min_distance} c_tj δ_j‖ for every window, position and dictionary of the write SAE ``sae``: the
+    part of head h's read o_t that the writes at least ``min_distance`` positions back make, exactly (effective
+    attention over the writes, `hooked_gdn.effective_attention`)."""
+    layer, heads = attributable_layer(model, sae), sae.cfg.head_indices
+    names = [gdn_hook_name(layer, f"hook_{short}") for short in EFFECTIVE_ATTENTION_HOOKS["writes"]]
+    T = windows.shape[1]
+    far = torch.ones(T, T, dtype=torch.bool, device=model.W_E.device).tril(-min_distance)  # j ≤ t − min_distance
+    norms = []
+    for first in range(0, len(windows), batch_size):
+        _, cache = model.run_with_cache(windows[first : first + batch_size].to(model.W_E.device), names_filter=names)
+        attention = effective_attention(cache, layer, "writes", heads=heads, transition=DELTA_RULE)
+        reads = torch.einsum("bhtj,bjhv->bthv", attention.pattern * far, attention.values)
+        norms.append(reads.norm(dim=-1).float().cpu())
+    return torch.cat(norms)
+
+
+def _memory_positions(far: Float[Tensor, "window pos n_dicts"], min_distance: int, per_head: int,
+                      left: int) -> list[tuple[int, int, int]]:
+    """(dictionary, window, position) of each memory view: `MEMORY_RULE`, dictionary by dictionary, largest first."""
+    T = far.shape[1]
+    score = far.clone()
+    score[:, :min_distance] = -math.inf
+    score[:, T - 1 :] = -math.inf  # no next token to attribute the logit of
+    chosen = []
+    for d in range(far.shape[2]):
+        mine: list[tuple[int, int]] = []
+        for flat in score[..., d].flatten().argsort(descending=True, stable=True).tolist():
+            window, t = divmod(flat, T)
+            if len(mine) == per_head or not math.isfinite(score[window, t, d]):
+                break
+            if not any(w == window and abs(u - t) <= left for w, u in mine):
+                mine.append((window, t))
+        chosen += [(d, w, t) for w, t in mine]
+    return chosen
+
+
+@torch.no_grad()
+def _memory_section(model, sae: SAEBase, windows: Tensor, tokens: list[list[str]], vocab, per_head: int, n_terms: int,
+                    min_distance: int, left: int, batch_size: int, progress: bool
+                    ) -> tuple[MemorySection, dict[tuple[int, int], list[FeatureRetrieval]]]:
+    """The memory views (module docstring) and, per (dictionary, feature), the views whose reads draw on it."""
+    section = MemorySection(MEMORY_RULE.format(per_head=per_head, distance=min_distance, left=left), min_distance,
+                            per_head, n_terms)
+    retrievals: dict[tuple[int, int], list[FeatureRetrieval]] = defaultdict(list)
+    section.absent_reason = memory_unavailable(model, sae)
+    if section.absent_reason is None and per_head == 0:
+        section.absent_reason = "No memory view: none asked for (memory_views = 0)."
+    if section.absent_reason is not None:
+        return section, retrievals
+    T, heads = windows.shape[1], sae.cfg.head_indices
+    far = far_read_norms(model, sae, windows, min_distance, batch_size)
+    chosen = _memory_positions(far, min_distance, per_head, left)
+    if not chosen:
+        section.absent_reason = (f"No memory view: no position of these {T}-token windows is {min_distance} tokens past "
+                                 f"their start and has a next token.")
+        return section, retrievals
+    layer = attributable_layer(model, sae)
+    names = [gdn_hook_name(layer, hook) for hook in READ_HOOKS + LOGIT_HOOKS] + [FINAL_SCALE_HOOK]
+    by_window = defaultdict(list)
+    for k, (_, w, _) in enumerate(chosen):
+        by_window[w].append(k)
+    views: list[MemoryView | None] = [None] * len(chosen)
+    for w in tqdm(sorted(by_window), desc="memory views", disable=not progress):
+        window = windows[w : w + 1].to(model.W_E.device)
+        _, cache = model.run_with_cache(window, names_filter=names)
+        for k in by_window[w]:
+            d, _, t = chosen[k]
+            # every term at that distance (the rest of the page's numbers and the features' retrievals), shown or not
+            view = memory_view(model, cache, sae, window, heads[d], t, n=T * sae.cfg.n_features, min_distance=min_distance)
+            terms = [MemoryTerm(x["position"], x["distance"], tokens[w][x["position"]],
+                                "".join(tokens[w][max(0, x["position"] - 6) : x["position"]]), x["feature"], x["code"],
+                                x["read_projection"], x["read_norm"], x["logit"]) for x in view["terms"]]
+            shown = terms[:n_terms]
+            rest = lambda parts, number: {"other_features": parts["features"] - sum(number(x) for x in shown),
+                                          **{key: parts[key] for key in MEMORY_REST[1:]}}
+            views[k] = MemoryView(heads[d], d, w, t, tokens[w][t], "".join(tokens[w][max(0, t - left) : t]), view["read_norm"],
+                                  float(far[w, t, d]), shown,
+                                  rest(view["parts_read_projection"], lambda x: x.read_projection),
+                                  vocab(int(windows[w, t + 1])), int(windows[w, t + 1]), view["direct_logit"],
+                                  rest(view["parts_logit"], lambda x: x.logit))
+            by_feature = defaultdict(list)
+            for x in terms:
+                by_feature[x.feature].append(x)
+            for feature, mine in by_feature.items():
+                retrievals[d, feature].append(FeatureRetrieval(k, w, t, len(mine), sum(x.read_projection for x in mine),
+                                                               sum(x.logit for x in mine)))
+    section.views = views
+    return section, retrievals
 
 
 def shown_contexts(card: FeatureCard) -> list[ShownContext]:

@@ -1,4 +1,5 @@
-"""The feature dashboard as a static site: ``index.html`` and ``features/head{h}_feature{i}.html``.
+"""The feature dashboard as a static site: ``index.html``, ``features/head{h}_feature{i}.html`` and, for a write SAE
+on a Gated DeltaNet layer, each head's memory views in ``features/head{h}_memory.html``.
 
 Every page is one self-contained file (inline CSS, the index's sorting and search and the feature
 pages' token tooltips as inline JavaScript, the histograms as inline SVG): open ``index.html`` in a
@@ -21,8 +22,8 @@ from tqdm.auto import tqdm
 
 from hooked_gdn.files import atomic_file, refuse_link
 
-from .dashboard import (Dashboard, FeatureCard, KeyMatch, LogitEffect, QuantileGroup, RelatedFeature, ShownContext, TokenHover,
-                        shown_contexts, written)
+from .dashboard import (MEMORY_REST, Dashboard, FeatureCard, KeyMatch, LogitEffect, MemoryView, QuantileGroup, RelatedFeature,
+                        ShownContext, TokenHover, shown_contexts, written)
 from .outputs import LOCK, claim_outputs, output_lock, output_subfolder
 
 JSON_NAME = "dashboard.json"  # the site's copy of the feature data (`Dashboard.export_json`)
@@ -65,6 +66,8 @@ svg text { font: 11px system-ui, sans-serif; fill: #5b6576; }
 #tooltip b { color: #f0b45a; font-weight: 600; }
 .band { margin-top: 8px; } .band h3 { font-size: 13px; margin: 6px 0 2px; color: #3a4454; }
 details { margin-top: 10px; color: #3a4454; }
+.memory-view { margin-bottom: 18px; } .memory-view h2 { margin-top: 8px; }
+tr.memory-rest td { color: #3a4454; font-style: italic; } tr.memory-total td { font-weight: 600; border-top: 1px solid #9aa3b2; }
 """
 
 # Sorting (click a header; numbers by data-value) and filtering (search box, head menu) of the index.
@@ -157,6 +160,11 @@ def feature_page_name(head: int, feature: int) -> str:
     return f"features/head{head}_feature{feature}.html"
 
 
+def memory_page_name(head: int) -> str:
+    """The path inside the site folder of head ``head``'s memory views (beside the feature pages)."""
+    return f"features/head{head}_memory.html"
+
+
 def check_site_folder(out: str | Path) -> Path:
     """Refuse, before any work, an output folder `write_site` may not write: a file of one of its names
     that the tool did not create (`claim_outputs`), a ``features`` that is a link or not a folder, or
@@ -183,6 +191,9 @@ def write_site(dashboard: Dashboard, out: str | Path, progress: bool = True) -> 
         for card in tqdm(dashboard.features, desc="writing feature pages", disable=not progress):
             with atomic_file(out / feature_page_name(card.head, card.feature), encoding="utf-8") as f:
                 f.write(feature_page(dashboard, card))
+        for head in _memory_heads(dashboard):
+            with atomic_file(out / memory_page_name(head), encoding="utf-8") as f:
+                f.write(memory_page(dashboard, head))
         dashboard.export_json(out / JSON_NAME)
         index = out / "index.html"
         with atomic_file(index, encoding="utf-8") as f:
@@ -205,12 +216,32 @@ def _sae_line(d: Dashboard) -> str:
             f"{d.n_features} features per head, rank {d.rank} · {d.n_windows} held-out windows × {d.window_length} tokens")
 
 
+def _memory_heads(d: Dashboard) -> list[int]:
+    """The heads that have memory views, in the SAE's order."""
+    having = {view.head for view in d.memory.views} if d.memory is not None else set()
+    return [h.head for h in d.heads if h.head in having]
+
+
+def _memory_note(d: Dashboard) -> str:
+    """One line: how the memory views were chosen, or why there are none."""
+    if d.memory is None:
+        return '<p class="muted" id="memory-note">No memory view: this dashboard was built without one.</p>'
+    if d.memory.absent_reason is not None:
+        return f'<p class="muted" id="memory-note" data-absent="1">{escape(d.memory.absent_reason)}</p>'
+    return (f'<p class="muted" id="memory-note" data-absent="0">Memory views (what each head\'s memory retrieves at a '
+            f'position, as terms over past writes and this SAE\'s features): {escape(d.memory.rule)}.</p>')
+
+
 def index_page(d: Dashboard) -> str:
+    memory_heads = _memory_heads(d)
+    memory_cell = lambda head: (f'<td><a class="memory-link" href="{memory_page_name(head)}">memory views</a></td>'
+                                if head in memory_heads else '<td class="muted">–</td>')
     heads = "".join(
         f'<tr class="head" data-head="{h.head}"><td class=num>{h.head}</td><td class=num>{h.dictionary}</td>'
         f"{_num_cell(h.half_life[1], _tokens(h.half_life[1]), 'half_life')}"
         f"<td class=num>{_tokens(h.half_life[0])} – {_tokens(h.half_life[2])}</td>"
-        f"{_num_cell(h.mean_beta, f'{h.mean_beta:.2f}', 'mean_beta')}{_num_cell(h.n_alive, str(h.n_alive), 'alive')}</tr>"
+        f"{_num_cell(h.mean_beta, f'{h.mean_beta:.2f}', 'mean_beta')}{_num_cell(h.n_alive, str(h.n_alive), 'alive')}"
+        f"{memory_cell(h.head)}</tr>"
         for h in d.heads)
     rows = "".join(_index_row(card) for card in d.features)
     options = "".join(f'<option value="{h.head}">head {h.head}</option>' for h in d.heads)
@@ -220,7 +251,8 @@ def index_page(d: Dashboard) -> str:
 <h2>Heads</h2>
 <table id="heads"><thead><tr><th class=num>head</th><th class=num>dictionary</th>
 <th class=num>half-life p50 (tokens)</th><th class=num>p10 – p90</th><th class=num>mean β</th>
-<th class=num>features that fired</th></tr></thead><tbody>{heads}</tbody></table>
+<th class=num>features that fired</th><th>memory</th></tr></thead><tbody>{heads}</tbody></table>
+{_memory_note(d)}
 <h2>Features</h2>
 <div id="controls"><input id="search" type="search" placeholder="search: feature number or token text">
 <select id="head-filter"><option value="all">all heads</option>{options}</select>
@@ -285,6 +317,7 @@ def feature_page(d: Dashboard, card: FeatureCard) -> str:
 {_histogram(card.logit_histogram_counts, card.logit_histogram_edges, "logit-hist", "logit-bin",
             "mean Δlogit of a firing, over the vocabulary", "#3b6fb6")}</div>
 <div class="panel"><h2>Correlated features</h2><div class="pair">{related}</div></div>
+{_retrievals(d, card)}
 <div class="panel"><h2>Key side: write keys k̂ along the atom's key factor u</h2>
 <div class="pair">{keys}</div></div>
 </div><div>
@@ -297,6 +330,82 @@ suppresses through the read, and the loss change when the feature is removed the
 {_vocabulary(card)}
 <details><summary>How these are computed</summary>{_definitions(d)}</details>"""
     return _page(f"head {card.head} · feature {card.feature}", body, _TOOLTIP_JS)
+
+
+def memory_page(d: Dashboard, head: int) -> str:
+    """Head ``head``'s memory views: at each chosen position, the top (past write, feature) terms of its read and
+    the rest of the read, for the read (along o_t) and its direct logit on the next token."""
+    views = [(k, view) for k, view in enumerate(d.memory.views) if view.head == head]
+    body = f"""
+<p><a href="../index.html">← all features</a></p>
+<h1>Head {head} · what its memory retrieves</h1>
+<p class="meta">{_sae_line(d)}</p>
+{_memory_note(d)}
+{"".join(_memory_view(k, view, d) for k, view in views)}
+<details><summary>How these are computed</summary>{_definitions(d)}</details>"""
+    return _page(f"head {head} · memory", body)
+
+
+def _memory_view(k: int, view: MemoryView, d: Dashboard) -> str:
+    """One view: its position in context, a table of its shown terms, the rest of the read by part, and the total."""
+    pages = {(card.head, card.feature) for card in d.features}
+    feature = lambda i: (f'<a href="{Path(feature_page_name(view.head, i)).name}">{i}</a>' if (view.head, i) in pages else str(i))
+    scale = max([abs(x.read_projection) for x in view.terms] + [abs(v) for v in view.rest_read_projection.values()]) or 1.0
+    along = lambda value: (f'<td class=num>{value:+.3g}</td><td>{_bar("up" if value >= 0 else "down", value / scale)}</td>')
+    logit = lambda value: f"<td class=num>{_g(value)}</td>"
+    rows = "".join(
+        f'<tr class="memory-term" data-position="{x.position}" data-distance="{x.distance}" data-feature="{x.feature}" '
+        f'data-code="{_full(x.code)}" data-read-projection="{_full(x.read_projection)}" data-read-norm="{_full(x.read_norm)}" '
+        f'data-logit="{_full(x.logit)}"><td class=num>{x.position}</td><td class=num>{x.distance}</td>'
+        f'<td class=mono><span class="muted">{_show(x.left_context[-14:])}</span>{_show(x.token)}</td>'
+        f"<td class=num>{feature(x.feature)}</td><td class=num>{_g(x.code)}</td>{along(x.read_projection)}"
+        f"<td class=num>{_g(x.read_norm)}</td>{logit(x.logit)}</tr>"
+        for x in view.terms)
+    rest_logit = view.rest_logit or {}
+    rows += "".join(
+        f'<tr class="memory-rest" data-part="{part}" data-read-projection="{_full(view.rest_read_projection[part])}" '
+        f'data-logit="{_full(rest_logit.get(part))}"><td colspan=5>{_REST_LABELS[part]}</td>'
+        f"{along(view.rest_read_projection[part])}<td></td>{logit(rest_logit.get(part))}</tr>"
+        for part in MEMORY_REST)
+    rows += (f'<tr class="memory-total" data-read-projection="{_full(view.read_norm)}" data-logit="{_full(view.direct_logit)}">'
+             f'<td colspan=5>the read: ‖o_t‖ and its direct logit</td><td class=num>{_g(view.read_norm)}</td><td></td><td></td>'
+             f"{logit(view.direct_logit)}</tr>")
+    next_token = "" if view.logit_token is None else f" → next token <span class=mono>{_show(view.logit_token)}</span>"
+    return (f'<div class="panel memory-view" id="view-{k}" data-view="{k}" data-head="{view.head}" data-window="{view.window}" '
+            f'data-position="{view.position}" data-read-norm="{_full(view.read_norm)}" data-far-read-norm="{_full(view.far_read_norm)}" '
+            f'data-direct-logit="{_full(view.direct_logit)}" data-logit-token-id="{_full(view.logit_token_id)}">'
+            f"<h2>window {view.window}, position {view.position}</h2>"
+            f'<div class="context"><span class="muted">{_show(view.left_context)}</span>'
+            f'<span class="tok fire">{_show(view.token)}</span>{next_token}</div>'
+            f'<p class="muted">‖o_t‖ = {_g(view.read_norm)}; the part from writes ≥ {d.memory.min_distance} tokens back: '
+            f"‖·‖ = {_g(view.far_read_norm)}; direct logit of the next token through this head: {_g(view.direct_logit)}</p>"
+            f'<table class="memory"><thead><tr><th class=num>past position</th><th class=num>distance</th><th>token</th>'
+            f"<th class=num>feature</th><th class=num>code</th><th class=num>along o_t</th><th></th><th class=num>‖term‖</th>"
+            f"<th class=num>direct logit</th></tr></thead><tbody>{rows}</tbody></table></div>")
+
+
+_REST_LABELS = {"other_features": "other feature terms (nearer writes, and far ones not shown)",
+                "bias": "the decoder bias, once per write", "errors": "the SAE's error on each write",
+                "initial": "the initial state"}
+
+
+def _retrievals(d: Dashboard, card: FeatureCard) -> str:
+    """The panel of memory views whose reads draw on this feature's past writes (none without memory views)."""
+    if d.memory is None or not d.memory.views:
+        return ""
+    page = Path(memory_page_name(card.head)).name
+    rows = "".join(
+        f'<tr class="retrieval" data-view="{r.view}" data-window="{r.window}" data-position="{r.position}" '
+        f'data-n-terms="{r.n_terms}" data-read-projection="{_full(r.read_projection)}" data-logit="{_full(r.logit)}">'
+        f'<td><a href="{page}#view-{r.view}">window {r.window}, position {r.position}</a></td><td class=num>{r.n_terms}</td>'
+        f"<td class=num>{r.read_projection:+.3g}</td><td class=num>{_g(r.logit)}</td></tr>"
+        for r in card.retrieved_in)
+    table = (f'<table class="retrievals"><thead><tr><th>memory view</th><th class=num>terms</th><th class=num>along o_t</th>'
+             f"<th class=num>direct logit</th></tr></thead><tbody>{rows}</tbody></table>" if rows
+             else '<p class="muted">none of this head\'s memory views reads it</p>')
+    return (f'<div class="panel"><h2>Where this write feature is retrieved</h2><p class="muted">the memory views of head '
+            f"{card.head} whose read has terms of this feature ≥ {d.memory.min_distance} tokens back: their sum along "
+            f"o_t / ‖o_t‖ and their direct logit on the next token</p>{table}</div>")
 
 
 # ---------------------------------------------------------------------------------------------- parts
@@ -437,6 +546,11 @@ def _definitions(d: Dashboard) -> str:
         "<b>correlated features</b>: co-firing is the Jaccard index |F_i ∩ F_j| / |F_i ∪ F_j| of the sets of held-out "
         "positions where each fires, over every feature of the SAE (any head); atom cosine is ⟨A_i, A_j⟩ / (‖A_i‖ ‖A_j‖) "
         "(Frobenius) with the other atoms of the same head, signed.",
+        "<b>memory views</b> (a write SAE on a Gated DeltaNet layer): head h's read o_t written exactly as a sum over "
+        "(past write j, feature i) terms G_(j→t) a_ji atom_iᵀ q̂_t / s, plus each write's decoder-bias and SAE-error terms "
+        "and the initial state's (writesae.memory_attribution); each term's size is its component along o_t, "
+        "⟨term, o_t⟩ / ‖o_t‖, so the terms and the rest add up to ‖o_t‖; the direct logit is the next token's, through "
+        "the head's gated norm, W_o and the unembedding held at the run (their sum is the head's direct logit exactly).",
     ]
     return "<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
 

@@ -136,6 +136,14 @@ def _write_site_layer(sae: SAEBase) -> int:
     return site.layer
 
 
+def attributable_layer(model, sae: SAEBase) -> int:
+    """The GDN layer whose write ``sae`` reconstructs, after refusing, with the reason, an SAE or a layer that
+    `memory_attribution` cannot decompose (ValueError: not a write SAE; NotImplementedError: not a GDN layer)."""
+    layer = _write_site_layer(sae)
+    _check_family(model, layer)
+    return layer
+
+
 def _positions(positions: int | Sequence[int] | Tensor, n: int) -> Tensor:
     positions = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
     if positions.numel() == 0 or (positions < 0).any() or (positions >= n).any():
@@ -163,8 +171,7 @@ def memory_attribution(
     [q, n_tokens] per query. ``initial_state`` [b, H_v, d_k, d_v]: the state the run started from, for a run that
     continued a prefix (as `hooked_gdn.effective_attention.effective_attention` takes it).
     """
-    layer = _write_site_layer(sae)
-    _check_family(model, layer)
+    layer = attributable_layer(model, sae)
     dictionary = sae.cfg.dictionary(head)
     names = {hook: gdn_hook_name(layer, hook) for hook in READ_HOOKS + (LOGIT_HOOKS if logit_tokens is not None else ())}
     if logit_tokens is not None:

@@ -27,7 +27,7 @@ with f's first-order change under ε v wᵀ equal to ε vᵀ J w; installs use i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -253,11 +253,15 @@ SCALES = ("read", "logits")
 def logit_shift_study(
     model, tokens: Int[Tensor, "batch pos"] | Int[Tensor, " pos"], layer: int, t0: int,
     directions: Sequence[Direction], epsilons: Sequence[float], relative_to_state: bool = False,
-    samples: int = 0, generator: torch.Generator | None = None,
+    samples: int = 0, generator: torch.Generator | None = None, head_groups: Mapping[int, str] | None = None,
 ) -> dict:
     """R² of the exact and the paper's prediction against the measured change, at the head's read Δo
     and at the logits, pooled over the passages of ``tokens``, the ``directions`` (each in its own
     head) and the positions t > t0 (at t0 both predictions are the edit itself).
+
+    ``head_groups`` labels each head of ``directions`` (e.g. with its decay kind,
+    `hooked_gdn.census.HeadCensus.decay_kind`); R² is pooled within a label and never across two, since
+    heads of different mechanisms are different results. By default every head is in one group, "all".
 
     Each direction's edit is ε v wᵀ added to its head's S_{t0}, with ε = e for each e in
     ``epsilons``, or e · ‖S_{t0}‖_F (that head's clean state norm in that passage) when
@@ -266,11 +270,14 @@ def logit_shift_study(
     (position > t0, token) per passage and direction are drawn from ``generator`` at the first ε,
     for a scatter plot.
 
-    Returns ``{"epsilons", "t0", "bins" ([lo, hi) of t − t0), "mean_state_norm" (None unless
-    relative), "r2": {group: {e: {scale: {method: R²}}}}, "r2_by_distance": {head: {e: {scale:
-    {method: [R² per bin]}}}}, "samples": {"exact", "paper", "measured"} (flat tensors)}``; scales
-    are "read" and "logits", methods "exact" and "paper", the groups "all", each direction kind
-    ("atom", "random") and each head ("head 1"), the heads of ``r2_by_distance`` ints.
+    Returns ``{"epsilons", "t0", "bins" ([lo, hi) of t − t0), "head_groups" ({head: label}),
+    "mean_state_norm" ({head: mean over passages}; None unless relative), "r2": {group: {kind: {e: {scale:
+    {method: R²}}}}}, "r2_by_head": {head: {e: {scale: {method: R²}}}}, "r2_by_distance": {head: {e: {scale:
+    {method: [R² per bin]}}}}, "share_by_distance": {head: {e: {scale: [share per bin]}}}, "samples": {"exact",
+    "paper", "measured", "head"} (flat tensors)}``; scales are "read" and "logits", methods "exact" and
+    "paper", the kinds "all" and each direction kind of the group ("atom", "random"); a bin's share is its
+    part of the measured change's sum of squares over t > t0 (how much of the edit's effect lies at that
+    distance, so an R² on next to nothing reads as such).
     """
     tokens = tokens[None] if tokens.dim() == 1 else tokens
     check_layer_heads(model, layer, [d.head for d in directions])
@@ -281,12 +288,21 @@ def logit_shift_study(
         direction.check_layer(layer)
     bins = distance_bins(tokens.shape[1] - 1 - t0)
     heads = list(dict.fromkeys(d.head for d in directions))
-    groups = ["all", *dict.fromkeys(d.kind for d in directions), *(f"head {h}" for h in heads)]
-    pooled = {(g, e, s, m): PooledR2() for g in groups for e in epsilons for s in SCALES for m in METHODS}
+    if head_groups is None:
+        head_groups = {h: "all" for h in heads}
+    unlabelled = [h for h in heads if h not in head_groups]
+    if unlabelled:
+        raise ValueError(f"head_groups has no group for head(s) {unlabelled}")
+    head_groups = {h: head_groups[h] for h in heads}
+    kinds = {group: ["all", *dict.fromkeys(d.kind for d in directions if head_groups[d.head] == group)]
+             for group in dict.fromkeys(head_groups.values())}
+    pooled = {(g, k, e, s, m): PooledR2() for g in kinds for k in kinds[g] for e in epsilons for s in SCALES
+              for m in METHODS}
+    by_head = {(h, e, s, m): PooledR2() for h in heads for e in epsilons for s in SCALES for m in METHODS}
     by_distance = {(h, e, b, s, m): PooledR2() for h in heads for e in epsilons for b in bins for s in SCALES
                    for m in METHODS}
-    drawn = {m: [] for m in (*METHODS, "measured")}
-    state_site, state_norms = gdn_hook_name(layer, "hook_state"), []
+    drawn = {m: [] for m in (*METHODS, "measured", "head")}
+    state_site, state_norms = gdn_hook_name(layer, "hook_state"), {h: [] for h in heads}
     for passage in tokens:
         passage = passage[None]
         with torch.no_grad():
@@ -295,7 +311,7 @@ def logit_shift_study(
                 _, states = model.run_with_cache(passage, names_filter=state_site, state_positions=[t0])
         for head in heads:
             scale = float(states[state_site][0, 0, head].float().norm()) if relative_to_state else 1.0
-            state_norms.append(scale)
+            state_norms[head].append(scale)
             for direction in (d for d in directions if d.head == head):
                 v, w = direction.v, direction.w
                 read = {m: read_change(cache, layer, head, t0, v, w, 1.0)[1:] for m, read_change in READ_CHANGES.items()}
@@ -310,20 +326,33 @@ def logit_shift_study(
                     for s in SCALES:
                         for m in METHODS:
                             predicted = eps * unit[s][m]
-                            for group in ("all", direction.kind, f"head {head}"):
-                                pooled[group, e, s, m].add(predicted, measured[s])
+                            by_head[head, e, s, m].add(predicted, measured[s])
+                            for kind in ("all", direction.kind):
+                                pooled[head_groups[head], kind, e, s, m].add(predicted, measured[s])
                             for lo, hi in bins:
                                 by_distance[head, e, (lo, hi), s, m].add(predicted[lo - 1 : hi - 1], measured[s][lo - 1 : hi - 1])
                     if e == epsilons[0]:
                         for m in METHODS:
                             drawn[m].append(eps * unit["logits"][m].flatten()[chosen])
                         drawn["measured"].append(measured["logits"].flatten()[chosen])
+                        drawn["head"].append(torch.full((samples,), head))
+
+    def share(h, e, s):  # each bin's part of the measured sum of squares (by_distance keeps it, alike for both methods)
+        sums = [by_distance[h, e, b, s, "exact"].total_sq for b in bins]
+        return [x / sum(sums) if sum(sums) > 0 else float("nan") for x in sums]
+
     return {
-        "epsilons": list(epsilons), "t0": t0, "bins": [list(b) for b in bins],
-        "mean_state_norm": sum(state_norms) / len(state_norms) if relative_to_state else None,
-        "r2": {g: {e: {s: {m: pooled[g, e, s, m].value() for m in METHODS} for s in SCALES} for e in epsilons}
-               for g in groups},
+        "epsilons": list(epsilons), "t0": t0, "bins": [list(b) for b in bins], "head_groups": head_groups,
+        "mean_state_norm": {h: sum(n) / len(n) for h, n in state_norms.items()} if relative_to_state else None,
+        "r2": {g: {k: {e: _r2_values(pooled, g, k, e) for e in epsilons} for k in kinds[g]} for g in kinds},
+        "r2_by_head": {h: {e: _r2_values(by_head, h, e) for e in epsilons} for h in heads},
         "r2_by_distance": {h: {e: {s: {m: [by_distance[h, e, b, s, m].value() for b in bins] for m in METHODS}
                                    for s in SCALES} for e in epsilons} for h in heads},
-        "samples": {name: torch.cat(values) for name, values in drawn.items()},
+        "share_by_distance": {h: {e: {s: share(h, e, s) for s in SCALES} for e in epsilons} for h in heads},
+        "samples": {name: torch.cat(entries) for name, entries in drawn.items()},
     }
+
+
+def _r2_values(pools: dict, *key) -> dict:
+    """{scale: {method: R²}} of the pools keyed (*key, scale, method)."""
+    return {s: {m: pools[(*key, s, m)].value() for m in METHODS} for s in SCALES}
