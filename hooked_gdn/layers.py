@@ -119,10 +119,17 @@ def split_heads(x: Float[Tensor, "b p hd"], d: int) -> Float[Tensor, "b p h d"]:
 
 
 def causal_conv(
-    x: Float[Tensor, "b p c"], weight: Float[Tensor, "c 1 K"], bias: Float[Tensor, " c"] | None, ctx: ForwardContext, layer: int
+    x: Float[Tensor, "b p c"], weight: Float[Tensor, "c 1 K"], bias: Float[Tensor, " c"] | None, ctx: ForwardContext, layer: int,
+    hook_pre_activation: CheckedHookPoint | None = None,
 ) -> Float[Tensor, "b p c"]:
     """SiLU of the causal depthwise conv (kernel K) over positions, continuing the cache's last K−1 inputs
-    of ``layer`` and leaving its own there: the short conv before the GDN and Mamba-2 recurrences."""
+    of ``layer`` and leaving its own there: the short conv before the GDN and Mamba-2 recurrences.
+
+    ``hook_pre_activation``, where given and hooked, fires with the conv before its SiLU, channels-first
+    [b, c, p + K − 1], as torch's ``nn.Conv1d(padding=K−1)`` gives it (transformers' Mamba-2 ``conv1d`` module,
+    which TransformerLens' bridge hooks): the p positions of the input, then K−1 past its end (its last inputs
+    against zeros), formed only when hooked. Edits of the first p are carried into the SiLU; the trailing K−1
+    are dropped, as transformers drops them. Unhooked, the computation is the same as without the argument."""
     kernel = weight.shape[-1]
     x = rearrange(x, "b p c -> b c p")
     past = None if ctx.cache is None else ctx.cache.conv_states.get(layer)
@@ -131,8 +138,15 @@ def causal_conv(
     padded = torch.cat([past.to(x.dtype), x], -1)
     if ctx.cache is not None:
         ctx.cache.update_conv_state(layer, padded, kernel)
-    bias = None if bias is None else bias.to(x.dtype)
-    return rearrange(F.silu(F.conv1d(padded, weight.to(x.dtype), bias, groups=x.shape[1])), "b c p -> b p c")
+    weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+    conv = F.conv1d(padded, weight, bias, groups=x.shape[1])
+    if hook_pre_activation is not None and hook_pre_activation.is_hooked():
+        # the K−1 outputs past the end: the conv over the last K−1 inputs followed by K−1 zeros
+        tail = F.pad(padded[..., x.shape[-1]:], (0, kernel - 1))
+        past_the_end = F.conv1d(tail, weight, bias, groups=x.shape[1]) if kernel > 1 else conv[..., :0]
+        # contiguous: the SiLU then runs on the layout it runs on unhooked, so hooks that only read change no bit
+        conv = hook_pre_activation(torch.cat([conv, past_the_end], -1))[..., :x.shape[-1]].contiguous()
+    return rearrange(F.silu(conv), "b c p -> b p c")
 
 
 class GatedDeltaNet(MatrixMemory):

@@ -163,17 +163,21 @@ class Mamba2Mixer(MatrixMemory):
 
     def _transformer_lens_names(self) -> nn.Module:
         """The hook points of TransformerLens' Mamba-2 bridge under ``blocks.L.mixer`` (the table in
-        `HookedMamba2`'s docstring): aliases of ours, and four points of their own where the bridge's tensor
-        is none of ours: the whole in_proj output, the conv's input, the gated norm's input and the write."""
+        `HookedMamba2`'s docstring): aliases of ours, and five points of their own where the bridge's tensor
+        is none of ours: the whole in_proj output, the conv's input and output (before its SiLU), the gated norm's
+        input and the write."""
         P = self.cfg.d_value
         flat = dict(to_alias=_heads_flat, from_alias=partial(_heads_split, d=P))
         in_proj_out = CheckedHookPoint()  # [b, p, 2 H P + 2 G N + H]: z, x, B, C, dt, as transformers' in_proj
+        conv_out = CheckedHookPoint()  # [b, conv_dim, p + K − 1]: the conv before its SiLU (`causal_conv`)
         gated_out = self.hook_gated_out
         return _folder(
             hook_in=self.hook_in.alias(),
             in_proj=_folder(hook_in=self.hook_in.alias(), hook_out=in_proj_out),
             hook_in_proj=in_proj_out.alias(),
-            conv1d=_folder(hook_in=CheckedHookPoint()),  # [b, conv_dim, p]: x, B, C channels-first
+            conv1d=_folder(hook_in=CheckedHookPoint(),  # [b, conv_dim, p]: x, B, C channels-first
+                           hook_out=conv_out),
+            hook_conv=conv_out.alias(),
             hook_ssm_write=CheckedHookPoint(),  # [b, p, H, P, N]: Δ_t x_t B_tᵀ, for reading
             hook_ssm_state=self.hook_state.alias(_swap_last_two, _swap_last_two),  # [b, p, H, P, N]
             inner_norm=_folder(hook_in=CheckedHookPoint(),  # [b, p, H P]: y = h_tᵀ C_t + D x_t
@@ -199,7 +203,7 @@ class Mamba2Mixer(MatrixMemory):
         C = self.hook_q_pre_conv(split_heads(C, cfg.d_key))
         conv_in = fire_in_layout(tl.conv1d.hook_in, torch.cat([xs.flatten(2), B.flatten(2), C.flatten(2)], -1),
                                  _channels_first, _channels_first)
-        mixed = causal_conv(conv_in, self.conv_weight, self.conv_bias, ctx, self.layer)
+        mixed = causal_conv(conv_in, self.conv_weight, self.conv_bias, ctx, self.layer, tl.conv1d.hook_out)
         if mask is not None:
             mixed = mixed * mask
         xs, B, C = mixed.split([cfg.d_inner, self.group_dim, self.group_dim], -1)
@@ -327,6 +331,7 @@ class HookedMamba2(HookedGatedDeltaNet):
     mixer.in_proj.hook_in
     mixer.in_proj.hook_out, mixer.hook_in_proj       z, x, B, C, dt before the split (own point)  [b, p, 2HP+2GN+H]
     mixer.conv1d.hook_in                             x, B, C before the conv (own point)          [b, C, p]
+    mixer.conv1d.hook_out, mixer.hook_conv           the conv before its SiLU (own point)         [b, C, p + K − 1]
     mixer.hook_ssm_write                             Δ_t x_t B_tᵀ (own point; reading only)       [b, p, H, P, N]
     mixer.hook_ssm_state                             linear_attn.hook_state, transposed          [b, p, H, P, N]
     mixer.inner_norm.hook_in                         h_tᵀ C_t + D x_t (own point)                [b, p, H P]
@@ -352,12 +357,18 @@ class HookedMamba2(HookedGatedDeltaNet):
       they are equal.
     - The recurrence's points are fp32 (``inner_norm.*``, ``out_proj.hook_in``), as ours; the bridge's are in
       the model's dtype.
+    - ``conv1d.hook_out`` (``hook_conv``) is the depthwise conv before its SiLU, channels-first, as torch's
+      ``nn.Conv1d(padding=K−1)`` gives it to the bridge: the p positions of the input, then K−1 past its end (the
+      last inputs against zeros), which transformers and the bridge drop. hook_v, hook_k and hook_q hold SiLU of
+      its first p positions (zeroed at padding). Edits of those p are carried into the SiLU and on; edits of the
+      trailing K−1 change nothing, as in the bridge. The K−1 are computed only while the point is hooked. It
+      fires at every forward, generation's decode steps included (the conv continuing the cached inputs); the
+      bridge's fires on prefill only.
     - Not provided: ``embed.hook_in`` (token ids; hook_embed holds their embeddings), ``unembed.hook_in``
       (``unembed`` is TransformerLens' method here; ln_final.hook_out holds it), ``unembed.hook_out`` and
       ``hook_unembed`` (the logits are what forward returns), ``norm.hook_normalized`` and
       ``ln_final.hook_normalized`` (our RMSNorm has no point between normalising and the weight: hook_in /
-      hook_scale), and ``mixer.conv1d.hook_out`` / ``mixer.hook_conv`` (the conv before its SiLU, with K−1
-      positions past the input; hook_v, hook_k, hook_q hold SiLU of its first p positions).
+      hook_scale).
     """
 
     FAMILIES = ("mamba2",)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import Mamba2Config, Mamba2ForCausalLM
 
 from hooked_gdn.mamba2 import HookedMamba2
@@ -30,14 +31,18 @@ def native_values(c, model, layer: int) -> dict[str, torch.Tensor]:
     pre_conv = [_heads_flat(la(f"hook_{x}_pre_conv")) for x in "vkq"]
     in_proj = torch.cat([_heads_flat(la("hook_gate_input")), *pre_conv, la("hook_beta_logit")], -1)
     gated = _heads_flat(la("hook_gated_out"))
-    D = model.blocks[layer].linear_attn.D.float()
+    mixer = model.blocks[layer].linear_attn
+    D = mixer.D.float()
+    conv_in = torch.cat(pre_conv, -1).transpose(1, 2)
+    # as torch's nn.Conv1d(padding=K−1), the bridge's conv1d: p + K − 1 positions
+    conv_out = F.conv1d(conv_in, mixer.conv_weight, mixer.conv_bias, padding=mixer.cfg.conv_kernel - 1, groups=mixer.conv_dim)
     return {
         "hook_in": n("hook_resid_pre"), "hook_out": n("hook_resid_post"),
         "hook_mixer_in": la("hook_in"), "hook_mixer_out": la("hook_out"),
         "norm.hook_in": n("hook_resid_pre"), "norm.hook_out": la("hook_in"), "norm.hook_scale": n("ln1.hook_scale"),
         "mixer.hook_in": la("hook_in"), "mixer.in_proj.hook_in": la("hook_in"),
         "mixer.in_proj.hook_out": in_proj, "mixer.hook_in_proj": in_proj,
-        "mixer.conv1d.hook_in": torch.cat(pre_conv, -1).transpose(1, 2),
+        "mixer.conv1d.hook_in": conv_in, "mixer.conv1d.hook_out": conv_out, "mixer.hook_conv": conv_out,
         "mixer.hook_ssm_write": torch.einsum("bthp,bthn->bthpn", la("hook_write_value"), la("hook_write_key")),
         "mixer.hook_ssm_state": la("hook_state").transpose(-1, -2),
         "mixer.inner_norm.hook_in": _heads_flat(la("hook_recurrence_out") + D[:, None] * la("hook_v")),
@@ -66,15 +71,13 @@ NOT_PROVIDED = {
     "hook_unembed": "the logits are what forward returns",
     "ln_final.hook_normalized": "our RMSNorm forms x·rsqrt(mean x² + ε) and its weight in one step; ln_final.hook_scale gives it",
     "norm.hook_normalized": "as ln_final.hook_normalized: ln1.hook_scale gives it",
-    "mixer.conv1d.hook_out": "the conv before its SiLU, with K−1 positions past the input; ours hold SiLU(conv) (hook_v/k/q)",
-    "mixer.hook_conv": "the bridge's alias of mixer.conv1d.hook_out",
 }
 
 
 #: names the bridge shares with ours (TransformerLens' own names): the same hook point
 SHARED = {"hook_embed", "ln_final.hook_scale", *(f"blocks.{i}.hook_resid_{w}" for i in range(N_LAYERS) for w in ("pre", "post"))}
 #: aliases whose values are our native values moved, not recomputed (the others: a concatenation, an outer product,
-#: D x added, the norm recomputed; equal to 1e-6)
+#: D x added, the norm or the conv recomputed; equal to 1e-6)
 EXACT = {"hook_embed", "embed.hook_out", "ln_final.hook_in", "ln_final.hook_scale", "hook_in", "hook_out", "hook_mixer_in",
          "hook_mixer_out", "hook_resid_pre", "hook_resid_post", "norm.hook_in", "norm.hook_out", "norm.hook_scale",
          "mixer.hook_in", "mixer.in_proj.hook_in", "mixer.in_proj.hook_out", "mixer.hook_in_proj", "mixer.conv1d.hook_in",
@@ -203,6 +206,52 @@ def test_a_state_edit_through_the_alias_is_carried_as_the_bridges_write_edit(mod
     assert_close(ours[:, :t], clean[:, :t], 1e-6, "before the edit")
 
 
+def conv_edit(edit, positions):
+    """A hook on the conv's output [b, conv_dim, p + K − 1] applying ``edit`` to the given positions (dim 2)."""
+    def hook(c, hook):
+        c = c.clone()
+        c[:, :, positions] = edit(c[:, :, positions])
+        return c
+    return hook
+
+
+def test_an_edit_of_the_conv_output_is_the_bridges_and_the_same_edit_after_the_silu(model, bridge):
+    """An edit of the conv before its SiLU at one position, through hook_conv, gives the bridge's logits under the same
+    edit of its hook_conv, and ours under that edit made by hand after the SiLU (hook_v, hook_k, hook_q set to SiLU of
+    the edited conv). Edits of the K−1 trailing positions change nothing, ours or the bridge's."""
+    t, edit = 4, lambda c: c * 0.5 + 0.3
+    name = "blocks.0.mixer.hook_conv"
+    with torch.no_grad():
+        clean = model(TOKENS)
+        ours = model.run_with_hooks(TOKENS, fwd_hooks=[(name, conv_edit(edit, [t]))])
+        theirs = bridge.run_with_hooks(TOKENS, fwd_hooks=[(name, conv_edit(edit, [t]))], use_cache=False)
+        conv = ours_cache(model, [name])[name]
+    assert_close(ours, theirs, 1e-4, "the bridge's edit")
+    assert (ours[:, -1] - clean[:, -1]).abs().max().item() > 1e-3  # carried by the state to the last position
+
+    cfg = model.cfg
+    after_silu = F.silu(edit(conv[:, :, t])).split([cfg.n_value_heads * cfg.d_value, cfg.n_key_heads * cfg.d_key,
+                                                    cfg.n_key_heads * cfg.d_key], -1)
+
+    def set_row(value):
+        def hook(x, hook):
+            x = x.clone()
+            x[:, t] = value.view(x[:, t].shape)
+            return x
+        return hook
+
+    by_hand = [(f"blocks.0.linear_attn.hook_{which}", set_row(value)) for which, value in zip("vkq", after_silu)]
+    with torch.no_grad():
+        assert_close(ours, model.run_with_hooks(TOKENS, fwd_hooks=by_hand), 1e-6, "the edit by hand after the SiLU")
+
+    trailing = list(range(TOKENS.shape[1], conv.shape[-1]))
+    assert len(trailing) == CONFIG["conv_kernel"] - 1
+    with torch.no_grad():
+        assert torch.equal(model.run_with_hooks(TOKENS, fwd_hooks=[(name, conv_edit(lambda c: c + 100.0, trailing))]), clean)
+        assert_close(bridge.run_with_hooks(TOKENS, fwd_hooks=[(name, conv_edit(lambda c: c + 100.0, trailing))], use_cache=False),
+                     bridge(TOKENS, use_cache=False), 0, "the bridge's trailing edit")
+
+
 # ---------------------------------------------------------------- on ours alone (TransformerLens 3.x and 4.x)
 
 ALIAS_EDITS = {  # alias (under blocks.0.), its positions' dim, edit in its layout, native and the same edit in ours
@@ -211,6 +260,7 @@ ALIAS_EDITS = {  # alias (under blocks.0.), its positions' dim, edit in its layo
     "gate": ("mixer.inner_norm.hook_gate", 1, lambda z: z * torch.linspace(0, 1, z.shape[-1]),
              "linear_attn.hook_gate_input", lambda z: z * torch.linspace(0, 1, z.shape[-1] * z.shape[-2]).view(z.shape[-2:])),
     "conv input": ("mixer.conv1d.hook_in", 2, lambda x: x * 0.5, None, None),
+    "conv output": ("mixer.hook_conv", 2, lambda c: c * 0.5 + 0.3, None, None),
     "norm input": ("mixer.inner_norm.hook_in", 1, lambda x: x.flip(-1), None, None),
 }
 T_EDIT = 4
@@ -254,6 +304,29 @@ def test_edits_through_an_alias_are_edits_of_ours(model, case, in_place):
         with torch.no_grad():
             direct = model.run_with_hooks(TOKENS, fwd_hooks=[(f"blocks.0.{native}", edit_rows(in_native, 1))])
         assert_close(edited, direct, 1e-6, "alias vs native")
+
+
+def test_the_conv_output_continues_a_cache(model):
+    """With a cache (a prefix, then one token, then the rest), the conv output's first p positions are those of one
+    forward over the whole sequence, and an edit at a decode step is the same edit in that one forward."""
+    name, t = "blocks.1.mixer.conv1d.hook_out", 6
+    seen = []
+    with torch.no_grad():
+        whole = ours_cache(model, [name])[name]
+        cache = model.prefill(TOKENS[:, :t])
+        with model.hooks(fwd_hooks=[(name, lambda c, hook: seen.append(c[:, :, :c.shape[-1] - CONFIG["conv_kernel"] + 1]))]):
+            model(TOKENS[:, t:t + 1], cache=cache)
+            model(TOKENS[:, t + 1:], cache=cache)
+    assert_close(torch.cat(seen, -1), whole[:, :, t:TOKENS.shape[1]], 1e-6, "continued")
+
+    edit = lambda c: c * -2.0
+    with torch.no_grad():
+        one_forward = model.run_with_hooks(TOKENS, fwd_hooks=[(name, conv_edit(edit, [t]))])
+        cache = model.prefill(TOKENS[:, :t])
+        with model.hooks(fwd_hooks=[(name, conv_edit(edit, [0]))]):
+            step = model(TOKENS[:, t:t + 1], cache=cache)
+        rest = model(TOKENS[:, t + 1:], cache=cache)
+    assert_close(torch.cat([step, rest], 1), one_forward[:, t:], 1e-5, "an edit at a decode step")
 
 
 def test_the_write_is_for_reading(model):
