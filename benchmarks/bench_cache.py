@@ -39,6 +39,8 @@ from writesae.train import TrainConfig, train
 
 LAYER, CONTEXT, POSITIONS, DOCUMENT_TOKENS = 5, 128, 8, 1024
 
+RESULTS_JSON = Path(__file__).parent / "results" / "cache.json"
+
 
 def documents(model, contexts: int) -> list[torch.Tensor]:
     """The training novels' first tokens, cut into documents of 1024 tokens, enough for ``contexts`` contexts."""
@@ -100,7 +102,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, default=256, help="training contexts (of 128 tokens) in the corpus")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cache.json")
+    parser.add_argument("--out", type=Path, default=RESULTS_JSON)
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = HookedGatedDeltaNet.from_pretrained("gdn-austen").eval()
@@ -156,3 +158,47 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def results_block(results: dict | None) -> str:
+    """RESULTS.md's C1–C4 tables, from ``benchmarks/results/cache.json``."""
+    if results is None:
+        return "Not yet run: `python -m benchmarks.bench_cache`.\n"
+    setup, c1, c2, c3, c4 = (results[k] for k in ("setup", "C1", "C2", "C3", "C4_computed"))
+    rate = lambda x: f"{x:.0f}"
+    lines = [f"`{setup['model']}`, GDN layer {setup['layer']}, all {setup['heads']} heads, states at {setup['positions']} "
+             f"random positions per {setup['context']}-token context; {setup['threads_per_process']} thread per process; "
+             f"{setup['steps']} steps of batch {setup['batch']}; {setup['bytes_per_sample_fp32'] // 1024} KiB per sample, "
+             f"{c1['cache_mib_fp32']:.0f} MiB of fp32 shards; load average {c3['load_average'][0]:.1f} at the end "
+             "(`benchmarks/results/cache.json`):", "",
+             "| id | measure | ratio | figures |", "|---|---|---|---|",
+             f"| C1a | cache write (fp32: extract, serialise, SHA-256, fsync, rename) / streaming extraction, samples/s | "
+             f"{c1['ratio_float32']:.2f} | {rate(c1['cache_write_float32_samples_per_s'])} vs {rate(c1['streaming_samples_per_s'])} samples/s |",
+             f"| C1b | cache write in bf16 / streaming extraction | {c1['ratio_bfloat16']:.2f} | "
+             f"{rate(c1['cache_write_bfloat16_samples_per_s'])} vs {rate(c1['streaming_samples_per_s'])} samples/s |",
+             f"| C2 | training a WriteSAE from the cache / streaming from the model, samples/s | {c2['ratio']:.1f} | "
+             f"{rate(c2['cache_samples_per_s'])} vs {rate(c2['streaming_samples_per_s'])} samples/s |",
+             f"| C3 | 2 ranks (gloo) / 1 rank, training from the cache, same global batch | {c3['ratio']:.2f} | "
+             f"{rate(c3['two_ranks_samples_per_s'])} vs {rate(c3['one_rank_samples_per_s'])} samples/s |", "",
+             "C4 (computed, not measured, by `qwen_estimate`: its docstring and comments give the assumptions):", "",
+             "| quantity | value | from |", "|---|---|---|",
+             f"| samples | {c4['samples']:,} | 10M / 1024 contexts × 8 positions |",
+             f"| bytes per sample | {c4['bytes_per_sample_fp32'] / 2**20:g} MiB fp32, {c4['bytes_per_sample_fp32'] / 2**21:g} MiB bf16 "
+             "| 16 × 128 × 128 × 4 (or 2) |",
+             f"| cache size | {c4['cache_gib_fp32']:.1f} GiB fp32, {c4['cache_gib_bf16']:.1f} GiB bf16 | samples × bytes |",
+             f"| extraction compute | {c4['extraction_pflop']:.1f} PFLOP, ≈ {c4['extraction_s_at_200_tflops']:.0f} s at 200 TFLOP/s "
+             "| 2 FLOP × ~21M non-embedding parameters per layer × 10 layers × 10M tokens |",
+             f"| writing the shards | ≈ {c4['write_s_fp32_at_2_gbps']:.0f} s fp32 at 2 GB/s | one NVMe drive |",
+             f"| hashing (SHA-256) | ≈ {c4['sha256_s_fp32_at_1_5_gbps']:.0f} s fp32 at 1.5 GB/s | one core, in line with the writes |",
+             f"| one rank, one GPU, end to end | ≈ {_end_to_end_min(c4, 1):.0f} min fp32, ≈ {_end_to_end_min(c4, 2):.0f} min bf16 | "
+             "the three above in sequence (the writer does not overlap them) |", "",
+             f"Reading it back: 20,000 steps of 1024 samples are {c4['epochs_in_20k_steps_of_1024']:.0f} passes over the cache, "
+             f"{c4['cache_gib_fp32'] * c4['epochs_in_20k_steps_of_1024'] / 1024:.0f} TiB of reads in fp32 "
+             f"({c4['cache_gib_bf16'] * c4['epochs_in_20k_steps_of_1024'] / 1024:.0f} TiB bf16): about "
+             f"{c4['reread_hours_fp32_at_2_gbps']:.0f} h at 2 GB/s if the cache does not fit in the page cache."]
+    return "\n".join(lines) + "\n"
+
+
+def _end_to_end_min(c4: dict, shrink: int) -> float:
+    """C4's extraction, writing and hashing in sequence, in minutes; bf16 (``shrink`` 2) writes and hashes half the bytes."""
+    return (c4["extraction_s_at_200_tflops"] + (c4["write_s_fp32_at_2_gbps"] + c4["sha256_s_fp32_at_1_5_gbps"]) / shrink) / 60

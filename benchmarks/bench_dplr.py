@@ -133,7 +133,38 @@ def results_block(results: dict | None) -> str:
              "`benchmarks/results/bench_dplr.json`:", "",
              "| T | id | measure | ratio | times |", "|---|---|---|---|---|"]
     lines += [f"| {r['T']} | {r['id']} | {r['measure']} | {r['ratio']:.2f} | {r['detail']} |" for r in results["rows"]]
+    lines += ["", "Reading them (generated from the file: a ratio above 1 means the first-named side takes longer):", ""]
+    lines += [f"- {_direction(results['rows'], row_id, above, below)}" for row_id, above, below in _READINGS]
     return "\n".join(lines) + "\n"
+
+
+#: what each row's ratio says when it is above 1 and when below 1
+_READINGS = (
+    ("D1", "the chunked form is faster than the step-by-step reference for the reads alone",
+     "the chunked form is slower than the step-by-step reference for the reads alone"),
+    ("D2", "with every state formed, the chunked form is faster than the reference",
+     "with every state formed, the chunked form is slower than the reference"),
+    ("D3", "a carried edit costs more than a clean chunked forward", "a carried edit costs less than a clean chunked forward"),
+    ("D4", "the DPLR engine is slower than GDN's own on GDN's inputs", "the DPLR engine is faster than GDN's own on GDN's inputs"),
+    ("D5", "our whole forward is faster than BlinkDL's", "our whole forward is slower than BlinkDL's"),
+    ("D6", "caching every state of every layer is faster than BlinkDL's forward, which keeps none",
+     "caching every state of every layer is slower than BlinkDL's forward, which keeps none"),
+    ("D7", "our sequential mode is slower than the parallel forward", "our sequential mode is faster than the parallel forward"),
+)
+
+
+def _direction(rows: list[dict], row_id: str, above: str, below: str) -> str:
+    """One row id's reading over every T measured: which side of 1 its ratio lies on, and the ratios."""
+    got = [(r["T"], r["ratio"]) for r in rows if r["id"] == row_id]
+    figures = ", ".join(f"{ratio:.2f} at T = {T}" for T, ratio in got)
+    if all(ratio > 1 for _, ratio in got):
+        said = f"{above[0].upper()}{above[1:]} at every T"
+    elif all(ratio < 1 for _, ratio in got):
+        said = f"{below[0].upper()}{below[1:]} at every T"
+    else:
+        said = "; ".join(f"at T = {T}, {above if ratio > 1 else below}" for T, ratio in got)
+        said = said[0].upper() + said[1:]
+    return f"{said} ({row_id}: {figures})."
 
 
 def main() -> None:

@@ -40,6 +40,7 @@ from hooked_gdn.pretrained import heldout_windows, pretrained_path
 from hooked_gdn.sites import gdn_hook_name
 
 OUT = Path(__file__).parent / "results"
+RESULTS_JSON = OUT / "effective_attention.json"
 
 
 def boot_bridge(folder: Path):
@@ -130,7 +131,7 @@ def main() -> None:
         "times_s": {"ours_inputs_all_layers": t_ours, "ours_writes_all_layers": t_writes, "transformer_lens_all_layers": t_tl},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "effective_attention.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / RESULTS_JSON.name).write_text(json.dumps(results, indent=2) + "\n")
     plot(rows, M, exact_on_v, exact_on_delta, layer, head, args.out / "effective_attention.png")
 
     print(f"checkpoint {args.model} (sha256 {checkpoint}), {args.windows} windows × {args.context} tokens")
@@ -177,3 +178,42 @@ def plot(rows, tl_pattern, exact_on_v, exact_on_delta, layer, head, path: Path) 
 
 if __name__ == "__main__":
     main()
+
+
+#: the relative-error columns of the E1 table: JSON key, heading
+_E1_COLUMNS = (("transformer_lens", "TransformerLens 4.3 `compute_effective_attention`"),
+               ("gla_normalised_qk", "its form on normalised q̂, k̂ (erase dropped)"),
+               ("ours_writes", "ours, over δ_j"), ("ours_inputs", "ours, over β_j v_j"),
+               ("model_vs_fp64", "the model's own fp32 read vs fp64"))
+
+
+def _e(x: float) -> str:
+    return f"{x:.1e}" if x < 1e-2 else f"{x:.3g}"
+
+
+def results_block(results: dict | None) -> str:
+    """RESULTS.md's E1 tables, from ``benchmarks/results/effective_attention.json``."""
+    if results is None:
+        return "Not yet run: `python -m benchmarks.bench_effective_attention`.\n"
+    rows, t = results["relative_error"], results["times_s"]
+    lines = [f"`python -m benchmarks.bench_effective_attention` (the shipped `{results['checkpoint']}`, model.safetensors "
+             f"sha256 `{results['model_safetensors_sha256_12']}…`, loaded by both libraries; {results['windows']} held-out "
+             f"windows of {results['context']} tokens; fp32, {results['threads']} thread), "
+             "`benchmarks/results/effective_attention.json`. Relative error ‖ô − o‖_F / ‖o‖_F per GDN layer:", "",
+             "| GDN layer | " + " | ".join(h for _, h in _E1_COLUMNS) + " |", "|---" * (len(_E1_COLUMNS) + 1) + "|"]
+    lines += [f"| {r['layer']} | " + " | ".join(_e(r[k]) for k, _ in _E1_COLUMNS) + " |" for r in rows]
+    ms = lambda key: f"{t[key] * 1e3:.0f} ms"
+    lines += ["", "| id | measure | ratio | times |", "|---|---|---|---|",
+              f"| E1a | all {len(rows)} layers' patterns, ours over the inputs / TransformerLens' heuristic | "
+              f"{results['time_ratio_ours_inputs_over_transformer_lens']:.2g} | {ms('ours_inputs_all_layers')} vs "
+              f"{ms('transformer_lens_all_layers')} |",
+              f"| E1b | all {len(rows)} layers' patterns, ours over the writes / TransformerLens' heuristic | "
+              f"{results['time_ratio_ours_writes_over_transformer_lens']:.2g} | {ms('ours_writes_all_layers')} vs "
+              f"{ms('transformer_lens_all_layers')} |"]
+    span = lambda key: f"{_e(min(r[key] for r in rows))}–{_e(max(r[key] for r in rows))}"
+    lines += ["", "Over the layers (generated from the file): TransformerLens' matrix is off by "
+              f"{span('transformer_lens')}× the read's own size, its form on normalised q̂, k̂ by {span('gla_normalised_qk')}×; "
+              f"ours by {span('ours_writes')} (over δ_j) and {span('ours_inputs')} (over β_j v_j), against the model's own "
+              f"fp32 read's {span('model_vs_fp64')} from the fp64 recurrence; against that fp64 recurrence ours is off by "
+              f"{span('ours_inputs_vs_fp64')} (inputs) and {span('ours_writes_vs_fp64')} (writes)."]
+    return "\n".join(lines) + "\n"

@@ -270,7 +270,18 @@ def results_block(results: dict | None) -> str:
              "| threads | id | measure | ratio | target | times |", "|---|---|---|---|---|---|"]
     lines += [f"| {r.get('threads', threads[0])} | {r['id']} | {r['measure']} | {r['ratio']:.2f} | {r['target']} | {r['detail']} |"
               for r in results["rows"]]
+    met = [r for r in results["rows"] if _meets(r["ratio"], r["target"])]
+    missed = [r for r in results["rows"] if r not in met]
+    name = lambda r: r["id"] + (f" ({r['measure'].split('(')[1].split(')')[0]})" if "·" in r["id"] else "")
+    lines += ["", f"Targets met: {', '.join(map(name, met)) or 'none'}; missed: {', '.join(map(name, missed)) or 'none'} "
+                  "(generated from the file)."]
     return "\n".join(lines) + "\n"
+
+
+def _meets(ratio: float, target: str) -> bool:
+    """Whether a ratio meets a target written as ``≤ x`` or ``≥ x``, at the table's two decimals."""
+    bound, value = target.split()
+    return round(ratio, 2) <= float(value) if bound == "≤" else round(ratio, 2) >= float(value)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PATHS = ("streaming", "in_memory")
-OUT = Path(__file__).parent / "results" / "loading.json"
+RESULTS_JSON = Path(__file__).parent / "results" / "loading.json"
+#: the streaming loader's target: added memory over the weights' bytes
+TARGET = 1.3
 
 
 def write_checkpoint(folder: Path, dtype: torch.dtype) -> None:
@@ -111,7 +113,7 @@ def planned_memory_per_device() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--out", type=Path, default=RESULTS_JSON)
     parser.add_argument("--measure", nargs=3, metavar=("PATH", "FOLDER", "DTYPE"), help=argparse.SUPPRESS)
     parser.add_argument("--write", nargs=2, metavar=("FOLDER", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -139,7 +141,7 @@ def main() -> None:
             row["in_memory_over_streaming_added"] = round(row["in_memory"]["added_over_weights"] / row["streaming"]["added_over_weights"], 2)
             results["loading"][dtype] = row
         print(f"{dtype}: {weights / 2**20:.0f} MiB in {shards} shards; memory added by loading / weights: "
-              f"streaming {row['streaming']['added_over_weights']:.2f} (target <= 1.3), "
+              f"streaming {row['streaming']['added_over_weights']:.2f} (target <= {TARGET}), "
               f"in-memory {row['in_memory']['added_over_weights']:.2f}; "
               f"load time in-memory / streaming {row['in_memory']['seconds'] / row['streaming']['seconds']:.2f}")
     results["qwen3.5-35b-a3b_planned (computed, not measured)"] = planned_memory_per_device()
@@ -150,3 +152,22 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def results_block(results: dict | None) -> str:
+    """RESULTS.md's L1 table, from ``benchmarks/results/loading.json``."""
+    if results is None:
+        return "Not yet run: `python -m benchmarks.bench_loading`.\n"
+    mib = lambda b: f"{b / 2**20:.0f} MiB"
+    lines = ["| id | checkpoint | streaming (`from_pretrained`) | in-memory path (`load_pretrained_in_memory`, the old "
+             "`from_pretrained`) | target |", "|---|---|---|---|---|"]
+    for row_id, (dtype, m) in zip(("L1a", "L1b"), results["loading"].items()):
+        added = lambda path: m[path]["rss_peak"] - m[path]["rss_before"]
+        lines.append(f"| {row_id} | {dtype}, {mib(m['weights_bytes'])} in {m['shards']} shards | "
+                     f"**{m['streaming']['added_over_weights']:.2f}×** (+{mib(added('streaming'))}; "
+                     f"{mib(m['streaming']['model_bytes'])} kept: the model) | {m['in_memory']['added_over_weights']:.2f}× "
+                     f"(+{mib(added('in_memory'))}) | ≤ {TARGET} |")
+    lines += ["", "Load time, in-memory / streaming: " + ", ".join(
+        f"{m['in_memory']['seconds'] / m['streaming']['seconds']:.1f}× ({dtype})" for dtype, m in results["loading"].items())
+        + " (generated from `benchmarks/results/loading.json`)."]
+    return "\n".join(lines) + "\n"

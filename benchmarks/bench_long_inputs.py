@@ -122,7 +122,21 @@ def results_block(results: dict | None) -> str:
             seconds = "—" if r["seconds"] is None else f"{r['seconds']:.1f}"
             lines.append(f"| {r['T']} | {r['case']} | {peak} | {held} | {seconds} | {per_token} |")
         lines.append("")
-    return "\n".join(lines)
+    lines += ["Growth between consecutive lengths (generated from the file; linear in T: the same factor as the tokens):", ""]
+    lines += [f"- **{label}**: {_growth(run['rows'])}" for label, run in
+              sorted(results["runs"].items(), key=lambda kv: kv[0] != "before")]
+    return "\n".join(lines) + "\n"
+
+
+def _growth(rows: list[dict]) -> str:
+    """How the forward's peak and the cache's contents grow from each measured length to the next."""
+    ok = {(r["T"], r["case"]): r for r in rows if r["status"] == "ok"}
+    lengths = sorted({T for T, case in ok if case == "forward" and (T, "run_with_cache") in ok})
+    steps = [f"from T = {a} to {b} ({b / a:g}× the tokens) the forward's peak grows "
+             f"{ok[b, 'forward']['peak_mib'] / ok[a, 'forward']['peak_mib']:.1f}× and what the cache holds "
+             f"{ok[b, 'run_with_cache']['cache_mib'] / ok[a, 'run_with_cache']['cache_mib']:.1f}×"
+             for a, b in zip(lengths, lengths[1:])]
+    return "; ".join(steps) + f"; forward peak per token {linearity(rows, 'forward')}."
 
 
 def main() -> None:

@@ -501,10 +501,50 @@ def results_block(results: dict | None) -> str:
                          f"{r['states_per_s']:.0f} | {r['step_flops'] / 1e9:.3g} | {r['achieved_flops_per_s'] / 1e12:.3g} | "
                          f"{r['matmul_flops_per_s'] / 1e12:.3g} | {r['ratio_to_matmul']:.2f} | {r['overhead_s'] * 1e3:.2g} |")
         lines.append("")
+    lines += _reading(results)
     if results.get("errors"):
         lines += ["Failed measurements (see the JSON for the messages): "
                   + ", ".join(f"`{e['where']}`" for e in results["errors"]) + ".", ""]
     return "\n".join(lines)
+
+
+def _span(values: list[float], fmt: str = ".2f") -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:{fmt}}" if f"{lo:{fmt}}" == f"{hi:{fmt}}" else f"{lo:{fmt}}–{hi:{fmt}}"
+
+
+#: the fraction of the matmul rate issue 28 asks of an SAE step
+MATMUL_GOAL = 0.6
+
+
+def _reading(results: dict) -> list[str]:
+    """The section's key comparisons as sentences, generated from the same file as its tables."""
+    lines = []
+    for kind, title in (("gdn", "GDN"), ("mamba2", "Mamba-2")):
+        rows = [r for entry in results.get("engine", {}).get(kind, {}).get("by_length", {}).values()
+                for r in entry.get("rows", [])]
+        by_id = {i: [r for r in rows if r["id"] == i] for i in ("P1", "P2a", "P2b", "P2c")}
+        if not all(by_id.values()):
+            continue
+        p2b_met = [r for r in by_id["P2b"] if round(r["ratio"], 2) <= float(r["target"].split()[1])]
+        p1 = [r["ratio"] for r in by_id["P1"]]
+        p1_side = ("below 1: our forward is faster than transformers'" if max(p1) < 1 else
+                   "above 1: our forward is slower than transformers'" if min(p1) > 1 else "either side of 1")
+        lines.append(f"- {title}: P1 {_span(p1)} ({p1_side}); P2b {_span([r['ratio'] for r in by_id['P2b']])} against a target of "
+                     f"{by_id['P2b'][0]['target']} ({'met' if len(p2b_met) == len(by_id['P2b']) else 'missed'} "
+                     f"{'everywhere' if len(p2b_met) in (0, len(by_id['P2b'])) else 'at some lengths'}); the per-token "
+                     f"scan takes {_span([r['ratio'] for r in by_id['P2a']])}× ours (P2a) and the TransformerLens "
+                     f"bridge's eager scan {_span([r['ratio'] for r in by_id['P2c']])}× (P2c).")
+    sae_rows = results.get("sae", {}).get("rows", [])
+    if sae_rows:
+        good = [r for r in sae_rows if r["ratio_to_matmul"] >= MATMUL_GOAL]
+        rest = [r for r in sae_rows if r not in good]
+        lines.append(f"- SAE steps at ≥ {MATMUL_GOAL} of the matmul rate: "
+                     + (", ".join(f"{r['architecture']} {r['d_k']} × {r['d_v']} n = {r['n_features']} batch {r['batch']} "
+                                  f"({r['ratio_to_matmul']:.2f})" for r in good) or "none")
+                     + (f"; the other {len(rest)} run at {_span([r['ratio_to_matmul'] for r in rest])} of it" if rest else "")
+                     + f"; overhead {_span([r['overhead_s'] * 1e3 for r in sae_rows], '.1f')} ms a step.")
+    return ["Reading them (generated from the file):", "", *lines, ""] if lines else []
 
 
 # ------------------------------------------------------------------ main
