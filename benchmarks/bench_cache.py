@@ -156,10 +156,6 @@ def main() -> None:
     print(json.dumps(results, indent=2))
 
 
-if __name__ == "__main__":
-    main()
-
-
 def results_block(results: dict | None) -> str:
     """RESULTS.md's C1–C4 tables, from ``benchmarks/results/cache.json``."""
     if results is None:
@@ -202,3 +198,7 @@ def results_block(results: dict | None) -> str:
 def _end_to_end_min(c4: dict, shrink: int) -> float:
     """C4's extraction, writing and hashing in sequence, in minutes; bf16 (``shrink`` 2) writes and hashes half the bytes."""
     return (c4["extraction_s_at_200_tflops"] + (c4["write_s_fp32_at_2_gbps"] + c4["sha256_s_fp32_at_1_5_gbps"]) / shrink) / 60
+
+
+if __name__ == "__main__":
+    main()

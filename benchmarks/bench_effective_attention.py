@@ -176,10 +176,6 @@ def plot(rows, tl_pattern, exact_on_v, exact_on_delta, layer, head, path: Path) 
     fig.savefig(path, dpi=100)
 
 
-if __name__ == "__main__":
-    main()
-
-
 #: the relative-error columns of the E1 table: JSON key, heading
 _E1_COLUMNS = (("transformer_lens", "TransformerLens 4.3 `compute_effective_attention`"),
                ("gla_normalised_qk", "its form on normalised q̂, k̂ (erase dropped)"),
@@ -217,3 +213,7 @@ def results_block(results: dict | None) -> str:
               f"fp32 read's {span('model_vs_fp64')} from the fp64 recurrence; against that fp64 recurrence ours is off by "
               f"{span('ours_inputs_vs_fp64')} (inputs) and {span('ours_writes_vs_fp64')} (writes)."]
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -150,10 +150,6 @@ def main() -> None:
         f.write(json.dumps(results, indent=2) + "\n")
 
 
-if __name__ == "__main__":
-    main()
-
-
 def results_block(results: dict | None) -> str:
     """RESULTS.md's L1 table, from ``benchmarks/results/loading.json``."""
     if results is None:
@@ -171,3 +167,7 @@ def results_block(results: dict | None) -> str:
         f"{m['in_memory']['seconds'] / m['streaming']['seconds']:.1f}× ({dtype})" for dtype, m in results["loading"].items())
         + " (generated from `benchmarks/results/loading.json`)."]
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
