@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import mean
 from typing import Any, Callable
 
 from hooked_gdn.census import LONG_MEMORY, VERY_LONG_MEMORY, HeadCensus
@@ -72,7 +71,6 @@ RWKV7_STATS = "hooked_gdn/pretrained/rwkv7-austen/training_stats.json"
 LOADING = "benchmarks/results/loading.json"
 PLANNED_35B = "qwen3.5-35b-a3b_planned (computed, not measured)"
 COMPARE = "demos/results/compare_architectures/results.json"
-COMPARE_LONGER = "demos/results/compare_architectures/longer/results.json"
 MiB, GiB = 2**20, 2**30
 PLAN_2x80 = "cuda:0 31.7 GiB (embedding, head, blocks 0–18); cuda:1 32.9 GiB (blocks 19–39)"
 PLAN_4x24 = "16.0 GiB (embedding, head, 0–8); 17.2 GiB (9–19);"
@@ -97,28 +95,6 @@ def _learned(census: dict) -> list[float]:
 
 def _half_life(layer: int, head: int):
     return lambda census: _median_half_lives(census, lambda h: (h["layer"], h["head"]) == (layer, head))[0]
-
-
-def _zero_ablated_kl(results: dict) -> dict[tuple[str, str], float]:
-    return {(r["site"], r["group"]): r["ce"]["kl_zero_ablated"] for r in results["runs"]}
-
-
-def _every_sae_moves(results: dict, site: str, group: str, more: bool) -> bool:
-    zero = _zero_ablated_kl(results)[(site, group)]
-    rows = [s for s in results["summary"] if (s["site"], s["group"]) == (site, group)]
-    return bool(rows) and all((s["kl_mean"] > zero) == more for s in rows)
-
-
-def _pca_margin(results: dict) -> float:
-    """How far the best SAE on the long-memory states is below PCA-k's held-out FVU (positive: the SAE is better)."""
-    pca = next(r for r in results["references"] if (r["site"], r["group"]) == ("state", "long-memory"))
-    pca_fvu = next(v["fvu"] for k, v in pca.items() if k.startswith("PCA"))
-    best = min(s["fvu_mean"] for s in results["summary"] if (s["site"], s["group"]) == ("state", "long-memory"))
-    return pca_fvu - best
-
-
-def _fvu_spreads(*results: dict) -> list[float]:
-    return [s["fvu_spread"] for r in results for s in r["summary"]]
 
 
 def _minutes(seconds: float) -> float:
@@ -226,16 +202,5 @@ ENTRIES = [
     NotMeasured("(KL_delete above 10 × the head's largest identity-edit KL)", "the study's threshold (a setting)"),
     NotMeasured("Tested to sum to the read within 1e-5 relative", "the tolerance the tests assert"),
     NotMeasured("the paper's \"33% → 100%\"", "a citation"),
-    NotMeasured("lie within 5% of a small FlatSAE's", "a setting"),
-    Sourced("of every head changed < 2% over the last fifth", "2", COMPARE, transform=lambda r: 100 * r["converged_below"]),
-    NotMeasured("to fit 15 minutes on a 2-core CPU", "the run's time budget"),
-    NotMeasured("with 4× the training samples, 4× the steps and 4× the batch", "settings"),
-    Sourced("2 seeds ( , below; 41 min)", "41", COMPARE_LONGER, transform=lambda r: _minutes(sum(r["elapsed"].values()))),
-    Claim("no SAE beats PCA-4 by more than 0.01 in the longer run", COMPARE_LONGER, lambda r: _pca_margin(r) <= 0.01),
-    Claim("every SAE is behind PCA-4 in the default run", COMPARE, lambda r: _pca_margin(r) < 0),
-    Claim("Seeds change the FVU by less than 0.03 everywhere", COMPARE,
-          lambda r: max(_fvu_spreads(r, _load(ROOT, COMPARE_LONGER))) < 0.03),
-    Claim("(mostly by under 0.005)", COMPARE,
-          lambda r: mean(s < 0.005 for s in _fvu_spreads(r, _load(ROOT, COMPARE_LONGER))) > 0.5),
     NotMeasured("(default 32 × 128 tokens)", "a default"),
 ]
