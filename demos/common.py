@@ -73,6 +73,16 @@ def memory_groups(layer: int, heads, model_name: str = "gdn-austen") -> dict:
             "decay": {h: census.head(layer, h).decay_kind for h in heads}}
 
 
+
+def decay_kinds(layer: int, heads, model_name: str = "gdn-austen") -> dict:
+    """``heads`` of GDN ``layer`` by the shipped census's decay kind (each of ``DECAY_KINDS``, from
+    ``HeadCensus.decay_kind``), with each head's median half-life in tokens."""
+    from hooked_gdn.census import DECAY_KINDS
+
+    groups = memory_groups(layer, heads, model_name)
+    return {kind: [h for h in heads if groups["decay"][h] == kind] for kind in DECAY_KINDS} \
+        | {"half_life": groups["half_life"]}
+
 def write_json(path: Path, results: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

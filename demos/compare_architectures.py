@@ -175,8 +175,7 @@ class SiteSamples:
 
     def select_heads(self, heads: list[int]) -> SiteSamples:
         rows = [self.fitting.heads.index(h) for h in heads]
-        selected = SiteSamples(self.fitting.select_heads(heads), self.test[:, rows], self.windows[self.window])
-        return selected
+        return SiteSamples(self.fitting.select_heads(heads), self.test[:, rows], self.windows[self.window])
 
     def per_window(self, per_sample: torch.Tensor) -> torch.Tensor:
         """Sums of a per-sample quantity [N, ...] over each test window: [n_windows, ...]."""
@@ -458,9 +457,13 @@ def run_comparison(model, documents: list, heldout_documents: list, choice: dict
     return results | {"summary": summarize(results)}
 
 
+def _diverged(diverged: int, windows: int) -> str:
+    return f"diverged in {diverged} of {windows} windows"
+
+
 def _kl(per_window: list) -> str:
     diverged = sum(v is None for v in per_window)
-    return f"diverged in {diverged} of {len(per_window)} windows" if diverged else f"{statistics.fmean(per_window):.3f}"
+    return _diverged(diverged, len(per_window)) if diverged else f"{statistics.fmean(per_window):.3f}"
 
 
 def reference_fvus(samples: SiteSamples, ks: list[int]) -> dict:
@@ -586,8 +589,7 @@ def plot(results: dict, path: Path) -> None:
             if column == 0:
                 ax.set_ylabel(ylabel)
             if row == 0:
-                decay = "/".join(sorted({results["heads"]["decay"][str(h)] for h in cell["heads"]}))
-                ax.set_title(f"{site}, {group} heads {cell['heads']} ({decay} decay)", fontsize=9)
+                ax.set_title(f"{site}, {group_label(results, group)}", fontsize=9)
             if column == 0:
                 ax.legend(fontsize=7)
     fig.suptitle(f"gdn-austen layer {results['layer']}: bands are 95% bootstrap intervals over test windows", fontsize=10)
@@ -601,7 +603,7 @@ def _ci(values: list[float]) -> str:
 
 def _kl_cell(row: dict) -> str:
     if row["kl"] is None:
-        return f"diverged in {row['kl_diverged']} of {row['kl_windows']} windows"
+        return _diverged(row["kl_diverged"], row["kl_windows"])
     return f"{row['kl']:.3f} {_ci(row['kl_interval'])}"
 
 

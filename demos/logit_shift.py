@@ -45,6 +45,7 @@ import torch
 
 from demos.common import (demo_parser, heldout_passages, load_model_and_sae, memory_groups, provenance, pyplot, sae_layer,
                     save_figure, wall_time, write_json)
+from hooked_gdn.census import DECAY_KINDS
 from writesae.experiments import atom_and_random_directions, frequent_features, logit_shift_study
 
 METHODS = ("exact", "paper")
@@ -78,9 +79,9 @@ def main() -> None:
     layer = sae_layer(sae)
     census = memory_groups(layer, sae.cfg.head_indices if args.heads is None else args.heads)
     decay = census["decay"]
-    # grouped by decay kind ("fixed" sorts before "learned"), so that the fixed heads draw the random directions
-    # they drew when the study ran on them alone
-    heads = sorted(decay, key=lambda h: decay[h])
+    # grouped by decay kind, fixed first, so that the fixed heads draw the random directions they drew when the
+    # study ran on them alone
+    heads = sorted(decay, key=lambda h: DECAY_KINDS.index(decay[h]))
     tokens = heldout_passages(model, args.passages, args.context)
     epsilons = sorted(args.eps)
     gen = torch.Generator().manual_seed(args.seed)

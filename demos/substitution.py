@@ -39,8 +39,9 @@ from collections import defaultdict
 
 import torch
 
-from demos.common import (demo_parser, heldout_passages, load_model_and_sae, memory_groups, provenance, pyplot, sae_layer,
+from demos.common import (decay_kinds, demo_parser, heldout_passages, load_model_and_sae, provenance, pyplot, sae_layer,
                           save_figure, wall_time, write_json)
+from hooked_gdn.census import DECAY_KINDS
 from hooked_gdn.files import file_sha256
 from writesae import load_sae
 from writesae.experiments import find_firings
@@ -57,14 +58,6 @@ CONDITION_NAMES = {
 }
 #: the conditions in the README table, against deletion
 TABLE_CONDITIONS = ("atom", "atom_native_norm", "other_atom", "rank1_atom_norm", "random_atom_norm")
-
-
-def decay_kinds(layer: int, heads) -> dict:
-    """``heads`` of GDN ``layer`` by the shipped census's decay kind (``HeadCensus.decay_kind``): "fixed"
-    (input-independent) and "learned", with each head's median half-life in tokens."""
-    groups = memory_groups(layer, heads)
-    return {kind: [h for h in heads if groups["decay"][h] == kind] for kind in ("fixed", "learned")} \
-        | {"half_life": groups["half_life"]}
 
 
 def horizons(half_life: dict, max_horizon: int) -> dict[int, int]:
@@ -99,7 +92,7 @@ def run_dictionary(model, sae, tokens, heads: dict, horizon: dict, args) -> tupl
         firings = sample_firings(find_firings(model, sae, tokens[:, : last + 1]), args.firings_per_head,
                                  args.first_position, last, args.seed)
     records = substitution_test(model, sae, tokens, firings, horizon=horizon, seed=args.seed)
-    groups = {kind: heads[kind] for kind in ("fixed", "learned") if heads[kind]}
+    groups = {kind: heads[kind] for kind in DECAY_KINDS if heads[kind]}
     groups |= {f"head {h}": [h] for h in sorted(horizon)}
     summaries = {group: {metric: summarize([r for r in records if r["head"] in members], metric=metric, seed=args.seed)
                          for metric in METRICS}
@@ -156,7 +149,7 @@ def plot(results: dict, path) -> None:
     """Median effect size per condition (passage bootstrap 95%), per dictionary and decay kind, per metric."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(METRICS), figsize=(12, 4.5), sharey=True)
-    rows = [(name, kind) for name in results["dictionaries"] for kind in ("fixed", "learned")
+    rows = [(name, kind) for name in results["dictionaries"] for kind in DECAY_KINDS
             if kind in results["dictionaries"][name]["summaries"]]
     for ax, metric in zip(axes, METRICS):
         for k, (name, kind) in enumerate(rows):
@@ -204,14 +197,14 @@ def readme_block(results: dict) -> str:
     ]
     for name in names:
         label = f"{name} ({'primary' if name == names[0] else 'second'})"
-        for kind in ("fixed", "learned"):
+        for kind in DECAY_KINDS:
             for metric, s in results["dictionaries"][name]["summaries"].get(kind, {}).items():
                 lines.append(f"| {label} | {kind} | {METRIC_NAMES[metric]} | {s['n_kept']} of {s['n']} | "
                              f"{_interval((s['rates']['atom<delete']['rate'], *s['rates']['atom<delete']['bootstrap_by_passage']), True)} | "
                              + " | ".join(_interval(s["effect"][c]["median"]) for c in TABLE_CONDITIONS) + " |")
     for name in names:
         for kind, by_metric in results["dictionaries"][name]["summaries"].items():
-            if kind not in ("fixed", "learned"):
+            if kind not in DECAY_KINDS:
                 continue
             summed = by_metric["kl_sum"]
             effect = lambda c: _interval(summed["effect"][c]["median"])

@@ -66,6 +66,8 @@ LONG_MEMORY = 16
 VERY_LONG_MEMORY = 64
 # relative spread of a head's decay below which the census calls it fixed: float32 rounding of one constant decay
 FIXED_DECAY_RTOL = 1e-6
+#: the two decay kinds a head's census can report (`HeadCensus.decay_kind`)
+DECAY_KINDS = ("fixed", "learned")
 
 
 def _per_head(x: Float[Tensor, "b p H *channels"]) -> Float[Tensor, "samples H"]:
@@ -95,7 +97,8 @@ class HeadCensus:
 
     @property
     def decay_kind(self) -> str:
-        return "fixed" if self.decay_is_fixed else "learned"
+        """One of `DECAY_KINDS`: "fixed" where `decay_is_fixed`, else "learned"."""
+        return DECAY_KINDS[0] if self.decay_is_fixed else DECAY_KINDS[1]
 
 
 @dataclass(frozen=True)

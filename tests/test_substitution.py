@@ -180,7 +180,8 @@ def test_summarize_keeps_the_firings_where_deletion_beats_its_heads_noise_floor(
 # --- the study's choices (demos/substitution.py) -----------------------------------------------------
 
 def test_the_study_scores_each_head_over_its_half_life_and_samples_firings_in_the_window():
-    from demos.substitution import decay_kinds, horizons, sample_firings
+    from demos.common import decay_kinds
+    from demos.substitution import horizons, sample_firings
     from writesae.experiments import Firing
 
     assert horizons({0: 2.27, 1: 72.7, 2: 0.3, 3: 700.6}, 512) == {0: 3, 1: 73, 2: 1, 3: 512}
