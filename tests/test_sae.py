@@ -212,11 +212,12 @@ def test_dense_and_gathered_decode_paths_agree_in_values_and_gradients(arch, m, 
 
 
 @FAST
-@given(arch=st.sampled_from(["flat", "matrix"]), batch=st.integers(1, 5), sparse_grad=st.booleans(),
-       dense=st.booleans(), seed=st.integers(0, 10**6))
+@given(arch=st.sampled_from(ARCHS), batch=st.integers(1, 5), sparse_grad=st.booleans(), dense=st.booleans(),
+       seed=st.integers(0, 10**6))
 def test_the_dense_encoders_backward_routes_give_autograds_gradients(arch, batch, sparse_grad, dense, seed):
-    """A dense encoder's backward, by either route of the shape rule, gives the gradients autograd gives
-    through the plain product z = W_enc · vec(X·s − b_dec), for TopK-sparse gradients of z and dense ones."""
+    """A dense encoder's backward (the bilinear encoder's too: its rows are the matrices Σ_r U_ir P_irᵀ), by
+    either route of the shape rule, gives the gradients autograd gives through the plain product
+    z = E · vec(X·s − b_dec), for TopK-sparse gradients of z and dense ones, down to every encoder weight."""
     sae = make(arch, heads=[0, 1], seed=seed, input_scale=1.5)
     x = inputs(sae, batch, seed=seed)
     g = torch.Generator().manual_seed(seed)
@@ -226,11 +227,13 @@ def test_the_dense_encoders_backward_routes_give_autograds_gradients(arch, batch
                                                       upstream[..., :3])
     with mock.patch("writesae.sae.dense_decode_is_cheaper", lambda *shape: dense):
         (sae.encode_pre(x) * upstream).sum().backward()
-    found = [sae.W_enc.grad, sae.b_dec.grad]
-    W_enc, b_dec = sae.W_enc.detach().clone().requires_grad_(), sae.b_dec.detach().clone().requires_grad_()
+    weights = [sae.W_enc] if arch in ("flat", "matrix") else list(sae.encoder_factors)
+    found = [w.grad for w in weights] + [sae.b_dec.grad]
+    weights, b_dec = [w.detach().clone().requires_grad_() for w in weights], sae.b_dec.detach().clone().requires_grad_()
+    E = weights[0] if arch in ("flat", "matrix") else torch.einsum("hnrk,hnrv->hnkv", *weights).flatten(-2)
     centred = (x * 1.5 - b_dec).flatten(-2)
-    (torch.einsum("bhd,hnd->bhn", centred, W_enc) * upstream).sum().backward()
-    for got, expected in zip(found, [W_enc.grad, b_dec.grad]):
+    (torch.einsum("bhd,hnd->bhn", centred, E) * upstream).sum().backward()
+    for got, expected in zip(found, [w.grad for w in weights] + [b_dec.grad]):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 

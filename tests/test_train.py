@@ -363,3 +363,27 @@ def test_a_last_heldout_fvu_above_1_warns_of_a_distribution_shift_without_failin
                      f"reconstructs worse than predicting the held-out mean would. This happens when the "
                      f"held-out text differs from the training text (a distribution shift: the SAE learnt the training "
                      f"samples' mean and spread, and the held-out mean lies elsewhere), or when the SAE is undertrained"]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_the_fused_adam_steps_as_the_foreach_adam_it_replaced(model, arch):
+    """`make_optimizer` fuses Adam where the device has the kernel (here, the CPU); five trainer steps
+    with it land where the per-operation (``foreach``) Adam lands, to float64 rounding."""
+    from writesae.train import _guard, make_optimizer, training_step
+
+    cfg = TrainConfig(batch_size=16, lr=1e-2, betas=(0.8, 0.95))
+    x = torch.randn(5, 16, len(HEADS), model.cfg.d_key, model.cfg.d_value, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    kw = dict(d_k=model.cfg.d_key, d_v=model.cfg.d_value, heads=HEADS, n_heads=model.cfg.n_value_heads, n_features=32,
+              k=4, seed=0, dtype="float64")
+    fused, reference = (ARCHITECTURES[arch](**kw) for _ in range(2))
+    optimizers = make_optimizer(fused, cfg), torch.optim.Adam(reference.parameters(), lr=cfg.lr, betas=cfg.betas, foreach=True)
+    assert optimizers[0].param_groups[0]["fused"]
+    guard = lambda tensors: _guard(0, tensors, Path(os.devnull), None)
+    for sae, optimizer in zip((fused, reference), optimizers):
+        since_fired = torch.zeros(sae.n_dicts, sae.cfg.n_features, dtype=torch.long)
+        for batch in x:
+            training_step(sae, optimizer, batch, since_fired, cfg, guard)
+    for (name, p), q in zip(fused.named_parameters(), reference.parameters()):
+        assert not torch.equal(p, ARCHITECTURES[arch](**kw).get_parameter(name)), name  # the steps moved it
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=name)

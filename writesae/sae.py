@@ -625,8 +625,9 @@ class BilinearMatrixSAE(_FactoredDecoderSAE):
 
     def _pre(self, centred):
         # A full X meets every feature, so form the n encoder matrices Σ_r U_ir P_irᵀ once per call
-        # (n·d_k·d_v numbers): fewer than the per-sample products X P_ir (B·n·r·d_k) once B·r > d_v.
-        return torch.einsum("...hkv,hnkv->...hn", centred, _factor_atoms(*self.encoder_factors)) + self.b_enc
+        # (n·d_k·d_v numbers): fewer than the per-sample products X P_ir (B·n·r·d_k) once B·r > d_v. They
+        # are a dense encoder's rows, so its backward reaches only the features a sparse code kept.
+        return _dense_pre(_factor_atoms(*self.encoder_factors).flatten(-2), centred) + self.b_enc
 
     def _pre_factors(self, k, delta):
         """z_i = Σ_r (U_irᵀ k)(δᵀ P_ir) + (b_enc,i − Σ_r U_irᵀ b_dec P_ir): O(n·r·(d_k + d_v)) per

@@ -177,9 +177,16 @@ def _loss_terms(sae: SAEBase, x: Tensor, dead: Tensor, cfg: TrainConfig) -> tupl
 
 
 def make_optimizer(sae: SAEBase, cfg: TrainConfig) -> torch.optim.Adam:
-    """The trainer's Adam. ``foreach``: one call per operation over all parameters instead of one per
-    parameter (less Python a step; the same arithmetic, so the same numbers)."""
-    return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas, foreach=True)
+    """The trainer's Adam, fused (one pass over each parameter, its gradient and its two moments, where
+    ``foreach`` makes one pass per elementwise operation, about eight): the parameters' traffic is most of
+    a step's time wherever the batch is small against the dictionary, and fused is 3-6x faster there
+    (`benchmarks/bench_sae.py`, P5). The same update to float rounding (tests/test_train.py). A device
+    without the fused kernel gets ``foreach``. A resumed checkpoint keeps the implementation it was
+    saved with (Adam's state_dict carries it)."""
+    try:
+        return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas, fused=True)
+    except RuntimeError:  # torch refuses fused=True for parameters on a device without the kernel
+        return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas, foreach=True)
 
 
 def training_step(sae: SAEBase, optimizer: torch.optim.Optimizer, x: Tensor, since_fired: Tensor, cfg: TrainConfig,
