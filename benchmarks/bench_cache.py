@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from benchmarks.provenance import provenance, run_line, write_results
 from hooked_gdn import HookedGatedDeltaNet
 from hooked_gdn.pretrained import austen_documents
 from writesae import BilinearMatrixSAE, distributed
@@ -105,10 +106,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_JSON)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    record = provenance("bench_cache", threads_per_process=1)
     model = HookedGatedDeltaNet.from_pretrained("gdn-austen").eval()
     docs = documents(model, args.contexts)
     d_k, d_v = model.cfg.d_key, model.cfg.d_value
-    results: dict = {"setup": {"model": "gdn-austen", "layer": LAYER, "heads": model.cfg.n_value_heads, "context": CONTEXT,
+    results: dict = {"provenance": record, "setup": {"model": "gdn-austen", "layer": LAYER, "heads": model.cfg.n_value_heads, "context": CONTEXT,
                                "positions": POSITIONS, "threads_per_process": 1, "steps": args.steps, "batch": args.batch,
                                "bytes_per_sample_fp32": model.cfg.n_value_heads * d_k * d_v * 4}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,12 +150,10 @@ def main() -> None:
         mp.spawn(rank_worker, nprocs=2, args=(2, port, str(tmp / "float32"), str(tmp / "run-2"), args.steps, args.batch,
                                               scale, d_k, d_v, str(result)))
         two = json.loads(result.read_text())
-        results["C3"] = {"one_rank_samples_per_s": samples / cached, "two_ranks_samples_per_s": samples / two, "ratio": cached / two,
-                         "load_average": os.getloadavg()}
+        results["C3"] = {"one_rank_samples_per_s": samples / cached, "two_ranks_samples_per_s": samples / two, "ratio": cached / two}
     results["C4_computed"] = qwen_estimate()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    write_results(args.out, results)
+    print(results_block(results))
 
 
 def results_block(results: dict | None) -> str:
@@ -162,11 +162,12 @@ def results_block(results: dict | None) -> str:
         return "Not yet run: `python -m benchmarks.bench_cache`.\n"
     setup, c1, c2, c3, c4 = (results[k] for k in ("setup", "C1", "C2", "C3", "C4_computed"))
     rate = lambda x: f"{x:.0f}"
-    lines = [f"`{setup['model']}`, GDN layer {setup['layer']}, all {setup['heads']} heads, states at {setup['positions']} "
-             f"random positions per {setup['context']}-token context; {setup['threads_per_process']} thread per process; "
-             f"{setup['steps']} steps of batch {setup['batch']}; {setup['bytes_per_sample_fp32'] // 1024} KiB per sample, "
-             f"{c1['cache_mib_fp32']:.0f} MiB of fp32 shards; load average {c3['load_average'][0]:.1f} at the end "
-             "(`benchmarks/results/cache.json`):", "",
+    threads = f"{setup['threads_per_process']} thread per process"
+    lines = [f"{run_line(results['provenance'], threads)}), "
+             f"`benchmarks/results/cache.json`: `{setup['model']}`, GDN layer {setup['layer']}, all {setup['heads']} heads, "
+             f"states at {setup['positions']} random positions per {setup['context']}-token context; {setup['steps']} steps "
+             f"of batch {setup['batch']}; {setup['bytes_per_sample_fp32'] // 1024} KiB per sample, {c1['cache_mib_fp32']:.0f} "
+             "MiB of fp32 shards.", "",
              "| id | measure | ratio | figures |", "|---|---|---|---|",
              f"| C1a | cache write (fp32: extract, serialise, SHA-256, fsync, rename) / streaming extraction, samples/s | "
              f"{c1['ratio_float32']:.2f} | {rate(c1['cache_write_float32_samples_per_s'])} vs {rate(c1['streaming_samples_per_s'])} samples/s |",

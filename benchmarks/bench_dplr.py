@@ -27,22 +27,17 @@ Times are medians of interleaved repeats (`benchmarks.bench_engine.median_times`
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import json
 import os
-import platform
 import tempfile
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.bench_engine import load_average, median_times
+from benchmarks.bench_engine import median_times
+from benchmarks.provenance import provenance, run_line, write_results
 from hooked_gdn.delta_rule import DEFAULT_CHUNK_SIZE as MODEL_CHUNK_SIZE, chunked_gated_delta_rule
 from hooked_gdn.dplr import DEFAULT_CHUNK_SIZE, DPLREdits, chunked_dplr, dplr, dplr_reference
-from hooked_gdn.files import atomic_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_JSON = ROOT / "benchmarks" / "results" / "bench_dplr.json"
@@ -126,11 +121,9 @@ def results_block(results: dict | None) -> str:
     if results is None:
         return "Not yet run: `python -m benchmarks.bench_dplr`.\n"
     p = results["provenance"]
-    lines = [f"`{p['command']}` on {p['date']} (torch {p['torch']}, {p['cpu_threads']} CPU threads, {p['heads']} heads of "
-             f"{p['head_size']}, chunk {p['chunk_size']} (the model's forward: its default chunk, {p['model_chunk_size']}), batch 1, fp32, medians of {p['repeats']} interleaved repeats"
-             + (f", load average {p['load_average_before'][0]:.1f} before and {p['load_average_after'][0]:.1f} after on {p['cpu_count']} CPUs"
-                if "load_average_before" in p else "") + "), "
-             "`benchmarks/results/bench_dplr.json`:", "",
+    lines = [f"{run_line(p)}, rwkv {p['rwkv']}, {p['heads']} heads of {p['head_size']}, chunk {p['chunk_size']} (the "
+             f"model's forward: its default chunk, {p['model_chunk_size']}), batch 1, fp32, medians of {p['repeats']} "
+             "interleaved repeats), `benchmarks/results/bench_dplr.json`:", "",
              "| T | id | measure | ratio | times |", "|---|---|---|---|---|"]
     lines += [f"| {r['T']} | {r['id']} | {r['measure']} | {r['ratio']:.2f} | {r['detail']} |" for r in results["rows"]]
     lines += ["", "Reading them (generated from the file: a ratio above 1 means the first-named side takes longer):", ""]
@@ -173,24 +166,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, default=RESULTS_JSON)
     args = parser.parse_args()
-    load_before, start = load_average(), time.perf_counter()
+    record = provenance("bench_dplr", heads=HEADS, head_size=HEAD_SIZE, chunk_size=DEFAULT_CHUNK_SIZE,
+                        model_chunk_size=MODEL_CHUNK_SIZE, repeats=args.repeats)
+    start = time.perf_counter()
     with torch.no_grad():
         lengths = list(map(int, args.lengths.split(",")))
         rows = [row for T in lengths for row in rows_for(T, args.repeats)]
         rows += [row for T in lengths for row in model_rows_for(T, args.repeats)]
-    results = {"provenance": {"command": shlex.join(["python", "-m", "benchmarks.bench_dplr", *sys.argv[1:]]),
-                              "date": time.strftime("%Y-%m-%d", time.gmtime()), "torch": torch.__version__,
-                              "cpu_threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine(),
-                              "heads": HEADS, "head_size": HEAD_SIZE, "chunk_size": DEFAULT_CHUNK_SIZE,
-                              "model_chunk_size": MODEL_CHUNK_SIZE, "rwkv": importlib.metadata.version("rwkv"),
-                              "repeats": args.repeats, "seed": 0, "load_average_before": load_before,
-                              "load_average_after": load_average(), "cpu_count": os.cpu_count(),
-                              "wall_s": round(time.perf_counter() - start, 1)},
+    results = {"provenance": record | {"wall_s": round(time.perf_counter() - start, 1)},
                "rows": rows}
+    write_results(args.json, results)
     print(results_block(results))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(args.json, "w") as f:
-        json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

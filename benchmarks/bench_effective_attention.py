@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 from pathlib import Path
 
 import torch
 from einops import einsum
 
 from benchmarks.bench_engine import median_times
+from benchmarks.provenance import provenance, run_line, write_results
 from hooked_gdn import HookedGatedDeltaNet, gated_delta_rule_reference
 from hooked_gdn.effective_attention import effective_attention
 from hooked_gdn.pretrained import heldout_windows, pretrained_path
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     torch.manual_seed(0)
+    record = provenance("bench_effective_attention", windows=args.windows, context=args.context, repeats=args.repeats)
 
     model = HookedGatedDeltaNet.from_pretrained(args.model, dtype=torch.float32).eval()
     bridge, mixers = boot_bridge(args.model)
@@ -123,15 +124,13 @@ def main() -> None:
 
     checkpoint = hashlib.sha256((args.model / "model.safetensors").read_bytes()).hexdigest()[:12]
     results = {
-        "checkpoint": args.model.name, "model_safetensors_sha256_12": checkpoint,
-        "windows": args.windows, "context": args.context, "threads": torch.get_num_threads(),
-        "relative_error": rows,
+        "provenance": record, "checkpoint": args.model.name, "model_safetensors_sha256_12": checkpoint,
+        "windows": args.windows, "context": args.context, "relative_error": rows,
         "time_ratio_ours_inputs_over_transformer_lens": t_ours / t_tl,
         "time_ratio_ours_writes_over_transformer_lens": t_writes / t_tl,
         "times_s": {"ours_inputs_all_layers": t_ours, "ours_writes_all_layers": t_writes, "transformer_lens_all_layers": t_tl},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / RESULTS_JSON.name).write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out / RESULTS_JSON.name, results)
     plot(rows, M, exact_on_v, exact_on_delta, layer, head, args.out / "effective_attention.png")
 
     print(f"checkpoint {args.model} (sha256 {checkpoint}), {args.windows} windows × {args.context} tokens")
@@ -192,9 +191,9 @@ def results_block(results: dict | None) -> str:
     if results is None:
         return "Not yet run: `python -m benchmarks.bench_effective_attention`.\n"
     rows, t = results["relative_error"], results["times_s"]
-    lines = [f"`python -m benchmarks.bench_effective_attention` (the shipped `{results['checkpoint']}`, model.safetensors "
-             f"sha256 `{results['model_safetensors_sha256_12']}…`, loaded by both libraries; {results['windows']} held-out "
-             f"windows of {results['context']} tokens; fp32, {results['threads']} thread), "
+    lines = [f"{run_line(results['provenance'])}, transformer_lens {results['provenance']['transformer_lens']}; the shipped "
+             f"`{results['checkpoint']}`, model.safetensors sha256 `{results['model_safetensors_sha256_12']}…`, loaded by both "
+             f"libraries; {results['windows']} held-out windows of {results['context']} tokens; fp32), "
              "`benchmarks/results/effective_attention.json`. Relative error ‖ô − o‖_F / ‖o‖_F per GDN layer:", "",
              "| GDN layer | " + " | ".join(h for _, h in _E1_COLUMNS) + " |", "|---" * (len(_E1_COLUMNS) + 1) + "|"]
     lines += [f"| {r['layer']} | " + " | ".join(_e(r[k]) for k, _ in _E1_COLUMNS) + " |" for r in rows]

@@ -26,11 +26,6 @@ fresh process and reads the kernel's peak-RSS counter (VmHWM, reset through /pro
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import json
-import os
-import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -39,13 +34,12 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
+from benchmarks.provenance import load_average, provenance, run_line, write_results
 from benchmarks.timing import synchronize
 from benchmarks.tl_bridge import boot_bridge, bridge_state_hook_name
 from hooked_gdn import HookedGatedDeltaNet
-from hooked_gdn.files import atomic_file
 from hooked_gdn.loading import hf_to_hooked_state_dict
 from hooked_gdn.sites import site_name
 
@@ -195,11 +189,6 @@ def mamba2_p2(repeats: int, layers: int, T: int = 512) -> list[tuple]:
     return rows
 
 
-def load_average() -> list[float]:
-    """The machine's 1-, 5- and 15-minute load averages (other processes' demand for the CPUs)."""
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="P1,P2,P2M2,P3,P4", help="any of P1, P2 (GDN), P2M2 (Mamba-2), P3, P4")
@@ -212,7 +201,8 @@ def main() -> None:
     args = parser.parse_args()
     wanted = args.only.split(",")
     thread_counts = [int(n) for n in args.threads.split(",")]
-    load_before, start = load_average(), time.perf_counter()
+    record = provenance("bench_engine", cpu_threads=thread_counts, layers=args.layers, repeats=args.repeats)
+    start = time.perf_counter()
     rows = []  # (threads, id, measure, ratio, target, detail)
     with torch.no_grad():
         for i, threads in enumerate(thread_counts):
@@ -232,28 +222,14 @@ def main() -> None:
         torch.set_num_threads(thread_counts[0])
     if "P3" in wanted:
         rows += [(thread_counts[0], *row) for row in p3(args.layers)]
-    print(f"torch {torch.__version__}, {args.layers} layers, fp32, batch 1, load average {load_before} -> {load_average()}\n")
+    print(f"torch {torch.__version__}, {args.layers} layers, fp32, batch 1, "
+          f"load average {record['load_average_before']} -> {load_average()}\n")
     print("| threads | id | measure | ratio | target | times |\n|---|---|---|---|---|---|")
     for threads, rid, what, ratio, target, detail in rows:
         print(f"| {threads} | {rid} | {what} | {ratio:.2f} | {target} | {detail} |")
-    results = {"provenance": {"command": shlex.join(["python", "-m", "benchmarks.bench_engine", *sys.argv[1:]]),
-                              "date": time.strftime("%Y-%m-%d", time.gmtime()), "torch": torch.__version__,
-                              "transformers": transformers.__version__, "transformer_lens": _version("transformer-lens"),
-                              "cpu_threads": thread_counts, "cpu_count": os.cpu_count(),
-                              "processor": platform.processor() or platform.machine(), "layers": args.layers,
-                              "repeats": args.repeats, "seed": 0, "load_average_before": load_before,
-                              "load_average_after": load_average(), "wall_s": round(time.perf_counter() - start, 1)},
+    results = {"provenance": record | {"wall_s": round(time.perf_counter() - start, 1)},
                "rows": [dict(zip(("threads", "id", "measure", "ratio", "target", "detail"), r)) for r in rows]}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(args.json, "w") as f:
-        json.dump(results, f, indent=2)
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    write_results(args.json, results)
 
 
 def results_block(results: dict | None) -> str:
@@ -262,11 +238,8 @@ def results_block(results: dict | None) -> str:
         return "Not yet run: `python -m benchmarks.bench_engine`.\n"
     p = results["provenance"]
     threads = p["cpu_threads"] if isinstance(p["cpu_threads"], list) else [p["cpu_threads"]]
-    load = (f", load average {p['load_average_before'][0]:.1f} before and {p['load_average_after'][0]:.1f} after on "
-            f"{p['cpu_count']} CPUs" if "load_average_before" in p else "")
-    lines = [f"`{p['command']}` on {p['date']} (torch {p['torch']}, transformers {p['transformers']}, "
-             f"{'/'.join(map(str, threads))} CPU threads, {p['layers']} layers, medians of {p['repeats']} interleaved "
-             f"repeats{load}), `benchmarks/results/bench_engine.json`:", "",
+    lines = [f"{run_line(p, threads='/'.join(map(str, threads)) + ' CPU threads')}, transformers {p['transformers']}, "
+             f"{p['layers']} layers, medians of {p['repeats']} interleaved repeats), `benchmarks/results/bench_engine.json`:", "",
              "| threads | id | measure | ratio | target | times |", "|---|---|---|---|---|---|"]
     lines += [f"| {r.get('threads', threads[0])} | {r['id']} | {r['measure']} | {r['ratio']:.2f} | {r['target']} | {r['detail']} |"
               for r in results["rows"]]

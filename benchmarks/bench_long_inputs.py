@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from hooked_gdn.files import atomic_file
+from benchmarks.provenance import provenance, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_JSON = ROOT / "benchmarks" / "results" / "bench_long_inputs.json"
@@ -156,19 +153,14 @@ def main() -> None:
             print(rows[-1], flush=True)
     dirty = bool(git(tree, "status", "--porcelain", "--untracked-files=no"))
     commit = git(tree, "rev-parse", "--short", "HEAD") + (" with uncommitted changes" if dirty else "")
-    run = {"provenance": {"command": shlex.join(["python", "-m", "benchmarks.bench_long_inputs", *sys.argv[1:]]),
-                          "commit": f"commit {commit}", "date": time.strftime("%Y-%m-%d", time.gmtime()),
-                          "torch": torch.__version__, "cpu_threads": threads,
-                          "processor": platform.processor() or platform.machine(), "model": MODEL,
-                          "limit_gib": args.limit_gib, "seed": 0},
+    run = {"provenance": provenance("bench_long_inputs", commit=f"commit {commit}", cpu_threads=threads, model=MODEL,
+                                    limit_gib=args.limit_gib),
            "rows": rows}
     results = json.loads(args.json.read_text()) if args.json.exists() else {"runs": {}}
     results["runs"][args.label] = run
     for case in CASES:
         print(f"{args.label} {case}: {linearity(rows, case)}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(args.json, "w") as f:
-        json.dump(results, f, indent=2)
+    write_results(args.json, results)
     print(results_block(results))
 
 

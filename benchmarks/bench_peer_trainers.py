@@ -36,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_sae import provenance, train_step, write_results
+from benchmarks.bench_sae import train_step
+from benchmarks.provenance import provenance, write_results
 from benchmarks.timing import synchronize
 from writesae import BilinearMatrixSAE, FlatSAE
 
@@ -127,7 +128,7 @@ def measure(peer: str, repeats: int) -> dict:
         print(json.dumps(row), flush=True)
         rows.append(row)
     return {"status": "measured", "version": version, "rows": rows,
-            "provenance": provenance("bench_peer_trainers", None, python_executable=sys.executable, repeats=repeats,
+            "provenance": provenance("bench_peer_trainers", python_executable=sys.executable, repeats=repeats,
                                      lr=LR, optimiser="torch.optim.Adam")}
 
 
@@ -166,7 +167,7 @@ def main() -> None:
         entry = measure(peer, args.repeats)
         if entry["status"] == "measured" or results["peers"].get(peer, {}).get("status") != "measured":
             results["peers"][peer] = entry
-    results["provenance"] = provenance("bench_peer_trainers", args, note="each measured peer has its own provenance")
+    results["provenance"] = provenance("bench_peer_trainers", note="each measured peer has its own provenance")
     write_results(args.json, results)
     print(results_block(json.loads(args.json.read_text())))
 

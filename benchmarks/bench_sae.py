@@ -26,17 +26,13 @@ import argparse
 import itertools
 import json
 import os
-import platform
-import shlex
-import sys
-import time
 from pathlib import Path
 from unittest import mock
 
 import torch
 
+from benchmarks.provenance import provenance, run_line, write_results
 from benchmarks.timing import median_seconds
-from hooked_gdn.files import atomic_file
 from writesae import BilinearMatrixSAE, FlatSAE, MatrixSAE
 from writesae.sae import GATHER_COST_FLOPS, dense_decode_is_cheaper
 from writesae.train import TrainConfig, make_optimizer, training_step, _guard
@@ -55,9 +51,9 @@ def training_step_flops(architecture: str, batch: int, n: int, k: int, d_k: int,
     multiply-add; the elementwise work, top-k, norms and Adam are not counted), as the step computes
     them. D = d_k·d_v, B = batch, and "gathered" where `writesae.sae.dense_decode_is_cheaper` picks it:
 
-    encoder     flat, matrix: 2·B·n·D (z = W_enc·x), and backward (∂W_enc; ∂x, which b_dec needs)
-                              4·B·n·D dense or 4·B·k·D gathered (TopK passes a gradient to k features)
-                bilinear:     6·B·n·D + 6·n·r·D (against E_i = Σ_r U_ir P_irᵀ, forming E, ∂U and ∂P: dense)
+    encoder     2·B·n·D (z = W_enc·x), and backward (∂W_enc; ∂x, which b_dec needs) 4·B·n·D dense or
+                4·B·k·D gathered (TopK passes a gradient to k features); bilinear: the same against its rows
+                E_i = Σ_r U_ir P_irᵀ, plus 6·n·r·D to form E and take ∂U, ∂P from ∂E
     decoder     gathered:     6·B·k·D flat, 6·B·k·r·D factored (x̂; ∂values; ∂atoms)
                 dense:        6·B·n·D, plus 6·n·r·D to form the atoms when factored
     (AuxK adds nothing while no feature is dead, as in the benchmark.)
@@ -65,10 +61,10 @@ def training_step_flops(architecture: str, batch: int, n: int, k: int, d_k: int,
     D = d_k * d_v
     r = 1 if architecture == "flat" else rank
     gathered = not dense_decode_is_cheaper(batch, n, k, d_k, d_v, None if architecture == "flat" else rank)
+    # the dense encoder's backward takes the flat rule (its rows are d_k·d_v numbers)
+    encoder = 2 * batch * n * D + 4 * batch * D * (n if dense_decode_is_cheaper(batch, n, k, d_k, d_v, None) else k)
     if architecture == "bilinear":
-        encoder = 6 * batch * n * D + 6 * n * r * D
-    else:  # the dense encoder's backward takes the flat rule (its rows are d_k·d_v numbers)
-        encoder = 2 * batch * n * D + 4 * batch * D * (n if dense_decode_is_cheaper(batch, n, k, d_k, d_v, None) else k)
+        encoder += 6 * n * r * D
     decoder = 6 * batch * k * r * D if gathered else 6 * batch * n * D + (0 if architecture == "flat" else 6 * n * r * D)
     return encoder + decoder
 
@@ -130,6 +126,36 @@ def step_row(architecture: str, shape: str, n: int, batch: int, repeats: int) ->
             "overhead_ms": 1e3 * (seconds - mm_seconds * flops / mm_flops)}
 
 
+#: how `time_by_op_kind` groups the operators a step runs (by torch.profiler's names; the rest is "other")
+OP_KINDS = {"matrix products": ("aten::bmm", "aten::mm", "aten::addmm", "aten::baddbmm"),
+            "gathers and scatters": ("aten::embedding_bag", "aten::_embedding_bag", "aten::index_select", "aten::index_add_",
+                                     "aten::gather", "aten::scatter_", "aten::scatter"),
+            "top-k": ("aten::topk",), "Adam": ("aten::_fused_adam_",)}
+
+
+def time_by_op_kind(architecture: str, shape: str, n: int, batch: int, repeats: int) -> dict:
+    """Where one trainer step's time goes (ms per step): each `OP_KINDS` group's self time in
+    torch.profiler, "other operators" (elementwise work, reductions, copies: the rest of the profiled
+    operators), and "between operators" (the unprofiled step's median time less every operator's
+    self time: Python, autograd's bookkeeping and dispatch)."""
+    d_k, d_v = HEAD_SHAPES[shape]
+    sae = CLASSES[architecture](d_k=d_k, d_v=d_v, n_features=n, k=K, seed=0)
+    x = torch.randn(batch, 1, d_k, d_v, generator=torch.Generator().manual_seed(0))
+    step = train_step(sae, x)
+    seconds = median_seconds(step, repeats)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        for _ in range(repeats):
+            step()
+    kind_of = {name: kind for kind, names in OP_KINDS.items() for name in names}
+    ms = dict.fromkeys([*OP_KINDS, "other operators"], 0.0)
+    for event in profile.key_averages():
+        if event.key.startswith("aten::"):
+            ms[kind_of.get(event.key, "other operators")] += event.self_cpu_time_total / 1e3 / repeats
+    ms["between operators"] = 1e3 * seconds - sum(ms.values())
+    return {"architecture": architecture, "d_k": d_k, "d_v": d_v, "n_features": n, "batch": batch,
+            "step_ms": 1e3 * seconds, "ms": ms}
+
+
 def decode_row(architecture: str, d: int, n: int, batch: int, repeats: int) -> dict:
     """Forward + backward of decode_atoms by each route, on the same codes."""
     sae = CLASSES[architecture](d_k=d, d_v=d, n_features=n, k=K, seed=0)
@@ -148,30 +174,12 @@ def decode_row(architecture: str, d: int, n: int, batch: int, repeats: int) -> d
             "faster": min(times, key=times.get), "picked_time_over_best": times[chosen] / min(times.values())}
 
 
-def provenance(script: str, args, **extra) -> dict:
-    """Command, date, versions, threads, load average and seed of a results file."""
-    return {"command": shlex.join(["python", "-m", f"benchmarks.{script}", *sys.argv[1:]]),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-            "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
-            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "load_average_before": list(os.getloadavg()), "seed": 0, **extra}
-
-
-def write_results(path: Path, results: dict) -> None:
-    results["provenance"]["load_average_after"] = list(os.getloadavg())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as f:
-        f.write(json.dumps(results, indent=1) + "\n")
-
-
 def results_block(results: dict | None) -> str:
     """RESULTS.md's P5 section, from ``benchmarks/results/sae.json``."""
     if results is None:
         return "Not yet run: `python -m benchmarks.bench_sae`.\n"
     p = results["provenance"]
-    lines = [f"`{p['command']}` on {p['date']} (torch {p['torch']}, {p['cpu_threads']} CPU thread(s), load average "
-             f"{p['load_average_before'][0]:.1f} before and {p['load_average_after'][0]:.1f} after on {p['cpu_count']} cores, "
-             f"medians of {p['repeats']} repeats, one head, TopK k = {p['k']}, Adam, the trainer's step), "
+    lines = [f"{run_line(p)}, medians of {p['repeats']} repeats, one head, TopK k = {p['k']}, Adam, the trainer's step), "
              "`benchmarks/results/sae.json`. FLOPs counted analytically (`benchmarks.bench_sae.training_step_flops`); "
              "*matmul fraction*: achieved FLOP/s over a plain square `torch.matmul` of the same FLOPs timed beside it; "
              "*overhead*: step time minus that matmul's time.", "",
@@ -190,6 +198,14 @@ def results_block(results: dict | None) -> str:
               "| SAE | d | n | batch | dense | gathered | rule picks | picked / best |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['architecture']} | {r['d_k']} | {r['n_features']} | {r['batch']} | {r['dense_ms']:.1f} | "
               f"{r['gathered_ms']:.1f} | {r['rule_picks']} | {r['picked_time_over_best']:.2f} |" for r in results["decode"]]
+    if results.get("breakdown"):
+        kinds = list(results["breakdown"][0]["ms"])
+        lines += ["", "Where a step's time goes at the smallest shapes (ms per step; operators' self time in torch.profiler, "
+                  "grouped by `benchmarks.bench_sae.OP_KINDS`; *between operators*: the step's median time less every "
+                  "operator's self time):", "",
+                  "| SAE | head | n | batch | step | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 5) + "|"]
+        lines += [f"| {r['architecture']} | {r['d_k']}×{r['d_v']} | {r['n_features']} | {r['batch']} | {r['step_ms']:.2f} | "
+                  + " | ".join(f"{r['ms'][kind]:.2f}" for kind in kinds) + " |" for r in results["breakdown"]]
     return "\n".join(lines) + "\n"
 
 
@@ -211,9 +227,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=RESULTS_JSON)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = {"provenance": provenance("bench_sae", args, repeats=args.repeats, k=K, max_gflop=args.max_gflop,
+    results = {"provenance": provenance("bench_sae", repeats=args.repeats, k=K, max_gflop=args.max_gflop,
                                         max_gib=args.max_gib, gather_cost_flops=GATHER_COST_FLOPS),
-               "rows": [], "skipped": [], "decode": []}
+               "rows": [], "skipped": [], "decode": [], "breakdown": []}
     for architecture, shape, n, batch in itertools.product(CLASSES, HEAD_SHAPES, N_FEATURES, BATCHES):
         d_k, d_v = HEAD_SHAPES[shape]
         gib = 4 * 4 * parameter_count(architecture, n, d_k, d_v) / 2**30
@@ -229,6 +245,10 @@ def main() -> None:
         row = decode_row(architecture, d, n, batch, args.repeats)
         print(json.dumps(row), flush=True)
         results["decode"].append(row)
+    for architecture, shape in itertools.product(CLASSES, HEAD_SHAPES):
+        row = time_by_op_kind(architecture, shape, min(N_FEATURES), min(BATCHES), args.repeats)
+        print(json.dumps(row), flush=True)
+        results["breakdown"].append(row)
     results["summary"] = summary(results["rows"])
     write_results(args.json, results)
     print(results_block(json.loads(args.json.read_text())))

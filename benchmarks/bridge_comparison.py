@@ -36,10 +36,6 @@ only what transformers loads.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import json
-import shlex
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -48,9 +44,9 @@ from pathlib import Path
 import torch
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM, Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
+from benchmarks.provenance import provenance, write_results
 from benchmarks.tl_bridge import boot_bridge, bridge_state_hook_name
 from hooked_gdn import HookedGatedDeltaNet
-from hooked_gdn.files import atomic_file
 from hooked_gdn.sites import edit_at_positions, gdn_hook_name, site_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -413,19 +409,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=RESULTS_JSON)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
+    record, start = provenance("bridge_comparison", seed=SEED), time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         families = {family: compare(family, Path(tmp) / family) for family in FAMILIES}
-    results = {"provenance": {
-        "command": shlex.join(["python", "-m", "benchmarks.bridge_comparison", *sys.argv[1:]]),
-        "date": time.strftime("%Y-%m-%d", time.gmtime()), "seed": SEED, "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "transformers": importlib.metadata.version("transformers"),
-        "transformer_lens": importlib.metadata.version("transformer-lens"), "python": sys.version.split()[0],
-        "wall_s": time.perf_counter() - start},
-        "families": families, "rwkv7": rwkv7_check()}
+    results = {"provenance": record | {"wall_s": time.perf_counter() - start}, "families": families, "rwkv7": rwkv7_check()}
+    write_results(args.json, results)
     print(results_block(results))
-    with atomic_file(args.json, "w") as f:
-        json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -35,13 +35,11 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -137,15 +135,6 @@ class Run:
             os.replace(tmp, path)
 
 
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
@@ -166,15 +155,13 @@ def source_digest() -> str:
 
 
 def provenance(args, device: torch.device, datasets_stub: bool) -> dict:
-    record = {"command": shlex.join(["python", "-m", "benchmarks.gpu_check", *sys.argv[1:]]), "seed": args.seed, "small": args.small,
-              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "device_type": device.type, "device": platform.processor() or platform.machine(),
-              "python": platform.python_version(), "torch": torch.__version__,
-              "transformers": _version("transformers"), "transformer_lens": _version("transformer-lens"),
-              "cpu_threads": torch.get_num_threads(), "git_commit": _git_commit(), "source_sha256": source_digest(),
-              "fp32_matmul_precision": torch.get_float32_matmul_precision(),
-              "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
-              "datasets_stub": datasets_stub}
+    from benchmarks.provenance import provenance as run_provenance  # after `import_library`: it imports hooked_gdn
+
+    record = run_provenance("gpu_check", seed=args.seed, small=args.small, device_type=device.type,
+                            device=platform.processor() or platform.machine(), git_commit=_git_commit(),
+                            source_sha256=source_digest(), fp32_matmul_precision=torch.get_float32_matmul_precision(),
+                            tf32={"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
+                            datasets_stub=datasets_stub)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         record |= {"device": torch.cuda.get_device_name(device), "cuda": torch.version.cuda,

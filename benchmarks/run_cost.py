@@ -31,7 +31,9 @@ import json
 import re
 from pathlib import Path
 
-from benchmarks.bench_sae import provenance, training_step_flops, write_results
+from benchmarks.bench_sae import training_step_flops
+from benchmarks.gpu_check import source_digest
+from benchmarks.provenance import provenance, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -91,8 +93,10 @@ def compute() -> dict:
     cpu_forward = _p1_rate(cpu_engine["rows"], 512, cpu_engine["provenance"]["layers"], 4096)
     cpu_rows = [r for r in sae["rows"] if r["architecture"] == "bilinear" and r["d_k"] == m["d_k"]]
     cpu_sae = max(cpu_rows, key=lambda r: (r["n_features"], r["batch"]))
+    # training on the GPU from the states/s gpu_check measured (the step as it was at that run's sources; the
+    # FLOP count is today's, so a rate in FLOP/s would carry a changed step's count onto the old measurement)
     gpu_hours = {"extraction": extract_flops / gpu_forward["flops_per_s"] / 3600,
-                 "training": train_flops / gpu_train_rate / 3600}
+                 "training": samples_per_head * m["gdn_heads"] / gpu_sae["states_per_s"] / 3600}
     cpu_hours = {"extraction": extract_flops / cpu_forward["flops_per_s"] / 3600,
                  "training": train_flops / (cpu_sae["gflop_per_s"] * 1e9) / 3600}
     return {
@@ -111,11 +115,13 @@ def compute() -> dict:
                         "fraction_of_fp32_peak": gpu_train_rate / H200["fp32_flops"]},
                     "device": gpu["provenance"]["device"], "date": gpu["provenance"]["date"]},
                 "hours": gpu_hours, "total_hours": sum(gpu_hours.values()),
-                "training_hours_from_measured_states_per_s": samples_per_head * m["gdn_heads"] / gpu_sae["states_per_s"] / 3600,
+                "training_hours_at_the_measured_fraction_of_matmul": train_flops / gpu_train_rate / 3600,
+                "measured_sources_are_this_checkouts": gpu["provenance"].get("source_sha256") == source_digest(),
+                "measured_commit": gpu["provenance"].get("git_commit"),
                 "state_write_seconds_at_hbm_bandwidth": state_bytes / H200["hbm_bytes_per_s"],
                 "if_tf32_at_the_same_fraction_hours": {
                     "extraction": extract_flops / (gpu_forward["flops_per_s"] / H200["fp32_flops"] * H200["tf32_flops"]) / 3600,
-                    "training": train_flops / (gpu_train_rate / H200["fp32_flops"] * H200["tf32_flops"]) / 3600}},
+                    "training": gpu_hours["training"] * H200["fp32_flops"] / H200["tf32_flops"]}},
         "cpu": {"measured_inputs": {
                     "forward": {"file": "benchmarks/results/bench_engine.json", "threads": cpu_engine["provenance"]["cpu_threads"],
                                 **cpu_forward},
@@ -148,9 +154,13 @@ def results_block(results: dict | None) -> str:
         f"{u['hours']['extraction']:.0f} h | {u['hours']['training']:.0f} h | {u['total_hours']:.0f} h |", "",
         f"Rates used: H200 forward {gi['forward']['flops_per_s'] / 1e12:.1f} TFLOP/s ({gi['forward']['fraction_of_fp32_peak']:.2f} "
         f"of the assumed {results['assumed']['h200_peaks']['fp32_flops'] / 1e12:.0f} TFLOP/s fp32 peak; batch 1, {gi['forward']['row']}), "
-        f"SAE step {gi['sae_step']['achieved_flops_per_s'] / 1e12:.1f} TFLOP/s ({gi['sae_step']['row']['ratio_to_matmul']:.2f} of "
-        f"the matmul rate measured beside it; the measured {gi['sae_step']['row']['states_per_s']:.0f} states/s give "
-        f"{g['training_hours_from_measured_states_per_s']:.2f} h); writing the states at the assumed "
+        f"SAE step {gi['sae_step']['row']['states_per_s']:.0f} states/s as measured (at commit "
+        f"{(g['measured_commit'] or '?')[:12]}, "
+        + ("the sources of this checkout" if g["measured_sources_are_this_checkouts"] else
+           "whose sources differ from this checkout's: the step measured is not today's")
+        + f"; {gi['sae_step']['achieved_flops_per_s'] / 1e12:.1f} TFLOP/s, {gi['sae_step']['row']['ratio_to_matmul']:.2f} of "
+        f"the matmul rate measured beside it, at which today's FLOP count would take "
+        f"{g['training_hours_at_the_measured_fraction_of_matmul']:.2f} h); writing the states at the assumed "
         f"{results['assumed']['h200_peaks']['hbm_bytes_per_s'] / 1e12:.1f} TB/s takes {g['state_write_seconds_at_hbm_bandwidth']:.2f} s "
         f"(storing them off the GPU is not counted). CPU: forward {ui['forward']['flops_per_s'] / 1e9:.1f} GFLOP/s, SAE step "
         f"{ui['sae_step']['row']['gflop_per_s']:.1f} GFLOP/s (BilinearMatrixSAE 128×128, n = {ui['sae_step']['row']['n_features']}, "
@@ -162,9 +172,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, default=RESULTS_JSON)
     args = parser.parse_args()
-    results = {"provenance": provenance("run_cost", args, inputs=["benchmarks/results/gpu_check.json",
-                                                                   "benchmarks/results/bench_engine.json",
-                                                                   "benchmarks/results/sae.json"]), **compute()}
+    results = {"provenance": provenance("run_cost", inputs=["benchmarks/results/gpu_check.json",
+                                                          "benchmarks/results/bench_engine.json",
+                                                          "benchmarks/results/sae.json"]), **compute()}
     write_results(args.json, results)
     print(results_block(json.loads(args.json.read_text())))
 
