@@ -140,8 +140,8 @@ _READINGS = (
     ("D3", "a carried edit costs more than a clean chunked forward", "a carried edit costs less than a clean chunked forward"),
     ("D4", "the DPLR engine is slower than GDN's own on GDN's inputs", "the DPLR engine is faster than GDN's own on GDN's inputs"),
     ("D5", "our whole forward is faster than BlinkDL's", "our whole forward is slower than BlinkDL's"),
-    ("D6", "caching every state of every layer is faster than BlinkDL's forward, which keeps none",
-     "caching every state of every layer is slower than BlinkDL's forward, which keeps none"),
+    ("D6", "caching every state of every layer is faster than BlinkDL's forward (which keeps no state)",
+     "caching every state of every layer is slower than BlinkDL's forward (which keeps no state)"),
     ("D7", "our sequential mode is slower than the parallel forward", "our sequential mode is faster than the parallel forward"),
 )
 
