@@ -21,15 +21,11 @@ from pathlib import Path
 
 import torch
 
+from demos.common import load_average
 from hooked_gdn.files import atomic_file
 
 #: the distributions a benchmark may measure against; each installed one's version is recorded
 MEASURED_LIBRARIES = ("transformers", "transformer-lens", "rwkv", "sae-lens", "eai-sparsify")
-
-
-def load_average() -> list[float]:
-    """The machine's 1-, 5- and 15-minute load averages (other processes' demand for the CPUs)."""
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def provenance(script: str, **extra) -> dict:

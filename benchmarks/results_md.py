@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from demos.common import ran_idle
 from demos.readme import BLOCK, blocks, renderer_module
 
 HERE = Path(__file__).resolve().parent
@@ -62,7 +63,7 @@ def readme_summary() -> str:
     return (
         f"On this project's 2-core CPU, one thread (`python -m benchmarks.bench_engine`, {prov['date']}; load average "
         f"{prov['load_average_before'][0]:.1f} before and {prov['load_average_after'][0]:.1f} after: "
-        f"{'an idle' if max(prov['load_average_before'][0], prov['load_average_after'][0]) < prov['cpu_count'] else 'a busy'} "
+        f"{'an idle' if ran_idle(prov['load_average_before'][0], prov['load_average_after'][0], max(prov['cpu_threads'])) else 'a busy'} "
         f"machine): a forward without hooks costs {_engine_ratio(rows, 'P1'):.2f}× transformers'; caching every GDN "
         f"state of a layer at Qwen3.5-0.8B's sizes (T = 512) costs {_engine_ratio(rows, 'P2b'):.2f}× the time of writing "
         f"those bytes and is {_engine_ratio(rows, 'P2c'):.2f}× faster than TransformerLens 4.3's eager scan; on Mamba-2 at "

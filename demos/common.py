@@ -18,12 +18,29 @@ from pathlib import Path
 
 import torch
 
-from hooked_gdn.files import file_sha256
+from hooked_gdn.files import atomic_file, file_sha256
 from hooked_gdn.pretrained import heldout_windows
 from hooked_gdn.sites import parse_site
 from writesae import load_sae
 from writesae.quickstart import run_quickstart
 from writesae.splice import HookedSAEGatedDeltaNet
+
+
+def load_average() -> list[float]:
+    """The machine's 1-, 5- and 15-minute load averages (the demand for its CPUs, a running program's own included)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+#: the load averages when the program that imported this module started, before its own work added to them: a
+#: results file says whether its wall time was taken on an idle machine (every demo and benchmark imports this module)
+LOAD_AT_START = load_average()
+
+
+def ran_idle(load_at_start: float, load_at_end: float, threads: int) -> bool:
+    """Whether a run's one-minute load averages say it had the machine to itself: less than one CPU's worth of
+    demand in the minute before it started, and at its end less than one beyond its own threads."""
+    return load_at_start < 1 and load_at_end < threads + 1
+
 
 DEFAULT_SAE = "gdn-austen/L5-state"
 QUICKSTART_SAE = Path("quickstart-out/sae")
@@ -83,11 +100,13 @@ def decay_kinds(layer: int, heads, model_name: str = "gdn-austen") -> dict:
     return {kind: [h for h in heads if groups["decay"][h] == kind] for kind in DECAY_KINDS} \
         | {"half_life": groups["half_life"]}
 
+
 def write_json(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
+    """Write a results file whole or not at all; one with a ``provenance`` records the load average at its end."""
+    if isinstance(results.get("provenance"), dict):
+        results["provenance"]["load_average_after"] = load_average()
+    with atomic_file(path) as f:
+        f.write(json.dumps(results, indent=2, default=float) + "\n")
 
 
 def command_line() -> str:
@@ -110,13 +129,14 @@ def run_now(command: str) -> str:
 
 
 def provenance(seed: int, model: str = "gdn-austen", sae: str | None = None, **inputs) -> dict:
-    """What produced a result: the command line as run, the seed, the CPU threads torch used, the model and
+    """What produced a result: the command line as run, the seed, the CPU threads torch used (and the machine's
+    CPUs and load average when the program started), the model and
     SAE (names and the SHA-256 of their weights) and the inputs (passages, context, ...). Every demo's
     results.json carries it."""
     from hooked_gdn.pretrained import pretrained_path
 
     record = {"command": command_line(), "seed": seed, "model": model,
-              "cpu_threads": torch.get_num_threads()}
+              "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_average_before": LOAD_AT_START}
     model_folder = pretrained_path(model)
     if model_folder is not None:
         record["model_sha256"] = file_sha256(model_folder / "model.safetensors")
@@ -130,10 +150,23 @@ def provenance(seed: int, model: str = "gdn-austen", sae: str | None = None, **i
 
 
 def wall_time(results: dict) -> str:
-    """"N min (or s) wall time at T CPU threads", from a results file's ``seconds`` and provenance."""
-    seconds, threads = results["seconds"], results["provenance"].get("cpu_threads")
-    took = f"{seconds} s" if seconds < 90 else f"{round(seconds / 60)} min"
-    return f"{took} wall time" + (f" at {threads} CPU thread{'s' if threads != 1 else ''}" if threads else "")
+    """"N min (or s) wall time at T CPU threads, load average A at the start and B at the end", from a results
+    file's ``seconds`` and provenance (files from before the load was recorded omit it)."""
+    return took(results["seconds"]) + run_conditions(results["provenance"])
+
+
+def took(seconds: float) -> str:
+    return f"{round(seconds)} s wall time" if seconds < 90 else f"{round(seconds / 60)} min wall time"
+
+
+def run_conditions(record: dict) -> str:
+    """" at T CPU threads, load average A at the start and B at the end" from a demo's provenance."""
+    threads = record.get("cpu_threads")
+    said = f" at {threads} CPU thread{'s' if threads != 1 else ''}" if threads else ""
+    if "load_average_after" in record:
+        said += (f", load average {record['load_average_before'][0]:.1f} at the start and "
+                 f"{record['load_average_after'][0]:.1f} at the end on {record['cpu_count']} CPUs")
+    return said
 
 
 def pyplot():

@@ -67,7 +67,7 @@ from pathlib import Path
 
 import torch
 
-from demos.common import provenance, pyplot, run_now, save_figure, write_json
+from demos.common import provenance, pyplot, run_conditions, run_now, save_figure, took, write_json
 from hooked_gdn.census import VERY_LONG_MEMORY, MemoryCensus
 from hooked_gdn.pretrained import CENSUS_FILE, PRETRAINED_MODELS, austen_corpus, heldout_windows
 from writesae import BilinearMatrixSAE, FlatSAE, MatrixSAE
@@ -630,10 +630,10 @@ def readme_block(results: dict) -> str:
     half = choice["median_half_life"]
     heads = lambda group: ", ".join(f"{h} ({half[str(h)]:.3g}, {choice['decay'][str(h)]})" for h in choice["heads"][group])
     summary, runs = results["summary"], results["runs"]
-    minutes = sum(results["elapsed"].values()) / 60
     cell0 = results["cells"][0]
     lines = [
-        f"`{run_now(results['provenance']['command'])}` ({minutes:.0f} min at {results['threads']} CPU threads; "
+        f"`{run_now(results['provenance']['command'])}` ({took(sum(results['elapsed'].values()))}"
+        f"{run_conditions(results['provenance'])}; "
         f"`{results['provenance']['inputs']['out']}/results.json` has every run). GDN layer {results['layer']} of "
         f"`{results['provenance']['model']}`; long-memory heads {heads('long-memory')} and memoryless heads "
         f"{heads('memoryless')} (median half-life in tokens, decay kind; {choice['rule']}). Per site and head, "
