@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.provenance import load_average
 from hooked_gdn.files import atomic_file, file_sha256
 from hooked_gdn.pretrained import heldout_windows
 from hooked_gdn.sites import parse_site
@@ -26,21 +27,9 @@ from writesae.quickstart import run_quickstart
 from writesae.splice import HookedSAEGatedDeltaNet
 
 
-def load_average() -> list[float]:
-    """The machine's 1-, 5- and 15-minute load averages (the demand for its CPUs, a running program's own included)."""
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-#: the load averages when the program that imported this module started, before its own work added to them: a
-#: results file says whether its wall time was taken on an idle machine (every demo and benchmark imports this module)
+#: the load averages when the demo that imported this module started, before its own work added to them: its
+#: results file says whether its wall time was taken on an idle machine (`benchmarks.provenance.ran_idle`)
 LOAD_AT_START = load_average()
-
-
-def ran_idle(load_at_start: float, load_at_end: float, threads: int) -> bool:
-    """Whether a run's one-minute load averages say it had the machine to itself: less than one CPU's worth of
-    demand in the minute before it started, and at its end less than one beyond its own threads."""
-    return load_at_start < 1 and load_at_end < threads + 1
-
 
 DEFAULT_SAE = "gdn-austen/L5-state"
 QUICKSTART_SAE = Path("quickstart-out/sae")

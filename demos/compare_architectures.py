@@ -69,6 +69,7 @@ import torch
 
 from demos.common import provenance, pyplot, run_conditions, run_now, save_figure, took, write_json
 from hooked_gdn.census import VERY_LONG_MEMORY, MemoryCensus
+from hooked_gdn.files import atomic_file
 from hooked_gdn.pretrained import CENSUS_FILE, PRETRAINED_MODELS, austen_corpus, heldout_windows
 from writesae import BilinearMatrixSAE, FlatSAE, MatrixSAE
 from writesae.baselines import PCABaseline
@@ -308,10 +309,8 @@ def finished_runs(records: Path, header: dict) -> dict[tuple, dict]:
     """The runs an interrupted comparison with the same ``header`` recorded in ``records``, by `RUN_KEY`
     (a last line cut off by the interruption is dropped); a new file with the header when there is none."""
     if not records.exists():
-        records.parent.mkdir(parents=True, exist_ok=True)
-        tmp = records.with_suffix(".tmp")
-        tmp.write_text(json.dumps(header) + "\n")
-        tmp.replace(records)
+        with atomic_file(records) as f:
+            f.write(json.dumps(header) + "\n")
         return {}
     lines = records.read_text().splitlines()
     differing = differences(json.loads(lines[0]) if lines else {}, json.loads(json.dumps(header)), "the records have", "this run")

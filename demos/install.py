@@ -36,6 +36,7 @@ import torch
 
 from demos.common import (demo_parser, heldout_passages, load_model_and_sae, memory_groups, provenance, pyplot, sae_layer,
                     save_figure, wall_time, write_json)
+from hooked_gdn.files import atomic_file
 from writesae.experiments import atom_and_random_directions, frequent_features, install_study, summarize_installs
 from writesae.experiments.install import SCOPES
 
@@ -87,10 +88,9 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "results.json", results)
-    tmp = args.out / "runs.tmp"
-    tmp.write_text("".join(json.dumps({k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in r.items()}) + "\n"
-                           for r in runs))
-    tmp.replace(args.out / "runs.jsonl")
+    with atomic_file(args.out / "runs.jsonl") as f:
+        f.writelines(json.dumps({k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in r.items()}) + "\n"
+                     for r in runs)
 
     plt = pyplot()
     fig, axes = plt.subplots(1, len(results["summary"]), figsize=(5.5 * len(results["summary"]), 4), squeeze=False)

@@ -42,7 +42,7 @@ import torch
 from demos.common import (decay_kinds, demo_parser, heldout_passages, load_model_and_sae, provenance, pyplot, sae_layer,
                           save_figure, wall_time, write_json)
 from hooked_gdn.census import DECAY_KINDS
-from hooked_gdn.files import file_sha256
+from hooked_gdn.files import atomic_file, file_sha256
 from writesae import load_sae
 from writesae.experiments import find_firings
 from writesae.experiments.substitution import METRICS, NOISE_FACTOR, REPLACEMENTS, substitution_test, summarize
@@ -80,9 +80,8 @@ def write_records(path, records) -> None:
     short = lambda x: float(f"{x:.5g}")
     lines = [json.dumps({k: {c: short(y) for c, y in v.items()} if isinstance(v, dict) else short(v) if isinstance(v, float) else v
                          for k, v in r.items()}) for r in records]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    with atomic_file(path) as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def run_dictionary(model, sae, tokens, heads: dict, horizon: dict, args) -> tuple[list[dict], dict]:
