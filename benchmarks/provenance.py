@@ -1,6 +1,7 @@
 """What a benchmark's results file records about the run that wrote it, for every script here: the
 command as run, when, the versions of the libraries it measured, the CPU threads, and the machine's
-load average before and after (these machines are shared, and a ratio taken under load says so).
+load average before and after (these machines are shared, and a ratio taken under load says so). The
+demos record the load the same way (`demos.common.provenance`), and `ran_idle` judges both.
 
     results = {"provenance": provenance("bench_cache", repeats=3), ...}
     write_results(path, results)          # adds the load average after; atomic
@@ -21,11 +22,21 @@ from pathlib import Path
 
 import torch
 
-from demos.common import load_average
 from hooked_gdn.files import atomic_file
 
 #: the distributions a benchmark may measure against; each installed one's version is recorded
 MEASURED_LIBRARIES = ("transformers", "transformer-lens", "rwkv", "sae-lens", "eai-sparsify")
+
+
+def load_average() -> list[float]:
+    """The machine's 1-, 5- and 15-minute load averages (the demand for its CPUs, a running program's own included)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def ran_idle(load_at_start: float, load_at_end: float, threads: int) -> bool:
+    """Whether a run's one-minute load averages say it had the machine to itself: less than one CPU's worth of
+    demand in the minute before it started, and at its end less than one beyond its own threads."""
+    return load_at_start < 1 and load_at_end < threads + 1
 
 
 def provenance(script: str, **extra) -> dict:

@@ -11,7 +11,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import provenance as provenance_module
-from benchmarks.bench_sae import CLASSES, OP_KINDS, time_by_op_kind, train_step, training_step_flops
+from benchmarks.bench_sae import (BIG_STEP_GFLOP, CLASSES, OP_KINDS, farthest_big_steps, optimizer_step, summary,
+                                  time_by_op_kind, train_step, training_step_flops)
 from writesae.sae import dense_decode_is_cheaper
 
 
@@ -35,6 +36,35 @@ def test_the_time_breakdown_finds_each_kind_of_operator_it_names(monkeypatch):
     row = time_by_op_kind("flat", "tiny", 64, 4, repeats=2)
     assert set(row["ms"]) == {*OP_KINDS, "other operators", "between operators"}
     assert all(row["ms"][kind] > 0 for kind in ("matrix products", "top-k", "Adam", "other operators"))
+
+
+@pytest.mark.parametrize("architecture", sorted(CLASSES))
+def test_the_adam_floor_steps_every_parameter_once_and_nothing_else(architecture):
+    """The floor under a step is the trainer's Adam alone: it must move every weight (a floor that skipped
+    the encoder would understate the work), by Adam's first step (lr · sign of the gradient), and run no
+    forward or backward (a gradient it computed would count the step's own work twice)."""
+    sae = CLASSES[architecture](d_k=4, d_v=4, n_features=8, k=2, seed=0)
+    before = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    with FlopCounterMode(display=False) as counter:
+        optimizer_step(sae)()
+    assert counter.get_total_flops() == 0
+    for name, p in sae.named_parameters():
+        moved = (before[name] - p.detach()).abs()
+        assert moved.min() > 0, f"Adam did not move {name}"
+        torch.testing.assert_close(moved, torch.full_like(moved, 1e-4), rtol=5e-3, atol=0)
+
+
+def _row(architecture, gflop, fraction, n=64, batch=32, limit=0.5):
+    return {"architecture": architecture, "head_shape": "tiny", "n_features": n, "batch": batch, "d_k": 8, "d_v": 8,
+            "step_gflop": gflop, "matmul_fraction": fraction, "overhead_ms": 1.0, "limit_fraction": limit}
+
+
+def test_the_profiled_big_steps_are_each_sae_s_farthest_from_the_matmul_rate():
+    rows = [_row("flat", BIG_STEP_GFLOP, 0.3, n=1), _row("flat", 5, 0.2, n=2), _row("flat", 0.5, 0.01, n=3),
+            _row("bilinear", 2, 0.4, n=4), _row("matrix", 0.1, 0.05, n=5)]
+    assert farthest_big_steps(rows) == [("flat", "tiny", 2, 32), ("bilinear", "tiny", 4, 32)]
+    s = summary([*rows[:2], {**rows[3], "limit_fraction": 0.9}])
+    assert s["big_steps"] == 3 and s["big_steps_meeting_goal"] == 0 and s["big_steps_limit_fraction"] == [0.5, 0.9]
 
 
 def test_a_results_file_records_its_command_versions_and_load_and_is_written_whole(tmp_path, monkeypatch):

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from demos import readme
-from demos.common import provenance, ran_idle, wall_time, write_json
+from benchmarks.provenance import ran_idle
+from demos.common import provenance, wall_time, write_json
 from hooked_gdn.files import file_sha256
 from hooked_gdn.pretrained import pretrained_path
 
