@@ -1,6 +1,6 @@
 """The architecture comparison of the WriteSAE claim, matched for real: Flat, Matrix and Bilinear SAEs on the same samples.
 
-    python -m demos.compare_architectures      # about 75 minutes at 2 CPU threads; writes demos/results/compare_architectures/
+    python -m demos.compare_architectures      # about 50 minutes at 2 CPU threads; writes demos/results/compare_architectures/
 
 On GDN layer L of `gdn-austen`, for the state and the write (sites "state" and "write"), on two head groups
 chosen from the shipped memory census, every architecture below is trained and scored on a test split that
