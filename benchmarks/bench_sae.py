@@ -7,7 +7,8 @@ For `FlatSAE`, `MatrixSAE` (rank 1) and `BilinearMatrixSAE` (rank 1, untied), on
 Qwen3.5-0.8B's GDN head shape (d_k = d_v = 128) and at the shipped gdn-austen's (64 × 64), over
 n_features ∈ {64, 1024, 16384} × batch ∈ {32, 256, 1024}: the trainer's own step
 (`writesae.train.training_step`: loss, backward, Adam, unit-norm factors, finiteness guards, dead
-counters) on random states, timed as the median of repeats. Each row gives states/s, the step's FLOPs
+counters) on random states, timed as the median of repeats, inside `writesae.host_memory.freed_memory_kept`
+as `writesae.train.train` runs it. Each row gives states/s, the step's FLOPs
 (`training_step_flops`, counted analytically) and ``matmul_fraction``: achieved FLOP/s over the FLOP/s of one
 plain square ``torch.matmul`` of the same FLOPs, timed right after the step in the same run (so both
 see the same load). ``overhead_ms`` = step time − that matmul's time: what the step spends beyond its
@@ -37,6 +38,7 @@ import torch
 from benchmarks.provenance import provenance, run_line, write_results
 from benchmarks.timing import median_seconds
 from writesae import BilinearMatrixSAE, FlatSAE, MatrixSAE
+from writesae.host_memory import freed_memory_kept
 from writesae.sae import GATHER_COST_FLOPS, dense_decode_is_cheaper
 from writesae.train import TrainConfig, make_optimizer, training_step, _guard
 
@@ -206,13 +208,11 @@ def results_block(results: dict | None) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['architecture']} | {r['d_k']}×{r['d_v']} | {r['n_features']} | {r['batch']} | {r['decode']} | "
               f"{r['states_per_s']:.0f} | {r['step_gflop']:.3g} | {r['matmul_fraction']:.2f} | {r['overhead_ms']:.1f} | "
-              + (f"{r['adam_ms']:.1f} | {r['limit_fraction']:.2f} |" if "adam_ms" in r else "– | – |")
-              for r in results["rows"]]
+              f"{r['adam_ms']:.1f} | {r['limit_fraction']:.2f} |" for r in results["rows"]]
     s = results["summary"]
     lines += ["", f"Goal ≥ {GOAL_MATMUL_FRACTION} of the matmul rate on steps of ≥ {BIG_STEP_GFLOP} GFLOP: {s['big_steps_meeting_goal']} of "
-              f"{s['big_steps']} meet it (lowest {s['big_steps_lowest_fraction']:.2f})"
-              + (f"; their limit fractions lie in {s['big_steps_limit_fraction'][0]:.2f}–{s['big_steps_limit_fraction'][1]:.2f}"
-                 if "big_steps_limit_fraction" in s else "") + ". Goal ≤ 2 ms overhead at the "
+              f"{s['big_steps']} meet it (lowest {s['big_steps_lowest_fraction']:.2f}); their limit fractions lie in "
+              f"{s['big_steps_limit_fraction'][0]:.2f}–{s['big_steps_limit_fraction'][1]:.2f}. Goal ≤ 2 ms overhead at the "
               f"smallest shapes (n = 64, batch 32): {', '.join(f'{a} {v:.1f} ms' for a, v in s['smallest_overhead_ms'].items())}.",
               f"Skipped (over {p['max_gflop']} GFLOP a step or {p['max_gib']} GiB of state): "
               f"{'; '.join(results['skipped']) or 'none'}.", "",
@@ -253,18 +253,8 @@ def farthest_big_steps(rows: list[dict]) -> list[tuple[str, str, int, int]]:
     return [(a, r["head_shape"], r["n_features"], r["batch"]) for a, r in lowest.items()]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-gflop", type=float, default=60.0, help="skip steps of more GFLOP than this")
-    parser.add_argument("--max-gib", type=float, default=1.5, help="skip SAEs whose weights+grads+Adam pass this")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", type=Path, default=RESULTS_JSON)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    results = {"provenance": provenance("bench_sae", repeats=args.repeats, k=K, max_gflop=args.max_gflop,
-                                        max_gib=args.max_gib, gather_cost_flops=GATHER_COST_FLOPS),
-               "rows": [], "skipped": [], "decode": [], "breakdown": []}
+def measure(results: dict, args: argparse.Namespace) -> None:
+    """Fill ``results``' rows, decode routes and time breakdown."""
     for architecture, shape, n, batch in itertools.product(CLASSES, HEAD_SHAPES, N_FEATURES, BATCHES):
         d_k, d_v = HEAD_SHAPES[shape]
         gib = 4 * 4 * parameter_count(architecture, n, d_k, d_v) / 2**30
@@ -286,6 +276,23 @@ def main() -> None:
         row = time_by_op_kind(architecture, shape, n, batch, args.repeats)
         print(json.dumps(row), flush=True)
         results["breakdown"].append(row)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-gflop", type=float, default=60.0, help="skip steps of more GFLOP than this")
+    parser.add_argument("--max-gib", type=float, default=1.5, help="skip SAEs whose weights+grads+Adam pass this")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=RESULTS_JSON)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = {"provenance": provenance("bench_sae", repeats=args.repeats, k=K, max_gflop=args.max_gflop,
+                                        max_gib=args.max_gib, gather_cost_flops=GATHER_COST_FLOPS,
+                                        host_memory="writesae.host_memory.freed_memory_kept, as the trainer runs"),
+               "rows": [], "skipped": [], "decode": [], "breakdown": []}
+    with freed_memory_kept():  # the trainer's steps run inside it (writesae.train.train)
+        measure(results, args)
     results["summary"] = summary(results["rows"])
     write_results(args.json, results)
     print(results_block(json.loads(args.json.read_text())))

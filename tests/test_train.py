@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -387,3 +388,19 @@ def test_the_fused_adam_steps_as_the_foreach_adam_it_replaced(model, arch):
     for (name, p), q in zip(fused.named_parameters(), reference.parameters()):
         assert not torch.equal(p, ARCHITECTURES[arch](**kw).get_parameter(name)), name  # the steps moved it
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_training_runs_inside_the_block_that_keeps_freed_memory(model, documents, tmp_path, monkeypatch):
+    """Every step of `train` reuses the memory the last one freed (writesae.host_memory): a trainer that
+    left the block out would fault its gradients in afresh every step."""
+    entered = []
+
+    @contextlib.contextmanager
+    def recording():
+        entered.append("enter")
+        yield
+        entered.append("exit")
+
+    monkeypatch.setattr("writesae.train.freed_memory_kept", recording)
+    run(model, documents, tmp_path, steps=2, batch_size=16)
+    assert entered == ["enter", "exit"]
