@@ -7,7 +7,7 @@ import pytest
 
 from demos import readme
 from benchmarks.provenance import ran_idle
-from demos.common import provenance, wall_time, write_json
+from demos import common
 from hooked_gdn.files import file_sha256
 from hooked_gdn.pretrained import pretrained_path
 
@@ -67,15 +67,15 @@ def test_the_studies_were_timed_on_an_idle_machine(name):
 
 
 def test_a_results_file_records_the_load_around_its_run(tmp_path, monkeypatch):
-    results = {"provenance": provenance(0, passages=1), "seconds": 95}
+    results = {"provenance": common.provenance(0, passages=1), "seconds": 95}
     monkeypatch.setattr("os.getloadavg", lambda: (2.5, 1.0, 0.5))
-    write_json(tmp_path / "results.json", results)
+    common.write_json(tmp_path / "results.json", results)
     written = json.loads((tmp_path / "results.json").read_text())
     record = written["provenance"]
     assert record["load_average_after"] == [2.5, 1.0, 0.5] and len(record["load_average_before"]) == 3
     record["load_average_before"] = [0.25, 0.0, 0.0]
-    assert wall_time(written).startswith(f"2 min wall time at {record['cpu_threads']} CPU thread")
-    assert wall_time(written).endswith(f"load average 0.2 at the start and 2.5 at the end on {record['cpu_count']} CPUs")
+    assert common.wall_time(written).startswith(f"2 min wall time at {record['cpu_threads']} CPU thread")
+    assert common.wall_time(written).endswith(f"load average 0.2 at the start and 2.5 at the end on {record['cpu_count']} CPUs")
 
 
 @pytest.mark.parametrize("start, end, threads, idle", [(0.3, 2.9, 2, True), (1.2, 2.0, 2, False), (0.3, 3.1, 2, False),
