@@ -154,8 +154,7 @@ def results_block(results: dict | None) -> str:
         p = entry["provenance"]
         notes.append(f"{peer} {entry['version']}: `{p['command']}` under `{p['python_executable']}` on {p['date']} "
                      f"(torch {p['torch']}, {p['cpu_threads']} thread, {p['repeats']} repeats, "
-                     + ("all three steps inside `writesae.host_memory.freed_memory_kept`)" if "host_memory" in p else
-                        "every step outside `writesae.host_memory.freed_memory_kept`, which did not exist yet)"))
+                     "all three steps inside `writesae.host_memory.freed_memory_kept`)")
         lines += [f"| {peer} | {r['d_k']}×{r['d_v']} | {r['n_features']} | {r['batch']} | {r[f'{peer}_states_per_s']:.0f} | "
                   f"{r['ours_flat_states_per_s']:.0f} | {r['ratio_peer_over_ours_flat']:.2f} | "
                   f"{r['ours_bilinear_states_per_s']:.0f} | {p['load_average_before'][0]:.1f} |" for r in entry["rows"]]

@@ -86,4 +86,3 @@ def test_inside_the_block_a_freed_buffer_is_reused_without_faulting_its_pages_in
     with freed_memory_kept():
         inside = _faults_of_a_repeated_allocation(nbytes)
     assert inside < outside / 8, (inside, outside)
-
