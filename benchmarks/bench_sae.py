@@ -60,8 +60,9 @@ def training_step_flops(architecture: str, batch: int, n: int, k: int, d_k: int,
     them. D = d_k·d_v, B = batch, and "gathered" where `writesae.sae.dense_decode_is_cheaper` picks it:
 
     encoder     2·B·n·D (z = W_enc·x), and backward (∂W_enc; ∂x, which b_dec needs) 4·B·n·D dense or
-                4·B·k·D gathered (TopK passes a gradient to k features); bilinear: the same against its rows
-                E_i = Σ_r U_ir P_irᵀ, plus 6·n·r·D to form E and take ∂U, ∂P from ∂E
+                4·B·k·D gathered (TopK passes a gradient to k features); bilinear: 2·B·n·D against its rows
+                E_i = Σ_r U_ir P_irᵀ plus 2·n·r·D to form them, and backward (∂U, ∂P, ∂x) 6·B·k·r·D
+                gathered or, dense, 4·B·n·D plus 6·n·r·D (E formed again; ∂U, ∂P from ∂E)
     decoder     gathered:     6·B·k·D flat, 6·B·k·r·D factored (x̂; ∂values; ∂atoms)
                 dense:        6·B·n·D, plus 6·n·r·D to form the atoms when factored
     (AuxK adds nothing while no feature is dead, as in the benchmark.)
@@ -69,10 +70,10 @@ def training_step_flops(architecture: str, batch: int, n: int, k: int, d_k: int,
     D = d_k * d_v
     r = 1 if architecture == "flat" else rank
     gathered = not dense_decode_is_cheaper(batch, n, k, d_k, d_v, None if architecture == "flat" else rank)
-    # the dense encoder's backward takes the flat rule (its rows are d_k·d_v numbers)
-    encoder = 2 * batch * n * D + 4 * batch * D * (n if dense_decode_is_cheaper(batch, n, k, d_k, d_v, None) else k)
-    if architecture == "bilinear":
-        encoder += 6 * n * r * D
+    if architecture == "bilinear":  # its backward takes the factored rule (it gathers r·(d_k + d_v) numbers a feature)
+        encoder = 2 * batch * n * D + 2 * n * r * D + (4 * batch * n * D + 6 * n * r * D if not gathered else 6 * batch * k * r * D)
+    else:  # the dense encoder's backward takes the flat rule (its rows are d_k·d_v numbers)
+        encoder = 2 * batch * n * D + 4 * batch * D * (n if dense_decode_is_cheaper(batch, n, k, d_k, d_v, None) else k)
     decoder = 6 * batch * k * r * D if gathered else 6 * batch * n * D + (0 if architecture == "flat" else 6 * n * r * D)
     return encoder + decoder
 

@@ -451,8 +451,7 @@ def run_comparison(model, documents: list, heldout_documents: list, choice: dict
     results = {"layer": layer, "heads": choice, "sizes": sizes, "not_trained": plan["not_trained"],
                "parameter_budget_per_head": {str(b): weights_per_head("Flat", b, sizes["parameter_k"], cfg.d_key, cfg.d_value)
                                              for b in sizes["budgets"]},
-               "converged_below": CONVERGED_BELOW, "cells": cells, "runs": runs, "elapsed": clock,
-               "threads": torch.get_num_threads()}
+               "converged_below": CONVERGED_BELOW, "cells": cells, "runs": runs, "elapsed": clock}
     return results | {"summary": summarize(results)}
 
 

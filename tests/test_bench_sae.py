@@ -29,6 +29,20 @@ def test_the_step_flops_are_those_torch_counts_where_every_product_is_a_matrix_p
     assert counter.get_total_flops() == training_step_flops("flat", batch, n, k, d, d) == step.flops
 
 
+@pytest.mark.parametrize("n, batch, k, rank, dense", [(64, 4, 2, 2, False), (256, 8, 4, 3, False), (16, 64, 8, 2, True)])
+def test_the_bilinear_step_flops_are_those_torch_counts_on_both_routes(n, batch, k, rank, dense):
+    """At rank > 1 every product of a BilinearMatrixSAE step is a matrix product (at rank 1 the atoms are
+    outer products, which torch does not count), on the gathered routes and on the dense ones: the count
+    follows the encoder's backward to the factors and the decoder's route."""
+    d = 8
+    assert dense_decode_is_cheaper(batch, n, k, d, d, rank) == dense
+    step = train_step(CLASSES["bilinear"](d_k=d, d_v=d, n_features=n, k=k, rank=rank, seed=0), torch.randn(batch, 1, d, d))
+    step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    assert counter.get_total_flops() == training_step_flops("bilinear", batch, n, k, d, d, rank) == step.flops
+
+
 def test_the_time_breakdown_finds_each_kind_of_operator_it_names(monkeypatch):
     """Every kind but the gathers runs in a dense flat step; a renamed operator would land in "other"
     and show here as a zero."""

@@ -26,6 +26,7 @@ forward hooks (``register_forward_hook``) still work. The core never needs Trans
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -200,9 +201,9 @@ def dense_decode_is_cheaper(n_samples: int, n_features: int, m: int, d_k: int, d
     gathered: n_samples·m·(G·g + 2·rank·d_k·d_v)   (g numbers gathered per atom, d_k·d_v flat and
               rank·(d_k + d_v) factored, G = GATHER_COST_FLOPS; a flat decoder's product is rank 1)
 
-    The one place that chooses: `SAEBase.decode_atoms`, and the backward of a dense encoder (`_DenseEncoder`),
-    whose gradient reaches m features per sample (the same trade: n rows of d_k·d_v, or m gathered).
-    The backward passes cost the same multiples."""
+    The one place that chooses: `SAEBase.decode_atoms`, and `_gradient_support` for the backward of the
+    dense and bilinear encoders (`_DenseEncoder`, `_BilinearEncoder`), whose gradient reaches m features
+    per sample (the same trade: n rows of d_k·d_v, or m gathered). The backward passes cost the same multiples."""
     atom = d_k * d_v
     if rank is None:
         dense, gathered = 2 * n_features * atom * n_samples, n_samples * m * (GATHER_COST_FLOPS * atom + 2 * atom)
@@ -210,6 +211,19 @@ def dense_decode_is_cheaper(n_samples: int, n_features: int, m: int, d_k: int, d
         dense = 2 * n_features * atom * (n_samples + rank)
         gathered = n_samples * m * (GATHER_COST_FLOPS * rank * (d_k + d_v) + 2 * rank * atom)
     return dense < gathered
+
+
+def _gradient_support(grad: Tensor, d_k: int, d_v: int, rank: int | None) -> tuple[Tensor, Tensor] | None:
+    """The features a sparse code's gradient ``grad`` [..., n_dicts, n] reaches, for an encoder's backward:
+    None where `dense_decode_is_cheaper` (rank as there) says the dense products cost less, else
+    (indices, values) [B, n_dicts, m], each sample's m largest |g| (m the most non-zeros any sample
+    has), which hold every non-zero one (and zeros where a sample has fewer)."""
+    flat_grad = grad.reshape(-1, *grad.shape[-2:])
+    m = max(int((flat_grad != 0).sum(-1).max()) if flat_grad.numel() else 0, 1)  # one zero where none is non-zero
+    if dense_decode_is_cheaper(flat_grad.shape[0], grad.shape[-1], m, d_k, d_v, rank):
+        return None
+    indices = flat_grad.abs().topk(m, dim=-1, sorted=False).indices
+    return indices, flat_grad.gather(-1, indices)
 
 
 def _dense_pre(W_enc: Tensor, centred: Tensor) -> Tensor:
@@ -237,25 +251,49 @@ class _DenseEncoder(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, W_enc = ctx.saved_tensors
         n_dicts, n, D = W_enc.shape
-        flat_grad = grad.reshape(-1, n_dicts, n)
-        m = max(int((flat_grad != 0).sum(-1).max()) if flat_grad.numel() else 0, 1)  # one zero where none is non-zero
-        if dense_decode_is_cheaper(flat_grad.shape[0], n, m, ctx.d_k, ctx.d_v, None):
+        support = _gradient_support(grad, ctx.d_k, ctx.d_v, None)
+        if support is None:
             grad_x = torch.einsum("...hn,hnd->...hd", grad, W_enc) if ctx.needs_input_grad[0] else None
             grad_W = torch.einsum("...hn,...hd->hnd", grad, x) if ctx.needs_input_grad[1] else None
             return grad_x, grad_W, None, None
-        # the m largest |g| of each sample and head hold every non-zero one (and zeros where there are fewer)
-        indices = flat_grad.abs().topk(m, dim=-1, sorted=False).indices
-        values = flat_grad.gather(-1, indices)
+        indices, values = support
         rows = _rows(indices, n)  # [B, n_dicts, m]
         grad_x = grad_W = None
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(rows.flatten(0, -2), W_enc.flatten(0, 1), per_sample_weights=values.flatten(0, -2),
                                      mode="sum").view(x.shape)
         if ctx.needs_input_grad[1]:
-            contributions = values.unsqueeze(-1) * x.reshape(-1, n_dicts, 1, D)  # [B, n_dicts, m, D]
-            grad_W = W_enc.new_zeros(n_dicts * n, D).index_add_(0, rows.flatten(), contributions.reshape(-1, D))
-            grad_W = grad_W.view(n_dicts, n, D)
+            grad_W = _rows_of_sparse_product(rows, values, x.reshape(-1, D), n_dicts * n).view(n_dicts, n, D)
         return grad_x, grad_W, None, None
+
+
+# How many products values_sj x_s `_rows_of_sparse_product` forms and adds before it takes the CSR product
+# instead. Timed on one CPU thread of this machine (index_add_ / CSR): 64 MB of products 10 / 14 ms, 512 MB
+# 72 / 34 ms, 2 GB 326 / 169 ms: the CSR product's own rate is low, and it wins once the products leave the cache.
+SPARSE_PRODUCT_FROM = 2**25
+
+
+def _rows_of_sparse_product(rows: Tensor, values: Tensor, x: Tensor, n_rows: int) -> Tensor:
+    """G x [n_rows, D] for the sparse G [n_rows, B·n_dicts] with G[rows_sj, s] = values_sj (rows, values
+    [B, n_dicts, m], s a (sample, head) pair and x its [B·n_dicts, D] rows): a dense encoder's ∂W_enc.
+    Each row sums its samples in order, by either route (the same numbers on this CPU): the products
+    values_sj x_s, formed and ``index_add_``-ed, up to `SPARSE_PRODUCT_FROM` of them; past it one CSR
+    product over only the rows some sample reaches, which forms none (at a training batch they are
+    gigabytes: 8.6 GB at batch 4096, k = 32, 128 × 128)."""
+    m = rows.shape[-1]
+    if rows.numel() * x.shape[-1] <= SPARSE_PRODUCT_FROM:
+        products = values.unsqueeze(-1) * x.view(*values.shape[:-1], 1, -1)  # [B, n_dicts, m, D]
+        return x.new_zeros(n_rows, x.shape[-1]).index_add_(0, rows.flatten(), products.reshape(-1, x.shape[-1]))
+    reached, compact = rows.flatten().unique(sorted=True, return_inverse=True)
+    order = compact.argsort(stable=True)  # row-major; within a row, samples in order
+    columns = torch.arange(x.shape[0], device=x.device).repeat_interleave(m)[order]
+    crow = torch.zeros(len(reached) + 1, dtype=torch.long, device=x.device)
+    crow[1:] = compact.bincount(minlength=len(reached)).cumsum(0)
+    with warnings.catch_warnings():  # built sorted, so the invariants hold; torch warns that CSR is in beta
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        G = torch.sparse_csr_tensor(crow, columns, values.flatten()[order], (len(reached), x.shape[0]),
+                                    check_invariants=False)
+    return x.new_zeros(n_rows, x.shape[-1]).index_copy_(0, reached, G @ x)
 
 
 def _rescale_dense_codes_(sae: FlatSAE | MatrixSAE, c: Tensor) -> None:
@@ -277,6 +315,64 @@ def _factor_atom_norms(V: Tensor, W: Tensor) -> Tensor:
     """‖Σ_r V_ir W_irᵀ‖_F [n_dicts, n], from Gram matrices: ‖·‖² = Σ_rs (V_rᵀV_s)(W_rᵀW_s)."""
     gram = torch.einsum("hnrk,hnsk->hnrs", V, V) * torch.einsum("hnrv,hnsv->hnrs", W, W)
     return gram.sum((-2, -1)).clamp_min(0).sqrt()
+
+
+def _bilinear_pre(U: Tensor, P: Tensor, centred: Tensor) -> Tensor:
+    """Σ_r U_irᵀ (X·s − b_dec) P_ir [..., n_dicts, n] (b_enc not included). With gradients, through
+    `_BilinearEncoder`, whose backward reaches the factors of only the features that receive a gradient."""
+    if torch.is_grad_enabled() and (centred.requires_grad or U.requires_grad or P.requires_grad):
+        return _BilinearEncoder.apply(centred, U, P)
+    return torch.einsum("...hd,hnd->...hn", centred.flatten(-2), _factor_atoms(U, P).flatten(-2))
+
+
+class _BilinearEncoder(torch.autograd.Function):
+    """z_i = Σ_r U_irᵀ x P_ir per head, x [..., n_dicts, d_k, d_v], U [n_dicts, n, r, d_k], P [n_dicts, n, r, d_v].
+
+    The forward forms the n encoder matrices E_i = Σ_r U_ir P_irᵀ once (n·d_k·d_v numbers: fewer than the
+    per-sample products x P_ir, B·n·r·d_k, once B·r > d_v, and the same numbers whatever the batch) and
+    does not keep them. A sparse code passes a gradient to m ≤ k features per sample, so where
+    `_gradient_support` says gathering beats the dense products, the backward takes each kept (sample,
+    feature) pair's factors and goes straight to them, with no [n, d_k, d_v] ∂E:
+    ∂U_ir += g x P_ir, ∂P_ir += g xᵀ U_ir, ∂x += g Σ_r U_ir P_irᵀ (3 products of 2·B·m·r·d_k·d_v FLOPs).
+    Elsewhere it forms E again and takes ∂E = Σ_b g_b x_b, ∂U = ∂E P, ∂P = ∂Eᵀ U, ∂x = g E."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, U: Tensor, P: Tensor) -> Tensor:
+        ctx.save_for_backward(x, U, P)
+        return torch.einsum("...hd,hnd->...hn", x.flatten(-2), _factor_atoms(U, P).flatten(-2))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, U, P = ctx.saved_tensors
+        n_dicts, n, rank, d_k = U.shape
+        d_v = P.shape[-1]
+        need_x, need_U, need_P = ctx.needs_input_grad
+        flat_x = x.reshape(-1, n_dicts, d_k, d_v)
+        grad_x = grad_U = grad_P = None
+        support = _gradient_support(grad, d_k, d_v, rank)
+        if support is None:
+            if need_x:
+                grad_x = torch.einsum("...hn,hnkv->...hkv", grad, _factor_atoms(U, P))
+            if need_U or need_P:
+                grad_E = torch.einsum("bhn,bhkv->hnkv", grad.reshape(-1, n_dicts, n), flat_x)
+                grad_U = torch.einsum("hnkv,hnrv->hnrk", grad_E, P) if need_U else None
+                grad_P = torch.einsum("hnkv,hnrk->hnrv", grad_E, U) if need_P else None
+            return grad_x, grad_U, grad_P
+        indices, values = support
+        rows = _rows(indices, n).flatten()
+        U_kept, P_kept = _pick(U, indices), _pick(P, indices)  # [B, n_dicts, m, r, d_k | d_v]
+        if need_x:
+            grad_x = torch.einsum("bhm,bhmrk,bhmrv->bhkv", values, U_kept, P_kept).view(x.shape)
+        weights = values[..., None, None]
+        if need_U:
+            contributions = torch.einsum("bhkv,bhmrv->bhmrk", flat_x, P_kept) * weights
+            grad_U = U.new_zeros(n_dicts * n, rank * d_k).index_add_(0, rows, contributions.reshape(-1, rank * d_k))
+            grad_U = grad_U.view(U.shape)
+        if need_P:
+            contributions = torch.einsum("bhkv,bhmrk->bhmrv", flat_x, U_kept) * weights
+            grad_P = P.new_zeros(n_dicts * n, rank * d_v).index_add_(0, rows, contributions.reshape(-1, rank * d_v))
+            grad_P = grad_P.view(P.shape)
+        return grad_x, grad_U, grad_P
 
 
 def _factor_decode_sparse(V: Tensor, W: Tensor, indices: Tensor, values: Tensor) -> Tensor:
@@ -624,10 +720,7 @@ class BilinearMatrixSAE(_FactoredDecoderSAE):
         return (self.V, self.W) if self.cfg.tied else (self.U, self.P)
 
     def _pre(self, centred):
-        # A full X meets every feature, so form the n encoder matrices Σ_r U_ir P_irᵀ once per call
-        # (n·d_k·d_v numbers): fewer than the per-sample products X P_ir (B·n·r·d_k) once B·r > d_v. They
-        # are a dense encoder's rows, so its backward reaches only the features a sparse code kept.
-        return _dense_pre(_factor_atoms(*self.encoder_factors).flatten(-2), centred) + self.b_enc
+        return _bilinear_pre(*self.encoder_factors, centred) + self.b_enc
 
     def _pre_factors(self, k, delta):
         """z_i = Σ_r (U_irᵀ k)(δᵀ P_ir) + (b_enc,i − Σ_r U_irᵀ b_dec P_ir): O(n·r·(d_k + d_v)) per
