@@ -21,7 +21,8 @@ GiB, are skipped (listed in the results): the grid is subsampled.
 ``decode``: the two routes of `SAEBase.decode_atoms` (dense product of every code with every atom,
 and gathering the k active atoms), forward and backward, timed side by side at shapes around the
 crossover, with the route `writesae.sae.dense_decode_is_cheaper` picks: the measurement behind its
-``GATHER_COST_FLOPS``.
+``GATHER_COST_FLOPS``. ``encoder_backward``: the same for the two routes of the bilinear encoder's backward
+(`writesae.sae.bilinear_backward_is_dense`): the measurement behind ``SMALL_PRODUCT_COST``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from benchmarks.provenance import provenance, run_line, write_results
 from benchmarks.timing import median_seconds
 from writesae import BilinearMatrixSAE, FlatSAE, MatrixSAE
 from writesae.host_memory import freed_memory_kept
-from writesae.sae import GATHER_COST_FLOPS, dense_decode_is_cheaper
+from writesae.sae import GATHER_COST_FLOPS, SMALL_PRODUCT_COST, bilinear_backward_is_dense, dense_decode_is_cheaper
 from writesae.train import TrainConfig, make_optimizer, training_step, _guard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +63,8 @@ def training_step_flops(architecture: str, batch: int, n: int, k: int, d_k: int,
     encoder     2·B·n·D (z = W_enc·x), and backward (∂W_enc; ∂x, which b_dec needs) 4·B·n·D dense or
                 4·B·k·D gathered (TopK passes a gradient to k features); bilinear: 2·B·n·D against its rows
                 E_i = Σ_r U_ir P_irᵀ plus 2·n·r·D to form them, and backward (∂U, ∂P, ∂x) 6·B·k·r·D
-                gathered or, dense, 4·B·n·D plus 6·n·r·D (E formed again; ∂U, ∂P from ∂E)
+                gathered or, dense, 4·B·n·D plus 6·n·r·D (E formed again; ∂U, ∂P from ∂E), as
+                `writesae.sae.bilinear_backward_is_dense` picks
     decoder     gathered:     6·B·k·D flat, 6·B·k·r·D factored (x̂; ∂values; ∂atoms)
                 dense:        6·B·n·D, plus 6·n·r·D to form the atoms when factored
     (AuxK adds nothing while no feature is dead, as in the benchmark.)
@@ -70,8 +72,10 @@ def training_step_flops(architecture: str, batch: int, n: int, k: int, d_k: int,
     D = d_k * d_v
     r = 1 if architecture == "flat" else rank
     gathered = not dense_decode_is_cheaper(batch, n, k, d_k, d_v, None if architecture == "flat" else rank)
-    if architecture == "bilinear":  # its backward takes the factored rule (it gathers r·(d_k + d_v) numbers a feature)
-        encoder = 2 * batch * n * D + 2 * n * r * D + (4 * batch * n * D + 6 * n * r * D if not gathered else 6 * batch * k * r * D)
+    if architecture == "bilinear":
+        backward = (4 * batch * n * D + 6 * n * r * D if bilinear_backward_is_dense(batch, n, k, d_k, d_v, r)
+                    else 6 * batch * k * r * D)
+        encoder = 2 * batch * n * D + 2 * n * r * D + backward
     else:  # the dense encoder's backward takes the flat rule (its rows are d_k·d_v numbers)
         encoder = 2 * batch * n * D + 4 * batch * D * (n if dense_decode_is_cheaper(batch, n, k, d_k, d_v, None) else k)
     decoder = 6 * batch * k * r * D if gathered else 6 * batch * n * D + (0 if architecture == "flat" else 6 * n * r * D)
@@ -195,6 +199,32 @@ def decode_row(architecture: str, d: int, n: int, batch: int, repeats: int) -> d
             "faster": min(times, key=times.get), "picked_time_over_best": times[chosen] / min(times.values())}
 
 
+def encoder_backward_row(d: int, n: int, batch: int, repeats: int) -> dict:
+    """Forward + backward of the bilinear encoder (rank 1) by each route of its backward, against a TopK-sparse
+    gradient of z (K features per sample): the measurement behind `writesae.sae.SMALL_PRODUCT_COST`."""
+    sae = BilinearMatrixSAE(d_k=d, d_v=d, n_features=n, k=K, seed=0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 1, d, d, generator=g)
+    upstream = torch.zeros(batch, 1, n).scatter(-1, torch.rand(batch, 1, n, generator=g).topk(K, dim=-1).indices,
+                                                torch.randn(batch, 1, K, generator=g))
+    times = {}
+    for route in ("dense", "gathered"):
+        def run(route=route):
+            with mock.patch("writesae.sae.bilinear_backward_is_dense", lambda *shape: route == "dense"):
+                (sae.encode_pre(x) * upstream).sum().backward()
+        times[route] = median_seconds(run, repeats)
+    chosen = "dense" if bilinear_backward_is_dense(batch, n, K, d, d, 1) else "gathered"
+    return {"architecture": "bilinear", "d_k": d, "d_v": d, "n_features": n, "batch": batch, "k": K,
+            "dense_ms": 1e3 * times["dense"], "gathered_ms": 1e3 * times["gathered"], "rule_picks": chosen,
+            "faster": min(times, key=times.get), "picked_time_over_best": times[chosen] / min(times.values())}
+
+
+def _routes_table(rows: list[dict]) -> list[str]:
+    return ["| SAE | d | n | batch | dense | gathered | rule picks | picked / best |", "|---|---|---|---|---|---|---|---|",
+            *[f"| {r['architecture']} | {r['d_k']} | {r['n_features']} | {r['batch']} | {r['dense_ms']:.1f} | "
+              f"{r['gathered_ms']:.1f} | {r['rule_picks']} | {r['picked_time_over_best']:.2f} |" for r in rows]]
+
+
 def results_block(results: dict | None) -> str:
     """RESULTS.md's P5 section, from ``benchmarks/results/sae.json``."""
     if results is None:
@@ -218,9 +248,10 @@ def results_block(results: dict | None) -> str:
               f"Skipped (over {p['max_gflop']} GFLOP a step or {p['max_gib']} GiB of state): "
               f"{'; '.join(results['skipped']) or 'none'}.", "",
               f"Decode routes (forward + backward, ms; the rule with GATHER_COST_FLOPS = {p['gather_cost_flops']} picks one):", "",
-              "| SAE | d | n | batch | dense | gathered | rule picks | picked / best |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['architecture']} | {r['d_k']} | {r['n_features']} | {r['batch']} | {r['dense_ms']:.1f} | "
-              f"{r['gathered_ms']:.1f} | {r['rule_picks']} | {r['picked_time_over_best']:.2f} |" for r in results["decode"]]
+              *_routes_table(results["decode"]), "",
+              "The bilinear encoder's backward routes (encoder forward + backward against a TopK-sparse gradient, ms; "
+              f"`writesae.sae.bilinear_backward_is_dense` with SMALL_PRODUCT_COST = {p['small_product_cost']} picks one):", "",
+              *_routes_table(results["encoder_backward"])]
     if results.get("breakdown"):
         kinds = list(results["breakdown"][0]["ms"])
         lines += ["", f"Where a step's time goes at the smallest shapes and at each SAE's step of ≥ {BIG_STEP_GFLOP} GFLOP farthest from the "
@@ -255,7 +286,7 @@ def farthest_big_steps(rows: list[dict]) -> list[tuple[str, str, int, int]]:
 
 
 def measure(results: dict, args: argparse.Namespace) -> None:
-    """Fill ``results``' rows, decode routes and time breakdown."""
+    """Fill ``results``' rows, decode routes, encoder backward routes and time breakdown."""
     for architecture, shape, n, batch in itertools.product(CLASSES, HEAD_SHAPES, N_FEATURES, BATCHES):
         d_k, d_v = HEAD_SHAPES[shape]
         gib = 4 * 4 * parameter_count(architecture, n, d_k, d_v) / 2**30
@@ -271,6 +302,10 @@ def measure(results: dict, args: argparse.Namespace) -> None:
         row = decode_row(architecture, d, n, batch, args.repeats)
         print(json.dumps(row), flush=True)
         results["decode"].append(row)
+    for d, n, batch in [(64, 64, 256), (64, 64, 1024), (64, 256, 1024), (128, 64, 1024), (128, 1024, 32)]:
+        row = encoder_backward_row(d, n, batch, args.repeats)
+        print(json.dumps(row), flush=True)
+        results["encoder_backward"].append(row)
     smallest = [(architecture, shape, min(N_FEATURES), min(BATCHES))
                 for architecture, shape in itertools.product(CLASSES, HEAD_SHAPES)]
     for architecture, shape, n, batch in smallest + farthest_big_steps(results["rows"]):
@@ -290,8 +325,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = {"provenance": provenance("bench_sae", repeats=args.repeats, k=K, max_gflop=args.max_gflop,
                                         max_gib=args.max_gib, gather_cost_flops=GATHER_COST_FLOPS,
+                                        small_product_cost=SMALL_PRODUCT_COST,
                                         host_memory="writesae.host_memory.freed_memory_kept, as the trainer runs"),
-               "rows": [], "skipped": [], "decode": [], "breakdown": []}
+               "rows": [], "skipped": [], "decode": [], "encoder_backward": [], "breakdown": []}
     with freed_memory_kept():  # the trainer's steps run inside it (writesae.train.train)
         measure(results, args)
     results["summary"] = summary(results["rows"])

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks import provenance as provenance_module
 from benchmarks.bench_sae import (BIG_STEP_GFLOP, CLASSES, OP_KINDS, farthest_big_steps, optimizer_step, summary,
                                   time_by_op_kind, train_step, training_step_flops)
-from writesae.sae import dense_decode_is_cheaper
+from writesae.sae import bilinear_backward_is_dense, dense_decode_is_cheaper
 
 
 @pytest.mark.parametrize("n, batch", [(16, 4), (32, 16)])
@@ -29,13 +29,19 @@ def test_the_step_flops_are_those_torch_counts_where_every_product_is_a_matrix_p
     assert counter.get_total_flops() == training_step_flops("flat", batch, n, k, d, d) == step.flops
 
 
-@pytest.mark.parametrize("n, batch, k, rank, dense", [(64, 4, 2, 2, False), (256, 8, 4, 3, False), (16, 64, 8, 2, True)])
-def test_the_bilinear_step_flops_are_those_torch_counts_on_both_routes(n, batch, k, rank, dense):
+# (decode dense, encoder backward dense): (False, False), (True, True), (True, False)
+BILINEAR_ROUTES = [(64, 4, 2, 2, False, False), (256, 8, 4, 3, False, False), (16, 64, 8, 2, True, True),
+                   (16, 4, 2, 3, True, False)]
+
+
+@pytest.mark.parametrize("n, batch, k, rank, dense_decode, dense_backward", BILINEAR_ROUTES)
+def test_the_bilinear_step_flops_are_those_torch_counts_on_every_route(n, batch, k, rank, dense_decode, dense_backward):
     """At rank > 1 every product of a BilinearMatrixSAE step is a matrix product (at rank 1 the atoms are
-    outer products, which torch does not count), on the gathered routes and on the dense ones: the count
-    follows the encoder's backward to the factors and the decoder's route."""
+    outer products, which torch does not count), whichever routes the decoder and the encoder's backward take:
+    the count follows both rules."""
     d = 8
-    assert dense_decode_is_cheaper(batch, n, k, d, d, rank) == dense
+    assert dense_decode_is_cheaper(batch, n, k, d, d, rank) == dense_decode
+    assert bilinear_backward_is_dense(batch, n, k, d, d, rank) == dense_backward
     step = train_step(CLASSES["bilinear"](d_k=d, d_v=d, n_features=n, k=k, rank=rank, seed=0), torch.randn(batch, 1, d, d))
     step()
     with FlopCounterMode(display=False) as counter:

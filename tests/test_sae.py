@@ -230,6 +230,7 @@ def test_the_encoders_backward_routes_give_autograds_gradients(arch, dense, csr,
         upstream = torch.zeros_like(upstream).scatter(-1, torch.rand(*batch, 2, 12, generator=g).topk(3, -1).indices,
                                                       upstream[..., :3])
     with (mock.patch("writesae.sae.dense_decode_is_cheaper", lambda *shape: dense),
+          mock.patch("writesae.sae.bilinear_backward_is_dense", lambda *shape: dense),
           mock.patch("writesae.sae.SPARSE_PRODUCT_FROM", 0 if csr else 2**62)):
         (sae.encode_pre(x) * upstream).sum().backward()
     weights = [sae.W_enc] if arch in ("flat", "matrix") else list(sae.encoder_factors)
@@ -275,6 +276,17 @@ def test_dense_decode_rule_on_the_shapes_that_matter():
     assert not dense_decode_is_cheaper(32, 16384, 32, 128, 128, None)
     for n, m, batch in ((256, 16, 32), (256, 16, 4096), (64, 4, 32), (64, 32, 1024)):  # gdn-austen's SAEs; the check
         assert not dense_decode_is_cheaper(batch, n, m, 64, 64, 1)
+
+
+def test_the_bilinear_backward_rule_on_the_measured_shapes():
+    """Where the encoder backward rows of benchmarks/results/sae.json found each route faster: dense where a
+    sample's gradient reaches half of a small dictionary at a large batch, gathered where it reaches few."""
+    from writesae.sae import bilinear_backward_is_dense
+
+    for d, n, m, batch in ((64, 64, 32, 1024), (128, 64, 32, 1024), (64, 64, 32, 256)):
+        assert bilinear_backward_is_dense(batch, n, m, d, d, 1)
+    for d, n, m, batch in ((64, 256, 32, 1024), (128, 1024, 32, 32), (64, 64, 8, 1024), (128, 16384, 32, 32)):
+        assert not bilinear_backward_is_dense(batch, n, m, d, d, 1)
 
 
 # --- sparsity rules ---------------------------------------------------------------------------

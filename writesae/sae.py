@@ -201,9 +201,10 @@ def dense_decode_is_cheaper(n_samples: int, n_features: int, m: int, d_k: int, d
     gathered: n_samples·m·(G·g + 2·rank·d_k·d_v)   (g numbers gathered per atom, d_k·d_v flat and
               rank·(d_k + d_v) factored, G = GATHER_COST_FLOPS; a flat decoder's product is rank 1)
 
-    The one place that chooses: `SAEBase.decode_atoms`, and `_gradient_support` for the backward of the
-    dense and bilinear encoders (`_DenseEncoder`, `_BilinearEncoder`), whose gradient reaches m features
-    per sample (the same trade: n rows of d_k·d_v, or m gathered). The backward passes cost the same multiples."""
+    The one place that chooses for `SAEBase.decode_atoms`, and (rank None) for the backward of a dense encoder
+    (`_DenseEncoder`), whose gradient reaches m features per sample: the same trade of n rows of d_k·d_v or m
+    gathered, and the backward passes cost the same multiples. The bilinear encoder's backward has its own
+    (`bilinear_backward_is_dense`)."""
     atom = d_k * d_v
     if rank is None:
         dense, gathered = 2 * n_features * atom * n_samples, n_samples * m * (GATHER_COST_FLOPS * atom + 2 * atom)
@@ -213,14 +214,35 @@ def dense_decode_is_cheaper(n_samples: int, n_features: int, m: int, d_k: int, d
     return dense < gathered
 
 
+# What a FLOP of the bilinear encoder's gathered backward costs against one of a large dense product: it
+# runs as one [d_k, d_v] × [d_v, m·r] product per sample, at about half the rate. From its routes timed
+# side by side on one CPU thread (the "encoder backward" rows of benchmarks/results/sae.json).
+SMALL_PRODUCT_COST = 2
+
+
+def bilinear_backward_is_dense(n_samples: int, n_features: int, m: int, d_k: int, d_v: int, rank: int) -> bool:
+    """Whether the bilinear encoder's backward (`_BilinearEncoder`) costs less through the dense ∂E than by
+    gathering the m features each sample's gradient reaches:
+
+    dense:    4·n_samples·n·d_k·d_v + 6·n·rank·d_k·d_v   (∂E and ∂X; E formed again, ∂U and ∂P from ∂E)
+    gathered: n_samples·m·(G·rank·(d_k + d_v) + C·6·rank·d_k·d_v)   (U and P gathered, G = GATHER_COST_FLOPS;
+              ∂U, ∂P, ∂X, C = SMALL_PRODUCT_COST)"""
+    atom = d_k * d_v
+    dense = 4 * n_samples * n_features * atom + 6 * n_features * rank * atom
+    gathered = n_samples * m * (GATHER_COST_FLOPS * rank * (d_k + d_v) + SMALL_PRODUCT_COST * 6 * rank * atom)
+    return dense < gathered
+
+
 def _gradient_support(grad: Tensor, d_k: int, d_v: int, rank: int | None) -> tuple[Tensor, Tensor] | None:
     """The features a sparse code's gradient ``grad`` [..., n_dicts, n] reaches, for an encoder's backward:
-    None where `dense_decode_is_cheaper` (rank as there) says the dense products cost less, else
-    (indices, values) [B, n_dicts, m], each sample's m largest |g| (m the most non-zeros any sample
-    has), which hold every non-zero one (and zeros where a sample has fewer)."""
+    None where the dense products cost less (a dense encoder's rows, rank None: `dense_decode_is_cheaper`;
+    the bilinear encoder's factors: `bilinear_backward_is_dense`), else (indices, values) [B, n_dicts, m],
+    each sample's m largest |g| (m the most non-zeros any sample has), which hold every non-zero one (and
+    zeros where a sample has fewer)."""
     flat_grad = grad.reshape(-1, *grad.shape[-2:])
     m = max(int((flat_grad != 0).sum(-1).max()) if flat_grad.numel() else 0, 1)  # one zero where none is non-zero
-    if dense_decode_is_cheaper(flat_grad.shape[0], grad.shape[-1], m, d_k, d_v, rank):
+    shape = (flat_grad.shape[0], grad.shape[-1], m, d_k, d_v)
+    if dense_decode_is_cheaper(*shape, None) if rank is None else bilinear_backward_is_dense(*shape, rank):
         return None
     indices = flat_grad.abs().topk(m, dim=-1, sorted=False).indices
     return indices, flat_grad.gather(-1, indices)
@@ -334,7 +356,8 @@ class _BilinearEncoder(torch.autograd.Function):
     `_gradient_support` says gathering beats the dense products, the backward takes each kept (sample,
     feature) pair's factors and goes straight to them, with no [n, d_k, d_v] ∂E:
     ∂U_ir += g x P_ir, ∂P_ir += g xᵀ U_ir, ∂x += g Σ_r U_ir P_irᵀ (3 products of 2·B·m·r·d_k·d_v FLOPs).
-    Elsewhere it forms E again and takes ∂E = Σ_b g_b x_b, ∂U = ∂E P, ∂P = ∂Eᵀ U, ∂x = g E."""
+    Elsewhere (`bilinear_backward_is_dense`) it forms E again and takes ∂E = Σ_b g_b x_b, ∂U = ∂E P, ∂P = ∂Eᵀ U,
+    ∂x = g E."""
 
     @staticmethod
     def forward(ctx, x: Tensor, U: Tensor, P: Tensor) -> Tensor:
