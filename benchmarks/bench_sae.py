@@ -37,7 +37,7 @@ from unittest import mock
 import torch
 
 from benchmarks.provenance import provenance, run_line, write_results
-from benchmarks.timing import median_seconds
+from benchmarks.timing import MAX_WARM_UP_CALLS, SETTLED_PAGE_FAULTS, median_seconds
 from writesae import BilinearMatrixSAE, FlatSAE, MatrixSAE
 from writesae.host_memory import freed_memory_kept
 from writesae.sae import GATHER_COST_FLOPS, SMALL_PRODUCT_COST, bilinear_backward_is_dense, dense_decode_is_cheaper
@@ -60,11 +60,11 @@ def training_step_flops(architecture: str, batch: int, n: int, k: int, d_k: int,
     multiply-add; the elementwise work, top-k, norms and Adam are not counted), as the step computes
     them. D = d_k·d_v, B = batch, and "gathered" where `writesae.sae.dense_decode_is_cheaper` picks it:
 
-    encoder     2·B·n·D (z = W_enc·x), and backward (∂W_enc; ∂x, which b_dec needs) 4·B·n·D dense or
-                4·B·k·D gathered (TopK passes a gradient to k features); bilinear: 2·B·n·D against its rows
-                E_i = Σ_r U_ir P_irᵀ plus 2·n·r·D to form them, and backward (∂U, ∂P, ∂x) 6·B·k·r·D
-                gathered or, dense, 4·B·n·D plus 6·n·r·D (E formed again; ∂U, ∂P from ∂E), as
-                `writesae.sae.bilinear_backward_is_dense` picks
+    encoder     2·B·n·D (z = W_enc·x), and backward (∂W_enc; ∂b_dec, summed over the samples) 2·B·n·D + 2·n·D
+                dense or 2·B·k·D + 2·min(n, B·k)·D gathered (TopK passes a gradient to k features); bilinear:
+                2·B·n·D against its rows E_i = Σ_r U_ir P_irᵀ plus 2·n·r·D to form them, and backward (∂U, ∂P,
+                ∂b_dec) 4·B·k·r·D + 2·min(n, B·k)·r·D gathered or, dense, 2·B·n·D + 2·n·D plus 6·n·r·D (E formed
+                again; ∂U, ∂P from ∂E), as `writesae.sae.bilinear_backward_is_dense` picks
     decoder     gathered:     6·B·k·D flat, 6·B·k·r·D factored (x̂; ∂values; ∂atoms)
                 dense:        6·B·n·D, plus 6·n·r·D to form the atoms when factored
     (AuxK adds nothing while no feature is dead, as in the benchmark.)
@@ -73,11 +73,13 @@ def training_step_flops(architecture: str, batch: int, n: int, k: int, d_k: int,
     r = 1 if architecture == "flat" else rank
     gathered = not dense_decode_is_cheaper(batch, n, k, d_k, d_v, None if architecture == "flat" else rank)
     if architecture == "bilinear":
-        backward = (4 * batch * n * D + 6 * n * r * D if bilinear_backward_is_dense(batch, n, k, d_k, d_v, r)
-                    else 6 * batch * k * r * D)
+        backward = (2 * batch * n * D + 2 * n * D + 6 * n * r * D if bilinear_backward_is_dense(batch, n, k, d_k, d_v, r)
+                    else 4 * batch * k * r * D + 2 * min(n, batch * k) * r * D)
         encoder = 2 * batch * n * D + 2 * n * r * D + backward
     else:  # the dense encoder's backward takes the flat rule (its rows are d_k·d_v numbers)
-        encoder = 2 * batch * n * D + 4 * batch * D * (n if dense_decode_is_cheaper(batch, n, k, d_k, d_v, None) else k)
+        backward = (2 * batch * n * D + 2 * n * D if dense_decode_is_cheaper(batch, n, k, d_k, d_v, None)
+                    else 2 * batch * k * D + 2 * min(n, batch * k) * D)
+        encoder = 2 * batch * n * D + backward
     decoder = 6 * batch * k * r * D if gathered else 6 * batch * n * D + (0 if architecture == "flat" else 6 * n * r * D)
     return encoder + decoder
 
@@ -114,7 +116,7 @@ def step_flops(step) -> int:
 
 
 def train_step_seconds(sae, batch: torch.Tensor, repeats: int) -> float:
-    return median_seconds(train_step(sae, batch), repeats)  # the warm-up call allocates Adam's moments
+    return median_seconds(train_step(sae, batch), repeats, settle=True)  # the warm-up allocates Adam's moments
 
 
 def optimizer_step(sae):
@@ -130,7 +132,7 @@ def matmul_seconds(flops: int, device, repeats: int, dtype=torch.float32) -> tup
     """Median time of one plain square ``torch.matmul`` of about ``flops`` FLOPs (2·m³), and its exact FLOPs."""
     m = max(1, round((flops / 2) ** (1 / 3)))
     a, b = (torch.randn(m, m, device=device, dtype=dtype) for _ in range(2))
-    return median_seconds(lambda: torch.matmul(a, b), repeats), 2 * m**3
+    return median_seconds(lambda: torch.matmul(a, b), repeats, settle=True), 2 * m**3
 
 
 def step_row(architecture: str, shape: str, n: int, batch: int, repeats: int) -> dict:
@@ -140,7 +142,7 @@ def step_row(architecture: str, shape: str, n: int, batch: int, repeats: int) ->
     seconds = train_step_seconds(sae, x, repeats)
     flops = training_step_flops(architecture, batch, n, K, d_k, d_v)
     mm_seconds, mm_flops = matmul_seconds(flops, "cpu", repeats)
-    adam_seconds = median_seconds(optimizer_step(sae), repeats)
+    adam_seconds = median_seconds(optimizer_step(sae), repeats, settle=True)
     flop_seconds = mm_seconds * flops / mm_flops
     return {"architecture": architecture, "head_shape": shape, "d_k": d_k, "d_v": d_v, "n_features": n, "batch": batch,
             "k": K, "decode": "dense" if dense_decode_is_cheaper(batch, n, K, d_k, d_v, None if architecture == "flat" else 1)
@@ -167,7 +169,7 @@ def time_by_op_kind(architecture: str, shape: str, n: int, batch: int, repeats: 
     sae = CLASSES[architecture](d_k=d_k, d_v=d_v, n_features=n, k=K, seed=0)
     x = torch.randn(batch, 1, d_k, d_v, generator=torch.Generator().manual_seed(0))
     step = train_step(sae, x)
-    seconds = median_seconds(step, repeats)
+    seconds = median_seconds(step, repeats, settle=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         for _ in range(repeats):
             step()
@@ -192,7 +194,7 @@ def decode_row(architecture: str, d: int, n: int, batch: int, repeats: int) -> d
         def run(route=route):
             with mock.patch("writesae.sae.dense_decode_is_cheaper", lambda *shape: route == "dense"):
                 sae.decode_atoms(indices, values).sum().backward()
-        times[route] = median_seconds(run, repeats)
+        times[route] = median_seconds(run, repeats, settle=True)
     chosen = "dense" if dense_decode_is_cheaper(batch, n, K, d, d, None if architecture == "flat" else 1) else "gathered"
     return {"architecture": architecture, "d_k": d, "d_v": d, "n_features": n, "batch": batch, "k": K,
             "dense_ms": 1e3 * times["dense"], "gathered_ms": 1e3 * times["gathered"], "rule_picks": chosen,
@@ -212,7 +214,7 @@ def encoder_backward_row(d: int, n: int, batch: int, repeats: int) -> dict:
         def run(route=route):
             with mock.patch("writesae.sae.bilinear_backward_is_dense", lambda *shape: route == "dense"):
                 (sae.encode_pre(x) * upstream).sum().backward()
-        times[route] = median_seconds(run, repeats)
+        times[route] = median_seconds(run, repeats, settle=True)
     chosen = "dense" if bilinear_backward_is_dense(batch, n, K, d, d, 1) else "gathered"
     return {"architecture": "bilinear", "d_k": d, "d_v": d, "n_features": n, "batch": batch, "k": K,
             "dense_ms": 1e3 * times["dense"], "gathered_ms": 1e3 * times["gathered"], "rule_picks": chosen,
@@ -230,7 +232,7 @@ def results_block(results: dict | None) -> str:
     if results is None:
         return "Not yet run: `python -m benchmarks.bench_sae`.\n"
     p = results["provenance"]
-    lines = [f"{run_line(p)}, medians of {p['repeats']} repeats, one head, TopK k = {p['k']}, Adam, the trainer's step), "
+    lines = [f"{run_line(p)}, medians of {p['repeats']} repeats after {p['warm_up']}, one head, TopK k = {p['k']}, Adam, the trainer's step), "
              "`benchmarks/results/sae.json`. FLOPs counted analytically (`benchmarks.bench_sae.training_step_flops`); "
              "*matmul fraction*: achieved FLOP/s over a plain square `torch.matmul` of the same FLOPs timed beside it; "
              "*overhead*: step time minus that matmul's time; *Adam*: the trainer's Adam step alone on the same "
@@ -316,7 +318,7 @@ def measure(results: dict, args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-gflop", type=float, default=60.0, help="skip steps of more GFLOP than this")
     parser.add_argument("--max-gib", type=float, default=1.5, help="skip SAEs whose weights+grads+Adam pass this")
     parser.add_argument("--threads", type=int, default=1)
@@ -326,6 +328,8 @@ def main() -> None:
     results = {"provenance": provenance("bench_sae", repeats=args.repeats, k=K, max_gflop=args.max_gflop,
                                         max_gib=args.max_gib, gather_cost_flops=GATHER_COST_FLOPS,
                                         small_product_cost=SMALL_PRODUCT_COST,
+                                        warm_up=f"warm-up calls until one faults in fewer than {SETTLED_PAGE_FAULTS} new "
+                                                f"pages (at most {MAX_WARM_UP_CALLS})",
                                         host_memory="writesae.host_memory.freed_memory_kept, as the trainer runs"),
                "rows": [], "skipped": [], "decode": [], "encoder_backward": [], "breakdown": []}
     with freed_memory_kept():  # the trainer's steps run inside it (writesae.train.train)

@@ -215,15 +215,17 @@ def test_dense_and_gathered_decode_paths_agree_in_values_and_gradients(arch, m, 
 @pytest.mark.parametrize("dense, csr", [(True, False), (False, False), (False, True)])
 @FAST
 @given(batch=st.lists(st.integers(1, 4), min_size=1, max_size=2), rank=st.integers(1, 3), sparse_grad=st.booleans(),
-       seed=st.integers(0, 10**6))
-def test_the_encoders_backward_routes_give_autograds_gradients(arch, dense, csr, batch, rank, sparse_grad, seed):
+       input_grad=st.booleans(), seed=st.integers(0, 10**6))
+def test_the_encoders_backward_routes_give_autograds_gradients(arch, dense, csr, batch, rank, sparse_grad, input_grad,
+                                                               seed):
     """The encoders' backward (dense: `_DenseEncoder`; bilinear, tied or not: `_BilinearEncoder`, which goes
     to the factors U, P without a ∂E), by either route of the shape rule, gives the gradients autograd gives
     through the plain product z = E · vec(X·s − b_dec), E = W_enc or Σ_r U_ir P_irᵀ, for TopK-sparse
-    gradients of z and dense ones, at ranks 1-3 and one or two leading batch axes, down to every encoder weight;
-    the gathered ∂W_enc by both of its routes (products added, or the CSR product: ``csr``)."""
+    gradients of z and dense ones, at ranks 1-3 and one or two leading batch axes, down to every encoder weight,
+    b_dec (summed over the samples without a per-sample ∂X) and X where it asks for a gradient; the gathered
+    ∂W_enc by both of its routes (products added, or the CSR product: ``csr``)."""
     sae = make(arch, rank=rank, heads=[0, 1], seed=seed, input_scale=1.5)
-    x = inputs(sae, *batch, seed=seed)
+    x = inputs(sae, *batch, seed=seed).requires_grad_(input_grad)
     g = torch.Generator().manual_seed(seed)
     upstream = torch.randn(*batch, 2, 12, generator=g, dtype=torch.float64)
     if sparse_grad:  # what TopK passes back: at most k = 3 features per sample and head
@@ -234,12 +236,14 @@ def test_the_encoders_backward_routes_give_autograds_gradients(arch, dense, csr,
           mock.patch("writesae.sae.SPARSE_PRODUCT_FROM", 0 if csr else 2**62)):
         (sae.encode_pre(x) * upstream).sum().backward()
     weights = [sae.W_enc] if arch in ("flat", "matrix") else list(sae.encoder_factors)
-    found = [w.grad for w in weights] + [sae.b_dec.grad]
+    found = [w.grad for w in weights] + [sae.b_dec.grad, x.grad]
     weights, b_dec = [w.detach().clone().requires_grad_() for w in weights], sae.b_dec.detach().clone().requires_grad_()
+    x_again = x.detach().clone().requires_grad_(input_grad)
     E = weights[0] if arch in ("flat", "matrix") else torch.einsum("hnrk,hnrv->hnkv", *weights).flatten(-2)
-    centred = (x * 1.5 - b_dec).flatten(-2)
+    centred = (x_again * 1.5 - b_dec).flatten(-2)
     (torch.einsum("...hd,hnd->...hn", centred, E) * upstream).sum().backward()
-    for got, expected in zip(found, [w.grad for w in weights] + [b_dec.grad]):
+    assert (found[-1] is None) == (not input_grad)
+    for got, expected in zip(found, [w.grad for w in weights] + [b_dec.grad, x_again.grad]):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 

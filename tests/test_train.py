@@ -390,6 +390,33 @@ def test_the_fused_adam_steps_as_the_foreach_adam_it_replaced(model, arch):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("input_grad", [False, True])
+@pytest.mark.parametrize("lead", [(5,), (2, 3)])
+def test_the_reconstruction_term_gives_autograds_values_and_gradients(lead, input_grad):
+    """`_ScaledSquaredError` (the trainer's reconstruction term, two passes forward and one back) against
+    autograd's chain ‖s(X − X̂)‖²_F on the same inputs: per-sample values, the residual it hands the sparsity
+    rule, and the gradients of X̂ and (where it asks) X, under a weighting of the samples as a loss applies."""
+    from writesae.train import _ScaledSquaredError
+
+    g = torch.Generator().manual_seed(0)
+    x, recons, weights = (torch.randn(*lead, 2, 3, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    weights = weights[..., 0, 0]
+    scale = 0.7
+    leaves = [(x.clone().requires_grad_(input_grad), recons.clone().requires_grad_()) for _ in range(2)]
+    squared, residual = _ScaledSquaredError.apply(*leaves[0], scale)
+    expected = ((leaves[1][0] - leaves[1][1]) * scale).pow(2).sum((-2, -1))
+    (squared * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(squared, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(residual, ((x - recons) * scale), rtol=0, atol=0)
+    assert not residual.requires_grad
+    torch.testing.assert_close(leaves[0][1].grad, leaves[1][1].grad, rtol=1e-12, atol=0)
+    if input_grad:
+        torch.testing.assert_close(leaves[0][0].grad, leaves[1][0].grad, rtol=1e-12, atol=0)
+    else:
+        assert leaves[0][0].grad is None
+
+
 def test_training_runs_inside_the_block_that_keeps_freed_memory(model, documents, tmp_path, monkeypatch):
     """Every step of `train` reuses the memory the last one freed (writesae.host_memory): a trainer that
     left the block out would fault its gradients in afresh every step."""

@@ -224,11 +224,13 @@ def bilinear_backward_is_dense(n_samples: int, n_features: int, m: int, d_k: int
     """Whether the bilinear encoder's backward (`_BilinearEncoder`) costs less through the dense ∂E than by
     gathering the m features each sample's gradient reaches:
 
-    dense:    4·n_samples·n·d_k·d_v + 6·n·rank·d_k·d_v   (∂E and ∂X; E formed again, ∂U and ∂P from ∂E)
+    dense:    2·n_samples·n·d_k·d_v + 2·n·d_k·d_v + 6·n·rank·d_k·d_v   (∂E; ∂b_dec; E formed again, ∂U and ∂P
+              from ∂E)
     gathered: n_samples·m·(G·rank·(d_k + d_v) + C·6·rank·d_k·d_v)   (U and P gathered, G = GATHER_COST_FLOPS;
-              ∂U, ∂P, ∂X, C = SMALL_PRODUCT_COST)"""
+              ∂U, ∂P, ∂b_dec, C = SMALL_PRODUCT_COST)
+    (a trainer's input needs no gradient of its own; where it does, each route adds a product like its ∂b_dec's)"""
     atom = d_k * d_v
-    dense = 4 * n_samples * n_features * atom + 6 * n_features * rank * atom
+    dense = 2 * n_samples * n_features * atom + 2 * n_features * atom + 6 * n_features * rank * atom
     gathered = n_samples * m * (GATHER_COST_FLOPS * rank * (d_k + d_v) + SMALL_PRODUCT_COST * 6 * rank * atom)
     return dense < gathered
 
@@ -248,45 +250,75 @@ def _gradient_support(grad: Tensor, d_k: int, d_v: int, rank: int | None) -> tup
     return indices, flat_grad.gather(-1, indices)
 
 
-def _dense_pre(W_enc: Tensor, centred: Tensor) -> Tensor:
-    """W_enc,i · vec(X·s − b_dec) [..., n_dicts, n] (b_enc not included). With gradients, through
-    `_DenseEncoder`, whose backward uses only the features that receive a gradient."""
-    flat = centred.flatten(-2)
-    if torch.is_grad_enabled() and (flat.requires_grad or W_enc.requires_grad):
-        return _DenseEncoder.apply(flat, W_enc, centred.shape[-2], centred.shape[-1])
-    return torch.einsum("...hd,hnd->...hn", flat, W_enc)
+def _dense_pre(W_enc: Tensor, scaled: Tensor, offset: Tensor) -> Tensor:
+    """W_enc,i · vec(X·s − b_dec) [..., n_dicts, n] (b_enc not included) from ``scaled`` = X·s and ``offset``
+    = b_dec. With gradients, through `_DenseEncoder`, whose backward uses only the features that receive a
+    gradient."""
+    if torch.is_grad_enabled() and (scaled.requires_grad or offset.requires_grad or W_enc.requires_grad):
+        return _DenseEncoder.apply(scaled, offset, W_enc)
+    return torch.einsum("...hd,hnd->...hn", (scaled - offset).flatten(-2), W_enc)
+
+
+def _summed_over_samples(grad: Tensor) -> Tensor:
+    """Σ over every leading axis of a code's gradient [..., n_dicts, n]: [n_dicts, n]."""
+    return grad.reshape(-1, *grad.shape[-2:]).sum(0)
+
+
+def _sum_over_every_feature(n_features: int, values: Tensor) -> bool:
+    """Whether b_dec's gradient Σ_i (Σ_samples g_i) E_i is cheaper over all n features than over the kept
+    (sample, feature) pairs ``values`` [B, n_dicts, m] of a gathered backward: the same work per term, so
+    whichever has fewer terms (a small dictionary at a large batch sums every feature once)."""
+    return n_features <= values.shape[0] * values.shape[-1]
 
 
 class _DenseEncoder(torch.autograd.Function):
-    """z = W_enc · x per head, x [..., n_dicts, D], W_enc [n_dicts, n, D]. A sparse code passes a gradient
-    to the few features it kept (TopK: at most k per sample), so where `dense_decode_is_cheaper` says
-    gathering those m features' rows beats the dense products (the same trade as decoding m atoms), the
-    backward gathers: ∂x = Σ_j g_j W_enc,j (``embedding_bag``) and ∂W_enc,j += g_j x (``index_add_``)."""
+    """z = W_enc · (x − b) per head, x [..., n_dicts, d_k, d_v] (X·s), b [n_dicts, d_k, d_v] (b_dec), W_enc
+    [n_dicts, n, D].
+
+    b's gradient is −Σ_samples ∂(x − b), and Σ_samples Σ_i g_i W_enc,i needs no per-sample ∂x: the backward
+    forms ∂x only where x itself needs a gradient (a trainer's input does not), which saves a product as
+    large as the forward's and two passes over the batch; it sums over the kept pairs or over every
+    feature, whichever has fewer terms (`_sum_over_every_feature`). A sparse code passes a gradient to the few
+    features it kept (TopK: at most k per sample), so where `dense_decode_is_cheaper` says gathering those m
+    features' rows beats the dense products (the same trade as decoding m atoms), the backward gathers:
+    Σ_j g_j W_enc,j (``embedding_bag``, one bag per head for b, one per sample for x) and ∂W_enc,j += g_j x."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, d_k: int, d_v: int) -> Tensor:
-        ctx.save_for_backward(x, W_enc)
-        ctx.d_k, ctx.d_v = d_k, d_v
-        return torch.einsum("...hd,hnd->...hn", x, W_enc)
+    def forward(ctx, x: Tensor, b: Tensor, W_enc: Tensor) -> Tensor:
+        centred = (x - b).flatten(-2)
+        ctx.save_for_backward(centred, W_enc)
+        ctx.shapes = x.shape, b.shape
+        return torch.einsum("...hd,hnd->...hn", centred, W_enc)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, W_enc = ctx.saved_tensors
+        centred, W_enc = ctx.saved_tensors
+        (x_shape, b_shape), (need_x, need_b, need_W) = ctx.shapes, ctx.needs_input_grad
         n_dicts, n, D = W_enc.shape
-        support = _gradient_support(grad, ctx.d_k, ctx.d_v, None)
+        grad_x = grad_b = grad_W = None
+        support = _gradient_support(grad, *x_shape[-2:], None)
         if support is None:
-            grad_x = torch.einsum("...hn,hnd->...hd", grad, W_enc) if ctx.needs_input_grad[0] else None
-            grad_W = torch.einsum("...hn,...hd->hnd", grad, x) if ctx.needs_input_grad[1] else None
-            return grad_x, grad_W, None, None
+            if need_x:
+                grad_x = torch.einsum("...hn,hnd->...hd", grad, W_enc).view(x_shape)
+            if need_b:
+                grad_b = -torch.einsum("hn,hnd->hd", _summed_over_samples(grad), W_enc).view(b_shape)
+            if need_W:
+                grad_W = torch.einsum("...hn,...hd->hnd", grad, centred)
+            return grad_x, grad_b, grad_W
         indices, values = support
         rows = _rows(indices, n)  # [B, n_dicts, m]
-        grad_x = grad_W = None
-        if ctx.needs_input_grad[0]:
+        if need_x:
             grad_x = F.embedding_bag(rows.flatten(0, -2), W_enc.flatten(0, 1), per_sample_weights=values.flatten(0, -2),
-                                     mode="sum").view(x.shape)
-        if ctx.needs_input_grad[1]:
-            grad_W = _rows_of_sparse_product(rows, values, x.reshape(-1, D), n_dicts * n).view(n_dicts, n, D)
-        return grad_x, grad_W, None, None
+                                     mode="sum").view(x_shape)
+        if need_b and _sum_over_every_feature(n, values):
+            grad_b = -torch.einsum("hn,hnd->hd", _summed_over_samples(grad), W_enc).view(b_shape)
+        elif need_b:
+            per_head = rows.transpose(0, 1).flatten(1), values.transpose(0, 1).flatten(1)  # [n_dicts, B·m]: a bag each
+            grad_b = -F.embedding_bag(per_head[0], W_enc.flatten(0, 1), per_sample_weights=per_head[1],
+                                      mode="sum").view(b_shape)
+        if need_W:
+            grad_W = _rows_of_sparse_product(rows, values, centred.reshape(-1, D), n_dicts * n).view(n_dicts, n, D)
+        return grad_x, grad_b, grad_W
 
 
 # How many products values_sj x_s `_rows_of_sparse_product` forms and adds before it takes the CSR product
@@ -339,63 +371,75 @@ def _factor_atom_norms(V: Tensor, W: Tensor) -> Tensor:
     return gram.sum((-2, -1)).clamp_min(0).sqrt()
 
 
-def _bilinear_pre(U: Tensor, P: Tensor, centred: Tensor) -> Tensor:
-    """Σ_r U_irᵀ (X·s − b_dec) P_ir [..., n_dicts, n] (b_enc not included). With gradients, through
-    `_BilinearEncoder`, whose backward reaches the factors of only the features that receive a gradient."""
-    if torch.is_grad_enabled() and (centred.requires_grad or U.requires_grad or P.requires_grad):
-        return _BilinearEncoder.apply(centred, U, P)
-    return torch.einsum("...hd,hnd->...hn", centred.flatten(-2), _factor_atoms(U, P).flatten(-2))
+def _bilinear_pre(U: Tensor, P: Tensor, scaled: Tensor, offset: Tensor) -> Tensor:
+    """Σ_r U_irᵀ (X·s − b_dec) P_ir [..., n_dicts, n] (b_enc not included) from ``scaled`` = X·s and
+    ``offset`` = b_dec. With gradients, through `_BilinearEncoder`, whose backward reaches the factors of
+    only the features that receive a gradient."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (scaled, offset, U, P)):
+        return _BilinearEncoder.apply(scaled, offset, U, P)
+    return torch.einsum("...hd,hnd->...hn", (scaled - offset).flatten(-2), _factor_atoms(U, P).flatten(-2))
 
 
 class _BilinearEncoder(torch.autograd.Function):
-    """z_i = Σ_r U_irᵀ x P_ir per head, x [..., n_dicts, d_k, d_v], U [n_dicts, n, r, d_k], P [n_dicts, n, r, d_v].
+    """z_i = Σ_r U_irᵀ (x − b) P_ir per head, x [..., n_dicts, d_k, d_v] (X·s), b [n_dicts, d_k, d_v] (b_dec),
+    U [n_dicts, n, r, d_k], P [n_dicts, n, r, d_v].
 
     The forward forms the n encoder matrices E_i = Σ_r U_ir P_irᵀ once (n·d_k·d_v numbers: fewer than the
     per-sample products x P_ir, B·n·r·d_k, once B·r > d_v, and the same numbers whatever the batch) and
     does not keep them. A sparse code passes a gradient to m ≤ k features per sample, so where
     `_gradient_support` says gathering beats the dense products, the backward takes each kept (sample,
     feature) pair's factors and goes straight to them, with no [n, d_k, d_v] ∂E:
-    ∂U_ir += g x P_ir, ∂P_ir += g xᵀ U_ir, ∂x += g Σ_r U_ir P_irᵀ (3 products of 2·B·m·r·d_k·d_v FLOPs).
-    Elsewhere (`bilinear_backward_is_dense`) it forms E again and takes ∂E = Σ_b g_b x_b, ∂U = ∂E P, ∂P = ∂Eᵀ U,
-    ∂x = g E."""
+    ∂U_ir += g c P_ir, ∂P_ir += g cᵀ U_ir (c = x − b), ∂b = −Σ g Σ_r U_ir P_irᵀ over the pairs (3 products of
+    2·B·m·r·d_k·d_v FLOPs). Elsewhere (`bilinear_backward_is_dense`) it forms E again and takes
+    ∂E = Σ_b g_b c_b, ∂U = ∂E P, ∂P = ∂Eᵀ U, ∂b = −(Σ_b g_b) E. As in `_DenseEncoder`, b needs only the sum
+    over samples, and a per-sample ∂x is formed only where x itself needs a gradient."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, U: Tensor, P: Tensor) -> Tensor:
-        ctx.save_for_backward(x, U, P)
-        return torch.einsum("...hd,hnd->...hn", x.flatten(-2), _factor_atoms(U, P).flatten(-2))
+    def forward(ctx, x: Tensor, b: Tensor, U: Tensor, P: Tensor) -> Tensor:
+        centred = x - b
+        ctx.save_for_backward(centred, U, P)
+        ctx.shapes = x.shape, b.shape
+        return torch.einsum("...hd,hnd->...hn", centred.flatten(-2), _factor_atoms(U, P).flatten(-2))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, U, P = ctx.saved_tensors
+        centred, U, P = ctx.saved_tensors
+        (x_shape, b_shape), (need_x, need_b, need_U, need_P) = ctx.shapes, ctx.needs_input_grad
         n_dicts, n, rank, d_k = U.shape
         d_v = P.shape[-1]
-        need_x, need_U, need_P = ctx.needs_input_grad
-        flat_x = x.reshape(-1, n_dicts, d_k, d_v)
-        grad_x = grad_U = grad_P = None
+        flat_c = centred.reshape(-1, n_dicts, d_k, d_v)
+        grad_x = grad_b = grad_U = grad_P = None
         support = _gradient_support(grad, d_k, d_v, rank)
         if support is None:
+            E = _factor_atoms(U, P) if need_x or need_b else None
             if need_x:
-                grad_x = torch.einsum("...hn,hnkv->...hkv", grad, _factor_atoms(U, P))
+                grad_x = torch.einsum("...hn,hnkv->...hkv", grad, E).view(x_shape)
+            if need_b:
+                grad_b = -torch.einsum("hn,hnkv->hkv", _summed_over_samples(grad), E).view(b_shape)
             if need_U or need_P:
-                grad_E = torch.einsum("bhn,bhkv->hnkv", grad.reshape(-1, n_dicts, n), flat_x)
+                grad_E = torch.einsum("bhn,bhkv->hnkv", grad.reshape(-1, n_dicts, n), flat_c)
                 grad_U = torch.einsum("hnkv,hnrv->hnrk", grad_E, P) if need_U else None
                 grad_P = torch.einsum("hnkv,hnrk->hnrv", grad_E, U) if need_P else None
-            return grad_x, grad_U, grad_P
+            return grad_x, grad_b, grad_U, grad_P
         indices, values = support
         rows = _rows(indices, n).flatten()
         U_kept, P_kept = _pick(U, indices), _pick(P, indices)  # [B, n_dicts, m, r, d_k | d_v]
         if need_x:
-            grad_x = torch.einsum("bhm,bhmrk,bhmrv->bhkv", values, U_kept, P_kept).view(x.shape)
+            grad_x = torch.einsum("bhm,bhmrk,bhmrv->bhkv", values, U_kept, P_kept).view(x_shape)
+        if need_b and _sum_over_every_feature(n, values):
+            grad_b = -torch.einsum("hn,hnrk,hnrv->hkv", _summed_over_samples(grad), U, P).view(b_shape)
+        elif need_b:
+            grad_b = -torch.einsum("bhm,bhmrk,bhmrv->hkv", values, U_kept, P_kept).view(b_shape)
         weights = values[..., None, None]
         if need_U:
-            contributions = torch.einsum("bhkv,bhmrv->bhmrk", flat_x, P_kept) * weights
+            contributions = torch.einsum("bhkv,bhmrv->bhmrk", flat_c, P_kept) * weights
             grad_U = U.new_zeros(n_dicts * n, rank * d_k).index_add_(0, rows, contributions.reshape(-1, rank * d_k))
             grad_U = grad_U.view(U.shape)
         if need_P:
-            contributions = torch.einsum("bhkv,bhmrk->bhmrv", flat_x, U_kept) * weights
+            contributions = torch.einsum("bhkv,bhmrk->bhmrv", flat_c, U_kept) * weights
             grad_P = P.new_zeros(n_dicts * n, rank * d_v).index_add_(0, rows, contributions.reshape(-1, rank * d_v))
             grad_P = grad_P.view(P.shape)
-        return grad_x, grad_U, grad_P
+        return grad_x, grad_b, grad_U, grad_P
 
 
 def _factor_decode_sparse(V: Tensor, W: Tensor, indices: Tensor, values: Tensor) -> Tensor:
@@ -474,8 +518,9 @@ class SAEBase(nn.Module):
     def _init_weights(self, generator: torch.Generator | None, dtype: torch.dtype) -> None:
         raise NotImplementedError
 
-    def _pre(self, centred: Tensor) -> Tensor:
-        """z from X·s − b_dec [..., n_dicts, d_k, d_v] (b_enc included)."""
+    def _pre(self, scaled: Tensor, offset: Tensor) -> Tensor:
+        """z from X·s − b_dec [..., n_dicts, d_k, d_v] (b_enc included), given ``scaled`` = X·s and ``offset``
+        = b_dec: the encoders subtract, so that b_dec's gradient is one sum over the samples."""
         raise NotImplementedError
 
     def atoms(self) -> Float[Tensor, "n_dicts n d_k d_v"]:
@@ -515,14 +560,14 @@ class SAEBase(nn.Module):
         """z for X·s = k δᵀ, k already scaled. A dense encoder reads n·d_k·d_v weights per sample
         whichever way it contracts, and contracting k first would make an [..., n, d_v]
         intermediate, n/d_k times larger than X: so the dense encoders form X here."""
-        return self._pre(k.unsqueeze(-1) * delta.unsqueeze(-2) - self.b_dec)
+        return self._pre(k.unsqueeze(-1) * delta.unsqueeze(-2), self.b_dec)
 
     # --- the public surface --------------------------------------------------------------------
 
     def encode_pre(self, x: Matrices) -> Codes:
         """Pre-activations z of X."""
         x = self.hook_sae_input(self._check_input(x))
-        return self.hook_sae_acts_pre(self._pre(x * self.cfg.input_scale - self.b_dec))
+        return self.hook_sae_acts_pre(self._pre(x * self.cfg.input_scale, self.b_dec))
 
     def encode(self, x: Matrices) -> Codes:
         """Codes a of X."""
@@ -568,7 +613,7 @@ class SAEBase(nn.Module):
             return self.hook_sae_output(recons)
         with torch.no_grad():
             s = self.cfg.input_scale
-            clean = self._decode(self.activation(self._pre(x * s - self.b_dec))) / s
+            clean = self._decode(self.activation(self._pre(x * s, self.b_dec))) / s
             error = self.hook_sae_error(x - clean)
         return self.hook_sae_output(recons + error)
 
@@ -646,8 +691,8 @@ class FlatSAE(SAEBase):
         self.W_dec = nn.Parameter(_unit_randn(h, n, d, generator=generator, dtype=dtype))
         self.W_enc = nn.Parameter(self.W_dec.detach().clone())
 
-    def _pre(self, centred):
-        return _dense_pre(self.W_enc, centred) + self.b_enc
+    def _pre(self, scaled, offset):
+        return _dense_pre(self.W_enc, scaled, offset) + self.b_enc
 
     def atoms(self):
         return self.W_dec.unflatten(-1, (self.cfg.d_k, self.cfg.d_v))
@@ -703,8 +748,8 @@ class MatrixSAE(_FactoredDecoderSAE):
         self._init_decoder(generator, dtype)
         self.W_enc = nn.Parameter(self.atoms().detach().flatten(-2).clone())
 
-    def _pre(self, centred):
-        return _dense_pre(self.W_enc, centred) + self.b_enc
+    def _pre(self, scaled, offset):
+        return _dense_pre(self.W_enc, scaled, offset) + self.b_enc
 
     def _fold_scale_(self, s):
         self.W_enc *= s
@@ -742,15 +787,15 @@ class BilinearMatrixSAE(_FactoredDecoderSAE):
         """(U, P), which are (V, W) when tied."""
         return (self.V, self.W) if self.cfg.tied else (self.U, self.P)
 
-    def _pre(self, centred):
-        return _bilinear_pre(*self.encoder_factors, centred) + self.b_enc
+    def _pre(self, scaled, offset):
+        return _bilinear_pre(*self.encoder_factors, scaled, offset) + self.b_enc
 
     def _pre_factors(self, k, delta):
         """z_i = Σ_r (U_irᵀ k)(δᵀ P_ir) + (b_enc,i − Σ_r U_irᵀ b_dec P_ir): O(n·r·(d_k + d_v)) per
         sample; the bracket, a per-feature constant, is `_pre` of −b_dec."""
         U, P = self.encoder_factors
         per_rank = torch.einsum("...hk,hnrk->...hnr", k, U) * torch.einsum("...hv,hnrv->...hnr", delta, P)
-        return per_rank.sum(-1) + self._pre(-self.b_dec)
+        return per_rank.sum(-1) + self._pre(torch.zeros_like(self.b_dec), self.b_dec)
 
     def _fold_scale_(self, s):
         if self.cfg.tied:

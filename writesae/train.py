@@ -168,14 +168,41 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * factor[cfg.decay]
 
 
+class _ScaledSquaredError(torch.autograd.Function):
+    """‖s(X − X̂)‖²_F per sample and head, and the residual s(X − X̂) itself (without a gradient).
+
+    The reconstruction term is elementwise work on every sample's d_k·d_v numbers, and autograd's chain
+    for it (subtract, scale, square, sum; then square's, scale's and subtract's backward) passes over
+    that batch about a dozen times, which is most of a step's time where the batch is large against the
+    dictionary (P5 in benchmarks/RESULTS.md). Here the forward makes the residual in two passes and the
+    norm in one, and the backward is one: ∂/∂X̂ = −2s·residual·g (∂/∂X the opposite). The same values
+    to float rounding (tests/test_train.py)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, recons: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        residual = torch.sub(x, recons).mul_(scale)
+        squared = torch.linalg.vector_norm(residual.flatten(-2), dim=-1).square_()
+        ctx.save_for_backward(residual)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(residual)
+        return squared, residual
+
+    @staticmethod
+    def backward(ctx, grad_squared: Tensor, _grad_residual: None) -> tuple[Tensor | None, Tensor | None, None]:
+        (residual,) = ctx.saved_tensors
+        grad_recons = residual * (grad_squared * (-2 * ctx.scale))[..., None, None]
+        return (-grad_recons if ctx.needs_input_grad[0] else None,
+                grad_recons if ctx.needs_input_grad[1] else None, None)
+
+
 def _loss_terms(sae: SAEBase, x: Tensor, dead: Tensor, cfg: TrainConfig) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """The weighted loss terms (they sum to the loss), the codes a and the reconstruction X̂."""
     pre = sae.encode_pre(x)
     codes = sae.hook_sae_acts_post(sae.activation(pre))
     recons = sae.activation.decode(sae, codes)
-    error = (x - recons) * sae.cfg.input_scale
-    terms = {"reconstruction": error.pow(2).sum((-2, -1)).mean()}
-    terms |= sae.activation.training_terms(sae, pre, codes, error.detach(), dead, cfg)
+    squared, residual = _ScaledSquaredError.apply(x, recons, sae.cfg.input_scale)
+    terms = {"reconstruction": squared.mean()}
+    terms |= sae.activation.training_terms(sae, pre, codes, residual, dead, cfg)
     return terms, codes, recons
 
 
