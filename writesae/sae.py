@@ -297,11 +297,11 @@ class _DenseEncoder(torch.autograd.Function):
         n_dicts, n, D = W_enc.shape
         grad_x = grad_b = grad_W = None
         support = _gradient_support(grad, *x_shape[-2:], None)
+        if need_b and (support is None or _sum_over_every_feature(n, support[1])):
+            grad_b = -torch.einsum("hn,hnd->hd", _summed_over_samples(grad), W_enc).view(b_shape)
         if support is None:
             if need_x:
                 grad_x = torch.einsum("...hn,hnd->...hd", grad, W_enc).view(x_shape)
-            if need_b:
-                grad_b = -torch.einsum("hn,hnd->hd", _summed_over_samples(grad), W_enc).view(b_shape)
             if need_W:
                 grad_W = torch.einsum("...hn,...hd->hnd", grad, centred)
             return grad_x, grad_b, grad_W
@@ -310,9 +310,7 @@ class _DenseEncoder(torch.autograd.Function):
         if need_x:
             grad_x = F.embedding_bag(rows.flatten(0, -2), W_enc.flatten(0, 1), per_sample_weights=values.flatten(0, -2),
                                      mode="sum").view(x_shape)
-        if need_b and _sum_over_every_feature(n, values):
-            grad_b = -torch.einsum("hn,hnd->hd", _summed_over_samples(grad), W_enc).view(b_shape)
-        elif need_b:
+        if need_b and grad_b is None:  # over the kept pairs
             per_head = rows.transpose(0, 1).flatten(1), values.transpose(0, 1).flatten(1)  # [n_dicts, B·m]: a bag each
             grad_b = -F.embedding_bag(per_head[0], W_enc.flatten(0, 1), per_sample_weights=per_head[1],
                                       mode="sum").view(b_shape)
