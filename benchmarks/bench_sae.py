@@ -22,7 +22,9 @@ GiB, are skipped (listed in the results): the grid is subsampled.
 and gathering the k active atoms), forward and backward, timed side by side at shapes around the
 crossover, with the route `writesae.sae.dense_decode_is_cheaper` picks: the measurement behind its
 ``GATHER_COST_FLOPS``. ``encoder_backward``: the same for the two routes of the bilinear encoder's backward
-(`writesae.sae.bilinear_backward_is_dense`): the measurement behind ``SMALL_PRODUCT_COST``.
+(`writesae.sae.bilinear_backward_is_dense`): the measurement behind ``SMALL_PRODUCT_COST``. ``encoder_forward``:
+the bilinear encoder's forward with its rows E formed in one product and in blocks of
+``ENCODER_NUMBERS_PER_BLOCK`` numbers, side by side: the measurement behind that constant.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from benchmarks.provenance import provenance, run_line, write_results
 from benchmarks.timing import MAX_WARM_UP_CALLS, SETTLED_PAGE_FAULTS, median_seconds
 from writesae import BilinearMatrixSAE, FlatSAE, MatrixSAE
 from writesae.host_memory import freed_memory_kept
-from writesae.sae import GATHER_COST_FLOPS, SMALL_PRODUCT_COST, bilinear_backward_is_dense, dense_decode_is_cheaper
+from writesae.sae import (ENCODER_NUMBERS_PER_BLOCK, GATHER_COST_FLOPS, SMALL_PRODUCT_COST, bilinear_backward_is_dense,
+                          dense_decode_is_cheaper)
 from writesae.train import TrainConfig, make_optimizer, training_step, _guard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,6 +161,8 @@ OP_KINDS = {"matrix products": ("aten::bmm", "aten::mm", "aten::addmm", "aten::b
             "gathers and scatters": ("aten::embedding_bag", "aten::_embedding_bag", "aten::index_select", "aten::index_add_",
                                      "aten::gather", "aten::scatter_", "aten::scatter"),
             "top-k": ("aten::topk",), "Adam": ("aten::_fused_adam_",)}
+#: steps `time_by_op_kind` runs under the profiler before the ones it records
+PROFILER_WARM_UP_STEPS = 3
 
 
 def time_by_op_kind(architecture: str, shape: str, n: int, batch: int, repeats: int) -> dict:
@@ -170,9 +175,14 @@ def time_by_op_kind(architecture: str, shape: str, n: int, batch: int, repeats: 
     x = torch.randn(batch, 1, d_k, d_v, generator=torch.Generator().manual_seed(0))
     step = train_step(sae, x)
     seconds = median_seconds(step, repeats, settle=True)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        for _ in range(repeats):
+    # the profiler's own allocations unsettle the heap: steps under it fault memory in again until it settles
+    # (negative time between operators in an earlier run), so it warms up before the steps it records
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], acc_events=True,
+                                schedule=torch.profiler.schedule(wait=0, warmup=PROFILER_WARM_UP_STEPS, active=repeats)
+                                ) as profile:
+        for _ in range(PROFILER_WARM_UP_STEPS + repeats):
             step()
+            profile.step()
     kind_of = {name: kind for kind, names in OP_KINDS.items() for name in names}
     ms = dict.fromkeys([*OP_KINDS, "other operators"], 0.0)
     for event in profile.key_averages():
@@ -221,6 +231,22 @@ def encoder_backward_row(d: int, n: int, batch: int, repeats: int) -> dict:
             "faster": min(times, key=times.get), "picked_time_over_best": times[chosen] / min(times.values())}
 
 
+def encoder_forward_row(d: int, n: int, batch: int, repeats: int) -> dict:
+    """The bilinear encoder's forward (rank 1, without gradients: the same product as with them) with its rows E
+    formed in one product and in blocks of `writesae.sae.ENCODER_NUMBERS_PER_BLOCK` numbers, on the same states."""
+    sae = BilinearMatrixSAE(d_k=d, d_v=d, n_features=n, k=K, seed=0)
+    x = torch.randn(batch, 1, d, d, generator=torch.Generator().manual_seed(0))
+    times = {}
+    for route, numbers in (("one_product", n * d * d), ("blocks", ENCODER_NUMBERS_PER_BLOCK)):
+        def run(numbers=numbers):
+            with mock.patch("writesae.sae.ENCODER_NUMBERS_PER_BLOCK", numbers), torch.no_grad():
+                sae.encode_pre(x)
+        times[route] = median_seconds(run, repeats, settle=True)
+    return {"architecture": "bilinear", "d_k": d, "d_v": d, "n_features": n, "batch": batch, "E_mib": n * d * d * 4 / 2**20,
+            "one_product_ms": 1e3 * times["one_product"], "blocks_ms": 1e3 * times["blocks"],
+            "blocks_over_one_product": times["blocks"] / times["one_product"]}
+
+
 def _routes_table(rows: list[dict]) -> list[str]:
     return ["| SAE | d | n | batch | dense | gathered | rule picks | picked / best |", "|---|---|---|---|---|---|---|---|",
             *[f"| {r['architecture']} | {r['d_k']} | {r['n_features']} | {r['batch']} | {r['dense_ms']:.1f} | "
@@ -254,6 +280,13 @@ def results_block(results: dict | None) -> str:
               "The bilinear encoder's backward routes (encoder forward + backward against a TopK-sparse gradient, ms; "
               f"`writesae.sae.bilinear_backward_is_dense` with SMALL_PRODUCT_COST = {p['small_product_cost']} picks one):", "",
               *_routes_table(results["encoder_backward"])]
+    if results.get("encoder_forward"):
+        lines += ["", f"The bilinear encoder's forward (no gradients, ms) with its rows E formed in one product and in blocks of "
+                  f"ENCODER_NUMBERS_PER_BLOCK = {p['encoder_numbers_per_block']} numbers (`writesae.sae._bilinear_product`):", "",
+                  "| SAE | d | n | batch | E MiB | one product | blocks | blocks / one product |", "|---|---|---|---|---|---|---|---|",
+                  *[f"| {r['architecture']} | {r['d_k']} | {r['n_features']} | {r['batch']} | {r['E_mib']:.0f} | "
+                    f"{r['one_product_ms']:.1f} | {r['blocks_ms']:.1f} | {r['blocks_over_one_product']:.2f} |"
+                    for r in results["encoder_forward"]]]
     if results.get("breakdown"):
         kinds = list(results["breakdown"][0]["ms"])
         lines += ["", f"Where a step's time goes at the smallest shapes and at each SAE's step of ≥ {BIG_STEP_GFLOP} GFLOP farthest from the "
@@ -288,7 +321,7 @@ def farthest_big_steps(rows: list[dict]) -> list[tuple[str, str, int, int]]:
 
 
 def measure(results: dict, args: argparse.Namespace) -> None:
-    """Fill ``results``' rows, decode routes, encoder backward routes and time breakdown."""
+    """Fill ``results``' rows, decode routes, encoder backward and forward routes and time breakdown."""
     for architecture, shape, n, batch in itertools.product(CLASSES, HEAD_SHAPES, N_FEATURES, BATCHES):
         d_k, d_v = HEAD_SHAPES[shape]
         gib = 4 * 4 * parameter_count(architecture, n, d_k, d_v) / 2**30
@@ -308,6 +341,11 @@ def measure(results: dict, args: argparse.Namespace) -> None:
         row = encoder_backward_row(d, n, batch, args.repeats)
         print(json.dumps(row), flush=True)
         results["encoder_backward"].append(row)
+    for d, n, batch in [(128, 16384, 32), (128, 4096, 128), (128, 1024, 1024), (64, 16384, 32), (64, 16384, 256),
+                        (64, 4096, 256)]:
+        row = encoder_forward_row(d, n, batch, args.repeats)
+        print(json.dumps(row), flush=True)
+        results["encoder_forward"].append(row)
     smallest = [(architecture, shape, min(N_FEATURES), min(BATCHES))
                 for architecture, shape in itertools.product(CLASSES, HEAD_SHAPES)]
     for architecture, shape, n, batch in smallest + farthest_big_steps(results["rows"]):
@@ -328,10 +366,11 @@ def main() -> None:
     results = {"provenance": provenance("bench_sae", repeats=args.repeats, k=K, max_gflop=args.max_gflop,
                                         max_gib=args.max_gib, gather_cost_flops=GATHER_COST_FLOPS,
                                         small_product_cost=SMALL_PRODUCT_COST,
+                                        encoder_numbers_per_block=ENCODER_NUMBERS_PER_BLOCK,
                                         warm_up=f"warm-up calls until one faults in fewer than {SETTLED_PAGE_FAULTS} new "
                                                 f"pages (at most {MAX_WARM_UP_CALLS})",
                                         host_memory="writesae.host_memory.freed_memory_kept, as the trainer runs"),
-               "rows": [], "skipped": [], "decode": [], "encoder_backward": [], "breakdown": []}
+               "rows": [], "skipped": [], "decode": [], "encoder_backward": [], "encoder_forward": [], "breakdown": []}
     with freed_memory_kept():  # the trainer's steps run inside it (writesae.train.train)
         measure(results, args)
     results["summary"] = summary(results["rows"])

@@ -129,6 +129,47 @@ def test_bilinear_pre_activations(rank, tied):
     torch.testing.assert_close(sae.encode_pre(x), expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("n_features", [192, 200])  # whole blocks of 64 features; a last block of 8
+@pytest.mark.parametrize("grad", [True, False])
+def test_the_bilinear_encoder_forms_its_rows_in_blocks_with_the_numbers_of_one_product(monkeypatch, n_features, grad):
+    """With blocks of 64 features (`ENCODER_NUMBERS_PER_BLOCK` set for it: 1 number still makes 64), the
+    bilinear pre-activations and, through them, every gradient are those of the one product with all n rows,
+    with gradients (`_BilinearEncoder`) and without."""
+    import writesae.sae as sae_module
+
+    sae = make("bilinear", n_features=n_features, heads=[0, 1], n_heads=2)
+    assert sae_module._features_per_block(2, 12) >= n_features  # by default, one block
+    x = inputs(sae, 3, 2)
+    expected = torch.einsum("...hd,hnd->...hn", (x - sae.b_dec).flatten(-2),
+                            torch.einsum("hnrk,hnrv->hnkv", sae.U, sae.P).flatten(-2)) + sae.b_enc
+    upstream = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (expected * upstream).sum().backward()
+    expected_grads = [p.grad.clone() for p in (sae.U, sae.P, sae.b_dec)]
+    sae.zero_grad()
+    for numbers in (64 * 24, 1):
+        monkeypatch.setattr(sae_module, "ENCODER_NUMBERS_PER_BLOCK", numbers)
+        assert sae_module._features_per_block(2, 12) == 64
+        with torch.set_grad_enabled(grad):
+            pre = sae.encode_pre(x)
+        torch.testing.assert_close(pre, expected, rtol=0, atol=1e-12)
+        if grad:
+            (pre * upstream).sum().backward()
+            for got, wanted in zip((sae.U.grad, sae.P.grad, sae.b_dec.grad), expected_grads):
+                torch.testing.assert_close(got, wanted, rtol=0, atol=1e-12)
+            sae.zero_grad()
+
+
+def test_the_bilinear_encoder_blocks_hold_whole_tiles_within_the_budget():
+    from writesae.sae import ENCODER_NUMBERS_PER_BLOCK, FEATURES_PER_BLOCK_MULTIPLE, _features_per_block
+
+    for n_dicts, atom_numbers in ((1, 128 * 128), (1, 64 * 64), (8, 64 * 64), (3, 100 * 7)):
+        features = _features_per_block(n_dicts, atom_numbers)
+        assert features % FEATURES_PER_BLOCK_MULTIPLE == 0
+        assert features * n_dicts * atom_numbers <= ENCODER_NUMBERS_PER_BLOCK
+        assert (features + FEATURES_PER_BLOCK_MULTIPLE) * n_dicts * atom_numbers > ENCODER_NUMBERS_PER_BLOCK
+    assert _features_per_block(16, 128 * 128) == FEATURES_PER_BLOCK_MULTIPLE  # past the budget: one multiple
+
+
 @pytest.mark.parametrize("arch", ["flat", "matrix"])
 def test_dense_pre_activations(arch):
     sae = make(arch)

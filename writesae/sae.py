@@ -369,22 +369,51 @@ def _factor_atom_norms(V: Tensor, W: Tensor) -> Tensor:
     return gram.sum((-2, -1)).clamp_min(0).sqrt()
 
 
+# How many numbers of the bilinear encoder's rows E_i = Σ_r U_ir P_irᵀ its forward forms at a time (32 MiB in
+# fp32). Timed on one CPU thread of this machine (the "encoder forward" rows of benchmarks/results/sae.json):
+# forming all n·d_k·d_v at once is slower wherever they are many (1 GiB for 16,384 features at 128 × 128:
+# 387 ms against 293 in blocks at batch 32), and no block size was faster at every shape; blocks this large
+# cost at most a few percent where E is a few times their size. It also bounds the forward's memory.
+ENCODER_NUMBERS_PER_BLOCK = 2**23
+# A block's features are a multiple of this: the product then runs whole tiles, and on this CPU the blocks give
+# exactly the numbers of one product (scripts.compare_with_commit finds no tensor changed).
+FEATURES_PER_BLOCK_MULTIPLE = 64
+
+
+def _features_per_block(n_dicts: int, atom_numbers: int) -> int:
+    """Features per block of `_bilinear_product`: as many as fit `ENCODER_NUMBERS_PER_BLOCK` numbers over every
+    head, a multiple of `FEATURES_PER_BLOCK_MULTIPLE` (and at least one such multiple)."""
+    fitting = ENCODER_NUMBERS_PER_BLOCK // (n_dicts * atom_numbers)
+    return max(fitting // FEATURES_PER_BLOCK_MULTIPLE, 1) * FEATURES_PER_BLOCK_MULTIPLE
+
+
+def _bilinear_product(centred: Tensor, U: Tensor, P: Tensor) -> Tensor:
+    """⟨C, E_i⟩_F = Σ_r U_irᵀ C P_ir [..., n_dicts, n] for C = ``centred`` [..., n_dicts, d_k, d_v]: one product
+    with the rows E_i = Σ_r U_ir P_irᵀ per block of `_features_per_block` features, each block formed, used and
+    dropped (n·d_k·d_v numbers: fewer than the per-sample products C P_ir, B·n·r·d_k, once B·r > d_v, and the
+    same numbers whatever the batch)."""
+    flat = centred.flatten(-2)
+    features = _features_per_block(U.shape[0], flat.shape[-1])
+    blocks = [torch.einsum("...hd,hnd->...hn", flat, _factor_atoms(U[:, i:i + features], P[:, i:i + features]).flatten(-2))
+              for i in range(0, U.shape[1], features)]
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, -1)
+
+
 def _bilinear_pre(U: Tensor, P: Tensor, scaled: Tensor, offset: Tensor) -> Tensor:
     """Σ_r U_irᵀ (X·s − b_dec) P_ir [..., n_dicts, n] (b_enc not included) from ``scaled`` = X·s and
     ``offset`` = b_dec. With gradients, through `_BilinearEncoder`, whose backward reaches the factors of
     only the features that receive a gradient."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (scaled, offset, U, P)):
         return _BilinearEncoder.apply(scaled, offset, U, P)
-    return torch.einsum("...hd,hnd->...hn", (scaled - offset).flatten(-2), _factor_atoms(U, P).flatten(-2))
+    return _bilinear_product(scaled - offset, U, P)
 
 
 class _BilinearEncoder(torch.autograd.Function):
     """z_i = Σ_r U_irᵀ (x − b) P_ir per head, x [..., n_dicts, d_k, d_v] (X·s), b [n_dicts, d_k, d_v] (b_dec),
     U [n_dicts, n, r, d_k], P [n_dicts, n, r, d_v].
 
-    The forward forms the n encoder matrices E_i = Σ_r U_ir P_irᵀ once (n·d_k·d_v numbers: fewer than the
-    per-sample products x P_ir, B·n·r·d_k, once B·r > d_v, and the same numbers whatever the batch) and
-    does not keep them. A sparse code passes a gradient to m ≤ k features per sample, so where
+    The forward takes the product with the encoder matrices E_i = Σ_r U_ir P_irᵀ, formed a block of features
+    at a time (`_bilinear_product`), and does not keep them. A sparse code passes a gradient to m ≤ k features per sample, so where
     `_gradient_support` says gathering beats the dense products, the backward takes each kept (sample,
     feature) pair's factors and goes straight to them, with no [n, d_k, d_v] ∂E:
     ∂U_ir += g c P_ir, ∂P_ir += g cᵀ U_ir (c = x − b), ∂b = −Σ g Σ_r U_ir P_irᵀ over the pairs (3 products of
@@ -397,7 +426,7 @@ class _BilinearEncoder(torch.autograd.Function):
         centred = x - b
         ctx.save_for_backward(centred, U, P)
         ctx.shapes = x.shape, b.shape
-        return torch.einsum("...hd,hnd->...hn", centred.flatten(-2), _factor_atoms(U, P).flatten(-2))
+        return _bilinear_product(centred, U, P)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
