@@ -32,16 +32,14 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from benchmarks.bench_sae import train_step
 from benchmarks.provenance import provenance, write_results
-from benchmarks.timing import synchronize
+from benchmarks.timing import interleaved_medians
 from writesae import BilinearMatrixSAE, FlatSAE
 from writesae.host_memory import freed_memory_kept
 
@@ -92,21 +90,6 @@ def sparsify_step(d_in: int, n: int, x: torch.Tensor):
 
 
 PEERS = {"saelens": ("sae-lens", saelens_step), "sparsify": ("eai-sparsify", sparsify_step)}
-
-
-def interleaved_medians(steps: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each step, the steps run in turn each repeat (after one warm-up call each)."""
-    for step in steps.values():
-        step()
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            synchronize()
-            start = time.perf_counter()
-            step()
-            synchronize()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def measure(peer: str, repeats: int) -> dict:

@@ -10,8 +10,8 @@ n_features ∈ {64, 1024, 16384} × batch ∈ {32, 256, 1024}: the trainer's own
 counters) on random states, timed as the median of repeats, inside `writesae.host_memory.freed_memory_kept`
 as `writesae.train.train` runs it. Each row gives states/s, the step's FLOPs
 (`training_step_flops`, counted analytically) and ``matmul_fraction``: achieved FLOP/s over the FLOP/s of one
-plain square ``torch.matmul`` of the same FLOPs, timed right after the step in the same run (so both
-see the same load). ``overhead_ms`` = step time − that matmul's time: what the step spends beyond its
+plain square ``torch.matmul`` of the same FLOPs, the two timed in turn, repeat by repeat (so both see the
+machine in the same state). ``overhead_ms`` = step time − that matmul's time: what the step spends beyond its
 FLOPs at matrix-product speed. ``adam_ms``: the trainer's Adam step alone on the same parameters, a
 memory-bound pass over every weight, gradient and moment that no FLOP count sees; ``limit_fraction`` =
 (the FLOPs at the matmul rate + Adam alone) / step time: how near a step is to the work it cannot skip.
@@ -39,7 +39,7 @@ from unittest import mock
 import torch
 
 from benchmarks.provenance import provenance, run_line, write_results
-from benchmarks.timing import MAX_WARM_UP_CALLS, SETTLED_PAGE_FAULTS, median_seconds
+from benchmarks.timing import MAX_WARM_UP_ROUNDS, SETTLED_PAGE_FAULTS, interleaved_medians, median_seconds
 from writesae import BilinearMatrixSAE, FlatSAE, MatrixSAE
 from writesae.host_memory import freed_memory_kept
 from writesae.sae import (ENCODER_NUMBERS_PER_BLOCK, GATHER_COST_FLOPS, SMALL_PRODUCT_COST, bilinear_backward_is_dense,
@@ -118,10 +118,6 @@ def step_flops(step) -> int:
     return step.flops
 
 
-def train_step_seconds(sae, batch: torch.Tensor, repeats: int) -> float:
-    return median_seconds(train_step(sae, batch), repeats, settle=True)  # the warm-up allocates Adam's moments
-
-
 def optimizer_step(sae):
     """The trainer's Adam step alone on ``sae``'s parameters, each given a gradient, as a function of no
     arguments (it moves the weights: time it after the training step)."""
@@ -131,20 +127,29 @@ def optimizer_step(sae):
     return optimizer.step
 
 
-def matmul_seconds(flops: int, device, repeats: int, dtype=torch.float32) -> tuple[float, int]:
-    """Median time of one plain square ``torch.matmul`` of about ``flops`` FLOPs (2·m³), and its exact FLOPs."""
+def square_matmul(flops: int, device, dtype=torch.float32):
+    """One plain square ``torch.matmul`` of about ``flops`` FLOPs (2·m³), as a function of no arguments, and its
+    exact FLOPs."""
     m = max(1, round((flops / 2) ** (1 / 3)))
     a, b = (torch.randn(m, m, device=device, dtype=dtype) for _ in range(2))
-    return median_seconds(lambda: torch.matmul(a, b), repeats, settle=True), 2 * m**3
+    return (lambda: torch.matmul(a, b)), 2 * m**3
+
+
+def step_and_matmul_seconds(step, device, repeats: int) -> tuple[float, float, int]:
+    """Median seconds of a step made by `train_step` and of a square matmul of its FLOPs, timed in turn
+    (the warm-up also allocates Adam's moments), and the matmul's exact FLOPs."""
+    matmul, matmul_flops = square_matmul(step_flops(step), device)
+    seconds = interleaved_medians({"step": step, "matmul": matmul}, repeats, settle=True)
+    return seconds["step"], seconds["matmul"], matmul_flops
 
 
 def step_row(architecture: str, shape: str, n: int, batch: int, repeats: int) -> dict:
     d_k, d_v = HEAD_SHAPES[shape]
     sae = CLASSES[architecture](d_k=d_k, d_v=d_v, n_features=n, k=K, seed=0)
     x = torch.randn(batch, 1, d_k, d_v, generator=torch.Generator().manual_seed(0))
-    seconds = train_step_seconds(sae, x, repeats)
-    flops = training_step_flops(architecture, batch, n, K, d_k, d_v)
-    mm_seconds, mm_flops = matmul_seconds(flops, "cpu", repeats)
+    step = train_step(sae, x)
+    flops = step_flops(step)
+    seconds, mm_seconds, mm_flops = step_and_matmul_seconds(step, "cpu", repeats)
     adam_seconds = median_seconds(optimizer_step(sae), repeats, settle=True)
     flop_seconds = mm_seconds * flops / mm_flops
     return {"architecture": architecture, "head_shape": shape, "d_k": d_k, "d_v": d_v, "n_features": n, "batch": batch,
@@ -260,7 +265,8 @@ def results_block(results: dict | None) -> str:
     p = results["provenance"]
     lines = [f"{run_line(p)}, medians of {p['repeats']} repeats after {p['warm_up']}, one head, TopK k = {p['k']}, Adam, the trainer's step), "
              "`benchmarks/results/sae.json`. FLOPs counted analytically (`benchmarks.bench_sae.training_step_flops`); "
-             "*matmul fraction*: achieved FLOP/s over a plain square `torch.matmul` of the same FLOPs timed beside it; "
+             "*matmul fraction*: achieved FLOP/s over a plain square `torch.matmul` of the same FLOPs timed beside it "
+             f"({p['interleaved']}); "
              "*overhead*: step time minus that matmul's time; *Adam*: the trainer's Adam step alone on the same "
              "parameters; *limit fraction*: (the FLOPs at the matmul rate + Adam alone) / step time.", "",
              "| SAE | head | n | batch | decode | states/s | GFLOP/step | matmul fraction | overhead ms | Adam ms | limit fraction |",
@@ -367,8 +373,9 @@ def main() -> None:
                                         max_gib=args.max_gib, gather_cost_flops=GATHER_COST_FLOPS,
                                         small_product_cost=SMALL_PRODUCT_COST,
                                         encoder_numbers_per_block=ENCODER_NUMBERS_PER_BLOCK,
-                                        warm_up=f"warm-up calls until one faults in fewer than {SETTLED_PAGE_FAULTS} new "
-                                                f"pages (at most {MAX_WARM_UP_CALLS})",
+                                        warm_up=f"warm-up rounds until every call of one faults in fewer than "
+                                                f"{SETTLED_PAGE_FAULTS} new pages (at most {MAX_WARM_UP_ROUNDS})",
+                                        interleaved="each step and its matmul timed in turn, repeat by repeat",
                                         host_memory="writesae.host_memory.freed_memory_kept, as the trainer runs"),
                "rows": [], "skipped": [], "decode": [], "encoder_backward": [], "encoder_forward": [], "breakdown": []}
     with freed_memory_kept():  # the trainer's steps run inside it (writesae.train.train)

@@ -365,15 +365,15 @@ def run_engine(run: Run, device: torch.device, args) -> None:
 
 
 def sae_case(cls, d: int, n_features: int, batches: list[int], k: int, device: torch.device, args) -> list[dict]:
-    from benchmarks.bench_sae import matmul_seconds, step_flops, train_step, train_step_seconds
+    from benchmarks.bench_sae import step_and_matmul_seconds, step_flops, train_step
 
     sae = cls(d_k=d, d_v=d, n_features=n_features, k=k, seed=0, device=device)
     rows = []
     for batch_size in batches:
         batch = torch.randn(batch_size, 1, d, d, generator=torch.Generator().manual_seed(0)).to(device)
-        seconds = train_step_seconds(sae, batch, args.sae_repeats)
-        flops = step_flops(train_step(sae, batch))
-        mm_seconds, mm_flops = matmul_seconds(flops, device, args.sae_repeats)
+        step = train_step(sae, batch)
+        flops = step_flops(step)
+        seconds, mm_seconds, mm_flops = step_and_matmul_seconds(step, device, args.sae_repeats)
         achieved, matmul_rate = flops / seconds, mm_flops / mm_seconds
         rows.append({"architecture": cls.__name__, "d_k": d, "d_v": d, "n_features": n_features, "k": k, "batch": batch_size,
                      "step_s": seconds, "states_per_s": batch_size / seconds, "step_flops": flops,

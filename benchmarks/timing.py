@@ -6,6 +6,7 @@ from __future__ import annotations
 import resource
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -17,32 +18,43 @@ def synchronize() -> None:
 
 
 #: a warm-up call that faults in fewer new pages than this (Python's own small allocations do a few) finds the
-#: memory it needs already in place: `median_seconds` with ``settle`` times only calls after such a one
+#: memory it needs already in place: `interleaved_medians` with ``settle`` times only calls after such calls
 SETTLED_PAGE_FAULTS = 16
-#: at most this many warm-up calls, settled or not
-MAX_WARM_UP_CALLS = 10
+#: at most this many warm-up rounds, settled or not
+MAX_WARM_UP_ROUNDS = 10
 
 
 def _page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def median_seconds(fn, repeats: int, settle: bool = False) -> float:
-    """Median wall time of ``fn()`` after one warm-up call, queued GPU work included. With ``settle``, warm-up
-    calls go on until one faults in fewer than `SETTLED_PAGE_FAULTS` new pages (at most `MAX_WARM_UP_CALLS`):
-    a step whose large buffers come from memory the process keeps (`writesae.host_memory.freed_memory_kept`)
-    takes a few calls to reach the heap it settles at, and a call before that pays page faults that a long
-    run does not."""
-    for _ in range(MAX_WARM_UP_CALLS if settle else 1):
-        before = _page_faults()
-        fn()
-        if _page_faults() - before < SETTLED_PAGE_FAULTS:
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, settle: bool = False) -> dict[str, float]:
+    """Median wall time of each of ``fns``, queued GPU work included, the functions run in turn each repeat, so
+    that every one sees the machine in the same state (a ratio of two of them then drifts less between runs than
+    one of medians taken apart). First warm-up rounds, every function once a round: one round, or with ``settle``
+    rounds until every call of one faults in fewer than `SETTLED_PAGE_FAULTS` new pages (at most
+    `MAX_WARM_UP_ROUNDS`): a step whose large buffers come from memory the process keeps
+    (`writesae.host_memory.freed_memory_kept`) takes a few calls to reach the heap it settles at, and a call
+    before that pays page faults that a long run does not."""
+    for _ in range(MAX_WARM_UP_ROUNDS if settle else 1):
+        settled = True
+        for fn in fns.values():
+            before = _page_faults()
+            fn()
+            settled &= _page_faults() - before < SETTLED_PAGE_FAULTS
+        if settled:
             break
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            synchronize()
+            start = time.perf_counter()
+            fn()
+            synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, settle: bool = False) -> float:
+    """Median wall time of ``fn()`` after warm-up (`interleaved_medians` of it alone)."""
+    return interleaved_medians({"fn": fn}, repeats, settle)["fn"]
