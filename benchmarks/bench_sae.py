@@ -137,9 +137,11 @@ def square_matmul(flops: int, device, dtype=torch.float32):
 
 def step_and_matmul_seconds(step, device, repeats: int) -> tuple[float, float, int]:
     """Median seconds of a step made by `train_step` and of a square matmul of its FLOPs, timed in turn
-    (the warm-up also allocates Adam's moments), and the matmul's exact FLOPs."""
+    (the warm-up also allocates Adam's moments), and the matmul's exact FLOPs. Each repeat runs the matmul
+    twice and times the second: right after a step its inputs have left the cache, and a matmul timed cold
+    would be a slower, easier reference than one in a run of matmuls."""
     matmul, matmul_flops = square_matmul(step_flops(step), device)
-    seconds = interleaved_medians({"step": step, "matmul": matmul}, repeats, settle=True)
+    seconds = interleaved_medians({"step": step, "matmul warm-up": matmul, "matmul": matmul}, repeats, settle=True)
     return seconds["step"], seconds["matmul"], matmul_flops
 
 
@@ -375,7 +377,8 @@ def main() -> None:
                                         encoder_numbers_per_block=ENCODER_NUMBERS_PER_BLOCK,
                                         warm_up=f"warm-up rounds until every call of one faults in fewer than "
                                                 f"{SETTLED_PAGE_FAULTS} new pages (at most {MAX_WARM_UP_ROUNDS})",
-                                        interleaved="each step and its matmul timed in turn, repeat by repeat",
+                                        interleaved="each step and its matmul timed in turn, repeat by repeat, the "
+                                                    "matmul run twice and the second timed",
                                         host_memory="writesae.host_memory.freed_memory_kept, as the trainer runs"),
                "rows": [], "skipped": [], "decode": [], "encoder_backward": [], "encoder_forward": [], "breakdown": []}
     with freed_memory_kept():  # the trainer's steps run inside it (writesae.train.train)
