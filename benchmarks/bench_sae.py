@@ -10,8 +10,8 @@ n_features ∈ {64, 1024, 16384} × batch ∈ {32, 256, 1024}: the trainer's own
 counters) on random states, timed as the median of repeats, inside `writesae.host_memory.freed_memory_kept`
 as `writesae.train.train` runs it. Each row gives states/s, the step's FLOPs
 (`training_step_flops`, counted analytically) and ``matmul_fraction``: achieved FLOP/s over the FLOP/s of one
-plain square ``torch.matmul`` of the same FLOPs, the two timed in turn, repeat by repeat (so both see the
-machine in the same state). ``overhead_ms`` = step time − that matmul's time: what the step spends beyond its
+plain square ``torch.matmul`` of the same FLOPs, timed right after the step in the same run (so both
+see the same load). ``overhead_ms`` = step time − that matmul's time: what the step spends beyond its
 FLOPs at matrix-product speed. ``adam_ms``: the trainer's Adam step alone on the same parameters, a
 memory-bound pass over every weight, gradient and moment that no FLOP count sees; ``limit_fraction`` =
 (the FLOPs at the matmul rate + Adam alone) / step time: how near a step is to the work it cannot skip.
@@ -39,7 +39,7 @@ from unittest import mock
 import torch
 
 from benchmarks.provenance import provenance, run_line, write_results
-from benchmarks.timing import MAX_WARM_UP_ROUNDS, SETTLED_PAGE_FAULTS, interleaved_medians, median_seconds
+from benchmarks.timing import MAX_WARM_UP_ROUNDS, SETTLED_PAGE_FAULTS, median_seconds
 from writesae import BilinearMatrixSAE, FlatSAE, MatrixSAE
 from writesae.host_memory import freed_memory_kept
 from writesae.sae import (ENCODER_NUMBERS_PER_BLOCK, GATHER_COST_FLOPS, SMALL_PRODUCT_COST, bilinear_backward_is_dense,
@@ -136,13 +136,13 @@ def square_matmul(flops: int, device, dtype=torch.float32):
 
 
 def step_and_matmul_seconds(step, device, repeats: int) -> tuple[float, float, int]:
-    """Median seconds of a step made by `train_step` and of a square matmul of its FLOPs, timed in turn
-    (the warm-up also allocates Adam's moments), and the matmul's exact FLOPs. Each repeat runs the matmul
-    twice and times the second: right after a step its inputs have left the cache, and a matmul timed cold
-    would be a slower, easier reference than one in a run of matmuls."""
+    """Median seconds of a step made by `train_step` (its warm-up also allocates Adam's moments) and, right after
+    it, of a plain square matmul of its FLOPs, each in a run of its own calls; and the matmul's exact FLOPs.
+    Not in turn: a matmul timed between steps ran slower, by up to a quarter at some shapes (a run of 6c6cb3b
+    and one that timed a second matmul right after the first), which made the reference easier."""
+    seconds = median_seconds(step, repeats, settle=True)
     matmul, matmul_flops = square_matmul(step_flops(step), device)
-    seconds = interleaved_medians({"step": step, "matmul warm-up": matmul, "matmul": matmul}, repeats, settle=True)
-    return seconds["step"], seconds["matmul"], matmul_flops
+    return seconds, median_seconds(matmul, repeats, settle=True), matmul_flops
 
 
 def step_row(architecture: str, shape: str, n: int, batch: int, repeats: int) -> dict:
@@ -267,8 +267,7 @@ def results_block(results: dict | None) -> str:
     p = results["provenance"]
     lines = [f"{run_line(p)}, medians of {p['repeats']} repeats after {p['warm_up']}, one head, TopK k = {p['k']}, Adam, the trainer's step), "
              "`benchmarks/results/sae.json`. FLOPs counted analytically (`benchmarks.bench_sae.training_step_flops`); "
-             "*matmul fraction*: achieved FLOP/s over a plain square `torch.matmul` of the same FLOPs timed beside it "
-             f"({p['interleaved']}); "
+             "*matmul fraction*: achieved FLOP/s over a plain square `torch.matmul` of the same FLOPs timed beside it; "
              "*overhead*: step time minus that matmul's time; *Adam*: the trainer's Adam step alone on the same "
              "parameters; *limit fraction*: (the FLOPs at the matmul rate + Adam alone) / step time.", "",
              "| SAE | head | n | batch | decode | states/s | GFLOP/step | matmul fraction | overhead ms | Adam ms | limit fraction |",
@@ -375,10 +374,8 @@ def main() -> None:
                                         max_gib=args.max_gib, gather_cost_flops=GATHER_COST_FLOPS,
                                         small_product_cost=SMALL_PRODUCT_COST,
                                         encoder_numbers_per_block=ENCODER_NUMBERS_PER_BLOCK,
-                                        warm_up=f"warm-up rounds until every call of one faults in fewer than "
-                                                f"{SETTLED_PAGE_FAULTS} new pages (at most {MAX_WARM_UP_ROUNDS})",
-                                        interleaved="each step and its matmul timed in turn, repeat by repeat, the "
-                                                    "matmul run twice and the second timed",
+                                        warm_up=f"warm-up calls until one faults in fewer than {SETTLED_PAGE_FAULTS} new "
+                                                f"pages (at most {MAX_WARM_UP_ROUNDS})",
                                         host_memory="writesae.host_memory.freed_memory_kept, as the trainer runs"),
                "rows": [], "skipped": [], "decode": [], "encoder_backward": [], "encoder_forward": [], "breakdown": []}
     with freed_memory_kept():  # the trainer's steps run inside it (writesae.train.train)
