@@ -24,7 +24,9 @@ crossover, with the route `writesae.sae.dense_decode_is_cheaper` picks: the meas
 ``GATHER_COST_FLOPS``. ``encoder_backward``: the same for the two routes of the bilinear encoder's backward
 (`writesae.sae.bilinear_backward_is_dense`): the measurement behind ``SMALL_PRODUCT_COST``. ``encoder_forward``:
 the bilinear encoder's forward with its rows E formed in one product and in blocks of
-``ENCODER_NUMBERS_PER_BLOCK`` numbers, side by side: the measurement behind that constant.
+``ENCODER_NUMBERS_PER_BLOCK`` numbers, side by side: the measurement behind that constant. ``sparse_product``:
+the two routes of a dense encoder's gathered ∂W_enc (`writesae.sae.sparse_product_is_csr`), side by side: the
+measurement behind ``SPARSE_PRODUCT_FROM`` and ``CSR_FROM_SAMPLES_PER_ROW``.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ from benchmarks.provenance import provenance, run_line, write_results
 from benchmarks.timing import MAX_WARM_UP_ROUNDS, SETTLED_PAGE_FAULTS, median_seconds
 from writesae import BilinearMatrixSAE, FlatSAE, MatrixSAE
 from writesae.host_memory import freed_memory_kept
-from writesae.sae import (ENCODER_NUMBERS_PER_BLOCK, GATHER_COST_FLOPS, SMALL_PRODUCT_COST, bilinear_backward_is_dense,
-                          dense_decode_is_cheaper)
+from writesae.sae import (CSR_FROM_SAMPLES_PER_ROW, ENCODER_NUMBERS_PER_BLOCK, GATHER_COST_FLOPS, SMALL_PRODUCT_COST,
+                          SPARSE_PRODUCT_FROM, _rows, _rows_of_sparse_product, bilinear_backward_is_dense,
+                          dense_decode_is_cheaper, sparse_product_is_csr)
 from writesae.train import TrainConfig, make_optimizer, training_step, _guard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,6 +257,24 @@ def encoder_forward_row(d: int, n: int, batch: int, repeats: int) -> dict:
             "blocks_over_one_product": times["blocks"] / times["one_product"]}
 
 
+def sparse_product_row(d: int, n: int, batch: int, repeats: int) -> dict:
+    """A dense encoder's gathered ∂W_enc (`writesae.sae._rows_of_sparse_product`) by each route, for K random
+    features per sample of one n-feature dictionary and rows of d·d numbers."""
+    g = torch.Generator().manual_seed(0)
+    rows = _rows(torch.rand(batch, 1, n, generator=g).topk(K, dim=-1).indices, n)
+    values, x = torch.randn(batch, 1, K, generator=g), torch.randn(batch, d * d, generator=g)
+    times = {}
+    for route in ("products", "csr"):
+        def run(route=route):
+            with mock.patch("writesae.sae.sparse_product_is_csr", lambda *shape: route == "csr"):
+                _rows_of_sparse_product(rows, values, x, n)
+        times[route] = median_seconds(run, repeats, settle=True)
+    chosen = "csr" if sparse_product_is_csr(batch * K, d * d, n) else "products"
+    return {"d_k": d, "d_v": d, "n_features": n, "batch": batch, "k": K, "products_mib": batch * K * d * d * 4 / 2**20,
+            "products_per_row": batch * K / n, "products_ms": 1e3 * times["products"], "csr_ms": 1e3 * times["csr"],
+            "rule_picks": chosen, "faster": min(times, key=times.get), "picked_time_over_best": times[chosen] / min(times.values())}
+
+
 def _routes_table(rows: list[dict]) -> list[str]:
     return ["| SAE | d | n | batch | dense | gathered | rule picks | picked / best |", "|---|---|---|---|---|---|---|---|",
             *[f"| {r['architecture']} | {r['d_k']} | {r['n_features']} | {r['batch']} | {r['dense_ms']:.1f} | "
@@ -294,6 +315,15 @@ def results_block(results: dict | None) -> str:
                   *[f"| {r['architecture']} | {r['d_k']} | {r['n_features']} | {r['batch']} | {r['E_mib']:.0f} | "
                     f"{r['one_product_ms']:.1f} | {r['blocks_ms']:.1f} | {r['blocks_over_one_product']:.2f} |"
                     for r in results["encoder_forward"]]]
+    if results.get("sparse_product"):
+        lines += ["", "A dense encoder's gathered ∂W_enc (ms), its products formed and added or one CSR product "
+                  f"(`writesae.sae.sparse_product_is_csr`: CSR past SPARSE_PRODUCT_FROM = {p['sparse_product_from']} numbers "
+                  f"of products or from CSR_FROM_SAMPLES_PER_ROW = {p['csr_from_samples_per_row']} products a row):", "",
+                  "| d | n | batch | products MiB | products a row | products | CSR | rule picks | picked / best |",
+                  "|---|---|---|---|---|---|---|---|---|",
+                  *[f"| {r['d_k']} | {r['n_features']} | {r['batch']} | {r['products_mib']:.0f} | {r['products_per_row']:.2g} | "
+                    f"{r['products_ms']:.1f} | {r['csr_ms']:.1f} | {r['rule_picks']} | {r['picked_time_over_best']:.2f} |"
+                    for r in results["sparse_product"]]]
     if results.get("breakdown"):
         kinds = list(results["breakdown"][0]["ms"])
         lines += ["", f"Where a step's time goes at the smallest shapes and at each SAE's step of ≥ {BIG_STEP_GFLOP} GFLOP farthest from the "
@@ -328,7 +358,8 @@ def farthest_big_steps(rows: list[dict]) -> list[tuple[str, str, int, int]]:
 
 
 def measure(results: dict, args: argparse.Namespace) -> None:
-    """Fill ``results``' rows, decode routes, encoder backward and forward routes and time breakdown."""
+    """Fill ``results``' rows, the routes side by side (decode, encoder backward and forward, sparse product) and the
+    time breakdown."""
     for architecture, shape, n, batch in itertools.product(CLASSES, HEAD_SHAPES, N_FEATURES, BATCHES):
         d_k, d_v = HEAD_SHAPES[shape]
         gib = 4 * 4 * parameter_count(architecture, n, d_k, d_v) / 2**30
@@ -353,6 +384,11 @@ def measure(results: dict, args: argparse.Namespace) -> None:
         row = encoder_forward_row(d, n, batch, args.repeats)
         print(json.dumps(row), flush=True)
         results["encoder_forward"].append(row)
+    for d, n, batch in [(64, 1024, 64), (64, 1024, 256), (64, 64, 256), (64, 16384, 256), (64, 1024, 1024),
+                        (128, 1024, 16), (128, 1024, 32), (128, 1024, 64), (128, 16384, 64), (128, 1024, 256)]:
+        row = sparse_product_row(d, n, batch, args.repeats)
+        print(json.dumps(row), flush=True)
+        results["sparse_product"].append(row)
     smallest = [(architecture, shape, min(N_FEATURES), min(BATCHES))
                 for architecture, shape in itertools.product(CLASSES, HEAD_SHAPES)]
     for architecture, shape, n, batch in smallest + farthest_big_steps(results["rows"]):
@@ -374,10 +410,13 @@ def main() -> None:
                                         max_gib=args.max_gib, gather_cost_flops=GATHER_COST_FLOPS,
                                         small_product_cost=SMALL_PRODUCT_COST,
                                         encoder_numbers_per_block=ENCODER_NUMBERS_PER_BLOCK,
+                                        sparse_product_from=SPARSE_PRODUCT_FROM,
+                                        csr_from_samples_per_row=CSR_FROM_SAMPLES_PER_ROW,
                                         warm_up=f"warm-up calls until one faults in fewer than {SETTLED_PAGE_FAULTS} new "
                                                 f"pages (at most {MAX_WARM_UP_ROUNDS})",
                                         host_memory="writesae.host_memory.freed_memory_kept, as the trainer runs"),
-               "rows": [], "skipped": [], "decode": [], "encoder_backward": [], "encoder_forward": [], "breakdown": []}
+               "rows": [], "skipped": [], "decode": [], "encoder_backward": [], "encoder_forward": [], "sparse_product": [],
+               "breakdown": []}
     with freed_memory_kept():  # the trainer's steps run inside it (writesae.train.train)
         measure(results, args)
     results["summary"] = summary(results["rows"])

@@ -274,7 +274,7 @@ def test_the_encoders_backward_routes_give_autograds_gradients(arch, dense, csr,
                                                       upstream[..., :3])
     with (mock.patch("writesae.sae.dense_decode_is_cheaper", lambda *shape: dense),
           mock.patch("writesae.sae.bilinear_backward_is_dense", lambda *shape: dense),
-          mock.patch("writesae.sae.SPARSE_PRODUCT_FROM", 0 if csr else 2**62)):
+          mock.patch("writesae.sae.sparse_product_is_csr", lambda *shape: csr)):
         (sae.encode_pre(x) * upstream).sum().backward()
     weights = [sae.W_enc] if arch in ("flat", "matrix") else list(sae.encoder_factors)
     found = [w.grad for w in weights] + [sae.b_dec.grad, x.grad]
@@ -321,6 +321,28 @@ def test_dense_decode_rule_on_the_shapes_that_matter():
     assert not dense_decode_is_cheaper(32, 16384, 32, 128, 128, None)
     for n, m, batch in ((256, 16, 32), (256, 16, 4096), (64, 4, 32), (64, 32, 1024)):  # gdn-austen's SAEs; the check
         assert not dense_decode_is_cheaper(batch, n, m, 64, 64, 1)
+
+
+@pytest.mark.parametrize("csr", [True, False])
+def test_the_sparse_product_takes_the_route_the_rule_names(monkeypatch, csr):
+    import writesae.sae as sae_module
+
+    monkeypatch.setattr(sae_module, "sparse_product_is_csr", lambda *shape: csr)
+    with mock.patch("torch.sparse_csr_tensor", wraps=torch.sparse_csr_tensor) as built:
+        sae_module._rows_of_sparse_product(torch.tensor([[[0, 2]], [[2, 1]]]), torch.ones(2, 1, 2), torch.ones(2, 3), 4)
+    assert built.called == csr
+
+
+def test_the_sparse_product_rule_on_the_measured_shapes():
+    """Where the sparse product rows of benchmarks/results/sae.json found each route faster (k = 32 products a
+    sample): CSR where the products land several to a row or pass the size cap, the products where they are
+    spread thin over a large dictionary below it."""
+    from writesae.sae import sparse_product_is_csr
+
+    for batch, n, d in ((256, 1024, 64), (128, 1024, 64), (256, 64, 64), (1024, 1024, 64), (256, 1024, 128)):
+        assert sparse_product_is_csr(batch * 32, d * d, n)
+    for batch, n, d in ((32, 1024, 128), (16, 1024, 128), (256, 16384, 64), (64, 16384, 128)):
+        assert not sparse_product_is_csr(batch * 32, d * d, n)
 
 
 def test_the_bilinear_backward_rule_on_the_measured_shapes():

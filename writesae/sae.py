@@ -319,21 +319,32 @@ class _DenseEncoder(torch.autograd.Function):
         return grad_x, grad_b, grad_W
 
 
-# How many products values_sj x_s `_rows_of_sparse_product` forms and adds before it takes the CSR product
-# instead. Timed on one CPU thread of this machine (index_add_ / CSR): 64 MB of products 10 / 14 ms, 512 MB
-# 72 / 34 ms, 2 GB 326 / 169 ms: the CSR product's own rate is low, and it wins once the products leave the cache.
+# When `_rows_of_sparse_product` takes the CSR product instead of forming the products values_sj x_s and adding
+# them: past SPARSE_PRODUCT_FROM numbers of products, or where the dictionary's rows receive CSR_FROM_SAMPLES_PER_ROW
+# products each on average (the CSR product sums a row's samples in one pass, where index_add_ passes over each
+# product once more). Timed on one CPU thread of this machine (the "sparse product" rows of
+# benchmarks/results/sae.json): the CSR product's own rate is low, and it wins once the products leave the cache
+# (512 MB, 2 GB: twice as fast) or land several to a row (8 a row: twice as fast at 128 MB); at half a product a
+# row, below that size, the products are faster by a fifth.
 SPARSE_PRODUCT_FROM = 2**25
+CSR_FROM_SAMPLES_PER_ROW = 2
+
+
+def sparse_product_is_csr(n_products: int, row_numbers: int, n_rows: int) -> bool:
+    """Whether `_rows_of_sparse_product` takes the CSR product, for ``n_products`` products of ``row_numbers``
+    numbers each into ``n_rows`` rows (see `SPARSE_PRODUCT_FROM`)."""
+    return n_products * row_numbers > SPARSE_PRODUCT_FROM or n_products >= CSR_FROM_SAMPLES_PER_ROW * n_rows
 
 
 def _rows_of_sparse_product(rows: Tensor, values: Tensor, x: Tensor, n_rows: int) -> Tensor:
     """G x [n_rows, D] for the sparse G [n_rows, B·n_dicts] with G[rows_sj, s] = values_sj (rows, values
     [B, n_dicts, m], s a (sample, head) pair and x its [B·n_dicts, D] rows): a dense encoder's ∂W_enc.
-    Each row sums its samples in order, by either route (the same numbers on this CPU): the products
-    values_sj x_s, formed and ``index_add_``-ed, up to `SPARSE_PRODUCT_FROM` of them; past it one CSR
+    Each row sums its samples in order, by either route (the same numbers on this CPU), as
+    `sparse_product_is_csr` picks: the products values_sj x_s, formed and ``index_add_``-ed, or one CSR
     product over only the rows some sample reaches, which forms none (at a training batch they are
     gigabytes: 8.6 GB at batch 4096, k = 32, 128 × 128)."""
     m = rows.shape[-1]
-    if rows.numel() * x.shape[-1] <= SPARSE_PRODUCT_FROM:
+    if not sparse_product_is_csr(rows.numel(), x.shape[-1], n_rows):
         products = values.unsqueeze(-1) * x.view(*values.shape[:-1], 1, -1)  # [B, n_dicts, m, D]
         return x.new_zeros(n_rows, x.shape[-1]).index_add_(0, rows.flatten(), products.reshape(-1, x.shape[-1]))
     reached, compact = rows.flatten().unique(sorted=True, return_inverse=True)
