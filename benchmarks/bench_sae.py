@@ -385,7 +385,8 @@ def measure(results: dict, args: argparse.Namespace) -> None:
         print(json.dumps(row), flush=True)
         results["encoder_forward"].append(row)
     for d, n, batch in [(64, 1024, 64), (64, 1024, 256), (64, 64, 256), (64, 16384, 256), (64, 1024, 1024),
-                        (128, 1024, 16), (128, 1024, 32), (128, 1024, 64), (128, 16384, 64), (128, 1024, 256)]:
+                        (64, 16384, 512), (128, 1024, 16), (128, 1024, 32), (128, 1024, 64), (128, 16384, 64),
+                        (128, 1024, 256), (128, 16384, 256)]:
         row = sparse_product_row(d, n, batch, args.repeats)
         print(json.dumps(row), flush=True)
         results["sparse_product"].append(row)

@@ -324,8 +324,10 @@ class _DenseEncoder(torch.autograd.Function):
 # products each on average (the CSR product sums a row's samples in one pass, where index_add_ passes over each
 # product once more). Timed on one CPU thread of this machine (the "sparse product" rows of
 # benchmarks/results/sae.json): the CSR product's own rate is low, and it wins once the products leave the cache
-# (512 MB, 2 GB: twice as fast) or land several to a row (8 a row: twice as fast at 128 MB); at half a product a
-# row, below that size, the products are faster by a fifth.
+# (512 MB: two to three times as fast) or land several to a row (8 a row at 128 MB: twice as fast); spread half a
+# product a row or thinner, below that size, the products are faster by a fifth to a third. Past the size the
+# CSR product is taken however thin the products: at 128 × 128 it can then be slower by a quarter, but the
+# products would take memory without bound (gigabytes at a large dictionary and batch).
 SPARSE_PRODUCT_FROM = 2**25
 CSR_FROM_SAMPLES_PER_ROW = 2
 
