@@ -104,3 +104,15 @@ def test_a_results_file_records_its_command_versions_and_load_and_is_written_who
     assert line.startswith("`python -m benchmarks.bench_x --repeats 2` on ") and "1/2 CPU threads, load average" in line
     del written["provenance"]["load_average_after"]  # a file from before the load was recorded
     assert "load average" not in provenance_module.run_line(written["provenance"])
+
+
+def test_the_reference_matmul_is_the_fastest_of_its_trials(monkeypatch):
+    """The step's median, then one median per fresh input pair of the reference matmul, of which the fastest."""
+    from benchmarks import bench_sae
+
+    medians = iter([1.0, 0.3, 0.2, 0.4])
+    monkeypatch.setattr(bench_sae, "median_seconds", lambda fn, repeats, settle: next(medians))
+    step = lambda: None
+    step.flops = 2 * 10**3
+    assert bench_sae.MATMUL_REFERENCE_TRIALS == 3
+    assert bench_sae.step_and_matmul_seconds(step, "cpu", repeats=2) == (1.0, 0.2, 2 * 10**3)
