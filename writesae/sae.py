@@ -385,8 +385,8 @@ def _factor_atom_norms(V: Tensor, W: Tensor) -> Tensor:
 # How many numbers of the bilinear encoder's rows E_i = Σ_r U_ir P_irᵀ its forward forms at a time (32 MiB in
 # fp32). Timed on one CPU thread of this machine (the "encoder forward" rows of benchmarks/results/sae.json):
 # forming all n·d_k·d_v at once is slower wherever they are many (1 GiB for 16,384 features at 128 × 128:
-# 387 ms against 293 in blocks at batch 32), and no block size was faster at every shape; blocks this large
-# cost at most a few percent where E is a few times their size. It also bounds the forward's memory.
+# 421 ms against 315 in blocks at batch 32), and no block size was faster at every shape; blocks this large
+# were at most a few percent slower than one product at any shape timed. They also bound the forward's memory.
 ENCODER_NUMBERS_PER_BLOCK = 2**23
 # A block's features are a multiple of this: the product then runs whole tiles, and on this CPU the blocks give
 # exactly the numbers of one product (scripts.compare_with_commit finds no tensor changed).
