@@ -30,12 +30,13 @@ def _page_faults() -> int:
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, settle: bool = False) -> dict[str, float]:
     """Median wall time of each of ``fns``, queued GPU work included, the functions run in turn each repeat, so
-    that every one sees the machine in the same state (a ratio of two of them then drifts less between runs than
-    one of medians taken apart). First warm-up rounds, every function once a round: one round, or with ``settle``
-    rounds until every call of one faults in fewer than `SETTLED_PAGE_FAULTS` new pages (at most
-    `MAX_WARM_UP_ROUNDS`): a step whose large buffers come from memory the process keeps
-    (`writesae.host_memory.freed_memory_kept`) takes a few calls to reach the heap it settles at, and a call
-    before that pays page faults that a long run does not."""
+    that steps of the same kind compared with each other (ours and a peer's) see the machine in the same state.
+    Not for a reference of another kind: a square matmul timed between training steps ran slower than in a run
+    of its own (`benchmarks.bench_sae.step_and_matmul_seconds`). First warm-up rounds, every function once a
+    round: one round, or with ``settle`` rounds until every call of one faults in fewer than
+    `SETTLED_PAGE_FAULTS` new pages (at most `MAX_WARM_UP_ROUNDS`): a step whose large buffers come from memory
+    the process keeps (`writesae.host_memory.freed_memory_kept`) takes a few calls to reach the heap it settles
+    at, and a call before that pays page faults that a long run does not."""
     for _ in range(MAX_WARM_UP_ROUNDS if settle else 1):
         settled = True
         for fn in fns.values():

@@ -407,7 +407,8 @@ def _bilinear_product(centred: Tensor, U: Tensor, P: Tensor) -> Tensor:
     same numbers whatever the batch)."""
     flat = centred.flatten(-2)
     features = _features_per_block(U.shape[0], flat.shape[-1])
-    blocks = [torch.einsum("...hd,hnd->...hn", flat, _factor_atoms(U[:, i:i + features], P[:, i:i + features]).flatten(-2))
+    blocks = [torch.einsum("...hd,hnd->...hn", flat,
+                           _factor_atoms(U[:, i:i + features], P[:, i:i + features]).flatten(-2))
               for i in range(0, U.shape[1], features)]
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, -1)
 
@@ -426,9 +427,9 @@ class _BilinearEncoder(torch.autograd.Function):
     U [n_dicts, n, r, d_k], P [n_dicts, n, r, d_v].
 
     The forward takes the product with the encoder matrices E_i = Σ_r U_ir P_irᵀ, formed a block of features
-    at a time (`_bilinear_product`), and does not keep them. A sparse code passes a gradient to m ≤ k features per sample, so where
-    `_gradient_support` says gathering beats the dense products, the backward takes each kept (sample,
-    feature) pair's factors and goes straight to them, with no [n, d_k, d_v] ∂E:
+    at a time (`_bilinear_product`), and does not keep them. A sparse code passes a gradient to m ≤ k features
+    per sample, so where `_gradient_support` says gathering beats the dense products, the backward takes each
+    kept (sample, feature) pair's factors and goes straight to them, with no [n, d_k, d_v] ∂E:
     ∂U_ir += g c P_ir, ∂P_ir += g cᵀ U_ir (c = x − b), ∂b = −Σ g Σ_r U_ir P_irᵀ over the pairs (3 products of
     2·B·m·r·d_k·d_v FLOPs). Elsewhere (`bilinear_backward_is_dense`) it forms E again and takes
     ∂E = Σ_b g_b c_b, ∂U = ∂E P, ∂P = ∂Eᵀ U, ∂b = −(Σ_b g_b) E. As in `_DenseEncoder`, b needs only the sum
