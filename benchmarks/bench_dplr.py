@@ -21,7 +21,7 @@ weights and threads:
 - D6: BlinkDL's forward / ours with every state of every layer cached (``run_with_cache`` of ``hook_state``).
 - D7: our sequential recurrence (``recurrence="sequential"``) / our parallel forward.
 
-Times are medians of interleaved repeats (`benchmarks.bench_engine.median_times`).
+Times are medians of interleaved repeats (`benchmarks.timing.interleaved_medians`).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_engine import median_times
 from benchmarks.provenance import provenance, run_line, write_results
+from benchmarks.timing import interleaved_medians
 from hooked_gdn.delta_rule import DEFAULT_CHUNK_SIZE as MODEL_CHUNK_SIZE, chunked_gated_delta_rule
 from hooked_gdn.dplr import DEFAULT_CHUNK_SIZE, DPLREdits, chunked_dplr, dplr, dplr_reference
 
@@ -58,7 +58,7 @@ def rows_for(T: int, repeats: int) -> list[dict]:
     x = inputs(T)
     every = torch.arange(T)
     edit = DPLREdits(diff_positions=torch.tensor([T - 10]), state_diff=torch.randn(1, 1, HEADS, HEAD_SIZE, HEAD_SIZE))
-    t = median_times({"reference": lambda: dplr_reference(*x), "chunked": lambda: chunked_dplr(*x),
+    t = interleaved_medians({"reference": lambda: dplr_reference(*x), "chunked": lambda: chunked_dplr(*x),
                       "chunked_states": lambda: chunked_dplr(*x, state_positions=every),
                       "edited": lambda: dplr(*x, edits=edit)}, repeats)
     # GDN's inputs: w = α, κ̂ = k̂, a = α β, k̃ = β k̂
@@ -66,7 +66,7 @@ def rows_for(T: int, repeats: int) -> list[dict]:
     g, beta = x[1][..., 0], x[3][..., 0]
     gdn = (q, k, x[5], g, beta)
     as_dplr = (q, g[..., None].expand_as(k), k, (g.exp() * beta)[..., None].expand_as(k), beta[..., None] * k, x[5])
-    t |= median_times({"gdn": lambda: chunked_gated_delta_rule(*gdn), "gdn_as_dplr": lambda: chunked_dplr(*as_dplr)}, repeats)
+    t |= interleaved_medians({"gdn": lambda: chunked_gated_delta_rule(*gdn), "gdn_as_dplr": lambda: chunked_dplr(*as_dplr)}, repeats)
     ms = lambda name: f"{t[name] * 1e3:.0f} ms"
     return [
         {"id": "D1", "T": T, "measure": "sequential reference / chunked, every read", "ratio": t["reference"] / t["chunked"],
@@ -102,7 +102,7 @@ def model_rows_for(T: int, repeats: int) -> list[dict]:
     ids = tokens[0].tolist()
     every_state = [f"blocks.{i}.linear_attn.hook_state" for i in range(MODEL_LAYERS)]
     gap = float((ours(tokens)[0] - theirs.forward(ids, None, full_output=True)[0]).abs().max())
-    t = median_times({"blinkdl": lambda: theirs.forward(ids, None, full_output=True), "ours": lambda: ours(tokens),
+    t = interleaved_medians({"blinkdl": lambda: theirs.forward(ids, None, full_output=True), "ours": lambda: ours(tokens),
                       "ours_states": lambda: ours.run_with_cache(tokens, names_filter=every_state),
                       "ours_sequential": lambda: ours(tokens, recurrence="sequential")}, repeats)
     ms = lambda name: f"{t[name] * 1e3:.0f} ms"

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from einops import einsum
 
-from benchmarks.bench_engine import median_times
 from benchmarks.provenance import provenance, run_line, write_results
+from benchmarks.timing import interleaved_medians
 from hooked_gdn import HookedGatedDeltaNet, gated_delta_rule_reference
 from hooked_gdn.effective_attention import effective_attention
 from hooked_gdn.pretrained import heldout_windows, pretrained_path
@@ -108,7 +108,7 @@ def main() -> None:
                 "ours_inputs_vs_fp64": relative_error(inputs.out().double(), exact),
             })
 
-        times = median_times({
+        times = interleaved_medians({
             "inputs": lambda: [effective_attention(ours, layer, "inputs") for layer in layers],
             "writes": lambda: [effective_attention(ours, layer, "writes") for layer in layers],
             "transformer_lens": lambda: [mixers[layer].compute_effective_attention(theirs, layer) for layer in layers],

@@ -26,7 +26,6 @@ fresh process and reads the kernel's peak-RSS counter (VmHWM, reset through /pro
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ import torch
 from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
 from benchmarks.provenance import load_average, provenance, run_line, write_results
-from benchmarks.timing import synchronize
+from benchmarks.timing import interleaved_medians
 from benchmarks.tl_bridge import boot_bridge, bridge_state_hook_name
 from hooked_gdn import HookedGatedDeltaNet
 from hooked_gdn.loading import hf_to_hooked_state_dict
@@ -65,24 +64,9 @@ def models(layers: int, **sizes):
     return hf, ours
 
 
-def median_times(fns: dict, repeats: int) -> dict[str, float]:
-    """Median wall time of each function, calls interleaved so that machine noise hits all alike."""
-    times = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm up
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            synchronize()
-            start = time.perf_counter()
-            fn()
-            synchronize()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def p1(hf, ours, repeats: int, T: int = 512) -> list[tuple]:
     tokens = torch.randint(0, 4096, (1, T), device=ours.W_E.device)
-    t = median_times({"ours": lambda: ours(tokens), "transformers": lambda: hf(tokens).logits}, repeats)
+    t = interleaved_medians({"ours": lambda: ours(tokens), "transformers": lambda: hf(tokens).logits}, repeats)
     return [("P1", f"forward, no hooks / transformers (T={T})", t["ours"] / t["transformers"], "≤ 1.05",
              f"{t['ours'] * 1e3:.0f} ms vs {t['transformers'] * 1e3:.0f} ms")]
 
@@ -100,7 +84,7 @@ def p2(hf, ours, repeats: int, T: int = 512) -> list[tuple]:
         "cached": lambda: ours.run_with_cache(tokens, names_filter=site),
         "write bytes": lambda: torch.empty(shape, device=device).copy_(source),
     }
-    t = median_times(fns, repeats)
+    t = interleaved_medians(fns, repeats)
     scans = {"scan": lambda: ours.run_with_cache(tokens, names_filter=site, recurrence="sequential")}
     with tempfile.TemporaryDirectory() as folder:
         try:  # TransformerLens 4.3's per-token eager scan, on the same weights, if its bridge boots them
@@ -110,7 +94,7 @@ def p2(hf, ours, repeats: int, T: int = 512) -> list[tuple]:
             scans["TransformerLens"] = lambda: bridge.run_with_cache(tokens, names_filter=name, use_cache=False)
         except (RuntimeError, ValueError) as err:
             print(f"P2: no TransformerLens column ({err})")
-        scan = median_times(scans, max(1, repeats // 3))
+        scan = interleaved_medians(scans, max(1, repeats // 3))
     gib = source.numel() * 4 / 2**30
     rows = [
         ("P2a", f"per-token scan (our sequential mode) / ours, all T={T} states of one layer", scan["scan"] / t["cached"],
@@ -169,7 +153,7 @@ def p4(ours, repeats: int) -> list[tuple]:
         return x
 
     fns = {"clean": lambda: ours(tokens), "edited": lambda: ours.run_with_hooks(tokens, fwd_hooks=[(site, delete_late_write)])}
-    t = median_times(fns, repeats)
+    t = interleaved_medians(fns, repeats)
     return [("P4", "one carried write edit at t = T−10 / clean forward", t["edited"] / t["clean"], "≤ 1.5",
              f"{t['edited'] * 1e3:.0f} ms vs {t['clean'] * 1e3:.0f} ms")]
 
