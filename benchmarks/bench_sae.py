@@ -25,8 +25,11 @@ crossover, with the route `writesae.sae.dense_decode_is_cheaper` picks: the meas
 (`writesae.sae.bilinear_backward_is_dense`): the measurement behind ``SMALL_PRODUCT_COST``. ``encoder_forward``:
 the bilinear encoder's forward with its rows E formed in one product and in blocks of
 ``ENCODER_NUMBERS_PER_BLOCK`` numbers, side by side: the measurement behind that constant. ``sparse_product``:
-the two routes of a dense encoder's gathered ∂W_enc (`writesae.sae.sparse_product_is_csr`), side by side: the
-measurement behind ``SPARSE_PRODUCT_FROM`` and ``CSR_FROM_SAMPLES_PER_ROW``.
+a dense encoder's gathered ∂W_enc by its CSR product (`writesae.sae._rows_of_sparse_product`) against forming its
+products and adding them with ``index_add_``, the route it replaced. ``gathered_sum``: a dense encoder's ∂W_enc and
+a flat decode (forward and backward) reading their gathered operand whole and in blocks of columns, side by side,
+with what `writesae.sae.gather_columns_per_block` picks: the measurement behind ``GATHER_BLOCKS_FROM`` and the
+constants beside it.
 """
 
 from __future__ import annotations
@@ -44,9 +47,10 @@ from benchmarks.provenance import provenance, run_line, write_results
 from benchmarks.timing import MAX_WARM_UP_ROUNDS, SETTLED_PAGE_FAULTS, median_seconds
 from writesae import BilinearMatrixSAE, FlatSAE, MatrixSAE
 from writesae.host_memory import freed_memory_kept
-from writesae.sae import (CSR_FROM_SAMPLES_PER_ROW, ENCODER_NUMBERS_PER_BLOCK, GATHER_COST_FLOPS, SMALL_PRODUCT_COST,
-                          SPARSE_PRODUCT_FROM, _rows, _rows_of_sparse_product, bilinear_backward_is_dense,
-                          dense_decode_is_cheaper, sparse_product_is_csr)
+from writesae.sae import (ENCODER_NUMBERS_PER_BLOCK, GATHER_BLOCK_NUMBERS, GATHER_BLOCKS_FROM, GATHER_BLOCKS_RESULT_ROWS,
+                          GATHER_BLOCKS_REUSE, GATHER_COST_FLOPS, MIN_BLOCK_COLUMNS, SMALL_PRODUCT_COST, _rows,
+                          _rows_of_sparse_product, bilinear_backward_is_dense, dense_decode_is_cheaper,
+                          gather_block_columns, gather_columns_per_block)
 from writesae.train import TrainConfig, make_optimizer, training_step, _guard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -264,22 +268,61 @@ def encoder_forward_row(d: int, n: int, batch: int, repeats: int) -> dict:
             "blocks_over_one_product": times["blocks"] / times["one_product"]}
 
 
+def added_products(rows: torch.Tensor, values: torch.Tensor, x: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """`writesae.sae._rows_of_sparse_product` by forming the products values_sj x_s and adding them with
+    ``index_add_``: the route it replaced, kept here as its baseline."""
+    products = values.unsqueeze(-1) * x.view(*values.shape[:-1], 1, -1)  # [B, n_dicts, m, D]
+    return x.new_zeros(n_rows, x.shape[-1]).index_add_(0, rows.flatten(), products.reshape(-1, x.shape[-1]))
+
+
 def sparse_product_row(d: int, n: int, batch: int, repeats: int) -> dict:
-    """A dense encoder's gathered ∂W_enc (`writesae.sae._rows_of_sparse_product`) by each route, for K random
-    features per sample of one n-feature dictionary and rows of d·d numbers."""
+    """A dense encoder's gathered ∂W_enc by its CSR product (`writesae.sae._rows_of_sparse_product`) and by
+    `added_products`, for K random features per sample of one n-feature dictionary and rows of d·d numbers."""
     g = torch.Generator().manual_seed(0)
     rows = _rows(torch.rand(batch, 1, n, generator=g).topk(K, dim=-1).indices, n)
     values, x = torch.randn(batch, 1, K, generator=g), torch.randn(batch, d * d, generator=g)
-    times = {}
-    for route in ("products", "csr"):
-        def run(route=route):
-            with mock.patch("writesae.sae.sparse_product_is_csr", lambda *shape: route == "csr"):
-                _rows_of_sparse_product(rows, values, x, n)
-        times[route] = median_seconds(run, repeats, settle=True)
-    chosen = "csr" if sparse_product_is_csr(batch * K, d * d, n) else "products"
+    times = {route: median_seconds(lambda product=product: product(rows, values, x, n), repeats, settle=True)
+             for route, product in (("products", added_products), ("csr", _rows_of_sparse_product))}
     return {"d_k": d, "d_v": d, "n_features": n, "batch": batch, "k": K, "products_mib": batch * K * d * d * 4 / 2**20,
             "products_per_row": batch * K / n, "products_ms": 1e3 * times["products"], "csr_ms": 1e3 * times["csr"],
-            "rule_picks": chosen, "faster": min(times, key=times.get), "picked_time_over_best": times[chosen] / min(times.values())}
+            "csr_over_products": times["csr"] / times["products"]}
+
+
+def gathered_sum_row(use: str, d: int, n: int, batch: int, repeats: int) -> dict:
+    """A gathered sum with M read whole and in blocks of columns (`writesae.sae.gather_columns_per_block`), for
+    K random features per sample of one n-feature dictionary at d × d: ``use`` "dW_enc", a dense encoder's
+    gathered ∂W_enc (`_rows_of_sparse_product`, M the batch's states) in one block and in the rule's blocks
+    whether it picks them or not; "flat decode", a flat decoder's gathered decode forward and backward (M its
+    W_dec) by ``embedding_bag`` and by `_BlockedGatheredRows` in the rule's blocks."""
+    g = torch.Generator().manual_seed(0)
+    indices = torch.rand(batch, 1, n, generator=g).topk(K, dim=-1).indices
+    m_rows, result_rows = (batch, n) if use == "dW_enc" else (n, batch)
+    blocked = gather_columns_per_block(m_rows, result_rows, batch * K, d * d, torch.device("cpu")) < d * d
+    width = min(gather_block_columns(m_rows), d * d)
+    if use == "dW_enc":
+        rows, values, x = _rows(indices, n), torch.randn(batch, 1, K, generator=g), torch.randn(batch, d * d, generator=g)
+        run = lambda: _rows_of_sparse_product(rows, values, x, n)
+    else:
+        sae = FlatSAE(d_k=d, d_v=d, n_features=n, k=K, seed=0)
+        values = torch.rand(batch, 1, K, generator=g, requires_grad=True)
+        upstream = torch.randn(batch, 1, d, d, generator=g)  # a training step's dense gradient of the decode
+
+        def run():
+            sae.W_dec.grad = values.grad = None  # as a training step starts
+            sae.decode_atoms(indices, values).backward(upstream)
+    times = {}
+    for route in ("whole", "blocks"):
+        def columns(m, result, terms, total, device, route=route):  # this sum as the route says, any other by the rule
+            if (m, result) != (m_rows, result_rows):
+                return gather_columns_per_block(m, result, terms, total, device)
+            return total if route == "whole" else width
+        with mock.patch("writesae.sae.gather_columns_per_block", columns):
+            times[route] = median_seconds(run, repeats, settle=True)
+    chosen = "blocks" if blocked else "whole"
+    return {"use": use, "d_k": d, "d_v": d, "n_features": n, "batch": batch, "k": K, "m_mib": m_rows * d * d * 4 / 2**20,
+            "reads_per_row": batch * K / m_rows, "columns_per_block": width, "whole_ms": 1e3 * times["whole"],
+            "blocks_ms": 1e3 * times["blocks"], "rule_picks": chosen, "faster": min(times, key=times.get),
+            "picked_time_over_best": times[chosen] / min(times.values())}
 
 
 def _routes_table(rows: list[dict]) -> list[str]:
@@ -324,14 +367,26 @@ def results_block(results: dict | None) -> str:
                     f"{r['one_product_ms']:.1f} | {r['blocks_ms']:.1f} | {r['blocks_over_one_product']:.2f} |"
                     for r in results["encoder_forward"]]]
     if results.get("sparse_product"):
-        lines += ["", "A dense encoder's gathered ∂W_enc (ms), its products formed and added or one CSR product "
-                  f"(`writesae.sae.sparse_product_is_csr`: CSR past SPARSE_PRODUCT_FROM = {p['sparse_product_from']} numbers "
-                  f"of products or from CSR_FROM_SAMPLES_PER_ROW = {p['csr_from_samples_per_row']} products a row):", "",
-                  "| d | n | batch | products MiB | products a row | products | CSR | rule picks | picked / best |",
-                  "|---|---|---|---|---|---|---|---|---|",
+        lines += ["", "A dense encoder's gathered ∂W_enc (ms) by one CSR product (`writesae.sae._rows_of_sparse_product`) "
+                  "and by forming its products and adding them (`benchmarks.bench_sae.added_products`, the route it replaced):", "",
+                  "| d | n | batch | products MiB | products a row | products added | CSR | CSR / products added |",
+                  "|---|---|---|---|---|---|---|---|",
                   *[f"| {r['d_k']} | {r['n_features']} | {r['batch']} | {r['products_mib']:.0f} | {r['products_per_row']:.2g} | "
-                    f"{r['products_ms']:.1f} | {r['csr_ms']:.1f} | {r['rule_picks']} | {r['picked_time_over_best']:.2f} |"
+                    f"{r['products_ms']:.1f} | {r['csr_ms']:.1f} | {r['csr_over_products']:.2f} |"
                     for r in results["sparse_product"]]]
+    if results.get("gathered_sum"):
+        lines += ["", "A gathered sum G·M (ms) reading M whole and in blocks of columns (`writesae.sae.gather_columns_per_block`: "
+                  f"blocks where M has at least GATHER_BLOCKS_FROM = {p['gather_blocks_from']} numbers, each of its rows is "
+                  f"read GATHER_BLOCKS_REUSE = {p['gather_blocks_reuse']} times or more, and the result has at most "
+                  f"GATHER_BLOCKS_RESULT_ROWS = {p['gather_blocks_result_rows']} times M's rows; GATHER_BLOCK_NUMBERS = "
+                  f"{p['gather_block_numbers']} numbers of M a block, at least MIN_BLOCK_COLUMNS = {p['min_block_columns']} "
+                  "columns). *dW_enc*: a dense encoder's gathered ∂W_enc, M the batch's states; *flat decode*: a flat "
+                  "decoder's gathered decode, forward and backward, M its W_dec, whole by `embedding_bag`:", "",
+                  "| use | d | n | batch | M MiB | reads a row of M | columns a block | whole | blocks | rule picks | picked / best |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|",
+                  *[f"| {r['use']} | {r['d_k']} | {r['n_features']} | {r['batch']} | {r['m_mib']:.0f} | {r['reads_per_row']:.2g} | "
+                    f"{r['columns_per_block']} | {r['whole_ms']:.1f} | {r['blocks_ms']:.1f} | {r['rule_picks']} | "
+                    f"{r['picked_time_over_best']:.2f} |" for r in results["gathered_sum"]]]
     if results.get("breakdown"):
         kinds = list(results["breakdown"][0]["ms"])
         lines += ["", f"Where a step's time goes at the smallest shapes and at each SAE's step of ≥ {BIG_STEP_GFLOP} GFLOP farthest from the "
@@ -394,10 +449,20 @@ def measure(results: dict, args: argparse.Namespace) -> None:
         results["encoder_forward"].append(row)
     for d, n, batch in [(64, 1024, 64), (64, 1024, 256), (64, 64, 256), (64, 16384, 256), (64, 1024, 1024),
                         (64, 16384, 512), (128, 1024, 16), (128, 1024, 32), (128, 1024, 64), (128, 16384, 64),
-                        (128, 1024, 256), (128, 16384, 256)]:
+                        (128, 1024, 256), (128, 16384, 256), (128, 1024, 1024), (128, 16384, 32)]:
         row = sparse_product_row(d, n, batch, args.repeats)
         print(json.dumps(row), flush=True)
         results["sparse_product"].append(row)
+    for use, shapes in (("dW_enc", [(128, 1024, 256), (128, 1024, 512), (128, 1024, 1024), (128, 2048, 1024),
+                                     (128, 4096, 1024), (128, 16384, 1024), (64, 1024, 1024), (64, 1024, 2048),
+                                     (64, 1024, 4096)]),
+                        ("flat decode", [(128, 1024, 32), (128, 1024, 64), (128, 1024, 256), (128, 1024, 512),
+                                          (128, 1024, 1024), (128, 4096, 256), (128, 4096, 1024), (128, 16384, 32),
+                                          (64, 1024, 1024), (64, 2048, 256), (64, 2048, 1024), (64, 16384, 256)])):
+        for d, n, batch in shapes:
+            row = gathered_sum_row(use, d, n, batch, args.repeats)
+            print(json.dumps(row), flush=True)
+            results["gathered_sum"].append(row)
     smallest = [(architecture, shape, min(N_FEATURES), min(BATCHES))
                 for architecture, shape in itertools.product(CLASSES, HEAD_SHAPES)]
     for architecture, shape, n, batch in smallest + farthest_big_steps(results["rows"]):
@@ -419,13 +484,15 @@ def main() -> None:
                                         max_gib=args.max_gib, gather_cost_flops=GATHER_COST_FLOPS,
                                         small_product_cost=SMALL_PRODUCT_COST,
                                         encoder_numbers_per_block=ENCODER_NUMBERS_PER_BLOCK,
-                                        sparse_product_from=SPARSE_PRODUCT_FROM,
-                                        csr_from_samples_per_row=CSR_FROM_SAMPLES_PER_ROW,
+                                        gather_blocks_from=GATHER_BLOCKS_FROM, gather_blocks_reuse=GATHER_BLOCKS_REUSE,
+                                        gather_blocks_result_rows=GATHER_BLOCKS_RESULT_ROWS,
+                                        gather_block_numbers=GATHER_BLOCK_NUMBERS, min_block_columns=MIN_BLOCK_COLUMNS,
                                         warm_up=f"warm-up calls until one faults in fewer than {SETTLED_PAGE_FAULTS} new "
                                                 f"pages (at most {MAX_WARM_UP_ROUNDS})",
                                         host_memory="writesae.host_memory.freed_memory_kept, as the trainer runs",
                                         matmul_reference_trials=MATMUL_REFERENCE_TRIALS),
                "rows": [], "skipped": [], "decode": [], "encoder_backward": [], "encoder_forward": [], "sparse_product": [],
+               "gathered_sum": [],
                "breakdown": []}
     with freed_memory_kept():  # the trainer's steps run inside it (writesae.train.train)
         measure(results, args)

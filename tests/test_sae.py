@@ -253,18 +253,17 @@ def test_dense_and_gathered_decode_paths_agree_in_values_and_gradients(arch, m, 
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("dense, csr", [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("dense", [True, False])
 @FAST
 @given(batch=st.lists(st.integers(1, 4), min_size=1, max_size=2), rank=st.integers(1, 3), sparse_grad=st.booleans(),
        input_grad=st.booleans(), seed=st.integers(0, 10**6))
-def test_the_encoders_backward_routes_give_autograds_gradients(arch, dense, csr, batch, rank, sparse_grad, input_grad,
-                                                               seed):
+def test_the_encoders_backward_routes_give_autograds_gradients(arch, dense, batch, rank, sparse_grad, input_grad, seed):
     """The encoders' backward (dense: `_DenseEncoder`; bilinear, tied or not: `_BilinearEncoder`, which goes
     to the factors U, P without a ∂E), by either route of the shape rule, gives the gradients autograd gives
     through the plain product z = E · vec(X·s − b_dec), E = W_enc or Σ_r U_ir P_irᵀ, for TopK-sparse
-    gradients of z and dense ones, at ranks 1-3 and one or two leading batch axes, down to every encoder weight,
-    b_dec (summed over the samples without a per-sample ∂X) and X where it asks for a gradient; the gathered
-    ∂W_enc by both of its routes (products added, or the CSR product: ``csr``)."""
+    gradients of z and dense ones, at ranks 1-3 and one or two leading batch axes, down to every encoder weight
+    (a dense encoder's gathered ∂W_enc by its CSR product), b_dec (summed over the samples without a per-sample
+    ∂X) and X where it asks for a gradient."""
     sae = make(arch, rank=rank, heads=[0, 1], seed=seed, input_scale=1.5)
     x = inputs(sae, *batch, seed=seed).requires_grad_(input_grad)
     g = torch.Generator().manual_seed(seed)
@@ -273,8 +272,7 @@ def test_the_encoders_backward_routes_give_autograds_gradients(arch, dense, csr,
         upstream = torch.zeros_like(upstream).scatter(-1, torch.rand(*batch, 2, 12, generator=g).topk(3, -1).indices,
                                                       upstream[..., :3])
     with (mock.patch("writesae.sae.dense_decode_is_cheaper", lambda *shape: dense),
-          mock.patch("writesae.sae.bilinear_backward_is_dense", lambda *shape: dense),
-          mock.patch("writesae.sae.sparse_product_is_csr", lambda *shape: csr)):
+          mock.patch("writesae.sae.bilinear_backward_is_dense", lambda *shape: dense)):
         (sae.encode_pre(x) * upstream).sum().backward()
     weights = [sae.W_enc] if arch in ("flat", "matrix") else list(sae.encoder_factors)
     found = [w.grad for w in weights] + [sae.b_dec.grad, x.grad]
@@ -323,26 +321,116 @@ def test_dense_decode_rule_on_the_shapes_that_matter():
         assert not dense_decode_is_cheaper(batch, n, m, 64, 64, 1)
 
 
-@pytest.mark.parametrize("csr", [True, False])
-def test_the_sparse_product_takes_the_route_the_rule_names(monkeypatch, csr):
+@FAST
+@given(batch=st.integers(1, 6), n_dicts=st.integers(1, 3), n=st.integers(1, 9), m=st.integers(0, 4),
+       seed=st.integers(0, 10**6))
+def test_the_sparse_product_is_the_sum_of_its_products_over_every_row(batch, n_dicts, n, m, seed):
+    """`_rows_of_sparse_product` (a dense encoder's gathered ∂W_enc) gives row i the sum of values_sj x_s over
+    the (sample, head) pairs s whose kept features include i, bit for bit against adding the products in order,
+    with repeated and unreached rows, m = 0 and several heads; rows no pair reaches are exactly zero even where
+    the result's memory last held NaN (it is allocated empty and the product must not read it)."""
+    from writesae.sae import _rows, _rows_of_sparse_product
+
+    m = min(m, n)
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.rand(batch, n_dicts, n, generator=g).argsort(-1)[..., :m]
+    values, x = torch.randn(batch, n_dicts, m, generator=g), torch.randn(batch * n_dicts, 5, generator=g)
+    rows = _rows(indices, n)
+    expected = torch.zeros(n_dicts * n, 5)
+    for s_, (row_list, value_list) in enumerate(zip(rows.flatten(0, 1).tolist(), values.flatten(0, 1).tolist())):
+        for row, value in zip(row_list, value_list):
+            expected[row] += value * x[s_]
+    poisoned = torch.full((n_dicts * n, 5), float("nan"))
+    del poisoned  # the allocator hands this block to the result next
+    assert torch.equal(_rows_of_sparse_product(rows, values, x, n_dicts * n), expected)
+
+
+def _blocks_of(width: int):
+    """`gather_columns_per_block` forced to ``width`` columns (the last block shorter) wherever there is more."""
+    return lambda m_rows, result_rows, n_terms, columns, device: min(width, columns)
+
+
+@FAST
+@given(batch=st.integers(1, 6), n_dicts=st.integers(1, 3), m=st.integers(0, 4), width=st.integers(1, 13),
+       seed=st.integers(0, 10**6))
+def test_the_sparse_product_in_blocks_of_columns_is_the_product_in_one(batch, n_dicts, m, width, seed):
+    """`_csr_product` in blocks of columns (here any width, a last block shorter) gives exactly the numbers of
+    one block: each block sums the same terms in the same order."""
+    from writesae.sae import _rows, _rows_of_sparse_product
+
+    g = torch.Generator().manual_seed(seed)
+    rows = _rows(torch.rand(batch, n_dicts, 9, generator=g).argsort(-1)[..., :m], 9)
+    values, x = torch.randn(batch, n_dicts, m, generator=g), torch.randn(batch * n_dicts, 12, generator=g)
+    whole = _rows_of_sparse_product(rows, values, x, n_dicts * 9)
+    with mock.patch("writesae.sae.gather_columns_per_block", _blocks_of(width)):
+        assert torch.equal(_rows_of_sparse_product(rows, values, x, n_dicts * 9), whole)
+
+
+@FAST
+@given(batch=st.lists(st.integers(1, 4), min_size=1, max_size=2), heads=st.sampled_from([[0], [0, 1], [0, 1, 2]]),
+       width=st.integers(1, 13), repeat=st.booleans(), grads=st.sampled_from(["both", "values", "W_dec"]),
+       seed=st.integers(0, 10**6))
+def test_a_flat_decode_in_blocks_of_columns_gives_embedding_bags_values_and_gradients(batch, heads, width, repeat, grads,
+                                                                                      seed):
+    """A flat decoder's gathered decode by `_BlockedGatheredRows` (CSR products in blocks of columns; ∂values
+    summed over the blocks by sampled products) gives ``embedding_bag``'s decode, ∂values and ∂W_dec, for one or
+    two leading batch axes, one to three heads, any block width, a feature repeated within a sample (it adds up),
+    and either input alone asking for a gradient."""
+    sae = make("flat", heads=heads, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.rand(*batch, len(heads), 12, generator=g).argsort(-1)[..., :3]
+    if repeat:
+        indices[..., 1] = indices[..., 0]
+    values = torch.randn(*batch, len(heads), 3, generator=g, dtype=torch.float64)
+    upstream = torch.randn(*batch, len(heads), 4, 3, generator=g, dtype=torch.float64)
+    found = []
+    for columns in (_blocks_of(width), lambda *shape: shape[3]):  # blocks, then embedding_bag
+        sae.W_dec.grad = None
+        sae.W_dec.requires_grad_(grads != "values")
+        leaf = values.clone().requires_grad_(grads != "W_dec")
+        with (mock.patch("writesae.sae.gather_columns_per_block", columns),
+              mock.patch("writesae.sae.dense_decode_is_cheaper", lambda *shape: False)):
+            decoded = sae.decode_atoms(indices, leaf)
+            decoded.backward(upstream)
+        found.append((decoded.detach(), leaf.grad, sae.W_dec.grad))
+    (blocked, *blocked_grads), (reference, *reference_grads) = found
+    torch.testing.assert_close(blocked, reference, rtol=0, atol=1e-12)
+    for got, expected in zip(blocked_grads, reference_grads):
+        assert (got is None) == (expected is None)
+        if got is not None:
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("blocked", [True, False])
+def test_a_flat_decode_takes_blocks_where_the_rule_names_them(blocked):
     import writesae.sae as sae_module
 
-    monkeypatch.setattr(sae_module, "sparse_product_is_csr", lambda *shape: csr)
-    with mock.patch("torch.sparse_csr_tensor", wraps=torch.sparse_csr_tensor) as built:
-        sae_module._rows_of_sparse_product(torch.tensor([[[0, 2]], [[2, 1]]]), torch.ones(2, 1, 2), torch.ones(2, 3), 4)
-    assert built.called == csr
+    sae = make("flat")
+    rule = _blocks_of(5) if blocked else (lambda *shape: shape[3])
+    with (mock.patch("writesae.sae.gather_columns_per_block", rule),
+          mock.patch("writesae.sae.dense_decode_is_cheaper", lambda *shape: False),
+          mock.patch.object(sae_module._BlockedGatheredRows, "apply", wraps=sae_module._BlockedGatheredRows.apply) as apply):
+        sae.decode_atoms(torch.tensor([[[0, 5, 7]]]), torch.ones(1, 1, 3, dtype=torch.float64))
+    assert apply.called == blocked
 
 
-def test_the_sparse_product_rule_on_the_measured_shapes():
-    """Where the sparse product rows of benchmarks/results/sae.json found each route faster (k = 32 products a
-    sample): CSR where the products land several to a row or pass the size cap, the products where they are
-    spread thin over a large dictionary below it."""
-    from writesae.sae import sparse_product_is_csr
+def test_the_gathered_sum_rule_on_the_measured_shapes():
+    """Where the gathered sum rows of benchmarks/results/sae.json found blocks of columns faster (k = 32 terms a
+    sample): M past the cache and read dozens of times a row; one block where M fits the cache, where its rows
+    are read a few times, where the result has many more rows than M, and off the CPU."""
+    from writesae.sae import gather_columns_per_block
 
-    for batch, n, d in ((256, 1024, 64), (128, 1024, 64), (256, 64, 64), (1024, 1024, 64), (256, 1024, 128)):
-        assert sparse_product_is_csr(batch * 32, d * d, n)
-    for batch, n, d in ((32, 1024, 128), (16, 1024, 128), (256, 16384, 64), (64, 16384, 128)):
-        assert not sparse_product_is_csr(batch * 32, d * d, n)
+    cpu = torch.device("cpu")
+    # (rows of M, rows of the result, terms, d): a dense encoder's ∂W_enc (M: the batch's states, the result: the
+    # dictionary) and a flat decode (M: W_dec, the result: the batch), at the shapes the rows timed
+    for m_rows, result_rows, terms, d in ((1024, 1024, 32768, 128), (512, 1024, 16384, 128), (4096, 1024, 131072, 64),
+                                          (1024, 256, 8192, 128), (2048, 4096, 131072, 64)):
+        assert gather_columns_per_block(m_rows, result_rows, terms, d * d, cpu) < d * d
+    for m_rows, result_rows, terms, d in ((256, 1024, 8192, 128), (1024, 16384, 32768, 128), (1024, 4096, 32768, 128),
+                                          (1024, 32, 1024, 128), (16384, 32, 1024, 128), (1024, 1024, 32768, 64),
+                                          (16384, 256, 8192, 64)):
+        assert gather_columns_per_block(m_rows, result_rows, terms, d * d, cpu) == d * d
+    assert gather_columns_per_block(1024, 1024, 32768, 128 * 128, torch.device("meta")) == 128 * 128
 
 
 def test_the_bilinear_backward_rule_on_the_measured_shapes():

@@ -319,46 +319,102 @@ class _DenseEncoder(torch.autograd.Function):
         return grad_x, grad_b, grad_W
 
 
-# When `_rows_of_sparse_product` takes the CSR product instead of forming the products values_sj x_s and adding
-# them: past SPARSE_PRODUCT_FROM numbers of products, or where the dictionary's rows receive CSR_FROM_SAMPLES_PER_ROW
-# products each on average (the CSR product sums a row's samples in one pass, where index_add_ passes over each
-# product once more). Timed on one CPU thread of this machine (the "sparse product" rows of
-# benchmarks/results/sae.json): the CSR product's own rate is low, and it wins once the products leave the cache
-# (512 MB: two to three times as fast) or land several to a row (8 a row at 128 MB: twice as fast); spread half a
-# product a row or thinner, below that size, the products are faster by a fifth to a third. Past the size the
-# CSR product is taken however thin the products: at 128 × 128 it can then be slower by a quarter, but the
-# products would take memory without bound (gigabytes at a large dictionary and batch).
-SPARSE_PRODUCT_FROM = 2**25
-CSR_FROM_SAMPLES_PER_ROW = 2
+# Where a gathered sum, a CSR product G·M each of whose rows adds several rows of M, reads M a block of columns
+# at a time: M of at least GATHER_BLOCKS_FROM numbers (this CPU's 32 MiB cache), each of its rows read
+# GATHER_BLOCKS_REUSE times or more on average, into at most GATHER_BLOCKS_RESULT_ROWS times as many rows as M
+# has. A block of GATHER_BLOCK_NUMBERS numbers of M (at least MIN_BLOCK_COLUMNS columns) then stays in the cache
+# while every row that needs it reads it. Timed on one CPU thread of this machine (the "gathered sum" rows of
+# benchmarks/results/sae.json): 1.3 to 3.4 times as fast where M is read dozens of times a row (a dense
+# encoder's ∂W_enc, a flat decode at 128 × 128 with 1,024 features at batch 256 and more), but slower, up to
+# three times, where M fits the cache, where each row is read a few times or fewer, or where the result has
+# many times M's rows (a large dictionary's ∂W_enc at a batch far smaller: its blocks leave the cache).
+GATHER_BLOCKS_FROM = 2**23
+GATHER_BLOCKS_REUSE = 8
+GATHER_BLOCKS_RESULT_ROWS = 2
+GATHER_BLOCK_NUMBERS = 2**20
+MIN_BLOCK_COLUMNS = 512
 
 
-def sparse_product_is_csr(n_products: int, row_numbers: int, n_rows: int) -> bool:
-    """Whether `_rows_of_sparse_product` takes the CSR product, for ``n_products`` products of ``row_numbers``
-    numbers each into ``n_rows`` rows (see `SPARSE_PRODUCT_FROM`)."""
-    return n_products * row_numbers > SPARSE_PRODUCT_FROM or n_products >= CSR_FROM_SAMPLES_PER_ROW * n_rows
+def gather_columns_per_block(m_rows: int, result_rows: int, n_terms: int, columns: int, device: torch.device) -> int:
+    """Columns of M per block of `_csr_product` (G·M for M [m_rows, columns], G [result_rows, m_rows] with
+    ``n_terms`` stored terms, on ``device``): ``columns`` (one block) unless `GATHER_BLOCKS_FROM` says to block,
+    then `gather_block_columns`. The one place that chooses, for a dense encoder's ∂W_enc and for a flat
+    decoder's gathered decode (`FlatSAE`), which blocks it with `_BlockedGatheredRows` and otherwise takes
+    ``embedding_bag``. Off the CPU, one block: the measurement is a CPU cache's."""
+    if (device.type == "cpu" and m_rows * columns >= GATHER_BLOCKS_FROM and n_terms >= GATHER_BLOCKS_REUSE * m_rows
+            and result_rows <= GATHER_BLOCKS_RESULT_ROWS * m_rows):
+        return min(gather_block_columns(m_rows), columns)
+    return columns
+
+
+def gather_block_columns(m_rows: int) -> int:
+    """Columns in a block of `GATHER_BLOCK_NUMBERS` numbers of an M of ``m_rows`` rows: a whole multiple of 64, and
+    at least `MIN_BLOCK_COLUMNS`."""
+    return max(GATHER_BLOCK_NUMBERS // m_rows // 64, MIN_BLOCK_COLUMNS // 64) * 64
+
+
+def _csr(crow: Tensor, columns: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A CSR matrix; callers sort its columns within each row (torch's invariant, not checked here)."""
+    with warnings.catch_warnings():  # torch warns that CSR is in beta
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(crow, columns, values, shape, check_invariants=False)
+
+
+def _csr_product(G: Tensor, M: Tensor) -> Tensor:
+    """G·M [len(G), D] for a CSR G and M [n, D]: each row of the result sums its terms in stored order, written
+    straight into the result, a block of `gather_columns_per_block` columns at a time."""
+    result = M.new_empty(G.shape[0], M.shape[-1])
+    width = gather_columns_per_block(len(M), len(G), G.values().numel(), M.shape[-1], M.device)
+    for start in range(0, M.shape[-1], width):
+        block = result[:, start:start + width]
+        torch.addmm(block, G, M[:, start:start + width], beta=0, out=block)  # beta = 0: the result is never read
+    return result
 
 
 def _rows_of_sparse_product(rows: Tensor, values: Tensor, x: Tensor, n_rows: int) -> Tensor:
     """G x [n_rows, D] for the sparse G [n_rows, B·n_dicts] with G[rows_sj, s] = values_sj (rows, values
-    [B, n_dicts, m], s a (sample, head) pair and x its [B·n_dicts, D] rows): a dense encoder's ∂W_enc.
-    Each row sums its samples in order, by either route (the same numbers on this CPU), as
-    `sparse_product_is_csr` picks: the products values_sj x_s, formed and ``index_add_``-ed, or one CSR
-    product over only the rows some sample reaches, which forms none (at a training batch they are
-    gigabytes: 8.6 GB at batch 4096, k = 32, 128 × 128)."""
+    [B, n_dicts, m], s a (sample, head) pair and x its [B·n_dicts, D] rows): a dense encoder's ∂W_enc and a
+    flat decoder's ∂W_dec. One CSR product over every row (`_csr_product`), each row summing its samples in
+    order. It forms none of the products values_sj x_s (gigabytes at a training batch: 8.6 GB at batch 4096,
+    k = 32, 128 × 128); forming and ``index_add_``-ing them gives the same numbers on this CPU and was slower at
+    every shape timed (the "sparse product" rows of benchmarks/results/sae.json)."""
     m = rows.shape[-1]
-    if not sparse_product_is_csr(rows.numel(), x.shape[-1], n_rows):
-        products = values.unsqueeze(-1) * x.view(*values.shape[:-1], 1, -1)  # [B, n_dicts, m, D]
-        return x.new_zeros(n_rows, x.shape[-1]).index_add_(0, rows.flatten(), products.reshape(-1, x.shape[-1]))
-    reached, compact = rows.flatten().unique(sorted=True, return_inverse=True)
-    order = compact.argsort(stable=True)  # row-major; within a row, samples in order
+    flat = rows.flatten()
+    order = flat.argsort(stable=True)  # row-major; within a row, samples in order
+    crow = torch.zeros(n_rows + 1, dtype=torch.long, device=x.device)
+    crow[1:] = flat.bincount(minlength=n_rows).cumsum(0)
     columns = torch.arange(x.shape[0], device=x.device).repeat_interleave(m)[order]
-    crow = torch.zeros(len(reached) + 1, dtype=torch.long, device=x.device)
-    crow[1:] = compact.bincount(minlength=len(reached)).cumsum(0)
-    with warnings.catch_warnings():  # built sorted, so the invariants hold; torch warns that CSR is in beta
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        G = torch.sparse_csr_tensor(crow, columns, values.flatten()[order], (len(reached), x.shape[0]),
-                                    check_invariants=False)
-    return x.new_zeros(n_rows, x.shape[-1]).index_copy_(0, reached, G @ x)
+    return _csr_product(_csr(crow, columns, values.flatten()[order], (n_rows, x.shape[0])), x)
+
+
+class _BlockedGatheredRows(torch.autograd.Function):
+    """Σ_j values_sj W[rows_sj] [S, D] for rows, values [S, m] and W [n, D], by `_csr_product` in blocks of
+    columns: a flat decoder's gathered decode where `gather_columns_per_block` blocks it (``embedding_bag``, which
+    reads every gathered row from memory, elsewhere). Backward: ∂W by `_rows_of_sparse_product`, and ∂values_sj =
+    ⟨W[rows_sj], ∂out_s⟩ summed over the blocks (``torch.sparse.sampled_addmm``), neither forming the gather."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, values: Tensor, W: Tensor) -> Tensor:
+        S, m = rows.shape
+        columns, order = rows.sort(-1)  # CSR's column order within a row
+        G = _csr(torch.arange(0, S * m + 1, m, device=W.device), columns.flatten(), values.gather(-1, order).flatten(),
+                 (S, len(W)))
+        ctx.save_for_backward(rows, values, W, order)
+        ctx.G = G
+        return _csr_product(G, W)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        rows, values, W, order = ctx.saved_tensors
+        grad_values = grad_W = None
+        if ctx.needs_input_grad[1]:
+            width = gather_columns_per_block(len(W), len(grad), rows.numel(), W.shape[-1], W.device)
+            in_csr_order = sum(torch.sparse.sampled_addmm(ctx.G, grad[:, i:i + width], W[:, i:i + width].T, beta=0)
+                               .values() for i in range(0, W.shape[-1], width))
+            grad_values = torch.empty_like(values).scatter_(-1, order, in_csr_order.view(values.shape))
+        if ctx.needs_input_grad[2]:
+            grad_W = _rows_of_sparse_product(rows.unsqueeze(1), values.unsqueeze(1), grad, len(W))
+        return None, grad_values, grad_W
 
 
 def _rescale_dense_codes_(sae: FlatSAE | MatrixSAE, c: Tensor) -> None:
@@ -743,9 +799,12 @@ class FlatSAE(SAEBase):
 
     def _decode_gathered(self, indices, values):
         # embedding_bag sums the weighted rows without materialising the [..., m, d_k·d_v] gather
-        # (a third of the time of gather-then-contract, forward and backward)
-        flat = F.embedding_bag(_rows(indices, self.cfg.n_features).flatten(0, -2), self.W_dec.flatten(0, 1),
-                               per_sample_weights=values.flatten(0, -2), mode="sum")
+        # (a third of the time of gather-then-contract, forward and backward); past the cache, in blocks
+        rows, values, W = _rows(indices, self.cfg.n_features).flatten(0, -2), values.flatten(0, -2), self.W_dec.flatten(0, 1)
+        if gather_columns_per_block(len(W), len(rows), rows.numel(), W.shape[-1], W.device) < W.shape[-1]:
+            flat = _BlockedGatheredRows.apply(rows, values, W)
+        else:
+            flat = F.embedding_bag(rows, W, per_sample_weights=values, mode="sum")
         return flat.view(*indices.shape[:-1], self.cfg.d_k, self.cfg.d_v)
 
     def _fold_scale_(self, s):
