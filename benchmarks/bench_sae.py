@@ -20,8 +20,9 @@ GiB, are skipped (listed in the results): the grid is subsampled.
 
 ``decode``: the two routes of `SAEBase.decode_atoms` (dense product of every code with every atom,
 and gathering the k active atoms), forward and backward, timed side by side at shapes around the
-crossover, with the route `writesae.sae.dense_decode_is_cheaper` picks: the measurement behind its
-``GATHER_COST_FLOPS``. ``encoder_backward``: the same for the two routes of the bilinear encoder's backward
+crossover, against a dense gradient, with the route `writesae.sae.dense_decode_is_cheaper` picks: the
+measurement behind its ``GATHER_COST_FLOPS`` (fitted to rows timed before against a broadcast gradient; see its
+comment). ``encoder_backward``: the same for the two routes of the bilinear encoder's backward
 (`writesae.sae.bilinear_backward_is_dense`): the measurement behind ``SMALL_PRODUCT_COST``. ``encoder_forward``:
 the bilinear encoder's forward with its rows E formed in one product and in blocks of
 ``ENCODER_NUMBERS_PER_BLOCK`` numbers, side by side: the measurement behind that constant. ``sparse_product``:
@@ -215,16 +216,22 @@ def time_by_op_kind(architecture: str, shape: str, n: int, batch: int, repeats: 
 
 
 def decode_row(architecture: str, d: int, n: int, batch: int, repeats: int) -> dict:
-    """Forward + backward of decode_atoms by each route, on the same codes."""
+    """Forward + backward of decode_atoms by each route, on the same codes, against a dense random gradient as a
+        training step's (a summed output's gradient is one number broadcast, which made ``embedding_bag``'s backward,
+    the flat gathered route, three to four times as slow: the rows behind ``GATHER_COST_FLOPS`` were timed that
+    way before, see its comment)."""
     sae = CLASSES[architecture](d_k=d, d_v=d, n_features=n, k=K, seed=0)
     g = torch.Generator().manual_seed(0)
     indices = torch.rand(batch, 1, n, generator=g).topk(K, dim=-1).indices
     values = torch.rand(batch, 1, K, generator=g, requires_grad=True)
+    upstream = torch.randn(batch, 1, d, d, generator=g)
     times = {}
     for route in ("dense", "gathered"):
         def run(route=route):
+            for tensor in (values, *sae.parameters()):
+                tensor.grad = None  # as a training step starts
             with mock.patch("writesae.sae.dense_decode_is_cheaper", lambda *shape: route == "dense"):
-                sae.decode_atoms(indices, values).sum().backward()
+                sae.decode_atoms(indices, values).backward(upstream)
         times[route] = median_seconds(run, repeats, settle=True)
     chosen = "dense" if dense_decode_is_cheaper(batch, n, K, d, d, None if architecture == "flat" else 1) else "gathered"
     return {"architecture": architecture, "d_k": d, "d_v": d, "n_features": n, "batch": batch, "k": K,
@@ -354,7 +361,8 @@ def results_block(results: dict | None) -> str:
               f"smallest shapes (n = 64, batch 32): {', '.join(f'{a} {v:.1f} ms' for a, v in s['smallest_overhead_ms'].items())}.",
               f"Skipped (over {p['max_gflop']} GFLOP a step or {p['max_gib']} GiB of state): "
               f"{'; '.join(results['skipped']) or 'none'}.", "",
-              f"Decode routes (forward + backward, ms; the rule with GATHER_COST_FLOPS = {p['gather_cost_flops']} picks one):", "",
+              f"Decode routes (forward + backward against a dense gradient, ms; the rule with GATHER_COST_FLOPS = "
+              f"{p['gather_cost_flops']} picks one):", "",
               *_routes_table(results["decode"]), "",
               "The bilinear encoder's backward routes (encoder forward + backward against a TopK-sparse gradient, ms; "
               f"`writesae.sae.bilinear_backward_is_dense` with SMALL_PRODUCT_COST = {p['small_product_cost']} picks one):", "",
@@ -433,8 +441,9 @@ def measure(results: dict, args: argparse.Namespace) -> None:
         row = step_row(architecture, shape, n, batch, args.repeats)
         print(json.dumps(row), flush=True)
         results["rows"].append(row)
-    for architecture, d, n, batch in [("flat", 64, n, 256) for n in (256, 1024, 4096)] + [
-            ("flat", 128, n, 32) for n in (256, 1024, 4096)] + [("bilinear", 64, n, 256) for n in (64, 256)]:
+    for architecture, d, n, batch in [("flat", 64, n, 256) for n in (64, 128, 256, 1024, 4096)] + [
+            ("flat", 128, n, 32) for n in (128, 256, 1024, 4096)] + [("bilinear", 64, n, 256) for n in (64, 256)] + [
+            ("matrix", 128, 64, 1024)]:
         row = decode_row(architecture, d, n, batch, args.repeats)
         print(json.dumps(row), flush=True)
         results["decode"].append(row)

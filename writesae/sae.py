@@ -186,9 +186,14 @@ def _pick(param: Tensor, indices: Tensor) -> Tensor:
 
 
 # What gathering one number of an atom costs, in FLOPs of a dense matrix product: a gather streams memory
-# while a matrix product reuses what it loads. From the decode routes timed side by side on one CPU thread
-# (benchmarks/bench_sae.py, the "decode" rows of benchmarks/results/sae.json): flat dictionaries cross over
-# near n = 17·k, which this value puts the rule at (see `dense_decode_is_cheaper`).
+# while a matrix product reuses what it loads. Fitted to decode routes timed side by side on one CPU thread
+# against a summed output's gradient (one number broadcast), where flat dictionaries crossed over near
+# n = 17·k, which this value puts the rule at (see `dense_decode_is_cheaper`). Against a training step's dense
+# gradient (the "decode" rows of benchmarks/results/sae.json since issue 28) the flat gathered route is three to
+# four times faster and the crossover is near n = 4·k (a value near 6): between the two a flat decode takes the
+# slower route (a dense encoder's backward shares the rule; its routes were not timed against each other). It
+# stays until the studies that train flat and matrix SAEs there (demos.compare_architectures,
+# scripts.train_shipped_saes) are rerun, as their routes and numbers would move.
 GATHER_COST_FLOPS = 32
 
 
