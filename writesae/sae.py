@@ -189,8 +189,8 @@ def _pick(param: Tensor, indices: Tensor) -> Tensor:
 # while a matrix product reuses what it loads. Fitted to decode routes timed side by side on one CPU thread
 # against a summed output's gradient (one number broadcast), where flat dictionaries crossed over near
 # n = 17·k, which this value puts the rule at (see `dense_decode_is_cheaper`). Against a training step's dense
-# gradient (the "decode" rows of benchmarks/results/sae.json since issue 28) the flat gathered route is three to
-# four times faster and the crossover is near n = 4·k (a value near 6): between the two a flat decode takes the
+# gradient (the "decode" rows of benchmarks/results/sae.json since issue 28) the flat gathered route takes a third
+# to a half of that time and the crossover is near n = 4·k (a value near 6): between the two a flat decode takes the
 # slower route (a dense encoder's backward shares the rule; its routes were not timed against each other). It
 # stays until the studies that train flat and matrix SAEs there (demos.compare_architectures,
 # scripts.train_shipped_saes) are rerun, as their routes and numbers would move.
@@ -329,10 +329,11 @@ class _DenseEncoder(torch.autograd.Function):
 # GATHER_BLOCKS_REUSE times or more on average, into at most GATHER_BLOCKS_RESULT_ROWS times as many rows as M
 # has. A block of GATHER_BLOCK_NUMBERS numbers of M (at least MIN_BLOCK_COLUMNS columns) then stays in the cache
 # while every row that needs it reads it. Timed on one CPU thread of this machine (the "gathered sum" rows of
-# benchmarks/results/sae.json): 1.3 to 3.4 times as fast where M is read dozens of times a row (a dense
-# encoder's ∂W_enc, a flat decode at 128 × 128 with 1,024 features at batch 256 and more), but slower, up to
-# three times, where M fits the cache, where each row is read a few times or fewer, or where the result has
-# many times M's rows (a large dictionary's ∂W_enc at a batch far smaller: its blocks leave the cache).
+# benchmarks/results/sae.json): 1.15 to 2.3 times as fast wherever the rule blocks (a dense encoder's ∂W_enc at
+# a large batch, a flat decode at 128 × 128 with 1,024 features at batch 256 and more), within 6% of the
+# faster route where it does not, and slower in blocks, up to 3.7 times, where M fits the cache, where each row is
+# read a few times or fewer (a large dictionary at a small batch), or where the result has many times M's rows
+# (a large dictionary's ∂W_enc: the result's blocks leave the cache in turn).
 GATHER_BLOCKS_FROM = 2**23
 GATHER_BLOCKS_REUSE = 8
 GATHER_BLOCKS_RESULT_ROWS = 2
