@@ -345,6 +345,31 @@ def test_the_sparse_product_is_the_sum_of_its_products_over_every_row(batch, n_d
     assert torch.equal(_rows_of_sparse_product(rows, values, x, n_dicts * n), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["flat", "matrix"])
+def test_a_half_precision_dense_encoders_gathered_backward_runs_in_float32(arch, dtype):
+    """torch's CSR products on the CPU take float32 and float64 only (`writesae.sae.CSR_DTYPES`): a dense encoder's
+    gathered ∂W_enc in half precision is computed in float32 and rounded once, so it matches float64's to the
+    dtype's precision (before, it raised NotImplementedError), and a flat decode there keeps embedding_bag."""
+    sae = make(arch, n_features=64, k=3, dtype=str(dtype).removeprefix("torch."))
+    x = inputs(sae, 5).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    upstream = torch.zeros(5, 1, 64).scatter(-1, torch.rand(5, 1, 64, generator=g).topk(3, -1).indices,
+                                             torch.randn(5, 1, 3, generator=g))
+    with (mock.patch("writesae.sae.dense_decode_is_cheaper", lambda *shape: False),
+          mock.patch("writesae.sae.gather_columns_per_block", _blocks_of(5))):  # blocks, where a dtype allows them
+        (sae.encode_pre(x) * upstream.to(dtype)).sum().backward()
+        values = upstream.topk(3, -1).values.to(dtype).requires_grad_()
+        decoded = sae.decode_atoms(upstream.topk(3, -1).indices, values)
+        decoded.sum().backward()
+    assert decoded.dtype == values.grad.dtype == dtype
+    W_enc = sae.W_enc.detach().double().requires_grad_()
+    centred = (x.double() * sae.cfg.input_scale - sae.b_dec.detach().double()).flatten(-2)
+    (torch.einsum("...hd,hnd->...hn", centred, W_enc) * upstream.double()).sum().backward()
+    assert sae.W_enc.grad.dtype == dtype
+    torch.testing.assert_close(sae.W_enc.grad.double(), W_enc.grad, rtol=2e-2, atol=2e-2)
+
+
 def _blocks_of(width: int):
     """`gather_columns_per_block` forced to ``width`` columns (the last block shorter) wherever there is more."""
     return lambda m_rows, result_rows, n_terms, columns, device: min(width, columns)

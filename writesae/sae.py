@@ -366,9 +366,16 @@ def _csr(crow: Tensor, columns: Tensor, values: Tensor, shape: tuple[int, int]) 
         return torch.sparse_csr_tensor(crow, columns, values, shape, check_invariants=False)
 
 
+#: the dtypes torch's CSR products take on the CPU (its MKL kernels); others are computed in float32
+CSR_DTYPES = (torch.float32, torch.float64)
+
+
 def _csr_product(G: Tensor, M: Tensor) -> Tensor:
     """G·M [len(G), D] for a CSR G and M [n, D]: each row of the result sums its terms in stored order, written
-    straight into the result, a block of `gather_columns_per_block` columns at a time."""
+    straight into the result, a block of `gather_columns_per_block` columns at a time (in float32 for a dtype
+    outside `CSR_DTYPES`, rounded to M's once at the end)."""
+    if M.dtype not in CSR_DTYPES:
+        return _csr_product(G.to(torch.float32), M.float()).to(M.dtype)
     result = M.new_empty(G.shape[0], M.shape[-1])
     width = gather_columns_per_block(len(M), len(G), G.values().numel(), M.shape[-1], M.device)
     for start in range(0, M.shape[-1], width):
@@ -805,9 +812,11 @@ class FlatSAE(SAEBase):
 
     def _decode_gathered(self, indices, values):
         # embedding_bag sums the weighted rows without materialising the [..., m, d_k·d_v] gather
-        # (a third of the time of gather-then-contract, forward and backward); past the cache, in blocks
+        # (a third of the time of gather-then-contract, forward and backward); past the cache, in blocks of columns
+        # (`gather_columns_per_block`) where the CSR products take the dtype
         rows, values, W = _rows(indices, self.cfg.n_features).flatten(0, -2), values.flatten(0, -2), self.W_dec.flatten(0, 1)
-        if gather_columns_per_block(len(W), len(rows), rows.numel(), W.shape[-1], W.device) < W.shape[-1]:
+        if (W.dtype in CSR_DTYPES
+                and gather_columns_per_block(len(W), len(rows), rows.numel(), W.shape[-1], W.device) < W.shape[-1]):
             flat = _BlockedGatheredRows.apply(rows, values, W)
         else:
             flat = F.embedding_bag(rows, W, per_sample_weights=values, mode="sum")
