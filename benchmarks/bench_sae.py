@@ -23,7 +23,8 @@ and gathering the k active atoms), forward and backward, timed side by side at s
 crossover, against a dense gradient, with the route `writesae.sae.dense_decode_is_cheaper` picks: the
 measurement behind its ``GATHER_COST_FLOPS`` (fitted to rows timed before against a broadcast gradient; see its
 comment). ``encoder_backward``: the same for the two routes of the bilinear encoder's backward
-(`writesae.sae.bilinear_backward_is_dense`): the measurement behind ``SMALL_PRODUCT_COST``. ``encoder_forward``:
+(`writesae.sae.bilinear_backward_is_dense`), the measurement behind ``SMALL_PRODUCT_COST``, and of a flat SAE's
+dense encoder, whose backward takes the decode's rule. ``encoder_forward``:
 the bilinear encoder's forward with its rows E formed in one product and in blocks of
 ``ENCODER_NUMBERS_PER_BLOCK`` numbers, side by side: the measurement behind that constant. ``sparse_product``:
 a dense encoder's gathered ∂W_enc by its CSR product (`writesae.sae._rows_of_sparse_product`) against forming its
@@ -239,22 +240,29 @@ def decode_row(architecture: str, d: int, n: int, batch: int, repeats: int) -> d
             "faster": min(times, key=times.get), "picked_time_over_best": times[chosen] / min(times.values())}
 
 
-def encoder_backward_row(d: int, n: int, batch: int, repeats: int) -> dict:
-    """Forward + backward of the bilinear encoder (rank 1) by each route of its backward, against a TopK-sparse
-    gradient of z (K features per sample): the measurement behind `writesae.sae.SMALL_PRODUCT_COST`."""
-    sae = BilinearMatrixSAE(d_k=d, d_v=d, n_features=n, k=K, seed=0)
+def encoder_backward_row(architecture: str, d: int, n: int, batch: int, repeats: int) -> dict:
+    """Forward + backward of an encoder (rank 1) by each route of its backward, against a TopK-sparse gradient of z
+    (K features per sample): for the bilinear encoder, the measurement behind `writesae.sae.SMALL_PRODUCT_COST`;
+    for a flat SAE's dense encoder, whose backward takes the decode's rule (`dense_decode_is_cheaper`), beside the
+    decode rows behind ``GATHER_COST_FLOPS``."""
+    sae = CLASSES[architecture](d_k=d, d_v=d, n_features=n, k=K, seed=0)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 1, d, d, generator=g)
     upstream = torch.zeros(batch, 1, n).scatter(-1, torch.rand(batch, 1, n, generator=g).topk(K, dim=-1).indices,
                                                 torch.randn(batch, 1, K, generator=g))
+    rule = "bilinear_backward_is_dense" if architecture == "bilinear" else "dense_decode_is_cheaper"
     times = {}
     for route in ("dense", "gathered"):
         def run(route=route):
-            with mock.patch("writesae.sae.bilinear_backward_is_dense", lambda *shape: route == "dense"):
+            for parameter in sae.parameters():
+                parameter.grad = None  # as a training step starts
+            with mock.patch(f"writesae.sae.{rule}", lambda *shape: route == "dense"):
                 (sae.encode_pre(x) * upstream).sum().backward()
         times[route] = median_seconds(run, repeats, settle=True)
-    chosen = "dense" if bilinear_backward_is_dense(batch, n, K, d, d, 1) else "gathered"
-    return {"architecture": "bilinear", "d_k": d, "d_v": d, "n_features": n, "batch": batch, "k": K,
+    dense = (bilinear_backward_is_dense(batch, n, K, d, d, 1) if architecture == "bilinear"
+             else dense_decode_is_cheaper(batch, n, K, d, d, None))
+    chosen = "dense" if dense else "gathered"
+    return {"architecture": architecture, "d_k": d, "d_v": d, "n_features": n, "batch": batch, "k": K,
             "dense_ms": 1e3 * times["dense"], "gathered_ms": 1e3 * times["gathered"], "rule_picks": chosen,
             "faster": min(times, key=times.get), "picked_time_over_best": times[chosen] / min(times.values())}
 
@@ -364,8 +372,9 @@ def results_block(results: dict | None) -> str:
               f"Decode routes (forward + backward against a dense gradient, ms; the rule with GATHER_COST_FLOPS = "
               f"{p['gather_cost_flops']} picks one):", "",
               *_routes_table(results["decode"]), "",
-              "The bilinear encoder's backward routes (encoder forward + backward against a TopK-sparse gradient, ms; "
-              f"`writesae.sae.bilinear_backward_is_dense` with SMALL_PRODUCT_COST = {p['small_product_cost']} picks one):", "",
+              "The encoders' backward routes (encoder forward + backward against a TopK-sparse gradient, ms; for the "
+              f"bilinear encoder `writesae.sae.bilinear_backward_is_dense` with SMALL_PRODUCT_COST = {p['small_product_cost']} "
+              "picks one, for a flat SAE's dense encoder the decode's rule):", "",
               *_routes_table(results["encoder_backward"])]
     if results.get("encoder_forward"):
         lines += ["", f"The bilinear encoder's forward (no gradients, ms) with its rows E formed in one product and in blocks of "
@@ -447,8 +456,10 @@ def measure(results: dict, args: argparse.Namespace) -> None:
         row = decode_row(architecture, d, n, batch, args.repeats)
         print(json.dumps(row), flush=True)
         results["decode"].append(row)
-    for d, n, batch in [(64, 64, 256), (64, 64, 1024), (64, 256, 1024), (128, 64, 1024), (128, 1024, 32)]:
-        row = encoder_backward_row(d, n, batch, args.repeats)
+    for architecture, d, n, batch in [("bilinear", 64, 64, 256), ("bilinear", 64, 64, 1024), ("bilinear", 64, 256, 1024),
+                                      ("bilinear", 128, 64, 1024), ("bilinear", 128, 1024, 32)] + [
+            ("flat", 64, n, 256) for n in (64, 128, 256, 1024)] + [("flat", 128, n, 32) for n in (128, 256, 1024)]:
+        row = encoder_backward_row(architecture, d, n, batch, args.repeats)
         print(json.dumps(row), flush=True)
         results["encoder_backward"].append(row)
     for d, n, batch in [(128, 16384, 32), (128, 4096, 128), (128, 1024, 1024), (64, 16384, 32), (64, 16384, 256),
