@@ -189,11 +189,12 @@ def _pick(param: Tensor, indices: Tensor) -> Tensor:
 # while a matrix product reuses what it loads. Fitted to decode routes timed side by side on one CPU thread
 # against a summed output's gradient (one number broadcast), where flat dictionaries crossed over near
 # n = 17·k, which this value puts the rule at (see `dense_decode_is_cheaper`). Against a training step's dense
-# gradient (the "decode" rows of benchmarks/results/sae.json since issue 28) the flat gathered route takes a third
-# to a half of that time and the crossover is near n = 4·k (a value near 6): between the two a flat decode takes the
-# slower route (a dense encoder's backward shares the rule; its routes were not timed against each other). It
-# stays until the studies that train flat and matrix SAEs there (demos.compare_architectures,
-# scripts.train_shipped_saes) are rerun, as their routes and numbers would move.
+# gradient (the "decode" and "encoder backward" rows of benchmarks/results/sae.json since issue 28) the flat
+# gathered decode takes a third to a half of that time, and both a flat decode's routes and a dense encoder's
+# backward routes cross over between n = 4·k and 8·k (a value of 6 to 14): between there and 17·k the rule picks
+# the slower route, by up to 1.8 times (decode) and 1.4 times (encoder backward) in those rows. It stays until
+# the studies that train flat and matrix SAEs there (demos.compare_architectures, scripts.train_shipped_saes) are
+# rerun, as their routes and numbers would move.
 GATHER_COST_FLOPS = 32
 
 
@@ -329,11 +330,12 @@ class _DenseEncoder(torch.autograd.Function):
 # GATHER_BLOCKS_REUSE times or more on average, into at most GATHER_BLOCKS_RESULT_ROWS times as many rows as M
 # has. A block of GATHER_BLOCK_NUMBERS numbers of M (at least MIN_BLOCK_COLUMNS columns) then stays in the cache
 # while every row that needs it reads it. Timed on one CPU thread of this machine (the "gathered sum" rows of
-# benchmarks/results/sae.json): 1.15 to 2.3 times as fast wherever the rule blocks (a dense encoder's ∂W_enc at
-# a large batch, a flat decode at 128 × 128 with 1,024 features at batch 256 and more), within 6% of the
-# faster route where it does not, and slower in blocks, up to 3.7 times, where M fits the cache, where each row is
-# read a few times or fewer (a large dictionary at a small batch), or where the result has many times M's rows
-# (a large dictionary's ∂W_enc: the result's blocks leave the cache in turn).
+# benchmarks/results/sae.json): 1.25 to 2.2 times as fast wherever the rule blocks (a dense encoder's ∂W_enc at
+# a large batch, a flat decode at 128 × 128 with 1,024 features at batch 256 and more), and slower in blocks, up
+# to 3.3 times, where each row of M is read a few times or fewer (a large dictionary at a small batch) or where the
+# result has many times M's rows (a large dictionary's ∂W_enc: the result's blocks leave the cache in turn).
+# Elsewhere the two were within 7%, except ∂W_enc at 64 × 64, batch 1,024 (M of 16 MiB), whose order moved
+# between runs (blocks 1.25 times as fast in the committed one, even in another).
 GATHER_BLOCKS_FROM = 2**23
 GATHER_BLOCKS_REUSE = 8
 GATHER_BLOCKS_RESULT_ROWS = 2
