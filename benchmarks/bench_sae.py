@@ -218,7 +218,7 @@ def time_by_op_kind(architecture: str, shape: str, n: int, batch: int, repeats: 
 
 def decode_row(architecture: str, d: int, n: int, batch: int, repeats: int) -> dict:
     """Forward + backward of decode_atoms by each route, on the same codes, against a dense random gradient as a
-        training step's (a summed output's gradient is one number broadcast, which made ``embedding_bag``'s backward,
+    training step's (a summed output's gradient is one number broadcast, which made ``embedding_bag``'s backward,
     the flat gathered route, two to three times as slow: the rows behind ``GATHER_COST_FLOPS`` were timed that
     way before, see its comment)."""
     sae = CLASSES[architecture](d_k=d, d_v=d, n_features=n, k=K, seed=0)

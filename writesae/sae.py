@@ -372,17 +372,23 @@ def _csr(crow: Tensor, columns: Tensor, values: Tensor, shape: tuple[int, int]) 
 CSR_DTYPES = (torch.float32, torch.float64)
 
 
+def _column_blocks(G: Tensor, M: Tensor) -> list[slice]:
+    """The blocks of columns of M [n, D] in which a product with the CSR G [len(G), n] reads it
+    (`gather_columns_per_block`)."""
+    width = gather_columns_per_block(len(M), len(G), G.values().numel(), M.shape[-1], M.device)
+    return [slice(start, start + width) for start in range(0, M.shape[-1], width)]
+
+
 def _csr_product(G: Tensor, M: Tensor) -> Tensor:
     """G·M [len(G), D] for a CSR G and M [n, D]: each row of the result sums its terms in stored order, written
-    straight into the result, a block of `gather_columns_per_block` columns at a time (in float32 for a dtype
-    outside `CSR_DTYPES`, rounded to M's once at the end)."""
+    straight into the result, one of `_column_blocks` at a time (in float32 for a dtype outside `CSR_DTYPES`,
+    rounded to M's once at the end)."""
     if M.dtype not in CSR_DTYPES:
         return _csr_product(G.to(torch.float32), M.float()).to(M.dtype)
     result = M.new_empty(G.shape[0], M.shape[-1])
-    width = gather_columns_per_block(len(M), len(G), G.values().numel(), M.shape[-1], M.device)
-    for start in range(0, M.shape[-1], width):
-        block = result[:, start:start + width]
-        torch.addmm(block, G, M[:, start:start + width], beta=0, out=block)  # beta = 0: the result is never read
+    for columns in _column_blocks(G, M):
+        block = result[:, columns]
+        torch.addmm(block, G, M[:, columns], beta=0, out=block)  # beta = 0: the result is never read
     return result
 
 
@@ -422,10 +428,9 @@ class _BlockedGatheredRows(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         rows, values, W, order = ctx.saved_tensors
         grad_values = grad_W = None
-        if ctx.needs_input_grad[1]:
-            width = gather_columns_per_block(len(W), len(grad), rows.numel(), W.shape[-1], W.device)
-            in_csr_order = sum(torch.sparse.sampled_addmm(ctx.G, grad[:, i:i + width], W[:, i:i + width].T, beta=0)
-                               .values() for i in range(0, W.shape[-1], width))
+        if ctx.needs_input_grad[1]:  # over the forward's blocks of W
+            in_csr_order = sum(torch.sparse.sampled_addmm(ctx.G, grad[:, columns], W[:, columns].T, beta=0).values()
+                               for columns in _column_blocks(ctx.G, W))
             grad_values = torch.empty_like(values).scatter_(-1, order, in_csr_order.view(values.shape))
         if ctx.needs_input_grad[2]:
             grad_W = _rows_of_sparse_product(rows.unsqueeze(1), values.unsqueeze(1), grad, len(W))
