@@ -21,10 +21,11 @@ GiB, are skipped (listed in the results): the grid is subsampled.
 ``decode``: the two routes of `SAEBase.decode_atoms` (dense product of every code with every atom,
 and gathering the k active atoms), forward and backward, timed side by side at shapes around the
 crossover, against a dense gradient, with the route `writesae.sae.dense_decode_is_cheaper` picks: the
-measurement behind its ``GATHER_COST_FLOPS`` (fitted to rows timed before against a broadcast gradient; see its
-comment). ``encoder_backward``: the same for the two routes of the bilinear encoder's backward
+measurement behind its ``ROW_GATHER_COST_FLOPS`` (flat) and ``FACTOR_GATHER_COST_FLOPS`` (factored).
+``encoder_backward``: the same for the two routes of the bilinear encoder's backward
 (`writesae.sae.bilinear_backward_is_dense`), the measurement behind ``SMALL_PRODUCT_COST``, and of a flat SAE's
-dense encoder, whose backward takes the decode's rule. ``encoder_forward``:
+dense encoder (`writesae.sae.dense_encoder_backward_is_dense`), behind ``ENCODER_ROW_GATHER_COST_FLOPS``.
+``encoder_forward``:
 the bilinear encoder's forward with its rows E formed in one product and in blocks of
 ``ENCODER_NUMBERS_PER_BLOCK`` numbers, side by side: the measurement behind that constant. ``sparse_product``:
 a dense encoder's gathered ∂W_enc by its CSR product (`writesae.sae._rows_of_sparse_product`) against forming its
@@ -49,9 +50,10 @@ from benchmarks.provenance import provenance, run_line, write_results
 from benchmarks.timing import MAX_WARM_UP_ROUNDS, SETTLED_PAGE_FAULTS, median_seconds
 from writesae import BilinearMatrixSAE, FlatSAE, MatrixSAE
 from writesae.host_memory import freed_memory_kept
-from writesae.sae import (ENCODER_NUMBERS_PER_BLOCK, GATHER_BLOCK_NUMBERS, GATHER_BLOCKS_FROM, GATHER_BLOCKS_RESULT_ROWS,
-                          GATHER_BLOCKS_REUSE, GATHER_COST_FLOPS, MIN_BLOCK_COLUMNS, SMALL_PRODUCT_COST, _rows,
-                          _rows_of_sparse_product, bilinear_backward_is_dense, dense_decode_is_cheaper,
+from writesae.sae import (ENCODER_NUMBERS_PER_BLOCK, ENCODER_ROW_GATHER_COST_FLOPS, FACTOR_GATHER_COST_FLOPS,
+                          GATHER_BLOCK_NUMBERS, GATHER_BLOCKS_FROM, GATHER_BLOCKS_RESULT_ROWS, GATHER_BLOCKS_REUSE,
+                          MIN_BLOCK_COLUMNS, ROW_GATHER_COST_FLOPS, SMALL_PRODUCT_COST, _rows, _rows_of_sparse_product,
+                          bilinear_backward_is_dense, dense_decode_is_cheaper, dense_encoder_backward_is_dense,
                           gather_block_columns, gather_columns_per_block)
 from writesae.train import TrainConfig, make_optimizer, training_step, _guard
 
@@ -73,7 +75,8 @@ def training_step_flops(architecture: str, batch: int, n: int, k: int, d_k: int,
     them. D = d_k·d_v, B = batch, and "gathered" where `writesae.sae.dense_decode_is_cheaper` picks it:
 
     encoder     2·B·n·D (z = W_enc·x), and backward (∂W_enc; ∂b_dec, summed over the samples) 2·B·n·D + 2·n·D
-                dense or 2·B·k·D + 2·min(n, B·k)·D gathered (TopK passes a gradient to k features); bilinear:
+                dense or 2·B·k·D + 2·min(n, B·k)·D gathered (TopK passes a gradient to k features), as
+                `writesae.sae.dense_encoder_backward_is_dense` picks; bilinear:
                 2·B·n·D against its rows E_i = Σ_r U_ir P_irᵀ plus 2·n·r·D to form them, and backward (∂U, ∂P,
                 ∂b_dec) 4·B·k·r·D + 2·min(n, B·k)·r·D gathered or, dense, 2·B·n·D + 2·n·D plus 6·n·r·D (E formed
                 again; ∂U, ∂P from ∂E), as `writesae.sae.bilinear_backward_is_dense` picks
@@ -88,8 +91,8 @@ def training_step_flops(architecture: str, batch: int, n: int, k: int, d_k: int,
         backward = (2 * batch * n * D + 2 * n * D + 6 * n * r * D if bilinear_backward_is_dense(batch, n, k, d_k, d_v, r)
                     else 4 * batch * k * r * D + 2 * min(n, batch * k) * r * D)
         encoder = 2 * batch * n * D + 2 * n * r * D + backward
-    else:  # the dense encoder's backward takes the flat rule (its rows are d_k·d_v numbers)
-        backward = (2 * batch * n * D + 2 * n * D if dense_decode_is_cheaper(batch, n, k, d_k, d_v, None)
+    else:
+        backward = (2 * batch * n * D + 2 * n * D if dense_encoder_backward_is_dense(batch, n, k, d_k, d_v)
                     else 2 * batch * k * D + 2 * min(n, batch * k) * D)
         encoder = 2 * batch * n * D + backward
     decoder = 6 * batch * k * r * D if gathered else 6 * batch * n * D + (0 if architecture == "flat" else 6 * n * r * D)
@@ -216,15 +219,15 @@ def time_by_op_kind(architecture: str, shape: str, n: int, batch: int, repeats: 
             "step_ms": 1e3 * seconds, "ms": ms}
 
 
-def decode_row(architecture: str, d: int, n: int, batch: int, repeats: int) -> dict:
-    """Forward + backward of decode_atoms by each route, on the same codes, against a dense random gradient as a
-    training step's (a summed output's gradient is one number broadcast, which made ``embedding_bag``'s backward,
-    the flat gathered route, two to three times as slow: the rows behind ``GATHER_COST_FLOPS`` were timed that
-    way before, see its comment)."""
-    sae = CLASSES[architecture](d_k=d, d_v=d, n_features=n, k=K, seed=0)
+def decode_row(architecture: str, d: int, n: int, batch: int, repeats: int, k: int = K) -> dict:
+    """Forward + backward of decode_atoms by each route, on the same codes (k features a sample), against a dense
+    random gradient as a training step's (a summed output's gradient is one number broadcast, which made
+    ``embedding_bag``'s backward, the flat gathered route, two to three times as slow: the rows behind
+    ``FACTOR_GATHER_COST_FLOPS`` were timed that way, see its comment)."""
+    sae = CLASSES[architecture](d_k=d, d_v=d, n_features=n, k=k, seed=0)
     g = torch.Generator().manual_seed(0)
-    indices = torch.rand(batch, 1, n, generator=g).topk(K, dim=-1).indices
-    values = torch.rand(batch, 1, K, generator=g, requires_grad=True)
+    indices = torch.rand(batch, 1, n, generator=g).topk(k, dim=-1).indices
+    values = torch.rand(batch, 1, k, generator=g, requires_grad=True)
     upstream = torch.randn(batch, 1, d, d, generator=g)
     times = {}
     for route in ("dense", "gathered"):
@@ -234,23 +237,23 @@ def decode_row(architecture: str, d: int, n: int, batch: int, repeats: int) -> d
             with mock.patch("writesae.sae.dense_decode_is_cheaper", lambda *shape: route == "dense"):
                 sae.decode_atoms(indices, values).backward(upstream)
         times[route] = median_seconds(run, repeats, settle=True)
-    chosen = "dense" if dense_decode_is_cheaper(batch, n, K, d, d, None if architecture == "flat" else 1) else "gathered"
-    return {"architecture": architecture, "d_k": d, "d_v": d, "n_features": n, "batch": batch, "k": K,
+    chosen = "dense" if dense_decode_is_cheaper(batch, n, k, d, d, None if architecture == "flat" else 1) else "gathered"
+    return {"architecture": architecture, "d_k": d, "d_v": d, "n_features": n, "batch": batch, "k": k,
             "dense_ms": 1e3 * times["dense"], "gathered_ms": 1e3 * times["gathered"], "rule_picks": chosen,
             "faster": min(times, key=times.get), "picked_time_over_best": times[chosen] / min(times.values())}
 
 
-def encoder_backward_row(architecture: str, d: int, n: int, batch: int, repeats: int) -> dict:
+def encoder_backward_row(architecture: str, d: int, n: int, batch: int, repeats: int, k: int = K) -> dict:
     """Forward + backward of an encoder (rank 1) by each route of its backward, against a TopK-sparse gradient of z
-    (K features per sample): for the bilinear encoder, the measurement behind `writesae.sae.SMALL_PRODUCT_COST`;
-    for a flat SAE's dense encoder, whose backward takes the decode's rule (`dense_decode_is_cheaper`), beside the
-    decode rows behind ``GATHER_COST_FLOPS``."""
-    sae = CLASSES[architecture](d_k=d, d_v=d, n_features=n, k=K, seed=0)
+    (k features per sample): for the bilinear encoder, the measurement behind `writesae.sae.SMALL_PRODUCT_COST`;
+    for a flat SAE's dense encoder, the measurement behind ``ENCODER_ROW_GATHER_COST_FLOPS``
+    (`writesae.sae.dense_encoder_backward_is_dense`)."""
+    sae = CLASSES[architecture](d_k=d, d_v=d, n_features=n, k=k, seed=0)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 1, d, d, generator=g)
-    upstream = torch.zeros(batch, 1, n).scatter(-1, torch.rand(batch, 1, n, generator=g).topk(K, dim=-1).indices,
-                                                torch.randn(batch, 1, K, generator=g))
-    rule = "bilinear_backward_is_dense" if architecture == "bilinear" else "dense_decode_is_cheaper"
+    upstream = torch.zeros(batch, 1, n).scatter(-1, torch.rand(batch, 1, n, generator=g).topk(k, dim=-1).indices,
+                                                torch.randn(batch, 1, k, generator=g))
+    rule = "bilinear_backward_is_dense" if architecture == "bilinear" else "dense_encoder_backward_is_dense"
     times = {}
     for route in ("dense", "gathered"):
         def run(route=route):
@@ -259,10 +262,10 @@ def encoder_backward_row(architecture: str, d: int, n: int, batch: int, repeats:
             with mock.patch(f"writesae.sae.{rule}", lambda *shape: route == "dense"):
                 (sae.encode_pre(x) * upstream).sum().backward()
         times[route] = median_seconds(run, repeats, settle=True)
-    dense = (bilinear_backward_is_dense(batch, n, K, d, d, 1) if architecture == "bilinear"
-             else dense_decode_is_cheaper(batch, n, K, d, d, None))
+    dense = (bilinear_backward_is_dense(batch, n, k, d, d, 1) if architecture == "bilinear"
+             else dense_encoder_backward_is_dense(batch, n, k, d, d))
     chosen = "dense" if dense else "gathered"
-    return {"architecture": architecture, "d_k": d, "d_v": d, "n_features": n, "batch": batch, "k": K,
+    return {"architecture": architecture, "d_k": d, "d_v": d, "n_features": n, "batch": batch, "k": k,
             "dense_ms": 1e3 * times["dense"], "gathered_ms": 1e3 * times["gathered"], "rule_picks": chosen,
             "faster": min(times, key=times.get), "picked_time_over_best": times[chosen] / min(times.values())}
 
@@ -341,8 +344,8 @@ def gathered_sum_row(use: str, d: int, n: int, batch: int, repeats: int) -> dict
 
 
 def _routes_table(rows: list[dict]) -> list[str]:
-    return ["| SAE | d | n | batch | dense | gathered | rule picks | picked / best |", "|---|---|---|---|---|---|---|---|",
-            *[f"| {r['architecture']} | {r['d_k']} | {r['n_features']} | {r['batch']} | {r['dense_ms']:.1f} | "
+    return ["| SAE | d | n | batch | k | dense | gathered | rule picks | picked / best |", "|---|---|---|---|---|---|---|---|---|",
+            *[f"| {r['architecture']} | {r['d_k']} | {r['n_features']} | {r['batch']} | {r['k']} | {r['dense_ms']:.1f} | "
               f"{r['gathered_ms']:.1f} | {r['rule_picks']} | {r['picked_time_over_best']:.2f} |" for r in rows]]
 
 
@@ -369,12 +372,14 @@ def results_block(results: dict | None) -> str:
               f"smallest shapes (n = 64, batch 32): {', '.join(f'{a} {v:.1f} ms' for a, v in s['smallest_overhead_ms'].items())}.",
               f"Skipped (over {p['max_gflop']} GFLOP a step or {p['max_gib']} GiB of state): "
               f"{'; '.join(results['skipped']) or 'none'}.", "",
-              f"Decode routes (forward + backward against a dense gradient, ms; the rule with GATHER_COST_FLOPS = "
-              f"{p['gather_cost_flops']} picks one):", "",
+              "Decode routes (forward + backward against a dense gradient, ms; `writesae.sae.dense_decode_is_cheaper` "
+              f"with ROW_GATHER_COST_FLOPS = {p['row_gather_cost_flops']} (flat) and FACTOR_GATHER_COST_FLOPS = "
+              f"{p['factor_gather_cost_flops']} (factored) picks one):", "",
               *_routes_table(results["decode"]), "",
               "The encoders' backward routes (encoder forward + backward against a TopK-sparse gradient, ms; for the "
               f"bilinear encoder `writesae.sae.bilinear_backward_is_dense` with SMALL_PRODUCT_COST = {p['small_product_cost']} "
-              "picks one, for a flat SAE's dense encoder the decode's rule):", "",
+              "picks one, for a flat SAE's dense encoder `writesae.sae.dense_encoder_backward_is_dense` with "
+              f"ENCODER_ROW_GATHER_COST_FLOPS = {p['encoder_row_gather_cost_flops']}):", "",
               *_routes_table(results["encoder_backward"])]
     if results.get("encoder_forward"):
         lines += ["", f"The bilinear encoder's forward (no gradients, ms) with its rows E formed in one product and in blocks of "
@@ -437,6 +442,13 @@ def farthest_big_steps(rows: list[dict]) -> list[tuple[str, str, int, int]]:
     return [(a, r["head_shape"], r["n_features"], r["batch"]) for a, r in lowest.items()]
 
 
+#: flat routes timed at the shapes demos.compare_architectures trains (64 × 64, batch 128) with fewer features a sample:
+#: (architecture, d, n, batch, k) around each rule's crossover (`writesae.sae.ROW_GATHER_COST_FLOPS`,
+#: `writesae.sae.ENCODER_ROW_GATHER_COST_FLOPS`)
+STUDY_DECODE_ROWS = [("flat", 64, n, 128, k) for k in (4, 8) for n in (2 * k, 4 * k, 8 * k)]
+STUDY_ENCODER_BACKWARD_ROWS = [("flat", 64, n, 128, k) for k in (4, 8) for n in (4 * k, 8 * k, 16 * k)]
+
+
 def measure(results: dict, args: argparse.Namespace) -> None:
     """Fill ``results``' rows, the routes side by side (decode, encoder backward and forward, sparse product) and the
     time breakdown."""
@@ -450,16 +462,17 @@ def measure(results: dict, args: argparse.Namespace) -> None:
         row = step_row(architecture, shape, n, batch, args.repeats)
         print(json.dumps(row), flush=True)
         results["rows"].append(row)
-    for architecture, d, n, batch in [("flat", 64, n, 256) for n in (64, 128, 256, 1024, 4096)] + [
+    for architecture, d, n, batch, *k in [("flat", 64, n, 256) for n in (64, 128, 256, 1024, 4096)] + [
             ("flat", 128, n, 32) for n in (128, 256, 1024, 4096)] + [("bilinear", 64, n, 256) for n in (64, 256)] + [
-            ("matrix", 128, 64, 1024)]:
-        row = decode_row(architecture, d, n, batch, args.repeats)
+            ("matrix", 128, 64, 1024)] + STUDY_DECODE_ROWS:
+        row = decode_row(architecture, d, n, batch, args.repeats, *k)
         print(json.dumps(row), flush=True)
         results["decode"].append(row)
-    for architecture, d, n, batch in [("bilinear", 64, 64, 256), ("bilinear", 64, 64, 1024), ("bilinear", 64, 256, 1024),
+    for architecture, d, n, batch, *k in [("bilinear", 64, 64, 256), ("bilinear", 64, 64, 1024), ("bilinear", 64, 256, 1024),
                                       ("bilinear", 128, 64, 1024), ("bilinear", 128, 1024, 32)] + [
-            ("flat", 64, n, 256) for n in (64, 128, 256, 1024)] + [("flat", 128, n, 32) for n in (128, 256, 1024)]:
-        row = encoder_backward_row(architecture, d, n, batch, args.repeats)
+            ("flat", 64, n, 256) for n in (64, 128, 256, 1024)] + [("flat", 128, n, 32) for n in (128, 256, 1024)
+                                                                    ] + STUDY_ENCODER_BACKWARD_ROWS:
+        row = encoder_backward_row(architecture, d, n, batch, args.repeats, *k)
         print(json.dumps(row), flush=True)
         results["encoder_backward"].append(row)
     for d, n, batch in [(128, 16384, 32), (128, 4096, 128), (128, 1024, 1024), (64, 16384, 32), (64, 16384, 256),
@@ -501,7 +514,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = {"provenance": provenance("bench_sae", repeats=args.repeats, k=K, max_gflop=args.max_gflop,
-                                        max_gib=args.max_gib, gather_cost_flops=GATHER_COST_FLOPS,
+                                        max_gib=args.max_gib, row_gather_cost_flops=ROW_GATHER_COST_FLOPS,
+                                        encoder_row_gather_cost_flops=ENCODER_ROW_GATHER_COST_FLOPS,
+                                        factor_gather_cost_flops=FACTOR_GATHER_COST_FLOPS,
                                         small_product_cost=SMALL_PRODUCT_COST,
                                         encoder_numbers_per_block=ENCODER_NUMBERS_PER_BLOCK,
                                         gather_blocks_from=GATHER_BLOCKS_FROM, gather_blocks_reuse=GATHER_BLOCKS_REUSE,

@@ -271,7 +271,7 @@ def test_the_encoders_backward_routes_give_autograds_gradients(arch, dense, batc
     if sparse_grad:  # what TopK passes back: at most k = 3 features per sample and head
         upstream = torch.zeros_like(upstream).scatter(-1, torch.rand(*batch, 2, 12, generator=g).topk(3, -1).indices,
                                                       upstream[..., :3])
-    with (mock.patch("writesae.sae.dense_decode_is_cheaper", lambda *shape: dense),
+    with (mock.patch("writesae.sae.dense_encoder_backward_is_dense", lambda *shape: dense),
           mock.patch("writesae.sae.bilinear_backward_is_dense", lambda *shape: dense)):
         (sae.encode_pre(x) * upstream).sum().backward()
     weights = [sae.W_enc] if arch in ("flat", "matrix") else list(sae.encoder_factors)
@@ -309,14 +309,34 @@ def test_decode_atoms_takes_the_route_the_shape_rule_names(monkeypatch, dense):
     assert called == ["dense" if dense else "gathered"]
 
 
-def test_dense_decode_rule_on_the_shapes_that_matter():
-    """Flat dictionaries small against k·GATHER_COST_FLOPS decode densely; factored atoms, whose
-    gather is r·(d_k + d_v) numbers, gather at every shape the shipped SAEs and the bit-identity
-    check (scripts.compare_with_commit) train, so their numbers do not move."""
-    from writesae.sae import dense_decode_is_cheaper
+@pytest.mark.parametrize("arch", ["flat", "matrix"])
+@pytest.mark.parametrize("dense", [True, False])
+def test_a_dense_encoders_backward_takes_the_route_its_rule_names(arch, dense):
+    """`_DenseEncoder`'s backward asks `dense_encoder_backward_is_dense` (not the decode's rule): gathered, its
+    ∂W_enc is the CSR product over the kept rows."""
+    import writesae.sae as sae_module
 
-    assert dense_decode_is_cheaper(32, 64, 32, 64, 64, None)  # a 64-feature flat SAE
+    sae = make(arch, n_features=12, k=3)
+    with (mock.patch("writesae.sae.dense_encoder_backward_is_dense", lambda *shape: dense),
+          mock.patch("writesae.sae.dense_decode_is_cheaper", lambda *shape: not dense),
+          mock.patch.object(sae_module, "_rows_of_sparse_product", wraps=sae_module._rows_of_sparse_product) as gathered):
+        sae.encode(inputs(sae, 4)).sum().backward()
+    assert gathered.called == (not dense)
+
+
+def test_dense_decode_rule_on_the_shapes_that_matter():
+    """Flat dictionaries small against k·ROW_GATHER_COST_FLOPS decode densely, and a dense encoder's backward is
+    dense up to its own, larger crossover; factored atoms, whose gather is r·(d_k + d_v) numbers, gather at every
+    shape the shipped SAEs and the bit-identity check (scripts.compare_with_commit) train, so their numbers do not
+    move."""
+    from writesae.sae import dense_decode_is_cheaper, dense_encoder_backward_is_dense
+
+    assert dense_decode_is_cheaper(32, 64, 32, 64, 64, None)  # a 64-feature flat SAE at k = 32
+    assert not dense_decode_is_cheaper(32, 128, 32, 64, 64, None)
     assert not dense_decode_is_cheaper(32, 16384, 32, 128, 128, None)
+    assert dense_encoder_backward_is_dense(32, 128, 32, 64, 64)  # between the two crossovers: n = 3·k and 8·k
+    assert not dense_encoder_backward_is_dense(32, 256, 32, 64, 64)
+    assert not dense_encoder_backward_is_dense(32, 16384, 32, 128, 128)
     for n, m, batch in ((256, 16, 32), (256, 16, 4096), (64, 4, 32), (64, 32, 1024)):  # gdn-austen's SAEs; the check
         assert not dense_decode_is_cheaper(batch, n, m, 64, 64, 1)
 
@@ -357,6 +377,7 @@ def test_a_half_precision_dense_encoders_gathered_backward_runs_in_float32(arch,
     upstream = torch.zeros(5, 1, 64).scatter(-1, torch.rand(5, 1, 64, generator=g).topk(3, -1).indices,
                                              torch.randn(5, 1, 3, generator=g))
     with (mock.patch("writesae.sae.dense_decode_is_cheaper", lambda *shape: False),
+          mock.patch("writesae.sae.dense_encoder_backward_is_dense", lambda *shape: False),
           mock.patch("writesae.sae.gather_columns_per_block", _blocks_of(5))):  # blocks, where a dtype allows them
         (sae.encode_pre(x) * upstream.to(dtype)).sum().backward()
         values = upstream.topk(3, -1).values.to(dtype).requires_grad_()

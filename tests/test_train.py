@@ -395,7 +395,8 @@ def test_the_fused_adam_steps_as_the_foreach_adam_it_replaced(model, arch):
 def test_the_reconstruction_term_gives_autograds_values_and_gradients(lead, input_grad):
     """`_ScaledSquaredError` (the trainer's reconstruction term, two passes forward and one back) against
     autograd's chain ‖s(X − X̂)‖²_F on the same inputs: per-sample values, the residual it hands the sparsity
-    rule, and the gradients of X̂ and (where it asks) X, under a weighting of the samples as a loss applies."""
+    rule, and the gradients of X̂ and (where it asks) X, under a weighting of the samples as a loss applies; its
+    backward fills no batch of zeros for the residual, which takes no gradient."""
     from writesae.train import _ScaledSquaredError
 
     g = torch.Generator().manual_seed(0)
@@ -405,7 +406,9 @@ def test_the_reconstruction_term_gives_autograds_values_and_gradients(lead, inpu
     leaves = [(x.clone().requires_grad_(input_grad), recons.clone().requires_grad_()) for _ in range(2)]
     squared, residual = _ScaledSquaredError.apply(*leaves[0], scale)
     expected = ((leaves[1][0] - leaves[1][1]) * scale).pow(2).sum((-2, -1))
-    (squared * weights).sum().backward()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profile:
+        (squared * weights).sum().backward()
+    assert not [e for e in profile.events() if e.name in ("aten::fill_", "aten::zero_") and list(x.shape) in e.input_shapes]
     (expected * weights).sum().backward()
     torch.testing.assert_close(squared, expected, rtol=1e-12, atol=0)
     torch.testing.assert_close(residual, ((x - recons) * scale), rtol=0, atol=0)

@@ -185,17 +185,26 @@ def _pick(param: Tensor, indices: Tensor) -> Tensor:
     return param.flatten(0, 1).index_select(0, rows.flatten()).unflatten(0, indices.shape)
 
 
-# What gathering one number of an atom costs, in FLOPs of a dense matrix product: a gather streams memory
-# while a matrix product reuses what it loads. Fitted to decode routes timed side by side on one CPU thread
-# against a summed output's gradient (one number broadcast), where flat dictionaries crossed over near
-# n = 17·k, which this value puts the rule at (see `dense_decode_is_cheaper`). Against a training step's dense
-# gradient (the "decode" and "encoder backward" rows of benchmarks/results/sae.json since issue 28) the flat
-# gathered decode takes a third to a half of that time, and both a flat decode's routes and a dense encoder's
-# backward routes cross over between n = 4·k and 8·k (a value of 6 to 14): between there and 17·k the rule picks
-# the slower route, by up to 1.8 times (decode) and 1.4 times (encoder backward) in those rows. It stays until
-# the studies that train flat and matrix SAEs there (demos.compare_architectures, scripts.train_shipped_saes) are
-# rerun, as their routes and numbers would move.
-GATHER_COST_FLOPS = 32
+# What gathering one number costs, in FLOPs of a dense matrix product (a gather streams memory while a matrix
+# product reuses what it loads), for each gathered route against its dense one; each fitted to the two routes timed
+# side by side on one CPU thread against a training step's gradient (the "decode" and "encoder backward" rows of
+# benchmarks/results/sae.json: k = 32, and k = 4 and 8 at the shape demos.compare_architectures trains, 64 × 64 at
+# batch 128). A cost G puts a flat rule's crossover at n = k·(G + 2)/2.
+#
+# A flat decoder's gathered decode (whole rows of d_k·d_v numbers, `embedding_bag`): the routes crossed over between
+# n = 2·k and 4·k, where a value of 2 to 6 ties them, at k = 8 and 32; at k = 4 the gathered route was already the
+# faster at n = 2·k (the rule picks the dense one there, 1.3 times its time, a fraction of a millisecond).
+ROW_GATHER_COST_FLOPS = 4
+# A dense encoder's gathered backward (∂W_enc by a CSR product, ∂b_dec over the kept pairs): crossed over near
+# n = 8·k at 64 × 64 for k = 4, 8 and 32, and below n = 4·k at 128 × 128, batch 32 (there it picks the dense
+# route, 1.1 times the gathered one's time, at n = 128).
+ENCODER_ROW_GATHER_COST_FLOPS = 14
+# Factored atoms' and the bilinear encoder's factors (rows of d_k or d_v numbers, `index_select`), fitted to decode
+# routes timed against a summed output's gradient (one number broadcast): flat dictionaries then crossed over near
+# n = 17·k, and this value put the rule there. Against the training step's gradient the factored rows of that table
+# pick the faster route, or came within 7% of it in an earlier run, so it stays, which keeps the numbers of every
+# BilinearMatrixSAE trained before.
+FACTOR_GATHER_COST_FLOPS = 32
 
 
 def dense_decode_is_cheaper(n_samples: int, n_features: int, m: int, d_k: int, d_v: int, rank: int | None) -> bool:
@@ -204,20 +213,30 @@ def dense_decode_is_cheaper(n_samples: int, n_features: int, m: int, d_k: int, d
     ``rank`` None for a flat decoder (W_dec rows), else the rank of factored atoms Σ_r V_r W_rᵀ.
 
     dense:    2·n·d_k·d_v·(n_samples + rank)      (forming the n atoms, factored only, then the product)
-    gathered: n_samples·m·(G·g + 2·rank·d_k·d_v)   (g numbers gathered per atom, d_k·d_v flat and
-              rank·(d_k + d_v) factored, G = GATHER_COST_FLOPS; a flat decoder's product is rank 1)
+    gathered: n_samples·m·(G·g + 2·rank·d_k·d_v)   (g numbers gathered per atom: d_k·d_v flat, G =
+              ROW_GATHER_COST_FLOPS, and rank·(d_k + d_v) factored, G = FACTOR_GATHER_COST_FLOPS; a flat
+              decoder's product is rank 1)
 
-    The one place that chooses for `SAEBase.decode_atoms`, and (rank None) for the backward of a dense encoder
-    (`_DenseEncoder`), whose gradient reaches m features per sample: the same trade of n rows of d_k·d_v or m
-    gathered, and the backward passes cost the same multiples. The bilinear encoder's backward has its own
-    (`bilinear_backward_is_dense`)."""
+    The one place that chooses for `SAEBase.decode_atoms`; the encoders' backward passes have their own
+    (`dense_encoder_backward_is_dense`, `bilinear_backward_is_dense`)."""
     atom = d_k * d_v
     if rank is None:
-        dense, gathered = 2 * n_features * atom * n_samples, n_samples * m * (GATHER_COST_FLOPS * atom + 2 * atom)
+        dense, gathered = 2 * n_features * atom * n_samples, n_samples * m * (ROW_GATHER_COST_FLOPS * atom + 2 * atom)
     else:
         dense = 2 * n_features * atom * (n_samples + rank)
-        gathered = n_samples * m * (GATHER_COST_FLOPS * rank * (d_k + d_v) + 2 * rank * atom)
+        gathered = n_samples * m * (FACTOR_GATHER_COST_FLOPS * rank * (d_k + d_v) + 2 * rank * atom)
     return dense < gathered
+
+
+def dense_encoder_backward_is_dense(n_samples: int, n_features: int, m: int, d_k: int, d_v: int) -> bool:
+    """Whether a dense encoder's backward (`_DenseEncoder`) costs less through the dense products with every row
+    of W_enc than by gathering the m rows each sample's gradient reaches (the trade of a flat decode, at a cost
+    of its own):
+
+    dense:    2·n_samples·n·d_k·d_v                          (∂W_enc; ∂b_dec adds 2·n·d_k·d_v to either)
+    gathered: n_samples·m·(G·d_k·d_v + 2·d_k·d_v)              (G = ENCODER_ROW_GATHER_COST_FLOPS)"""
+    atom = d_k * d_v
+    return 2 * n_features * atom * n_samples < n_samples * m * (ENCODER_ROW_GATHER_COST_FLOPS * atom + 2 * atom)
 
 
 # What a FLOP of the bilinear encoder's gathered backward costs against one of a large dense product: it
@@ -232,25 +251,25 @@ def bilinear_backward_is_dense(n_samples: int, n_features: int, m: int, d_k: int
 
     dense:    2·n_samples·n·d_k·d_v + 2·n·d_k·d_v + 6·n·rank·d_k·d_v   (∂E; ∂b_dec; E formed again, ∂U and ∂P
               from ∂E)
-    gathered: n_samples·m·(G·rank·(d_k + d_v) + C·6·rank·d_k·d_v)   (U and P gathered, G = GATHER_COST_FLOPS;
-              ∂U, ∂P, ∂b_dec, C = SMALL_PRODUCT_COST)
+    gathered: n_samples·m·(G·rank·(d_k + d_v) + C·6·rank·d_k·d_v)   (U and P gathered, G =
+              FACTOR_GATHER_COST_FLOPS; ∂U, ∂P, ∂b_dec, C = SMALL_PRODUCT_COST)
     (a trainer's input needs no gradient of its own; where it does, each route adds a product like its ∂b_dec's)"""
     atom = d_k * d_v
     dense = 2 * n_samples * n_features * atom + 2 * n_features * atom + 6 * n_features * rank * atom
-    gathered = n_samples * m * (GATHER_COST_FLOPS * rank * (d_k + d_v) + SMALL_PRODUCT_COST * 6 * rank * atom)
+    gathered = n_samples * m * (FACTOR_GATHER_COST_FLOPS * rank * (d_k + d_v) + SMALL_PRODUCT_COST * 6 * rank * atom)
     return dense < gathered
 
 
 def _gradient_support(grad: Tensor, d_k: int, d_v: int, rank: int | None) -> tuple[Tensor, Tensor] | None:
     """The features a sparse code's gradient ``grad`` [..., n_dicts, n] reaches, for an encoder's backward:
-    None where the dense products cost less (a dense encoder's rows, rank None: `dense_decode_is_cheaper`;
+    None where the dense products cost less (a dense encoder's rows, rank None: `dense_encoder_backward_is_dense`;
     the bilinear encoder's factors: `bilinear_backward_is_dense`), else (indices, values) [B, n_dicts, m],
     each sample's m largest |g| (m the most non-zeros any sample has), which hold every non-zero one (and
     zeros where a sample has fewer)."""
     flat_grad = grad.reshape(-1, *grad.shape[-2:])
     m = max(int((flat_grad != 0).sum(-1).max()) if flat_grad.numel() else 0, 1)  # one zero where none is non-zero
     shape = (flat_grad.shape[0], grad.shape[-1], m, d_k, d_v)
-    if dense_decode_is_cheaper(*shape, None) if rank is None else bilinear_backward_is_dense(*shape, rank):
+    if dense_encoder_backward_is_dense(*shape) if rank is None else bilinear_backward_is_dense(*shape, rank):
         return None
     indices = flat_grad.abs().topk(m, dim=-1, sorted=False).indices
     return indices, flat_grad.gather(-1, indices)
@@ -285,8 +304,8 @@ class _DenseEncoder(torch.autograd.Function):
     forms ∂x only where x itself needs a gradient (a trainer's input does not), which saves a product as
     large as the forward's and two passes over the batch; it sums over the kept pairs or over every
     feature, whichever has fewer terms (`_sum_over_every_feature`). A sparse code passes a gradient to the few
-    features it kept (TopK: at most k per sample), so where `dense_decode_is_cheaper` says gathering those m
-    features' rows beats the dense products (the same trade as decoding m atoms), the backward gathers:
+    features it kept (TopK: at most k per sample), so where `dense_encoder_backward_is_dense` says gathering those
+    m features' rows beats the dense products, the backward gathers:
     Σ_j g_j W_enc,j (``embedding_bag``, one bag per head for b, one per sample for x) and ∂W_enc,j += g_j x."""
 
     @staticmethod
