@@ -219,24 +219,28 @@ def dense_decode_is_cheaper(n_samples: int, n_features: int, m: int, d_k: int, d
 
     The one place that chooses for `SAEBase.decode_atoms`; the encoders' backward passes have their own
     (`dense_encoder_backward_is_dense`, `bilinear_backward_is_dense`)."""
-    atom = d_k * d_v
     if rank is None:
-        dense, gathered = 2 * n_features * atom * n_samples, n_samples * m * (ROW_GATHER_COST_FLOPS * atom + 2 * atom)
-    else:
-        dense = 2 * n_features * atom * (n_samples + rank)
-        gathered = n_samples * m * (FACTOR_GATHER_COST_FLOPS * rank * (d_k + d_v) + 2 * rank * atom)
+        return _dense_rows_are_cheaper(n_samples, n_features, m, d_k * d_v, ROW_GATHER_COST_FLOPS)
+    atom = d_k * d_v
+    dense = 2 * n_features * atom * (n_samples + rank)
+    gathered = n_samples * m * (FACTOR_GATHER_COST_FLOPS * rank * (d_k + d_v) + 2 * rank * atom)
     return dense < gathered
 
 
 def dense_encoder_backward_is_dense(n_samples: int, n_features: int, m: int, d_k: int, d_v: int) -> bool:
     """Whether a dense encoder's backward (`_DenseEncoder`) costs less through the dense products with every row
-    of W_enc than by gathering the m rows each sample's gradient reaches (the trade of a flat decode, at a cost
-    of its own):
+    of W_enc than by gathering the m rows each sample's gradient reaches: the trade of a flat decode
+    (`_dense_rows_are_cheaper`; ∂b_dec adds 2·n·d_k·d_v to either route), at a cost of its own,
+    G = ENCODER_ROW_GATHER_COST_FLOPS."""
+    return _dense_rows_are_cheaper(n_samples, n_features, m, d_k * d_v, ENCODER_ROW_GATHER_COST_FLOPS)
 
-    dense:    2·n_samples·n·d_k·d_v                          (∂W_enc; ∂b_dec adds 2·n·d_k·d_v to either)
-    gathered: n_samples·m·(G·d_k·d_v + 2·d_k·d_v)              (G = ENCODER_ROW_GATHER_COST_FLOPS)"""
-    atom = d_k * d_v
-    return 2 * n_features * atom * n_samples < n_samples * m * (ENCODER_ROW_GATHER_COST_FLOPS * atom + 2 * atom)
+
+def _dense_rows_are_cheaper(n_samples: int, n_features: int, m: int, row: int, gather_cost_flops: int) -> bool:
+    """Whether n_samples products with all n_features rows of ``row`` numbers (2·n_samples·n·row FLOPs) cost less
+    than gathering the m rows each sample uses, at ``gather_cost_flops`` G a number, and adding them
+    (n_samples·m·(G·row + 2·row)): the flat rules of `dense_decode_is_cheaper` and
+    `dense_encoder_backward_is_dense`."""
+    return 2 * n_features * row * n_samples < n_samples * m * (gather_cost_flops * row + 2 * row)
 
 
 # What a FLOP of the bilinear encoder's gathered backward costs against one of a large dense product: it
