@@ -219,6 +219,16 @@ def time_by_op_kind(architecture: str, shape: str, n: int, batch: int, repeats: 
             "step_ms": 1e3 * seconds, "ms": ms}
 
 
+def _route_row(architecture: str, d: int, n: int, batch: int, k: int, times: dict[str, float], rule_says_dense: bool
+               ) -> dict:
+    """A row of the route tables: both routes' median seconds ``times`` ("dense", "gathered"), which one the rule
+    picks at these shapes, and how far the pick's time is from the faster one's."""
+    chosen = "dense" if rule_says_dense else "gathered"
+    return {"architecture": architecture, "d_k": d, "d_v": d, "n_features": n, "batch": batch, "k": k,
+            "dense_ms": 1e3 * times["dense"], "gathered_ms": 1e3 * times["gathered"], "rule_picks": chosen,
+            "faster": min(times, key=times.get), "picked_time_over_best": times[chosen] / min(times.values())}
+
+
 def decode_row(architecture: str, d: int, n: int, batch: int, repeats: int, k: int = K) -> dict:
     """Forward + backward of decode_atoms by each route, on the same codes (k features a sample), against a dense
     random gradient as a training step's (a summed output's gradient is one number broadcast, which made
@@ -237,10 +247,8 @@ def decode_row(architecture: str, d: int, n: int, batch: int, repeats: int, k: i
             with mock.patch("writesae.sae.dense_decode_is_cheaper", lambda *shape: route == "dense"):
                 sae.decode_atoms(indices, values).backward(upstream)
         times[route] = median_seconds(run, repeats, settle=True)
-    chosen = "dense" if dense_decode_is_cheaper(batch, n, k, d, d, None if architecture == "flat" else 1) else "gathered"
-    return {"architecture": architecture, "d_k": d, "d_v": d, "n_features": n, "batch": batch, "k": k,
-            "dense_ms": 1e3 * times["dense"], "gathered_ms": 1e3 * times["gathered"], "rule_picks": chosen,
-            "faster": min(times, key=times.get), "picked_time_over_best": times[chosen] / min(times.values())}
+    return _route_row(architecture, d, n, batch, k, times,
+                      dense_decode_is_cheaper(batch, n, k, d, d, None if architecture == "flat" else 1))
 
 
 def encoder_backward_row(architecture: str, d: int, n: int, batch: int, repeats: int, k: int = K) -> dict:
@@ -262,12 +270,9 @@ def encoder_backward_row(architecture: str, d: int, n: int, batch: int, repeats:
             with mock.patch(f"writesae.sae.{rule}", lambda *shape: route == "dense"):
                 (sae.encode_pre(x) * upstream).sum().backward()
         times[route] = median_seconds(run, repeats, settle=True)
-    dense = (bilinear_backward_is_dense(batch, n, k, d, d, 1) if architecture == "bilinear"
-             else dense_encoder_backward_is_dense(batch, n, k, d, d))
-    chosen = "dense" if dense else "gathered"
-    return {"architecture": architecture, "d_k": d, "d_v": d, "n_features": n, "batch": batch, "k": k,
-            "dense_ms": 1e3 * times["dense"], "gathered_ms": 1e3 * times["gathered"], "rule_picks": chosen,
-            "faster": min(times, key=times.get), "picked_time_over_best": times[chosen] / min(times.values())}
+    return _route_row(architecture, d, n, batch, k, times,
+                      bilinear_backward_is_dense(batch, n, k, d, d, 1) if architecture == "bilinear"
+                      else dense_encoder_backward_is_dense(batch, n, k, d, d))
 
 
 def encoder_forward_row(d: int, n: int, batch: int, repeats: int) -> dict:

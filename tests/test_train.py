@@ -390,34 +390,105 @@ def test_the_fused_adam_steps_as_the_foreach_adam_it_replaced(model, arch):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("with_offset", [True, False])
 @pytest.mark.parametrize("input_grad", [False, True])
 @pytest.mark.parametrize("lead", [(5,), (2, 3)])
-def test_the_reconstruction_term_gives_autograds_values_and_gradients(lead, input_grad):
-    """`_ScaledSquaredError` (the trainer's reconstruction term, two passes forward and one back) against
-    autograd's chain ‖s(X − X̂)‖²_F on the same inputs: per-sample values, the residual it hands the sparsity
-    rule, and the gradients of X̂ and (where it asks) X, under a weighting of the samples as a loss applies; its
-    backward fills no batch of zeros for the residual, which takes no gradient."""
-    from writesae.train import _ScaledSquaredError
+def test_the_reconstruction_term_gives_autograds_values_and_gradients(lead, input_grad, with_offset):
+    """`_SquaredResidual` (the trainer's reconstruction term, two passes forward and one back) against autograd's
+    chain ‖A − C − o‖²_F on the same inputs: per-sample values, the residual it hands the sparsity rule, and the
+    gradients of C, o and (where it asks) A, under a weighting of the samples as a loss applies; its backward fills
+    no batch of zeros for the residual, which takes no gradient."""
+    from writesae.train import _SquaredResidual
 
     g = torch.Generator().manual_seed(0)
-    x, recons, weights = (torch.randn(*lead, 2, 3, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    a, c, weights = (torch.randn(*lead, 2, 3, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    offset = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
     weights = weights[..., 0, 0]
-    scale = 0.7
-    leaves = [(x.clone().requires_grad_(input_grad), recons.clone().requires_grad_()) for _ in range(2)]
-    squared, residual = _ScaledSquaredError.apply(*leaves[0], scale)
-    expected = ((leaves[1][0] - leaves[1][1]) * scale).pow(2).sum((-2, -1))
+    leaves = [(a.clone().requires_grad_(input_grad), c.clone().requires_grad_(), offset.clone().requires_grad_())
+              for _ in range(2)]
+    squared, residual = _SquaredResidual.apply(*leaves[0][:2], leaves[0][2] if with_offset else None)
+    expected_residual = leaves[1][0] - leaves[1][1] - (leaves[1][2] if with_offset else 0)
+    expected = expected_residual.pow(2).sum((-2, -1))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profile:
         (squared * weights).sum().backward()
-    assert not [e for e in profile.events() if e.name in ("aten::fill_", "aten::zero_") and list(x.shape) in e.input_shapes]
+    assert not [e for e in profile.events() if e.name in ("aten::fill_", "aten::zero_") and list(a.shape) in e.input_shapes]
     (expected * weights).sum().backward()
     torch.testing.assert_close(squared, expected, rtol=1e-12, atol=0)
-    torch.testing.assert_close(residual, ((x - recons) * scale), rtol=0, atol=0)
+    torch.testing.assert_close(residual, expected_residual.detach(), rtol=0, atol=0)
     assert not residual.requires_grad
     torch.testing.assert_close(leaves[0][1].grad, leaves[1][1].grad, rtol=1e-12, atol=0)
+    if with_offset:
+        torch.testing.assert_close(leaves[0][2].grad, leaves[1][2].grad, rtol=1e-12, atol=0)
     if input_grad:
         torch.testing.assert_close(leaves[0][0].grad, leaves[1][0].grad, rtol=1e-12, atol=0)
     else:
         assert leaves[0][0].grad is None
+
+
+def _trainer_loss_and_gradients(sae, x: torch.Tensor) -> tuple[dict, dict]:
+    from writesae.train import _loss_terms
+
+    sae.zero_grad(set_to_none=True)
+    cfg = TrainConfig(batch_size=len(x), auxk_k=4, auxk_weight=1 / 32)
+    dead = torch.zeros(sae.n_dicts, sae.cfg.n_features, dtype=torch.bool)
+    dead[:, ::3] = True  # AuxK reads the residual
+    terms, _, residual = _loss_terms(sae, x, dead, cfg)
+    sum(terms.values()).backward()
+    return {**terms, "residual": residual}, {name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("sparsity", ["topk", "batchtopk", "relu", "jumprelu"])
+@pytest.mark.parametrize("arch", ["flat", "matrix", "bilinear"])
+def test_the_trainer_skips_the_reconstruction_only_where_no_hook_could_see_it(model, arch, sparsity):
+    """`writesae.train._loss_terms` takes the residual X·s − Σ a_i atom_i − b_dec without forming X̂ while nothing
+    is hooked at hook_sae_recons, and through X̂ (firing the hook) once something is: the loss terms, the residual
+    and every parameter's gradient agree between the two (float64, to rounding) and with autograd's chain on
+    ``sae.decode``; and a hook that edits X̂ there reaches the loss."""
+    from writesae.train import _loss_terms
+
+    kw = dict(d_k=model.cfg.d_key, d_v=model.cfg.d_value, heads=HEADS, n_heads=model.cfg.n_value_heads, n_features=32,
+              k=4, seed=0, dtype="float64", sparsity=sparsity, input_scale=0.7)
+    sae = ARCHITECTURES[arch](**kw)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, len(HEADS), model.cfg.d_key, model.cfg.d_value, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.randn(sae.b_dec.shape, generator=g, dtype=torch.float64))  # 0 at initialisation
+    skipped = _trainer_loss_and_gradients(sae, x)
+    seen = []
+    sae.hook_sae_recons.add_hook(lambda recons, hook: seen.append(recons.shape))
+    formed = _trainer_loss_and_gradients(sae, x)
+    sae.hook_sae_recons.remove_hooks()
+    assert seen == [x.shape]
+    for got, want in zip(skipped, formed):
+        assert got.keys() == want.keys()
+        for name in got:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12, msg=name)
+    with torch.no_grad():  # the same codes (BatchTopK's in training mode too), leaving its threshold alone
+        expected = ((x - sae.decode(sae.encode(x))) * 0.7).pow(2).sum((-2, -1)).mean()
+    torch.testing.assert_close(skipped[0]["reconstruction"], expected, rtol=1e-10, atol=0)
+    sae.hook_sae_recons.add_hook(lambda recons, hook: torch.zeros_like(recons))
+    terms, _, _ = _loss_terms(sae, x, torch.zeros(sae.n_dicts, 32, dtype=torch.bool), TrainConfig(batch_size=7))
+    torch.testing.assert_close(terms["reconstruction"], (x * 0.7).pow(2).sum((-2, -1)).mean(), rtol=1e-12, atol=0)
+
+
+def test_a_hook_point_counts_as_hooked_while_any_hook_could_run():
+    """`writesae.sae.hook_point_is_hooked`: a TransformerLens hook (forward or backward), a plain torch forward or
+    backward hook, or a global module hook makes it true; removing them makes it false again."""
+    from writesae.sae import hook_point_is_hooked
+
+    point = BilinearMatrixSAE(d_k=4, d_v=4, n_features=8, k=2, seed=0).hook_sae_recons
+    assert not hook_point_is_hooked(point)
+    for direction in ("fwd", "bwd"):
+        point.add_hook(lambda t, hook: None, dir=direction)
+        assert hook_point_is_hooked(point)
+        point.remove_hooks(direction)
+        assert not hook_point_is_hooked(point)
+    for register in (point.register_forward_hook, point.register_forward_pre_hook, point.register_full_backward_hook,
+                     torch.nn.modules.module.register_module_forward_hook):
+        handle = register(lambda *args: None)
+        assert hook_point_is_hooked(point)
+        handle.remove()
+        assert not hook_point_is_hooked(point)
 
 
 def test_training_runs_inside_the_block_that_keeps_freed_memory(model, documents, tmp_path, monkeypatch):

@@ -161,6 +161,17 @@ def _hook_point() -> nn.Module:
     return HookPoint()
 
 
+def hook_point_is_hooked(point: nn.Module) -> bool:
+    """Whether calling ``point`` would run anything besides its identity: a hook of its own (TransformerLens'
+    ``add_hook`` registers torch module hooks) or a global module hook. The checks torch's ``Module.__call__``
+    makes before it skips to ``forward``; the trainer forms X̂ only where a hook could see or edit it."""
+    from torch.nn.modules import module
+
+    return bool(point._forward_hooks or point._forward_pre_hooks or point._backward_hooks or point._backward_pre_hooks
+                or module._global_forward_hooks or module._global_forward_pre_hooks or module._global_backward_hooks
+                or module._global_backward_pre_hooks)
+
+
 def _unit_randn(*shape: int, generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:
     return F.normalize(torch.randn(shape, generator=generator, dtype=dtype), dim=-1)
 
@@ -706,8 +717,12 @@ class SAEBase(nn.Module):
 
     def encode_pre(self, x: Matrices) -> Codes:
         """Pre-activations z of X."""
-        x = self.hook_sae_input(self._check_input(x))
-        return self.hook_sae_acts_pre(self._pre(x * self.cfg.input_scale, self.b_dec))
+        return self._pre_and_scaled(x)[0]
+
+    def _pre_and_scaled(self, x: Matrices) -> tuple[Codes, Matrices]:
+        """`encode_pre` of X and the X·s it encoded (the trainer's residual starts from it)."""
+        scaled = self.hook_sae_input(self._check_input(x)) * self.cfg.input_scale
+        return self.hook_sae_acts_pre(self._pre(scaled, self.b_dec)), scaled
 
     def encode(self, x: Matrices) -> Codes:
         """Codes a of X."""
@@ -732,7 +747,7 @@ class SAEBase(nn.Module):
         n_dicts, n = self.n_dicts, self.cfg.n_features
         if codes.dim() < 2 or tuple(codes.shape[-2:]) != (n_dicts, n):
             raise ValueError(f"expected codes of shape [..., n_dicts={n_dicts}, n_features={n}], got {tuple(codes.shape)}")
-        return self.hook_sae_recons(self._decode(codes) / self.cfg.input_scale)
+        return self.recons_from_atoms(self._decode_dense(codes))
 
     def decode_sparse(self, indices: Int[Tensor, "*batch n_dicts m"], values: Float[Tensor, "*batch n_dicts m"]
                       ) -> Matrices:
@@ -741,8 +756,11 @@ class SAEBase(nn.Module):
         if indices.shape != values.shape or indices.dim() < 2 or indices.shape[-2] != self.n_dicts:
             raise ValueError(f"expected indices and values of one shape [..., n_dicts={self.n_dicts}, m], "
                              f"got {tuple(indices.shape)} and {tuple(values.shape)}")
-        recons = self.decode_atoms(indices, values) + self.b_dec
-        return self.hook_sae_recons(recons / self.cfg.input_scale)
+        return self.recons_from_atoms(self.decode_atoms(indices, values))
+
+    def recons_from_atoms(self, summed: Float[Tensor, "*batch n_dicts d_k d_v"]) -> Matrices:
+        """X̂ = (b_dec + summed) / s from summed = Σ_i a_i atom_i (`decode_atoms`' units), through hook_sae_recons."""
+        return self.hook_sae_recons((summed + self.b_dec) / self.cfg.input_scale)
 
     def forward(self, x: Matrices) -> Matrices:
         """X̂, or with ``use_error_term`` X̂ + (X − X̂_clean).detach(), X̂_clean being X̂ with no hooks

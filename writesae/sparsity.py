@@ -14,8 +14,8 @@ Every rule acts on each dictionary (head) separately:
 `SPARSITIES` maps each rule's name (an `SAEConfig`'s ``sparsity``) to its class, which builds it from
 the config (``from_config``). ``training_terms`` gives a rule's weighted loss terms (means over
 samples and heads), the trainer's settings (`writesae.train.TrainConfig`: ``auxk_k``,
-``auxk_weight``, ``l0_coefficient``) supplying the weights; ``decode`` is the reconstruction the
-trainer uses, the cheapest one the rule allows.
+``auxk_weight``, ``l0_coefficient``) supplying the weights; ``summed_atoms`` is the reconstruction the
+trainer uses (Σ_i a_i atom_i), the cheapest one the rule allows.
 
 AuxK (Gao et al., 2024): auxk_weight · mean over heads with a dead feature of
 Σ_b ‖e − ê‖²_F / Σ_b ‖e‖²_F, with e = s(X − X̂) (no gradient) the residual and
@@ -43,7 +43,7 @@ Codes = Float[Tensor, "*batch n_dicts n"]
 
 
 class Sparsity(nn.Module):
-    """A sparsity rule: ``forward`` maps z to a; the training terms and the decode path are its own.
+    """A sparsity rule: ``forward`` maps z to a; the training terms and the reconstruction's path are its own.
 
     ``uses_k``: whether ``cfg.k`` sets how many features the rule keeps.
     """
@@ -60,9 +60,10 @@ class Sparsity(nn.Module):
         """The rule's weighted loss terms, besides the reconstruction (``residual`` is s(X − X̂), detached)."""
         return {}
 
-    def decode(self, sae: SAEBase, codes: Codes) -> Float[Tensor, "*batch n_dicts d_k d_v"]:
-        """X̂ of codes this rule made."""
-        return sae.decode(codes)
+    def summed_atoms(self, sae: SAEBase, codes: Codes) -> Float[Tensor, "*batch n_dicts d_k d_v"]:
+        """Σ_i a_i atom_i of codes this rule made, in `SAEBase.decode_atoms`' units (no b_dec, no 1/s): the
+        trainer's reconstruction (`SAEBase.recons_from_atoms` makes X̂ of it)."""
+        return sae._decode_dense(codes)
 
 
 class _AuxKTrained(Sparsity):
@@ -104,10 +105,10 @@ class TopK(_AuxKTrained):
         values, indices = pre.topk(self.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter(-1, indices, values.relu())
 
-    def decode(self, sae, codes):
+    def summed_atoms(self, sae, codes):
         """Only the k active atoms: O(B·k·d_k·d_v), not O(n·d_k·d_v)."""
         values, indices = codes.topk(self.k, dim=-1)
-        return sae.decode_sparse(indices, values)
+        return sae.decode_atoms(indices, values)
 
 
 class ReLU(Sparsity):

@@ -9,8 +9,10 @@ units where mean ‖sX‖²_F = 1 (s = ``sae.cfg.input_scale``), summed term by 
                     JumpReLU: l0_coefficient · (1/BH) Σ_{b,h} Σ_i H(z_i − θ_i)
     auxk            TopK, BatchTopK: auxk_weight · AuxK (Gao et al., 2024)
 
-Each sparsity rule owns its terms and its decode path (`writesae.sparsity`: ``training_terms``,
-``decode``), so the trainer treats every rule alike.
+Each sparsity rule owns its terms and its reconstruction's path (`writesae.sparsity`: ``training_terms``,
+``summed_atoms``), so the trainer treats every rule alike. The residual s(X − X̂) is taken as X·s − Σ_i a_i atom_i
+− b_dec, in the units the weights act in, so that X̂ itself is formed only where a hook on ``hook_sae_recons``
+could see or edit it (`_loss_terms`).
 
 A feature is dead when it has not fired for more than ``dead_after_samples`` samples (a counter per
 head and feature). After each Adam step the factors are put back at unit norm
@@ -82,7 +84,7 @@ from .evals import MEAN_PREDICTION_FVU, reconstruction_metrics, worse_than_the_m
 from .host_memory import freed_memory_kept
 from .io import CFG_FILE, WEIGHTS_FILE, _is_sae_folder, atomic_folder, leftovers, load_sae, recover_folder, save_sae
 from .outputs import LOCK, claim_outputs, output_lock
-from .sae import BilinearMatrixSAE, SAEBase
+from .sae import BilinearMatrixSAE, SAEBase, hook_point_is_hooked
 from .samples import SampleSource
 from .site_fit import check_sae_fits
 from .store import ActivationStore
@@ -168,43 +170,54 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * factor[cfg.decay]
 
 
-class _ScaledSquaredError(torch.autograd.Function):
-    """‖s(X − X̂)‖²_F per sample and head, and the residual s(X − X̂) itself (without a gradient).
+class _SquaredResidual(torch.autograd.Function):
+    """‖A − C − o‖²_F per sample and head, and the residual A − C − o itself (without a gradient): A and C
+    [..., n_dicts, d_k, d_v], o [n_dicts, d_k, d_v] or None. The trainer's reconstruction term, with A = X·s, the
+    input the encoder read, and C = Σ_i a_i atom_i, o = b_dec (or C = s·X̂ and no o where a hook made X̂): s(X − X̂)
+    in the weights' units, three passes over the batch fewer than forming X̂ = (Σ_i a_i atom_i + b_dec)/s and
+    scaling X − X̂ back.
 
-    The reconstruction term is elementwise work on every sample's d_k·d_v numbers, and autograd's chain
-    for it (subtract, scale, square, sum; then square's, scale's and subtract's backward) passes over
-    that batch about a dozen times, which is most of a step's time where the batch is large against the
-    dictionary (P5 in benchmarks/RESULTS.md). Here the forward makes the residual in two passes and the
-    norm in one, and the backward is one: ∂/∂X̂ = −2s·residual·g (∂/∂X the opposite). The same values
-    to float rounding (tests/test_train.py)."""
+    The term is elementwise work on every sample's d_k·d_v numbers, and autograd's chain for it (subtract, scale,
+    square, sum; then each one's backward) passes over that batch about a dozen times, which is most of a step's
+    time where the batch is large against the dictionary (P5 in benchmarks/RESULTS.md). Here the forward makes the
+    residual in two passes and the norm in one, and the backward is one pass, ∂/∂C = −2·residual·g, and one sum over
+    the samples for o (∂/∂A = −∂/∂C, only where A asks). The same values to float rounding (tests/test_train.py)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, recons: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-        residual = torch.sub(x, recons).mul_(scale)
+    def forward(ctx, minuend: Tensor, subtrahend: Tensor, offset: Tensor | None) -> tuple[Tensor, Tensor]:
+        residual = torch.sub(minuend, subtrahend)
+        if offset is not None:
+            residual.sub_(offset)
         squared = torch.linalg.vector_norm(residual.flatten(-2), dim=-1).square_()
         ctx.save_for_backward(residual)
-        ctx.scale = scale
         ctx.mark_non_differentiable(residual)
         ctx.set_materialize_grads(False)  # else autograd fills a batch of zeros as the residual's unused gradient
         return squared, residual
 
     @staticmethod
-    def backward(ctx, grad_squared: Tensor, _grad_residual: None) -> tuple[Tensor | None, Tensor | None, None]:
+    def backward(ctx, grad_squared: Tensor, _grad_residual: None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         (residual,) = ctx.saved_tensors
-        grad_recons = residual * (grad_squared * (-2 * ctx.scale))[..., None, None]
-        return (-grad_recons if ctx.needs_input_grad[0] else None,
-                grad_recons if ctx.needs_input_grad[1] else None, None)
+        need_minuend, need_subtrahend, need_offset = ctx.needs_input_grad
+        grad_subtrahend = residual * (grad_squared * -2)[..., None, None]
+        grad_offset = grad_subtrahend.sum(tuple(range(residual.dim() - 3))) if need_offset else None
+        return -grad_subtrahend if need_minuend else None, grad_subtrahend if need_subtrahend else None, grad_offset
 
 
 def _loss_terms(sae: SAEBase, x: Tensor, dead: Tensor, cfg: TrainConfig) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-    """The weighted loss terms (they sum to the loss), the codes a and the reconstruction X̂."""
-    pre = sae.encode_pre(x)
+    """The weighted loss terms (they sum to the loss), the codes a and the residual s(X − X̂) (no gradient). Every
+    hook point fires as in ``sae(x)`` except hook_sae_recons, which fires (X̂ formed) only when something is hooked
+    there (`writesae.sae.hook_point_is_hooked`), so that a hook sees X̂ and its edit reaches the loss; else the
+    residual skips X̂ (`_SquaredResidual`)."""
+    pre, scaled = sae._pre_and_scaled(x)
     codes = sae.hook_sae_acts_post(sae.activation(pre))
-    recons = sae.activation.decode(sae, codes)
-    squared, residual = _ScaledSquaredError.apply(x, recons, sae.cfg.input_scale)
+    summed = sae.activation.summed_atoms(sae, codes)
+    if hook_point_is_hooked(sae.hook_sae_recons):
+        squared, residual = _SquaredResidual.apply(scaled, sae.recons_from_atoms(summed) * sae.cfg.input_scale, None)
+    else:
+        squared, residual = _SquaredResidual.apply(scaled, summed, sae.b_dec)
     terms = {"reconstruction": squared.mean()}
     terms |= sae.activation.training_terms(sae, pre, codes, residual, dead, cfg)
-    return terms, codes, recons
+    return terms, codes, residual
 
 
 def make_optimizer(sae: SAEBase, cfg: TrainConfig) -> torch.optim.Adam:
@@ -226,8 +239,8 @@ def training_step(sae: SAEBase, optimizer: torch.optim.Optimizer, x: Tensor, sin
     loss, backward, gradients averaged over ranks, clipping, Adam, unit-norm factors, and the dead
     counters ``since_fired`` updated in place. ``guard(tensors)`` is given the input and loss terms
     before the backward pass and the parameters after the update, and raises on a non-finite one.
-    Returns the loss, its terms, the codes and the reconstruction."""
-    terms, codes, recons = _loss_terms(sae, x, since_fired > cfg.dead_after_samples, cfg)
+    Returns the loss, its terms, the codes and the residual s(X − X̂)."""
+    terms, codes, residual = _loss_terms(sae, x, since_fired > cfg.dead_after_samples, cfg)
     guard({"input batch X": x, **{f"{name} loss term": t for name, t in terms.items()}})
     loss = sum(terms.values())
     optimizer.zero_grad(set_to_none=True)
@@ -239,14 +252,14 @@ def training_step(sae: SAEBase, optimizer: torch.optim.Optimizer, x: Tensor, sin
     if cfg.normalize_factors:
         sae.normalize_factors_()
     guard({f"parameter {name} after the update": p for name, p in sae.named_parameters()})
-    since_fired += cfg.batch_size
-    since_fired[distributed.sum_over_ranks((codes != 0).any(0).int()) > 0] = 0  # fired anywhere in the global batch
-    return loss, terms, codes, recons
+    # fired anywhere in the global batch; a mask fill, where indexing by the mask would sync a GPU every step
+    since_fired.add_(cfg.batch_size).masked_fill_(distributed.sum_over_ranks((codes != 0).any(0).int()) > 0, 0)
+    return loss, terms, codes, residual
 
 
-def _batch_fvu(x: Tensor, recons: Tensor) -> float:
-    """Mean over heads of Σ‖X − X̂‖²_F / Σ‖X − X̄‖²_F on one batch."""
-    error = (x - recons).double().pow(2).sum((0, 2, 3))
+def _batch_fvu(x: Tensor, residual: Tensor, scale: float) -> float:
+    """Mean over heads of Σ‖X − X̂‖²_F / Σ‖X − X̄‖²_F on one batch, from the residual s(X − X̂)."""
+    error = residual.double().pow(2).sum((0, 2, 3)) / scale**2
     variance = (x - x.mean(0)).double().pow(2).sum((0, 2, 3))
     return (error / variance).mean().item()
 
@@ -333,7 +346,7 @@ def _train_into(out: Path, sae: SAEBase, store: SampleSource, cfg: TrainConfig, 
             x = distributed.rank_rows(store.next_batch(cfg.batch_size)).to(device, dtype)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            loss, terms, codes, recons = training_step(
+            loss, terms, codes, residual = training_step(
                 sae, optimizer, x, since_fired, cfg, lambda tensors: _guard(step, tensors, checkpoint, last_checkpoint))
             samples += cfg.batch_size
 
@@ -342,7 +355,8 @@ def _train_into(out: Path, sae: SAEBase, store: SampleSource, cfg: TrainConfig, 
                 with torch.no_grad():
                     # means over the ranks' shares: exact for the loss terms and L0, FVU is the shares' mean
                     means = {"loss": loss, **{f"loss_{name}": t for name, t in terms.items()},
-                             "l0": (codes != 0).sum(-1).double().mean(), "fvu": torch.tensor(_batch_fvu(x, recons.detach()))}
+                             "l0": (codes != 0).sum(-1).double().mean(),
+                             "fvu": torch.tensor(_batch_fvu(x, residual, sae.cfg.input_scale))}
                     means = dict(zip(means, (distributed.sum_over_ranks(torch.stack([v.double() for v in means.values()])) / world).tolist()))
                     train_record = {"step": step, "split": "train", **means, "lr": lr_at(step, cfg),
                                     "dead_fraction": (since_fired > cfg.dead_after_samples).double().mean().item(),
