@@ -38,6 +38,7 @@ constants beside it.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -115,7 +116,7 @@ def train_step(sae, batch: torch.Tensor):
     cfg = TrainConfig(batch_size=len(batch), lr=1e-4)
     optimizer = make_optimizer(sae, cfg)
     since_fired = torch.zeros(sae.n_dicts, sae.cfg.n_features, dtype=torch.long, device=batch.device)
-    guard = lambda tensors: _guard(0, tensors, Path(os.devnull), None)
+    guard = functools.partial(_guard, 0, Path(os.devnull), None)
 
     def step():
         training_step(sae, optimizer, batch, since_fired, cfg, guard)

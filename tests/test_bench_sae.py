@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,6 +105,23 @@ def test_a_results_file_records_its_command_versions_and_load_and_is_written_who
     assert line.startswith("`python -m benchmarks.bench_x --repeats 2` on ") and "1/2 CPU threads, load average" in line
     del written["provenance"]["load_average_after"]  # a file from before the load was recorded
     assert "load average" not in provenance_module.run_line(written["provenance"])
+
+
+def test_a_results_file_names_the_cpu_it_ran_on(monkeypatch, tmp_path):
+    """`benchmarks.provenance.cpu` reads the model, the data caches and the vector extensions a matrix product's
+    rate depends on; the run line names them, and a file from before they were recorded keeps its old line."""
+    described = provenance_module.cpu()
+    if Path("/proc/cpuinfo").exists():
+        assert described["model"] and set(described["vector_extensions"]) <= set(provenance_module.VECTOR_EXTENSIONS)
+        assert all(level.startswith("L") for level in described["caches"])
+    record = {"command": "python -m benchmarks.bench_x", "date": "today", "torch": "2", "cpu_threads": 1,
+              "cpu": {"model": "Some CPU", "caches": {"L1": "48K", "L2": "2048K", "L3": "480M"},
+                      "vector_extensions": ["avx2", "avx512f"]}}
+    assert provenance_module.run_line(record).endswith(", CPU Some CPU (avx2, avx512f; L2 2048K, L3 480M)")
+    assert provenance_module.run_line({**record, "cpu": {"model": "Plain", "caches": {}, "vector_extensions": []}}
+                                      ).endswith("1 CPU thread(s), CPU Plain")
+    del record["cpu"]
+    assert provenance_module.run_line(record).endswith("1 CPU thread(s)")
 
 
 def test_the_reference_matmul_is_the_fastest_of_its_trials(monkeypatch):

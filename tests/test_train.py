@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -164,6 +165,32 @@ def test_the_finiteness_guard_names_exactly_the_tensors_with_a_nan_or_an_infinit
         broken[name].view(-1)[where] = bad
         assert _nonfinite(broken) == [name]
     assert _nonfinite(dict(tensors, scalar=torch.tensor(bad))) == ["scalar"]
+    witnessed = {"X": torch.randn(4, 9)}
+    witnessed["X"].view(-1)[where] = bad
+    summing_finitely = {name: t for name, t in tensors.items() if name != "big"}
+    assert _nonfinite(summing_finitely, witnessed) == []  # trusted while what witnesses it sums finitely
+    assert _nonfinite(tensors, witnessed) == ["X"]  # checked where the sums are not finite, though all are
+    assert _nonfinite(dict(tensors, scalar=torch.tensor(bad)), witnessed) == ["X", "scalar"]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("sparsity", ["topk", "batchtopk", "relu", "jumprelu"])
+@pytest.mark.parametrize("arch", ["flat", "matrix", "bilinear"])
+def test_a_non_finite_input_makes_the_reconstruction_term_non_finite(arch, sparsity, bad):
+    """What lets the trainer's guard leave the input batch unsummed (`_nonfinite`'s ``witnessed``): one NaN or
+    infinity anywhere in X makes the reconstruction loss term non-finite, for every architecture and sparsity
+    rule, in the batch's first, a middle and its last number, whether or not a hook made X̂."""
+    from writesae.train import _loss_terms
+
+    sae = ARCHITECTURES[arch](d_k=4, d_v=3, n_features=12, k=3, seed=0, sparsity=sparsity, input_scale=0.7)
+    for hooked in (False, True):
+        if hooked:
+            sae.hook_sae_recons.add_hook(lambda recons, hook: recons)
+        for where in (0, 29, -1):
+            x = torch.randn(5, 1, 4, 3, generator=torch.Generator().manual_seed(0))
+            x.view(-1)[where] = bad
+            terms, _, _ = _loss_terms(sae, x, torch.zeros(1, 12, dtype=torch.bool), TrainConfig(batch_size=5))
+            assert not torch.isfinite(terms["reconstruction"]), (hooked, where)
 
 
 def test_a_diverging_run_names_what_went_non_finite(model, documents, tmp_path):
@@ -380,7 +407,7 @@ def test_the_fused_adam_steps_as_the_foreach_adam_it_replaced(model, arch):
     fused, reference = (ARCHITECTURES[arch](**kw) for _ in range(2))
     optimizers = make_optimizer(fused, cfg), torch.optim.Adam(reference.parameters(), lr=cfg.lr, betas=cfg.betas, foreach=True)
     assert optimizers[0].param_groups[0]["fused"]
-    guard = lambda tensors: _guard(0, tensors, Path(os.devnull), None)
+    guard = functools.partial(_guard, 0, Path(os.devnull), None)
     for sae, optimizer in zip((fused, reference), optimizers):
         since_fired = torch.zeros(sae.n_dicts, sae.cfg.n_features, dtype=torch.long)
         for batch in x:
@@ -395,9 +422,10 @@ def test_the_fused_adam_steps_as_the_foreach_adam_it_replaced(model, arch):
 @pytest.mark.parametrize("lead", [(5,), (2, 3)])
 def test_the_reconstruction_term_gives_autograds_values_and_gradients(lead, input_grad, with_offset):
     """`_SquaredResidual` (the trainer's reconstruction term, two passes forward and one back) against autograd's
-    chain ‖A − C − o‖²_F on the same inputs: per-sample values, the residual it hands the sparsity rule, and the
-    gradients of C, o and (where it asks) A, under a weighting of the samples as a loss applies; its backward fills
-    no batch of zeros for the residual, which takes no gradient."""
+    chain ‖(A − o) − C‖²_F on the same inputs, its minuend given as A − o without o's gradient, which the offset takes
+    instead: per-sample values, the residual it hands the sparsity rule, and the gradients of C, o and (where it asks)
+    A, under a weighting of the samples as a loss applies; its backward fills no batch of zeros for the residual,
+    which takes no gradient."""
     from writesae.train import _SquaredResidual
 
     g = torch.Generator().manual_seed(0)
@@ -406,8 +434,9 @@ def test_the_reconstruction_term_gives_autograds_values_and_gradients(lead, inpu
     weights = weights[..., 0, 0]
     leaves = [(a.clone().requires_grad_(input_grad), c.clone().requires_grad_(), offset.clone().requires_grad_())
               for _ in range(2)]
-    squared, residual = _SquaredResidual.apply(*leaves[0][:2], leaves[0][2] if with_offset else None)
-    expected_residual = leaves[1][0] - leaves[1][1] - (leaves[1][2] if with_offset else 0)
+    minuend = leaves[0][0] - leaves[0][2].detach() if with_offset else leaves[0][0]
+    squared, residual = _SquaredResidual.apply(minuend, leaves[0][1], leaves[0][2] if with_offset else None)
+    expected_residual = (leaves[1][0] - leaves[1][2] if with_offset else leaves[1][0]) - leaves[1][1]
     expected = expected_residual.pow(2).sum((-2, -1))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profile:
         (squared * weights).sum().backward()
@@ -440,8 +469,8 @@ def _trainer_loss_and_gradients(sae, x: torch.Tensor) -> tuple[dict, dict]:
 @pytest.mark.parametrize("sparsity", ["topk", "batchtopk", "relu", "jumprelu"])
 @pytest.mark.parametrize("arch", ["flat", "matrix", "bilinear"])
 def test_the_trainer_skips_the_reconstruction_only_where_no_hook_could_see_it(model, arch, sparsity):
-    """`writesae.train._loss_terms` takes the residual X·s − Σ a_i atom_i − b_dec without forming X̂ while nothing
-    is hooked at hook_sae_recons, and through X̂ (firing the hook) once something is: the loss terms, the residual
+    """`writesae.train._loss_terms` takes the residual (X·s − b_dec) − Σ a_i atom_i from the centred input the
+    encoder read, without forming X̂, while nothing is hooked at hook_sae_recons, and through X̂ (firing the hook) once something is: the loss terms, the residual
     and every parameter's gradient agree between the two (float64, to rounding) and with autograd's chain on
     ``sae.decode``; and a hook that edits X̂ there reaches the loss."""
     from writesae.train import _loss_terms
@@ -469,6 +498,37 @@ def test_the_trainer_skips_the_reconstruction_only_where_no_hook_could_see_it(mo
     sae.hook_sae_recons.add_hook(lambda recons, hook: torch.zeros_like(recons))
     terms, _, _ = _loss_terms(sae, x, torch.zeros(sae.n_dicts, 32, dtype=torch.bool), TrainConfig(batch_size=7))
     torch.testing.assert_close(terms["reconstruction"], (x * 0.7).pow(2).sum((-2, -1)).mean(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["flat", "matrix", "bilinear"])
+def test_the_reconstruction_reaches_an_input_that_asks_for_a_gradient(arch):
+    """Where X itself takes a gradient, the centred input the encoder hands the trainer carries it
+    (`writesae.sae._keep_centred`), and the residual takes b_dec's part through it rather than as an offset: X's
+    gradient and every parameter's are autograd's through ``sae.decode`` (float64); with X taking none, the
+    parameters' gradients are the same."""
+    from writesae.train import _loss_terms
+
+    sae = ARCHITECTURES[arch](d_k=4, d_v=3, n_features=12, k=3, seed=0, dtype="float64", input_scale=0.7)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.randn(sae.b_dec.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(5, 1, 4, 3, generator=g, dtype=torch.float64)
+    found = []
+    for input_grad in (True, False):
+        leaf = x.clone().requires_grad_(input_grad)
+        sae.zero_grad(set_to_none=True)
+        terms, _, _ = _loss_terms(sae, leaf, torch.zeros(1, 12, dtype=torch.bool), TrainConfig(batch_size=5))
+        terms["reconstruction"].backward()
+        found.append({"X": leaf.grad, **{name: p.grad for name, p in sae.named_parameters() if p.grad is not None}})
+    sae.zero_grad(set_to_none=True)
+    leaf = x.clone().requires_grad_()
+    ((leaf - sae.decode(sae.encode(leaf))) * 0.7).pow(2).sum((-2, -1)).mean().backward()
+    expected = {"X": leaf.grad, **{name: p.grad for name, p in sae.named_parameters() if p.grad is not None}}
+    assert found[0].keys() == expected.keys() and found[1]["X"] is None
+    for name, want in expected.items():
+        torch.testing.assert_close(found[0][name], want, rtol=1e-10, atol=1e-12, msg=name)
+        if name != "X":
+            torch.testing.assert_close(found[1][name], want, rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_a_hook_point_counts_as_hooked_while_any_hook_could_run():

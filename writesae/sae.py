@@ -290,17 +290,25 @@ def _gradient_support(grad: Tensor, d_k: int, d_v: int, rank: int | None) -> tup
     return indices, flat_grad.gather(-1, indices)
 
 
-def _dense_pre(W_enc: Tensor, scaled: Tensor, offset: Tensor) -> Tensor:
-    """W_enc,i · vec(X·s − b_dec) [..., n_dicts, n] (b_enc not included) from ``scaled`` = X·s and ``offset``
-    = b_dec. With gradients, through `_DenseEncoder`, whose backward uses only the features that receive a
-    gradient."""
-    if torch.is_grad_enabled() and (scaled.requires_grad or offset.requires_grad or W_enc.requires_grad):
-        return _DenseEncoder.apply(scaled, offset, W_enc)
-    return torch.einsum("...hd,hnd->...hn", (scaled - offset).flatten(-2), W_enc)
+def _centred(x: Tensor, scale: float, offset: Tensor) -> Tensor:
+    """X·s − b_dec from X, s and ``offset`` = b_dec: one pass over the batch (an add with a multiplier), where scaling
+    and then subtracting take two. Every encoder starts from it, and the trainer's residual s(X − X̂) is it less
+    Σ_i a_i atom_i."""
+    return torch.add(offset.neg(), x, alpha=scale)
+
+
+def _dense_pre(W_enc: Tensor, x: Tensor, scale: float, offset: Tensor) -> tuple[Tensor, Tensor]:
+    """W_enc,i · vec(X·s − b_dec) [..., n_dicts, n] (b_enc not included) from X, s and ``offset`` = b_dec, and the
+    centred input X·s − b_dec it read (`_centred`). With gradients, through `_DenseEncoder`, whose backward uses only
+    the features that receive a gradient."""
+    if torch.is_grad_enabled() and (x.requires_grad or offset.requires_grad or W_enc.requires_grad):
+        return _DenseEncoder.apply(x, offset, W_enc, scale)
+    centred = _centred(x, scale, offset)
+    return torch.einsum("...hd,hnd->...hn", centred.flatten(-2), W_enc), centred
 
 
 def _summed_over_samples(grad: Tensor) -> Tensor:
-    """Σ over every leading axis of a code's gradient [..., n_dicts, n]: [n_dicts, n]."""
+    """Σ over every leading axis of a gradient [..., n_dicts, n] (a code's, or a flattened input's): [n_dicts, n]."""
     return grad.reshape(-1, *grad.shape[-2:]).sum(0)
 
 
@@ -311,9 +319,35 @@ def _sum_over_every_feature(n_features: int, values: Tensor) -> bool:
     return n_features <= values.shape[0] * values.shape[-1]
 
 
+def _keep_centred(ctx, centred: Tensor, x: Tensor, b: Tensor, scale: float) -> None:
+    """An encoder's forward returns the centred input c = x·s − b beside z, for the trainer's residual, which
+    starts from it (one pass over the batch fewer than forming X·s again). c carries a gradient only where x needs
+    one (then ∂x = s·∂c, ∂b = −Σ_samples ∂c: `_centred_grads`); elsewhere it is returned without one, and b's part
+    of its gradient is the caller's to add (−Σ_samples ∂c: the trainer gives b as `writesae.train._SquaredResidual`'s
+    offset), which saves a pass that would negate the residual's gradient."""
+    ctx.shapes = x.shape, b.shape, scale
+    if not ctx.needs_input_grad[0]:
+        ctx.mark_non_differentiable(centred)
+    ctx.set_materialize_grads(False)  # else autograd fills a batch of zeros as c's unused gradient
+
+
+def _centred_grads(ctx, grad_centred: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """(∂x, ∂b) from the centred output's gradient (`_keep_centred`); None where there is none."""
+    if grad_centred is None:
+        return None, None
+    (x_shape, b_shape, scale), (need_x, need_b) = ctx.shapes, ctx.needs_input_grad[:2]
+    grad_b = -_summed_over_samples(grad_centred.flatten(-2)).view(b_shape) if need_b else None
+    return (grad_centred * scale).view(x_shape) if need_x else None, grad_b
+
+
+def _added(total: Tensor | None, term: Tensor) -> Tensor:
+    """``term`` added to a gradient that may not exist yet (None)."""
+    return term if total is None else total + term
+
+
 class _DenseEncoder(torch.autograd.Function):
-    """z = W_enc · (x − b) per head, x [..., n_dicts, d_k, d_v] (X·s), b [n_dicts, d_k, d_v] (b_dec), W_enc
-    [n_dicts, n, D].
+    """z = W_enc · (x·s − b) per head, x [..., n_dicts, d_k, d_v] (X), b [n_dicts, d_k, d_v] (b_dec), W_enc
+    [n_dicts, n, D], s a number (the input scale); and the centred input c = x·s − b it read (`_keep_centred`).
 
     b's gradient is −Σ_samples ∂(x − b), and Σ_samples Σ_i g_i W_enc,i needs no per-sample ∂x: the backward
     forms ∂x only where x itself needs a gradient (a trainer's input does not), which saves a product as
@@ -324,39 +358,43 @@ class _DenseEncoder(torch.autograd.Function):
     Σ_j g_j W_enc,j (``embedding_bag``, one bag per head for b, one per sample for x) and ∂W_enc,j += g_j x."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, b: Tensor, W_enc: Tensor) -> Tensor:
-        centred = (x - b).flatten(-2)
+    def forward(ctx, x: Tensor, b: Tensor, W_enc: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        centred = _centred(x, scale, b)
+        _keep_centred(ctx, centred, x, b, scale)
         ctx.save_for_backward(centred, W_enc)
-        ctx.shapes = x.shape, b.shape
-        return torch.einsum("...hd,hnd->...hn", centred, W_enc)
+        return torch.einsum("...hd,hnd->...hn", centred.flatten(-2), W_enc), centred
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad: Tensor | None, grad_centred: Tensor | None):
         centred, W_enc = ctx.saved_tensors
-        (x_shape, b_shape), (need_x, need_b, need_W) = ctx.shapes, ctx.needs_input_grad
+        (x_shape, b_shape, scale), (need_x, need_b, need_W, _) = ctx.shapes, ctx.needs_input_grad
         n_dicts, n, D = W_enc.shape
-        grad_x = grad_b = grad_W = None
+        centred = centred.flatten(-2)
+        grad_x, grad_b = _centred_grads(ctx, grad_centred)
+        grad_W = None
+        if grad is None:
+            return grad_x, grad_b, grad_W, None
         support = _gradient_support(grad, *x_shape[-2:], None)
         if need_b and (support is None or _sum_over_every_feature(n, support[1])):
-            grad_b = -torch.einsum("hn,hnd->hd", _summed_over_samples(grad), W_enc).view(b_shape)
+            grad_b = _added(grad_b, -torch.einsum("hn,hnd->hd", _summed_over_samples(grad), W_enc).view(b_shape))
         if support is None:
             if need_x:
-                grad_x = torch.einsum("...hn,hnd->...hd", grad, W_enc).view(x_shape)
+                grad_x = _added(grad_x, torch.einsum("...hn,hnd->...hd", grad, W_enc).view(x_shape) * scale)
             if need_W:
                 grad_W = torch.einsum("...hn,...hd->hnd", grad, centred)
-            return grad_x, grad_b, grad_W
+            return grad_x, grad_b, grad_W, None
         indices, values = support
         rows = _rows(indices, n)  # [B, n_dicts, m]
         if need_x:
-            grad_x = F.embedding_bag(rows.flatten(0, -2), W_enc.flatten(0, 1), per_sample_weights=values.flatten(0, -2),
-                                     mode="sum").view(x_shape)
-        if need_b and grad_b is None:  # over the kept pairs
+            grad_x = _added(grad_x, F.embedding_bag(rows.flatten(0, -2), W_enc.flatten(0, 1), mode="sum",
+                                                    per_sample_weights=values.flatten(0, -2)).view(x_shape) * scale)
+        if need_b and not _sum_over_every_feature(n, values):  # over the kept pairs
             per_head = rows.transpose(0, 1).flatten(1), values.transpose(0, 1).flatten(1)  # [n_dicts, B·m]: a bag each
-            grad_b = -F.embedding_bag(per_head[0], W_enc.flatten(0, 1), per_sample_weights=per_head[1],
-                                      mode="sum").view(b_shape)
+            grad_b = _added(grad_b, -F.embedding_bag(per_head[0], W_enc.flatten(0, 1), per_sample_weights=per_head[1],
+                                                     mode="sum").view(b_shape))
         if need_W:
             grad_W = _rows_of_sparse_product(rows, values, centred.reshape(-1, D), n_dicts * n).view(n_dicts, n, D)
-        return grad_x, grad_b, grad_W
+        return grad_x, grad_b, grad_W, None
 
 
 # Where a gathered sum, a CSR product G·M each of whose rows adds several rows of M, reads M a block of columns
@@ -523,64 +561,69 @@ def _bilinear_product(centred: Tensor, U: Tensor, P: Tensor) -> Tensor:
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, -1)
 
 
-def _bilinear_pre(U: Tensor, P: Tensor, scaled: Tensor, offset: Tensor) -> Tensor:
-    """Σ_r U_irᵀ (X·s − b_dec) P_ir [..., n_dicts, n] (b_enc not included) from ``scaled`` = X·s and
-    ``offset`` = b_dec. With gradients, through `_BilinearEncoder`, whose backward reaches the factors of
-    only the features that receive a gradient."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (scaled, offset, U, P)):
-        return _BilinearEncoder.apply(scaled, offset, U, P)
-    return _bilinear_product(scaled - offset, U, P)
+def _bilinear_pre(U: Tensor, P: Tensor, x: Tensor, scale: float, offset: Tensor) -> tuple[Tensor, Tensor]:
+    """Σ_r U_irᵀ (X·s − b_dec) P_ir [..., n_dicts, n] (b_enc not included) from X, s and ``offset`` = b_dec, and the
+    centred input X·s − b_dec it read (`_centred`). With gradients, through `_BilinearEncoder`, whose backward reaches
+    the factors of only the features that receive a gradient."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, offset, U, P)):
+        return _BilinearEncoder.apply(x, offset, U, P, scale)
+    centred = _centred(x, scale, offset)
+    return _bilinear_product(centred, U, P), centred
 
 
 class _BilinearEncoder(torch.autograd.Function):
-    """z_i = Σ_r U_irᵀ (x − b) P_ir per head, x [..., n_dicts, d_k, d_v] (X·s), b [n_dicts, d_k, d_v] (b_dec),
-    U [n_dicts, n, r, d_k], P [n_dicts, n, r, d_v].
+    """z_i = Σ_r U_irᵀ (x·s − b) P_ir per head, x [..., n_dicts, d_k, d_v] (X), b [n_dicts, d_k, d_v] (b_dec),
+    U [n_dicts, n, r, d_k], P [n_dicts, n, r, d_v], s a number (the input scale); and the centred input
+    c = x·s − b it read (`_keep_centred`).
 
     The forward takes the product with the encoder matrices E_i = Σ_r U_ir P_irᵀ, formed a block of features
     at a time (`_bilinear_product`), and does not keep them. A sparse code passes a gradient to m ≤ k features
     per sample, so where `_gradient_support` says gathering beats the dense products, the backward takes each
     kept (sample, feature) pair's factors and goes straight to them, with no [n, d_k, d_v] ∂E:
-    ∂U_ir += g c P_ir, ∂P_ir += g cᵀ U_ir (c = x − b), ∂b = −Σ g Σ_r U_ir P_irᵀ over the pairs (3 products of
+    ∂U_ir += g c P_ir, ∂P_ir += g cᵀ U_ir, ∂b = −Σ g Σ_r U_ir P_irᵀ over the pairs (3 products of
     2·B·m·r·d_k·d_v FLOPs). Elsewhere (`bilinear_backward_is_dense`) it forms E again and takes
     ∂E = Σ_b g_b c_b, ∂U = ∂E P, ∂P = ∂Eᵀ U, ∂b = −(Σ_b g_b) E. As in `_DenseEncoder`, b needs only the sum
     over samples, and a per-sample ∂x is formed only where x itself needs a gradient."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, b: Tensor, U: Tensor, P: Tensor) -> Tensor:
-        centred = x - b
+    def forward(ctx, x: Tensor, b: Tensor, U: Tensor, P: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        centred = _centred(x, scale, b)
+        _keep_centred(ctx, centred, x, b, scale)
         ctx.save_for_backward(centred, U, P)
-        ctx.shapes = x.shape, b.shape
-        return _bilinear_product(centred, U, P)
+        return _bilinear_product(centred, U, P), centred
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad: Tensor | None, grad_centred: Tensor | None):
         centred, U, P = ctx.saved_tensors
-        (x_shape, b_shape), (need_x, need_b, need_U, need_P) = ctx.shapes, ctx.needs_input_grad
+        (x_shape, b_shape, scale), (need_x, need_b, need_U, need_P, _) = ctx.shapes, ctx.needs_input_grad
         n_dicts, n, rank, d_k = U.shape
         d_v = P.shape[-1]
         flat_c = centred.reshape(-1, n_dicts, d_k, d_v)
-        grad_x = grad_b = grad_U = grad_P = None
+        grad_x, grad_b = _centred_grads(ctx, grad_centred)
+        grad_U = grad_P = None
+        if grad is None:
+            return grad_x, grad_b, grad_U, grad_P, None
         support = _gradient_support(grad, d_k, d_v, rank)
         if support is None:
             E = _factor_atoms(U, P) if need_x or need_b else None
             if need_x:
-                grad_x = torch.einsum("...hn,hnkv->...hkv", grad, E).view(x_shape)
+                grad_x = _added(grad_x, torch.einsum("...hn,hnkv->...hkv", grad, E).view(x_shape) * scale)
             if need_b:
-                grad_b = -torch.einsum("hn,hnkv->hkv", _summed_over_samples(grad), E).view(b_shape)
+                grad_b = _added(grad_b, -torch.einsum("hn,hnkv->hkv", _summed_over_samples(grad), E).view(b_shape))
             if need_U or need_P:
                 grad_E = torch.einsum("bhn,bhkv->hnkv", grad.reshape(-1, n_dicts, n), flat_c)
                 grad_U = torch.einsum("hnkv,hnrv->hnrk", grad_E, P) if need_U else None
                 grad_P = torch.einsum("hnkv,hnrk->hnrv", grad_E, U) if need_P else None
-            return grad_x, grad_b, grad_U, grad_P
+            return grad_x, grad_b, grad_U, grad_P, None
         indices, values = support
         rows = _rows(indices, n).flatten()
         U_kept, P_kept = _pick(U, indices), _pick(P, indices)  # [B, n_dicts, m, r, d_k | d_v]
         if need_x:
-            grad_x = torch.einsum("bhm,bhmrk,bhmrv->bhkv", values, U_kept, P_kept).view(x_shape)
+            grad_x = _added(grad_x, torch.einsum("bhm,bhmrk,bhmrv->bhkv", values, U_kept, P_kept).view(x_shape) * scale)
         if need_b and _sum_over_every_feature(n, values):
-            grad_b = -torch.einsum("hn,hnrk,hnrv->hkv", _summed_over_samples(grad), U, P).view(b_shape)
+            grad_b = _added(grad_b, -torch.einsum("hn,hnrk,hnrv->hkv", _summed_over_samples(grad), U, P).view(b_shape))
         elif need_b:
-            grad_b = -torch.einsum("bhm,bhmrk,bhmrv->hkv", values, U_kept, P_kept).view(b_shape)
+            grad_b = _added(grad_b, -torch.einsum("bhm,bhmrk,bhmrv->hkv", values, U_kept, P_kept).view(b_shape))
         weights = values[..., None, None]
         if need_U:
             contributions = torch.einsum("bhkv,bhmrv->bhmrk", flat_c, P_kept) * weights
@@ -590,12 +633,45 @@ class _BilinearEncoder(torch.autograd.Function):
             contributions = torch.einsum("bhkv,bhmrk->bhmrv", flat_c, U_kept) * weights
             grad_P = P.new_zeros(n_dicts * n, rank * d_v).index_add_(0, rows, contributions.reshape(-1, rank * d_v))
             grad_P = grad_P.view(P.shape)
-        return grad_x, grad_b, grad_U, grad_P
+        return grad_x, grad_b, grad_U, grad_P, None
 
 
 def _factor_decode_sparse(V: Tensor, W: Tensor, indices: Tensor, values: Tensor) -> Tensor:
-    """Σ_j values_j Σ_r V_{i_j r} W_{i_j r}ᵀ, gathering only the m given atoms' factors."""
-    return torch.einsum("...hm,...hmrk,...hmrv->...hkv", values, _pick(V, indices), _pick(W, indices))
+    """Σ_j values_j Σ_r V_{i_j r} W_{i_j r}ᵀ, gathering only the m given atoms' factors (`_GatheredFactorProduct`)."""
+    return _GatheredFactorProduct.apply(values, _pick(V, indices), _pick(W, indices))
+
+
+class _GatheredFactorProduct(torch.autograd.Function):
+    """Y = Σ_j a_j Σ_r v_jr w_jrᵀ per sample and head from gathered factors: a [..., n_dicts, m], v [..., n_dicts, m,
+    r, d_k], w [..., n_dicts, m, r, d_v]. One [d_k, m·r] × [m·r, d_v] product per sample with the codes folded into
+    v (A = a·v), and in the backward two more, ∂A = w ∂Yᵀ and ∂w = A ∂Y, with ∂a_j = Σ_rk v_jrk ∂A_jrk and
+    ∂v = a·∂A: one pass each over the gathered factors, where einsum's chain for the same sum copies and
+    multiplies them in its own layouts several times over (the factored decode ran about 1.15 times as fast at
+    64 × 64 and batch 1,024 on one CPU thread)."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, V: Tensor, W: Tensor) -> Tensor:
+        m, rank, d_k = V.shape[-3:]
+        weighted = (V * values[..., None, None]).view(-1, m * rank, d_k)
+        W_rows = W.reshape(-1, m * rank, W.shape[-1])
+        ctx.save_for_backward(values, V, weighted, W_rows)
+        return torch.bmm(weighted.transpose(1, 2), W_rows).view(*values.shape[:-1], d_k, W.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        values, V, weighted, W_rows = ctx.saved_tensors
+        need_values, need_V, need_W = ctx.needs_input_grad
+        grad = grad.reshape(-1, *grad.shape[-2:])
+        grad_values = grad_V = grad_W = None
+        if need_values or need_V:
+            grad_weighted = torch.bmm(W_rows, grad.transpose(1, 2)).view(V.shape)
+            if need_values:
+                grad_values = (grad_weighted * V).sum((-2, -1))
+            if need_V:
+                grad_V = grad_weighted.mul_(values[..., None, None])
+        if need_W:
+            grad_W = torch.bmm(weighted, grad).view(*V.shape[:-1], W_rows.shape[-1])
+        return grad_values, grad_V, grad_W
 
 
 class SAEBase(nn.Module):
@@ -669,9 +745,10 @@ class SAEBase(nn.Module):
     def _init_weights(self, generator: torch.Generator | None, dtype: torch.dtype) -> None:
         raise NotImplementedError
 
-    def _pre(self, scaled: Tensor, offset: Tensor) -> Tensor:
-        """z from X·s − b_dec [..., n_dicts, d_k, d_v] (b_enc included), given ``scaled`` = X·s and ``offset``
-        = b_dec: the encoders subtract, so that b_dec's gradient is one sum over the samples."""
+    def _pre(self, x: Tensor, scale: float, offset: Tensor) -> tuple[Tensor, Tensor]:
+        """z from X·s − b_dec [..., n_dicts, d_k, d_v] (b_enc included), given X, s and ``offset`` = b_dec, and
+        the centred input X·s − b_dec (`_keep_centred`): the encoders subtract, so that b_dec's gradient is one sum
+        over the samples."""
         raise NotImplementedError
 
     def atoms(self) -> Float[Tensor, "n_dicts n d_k d_v"]:
@@ -711,18 +788,19 @@ class SAEBase(nn.Module):
         """z for X·s = k δᵀ, k already scaled. A dense encoder reads n·d_k·d_v weights per sample
         whichever way it contracts, and contracting k first would make an [..., n, d_v]
         intermediate, n/d_k times larger than X: so the dense encoders form X here."""
-        return self._pre(k.unsqueeze(-1) * delta.unsqueeze(-2), self.b_dec)
+        return self._pre(k.unsqueeze(-1) * delta.unsqueeze(-2), 1.0, self.b_dec)[0]
 
     # --- the public surface --------------------------------------------------------------------
 
     def encode_pre(self, x: Matrices) -> Codes:
         """Pre-activations z of X."""
-        return self._pre_and_scaled(x)[0]
+        return self._pre_and_centred(x)[0]
 
-    def _pre_and_scaled(self, x: Matrices) -> tuple[Codes, Matrices]:
-        """`encode_pre` of X and the X·s it encoded (the trainer's residual starts from it)."""
-        scaled = self.hook_sae_input(self._check_input(x)) * self.cfg.input_scale
-        return self.hook_sae_acts_pre(self._pre(scaled, self.b_dec)), scaled
+    def _pre_and_centred(self, x: Matrices) -> tuple[Codes, Matrices]:
+        """`encode_pre` of X and the X·s − b_dec it encoded, which carries a gradient only where X needs one
+        (`_keep_centred`): the trainer's residual starts from it."""
+        pre, centred = self._pre(self.hook_sae_input(self._check_input(x)), self.cfg.input_scale, self.b_dec)
+        return self.hook_sae_acts_pre(pre), centred
 
     def encode(self, x: Matrices) -> Codes:
         """Codes a of X."""
@@ -771,7 +849,7 @@ class SAEBase(nn.Module):
             return self.hook_sae_output(recons)
         with torch.no_grad():
             s = self.cfg.input_scale
-            clean = self._decode(self.activation(self._pre(x * s, self.b_dec))) / s
+            clean = self._decode(self.activation(self._pre(x, s, self.b_dec)[0])) / s
             error = self.hook_sae_error(x - clean)
         return self.hook_sae_output(recons + error)
 
@@ -849,8 +927,9 @@ class FlatSAE(SAEBase):
         self.W_dec = nn.Parameter(_unit_randn(h, n, d, generator=generator, dtype=dtype))
         self.W_enc = nn.Parameter(self.W_dec.detach().clone())
 
-    def _pre(self, scaled, offset):
-        return _dense_pre(self.W_enc, scaled, offset) + self.b_enc
+    def _pre(self, x, scale, offset):
+        pre, centred = _dense_pre(self.W_enc, x, scale, offset)
+        return pre + self.b_enc, centred
 
     def atoms(self):
         return self.W_dec.unflatten(-1, (self.cfg.d_k, self.cfg.d_v))
@@ -911,8 +990,9 @@ class MatrixSAE(_FactoredDecoderSAE):
         self._init_decoder(generator, dtype)
         self.W_enc = nn.Parameter(self.atoms().detach().flatten(-2).clone())
 
-    def _pre(self, scaled, offset):
-        return _dense_pre(self.W_enc, scaled, offset) + self.b_enc
+    def _pre(self, x, scale, offset):
+        pre, centred = _dense_pre(self.W_enc, x, scale, offset)
+        return pre + self.b_enc, centred
 
     def _fold_scale_(self, s):
         self.W_enc *= s
@@ -950,15 +1030,16 @@ class BilinearMatrixSAE(_FactoredDecoderSAE):
         """(U, P), which are (V, W) when tied."""
         return (self.V, self.W) if self.cfg.tied else (self.U, self.P)
 
-    def _pre(self, scaled, offset):
-        return _bilinear_pre(*self.encoder_factors, scaled, offset) + self.b_enc
+    def _pre(self, x, scale, offset):
+        pre, centred = _bilinear_pre(*self.encoder_factors, x, scale, offset)
+        return pre + self.b_enc, centred
 
     def _pre_factors(self, k, delta):
         """z_i = Σ_r (U_irᵀ k)(δᵀ P_ir) + (b_enc,i − Σ_r U_irᵀ b_dec P_ir): O(n·r·(d_k + d_v)) per
         sample; the bracket, a per-feature constant, is `_pre` of −b_dec."""
         U, P = self.encoder_factors
         per_rank = torch.einsum("...hk,hnrk->...hnr", k, U) * torch.einsum("...hv,hnrv->...hnr", delta, P)
-        return per_rank.sum(-1) + self._pre(torch.zeros_like(self.b_dec), self.b_dec)
+        return per_rank.sum(-1) + self._pre(torch.zeros_like(self.b_dec), 1.0, self.b_dec)[0]
 
     def _fold_scale_(self, s):
         if self.cfg.tied:

@@ -10,9 +10,9 @@ units where mean ‖sX‖²_F = 1 (s = ``sae.cfg.input_scale``), summed term by 
     auxk            TopK, BatchTopK: auxk_weight · AuxK (Gao et al., 2024)
 
 Each sparsity rule owns its terms and its reconstruction's path (`writesae.sparsity`: ``training_terms``,
-``summed_atoms``), so the trainer treats every rule alike. The residual s(X − X̂) is taken as X·s − Σ_i a_i atom_i
-− b_dec, in the units the weights act in, so that X̂ itself is formed only where a hook on ``hook_sae_recons``
-could see or edit it (`_loss_terms`).
+``summed_atoms``), so the trainer treats every rule alike. The residual s(X − X̂) is taken as (X·s − b_dec)
+− Σ_i a_i atom_i, in the units the weights act in, from the centred input the encoder read, so that X̂ itself is
+formed only where a hook on ``hook_sae_recons`` could see or edit it (`_loss_terms`).
 
 A feature is dead when it has not fired for more than ``dead_after_samples`` samples (a counter per
 head and feature). After each Adam step the factors are put back at unit norm
@@ -60,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import functools
 import json
 import math
 import os
@@ -171,23 +172,23 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 class _SquaredResidual(torch.autograd.Function):
-    """‖A − C − o‖²_F per sample and head, and the residual A − C − o itself (without a gradient): A and C
-    [..., n_dicts, d_k, d_v], o [n_dicts, d_k, d_v] or None. The trainer's reconstruction term, with A = X·s, the
-    input the encoder read, and C = Σ_i a_i atom_i, o = b_dec (or C = s·X̂ and no o where a hook made X̂): s(X − X̂)
-    in the weights' units, three passes over the batch fewer than forming X̂ = (Σ_i a_i atom_i + b_dec)/s and
-    scaling X − X̂ back.
+    """‖A − C‖²_F per sample and head, and the residual A − C itself (without a gradient): A and C
+    [..., n_dicts, d_k, d_v]. ``offset`` o [n_dicts, d_k, d_v] (or None) is what A already had subtracted where A
+    comes without its gradient: it gets that part of the gradient, −Σ_samples ∂(A − C). The trainer's
+    reconstruction term, with A = X·s − b_dec, the centred input the encoder read (`SAEBase._pre_and_centred`, with
+    o = b_dec where it carries no gradient), and C = Σ_i a_i atom_i, or s·X̂ − b_dec where a hook made X̂: s(X − X̂)
+    in the weights' units, with one pass over the batch for the residual where forming X̂ = (Σ_i a_i atom_i + b_dec)/s
+    and scaling X − X̂ back takes four.
 
     The term is elementwise work on every sample's d_k·d_v numbers, and autograd's chain for it (subtract, scale,
     square, sum; then each one's backward) passes over that batch about a dozen times, which is most of a step's
     time where the batch is large against the dictionary (P5 in benchmarks/RESULTS.md). Here the forward makes the
-    residual in two passes and the norm in one, and the backward is one pass, ∂/∂C = −2·residual·g, and one sum over
+    residual in one pass and the norm in one, and the backward is one pass, ∂/∂C = −2·residual·g, and one sum over
     the samples for o (∂/∂A = −∂/∂C, only where A asks). The same values to float rounding (tests/test_train.py)."""
 
     @staticmethod
     def forward(ctx, minuend: Tensor, subtrahend: Tensor, offset: Tensor | None) -> tuple[Tensor, Tensor]:
         residual = torch.sub(minuend, subtrahend)
-        if offset is not None:
-            residual.sub_(offset)
         squared = torch.linalg.vector_norm(residual.flatten(-2), dim=-1).square_()
         ctx.save_for_backward(residual)
         ctx.mark_non_differentiable(residual)
@@ -208,13 +209,12 @@ def _loss_terms(sae: SAEBase, x: Tensor, dead: Tensor, cfg: TrainConfig) -> tupl
     hook point fires as in ``sae(x)`` except hook_sae_recons, which fires (X̂ formed) only when something is hooked
     there (`writesae.sae.hook_point_is_hooked`), so that a hook sees X̂ and its edit reaches the loss; else the
     residual skips X̂ (`_SquaredResidual`)."""
-    pre, scaled = sae._pre_and_scaled(x)
+    pre, centred = sae._pre_and_centred(x)
     codes = sae.hook_sae_acts_post(sae.activation(pre))
     summed = sae.activation.summed_atoms(sae, codes)
     if hook_point_is_hooked(sae.hook_sae_recons):
-        squared, residual = _SquaredResidual.apply(scaled, sae.recons_from_atoms(summed) * sae.cfg.input_scale, None)
-    else:
-        squared, residual = _SquaredResidual.apply(scaled, summed, sae.b_dec)
+        summed = sae.recons_from_atoms(summed) * sae.cfg.input_scale - sae.b_dec
+    squared, residual = _SquaredResidual.apply(centred, summed, None if centred.requires_grad else sae.b_dec)
     terms = {"reconstruction": squared.mean()}
     terms |= sae.activation.training_terms(sae, pre, codes, residual, dead, cfg)
     return terms, codes, residual
@@ -237,11 +237,11 @@ def training_step(sae: SAEBase, optimizer: torch.optim.Optimizer, x: Tensor, sin
                   guard) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
     """One optimiser step on this rank's batch ``x`` (`train`'s loop body; the benchmarks time this):
     loss, backward, gradients averaged over ranks, clipping, Adam, unit-norm factors, and the dead
-    counters ``since_fired`` updated in place. ``guard(tensors)`` is given the input and loss terms
-    before the backward pass and the parameters after the update, and raises on a non-finite one.
-    Returns the loss, its terms, the codes and the residual s(X − X̂)."""
+    counters ``since_fired`` updated in place. ``guard(tensors, witnessed)`` is given the loss terms (and the
+    input, which they witness: `_nonfinite`) before the backward pass and the parameters after the update, and
+    raises on a non-finite one. Returns the loss, its terms, the codes and the residual s(X − X̂)."""
     terms, codes, residual = _loss_terms(sae, x, since_fired > cfg.dead_after_samples, cfg)
-    guard({"input batch X": x, **{f"{name} loss term": t for name, t in terms.items()}})
+    guard({f"{name} loss term": t for name, t in terms.items()}, {"input batch X": x})
     loss = sum(terms.values())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -264,20 +264,27 @@ def _batch_fvu(x: Tensor, residual: Tensor, scale: float) -> float:
     return (error / variance).mean().item()
 
 
-def _nonfinite(tensors: dict[str, Tensor]) -> list[str]:
+def _nonfinite(tensors: dict[str, Tensor], witnessed: dict[str, Tensor] | None = None) -> list[str]:
     """The names of the tensors holding a NaN or an infinity. A NaN or an infinity anywhere makes a sum
     non-finite, so each tensor is summed once (the cheapest pass over it; ``aminmax`` took twice as long at
     the shipped model's shapes) and the sum of those sums is judged with one sync a step, where
     ``isfinite(t).all()`` takes several operators and a sync for each tensor. Finite numbers can also sum
-    past the largest float, so only when that sum is not finite is each tensor checked number by number."""
+    past the largest float, so only when that sum is not finite is each tensor checked number by number.
+
+    ``witnessed``: tensors a NaN or an infinity in which makes one of ``tensors`` non-finite (the input batch X:
+    the reconstruction term sums its every number's square, through X·s − b_dec; tests/test_train.py checks it for
+    every architecture and sparsity rule). They are not summed, which saves a pass over the batch each step, and
+    are checked number by number, and named, with the others where those are not finite."""
     with torch.no_grad():
         if math.isfinite(torch.stack([t.sum() for t in tensors.values()]).sum().item()):
             return []
-        return [name for name, t in tensors.items() if not torch.isfinite(t).all()]
+        everything = {**(witnessed or {}), **tensors}
+        return [name for name, t in everything.items() if not torch.isfinite(t).all()]
 
 
-def _guard(step: int, tensors: dict[str, Tensor], checkpoint: Path, last_checkpoint: int | None) -> None:
-    bad = _nonfinite(tensors)
+def _guard(step: int, checkpoint: Path, last_checkpoint: int | None, tensors: dict[str, Tensor],
+           witnessed: dict[str, Tensor] | None = None) -> None:
+    bad = _nonfinite(tensors, witnessed)
     if distributed.any_rank(bool(bad)):  # every rank stops, not only the one that saw it
         kept = (f"the last good checkpoint (step {last_checkpoint}) is intact at {checkpoint}"
                 if last_checkpoint is not None else "no checkpoint had been written")
@@ -347,7 +354,7 @@ def _train_into(out: Path, sae: SAEBase, store: SampleSource, cfg: TrainConfig, 
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             loss, terms, codes, residual = training_step(
-                sae, optimizer, x, since_fired, cfg, lambda tensors: _guard(step, tensors, checkpoint, last_checkpoint))
+                sae, optimizer, x, since_fired, cfg, functools.partial(_guard, step, checkpoint, last_checkpoint))
             samples += cfg.batch_size
 
             last = step == cfg.steps
