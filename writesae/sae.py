@@ -349,7 +349,7 @@ class _DenseEncoder(torch.autograd.Function):
     """z = W_enc · (x·s − b) per head, x [..., n_dicts, d_k, d_v] (X), b [n_dicts, d_k, d_v] (b_dec), W_enc
     [n_dicts, n, D], s a number (the input scale); and the centred input c = x·s − b it read (`_keep_centred`).
 
-    b's gradient is −Σ_samples ∂(x − b), and Σ_samples Σ_i g_i W_enc,i needs no per-sample ∂x: the backward
+    b's gradient is −Σ_samples ∂(x·s − b), and Σ_samples Σ_i g_i W_enc,i needs no per-sample ∂x: the backward
     forms ∂x only where x itself needs a gradient (a trainer's input does not), which saves a product as
     large as the forward's and two passes over the batch; it sums over the kept pairs or over every
     feature, whichever has fewer terms (`_sum_over_every_feature`). A sparse code passes a gradient to the few

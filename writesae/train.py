@@ -211,10 +211,10 @@ def _loss_terms(sae: SAEBase, x: Tensor, dead: Tensor, cfg: TrainConfig) -> tupl
     residual skips X̂ (`_SquaredResidual`)."""
     pre, centred = sae._pre_and_centred(x)
     codes = sae.hook_sae_acts_post(sae.activation(pre))
-    summed = sae.activation.summed_atoms(sae, codes)
+    subtrahend = sae.activation.summed_atoms(sae, codes)
     if hook_point_is_hooked(sae.hook_sae_recons):
-        summed = sae.recons_from_atoms(summed) * sae.cfg.input_scale - sae.b_dec
-    squared, residual = _SquaredResidual.apply(centred, summed, None if centred.requires_grad else sae.b_dec)
+        subtrahend = sae.recons_from_atoms(subtrahend) * sae.cfg.input_scale - sae.b_dec  # s·X̂ − b_dec
+    squared, residual = _SquaredResidual.apply(centred, subtrahend, None if centred.requires_grad else sae.b_dec)
     terms = {"reconstruction": squared.mean()}
     terms |= sae.activation.training_terms(sae, pre, codes, residual, dead, cfg)
     return terms, codes, residual
