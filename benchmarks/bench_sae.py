@@ -27,7 +27,8 @@ measurement behind its ``ROW_GATHER_COST_FLOPS`` (flat) and ``FACTOR_GATHER_COST
 dense encoder (`writesae.sae.dense_encoder_backward_is_dense`), behind ``ENCODER_ROW_GATHER_COST_FLOPS``.
 ``encoder_forward``:
 the bilinear encoder's forward with its rows E formed in one product and in blocks of
-``ENCODER_NUMBERS_PER_BLOCK`` numbers, side by side: the measurement behind that constant. ``sparse_product``:
+``ENCODER_NUMBERS_PER_BLOCK`` numbers, and by every sample's products C P_ir, side by side: the measurement behind
+that constant and the rule of `writesae.sae.bilinear_forward_is_per_sample`. ``sparse_product``:
 a dense encoder's gathered ∂W_enc by its CSR product (`writesae.sae._rows_of_sparse_product`) against forming its
 products and adding them with ``index_add_``, the route it replaced. ``gathered_sum``: a dense encoder's ∂W_enc and
 a flat decode (forward and backward) reading their gathered operand whole and in blocks of columns, side by side,
@@ -53,9 +54,10 @@ from writesae import BilinearMatrixSAE, FlatSAE, MatrixSAE
 from writesae.host_memory import freed_memory_kept
 from writesae.sae import (ENCODER_NUMBERS_PER_BLOCK, ENCODER_ROW_GATHER_COST_FLOPS, FACTOR_GATHER_COST_FLOPS,
                           GATHER_BLOCK_NUMBERS, GATHER_BLOCKS_FROM, GATHER_BLOCKS_RESULT_ROWS, GATHER_BLOCKS_REUSE,
-                          MIN_BLOCK_COLUMNS, ROW_GATHER_COST_FLOPS, SMALL_PRODUCT_COST, _rows, _rows_of_sparse_product,
-                          bilinear_backward_is_dense, dense_decode_is_cheaper, dense_encoder_backward_is_dense,
-                          gather_block_columns, gather_columns_per_block)
+                          MIN_BLOCK_COLUMNS, PER_SAMPLE_NUMBERS_PER_BLOCK, ROW_GATHER_COST_FLOPS, SMALL_PRODUCT_COST,
+                          _rows, _rows_of_sparse_product, bilinear_backward_is_dense, bilinear_forward_is_per_sample,
+                          dense_decode_is_cheaper, dense_encoder_backward_is_dense, gather_block_columns,
+                          gather_columns_per_block)
 from writesae.train import TrainConfig, make_optimizer, training_step, _guard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +80,9 @@ def training_step_flops(architecture: str, batch: int, n: int, k: int, d_k: int,
     encoder     2·B·n·D (z = W_enc·x), and backward (∂W_enc; ∂b_dec, summed over the samples) 2·B·n·D + 2·n·D
                 dense or 2·B·k·D + 2·min(n, B·k)·D gathered (TopK passes a gradient to k features), as
                 `writesae.sae.dense_encoder_backward_is_dense` picks; bilinear:
-                2·B·n·D against its rows E_i = Σ_r U_ir P_irᵀ plus 2·n·r·D to form them, and backward (∂U, ∂P,
+                2·B·n·D against its rows E_i = Σ_r U_ir P_irᵀ plus 2·n·r·D to form them, or 2·B·n·r·D for every
+                sample's products C P_ir plus 2·B·n·r·d_k for their dot products with U_ir, as
+                `writesae.sae.bilinear_forward_is_per_sample` picks, and backward (∂U, ∂P,
                 ∂b_dec) 4·B·k·r·D + 2·min(n, B·k)·r·D gathered or, dense, 2·B·n·D + 2·n·D plus 6·n·r·D (E formed
                 again; ∂U, ∂P from ∂E), as `writesae.sae.bilinear_backward_is_dense` picks
     decoder     gathered:     6·B·k·D flat, 6·B·k·r·D factored (x̂; ∂values; ∂atoms)
@@ -91,7 +95,9 @@ def training_step_flops(architecture: str, batch: int, n: int, k: int, d_k: int,
     if architecture == "bilinear":
         backward = (2 * batch * n * D + 2 * n * D + 6 * n * r * D if bilinear_backward_is_dense(batch, n, k, d_k, d_v, r)
                     else 4 * batch * k * r * D + 2 * min(n, batch * k) * r * D)
-        encoder = 2 * batch * n * D + 2 * n * r * D + backward
+        forward = (2 * batch * n * r * (D + d_k) if bilinear_forward_is_per_sample(batch, d_k, d_v, r)
+                   else 2 * batch * n * D + 2 * n * r * D)
+        encoder = forward + backward
     else:
         backward = (2 * batch * n * D + 2 * n * D if dense_encoder_backward_is_dense(batch, n, k, d_k, d_v)
                     else 2 * batch * k * D + 2 * min(n, batch * k) * D)
@@ -276,20 +282,27 @@ def encoder_backward_row(architecture: str, d: int, n: int, batch: int, repeats:
                       else dense_encoder_backward_is_dense(batch, n, k, d, d))
 
 
-def encoder_forward_row(d: int, n: int, batch: int, repeats: int) -> dict:
-    """The bilinear encoder's forward (rank 1, without gradients: the same product as with them) with its rows E
-    formed in one product and in blocks of `writesae.sae.ENCODER_NUMBERS_PER_BLOCK` numbers, on the same states."""
-    sae = BilinearMatrixSAE(d_k=d, d_v=d, n_features=n, k=K, seed=0)
+def encoder_forward_row(d: int, n: int, batch: int, rank: int, repeats: int) -> dict:
+    """The bilinear encoder's forward (without gradients: the same products as with them) on the same states by each
+    route of `writesae.sae._bilinear_product`: its rows E formed in one product, the rows in blocks of
+    `writesae.sae.ENCODER_NUMBERS_PER_BLOCK` numbers, and every sample's products C P_ir in blocks of
+    `writesae.sae.PER_SAMPLE_NUMBERS_PER_BLOCK`; with the route
+    `writesae.sae.bilinear_forward_is_per_sample` picks and how far its time is from the fastest."""
+    sae = BilinearMatrixSAE(d_k=d, d_v=d, n_features=n, k=K, rank=rank, seed=0)
     x = torch.randn(batch, 1, d, d, generator=torch.Generator().manual_seed(0))
     times = {}
-    for route, numbers in (("one_product", n * d * d), ("blocks", ENCODER_NUMBERS_PER_BLOCK)):
-        def run(numbers=numbers):
-            with mock.patch("writesae.sae.ENCODER_NUMBERS_PER_BLOCK", numbers), torch.no_grad():
+    for route, numbers, per_sample in (("one_product", n * d * d, False), ("blocks", ENCODER_NUMBERS_PER_BLOCK, False),
+                                       ("per_sample", ENCODER_NUMBERS_PER_BLOCK, True)):
+        def run(numbers=numbers, per_sample=per_sample):
+            with (mock.patch("writesae.sae.ENCODER_NUMBERS_PER_BLOCK", numbers),
+                  mock.patch("writesae.sae.bilinear_forward_is_per_sample", lambda *shape: per_sample), torch.no_grad()):
                 sae.encode_pre(x)
         times[route] = median_seconds(run, repeats, settle=True)
-    return {"architecture": "bilinear", "d_k": d, "d_v": d, "n_features": n, "batch": batch, "E_mib": n * d * d * 4 / 2**20,
-            "one_product_ms": 1e3 * times["one_product"], "blocks_ms": 1e3 * times["blocks"],
-            "blocks_over_one_product": times["blocks"] / times["one_product"]}
+    picked = "per_sample" if bilinear_forward_is_per_sample(batch, d, d, rank) else "blocks"
+    return {"architecture": "bilinear", "d_k": d, "d_v": d, "n_features": n, "batch": batch, "rank": rank,
+            "E_mib": n * d * d * 4 / 2**20, **{f"{route}_ms": 1e3 * t for route, t in times.items()},
+            "blocks_over_one_product": times["blocks"] / times["one_product"], "rule_picks": picked,
+            "picked_time_over_best": times[picked] / min(times["blocks"], times["per_sample"])}
 
 
 def added_products(rows: torch.Tensor, values: torch.Tensor, x: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -388,11 +401,16 @@ def results_block(results: dict | None) -> str:
               f"ENCODER_ROW_GATHER_COST_FLOPS = {p['encoder_row_gather_cost_flops']}):", "",
               *_routes_table(results["encoder_backward"])]
     if results.get("encoder_forward"):
-        lines += ["", f"The bilinear encoder's forward (no gradients, ms) with its rows E formed in one product and in blocks of "
-                  f"ENCODER_NUMBERS_PER_BLOCK = {p['encoder_numbers_per_block']} numbers (`writesae.sae._bilinear_product`):", "",
-                  "| SAE | d | n | batch | E MiB | one product | blocks | blocks / one product |", "|---|---|---|---|---|---|---|---|",
-                  *[f"| {r['architecture']} | {r['d_k']} | {r['n_features']} | {r['batch']} | {r['E_mib']:.0f} | "
-                    f"{r['one_product_ms']:.1f} | {r['blocks_ms']:.1f} | {r['blocks_over_one_product']:.2f} |"
+        lines += ["", "The bilinear encoder's forward (no gradients, ms; `writesae.sae._bilinear_product`) with its rows E formed "
+                  f"in one product and in blocks of ENCODER_NUMBERS_PER_BLOCK = {p['encoder_numbers_per_block']} numbers, "
+                  f"and by every sample's products C P_ir in blocks of PER_SAMPLE_NUMBERS_PER_BLOCK = "
+                  f"{p['per_sample_numbers_per_block']}; `writesae.sae.bilinear_forward_is_per_sample` picks "
+                  "per sample or the rows in blocks, whichever forms fewer numbers:", "",
+                  "| SAE | d | n | rank | batch | E MiB | one product | blocks | per sample | blocks / one product | "
+                  "rule picks | picked / best |", "|---|---|---|---|---|---|---|---|---|---|---|---|",
+                  *[f"| {r['architecture']} | {r['d_k']} | {r['n_features']} | {r['rank']} | {r['batch']} | {r['E_mib']:.0f} | "
+                    f"{r['one_product_ms']:.1f} | {r['blocks_ms']:.1f} | {r['per_sample_ms']:.1f} | "
+                    f"{r['blocks_over_one_product']:.2f} | {r['rule_picks'].replace('_', ' ')} | {r['picked_time_over_best']:.2f} |"
                     for r in results["encoder_forward"]]]
     if results.get("sparse_product"):
         lines += ["", "A dense encoder's gathered ∂W_enc (ms) by one CSR product (`writesae.sae._rows_of_sparse_product`) "
@@ -455,6 +473,14 @@ STUDY_DECODE_ROWS = [("flat", 64, n, 128, k) for k in (4, 8) for n in (2 * k, 4 
 STUDY_ENCODER_BACKWARD_ROWS = [("flat", 64, n, 128, k) for k in (4, 8) for n in (4 * k, 8 * k, 16 * k)]
 
 
+#: the bilinear encoder's forward routes: (d, n, batch, rank), across `writesae.sae.bilinear_forward_is_per_sample`'s
+#: crossover at both head shapes and rank 2, and the large dictionaries behind ``ENCODER_NUMBERS_PER_BLOCK``
+ENCODER_FORWARD_ROWS = [(128, 16384, 32, 1), (128, 16384, 256, 1), (128, 1024, 1024, 1), (64, 16384, 32, 1),
+                        (64, 16384, 256, 1)] + [(128, 4096, batch, 1) for batch in (16, 32, 64, 128, 256)] + [
+                        (64, 4096, batch, 1) for batch in (16, 32, 64, 128)] + [
+                        (128, 4096, batch, 2) for batch in (16, 32, 64)] + [(64, 4096, batch, 2) for batch in (8, 16, 32)]
+
+
 def measure(results: dict, args: argparse.Namespace) -> None:
     """Fill ``results``' rows, the routes side by side (decode, encoder backward and forward, sparse product) and the
     time breakdown."""
@@ -481,9 +507,8 @@ def measure(results: dict, args: argparse.Namespace) -> None:
         row = encoder_backward_row(architecture, d, n, batch, args.repeats, *k)
         print(json.dumps(row), flush=True)
         results["encoder_backward"].append(row)
-    for d, n, batch in [(128, 16384, 32), (128, 4096, 128), (128, 1024, 1024), (64, 16384, 32), (64, 16384, 256),
-                        (64, 4096, 256)]:
-        row = encoder_forward_row(d, n, batch, args.repeats)
+    for d, n, batch, rank in ENCODER_FORWARD_ROWS:
+        row = encoder_forward_row(d, n, batch, rank, args.repeats)
         print(json.dumps(row), flush=True)
         results["encoder_forward"].append(row)
     for d, n, batch in [(64, 1024, 64), (64, 1024, 256), (64, 64, 256), (64, 16384, 256), (64, 1024, 1024),
@@ -525,6 +550,7 @@ def main() -> None:
                                         factor_gather_cost_flops=FACTOR_GATHER_COST_FLOPS,
                                         small_product_cost=SMALL_PRODUCT_COST,
                                         encoder_numbers_per_block=ENCODER_NUMBERS_PER_BLOCK,
+                                        per_sample_numbers_per_block=PER_SAMPLE_NUMBERS_PER_BLOCK,
                                         gather_blocks_from=GATHER_BLOCKS_FROM, gather_blocks_reuse=GATHER_BLOCKS_REUSE,
                                         gather_blocks_result_rows=GATHER_BLOCKS_RESULT_ROWS,
                                         gather_block_numbers=GATHER_BLOCK_NUMBERS, min_block_columns=MIN_BLOCK_COLUMNS,

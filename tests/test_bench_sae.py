@@ -14,7 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks import provenance as provenance_module
 from benchmarks.bench_sae import (BIG_STEP_GFLOP, CLASSES, OP_KINDS, farthest_big_steps, optimizer_step, summary,
                                   time_by_op_kind, train_step, training_step_flops)
-from writesae.sae import bilinear_backward_is_dense, dense_decode_is_cheaper, dense_encoder_backward_is_dense
+from writesae.sae import (bilinear_backward_is_dense, bilinear_forward_is_per_sample, dense_decode_is_cheaper,
+                          dense_encoder_backward_is_dense)
 
 
 @pytest.mark.parametrize("n, batch", [(8, 4), (11, 16)])
@@ -32,19 +33,24 @@ def test_the_step_flops_are_those_torch_counts_where_every_product_is_a_matrix_p
 
 # (decode dense, encoder backward dense): (False, False), (True, True), (False, True) (a dense decode with a
 # gathered backward no longer occurs: the dense backward, which forms no ∂x, is the cheaper one wherever the
-# dense decode is); gathered, ∂b_dec over the kept pairs (n > batch·k) and over every feature (n ≤ batch·k)
-BILINEAR_ROUTES = [(64, 4, 2, 2, False, False), (256, 8, 4, 3, False, False), (32, 16, 2, 2, False, False),
-                   (16, 64, 8, 2, True, True), (16, 16, 1, 3, False, True)]
+# dense decode is); gathered, ∂b_dec over the kept pairs (n > batch·k) and over every feature (n ≤ batch·k); the
+# forward by the rows E (batch·rank > d = 8) and by every sample's products (batch·rank ≤ 8)
+BILINEAR_ROUTES = [(64, 4, 2, 2, False, False, True), (256, 8, 4, 3, False, False, False),
+                   (32, 16, 2, 2, False, False, False), (16, 64, 8, 2, True, True, False),
+                   (16, 16, 1, 3, False, True, False), (24, 2, 4, 3, False, False, True),
+                   (256, 1, 4, 4, False, False, True), (16, 2, 4, 2, True, True, True)]
 
 
-@pytest.mark.parametrize("n, batch, k, rank, dense_decode, dense_backward", BILINEAR_ROUTES)
-def test_the_bilinear_step_flops_are_those_torch_counts_on_every_route(n, batch, k, rank, dense_decode, dense_backward):
+@pytest.mark.parametrize("n, batch, k, rank, dense_decode, dense_backward, per_sample_forward", BILINEAR_ROUTES)
+def test_the_bilinear_step_flops_are_those_torch_counts_on_every_route(n, batch, k, rank, dense_decode, dense_backward,
+                                                                       per_sample_forward):
     """At rank > 1 every product of a BilinearMatrixSAE step is a matrix product (at rank 1 the atoms are
-    outer products, which torch does not count), whichever routes the decoder and the encoder's backward take:
-    the count follows both rules."""
+    outer products, which torch does not count), whichever routes the decoder and the encoder's forward and
+    backward take: the count follows the three rules."""
     d = 8
     assert dense_decode_is_cheaper(batch, n, k, d, d, rank) == dense_decode
     assert bilinear_backward_is_dense(batch, n, k, d, d, rank) == dense_backward
+    assert bilinear_forward_is_per_sample(batch, d, d, rank) == per_sample_forward
     step = train_step(CLASSES["bilinear"](d_k=d, d_v=d, n_features=n, k=k, rank=rank, seed=0), torch.randn(batch, 1, d, d))
     step()
     with FlopCounterMode(display=False) as counter:

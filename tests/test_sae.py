@@ -131,24 +131,37 @@ def test_bilinear_pre_activations(rank, tied):
 
 @pytest.mark.parametrize("n_features", [192, 200])  # whole blocks of 64 features; a last block of 8
 @pytest.mark.parametrize("grad", [True, False])
-def test_the_bilinear_encoder_forms_its_rows_in_blocks_with_the_numbers_of_one_product(monkeypatch, n_features, grad):
-    """With blocks of 64 features (`ENCODER_NUMBERS_PER_BLOCK` set for it: 1 number still makes 64), the
-    bilinear pre-activations and, through them, every gradient are those of the one product with all n rows,
-    with gradients (`_BilinearEncoder`) and without."""
+@pytest.mark.parametrize("per_sample", [True, False])
+@pytest.mark.parametrize("batch", [(3, 2), (1,)])
+def test_the_bilinear_encoder_forms_its_numbers_in_blocks_by_either_route_with_the_numbers_of_one_product(
+        monkeypatch, n_features, grad, per_sample, batch):
+    """With blocks of 64 features (the route's budget, `ENCODER_NUMBERS_PER_BLOCK` or `PER_SAMPLE_NUMBERS_PER_BLOCK`,
+    set for it: 1 number still makes 64), by each route of `bilinear_forward_is_per_sample` (rows E_i, or every
+    sample's products C P_ir), the bilinear pre-activations and, through them, every gradient are those of the one
+    product with all n rows, with gradients (`_BilinearEncoder`) and without; rank 2 and two heads."""
     import writesae.sae as sae_module
 
     sae = make("bilinear", n_features=n_features, heads=[0, 1], n_heads=2)
-    assert sae_module._features_per_block(2, 12) >= n_features  # by default, one block
-    x = inputs(sae, 3, 2)
+    x = inputs(sae, *batch)
+    samples = math.prod(batch)
+    # a feature's numbers on each route: rank·B·d_k per-sample products, or d_k·d_v of its row
+    feature_numbers, budget = ((2 * samples * 4, "PER_SAMPLE_NUMBERS_PER_BLOCK") if per_sample
+                               else (12, "ENCODER_NUMBERS_PER_BLOCK"))
+    assert sae_module._features_per_block(2, feature_numbers, getattr(sae_module, budget)) >= n_features  # one block
     expected = torch.einsum("...hd,hnd->...hn", (x - sae.b_dec).flatten(-2),
                             torch.einsum("hnrk,hnrv->hnkv", sae.U, sae.P).flatten(-2)) + sae.b_enc
     upstream = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     (expected * upstream).sum().backward()
     expected_grads = [p.grad.clone() for p in (sae.U, sae.P, sae.b_dec)]
     sae.zero_grad()
-    for numbers in (64 * 24, 1):
-        monkeypatch.setattr(sae_module, "ENCODER_NUMBERS_PER_BLOCK", numbers)
-        assert sae_module._features_per_block(2, 12) == 64
+    routes = []
+    monkeypatch.setattr(sae_module, "bilinear_forward_is_per_sample", lambda *shape: routes.append(shape) or per_sample)
+    blocks = []
+    features_per_block = sae_module._features_per_block
+    monkeypatch.setattr(sae_module, "_features_per_block", lambda *a: blocks.append(a) or features_per_block(*a))
+    for numbers in (64 * 2 * feature_numbers, 1):  # 64 features over both heads
+        monkeypatch.setattr(sae_module, budget, numbers)
+        assert features_per_block(2, feature_numbers, numbers) == 64
         with torch.set_grad_enabled(grad):
             pre = sae.encode_pre(x)
         torch.testing.assert_close(pre, expected, rtol=0, atol=1e-12)
@@ -157,17 +170,29 @@ def test_the_bilinear_encoder_forms_its_rows_in_blocks_with_the_numbers_of_one_p
             for got, wanted in zip((sae.U.grad, sae.P.grad, sae.b_dec.grad), expected_grads):
                 torch.testing.assert_close(got, wanted, rtol=0, atol=1e-12)
             sae.zero_grad()
+    assert routes == [(samples, 4, 3, 2)] * 2  # asked with every sample, (d_k, d_v) and the rank
+    assert blocks == [(2, feature_numbers, 64 * 2 * feature_numbers), (2, feature_numbers, 1)]  # by the route's budget
 
 
-def test_the_bilinear_encoder_blocks_hold_whole_tiles_within_the_budget():
-    from writesae.sae import ENCODER_NUMBERS_PER_BLOCK, FEATURES_PER_BLOCK_MULTIPLE, _features_per_block
+def test_the_bilinear_forward_forms_per_sample_products_where_they_are_no_more_numbers_than_the_rows():
+    from writesae.sae import bilinear_forward_is_per_sample
 
-    for n_dicts, atom_numbers in ((1, 128 * 128), (1, 64 * 64), (8, 64 * 64), (3, 100 * 7)):
-        features = _features_per_block(n_dicts, atom_numbers)
+    assert bilinear_forward_is_per_sample(128, 128, 128, 1) and not bilinear_forward_is_per_sample(129, 128, 128, 1)
+    assert bilinear_forward_is_per_sample(32, 64, 64, 2) and not bilinear_forward_is_per_sample(33, 64, 64, 2)
+    assert bilinear_forward_is_per_sample(4, 1000, 4, 1) and not bilinear_forward_is_per_sample(5, 1000, 4, 1)
+    assert not bilinear_forward_is_per_sample(0, 128, 128, 1)  # nothing to form: the rows' route takes empty batches
+
+
+@pytest.mark.parametrize("budget", [2**23, 2**22])
+def test_the_bilinear_encoder_blocks_hold_whole_tiles_within_the_budget(budget):
+    from writesae.sae import FEATURES_PER_BLOCK_MULTIPLE, _features_per_block
+
+    for n_dicts, feature_numbers in ((1, 128 * 128), (1, 64 * 64), (8, 64 * 64), (3, 100 * 7), (1, 32 * 128)):
+        features = _features_per_block(n_dicts, feature_numbers, budget)
         assert features % FEATURES_PER_BLOCK_MULTIPLE == 0
-        assert features * n_dicts * atom_numbers <= ENCODER_NUMBERS_PER_BLOCK
-        assert (features + FEATURES_PER_BLOCK_MULTIPLE) * n_dicts * atom_numbers > ENCODER_NUMBERS_PER_BLOCK
-    assert _features_per_block(16, 128 * 128) == FEATURES_PER_BLOCK_MULTIPLE  # past the budget: one multiple
+        assert features * n_dicts * feature_numbers <= budget
+        assert (features + FEATURES_PER_BLOCK_MULTIPLE) * n_dicts * feature_numbers > budget
+    assert _features_per_block(16, 128 * 128, budget) == FEATURES_PER_BLOCK_MULTIPLE  # past the budget: one multiple
 
 
 @pytest.mark.parametrize("arch", ["flat", "matrix"])

@@ -531,33 +531,65 @@ def _factor_atom_norms(V: Tensor, W: Tensor) -> Tensor:
 
 
 # How many numbers of the bilinear encoder's rows E_i = Σ_r U_ir P_irᵀ its forward forms at a time (32 MiB in
-# fp32). Timed on one CPU thread of this machine (the "encoder forward" rows of benchmarks/results/sae.json):
-# forming all n·d_k·d_v at once is slower wherever they are many (1 GiB for 16,384 features at 128 × 128:
-# 421 ms against 315 in blocks at batch 32), and no block size was faster at every shape; blocks this large
-# were at most a few percent slower than one product at any shape timed. They also bound the forward's memory.
+# fp32). Timed on one CPU thread (the "encoder forward" rows of benchmarks/results/sae.json): forming all n·d_k·d_v
+# at once is slower wherever they are many (1 GiB for 16,384 features at 128 × 128: 421 ms against 315 in blocks
+# at batch 32, when that batch took this route), and no block size was faster at every shape; blocks this large
+# were at most about a tenth slower than one product at any shape timed. They also bound the forward's memory.
 ENCODER_NUMBERS_PER_BLOCK = 2**23
 # A block's features are a multiple of this: the product then runs whole tiles, and on this CPU the blocks give
 # exactly the numbers of one product (scripts.compare_with_commit finds no tensor changed).
 FEATURES_PER_BLOCK_MULTIPLE = 64
 
 
-def _features_per_block(n_dicts: int, atom_numbers: int) -> int:
-    """Features per block of `_bilinear_product`: as many as fit `ENCODER_NUMBERS_PER_BLOCK` numbers over every
-    head, a multiple of `FEATURES_PER_BLOCK_MULTIPLE` (and at least one such multiple)."""
-    fitting = ENCODER_NUMBERS_PER_BLOCK // (n_dicts * atom_numbers)
+# The same for its per-sample products C P_ir (`bilinear_forward_is_per_sample`), 16 MiB in fp32: timed on one CPU
+# thread against 2**18 to 2**23 numbers, this was the fastest or within a few percent of it at both head shapes,
+# and up to a quarter faster than ENCODER_NUMBERS_PER_BLOCK at 64 × 64 (each product's result is read straight back
+# for its dot with U_ir, and a smaller block stays nearer the core).
+PER_SAMPLE_NUMBERS_PER_BLOCK = 2**22
+
+
+def _features_per_block(n_dicts: int, feature_numbers: int, budget: int) -> int:
+    """Features per block of `_bilinear_product`, forming ``feature_numbers`` numbers a feature and head: as many as
+    fit ``budget`` numbers over every head, a multiple of `FEATURES_PER_BLOCK_MULTIPLE` (and at least one such
+    multiple)."""
+    fitting = budget // (n_dicts * feature_numbers)
     return max(fitting // FEATURES_PER_BLOCK_MULTIPLE, 1) * FEATURES_PER_BLOCK_MULTIPLE
 
 
+def bilinear_forward_is_per_sample(n_samples: int, d_k: int, d_v: int, rank: int) -> bool:
+    """Whether the bilinear encoder's forward (`_bilinear_product`) forms every sample's products C P_ir
+    (n_samples·rank·d_k numbers a feature, from one product per head with a short inner dimension, d_v) rather than
+    the rows E_i = Σ_r U_ir P_irᵀ (d_k·d_v numbers a feature, then one large product with every sample): where the
+    first are no more numbers (and there is a sample). A rank-r row is written at memory speed, so the numbers
+    formed decide: timed side by side on one CPU thread (the "encoder forward" rows of
+    benchmarks/results/sae.json, both head shapes, ranks 1 and 2, batch 8 to 256), this picked the faster route at
+    most shapes and one within a fifth of it at the others, all near the crossover."""
+    return 0 < n_samples * rank <= d_v
+
+
 def _bilinear_product(centred: Tensor, U: Tensor, P: Tensor) -> Tensor:
-    """⟨C, E_i⟩_F = Σ_r U_irᵀ C P_ir [..., n_dicts, n] for C = ``centred`` [..., n_dicts, d_k, d_v]: one product
-    with the rows E_i = Σ_r U_ir P_irᵀ per block of `_features_per_block` features, each block formed, used and
-    dropped (n·d_k·d_v numbers: fewer than the per-sample products C P_ir, B·n·r·d_k, once B·r > d_v, and the
-    same numbers whatever the batch)."""
+    """⟨C, E_i⟩_F = Σ_r U_irᵀ C P_ir [..., n_dicts, n] for C = ``centred`` [..., n_dicts, d_k, d_v], a block of
+    `_features_per_block` features at a time (each block's numbers formed, used and dropped), by the route
+    `bilinear_forward_is_per_sample` picks for the number of samples: every sample's products C P_ir, or one product
+    with the rows E_i = Σ_r U_ir P_irᵀ (the same numbers whatever the batch)."""
+    n_dicts, n, rank, d_k = U.shape
+    d_v = P.shape[-1]
+    lead = centred.shape[:-3]
+    samples = centred.reshape(-1, n_dicts, d_k, d_v)
+    if bilinear_forward_is_per_sample(len(samples), d_k, d_v, rank):
+        # [n_dicts, d_v, B·d_k]: every sample's Cᵀ side by side, so that each head's block is one product
+        columns = samples.permute(1, 3, 0, 2).reshape(n_dicts, d_v, -1)
+        features = _features_per_block(n_dicts, rank * columns.shape[-1], PER_SAMPLE_NUMBERS_PER_BLOCK)
+        blocks = [torch.einsum("hfrbk,hfrk->hfrb",
+                               torch.bmm(P[:, i:i + features].flatten(1, 2), columns)
+                               .view(n_dicts, -1, rank, len(samples), d_k), U[:, i:i + features]).sum(2)
+                  for i in range(0, n, features)]
+        return torch.cat(blocks, 1).permute(2, 0, 1).reshape(*lead, n_dicts, n)
     flat = centred.flatten(-2)
-    features = _features_per_block(U.shape[0], flat.shape[-1])
+    features = _features_per_block(n_dicts, flat.shape[-1], ENCODER_NUMBERS_PER_BLOCK)
     blocks = [torch.einsum("...hd,hnd->...hn", flat,
                            _factor_atoms(U[:, i:i + features], P[:, i:i + features]).flatten(-2))
-              for i in range(0, U.shape[1], features)]
+              for i in range(0, n, features)]
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, -1)
 
 
