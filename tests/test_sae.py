@@ -183,10 +183,12 @@ def test_the_bilinear_forward_forms_per_sample_products_where_they_are_no_more_n
     assert not bilinear_forward_is_per_sample(0, 128, 128, 1)  # nothing to form: the rows' route takes empty batches
 
 
-@pytest.mark.parametrize("budget", [2**23, 2**22])
+@pytest.mark.parametrize("budget", ["ENCODER_NUMBERS_PER_BLOCK", "PER_SAMPLE_NUMBERS_PER_BLOCK"])
 def test_the_bilinear_encoder_blocks_hold_whole_tiles_within_the_budget(budget):
+    import writesae.sae as sae_module
     from writesae.sae import FEATURES_PER_BLOCK_MULTIPLE, _features_per_block
 
+    budget = getattr(sae_module, budget)
     for n_dicts, feature_numbers in ((1, 128 * 128), (1, 64 * 64), (8, 64 * 64), (3, 100 * 7), (1, 32 * 128)):
         features = _features_per_block(n_dicts, feature_numbers, budget)
         assert features % FEATURES_PER_BLOCK_MULTIPLE == 0
