@@ -564,7 +564,7 @@ def bilinear_forward_is_per_sample(n_samples: int, d_k: int, d_v: int, rank: int
     formed decide: timed side by side on one CPU thread (the "encoder forward" rows of
     benchmarks/results/sae.json, both head shapes, ranks 1 and 2, batch 8 to 256), this picked the faster route at
     most shapes and one within a fifth of it at the others, all near the crossover."""
-    return 0 < n_samples * rank <= d_v
+    return 0 < n_samples * rank * d_k <= d_k * d_v
 
 
 def _bilinear_product(centred: Tensor, U: Tensor, P: Tensor) -> Tensor:
@@ -608,8 +608,9 @@ class _BilinearEncoder(torch.autograd.Function):
     U [n_dicts, n, r, d_k], P [n_dicts, n, r, d_v], s a number (the input scale); and the centred input
     c = x·s − b it read (`_keep_centred`).
 
-    The forward takes the product with the encoder matrices E_i = Σ_r U_ir P_irᵀ, formed a block of features
-    at a time (`_bilinear_product`), and does not keep them. A sparse code passes a gradient to m ≤ k features
+    The forward takes ⟨c, E_i⟩ for the encoder matrices E_i = Σ_r U_ir P_irᵀ by `_bilinear_product`'s route (the
+    rows E_i, or at a small batch every sample's products c P_ir, a block of features at a time) and keeps neither's
+    numbers: the backward does not depend on the route. A sparse code passes a gradient to m ≤ k features
     per sample, so where `_gradient_support` says gathering beats the dense products, the backward takes each
     kept (sample, feature) pair's factors and goes straight to them, with no [n, d_k, d_v] ∂E:
     ∂U_ir += g c P_ir, ∂P_ir += g cᵀ U_ir, ∂b = −Σ g Σ_r U_ir P_irᵀ over the pairs (3 products of
