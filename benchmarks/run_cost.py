@@ -15,9 +15,9 @@ Every time is FLOPs / an achieved FLOP/s, the achieved rates taken from our own 
   ``benchmarks/results/gpu_check.json`` (fp32, batch 1, T = 2048), on this CPU from
   ``benchmarks/results/bench_engine.json`` (T = 512). Batch 1 is a low rate: a batched run is faster.
 - training: `benchmarks.bench_sae.training_step_flops` per sample, at the achieved rate of our measured
-  BilinearMatrixSAE step nearest the run's shape: on the H200 its ``ratio_to_matmul`` × the matmul
-  FLOP/s measured beside it (gpu_check.json, fp32 without TF32), on this CPU its ``gflop_per_s``
-  (``benchmarks/results/sae.json``, 1 thread).
+  BilinearMatrixSAE step at the run's shape (128 × 128, 16,384 features, batch 1,024): on the H200 its
+  ``ratio_to_matmul`` × the matmul FLOP/s measured beside it (gpu_check.json, fp32 without TF32), on this CPU its
+  ``gflop_per_s`` (``benchmarks/results/sae.json``, 1 thread; `run_shape_row`).
 
 Assumed, not measured: Qwen3.5-0.8B's layer layout (`QWEN35_08B`) and the H200's datasheet peaks
 (`H200`), given to show what fraction of peak the measured rates are and what TF32/bf16 would give if
@@ -74,6 +74,20 @@ def _p1_rate(rows: list[dict], T: int, setup_layers: int, vocab: int) -> dict:
     return {"row": row["measure"], "seconds": _ms(row["detail"]), "flops": flops, "flops_per_s": flops / _ms(row["detail"])}
 
 
+def run_shape_row(rows: list[dict]) -> dict:
+    """The BilinearMatrixSAE step of ``benchmarks/results/sae.json``'s rows at the run's shape (`RUN`, at
+    Qwen3.5-0.8B's head shape), or an error naming what is missing: a rate measured at another batch or dictionary
+    size is not the run's (a small batch takes another route through the bilinear encoder)."""
+    m = QWEN35_08B
+    for r in rows:
+        if (r["architecture"], r["d_k"], r["d_v"], r["n_features"], r["batch"], r["k"]) == (
+                "bilinear", m["d_k"], m["d_v"], RUN["n_features"], RUN["batch"], RUN["k"]):
+            return r
+    raise LookupError(f"benchmarks/results/sae.json has no BilinearMatrixSAE step at the run's shape ({m['d_k']}×{m['d_v']}, "
+                      f"n = {RUN['n_features']}, batch {RUN['batch']}, k = {RUN['k']}): rerun `python -m benchmarks.bench_sae` "
+                      f"with its default --max-gflop and --max-gib, which measure it")
+
+
 def compute() -> dict:
     gpu = json.loads((RESULTS / "gpu_check.json").read_text())
     cpu_engine = json.loads((RESULTS / "bench_engine.json").read_text())
@@ -91,8 +105,7 @@ def compute() -> dict:
                    and r["n_features"] == RUN["n_features"] and r["batch"] == RUN["batch"])
     gpu_train_rate = gpu_sae["ratio_to_matmul"] * gpu_sae["matmul_flops_per_s"]
     cpu_forward = _p1_rate(cpu_engine["rows"], 512, cpu_engine["provenance"]["layers"], 4096)
-    cpu_rows = [r for r in sae["rows"] if r["architecture"] == "bilinear" and r["d_k"] == m["d_k"]]
-    cpu_sae = max(cpu_rows, key=lambda r: (r["n_features"], r["batch"]))
+    cpu_sae = run_shape_row(sae["rows"])
     # training on the GPU from the states/s gpu_check measured (the step as it was at that run's sources; the
     # FLOP count is today's, so a rate in FLOP/s would carry a changed step's count onto the old measurement)
     gpu_hours = {"extraction": extract_flops / gpu_forward["flops_per_s"] / 3600,
@@ -164,7 +177,7 @@ def results_block(results: dict | None) -> str:
         f"{results['assumed']['h200_peaks']['hbm_bytes_per_s'] / 1e12:.1f} TB/s takes {g['state_write_seconds_at_hbm_bandwidth']:.2f} s "
         f"(storing them off the GPU is not counted). CPU: forward {ui['forward']['flops_per_s'] / 1e9:.1f} GFLOP/s, SAE step "
         f"{ui['sae_step']['row']['gflop_per_s']:.1f} GFLOP/s (BilinearMatrixSAE 128×128, n = {ui['sae_step']['row']['n_features']}, "
-        f"batch {ui['sae_step']['row']['batch']}, the largest measured).",
+        f"batch {ui['sae_step']['row']['batch']}, the run's shape).",
     ]) + "\n"
 
 

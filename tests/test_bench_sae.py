@@ -140,3 +140,18 @@ def test_the_reference_matmul_is_the_fastest_of_its_trials(monkeypatch):
     step.flops = 2 * 10**3
     assert bench_sae.MATMUL_REFERENCE_TRIALS == 3
     assert bench_sae.step_and_matmul_seconds(step, "cpu", repeats=2) == (1.0, 0.2, 2 * 10**3)
+
+
+def test_the_run_cost_takes_its_cpu_rate_from_the_step_at_the_runs_own_shape():
+    """P7's CPU training rate is the BilinearMatrixSAE step at the run's shape, not the largest one measured (a
+    larger batch, here a decoy, would be picked by size), and a results file without that step is refused by name."""
+    from benchmarks.run_cost import QWEN35_08B, RUN, run_shape_row
+    d = QWEN35_08B["d_k"]
+    shape = dict(d_k=d, d_v=d, n_features=RUN["n_features"], batch=RUN["batch"], k=RUN["k"])
+    decoys = [dict(shape, architecture="bilinear", batch=4 * RUN["batch"]), dict(shape, architecture="matrix"),
+              dict(shape, architecture="bilinear", d_k=64, d_v=64), dict(shape, architecture="bilinear", n_features=4 * RUN["n_features"])]
+    run_row = dict(shape, architecture="bilinear")
+    assert run_shape_row([*decoys[:2], run_row, *decoys[2:]]) is run_row
+    with pytest.raises(LookupError, match=rf"no BilinearMatrixSAE step at the run's shape \({d}×{d}, n = {RUN['n_features']}, "
+                                          rf"batch {RUN['batch']}"):
+        run_shape_row(decoys)
