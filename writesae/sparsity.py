@@ -125,7 +125,7 @@ class TopK(_AuxKTrained):
     def codes_and_summed_atoms(self, sae, pre):
         """The atoms of the k codes this rule keeps, largest first as in `summed_atoms`, without its second top-k
         over every feature: at n = 16,384 and batch 1,024 that, and the dense gradient it passed back through the
-        codes, took about a twentieth of a flat or matrix step. The same numbers (tests/test_train.py)."""
+        codes, took a few percent of a flat or matrix step. The same numbers (tests/test_train.py)."""
         values, indices = pre.topk(self.k, dim=-1)
         kept = values.relu()
         return self._codes(pre, kept, indices), sae.decode_atoms(indices, kept)
