@@ -461,9 +461,10 @@ def _trainer_loss_and_gradients(sae, x: torch.Tensor) -> tuple[dict, dict]:
     cfg = TrainConfig(batch_size=len(x), auxk_k=4, auxk_weight=1 / 32)
     dead = torch.zeros(sae.n_dicts, sae.cfg.n_features, dtype=torch.bool)
     dead[:, ::3] = True  # AuxK reads the residual
-    terms, _, residual = _loss_terms(sae, x, dead, cfg)
+    terms, codes, residual = _loss_terms(sae, x, dead, cfg)
     sum(terms.values()).backward()
-    return {**terms, "residual": residual}, {name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None}
+    return ({**terms, "codes": codes, "residual": residual},
+            {name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None})
 
 
 @pytest.mark.parametrize("few_positive", [False, True])
@@ -487,28 +488,20 @@ def test_topk_decodes_the_codes_it_kept_as_it_decodes_codes_a_hook_returns(arch,
         sae.b_dec.copy_(torch.randn(sae.b_dec.shape, generator=g))
         if few_positive:  # about one feature in twenty positive: most samples keep zeros
             sae.b_enc.sub_(sae.encode_pre(x).flatten().quantile(0.95))
-    cfg = TrainConfig(batch_size=batch, auxk_k=4, auxk_weight=1 / 32)
-    dead = torch.zeros(1, n, dtype=torch.bool)
-    dead[:, ::3] = True
-
-    def terms_codes_residual_and_gradients():
-        sae.zero_grad(set_to_none=True)
-        terms, codes, residual = _loss_terms(sae, x, dead, cfg)
-        sum(terms.values()).backward()
-        return {**terms, "codes": codes, "residual": residual, **{name: p.grad.clone() for name, p in sae.named_parameters()}}
-
-    kept = terms_codes_residual_and_gradients()
+    kept = _trainer_loss_and_gradients(sae, x)
     if few_positive:
-        assert ((kept["codes"] > 0).sum(-1) < k).any()
+        assert ((kept[0]["codes"] > 0).sum(-1) < k).any()
     seen = []
     sae.hook_sae_acts_post.add_hook(lambda codes, hook: seen.append(codes.shape))
-    found = terms_codes_residual_and_gradients()
+    found = _trainer_loss_and_gradients(sae, x)
     sae.hook_sae_acts_post.remove_hooks()
-    assert seen == [(batch, 1, n)] and kept.keys() == found.keys()
-    for name in kept:
-        assert torch.equal(kept[name], found[name]), name
+    assert seen == [(batch, 1, n)]
+    for got, want in zip(kept, found):
+        assert got.keys() == want.keys() and len(got) > 1
+        for name in got:
+            assert torch.equal(got[name], want[name]), name
     sae.hook_sae_acts_post.add_hook(lambda codes, hook: torch.zeros_like(codes))  # an edit reaches the loss
-    terms, _, _ = _loss_terms(sae, x, dead, cfg)
+    terms, _, _ = _loss_terms(sae, x, torch.zeros(1, n, dtype=torch.bool), TrainConfig(batch_size=batch))
     sae.hook_sae_acts_post.remove_hooks()
     torch.testing.assert_close(terms["reconstruction"], (x * 0.7 - sae.b_dec).pow(2).sum((-2, -1)).mean())
 
