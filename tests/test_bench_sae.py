@@ -12,7 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import provenance as provenance_module
-from benchmarks.bench_sae import (BIG_STEP_GFLOP, CLASSES, OP_KINDS, farthest_big_steps, optimizer_step, summary,
+from benchmarks.bench_sae import (BIG_STEP_GFLOP, CLASSES, GOAL_MATMUL_FRACTION, OP_KINDS, farthest_big_steps, optimizer_step, summary,
                                   time_by_op_kind, train_step, training_step_flops)
 from writesae.sae import (bilinear_backward_is_dense, bilinear_forward_is_per_sample, dense_decode_is_cheaper,
                           dense_encoder_backward_is_dense)
@@ -83,9 +83,10 @@ def test_the_adam_floor_steps_every_parameter_once_and_nothing_else(architecture
         torch.testing.assert_close(moved, torch.full_like(moved, 1e-4), rtol=5e-3, atol=0)
 
 
-def _row(architecture, gflop, fraction, n=64, batch=32, limit=0.5):
+def _row(architecture, gflop, fraction, n=64, batch=32, limit=0.5, adam_bound=0.9):
     return {"architecture": architecture, "head_shape": "tiny", "n_features": n, "batch": batch, "d_k": 8, "d_v": 8,
-            "step_gflop": gflop, "matmul_fraction": fraction, "overhead_ms": 1.0, "limit_fraction": limit}
+            "step_gflop": gflop, "matmul_fraction": fraction, "overhead_ms": 1.0, "adam_ms": 0.25,
+            "limit_fraction": limit, "adam_bound_fraction": adam_bound}
 
 
 def test_the_profiled_big_steps_are_each_sae_s_farthest_from_the_matmul_rate():
@@ -94,6 +95,27 @@ def test_the_profiled_big_steps_are_each_sae_s_farthest_from_the_matmul_rate():
     assert farthest_big_steps(rows) == [("flat", "tiny", 2, 32), ("bilinear", "tiny", 4, 32)]
     s = summary([*rows[:2], {**rows[3], "limit_fraction": 0.9}])
     assert s["big_steps"] == 3 and s["big_steps_meeting_goal"] == 0 and s["big_steps_limit_fraction"] == [0.5, 0.9]
+
+
+def test_the_steps_adam_alone_keeps_from_the_goal_are_the_big_ones_whose_bound_is_below_it(monkeypatch):
+    """A step's Adam bound is its FLOPs' time at the matmul rate over that plus Adam alone; the summary names the
+    big steps whose bound is below the goal (at the goal is reachable), and gives Adam's time at the smallest shapes."""
+    from benchmarks import bench_sae
+
+    rows = [_row("flat", 2, 0.3, n=1, adam_bound=GOAL_MATMUL_FRACTION - 0.01), _row("flat", 2, 0.3, n=2,
+            adam_bound=GOAL_MATMUL_FRACTION), _row("matrix", BIG_STEP_GFLOP / 2, 0.1, n=3, adam_bound=0.1),
+            _row("bilinear", 3, 0.2, n=4, batch=1024, adam_bound=0.2)]
+    s = summary(rows)
+    assert s["big_steps_bound_by_adam"] == ["flat 8×8 n=1 batch=32", "bilinear 8×8 n=4 batch=1024"]
+    assert s["smallest_adam_ms"] == {} and summary([_row("flat", 0.1, 0.1)])["smallest_adam_ms"] == {"flat 8×8": 0.25}
+
+    monkeypatch.setattr(bench_sae, "HEAD_SHAPES", {"tiny": (4, 4)})
+    monkeypatch.setattr(bench_sae, "step_and_matmul_seconds", lambda step, device, repeats: (1.0, 0.2, step.flops * 2))
+    monkeypatch.setattr(bench_sae, "median_seconds", lambda fn, repeats, settle: 0.3)
+    row = bench_sae.step_row("flat", "tiny", 2 * bench_sae.K, 4, repeats=1)
+    # the matmul ran twice the step's FLOPs in 0.2 s: the step's FLOPs take 0.1 s at its rate
+    assert row["adam_bound_fraction"] == pytest.approx(0.1 / (0.1 + 0.3))
+    assert row["limit_fraction"] == pytest.approx(0.4) and row["matmul_fraction"] == pytest.approx(0.1)
 
 
 def test_a_results_file_records_its_command_versions_and_load_and_is_written_whole(tmp_path, monkeypatch):
