@@ -15,9 +15,9 @@ Every time is FLOPs / an achieved FLOP/s, the achieved rates taken from our own 
   ``benchmarks/results/gpu_check.json`` (fp32, batch 1, T = 2048), on this CPU from
   ``benchmarks/results/bench_engine.json`` (T = 512). Batch 1 is a low rate: a batched run is faster.
 - training: `benchmarks.bench_sae.training_step_flops` per sample, at the achieved rate of our measured
-  BilinearMatrixSAE step at the run's shape (128 × 128, 16,384 features, batch 1,024): on the H200 its
-  ``ratio_to_matmul`` × the matmul FLOP/s measured beside it (gpu_check.json, fp32 without TF32), on this CPU its
-  ``gflop_per_s`` (``benchmarks/results/sae.json``, 1 thread; `run_shape_row`).
+  BilinearMatrixSAE step at the run's shape (`run_shape_row`: 128 × 128, 16,384 features, batch 1,024): on the H200
+  its ``ratio_to_matmul`` × the matmul FLOP/s measured beside it (gpu_check.json, fp32 without TF32), on this CPU
+  its ``gflop_per_s`` (``benchmarks/results/sae.json``, 1 thread).
 
 Assumed, not measured: Qwen3.5-0.8B's layer layout (`QWEN35_08B`) and the H200's datasheet peaks
 (`H200`), given to show what fraction of peak the measured rates are and what TF32/bf16 would give if
@@ -74,18 +74,19 @@ def _p1_rate(rows: list[dict], T: int, setup_layers: int, vocab: int) -> dict:
     return {"row": row["measure"], "seconds": _ms(row["detail"]), "flops": flops, "flops_per_s": flops / _ms(row["detail"])}
 
 
-def run_shape_row(rows: list[dict]) -> dict:
-    """The BilinearMatrixSAE step of ``benchmarks/results/sae.json``'s rows at the run's shape (`RUN`, at
-    Qwen3.5-0.8B's head shape), or an error naming what is missing: a rate measured at another batch or dictionary
-    size is not the run's (a small batch takes another route through the bilinear encoder)."""
+def run_shape_row(rows: list[dict], architecture: str = "bilinear", source: str = "benchmarks/results/sae.json",
+                  remedy: str = "rerun `python -m benchmarks.bench_sae` with its default --max-gflop and --max-gib, "
+                                "which measure it") -> dict:
+    """The BilinearMatrixSAE step (named ``architecture`` in ``source``'s rows) at the run's shape (`RUN`, at
+    Qwen3.5-0.8B's head shape), or an error naming what is missing and ``remedy``: a rate measured at another batch
+    or dictionary size is not the run's (a small batch takes another route through the bilinear encoder)."""
     m = QWEN35_08B
     for r in rows:
         if (r["architecture"], r["d_k"], r["d_v"], r["n_features"], r["batch"], r["k"]) == (
-                "bilinear", m["d_k"], m["d_v"], RUN["n_features"], RUN["batch"], RUN["k"]):
+                architecture, m["d_k"], m["d_v"], RUN["n_features"], RUN["batch"], RUN["k"]):
             return r
-    raise LookupError(f"benchmarks/results/sae.json has no BilinearMatrixSAE step at the run's shape ({m['d_k']}×{m['d_v']}, "
-                      f"n = {RUN['n_features']}, batch {RUN['batch']}, k = {RUN['k']}): rerun `python -m benchmarks.bench_sae` "
-                      f"with its default --max-gflop and --max-gib, which measure it")
+    raise LookupError(f"{source} has no BilinearMatrixSAE step at the run's shape ({m['d_k']}×{m['d_v']}, "
+                      f"n = {RUN['n_features']}, batch {RUN['batch']}, k = {RUN['k']}): {remedy}")
 
 
 def compute() -> dict:
@@ -101,8 +102,8 @@ def compute() -> dict:
     train_flops = per_sample * samples_per_head * m["gdn_heads"]
 
     gpu_forward = _p1_rate(gpu["engine"]["gdn"]["by_length"]["2048"]["rows"], 2048, gpu["engine"]["gdn"]["setup"]["layers"], 4096)
-    gpu_sae = next(r for r in gpu["sae"]["rows"] if r["architecture"] == "BilinearMatrixSAE" and r["d_k"] == m["d_k"]
-                   and r["n_features"] == RUN["n_features"] and r["batch"] == RUN["batch"])
+    gpu_sae = run_shape_row(gpu["sae"]["rows"], "BilinearMatrixSAE", "benchmarks/results/gpu_check.json",
+                            "run `python -m benchmarks.gpu_check` on a GPU")
     gpu_train_rate = gpu_sae["ratio_to_matmul"] * gpu_sae["matmul_flops_per_s"]
     cpu_forward = _p1_rate(cpu_engine["rows"], 512, cpu_engine["provenance"]["layers"], 4096)
     cpu_sae = run_shape_row(sae["rows"])

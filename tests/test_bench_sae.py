@@ -164,7 +164,7 @@ def test_the_reference_matmul_is_the_fastest_of_its_trials(monkeypatch):
     assert bench_sae.step_and_matmul_seconds(step, "cpu", repeats=2) == (1.0, 0.2, 2 * 10**3)
 
 
-def test_the_run_cost_takes_its_cpu_rate_from_the_step_at_the_runs_own_shape():
+def test_the_run_cost_takes_its_training_rates_from_the_steps_at_the_runs_own_shape():
     """P7's CPU training rate is the BilinearMatrixSAE step at the run's shape, not the largest one measured (a
     larger batch, here a decoy, would be picked by size), and a results file without that step is refused by name."""
     from benchmarks.run_cost import QWEN35_08B, RUN, run_shape_row
@@ -177,3 +177,8 @@ def test_the_run_cost_takes_its_cpu_rate_from_the_step_at_the_runs_own_shape():
     with pytest.raises(LookupError, match=rf"no BilinearMatrixSAE step at the run's shape \({d}×{d}, n = {RUN['n_features']}, "
                                           rf"batch {RUN['batch']}"):
         run_shape_row(decoys)
+    # the GPU check's rows name the class: the same shape picked from them, and its own file and remedy named
+    gpu_row = dict(shape, architecture="BilinearMatrixSAE")
+    assert run_shape_row([run_row, gpu_row], "BilinearMatrixSAE", "gpu_check.json", "run it on a GPU") is gpu_row
+    with pytest.raises(LookupError, match=r"^gpu_check.json has no .*: run it on a GPU$"):
+        run_shape_row([run_row, dict(gpu_row, k=2 * RUN["k"])], "BilinearMatrixSAE", "gpu_check.json", "run it on a GPU")
