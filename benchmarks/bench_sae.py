@@ -39,7 +39,10 @@ a dense encoder's gathered ∂W_enc by its CSR product (`writesae.sae._rows_of_s
 products and adding them with ``index_add_``, the route it replaced. ``gathered_sum``: a dense encoder's ∂W_enc and
 a flat decode (forward and backward) reading their gathered operand whole and in blocks of columns, side by side,
 with what `writesae.sae.gather_columns_per_block` picks: the measurement behind ``GATHER_BLOCKS_FROM`` and the
-constants beside it.
+constants beside it. ``product_layout``: a few rows times a weight's rows, c·Wᵀ (`writesae.sae._times_weight_rows`),
+in einsum's layout and as (W·cᵀ)ᵀ, with what `writesae.sae.weights_first_is_faster` picks: the measurement behind
+``WEIGHTS_FIRST_ROWS`` and ``WEIGHTS_FIRST_FEATURES_PER_ROW``. ``fixed_cost``: each SAE's step at a trivial shape
+(`TRIVIAL_SHAPE`), where its work is negligible, and the ATen operators it runs: what a step costs whatever its shape.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.provenance import provenance, run_line, write_results
 from benchmarks.timing import MAX_WARM_UP_ROUNDS, SETTLED_PAGE_FAULTS, median_seconds
@@ -61,9 +65,10 @@ from writesae.host_memory import freed_memory_kept
 from writesae.sae import (ENCODER_NUMBERS_PER_BLOCK, ENCODER_ROW_GATHER_COST_FLOPS, FACTOR_GATHER_COST_FLOPS,
                           GATHER_BLOCK_NUMBERS, GATHER_BLOCKS_FROM, GATHER_BLOCKS_RESULT_ROWS, GATHER_BLOCKS_REUSE,
                           MIN_BLOCK_COLUMNS, PER_SAMPLE_NUMBERS_PER_BLOCK, ROW_GATHER_COST_FLOPS, SMALL_PRODUCT_COST,
-                          _rows, _rows_of_sparse_product, bilinear_backward_is_dense, bilinear_forward_is_per_sample,
+                          WEIGHTS_FIRST_FEATURES_PER_ROW, WEIGHTS_FIRST_ROWS, _rows, _rows_of_sparse_product,
+                          _times_weight_rows, bilinear_backward_is_dense, bilinear_forward_is_per_sample,
                           dense_decode_is_cheaper, dense_encoder_backward_is_dense, gather_block_columns,
-                          gather_columns_per_block)
+                          gather_columns_per_block, weights_first_is_faster)
 from writesae.train import TrainConfig, make_optimizer, training_step, _guard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,6 +201,34 @@ def step_row(architecture: str, shape: str, n: int, batch: int, repeats: int) ->
             "overhead_ms": 1e3 * (seconds - flop_seconds), "adam_ms": 1e3 * adam_seconds,
             "limit_fraction": (flop_seconds + adam_seconds) / seconds,
             "adam_bound_fraction": flop_seconds / (flop_seconds + adam_seconds)}
+
+
+#: a shape at which a step's work is negligible (d_k = d_v = 2, n = 4, k = 2, batch 2): its time there is the step's
+#: fixed cost, Python, autograd's bookkeeping and the dispatch of its operators, which no smaller shape removes
+TRIVIAL_SHAPE = {"d": 2, "n_features": 4, "k": 2, "batch": 2}
+
+
+class _OperatorCount(TorchDispatchMode):
+    """Counts the ATen operators run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def fixed_cost_row(architecture: str, repeats: int) -> dict:
+    """The trainer's step at `TRIVIAL_SHAPE` (median ms) and the ATen operators one step runs there."""
+    t = TRIVIAL_SHAPE
+    sae = CLASSES[architecture](d_k=t["d"], d_v=t["d"], n_features=t["n_features"], k=t["k"], seed=0)
+    step = train_step(sae, torch.randn(t["batch"], 1, t["d"], t["d"], generator=torch.Generator().manual_seed(0)))
+    seconds = median_seconds(step, repeats, settle=True)
+    with _OperatorCount() as counted:
+        step()
+    return {"architecture": architecture, **t, "step_ms": 1e3 * seconds, "operators": counted.count}
 
 
 #: how `time_by_op_kind` groups the operators a step runs (by torch.profiler's names; the rest is "other")
@@ -371,6 +404,21 @@ def gathered_sum_row(use: str, d: int, n: int, batch: int, repeats: int) -> dict
             "picked_time_over_best": times[chosen] / min(times.values())}
 
 
+def product_layout_row(d: int, n: int, rows: int, repeats: int) -> dict:
+    """``rows`` rows of d·d numbers times n weight rows, c·Wᵀ (`writesae.sae._times_weight_rows`, one head), in
+    einsum's layout and weights first, (W·cᵀ)ᵀ; with what `writesae.sae.weights_first_is_faster` picks."""
+    g = torch.Generator().manual_seed(0)
+    left, W = torch.randn(rows, 1, d * d, generator=g), torch.randn(1, n, d * d, generator=g)
+    times = {}
+    for route in ("einsum", "weights_first"):
+        with mock.patch("writesae.sae.weights_first_is_faster", lambda *shape, route=route: route == "weights_first"):
+            times[route] = median_seconds(lambda: _times_weight_rows(left, W), repeats, settle=True)
+    chosen = "weights_first" if weights_first_is_faster(rows, n, torch.device("cpu")) else "einsum"
+    return {"d_k": d, "d_v": d, "n_features": n, "rows": rows, "einsum_ms": 1e3 * times["einsum"],
+            "weights_first_ms": 1e3 * times["weights_first"], "einsum_over_weights_first": times["einsum"] / times["weights_first"],
+            "rule_picks": chosen, "picked_time_over_best": times[chosen] / min(times.values())}
+
+
 def _routes_table(rows: list[dict]) -> list[str]:
     return ["| SAE | d | n | batch | k | dense | gathered | rule picks | picked / best |", "|---|---|---|---|---|---|---|---|---|",
             *[f"| {r['architecture']} | {r['d_k']} | {r['n_features']} | {r['batch']} | {r['k']} | {r['dense_ms']:.1f} | "
@@ -397,7 +445,7 @@ def results_block(results: dict | None) -> str:
               f"{r['states_per_s']:.0f} | {r['step_gflop']:.3g} | {r['matmul_fraction']:.2f} | {r['overhead_ms']:.1f} | "
               f"{r['adam_ms']:.1f} | {r['limit_fraction']:.2f} | {r['adam_bound_fraction']:.2f} |" for r in results["rows"]]
     s = results["summary"]
-    adam = s["smallest_adam_ms"]
+    adam, t = s["smallest_adam_ms"], TRIVIAL_SHAPE
     lines += ["", f"Goal ≥ {GOAL_MATMUL_FRACTION} of the matmul rate on steps of ≥ {BIG_STEP_GFLOP} GFLOP: {s['big_steps_meeting_goal']} of "
               f"{s['big_steps']} meet it (lowest {s['big_steps_lowest_fraction']:.2f}); their limit fractions lie in "
               f"{s['big_steps_limit_fraction'][0]:.2f}–{s['big_steps_limit_fraction'][1]:.2f}. "
@@ -405,7 +453,11 @@ def results_block(results: dict | None) -> str:
               f"cannot meet it on this machine with Adam, their Adam bound being below {GOAL_MATMUL_FRACTION}: "
               f"{'; '.join(s['big_steps_bound_by_adam']) or 'none'}. Goal ≤ {GOAL_OVERHEAD_MS} ms overhead at the "
               f"smallest shapes (n = {min(N_FEATURES)}, batch {min(BATCHES)}), of which Adam alone takes the second figure: "
-              f"{', '.join(f'{a} {v:.1f} ms ({adam[a]:.1f})' for a, v in s['smallest_overhead_ms'].items())}.",
+              f"{', '.join(f'{a} {v:.1f} ms ({adam[a]:.1f})' for a, v in s['smallest_overhead_ms'].items())}."
+              + (f" The step's fixed cost, its time at a trivial shape (d_k = d_v = {t['d']}, n = {t['n_features']}, "
+                 f"k = {t['k']}, batch {t['batch']}; median of {FIXED_COST_REPEATS}), and the operators it runs there: "
+                 + ", ".join(f"{r['architecture']} {r['step_ms']:.2f} ms ({r['operators']})" for r in results["fixed_cost"])
+                 + "." if results.get("fixed_cost") else ""),
               f"Skipped (over {p['max_gflop']} GFLOP a step or {p['max_gib']} GiB of state): "
               f"{'; '.join(results['skipped']) or 'none'}.", "",
               "Decode routes (forward + backward against a dense gradient, ms; `writesae.sae.dense_decode_is_cheaper` "
@@ -450,6 +502,17 @@ def results_block(results: dict | None) -> str:
                   *[f"| {r['use']} | {r['d_k']} | {r['n_features']} | {r['batch']} | {r['m_mib']:.0f} | {r['reads_per_row']:.2g} | "
                     f"{r['columns_per_block']} | {r['whole_ms']:.1f} | {r['blocks_ms']:.1f} | {r['rule_picks']} | "
                     f"{r['picked_time_over_best']:.2f} |" for r in results["gathered_sum"]]]
+    if results.get("product_layout"):
+        low, high = p["weights_first_rows"]
+        lines += ["", "A few rows times a weight's rows, c·Wᵀ (ms; `writesae.sae._times_weight_rows`: a dense encoder's product, "
+                  "the bilinear encoder's with its rows E, a dense decode's ∂codes), in einsum's layout and weights first, "
+                  f"(W·cᵀ)ᵀ; `writesae.sae.weights_first_is_faster` picks weights first where {low} ≤ rows ≤ {high} and "
+                  f"n ≥ {p['weights_first_features_per_row']}·rows:", "",
+                  "| d | n | rows | einsum | weights first | einsum / weights first | rule picks | picked / best |",
+                  "|---|---|---|---|---|---|---|---|",
+                  *[f"| {r['d_k']} | {r['n_features']} | {r['rows']} | {r['einsum_ms']:.3f} | {r['weights_first_ms']:.3f} | "
+                    f"{r['einsum_over_weights_first']:.2f} | {r['rule_picks'].replace('_', ' ')} | "
+                    f"{r['picked_time_over_best']:.2f} |" for r in results["product_layout"]]]
     if results.get("breakdown"):
         kinds = list(results["breakdown"][0]["ms"])
         lines += ["", f"Where a step's time goes at the smallest shapes and at each SAE's step of ≥ {BIG_STEP_GFLOP} GFLOP farthest from the "
@@ -504,9 +567,17 @@ ENCODER_FORWARD_ROWS = [(128, 16384, 32, 1), (128, 16384, 256, 1), (128, 1024, 1
                         (128, 4096, batch, 2) for batch in (16, 32, 64)] + [(64, 4096, batch, 2) for batch in (8, 16, 32)]
 
 
+#: a step at `TRIVIAL_SHAPE` takes about a millisecond, where the scheduler's interruptions are a larger share of a
+#: call than at the grid's steps: its median is taken over more calls
+FIXED_COST_REPEATS = 51
+#: c·Wᵀ's layouts: (d, n, rows) at both head shapes, around `writesae.sae.weights_first_is_faster`'s window
+PRODUCT_LAYOUT_ROWS = [(d, n, rows) for d in (64, 128) for n in (16, 32, 64, 128, 256, 1024, 4096)
+                       for rows in (8, 16, 32, 48, 64, 128, 256)]
+
+
 def measure(results: dict, args: argparse.Namespace) -> None:
-    """Fill ``results``' rows, the routes side by side (decode, encoder backward and forward, sparse product) and the
-    time breakdown."""
+    """Fill ``results``' rows, each SAE's fixed cost, the routes side by side (decode, encoder backward and forward,
+    sparse product, product layout) and the time breakdown."""
     for architecture, shape, n, batch in itertools.product(CLASSES, HEAD_SHAPES, N_FEATURES, BATCHES):
         d_k, d_v = HEAD_SHAPES[shape]
         gib = 4 * 4 * parameter_count(architecture, n, d_k, d_v) / 2**30
@@ -550,6 +621,14 @@ def measure(results: dict, args: argparse.Namespace) -> None:
             row = gathered_sum_row(use, d, n, batch, args.repeats)
             print(json.dumps(row), flush=True)
             results["gathered_sum"].append(row)
+    for architecture in CLASSES:
+        row = fixed_cost_row(architecture, FIXED_COST_REPEATS)
+        print(json.dumps(row), flush=True)
+        results["fixed_cost"].append(row)
+    for d, n, rows in PRODUCT_LAYOUT_ROWS:
+        row = product_layout_row(d, n, rows, args.repeats)
+        print(json.dumps(row), flush=True)
+        results["product_layout"].append(row)
     smallest = [(architecture, shape, min(N_FEATURES), min(BATCHES))
                 for architecture, shape in itertools.product(CLASSES, HEAD_SHAPES)]
     for architecture, shape, n, batch in smallest + farthest_big_steps(results["rows"]):
@@ -577,12 +656,14 @@ def main() -> None:
                                         gather_blocks_from=GATHER_BLOCKS_FROM, gather_blocks_reuse=GATHER_BLOCKS_REUSE,
                                         gather_blocks_result_rows=GATHER_BLOCKS_RESULT_ROWS,
                                         gather_block_numbers=GATHER_BLOCK_NUMBERS, min_block_columns=MIN_BLOCK_COLUMNS,
+                                        weights_first_rows=WEIGHTS_FIRST_ROWS,
+                                        weights_first_features_per_row=WEIGHTS_FIRST_FEATURES_PER_ROW,
                                         warm_up=f"warm-up calls until one faults in fewer than {SETTLED_PAGE_FAULTS} new "
                                                 f"pages (at most {MAX_WARM_UP_ROUNDS})",
                                         host_memory="writesae.host_memory.freed_memory_kept, as the trainer runs",
                                         matmul_reference_trials=MATMUL_REFERENCE_TRIALS),
                "rows": [], "skipped": [], "decode": [], "encoder_backward": [], "encoder_forward": [], "sparse_product": [],
-               "gathered_sum": [],
+               "gathered_sum": [], "product_layout": [], "fixed_cost": [],
                "breakdown": []}
     with freed_memory_kept():  # the trainer's steps run inside it (writesae.train.train)
         measure(results, args)

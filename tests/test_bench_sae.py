@@ -118,6 +118,44 @@ def test_the_steps_adam_alone_keeps_from_the_goal_are_the_big_ones_whose_bound_i
     assert row["limit_fraction"] == pytest.approx(0.4) and row["matmul_fraction"] == pytest.approx(0.1)
 
 
+def test_the_fixed_cost_row_times_the_trainers_step_at_the_trivial_shape_and_counts_its_operators(monkeypatch):
+    """`fixed_cost_row` times `train_step` at `TRIVIAL_SHAPE` and counts the ATen operators of one step, which
+    RESULTS.md's P5 section renders beside each SAE."""
+    from benchmarks import bench_sae
+
+    timed = []
+    monkeypatch.setattr(bench_sae, "median_seconds", lambda fn, repeats, settle: timed.append(fn) or 0.001)
+    row = bench_sae.fixed_cost_row("bilinear", repeats=3)
+    t = bench_sae.TRIVIAL_SHAPE
+    assert len(timed) == 1 and row["step_ms"] == pytest.approx(1.0)
+    assert timed[0].flops == training_step_flops("bilinear", t["batch"], t["n_features"], t["k"], t["d"], t["d"], 1)
+    assert {key: row[key] for key in t} == t and row["architecture"] == "bilinear"
+    counted = bench_sae._OperatorCount()
+    with counted:
+        torch.ones(2).add(1).sum()
+    assert counted.count == 3 and row["operators"] > 100  # loss, backward, Adam and the guards: hundreds
+
+
+def test_the_product_layout_row_times_each_layout_and_names_the_rules_pick(monkeypatch):
+    """`product_layout_row` times `writesae.sae._times_weight_rows` in einsum's layout and weights first (the one
+    that calls torch.bmm itself), and names the route `weights_first_is_faster` picks and its time over the best."""
+    from unittest import mock
+
+    from benchmarks import bench_sae
+
+    def calls_to_bmm(fn, repeats, settle):  # "seconds" = 1 + the torch.bmm calls of one call
+        with mock.patch("torch.bmm", wraps=torch.bmm) as bmm:
+            fn()
+        return 1.0 + bmm.call_count
+
+    monkeypatch.setattr(bench_sae, "median_seconds", calls_to_bmm)
+    row = bench_sae.product_layout_row(2, 64, 32, repeats=1)
+    assert (row["einsum_ms"], row["weights_first_ms"]) == (1e3, 2e3)
+    assert row["rule_picks"] == "weights_first" and row["picked_time_over_best"] == 2.0
+    row = bench_sae.product_layout_row(2, 64, 8, repeats=1)
+    assert row["rule_picks"] == "einsum" and row["picked_time_over_best"] == 1.0 and row["rows"] == 8
+
+
 def test_a_results_file_records_its_command_versions_and_load_and_is_written_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["bench_x.py", "--repeats", "2"])
     record = provenance_module.provenance("bench_x", repeats=2, cpu_threads=[1, 2])

@@ -326,6 +326,79 @@ def test_the_encoders_backward_routes_give_autograds_gradients(arch, dense, batc
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 
+def test_weights_first_is_picked_for_a_few_rows_against_at_least_twice_as_many_features_on_the_cpu():
+    """`writesae.sae.weights_first_is_faster`'s window, at its edges (the "product layout" rows of
+    benchmarks/results/sae.json behind it), and never off the CPU, where it was not timed."""
+    from writesae.sae import weights_first_is_faster
+
+    cpu = torch.device("cpu")
+    assert weights_first_is_faster(16, 32, cpu) and weights_first_is_faster(32, 64, cpu)
+    assert weights_first_is_faster(64, 128, cpu) and weights_first_is_faster(64, 16384, cpu)
+    assert not weights_first_is_faster(15, 16384, cpu)  # too few rows
+    assert not weights_first_is_faster(65, 16384, cpu)  # too many rows
+    assert not weights_first_is_faster(32, 63, cpu)  # too few features for the rows
+    assert not weights_first_is_faster(32, 64, torch.device("meta"))
+
+
+@pytest.mark.parametrize("weights_first", [True, False])
+@pytest.mark.parametrize("arch", ["flat", "matrix", "bilinear"])
+def test_the_encoders_product_gives_einsums_numbers_in_either_layout(arch, weights_first):
+    """c·Wᵀ formed weights first or in einsum's layout (`writesae.sae._times_weight_rows`) gives the plain einsum's
+    numbers, with and without gradients, one or two leading axes and two heads: a dense encoder's product, and the
+    bilinear encoder's with its rows E (rank 2 over more samples than its per-sample route takes)."""
+    sae = make(arch, rank=2, heads=[0, 1], n_features=40, input_scale=1.5)
+    E = sae.W_enc if arch != "bilinear" else torch.einsum("hnrk,hnrv->hnkv", *sae.encoder_factors).flatten(-2)
+    for batch in [(20,), (4, 5)]:
+        x = inputs(sae, *batch)
+        expected = torch.einsum("...hd,hnd->...hn", (x * 1.5 - sae.b_dec).flatten(-2), E) + sae.b_enc
+        with mock.patch("writesae.sae.weights_first_is_faster", side_effect=lambda *shape: weights_first) as rule:
+            with torch.no_grad():
+                torch.testing.assert_close(sae.encode_pre(x), expected.detach(), rtol=0, atol=1e-12)
+            torch.testing.assert_close(sae.encode_pre(x), expected, rtol=0, atol=1e-12)
+        assert (20, 40, x.device) in [call.args for call in rule.call_args_list]  # the rows of both leading axes
+
+
+@pytest.mark.parametrize("weights_first", [True, False])
+@pytest.mark.parametrize("need", ["both", "codes", "atoms"])
+def test_the_dense_decodes_backward_gives_autograds_gradients_in_either_layout(weights_first, need):
+    """`writesae.sae._DenseDecode`: Σ_i a_i atom_i and its gradients are autograd's through the plain einsum, its ∂codes
+    formed by `_times_weight_rows` in either layout (to rounding, float64), for two heads and two leading axes, either
+    input alone asking for a gradient."""
+    from writesae.sae import _DenseDecode
+
+    g = torch.Generator().manual_seed(0)
+    codes, atoms = torch.randn(4, 5, 2, 40, generator=g, dtype=torch.float64), torch.randn(2, 40, 12, generator=g, dtype=torch.float64)
+    upstream = torch.randn(4, 5, 2, 12, generator=g, dtype=torch.float64)
+    found = []
+    for route in ("decode", "einsum"):
+        a, b = codes.clone().requires_grad_(need != "atoms"), atoms.clone().requires_grad_(need != "codes")
+        with mock.patch("writesae.sae.weights_first_is_faster", lambda *shape: weights_first):
+            out = _DenseDecode.apply(a, b) if route == "decode" else torch.einsum("...hn,hnd->...hd", a, b)
+            (out * upstream).sum().backward()
+        found.append([out, a.grad, b.grad])
+    for got, expected in zip(*found):
+        assert (got is None) == (expected is None)
+        if got is not None:
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_the_dense_decode_outside_the_window_is_autograds_einsum_bit_for_bit():
+    """Where `writesae.sae.weights_first_is_faster` says no, `_DenseDecode` makes the very products autograd's einsum
+    makes, in float32: SAEs trained at those shapes keep every number they had before it."""
+    from writesae.sae import _DenseDecode
+
+    g = torch.Generator().manual_seed(0)
+    for batch, n, d in [(256, 64, 4096), (7, 12, 12), (32, 16, 1024)]:
+        codes, atoms, upstream = torch.randn(batch, 1, n, generator=g), torch.randn(1, n, d, generator=g), torch.randn(batch, 1, d, generator=g)
+        found = []
+        for decode in (_DenseDecode.apply, lambda a, b: torch.einsum("...hn,hnd->...hd", a, b)):
+            a, b = codes.clone().requires_grad_(), atoms.clone().requires_grad_()
+            out = decode(a, b)
+            (out * upstream).sum().backward()
+            found.append([out, a.grad, b.grad])
+        assert all(torch.equal(got, expected) for got, expected in zip(*found))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_no_atoms_and_no_gradient_are_handled_on_the_gathered_routes(arch):
     """m = 0 atoms decode to zeros; an all-zero gradient of z (every code dead) gives zero gradients, on

@@ -296,6 +296,54 @@ def _gradient_support(grad: Tensor, d_k: int, d_v: int, rank: int | None) -> tup
     return indices, flat_grad.gather(-1, indices)
 
 
+# A few samples' rows times a weight's rows, z = c·Wᵀ per head (c [rows, D]; W [n, D] as stored: the dense encoders'
+# product, the bilinear encoder's with its rows E_i, and a dense decode's ∂codes = g·atomsᵀ), ran faster on this
+# CPU's BLAS written (W·cᵀ)ᵀ, the weights as the product's rows, where WEIGHTS_FIRST_ROWS[0] ≤ rows ≤
+# WEIGHTS_FIRST_ROWS[1] and n ≥ WEIGHTS_FIRST_FEATURES_PER_ROW·rows: up to 4 times as fast, and at one edge shape of
+# the window (64 rows, 4,096 features) within an eighth of einsum's layout. Elsewhere it was up to 4 times as slow
+# (fewer features than twice the rows, or more rows), or mixed (8 rows: faster against many features, slower against
+# few). Timed side by side, one thread, d_k·d_v = 4,096 and 16,384: the "product layout" rows of
+# benchmarks/results/sae.json. The two add the same terms in their own orders: the same numbers to float rounding,
+# not bit for bit. Timed on the CPU only: elsewhere the product keeps einsum's layout.
+WEIGHTS_FIRST_ROWS = (16, 64)
+WEIGHTS_FIRST_FEATURES_PER_ROW = 2
+
+
+def weights_first_is_faster(rows: int, n_features: int, device: torch.device) -> bool:
+    """Whether `_times_weight_rows` forms c·Wᵀ as (W·cᵀ)ᵀ for ``rows`` rows of c and W's ``n_features`` rows."""
+    low, high = WEIGHTS_FIRST_ROWS
+    return device.type == "cpu" and low <= rows <= high and n_features >= WEIGHTS_FIRST_FEATURES_PER_ROW * rows
+
+
+def _times_weight_rows(left: Tensor, W: Tensor) -> Tensor:
+    """``left`` [..., n_dicts, D] times each head's rows W [n_dicts, n, D]: [..., n_dicts, n] (einsum
+    "...hd,hnd->...hn"), formed as (W·leftᵀ)ᵀ where `weights_first_is_faster`."""
+    n_dicts, n, D = W.shape
+    rows = left.reshape(-1, n_dicts, D)
+    if not weights_first_is_faster(len(rows), n, W.device):
+        return torch.einsum("...hd,hnd->...hn", left, W)
+    return torch.bmm(W, rows.permute(1, 2, 0)).permute(2, 0, 1).reshape(*left.shape[:-1], n).contiguous()
+
+
+class _DenseDecode(torch.autograd.Function):
+    """Σ_i a_i atom_i over every feature: codes [..., n_dicts, n] times atoms [n_dicts, n, D] (einsum
+    "...hn,hnd->...hd"), whose backward forms ∂codes = g·atomsᵀ by `_times_weight_rows` (autograd's backward of the
+    einsum keeps einsum's layout, the slower one where `weights_first_is_faster`) and ∂atoms =
+    Σ_samples a gᵀ as autograd's does."""
+
+    @staticmethod
+    def forward(ctx, codes: Tensor, atoms: Tensor) -> Tensor:
+        ctx.save_for_backward(codes, atoms)
+        return torch.einsum("...hn,hnd->...hd", codes, atoms)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        codes, atoms = ctx.saved_tensors
+        need_codes, need_atoms = ctx.needs_input_grad
+        return (_times_weight_rows(grad, atoms) if need_codes else None,
+                torch.einsum("...hn,...hd->hnd", codes, grad) if need_atoms else None)
+
+
 def _centred(x: Tensor, scale: float, offset: Tensor) -> Tensor:
     """X·s − b_dec from X, s and ``offset`` = b_dec: one pass over the batch (an add with a multiplier), where scaling
     and then subtracting take two. Every encoder starts from it, and the trainer's residual s(X − X̂) is it less
@@ -310,7 +358,7 @@ def _dense_pre(W_enc: Tensor, x: Tensor, scale: float, offset: Tensor) -> tuple[
     if torch.is_grad_enabled() and (x.requires_grad or offset.requires_grad or W_enc.requires_grad):
         return _DenseEncoder.apply(x, offset, W_enc, scale)
     centred = _centred(x, scale, offset)
-    return torch.einsum("...hd,hnd->...hn", centred.flatten(-2), W_enc), centred
+    return _times_weight_rows(centred.flatten(-2), W_enc), centred
 
 
 def _summed_over_samples(grad: Tensor) -> Tensor:
@@ -368,7 +416,7 @@ class _DenseEncoder(torch.autograd.Function):
         centred = _centred(x, scale, b)
         _keep_centred(ctx, centred, x, b, scale)
         ctx.save_for_backward(centred, W_enc)
-        return torch.einsum("...hd,hnd->...hn", centred.flatten(-2), W_enc), centred
+        return _times_weight_rows(centred.flatten(-2), W_enc), centred
 
     @staticmethod
     def backward(ctx, grad: Tensor | None, grad_centred: Tensor | None):
@@ -593,8 +641,7 @@ def _bilinear_product(centred: Tensor, U: Tensor, P: Tensor) -> Tensor:
         return torch.cat(blocks, 1).permute(2, 0, 1).reshape(*lead, n_dicts, n)
     flat = centred.flatten(-2)
     features = _features_per_block(n_dicts, flat.shape[-1], ENCODER_NUMBERS_PER_BLOCK)
-    blocks = [torch.einsum("...hd,hnd->...hn", flat,
-                           _factor_atoms(U[:, i:i + features], P[:, i:i + features]).flatten(-2))
+    blocks = [_times_weight_rows(flat, _factor_atoms(U[:, i:i + features], P[:, i:i + features]).flatten(-2))
               for i in range(0, n, features)]
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, -1)
 
@@ -896,8 +943,9 @@ class SAEBase(nn.Module):
         return self._decode_dense(codes) + self.b_dec
 
     def _decode_dense(self, codes: Tensor) -> Tensor:
-        """Σ_i a_i atom_i over every feature (no b_dec, weights' units)."""
-        return torch.einsum("...hn,hnkv->...hkv", codes, self.atoms())
+        """Σ_i a_i atom_i over every feature (no b_dec, weights' units), through `_DenseDecode`."""
+        atoms = self.atoms()
+        return _DenseDecode.apply(codes, atoms.flatten(-2)).unflatten(-1, atoms.shape[-2:])
 
     def l1_penalty(self, codes: Codes) -> Float[Tensor, "*batch n_dicts"]:
         """Σ_i a_i ‖atom_i‖_F: the L1 penalty weighted by atom norm (ReLU training)."""
