@@ -17,7 +17,10 @@ memory-bound pass over every weight, gradient and moment that no FLOP count sees
 (the FLOPs at the matmul rate + Adam alone) / step time: how near a step is to the work it cannot skip;
 ``adam_bound_fraction`` = the FLOPs' time at the matmul rate / (that + Adam alone): the highest matmul fraction the
 step could reach if everything else took no time, so a step whose bound is below the goal cannot meet it on this
-machine with this optimiser, however the rest is made faster.
+machine with this optimiser, however the rest is made faster. ``products_ms``: the step's dense matrix products, each
+timed alone on fresh operands of its own shapes and strides (`products_seconds`); ``products_bound_fraction`` = the
+FLOPs' time at the matmul rate / (those products + Adam alone): the same ceiling with the products at the rate this
+CPU's BLAS gives their shapes (a skinny product runs well below a square one's rate) instead of the square matmul's.
 Steps above ``--max-gflop`` GFLOP, or whose weights, gradients and Adam moments would pass ``--max-gib``
 GiB, are skipped (listed in the results). The defaults skip none: the largest step is 556 GFLOP
 (BilinearMatrixSAE at 128 × 128, 16,384 features, batch 1,024: the shape `benchmarks.run_cost` takes its CPU rate
@@ -48,6 +51,7 @@ in einsum's layout and as (W·cᵀ)ᵀ, with what `writesae.sae.weights_first_is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 import json
@@ -57,6 +61,7 @@ from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
 
 from benchmarks.provenance import provenance, run_line, write_results
 from benchmarks.timing import MAX_WARM_UP_ROUNDS, SETTLED_PAGE_FAULTS, median_seconds
@@ -184,6 +189,53 @@ def step_and_matmul_seconds(step, device, repeats: int) -> tuple[float, float, i
     return seconds, min(median_seconds(matmul, repeats, settle=True) for matmul, _ in trials), trials[0][1]
 
 
+#: the dense matrix products whose time alone gives a step's products bound (`products_seconds`)
+MATRIX_PRODUCTS = (torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.addmm, torch.ops.aten.baddbmm)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Operand:
+    """A recorded product's tensor argument: what a fresh one needs to be laid out the same."""
+    shape: torch.Size
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+    def fresh(self) -> torch.Tensor:
+        numbers = 1 + sum((size - 1) * step for size, step in zip(self.shape, self.stride)) if all(self.shape) else 0
+        return torch.randn(numbers, dtype=self.dtype).as_strided(self.shape, self.stride)
+
+
+class _MatrixProducts(TorchDispatchMode):
+    """Records the dense matrix products (`MATRIX_PRODUCTS`) run inside it, each as (overload, args, kwargs) with its
+    tensors as `_Operand`; a product with a sparse operand (a gathered backward's CSR product) is gathered work, not
+    recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        if func.overloadpacket in MATRIX_PRODUCTS and all(t.layout == torch.strided for t in tensors):
+            spec = lambda t: _Operand(t.shape, t.stride(), t.dtype)
+            self.calls.append((func, *tree_map_only(torch.Tensor, spec, (args, kwargs))))
+        return func(*args, **kwargs)
+
+
+def products_seconds(step, repeats: int) -> float:
+    """The dense matrix products one call of ``step`` runs, each timed alone (median of ``repeats``) on fresh random
+    operands of its shapes, strides and dtypes, summed: the step's products at the rate this CPU's BLAS gives their own
+    shapes, where the reference gives them a square matmul's."""
+    with _MatrixProducts() as recorded:
+        step()
+    seconds = 0.0
+    for func, args, kwargs in recorded.calls:
+        args, kwargs = tree_map_only(_Operand, _Operand.fresh, (args, kwargs))
+        seconds += median_seconds(lambda: func(*args, **kwargs), repeats, settle=True)
+    return seconds
+
+
 def step_row(architecture: str, shape: str, n: int, batch: int, repeats: int) -> dict:
     d_k, d_v = HEAD_SHAPES[shape]
     sae = CLASSES[architecture](d_k=d_k, d_v=d_v, n_features=n, k=K, seed=0)
@@ -192,6 +244,7 @@ def step_row(architecture: str, shape: str, n: int, batch: int, repeats: int) ->
     flops = step_flops(step)
     seconds, mm_seconds, mm_flops = step_and_matmul_seconds(step, "cpu", repeats)
     adam_seconds = median_seconds(optimizer_step(sae), repeats, settle=True)
+    product_seconds = products_seconds(step, repeats)
     flop_seconds = mm_seconds * flops / mm_flops
     return {"architecture": architecture, "head_shape": shape, "d_k": d_k, "d_v": d_v, "n_features": n, "batch": batch,
             "k": K, "decode": "dense" if dense_decode_is_cheaper(batch, n, K, d_k, d_v, None if architecture == "flat" else 1)
@@ -200,7 +253,8 @@ def step_row(architecture: str, shape: str, n: int, batch: int, repeats: int) ->
             "matmul_fraction": (flops / seconds) / (mm_flops / mm_seconds),
             "overhead_ms": 1e3 * (seconds - flop_seconds), "adam_ms": 1e3 * adam_seconds,
             "limit_fraction": (flop_seconds + adam_seconds) / seconds,
-            "adam_bound_fraction": flop_seconds / (flop_seconds + adam_seconds)}
+            "adam_bound_fraction": flop_seconds / (flop_seconds + adam_seconds), "products_ms": 1e3 * product_seconds,
+            "products_bound_fraction": flop_seconds / (product_seconds + adam_seconds)}
 
 
 #: a shape at which a step's work is negligible (d_k = d_v = 2, n = 4, k = 2, batch 2): its time there is the step's
@@ -437,13 +491,15 @@ def results_block(results: dict | None) -> str:
              "*overhead*: step time minus that matmul's time; *Adam*: the trainer's Adam step alone on the same "
              "parameters; *limit fraction*: (the FLOPs at the matmul rate + Adam alone) / step time; *Adam bound*: the "
              "FLOPs' time at the matmul rate / (that + Adam alone), the highest matmul fraction the step could reach "
-             "were everything but its products and Adam free.", "",
+             "were everything but its products and Adam free; *products bound*: the same with the step's dense matrix "
+             "products each timed alone at their own shapes and strides in place of the FLOPs' time at the matmul rate.", "",
              "| SAE | head | n | batch | decode | states/s | GFLOP/step | matmul fraction | overhead ms | Adam ms | "
-             "limit fraction | Adam bound |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "limit fraction | Adam bound | products bound |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['architecture']} | {r['d_k']}×{r['d_v']} | {r['n_features']} | {r['batch']} | {r['decode']} | "
               f"{r['states_per_s']:.0f} | {r['step_gflop']:.3g} | {r['matmul_fraction']:.2f} | {r['overhead_ms']:.1f} | "
-              f"{r['adam_ms']:.1f} | {r['limit_fraction']:.2f} | {r['adam_bound_fraction']:.2f} |" for r in results["rows"]]
+              f"{r['adam_ms']:.1f} | {r['limit_fraction']:.2f} | {r['adam_bound_fraction']:.2f} | "
+              f"{r['products_bound_fraction']:.2f} |" for r in results["rows"]]
     s = results["summary"]
     adam, t = s["smallest_adam_ms"], TRIVIAL_SHAPE
     lines += ["", f"Goal ≥ {GOAL_MATMUL_FRACTION} of the matmul rate on steps of ≥ {BIG_STEP_GFLOP} GFLOP: {s['big_steps_meeting_goal']} of "
@@ -451,7 +507,9 @@ def results_block(results: dict | None) -> str:
               f"{s['big_steps_limit_fraction'][0]:.2f}–{s['big_steps_limit_fraction'][1]:.2f}. "
               f"{len(s['big_steps_bound_by_adam'])} of the {s['big_steps'] - s['big_steps_meeting_goal']} that miss it "
               f"cannot meet it on this machine with Adam, their Adam bound being below {GOAL_MATMUL_FRACTION}: "
-              f"{'; '.join(s['big_steps_bound_by_adam']) or 'none'}. Goal ≤ {GOAL_OVERHEAD_MS} ms overhead at the "
+              f"{'; '.join(s['big_steps_bound_by_adam']) or 'none'}. {len(s['big_steps_bound_by_products'])} of the "
+              f"{s['big_steps'] - s['big_steps_meeting_goal']} cannot meet it with their matrix products as they are formed, their products bound being below "
+              f"{GOAL_MATMUL_FRACTION}: {'; '.join(s['big_steps_bound_by_products']) or 'none'}. Goal ≤ {GOAL_OVERHEAD_MS} ms overhead at the "
               f"smallest shapes (n = {min(N_FEATURES)}, batch {min(BATCHES)}), of which Adam alone takes the second figure: "
               f"{', '.join(f'{a} {v:.1f} ms ({adam[a]:.1f})' for a, v in s['smallest_overhead_ms'].items())}."
               + (f" The step's fixed cost, its time at a trivial shape (d_k = d_v = {t['d']}, n = {t['n_features']}, "
@@ -532,10 +590,14 @@ def summary(rows: list[dict]) -> dict:
     return {"big_steps": len(big), "big_steps_meeting_goal": sum(r["matmul_fraction"] >= GOAL_MATMUL_FRACTION for r in big),
             "big_steps_lowest_fraction": min((r["matmul_fraction"] for r in big), default=float("nan")),
             "big_steps_limit_fraction": [min(limit, default=float("nan")), max(limit, default=float("nan"))],
-            "big_steps_bound_by_adam": [f"{r['architecture']} {r['d_k']}×{r['d_v']} n={r['n_features']} batch={r['batch']}"
-                                        for r in big if r["adam_bound_fraction"] < GOAL_MATMUL_FRACTION],
+            "big_steps_bound_by_adam": [_step_name(r) for r in big if r["adam_bound_fraction"] < GOAL_MATMUL_FRACTION],
+            "big_steps_bound_by_products": [_step_name(r) for r in big if r["products_bound_fraction"] < GOAL_MATMUL_FRACTION],
             "smallest_overhead_ms": {_sae_and_head(r): r["overhead_ms"] for r in smallest},
             "smallest_adam_ms": {_sae_and_head(r): r["adam_ms"] for r in smallest}}
+
+
+def _step_name(row: dict) -> str:
+    return f"{_sae_and_head(row)} n={row['n_features']} batch={row['batch']}"
 
 
 def _sae_and_head(row: dict) -> str:

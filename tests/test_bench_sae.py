@@ -83,10 +83,10 @@ def test_the_adam_floor_steps_every_parameter_once_and_nothing_else(architecture
         torch.testing.assert_close(moved, torch.full_like(moved, 1e-4), rtol=5e-3, atol=0)
 
 
-def _row(architecture, gflop, fraction, n=64, batch=32, limit=0.5, adam_bound=0.9):
+def _row(architecture, gflop, fraction, n=64, batch=32, limit=0.5, adam_bound=0.9, products_bound=0.8):
     return {"architecture": architecture, "head_shape": "tiny", "n_features": n, "batch": batch, "d_k": 8, "d_v": 8,
             "step_gflop": gflop, "matmul_fraction": fraction, "overhead_ms": 1.0, "adam_ms": 0.25,
-            "limit_fraction": limit, "adam_bound_fraction": adam_bound}
+            "limit_fraction": limit, "adam_bound_fraction": adam_bound, "products_bound_fraction": products_bound}
 
 
 def test_the_profiled_big_steps_are_each_sae_s_farthest_from_the_matmul_rate():
@@ -112,10 +112,57 @@ def test_the_steps_adam_alone_keeps_from_the_goal_are_the_big_ones_whose_bound_i
     monkeypatch.setattr(bench_sae, "HEAD_SHAPES", {"tiny": (4, 4)})
     monkeypatch.setattr(bench_sae, "step_and_matmul_seconds", lambda step, device, repeats: (1.0, 0.2, step.flops * 2))
     monkeypatch.setattr(bench_sae, "median_seconds", lambda fn, repeats, settle: 0.3)
+    monkeypatch.setattr(bench_sae, "products_seconds", lambda step, repeats: 0.5)
     row = bench_sae.step_row("flat", "tiny", 2 * bench_sae.K, 4, repeats=1)
     # the matmul ran twice the step's FLOPs in 0.2 s: the step's FLOPs take 0.1 s at its rate
     assert row["adam_bound_fraction"] == pytest.approx(0.1 / (0.1 + 0.3))
+    assert row["products_bound_fraction"] == pytest.approx(0.1 / (0.5 + 0.3)) and row["products_ms"] == pytest.approx(500)
     assert row["limit_fraction"] == pytest.approx(0.4) and row["matmul_fraction"] == pytest.approx(0.1)
+
+
+def test_the_steps_their_products_keep_from_the_goal_are_the_big_ones_whose_products_bound_is_below_it():
+    rows = [_row("flat", 2, 0.3, n=1, products_bound=GOAL_MATMUL_FRACTION - 0.01),
+            _row("flat", 2, 0.3, n=2, products_bound=GOAL_MATMUL_FRACTION),
+            _row("matrix", BIG_STEP_GFLOP / 2, 0.1, n=3, products_bound=0.1)]
+    assert summary(rows)["big_steps_bound_by_products"] == ["flat 8×8 n=1 batch=32"]
+
+
+def test_the_products_bound_times_each_dense_product_of_a_step_alone_at_its_own_layout(monkeypatch):
+    """`products_seconds` records the dense matrix products of one call (mm, bmm, addmm, baddbmm, an ``out=`` one
+    too; not a product with a sparse operand, a gathered backward's CSR product, nor other operators) and times each
+    alone on fresh operands of the same shapes, strides and dtypes."""
+    from benchmarks import bench_sae
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 5, generator=g), torch.randn(7, 5, generator=g).t()  # b: a transposed layout
+    batched, bias, out = torch.randn(2, 3, 4, generator=g), torch.randn(3, 7, generator=g), torch.empty(3, 7)
+    sparse = torch.eye(3).to_sparse_csr()
+    calls = []
+
+    def step():
+        a @ b
+        torch.bmm(batched, batched.transpose(1, 2))
+        torch.addmm(bias, a, b, beta=0.5)
+        torch.mm(a, b, out=out)
+        torch.mm(sparse, a)
+        (a + 1).sum()
+        calls.append("step")
+
+    def one_call(fn, repeats, settle):  # "seconds": 1 per product, and what each ran on
+        result = fn()
+        timed.append(result)
+        return 1.0
+
+    timed = []
+    monkeypatch.setattr(bench_sae, "median_seconds", one_call)
+    assert bench_sae.products_seconds(step, repeats=3) == 4.0 and calls == ["step"]
+    assert [tuple(r.shape) for r in timed] == [(3, 7), (2, 3, 3), (3, 7), (3, 7)]
+    recorded = bench_sae._MatrixProducts()
+    with recorded:
+        a @ b
+    (func, (left, right), kwargs), = recorded.calls
+    assert func.overloadpacket is torch.ops.aten.mm and right.stride == b.stride() and right.shape == b.shape
+    assert right.fresh().stride() == b.stride() and not torch.equal(right.fresh(), b)  # the same layout, fresh numbers
 
 
 def test_the_fixed_cost_row_times_the_trainers_step_at_the_trivial_shape_and_counts_its_operators(monkeypatch):
