@@ -200,6 +200,10 @@ class _Operand:
     stride: tuple[int, ...]
     dtype: torch.dtype
 
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> "_Operand":
+        return cls(tensor.shape, tensor.stride(), tensor.dtype)
+
     def fresh(self) -> torch.Tensor:
         numbers = 1 + sum((size - 1) * step for size, step in zip(self.shape, self.stride)) if all(self.shape) else 0
         return torch.randn(numbers, dtype=self.dtype).as_strided(self.shape, self.stride)
@@ -218,8 +222,7 @@ class _MatrixProducts(TorchDispatchMode):
         kwargs = kwargs or {}
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         if func.overloadpacket in MATRIX_PRODUCTS and all(t.layout == torch.strided for t in tensors):
-            spec = lambda t: _Operand(t.shape, t.stride(), t.dtype)
-            self.calls.append((func, *tree_map_only(torch.Tensor, spec, (args, kwargs))))
+            self.calls.append((func, *tree_map_only(torch.Tensor, _Operand.of, (args, kwargs))))
         return func(*args, **kwargs)
 
 

@@ -319,9 +319,9 @@ def _times_weight_rows(left: Tensor, W: Tensor) -> Tensor:
     """``left`` [..., n_dicts, D] times each head's rows W [n_dicts, n, D]: [..., n_dicts, n] (einsum
     "...hd,hnd->...hn"), formed as (W·leftᵀ)ᵀ where `weights_first_is_faster`."""
     n_dicts, n, D = W.shape
-    rows = left.reshape(-1, n_dicts, D)
-    if not weights_first_is_faster(len(rows), n, W.device):
+    if not weights_first_is_faster(math.prod(left.shape[:-2]), n, W.device):
         return torch.einsum("...hd,hnd->...hn", left, W)
+    rows = left.reshape(-1, n_dicts, D)
     return torch.bmm(W, rows.permute(1, 2, 0)).permute(2, 0, 1).reshape(*left.shape[:-1], n).contiguous()
 
 
