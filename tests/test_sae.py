@@ -382,6 +382,31 @@ def test_the_dense_decodes_backward_gives_autograds_gradients_in_either_layout(w
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 
+def test_the_dense_decode_works_under_torch_func_as_the_einsum_does():
+    """`writesae.sae._DenseDecode` under torch.func's transforms gives the plain einsum's numbers: jvp in either input
+    or both (the product rule), grad in both, and per-sample gradients by vmap over grad; and an SAE's dense decode
+    runs under jvp, as it did when it was an einsum."""
+    from writesae.sae import _DenseDecode
+
+    g = torch.Generator().manual_seed(0)
+    codes, atoms = torch.randn(20, 2, 40, generator=g, dtype=torch.float64), torch.randn(2, 40, 12, generator=g, dtype=torch.float64)
+    tangents = torch.randn_like(codes), torch.randn_like(atoms)
+    einsum = lambda a, b: torch.einsum("...hn,hnd->...hd", a, b)
+    found = []
+    for decode in (_DenseDecode.apply, einsum):
+        loss = lambda a, b, decode=decode: decode(a, b).pow(3).sum()
+        found.append([*torch.func.jvp(decode, (codes, atoms), tangents),
+                      torch.func.jvp(lambda a, decode=decode: decode(a, atoms), (codes,), tangents[:1])[1],
+                      torch.func.jvp(lambda b, decode=decode: decode(codes, b), (atoms,), tangents[1:])[1],
+                      *torch.func.grad(loss, argnums=(0, 1))(codes, atoms),
+                      torch.func.vmap(torch.func.grad(lambda a, loss=loss: loss(a, atoms)))(codes)])
+    for got, expected in zip(*found):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
+    sae = make("flat", n_features=40)
+    _, change = torch.func.jvp(sae._decode_dense, (codes[:, :1],), (tangents[0][:, :1],))
+    torch.testing.assert_close(change, einsum(tangents[0][:, :1], sae.W_dec).unflatten(-1, (4, 3)), rtol=0, atol=1e-12)
+
+
 def test_the_dense_decode_outside_the_window_is_autograds_einsum_bit_for_bit():
     """Where `writesae.sae.weights_first_is_faster` says no, `_DenseDecode` makes the very products autograd's einsum
     makes, in float32: SAEs trained at those shapes keep every number they had before it."""

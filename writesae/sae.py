@@ -299,10 +299,10 @@ def _gradient_support(grad: Tensor, d_k: int, d_v: int, rank: int | None) -> tup
 # A few samples' rows times a weight's rows, z = c·Wᵀ per head (c [rows, D]; W [n, D] as stored: the dense encoders'
 # product, the bilinear encoder's with its rows E_i, and a dense decode's ∂codes = g·atomsᵀ), ran faster on this
 # CPU's BLAS written (W·cᵀ)ᵀ, the weights as the product's rows, where WEIGHTS_FIRST_ROWS[0] ≤ rows ≤
-# WEIGHTS_FIRST_ROWS[1] and n ≥ WEIGHTS_FIRST_FEATURES_PER_ROW·rows: up to 4 times as fast, and at one edge shape of
-# the window (64 rows, 4,096 features) within an eighth of einsum's layout. Elsewhere it was up to 4 times as slow
-# (fewer features than twice the rows, or more rows), or mixed (8 rows: faster against many features, slower against
-# few). Timed side by side, one thread, d_k·d_v = 4,096 and 16,384: the "product layout" rows of
+# WEIGHTS_FIRST_ROWS[1] and n ≥ WEIGHTS_FIRST_FEATURES_PER_ROW·rows: up to 3 to 4 times as fast in two runs, where
+# one edge shape of the window (64 rows, 4,096 features) came out an eighth slower in one. Elsewhere it was up to 4
+# times as slow (fewer features than twice the rows, or more rows), or mixed (8 rows: faster against many features,
+# slower against few). Timed side by side, one thread, d_k·d_v = 4,096 and 16,384: the "product layout" rows of
 # benchmarks/results/sae.json. The two add the same terms in their own orders: the same numbers to float rounding,
 # not bit for bit. Timed on the CPU only: elsewhere the product keeps einsum's layout.
 WEIGHTS_FIRST_ROWS = (16, 64)
@@ -329,12 +329,26 @@ class _DenseDecode(torch.autograd.Function):
     """Σ_i a_i atom_i over every feature: codes [..., n_dicts, n] times atoms [n_dicts, n, D] (einsum
     "...hn,hnd->...hd"), whose backward forms ∂codes = g·atomsᵀ by `_times_weight_rows` (autograd's backward of the
     einsum keeps einsum's layout, the slower one where `weights_first_is_faster`) and ∂atoms =
-    Σ_samples a gᵀ as autograd's does."""
+    Σ_samples a gᵀ as autograd's does. It works under torch.func's transforms as the einsum did (grad, vmap, and
+    jvp: the product rule)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, codes: Tensor, atoms: Tensor) -> Tensor:
-        ctx.save_for_backward(codes, atoms)
+    def forward(codes: Tensor, atoms: Tensor) -> Tensor:
         return torch.einsum("...hn,hnd->...hd", codes, atoms)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def jvp(ctx, codes_tangent: Tensor | None, atoms_tangent: Tensor | None) -> Tensor:
+        codes, atoms = ctx.saved_tensors
+        terms = [torch.einsum("...hn,hnd->...hd", *pair) for pair in ((codes_tangent, atoms), (codes, atoms_tangent))
+                 if pair[0] is not None and pair[1] is not None]
+        return sum(terms[1:], terms[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
