@@ -504,14 +504,14 @@ def results_block(results: dict | None) -> str:
               f"{r['adam_ms']:.1f} | {r['limit_fraction']:.2f} | {r['adam_bound_fraction']:.2f} | "
               f"{r['products_bound_fraction']:.2f} |" for r in results["rows"]]
     s = results["summary"]
-    adam, t = s["smallest_adam_ms"], TRIVIAL_SHAPE
+    adam, t, misses = s["smallest_adam_ms"], TRIVIAL_SHAPE, s["big_steps"] - s["big_steps_meeting_goal"]
     lines += ["", f"Goal ≥ {GOAL_MATMUL_FRACTION} of the matmul rate on steps of ≥ {BIG_STEP_GFLOP} GFLOP: {s['big_steps_meeting_goal']} of "
               f"{s['big_steps']} meet it (lowest {s['big_steps_lowest_fraction']:.2f}); their limit fractions lie in "
               f"{s['big_steps_limit_fraction'][0]:.2f}–{s['big_steps_limit_fraction'][1]:.2f}. "
-              f"{len(s['big_steps_bound_by_adam'])} of the {s['big_steps'] - s['big_steps_meeting_goal']} that miss it "
+              f"{len(s['big_steps_bound_by_adam'])} of the {misses} that miss it "
               f"cannot meet it on this machine with Adam, their Adam bound being below {GOAL_MATMUL_FRACTION}: "
               f"{'; '.join(s['big_steps_bound_by_adam']) or 'none'}. {len(s['big_steps_bound_by_products'])} of the "
-              f"{s['big_steps'] - s['big_steps_meeting_goal']} cannot meet it with their matrix products as they are formed, their products bound being below "
+              f"{misses} cannot meet it with their matrix products as they are formed, their products bound being below "
               f"{GOAL_MATMUL_FRACTION}: {'; '.join(s['big_steps_bound_by_products']) or 'none'}. Goal ≤ {GOAL_OVERHEAD_MS} ms overhead at the "
               f"smallest shapes (n = {min(N_FEATURES)}, batch {min(BATCHES)}), of which Adam alone takes the second figure: "
               f"{', '.join(f'{a} {v:.1f} ms ({adam[a]:.1f})' for a, v in s['smallest_overhead_ms'].items())}."

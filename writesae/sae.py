@@ -346,7 +346,7 @@ class _DenseDecode(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, codes_tangent: Tensor | None, atoms_tangent: Tensor | None) -> Tensor:
         codes, atoms = ctx.saved_tensors
-        terms = [torch.einsum("...hn,hnd->...hd", *pair) for pair in ((codes_tangent, atoms), (codes, atoms_tangent))
+        terms = [_DenseDecode.forward(*pair) for pair in ((codes_tangent, atoms), (codes, atoms_tangent))
                  if pair[0] is not None and pair[1] is not None]
         return sum(terms[1:], terms[0])
 
