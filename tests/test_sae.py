@@ -407,6 +407,60 @@ def test_the_dense_decode_works_under_torch_func_as_the_einsum_does():
     torch.testing.assert_close(change, einsum(tangents[0][:, :1], sae.W_dec).unflatten(-1, (4, 3)), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("arch, route", [(a, r) for a in ARCHS for r in ("dense", "gathered")] + [("flat", "gathered in blocks")])
+@pytest.mark.parametrize("sparsity", list(SPARSITIES))
+def test_an_sae_under_torch_func_gives_autograds_numbers(arch, route, sparsity):
+    """Under torch.func's transforms an SAE takes plain operators (`writesae.sparsity.under_torch_func`) where autograd
+    takes its Functions' backward routes, each forced here: jacrev and jvp of encode equal the Jacobian autograd
+    forms through them, vmap equals encoding sample by sample, grad in the parameters by functional_call equals
+    backward's (JumpReLU's θ by its straight-through estimate, with the L0 term), and jacrev of a sparse decode
+    equals autograd's."""
+    sae = make(arch, sparsity=sparsity, n_heads=2, heads="all", jumprelu_bandwidth=0.5, jumprelu_initial_threshold=0.05)
+    x = inputs(sae, 5)
+    dense = route == "dense"
+    with (mock.patch("writesae.sae.dense_decode_is_cheaper", lambda *_: dense),
+          mock.patch("writesae.sae.dense_encoder_backward_is_dense", lambda *_: dense),
+          mock.patch("writesae.sae.bilinear_backward_is_dense", lambda *_: dense),
+          mock.patch("writesae.sae.gather_columns_per_block", lambda *_: 4 if route == "gathered in blocks" else 10**9)):
+        jacobian = torch.autograd.functional.jacobian(sae.encode, x)
+        torch.testing.assert_close(torch.func.jacrev(sae.encode)(x), jacobian, rtol=0, atol=1e-12)
+        tangent = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype)
+        torch.testing.assert_close(torch.func.jvp(sae.encode, (x,), (tangent,))[1],
+                                   torch.einsum("...ijkl,ijkl->...", jacobian, tangent), rtol=0, atol=1e-12)
+        torch.testing.assert_close(torch.func.vmap(sae.encode)(x), torch.stack([sae.encode(one) for one in x]),
+                                   rtol=0, atol=1e-12)
+
+        class Loss(torch.nn.Module):  # JumpReLU's θ learns through its L0 term as well
+            def __init__(self):
+                super().__init__()
+                self.sae = sae
+
+            def forward(self, x):
+                total = self.sae(x).square().sum()
+                if isinstance(self.sae.activation, JumpReLU):
+                    total = total + self.sae.activation.l0_penalty(self.sae.encode_pre(x)).sum()
+                return total
+
+        loss = Loss()
+        params = dict(loss.named_parameters())
+        detached = {name: p.detach() for name, p in params.items()}
+        at = lambda p: torch.func.functional_call(loss, p, (x,))
+        found = torch.func.grad(at)(detached)
+        loss(x).backward()
+        for name, p in params.items():
+            torch.testing.assert_close(found[name], p.grad, rtol=0, atol=1e-11, msg=name)
+        tangents = {name: torch.randn(p.shape, generator=torch.Generator().manual_seed(4), dtype=p.dtype)
+                    for name, p in params.items()}  # the directional derivative, forward mode against the gradients
+        torch.testing.assert_close(torch.func.jvp(at, (detached,), (tangents,))[1],
+                                   sum((p.grad * tangents[name]).sum() for name, p in params.items()), rtol=1e-12, atol=1e-10)
+        codes = sae.encode(x).detach()
+        indices = codes.abs().topk(3, dim=-1).indices
+        values = codes.gather(-1, indices) + 0.5
+        decode = lambda v: sae.decode_sparse(indices, v)
+        torch.testing.assert_close(torch.func.jacrev(decode)(values), torch.autograd.functional.jacobian(decode, values),
+                                   rtol=0, atol=1e-12)
+
+
 def test_the_dense_decode_outside_the_window_is_autograds_einsum_bit_for_bit():
     """Where `writesae.sae.weights_first_is_faster` says no, `_DenseDecode` makes the very products autograd's einsum
     makes, in float32: SAEs trained at those shapes keep every number they had before it."""

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from .sparsity import SPARSITIES, Codes, JumpReLU, make_sparsity
+from .sparsity import SPARSITIES, Codes, JumpReLU, make_sparsity, under_torch_func
 
 # shapes of the public API: X (a head's d_k × d_v matrix per dictionary), the codes (from
 # `writesae.sparsity`), and the factors of X = k δᵀ
@@ -368,8 +368,9 @@ def _centred(x: Tensor, scale: float, offset: Tensor) -> Tensor:
 def _dense_pre(W_enc: Tensor, x: Tensor, scale: float, offset: Tensor) -> tuple[Tensor, Tensor]:
     """W_enc,i · vec(X·s − b_dec) [..., n_dicts, n] (b_enc not included) from X, s and ``offset`` = b_dec, and the
     centred input X·s − b_dec it read (`_centred`). With gradients, through `_DenseEncoder`, whose backward uses only
-    the features that receive a gradient."""
-    if torch.is_grad_enabled() and (x.requires_grad or offset.requires_grad or W_enc.requires_grad):
+    the features that receive a gradient (plain operators under torch.func: `under_torch_func`)."""
+    if torch.is_grad_enabled() and not under_torch_func() and (x.requires_grad or offset.requires_grad
+                                                               or W_enc.requires_grad):
         return _DenseEncoder.apply(x, offset, W_enc, scale)
     centred = _centred(x, scale, offset)
     return _times_weight_rows(centred.flatten(-2), W_enc), centred
@@ -663,8 +664,8 @@ def _bilinear_product(centred: Tensor, U: Tensor, P: Tensor) -> Tensor:
 def _bilinear_pre(U: Tensor, P: Tensor, x: Tensor, scale: float, offset: Tensor) -> tuple[Tensor, Tensor]:
     """Σ_r U_irᵀ (X·s − b_dec) P_ir [..., n_dicts, n] (b_enc not included) from X, s and ``offset`` = b_dec, and the
     centred input X·s − b_dec it read (`_centred`). With gradients, through `_BilinearEncoder`, whose backward reaches
-    the factors of only the features that receive a gradient."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, offset, U, P)):
+    the factors of only the features that receive a gradient (plain operators under torch.func: `under_torch_func`)."""
+    if torch.is_grad_enabled() and not under_torch_func() and any(t.requires_grad for t in (x, offset, U, P)):
         return _BilinearEncoder.apply(x, offset, U, P, scale)
     centred = _centred(x, scale, offset)
     return _bilinear_product(centred, U, P), centred
@@ -737,8 +738,12 @@ class _BilinearEncoder(torch.autograd.Function):
 
 
 def _factor_decode_sparse(V: Tensor, W: Tensor, indices: Tensor, values: Tensor) -> Tensor:
-    """Σ_j values_j Σ_r V_{i_j r} W_{i_j r}ᵀ, gathering only the m given atoms' factors (`_GatheredFactorProduct`)."""
-    return _GatheredFactorProduct.apply(values, _pick(V, indices), _pick(W, indices))
+    """Σ_j values_j Σ_r V_{i_j r} W_{i_j r}ᵀ, gathering only the m given atoms' factors (`_GatheredFactorProduct`;
+    one einsum under torch.func: `under_torch_func`)."""
+    V_kept, W_kept = _pick(V, indices), _pick(W, indices)
+    if under_torch_func():
+        return torch.einsum("...m,...mrk,...mrv->...kv", values, V_kept, W_kept)
+    return _GatheredFactorProduct.apply(values, V_kept, W_kept)
 
 
 class _GatheredFactorProduct(torch.autograd.Function):
@@ -1043,7 +1048,9 @@ class FlatSAE(SAEBase):
         # (a third of the time of gather-then-contract, forward and backward); past the cache, in blocks of columns
         # (`gather_columns_per_block`) where the CSR products take the dtype
         rows, values, W = _rows(indices, self.cfg.n_features).flatten(0, -2), values.flatten(0, -2), self.W_dec.flatten(0, 1)
-        if (W.dtype in CSR_DTYPES
+        if under_torch_func():
+            flat = torch.einsum("sm,smd->sd", values, W.index_select(0, rows.flatten()).view(*rows.shape, -1))
+        elif (W.dtype in CSR_DTYPES
                 and gather_columns_per_block(len(W), len(rows), rows.numel(), W.shape[-1], W.device) < W.shape[-1]):
             flat = _BlockedGatheredRows.apply(rows, values, W)
         else:

@@ -42,6 +42,16 @@ if TYPE_CHECKING:
 Codes = Float[Tensor, "*batch n_dicts n"]
 
 
+def under_torch_func() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, jvp, vmap, ...) is running. The SAEs' encoders and gathered
+    decodes then take plain operators, the same products and sums as their autograd Functions, whose gradients,
+    tangents and batching rules are torch's (those Functions' backward routes, with `writesae.sae._gradient_support`'s
+    sync on the gradient, sparse CSR products and ``embedding_bag``, have none); and `BatchTopK` leaves its threshold
+    alone (a transform may not change a module's state). It is the check `torch.autograd.Function.apply` makes before
+    it refuses a Function without transform support."""
+    return torch._C._are_functorch_transforms_active()
+
+
 class Sparsity(nn.Module):
     """A sparsity rule: ``forward`` maps z to a; the training terms and the reconstruction's path are its own.
 
@@ -150,7 +160,8 @@ class BatchTopK(_AuxKTrained):
     kept (0 when the batch had fewer than k·B positive activations, as then every positive one was
     kept): the plain mean over the first 1/momentum batches, an exponential average after that.
     Only training-mode passes that record gradients update it; passes under ``torch.no_grad()``
-    (evaluation in training mode, the hook-free recompute behind ``use_error_term``) leave it alone.
+    (evaluation in training mode, the hook-free recompute behind ``use_error_term``) and under a torch.func
+    transform (`under_torch_func`) leave it alone.
     Data-parallel (`writesae.distributed`), such a pass keeps the k·B largest of the global batch
     of B = W·b samples: each rank's k·B largest are gathered, and the (k·B)-th largest of them all is
     the threshold every rank applies to its own b samples.
@@ -176,7 +187,8 @@ class BatchTopK(_AuxKTrained):
         per_head = rearrange(acts, "... h n -> h (... n)")
         n_samples = per_head.shape[1] // pre.shape[-1]
         world = distributed.rank_and_world()[1]
-        if world > 1 and torch.is_grad_enabled():
+        calibrating = torch.is_grad_enabled() and not under_torch_func()
+        if world > 1 and calibrating:
             keep = self.k * n_samples * world
             local = per_head.detach().topk(min(keep, per_head.shape[1]), dim=-1).values
             threshold = rearrange(distributed.gather_rows(local), "w h m -> h (w m)").topk(keep, dim=-1).values.amin(-1)
@@ -184,7 +196,7 @@ class BatchTopK(_AuxKTrained):
             codes = per_head * (per_head >= threshold[:, None])
         else:
             kept, indices = per_head.topk(self.k * n_samples, dim=-1, sorted=False)
-            if torch.is_grad_enabled():
+            if calibrating:
                 self._calibrate(kept.detach().amin(-1))
             codes = torch.zeros_like(per_head).scatter(-1, indices, kept)
         return rearrange(codes, "h (b n) -> b h n", n=pre.shape[-1]).reshape(pre.shape)
@@ -224,23 +236,46 @@ class JumpReLU(Sparsity):
 
 
 class _Jump(torch.autograd.Function):
-    """z·H(z − θ), or H(z − θ) itself when ``step``, with the straight-through θ-gradient."""
+    """z·H(z − θ), or H(z − θ) itself when ``step``, with the straight-through θ-gradient. It works under
+    torch.func's transforms (grad and jacrev by the backward, jvp by the same estimates, vmap by a generated rule)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, pre: Tensor, theta: Tensor, bandwidth: float, step: bool) -> Tensor:
-        ctx.save_for_backward(pre, theta)
-        ctx.bandwidth, ctx.step = bandwidth, step
+    def forward(pre: Tensor, theta: Tensor, bandwidth: float, step: bool) -> Tensor:
         gate = (pre > theta).to(pre.dtype)
         return gate if step else pre * gate
 
     @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, Tensor, float, bool], output: Tensor) -> None:
+        pre, theta, ctx.bandwidth, ctx.step = inputs
+        ctx.save_for_backward(pre, theta)
+        ctx.save_for_forward(pre, theta)
+
+    @staticmethod
+    def _through_theta(ctx, pre: Tensor, theta: Tensor, factor: Tensor) -> Tensor:
+        """``factor`` (a gradient of the output, or θ's tangent) times the estimated derivative in θ, per element of z:
+        d/dθ of z·H(z − θ) is estimated as −θ·K((z − θ)/ε)/ε (the jump's height times the step's estimate), of
+        H(z − θ) as −K((z − θ)/ε)/ε."""
+        kernel = ((pre - theta).abs() <= ctx.bandwidth / 2).to(factor.dtype) / ctx.bandwidth
+        return -factor * kernel * (1.0 if ctx.step else theta)
+
+    @staticmethod
     def backward(ctx, grad: Tensor):
         pre, theta = ctx.saved_tensors
-        kernel = ((pre - theta).abs() <= ctx.bandwidth / 2).to(grad.dtype) / ctx.bandwidth  # K((z−θ)/ε)/ε
-        # d/dθ of z·H(z − θ) is estimated as −θ·K/ε (the jump's height times the step's estimate).
-        grad_theta = -grad * kernel * (1.0 if ctx.step else theta)
+        grad_theta = _Jump._through_theta(ctx, pre, theta, grad)
         grad_pre = None if ctx.step else grad * (pre > theta)
         return grad_pre, grad_theta.reshape(-1, *theta.shape).sum(0), None, None
+
+    @staticmethod
+    def jvp(ctx, pre_tangent: Tensor | None, theta_tangent: Tensor | None, *_) -> Tensor:
+        pre, theta = ctx.saved_tensors
+        tangent = torch.zeros_like(pre)
+        if pre_tangent is not None and not ctx.step:
+            tangent = tangent + pre_tangent * (pre > theta)
+        if theta_tangent is not None:
+            tangent = tangent + _Jump._through_theta(ctx, pre, theta, theta_tangent)
+        return tangent
 
 
 SPARSITIES: dict[str, type[Sparsity]] = {
