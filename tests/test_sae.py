@@ -461,6 +461,53 @@ def test_an_sae_under_torch_func_gives_autograds_numbers(arch, route, sparsity):
                                    rtol=0, atol=1e-12)
 
 
+class _SparseRoundTrip(torch.nn.Module):
+    """Σ ‖decode_sparse(the codes' 3 largest)‖² of an SAE's codes of X: its encoder and its gathered decode."""
+
+    def __init__(self, sae):
+        super().__init__()
+        self.sae = sae
+
+    def forward(self, x):
+        codes = self.sae.encode(x)
+        kept = codes.detach().abs().topk(3, dim=-1).indices
+        return self.sae.decode_sparse(kept, codes.gather(-1, kept)).square().sum()
+
+
+@pytest.mark.parametrize("arch, route", [(a, r) for a in ARCHS for r in ("dense", "gathered") if (a, r) != ("flat", "gathered")]
+                         + [("flat", "gathered in blocks")])
+def test_an_sae_differentiates_its_gradient_as_torch_func_does(arch, route):
+    """With create_graph=True, a derivative of the gradient (here of ‖∂L/∂X‖² + Σ_θ ‖∂L/∂θ‖², in every parameter θ) through the
+    encoders' and gathered decodes' autograd Functions equals torch.func's grad of grad through plain operators: a
+    recorded backward takes differentiable operators (the encoders' dense products, the gathered rows, the factors
+    folded with their codes formed again from the inputs). Not a flat decoder's gathered decode by embedding_bag:
+    torch has no second derivative for its per-sample weights (docs/design.md §13; torch.func differentiates it twice)."""
+    sae = make(arch, n_heads=2, heads="all")
+    x = inputs(sae, 5)
+    round_trip = _SparseRoundTrip(sae)
+    dense = route == "dense"
+    with (mock.patch("writesae.sae.dense_decode_is_cheaper", lambda *_: dense),
+          mock.patch("writesae.sae.dense_encoder_backward_is_dense", lambda *_: dense),
+          mock.patch("writesae.sae.bilinear_backward_is_dense", lambda *_: dense),
+          mock.patch("writesae.sae.gather_columns_per_block", lambda *_: 4 if route == "gathered in blocks" else 10**9)):
+        params = dict(round_trip.named_parameters())
+        for with_x in (True, False):  # X needs a gradient of its own, or not (as a trainer's input)
+            round_trip.zero_grad()
+            wrt = [x.detach().requires_grad_()] if with_x else []
+            sum(g.square().sum() for g in torch.autograd.grad(round_trip(wrt[0] if with_x else x), [*wrt, *params.values()],
+                                                              create_graph=True)).backward()
+
+            def penalty(p):
+                grad_params, grad_x = torch.func.grad(at, argnums=(0, 1))(p, x)
+                return sum(g.square().sum() for g in [*grad_params.values(), *[grad_x] * with_x])
+
+            at = lambda p, x: torch.func.functional_call(round_trip, p, (x,))
+            found = torch.func.grad(penalty)({name: p.detach() for name, p in params.items()})
+            for name, p in params.items():
+                assert p.grad is not None and p.grad.abs().max() > 0, name
+                torch.testing.assert_close(p.grad, found[name], rtol=1e-10, atol=1e-10, msg=f"{name}, with X: {with_x}")
+
+
 def test_the_dense_decode_outside_the_window_is_autograds_einsum_bit_for_bit():
     """Where `writesae.sae.weights_first_is_faster` says no, `_DenseDecode` makes the very products autograd's einsum
     makes, in float32: SAEs trained at those shapes keep every number they had before it."""

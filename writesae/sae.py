@@ -280,7 +280,10 @@ def _gradient_support(grad: Tensor, d_k: int, d_v: int, rank: int | None) -> tup
     None where the dense products cost less (a dense encoder's rows, rank None: `dense_encoder_backward_is_dense`;
     the bilinear encoder's factors: `bilinear_backward_is_dense`), else (indices, values) [B, n_dicts, m],
     each sample's m largest |g| (m the most non-zeros any sample has), which hold every non-zero one (and
-    zeros where a sample has fewer)."""
+    zeros where a sample has fewer). A backward that autograd records (``create_graph=True``, for a derivative of
+    the gradient) takes the dense products, which autograd can differentiate again (a CSR product it cannot)."""
+    if torch.is_grad_enabled():
+        return None
     flat_grad = grad.reshape(-1, *grad.shape[-2:])
     n = grad.shape[-1]
     magnitudes = flat_grad.abs()
@@ -400,6 +403,16 @@ def _keep_centred(ctx, centred: Tensor, x: Tensor, b: Tensor, scale: float) -> N
     ctx.set_materialize_grads(False)  # else autograd fills a batch of zeros as c's unused gradient
 
 
+def _centred_for_backward(ctx, centred: Tensor, b: Tensor) -> Tensor:
+    """The centred input c = x·s − b for an encoder's backward. Where autograd records the backward (create_graph, for
+    a derivative of the gradient) and x needs no gradient, the returned c carries no record (`_keep_centred`), so
+    this gives c + (b.detach() − b): the same numbers, with a record that reaches b. Where x needs one, c's record
+    goes through the encoder's own backward to x and b."""
+    if torch.is_grad_enabled() and not ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+        return centred + (b.detach() - b)
+    return centred
+
+
 def _centred_grads(ctx, grad_centred: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     """(∂x, ∂b) from the centred output's gradient (`_keep_centred`); None where there is none."""
     if grad_centred is None:
@@ -430,12 +443,12 @@ class _DenseEncoder(torch.autograd.Function):
     def forward(ctx, x: Tensor, b: Tensor, W_enc: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         centred = _centred(x, scale, b)
         _keep_centred(ctx, centred, x, b, scale)
-        ctx.save_for_backward(centred, W_enc)
+        ctx.save_for_backward(centred, b, W_enc)
         return _times_weight_rows(centred.flatten(-2), W_enc), centred
 
     @staticmethod
     def backward(ctx, grad: Tensor | None, grad_centred: Tensor | None):
-        centred, W_enc = ctx.saved_tensors
+        centred, W_enc = _centred_for_backward(ctx, *ctx.saved_tensors[:2]), ctx.saved_tensors[2]
         (x_shape, b_shape, scale), (need_x, need_b, need_W, _) = ctx.shapes, ctx.needs_input_grad
         n_dicts, n, D = W_enc.shape
         centred = centred.flatten(-2)
@@ -569,6 +582,13 @@ class _BlockedGatheredRows(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         rows, values, W, order = ctx.saved_tensors
         grad_values = grad_W = None
+        if torch.is_grad_enabled():  # recorded (create_graph): the gathered rows, which autograd can differentiate again
+            gathered = W.index_select(0, rows.flatten()).view(*rows.shape, -1)
+            if ctx.needs_input_grad[1]:
+                grad_values = torch.einsum("sd,smd->sm", grad, gathered)
+            if ctx.needs_input_grad[2]:
+                grad_W = W.new_zeros(W.shape).index_add(0, rows.flatten(), (values[..., None] * grad[:, None]).flatten(0, 1))
+            return None, grad_values, grad_W
         if ctx.needs_input_grad[1]:  # over the forward's blocks of W
             in_csr_order = sum(torch.sparse.sampled_addmm(ctx.G, grad[:, columns], W[:, columns].T, beta=0).values()
                                for columns in _column_blocks(ctx.G, W))
@@ -690,12 +710,12 @@ class _BilinearEncoder(torch.autograd.Function):
     def forward(ctx, x: Tensor, b: Tensor, U: Tensor, P: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         centred = _centred(x, scale, b)
         _keep_centred(ctx, centred, x, b, scale)
-        ctx.save_for_backward(centred, U, P)
+        ctx.save_for_backward(centred, b, U, P)
         return _bilinear_product(centred, U, P), centred
 
     @staticmethod
     def backward(ctx, grad: Tensor | None, grad_centred: Tensor | None):
-        centred, U, P = ctx.saved_tensors
+        centred, (U, P) = _centred_for_backward(ctx, *ctx.saved_tensors[:2]), ctx.saved_tensors[2:]
         (x_shape, b_shape, scale), (need_x, need_b, need_U, need_P, _) = ctx.shapes, ctx.needs_input_grad
         n_dicts, n, rank, d_k = U.shape
         d_v = P.shape[-1]
@@ -758,24 +778,29 @@ class _GatheredFactorProduct(torch.autograd.Function):
     def forward(ctx, values: Tensor, V: Tensor, W: Tensor) -> Tensor:
         m, rank, d_k = V.shape[-3:]
         weighted = (V * values[..., None, None]).view(-1, m * rank, d_k)
-        W_rows = W.reshape(-1, m * rank, W.shape[-1])
-        ctx.save_for_backward(values, V, weighted, W_rows)
-        return torch.bmm(weighted.transpose(1, 2), W_rows).view(*values.shape[:-1], d_k, W.shape[-1])
+        ctx.save_for_backward(values, V, weighted, W)
+        return torch.bmm(weighted.transpose(1, 2), W.reshape(*weighted.shape[:2], -1)).view(*values.shape[:-1], d_k, W.shape[-1])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        values, V, weighted, W_rows = ctx.saved_tensors
+        values, V, weighted, W = ctx.saved_tensors
         need_values, need_V, need_W = ctx.needs_input_grad
+        # Where autograd records this backward (create_graph, for a derivative of the gradient), the codes-folded
+        # factors are formed again from the inputs, since the forward's came without a record that reaches them.
+        recorded = torch.is_grad_enabled()
+        if recorded:
+            weighted = (V * values[..., None, None]).view(weighted.shape)
+        W_rows = W.reshape(*weighted.shape[:2], -1)
         grad = grad.reshape(-1, *grad.shape[-2:])
         grad_values = grad_V = grad_W = None
         if need_values or need_V:
             grad_weighted = torch.bmm(W_rows, grad.transpose(1, 2)).view(V.shape)
             if need_values:
                 grad_values = (grad_weighted * V).sum((-2, -1))
-            if need_V:
-                grad_V = grad_weighted.mul_(values[..., None, None])
+            if need_V:  # in place, unless recorded: the record keeps grad_weighted for ∂values
+                grad_V = grad_weighted * values[..., None, None] if recorded else grad_weighted.mul_(values[..., None, None])
         if need_W:
-            grad_W = torch.bmm(weighted, grad).view(*V.shape[:-1], W_rows.shape[-1])
+            grad_W = torch.bmm(weighted, grad).view(W.shape)
         return grad_values, grad_V, grad_W
 
 
