@@ -7,6 +7,7 @@ tight and TopK selections are not decided by rounding.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -407,7 +408,23 @@ def test_the_dense_decode_works_under_torch_func_as_the_einsum_does():
     torch.testing.assert_close(change, einsum(tangents[0][:, :1], sae.W_dec).unflatten(-1, (4, 3)), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("arch, route", [(a, r) for a in ARCHS for r in ("dense", "gathered")] + [("flat", "gathered in blocks")])
+# every route of the encoders' backward and the decodes: dense, gathered, and a flat decoder's gathered decode in
+# blocks of columns (`writesae.sae.gather_columns_per_block`)
+ROUTES = [(a, r) for a in ARCHS for r in ("dense", "gathered")] + [("flat", "gathered in blocks")]
+
+
+@contextlib.contextmanager
+def _forced(route: str):
+    """The rules that choose a route, patched to choose ``route``."""
+    dense = route == "dense"
+    with (mock.patch("writesae.sae.dense_decode_is_cheaper", lambda *_: dense),
+          mock.patch("writesae.sae.dense_encoder_backward_is_dense", lambda *_: dense),
+          mock.patch("writesae.sae.bilinear_backward_is_dense", lambda *_: dense),
+          mock.patch("writesae.sae.gather_columns_per_block", lambda *_: 4 if route == "gathered in blocks" else 10**9)):
+        yield
+
+
+@pytest.mark.parametrize("arch, route", ROUTES)
 @pytest.mark.parametrize("sparsity", list(SPARSITIES))
 def test_an_sae_under_torch_func_gives_autograds_numbers(arch, route, sparsity):
     """Under torch.func's transforms an SAE takes plain operators (`writesae.sparsity.under_torch_func`) where autograd
@@ -417,11 +434,7 @@ def test_an_sae_under_torch_func_gives_autograds_numbers(arch, route, sparsity):
     equals autograd's."""
     sae = make(arch, sparsity=sparsity, n_heads=2, heads="all", jumprelu_bandwidth=0.5, jumprelu_initial_threshold=0.05)
     x = inputs(sae, 5)
-    dense = route == "dense"
-    with (mock.patch("writesae.sae.dense_decode_is_cheaper", lambda *_: dense),
-          mock.patch("writesae.sae.dense_encoder_backward_is_dense", lambda *_: dense),
-          mock.patch("writesae.sae.bilinear_backward_is_dense", lambda *_: dense),
-          mock.patch("writesae.sae.gather_columns_per_block", lambda *_: 4 if route == "gathered in blocks" else 10**9)):
+    with _forced(route):
         jacobian = torch.autograd.functional.jacobian(sae.encode, x)
         torch.testing.assert_close(torch.func.jacrev(sae.encode)(x), jacobian, rtol=0, atol=1e-12)
         tangent = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype)
@@ -462,20 +475,21 @@ def test_an_sae_under_torch_func_gives_autograds_numbers(arch, route, sparsity):
 
 
 class _SparseRoundTrip(torch.nn.Module):
-    """Σ ‖decode_sparse(the codes' 3 largest)‖² of an SAE's codes of X: its encoder and its gathered decode."""
+    """Σ ‖decode_sparse(the 3 largest codes)‖² over an SAE's codes of X (its encoder and its gathered decode), or the
+    plain sum of the decode (whose gradient is one number expanded, stride 0)."""
 
-    def __init__(self, sae):
+    def __init__(self, sae, squared: bool = True):
         super().__init__()
-        self.sae = sae
+        self.sae, self.squared = sae, squared
 
     def forward(self, x):
         codes = self.sae.encode(x)
         kept = codes.detach().abs().topk(3, dim=-1).indices
-        return self.sae.decode_sparse(kept, codes.gather(-1, kept)).square().sum()
+        decoded = self.sae.decode_sparse(kept, codes.gather(-1, kept))
+        return decoded.square().sum() if self.squared else decoded.sum()
 
 
-@pytest.mark.parametrize("arch, route", [(a, r) for a in ARCHS for r in ("dense", "gathered") if (a, r) != ("flat", "gathered")]
-                         + [("flat", "gathered in blocks")])
+@pytest.mark.parametrize("arch, route", [(a, r) for a, r in ROUTES if (a, r) != ("flat", "gathered")])
 def test_an_sae_differentiates_its_gradient_as_torch_func_does(arch, route):
     """With create_graph=True, a derivative of the gradient (here of ‖∂L/∂X‖² + Σ_θ ‖∂L/∂θ‖², in every parameter θ) through the
     encoders' and gathered decodes' autograd Functions equals torch.func's grad of grad through plain operators: a
@@ -485,11 +499,7 @@ def test_an_sae_differentiates_its_gradient_as_torch_func_does(arch, route):
     sae = make(arch, n_heads=2, heads="all")
     x = inputs(sae, 5)
     round_trip = _SparseRoundTrip(sae)
-    dense = route == "dense"
-    with (mock.patch("writesae.sae.dense_decode_is_cheaper", lambda *_: dense),
-          mock.patch("writesae.sae.dense_encoder_backward_is_dense", lambda *_: dense),
-          mock.patch("writesae.sae.bilinear_backward_is_dense", lambda *_: dense),
-          mock.patch("writesae.sae.gather_columns_per_block", lambda *_: 4 if route == "gathered in blocks" else 10**9)):
+    with _forced(route):
         params = dict(round_trip.named_parameters())
         for with_x in (True, False):  # X needs a gradient of its own, or not (as a trainer's input)
             round_trip.zero_grad()
@@ -506,6 +516,29 @@ def test_an_sae_differentiates_its_gradient_as_torch_func_does(arch, route):
             for name, p in params.items():
                 assert p.grad is not None and p.grad.abs().max() > 0, name
                 torch.testing.assert_close(p.grad, found[name], rtol=1e-10, atol=1e-10, msg=f"{name}, with X: {with_x}")
+
+
+@pytest.mark.parametrize("arch, route", ROUTES)
+@pytest.mark.parametrize("layout", ["transposed", "expanded", "more batch axes", "empty", "gradient expanded"])
+def test_an_sae_gives_torch_funcs_gradients_for_inputs_of_every_layout(arch, route, layout):
+    """Eager gradients in X and every parameter, through each forced route, equal torch.func's through plain
+    operators for X transposed in its last two axes, X one sample expanded over the batch (stride 0), more batch
+    axes, an empty batch (whose gathered backward once failed: embedding_bag refuses empty bags), and an upstream
+    gradient that is one number expanded."""
+    sae = make(arch, d_k=4, d_v=4, n_heads=2, heads="all")
+    base = inputs(sae, 5)
+    x = {"transposed": base.transpose(-1, -2), "expanded": base[:1].expand_as(base), "more batch axes": inputs(sae, 2, 3),
+         "empty": base[:0], "gradient expanded": base}[layout]
+    round_trip = _SparseRoundTrip(sae, squared=layout != "gradient expanded")
+    with _forced(route):
+        x_eager = x.detach().requires_grad_()
+        round_trip(x_eager).backward()
+        params = dict(round_trip.named_parameters())
+        found_params, found_x = torch.func.grad(lambda p, x: torch.func.functional_call(round_trip, p, (x,)), argnums=(0, 1))(
+            {name: p.detach() for name, p in params.items()}, x.detach().contiguous())
+    torch.testing.assert_close(x_eager.grad, found_x, rtol=0, atol=1e-11)
+    for name, p in params.items():
+        torch.testing.assert_close(p.grad, found_params[name], rtol=0, atol=1e-11, msg=name)
 
 
 def test_the_dense_decode_outside_the_window_is_autograds_einsum_bit_for_bit():

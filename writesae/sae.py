@@ -281,8 +281,9 @@ def _gradient_support(grad: Tensor, d_k: int, d_v: int, rank: int | None) -> tup
     the bilinear encoder's factors: `bilinear_backward_is_dense`), else (indices, values) [B, n_dicts, m],
     each sample's m largest |g| (m the most non-zeros any sample has), which hold every non-zero one (and
     zeros where a sample has fewer). A backward that autograd records (``create_graph=True``, for a derivative of
-    the gradient) takes the dense products, which autograd can differentiate again (a CSR product it cannot)."""
-    if torch.is_grad_enabled():
+    the gradient) takes the dense products, which autograd can differentiate again (a CSR product it cannot), and so
+    does an empty batch (``embedding_bag`` refuses its bags)."""
+    if torch.is_grad_enabled() or not grad.numel():
         return None
     flat_grad = grad.reshape(-1, *grad.shape[-2:])
     n = grad.shape[-1]
@@ -290,7 +291,7 @@ def _gradient_support(grad: Tensor, d_k: int, d_v: int, rank: int | None) -> tup
     # non-zeros a sample, counted as the sum of |g|'s signs (|g| is needed for the top-k anyway): counting g != 0 as
     # booleans took 1.5 to 4 times as long in one-thread timings at n = 16,384, batch 1,024 (exact in fp32 below
     # 2**24 features). A NaN makes the count NaN: then every feature is taken.
-    most = magnitudes.sign().sum(-1).max().item() if flat_grad.numel() else 0
+    most = magnitudes.sign().sum(-1).max().item()
     m = n if math.isnan(most) else max(int(most), 1)  # one zero where none is non-zero
     shape = (flat_grad.shape[0], n, m, d_k, d_v)
     if dense_encoder_backward_is_dense(*shape) if rank is None else bilinear_backward_is_dense(*shape, rank):
@@ -583,7 +584,7 @@ class _BlockedGatheredRows(torch.autograd.Function):
         rows, values, W, order = ctx.saved_tensors
         grad_values = grad_W = None
         if torch.is_grad_enabled():  # recorded (create_graph): the gathered rows, which autograd can differentiate again
-            gathered = W.index_select(0, rows.flatten()).view(*rows.shape, -1)
+            gathered = W.index_select(0, rows.flatten()).view(*rows.shape, W.shape[-1])
             if ctx.needs_input_grad[1]:
                 grad_values = torch.einsum("sd,smd->sm", grad, gathered)
             if ctx.needs_input_grad[2]:
@@ -779,7 +780,7 @@ class _GatheredFactorProduct(torch.autograd.Function):
         m, rank, d_k = V.shape[-3:]
         weighted = (V * values[..., None, None]).view(-1, m * rank, d_k)
         ctx.save_for_backward(values, V, weighted, W)
-        return torch.bmm(weighted.transpose(1, 2), W.reshape(*weighted.shape[:2], -1)).view(*values.shape[:-1], d_k, W.shape[-1])
+        return torch.bmm(weighted.transpose(1, 2), W.reshape(*weighted.shape[:2], W.shape[-1])).view(*values.shape[:-1], d_k, W.shape[-1])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -790,7 +791,7 @@ class _GatheredFactorProduct(torch.autograd.Function):
         recorded = torch.is_grad_enabled()
         if recorded:
             weighted = (V * values[..., None, None]).view(weighted.shape)
-        W_rows = W.reshape(*weighted.shape[:2], -1)
+        W_rows = W.reshape(*weighted.shape[:2], W.shape[-1])
         grad = grad.reshape(-1, *grad.shape[-2:])
         grad_values = grad_V = grad_W = None
         if need_values or need_V:
@@ -1074,7 +1075,7 @@ class FlatSAE(SAEBase):
         # (`gather_columns_per_block`) where the CSR products take the dtype
         rows, values, W = _rows(indices, self.cfg.n_features).flatten(0, -2), values.flatten(0, -2), self.W_dec.flatten(0, 1)
         if under_torch_func():
-            flat = torch.einsum("sm,smd->sd", values, W.index_select(0, rows.flatten()).view(*rows.shape, -1))
+            flat = torch.einsum("sm,smd->sd", values, W.index_select(0, rows.flatten()).view(*rows.shape, W.shape[-1]))
         elif (W.dtype in CSR_DTYPES
                 and gather_columns_per_block(len(W), len(rows), rows.numel(), W.shape[-1], W.device) < W.shape[-1]):
             flat = _BlockedGatheredRows.apply(rows, values, W)
