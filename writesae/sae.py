@@ -1072,11 +1072,12 @@ class FlatSAE(SAEBase):
     def _decode_gathered(self, indices, values):
         # embedding_bag sums the weighted rows without materialising the [..., m, d_k·d_v] gather
         # (a third of the time of gather-then-contract, forward and backward); past the cache, in blocks of columns
-        # (`gather_columns_per_block`) where the CSR products take the dtype
+        # (`gather_columns_per_block`) where the CSR products take the dtype and each sample has no more terms than W
+        # has rows (more, possible only with repeats, and torch's sampled product behind ∂values refuses the pattern)
         rows, values, W = _rows(indices, self.cfg.n_features).flatten(0, -2), values.flatten(0, -2), self.W_dec.flatten(0, 1)
         if under_torch_func():
             flat = torch.einsum("sm,smd->sd", values, W.index_select(0, rows.flatten()).view(*rows.shape, W.shape[-1]))
-        elif (W.dtype in CSR_DTYPES
+        elif (W.dtype in CSR_DTYPES and rows.shape[-1] <= len(W)
                 and gather_columns_per_block(len(W), len(rows), rows.numel(), W.shape[-1], W.device) < W.shape[-1]):
             flat = _BlockedGatheredRows.apply(rows, values, W)
         else:

@@ -196,7 +196,7 @@ class BatchTopK(_AuxKTrained):
             codes = per_head * (per_head >= threshold[:, None])
         else:
             kept, indices = per_head.topk(self.k * n_samples, dim=-1, sorted=False)
-            if calibrating:
+            if calibrating and n_samples:  # an empty batch kept nothing to calibrate by
                 self._calibrate(kept.detach().amin(-1))
             codes = torch.zeros_like(per_head).scatter(-1, indices, kept)
         return rearrange(codes, "h (b n) -> b h n", n=pre.shape[-1]).reshape(pre.shape)
