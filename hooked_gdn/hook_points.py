@@ -40,15 +40,22 @@ class CheckedHookPoint(HookPoint):
         return alias
 
     def is_hooked(self) -> bool:
-        """Whether this point or one of its aliases has a forward hook."""
-        return bool(self.fwd_hooks) or any(alias.fwd_hooks for alias in self.aliases)
+        """Whether this point or one of its aliases has a hook, forward or backward."""
+        return self._has_hooks() or any(alias._has_hooks() for alias in self.aliases)
+
+    def _has_hooks(self) -> bool:
+        return bool(self.fwd_hooks or self.bwd_hooks)
+
+    def backward_hooked_names(self) -> list[str]:
+        """The names of this point and its aliases that have a backward hook."""
+        return [hp.name for hp in (self, *self.aliases) if hp.bwd_hooks]
 
     def __call__(self, x: Tensor) -> Tensor:
         if not self.is_hooked():
             return x
-        y = self._run_hooks(x) if self.fwd_hooks else x
+        y = self._run_hooks(x) if self._has_hooks() else x
         for alias in self.aliases:
-            if alias.fwd_hooks:
+            if alias._has_hooks():
                 alias.ctx.update(self.ctx)  # the positions the layer told this point (`hooked_gdn.sites.hook_positions`)
                 y = fire_in_layout(alias, y, alias.to_alias, alias.from_alias)
         return y

@@ -102,7 +102,15 @@ class MatrixMemory(nn.Module):
         """The parallel flow every engine shares: ``run(edits, positions)`` (the chunked engine with edits, giving
         ``out``, ``final_state`` and ``states`` at ``positions``), then the write hooks (``fire_writes(result,
         edits)`` fills ``edits`` from what they changed and says whether they did), rerun with those edits, then
-        the state hook at the chosen positions, rerun with its differences."""
+        the state hook at the chosen positions, rerun with its differences. These values are formed beside the
+        reads, not on their way, so no gradient passes through them: a backward hook on one is refused here (the
+        sequential loop passes each position's on, and fires it)."""
+        backward_hooked = [name for hp in self.formed_beside_the_reads() for name in hp.backward_hooked_names()]
+        if backward_hooked:
+            raise ValueError(f"backward hooks on {', '.join(backward_hooked)} need recurrence='sequential': the chunked "
+                             "recurrence forms the memory's states and writes beside its reads, so no gradient passes "
+                             "through them there; the sequential loop passes each position's on (its hooks fire once a "
+                             "position, with p = 1)")
         hooked_state = any_hooked(self.hook_state)
         positions = None
         if hooked_state:
@@ -130,6 +138,11 @@ class MatrixMemory(nn.Module):
     def write_hooks(self) -> tuple:
         """The hook points whose edits force a position's write (and, with an erase of its own, its erase)."""
         return (self.hook_write_key, self.hook_write_value)
+
+    def formed_beside_the_reads(self) -> tuple[CheckedHookPoint, ...]:
+        """The hook points whose values the chunked recurrence forms beside its reads (the states and the writes), so
+        that backward hooks on them need the sequential loop (`_carry_edits`)."""
+        return (self.hook_state, *self.write_hooks())
 
     @staticmethod
     def device_of(ctx: ForwardContext):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from .config import HookedModelConfig
 from .delta_rule import DEFAULT_CHUNK_SIZE
 from .hook_points import CheckedHookPoint
 from .layers import ForwardContext, rotary_inv_freq
+from .memory import MatrixMemory
 
 RETURN_TYPES = ("logits", "loss", "both", None)
 RECURRENCES = ("parallel", "sequential")
@@ -457,9 +459,10 @@ class HookedGatedDeltaNet(HookedRootModule):
         names_filter: str | list[str] | Callable[[str], bool] | None = None,
         device=None,
         remove_batch_dim: bool = False,
+        incl_bwd: bool = False,
         **model_kwargs,
     ) -> tuple[object, GDNActivationCache]:
-        """Run and cache activations, as TransformerLens does, with two differences.
+        """Run and cache activations, as TransformerLens does, with these differences.
 
         - With no ``names_filter``, everything except ``hook_state`` is cached: name the states'
           site(s) to get them (and pass ``state_positions`` to keep only some positions). Above
@@ -467,6 +470,10 @@ class HookedGatedDeltaNet(HookedRootModule):
           and ``hook_pattern`` (T² per head) are left out too, with a warning: name them to get them.
         - A hook that fires once per position (the write and state hooks in sequential mode) is
           cached as the concatenation of its firings along positions.
+        - ``incl_bwd`` (the output must be one number: ``return_type="loss"``) also caches each point's gradient
+          as ``name + "_grad"``, as TransformerLens does; the memory's states and writes have gradients only with
+          ``recurrence="sequential"`` (`hooked_gdn.memory.MatrixMemory.formed_beside_the_reads`): named, they are
+          refused in parallel mode with that reason, and left out of a default filter's gradients.
         """
         if names_filter is None:
             keep = _default_cache_filter
@@ -488,15 +495,34 @@ class HookedGatedDeltaNet(HookedRootModule):
             raise ValueError("remove_batch_dim needs a batch of one")
         firings: dict[str, list[Tensor]] = {}
 
-        def save(tensor: Tensor, hook) -> None:
-            firings.setdefault(hook.name, []).append(tensor.detach().to(device) if device is not None else tensor.detach())
+        def save(tensor: Tensor, hook, suffix: str = "") -> None:
+            firings.setdefault(hook.name + suffix, []).append(tensor.detach().to(device) if device is not None else tensor.detach())
 
-        with self.hooks(fwd_hooks=[(name, save) for name in names]):
+        bwd_names = []
+        if incl_bwd:
+            sequential = model_kwargs.get("recurrence") == "sequential"
+            beside = set() if sequential or names_filter is not None else set(self._names_formed_beside_the_reads())
+            bwd_names = [name for name in names if name not in beside]
+        with self.hooks(fwd_hooks=[(name, save) for name in names],
+                        bwd_hooks=[(name, partial(save, suffix="_grad")) for name in bwd_names]):
             out = self(*model_args, **model_kwargs)
+            if incl_bwd:
+                if not isinstance(out, Tensor) or out.numel() != 1:
+                    got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                    raise ValueError(f"incl_bwd differentiates the output, which must be one number (return_type='loss'), "
+                                     f"got {got}")
+                out.backward()
+        for name in bwd_names:  # a backward pass fires per-position hooks last position first
+            firings.get(name + "_grad", []).reverse()
         store = {name: fired[0] if len(fired) == 1 else torch.cat(fired, 1) for name, fired in firings.items()}
         if remove_batch_dim:
             store = {k: v[0] for k, v in store.items()}
         return out, GDNActivationCache(store, self, has_batch_dim=not remove_batch_dim)
+
+    def _names_formed_beside_the_reads(self) -> list[str]:
+        """The hook names, aliases included, of every memory's `formed_beside_the_reads` points."""
+        return [name for memory in self.modules() if isinstance(memory, MatrixMemory)
+                for point in memory.formed_beside_the_reads() for name in (point.name, *(a.name for a in point.aliases))]
 
     def _key_length(self, model_args: tuple, model_kwargs: dict) -> int:
         """The number of key positions a forward with these arguments attends over: the input's length plus a

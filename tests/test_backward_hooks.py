@@ -1,0 +1,113 @@
+"""Backward hooks, as TransformerLens users attach them (``bwd_hooks=``, ``add_hook(..., dir="bwd")``,
+``run_with_cache(incl_bwd=True)``): each gets the gradient of the loss at its point, checked against what a forward
+hook sees, the gradient of a zero it adds there; on a hybrid GDN model, Mamba-2 and RWKV-7, in both recurrence modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hooked_gdn.architectures.rwkv7 import blinkdl_config, blinkdl_to_fla
+from hooked_gdn.loading import hf_to_hooked_state_dict
+from hooked_gdn.mamba2 import HookedMamba2
+from hooked_gdn.rwkv7 import HookedRWKV7
+
+from .conftest import random_tiny_model, randomize_
+from .rwkv7_models import random_blinkdl_state
+from .test_mamba2 import perturb_, tiny_config
+
+FAMILIES = ["gdn", "mamba2", "rwkv7"]
+TOKENS = torch.randint(1, 50, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+def tiny_model(family: str):
+    """A random tiny model of ``family`` (the GDN one has an attention layer too), every weight off its initialisation."""
+    if family == "gdn":
+        model = random_tiny_model()
+        randomize_(model)
+        return model
+    if family == "mamba2":
+        torch.manual_seed(0)
+        return perturb_(HookedMamba2.from_config(tiny_config()).eval())
+    fla = blinkdl_to_fla(random_blinkdl_state())
+    model = HookedRWKV7(blinkdl_config(fla, "tiny")).eval()
+    model.load_state_dict(hf_to_hooked_state_dict(fla, model.cfg))
+    return model
+
+
+def loss(model, mode: str) -> torch.Tensor:
+    return model(TOKENS, recurrence=mode).log_softmax(-1)[..., 3].sum()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_a_backward_hook_gets_the_gradient_at_its_point(family, mode):
+    """Backward hooks on every hook point at once (in parallel mode all but the memory's states and writes, which it
+    refuses) receive, firing by firing, the gradient of a zero a forward hook adds at the same point: every point the
+    loss depends on fires, and no other. The memory's states and writes fire once a position in sequential mode."""
+    model = tiny_model(family)
+    beside = set(model._names_formed_beside_the_reads())
+    names = [name for name in model.hook_dict if mode == "sequential" or name not in beside]
+    received: dict[str, list[torch.Tensor]] = {}
+    with model.hooks(bwd_hooks=[(name, lambda grad, hook: received.setdefault(hook.name, []).append(grad.clone()))
+                                for name in names]):
+        loss(model, mode).backward()
+    zeros: dict[str, list[torch.Tensor]] = {}
+
+    def add_zero(x, hook):
+        zero = torch.zeros_like(x, requires_grad=True)
+        zeros.setdefault(hook.name, []).append(zero)
+        return x + zero
+
+    with model.hooks(fwd_hooks=[(name, add_zero) for name in names]):
+        value = loss(model, mode)
+    leaves = [zero for name in names for zero in zeros[name]]
+    gradients = iter(torch.autograd.grad(value, leaves, allow_unused=True))
+    expected = {name: [next(gradients) for _ in zeros[name]] for name in names}
+    for name in names:
+        wanted = [g for g in expected[name] if g is not None]
+        got = received.get(name, [])[::-1]  # a backward pass fires last what the forward fired first
+        assert len(got) == len(wanted), f"{name}: {len(got)} firings for {len(wanted)} gradients"
+        for g, w in zip(got, wanted):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=name)
+    assert "blocks.0.hook_resid_pre" in received
+    if mode == "sequential":
+        memory_points = [name for name in beside if name.endswith(("hook_state", "hook_write_value"))]
+        assert memory_points and all(len(received[name]) == TOKENS.shape[1] for name in memory_points)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parallel_mode_refuses_backward_hooks_on_the_memorys_states_and_writes(family):
+    """The chunked recurrence forms the states and writes beside its reads: a backward hook there would never fire,
+    so the forward refuses it by name and says what gives the gradient."""
+    model = tiny_model(family)
+    for name in model._names_formed_beside_the_reads():
+        with model.hooks(bwd_hooks=[(name, lambda grad, hook: None)]), pytest.raises(ValueError) as refused:
+            loss(model, "parallel")
+        assert name in str(refused.value) and "recurrence='sequential'" in str(refused.value)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_run_with_cache_incl_bwd_caches_every_gradient(mode):
+    """``run_with_cache(incl_bwd=True)`` caches ``name + "_grad"`` beside each activation, each the gradient a
+    backward hook receives (per-position firings joined in position order), leaving the memory's states and writes
+    out of a default filter's gradients in parallel mode; named there, they are refused; a non-scalar output is
+    refused."""
+    model = tiny_model("gdn")
+    value, cache = model.run_with_cache(TOKENS, return_type="loss", incl_bwd=True, recurrence=mode)
+    received = {}
+    beside = set(model._names_formed_beside_the_reads())
+    names = [name for name in cache.keys() if not name.endswith("_grad") and (mode == "sequential" or name not in beside)]
+    with model.hooks(bwd_hooks=[(name, lambda grad, hook: received.setdefault(hook.name, []).append(grad)) for name in names]):
+        model(TOKENS, return_type="loss", recurrence=mode).backward()
+    assert set(received) and {name + "_grad" for name in received} == {key for key in cache.keys() if key.endswith("_grad")}
+    for name, fired in received.items():
+        torch.testing.assert_close(cache[name + "_grad"], torch.cat(fired[::-1], 1) if len(fired) > 1 else fired[0],
+                                   rtol=1e-5, atol=1e-7, msg=name)
+    write = "blocks.0.linear_attn.hook_write_value"
+    assert (write + "_grad" in cache.keys()) == (mode == "sequential")
+    if mode == "parallel":
+        with pytest.raises(ValueError, match="recurrence='sequential'"):
+            model.run_with_cache(TOKENS, return_type="loss", incl_bwd=True, names_filter=[write])
+    with pytest.raises(ValueError, match="must be one number"):
+        model.run_with_cache(TOKENS, incl_bwd=True, recurrence=mode)
