@@ -102,15 +102,19 @@ class MatrixMemory(nn.Module):
         """The parallel flow every engine shares: ``run(edits, positions)`` (the chunked engine with edits, giving
         ``out``, ``final_state`` and ``states`` at ``positions``), then the write hooks (``fire_writes(result,
         edits)`` fills ``edits`` from what they changed and says whether they did), rerun with those edits, then
-        the state hook at the chosen positions, rerun with its differences. These values are formed beside the
-        reads, not on their way, so no gradient passes through them: a backward hook on one is refused here (the
-        sequential loop passes each position's on, and fires it)."""
-        backward_hooked = [name for hp in self.formed_beside_the_reads() for name in hp.backward_hooked_names()]
-        if backward_hooked:
-            raise ValueError(f"backward hooks on {', '.join(backward_hooked)} need recurrence='sequential': the chunked "
-                             "recurrence forms the memory's states and writes beside its reads, so no gradient passes "
-                             "through them there; the sequential loop passes each position's on (its hooks fire once a "
-                             "position, with p = 1)")
+        the state hook at the chosen positions, rerun with its differences.
+
+        The states and writes are formed beside the reads, so a gradient reaches them only as an edit's. A backward
+        hook on the state hook makes its difference (zero where no forward hook edits) an edit at every position it
+        fired at, carried as any edit is: the reads then depend on the hooked states, whose gradient is the loss's
+        through everything after them, as the sequential loop's (tests/test_backward_hooks.py). An edit at every row
+        would force every write as given, cutting each later write's dependence on the state that the loop keeps
+        (docs/design.md §8.3), so a backward hook on a write (`write_hooks`) is refused here: the loop gives it."""
+        write_hooked = [name for hp in self.write_hooks() for name in hp.backward_hooked_names()]
+        if write_hooked:
+            raise ValueError(f"backward hooks on {', '.join(write_hooked)} need recurrence='sequential': the chunked "
+                             "recurrence forms the writes beside its reads, so no gradient passes through them there; "
+                             "the sequential loop passes each position's on (its hooks fire once a position, with p = 1)")
         hooked_state = any_hooked(self.hook_state)
         positions = None
         if hooked_state:
@@ -124,6 +128,8 @@ class MatrixMemory(nn.Module):
             tell_positions(ctx.past_length + positions.cpu(), self.hook_state)
             recompute = lambda: run(edits, positions).states
             states, edited, original = self.hook_state.fire_and_diff(result.states, 2, recompute)
+            if self.hook_state.backward_hooked_names():
+                edited = torch.ones(states.shape[:3], dtype=torch.bool, device=states.device)
             if edited is not None:
                 rows = edited.any(dim=(0, 2)).nonzero().flatten()
                 edits.diff_positions = positions[rows]
@@ -139,10 +145,6 @@ class MatrixMemory(nn.Module):
         """The hook points whose edits force a position's write (and, with an erase of its own, its erase)."""
         return (self.hook_write_key, self.hook_write_value)
 
-    def formed_beside_the_reads(self) -> tuple[CheckedHookPoint, ...]:
-        """The hook points whose values the chunked recurrence forms beside its reads (the states and the writes), so
-        that backward hooks on them need the sequential loop (`_carry_edits`)."""
-        return (self.hook_state, *self.write_hooks())
 
     @staticmethod
     def device_of(ctx: ForwardContext):

@@ -471,9 +471,9 @@ class HookedGatedDeltaNet(HookedRootModule):
         - A hook that fires once per position (the write and state hooks in sequential mode) is
           cached as the concatenation of its firings along positions.
         - ``incl_bwd`` (the output must be one number: ``return_type="loss"``) also caches each point's gradient
-          as ``name + "_grad"``, as TransformerLens does; the memory's states and writes have gradients only with
-          ``recurrence="sequential"`` (`hooked_gdn.memory.MatrixMemory.formed_beside_the_reads`): named, they are
-          refused in parallel mode with that reason, and left out of a default filter's gradients.
+          as ``name + "_grad"``, as TransformerLens does; the memory's writes have gradients only with
+          ``recurrence="sequential"`` (`hooked_gdn.memory.MatrixMemory._carry_edits`): named, they are refused in
+          parallel mode with that reason, and left out of a default filter's gradients.
         """
         if names_filter is None:
             keep = _default_cache_filter
@@ -501,8 +501,8 @@ class HookedGatedDeltaNet(HookedRootModule):
         bwd_names = []
         if incl_bwd:
             sequential = model_kwargs.get("recurrence") == "sequential"
-            beside = set() if sequential or names_filter is not None else set(self._names_formed_beside_the_reads())
-            bwd_names = [name for name in names if name not in beside]
+            writes = set() if sequential or names_filter is not None else set(self._write_hook_names())
+            bwd_names = [name for name in names if name not in writes]
         with self.hooks(fwd_hooks=[(name, save) for name in names],
                         bwd_hooks=[(name, partial(save, suffix="_grad")) for name in bwd_names]):
             out = self(*model_args, **model_kwargs)
@@ -519,10 +519,10 @@ class HookedGatedDeltaNet(HookedRootModule):
             store = {k: v[0] for k, v in store.items()}
         return out, GDNActivationCache(store, self, has_batch_dim=not remove_batch_dim)
 
-    def _names_formed_beside_the_reads(self) -> list[str]:
-        """The hook names, aliases included, of every memory's `formed_beside_the_reads` points."""
+    def _write_hook_names(self) -> list[str]:
+        """The hook names, aliases included, of every memory's `write_hooks`."""
         return [name for memory in self.modules() if isinstance(memory, MatrixMemory)
-                for point in memory.formed_beside_the_reads() for name in (point.name, *(a.name for a in point.aliases))]
+                for point in memory.write_hooks() for name in (point.name, *(a.name for a in point.aliases))]
 
     def _key_length(self, model_args: tuple, model_kwargs: dict) -> int:
         """The number of key positions a forward with these arguments attends over: the input's length plus a

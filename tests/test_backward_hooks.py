@@ -35,18 +35,24 @@ def tiny_model(family: str):
     return model
 
 
-def loss(model, mode: str) -> torch.Tensor:
-    return model(TOKENS, recurrence=mode).log_softmax(-1)[..., 3].sum()
+def loss(model, mode: str, **kwargs) -> torch.Tensor:
+    return model(TOKENS, recurrence=mode, **kwargs).log_softmax(-1)[..., 3].sum()
+
+
+def state_hook_names(model) -> list[str]:
+    """Every memory's state hook and its alias (Mamba-2's ``mixer.hook_ssm_state``)."""
+    return [name for name in model.hook_dict if name.endswith(("linear_attn.hook_state", "mixer.hook_ssm_state"))]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mode", ["parallel", "sequential"])
 def test_a_backward_hook_gets_the_gradient_at_its_point(family, mode):
-    """Backward hooks on every hook point at once (in parallel mode all but the memory's states and writes, which it
-    refuses) receive, firing by firing, the gradient of a zero a forward hook adds at the same point: every point the
-    loss depends on fires, and no other. The memory's states and writes fire once a position in sequential mode."""
+    """Backward hooks on every hook point at once (in parallel mode all but the memory's states, whose zero added by
+    a forward hook is no edit there, and writes, which it refuses) receive, firing by firing, the gradient of a zero a
+    forward hook adds at the same point: every point the loss depends on fires, and no other. The memory's states and
+    writes fire once a position in sequential mode."""
     model = tiny_model(family)
-    beside = set(model._names_formed_beside_the_reads())
+    beside = set(model._write_hook_names() + state_hook_names(model))
     names = [name for name in model.hook_dict if mode == "sequential" or name not in beside]
     received: dict[str, list[torch.Tensor]] = {}
     with model.hooks(bwd_hooks=[(name, lambda grad, hook: received.setdefault(hook.name, []).append(grad.clone()))
@@ -77,11 +83,32 @@ def test_a_backward_hook_gets_the_gradient_at_its_point(family, mode):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_parallel_mode_refuses_backward_hooks_on_the_memorys_states_and_writes(family):
-    """The chunked recurrence forms the states and writes beside its reads: a backward hook there would never fire,
-    so the forward refuses it by name and says what gives the gradient."""
+@pytest.mark.parametrize("positions", [None, [2, 5, 9]])
+def test_a_backward_hook_on_the_state_gets_the_loops_gradient_in_parallel_mode(family, positions):
+    """In parallel mode a backward hook on a state hook (or its alias) gets, at each of the state positions, the
+    gradient the sequential loop's gets, through everything after that state; the forward's output is unchanged."""
     model = tiny_model(family)
-    for name in model._names_formed_beside_the_reads():
+    for name in state_hook_names(model)[:2]:
+        received = {}
+        for mode in ("parallel", "sequential"):
+            fired = []
+            with model.hooks(bwd_hooks=[(name, lambda grad, hook: fired.append(grad.clone()))]):
+                value = loss(model, mode, state_positions=positions)
+                value.backward()
+            received[mode] = (value, torch.cat(fired[::-1], 1))
+        torch.testing.assert_close(received["parallel"][0], loss(model, "parallel", state_positions=positions))
+        assert received["parallel"][1].abs().max() > 0
+        loop = received["sequential"][1]
+        torch.testing.assert_close(received["parallel"][1], loop, rtol=1e-4, atol=1e-5 * loop.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parallel_mode_refuses_backward_hooks_on_the_memorys_writes(family):
+    """The chunked recurrence forces a written row as given, where the loop takes a write again from the state an
+    earlier edit changed, so it cannot give the loop's gradient at a write: the forward refuses a backward hook there
+    by name and says what gives it."""
+    model = tiny_model(family)
+    for name in model._write_hook_names():
         with model.hooks(bwd_hooks=[(name, lambda grad, hook: None)]), pytest.raises(ValueError) as refused:
             loss(model, "parallel")
         assert name in str(refused.value) and "recurrence='sequential'" in str(refused.value)
@@ -90,14 +117,14 @@ def test_parallel_mode_refuses_backward_hooks_on_the_memorys_states_and_writes(f
 @pytest.mark.parametrize("mode", ["parallel", "sequential"])
 def test_run_with_cache_incl_bwd_caches_every_gradient(mode):
     """``run_with_cache(incl_bwd=True)`` caches ``name + "_grad"`` beside each activation, each the gradient a
-    backward hook receives (per-position firings joined in position order), leaving the memory's states and writes
-    out of a default filter's gradients in parallel mode; named there, they are refused; a non-scalar output is
+    backward hook receives (per-position firings joined in position order), leaving the memory's writes out of a
+    default filter's gradients in parallel mode; named there, they are refused; a non-scalar output is
     refused."""
     model = tiny_model("gdn")
     value, cache = model.run_with_cache(TOKENS, return_type="loss", incl_bwd=True, recurrence=mode)
     received = {}
-    beside = set(model._names_formed_beside_the_reads())
-    names = [name for name in cache.keys() if not name.endswith("_grad") and (mode == "sequential" or name not in beside)]
+    writes = set(model._write_hook_names())
+    names = [name for name in cache.keys() if not name.endswith("_grad") and (mode == "sequential" or name not in writes)]
     with model.hooks(bwd_hooks=[(name, lambda grad, hook: received.setdefault(hook.name, []).append(grad)) for name in names]):
         model(TOKENS, return_type="loss", recurrence=mode).backward()
     assert set(received) and {name + "_grad" for name in received} == {key for key in cache.keys() if key.endswith("_grad")}
