@@ -17,6 +17,7 @@ from hooked_gdn import HookedGatedDeltaNet
 from hooked_gdn.census import memory_census
 from hooked_gdn.delta_rule import SCALAR_DECAY, chunked_gated_delta_rule, gated_delta_rule, gated_delta_rule_reference
 from hooked_gdn.effective_attention import effective_attention
+from hooked_gdn.loading import hf_to_hooked_state_dict
 from hooked_gdn.mamba2 import HookedMamba2
 from hooked_gdn.pretrained import PRETRAINED_MODELS, heldout_loss
 from hooked_gdn.sites import edit_at_positions, gdn_hook_name, site_name
@@ -152,6 +153,19 @@ def test_logits_match_transformers_fp32(checkpoint, name, length):
     hf, ours = pair(checkpoint(name))
     with torch.no_grad():
         assert (ours(TOKENS[:, :length]) - hf(TOKENS[:, :length]).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_gradients_match_transformers(checkpoint, name):
+    """The chunked recurrence's backward: the loss's gradient in every parameter equals transformers' (its reference
+    forward under autograd), mapped to our names and layouts by the loader's own map."""
+    hf, ours = pair(checkpoint(name))
+    ours(TOKENS, "loss").backward()
+    hf(TOKENS, labels=TOKENS).loss.backward()
+    expected = hf_to_hooked_state_dict({n: p.grad for n, p in hf.named_parameters()}, ours.cfg)
+    assert set(expected) == {n for n, _ in ours.named_parameters()}
+    for n, p in ours.named_parameters():
+        assert (p.grad - expected[n]).abs().max().item() <= 1e-5 * expected[n].abs().max().item() + 1e-8, n
 
 
 @pytest.mark.parametrize("name", list(TINY))

@@ -67,6 +67,21 @@ def blinkdl_state(state: list, layer: int) -> torch.Tensor:
     return state[3 * layer + 1].transpose(-1, -2)
 
 
+def test_gradients_of_the_chunked_recurrence_equal_the_sequential_loops(model):
+    """BlinkDL's forward is inference only, so the chunked recurrence's backward is checked against the plain loop's
+    (``recurrence="sequential"``): the loss's gradient in every parameter."""
+    tokens = torch.randint(0, 256, (2, T), generator=torch.Generator().manual_seed(3))
+    found = {}
+    for mode in ("parallel", "sequential"):
+        model.zero_grad()
+        model(tokens, "loss", recurrence=mode).backward()
+        found[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for n, loop in found["sequential"].items():
+        assert loop.abs().max() > 0, n
+        assert max_gap(found["parallel"][n], loop) <= 1e-4 * loop.abs().max().item(), n
+
+
 # ---------------------------------------------------------------- against BlinkDL's reference
 
 
