@@ -121,6 +121,9 @@ class HookedGatedDeltaNet(HookedRootModule):
         self.hook_embed = CheckedHookPoint()  # [b, p, d_model]
         # a norm of the embeddings (RWKV-7's), applied before hook_embed: the residual stream starts after it
         self.ln_embed = family.embedding_norm(cfg) if family.embedding_norm is not None else None
+        # the pad token's row, which takes no gradient where the reference's embedding says so (its padding_idx)
+        pads = family.embedding_pad_row_frozen and cfg.pad_token_id is not None and 0 <= cfg.pad_token_id < cfg.d_vocab
+        self.embedding_padding_idx = cfg.pad_token_id if pads else None
         self.blocks = nn.ModuleList(family.block(cfg, i) for i in range(cfg.n_layers))
         self.ln_final = family.final_norm(cfg)
         # [d_vocab, d_model] as transformers stores it, so F.linear computes what transformers computes
@@ -416,7 +419,7 @@ class HookedGatedDeltaNet(HookedRootModule):
             past_length=past_length,
             chunk_size=chunk_size,
         )
-        x = self.W_E[tokens]
+        x = F.embedding(tokens, self.W_E, self.embedding_padding_idx)
         x = self.hook_embed(x if self.ln_embed is None else self.ln_embed(x))
         angles = position_ids[..., None].float() * self.rotary_inv_freq
         angles = torch.cat([angles, angles], -1)

@@ -158,10 +158,13 @@ def test_logits_match_transformers_fp32(checkpoint, name, length):
 @pytest.mark.parametrize("name", list(TINY))
 def test_gradients_match_transformers(checkpoint, name):
     """The chunked recurrence's backward: the loss's gradient in every parameter equals transformers' (its reference
-    forward under autograd), mapped to our names and layouts by the loader's own map."""
+    forward under autograd), mapped to our names and layouts by the loader's own map; the pad token's row of W_E
+    included (transformers' Mamba-2 embedding has no padding_idx)."""
     hf, ours = pair(checkpoint(name))
-    ours(TOKENS, "loss").backward()
-    hf(TOKENS, labels=TOKENS).loss.backward()
+    tokens = torch.randint(0, 61, (2, 21), generator=torch.Generator().manual_seed(1))
+    assert (tokens == ours.cfg.pad_token_id).any()
+    ours(tokens, "loss").backward()
+    hf(tokens, labels=tokens).loss.backward()
     expected = hf_to_hooked_state_dict({n: p.grad for n, p in hf.named_parameters()}, ours.cfg)
     assert set(expected) == {n for n, _ in ours.named_parameters()}
     for n, p in ours.named_parameters():

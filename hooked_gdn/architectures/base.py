@@ -72,6 +72,9 @@ class Architecture:
     final_norm_key: str = "norm.weight"
     config_names: dict[str, str] = field(default_factory=dict)  # our size fields -> the transformers config's, for messages
     embedding_norm: Callable[[HookedModelConfig], nn.Module] | None = None  # config -> ln_embed (None: no such norm)
+    # whether the reference's embedding gives the pad token's row no gradient (transformers' nn.Embedding with
+    # padding_idx = pad_token_id, as the GDN hybrids'); the forward is the same either way
+    embedding_pad_row_frozen: bool = True
     # keys (after the text prefix) that go to the model itself rather than a block, e.g. a norm stored in layer 0's folder
     top_level_keys: dict[str, str] = field(default_factory=dict)
     # config.json's dict -> a config object for ``hooked_config``, for a family transformers does not register (None: AutoConfig)

@@ -70,7 +70,7 @@ def final_norm(cfg: HookedMamba2Config) -> FinalNorm:
 ARCHITECTURE = Architecture(
     MODEL_TYPE, "Mamba-2", (MODEL_TYPE,), hooked_config, layer_placements, block=Mamba2Block, final_norm=final_norm,
     init_weights=init_mamba2_weights, text_prefixes=("backbone.",), embedding_keys=("embeddings.weight", "embedding.weight"),
-    final_norm_key="norm_f.weight",
+    final_norm_key="norm_f.weight", embedding_pad_row_frozen=False,
     config_names={"d_model": "hidden_size", "n_layers": "num_hidden_layers", "d_vocab": "vocab_size", "n_value_heads": "num_heads",
                   "n_key_heads": "n_groups", "d_key": "state_size", "d_value": "head_dim", "conv_kernel": "conv_kernel"},
 )
