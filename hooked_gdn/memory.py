@@ -145,7 +145,6 @@ class MatrixMemory(nn.Module):
         """The hook points whose edits force a position's write (and, with an erase of its own, its erase)."""
         return (self.hook_write_key, self.hook_write_value)
 
-
     @staticmethod
     def device_of(ctx: ForwardContext):
         return ctx.position_ids.device
