@@ -1,6 +1,7 @@
 """Backward hooks, as TransformerLens users attach them (``bwd_hooks=``, ``add_hook(..., dir="bwd")``,
 ``run_with_cache(incl_bwd=True)``): each gets the gradient of the loss at its point, checked against what a forward
-hook sees, the gradient of a zero it adds there; on a hybrid GDN model, Mamba-2 and RWKV-7, in both recurrence modes."""
+hook sees, the gradient of a zero it adds there; on a hybrid GDN model, Mamba-2 and RWKV-7, in both recurrence modes,
+and on a spliced SAE's codes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from hooked_gdn.loading import hf_to_hooked_state_dict
 from hooked_gdn.mamba2 import HookedMamba2
 from hooked_gdn.rwkv7 import HookedRWKV7
 
-from .conftest import random_tiny_model, randomize_
+from .conftest import random_tiny_model, randomize_, tiny_hf_config
 from .rwkv7_models import random_blinkdl_state
 from .test_mamba2 import perturb_, tiny_config
 
@@ -138,3 +139,33 @@ def test_run_with_cache_incl_bwd_caches_every_gradient(mode):
             model.run_with_cache(TOKENS, return_type="loss", incl_bwd=True, names_filter=[write])
     with pytest.raises(ValueError, match="must be one number"):
         model.run_with_cache(TOKENS, incl_bwd=True, recurrence=mode)
+
+
+@pytest.mark.parametrize("kind", ["state", "write"])
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_a_backward_hook_on_a_spliced_saes_codes_gets_their_gradient(kind, mode):
+    """Attribution over SAE features, as SAELens users run it: with an SAE spliced in (error term on), a backward hook
+    on its ``hook_sae_acts_post`` gets the gradient of a zero a forward hook adds to the codes."""
+    from hooked_gdn.sites import site_name
+    from writesae import BilinearMatrixSAE
+    from writesae.splice import HookedSAEGatedDeltaNet
+
+    torch.manual_seed(0)
+    model = HookedSAEGatedDeltaNet.from_config(tiny_hf_config()).eval()
+    randomize_(model)
+    site = site_name(model.cfg.gdn_layers[0], kind)
+    sae = BilinearMatrixSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, n_features=16, k=3, site=site, heads="all", seed=0)
+    name, found = f"{site}.sae.hook_sae_acts_post", {}
+    with model.saes([sae], use_error_term=True):
+        with model.hooks(bwd_hooks=[(name, lambda grad, hook: found.setdefault("hook", []).append(grad))]):
+            loss(model, mode, state_positions=[2, 5]).backward()
+
+        def add_zero(codes, hook):
+            found.setdefault("zeros", []).append(torch.zeros_like(codes, requires_grad=True))
+            return codes + found["zeros"][-1]
+
+        with model.hooks(fwd_hooks=[(name, add_zero)]):
+            wanted = torch.autograd.grad(loss(model, mode, state_positions=[2, 5]), found["zeros"])
+    assert len(found["hook"]) == len(wanted) and wanted[0].abs().max() > 0
+    for got, want in zip(found["hook"][::-1], wanted):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
