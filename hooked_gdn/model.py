@@ -514,6 +514,9 @@ class HookedGatedDeltaNet(HookedRootModule):
                     got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                     raise ValueError(f"incl_bwd differentiates the output, which must be one number (return_type='loss'), "
                                      f"got {got}")
+                if not out.requires_grad:
+                    raise ValueError("incl_bwd differentiates the output, which carries no gradient here: run it outside "
+                                     "torch.no_grad() and torch.inference_mode(), with the weights requiring gradients")
                 out.backward()
         for name in bwd_names:  # a backward pass fires per-position hooks last position first
             firings.get(name + "_grad", []).reverse()

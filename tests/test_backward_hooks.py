@@ -119,8 +119,8 @@ def test_parallel_mode_refuses_backward_hooks_on_the_memorys_writes(family):
 def test_run_with_cache_incl_bwd_caches_every_gradient(mode):
     """``run_with_cache(incl_bwd=True)`` caches ``name + "_grad"`` beside each activation, each the gradient a
     backward hook receives (per-position firings joined in position order), leaving the memory's writes out of a
-    default filter's gradients in parallel mode; named there, they are refused; a non-scalar output is
-    refused."""
+    default filter's gradients in parallel mode; named there, they are refused; so are a non-scalar output and one
+    without a gradient (under torch.no_grad)."""
     model = tiny_model("gdn")
     value, cache = model.run_with_cache(TOKENS, return_type="loss", incl_bwd=True, recurrence=mode)
     received = {}
@@ -139,6 +139,8 @@ def test_run_with_cache_incl_bwd_caches_every_gradient(mode):
             model.run_with_cache(TOKENS, return_type="loss", incl_bwd=True, names_filter=[write])
     with pytest.raises(ValueError, match="must be one number"):
         model.run_with_cache(TOKENS, incl_bwd=True, recurrence=mode)
+    with torch.no_grad(), pytest.raises(ValueError, match="carries no gradient"):
+        model.run_with_cache(TOKENS, return_type="loss", incl_bwd=True, recurrence=mode)
 
 
 @pytest.mark.parametrize("kind", ["state", "write"])
