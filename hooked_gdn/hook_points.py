@@ -39,16 +39,20 @@ class CheckedHookPoint(HookPoint):
         self.aliases.append(alias)
         return alias
 
+    def with_aliases(self) -> tuple[CheckedHookPoint, ...]:
+        """This point and its aliases."""
+        return (self, *self.aliases)
+
     def is_hooked(self) -> bool:
         """Whether this point or one of its aliases has a hook, forward or backward."""
-        return self._has_hooks() or any(alias._has_hooks() for alias in self.aliases)
+        return any(hp._has_hooks() for hp in self.with_aliases())
 
     def _has_hooks(self) -> bool:
         return bool(self.fwd_hooks or self.bwd_hooks)
 
     def backward_hooked_names(self) -> list[str]:
         """The names of this point and its aliases that have a backward hook."""
-        return [hp.name for hp in (self, *self.aliases) if hp.bwd_hooks]
+        return [hp.name for hp in self.with_aliases() if hp.bwd_hooks]
 
     def __call__(self, x: Tensor) -> Tensor:
         if not self.is_hooked():

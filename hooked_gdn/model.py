@@ -528,7 +528,7 @@ class HookedGatedDeltaNet(HookedRootModule):
     def _write_hook_names(self) -> list[str]:
         """The hook names, aliases included, of every memory's `write_hooks`."""
         return [name for memory in self.modules() if isinstance(memory, MatrixMemory)
-                for point in memory.write_hooks() for name in (point.name, *(a.name for a in point.aliases))]
+                for point in memory.write_hooks() for name in (hp.name for hp in point.with_aliases())]
 
     def _key_length(self, model_args: tuple, model_kwargs: dict) -> int:
         """The number of key positions a forward with these arguments attends over: the input's length plus a

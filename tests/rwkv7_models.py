@@ -56,14 +56,20 @@ def save_pth(state: dict, folder: Path, name: str = "tiny") -> Path:
     return path
 
 
+def hooked_from_blinkdl(state: dict) -> HookedRWKV7:
+    """A `HookedRWKV7` holding the BlinkDL state dict's weights, through our name map (nothing written to disk)."""
+    from hooked_gdn.loading import hf_to_hooked_state_dict
+
+    fla = blinkdl_to_fla(state)
+    model = HookedRWKV7(blinkdl_config(fla, "tiny"))
+    model.load_state_dict(hf_to_hooked_state_dict(fla, model.cfg))
+    return model
+
+
 def save_fla(state: dict, folder: Path) -> Path:
     """The BlinkDL state dict as a flash-linear-attention checkpoint folder (config.json + model.safetensors), written
     through our name map. The GroupNorm ε stays BlinkDL's 64e-5 (= head size 64 × fla's default norm_eps 1e-5)."""
-    fla = blinkdl_to_fla(state)
-    model = HookedRWKV7(blinkdl_config(fla, "tiny"))
-    from hooked_gdn.loading import hf_to_hooked_state_dict
-
-    model.load_state_dict(hf_to_hooked_state_dict(fla, model.cfg))
+    model = hooked_from_blinkdl(state)
     Path(folder).mkdir(parents=True, exist_ok=True)
     save_fla_checkpoint(model, Path(folder))
     return Path(folder)

@@ -8,13 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hooked_gdn.architectures.rwkv7 import blinkdl_config, blinkdl_to_fla
-from hooked_gdn.loading import hf_to_hooked_state_dict
 from hooked_gdn.mamba2 import HookedMamba2
-from hooked_gdn.rwkv7 import HookedRWKV7
 
 from .conftest import random_tiny_model, randomize_, tiny_hf_config
-from .rwkv7_models import random_blinkdl_state
+from .rwkv7_models import hooked_from_blinkdl, random_blinkdl_state
 from .test_mamba2 import perturb_, tiny_config
 
 FAMILIES = ["gdn", "mamba2", "rwkv7"]
@@ -30,10 +27,7 @@ def tiny_model(family: str):
     if family == "mamba2":
         torch.manual_seed(0)
         return perturb_(HookedMamba2.from_config(tiny_config()).eval())
-    fla = blinkdl_to_fla(random_blinkdl_state())
-    model = HookedRWKV7(blinkdl_config(fla, "tiny")).eval()
-    model.load_state_dict(hf_to_hooked_state_dict(fla, model.cfg))
-    return model
+    return hooked_from_blinkdl(random_blinkdl_state()).eval()
 
 
 def loss(model, mode: str, **kwargs) -> torch.Tensor:

@@ -189,11 +189,16 @@ def _rows(indices: Tensor, n_features: int) -> Tensor:
 
 
 def _pick(param: Tensor, indices: Tensor) -> Tensor:
-    """param[h, indices[..., h, j]] for a per-head parameter [n_dicts, n, ...]: [..., n_dicts, m, ...].
-    One ``index_select`` of the flattened rows: a contiguous copy per row, where advanced indexing with
-    a head index beside it takes a slower general path (same numbers)."""
-    rows = _rows(indices, param.shape[1])
-    return param.flatten(0, 1).index_select(0, rows.flatten()).unflatten(0, indices.shape)
+    """param[h, indices[..., h, j]] for a per-head parameter [n_dicts, n, ...]: [..., n_dicts, m, ...]
+    (`_gather_rows` of its rows flattened over head and feature)."""
+    return _gather_rows(param.flatten(0, 1), _rows(indices, param.shape[1]))
+
+
+def _gather_rows(flat: Tensor, rows: Tensor) -> Tensor:
+    """flat[rows] [*rows.shape, ...] for rows of a parameter flattened over (head, feature). One ``index_select``:
+    a contiguous copy per row, where advanced indexing with a head index beside it takes a slower general path (same
+    numbers)."""
+    return flat.index_select(0, rows.flatten()).unflatten(0, rows.shape)
 
 
 # What gathering one number costs, in FLOPs of a dense matrix product (a gather streams memory while a matrix
@@ -369,12 +374,18 @@ def _centred(x: Tensor, scale: float, offset: Tensor) -> Tensor:
     return torch.add(offset.neg(), x, alpha=scale)
 
 
+def _encoder_function_applies(*inputs: Tensor) -> bool:
+    """Whether an encoder computes through its autograd Function (`_DenseEncoder`, `_BilinearEncoder`): where autograd
+    records a gradient for one of its ``inputs``, and not under torch.func (`under_torch_func`), where plain operators
+    do (and without gradients, where the Function's backward is not needed)."""
+    return torch.is_grad_enabled() and not under_torch_func() and any(t.requires_grad for t in inputs)
+
+
 def _dense_pre(W_enc: Tensor, x: Tensor, scale: float, offset: Tensor) -> tuple[Tensor, Tensor]:
     """W_enc,i · vec(X·s − b_dec) [..., n_dicts, n] (b_enc not included) from X, s and ``offset`` = b_dec, and the
-    centred input X·s − b_dec it read (`_centred`). With gradients, through `_DenseEncoder`, whose backward uses only
-    the features that receive a gradient (plain operators under torch.func: `under_torch_func`)."""
-    if torch.is_grad_enabled() and not under_torch_func() and (x.requires_grad or offset.requires_grad
-                                                               or W_enc.requires_grad):
+    centred input X·s − b_dec it read (`_centred`). Through `_DenseEncoder`, whose backward uses only the features
+    that receive a gradient, where `_encoder_function_applies`."""
+    if _encoder_function_applies(x, offset, W_enc):
         return _DenseEncoder.apply(x, offset, W_enc, scale)
     centred = _centred(x, scale, offset)
     return _times_weight_rows(centred.flatten(-2), W_enc), centred
@@ -584,7 +595,7 @@ class _BlockedGatheredRows(torch.autograd.Function):
         rows, values, W, order = ctx.saved_tensors
         grad_values = grad_W = None
         if torch.is_grad_enabled():  # recorded (create_graph): the gathered rows, which autograd can differentiate again
-            gathered = W.index_select(0, rows.flatten()).view(*rows.shape, W.shape[-1])
+            gathered = _gather_rows(W, rows)
             if ctx.needs_input_grad[1]:
                 grad_values = torch.einsum("sd,smd->sm", grad, gathered)
             if ctx.needs_input_grad[2]:
@@ -684,9 +695,9 @@ def _bilinear_product(centred: Tensor, U: Tensor, P: Tensor) -> Tensor:
 
 def _bilinear_pre(U: Tensor, P: Tensor, x: Tensor, scale: float, offset: Tensor) -> tuple[Tensor, Tensor]:
     """Σ_r U_irᵀ (X·s − b_dec) P_ir [..., n_dicts, n] (b_enc not included) from X, s and ``offset`` = b_dec, and the
-    centred input X·s − b_dec it read (`_centred`). With gradients, through `_BilinearEncoder`, whose backward reaches
-    the factors of only the features that receive a gradient (plain operators under torch.func: `under_torch_func`)."""
-    if torch.is_grad_enabled() and not under_torch_func() and any(t.requires_grad for t in (x, offset, U, P)):
+    centred input X·s − b_dec it read (`_centred`). Through `_BilinearEncoder`, whose backward reaches the factors of
+    only the features that receive a gradient, where `_encoder_function_applies`."""
+    if _encoder_function_applies(x, offset, U, P):
         return _BilinearEncoder.apply(x, offset, U, P, scale)
     centred = _centred(x, scale, offset)
     return _bilinear_product(centred, U, P), centred
@@ -780,7 +791,8 @@ class _GatheredFactorProduct(torch.autograd.Function):
         m, rank, d_k = V.shape[-3:]
         weighted = (V * values[..., None, None]).view(-1, m * rank, d_k)
         ctx.save_for_backward(values, V, weighted, W)
-        return torch.bmm(weighted.transpose(1, 2), W.reshape(*weighted.shape[:2], W.shape[-1])).view(*values.shape[:-1], d_k, W.shape[-1])
+        W_rows = W.reshape(*weighted.shape[:2], W.shape[-1])
+        return torch.bmm(weighted.transpose(1, 2), W_rows).view(*values.shape[:-1], d_k, W.shape[-1])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -1076,7 +1088,7 @@ class FlatSAE(SAEBase):
         # has rows (more, possible only with repeats, and torch's sampled product behind ∂values refuses the pattern)
         rows, values, W = _rows(indices, self.cfg.n_features).flatten(0, -2), values.flatten(0, -2), self.W_dec.flatten(0, 1)
         if under_torch_func():
-            flat = torch.einsum("sm,smd->sd", values, W.index_select(0, rows.flatten()).view(*rows.shape, W.shape[-1]))
+            flat = torch.einsum("sm,smd->sd", values, _gather_rows(W, rows))
         elif (W.dtype in CSR_DTYPES and rows.shape[-1] <= len(W)
                 and gather_columns_per_block(len(W), len(rows), rows.numel(), W.shape[-1], W.device) < W.shape[-1]):
             flat = _BlockedGatheredRows.apply(rows, values, W)
