@@ -172,13 +172,14 @@ def logit_parity(hf, tools: dict, inputs: list[torch.Tensor]) -> dict:
 def helper_check(name: str, value, cache, n_layers: int, reference: torch.Tensor) -> dict | None:
     """The largest difference between a helper's result and what it must equal, where that is simple: the last
     entry of ``logit_lens`` is transformers' logits at the last position; the last entry of ``accumulated_resid``
-    and the sum of ``decompose_resid``'s components are the tool's own final residual stream (a consistency check)."""
+    and the sum of ``decompose_resid``'s and ``get_full_resid_decomposition``'s components are the tool's own final
+    residual stream (a consistency check)."""
     final = f"blocks.{n_layers - 1}.hook_resid_post"
     if name == "logit_lens":
         return {"against": "transformers' logits", "max_abs_diff": (value.readout.values[-1] - reference[:, -1]).abs().max().item()}
     if name == "accumulated_resid":
         return {"against": f"its {final}", "max_abs_diff": (value[-1] - cache[final]).abs().max().item()}
-    if name == "decompose_resid":
+    if name in ("decompose_resid", "get_full_resid_decomposition"):
         return {"against": f"its {final}", "max_abs_diff": (value.sum(0) - cache[final]).abs().max().item()}
     return None
 

@@ -6,8 +6,11 @@ keys, ``accumulated_resid``, ``decompose_resid`` (every block's mixer, GDN or at
 model's ``tokens_to_residual_directions``) and the MLP neuron results. Added: a GDN hook point of a
 GDN layer by its short name, ``cache["state", L]`` for ``blocks.L.linear_attn.hook_state`` (likewise
 ``"write_value"``, ``"beta"``, ``"q"``, … in a GDN layer). ``logit_lens`` is TransformerLens 4's own, run on
-the model's ``ln_final`` and ``unembed``. The per-head results raise an error that
-says why they do not apply. A default cache of an input longer than
+the model's ``ln_final`` and ``unembed``. The per-head results (``stack_head_results``,
+``compute_head_results``, ``get_full_resid_decomposition``) take every mixer's heads, a memory layer's value heads
+beside an attention layer's query heads, and the neuron results a norm after the MLP (OLMo-Hybrid) at its cached
+scale, so that each decomposition sums to the residual stream; a mixture-of-experts block's neurons are refused,
+saying why. A default cache of an input longer than
 ``hooked_gdn.model.DEFAULT_CACHE_MAX_PATTERN_LENGTH`` has no ``hook_attn_scores`` / ``hook_pattern``;
 asking for one raises a KeyError that says how to get it. TransformerLens 4's ``compute_ssm_state`` and
 ``compute_ssm_effective_attention`` return the cached state and the exact effective attention over the inputs;
@@ -17,16 +20,21 @@ asking for one raises a KeyError that says how to get it. TransformerLens 4's ``
 from __future__ import annotations
 
 import torch
+from einops import einsum
+from torch import Tensor
 from transformer_lens import ActivationCache
+from transformer_lens.utilities import Slice, SliceInput
 
-from .sites import act_name, gdn_hook_name
+from .mlp import SparseMoE
+from .sites import act_name, block_name, gdn_hook_name
 
 
 class GDNActivationCache(ActivationCache):
     def __getitem__(self, key):
         if isinstance(key, tuple) and len(key) > 1 and isinstance(key[1], int):
             layer = key[1] + self.model.cfg.n_layers if key[1] < 0 else key[1]
-            key = act_name(key[0], layer, key[2] if len(key) > 2 else None, gdn_layers=self.model.cfg.gdn_layers)
+            key = self._head_result_name(layer) if key[0] == "result" else act_name(
+                key[0], layer, key[2] if len(key) > 2 else None, gdn_layers=self.model.cfg.gdn_layers)
         if isinstance(key, str) and key in self.model.hook_dict and key.endswith(("hook_attn_scores", "hook_pattern")) \
                 and key not in self.cache_dict:
             from .model import pattern_left_out_message
@@ -62,25 +70,137 @@ class GDNActivationCache(ActivationCache):
                              "use incl_mid=False")
         return logit_lens(model, cache=self, **kwargs)
 
-    def _no_head_results(self, *args, **kwargs):
-        cfg = self.model.cfg
-        family = self.model.family_of(cfg).name
-        layers = (f"layers {cfg.gdn_layers} of this {family} hybrid are Gated DeltaNet layers" if cfg.attention_layers
-                  else f"this {family} model has no attention layers: its {cfg.n_layers} layers are memory layers")
-        raise NotImplementedError(
-            f"per-head results are a layer × head grid of attention heads, each adding hook_z[h] @ W_O[h] to the "
-            f"residual stream; {layers}, with {cfg.n_value_heads} value heads mixed by linear_attn.W_o. "
-            "Decompose by layer with decompose_resid, or take a memory head's contribution from "
-            "linear_attn.hook_gated_out and W_o"
-        )
+    # ------------------------------------------------------------------ per-head and per-neuron results
 
-    compute_head_results = stack_head_results = get_full_resid_decomposition = _no_head_results
+    def _head_result_name(self, layer: int) -> str:
+        """Where `compute_head_results` keeps layer ``layer``'s head results: TransformerLens' ``attn.hook_result``
+        in an attention layer, ``linear_attn.hook_result`` in a memory layer (a cache entry, not a hook point)."""
+        return gdn_hook_name(layer, "hook_result") if self.model.blocks[layer].is_gdn else act_name("result", layer)
 
-    def stack_neuron_results(self, *args, **kwargs):
+    def _layer_head_results(self, layer: int) -> Tensor:
+        """Each head's share of block ``layer``'s mixer output [..., heads, d_model], summing to ``hook_attn_out``
+        less the mixer's bias (`model.accumulated_bias`). A memory head adds ``hook_gated_out``[h] @ W_O[h] (its
+        value heads: H_v of them, or Mamba-2's and RWKV-7's heads); an attention head (z ⊙ gate)[h] @ W_O[h]. Where a
+        norm follows the mixer (OLMo-Hybrid's ``ln1_post``), each share goes through it at its cached scale
+        (`_through_post_norm`). docs/design.md §7.4.1."""
+        name = self._head_result_name(layer)
+        if name in self.cache_dict:
+            return self.cache_dict[name]
+        mixer = self.model.mixer(layer)
+        if self.model.blocks[layer].is_gdn:
+            per_head = self[gdn_hook_name(layer, "hook_gated_out")]
+        else:
+            per_head = self[act_name("z", layer)]
+            if mixer.gated:
+                per_head = per_head * self[block_name(layer, "attn.hook_gate")]
+        results = einsum(per_head.to(mixer.W_O.dtype), mixer.W_O, "... h d, h d m -> ... h m")
+        return self._through_post_norm(layer, "ln1_post", results)
+
+    def _post_normed(self, layer: int) -> bool:
+        """Whether a norm follows block ``layer``'s mixer and MLP (OLMo-Hybrid's attention blocks)."""
+        return getattr(self.model.blocks[layer], "post_norm", False)
+
+    def _through_post_norm(self, layer: int, norm: str, shares: Tensor, pos_slice: Slice | None = None,
+                           weighted: bool = True) -> Tensor:
+        """``shares`` [..., p, components, width] of what block ``layer``'s ``norm`` (``ln1_post`` or ``ln2_post``)
+        normalises, each taken through it at the norm's cached scale: share / scale ⊙ weight (RMSNorm is linear once
+        its scale is fixed), so that they sum to the norm's output, as `apply_ln_to_stack` treats a residual stack.
+        Unchanged where the block has no such norm. The cached scale [..., p, 1] is sliced by ``pos_slice`` as the
+        shares were; ``weighted=False`` leaves the weight out (a projection already holds it: `get_neuron_results`)."""
+        if not self._post_normed(layer):
+            return shares
+        scale = self[block_name(layer, f"{norm}.hook_scale")]
+        if pos_slice is not None:
+            scale = pos_slice.apply(scale, dim=-2)
+        normed = shares.float() / scale[..., None]
+        if weighted:
+            normed = normed * getattr(self.model.blocks[layer], norm).weight.float()
+        return normed.to(shares.dtype)
+
+    def compute_head_results(self) -> None:
+        """TransformerLens' ``compute_head_results``: every layer's head results (`_layer_head_results`) kept in
+        this cache, as ``cache["result", L]`` (``blocks.L.attn.hook_result``, or ``blocks.L.linear_attn.hook_result``
+        in a memory layer)."""
+        for layer in range(self.model.cfg.n_layers):
+            self.cache_dict[self._head_result_name(layer)] = self._layer_head_results(layer)
+
+    def stack_head_results(self, layer: int | None = -1, return_labels: bool = False, incl_remainder: bool = False,
+                           pos_slice: Slice | SliceInput = None, apply_ln: bool = False):
+        """TransformerLens' ``stack_head_results`` on every family: the residual-stream share of each head of the
+        blocks before ``layer`` (-1 or None: all), [components, ..., d_model], labelled ``L{layer}H{head}``. A memory
+        layer's heads are its value heads, an attention layer's its query heads, so the count can differ by layer (in
+        a hybrid ``cfg.n_heads`` counts the attention layers'): `_layer_head_results`. A block's heads and its mixer's
+        bias (Mamba-2's ``b_o``) sum to its ``hook_attn_out``. ``incl_remainder`` and ``apply_ln`` as in
+        TransformerLens."""
+        pos_slice = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
+        layer = self.model.cfg.n_layers if layer is None or layer == -1 else layer
+        components, labels = [], []
+        for i in range(layer):
+            results = pos_slice.apply(self._layer_head_results(i), dim=-3)
+            components.append(results.movedim(-2, 0))
+            labels += [f"L{i}H{h}" for h in range(results.shape[-2])]
+        if incl_remainder:
+            whole = pos_slice.apply(self[("resid_post", layer - 1)] if layer else self["hook_embed"], dim=-2)
+            components.append((whole - sum(c.sum(0) for c in components))[None])
+            labels.append("remainder")
+        if components:
+            stack = torch.cat(components)
+        else:
+            empty_like = pos_slice.apply(self["hook_embed"], dim=-2)
+            stack = empty_like.new_zeros(0, *empty_like.shape)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    def get_neuron_results(self, layer: int, neuron_slice: Slice | SliceInput = None, pos_slice: Slice | SliceInput = None,
+                           project_output_onto: Tensor | None = None) -> Tensor:
+        """TransformerLens' ``get_neuron_results``, each neuron's share taken through a norm that follows the MLP
+        (OLMo-Hybrid's ``ln2_post``) at its cached scale (`_through_post_norm`), so that a block's neurons sum to its
+        ``hook_mlp_out``; there the norm's weight is folded into ``project_output_onto``. A mixture-of-experts block
+        is refused, saying why."""
+        self._refuse_experts(layer)
+        if not self._post_normed(layer):
+            return super().get_neuron_results(layer, neuron_slice, pos_slice, project_output_onto)
+        pos_slice = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
+        if project_output_onto is None:
+            return self._through_post_norm(layer, "ln2_post", super().get_neuron_results(layer, neuron_slice, pos_slice),
+                                           pos_slice)
+        weight = self.model.blocks[layer].ln2_post.weight.to(project_output_onto.dtype)
+        folded = weight[:, None] * project_output_onto if project_output_onto.dim() == 2 else weight * project_output_onto
+        shares = super().get_neuron_results(layer, neuron_slice, pos_slice, folded)
+        if project_output_onto.dim() == 1:  # [..., neurons]: the projection took the last axis away
+            return self._through_post_norm(layer, "ln2_post", shares[..., None], pos_slice, weighted=False)[..., 0]
+        return self._through_post_norm(layer, "ln2_post", shares, pos_slice, weighted=False)
+
+    def _refuse_experts(self, layer: int) -> None:
+        if isinstance(self.model.blocks[layer].mlp, SparseMoE):
+            raise NotImplementedError(
+                f"block {layer}'s MLP is a mixture of experts: its neurons are each expert's, weighted per token by the "
+                "router, where neuron results are one dense MLP's. Take the block's MLP output whole (decompose_resid, or "
+                "get_full_resid_decomposition(expand_neurons=False)); mlp.hook_experts_out + mlp.hook_shared_expert_gate "
+                "* mlp.hook_shared_expert_out splits it into the routed experts' share and the shared expert's")
+
+    def stack_neuron_results(self, layer: int, pos_slice: Slice | SliceInput = None, neuron_slice: Slice | SliceInput = None,
+                             return_labels: bool = False, incl_remainder: bool = False, apply_ln: bool = False,
+                             project_output_onto: Tensor | None = None, **kwargs):
+        """TransformerLens' ``stack_neuron_results``, through `get_neuron_results`. A model without MLPs (Mamba-2)
+        and one with mixture-of-experts blocks are refused, saying why. With ``apply_ln`` and ``project_output_onto``
+        together, TransformerLens 4 forms the projected stack without `get_neuron_results`; where a norm follows an
+        MLP, it is formed here as the stack with ``apply_ln``, then projected."""
         if getattr(self.model.cfg, "attn_only", False):
             raise NotImplementedError(f"this {self.model.family_of(self.model.cfg).name} model's blocks have no MLP, so no "
                                       "neurons: each block is its mixer alone (decompose_resid gives each block's output)")
-        return super().stack_neuron_results(*args, **kwargs)
+        last = self.model.cfg.n_layers if layer is None or layer == -1 else layer
+        for i in range(last):
+            self._refuse_experts(i)
+        options = dict(pos_slice=pos_slice, neuron_slice=neuron_slice, return_labels=return_labels,
+                       incl_remainder=incl_remainder, apply_ln=apply_ln, **kwargs)  # kwargs: TransformerLens 4's mlp_input
+        if apply_ln and project_output_onto is not None and any(self._post_normed(i) for i in range(last)):
+            stacked = super().stack_neuron_results(layer, **options)
+            stack, labels = stacked if return_labels else (stacked, None)
+            stack = stack @ project_output_onto.to(stack.dtype)
+            return stack if labels is None else (stack, labels)
+        return super().stack_neuron_results(layer, project_output_onto=project_output_onto, **options)
 
     def _memory_layers(self, layer: int | None) -> list[int]:
         gdn_layers = list(self.model.cfg.gdn_layers)

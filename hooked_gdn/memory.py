@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -136,6 +137,12 @@ class MatrixMemory(nn.Module):
                 edits.state_diff = (states - original)[:, rows].float()
                 result = run(edits, None)
         return result.out, result.final_state
+
+    @property
+    def W_O(self) -> Float[Tensor, "H d_v d_model"]:
+        """TransformerLens' per-head output weights: head h adds ``hook_gated_out``[..., h, :] @ W_O[h] to the
+        residual stream (every mixer ends in ``W_o`` applied to its heads' gated outputs, concatenated)."""
+        return rearrange(self.W_o, "m (h d) -> h d m", h=self.cfg.n_value_heads)
 
     def read_norm_eps(self) -> float:
         """The ε of the norm the read o_t goes into (both mixers' gated RMSNorm, ``norm``)."""

@@ -212,6 +212,20 @@ class HookedGatedDeltaNet(HookedRootModule):
         """TransformerLens' unembedding bias: zeros, as these models have none (logits = ln_final(resid) @ W_U + b_U)."""
         return torch.zeros(self.cfg.d_vocab, dtype=self.W_E.dtype, device=self.W_U.device)
 
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Float[Tensor, " d_model"]:
+        """TransformerLens' accumulated bias: the sum of the biases that the blocks before ``layer`` (and its mixer,
+        with ``mlp_input``) add to the residual stream themselves, the residual share ``get_full_resid_decomposition``
+        labels "bias". Of these families only Mamba-2's ``W_o`` has one (``b_o``, with ``use_bias``); no MLP has a
+        bias, so ``include_mlp_biases`` changes nothing here."""
+        mixers = [self.mixer(i) for i in range(layer + (1 if mlp_input else 0))]
+        total = torch.zeros(self.cfg.d_model, dtype=self.W_E.dtype, device=self.W_E.device)
+        return sum((mixer.b_o.to(total.device) for mixer in mixers if getattr(mixer, "b_o", None) is not None), total)
+
+    def mixer(self, layer: int) -> nn.Module:
+        """Block ``layer``'s mixer: its memory (``linear_attn``) or its attention (``attn``)."""
+        block = self.blocks[layer]
+        return block.linear_attn if block.is_gdn else block.attn
+
     def unembed(self, normalized_resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
         """The logits of a residual stream already through ``ln_final``, as TransformerLens' ``model.unembed``:
         what ``forward`` computes last, and what TransformerLens' logit lens reads intermediate layers through."""

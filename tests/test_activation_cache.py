@@ -84,13 +84,6 @@ def test_direct_logit_attribution_recipe(run):
                                rtol=1e-4, atol=1e-4)
 
 
-def test_per_head_results_say_why_they_do_not_apply(run):
-    _, _, _, cache = run
-    for helper in (cache.stack_head_results, cache.compute_head_results, cache.get_full_resid_decomposition):
-        with pytest.raises(NotImplementedError, match="Gated DeltaNet layers"):
-            helper()
-
-
 def test_a_string_token_resolves_on_the_shipped_tokenizer():
     model = HookedGatedDeltaNet.from_pretrained("gdn-austen")
     token = model.to_single_token(" the")

@@ -312,13 +312,149 @@ def test_test_prompt_prints_the_answers_rank(tiny, family, prepend_bos, capsys):
     assert f"Ranks of the answer tokens: [(' {ANSWER}', {rank})]" in printed
 
 
-@pytest.mark.parametrize("family", NO_ATTENTION)
-def test_stack_head_results_explains_why_there_are_no_heads(tiny, family):
-    model = tiny(family)
-    _, cache = model.run_with_cache(PROMPT)
-    with pytest.raises(NotImplementedError, match="per-head results") as error:
-        cache.stack_head_results()
-    assert f"this {model.family_of(model.cfg).name} model has no attention layers" in str(error.value)
+# ------------------------------------------------------------------ per-head and per-neuron results
+
+
+@pytest.fixture(name="moved", scope="module")
+def moved_fixture(tiny):
+    """``moved(family)``: the tiny model with its norms' weights and Mamba-2's output bias moved off their
+    initialisation (identity, zero), so that a share missing a norm's weight or the bias shows, and its cache."""
+    models = {}
+
+    def model_and_cache(family: str):
+        if family not in models:
+            model = copy.deepcopy(tiny(family))
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name.endswith((".w", "b_o")):
+                        p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+            tokens = model.to_tokens(["Mr. Darcy was not", "It is a truth universally"])
+            with torch.no_grad():
+                models[family] = model, tokens, *model.run_with_cache(tokens)
+        return models[family]
+
+    return model_and_cache
+
+
+def _zeroing(index: int, dim: int):
+    """A hook that zeroes entry ``index`` of its activation's axis ``dim`` (a head, or a neuron)."""
+    def hook(x, hook):
+        x = x.clone()
+        x.select(dim, index).zero_()
+        return x
+    return hook
+
+
+def _frozen_post_norm(model, cache, layer: int, norm: str) -> list:
+    """A hook that holds block ``layer``'s post-norm ``norm`` at its clean scale (none where the block has none):
+    with it, a share that RMSNorm passes is removed linearly, as the decomposition assumes."""
+    if not getattr(model.blocks[layer], "post_norm", False):
+        return []
+    name = f"blocks.{layer}.{norm}.hook_scale"
+    return [(name, lambda scale, hook: cache[name].clone())]
+
+
+@pytest.mark.parametrize("family", sorted(BY_KEY))
+def test_each_heads_result_is_what_removing_that_head_takes_from_its_mixers_output(moved, family):
+    """The model's own forward is the reference: zeroing head h's input to W_O (a memory head's hook_gated_out, an
+    attention head's hook_z, before its gate) takes exactly that head's result from the block's hook_attn_out, a
+    post-norm held at its clean scale. A head mis-sliced from W_o, a missing gate or post-norm fails it."""
+    model, tokens, _, cache = moved(family)
+    stack, labels = cache.stack_head_results(return_labels=True)
+    for layer in range(model.cfg.n_layers):
+        heads = model.cfg.n_value_heads if model.blocks[layer].is_gdn else model.cfg.n_heads
+        ours = [i for i, label in enumerate(labels) if label.startswith(f"L{layer}H")]
+        assert [labels[i] for i in ours] == [f"L{layer}H{h}" for h in range(heads)]
+        point = f"blocks.{layer}.linear_attn.hook_gated_out" if model.blocks[layer].is_gdn else f"blocks.{layer}.attn.hook_z"
+        for h in {0, heads - 1}:
+            with model.hooks(fwd_hooks=[(point, _zeroing(h, -2)), *_frozen_post_norm(model, cache, layer, "ln1_post")]):
+                _, ablated = model.run_with_cache(tokens, names_filter=f"blocks.{layer}.hook_attn_out")
+            torch.testing.assert_close(cache["attn_out", layer] - ablated["attn_out", layer], stack[ours[h]],
+                                       rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(set(BY_KEY) - {"mamba2", "qwen3_5_moe", "qwen3_next"}))  # dense MLPs
+def test_each_neurons_result_is_what_removing_it_takes_from_the_mlp_output(moved, family):
+    """The same for a neuron (hook_post), where a norm follows the MLP too (OLMo-Hybrid's attention blocks)."""
+    model, tokens, _, cache = moved(family)
+    for layer in range(model.cfg.n_layers):
+        results = cache.get_neuron_results(layer)
+        torch.testing.assert_close(results.sum(-2), cache["mlp_out", layer], rtol=1e-4, atol=1e-5)
+        with model.hooks(fwd_hooks=[(f"blocks.{layer}.mlp.hook_post", _zeroing(3, -1)),
+                                    *_frozen_post_norm(model, cache, layer, "ln2_post")]):
+            _, ablated = model.run_with_cache(tokens, names_filter=f"blocks.{layer}.hook_mlp_out")
+        torch.testing.assert_close(cache["mlp_out", layer] - ablated["mlp_out", layer], results[..., 3, :],
+                                   rtol=1e-4, atol=1e-5)
+        for projection in (torch.randn(model.cfg.d_model), torch.randn(model.cfg.d_model, 3)):
+            torch.testing.assert_close(cache.get_neuron_results(layer, project_output_onto=projection, pos_slice=-1),
+                                       results[:, -1] @ projection, rtol=1e-4, atol=1e-5)
+    # through ln_final and projected, as get_full_resid_decomposition asks for them (TransformerLens 4 forms this
+    # stack by its own formula, which knows no post-norm)
+    projection = torch.randn(model.cfg.d_model, 3)
+    torch.testing.assert_close(cache.stack_neuron_results(-1, apply_ln=True, project_output_onto=projection),
+                               cache.stack_neuron_results(-1, apply_ln=True) @ projection, rtol=1e-4, atol=1e-5)
+
+
+FULL_DECOMPOSITIONS = [{}, {"layer": 1}, {"layer": 1, "mlp_input": True}, {"expand_neurons": False},
+                       {"pos_slice": -1}]
+
+
+@pytest.mark.parametrize("family", sorted(BY_KEY))
+@pytest.mark.parametrize("options", FULL_DECOMPOSITIONS, ids=lambda o: ",".join(o) or "default")
+def test_full_resid_decomposition_sums_to_the_residual_stream(moved, family, options):
+    model, tokens, logits, cache = moved(family)
+    if family in ("qwen3_5_moe", "qwen3_next") and options.get("expand_neurons", True):
+        with pytest.raises(NotImplementedError, match="mixture of experts: its neurons are each expert's"):
+            cache.get_full_resid_decomposition(**options)
+        options = options | {"expand_neurons": False}
+    if family == "mamba2" and options.get("mlp_input"):
+        return  # no MLP, no resid_mid
+    stack, labels = cache.get_full_resid_decomposition(return_labels=True, **options)
+    assert len(labels) == len(stack) and labels[-2:] == ["embed", "bias"]
+    layer = options.get("layer", model.cfg.n_layers)
+    whole = cache[("resid_mid", layer) if options.get("mlp_input") else ("resid_post", -1) if layer == model.cfg.n_layers
+                  else ("resid_pre", layer)]
+    if options.get("pos_slice") == -1:
+        whole = whole[:, -1]
+    torch.testing.assert_close(stack.sum(0), whole, rtol=1e-4, atol=1e-5)
+    if layer == model.cfg.n_layers:  # direct logit attribution: the shares' logits, through ln_final, sum to the model's
+        # (RWKV-7's final LayerNorm has a bias, which adds its own term to each logit, in no share of the stream:
+        # TransformerLens folds it into b_U)
+        answer, final_bias = tokens[:, -1], getattr(model.ln_final, "b", torch.zeros(model.cfg.d_model))
+        attrs = cache.logit_attrs(stack if options.get("pos_slice") == -1 else stack[:, :, -1], tokens=answer, pos_slice=-1)
+        torch.testing.assert_close(attrs.sum(0) + (final_bias @ model.W_U)[answer],
+                                   logits[torch.arange(len(tokens)), -1, answer], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(BY_KEY))
+def test_head_results_kept_by_compute_head_results_read_back_by_layer(moved, family):
+    model, _, _, cache = moved(family)
+    cache = copy.copy(cache)
+    cache.cache_dict = dict(cache.cache_dict)
+    stack = cache.stack_head_results(pos_slice=-1, incl_remainder=True)
+    cache.compute_head_results()
+    for layer in range(model.cfg.n_layers):
+        name = f"blocks.{layer}.{'linear_attn' if model.blocks[layer].is_gdn else 'attn'}.hook_result"
+        assert cache["result", layer] is cache[name]
+    assert torch.equal(cache.stack_head_results(pos_slice=-1, incl_remainder=True), stack)
+    torch.testing.assert_close(stack.sum(0), cache["resid_post", -1][:, -1])
+
+
+def test_stack_head_results_before_the_first_layer_is_empty_or_the_embedding(moved):
+    _, _, _, cache = moved("qwen3_5")
+    stack, labels = cache.stack_head_results(layer=0, return_labels=True, pos_slice=-1)
+    assert stack.shape == (0, *cache["hook_embed"][:, -1].shape) and labels == []
+    stack, labels = cache.stack_head_results(layer=0, return_labels=True, incl_remainder=True, pos_slice=-1)
+    assert torch.equal(stack[0], cache["hook_embed"][:, -1]) and labels == ["remainder"]
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "qwen3_next"])
+def test_neuron_results_of_an_expert_block_are_refused(moved, family):
+    _, _, _, cache = moved(family)
+    for helper in (lambda: cache.get_neuron_results(0), lambda: cache.stack_neuron_results(-1)):
+        with pytest.raises(NotImplementedError, match="block 0's MLP is a mixture of experts") as error:
+            helper()
+        assert "expand_neurons=False" in str(error.value)
 
 
 def _lens_by_hand(model, cache, positions=slice(None)) -> torch.Tensor:
