@@ -19,6 +19,8 @@ asking for one raises a KeyError that says how to get it. TransformerLens 4's ``
 
 from __future__ import annotations
 
+import re
+
 import torch
 from einops import einsum
 from torch import Tensor
@@ -40,7 +42,31 @@ class GDNActivationCache(ActivationCache):
             from .model import pattern_left_out_message
 
             raise KeyError(f"{key} is not in this cache. {pattern_left_out_message()}")
+        if isinstance(key, str) and key not in self.cache_dict and (why := self._not_in_this_model(key)):
+            raise KeyError(f"{key} is not a hook point of this model: {why}")
         return super().__getitem__(key)
+
+    def _not_in_this_model(self, name: str) -> str | None:
+        """Why a TransformerLens name that every block of a transformer has names nothing in this model's block (an
+        attention point in a memory layer; an MLP's in a block without one), for the KeyError that TransformerLens'
+        tools (``patching.get_act_patch_attn_head_out_all_pos``, …) would otherwise meet bare; None for any other."""
+        match = re.fullmatch(r"blocks\.(\d+)\.(attn\.hook_\w+|mlp\.hook_\w+|hook_mlp_out|hook_resid_mid)", name)
+        if match is None or name in self.model.hook_dict or int(match[1]) >= self.model.cfg.n_layers:
+            return None
+        layer, point = int(match[1]), match[2]
+        family = self.model.family_of(self.model.cfg).name
+        if point.startswith("attn."):
+            if not self.model.blocks[layer].is_gdn:
+                return None
+            return (f"block {layer} of this {family} model is a memory layer, without attention (TransformerLens' per-head "
+                    f"tools take every block for one). Each head's input to W_O, the counterpart of hook_z, is "
+                    f"{gdn_hook_name(layer, 'hook_gated_out')}; hooked_gdn.patching patches it (\"gated_out\"), the memory's "
+                    f"reads, writes and states by layer, position and head, and cache.stack_head_results takes every "
+                    f"block's heads")
+        if hasattr(self.model.blocks[layer], "mlp"):
+            return None
+        return (f"this {family} model's blocks have no MLP (and no middle of the block): each is its mixer alone, "
+                f"whose output is blocks.{layer}.hook_attn_out")
 
     def apply_slice_to_batch_dim(self, batch_slice) -> GDNActivationCache:
         sliced = super().apply_slice_to_batch_dim(batch_slice)

@@ -26,6 +26,7 @@ from transformer_lens.utilities import test_prompt as tl_test_prompt
 from transformers import AutoTokenizer, Mamba2ForCausalLM
 
 from hooked_gdn import HookedGatedDeltaNet
+from hooked_gdn import patching as hooked_patching
 from hooked_gdn.architectures import BY_KEY
 from hooked_gdn.model import DEFAULT_PADDING_SIDE
 from hooked_gdn.pretrained import PRETRAINED_MODELS
@@ -292,6 +293,27 @@ def test_get_act_patch_block_every(tiny, family):
     recovered = _metric_of(model, clean, metric)
     torch.testing.assert_close(result[0, :carried, -1], recovered.expand(carried), atol=1e-5, rtol=1e-5)
     assert not torch.isclose(result[0, carried:, -1], recovered, atol=1e-3).any()
+
+
+@pytest.mark.parametrize("family", sorted(BY_KEY))
+def test_transformer_lens_per_head_patching_says_what_a_memory_layer_has_instead(tiny, family):
+    """TransformerLens' per-head patching reads every block's attn.hook_z; a memory layer's KeyError names its
+    counterpart, which hooked_gdn.patching patches by position and head (a head's output where the runs agree
+    changes nothing); a block without an MLP says so where TransformerLens asks for its hook_mlp_out."""
+    model = tiny(family)
+    clean, corrupted, cache, metric = _runs(model, differ_at=T - 1)
+    first = model.cfg.gdn_layers[0]
+    with pytest.raises(KeyError, match=rf"blocks.{first}.attn.hook_z is not a hook point of this model: block {first} "
+                                       rf".* is a memory layer.* blocks.{first}.linear_attn.hook_gated_out"):
+        patching.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric)
+    grid = hooked_patching.generic_activation_patch(model, corrupted, cache, metric, "gated_out", ("pos", "head"),
+                                                    layers=[first], show_progress=False)
+    assert grid.shape == (T, model.cfg.n_value_heads)
+    torch.testing.assert_close(grid[:-1], _metric_of(model, corrupted, metric).expand(T - 1, model.cfg.n_value_heads),
+                               atol=1e-5, rtol=1e-5)  # a head's output where the runs agree: nothing changes
+    if not hasattr(model.blocks[0], "mlp"):
+        with pytest.raises(KeyError, match="blocks have no MLP .* blocks.0.hook_attn_out"):
+            patching.get_act_patch_mlp_out(model, corrupted, cache, metric)
 
 
 @pytest.mark.parametrize("family", sorted(BY_KEY))
