@@ -26,16 +26,20 @@ class CheckedHookPoint(HookPoint):
     point's are).
     """
 
-    def __init__(self):
+    def __init__(self, position_axis: int | None = 1):
         super().__init__()
         self.aliases: list[AliasHookPoint] = []
+        #: the axis of the value that runs over the input's positions, one entry each (what ``run_with_cache``'s
+        #: ``pos_slice`` slices): 1, after the batch, except where the layout says otherwise; None where no axis
+        #: does (a final state; a padded conv output)
+        self.position_axis = position_axis
 
     def alias(self, to_alias: Callable[[Tensor], Tensor] | None = None,
-              from_alias: Callable[[Tensor], Tensor] | None = None) -> AliasHookPoint:
+              from_alias: Callable[[Tensor], Tensor] | None = None, position_axis: int | None = 1) -> AliasHookPoint:
         """A new hook point that sees this one's value as ``to_alias(value)`` (a view, e.g. a transpose, so that
         in-place edits reach the value) and gives an edit back as ``from_alias(edited)``; identity by default.
         Register it as a submodule under the name it is to have."""
-        alias = AliasHookPoint(to_alias, from_alias)
+        alias = AliasHookPoint(to_alias, from_alias, position_axis)
         self.aliases.append(alias)
         return alias
 
@@ -112,8 +116,9 @@ class AliasHookPoint(CheckedHookPoint):
     no tensor and fires only inside its target's firing, so caching, hooking and editing it are those of the
     target seen through ``to_alias``/``from_alias``."""
 
-    def __init__(self, to_alias: Callable[[Tensor], Tensor] | None = None, from_alias: Callable[[Tensor], Tensor] | None = None):
-        super().__init__()
+    def __init__(self, to_alias: Callable[[Tensor], Tensor] | None = None, from_alias: Callable[[Tensor], Tensor] | None = None,
+                 position_axis: int | None = 1):
+        super().__init__(position_axis)
         self.to_alias, self.from_alias = to_alias or _same, from_alias or _same
 
 

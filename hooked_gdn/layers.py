@@ -260,8 +260,8 @@ class GatedAttention(nn.Module):
         self.hook_v = CheckedHookPoint()  # [b, p, n_kv, d_head]
         self.hook_rot_q = CheckedHookPoint()  # [b, p, n_heads, d_head]
         self.hook_rot_k = CheckedHookPoint()  # [b, p, n_kv, d_head]
-        self.hook_attn_scores = CheckedHookPoint()  # [b, n_heads, p, past + p], fires only when hooked
-        self.hook_pattern = CheckedHookPoint()  # [b, n_heads, p, past + p], fires only when hooked
+        self.hook_attn_scores = CheckedHookPoint(position_axis=2)  # [b, n_heads, p, past + p], fires only when hooked
+        self.hook_pattern = CheckedHookPoint(position_axis=2)  # [b, n_heads, p, past + p], fires only when hooked
         self.hook_z = CheckedHookPoint()  # [b, p, n_heads, d_head]
         if self.gated:
             self.hook_gate = CheckedHookPoint()  # [b, p, n_heads, d_head]: the sigmoid output gate

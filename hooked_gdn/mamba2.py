@@ -169,15 +169,15 @@ class Mamba2Mixer(MatrixMemory):
         P = self.cfg.d_value
         flat = dict(to_alias=_heads_flat, from_alias=partial(_heads_split, d=P))
         in_proj_out = CheckedHookPoint()  # [b, p, 2 H P + 2 G N + H]: z, x, B, C, dt, as transformers' in_proj
-        conv_out = CheckedHookPoint()  # [b, conv_dim, p + K − 1]: the conv before its SiLU (`causal_conv`)
+        conv_out = CheckedHookPoint(position_axis=None)  # [b, conv_dim, p + K − 1]: the conv before its SiLU (`causal_conv`)
         gated_out = self.hook_gated_out
         return _folder(
             hook_in=self.hook_in.alias(),
             in_proj=_folder(hook_in=self.hook_in.alias(), hook_out=in_proj_out),
             hook_in_proj=in_proj_out.alias(),
-            conv1d=_folder(hook_in=CheckedHookPoint(),  # [b, conv_dim, p]: x, B, C channels-first
+            conv1d=_folder(hook_in=CheckedHookPoint(position_axis=2),  # [b, conv_dim, p]: x, B, C channels-first
                            hook_out=conv_out),
-            hook_conv=conv_out.alias(),
+            hook_conv=conv_out.alias(position_axis=None),
             hook_ssm_write=CheckedHookPoint(),  # [b, p, H, P, N]: Δ_t x_t B_tᵀ, for reading
             hook_ssm_state=self.hook_state.alias(_swap_last_two, _swap_last_two),  # [b, p, H, P, N]
             inner_norm=_folder(hook_in=CheckedHookPoint(),  # [b, p, H P]: y = h_tᵀ C_t + D x_t

@@ -49,7 +49,7 @@ class MatrixMemory(nn.Module):
         self.hook_write_key = CheckedHookPoint()  # [b, p, H, d_k]: k̂; edits carried
         self.hook_write_value = CheckedHookPoint()  # [b, p, H, d_v]: δ; edits carried
         self.hook_state = CheckedHookPoint()  # [b, P, H, d_k, d_v]: S_t at state_positions; edits carried
-        self.hook_final_state = CheckedHookPoint()  # [b, H, d_k, d_v]: what a cache continues from
+        self.hook_final_state = CheckedHookPoint(position_axis=None)  # [b, H, d_k, d_v]: what a cache continues from
         self.hook_recurrence_out = CheckedHookPoint()  # [b, p, H, d_v]: o
 
     def recur(

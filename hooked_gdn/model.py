@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 from transformer_lens import HookedRootModule
+from transformer_lens.utilities import Slice, SliceInput
+from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
 from .activation_cache import GDNActivationCache
 from .cache import GDNCache
@@ -24,6 +27,7 @@ from .layers import ForwardContext, rotary_inv_freq
 from .memory import MatrixMemory
 
 RETURN_TYPES = ("logits", "loss", "both", None)
+GENERATE_RETURN_TYPES = ("input", "str", "tokens")
 RECURRENCES = ("parallel", "sequential")
 PADDING_SIDES = ("left", "right")
 #: Where strings of different lengths are padded when no ``padding_side`` is given (the tokenizer's own
@@ -35,6 +39,19 @@ DEFAULT_PADDING_SIDE = "left"
 def _require_tokens(tokens: Tensor) -> None:
     if not tokens.numel():
         raise ValueError(f"the input has no tokens (shape {tuple(tokens.shape)}): give at least one token per sequence")
+
+
+def _checked_mask(attention_mask: Tensor | None, like: Tensor) -> Tensor | None:
+    """``attention_mask`` ([b, p] or [p]) checked against an input ``like`` [b, p] and put on its device as int64."""
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[None] if attention_mask.dim() == 1 else attention_mask
+    if attention_mask.shape != like.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, the input {tuple(like.shape)} positions")
+    if not ((attention_mask == 0) | (attention_mask == 1)).all():  # other values would scale the GDN input
+        odd = attention_mask[(attention_mask != 0) & (attention_mask != 1)].unique()[:5].tolist()
+        raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (tokens), got {odd}")
+    return attention_mask.to(like.device).long()
 
 
 #: The most key positions (a cached prefix included) at which a default ``run_with_cache`` still holds
@@ -50,6 +67,19 @@ _PATTERN_HOOKS = ("hook_attn_scores", "hook_pattern")
 #: the hook points holding a [d_k, d_v] matrix per head and position: ours, and TransformerLens' Mamba-2 names for the
 #: state and the write (`hooked_gdn.mamba2`)
 STATE_SIZED_HOOKS = ("hook_state", "hook_ssm_state", "hook_ssm_write")
+
+
+def sampling_warpers(d_vocab: int, temperature: float, top_k: int | None, top_p: float | None) -> LogitsProcessorList:
+    """The filters `HookedGatedDeltaNet.generate` samples through, transformers' own top-k then top-p warpers (the
+    order transformers applies them in), after checking every sampling argument."""
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"sampling needs temperature > 0, got {temperature!r} (greedy decoding is do_sample=False)")
+    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= d_vocab):
+        raise ValueError(f"top_k must be an int in [1, d_vocab={d_vocab}] or None, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+    return LogitsProcessorList([*([TopKLogitsWarper(top_k)] if top_k is not None else []),
+                                *([TopPLogitsWarper(float(top_p))] if top_p is not None else [])])
 
 
 def _default_cache_filter(name: str) -> bool:
@@ -344,16 +374,33 @@ class HookedGatedDeltaNet(HookedRootModule):
         _require_tokens(tokens)
         if int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab:
             raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab}), got {int(tokens.min())}..{int(tokens.max())}")
-        if attention_mask is not None:
-            attention_mask = attention_mask[None] if attention_mask.dim() == 1 else attention_mask
-            if attention_mask.shape != tokens.shape:
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, tokens {tuple(tokens.shape)}")
-            if not ((attention_mask == 0) | (attention_mask == 1)).all():  # other values would scale the GDN input
-                odd = attention_mask[(attention_mask != 0) & (attention_mask != 1)].unique()[:5].tolist()
-                raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (tokens), got {odd}")
-            attention_mask = attention_mask.to(tokens.device).long()
         # any integer dtype is accepted; indexing needs int64 (a uint8 index would act as a mask)
-        return tokens.to(self.W_E.device, torch.long), attention_mask
+        return tokens.to(self.W_E.device, torch.long), _checked_mask(attention_mask, tokens)
+
+
+    def _residual_input(self, input, start_at_layer, tokens: Tensor | None, attention_mask: Tensor | None,
+                        cache: GDNCache | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The residual stream ``input`` that block ``start_at_layer`` reads, its tokens and mask, checked."""
+        n = self.cfg.n_layers
+        if isinstance(start_at_layer, bool) or not isinstance(start_at_layer, int) or not 0 <= start_at_layer <= n:
+            raise ValueError(f"start_at_layer must be an int in [0, {n}], got {start_at_layer!r}")
+        if cache is not None:
+            raise ValueError("start_at_layer with a cache would leave the blocks before it out of the cache, which "
+                             "continues every block: run the whole model with a cache")
+        if not (isinstance(input, Tensor) and input.is_floating_point() and input.dim() == 3
+                and input.shape[-1] == self.cfg.d_model):
+            got = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
+            raise ValueError(f"with start_at_layer the input is the residual stream [batch, pos, d_model="
+                             f"{self.cfg.d_model}] entering that block (a float tensor), got {got}")
+        _require_tokens(input[..., 0])
+        if tokens is not None:
+            tokens, attention_mask = self._tokens_and_mask(tokens, attention_mask)
+            if tokens.shape != input.shape[:2]:
+                raise ValueError(f"tokens have shape {tuple(tokens.shape)}, the residual stream {tuple(input.shape[:2])} "
+                                 "positions")
+        else:
+            attention_mask = _checked_mask(attention_mask, input[..., 0])
+        return input, tokens, attention_mask
 
     def _state_positions(self, state_positions, p: int) -> Tensor | None:
         """The positions as an increasing int64 tensor. ``cache[site][:, i]`` is the i-th position
@@ -394,13 +441,19 @@ class HookedGatedDeltaNet(HookedRootModule):
         recurrence: str = "parallel",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         stop_at_layer: int | None = None,
+        start_at_layer: int | None = None,
+        tokens: Int[Tensor, "batch pos"] | None = None,
         prepend_bos: bool | None = None,
         padding_side: str | None = None,
     ) -> Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "*loss"] | tuple[Tensor, Tensor] | None:
         """Logits [b, p, d_vocab], the mean next-token loss (or [b, p − 1] with ``loss_per_token``), both, or None.
 
         ``stop_at_layer=i`` runs only the embedding and blocks 0 … i − 1 and returns the residual
-        stream there (as in TransformerLens): what reading one layer's activations needs.
+        stream there (as in TransformerLens): what reading one layer's activations needs. ``start_at_layer=i``
+        takes ``input`` as the residual stream [b, p, d_model] entering block i and runs blocks i, …; ``tokens``
+        (needed only for a loss) and ``attention_mask`` are then the input's. Each memory starts empty at the
+        input's first position either way, so blocks i, … compute what they compute in a full forward whose
+        residual stream reaches block i as ``input``.
         ``prepend_bos`` and ``padding_side`` tokenize string input as ``to_tokens`` does (token input
         ignores them, as TransformerLens does). Padding writes nothing to the memories, so each row's
         logits at its tokens are its own on either side; but on the right a row's last positions are
@@ -411,17 +464,25 @@ class HookedGatedDeltaNet(HookedRootModule):
             raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
         if recurrence not in RECURRENCES:
             raise ValueError(f"recurrence must be one of {RECURRENCES}, got {recurrence!r}")
-        tokens, mask = self._tokens_and_mask(input, attention_mask, prepend_bos, padding_side)
+        if start_at_layer is None:
+            if tokens is not None:
+                raise ValueError("tokens= goes with start_at_layer (the input then being the residual stream); "
+                                 "without it the input is the tokens")
+            tokens, mask = self._tokens_and_mask(input, attention_mask, prepend_bos, padding_side)
+            x = None
+        else:
+            x, tokens, mask = self._residual_input(input, start_at_layer, tokens, attention_mask, cache)
         if cache is not None and mask is not None and not bool(mask[:, -1].all()):
             raise ValueError("a cache continues each row from its last position, and some rows end in padding (right "
                              "padding): pad on the left (padding_side='left', the default)")
-        b, p = tokens.shape
+        b, p = (tokens if x is None else x).shape[:2]
+        device = (tokens if x is None else x).device
         full_mask = mask
         past_length = cache.length if cache is not None else 0
         if cache is not None:
             full_mask = cache.extend_mask(mask if mask is not None else torch.ones_like(tokens))
         if full_mask is None:
-            position_ids = torch.arange(p, device=tokens.device).expand(b, p)
+            position_ids = torch.arange(p, device=device).expand(b, p)
         else:
             position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, -p:]
         ctx = ForwardContext(
@@ -433,12 +494,13 @@ class HookedGatedDeltaNet(HookedRootModule):
             past_length=past_length,
             chunk_size=chunk_size,
         )
-        x = F.embedding(tokens, self.W_E, self.embedding_padding_idx)
-        x = self.hook_embed(x if self.ln_embed is None else self.ln_embed(x))
+        if x is None:
+            x = F.embedding(tokens, self.W_E, self.embedding_padding_idx)
+            x = self.hook_embed(x if self.ln_embed is None else self.ln_embed(x))
         angles = position_ids[..., None].float() * self.rotary_inv_freq
         angles = torch.cat([angles, angles], -1)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        for block in self.blocks[:stop_at_layer]:
+        for block in self.blocks[start_at_layer:stop_at_layer]:
             x = block(x, ctx, cos, sin)
         if stop_at_layer is not None:
             return x
@@ -447,6 +509,8 @@ class HookedGatedDeltaNet(HookedRootModule):
             return logits
         if return_type is None:
             return None
+        if tokens is None:
+            raise ValueError(f"return_type={return_type!r} from start_at_layer needs the input's tokens: pass tokens=")
         loss = self.loss_fn(logits, tokens, mask, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
 
@@ -477,8 +541,10 @@ class HookedGatedDeltaNet(HookedRootModule):
         device=None,
         remove_batch_dim: bool = False,
         incl_bwd: bool = False,
+        pos_slice: Slice | SliceInput = None,
+        return_cache_object: bool = True,
         **model_kwargs,
-    ) -> tuple[object, GDNActivationCache]:
+    ) -> tuple[object, GDNActivationCache | dict[str, Tensor]]:
         """Run and cache activations, as TransformerLens does, with these differences.
 
         - With no ``names_filter``, everything except ``hook_state`` is cached: name the states'
@@ -491,6 +557,12 @@ class HookedGatedDeltaNet(HookedRootModule):
           as ``name + "_grad"``, as TransformerLens does; the memory's writes have gradients only with
           ``recurrence="sequential"`` (`hooked_gdn.memory.MatrixMemory._carry_edits`): named, they are refused in
           parallel mode with that reason, and left out of a default filter's gradients.
+        - ``pos_slice`` (TransformerLens': an int, a list of positions or a slice) keeps those positions of each
+          activation, along its ``position_axis`` (after the batch; an attention pattern's query axis); a value with
+          none (``hook_final_state``, Mamba-2's padded conv output), or whose axis holds other than one entry per
+          position (states at chosen ``state_positions``: a selection already), is kept whole. A firing that holds
+          every position is sliced as it is saved, so that the rest is never held; per-position firings
+          (sequential mode) are sliced once joined.
         """
         if names_filter is None:
             keep = _default_cache_filter
@@ -511,9 +583,18 @@ class HookedGatedDeltaNet(HookedRootModule):
         if remove_batch_dim and isinstance(model_args[0], Tensor) and model_args[0].dim() == 2 and model_args[0].shape[0] != 1:
             raise ValueError("remove_batch_dim needs a batch of one")
         firings: dict[str, list[Tensor]] = {}
+        pos_slice = Slice.unwrap(pos_slice)
+        axis_of = lambda name: getattr(self.hook_dict[name], "position_axis", 1)
+        positions = self._key_length(model_args, model_kwargs, count_cache=False) if pos_slice.slice is not None else 0
+        sliced_when_saved = set()
 
         def save(tensor: Tensor, hook, suffix: str = "") -> None:
-            firings.setdefault(hook.name + suffix, []).append(tensor.detach().to(device) if device is not None else tensor.detach())
+            tensor = tensor.detach()
+            axis = axis_of(hook.name)
+            if pos_slice.slice is not None and axis is not None and tensor.shape[axis] == positions:
+                tensor = pos_slice.apply(tensor, dim=axis)
+                sliced_when_saved.add(hook.name + suffix)
+            firings.setdefault(hook.name + suffix, []).append(tensor.to(device) if device is not None else tensor)
 
         bwd_names = []
         if incl_bwd:
@@ -534,9 +615,20 @@ class HookedGatedDeltaNet(HookedRootModule):
                 out.backward()
         for name in bwd_names:  # a backward pass fires per-position hooks last position first
             firings.get(name + "_grad", []).reverse()
-        store = {name: fired[0] if len(fired) == 1 else torch.cat(fired, 1) for name, fired in firings.items()}
+        store = {}
+        for name, fired in firings.items():
+            if len(fired) > 1 and name in sliced_when_saved:
+                raise RuntimeError(f"{name} fired {len(fired)} times with every position in one forward, so its "
+                                   f"pos_slice cannot be taken firing by firing: run without pos_slice")
+            store[name] = fired[0] if len(fired) == 1 else torch.cat(fired, 1)
+            axis = axis_of(name.removesuffix("_grad"))
+            if pos_slice.slice is not None and axis is not None and name not in sliced_when_saved \
+                    and store[name].shape[axis] == positions:
+                store[name] = pos_slice.apply(store[name], dim=axis)
         if remove_batch_dim:
             store = {k: v[0] for k, v in store.items()}
+        if not return_cache_object:
+            return out, store
         return out, GDNActivationCache(store, self, has_batch_dim=not remove_batch_dim)
 
     def _write_hook_names(self) -> list[str]:
@@ -544,18 +636,19 @@ class HookedGatedDeltaNet(HookedRootModule):
         return [name for memory in self.modules() if isinstance(memory, MatrixMemory)
                 for point in memory.write_hooks() for name in (hp.name for hp in point.with_aliases())]
 
-    def _key_length(self, model_args: tuple, model_kwargs: dict) -> int:
+    def _key_length(self, model_args: tuple, model_kwargs: dict, count_cache: bool = True) -> int:
         """The number of key positions a forward with these arguments attends over: the input's length plus a
-        cached prefix (strings are tokenized once more here, to count them)."""
+        cached prefix (strings are tokenized once more here, to count them); the input's alone without
+        ``count_cache``."""
         input = model_args[0] if model_args else model_kwargs.get("input")
         if isinstance(input, Tensor):
-            length = input.shape[-1]
+            length = input.shape[1 if model_kwargs.get("start_at_layer") is not None else -1]
         elif (isinstance(input, str) or isinstance(input, list) and all(isinstance(s, str) for s in input)) and self.tokenizer:
             length = self.to_tokens(input, model_kwargs.get("prepend_bos"), model_kwargs.get("padding_side")).shape[-1]
         else:
             length = 0  # forward will refuse it with its own message
         cache = model_kwargs.get("cache")
-        return length + (cache.length if cache is not None else 0)
+        return length + (cache.length if cache is not None and count_cache else 0)
 
     def _check_hook_name(self, name) -> None:
         if isinstance(name, str) and name not in self.hook_dict:
@@ -589,54 +682,71 @@ class HookedGatedDeltaNet(HookedRootModule):
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int | None = None,
+        top_p: float | None = None,
+        freq_penalty: float = 0.0,
         stop_at_eos: bool = True,
         eos_token_id: int | None = None,
         attention_mask: Int[Tensor, "batch pos"] | None = None,
         prepend_bos: bool | None = None,
         padding_side: str | None = None,
+        use_past_kv_cache: bool = True,
+        return_type: str = "input",
+        verbose: bool = False,
         **forward_kwargs,
     ) -> Int[Tensor, "batch pos_plus_new"] | str | list[str]:
-        """Continue the input; hooks fire at every step (with p = 1) and their edits apply.
+        """Continue the input; hooks fire at every step and their edits apply. TransformerLens' arguments.
 
-        Returns the tokens [b, p + new] for token input, and the decoded text (prompt included)
-        for string input. Sequences that reached EOS are continued with EOS. Strings are tokenized
-        as ``to_tokens`` tokenizes them (``prepend_bos``, ``padding_side``); strings of different
-        lengths padded on the right are refused (each row continues from its last position).
+        Greedy by default (TransformerLens samples by default); ``do_sample`` samples from the last logits after
+        ``temperature``, ``freq_penalty`` (TransformerLens': minus ``freq_penalty`` times each token's count in the
+        row so far, padding not counted), ``top_k`` and ``top_p``, in that order (`sampling_warpers`: transformers'
+        own filters), so that a seeded run draws the tokens transformers' ``generate`` draws. With
+        ``use_past_kv_cache`` (default) each step runs only the new token (p = 1) from the memories' and attention's
+        cache; without it each step reruns the whole sequence, and hooks fire on all of it. ``return_type``:
+        "input" (tokens for token input, text for string input), "str" (one string for one row, else a list) or
+        "tokens". Sequences that reached EOS are continued with EOS. Strings are tokenized as ``to_tokens`` does
+        (``prepend_bos``, ``padding_side``); strings of different lengths padded on the right are refused (each row
+        continues from its last position). ``verbose`` shows a progress bar over the new tokens (off by default,
+        where TransformerLens' is on).
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if do_sample and not temperature > 0:
-            raise ValueError(f"sampling needs temperature > 0, got {temperature!r} (greedy decoding is do_sample=False)")
-        if do_sample and top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= self.cfg.d_vocab):
-            raise ValueError(f"top_k must be an int in [1, d_vocab={self.cfg.d_vocab}] or None, got {top_k!r}")
+        if return_type not in GENERATE_RETURN_TYPES:
+            raise ValueError(f"return_type must be one of {GENERATE_RETURN_TYPES}, got {return_type!r}")
+        sampling = sampling_warpers(self.cfg.d_vocab, temperature, top_k, top_p) if do_sample else None
+        if not (isinstance(freq_penalty, (int, float)) and freq_penalty >= 0):
+            raise ValueError(f"freq_penalty must be a number >= 0, got {freq_penalty!r}")
         tokens, mask = self._tokens_and_mask(input, attention_mask, prepend_bos, padding_side)
         eos = eos_token_id if eos_token_id is not None else self.cfg.eos_token_id
         if stop_at_eos and eos is None:
             raise ValueError("stop_at_eos needs an eos_token_id (the config has none)")
-        cache = GDNCache()
+        cache = GDNCache() if use_past_kv_cache else None
         logits = self(tokens, "logits", mask, cache=cache, **forward_kwargs)
         finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-        new = []
+        out, mask = tokens, torch.ones_like(tokens) if mask is None else mask
+        progress = tqdm(total=max_new_tokens, disable=not verbose)
         for step in range(max_new_tokens):
             last = logits[:, -1].float()
             if do_sample:
                 last = last / temperature
-                if top_k is not None:
-                    kth = last.topk(top_k, -1).values[:, -1:]
-                    last = last.masked_fill(last < kth, float("-inf"))
-                next_token = torch.multinomial(last.softmax(-1), 1)[:, 0]
+                if freq_penalty:
+                    counts = torch.zeros_like(last).scatter_add_(1, out, mask.to(last.dtype))
+                    last = last - freq_penalty * counts
+                next_token = torch.multinomial(sampling(out, last).softmax(-1), 1)[:, 0]
             else:
                 next_token = last.argmax(-1)
             if stop_at_eos:
                 next_token = torch.where(finished, torch.full_like(next_token, eos), next_token)
                 finished |= next_token == eos
-            new.append(next_token)
+            out, mask = torch.cat([out, next_token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            progress.update()
             if (stop_at_eos and bool(finished.all())) or step == max_new_tokens - 1:
                 break
-            logits = self(next_token[:, None], "logits", cache=cache, **forward_kwargs)
-        out = torch.cat([tokens, torch.stack(new, 1)], 1) if new else tokens
-        if isinstance(input, str):
+            logits = self(next_token[:, None], "logits", cache=cache, **forward_kwargs) if use_past_kv_cache \
+                else self(out, "logits", mask, **forward_kwargs)
+        progress.close()
+        if return_type == "tokens" or return_type == "input" and not isinstance(input, (str, list)):
+            return out
+        if return_type == "input" and isinstance(input, str):
             return self.to_string(out[0])
-        if isinstance(input, list):
-            return [self.tokenizer.decode(row, skip_special_tokens=True) for row in out.tolist()]
-        return out
+        rows = [self.tokenizer.decode(row, skip_special_tokens=True) for row in out.tolist()]
+        return rows[0] if return_type == "str" and len(rows) == 1 else rows

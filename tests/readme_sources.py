@@ -183,6 +183,7 @@ ENTRIES = [
     NotMeasured("30 × H_v·d_k·d_v fp32 = 60 MiB, and the attention KV cache, 10 layers × 2 × 2 KV heads × 256 × 2 bytes = "
                 "20 KiB a token (640 MiB at 32k tokens)", "arithmetic shown in the sentence"),
     NotMeasured("temperature=1.0", "a default argument"),
+    NotMeasured("freq_penalty=0.0", "a default argument"),
     NotMeasured("A seeded 5% of the files", "a setting"),
     # ---- Qwen3.5-0.8B, estimated from its published shapes (the sentence says so)
     NotMeasured("The model's weights are 1.6 GB in bf16 (3.2 GB in fp32", "arithmetic: 0.8 B parameters × 2 or 4 bytes"),

@@ -60,6 +60,68 @@ def test_greedy_generate_matches_transformers(make_pair, name):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 20, 0.9), (1.3, None, None), (1.0, 5, None), (0.9, None, 0.5)])
+def test_seeded_sampling_draws_transformers_tokens(make_pair, name, temperature, top_k, top_p):
+    """Same seed, same logits: the sampled tokens are those transformers' generate draws (its top-k and top-p
+    filters, and one multinomial draw a step). A filter left out, applied in the other order, or a temperature
+    applied twice draws other tokens."""
+    hf, ours = make_pair(name, seed=3)
+    prompt = torch.randint(1, 101, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.manual_seed(11)
+        expected = hf.generate(prompt, max_new_tokens=12, do_sample=True, temperature=temperature,
+                               top_k=top_k or 0, top_p=top_p or 1.0, eos_token_id=None, pad_token_id=0,
+                               attention_mask=torch.ones_like(prompt))
+        torch.manual_seed(11)
+        got = ours.generate(prompt, max_new_tokens=12, stop_at_eos=False, do_sample=True, temperature=temperature,
+                            top_k=top_k, top_p=top_p)
+    assert torch.equal(got, expected)
+
+
+def test_a_large_frequency_penalty_never_repeats_a_token(model):
+    """TransformerLens' freq_penalty subtracts the penalty times each token's count so far: at 1e4 no token of the
+    row (prompt included, left-padded or not) is drawn again, where without it the same seed repeats one."""
+    prompt = torch.tensor([[7, 8, 9, 10, 11, 12]])
+    padded, mask = torch.tensor([[5, 5, 7, 8, 9, 10, 11, 12]]), torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1]])
+    torch.manual_seed(0)
+    free = model.generate(prompt, max_new_tokens=40, stop_at_eos=False, do_sample=True, temperature=2.0)
+    assert len(set(free[0].tolist())) < free.shape[1]
+    for tokens, attention_mask in ((prompt, None), (padded, mask)):
+        torch.manual_seed(0)
+        penalised = model.generate(tokens, max_new_tokens=40, stop_at_eos=False, do_sample=True, temperature=2.0,
+                                   freq_penalty=1e4, attention_mask=attention_mask)
+        row = penalised[0, 2 if attention_mask is not None else 0:].tolist()
+        assert len(set(row)) == len(row)
+
+
+def test_generate_without_the_cache_reruns_the_sequence_and_gives_the_same_tokens(model):
+    prompt = torch.randint(1, 101, (2, 6), generator=torch.Generator().manual_seed(4))
+    seen = []
+    with model.hooks(fwd_hooks=[(site(model, "hook_write_value"), lambda x, hook: seen.append(hook_positions(hook).tolist()))]):
+        uncached = model.generate(prompt, max_new_tokens=3, stop_at_eos=False, use_past_kv_cache=False)
+    assert seen == [list(range(6)), list(range(7)), list(range(8))]
+    assert torch.equal(uncached, model.generate(prompt, max_new_tokens=3, stop_at_eos=False))
+
+
+def test_generate_return_types_and_progress_bar(capsys):
+    from hooked_gdn import HookedGatedDeltaNet
+
+    model = HookedGatedDeltaNet.from_pretrained("gdn-austen")
+    tokens = model.to_tokens(["It is a truth", "Mr. Darcy"])
+    as_text = model.generate(tokens, max_new_tokens=3, return_type="str")
+    assert isinstance(as_text, list) and as_text == [model.tokenizer.decode(row, skip_special_tokens=True)
+                                                    for row in model.generate(tokens, max_new_tokens=3).tolist()]
+    assert model.generate(tokens[:1], max_new_tokens=3, return_type="str") == as_text[0]
+    assert torch.equal(model.generate("It is a truth", max_new_tokens=3, return_type="tokens"),
+                       model.generate(model.to_tokens("It is a truth"), max_new_tokens=3))
+    capsys.readouterr()
+    model.generate("It is a truth", max_new_tokens=3, verbose=True, stop_at_eos=False)
+    assert "3/3" in capsys.readouterr().err
+    model.generate("It is a truth", max_new_tokens=3)
+    assert capsys.readouterr().err == ""
+
+
 def test_write_hook_fires_every_step_and_its_edit_steers_generation(model):
     prompt = torch.randint(1, 101, (1, 6), generator=torch.Generator().manual_seed(4))
     seen = []
@@ -92,6 +154,9 @@ def test_bad_generation_arguments_are_refused(model):
     for kwargs, message in ((dict(do_sample=True, top_k=0), "top_k must be"), (dict(do_sample=True, top_k=102), "top_k must be"),
                             (dict(do_sample=True, temperature=0.0), "temperature > 0"),
                             (dict(do_sample=True, temperature=-1.0), "temperature > 0"),
+                            (dict(do_sample=True, top_p=0.0), "top_p must be"), (dict(do_sample=True, top_p=1.5), "top_p must be"),
+                            (dict(do_sample=True, freq_penalty=-1.0), "freq_penalty must be"),
+                            (dict(return_type="embeds"), "return_type must be"),
                             (dict(max_new_tokens=-1), "max_new_tokens must be")):
         with pytest.raises(ValueError, match=message):
             model.generate(tokens, **kwargs)

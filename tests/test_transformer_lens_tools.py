@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformer_lens import ActivationCache, patching
+from transformer_lens.utilities import Slice
 from transformer_lens.utilities import test_prompt as tl_test_prompt
 from transformers import AutoTokenizer, Mamba2ForCausalLM
 
@@ -314,6 +315,79 @@ def test_transformer_lens_per_head_patching_says_what_a_memory_layer_has_instead
     if not hasattr(model.blocks[0], "mlp"):
         with pytest.raises(KeyError, match="blocks have no MLP .* blocks.0.hook_attn_out"):
             patching.get_act_patch_mlp_out(model, corrupted, cache, metric)
+
+
+def _position_axes(model, names) -> dict[str, int | None]:
+    """Each hook's position axis as the model's own forward shows it: the one axis whose length follows the input's
+    (a run of 5 positions against one of 6), None where none does or another does (a padded conv's p + K − 1)."""
+    runs = [model.run_with_cache(torch.randint(1, VOCAB, (2, p)), names_filter=names)[1] for p in (5, 6)]
+    axes = {}
+    for name in runs[0].keys():
+        moved = [i for i, (a, b) in enumerate(zip(runs[0][name].shape, runs[1][name].shape)) if a != b]
+        axes[name] = moved[0] if moved and runs[0][name].shape[moved[0]] == 5 else None
+    return axes
+
+
+@pytest.mark.parametrize("family", sorted(BY_KEY))
+@pytest.mark.parametrize("recurrence", ["parallel", "sequential"])
+def test_run_with_cache_pos_slice_keeps_those_positions_of_every_activation(tiny, family, recurrence):
+    """TransformerLens' pos_slice (an int keeps its axis, as there): every cached activation, states, patterns and
+    gradients included, is the full cache's sliced along its position axis, which the test finds by varying the
+    input's length; an activation without one is whole. return_cache_object=False gives the dict."""
+    model = tiny(family)
+    every = lambda name: True
+    axes = _position_axes(model, every)
+    assert sum(axis is None for axis in axes.values()) >= len(model.cfg.gdn_layers)  # each memory's final state
+    tokens = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, full = model.run_with_cache(tokens, names_filter=every, recurrence=recurrence)
+        for pos_slice in (-1, [0, 3], slice(1, None)):
+            _, sliced = model.run_with_cache(tokens, names_filter=every, recurrence=recurrence, pos_slice=pos_slice,
+                                             return_cache_object=False)
+            assert isinstance(sliced, dict) and sliced.keys() == set(full.keys())
+            for name, axis in axes.items():
+                expected = full[name] if axis is None else Slice.unwrap(pos_slice).apply(full[name], dim=axis)
+                assert torch.equal(sliced[name], expected), (name, pos_slice)
+    _, with_grads = model.run_with_cache(tokens, "loss", names_filter=f"blocks.0.hook_resid_post", incl_bwd=True,
+                                         pos_slice=-1)
+    _, full_grads = model.run_with_cache(tokens, "loss", names_filter=f"blocks.0.hook_resid_post", incl_bwd=True)
+    torch.testing.assert_close(with_grads["blocks.0.hook_resid_post_grad"], full_grads["blocks.0.hook_resid_post_grad"][:, -1:])
+
+
+@pytest.mark.parametrize("family", sorted(BY_KEY))
+def test_start_at_layer_continues_from_the_residual_stream(tiny, family):
+    """TransformerLens' start_at_layer: the residual stream entering block i, run through blocks i, …, gives the
+    full forward's logits, loss and later residual streams (left padding and its mask included); RWKV-7's layers
+    after the first need layer 0's value, and say so."""
+    model = tiny(family)
+    tokens = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = 0
+    n = model.cfg.n_layers
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=lambda name: "resid_pre" in name)
+        loss = model(tokens, "loss", mask)
+        for layer in (0, 1, n) if family != "rwkv7" else (0,):
+            resid = cache["resid_pre", layer] if layer < n else model(tokens, attention_mask=mask, stop_at_layer=n)
+            torch.testing.assert_close(model(resid, start_at_layer=layer, attention_mask=mask), logits, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(model(resid, "loss", mask, start_at_layer=layer, tokens=tokens), loss)
+        torch.testing.assert_close(model(cache["resid_pre", 0], start_at_layer=0, stop_at_layer=1, attention_mask=mask),
+                                   cache["resid_pre", 1], rtol=1e-5, atol=1e-5)
+        if family == "rwkv7":
+            with pytest.raises(ValueError, match=r"layer 1 mixes in layer 0's value \(v_first\).* start at layer 0"):
+                model(cache["resid_pre", 1], start_at_layer=1)
+        resid = cache["resid_pre", 0]
+        for kwargs, message in ((dict(start_at_layer=n + 1), "start_at_layer must be an int in"),
+                                (dict(start_at_layer=0, cache=model.prefill(tokens)), "start_at_layer with a cache"),
+                                (dict(start_at_layer=0, return_type="loss"), "needs the input's tokens: pass tokens="),
+                                (dict(start_at_layer=0, tokens=tokens[:, 1:]), "tokens have shape"),
+                                (dict(start_at_layer=0, attention_mask=mask[:, 1:]), "attention_mask has shape")):
+            with pytest.raises(ValueError, match=message):
+                model(resid, **kwargs)
+        with pytest.raises(ValueError, match=r"the residual stream \[batch, pos, d_model"):
+            model(tokens, start_at_layer=0)
+        with pytest.raises(ValueError, match="tokens= goes with start_at_layer"):
+            model(tokens, tokens=tokens)
 
 
 @pytest.mark.parametrize("family", sorted(BY_KEY))
