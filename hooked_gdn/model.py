@@ -146,6 +146,7 @@ class HookedGatedDeltaNet(HookedRootModule):
         family = self.family_of(cfg)
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self._forwards = 0  # forwards run: what tells `get_caching_hooks` a firing of the same forward from a new one
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
         cfg.device = self.W_E.device
         self.hook_embed = CheckedHookPoint()  # [b, p, d_model]
@@ -460,6 +461,7 @@ class HookedGatedDeltaNet(HookedRootModule):
         padding, through which its state still decays, so its ``hook_final_state`` is not its last
         token's, and a ``cache`` (``prefill``, ``generate``) refuses such rows.
         """
+        self._forwards += 1
         if return_type not in RETURN_TYPES:
             raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
         if recurrence not in RECURRENCES:
@@ -570,15 +572,8 @@ class HookedGatedDeltaNet(HookedRootModule):
             if length > DEFAULT_CACHE_MAX_PATTERN_LENGTH and any(_is_pattern_hook(name) for name in self.hook_dict):
                 warnings.warn(pattern_left_out_message(), stacklevel=2)
                 keep = lambda name: _default_cache_filter(name) and not _is_pattern_hook(name)
-        elif isinstance(names_filter, str):
-            keep = lambda name: name == names_filter
-        elif isinstance(names_filter, list):
-            wanted = set(names_filter)
-            keep = wanted.__contains__
         else:
-            keep = names_filter
-        for name in [names_filter] if isinstance(names_filter, str) else names_filter if isinstance(names_filter, list) else []:
-            self._check_hook_name(name)
+            keep = self._names_kept(names_filter)
         names = [name for name in self.hook_dict if keep(name)]
         if remove_batch_dim and isinstance(model_args[0], Tensor) and model_args[0].dim() == 2 and model_args[0].shape[0] != 1:
             raise ValueError("remove_batch_dim needs a batch of one")
@@ -630,6 +625,61 @@ class HookedGatedDeltaNet(HookedRootModule):
         if not return_cache_object:
             return out, store
         return out, GDNActivationCache(store, self, has_batch_dim=not remove_batch_dim)
+
+    def _names_kept(self, names_filter: str | list[str] | Callable[[str], bool] | None) -> Callable[[str], bool]:
+        """A ``names_filter`` as a predicate (None: `_default_cache_filter`, every point but the states), the names it
+        lists checked."""
+        for name in [names_filter] if isinstance(names_filter, str) else names_filter if isinstance(names_filter, list) else []:
+            self._check_hook_name(name)
+        if names_filter is None:
+            return _default_cache_filter
+        if isinstance(names_filter, str):
+            return lambda name: name == names_filter
+        if isinstance(names_filter, list):
+            return set(names_filter).__contains__
+        return names_filter
+
+    def _caching_hook(self, cache: dict, device=None, remove_batch_dim: bool = False) -> Callable:
+        """The hook TransformerLens' caching hooks write ``cache`` with (`get_caching_hooks`, `add_caching_hooks`),
+        with what this model's points need: a point that fires again in the same forward (once per position in
+        sequential mode) is joined along its ``position_axis``, where TransformerLens' would keep the last firing; a
+        new forward replaces it, as there."""
+        forward_of = {}
+
+        def save(tensor: Tensor, hook, is_backward: bool = False) -> None:
+            name = hook.name + ("_grad" if is_backward else "")
+            tensor = tensor.detach().to(device) if device is not None else tensor.detach()
+            tensor = tensor[0] if remove_batch_dim else tensor
+            axis = getattr(hook, "position_axis", 1)
+            if forward_of.get(name) == self._forwards and axis is not None:  # a backward pass fires last position first
+                axis -= remove_batch_dim
+                tensor = torch.cat([tensor, cache[name]] if is_backward else [cache[name], tensor], axis)
+            cache[name], forward_of[name] = tensor, self._forwards
+
+        return save
+
+    def get_caching_hooks(self, names_filter=None, incl_bwd: bool = False, device=None, remove_batch_dim: bool = False,
+                          cache: dict | None = None, pos_slice=None) -> tuple[dict, list, list]:
+        """TransformerLens' ``get_caching_hooks`` through `_caching_hook`; ``names_filter=None`` leaves the states out,
+        as `run_with_cache` does. ``pos_slice`` is refused: the hooks cannot tell here which firings hold every
+        position; ``run_with_cache(pos_slice=...)`` takes it."""
+        if pos_slice is not None:
+            raise NotImplementedError("get_caching_hooks cannot take pos_slice here: run_with_cache(tokens, "
+                                      "pos_slice=...) takes it")
+        cache = {} if cache is None else cache
+        save, keep = self._caching_hook(cache, device, remove_batch_dim), self._names_kept(names_filter)
+        names = [name for name in self.hook_dict if keep(name)]
+        return cache, [(name, save) for name in names], [(name, partial(save, is_backward=True)) for name in names] if incl_bwd else []
+
+    def add_caching_hooks(self, names_filter=None, incl_bwd: bool = False, device=None, remove_batch_dim: bool = False,
+                          cache: dict | None = None) -> dict:
+        """TransformerLens' ``add_caching_hooks`` (behind ``cache_all`` and ``cache_some``) through `_caching_hook`;
+        ``names_filter=None`` leaves the states out, as `run_with_cache` does."""
+        cache, fwd_hooks, bwd_hooks = self.get_caching_hooks(names_filter, incl_bwd, device, remove_batch_dim, cache)
+        self.is_caching = True
+        for (name, hook), direction in [*((h, "fwd") for h in fwd_hooks), *((h, "bwd") for h in bwd_hooks)]:
+            self.hook_dict[name].add_hook(hook, direction)
+        return cache
 
     def _write_hook_names(self) -> list[str]:
         """The hook names, aliases included, of every memory's `write_hooks`."""

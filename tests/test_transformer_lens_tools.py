@@ -355,6 +355,33 @@ def test_run_with_cache_pos_slice_keeps_those_positions_of_every_activation(tiny
 
 
 @pytest.mark.parametrize("family", sorted(BY_KEY))
+def test_transformer_lens_caching_hooks_join_per_position_firings_as_run_with_cache_does(tiny, family):
+    """add_caching_hooks (cache_all, cache_some): in sequential mode the memory's points fire once per position,
+    and TransformerLens' hooks would keep the last firing; ours join them, forward and backward, into what
+    run_with_cache gives, and the next forward replaces them."""
+    model = tiny(family)
+    every = lambda name: True
+    runs = [torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(seed)) for seed in (0, 1)]
+    for remove_batch_dim in (False, True):
+        cache = {}
+        try:
+            model.add_caching_hooks(names_filter=every, cache=cache, incl_bwd=True, remove_batch_dim=remove_batch_dim)
+            for tokens in runs:
+                model(tokens, "loss", recurrence="sequential").backward()
+        finally:
+            model.reset_hooks()
+        model.zero_grad(set_to_none=True)
+        _, expected = model.run_with_cache(runs[-1], "loss", names_filter=every, recurrence="sequential", incl_bwd=True,
+                                           remove_batch_dim=remove_batch_dim)
+        model.zero_grad(set_to_none=True)
+        assert cache.keys() == set(expected.keys())
+        for name, value in cache.items():
+            torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+    with pytest.raises(NotImplementedError, match=r"run_with_cache\(tokens, pos_slice=...\) takes it"):
+        model.get_caching_hooks(pos_slice=-1)
+
+
+@pytest.mark.parametrize("family", sorted(BY_KEY))
 def test_start_at_layer_continues_from_the_residual_stream(tiny, family):
     """TransformerLens' start_at_layer: the residual stream entering block i, run through blocks i, …, gives the
     full forward's logits, loss and later residual streams (left padding and its mask included); RWKV-7's layers
