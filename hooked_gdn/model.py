@@ -379,12 +379,22 @@ class HookedGatedDeltaNet(HookedRootModule):
         return tokens.to(self.W_E.device, torch.long), _checked_mask(attention_mask, tokens)
 
 
+    def can_start_at(self, layer: int) -> bool:
+        """Whether ``forward(resid, start_at_layer=layer)`` computes what the full forward computes from block
+        ``layer`` on: at layer 0 always; later only where no layer reads what layer 0 computes besides the
+        residual stream (RWKV-7's layers do: `Architecture.later_layers_read_layer_0`)."""
+        return layer == 0 or not self.family_of(self.cfg).later_layers_read_layer_0
+
     def _residual_input(self, input, start_at_layer, tokens: Tensor | None, attention_mask: Tensor | None,
                         cache: GDNCache | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """The residual stream ``input`` that block ``start_at_layer`` reads, its tokens and mask, checked."""
         n = self.cfg.n_layers
         if isinstance(start_at_layer, bool) or not isinstance(start_at_layer, int) or not 0 <= start_at_layer <= n:
             raise ValueError(f"start_at_layer must be an int in [0, {n}], got {start_at_layer!r}")
+        if not self.can_start_at(start_at_layer):
+            raise ValueError(f"{self.family_of(self.cfg).name}'s layers after the first read what layer 0 computes besides "
+                             f"the residual stream (RWKV-7: its value, v_first), which a forward starting at layer "
+                             f"{start_at_layer} does not compute: start at layer 0")
         if cache is not None:
             raise ValueError("start_at_layer with a cache would leave the blocks before it out of the cache, which "
                              "continues every block: run the whole model with a cache")

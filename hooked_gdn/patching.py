@@ -141,13 +141,16 @@ def check_patch(patch: Patch, tokens: Tensor) -> None:
 
 
 def run_with_patches(
-    model: HookedGatedDeltaNet, corrupted_tokens: str | Int[Tensor, "batch pos"], patches: Sequence[Patch], **forward_kwargs
+    model: HookedGatedDeltaNet, corrupted_tokens: str | Int[Tensor, "batch pos"], patches: Sequence[Patch],
+    from_residual: tuple[int, Tensor] | None = None, **forward_kwargs
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """The corrupted run with every patch applied at once; returns its logits.
 
     Chooses ``state_positions`` (the patched states' positions, so no other state is formed) and,
     when a state or an SAE code at a state site is patched at several positions, the sequential
-    recurrence; ``forward_kwargs`` override these.
+    recurrence; ``forward_kwargs`` override these. ``from_residual`` = (L, the corrupted run's residual stream
+    entering block L), for patches at block L or later, which leave every earlier block's output alone: the run
+    starts there (``start_at_layer``), skipping blocks 0 … L − 1.
     """
     tokens = as_tokens(model, corrupted_tokens)
     for patch in patches:
@@ -161,7 +164,23 @@ def run_with_patches(
             forward_kwargs.setdefault("state_positions", sorted({t for p in with_state for t in p.positions}))
         if any((tokens.shape[1] if p.positions is None else len(p.positions)) > 1 for p in with_state):
             forward_kwargs.setdefault("recurrence", "sequential")
-    return model.run_with_hooks(tokens, fwd_hooks=[(p.name, _patch_hook(p, model)) for p in patches], **forward_kwargs)
+    if from_residual is not None:
+        forward_kwargs |= {"start_at_layer": from_residual[0]}
+    return model.run_with_hooks(tokens if from_residual is None else from_residual[1],
+                                fwd_hooks=[(p.name, _patch_hook(p, model)) for p in patches], **forward_kwargs)
+
+
+def corrupted_residuals(model: HookedGatedDeltaNet, tokens: Int[Tensor, "batch pos"], layers: Sequence[int]) -> dict[int, Tensor]:
+    """The corrupted run's residual stream entering each of ``layers`` after the first block at which a forward
+    can start (`HookedGatedDeltaNet.can_start_at`; none on RWKV-7): what `run_with_patches` starts a patched run
+    from (``from_residual``), so that a grid's runs skip the blocks before their earliest patched layer, which
+    they would compute as the corrupted run does."""
+    starts = sorted({layer for layer in layers if layer > 0 and model.can_start_at(layer)})
+    if not starts:
+        return {}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=[f"blocks.{layer}.hook_resid_pre" for layer in starts])
+    return {layer: cache[f"blocks.{layer}.hook_resid_pre"] for layer in starts}
 
 
 def _gdn_layers(model: HookedGatedDeltaNet, layers: Sequence[int] | None) -> list[int]:
@@ -233,7 +252,9 @@ def generic_activation_patch(
 
     ``layers`` (GDN layers), ``positions`` and ``heads`` restrict the grid and what a left-out axis
     patches (default: all). ``clean_cache`` holds the activation at every position of the clean run
-    (for states, name them: ``model.run_with_cache(clean_tokens, names_filter=...)``).
+    (for states, name them: ``model.run_with_cache(clean_tokens, names_filter=...)``). Each run starts at
+    its earliest patched layer from the corrupted run's residual stream there (`corrupted_residuals`), as the
+    blocks before it would compute just that.
     """
     tokens = as_tokens(model, corrupted_tokens)
     hooks = activation_hooks(activation_name)
@@ -246,10 +267,13 @@ def generic_activation_patch(
         "head": list(range(n_heads)) if heads is None else [int(h) for h in heads],
     }
 
+    starts = corrupted_residuals(model, tokens, layers)
+
     def run(selection: dict[str, list[int]]) -> Tensor:
         patches = [Patch(gdn_hook_name(layer, hook), clean[layer, hook], tuple(selection["pos"]), tuple(selection["head"]))
                    for layer in selection["layer"] for hook in hooks]
-        return run_with_patches(model, tokens, patches)
+        first = min(selection["layer"])
+        return run_with_patches(model, tokens, patches, (first, starts[first]) if first in starts else None)
 
     # validate once, before the grid: lengths, ranges, hook names
     for layer in layers:

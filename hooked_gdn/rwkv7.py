@@ -210,9 +210,6 @@ class RWKV7TimeMix(DPLRMemory):
         if self.layer == 0:
             ctx.shared["v_first"] = self.hook_v_first(v)  # later layers' copy: an edit here leaves layer 0's own value
         else:
-            if "v_first" not in ctx.shared:
-                raise ValueError(f"RWKV-7's layer {self.layer} mixes in layer 0's value (v_first), which a forward that "
-                                 "starts after layer 0 (start_at_layer) does not compute: start at layer 0")
             share = self.hook_v_mix(split_heads(torch.sigmoid(self.value_mix(xv)), N))
             v = v + (ctx.shared["v_first"].to(v.device) - v) * share
         if mask is not None:

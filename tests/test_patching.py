@@ -263,3 +263,41 @@ def test_logit_diff_recovered_is_0_for_the_corrupted_run_and_1_for_the_clean_run
 def test_position_labels_name_each_position_by_its_token():
     model = HookedGatedDeltaNet.from_pretrained("gdn-austen")
     assert position_labels(model, "Anne walked") == ["0:'Anne'", "1:' walked'"]
+
+
+def _tiny(family: str) -> HookedGatedDeltaNet:
+    from tests.rwkv7_models import hooked_from_blinkdl, random_blinkdl_state
+    from tests.test_mamba2 import tiny_config as tiny_mamba2_config
+
+    torch.manual_seed(0)
+    if family == "mamba2":
+        return HookedGatedDeltaNet.from_config(tiny_mamba2_config("groups", vocab_size=101)).eval()
+    return random_tiny_model() if family == "hybrid" else hooked_from_blinkdl(random_blinkdl_state(d_vocab=101))
+
+
+@pytest.mark.parametrize("family", ["hybrid", "mamba2", "rwkv7"])
+def test_a_grid_starts_each_run_at_its_earliest_patched_layer_with_the_same_result(family, monkeypatch):
+    """Each patched run starts from the corrupted run's residual stream entering its earliest patched layer: the
+    blocks before it run once for the whole grid (counted by hook_embed's firings), and every entry is what the
+    full run gives. RWKV-7's later layers read layer 0's value, so its runs start at layer 0."""
+    import hooked_gdn.patching as patching
+
+    model = _tiny(family)
+    clean, corrupted = clean_and_corrupted()
+    _, cache = model.run_with_cache(clean, names_filter=lambda name: "linear_attn" in name)
+    metric = lambda logits: logits[0, -1].log_softmax(-1)[3]
+    embeddings = []
+    with model.hooks(fwd_hooks=[("hook_embed", lambda x, hook: embeddings.append(1))]):
+        grids = {site: generic_activation_patch(model, corrupted, cache, metric, site, ("layer", "pos"), show_progress=False)
+                 for site in ("state", "write", "read")}
+    runs = len(model.cfg.gdn_layers) * T
+    first_layer_runs = T if model.cfg.gdn_layers[0] == 0 else 0
+    expected_embeddings = 3 * runs if family == "rwkv7" else 3 * (1 + first_layer_runs)  # one residual run per grid
+    assert len(embeddings) == expected_embeddings
+    every_layer = generic_activation_patch(model, corrupted, cache, metric, "state", ("pos",), show_progress=False)
+    monkeypatch.setattr(patching, "corrupted_residuals", lambda *args: {})
+    for site, grid in grids.items():
+        full = generic_activation_patch(model, corrupted, cache, metric, site, ("layer", "pos"), show_progress=False)
+        torch.testing.assert_close(grid, full, rtol=1e-5, atol=1e-5, msg=site)
+    torch.testing.assert_close(every_layer, generic_activation_patch(model, corrupted, cache, metric, "state", ("pos",),
+                                                                     show_progress=False), rtol=1e-5, atol=1e-5)

@@ -401,7 +401,8 @@ def test_start_at_layer_continues_from_the_residual_stream(tiny, family):
         torch.testing.assert_close(model(cache["resid_pre", 0], start_at_layer=0, stop_at_layer=1, attention_mask=mask),
                                    cache["resid_pre", 1], rtol=1e-5, atol=1e-5)
         if family == "rwkv7":
-            with pytest.raises(ValueError, match=r"layer 1 mixes in layer 0's value \(v_first\).* start at layer 0"):
+            assert not model.can_start_at(1) and model.can_start_at(0)
+            with pytest.raises(ValueError, match=r"RWKV-7's layers after the first read .*v_first.* start at layer 0"):
                 model(cache["resid_pre", 1], start_at_layer=1)
         resid = cache["resid_pre", 0]
         for kwargs, message in ((dict(start_at_layer=n + 1), "start_at_layer must be an int in"),

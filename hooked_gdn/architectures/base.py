@@ -75,6 +75,9 @@ class Architecture:
     # whether the reference's embedding gives the pad token's row no gradient (transformers' nn.Embedding with
     # padding_idx = pad_token_id, as the GDN hybrids'); the forward is the same either way
     embedding_pad_row_frozen: bool = True
+    # whether a layer after the first reads what layer 0 computed besides the residual stream (RWKV-7's v_first), so
+    # that a forward can start only at layer 0 (`HookedGatedDeltaNet.can_start_at`)
+    later_layers_read_layer_0: bool = False
     # keys (after the text prefix) that go to the model itself rather than a block, e.g. a norm stored in layer 0's folder
     top_level_keys: dict[str, str] = field(default_factory=dict)
     # config.json's dict -> a config object for ``hooked_config``, for a family transformers does not register (None: AutoConfig)

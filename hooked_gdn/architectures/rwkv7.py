@@ -158,7 +158,7 @@ ARCHITECTURE = Architecture(
     "rwkv7", "RWKV-7", MODEL_TYPES, hooked_config, layer_placements, block=RWKV7Block, final_norm=layer_norm,
     init_weights=init_rwkv7_weights, text_prefixes=("model.",), embedding_keys=("embeddings.weight",),
     final_norm_key="norm.weight", embedding_norm=layer_norm, top_level_keys=TOP_LEVEL_KEYS, read_config=read_config,
-    embedding_pad_row_frozen=False,
+    embedding_pad_row_frozen=False, later_layers_read_layer_0=True,
     config_names={"d_model": "hidden_size", "n_layers": "num_hidden_layers", "d_vocab": "vocab_size", "d_key": "head_dim",
                   "d_value": "head_dim", "d_mlp": "intermediate_size", "d_decay_lora": "decay_low_rank_dim",
                   "d_a_lora": "a_low_rank_dim", "d_v_lora": "v_low_rank_dim", "d_gate_lora": "gate_low_rank_dim"},
