@@ -5,7 +5,7 @@
 `hooked_gdn.patching.generic_activation_patch` runs one patched forward per grid entry. A patch at layer L leaves
 the blocks before L computing what the corrupted run computes, so each run starts from the corrupted run's residual
 stream entering its earliest patched layer (`hooked_gdn.patching.corrupted_residuals`, one run for the whole grid).
-The baseline is the same function with nothing to start from, every run from the embedding. On each shipped model,
+The baseline is the same function with ``skip_unpatched_blocks=False``, every run from the embedding. On each shipped model,
 the grid over (layer, position) of the state, write and read patches at every memory layer: the two times side by
 side (interleaved medians, one thread), their ratio, and the largest difference between the two grids (the same
 numbers to float rounding). RWKV-7's later layers read layer 0's value, so its runs all start at layer 0: its ratio
@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from unittest import mock
-
 import torch
 
-import hooked_gdn.patching as patching
 from benchmarks.provenance import provenance, write_results
 from benchmarks.timing import interleaved_medians
 from hooked_gdn import HookedGatedDeltaNet
+from hooked_gdn.patching import generic_activation_patch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_JSON = ROOT / "benchmarks" / "results" / "patching.json"
@@ -31,16 +29,11 @@ MODELS = ("gdn-austen", "mamba2-austen", "rwkv7-austen")
 SITES = ("state", "write", "read")
 
 
-def grids(model: HookedGatedDeltaNet, corrupted: torch.Tensor, clean_cache, metric) -> torch.Tensor:
-    """Every site's (layer, position) grid, stacked [site, layer, pos]."""
-    return torch.stack([patching.generic_activation_patch(model, corrupted, clean_cache, metric, site, ("layer", "pos"),
-                                                          show_progress=False) for site in SITES])
-
-
-def from_the_embedding(model: HookedGatedDeltaNet, corrupted: torch.Tensor, clean_cache, metric) -> torch.Tensor:
-    """`grids` with every run from the embedding: the baseline."""
-    with mock.patch.object(patching, "corrupted_residuals", return_value={}):
-        return grids(model, corrupted, clean_cache, metric)
+def grids(model: HookedGatedDeltaNet, corrupted: torch.Tensor, clean_cache, metric, skip: bool) -> torch.Tensor:
+    """Every site's (layer, position) grid, stacked [site, layer, pos]; ``skip``: each run started at its patched
+    layer (``skip_unpatched_blocks``), else from the embedding (the baseline)."""
+    return torch.stack([generic_activation_patch(model, corrupted, clean_cache, metric, site, ("layer", "pos"),
+                                                 show_progress=False, skip_unpatched_blocks=skip) for site in SITES])
 
 
 def measure(name: str, T: int, repeats: int) -> dict:
@@ -53,8 +46,8 @@ def measure(name: str, T: int, repeats: int) -> dict:
         _, cache = model.run_with_cache(clean, names_filter=lambda hook: "linear_attn" in hook)
     answer = int(model(clean)[0, -1].argmax())
     metric = lambda logits: logits[0, -1].log_softmax(-1)[answer]
-    fns = {"started": lambda: grids(model, corrupted, cache, metric),
-           "from_embedding": lambda: from_the_embedding(model, corrupted, cache, metric)}
+    fns = {"started": lambda: grids(model, corrupted, cache, metric, skip=True),
+           "from_embedding": lambda: grids(model, corrupted, cache, metric, skip=False)}
     seconds = interleaved_medians(fns, repeats)
     difference = (fns["started"]() - fns["from_embedding"]()).abs().max().item()
     layers = list(model.cfg.gdn_layers)

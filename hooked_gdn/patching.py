@@ -245,6 +245,7 @@ def generic_activation_patch(
     positions: Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
     show_progress: bool = True,
+    skip_unpatched_blocks: bool = True,
 ) -> Float[Tensor, "..."]:
     """Patch ``activation_name`` (see the module docstring) from the clean run into the corrupted
     one, one run per index of ``index_axis_names`` (a subset of "layer", "pos", "head", in the
@@ -252,9 +253,11 @@ def generic_activation_patch(
 
     ``layers`` (GDN layers), ``positions`` and ``heads`` restrict the grid and what a left-out axis
     patches (default: all). ``clean_cache`` holds the activation at every position of the clean run
-    (for states, name them: ``model.run_with_cache(clean_tokens, names_filter=...)``). Each run starts at
-    its earliest patched layer from the corrupted run's residual stream there (`corrupted_residuals`), as the
-    blocks before it would compute just that.
+    (for states, name them: ``model.run_with_cache(clean_tokens, names_filter=...)``). With
+    ``skip_unpatched_blocks`` (default) each run starts at its earliest patched layer from the corrupted run's
+    residual stream there (`corrupted_residuals`, formed under the hooks active then), as the blocks before it
+    would compute just that: hooks on those blocks then fire once for the grid, not in each run, so a metric that
+    reads them rather than the logits needs ``skip_unpatched_blocks=False``.
     """
     tokens = as_tokens(model, corrupted_tokens)
     hooks = activation_hooks(activation_name)
@@ -267,7 +270,7 @@ def generic_activation_patch(
         "head": list(range(n_heads)) if heads is None else [int(h) for h in heads],
     }
 
-    starts = corrupted_residuals(model, tokens, layers)
+    starts = corrupted_residuals(model, tokens, layers) if skip_unpatched_blocks else {}
 
     def run(selection: dict[str, list[int]]) -> Tensor:
         patches = [Patch(gdn_hook_name(layer, hook), clean[layer, hook], tuple(selection["pos"]), tuple(selection["head"]))

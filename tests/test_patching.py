@@ -276,12 +276,10 @@ def _tiny(family: str) -> HookedGatedDeltaNet:
 
 
 @pytest.mark.parametrize("family", ["hybrid", "mamba2", "rwkv7"])
-def test_a_grid_starts_each_run_at_its_earliest_patched_layer_with_the_same_result(family, monkeypatch):
+def test_a_grid_starts_each_run_at_its_earliest_patched_layer_with_the_same_result(family):
     """Each patched run starts from the corrupted run's residual stream entering its earliest patched layer: the
     blocks before it run once for the whole grid (counted by hook_embed's firings), and every entry is what the
     full run gives. RWKV-7's later layers read layer 0's value, so its runs start at layer 0."""
-    import hooked_gdn.patching as patching
-
     model = _tiny(family)
     clean, corrupted = clean_and_corrupted()
     _, cache = model.run_with_cache(clean, names_filter=lambda name: "linear_attn" in name)
@@ -295,9 +293,13 @@ def test_a_grid_starts_each_run_at_its_earliest_patched_layer_with_the_same_resu
     expected_embeddings = 3 * runs if family == "rwkv7" else 3 * (1 + first_layer_runs)  # one residual run per grid
     assert len(embeddings) == expected_embeddings
     every_layer = generic_activation_patch(model, corrupted, cache, metric, "state", ("pos",), show_progress=False)
-    monkeypatch.setattr(patching, "corrupted_residuals", lambda *args: {})
-    for site, grid in grids.items():
-        full = generic_activation_patch(model, corrupted, cache, metric, site, ("layer", "pos"), show_progress=False)
-        torch.testing.assert_close(grid, full, rtol=1e-5, atol=1e-5, msg=site)
+    embeddings.clear()
+    with model.hooks(fwd_hooks=[("hook_embed", lambda x, hook: embeddings.append(1))]):
+        for site, grid in grids.items():
+            full = generic_activation_patch(model, corrupted, cache, metric, site, ("layer", "pos"), show_progress=False,
+                                            skip_unpatched_blocks=False)
+            torch.testing.assert_close(grid, full, rtol=1e-5, atol=1e-5, msg=site)
+    assert len(embeddings) == 3 * runs  # every run from the embedding
     torch.testing.assert_close(every_layer, generic_activation_patch(model, corrupted, cache, metric, "state", ("pos",),
-                                                                     show_progress=False), rtol=1e-5, atol=1e-5)
+                                                                     show_progress=False, skip_unpatched_blocks=False),
+                               rtol=1e-5, atol=1e-5)
