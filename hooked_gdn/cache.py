@@ -24,6 +24,8 @@ class GDNCache:
     values: dict[int, Tensor] = field(default_factory=dict)  # [b, length, n_kv, d_head]
     attention_mask: Tensor | None = None  # [b, length], 0 at padding
     shift_states: dict[str, Tensor] = field(default_factory=dict)  # RWKV-7's token shifts: the last input [b, d_model]
+    # blocks 0 … L − 1 that a forward with start_at_layer=L left behind: the cache continues only from L on
+    skipped_blocks_before: int = 0
 
     @property
     def length(self) -> int:
@@ -57,4 +59,4 @@ class GDNCache:
 
     def copy(self) -> "GDNCache":
         return GDNCache(dict(self.conv_states), dict(self.recurrent_states), dict(self.keys), dict(self.values), self.attention_mask,
-                        dict(self.shift_states))
+                        dict(self.shift_states), self.skipped_blocks_before)

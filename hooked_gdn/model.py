@@ -395,9 +395,6 @@ class HookedGatedDeltaNet(HookedRootModule):
             raise ValueError(f"{self.family_of(self.cfg).name}'s layers after the first read what layer 0 computes besides "
                              f"the residual stream (RWKV-7: its value, v_first), which a forward starting at layer "
                              f"{start_at_layer} does not compute: start at layer 0")
-        if cache is not None:
-            raise ValueError("start_at_layer with a cache would leave the blocks before it out of the cache, which "
-                             "continues every block: run the whole model with a cache")
         if not (isinstance(input, Tensor) and input.is_floating_point() and input.dim() == 3
                 and input.shape[-1] == self.cfg.d_model):
             got = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
@@ -463,8 +460,9 @@ class HookedGatedDeltaNet(HookedRootModule):
         stream there (as in TransformerLens): what reading one layer's activations needs. ``start_at_layer=i``
         takes ``input`` as the residual stream [b, p, d_model] entering block i and runs blocks i, …; ``tokens``
         (needed only for a loss) and ``attention_mask`` are then the input's. Each memory starts empty at the
-        input's first position either way, so blocks i, … compute what they compute in a full forward whose
-        residual stream reaches block i as ``input``.
+        input's first position (or continues a ``cache``) either way, so blocks i, … compute what they compute in a
+        full forward whose residual stream reaches block i as ``input``. A cache continued so holds blocks before i
+        as they were, and continues only from i on after it.
         ``prepend_bos`` and ``padding_side`` tokenize string input as ``to_tokens`` does (token input
         ignores them, as TransformerLens does). Padding writes nothing to the memories, so each row's
         logits at its tokens are its own on either side; but on the right a row's last positions are
@@ -484,6 +482,12 @@ class HookedGatedDeltaNet(HookedRootModule):
             x = None
         else:
             x, tokens, mask = self._residual_input(input, start_at_layer, tokens, attention_mask, cache)
+        if cache is not None and cache.skipped_blocks_before > (start_at_layer or 0):
+            raise ValueError(f"this cache's blocks before {cache.skipped_blocks_before} were left behind by a forward that "
+                             f"started there (start_at_layer): it continues only with start_at_layer >= "
+                             f"{cache.skipped_blocks_before}")
+        if cache is not None and start_at_layer:
+            cache.skipped_blocks_before = start_at_layer
         if cache is not None and mask is not None and not bool(mask[:, -1].all()):
             raise ValueError("a cache continues each row from its last position, and some rows end in padding (right "
                              "padding): pad on the left (padding_side='left', the default)")
@@ -492,7 +496,7 @@ class HookedGatedDeltaNet(HookedRootModule):
         full_mask = mask
         past_length = cache.length if cache is not None else 0
         if cache is not None:
-            full_mask = cache.extend_mask(mask if mask is not None else torch.ones_like(tokens))
+            full_mask = cache.extend_mask(mask if mask is not None else torch.ones(b, p, dtype=torch.long, device=device))
         if full_mask is None:
             position_ids = torch.arange(p, device=device).expand(b, p)
         else:

@@ -39,6 +39,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .cache import GDNCache
 from .files import atomic_file
 from .model import HookedGatedDeltaNet
 from .sites import GDN_HOOKS, SITE_KEY_HOOKS, SITE_VALUE_HOOK, gdn_hook_name
@@ -96,12 +97,14 @@ def _axis_mask(n: int, chosen: Sequence[int] | None, device) -> Tensor:
     return mask
 
 
-def _patch_hook(patch: Patch, model: HookedGatedDeltaNet) -> Callable:
+def _patch_hook(patch: Patch, model: HookedGatedDeltaNet, offset: int = 0) -> Callable:
+    """The hook that applies ``patch``; ``offset``: the positions before the input (a cached prefix's), for a hook
+    point that does not tell its positions."""
     positions_hook = model.hook_dict[patch.positions_from] if patch.positions_from else None
 
     def hook(x: Tensor, hook) -> Tensor | None:
         here = (hook if positions_hook is None else positions_hook).ctx.get("positions")  # the write/state hook points tell theirs
-        here = torch.arange(x.shape[1]) if here is None else here
+        here = torch.arange(offset, offset + x.shape[1]) if here is None else here
         here = here.to(x.device)
         at = torch.ones_like(here, dtype=torch.bool) if patch.positions is None else torch.isin(here, torch.tensor(patch.positions, device=x.device))
         if not bool(at.any()):
@@ -142,15 +145,19 @@ def check_patch(patch: Patch, tokens: Tensor) -> None:
 
 def run_with_patches(
     model: HookedGatedDeltaNet, corrupted_tokens: str | Int[Tensor, "batch pos"], patches: Sequence[Patch],
-    from_residual: tuple[int, Tensor] | None = None, **forward_kwargs
+    from_residual: tuple[int, Tensor] | None = None, from_prefix: tuple[int, GDNCache, Tensor] | None = None,
+    **forward_kwargs
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """The corrupted run with every patch applied at once; returns its logits.
 
     Chooses ``state_positions`` (the patched states' positions, so no other state is formed) and,
     when a state or an SAE code at a state site is patched at several positions, the sequential
-    recurrence; ``forward_kwargs`` override these. ``from_residual`` = (L, the corrupted run's residual stream
-    entering block L), for patches at block L or later, which leave every earlier block's output alone: the run
-    starts there (``start_at_layer``), skipping blocks 0 … L − 1.
+    recurrence; ``forward_kwargs`` override these. Where the patches leave part of the corrupted run alone, the
+    run skips it (`CorruptedRun`), the two alone or together: ``from_residual`` = (L, the corrupted run's residual
+    stream entering block L), for patches at block L or later, starts the run there (``start_at_layer``);
+    ``from_prefix`` = (t, the corrupted run's cache after its first t positions, which the run consumes, and its
+    logits), for patches at position t or later, runs only positions t, … from that cache, the logits before t
+    being the corrupted run's (causality).
     """
     tokens = as_tokens(model, corrupted_tokens)
     for patch in patches:
@@ -158,16 +165,54 @@ def run_with_patches(
             if name is not None and name not in model.hook_dict:
                 raise ValueError(f"the model has no hook point {name!r}")
         check_patch(patch, tokens)
+    offset = 0 if from_prefix is None else from_prefix[0]
+    if offset and any(p.positions is None or min(p.positions) < offset for p in patches):
+        raise ValueError(f"from_prefix skips positions before {offset}, where a patch lies")
     with_state = [p for p in patches if p.fires_with_state]
     if with_state:
         if all(p.positions is not None for p in with_state):
-            forward_kwargs.setdefault("state_positions", sorted({t for p in with_state for t in p.positions}))
+            forward_kwargs.setdefault("state_positions", sorted({t - offset for p in with_state for t in p.positions}))
         if any((tokens.shape[1] if p.positions is None else len(p.positions)) > 1 for p in with_state):
             forward_kwargs.setdefault("recurrence", "sequential")
+    hooks = [(p.name, _patch_hook(p, model, offset)) for p in patches]
     if from_residual is not None:
         forward_kwargs |= {"start_at_layer": from_residual[0]}
-    return model.run_with_hooks(tokens if from_residual is None else from_residual[1],
-                                fwd_hooks=[(p.name, _patch_hook(p, model)) for p in patches], **forward_kwargs)
+    if from_prefix is not None:
+        forward_kwargs |= {"cache": from_prefix[1]}
+    logits = model.run_with_hooks((tokens if from_residual is None else from_residual[1])[:, offset:], fwd_hooks=hooks,
+                                  **forward_kwargs)
+    return logits if from_prefix is None else torch.cat([from_prefix[2][:, :offset].to(logits.dtype), logits], 1)
+
+
+class CorruptedRun:
+    """What a grid's patched runs would compute as the corrupted run does, so that each can skip it: the blocks
+    before its earliest patched layer (the residual stream entering it, formed once: ``from_residual``) and the
+    positions before its earliest patched position (causality: a copy of the corrupted run's cache after them,
+    advanced as a grid goes through positions in order, `patch_grid`'s ``outermost``, and restarted where an
+    earlier one is asked for, and its logits there: ``from_prefix``). Formed under the hooks active when it is
+    made."""
+
+    def __init__(self, model: HookedGatedDeltaNet, tokens: Int[Tensor, "batch pos"], layers: Sequence[int]):
+        self.model, self.tokens = model, tokens
+        self.residuals = corrupted_residuals(model, tokens, layers)
+        with torch.no_grad():
+            self.logits = model(tokens)
+        self._length, self._cache = 0, GDNCache()
+
+    def skip(self, layer: int, position: int) -> dict:
+        """`run_with_patches`' keywords for a run whose patches lie at ``layer`` or later and ``position`` or later:
+        the blocks before ``layer`` (where a forward can start there) and the positions before ``position``."""
+        skip = {"from_residual": (layer, self.residuals[layer])} if layer in self.residuals else {}
+        return skip | ({"from_prefix": (position, self._prefix(position), self.logits)} if position else {})
+
+    def _prefix(self, position: int) -> GDNCache:
+        if position < self._length:
+            self._length, self._cache = 0, GDNCache()
+        if position > self._length:
+            with torch.no_grad():
+                self.model(self.tokens[:, self._length:position], None, cache=self._cache)
+            self._length = position
+        return self._cache.copy()
 
 
 def corrupted_residuals(model: HookedGatedDeltaNet, tokens: Int[Tensor, "batch pos"], layers: Sequence[int]) -> dict[int, Tensor]:
@@ -215,18 +260,24 @@ def patch_grid(
     run: Callable[[dict[str, list[int]]], Tensor],
     patching_metric: PatchingMetric,
     show_progress: bool = True,
+    outermost: str | None = None,
 ) -> Float[Tensor, "..."]:
     """One patched run per index of the grid over ``index_axis_names``; returns the metric in its shape.
 
     ``axes`` gives each axis's values; ``run(selection)`` gets, for every axis, the values patched
-    in this run (one for an indexed axis, all of them for an axis left out) and returns logits.
+    in this run (one for an indexed axis, all of them for an axis left out) and returns logits. The runs go
+    through ``outermost``'s values in order, the other axes inside it (where it is indexed; else in the grid's
+    order).
     """
     names = list(index_axis_names)
     if len(set(names)) != len(names) or any(name not in axes for name in names):
         raise ValueError(f"index_axis_names {names} must be distinct names among {list(axes)}")
     shape = [len(axes[name]) for name in names]
     result = torch.zeros(shape)
-    for index in tqdm(list(itertools.product(*(range(n) for n in shape))), disable=not show_progress):
+    order = sorted(range(len(names)), key=lambda i: names[i] != outermost)  # stable: the others keep their order
+    indices = [tuple(ordered[order.index(i)] for i in range(len(names)))
+               for ordered in itertools.product(*(range(shape[i]) for i in order))]
+    for index in tqdm(indices, disable=not show_progress):
         selection = {axis: list(values) for axis, values in axes.items()}
         selection.update({name: [axes[name][i]] for name, i in zip(names, index)})
         with torch.no_grad():
@@ -254,10 +305,10 @@ def generic_activation_patch(
     ``layers`` (GDN layers), ``positions`` and ``heads`` restrict the grid and what a left-out axis
     patches (default: all). ``clean_cache`` holds the activation at every position of the clean run
     (for states, name them: ``model.run_with_cache(clean_tokens, names_filter=...)``). With
-    ``skip_unpatched_blocks`` (default) each run starts at its earliest patched layer from the corrupted run's
-    residual stream there (`corrupted_residuals`, formed under the hooks active then), as the blocks before it
-    would compute just that: hooks on those blocks then fire once for the grid, not in each run, so a metric that
-    reads them rather than the logits needs ``skip_unpatched_blocks=False``.
+    ``skip_unpatched_blocks`` (default) each run skips what the corrupted run computes (`CorruptedRun`, formed
+    under the hooks active then): the blocks before its earliest patched layer and the positions before its
+    earliest patched position. Hooks there then fire for the grid, not in each run, so a
+    metric that reads them rather than the logits needs ``skip_unpatched_blocks=False``.
     """
     tokens = as_tokens(model, corrupted_tokens)
     hooks = activation_hooks(activation_name)
@@ -270,19 +321,19 @@ def generic_activation_patch(
         "head": list(range(n_heads)) if heads is None else [int(h) for h in heads],
     }
 
-    starts = corrupted_residuals(model, tokens, layers) if skip_unpatched_blocks else {}
+    corrupted = CorruptedRun(model, tokens, layers) if skip_unpatched_blocks else None
 
     def run(selection: dict[str, list[int]]) -> Tensor:
         patches = [Patch(gdn_hook_name(layer, hook), clean[layer, hook], tuple(selection["pos"]), tuple(selection["head"]))
                    for layer in selection["layer"] for hook in hooks]
-        first = min(selection["layer"])
-        return run_with_patches(model, tokens, patches, (first, starts[first]) if first in starts else None)
+        skip = {} if corrupted is None else corrupted.skip(min(selection["layer"]), min(selection["pos"]))
+        return run_with_patches(model, tokens, patches, **skip)
 
     # validate once, before the grid: lengths, ranges, hook names
     for layer in layers:
         for hook in hooks:
             check_patch(Patch(gdn_hook_name(layer, hook), clean[layer, hook], tuple(axes["pos"]), tuple(axes["head"])), tokens)
-    return patch_grid(axes, index_axis_names, run, patching_metric, show_progress)
+    return patch_grid(axes, index_axis_names, run, patching_metric, show_progress, outermost="pos")
 
 
 def get_act_patch_state(

@@ -276,30 +276,52 @@ def _tiny(family: str) -> HookedGatedDeltaNet:
 
 
 @pytest.mark.parametrize("family", ["hybrid", "mamba2", "rwkv7"])
-def test_a_grid_starts_each_run_at_its_earliest_patched_layer_with_the_same_result(family):
-    """Each patched run starts from the corrupted run's residual stream entering its earliest patched layer: the
-    blocks before it run once for the whole grid (counted by hook_embed's firings), and every entry is what the
-    full run gives. RWKV-7's later layers read layer 0's value, so its runs start at layer 0."""
+def test_a_grid_skips_what_the_corrupted_run_computes_with_the_same_result(family):
+    """Each patched run skips what the corrupted run computes: the blocks before its patched layer, or the positions
+    before its patched position (continuing the corrupted run's cache): the grids are those of every run from the
+    embedding, to the float rounding of a continued recurrence, with far fewer block-positions computed (counted at
+    every block's input). Sites whose hook points tell their positions (state, write, read) and one that does not
+    (v). RWKV-7's runs cannot start after layer 0 but can skip positions."""
     model = _tiny(family)
     clean, corrupted = clean_and_corrupted()
     _, cache = model.run_with_cache(clean, names_filter=lambda name: "linear_attn" in name)
     metric = lambda logits: logits[0, -1].log_softmax(-1)[3]
-    embeddings = []
-    with model.hooks(fwd_hooks=[("hook_embed", lambda x, hook: embeddings.append(1))]):
-        grids = {site: generic_activation_patch(model, corrupted, cache, metric, site, ("layer", "pos"), show_progress=False)
-                 for site in ("state", "write", "read")}
-    runs = len(model.cfg.gdn_layers) * T
-    first_layer_runs = T if model.cfg.gdn_layers[0] == 0 else 0
-    expected_embeddings = 3 * runs if family == "rwkv7" else 3 * (1 + first_layer_runs)  # one residual run per grid
-    assert len(embeddings) == expected_embeddings
-    every_layer = generic_activation_patch(model, corrupted, cache, metric, "state", ("pos",), show_progress=False)
-    embeddings.clear()
-    with model.hooks(fwd_hooks=[("hook_embed", lambda x, hook: embeddings.append(1))]):
-        for site, grid in grids.items():
-            full = generic_activation_patch(model, corrupted, cache, metric, site, ("layer", "pos"), show_progress=False,
-                                            skip_unpatched_blocks=False)
-            torch.testing.assert_close(grid, full, rtol=1e-5, atol=1e-5, msg=site)
-    assert len(embeddings) == 3 * runs  # every run from the embedding
-    torch.testing.assert_close(every_layer, generic_activation_patch(model, corrupted, cache, metric, "state", ("pos",),
-                                                                     show_progress=False, skip_unpatched_blocks=False),
-                               rtol=1e-5, atol=1e-5)
+    counted = []
+    count = [(f"blocks.{layer}.hook_resid_pre", lambda x, hook: counted.append(x.shape[1])) for layer in range(model.cfg.n_layers)]
+    work = {}
+    for skip in (True, False):
+        counted.clear()
+        with model.hooks(fwd_hooks=count):
+            work[skip] = {site: generic_activation_patch(model, corrupted, cache, metric, site, ("layer", "pos"),
+                                                         show_progress=False, skip_unpatched_blocks=skip)
+                          for site in ("state", "write", "read", "v")}
+        work[skip, "block-positions"] = sum(counted)
+    for site in ("state", "write", "read", "v"):
+        torch.testing.assert_close(work[True][site], work[False][site], rtol=1e-4, atol=1e-4, msg=site)
+    assert work[True, "block-positions"] < 0.7 * work[False, "block-positions"]
+    every_layer = {skip: generic_activation_patch(model, corrupted, cache, metric, "state", ("pos",), show_progress=False,
+                                                  skip_unpatched_blocks=skip) for skip in (True, False)}
+    torch.testing.assert_close(every_layer[True], every_layer[False], rtol=1e-4, atol=1e-4)
+
+
+def test_a_run_from_the_corrupted_prefix_equals_the_whole_run():
+    """run_with_patches from a cached prefix: a state patched at two positions (sequential, its state_positions
+    shifted by the prefix) and a value patched where its hook point tells no positions give the whole patched run's
+    logits; a patch before the prefix is refused."""
+    from hooked_gdn.patching import CorruptedRun
+
+    model = random_tiny_model()
+    clean, corrupted = clean_and_corrupted()
+    _, cache = model.run_with_cache(clean, names_filter=lambda name: "linear_attn" in name)
+    layer = model.cfg.gdn_layers[1]
+    patches = [Patch(gdn_hook_name(layer, "hook_state"), cache[gdn_hook_name(layer, "hook_state")], (6, 9)),
+               Patch(gdn_hook_name(layer, "hook_v"), cache[gdn_hook_name(layer, "hook_v")], (7,), (1,))]
+    run = CorruptedRun(model, corrupted, model.cfg.gdn_layers)
+    with torch.no_grad():
+        whole = run_with_patches(model, corrupted, patches)
+        for start in (0, 3, 6):
+            prefix = (start, run._prefix(start), run.logits)
+            torch.testing.assert_close(run_with_patches(model, corrupted, patches, from_prefix=prefix), whole,
+                                       rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match="skips positions before 7, where a patch lies"):
+            run_with_patches(model, corrupted, patches, from_prefix=(7, run._prefix(7), run.logits))

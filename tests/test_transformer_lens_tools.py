@@ -384,8 +384,9 @@ def test_transformer_lens_caching_hooks_join_per_position_firings_as_run_with_ca
 @pytest.mark.parametrize("family", sorted(BY_KEY))
 def test_start_at_layer_continues_from_the_residual_stream(tiny, family):
     """TransformerLens' start_at_layer: the residual stream entering block i, run through blocks i, …, gives the
-    full forward's logits, loss and later residual streams (left padding and its mask included); RWKV-7's layers
-    after the first need layer 0's value, and say so."""
+    full forward's logits, loss and later residual streams (left padding and its mask included), also continuing a
+    prefix's cache, which then continues only from block i on; RWKV-7's layers after the first need layer 0's
+    value, and say so."""
     model = tiny(family)
     tokens = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(tokens)
@@ -405,8 +406,14 @@ def test_start_at_layer_continues_from_the_residual_stream(tiny, family):
             with pytest.raises(ValueError, match=r"RWKV-7's layers after the first read .*v_first.* start at layer 0"):
                 model(cache["resid_pre", 1], start_at_layer=1)
         resid = cache["resid_pre", 0]
+        layer = 1 if family != "rwkv7" else 0  # a prefix's cache, continued from block `layer` on
+        prefix = model.prefill(tokens[:, :4], attention_mask=mask[:, :4])
+        continued = model(cache["resid_pre", layer][:, 4:], start_at_layer=layer, cache=prefix, attention_mask=mask[:, 4:])
+        torch.testing.assert_close(continued, logits[:, 4:], rtol=1e-4, atol=1e-4)
+        if layer:
+            with pytest.raises(ValueError, match="blocks before 1 were left behind .* only with start_at_layer >= 1"):
+                model(tokens[:, 5:], cache=prefix)
         for kwargs, message in ((dict(start_at_layer=n + 1), "start_at_layer must be an int in"),
-                                (dict(start_at_layer=0, cache=model.prefill(tokens)), "start_at_layer with a cache"),
                                 (dict(start_at_layer=0, return_type="loss"), "needs the input's tokens: pass tokens="),
                                 (dict(start_at_layer=0, tokens=tokens[:, 1:]), "tokens have shape"),
                                 (dict(start_at_layer=0, attention_mask=mask[:, 1:]), "attention_mask has shape")):

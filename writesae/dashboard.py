@@ -517,14 +517,14 @@ class _Firing:
 def _cache_rows(cache: GDNCache, rows: Int[Tensor, " m"]) -> GDNCache:
     """A `GDNCache` holding the given batch rows of ``cache`` (in that order, repeats allowed), as copies."""
     pick = lambda value: ({key: x[rows] for key, x in value.items()} if isinstance(value, dict)
-                          else None if value is None else value[rows])
+                          else value[rows] if isinstance(value, Tensor) else value)  # None, or a count
     return GDNCache(**{entry.name: pick(getattr(cache, entry.name)) for entry in fields(cache)})
 
 
 def _cache_bytes(cache: GDNCache) -> int:
     """The bytes of every tensor ``cache`` holds."""
     tensors = [x for entry in fields(cache) for value in [getattr(cache, entry.name)]
-               for x in (value.values() if isinstance(value, dict) else [value]) if x is not None]
+               for x in (value.values() if isinstance(value, dict) else [value]) if isinstance(x, Tensor)]
     return sum(x.numel() * x.element_size() for x in tensors)
 
 
