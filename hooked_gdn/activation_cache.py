@@ -113,12 +113,9 @@ class GDNActivationCache(ActivationCache):
         if name in self.cache_dict:
             return self.cache_dict[name]
         mixer = self.model.mixer(layer)
-        if self.model.blocks[layer].is_gdn:
-            per_head = self[gdn_hook_name(layer, "hook_gated_out")]
-        else:
-            per_head = self[act_name("z", layer)]
-            if mixer.gated:
-                per_head = per_head * self[block_name(layer, "attn.hook_gate")]
+        per_head, *gate = (self[name] for name in self._head_inputs(layer) if not name.endswith("hook_scale"))
+        if gate:
+            per_head = per_head * gate[0]
         results = einsum(per_head.to(mixer.W_O.dtype), mixer.W_O, "... h d, h d m -> ... h m")
         return self._through_post_norm(layer, "ln1_post", results)
 
@@ -143,12 +140,21 @@ class GDNActivationCache(ActivationCache):
             normed = normed * getattr(self.model.blocks[layer], norm).weight.float()
         return normed.to(shares.dtype)
 
-    def compute_head_results(self) -> None:
+    def compute_head_results(self, only_cached: bool = False) -> None:
         """TransformerLens' ``compute_head_results``: every layer's head results (`_layer_head_results`) kept in
         this cache, as ``cache["result", L]`` (``blocks.L.attn.hook_result``, or ``blocks.L.linear_attn.hook_result``
-        in a memory layer)."""
+        in a memory layer). ``only_cached``: only the layers whose head inputs this cache holds (what
+        ``run_with_cache`` does after ``model.set_use_attn_result(True)``)."""
         for layer in range(self.model.cfg.n_layers):
-            self.cache_dict[self._head_result_name(layer)] = self._layer_head_results(layer)
+            if not only_cached or all(name in self.cache_dict for name in self._head_inputs(layer)):
+                self.cache_dict[self._head_result_name(layer)] = self._layer_head_results(layer)
+
+    def _head_inputs(self, layer: int) -> list[str]:
+        """The cached activations block ``layer``'s head results are formed from (`_layer_head_results`)."""
+        if self.model.blocks[layer].is_gdn:
+            return [gdn_hook_name(layer, "hook_gated_out")]
+        gate = [block_name(layer, "attn.hook_gate")] if self.model.mixer(layer).gated else []
+        return [act_name("z", layer), *gate] + ([block_name(layer, "ln1_post.hook_scale")] if self._post_normed(layer) else [])
 
     def stack_head_results(self, layer: int | None = -1, return_labels: bool = False, incl_remainder: bool = False,
                            pos_slice: Slice | SliceInput = None, apply_ln: bool = False):

@@ -68,6 +68,9 @@ class HookedModelConfig:
     #: their rotary angles per position (no table), so any length runs (as transformers runs it; a checkpoint's
     #: max_position_embeddings is the length its attention was trained to, not a limit).
     n_ctx = sys.maxsize
+    #: TransformerLens' switch for caching each head's result: `HookedGatedDeltaNet.set_use_attn_result` sets it on a
+    #: model's config (a fact of the model, not of the checkpoint's config)
+    use_attn_result = False
     # set by the model built from this config (not fields: facts of the model, not of the checkpoint's config):
     # its embedding's device, its parameters outside the embedding and unembedding (TransformerLens' n_params,
     # norms counted), whether its tokenizer puts a BOS first by itself, and what prepend_bos=None means: at first

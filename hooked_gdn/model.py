@@ -638,7 +638,17 @@ class HookedGatedDeltaNet(HookedRootModule):
             store = {k: v[0] for k, v in store.items()}
         if not return_cache_object:
             return out, store
-        return out, GDNActivationCache(store, self, has_batch_dim=not remove_batch_dim)
+        cache = GDNActivationCache(store, self, has_batch_dim=not remove_batch_dim)
+        if self.cfg.use_attn_result:
+            cache.compute_head_results(only_cached=True)
+        return out, cache
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """TransformerLens' switch: with it on, ``run_with_cache`` also keeps each head's result, ``cache["result",
+        L]``, for every layer whose head inputs it cached (`GDNActivationCache.compute_head_results`; memory layers'
+        heads included). The results are formed from the cache, not fired by a hook point: to edit a head's
+        result, edit its input (``attn.hook_z``, ``linear_attn.hook_gated_out``)."""
+        self.cfg.use_attn_result = bool(use_attn_result)
 
     def _names_kept(self, names_filter: str | list[str] | Callable[[str], bool] | None) -> Callable[[str], bool]:
         """A ``names_filter`` as a predicate (None: `_default_cache_filter`, every point but the states), the names it
@@ -716,6 +726,10 @@ class HookedGatedDeltaNet(HookedRootModule):
 
     def _check_hook_name(self, name) -> None:
         if isinstance(name, str) and name not in self.hook_dict:
+            if name.endswith("hook_result"):
+                raise ValueError(f"{name} is not a hook point here: a head's result is formed from the cache "
+                                 "(cache['result', L], cache.stack_head_results); to edit it, edit the head's input, "
+                                 "attn.hook_z (or linear_attn.hook_gated_out in a memory layer), which W_O maps to it")
             raise ValueError(f"unknown hook name {name!r}; see model.hook_dict for the available ones")
 
     def add_hook(self, name, hook, *args, **kwargs) -> None:

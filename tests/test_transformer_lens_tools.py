@@ -579,6 +579,34 @@ def test_stack_head_results_before_the_first_layer_is_empty_or_the_embedding(mov
     assert torch.equal(stack[0], cache["hook_embed"][:, -1]) and labels == ["remainder"]
 
 
+@pytest.mark.parametrize("family", ["qwen3_5", "olmo_hybrid", "mamba2"])
+def test_set_use_attn_result_keeps_each_layers_head_results_in_the_cache(tiny, family):
+    """TransformerLens' set_use_attn_result: run_with_cache then holds cache["result", L], the heads'
+    results, for each layer whose head inputs it cached; hooking a hook_result says what to edit instead."""
+    model = tiny(family)
+    tokens = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    assert model.cfg.use_attn_result is False
+    try:
+        model.set_use_attn_result(True)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens)
+            first = model.cfg.gdn_layers[0]
+            _, some = model.run_with_cache(tokens, names_filter=[f"blocks.{first}.linear_attn.hook_gated_out"])
+    finally:
+        model.set_use_attn_result(False)
+    stack = cache.stack_head_results()
+    heads = [cache["result", layer].shape[-2] for layer in range(model.cfg.n_layers)]
+    torch.testing.assert_close(torch.cat([cache["result", layer] for layer in range(model.cfg.n_layers)], -2),
+                               stack.movedim(0, -2))
+    assert sum(heads) == len(stack)
+    assert list(some.keys()) == [f"blocks.{first}.linear_attn.hook_gated_out", f"blocks.{first}.linear_attn.hook_result"]
+    with torch.no_grad():
+        _, without = model.run_with_cache(tokens)
+    assert not any(name.endswith("hook_result") for name in without.keys())
+    with pytest.raises(ValueError, match="not a hook point here: a head's result is formed from the cache"):
+        model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{first}.attn.hook_result", lambda x, hook: x)])
+
+
 @pytest.mark.parametrize("family", ["qwen3_5_moe", "qwen3_next"])
 def test_neuron_results_of_an_expert_block_are_refused(moved, family):
     _, _, _, cache = moved(family)
