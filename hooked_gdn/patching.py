@@ -194,18 +194,17 @@ class CorruptedRun:
 
     def __init__(self, model: HookedGatedDeltaNet, tokens: Int[Tensor, "batch pos"], layers: Sequence[int]):
         self.model, self.tokens = model, tokens
-        self.residuals = corrupted_residuals(model, tokens, layers)
-        with torch.no_grad():
-            self.logits = model(tokens)
+        self.logits, self.residuals = corrupted_residuals(model, tokens, layers)
         self._length, self._cache = 0, GDNCache()
 
     def skip(self, layer: int, position: int) -> dict:
         """`run_with_patches`' keywords for a run whose patches lie at ``layer`` or later and ``position`` or later:
         the blocks before ``layer`` (where a forward can start there) and the positions before ``position``."""
         skip = {"from_residual": (layer, self.residuals[layer])} if layer in self.residuals else {}
-        return skip | ({"from_prefix": (position, self._prefix(position), self.logits)} if position else {})
+        return skip | ({"from_prefix": (position, self.prefix_cache(position), self.logits)} if position else {})
 
-    def _prefix(self, position: int) -> GDNCache:
+    def prefix_cache(self, position: int) -> GDNCache:
+        """A copy of the corrupted run's cache after its first ``position`` positions (``from_prefix``'s)."""
         if position < self._length:
             self._length, self._cache = 0, GDNCache()
         if position > self._length:
@@ -215,17 +214,16 @@ class CorruptedRun:
         return self._cache.copy()
 
 
-def corrupted_residuals(model: HookedGatedDeltaNet, tokens: Int[Tensor, "batch pos"], layers: Sequence[int]) -> dict[int, Tensor]:
-    """The corrupted run's residual stream entering each of ``layers`` after the first block at which a forward
-    can start (`HookedGatedDeltaNet.can_start_at`; none on RWKV-7): what `run_with_patches` starts a patched run
-    from (``from_residual``), so that a grid's runs skip the blocks before their earliest patched layer, which
-    they would compute as the corrupted run does."""
+def corrupted_residuals(model: HookedGatedDeltaNet, tokens: Int[Tensor, "batch pos"],
+                        layers: Sequence[int]) -> tuple[Tensor, dict[int, Tensor]]:
+    """The corrupted run's logits, and its residual stream entering each of ``layers`` after the first block at
+    which a forward can start (`HookedGatedDeltaNet.can_start_at`; none on RWKV-7): what `run_with_patches` starts
+    a patched run from (``from_residual``), so that a grid's runs skip the blocks before their earliest patched
+    layer, which they would compute as the corrupted run does."""
     starts = sorted({layer for layer in layers if layer > 0 and model.can_start_at(layer)})
-    if not starts:
-        return {}
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=[f"blocks.{layer}.hook_resid_pre" for layer in starts])
-    return {layer: cache[f"blocks.{layer}.hook_resid_pre"] for layer in starts}
+        logits, cache = model.run_with_cache(tokens, names_filter=[f"blocks.{layer}.hook_resid_pre" for layer in starts])
+    return logits, {layer: cache[f"blocks.{layer}.hook_resid_pre"] for layer in starts}
 
 
 def _gdn_layers(model: HookedGatedDeltaNet, layers: Sequence[int] | None) -> list[int]:

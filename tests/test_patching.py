@@ -320,8 +320,8 @@ def test_a_run_from_the_corrupted_prefix_equals_the_whole_run():
     with torch.no_grad():
         whole = run_with_patches(model, corrupted, patches)
         for start in (0, 3, 6):
-            prefix = (start, run._prefix(start), run.logits)
+            prefix = (start, run.prefix_cache(start), run.logits)
             torch.testing.assert_close(run_with_patches(model, corrupted, patches, from_prefix=prefix), whole,
                                        rtol=1e-4, atol=1e-4)
         with pytest.raises(ValueError, match="skips positions before 7, where a patch lies"):
-            run_with_patches(model, corrupted, patches, from_prefix=(7, run._prefix(7), run.logits))
+            run_with_patches(model, corrupted, patches, from_prefix=(7, run.prefix_cache(7), run.logits))
