@@ -113,7 +113,7 @@ class GDNActivationCache(ActivationCache):
         if name in self.cache_dict:
             return self.cache_dict[name]
         mixer = self.model.mixer(layer)
-        per_head, *gate = (self[name] for name in self._head_inputs(layer) if not name.endswith("hook_scale"))
+        per_head, *gate = (self[name] for name in self._head_factors(layer))
         if gate:
             per_head = per_head * gate[0]
         results = einsum(per_head.to(mixer.W_O.dtype), mixer.W_O, "... h d, h d m -> ... h m")
@@ -132,7 +132,7 @@ class GDNActivationCache(ActivationCache):
         shares were; ``weighted=False`` leaves the weight out (a projection already holds it: `get_neuron_results`)."""
         if not self._post_normed(layer):
             return shares
-        scale = self[block_name(layer, f"{norm}.hook_scale")]
+        scale = self[self._post_norm_scale(layer, norm)]
         if pos_slice is not None:
             scale = pos_slice.apply(scale, dim=-2)
         normed = shares.float() / scale[..., None]
@@ -146,15 +146,21 @@ class GDNActivationCache(ActivationCache):
         in a memory layer). ``only_cached``: only the layers whose head inputs this cache holds (what
         ``run_with_cache`` does after ``model.set_use_attn_result(True)``)."""
         for layer in range(self.model.cfg.n_layers):
-            if not only_cached or all(name in self.cache_dict for name in self._head_inputs(layer)):
+            inputs = self._head_factors(layer) + ([self._post_norm_scale(layer, "ln1_post")] if self._post_normed(layer) else [])
+            if not only_cached or all(name in self.cache_dict for name in inputs):
                 self.cache_dict[self._head_result_name(layer)] = self._layer_head_results(layer)
 
-    def _head_inputs(self, layer: int) -> list[str]:
-        """The cached activations block ``layer``'s head results are formed from (`_layer_head_results`)."""
+    def _head_factors(self, layer: int) -> list[str]:
+        """The cached activations whose product is each head's input to W_O in block ``layer``
+        (`_layer_head_results`): ``hook_gated_out`` in a memory layer, ``hook_z`` (and ``hook_gate``) in attention."""
         if self.model.blocks[layer].is_gdn:
             return [gdn_hook_name(layer, "hook_gated_out")]
-        gate = [block_name(layer, "attn.hook_gate")] if self.model.mixer(layer).gated else []
-        return [act_name("z", layer), *gate] + ([block_name(layer, "ln1_post.hook_scale")] if self._post_normed(layer) else [])
+        return [act_name("z", layer), *([block_name(layer, "attn.hook_gate")] if self.model.mixer(layer).gated else [])]
+
+    @staticmethod
+    def _post_norm_scale(layer: int, norm: str) -> str:
+        """The cached scale of block ``layer``'s post-norm ``norm`` (``ln1_post``, ``ln2_post``)."""
+        return block_name(layer, f"{norm}.hook_scale")
 
     def stack_head_results(self, layer: int | None = -1, return_labels: bool = False, incl_remainder: bool = False,
                            pos_slice: Slice | SliceInput = None, apply_ln: bool = False):

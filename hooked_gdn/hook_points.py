@@ -111,6 +111,12 @@ def _same(x: Tensor) -> Tensor:
     return x
 
 
+def position_axis(hook_point: HookPoint) -> int | None:
+    """The axis of ``hook_point``'s value with one entry per input position (`CheckedHookPoint.position_axis`); 1
+    for a plain TransformerLens point (an SAE's), whose values are [batch, pos, ...]."""
+    return getattr(hook_point, "position_axis", 1)
+
+
 class AliasHookPoint(CheckedHookPoint):
     """Another name for a `CheckedHookPoint`'s value, in a layout of its own (`CheckedHookPoint.alias`): it holds
     no tensor and fires only inside its target's firing, so caching, hooking and editing it are those of the

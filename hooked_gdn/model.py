@@ -22,7 +22,7 @@ from .activation_cache import GDNActivationCache
 from .cache import GDNCache
 from .config import HookedModelConfig
 from .delta_rule import DEFAULT_CHUNK_SIZE
-from .hook_points import CheckedHookPoint
+from .hook_points import CheckedHookPoint, position_axis
 from .layers import ForwardContext, rotary_inv_freq
 from .memory import MatrixMemory
 
@@ -593,7 +593,7 @@ class HookedGatedDeltaNet(HookedRootModule):
             raise ValueError("remove_batch_dim needs a batch of one")
         firings: dict[str, list[Tensor]] = {}
         pos_slice = Slice.unwrap(pos_slice)
-        axis_of = lambda name: getattr(self.hook_dict[name], "position_axis", 1)
+        axis_of = lambda name: position_axis(self.hook_dict[name])
         positions = self._key_length(model_args, model_kwargs, count_cache=False) if pos_slice.slice is not None else 0
         sliced_when_saved = set()
 
@@ -629,8 +629,8 @@ class HookedGatedDeltaNet(HookedRootModule):
             if len(fired) > 1 and name in sliced_when_saved:
                 raise RuntimeError(f"{name} fired {len(fired)} times with every position in one forward, so its "
                                    f"pos_slice cannot be taken firing by firing: run without pos_slice")
-            store[name] = fired[0] if len(fired) == 1 else torch.cat(fired, 1)
             axis = axis_of(name.removesuffix("_grad"))
+            store[name] = fired[0] if len(fired) == 1 else torch.cat(fired, axis)
             if pos_slice.slice is not None and axis is not None and name not in sliced_when_saved \
                     and store[name].shape[axis] == positions:
                 store[name] = pos_slice.apply(store[name], dim=axis)
@@ -674,7 +674,7 @@ class HookedGatedDeltaNet(HookedRootModule):
             name = hook.name + ("_grad" if is_backward else "")
             tensor = tensor.detach().to(device) if device is not None else tensor.detach()
             tensor = tensor[0] if remove_batch_dim else tensor
-            axis = getattr(hook, "position_axis", 1)
+            axis = position_axis(hook)
             if forward_of.get(name) == self._forwards and axis is not None:  # a backward pass fires last position first
                 axis -= remove_batch_dim
                 tensor = torch.cat([tensor, cache[name]] if is_backward else [cache[name], tensor], axis)
