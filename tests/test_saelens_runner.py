@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from hooked_gdn import HookedGatedDeltaNet  # noqa: E402
 from writesae import FlatSAE, load_sae  # noqa: E402
+from writesae.splice import HookedSAEGatedDeltaNet  # noqa: E402
 
 from .test_transformer_lens_tools import save_tiny  # noqa: E402
 
@@ -88,6 +89,13 @@ def test_the_runner_trains_a_residual_stream_sae_on_our_model(checkpoint, tmp_pa
     with torch.no_grad():
         theirs = sae(x)
     torch.testing.assert_close(ours(x.reshape(-1, 1, 1, sae.cfg.d_in)).reshape(x.shape), theirs, rtol=1e-5, atol=1e-6)
+    # and SAELens loads the folder as an SAE that splices into our model as into its HookedSAETransformer, giving the
+    # logits its own forward gives as a hook at HOOK (tests/test_saelens_splice.py tests the splice in full)
+    loaded = sae_lens.SAE.load_from_disk(tmp_path / "out")
+    spliced_model = HookedSAEGatedDeltaNet.from_pretrained(checkpoint)
+    spliced, cache = spliced_model.run_with_cache_with_saes(tokens, saes=[loaded], names_filter=lambda n: n.startswith(HOOK))
+    torch.testing.assert_close(spliced, spliced_model.run_with_hooks(tokens, fwd_hooks=[(HOOK, lambda x, hook: loaded(x))]))
+    torch.testing.assert_close(cache[f"{HOOK}.hook_sae_acts_post"], loaded.encode(cache[HOOK + ".hook_sae_input"]))
 
 
 def test_training_is_deterministic(checkpoint, tmp_path):

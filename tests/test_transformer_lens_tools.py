@@ -58,19 +58,24 @@ def save_tiny(family: str, folder: Path) -> None:
         shutil.copy(TOKENIZER / name, folder / name)
 
 
-@pytest.fixture(name="tiny", scope="module")
-def tiny_fixture(tmp_path_factory):
-    """``tiny(family)``: the family's tiny model with the shipped tokenizer, loaded once a module."""
+def tiny_models(tmp_path_factory, model_class=HookedGatedDeltaNet):
+    """``model(family)``: the family's tiny model with the shipped tokenizer, as ``model_class``, each loaded once."""
     models = {}
 
     def model(family: str) -> HookedGatedDeltaNet:
         if family not in models:
-            folder = tmp_path_factory.mktemp(f"tl-tools-{family}")
+            folder = tmp_path_factory.mktemp(f"tiny-{model_class.__name__}-{family}")
             save_tiny(family, folder)
-            models[family] = HookedGatedDeltaNet.from_pretrained(folder)
+            models[family] = model_class.from_pretrained(folder)
         return models[family]
 
     return model
+
+
+@pytest.fixture(name="tiny", scope="module")
+def tiny_fixture(tmp_path_factory):
+    """``tiny(family)``: the family's tiny model with the shipped tokenizer, loaded once a module."""
+    return tiny_models(tmp_path_factory)
 
 
 def test_every_family_is_covered():

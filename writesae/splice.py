@@ -40,7 +40,9 @@ from hooked_gdn import HookedGatedDeltaNet
 from hooked_gdn.hook_points import add_hook_with_handle
 from hooked_gdn.sites import Site, hook_positions, rank_one, rank_one_key, told_positions
 
+from . import saelens_splice
 from .sae import SAEBase
+from .saelens_splice import is_saelens_sae
 from .site_fit import check_sae_fits
 
 Reconstruct = Callable[[Float[Tensor, "batch P n_heads d_k d_v"]], Float[Tensor, "batch P n_heads d_k d_v"]]
@@ -48,11 +50,12 @@ Reconstruct = Callable[[Float[Tensor, "batch P n_heads d_k d_v"]], Float[Tensor,
 
 @dataclass
 class _Attachment:
-    """An attached SAE, the hooks that splice it, and its ``use_error_term`` from before it was attached."""
+    """An attached SAE, the hook points it reads and replaces (the first names it in ``acts_to_saes``), and what
+    detaches it (for a writesae SAE, also restoring its own ``use_error_term``)."""
 
-    sae: SAEBase
-    own_use_error_term: bool
-    handles: list = field(default_factory=list)  # [(hook point, handle)]
+    sae: object  # a writesae SAE, or an SAELens SAE or transcoder (`writesae.saelens_splice`)
+    hook_names: tuple[str, ...]
+    detach: Callable[[], None]
 
 
 class HookedSAEGatedDeltaNet(HookedGatedDeltaNet):
@@ -63,59 +66,90 @@ class HookedSAEGatedDeltaNet(HookedGatedDeltaNet):
         self._attached: dict[str, _Attachment] = {}
 
     @property
-    def acts_to_saes(self) -> dict[str, SAEBase]:
+    def acts_to_saes(self) -> dict:
+        """{the hook each attached SAE reads: the SAE}, writesae's and SAELens' alike."""
         return {site: attachment.sae for site, attachment in self._attached.items()}
 
-    def add_sae(self, sae: SAEBase, use_error_term: bool | None = None) -> None:
-        """Attach ``sae`` at its ``cfg.site``; its reconstruction is spliced in from the next forward on.
+    def add_sae(self, sae, use_error_term: bool | None = None) -> None:
+        """Attach ``sae`` where it reads; its reconstruction is spliced in from the next forward on.
 
-        ``use_error_term`` (None: the SAE's own setting) holds while the SAE is attached; detaching it
-        restores the SAE's own setting, as SAELens does, so a later splice is never silently exact."""
+        A writesae SAE attaches at its ``cfg.site`` (a memory layer's state, write or erase). An SAELens SAE or
+        transcoder attaches at its ``cfg.metadata.hook_name`` (any hook point) as SAELens'
+        ``HookedSAETransformer`` attaches it (`writesae.saelens_splice`), and is named by that hook here.
+        ``use_error_term`` (None: the SAE's own setting) holds while the SAE is attached; detaching a writesae SAE
+        restores its own setting, as SAELens does, so a later splice is never silently exact."""
+        if is_saelens_sae(sae):
+            names = saelens_splice.hook_names(sae)
+            self._refuse_taken(names)
+            self._record(_Attachment(sae, names, saelens_splice.attach(self, sae, use_error_term)))
+            return
+        if not isinstance(sae, SAEBase):
+            raise TypeError(f"add_sae takes a writesae SAE or an SAELens SAE (sae-lens 6), not {type(sae).__name__}")
         site = check_sae_fits(sae, self)
-        if site.name in self._attached:
-            raise ValueError(f"an SAE is already attached at {site.name}; reset_saes() first")
-        attachment = _Attachment(sae, own_use_error_term=sae.use_error_term)
+        self._refuse_taken((site.name,))
+        own_use_error_term = sae.use_error_term
         if use_error_term is not None:
             sae.use_error_term = use_error_term
         sae.to(self.W_E.device)
-        self.hook_dict[site.name].sae = sae
+        hook_point = self.hook_dict[site.name]
+        hook_point.sae = sae
         points = _splice_points(self, site, sae.cfg.head_indices, sae)
         # permanent, and first, so that user hooks on the site see the spliced value
-        attachment.handles = [(hp, add_hook_with_handle(hp, fn, is_permanent=True, prepend=True)) for hp, fn in points]
-        self._attached[sae.cfg.site] = attachment
-        self.setup()
+        handles = [(hp, add_hook_with_handle(hp, fn, is_permanent=True, prepend=True)) for hp, fn in points]
 
-    def reset_saes(self, sites: list[str] | None = None) -> None:
-        """Detach the SAEs at ``sites`` (default: all), restoring each one's own ``use_error_term``."""
-        for site in list(self._attached if sites is None else sites):
-            attachment = self._attached.pop(site)
-            for hp, handle in attachment.handles:
+        def detach() -> None:
+            for hp, handle in handles:
                 handle.hook.remove()
                 hp.fwd_hooks.remove(handle)
-            attachment.sae.use_error_term = attachment.own_use_error_term
-            del self.hook_dict[site].sae
+            sae.use_error_term = own_use_error_term
+            del hook_point.sae
+
+        self._record(_Attachment(sae, (site.name,), detach))
+
+    def _refuse_taken(self, names: tuple[str, ...]) -> None:
+        taken = {name for attachment in self._attached.values() for name in attachment.hook_names}
+        clash = [name for name in names if name in taken]
+        if clash:
+            raise ValueError(f"an SAE is already attached at {clash[0]}; reset_saes() first")
+
+    def _record(self, attachment: _Attachment) -> None:
+        self._attached[attachment.hook_names[0]] = attachment
+        self.setup()
+
+    def reset_saes(self, sites: str | list[str] | None = None) -> None:
+        """Detach the SAEs at ``sites`` (default: all; an SAELens SAE's is its hook_name), restoring each writesae
+        SAE's own ``use_error_term``."""
+        for site in [sites] if isinstance(sites, str) else list(self._attached if sites is None else sites):
+            self._attached.pop(site).detach()
         self.setup()
 
     @contextmanager
-    def saes(self, saes: list[SAEBase] = (), reset_saes_end: bool = True, use_error_term: bool | None = None):
-        """Attach ``saes`` for the duration of the block."""
+    def saes(self, saes=(), reset_saes_end: bool = True, use_error_term: bool | None = None):
+        """Attach ``saes`` (a list, or one SAE) for the duration of the block."""
         added = []
         try:
-            for sae in saes:
+            for sae in [saes] if isinstance(saes, torch.nn.Module) else saes:
                 self.add_sae(sae, use_error_term)
-                added.append(sae.cfg.site)
+                added.append(next(reversed(self._attached)))  # the name add_sae recorded it under
             yield self
         finally:
             if reset_saes_end:
                 self.reset_saes(added)
 
-    def run_with_saes(self, *model_args, saes: list[SAEBase] = (), use_error_term: bool | None = None, **model_kwargs):
-        with self.saes(saes, use_error_term=use_error_term):
+    def run_with_saes(self, *model_args, saes=(), reset_saes_end: bool = True, use_error_term: bool | None = None,
+                      **model_kwargs):
+        with self.saes(saes, reset_saes_end, use_error_term):
             return self(*model_args, **model_kwargs)
 
-    def run_with_cache_with_saes(self, *model_args, saes: list[SAEBase] = (), use_error_term: bool | None = None, **kwargs):
-        with self.saes(saes, use_error_term=use_error_term):
+    def run_with_cache_with_saes(self, *model_args, saes=(), reset_saes_end: bool = True,
+                                 use_error_term: bool | None = None, **kwargs):
+        with self.saes(saes, reset_saes_end, use_error_term):
             return self.run_with_cache(*model_args, **kwargs)
+
+    def run_with_hooks_with_saes(self, *model_args, saes=(), reset_saes_end: bool = True,
+                                 use_error_term: bool | None = None, **kwargs):
+        with self.saes(saes, reset_saes_end, use_error_term):
+            return self.run_with_hooks(*model_args, **kwargs)
 
 
 class HookedSAEMamba2(HookedSAEGatedDeltaNet):
