@@ -65,8 +65,10 @@ class RMSNorm(nn.Module):
     OLMo-Hybrid), scale = sqrt(mean(x²) + ε), computed in fp32.
 
     ``hook_scale`` is TransformerLens' scale, what ``ActivationCache.apply_ln_to_stack`` divides a
-    residual stack by. The norm multiplies by rsqrt(mean(x²) + ε), as transformers does, so the
-    scale is formed only for hooks, and used only where a hook edited it.
+    residual stack by, and ``hook_normalized`` TransformerLens' x / scale, before the weight. The norm
+    multiplies by rsqrt(mean(x²) + ε), as transformers does, so the scale is formed only for hooks, and
+    used only where a hook edited it; the product with the weight is the same operation, in the same
+    order, whether x / scale fires or not.
     """
 
     def __init__(self, d: int, eps: float, zero_centred: bool = True):
@@ -75,6 +77,7 @@ class RMSNorm(nn.Module):
         self.w = nn.Parameter(torch.zeros(d) if zero_centred else torch.ones(d))
         self.eps = eps
         self.hook_scale = CheckedHookPoint()  # [..., 1], fp32
+        self.hook_normalized = CheckedHookPoint()  # [..., d], fp32
 
     @property
     def weight(self) -> Float[Tensor, " d"]:
@@ -88,7 +91,7 @@ class RMSNorm(nn.Module):
             scale, edited, _ = self.hook_scale.fire_and_diff(inverse_scale.reciprocal(), 1)
             if edited is not None:
                 inverse_scale = scale.reciprocal()
-        return (x32 * inverse_scale * self.weight.float()).type_as(x)
+        return (self.hook_normalized(x32 * inverse_scale) * self.weight.float()).type_as(x)
 
 
 class GatedRMSNorm(nn.Module):

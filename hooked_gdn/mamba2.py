@@ -265,7 +265,8 @@ class Mamba2Block(nn.Module):
         self.hook_out = self.hook_resid_post.alias()
         self.hook_mixer_in = self.linear_attn.hook_in.alias()
         self.hook_mixer_out = self.linear_attn.hook_out.alias()
-        self.norm = _folder(hook_in=CheckedHookPoint(), hook_out=self.linear_attn.hook_in.alias(), hook_scale=self.ln1.hook_scale.alias())
+        self.norm = _folder(hook_in=CheckedHookPoint(), hook_out=self.linear_attn.hook_in.alias(), hook_scale=self.ln1.hook_scale.alias(),
+                            hook_normalized=self.ln1.hook_normalized.alias())
         self.mixer = self.linear_attn.transformer_lens_names
 
     def forward(self, x: Float[Tensor, "b p d_model"], ctx: ForwardContext, cos=None, sin=None) -> Float[Tensor, "b p d_model"]:
@@ -327,6 +328,7 @@ class HookedMamba2(HookedGatedDeltaNet):
     hook_in, hook_resid_pre / hook_out, hook_resid_post  hook_resid_pre / hook_resid_post         same
     norm.hook_in                                     ln1's input (= hook_resid_pre; own point)   same
     norm.hook_scale                                  ln1.hook_scale                              same
+    norm.hook_normalized                             ln1.hook_normalized                         same
     norm.hook_out, hook_mixer_in, mixer.hook_in,     linear_attn.hook_in                         same
     mixer.in_proj.hook_in
     mixer.in_proj.hook_out, mixer.hook_in_proj       z, x, B, C, dt before the split (own point)  [b, p, 2HP+2GN+H]
@@ -366,9 +368,7 @@ class HookedMamba2(HookedGatedDeltaNet):
       bridge's fires on prefill only.
     - Not provided: ``embed.hook_in`` (token ids; hook_embed holds their embeddings), ``unembed.hook_in``
       (``unembed`` is TransformerLens' method here; ln_final.hook_out holds it), ``unembed.hook_out`` and
-      ``hook_unembed`` (the logits are what forward returns), ``norm.hook_normalized`` and
-      ``ln_final.hook_normalized`` (our RMSNorm has no point between normalising and the weight: hook_in /
-      hook_scale).
+      ``hook_unembed`` (the logits are what forward returns).
     """
 
     FAMILIES = ("mamba2",)

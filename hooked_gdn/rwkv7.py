@@ -104,7 +104,8 @@ class HookedRWKV7Config(HookedModelConfig, AttentionFreeHeads):
 
 class LayerNorm(nn.Module):
     """LayerNorm with bias, in fp32: (x − mean) / scale · w + b, scale = sqrt(var + ε). ``hook_scale`` is
-    TransformerLens' scale (what ``apply_ln_to_stack`` divides a centred stack by)."""
+    TransformerLens' scale (what ``apply_ln_to_stack`` divides a centred stack by) and ``hook_normalized`` its
+    (x − mean) / scale, before the weight and bias; unhooked, the norm is torch's ``layer_norm``."""
 
     def __init__(self, d: int, eps: float):
         super().__init__()
@@ -112,6 +113,7 @@ class LayerNorm(nn.Module):
         self.b = nn.Parameter(torch.zeros(d))
         self.eps = eps
         self.hook_scale = CheckedHookPoint()  # [..., 1], fp32
+        self.hook_normalized = CheckedHookPoint()  # [..., d], fp32
 
     @property
     def weight(self) -> Float[Tensor, " d"]:
@@ -119,11 +121,11 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         x32 = x.float()
-        if not any_hooked(self.hook_scale):
+        if not any_hooked(self.hook_scale, self.hook_normalized):
             return F.layer_norm(x32, x.shape[-1:], self.w.float(), self.b.float(), self.eps).type_as(x)
         centred = x32 - x32.mean(-1, keepdim=True)
         scale = self.hook_scale(torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps))
-        return (centred / scale * self.w.float() + self.b.float()).type_as(x)
+        return (self.hook_normalized(centred / scale) * self.w.float() + self.b.float()).type_as(x)
 
 
 def token_shift(x: Float[Tensor, "b p d"], ctx: ForwardContext, key: str) -> Float[Tensor, "b p d"]:

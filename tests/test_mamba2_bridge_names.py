@@ -40,6 +40,7 @@ def native_values(c, model, layer: int) -> dict[str, torch.Tensor]:
         "hook_in": n("hook_resid_pre"), "hook_out": n("hook_resid_post"),
         "hook_mixer_in": la("hook_in"), "hook_mixer_out": la("hook_out"),
         "norm.hook_in": n("hook_resid_pre"), "norm.hook_out": la("hook_in"), "norm.hook_scale": n("ln1.hook_scale"),
+        "norm.hook_normalized": n("hook_resid_pre") / n("ln1.hook_scale"),
         "mixer.hook_in": la("hook_in"), "mixer.in_proj.hook_in": la("hook_in"),
         "mixer.in_proj.hook_out": in_proj, "mixer.hook_in_proj": in_proj,
         "mixer.conv1d.hook_in": conv_in, "mixer.conv1d.hook_out": conv_out, "mixer.hook_conv": conv_out,
@@ -60,7 +61,8 @@ def native_model_values(c, model) -> dict[str, torch.Tensor]:
     last = c[f"blocks.{N_LAYERS - 1}.hook_resid_post"]
     normed = last / c["ln_final.hook_scale"] * model.ln_final.w
     return values | {"hook_embed": c["hook_embed"], "embed.hook_out": c["hook_embed"], "ln_final.hook_in": last,
-                     "ln_final.hook_scale": c["ln_final.hook_scale"], "ln_final.hook_out": normed}
+                     "ln_final.hook_scale": c["ln_final.hook_scale"], "ln_final.hook_out": normed,
+                     "ln_final.hook_normalized": last / c["ln_final.hook_scale"]}
 
 
 #: the bridge's names we do not provide, and why (the same reasons as the docs' table)
@@ -69,13 +71,11 @@ NOT_PROVIDED = {
     "unembed.hook_in": "the model's unembed is TransformerLens' method (logits from a normalised residual); ln_final.hook_out holds it",
     "unembed.hook_out": "the logits are what forward returns",
     "hook_unembed": "the logits are what forward returns",
-    "ln_final.hook_normalized": "our RMSNorm forms x·rsqrt(mean x² + ε) and its weight in one step; ln_final.hook_scale gives it",
-    "norm.hook_normalized": "as ln_final.hook_normalized: ln1.hook_scale gives it",
 }
 
 
 #: names the bridge shares with ours (TransformerLens' own names): the same hook point
-SHARED = {"hook_embed", "ln_final.hook_scale", *(f"blocks.{i}.hook_resid_{w}" for i in range(N_LAYERS) for w in ("pre", "post"))}
+SHARED = {"hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized", *(f"blocks.{i}.hook_resid_{w}" for i in range(N_LAYERS) for w in ("pre", "post"))}
 #: aliases whose values are our native values moved, not recomputed (the others: a concatenation, an outer product,
 #: D x added, the norm or the conv recomputed; equal to 1e-6)
 EXACT = {"hook_embed", "embed.hook_out", "ln_final.hook_in", "ln_final.hook_scale", "hook_in", "hook_out", "hook_mixer_in",

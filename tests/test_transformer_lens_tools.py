@@ -29,6 +29,7 @@ from transformers import AutoTokenizer, Mamba2ForCausalLM
 from hooked_gdn import HookedGatedDeltaNet
 from hooked_gdn import patching as hooked_patching
 from hooked_gdn.architectures import BY_KEY
+from hooked_gdn.hook_points import AliasHookPoint
 from hooked_gdn.model import DEFAULT_PADDING_SIDE
 from hooked_gdn.pretrained import PRETRAINED_MODELS
 
@@ -693,3 +694,54 @@ def test_unembed_and_b_U_are_what_forward_computes_last(tiny):
         assert torch.equal(model.unembed(model.ln_final(resid)), model(tokens))
         assert torch.equal(model.unembed(model.ln_final(resid)) + model.b_U, model(tokens))
     assert model.b_U.shape == (model.cfg.d_vocab,) and not model.b_U.any()
+
+
+def _norms(model) -> dict[str, torch.nn.Module]:
+    """Every norm with a hook_normalized, by its name (not Mamba-2's TransformerLens aliases of them)."""
+    return {name.removesuffix(".hook_normalized"): model.get_submodule(name.removesuffix(".hook_normalized"))
+            for name, hook_point in model.hook_dict.items()
+            if name.endswith(".hook_normalized") and not isinstance(hook_point, AliasHookPoint)}
+
+
+@pytest.mark.parametrize("family", sorted(BY_KEY))
+def test_hook_normalized_is_transformer_lens_x_over_scale(moved, family):
+    """Each norm's ``hook_normalized`` is TransformerLens' x / scale before the weight: torch's own rms_norm (RWKV-7's
+    LayerNorms: layer_norm) of the norm's input without a weight, and the norm's output is it times the weight
+    (plus the bias); ``cache["normalized", L, "ln2"]`` reads it. Edits are carried: zeroing the final norm's makes
+    every position's logits the same, and doubling a block norm's is doubling its weight."""
+    model, tokens, *_ = moved(family)  # norms' weights off 1, so that a point after the weight shows
+    norms = _norms(model)
+    seen = {}
+    handles = [norm.register_forward_hook(lambda module, args, out, name=name: seen.update({name: (args[0], out)}))
+               for name, norm in norms.items()]
+    try:
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_normalized"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert "ln_final" in norms and {f"blocks.0.{n}" for n in ("ln1",)} <= set(norms)
+    for name, norm in norms.items():
+        x, out = seen[name]
+        d = x.shape[-1:]
+        layer_norm = hasattr(norm, "b")
+        reference = (torch.nn.functional.layer_norm(x.float(), d, eps=norm.eps) if layer_norm
+                     else torch.nn.functional.rms_norm(x.float(), d, eps=norm.eps))
+        normalized = cache[f"{name}.hook_normalized"]
+        torch.testing.assert_close(normalized, reference, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(out.float(), normalized * norm.weight + (norm.b if layer_norm else 0), msg=name)
+    if family != "mamba2":  # Mamba-2's blocks have one norm
+        assert cache["normalized", 0, "ln2"] is cache["blocks.0.ln2.hook_normalized"]
+
+    zeroed = model.run_with_hooks(tokens, fwd_hooks=[("ln_final.hook_normalized", lambda x, hook: torch.zeros_like(x))])
+    torch.testing.assert_close(zeroed, zeroed[:1, :1].expand_as(zeroed), rtol=0, atol=0)
+    norm = model.blocks[0].ln1
+    doubled = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.ln1.hook_normalized", lambda x, hook: 2 * x)])
+    with torch.no_grad():
+        kept = norm.w.clone()
+        norm.w.copy_(2 * norm.weight - (1 if getattr(norm, "zero_centred", False) else 0))  # weight 2·(1 + w) or 2·w
+        try:
+            twice_the_weight = model(tokens)
+        finally:
+            norm.w.copy_(kept)
+    torch.testing.assert_close(doubled, twice_the_weight, rtol=1e-5, atol=1e-5)
+    assert (doubled - model(tokens)).abs().max() > 1e-3
