@@ -31,6 +31,12 @@ from .mlp import SparseMoE
 from .sites import act_name, block_name, gdn_hook_name
 
 
+def head_label(layer: int, head: int) -> str:
+    """A head's label, as TransformerLens writes it: ``L{layer}H{head}`` (a memory layer's value head, an attention
+    layer's query head)."""
+    return f"L{layer}H{head}"
+
+
 class GDNActivationCache(ActivationCache):
     def __getitem__(self, key):
         if isinstance(key, tuple) and len(key) > 1 and isinstance(key[1], int):
@@ -176,7 +182,7 @@ class GDNActivationCache(ActivationCache):
         for i in range(layer):
             results = pos_slice.apply(self._layer_head_results(i), dim=-3)
             components.append(results.movedim(-2, 0))
-            labels += [f"L{i}H{h}" for h in range(results.shape[-2])]
+            labels += [head_label(i, h) for h in range(results.shape[-2])]
         if incl_remainder:
             whole = pos_slice.apply(self[("resid_post", layer - 1)] if layer else self["hook_embed"], dim=-2)
             components.append((whole - sum(c.sum(0) for c in components))[None])

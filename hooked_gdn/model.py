@@ -18,13 +18,14 @@ from transformer_lens import HookedRootModule
 from transformer_lens.utilities import Slice, SliceInput
 from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
-from .activation_cache import GDNActivationCache
+from .activation_cache import GDNActivationCache, head_label
 from .cache import GDNCache
 from .config import HookedModelConfig
 from .delta_rule import DEFAULT_CHUNK_SIZE
 from .hook_points import CheckedHookPoint, position_axis
 from .layers import ForwardContext, rotary_inv_freq
 from .memory import MatrixMemory
+from .mlp import SparseMoE
 
 RETURN_TYPES = ("logits", "loss", "both", None)
 GENERATE_RETURN_TYPES = ("input", "str", "tokens")
@@ -98,6 +99,26 @@ def pattern_left_out_message() -> str:
             f"hooked_gdn.model.DEFAULT_CACHE_MAX_PATTERN_LENGTH = {DEFAULT_CACHE_MAX_PATTERN_LENGTH} positions (a cached "
             f"prefix counted): they are [b, n_heads, T, T] per attention layer. To get them, name them, e.g. "
             f"names_filter=lambda name: name.endswith('hook_pattern') or <the other hooks you want>")
+
+
+#: TransformerLens' per-layer weights that ``model.W_Q`` etc. stack over every layer: the attention's (no family here
+#: has attention in every layer, so each is refused, naming where the layers' own are) and the MLP's
+#: (`HookedGatedDeltaNet._stacked_weight`)
+STACKED_ATTENTION_WEIGHTS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "QK", "OV")
+STACKED_WEIGHTS = (*STACKED_ATTENTION_WEIGHTS, "W_gate", "W_in", "W_out", "b_in", "b_out")
+#: TransformerLens' from_pretrained weight processing, which these models never do: taken as False, refused as True
+WEIGHT_PROCESSING = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
+                     "refactor_factored_attn_matrices")
+
+
+def _refuse_weight_processing(flags: dict[str, bool]) -> None:
+    unknown = sorted(set(flags) - set(WEIGHT_PROCESSING))
+    if unknown:
+        raise TypeError(f"from_pretrained got unexpected keyword arguments {unknown}")
+    asked = sorted(name for name, value in flags.items() if value)
+    if asked:
+        raise ValueError(f"{', '.join(f'{name}=True' for name in asked)}: these models' weights are used as the checkpoint "
+                         "has them (no norm folding, centring or refactoring); leave them out or pass False")
 
 
 class HookedGatedDeltaNet(HookedRootModule):
@@ -212,7 +233,8 @@ class HookedGatedDeltaNet(HookedRootModule):
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | Path, device=None, dtype=None, device_map=None, max_memory=None
+        cls, name_or_path: str | Path, device=None, dtype=None, device_map=None, max_memory=None,
+        **weight_processing: bool,
     ) -> "HookedGatedDeltaNet":
         """Load a checkpoint of any supported family: a shipped short name (``gdn-austen``), a local folder or a hub id.
 
@@ -221,12 +243,23 @@ class HookedGatedDeltaNet(HookedRootModule):
         ``{block_index: device}`` or ``"auto"`` (within ``max_memory``, accelerate's form) spreads
         the blocks over several devices (`hooked_gdn.placement`); otherwise all goes on ``device``.
         The model comes in eval mode, as transformers' ``from_pretrained`` gives it.
+
+        The weights are the checkpoint's, unprocessed: TransformerLens' ``fold_ln``, ``center_writing_weights``,
+        ``center_unembed``, ``fold_value_biases`` and ``refactor_factored_attn_matrices`` are taken as False (its
+        ``from_pretrained_no_processing``) and refused as True (`WEIGHT_PROCESSING`).
         """
         from .loading import load_pretrained
 
+        _refuse_weight_processing(weight_processing)
         model = load_pretrained(cls, name_or_path, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
         model.cfg.device = model.W_E.device  # the weights were streamed onto their devices, not moved by .to
         return model
+
+    @classmethod
+    def from_pretrained_no_processing(cls, name_or_path: str | Path, device=None, dtype=None, **kwargs) -> "HookedGatedDeltaNet":
+        """TransformerLens' name for loading the checkpoint's weights as they are: ``from_pretrained`` (which never
+        processes them)."""
+        return cls.from_pretrained(name_or_path, device=device, dtype=dtype, **kwargs)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
@@ -256,6 +289,49 @@ class HookedGatedDeltaNet(HookedRootModule):
         """Block ``layer``'s mixer: its memory (``linear_attn``) or its attention (``attn``)."""
         block = self.blocks[layer]
         return block.linear_attn if block.is_gdn else block.attn
+
+    def all_head_labels(self) -> list[str]:
+        """TransformerLens' labels of every head, ``L{layer}H{head}`` (`head_label`), in the order
+        ``cache.stack_head_results`` stacks them: a memory layer's value heads, an attention layer's query heads."""
+        return [head_label(layer, h) for layer in range(self.cfg.n_layers) for h in range(self.mixer(layer).W_O.shape[0])]
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name not in STACKED_WEIGHTS:
+                raise
+        return self._stacked_weight(name)
+
+    def _stacked_weight(self, name: str) -> Tensor:
+        """TransformerLens' weight ``name`` of every layer stacked, [n_layers, ...] (`STACKED_WEIGHTS`), or an
+        AttributeError saying why this model has none and where the layers' own are."""
+        refused = f"{type(self).__name__} has no model.{name}: TransformerLens stacks it over every layer, and "
+        if name in STACKED_ATTENTION_WEIGHTS:
+            memory = [i for i, block in enumerate(self.blocks) if block.is_gdn]
+            attention = [i for i in range(self.cfg.n_layers) if i not in memory]
+            if not attention:
+                where = "it has no attention layer"
+            elif hasattr(self.blocks[attention[0]].attn, name):
+                where = f"its attention layers' are model.blocks[L].attn.{name}, L in {attention}"
+            else:
+                where = f"its attention layers ({attention}) have none either"
+            raise AttributeError(f"{refused}layers {memory} are memory layers ({where}; a memory layer's output weight is "
+                                 "model.blocks[L].linear_attn.W_O)")
+        mlps = [getattr(block, "mlp", None) for block in self.blocks]
+        without = [i for i, mlp in enumerate(mlps) if mlp is None]
+        experts = [i for i, mlp in enumerate(mlps) if isinstance(mlp, SparseMoE)]
+        if without or experts:
+            reasons = ([f"layers {without} have no MLP"] if without else []) + (
+                [f"layers {experts} are mixtures of experts, whose weights are per expert (model.blocks[L].mlp."
+                 f"{name if name.startswith('W_') else 'W_in'} [n_experts, ...])"] if experts else [])
+            raise AttributeError(refused + " and ".join(reasons))
+        if name in ("b_in", "b_out"):  # no MLP here has a bias: zeros, as b_U
+            return torch.zeros(len(mlps), mlps[0].W_in.shape[-1] if name == "b_in" else self.cfg.d_model,
+                               dtype=self.W_E.dtype, device=self.W_E.device)
+        if not hasattr(mlps[0], name):
+            raise AttributeError(f"{refused}its MLPs ({type(mlps[0]).__name__}) have no {name}")
+        return torch.stack([getattr(mlp, name).to(self.W_E.device) for mlp in mlps])
 
     def unembed(self, normalized_resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
         """The logits of a residual stream already through ``ln_final``, as TransformerLens' ``model.unembed``:
@@ -355,6 +431,30 @@ class HookedGatedDeltaNet(HookedRootModule):
         if len(ids) != 1:
             raise ValueError(f"{string!r} is {len(ids)} tokens, not one: {[self.tokenizer.decode([i]) for i in ids]}")
         return ids[0]
+
+    def to_single_str_token(self, int_token: int) -> str:
+        """The text of one token id (TransformerLens')."""
+        if isinstance(int_token, bool) or not isinstance(int_token, int):
+            raise TypeError(f"to_single_str_token takes one token id (an int), got {type(int_token).__name__}")
+        return self.to_str_tokens(torch.tensor([int_token]))[0]
+
+    def get_token_position(self, single_token: str | int | Tensor, input: str | Tensor, mode: str = "first",
+                           prepend_bos: bool | None = None, padding_side: str | None = None) -> int:
+        """The position of ``single_token`` (a one-token string or an id) in ``input`` (a string, tokenized as
+        ``to_tokens`` tokenizes it, or the tokens of one sequence): its first occurrence, or its last with
+        ``mode="last"``, as TransformerLens' ``get_token_position``."""
+        if mode not in ("first", "last"):
+            raise ValueError(f"mode must be 'first' or 'last', got {mode!r}")
+        tokens = self.to_tokens(input, prepend_bos, padding_side) if isinstance(input, str) else torch.as_tensor(input)
+        if tokens.dim() == 2 and len(tokens) == 1:
+            tokens = tokens[0]
+        if tokens.dim() != 1:
+            raise ValueError(f"get_token_position takes one sequence, got tokens of shape {tuple(tokens.shape)}")
+        token = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)
+        found = (tokens == token).nonzero().flatten()
+        if not len(found):
+            raise ValueError(f"token {token} ({self.to_single_str_token(token)!r}) does not occur in the input")
+        return int(found[0] if mode == "first" else found[-1])
 
     def _tokens_and_mask(
         self, input, attention_mask: Tensor | None, prepend_bos: bool | None = None, padding_side: str | None = None

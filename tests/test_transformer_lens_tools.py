@@ -745,3 +745,92 @@ def test_hook_normalized_is_transformer_lens_x_over_scale(moved, family):
             norm.w.copy_(kept)
     torch.testing.assert_close(doubled, twice_the_weight, rtol=1e-5, atol=1e-5)
     assert (doubled - model(tokens)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", sorted(BY_KEY))
+def test_stacked_weights_are_transformer_lens_or_refused_saying_where(tiny, family):
+    """``model.W_in``/``W_out``/``W_gate``/``b_in``/``b_out`` stack every block's MLP as TransformerLens does (so
+    ``cache["post", L] @ model.W_out[L] + model.b_out[L]`` is the MLP's output), where every block has a dense MLP;
+    elsewhere, and for the attention stacks (``W_Q`` … ``OV``, which need attention in every layer), ``hasattr`` is
+    False and the error says why and where each layer's own weight is."""
+    model = tiny(family)
+    mlps = [getattr(block, "mlp", None) for block in model.blocks]
+    if all(mlp is not None and hasattr(mlp, "W_in") and mlp.W_in.dim() == 2 for mlp in mlps):
+        assert model.W_in.shape == (model.cfg.n_layers, model.cfg.d_model, mlps[0].W_in.shape[-1])
+        for layer, mlp in enumerate(mlps):
+            assert torch.equal(model.W_out[layer], mlp.W_out) and torch.equal(model.W_in[layer], mlp.W_in)
+        tokens = model.to_tokens(["It is a truth universally acknowledged"])
+        _, cache = model.run_with_cache(tokens)
+        for layer in range(model.cfg.n_layers):
+            if not getattr(model.blocks[layer], "post_norm", False):  # a post-norm follows OLMo-Hybrid's MLPs
+                torch.testing.assert_close(cache["post", layer] @ model.W_out[layer] + model.b_out[layer],
+                                           cache["mlp_out", layer])
+        assert hasattr(model, "W_gate") == hasattr(mlps[0], "W_gate")
+    else:
+        assert not hasattr(model, "W_in")
+        with pytest.raises(AttributeError, match=r"has no model.W_out: .*(have no MLP|mixtures of experts, whose "
+                                                 r"weights are per expert \(model.blocks\[L\].mlp.W_out)"):
+            model.W_out
+    assert not hasattr(model, "W_Q") and not hasattr(model, "OV")
+    memory = [i for i, block in enumerate(model.blocks) if block.is_gdn]
+    with pytest.raises(AttributeError, match=re.escape(f"layers {memory} are memory layers")):
+        model.W_Q
+    attention = [i for i in range(model.cfg.n_layers) if i not in memory]
+    for layer in attention:  # where the message sends the reader
+        assert model.blocks[layer].attn.W_Q.dim() == 3
+    with pytest.raises(AttributeError, match="has no attribute 'W_Qx'"):  # other names fail as ever
+        model.W_Qx
+
+
+@pytest.mark.parametrize("family", sorted(BY_KEY))
+def test_all_head_labels_are_the_head_results_labels(tiny, family):
+    model = tiny(family)
+    _, cache = model.run_with_cache(model.to_tokens(["Emma"]))
+    assert model.all_head_labels() == cache.stack_head_results(return_labels=True)[1]
+
+
+def test_token_position_helpers(tiny):
+    model = tiny("qwen3_5")
+    prompt = "It is a truth universally acknowledged, a truth"
+    str_tokens = model.to_str_tokens(prompt)
+    token = model.to_single_token(" truth")
+    assert model.to_single_str_token(token) == " truth"
+    assert model.get_token_position(" truth", prompt) == str_tokens.index(" truth")
+    assert model.get_token_position(token, model.to_tokens(prompt), mode="last") == len(str_tokens) - 1
+    assert model.get_token_position(" truth", model.to_tokens(prompt)[0], mode="first") == str_tokens.index(" truth")
+    with pytest.raises(ValueError, match="does not occur in the input"):
+        model.get_token_position(" Emma", prompt)
+    with pytest.raises(ValueError, match="mode must be 'first' or 'last'"):
+        model.get_token_position(" truth", prompt, mode="middle")
+    with pytest.raises(ValueError, match="one sequence"):
+        model.get_token_position(" truth", model.to_tokens([prompt, prompt]))
+    with pytest.raises(TypeError, match="one token id"):
+        model.to_single_str_token(torch.tensor(3))
+
+
+def test_transformer_lens_weight_processing_flags(tmp_path):
+    """TransformerLens' weight processing is never done: its flags are taken as False (and
+    ``from_pretrained_no_processing`` is ``from_pretrained``), refused as True; an unknown keyword is a TypeError."""
+    save_tiny("qwen3_5", tmp_path)
+    tokens = torch.tensor([[5, 9, 2, 7]])
+    plain = HookedGatedDeltaNet.from_pretrained(tmp_path)(tokens)
+    flags = dict(fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False,
+                 refactor_factored_attn_matrices=False)
+    assert torch.equal(HookedGatedDeltaNet.from_pretrained(tmp_path, **flags)(tokens), plain)
+    assert torch.equal(HookedGatedDeltaNet.from_pretrained_no_processing(tmp_path)(tokens), plain)
+    with pytest.raises(ValueError, match="center_unembed=True, fold_ln=True: these models' weights are used as the "
+                                         "checkpoint has them"):
+        HookedGatedDeltaNet.from_pretrained(tmp_path, fold_ln=True, center_unembed=True)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['fold_lm'\]"):
+        HookedGatedDeltaNet.from_pretrained(tmp_path, fold_lm=False)
+
+
+def test_all_head_labels_count_each_layers_own_heads():
+    """Where the attention layers have fewer heads than the memory layers (2 query heads against 4 value heads),
+    each layer's labels count its own."""
+    torch.manual_seed(0)
+    model = HookedGatedDeltaNet.from_config(tiny_hf_config("grouped", num_attention_heads=2, num_key_value_heads=1))
+    _, cache = model.run_with_cache(torch.tensor([[3, 5, 8]]))
+    labels = model.all_head_labels()
+    assert labels == cache.stack_head_results(return_labels=True)[1]
+    assert len(labels) == sum(model.cfg.n_value_heads if block.is_gdn else 2 for block in model.blocks)
