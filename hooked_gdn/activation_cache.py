@@ -202,7 +202,7 @@ class GDNActivationCache(ActivationCache):
         (OLMo-Hybrid's ``ln2_post``) at its cached scale (`_through_post_norm`), so that a block's neurons sum to its
         ``hook_mlp_out``; there the norm's weight is folded into ``project_output_onto``. A mixture-of-experts block
         is refused, saying why."""
-        self._refuse_experts(layer)
+        self._refuse_neurons(layer)
         if not self._post_normed(layer):
             return super().get_neuron_results(layer, neuron_slice, pos_slice, project_output_onto)
         pos_slice = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
@@ -216,7 +216,12 @@ class GDNActivationCache(ActivationCache):
             return self._through_post_norm(layer, "ln2_post", shares[..., None], pos_slice, weighted=False)[..., 0]
         return self._through_post_norm(layer, "ln2_post", shares, pos_slice, weighted=False)
 
-    def _refuse_experts(self, layer: int) -> None:
+    def _refuse_neurons(self, layer: int) -> None:
+        """Neuron results need block ``layer`` to have one dense MLP: a model without MLPs (Mamba-2) and a
+        mixture-of-experts block are refused, saying why."""
+        if getattr(self.model.cfg, "attn_only", False):
+            raise NotImplementedError(f"this {self.model.family_of(self.model.cfg).name} model's blocks have no MLP, so no "
+                                      "neurons: each block is its mixer alone (decompose_resid gives each block's output)")
         if isinstance(self.model.blocks[layer].mlp, SparseMoE):
             raise NotImplementedError(
                 f"block {layer}'s MLP is a mixture of experts: its neurons are each expert's, weighted per token by the "
@@ -231,12 +236,9 @@ class GDNActivationCache(ActivationCache):
         and one with mixture-of-experts blocks are refused, saying why. With ``apply_ln`` and ``project_output_onto``
         together, TransformerLens 4 forms the projected stack without `get_neuron_results`; where a norm follows an
         MLP, it is formed here as the stack with ``apply_ln``, then projected."""
-        if getattr(self.model.cfg, "attn_only", False):
-            raise NotImplementedError(f"this {self.model.family_of(self.model.cfg).name} model's blocks have no MLP, so no "
-                                      "neurons: each block is its mixer alone (decompose_resid gives each block's output)")
         last = self.model.cfg.n_layers if layer is None or layer == -1 else layer
         for i in range(last):
-            self._refuse_experts(i)
+            self._refuse_neurons(i)
         options = dict(pos_slice=pos_slice, neuron_slice=neuron_slice, return_labels=return_labels,
                        incl_remainder=incl_remainder, apply_ln=apply_ln, **kwargs)  # kwargs: TransformerLens 4's mlp_input
         if apply_ln and project_output_onto is not None and any(self._post_normed(i) for i in range(last)):

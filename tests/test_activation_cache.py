@@ -122,7 +122,8 @@ def test_neuron_results_on_a_model_without_mlps_say_so():
     model = HookedGatedDeltaNet.from_pretrained("mamba2-austen").eval()
     with torch.no_grad():
         _, cache = model.run_with_cache(torch.randint(0, 50, (1, 6)))
-    with pytest.raises(NotImplementedError, match="blocks have no MLP, so no neurons"):
-        cache.stack_neuron_results(1)
+    for neuron_results in (cache.stack_neuron_results, cache.get_neuron_results):
+        with pytest.raises(NotImplementedError, match="blocks have no MLP, so no neurons"):
+            neuron_results(1)
     stacked = cache.compute_ssm_effective_attention()  # every block a memory layer: a stack, dim 0 = layer
     assert stacked.shape == (model.cfg.n_layers, 1, model.cfg.n_value_heads, 6, 6)
