@@ -295,3 +295,36 @@ def test_refusals_name_the_problem(tiny):
         _, resid = model.run_with_cache(TOKENS, names_filter="blocks.0.hook_resid_post")
         model(resid["blocks.0.hook_resid_post"], start_at_layer=1)
     assert not model.acts_to_saes and not [name for name in model.hook_dict if "hook_sae" in name]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_feature_gradients_for_attribution(tiny, family):
+    """``run_with_cache_with_saes(..., incl_bwd=True)`` caches each feature's gradient of the loss (SAELens'
+    attribution patching over features): on the stream it is autograd's through the SAE's own forward; inside the
+    memory (the write's value, an edit carried through the recurrence) the parallel recurrence gives the
+    sequential loop's."""
+    model = tiny(family)
+    stream = f"blocks.{model.cfg.n_layers - 1}.hook_resid_pre"
+    sae = saelens_sae(stream, model.cfg.d_model, "standard")
+    loss, cache = model.run_with_cache_with_saes(TOKENS, saes=[sae], use_error_term=True, incl_bwd=True,
+                                                 return_type="loss", names_filter=lambda name: name.endswith("acts_post"))
+    kept = {}
+
+    def keep_features(x, hook):
+        kept["acts"] = sae.encode(x)
+        kept["acts"].retain_grad()
+        return sae.decode(kept["acts"]) + (x - sae.decode(sae.encode(x))).detach()
+
+    reference = model.run_with_hooks(TOKENS, fwd_hooks=[(stream, keep_features)], return_type="loss")
+    reference.backward()
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(cache[f"{stream}.hook_sae_acts_post_grad"], kept["acts"].grad, rtol=1e-5, atol=1e-7)
+
+    write = "blocks.0.linear_attn.hook_write_value"
+    _, clean = model.run_with_cache(TOKENS, names_filter=write)
+    sae = saelens_sae(write, clean[write].shape[-1], "standard")
+    grads = [model.run_with_cache_with_saes(TOKENS, saes=[sae], use_error_term=True, incl_bwd=True, return_type="loss",
+                                            recurrence=recurrence, names_filter=lambda name: name.endswith("acts_post"),
+                                            )[1][f"{write}.hook_sae_acts_post_grad"] for recurrence in ("parallel", "sequential")]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4)
+    assert grads[1].abs().max() > 1e-2
