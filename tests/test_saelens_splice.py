@@ -328,3 +328,79 @@ def test_feature_gradients_for_attribution(tiny, family):
                                             )[1][f"{write}.hook_sae_acts_post_grad"] for recurrence in ("parallel", "sequential")]
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4)
     assert grads[1].abs().max() > 1e-2
+
+
+def bypassing(sae, excluded: list[int], tokens):
+    """SAELens' exclude_special_tokens as a plain hook on a point with one row per input position: the SAE's forward
+    where the token is not excluded, the value itself where it is."""
+
+    def hook(x, hook):
+        return torch.where(torch.isin(tokens, torch.tensor(excluded))[..., None], x, sae(x))
+
+    return [(sae.cfg.metadata.hook_name, hook)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exclude_special_tokens_bypasses_the_sae_there(tiny, family):
+    """With ``exclude_special_tokens=True`` the SAE leaves the value at the tokenizer's structural special tokens
+    (here the EOS that is also its pad and, with prepend_bos, its BOS) and splices elsewhere, its error term 0 there;
+    a list of ids excludes those tokens."""
+    model = tiny(family)
+    prompts = ["It is a truth universally acknowledged", "Emma"]
+    tokens = model.to_tokens(prompts, prepend_bos=True)
+    special = [model.tokenizer.eos_token_id]
+    assert torch.isin(tokens, torch.tensor(special)).sum() > 2  # the BOS of each row and the short row's padding
+    hook = f"blocks.{model.cfg.n_layers - 1}.hook_resid_pre"
+    sae = saelens_sae(hook, model.cfg.d_model)
+    spliced = model.run_with_saes(prompts, saes=[sae], exclude_special_tokens=True, prepend_bos=True)
+    reference = model.run_with_hooks(prompts, fwd_hooks=bypassing(sae, special, tokens), prepend_bos=True)
+    torch.testing.assert_close(spliced, reference, rtol=0, atol=1e-6)
+    _, cache = model.run_with_cache_with_saes(prompts, saes=[sae], exclude_special_tokens=True, use_error_term=True,
+                                              prepend_bos=True, names_filter=lambda name: name.startswith(hook))
+    at_special = torch.isin(tokens, torch.tensor(special))
+    assert not cache[f"{hook}.hook_sae_error"][at_special].any() and cache[f"{hook}.hook_sae_error"][~at_special].any()
+    word = [model.to_single_token(" truth")]
+    torch.testing.assert_close(model.run_with_saes(prompts, saes=[sae], exclude_special_tokens=word, prepend_bos=True),
+                               model.run_with_hooks(prompts, fwd_hooks=bypassing(sae, word, tokens), prepend_bos=True),
+                               rtol=0, atol=1e-6)
+    assert model.tokens_in_flight is None and not model.acts_to_saes
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exclude_special_tokens_inside_the_memory_and_across_a_cache(tiny, family):
+    """At a point inside the memory the excluded positions are found from the positions the layer tells it: the
+    parallel recurrence, the sequential loop and a continued cache (its positions counting the cached prefix) agree."""
+    model = tiny(family)
+    write = "blocks.0.linear_attn.hook_write_value"
+    _, clean = model.run_with_cache(TOKENS, names_filter=write)
+    sae = saelens_sae(write, clean[write].shape[-1])
+    excluded = [int(TOKENS[0, 1]), int(TOKENS[1, 5])]
+    runs = {recurrence: model.run_with_saes(TOKENS, saes=[sae], exclude_special_tokens=excluded, recurrence=recurrence)
+            for recurrence in ("parallel", "sequential")}
+    torch.testing.assert_close(runs["sequential"], runs["parallel"], rtol=0, atol=1e-5)
+    with model.saes([sae], exclude_special_tokens=excluded):
+        cache = model.prefill(TOKENS[:, :3])
+        continued = model(TOKENS[:, 3:], cache=cache)
+    torch.testing.assert_close(continued, runs["parallel"][:, 3:], rtol=0, atol=1e-5)
+    everywhere = model.run_with_saes(TOKENS, saes=[sae])
+    assert (everywhere - runs["parallel"]).abs().max() > 1e-4  # the exclusion changes something
+
+
+def test_exclude_special_tokens_refusals(tiny):
+    model = tiny("qwen3_5")
+    sae = saelens_sae("blocks.1.hook_resid_post", model.cfg.d_model)
+    with pytest.raises(TypeError, match="True, False or a list of token ids"):
+        model.add_sae(sae, exclude_special_tokens="eos")
+    with model.saes([sae], exclude_special_tokens=[0]), pytest.raises(ValueError, match="pass tokens="):
+        model(torch.zeros(1, 3, model.cfg.d_model), start_at_layer=1)
+    ours = FlatSAE(d_k=model.cfg.d_key, d_v=model.cfg.d_value, n_features=16, k=2,
+                   site=site_name(model.cfg.gdn_layers[0], "state"), seed=0)
+    with pytest.raises(ValueError, match="exclude_special_tokens is for SAELens SAEs"):
+        model.add_sae(ours, exclude_special_tokens=True)
+    tokenizer, model.tokenizer = model.tokenizer, None
+    try:
+        with pytest.raises(ValueError, match="has none: pass the token ids to exclude as a list"):
+            model.add_sae(sae, exclude_special_tokens=True)
+    finally:
+        model.tokenizer = tokenizer
+    assert not model.acts_to_saes

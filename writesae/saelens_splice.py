@@ -13,7 +13,8 @@ output, and an SAE nobody edits leaves the model's value as it was (to float rou
 Where SAELens replaces the hook point by a wrapper, the model keeps its own hook point and the SAE runs as its
 first hook: user hooks on the point itself still fire, on the SAE's output, and the model's carry semantics hold
 for points inside a memory layer (an SAE there runs per firing: per position in sequential mode and in
-generation). The SAE is not made a submodule of the model: its parameters stay out of the model's.
+generation). The SAE is not made a submodule of the model: its parameters stay out of the model's. With
+``exclude_special_tokens`` the SAE is bypassed at those tokens' positions (`excluded_token_ids`, `_bypassed`).
 
 writesae's own SAEs (matrix sites) attach through `writesae.splice`; this module never imports sae_lens.
 """
@@ -28,7 +29,8 @@ import torch
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from hooked_gdn.hook_points import add_hook_with_handle
+from hooked_gdn.hook_points import add_hook_with_handle, position_axis
+from hooked_gdn.sites import told_positions
 
 #: the SAE's hook points that fire inside its ``encode`` and ``decode``; the error and output points are fired by
 #: the splice itself (SAELens' SAE fires its own only in its ``forward``), so each attachment makes fresh ones
@@ -49,9 +51,34 @@ def hook_names(sae) -> tuple[str, str]:
     return metadata.hook_name, getattr(metadata, "hook_name_out", None) or metadata.hook_name
 
 
-def attach(model, sae, use_error_term: bool | None) -> Callable[[], None]:
-    """Attach the SAELens ``sae`` to ``model`` (a `hooked_gdn.HookedGatedDeltaNet`) and return what detaches it.
-    ``use_error_term`` None: the SAE's own; the SAE itself is not changed."""
+#: the tokenizer's structural special tokens, those SAELens' ``exclude_special_tokens=True`` skips (not the
+#: additional special tokens a chat template adds)
+SPECIAL_TOKEN_ATTRIBUTES = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id")
+
+
+def excluded_token_ids(model, exclude_special_tokens: bool | list[int]) -> Tensor | None:
+    """The token ids at whose positions an SAE is bypassed: None (``exclude_special_tokens`` False), the model
+    tokenizer's structural special tokens (True), or the ids given (a list), as SAELens takes them."""
+    if exclude_special_tokens is False:
+        return None
+    if exclude_special_tokens is True:
+        if model.tokenizer is None:
+            raise ValueError("exclude_special_tokens=True reads the model's tokenizer, and this model has none: pass the "
+                             "token ids to exclude as a list")
+        ids = {getattr(model.tokenizer, name, None) for name in SPECIAL_TOKEN_ATTRIBUTES} - {None}
+    else:
+        ids = set(exclude_special_tokens)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise TypeError(f"exclude_special_tokens takes True, False or a list of token ids, got {exclude_special_tokens!r}")
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def attach(model, sae, use_error_term: bool | None, excluded: Tensor | None = None) -> Callable[[], None]:
+    """Attach the SAELens ``sae`` to ``model`` (a `writesae.splice.HookedSAEGatedDeltaNet`) and return what detaches
+    it. ``use_error_term`` None: the SAE's own; the SAE itself is not changed. ``excluded``: token ids
+    (`excluded_token_ids`) at whose positions the SAE is bypassed, the hook's value kept (its error term 0), as
+    SAELens' ``exclude_special_tokens`` does; the positions come from the forward's tokens
+    (``model.tokens_in_flight``)."""
     read, replaced = hook_names(sae)
     for name in dict.fromkeys((read, replaced)):
         if name not in model.hook_dict:
@@ -81,13 +108,17 @@ def attach(model, sae, use_error_term: bool | None) -> Callable[[], None]:
         else:
             x = read_value.pop()
         _check_width(sae, x, read)
+        bypassed = None if excluded is None else _bypassed(model, hook, value, excluded)
         out = sae.decode(sae.encode(x))
         if error_term:
             with torch.no_grad():
                 with _hooks_off(sae):
                     clean = sae.decode(sae.encode(x))
-                error = points["hook_sae_error"](value - clean)
+                error = value - clean
+                error = points["hook_sae_error"](error if bypassed is None else error.masked_fill(bypassed, 0))
             out = out + error
+        if bypassed is not None:
+            out = torch.where(bypassed, value, out)
         return points["hook_sae_output"](out)
 
     handles = [(target, add_hook_with_handle(target, splice, is_permanent=True, prepend=True))]
@@ -102,6 +133,25 @@ def attach(model, sae, use_error_term: bool | None) -> Callable[[], None]:
             delattr(target, name)
 
     return detach
+
+
+def _bypassed(model, hook, value: Tensor, excluded: Tensor) -> Tensor:
+    """Where ``value`` (a firing of ``hook``) sits at an excluded token, broadcastable against it: [b, p, 1, ...].
+    A point inside a memory is told its positions (per position in sequential mode and generation); elsewhere the
+    value's position axis runs over this forward's input."""
+    in_flight = model.tokens_in_flight
+    if in_flight is None:
+        raise ValueError(f"exclude_special_tokens needs the tokens of the forward, and this one has none (a forward "
+                         f"from start_at_layer: pass tokens=)")
+    tokens, past_length = in_flight
+    positions = told_positions(hook)
+    if positions is not None:
+        tokens = tokens[:, positions.to(tokens.device) - past_length]
+    elif position_axis(hook) != 1 or value.dim() < 2 or value.shape[1] != tokens.shape[1]:
+        raise ValueError(f"exclude_special_tokens: {hook.name}'s value {tuple(value.shape)} has no axis 1 over the "
+                         f"input's {tokens.shape[1]} positions, so its tokens are not known")
+    bypassed = torch.isin(tokens, excluded.to(tokens.device))
+    return bypassed.reshape(*bypassed.shape, *[1] * (value.dim() - 2))
 
 
 def _check_width(sae, x: Tensor, name: str) -> None:

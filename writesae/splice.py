@@ -56,6 +56,7 @@ class _Attachment:
     sae: object  # a writesae SAE, or an SAELens SAE or transcoder (`writesae.saelens_splice`)
     hook_names: tuple[str, ...]
     detach: Callable[[], None]
+    skips_tokens: bool = False  # an SAELens SAE bypassed at some tokens: forward then keeps its tokens in flight
 
 
 class HookedSAEGatedDeltaNet(HookedGatedDeltaNet):
@@ -64,27 +65,37 @@ class HookedSAEGatedDeltaNet(HookedGatedDeltaNet):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._attached: dict[str, _Attachment] = {}
+        #: (the tokens [b, p] of the forward running, the length of the cache it continues) while an attached SAELens
+        #: SAE skips special tokens (`writesae.saelens_splice`), else None
+        self.tokens_in_flight: tuple[Tensor, int] | None = None
 
     @property
     def acts_to_saes(self) -> dict:
         """{the hook each attached SAE reads: the SAE}, writesae's and SAELens' alike."""
         return {site: attachment.sae for site, attachment in self._attached.items()}
 
-    def add_sae(self, sae, use_error_term: bool | None = None) -> None:
+    def add_sae(self, sae, use_error_term: bool | None = None, exclude_special_tokens: bool | list[int] = False) -> None:
         """Attach ``sae`` where it reads; its reconstruction is spliced in from the next forward on.
 
         A writesae SAE attaches at its ``cfg.site`` (a memory layer's state, write or erase). An SAELens SAE or
         transcoder attaches at its ``cfg.metadata.hook_name`` (any hook point) as SAELens'
-        ``HookedSAETransformer`` attaches it (`writesae.saelens_splice`), and is named by that hook here.
-        ``use_error_term`` (None: the SAE's own setting) holds while the SAE is attached; detaching a writesae SAE
-        restores its own setting, as SAELens does, so a later splice is never silently exact."""
+        ``HookedSAETransformer`` attaches it (`writesae.saelens_splice`), and is named by that hook here; with
+        ``exclude_special_tokens`` (True: the tokenizer's BOS, EOS, PAD and SEP; or a list of ids) it is bypassed
+        at those tokens' positions, as there. ``use_error_term`` (None: the SAE's own setting) holds while the SAE
+        is attached; detaching a writesae SAE restores its own setting, as SAELens does, so a later splice is never
+        silently exact."""
         if is_saelens_sae(sae):
             names = saelens_splice.hook_names(sae)
             self._refuse_taken(names)
-            self._record(_Attachment(sae, names, saelens_splice.attach(self, sae, use_error_term)))
+            excluded = saelens_splice.excluded_token_ids(self, exclude_special_tokens)
+            detach = saelens_splice.attach(self, sae, use_error_term, excluded)
+            self._record(_Attachment(sae, names, detach, skips_tokens=excluded is not None))
             return
         if not isinstance(sae, SAEBase):
             raise TypeError(f"add_sae takes a writesae SAE or an SAELens SAE (sae-lens 6), not {type(sae).__name__}")
+        if exclude_special_tokens is not False:
+            raise ValueError("exclude_special_tokens is for SAELens SAEs; a writesae SAE acts where its site's "
+                             "state_positions say")
         site = check_sae_fits(sae, self)
         self._refuse_taken((site.name,))
         own_use_error_term = sae.use_error_term
@@ -123,13 +134,33 @@ class HookedSAEGatedDeltaNet(HookedGatedDeltaNet):
             self._attached.pop(site).detach()
         self.setup()
 
+    def forward(self, input, return_type: str | None = "logits", attention_mask: Tensor | None = None, **kwargs):
+        """`HookedGatedDeltaNet.forward`; while an attached SAELens SAE skips special tokens, with the forward's
+        tokens in flight (``tokens_in_flight``) for it to find them."""
+        if not any(attachment.skips_tokens for attachment in self._attached.values()):
+            return super().forward(input, return_type, attention_mask, **kwargs)
+        tokens = kwargs.get("tokens") if kwargs.get("start_at_layer") is not None else input
+        if tokens is not None:  # tokenized as forward tokenizes it; forward refuses what this cannot read
+            try:
+                tokens = self._tokens_and_mask(tokens, attention_mask, kwargs.get("prepend_bos"),
+                                               kwargs.get("padding_side"))[0]
+            except (TypeError, ValueError):
+                tokens = None
+        cache = kwargs.get("cache")
+        self.tokens_in_flight = None if tokens is None else (tokens, 0 if cache is None else cache.length)
+        try:
+            return super().forward(input, return_type, attention_mask, **kwargs)
+        finally:
+            self.tokens_in_flight = None
+
     @contextmanager
-    def saes(self, saes=(), reset_saes_end: bool = True, use_error_term: bool | None = None):
+    def saes(self, saes=(), reset_saes_end: bool = True, use_error_term: bool | None = None,
+             exclude_special_tokens: bool | list[int] = False):
         """Attach ``saes`` (a list, or one SAE) for the duration of the block."""
         added = []
         try:
             for sae in [saes] if isinstance(saes, torch.nn.Module) else saes:
-                self.add_sae(sae, use_error_term)
+                self.add_sae(sae, use_error_term, exclude_special_tokens)
                 added.append(next(reversed(self._attached)))  # the name add_sae recorded it under
             yield self
         finally:
@@ -137,18 +168,20 @@ class HookedSAEGatedDeltaNet(HookedGatedDeltaNet):
                 self.reset_saes(added)
 
     def run_with_saes(self, *model_args, saes=(), reset_saes_end: bool = True, use_error_term: bool | None = None,
-                      **model_kwargs):
-        with self.saes(saes, reset_saes_end, use_error_term):
+                      exclude_special_tokens: bool | list[int] = False, **model_kwargs):
+        with self.saes(saes, reset_saes_end, use_error_term, exclude_special_tokens):
             return self(*model_args, **model_kwargs)
 
     def run_with_cache_with_saes(self, *model_args, saes=(), reset_saes_end: bool = True,
-                                 use_error_term: bool | None = None, **kwargs):
-        with self.saes(saes, reset_saes_end, use_error_term):
+                                 use_error_term: bool | None = None, exclude_special_tokens: bool | list[int] = False,
+                                 **kwargs):
+        with self.saes(saes, reset_saes_end, use_error_term, exclude_special_tokens):
             return self.run_with_cache(*model_args, **kwargs)
 
     def run_with_hooks_with_saes(self, *model_args, saes=(), reset_saes_end: bool = True,
-                                 use_error_term: bool | None = None, **kwargs):
-        with self.saes(saes, reset_saes_end, use_error_term):
+                                 use_error_term: bool | None = None, exclude_special_tokens: bool | list[int] = False,
+                                 **kwargs):
+        with self.saes(saes, reset_saes_end, use_error_term, exclude_special_tokens):
             return self.run_with_hooks(*model_args, **kwargs)
 
 
