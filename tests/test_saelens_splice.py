@@ -21,7 +21,7 @@ sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not importable he
 from transformer_lens import HookedTransformerConfig  # noqa: E402
 
 from hooked_gdn.sites import site_name  # noqa: E402
-from writesae import FlatSAE  # noqa: E402
+from writesae import FlatSAE, load_sae  # noqa: E402
 from writesae.splice import HookedSAEGatedDeltaNet  # noqa: E402
 
 from .test_transformer_lens_tools import tiny_models  # noqa: E402
@@ -404,3 +404,23 @@ def test_exclude_special_tokens_refusals(tiny):
     finally:
         model.tokenizer = tokenizer
     assert not model.acts_to_saes
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_saelens_folder_splices_the_same_read_by_saelens_or_by_load_sae(tiny, family, tmp_path):
+    """An SAELens SAE's folder splices to the same logits and features whether SAELens loads it (attached as
+    SAELens attaches it) or writesae's load_sae does (a vector SAE, which needs no sae-lens)."""
+    model = tiny(family)
+    hook = f"blocks.{model.cfg.n_layers - 1}.hook_resid_pre"
+    theirs = saelens_sae(hook, model.cfg.d_model, "standard")
+    theirs.save_model(tmp_path)
+    loaded = sae_lens.SAE.load_from_disk(tmp_path)
+    ours = load_sae(tmp_path)
+    for error_term in (False, True):
+        logits, cache = model.run_with_cache_with_saes(TOKENS, saes=[loaded], use_error_term=error_term,
+                                                       names_filter=lambda name: name.endswith("hook_sae_acts_post"))
+        our_logits, our_cache = model.run_with_cache_with_saes(TOKENS, saes=[ours], use_error_term=error_term,
+                                                               names_filter=lambda name: name.endswith("hook_sae_acts_post"))
+        torch.testing.assert_close(our_logits, logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(our_cache[f"{hook}.sae.hook_sae_acts_post"][..., 0, :],
+                                   cache[f"{hook}.hook_sae_acts_post"], rtol=1e-5, atol=1e-6)

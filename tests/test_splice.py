@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hooked_gdn.sites import gdn_hook_name, site_name
-from writesae import BilinearMatrixSAE, FlatSAE
+from writesae import BilinearMatrixSAE, FlatSAE, load_sae, save_sae
 from writesae.splice import HookedSAEGatedDeltaNet
 
 from .conftest import FAMILIES, random_tiny_model
@@ -155,3 +155,61 @@ def test_use_error_term_given_for_a_call_ends_with_it(model, entry, own):
             model.reset_saes()
         assert sae.use_error_term is own
         assert torch.equal(model.run_with_saes(TOKENS, saes=[sae]), expected)
+
+
+@pytest.fixture(name="tiny", scope="module")
+def tiny_fixture(tmp_path_factory):
+    from .test_transformer_lens_tools import tiny_models
+
+    return tiny_models(tmp_path_factory, HookedSAEGatedDeltaNet)
+
+
+def vector_sae(model, hook: str, d: int, folder) -> FlatSAE:
+    """A vector SAE at ``hook`` as `load_sae` reads one from an SAELens folder (written here in SAELens' format)."""
+    save_sae(FlatSAE(d_k=1, d_v=d, n_features=4 * d, k=3, site=hook, seed=0), folder, format="saelens")
+    sae = load_sae(folder)
+    assert (sae.cfg.d_k, sae.cfg.d_v, sae.cfg.site) == (1, d, hook)
+    return sae
+
+
+def as_vector_hook(sae):
+    return [(sae.cfg.site, lambda x, hook: sae(x[..., None, None, :]).reshape(x.shape))]
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "mamba2", "rwkv7"])
+def test_a_vector_sae_from_an_saelens_folder_splices_at_its_hook(tiny, family, tmp_path):
+    """An SAELens SAE of a vector activation, loaded by load_sae (no sae-lens needed: the TransformerLens 4
+    environment), splices at its hook as its own forward does there as a hook, error term and all, on the residual
+    stream and on a point inside the memory in both recurrence modes; its hook points sit under <hook>.sae."""
+    model = tiny(family)
+    tokens = torch.randint(1, 60, (2, 9), generator=torch.Generator().manual_seed(2))
+    stream = f"blocks.{model.cfg.n_layers - 1}.hook_resid_pre"
+    sae = vector_sae(model, stream, model.cfg.d_model, tmp_path / "stream")
+    clean = model(tokens)
+    spliced = model.run_with_saes(tokens, saes=[sae])
+    torch.testing.assert_close(spliced, model.run_with_hooks(tokens, fwd_hooks=as_vector_hook(sae)), rtol=0, atol=0)
+    assert (spliced - clean).abs().max() > 1e-2
+    torch.testing.assert_close(model.run_with_saes(tokens, saes=[sae], use_error_term=True), clean, rtol=0, atol=1e-4)
+    _, cache = model.run_with_cache_with_saes(tokens, saes=[sae], names_filter=lambda name: name.startswith(stream))
+    assert cache[f"{stream}.sae.hook_sae_acts_post"].shape == (*tokens.shape, 1, 4 * model.cfg.d_model)
+    assert not model.acts_to_saes and torch.equal(model(tokens), clean)
+
+    gated = "blocks.0.linear_attn.hook_gated_out"
+    _, inner = model.run_with_cache(tokens, names_filter=gated)
+    sae = vector_sae(model, gated, inner[gated].shape[-1], tmp_path / "gated")
+    runs = [model.run_with_saes(tokens, saes=[sae], recurrence=recurrence) for recurrence in ("parallel", "sequential")]
+    torch.testing.assert_close(runs[0], model.run_with_hooks(tokens, fwd_hooks=as_vector_hook(sae)), rtol=0, atol=1e-6)
+    torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=1e-5)
+
+
+def test_vector_sae_refusals(tiny):
+    model = tiny("qwen3_5")
+    tokens = torch.tensor([[3, 5, 8]])
+    wide = FlatSAE(d_k=1, d_v=model.cfg.d_model + 1, n_features=8, k=2, site="blocks.1.hook_resid_post", seed=0)
+    with pytest.raises(ValueError, match=r"reads vectors of 49, but its value \(1, 3, 48\) has 48"):
+        model.run_with_saes(tokens, saes=[wide])
+    head = FlatSAE(d_k=1, d_v=model.cfg.d_model, n_features=8, k=2, site="blocks.1.hook_resid_post", heads=2, n_heads=4,
+                   seed=0)
+    with pytest.raises(ValueError, match="reads heads \\[2\\]: a vector SAE is one dictionary"):
+        model.add_sae(head)
+    assert not model.acts_to_saes

@@ -105,6 +105,34 @@ def check_sae_fits(sae: SAEBase, model=None, *, source=None, other_model: str = 
     return site
 
 
+def reads_a_vector(sae: SAEBase, model) -> bool:
+    """Whether ``sae`` is a vector SAE at one of ``model``'s hook points that is not a memory site: d_k = 1 (X = xᵀ,
+    as `writesae.io.load_sae` reads an SAELens SAE of a vector activation) and ``cfg.site`` any other hook point,
+    the residual stream say. Such an SAE splices at its hook as SAELens splices one (`writesae.splice`); the
+    tools that read a memory site (training from a store, dashboards, experiments) take `check_sae_fits`'s sites."""
+    if sae.cfg.d_k != 1 or sae.cfg.site not in model.hook_dict:
+        return False
+    try:
+        parse_model_site(sae.cfg.site, model)
+    except ValueError:
+        return True
+    return False
+
+
+def check_vector_sae_fits(sae: SAEBase, model) -> str:
+    """The hook a vector SAE (`reads_a_vector`) reads, once it is one dictionary (heads 0, as a vector SAE's one
+    dictionary is; its head count learnt as 1), with the recorded model compared as `check_sae_fits` compares it."""
+    if sae.cfg.heads != "all" and sae.cfg.head_indices != [0]:
+        raise ValueError(f"the SAE at {sae.cfg.site} reads heads {sae.cfg.head_indices}: a vector SAE is one dictionary "
+                         "over the hook's last axis (SAELens' hook_head_index has no counterpart here)")
+    try:
+        sae.learn_n_heads_(1)
+    except ValueError as error:
+        raise ValueError(f"{error} ({sae.cfg.site} is a vector: one dictionary)") from error
+    _check_same_model(sae, model, None, "warn")
+    return sae.cfg.site
+
+
 def _check_same_model(sae: SAEBase, model, source, other_model: str) -> None:
     """Compare the SAE's recorded model with ``model`` (or the ``source``'s recorded fingerprint, when
     it has no model); record it in an SAE trained on ``source`` that has none."""

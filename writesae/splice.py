@@ -43,7 +43,7 @@ from hooked_gdn.sites import Site, hook_positions, rank_one, rank_one_key, told_
 from . import saelens_splice
 from .sae import SAEBase
 from .saelens_splice import is_saelens_sae
-from .site_fit import check_sae_fits
+from .site_fit import check_sae_fits, check_vector_sae_fits, reads_a_vector
 
 Reconstruct = Callable[[Float[Tensor, "batch P n_heads d_k d_v"]], Float[Tensor, "batch P n_heads d_k d_v"]]
 
@@ -96,15 +96,20 @@ class HookedSAEGatedDeltaNet(HookedGatedDeltaNet):
         if exclude_special_tokens is not False:
             raise ValueError("exclude_special_tokens is for SAELens SAEs; a writesae SAE acts where its site's "
                              "state_positions say")
-        site = check_sae_fits(sae, self)
-        self._refuse_taken((site.name,))
+        if reads_a_vector(sae, self):  # an SAELens SAE of a vector activation, as load_sae reads it
+            name = check_vector_sae_fits(sae, self)
+            points = [(self.hook_dict[name], _vector_splice(sae))]
+        else:
+            site = check_sae_fits(sae, self)
+            name = site.name
+            points = _splice_points(self, site, sae.cfg.head_indices, sae)
+        self._refuse_taken((name,))
         own_use_error_term = sae.use_error_term
         if use_error_term is not None:
             sae.use_error_term = use_error_term
         sae.to(self.W_E.device)
-        hook_point = self.hook_dict[site.name]
+        hook_point = self.hook_dict[name]
         hook_point.sae = sae
-        points = _splice_points(self, site, sae.cfg.head_indices, sae)
         # permanent, and first, so that user hooks on the site see the spliced value
         handles = [(hp, add_hook_with_handle(hp, fn, is_permanent=True, prepend=True)) for hp, fn in points]
 
@@ -115,7 +120,7 @@ class HookedSAEGatedDeltaNet(HookedGatedDeltaNet):
             sae.use_error_term = own_use_error_term
             del hook_point.sae
 
-        self._record(_Attachment(sae, (site.name,), detach))
+        self._record(_Attachment(sae, (name,), detach))
 
     def _refuse_taken(self, names: tuple[str, ...]) -> None:
         taken = {name for attachment in self._attached.values() for name in attachment.hook_names}
@@ -212,6 +217,19 @@ def _splice_points(model: HookedGatedDeltaNet, site: Site, heads: list[int], rec
         return [(model.hook_dict[site.name], _state_splice(reconstruct, heads))]
     points = [model.hook_dict[name] for name in (*site.key_hooks, site.value_hook, site.hook_name("hook_state"))]
     return list(zip(points, _rank_one_splice(reconstruct, heads, len(site.key_hooks))))
+
+
+def _vector_splice(sae: SAEBase):
+    """A hook that replaces a vector activation [..., d] by ``sae``'s output, read as the one-dictionary 1 × d
+    matrix X = xᵀ a vector SAE reads (`writesae.site_fit.reads_a_vector`)."""
+
+    def splice(x: Tensor, hook) -> Tensor:
+        if x.shape[-1] != sae.cfg.d_v:
+            raise ValueError(f"the SAE at {hook.name} reads vectors of {sae.cfg.d_v}, but its value {tuple(x.shape)} "
+                             f"has {x.shape[-1]} on its last axis")
+        return sae(x[..., None, None, :]).reshape(x.shape)
+
+    return splice
 
 
 def _replace_heads(full: Tensor, heads: Tensor, new: Tensor) -> Tensor:
