@@ -424,3 +424,14 @@ def test_an_saelens_folder_splices_the_same_read_by_saelens_or_by_load_sae(tiny,
         torch.testing.assert_close(our_logits, logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(our_cache[f"{hook}.sae.hook_sae_acts_post"][..., 0, :],
                                    cache[f"{hook}.hook_sae_acts_post"], rtol=1e-5, atol=1e-6)
+
+
+def test_an_saelens_hook_z_folder_splices_the_same_read_by_saelens_or_by_load_sae(tiny, tmp_path):
+    model = tiny("qwen3_5")
+    layer = next(L for L, block in enumerate(model.blocks) if not block.is_gdn)
+    hook = f"blocks.{layer}.attn.hook_z"
+    _, clean = model.run_with_cache(TOKENS, names_filter=hook)
+    saelens_sae(hook, clean[hook].shape[-2] * clean[hook].shape[-1], reshape_activations="hook_z").save_model(tmp_path)
+    theirs = model.run_with_saes(TOKENS, saes=[sae_lens.SAE.load_from_disk(tmp_path)])
+    torch.testing.assert_close(model.run_with_saes(TOKENS, saes=[load_sae(tmp_path)]), theirs, rtol=1e-5, atol=1e-5)
+    assert (theirs - model(TOKENS)).abs().max() > 1e-3

@@ -172,8 +172,13 @@ def vector_sae(model, hook: str, d: int, folder) -> FlatSAE:
     return sae
 
 
-def as_vector_hook(sae):
-    return [(sae.cfg.site, lambda x, hook: sae(x[..., None, None, :]).reshape(x.shape))]
+def as_vector_hook(sae, heads_flattened: bool = False):
+    """The SAE's own forward at its hook as a plain hook, on each vector x as X = xᵀ (a hook_z's heads flattened)."""
+    def hook(x, hook):
+        lead = x.shape[:-2] if heads_flattened else x.shape[:-1]
+        return sae(x.reshape(*lead, 1, 1, -1)).reshape(x.shape)
+
+    return [(sae.cfg.site, hook)]
 
 
 @pytest.mark.parametrize("family", ["qwen3_5", "mamba2", "rwkv7"])
@@ -202,11 +207,27 @@ def test_a_vector_sae_from_an_saelens_folder_splices_at_its_hook(tiny, family, t
     torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=1e-5)
 
 
+def test_a_vector_sae_reads_an_attention_layers_heads_flattened(tiny, tmp_path):
+    """At an attention layer's hook_z [b, p, heads, d_head] a vector SAE of heads × d_head reads the heads flattened,
+    as SAELens' hook_z SAEs do."""
+    model = tiny("qwen3_5")
+    layer = next(L for L, block in enumerate(model.blocks) if not block.is_gdn)
+    hook = f"blocks.{layer}.attn.hook_z"
+    tokens = torch.tensor([[3, 5, 8, 13, 2]])
+    _, clean = model.run_with_cache(tokens, names_filter=hook)
+    sae = vector_sae(model, hook, clean[hook].shape[-2] * clean[hook].shape[-1], tmp_path)
+    spliced = model.run_with_saes(tokens, saes=[sae])
+    torch.testing.assert_close(spliced, model.run_with_hooks(tokens, fwd_hooks=as_vector_hook(sae, heads_flattened=True)),
+                               rtol=0, atol=0)
+    assert (spliced - model(tokens)).abs().max() > 1e-3
+
+
 def test_vector_sae_refusals(tiny):
     model = tiny("qwen3_5")
     tokens = torch.tensor([[3, 5, 8]])
     wide = FlatSAE(d_k=1, d_v=model.cfg.d_model + 1, n_features=8, k=2, site="blocks.1.hook_resid_post", seed=0)
-    with pytest.raises(ValueError, match=r"reads vectors of 49, but its value \(1, 3, 48\) has 48"):
+    with pytest.raises(ValueError, match=r"reads vectors of 49, but its value \(1, 3, 48\) has 48 on its last axis \(and "
+                                         r"not 49 on its last two\)"):
         model.run_with_saes(tokens, saes=[wide])
     head = FlatSAE(d_k=1, d_v=model.cfg.d_model, n_features=8, k=2, site="blocks.1.hook_resid_post", heads=2, n_heads=4,
                    seed=0)

@@ -221,13 +221,15 @@ def _splice_points(model: HookedGatedDeltaNet, site: Site, heads: list[int], rec
 
 def _vector_splice(sae: SAEBase):
     """A hook that replaces a vector activation [..., d] by ``sae``'s output, read as the one-dictionary 1 × d
-    matrix X = xᵀ a vector SAE reads (`writesae.site_fit.reads_a_vector`)."""
+    matrix X = xᵀ a vector SAE reads (`writesae.site_fit.reads_a_vector`); a value [..., heads, d_head] whose heads
+    together are d (an attention layer's hook_z), with its heads flattened, as SAELens' hook_z SAEs read it."""
 
     def splice(x: Tensor, hook) -> Tensor:
-        if x.shape[-1] != sae.cfg.d_v:
+        lead = x.shape[:-1] if x.shape[-1] == sae.cfg.d_v else x.shape[:-2]
+        if x.shape[-1] != sae.cfg.d_v and (x.dim() < 3 or x.shape[-2] * x.shape[-1] != sae.cfg.d_v):
             raise ValueError(f"the SAE at {hook.name} reads vectors of {sae.cfg.d_v}, but its value {tuple(x.shape)} "
-                             f"has {x.shape[-1]} on its last axis")
-        return sae(x[..., None, None, :]).reshape(x.shape)
+                             f"has {x.shape[-1]} on its last axis (and not {sae.cfg.d_v} on its last two)")
+        return sae(x.reshape(*lead, 1, 1, sae.cfg.d_v)).reshape(x.shape)
 
     return splice
 
