@@ -734,6 +734,9 @@ class HookedGatedDeltaNet(HookedRootModule):
             if pos_slice.slice is not None and axis is not None and name not in sliced_when_saved \
                     and store[name].shape[axis] == positions:
                 store[name] = pos_slice.apply(store[name], dim=axis)
+            # contiguous, as TransformerLens' are: many of ours are views (a head split, a transpose) that .view
+            # refuses (SAELens' activation store takes .view first), and a view would keep its whole base alive
+            store[name] = store[name].contiguous()
         if remove_batch_dim:
             store = {k: v[0] for k, v in store.items()}
         if not return_cache_object:
@@ -772,7 +775,7 @@ class HookedGatedDeltaNet(HookedRootModule):
 
         def save(tensor: Tensor, hook, is_backward: bool = False) -> None:
             name = hook.name + ("_grad" if is_backward else "")
-            tensor = tensor.detach().to(device) if device is not None else tensor.detach()
+            tensor = (tensor.detach().to(device) if device is not None else tensor.detach()).contiguous()  # as run_with_cache's
             tensor = tensor[0] if remove_batch_dim else tensor
             axis = position_axis(hook)
             if forward_of.get(name) == self._forwards and axis is not None:  # a backward pass fires last position first

@@ -127,3 +127,28 @@ def test_neuron_results_on_a_model_without_mlps_say_so():
             neuron_results(1)
     stacked = cache.compute_ssm_effective_attention()  # every block a memory layer: a stack, dim 0 = layer
     assert stacked.shape == (model.cfg.n_layers, 1, model.cfg.n_value_heads, 6, 6)
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "mamba2", "rwkv7"])
+def test_cached_activations_are_contiguous(family, tmp_path):
+    """Every cached activation is contiguous, as TransformerLens' are, whichever way it is cached (many hook values
+    are views: a head split, a transpose), so ``.view`` works on it (SAELens' activation store takes one); and it
+    holds no more than itself."""
+    from .test_transformer_lens_tools import save_tiny
+
+    save_tiny(family, tmp_path)
+    model = HookedGatedDeltaNet.from_pretrained(tmp_path)
+    tokens = torch.randint(1, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    for recurrence in ("parallel", "sequential"):
+        _, cache = model.run_with_cache(tokens, recurrence=recurrence)
+        assert [name for name, value in cache.items() if not value.is_contiguous()] == [], recurrence
+        _, sliced = model.run_with_cache(tokens, recurrence=recurrence, pos_slice=slice(1, 3))
+        assert [name for name, value in sliced.items() if not value.is_contiguous()] == [], recurrence
+    hooks_cache = model.add_caching_hooks()
+    try:
+        model(tokens)
+    finally:
+        model.reset_hooks()
+    assert [name for name, value in hooks_cache.items() if not value.is_contiguous()] == []
+    v = cache["blocks.0.linear_attn.hook_v"]  # (a view of the whole projection on GDN and Mamba-2)
+    assert v.untyped_storage().nbytes() == v.numel() * v.element_size()
