@@ -45,14 +45,15 @@ def checkpoint_fixture(tmp_path_factory):
     return folder
 
 
-def train(checkpoint, out):
-    """A runner on a fresh model and dataset, the SAE it built (copied before training), and the trained SAE."""
+def train(checkpoint, out, hook: str = HOOK, head: int | None = None):
+    """A runner on a fresh model and dataset, the SAE it built (copied before training), and the trained SAE: of
+    ``hook`` (``head`` of it, SAELens' hook_head_index, on a per-head point)."""
     torch.manual_seed(0)
     model = HookedGatedDeltaNet.from_pretrained(checkpoint)
-    d = model.cfg.d_model
+    d = model.cfg.d_model if head is None else model.cfg.d_value
     cfg = sae_lens.LanguageModelSAERunnerConfig(
         sae=sae_lens.StandardTrainingSAEConfig(d_in=d, d_sae=2 * d, l1_coefficient=1.0),
-        model_name="tiny-qwen3_5", hook_name=HOOK, dataset_path="in-memory", is_dataset_tokenized=False,
+        model_name="tiny-qwen3_5", hook_name=hook, hook_head_index=head, dataset_path="in-memory", is_dataset_tokenized=False,
         streaming=False, context_size=CONTEXT, training_tokens=STEPS * 2 * CONTEXT, train_batch_size_tokens=2 * CONTEXT,
         store_batch_size_prompts=PROMPTS, n_batches_in_buffer=4, device="cpu", seed=0, lr=1e-2,
         logger=sae_lens.LoggingConfig(log_to_wandb=False), output_path=str(out), checkpoint_path=str(out.parent / "ck"),
@@ -96,6 +97,24 @@ def test_the_runner_trains_a_residual_stream_sae_on_our_model(checkpoint, tmp_pa
     spliced, cache = spliced_model.run_with_cache_with_saes(tokens, saes=[loaded], names_filter=lambda n: n.startswith(HOOK))
     torch.testing.assert_close(spliced, spliced_model.run_with_hooks(tokens, fwd_hooks=[(HOOK, lambda x, hook: loaded(x))]))
     torch.testing.assert_close(cache[f"{HOOK}.hook_sae_acts_post"], loaded.encode(cache[HOOK + ".hook_sae_input"]))
+
+
+def test_the_runner_trains_an_sae_on_one_head_of_a_memory_layer_and_it_splices_back(checkpoint, tmp_path):
+    """On a memory layer's per-head point (its gated output) with hook_head_index, the runner trains on that head's
+    vectors as our cache holds them, and the SAE it saved splices into that head alone."""
+    hook, head = "blocks.0.linear_attn.hook_gated_out", 1
+    runner, _, sae = train(checkpoint, tmp_path / "out", hook, head)
+    tokens = runner.activations_store.get_batch_tokens()
+    _, cache = runner.model.run_with_cache(tokens, names_filter=hook)
+    torch.testing.assert_close(runner.activations_store.get_activations(tokens).reshape(-1, sae.cfg.d_in),
+                               cache[hook][..., head, :].reshape(-1, sae.cfg.d_in))
+    loaded = sae_lens.SAE.load_from_disk(tmp_path / "out")
+    assert loaded.cfg.metadata.hook_head_index == head
+    model = HookedSAEGatedDeltaNet.from_pretrained(checkpoint)
+    _, spliced = model.run_with_cache_with_saes(tokens, saes=[loaded], names_filter=hook)
+    others = [h for h in range(model.cfg.n_value_heads) if h != head]
+    torch.testing.assert_close(spliced[hook][..., others, :], cache[hook][..., others, :], rtol=0, atol=0)
+    torch.testing.assert_close(spliced[hook][..., head, :], loaded(cache[hook][..., head, :]))
 
 
 def test_training_is_deterministic(checkpoint, tmp_path):

@@ -435,3 +435,32 @@ def test_an_saelens_hook_z_folder_splices_the_same_read_by_saelens_or_by_load_sa
     theirs = model.run_with_saes(TOKENS, saes=[sae_lens.SAE.load_from_disk(tmp_path)])
     torch.testing.assert_close(model.run_with_saes(TOKENS, saes=[load_sae(tmp_path)]), theirs, rtol=1e-5, atol=1e-5)
     assert (theirs - model(TOKENS)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_sae_of_one_head_replaces_that_head(tiny, family):
+    """An SAE with ``hook_head_index`` (as SAELens trains one on a head of a per-head point) reads and replaces that
+    head of a memory layer's gated output only: its own forward on that head, the other heads as they were."""
+    model = tiny(family)
+    hook = "blocks.0.linear_attn.hook_gated_out"
+    _, clean = model.run_with_cache(TOKENS, names_filter=hook)
+    sae = saelens_sae(hook, clean[hook].shape[-1])
+    sae.cfg.metadata.hook_head_index = 1
+
+    def on_head_one(x, hook):
+        x = x.clone()
+        x[..., 1, :] = sae(x[..., 1, :])
+        return x
+
+    for recurrence in ("parallel", "sequential"):
+        spliced = model.run_with_saes(TOKENS, saes=[sae], recurrence=recurrence)
+        reference = model.run_with_hooks(TOKENS, fwd_hooks=[(hook, on_head_one)], recurrence=recurrence)
+        torch.testing.assert_close(spliced, reference, rtol=0, atol=1e-6)
+    _, cache = model.run_with_cache_with_saes(TOKENS, saes=[sae], names_filter=lambda name: name.startswith(hook))
+    others = [h for h in range(clean[hook].shape[-2]) if h != 1]
+    torch.testing.assert_close(cache[hook][..., others, :], clean[hook][..., others, :], rtol=0, atol=0)
+    assert not torch.equal(cache[hook][..., 1, :], clean[hook][..., 1, :])
+    assert cache[f"{hook}.hook_sae_acts_post"].shape == (*TOKENS.shape, sae.cfg.d_sae)
+    sae.cfg.metadata.hook_head_index = 9
+    with pytest.raises(ValueError, match="reads head 9 \\(hook_head_index\\)"):
+        model.run_with_saes(TOKENS, saes=[sae])

@@ -6,7 +6,8 @@ output, an attention layer's ``hook_z`` with SAELens' own head flattening, ...);
 ``hook_name`` and replaces ``metadata.hook_name_out``. Its hook points are named as SAELens names them,
 ``<output hook>.hook_sae_input``, ``.hook_sae_acts_pre``, ``.hook_sae_acts_post``, ``.hook_sae_recons``,
 ``.hook_sae_error`` and ``.hook_sae_output``, so code written for ``HookedSAETransformer`` reads the same
-cache. With the error term the output is the reconstruction plus (input − the reconstruction the SAE makes with
+cache. An SAE of one head (``metadata.hook_head_index``, as SAELens' training reads it: x[..., head, :]) reads and
+replaces that head only, where SAELens' ``HookedSAETransformer`` would apply it to every head. With the error term the output is the reconstruction plus (input − the reconstruction the SAE makes with
 its hooks off), the error computed without a gradient, as SAELens computes it: edits of the features reach the
 output, and an SAE nobody edits leaves the model's value as it was (to float rounding).
 
@@ -87,6 +88,10 @@ def attach(model, sae, use_error_term: bool | None, excluded: Tensor | None = No
                            + (f"; near: {', '.join(near)}" if near else ""))
     source, target = model.hook_dict[read], model.hook_dict[replaced]
     error_term = sae.use_error_term if use_error_term is None else use_error_term
+    head = getattr(sae.cfg.metadata, "hook_head_index", None)  # an SAE of one head: x[..., head, :]
+    if head is not None and read != replaced:
+        raise NotImplementedError(f"a transcoder of one head (hook_head_index {head}) is not spliced here: its output "
+                                  f"hook's head would be a guess")
     points = {name: hp for name, hp in sae.hook_dict.items() if name not in ATTACHMENT_HOOKS}
     points |= {name: HookPoint() for name in ATTACHMENT_HOOKS}
     taken = [name for name in points if name in target._modules]
@@ -107,6 +112,12 @@ def attach(model, sae, use_error_term: bool | None, excluded: Tensor | None = No
                                "in this forward (a run that starts after it?)")
         else:
             x = read_value.pop()
+        whole = value
+        if head is not None:  # the SAE reads and replaces its head; the other heads pass
+            if value.dim() < 3 or not -value.shape[-2] <= head < value.shape[-2]:
+                raise ValueError(f"the SAELens SAE reads head {head} (hook_head_index) of {read}, whose value "
+                                 f"{tuple(value.shape)} has no such head on its second-last axis")
+            x = value = value[..., head, :]
         _check_width(sae, x, read)
         bypassed = None if excluded is None else _bypassed(model, hook, value, excluded)
         out = sae.decode(sae.encode(x))
@@ -119,7 +130,12 @@ def attach(model, sae, use_error_term: bool | None, excluded: Tensor | None = No
             out = out + error
         if bypassed is not None:
             out = torch.where(bypassed, value, out)
-        return points["hook_sae_output"](out)
+        out = points["hook_sae_output"](out)
+        if head is None:
+            return out
+        whole = whole.clone()
+        whole[..., head, :] = out
+        return whole
 
     handles = [(target, add_hook_with_handle(target, splice, is_permanent=True, prepend=True))]
     if read != replaced:
