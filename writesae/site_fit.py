@@ -124,7 +124,8 @@ def check_vector_sae_fits(sae: SAEBase, model) -> str:
     dictionary is; its head count learnt as 1), with the recorded model compared as `check_sae_fits` compares it."""
     if sae.cfg.heads != "all" and sae.cfg.head_indices != [0]:
         raise ValueError(f"the SAE at {sae.cfg.site} reads heads {sae.cfg.head_indices}: a vector SAE is one dictionary "
-                         "over the hook's last axis (SAELens' hook_head_index has no counterpart here)")
+                         "over the hook's last axis, applied to every head of a per-head point (SAELens' hook_head_index "
+                         "is kept by SAELens' own SAE object, which add_sae splices one head at a time)")
     try:
         sae.learn_n_heads_(1)
     except ValueError as error:
