@@ -79,6 +79,7 @@ class HookedModelConfig:
     n_params = None
     tokenizer_prepends_bos = False
     default_prepend_bos = False
+    default_padding_side = None  # what padding_side=None means: the model sets hooked_gdn.model.DEFAULT_PADDING_SIDE
 
     #: the size fields, which must be integers > 0 (``SIZES``) or >= 0 (``COUNTS``); each family's config adds its own
     SIZES: ClassVar[tuple[str, ...]] = ("d_model", "n_layers", "d_vocab", "n_key_heads", "n_value_heads", "d_key", "d_value",

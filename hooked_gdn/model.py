@@ -31,9 +31,10 @@ RETURN_TYPES = ("logits", "loss", "both", None)
 GENERATE_RETURN_TYPES = ("input", "str", "tokens")
 RECURRENCES = ("parallel", "sequential")
 PADDING_SIDES = ("left", "right")
-#: Where strings of different lengths are padded when no ``padding_side`` is given (the tokenizer's own
-#: ``padding_side`` is not read): on the left, so every row's last position is its last token, which is
-#: where its final state, a cache and generation continue from.
+#: Where strings of different lengths are padded when no ``padding_side`` is given, until
+#: ``set_tokenizer(..., default_padding_side=...)`` says otherwise (``cfg.default_padding_side``; the tokenizer's
+#: own ``padding_side`` is not read): on the left, so every row's last position is its last token, which is
+#: where its final state, a cache and generation continue from (TransformerLens' default is the right).
 DEFAULT_PADDING_SIDE = "left"
 
 
@@ -166,6 +167,7 @@ class HookedGatedDeltaNet(HookedRootModule):
         super().__init__()
         family = self.family_of(cfg)
         self.cfg = cfg
+        cfg.default_padding_side = DEFAULT_PADDING_SIDE
         self.tokenizer = tokenizer
         self._forwards = 0  # forwards run: what tells `get_caching_hooks` a firing of the same forward from a new one
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
@@ -200,6 +202,29 @@ class HookedGatedDeltaNet(HookedRootModule):
         bos = None if tokenizer is None else tokenizer.bos_token_id
         prepends = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
         self.cfg.tokenizer_prepends_bos = self.cfg.default_prepend_bos = prepends
+
+    def set_tokenizer(self, tokenizer, default_padding_side: str | None = None) -> None:
+        """TransformerLens' ``set_tokenizer``: use ``tokenizer`` from now on (``prepend_bos=None`` then means what it
+        does itself), and pad strings on ``default_padding_side`` when no ``padding_side`` is given (None: as
+        before; `DEFAULT_PADDING_SIDE` at first). A cache, ``prefill`` and ``generate`` refuse rows that end in
+        padding, which right padding gives strings of different lengths."""
+        if default_padding_side is not None and default_padding_side not in PADDING_SIDES:
+            raise ValueError(f"default_padding_side must be one of {PADDING_SIDES} or None, got {default_padding_side!r}")
+        self.tokenizer = tokenizer
+        if default_padding_side is not None:
+            self.cfg.default_padding_side = default_padding_side
+
+    def input_to_embed(self, input, prepend_bos: bool | None = None, padding_side: str | None = None,
+                       attention_mask: Tensor | None = None, past_kv_cache=None):
+        """TransformerLens' ``input_to_embed``: (the residual stream entering block 0 [b, p, d_model], the tokens,
+        None for the positional embedding these models do not have, the attention mask or None where nothing is
+        padded), for ``model(residual, start_at_layer=0, tokens=tokens, attention_mask=mask)``. A cache is
+        continued by ``model(tokens, cache=cache)``, not here."""
+        if past_kv_cache is not None:
+            raise ValueError("input_to_embed does not take a cache here: continue one with model(tokens, cache=cache) "
+                             "(the embedding does not depend on the position)")
+        tokens, mask = self._tokens_and_mask(input, attention_mask, prepend_bos, padding_side)
+        return self(tokens, attention_mask=mask, stop_at_layer=0), tokens, None, mask
 
     def _apply(self, fn, recurse=True):
         # .to, .cuda, .cpu and the dtype casts move the weights through here: cfg.device follows the embedding
@@ -378,7 +403,7 @@ class HookedGatedDeltaNet(HookedRootModule):
         tokens, a prepended BOS included), whichever id the padding has."""
         tok = self._require_tokenizer()
         prepend_bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
-        padding_side = DEFAULT_PADDING_SIDE if padding_side is None else padding_side
+        padding_side = self.cfg.default_padding_side if padding_side is None else padding_side
         if padding_side not in PADDING_SIDES:
             raise ValueError(f"padding_side must be one of {PADDING_SIDES} or None, got {padding_side!r}")
         rows = tok([input] if isinstance(input, str) else list(input))["input_ids"]

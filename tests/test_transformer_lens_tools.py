@@ -834,3 +834,45 @@ def test_all_head_labels_count_each_layers_own_heads():
     labels = model.all_head_labels()
     assert labels == cache.stack_head_results(return_labels=True)[1]
     assert len(labels) == sum(model.cfg.n_value_heads if block.is_gdn else 2 for block in model.blocks)
+
+
+@pytest.mark.parametrize("family", sorted(BY_KEY))
+def test_input_to_embed_feeds_start_at_layer_0(tiny, family):
+    """TransformerLens' ``input_to_embed``: the residual stream entering block 0 (hook_embed's value), the tokens, no
+    positional embedding and the mask, which ``model(residual, start_at_layer=0, tokens=..., attention_mask=...)``
+    runs to the logits of the strings themselves, padding and all."""
+    model = tiny(family)
+    prompts = ["It is a truth universally acknowledged", "Emma"]
+    residual, tokens, positional, mask = model.input_to_embed(prompts)
+    logits, cache = model.run_with_cache(prompts, names_filter="hook_embed")
+    assert positional is None and torch.equal(tokens, model.to_tokens(prompts)) and mask is not None
+    torch.testing.assert_close(residual, cache["hook_embed"], rtol=0, atol=0)
+    torch.testing.assert_close(model(residual, start_at_layer=0, tokens=tokens, attention_mask=mask), logits,
+                               rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="continue one with model\\(tokens, cache=cache\\)"):
+        model.input_to_embed(prompts, past_kv_cache=model.prefill(prompts))
+
+
+def test_set_tokenizer_and_its_default_padding_side(tiny):
+    """``set_tokenizer(tokenizer, default_padding_side=...)`` sets what padding_side=None means (left until then);
+    a cache then refuses rows that end in padding, saying so."""
+    model = tiny("qwen3_5")
+    texts = ["Mr. Darcy was", "Emma"]
+    tokenizer = model.tokenizer
+    assert model.cfg.default_padding_side == DEFAULT_PADDING_SIDE == "left"
+    try:
+        model.set_tokenizer(tokenizer, default_padding_side="right")
+        assert torch.equal(model.to_tokens(texts), tokenizer(texts, return_tensors="pt", padding=True,
+                                                             padding_side="right")["input_ids"])
+        assert torch.equal(model.to_tokens(texts, padding_side="left"), tokenizer(
+            texts, return_tensors="pt", padding=True, padding_side="left")["input_ids"])
+        with pytest.raises(ValueError, match="some rows end in padding"):
+            model.generate(texts, max_new_tokens=2, verbose=False)
+        model.set_tokenizer(tokenizer)  # None: the padding side stays
+        assert model.cfg.default_padding_side == "right"
+        with pytest.raises(ValueError, match="default_padding_side must be one of"):
+            model.set_tokenizer(tokenizer, default_padding_side="middle")
+    finally:
+        model.set_tokenizer(tokenizer, default_padding_side=DEFAULT_PADDING_SIDE)
+    assert torch.equal(model.to_tokens(texts), tokenizer(texts, return_tensors="pt", padding=True,
+                                                         padding_side="left")["input_ids"])
