@@ -5,7 +5,7 @@ write as hook points."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -914,10 +914,45 @@ class HookedGatedDeltaNet(HookedRootModule):
         continues from its last position). ``verbose`` shows a progress bar over the new tokens (off by default,
         where TransformerLens' is on).
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if return_type not in GENERATE_RETURN_TYPES:
             raise ValueError(f"return_type must be one of {GENERATE_RETURN_TYPES}, got {return_type!r}")
+        for out in self._generation(input, max_new_tokens, do_sample, temperature, top_k, top_p, freq_penalty,
+                                    stop_at_eos, eos_token_id, attention_mask, prepend_bos, padding_side,
+                                    use_past_kv_cache, verbose, **forward_kwargs):
+            pass  # to the last step
+        if return_type == "tokens" or return_type == "input" and not isinstance(input, (str, list)):
+            return out
+        if return_type == "input" and isinstance(input, str):
+            return self.to_string(out[0])
+        rows = [self.tokenizer.decode(row, skip_special_tokens=True) for row in out.tolist()]
+        return rows[0] if return_type == "str" and len(rows) == 1 else rows
+
+    @torch.no_grad()
+    def generate_stream(self, input: str | list[str] | Int[Tensor, "batch pos"], max_new_tokens: int = 10,
+                        max_tokens_per_yield: int = 25, **generate_kwargs) -> Iterator[Int[Tensor, "batch chunk"]]:
+        """`generate` (its arguments but ``return_type``), yielding the tokens as they come, as TransformerLens'
+        ``generate_stream`` does: the input and the first new tokens once there are ``max_tokens_per_yield`` of them
+        together, then each ``max_tokens_per_yield`` new tokens, and the rest at the end; put together they are
+        ``generate``'s tokens."""
+        if isinstance(max_tokens_per_yield, bool) or not isinstance(max_tokens_per_yield, int) or max_tokens_per_yield < 1:
+            raise ValueError(f"max_tokens_per_yield must be an int >= 1, got {max_tokens_per_yield!r}")
+        start = 0  # the first position not yet yielded
+        for step, out in enumerate(self._generation(input, max_new_tokens, **generate_kwargs)):
+            if step and out.shape[1] - start >= max_tokens_per_yield:
+                yield out[:, start:]
+                start = out.shape[1]
+        if step and start < out.shape[1]:
+            yield out[:, start:]
+
+    def _generation(self, input, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None, freq_penalty: float = 0.0,
+                    stop_at_eos: bool = True, eos_token_id: int | None = None, attention_mask: Tensor | None = None,
+                    prepend_bos: bool | None = None, padding_side: str | None = None, use_past_kv_cache: bool = True,
+                    verbose: bool = False, **forward_kwargs) -> Iterator[Int[Tensor, "batch pos"]]:
+        """`generate`'s steps (its arguments, with its defaults): the input's tokens, then after each new token the
+        tokens so far."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         sampling = sampling_warpers(self.cfg.d_vocab, temperature, top_k, top_p) if do_sample else None
         if not (isinstance(freq_penalty, (int, float)) and freq_penalty >= 0):
             raise ValueError(f"freq_penalty must be a number >= 0, got {freq_penalty!r}")
@@ -929,6 +964,7 @@ class HookedGatedDeltaNet(HookedRootModule):
         logits = self(tokens, "logits", mask, cache=cache, **forward_kwargs)
         finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         out, mask = tokens, torch.ones_like(tokens) if mask is None else mask
+        yield out
         progress = tqdm(total=max_new_tokens, disable=not verbose)
         for step in range(max_new_tokens):
             last = logits[:, -1].float()
@@ -945,14 +981,9 @@ class HookedGatedDeltaNet(HookedRootModule):
                 finished |= next_token == eos
             out, mask = torch.cat([out, next_token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             progress.update()
+            yield out
             if (stop_at_eos and bool(finished.all())) or step == max_new_tokens - 1:
                 break
             logits = self(next_token[:, None], "logits", cache=cache, **forward_kwargs) if use_past_kv_cache \
                 else self(out, "logits", mask, **forward_kwargs)
         progress.close()
-        if return_type == "tokens" or return_type == "input" and not isinstance(input, (str, list)):
-            return out
-        if return_type == "input" and isinstance(input, str):
-            return self.to_string(out[0])
-        rows = [self.tokenizer.decode(row, skip_special_tokens=True) for row in out.tolist()]
-        return rows[0] if return_type == "str" and len(rows) == 1 else rows

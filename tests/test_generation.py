@@ -163,3 +163,29 @@ def test_bad_generation_arguments_are_refused(model):
     with pytest.raises(ValueError, match="the input has no tokens"):
         model.generate(torch.zeros(1, 0, dtype=torch.long))
     assert torch.equal(model.generate(tokens, max_new_tokens=0), tokens)
+
+
+@pytest.mark.parametrize("max_tokens_per_yield", [1, 4, 100])
+def test_generate_stream_yields_generates_tokens_in_chunks(model, max_tokens_per_yield):
+    """TransformerLens' generate_stream: the prompt with the first new tokens once there are max_tokens_per_yield of
+    them, then chunks of max_tokens_per_yield new tokens, the rest last; joined, generate's tokens (sampled ones too,
+    from the same seed), stopping at EOS as generate does."""
+    prompt = torch.randint(1, 101, (2, 3), generator=torch.Generator().manual_seed(7))
+    chunks = list(model.generate_stream(prompt, max_new_tokens=9, max_tokens_per_yield=max_tokens_per_yield,
+                                        stop_at_eos=False))
+    assert torch.equal(torch.cat(chunks, 1), model.generate(prompt, max_new_tokens=9, stop_at_eos=False))
+    sizes = [chunk.shape[1] for chunk in chunks]
+    assert sizes[0] == max(min(max_tokens_per_yield, 12), 4) and all(s == max_tokens_per_yield for s in sizes[1:-1])
+    assert sum(sizes) == 12
+    torch.manual_seed(0)
+    sampled = torch.cat(list(model.generate_stream(prompt, max_new_tokens=5, max_tokens_per_yield=max_tokens_per_yield,
+                                                   do_sample=True, stop_at_eos=False)), 1)
+    torch.manual_seed(0)
+    assert torch.equal(sampled, model.generate(prompt, max_new_tokens=5, do_sample=True, stop_at_eos=False))
+    eos = int(model.generate(prompt[:1], max_new_tokens=1, stop_at_eos=False)[0, -1])
+    stopped = torch.cat(list(model.generate_stream(prompt[:1], max_new_tokens=10, eos_token_id=eos,
+                                                   max_tokens_per_yield=max_tokens_per_yield)), 1)
+    assert torch.equal(stopped, model.generate(prompt[:1], max_new_tokens=10, eos_token_id=eos))
+    assert list(model.generate_stream(prompt, max_new_tokens=0)) == []
+    with pytest.raises(ValueError, match="max_tokens_per_yield must be"):
+        next(model.generate_stream(prompt, max_tokens_per_yield=0))
