@@ -157,8 +157,8 @@ def _bypassed(model, hook, value: Tensor, excluded: Tensor) -> Tensor:
     value's position axis runs over this forward's input."""
     in_flight = model.tokens_in_flight
     if in_flight is None:
-        raise ValueError(f"exclude_special_tokens needs the tokens of the forward, and this one has none (a forward "
-                         f"from start_at_layer: pass tokens=)")
+        raise ValueError("exclude_special_tokens needs the tokens of the forward, and this one has none (a forward "
+                         "from start_at_layer: pass tokens=)")
     tokens, past_length = in_flight
     positions = told_positions(hook)
     if positions is not None:
