@@ -728,7 +728,11 @@ class HookedGatedDeltaNet(HookedRootModule):
             if pos_slice.slice is not None and axis is not None and tensor.shape[axis] == positions:
                 tensor = pos_slice.apply(tensor, dim=axis)
                 sliced_when_saved.add(hook.name + suffix)
-            firings.setdefault(hook.name + suffix, []).append(tensor.to(device) if device is not None else tensor)
+            # contiguous, as TransformerLens' are: many of ours are views (a head split, a transpose) that .view
+            # refuses (SAELens' activation store takes .view first); copied as each fires, a view does not keep its
+            # whole base alive past its layer
+            tensor = tensor.to(device) if device is not None else tensor
+            firings.setdefault(hook.name + suffix, []).append(tensor.contiguous())
 
         bwd_names = []
         if incl_bwd:
@@ -758,10 +762,7 @@ class HookedGatedDeltaNet(HookedRootModule):
             store[name] = fired[0] if len(fired) == 1 else torch.cat(fired, axis)
             if pos_slice.slice is not None and axis is not None and name not in sliced_when_saved \
                     and store[name].shape[axis] == positions:
-                store[name] = pos_slice.apply(store[name], dim=axis)
-            # contiguous, as TransformerLens' are: many of ours are views (a head split, a transpose) that .view
-            # refuses (SAELens' activation store takes .view first), and a view would keep its whole base alive
-            store[name] = store[name].contiguous()
+                store[name] = pos_slice.apply(store[name], dim=axis).contiguous()
         if remove_batch_dim:
             store = {k: v[0] for k, v in store.items()}
         if not return_cache_object:
