@@ -503,7 +503,6 @@ class HookedGatedDeltaNet(HookedRootModule):
         # any integer dtype is accepted; indexing needs int64 (a uint8 index would act as a mask)
         return tokens.to(self.W_E.device, torch.long), _checked_mask(attention_mask, tokens)
 
-
     def can_start_at(self, layer: int) -> bool:
         """Whether ``forward(resid, start_at_layer=layer)`` computes what the full forward computes from block
         ``layer`` on: at layer 0 always; later only where no layer reads what layer 0 computes besides the

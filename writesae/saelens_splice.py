@@ -7,9 +7,10 @@ output, an attention layer's ``hook_z`` with SAELens' own head flattening, ...);
 ``<output hook>.hook_sae_input``, ``.hook_sae_acts_pre``, ``.hook_sae_acts_post``, ``.hook_sae_recons``,
 ``.hook_sae_error`` and ``.hook_sae_output``, so code written for ``HookedSAETransformer`` reads the same
 cache. An SAE of one head (``metadata.hook_head_index``, as SAELens' training reads it: x[..., head, :]) reads and
-replaces that head only, where SAELens' ``HookedSAETransformer`` would apply it to every head. With the error term the output is the reconstruction plus (input − the reconstruction the SAE makes with
-its hooks off), the error computed without a gradient, as SAELens computes it: edits of the features reach the
-output, and an SAE nobody edits leaves the model's value as it was (to float rounding).
+replaces that head only, where SAELens' ``HookedSAETransformer`` would apply it to every head. With the error
+term the output is the reconstruction plus (input − the reconstruction the SAE makes with its hooks off), the
+error computed without a gradient, as SAELens computes it: edits of the features reach the output, and an SAE
+nobody edits leaves the model's value as it was (to float rounding).
 
 Where SAELens replaces the hook point by a wrapper, the model keeps its own hook point and the SAE runs as its
 first hook: user hooks on the point itself still fire, on the SAE's output, and the model's carry semantics hold

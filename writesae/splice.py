@@ -42,7 +42,6 @@ from hooked_gdn.sites import Site, hook_positions, rank_one, rank_one_key, told_
 
 from . import saelens_splice
 from .sae import SAEBase
-from .saelens_splice import is_saelens_sae
 from .site_fit import check_sae_fits, check_vector_sae_fits, reads_a_vector
 
 Reconstruct = Callable[[Float[Tensor, "batch P n_heads d_k d_v"]], Float[Tensor, "batch P n_heads d_k d_v"]]
@@ -84,7 +83,7 @@ class HookedSAEGatedDeltaNet(HookedGatedDeltaNet):
         at those tokens' positions, as there. ``use_error_term`` (None: the SAE's own setting) holds while the SAE
         is attached; detaching a writesae SAE restores its own setting, as SAELens does, so a later splice is never
         silently exact."""
-        if is_saelens_sae(sae):
+        if saelens_splice.is_saelens_sae(sae):
             names = saelens_splice.hook_names(sae)
             self._refuse_taken(names)
             excluded = saelens_splice.excluded_token_ids(self, exclude_special_tokens)
