@@ -18,9 +18,13 @@ memory-bound pass over every weight, gradient and moment that no FLOP count sees
 ``adam_bound_fraction`` = the FLOPs' time at the matmul rate / (that + Adam alone): the highest matmul fraction the
 step could reach if everything else took no time, so a step whose bound is below the goal cannot meet it on this
 machine with this optimiser, however the rest is made faster. ``products_ms``: the step's dense matrix products, each
-timed alone on fresh operands of its own shapes and strides (`products_seconds`); ``products_bound_fraction`` = the
+timed alone on fresh operands of its own shapes and strides (`step_work_seconds`); ``products_bound_fraction`` = the
 FLOPs' time at the matmul rate / (those products + Adam alone): the same ceiling with the products at the rate this
 CPU's BLAS gives their shapes (a skinny product runs well below a square one's rate) instead of the square matmul's.
+``sparse_work_ms``: the step's sparse work (`SPARSE_WORK`: top-k, gathers, scatters, a CSR product), each call timed
+alone on the tensors it ran on; ``work_bound_fraction`` = the FLOPs' time at the matmul rate / (the products + the
+sparse work + Adam alone): the ceiling with every part of the step that its routes cannot skip at the time it takes
+alone, so that only the elementwise passes, copies, reductions and the time between operators are left out of it.
 Steps above ``--max-gflop`` GFLOP, or whose weights, gradients and Adam moments would pass ``--max-gib``
 GiB, are skipped (listed in the results). The defaults skip none: the largest step is 556 GFLOP
 (BilinearMatrixSAE at 128 × 128, 16,384 features, batch 1,024: the shape `benchmarks.run_cost` takes its CPU rate
@@ -189,8 +193,18 @@ def step_and_matmul_seconds(step, device, repeats: int) -> tuple[float, float, i
     return seconds, min(median_seconds(matmul, repeats, settle=True) for matmul, _ in trials), trials[0][1]
 
 
-#: the dense matrix products whose time alone gives a step's products bound (`products_seconds`)
+#: the dense matrix products whose time alone gives a step's products bound (`step_work_seconds`)
 MATRIX_PRODUCTS = (torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.addmm, torch.ops.aten.baddbmm)
+#: a TopK step's sparse work, whose time alone is added to its products' in the work bound (`step_work_seconds`):
+#: selecting the codes and scattering them out, gathering the active atoms or rows and adding their gradients back, the
+#: index sorts and counts behind a CSR product, and a product with a sparse operand. Memory-bound, and beside the
+#: products a FLOP count barely sees it, but a route the shapes pick (`writesae.sae.dense_decode_is_cheaper` and the
+#: rules beside it) takes it where it is faster than the dense product that would replace it
+SPARSE_WORK = (torch.ops.aten.topk, torch.ops.aten.scatter, torch.ops.aten.scatter_, torch.ops.aten.scatter_add,
+               torch.ops.aten.scatter_add_, torch.ops.aten.gather, torch.ops.aten.index, torch.ops.aten.index_select,
+               torch.ops.aten.index_add, torch.ops.aten.index_add_, torch.ops.aten._embedding_bag,
+               torch.ops.aten._embedding_bag_backward, torch.ops.aten._embedding_bag_per_sample_weights_backward,
+               torch.ops.aten.sort, torch.ops.aten.bincount, torch.ops.aten.cumsum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,34 +223,54 @@ class _Operand:
         return torch.randn(numbers, dtype=self.dtype).as_strided(self.shape, self.stride)
 
 
-class _MatrixProducts(TorchDispatchMode):
-    """Records the dense matrix products (`MATRIX_PRODUCTS`) run inside it, each as (overload, args, kwargs) with its
-    tensors as `_Operand`; a product with a sparse operand (a gathered backward's CSR product) is gathered work, not
-    recorded."""
+def _is_sparse_work(func, tensors: list[torch.Tensor]) -> bool:
+    return func.overloadpacket in SPARSE_WORK or (func.overloadpacket in MATRIX_PRODUCTS
+                                                  and any(t.layout != torch.strided for t in tensors))
+
+
+def _unwritten(func, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``func``'s arguments with a copy in place of each tensor it writes to (its schema's ``a!``)."""
+    written = {a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    args = tuple(a.clone() if isinstance(a, torch.Tensor) and schema.name in written else a
+                 for a, schema in zip(args, func._schema.arguments))
+    return args, {name: a.clone() if isinstance(a, torch.Tensor) and name in written else a for name, a in kwargs.items()}
+
+
+class _StepWork(TorchDispatchMode):
+    """Records the work a step's routes cannot skip, each call as (overload, args, kwargs): its dense matrix products
+    (`MATRIX_PRODUCTS` on dense operands) in ``products``, their tensors as `_Operand`, and its sparse work
+    (`SPARSE_WORK`, and a product with a sparse operand: a gathered backward's CSR product) in ``sparse``, on the
+    tensors it ran on (its indices must stay valid), each one it writes to copied, so that timing it again leaves the
+    step's tensors as they were."""
 
     def __init__(self):
         super().__init__()
-        self.calls = []
+        self.products, self.sparse = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        if func.overloadpacket in MATRIX_PRODUCTS and all(t.layout == torch.strided for t in tensors):
-            self.calls.append((func, *tree_map_only(torch.Tensor, _Operand.of, (args, kwargs))))
+        if _is_sparse_work(func, tensors):
+            self.sparse.append((func, *_unwritten(func, args, kwargs)))
+        elif func.overloadpacket in MATRIX_PRODUCTS:
+            self.products.append((func, *tree_map_only(torch.Tensor, _Operand.of, (args, kwargs))))
         return func(*args, **kwargs)
 
-
-def products_seconds(step, repeats: int) -> float:
+def step_work_seconds(step, repeats: int) -> tuple[float, float]:
     """The dense matrix products one call of ``step`` runs, each timed alone (median of ``repeats``) on fresh random
     operands of its shapes, strides and dtypes, summed: the step's products at the rate this CPU's BLAS gives their own
-    shapes, where the reference gives them a square matmul's."""
-    with _MatrixProducts() as recorded:
+    shapes, where the reference gives them a square matmul's; and its sparse work (`SPARSE_WORK`), each call timed
+    alone on the tensors it ran on, summed."""
+    with _StepWork() as recorded:
         step()
-    seconds = 0.0
-    for func, args, kwargs in recorded.calls:
+    products = 0.0
+    for func, args, kwargs in recorded.products:
         args, kwargs = tree_map_only(_Operand, _Operand.fresh, (args, kwargs))
-        seconds += median_seconds(lambda: func(*args, **kwargs), repeats, settle=True)
-    return seconds
+        products += median_seconds(lambda: func(*args, **kwargs), repeats, settle=True)
+    with torch.no_grad():  # the step's tensors include views autograd made, which it refuses to see written to again
+        sparse = sum(median_seconds(lambda: func(*args, **kwargs), repeats, settle=True)
+                     for func, args, kwargs in recorded.sparse)
+    return products, sparse
 
 
 def step_row(architecture: str, shape: str, n: int, batch: int, repeats: int) -> dict:
@@ -247,7 +281,7 @@ def step_row(architecture: str, shape: str, n: int, batch: int, repeats: int) ->
     flops = step_flops(step)
     seconds, mm_seconds, mm_flops = step_and_matmul_seconds(step, "cpu", repeats)
     adam_seconds = median_seconds(optimizer_step(sae), repeats, settle=True)
-    product_seconds = products_seconds(step, repeats)
+    product_seconds, sparse_seconds = step_work_seconds(step, repeats)
     flop_seconds = mm_seconds * flops / mm_flops
     return {"architecture": architecture, "head_shape": shape, "d_k": d_k, "d_v": d_v, "n_features": n, "batch": batch,
             "k": K, "decode": "dense" if dense_decode_is_cheaper(batch, n, K, d_k, d_v, None if architecture == "flat" else 1)
@@ -257,7 +291,9 @@ def step_row(architecture: str, shape: str, n: int, batch: int, repeats: int) ->
             "overhead_ms": 1e3 * (seconds - flop_seconds), "adam_ms": 1e3 * adam_seconds,
             "limit_fraction": (flop_seconds + adam_seconds) / seconds,
             "adam_bound_fraction": flop_seconds / (flop_seconds + adam_seconds), "products_ms": 1e3 * product_seconds,
-            "products_bound_fraction": flop_seconds / (product_seconds + adam_seconds)}
+            "products_bound_fraction": flop_seconds / (product_seconds + adam_seconds),
+            "sparse_work_ms": 1e3 * sparse_seconds,
+            "work_bound_fraction": flop_seconds / (product_seconds + sparse_seconds + adam_seconds)}
 
 
 #: a shape at which a step's work is negligible (d_k = d_v = 2, n = 4, k = 2, batch 2): its time there is the step's
@@ -495,14 +531,16 @@ def results_block(results: dict | None) -> str:
              "parameters; *limit fraction*: (the FLOPs at the matmul rate + Adam alone) / step time; *Adam bound*: the "
              "FLOPs' time at the matmul rate / (that + Adam alone), the highest matmul fraction the step could reach "
              "were everything but its products and Adam free; *products bound*: the same with the step's dense matrix "
-             "products each timed alone at their own shapes and strides in place of the FLOPs' time at the matmul rate.", "",
+             "products each timed alone at their own shapes and strides in place of the FLOPs' time at the matmul rate; "
+             "*work bound*: the same with the step's sparse work (`benchmarks.bench_sae.SPARSE_WORK`: top-k, gathers, "
+             "scatters, a CSR product; each call timed alone on the tensors it ran on) added to its products.", "",
              "| SAE | head | n | batch | decode | states/s | GFLOP/step | matmul fraction | overhead ms | Adam ms | "
-             "limit fraction | Adam bound | products bound |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "limit fraction | Adam bound | products bound | work bound |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['architecture']} | {r['d_k']}×{r['d_v']} | {r['n_features']} | {r['batch']} | {r['decode']} | "
               f"{r['states_per_s']:.0f} | {r['step_gflop']:.3g} | {r['matmul_fraction']:.2f} | {r['overhead_ms']:.1f} | "
               f"{r['adam_ms']:.1f} | {r['limit_fraction']:.2f} | {r['adam_bound_fraction']:.2f} | "
-              f"{r['products_bound_fraction']:.2f} |" for r in results["rows"]]
+              f"{r['products_bound_fraction']:.2f} | {r['work_bound_fraction']:.2f} |" for r in results["rows"]]
     s = results["summary"]
     adam, t, misses = s["smallest_adam_ms"], TRIVIAL_SHAPE, s["big_steps"] - s["big_steps_meeting_goal"]
     lines += ["", f"Goal ≥ {GOAL_MATMUL_FRACTION} of the matmul rate on steps of ≥ {BIG_STEP_GFLOP} GFLOP: {s['big_steps_meeting_goal']} of "
@@ -512,7 +550,12 @@ def results_block(results: dict | None) -> str:
               f"cannot meet it on this machine with Adam, their Adam bound being below {GOAL_MATMUL_FRACTION}: "
               f"{'; '.join(s['big_steps_bound_by_adam']) or 'none'}. {len(s['big_steps_bound_by_products'])} of the "
               f"{misses} cannot meet it with their matrix products as they are formed, their products bound being below "
-              f"{GOAL_MATMUL_FRACTION}: {'; '.join(s['big_steps_bound_by_products']) or 'none'}. Goal ≤ {GOAL_OVERHEAD_MS} ms overhead at the "
+              f"{GOAL_MATMUL_FRACTION}: {'; '.join(s['big_steps_bound_by_products']) or 'none'}. "
+              f"{len(s['big_steps_bound_by_work'])} of the {misses} cannot meet it with their products and sparse work "
+              f"as their routes form them, their work bound being below {GOAL_MATMUL_FRACTION}: "
+              f"{'; '.join(s['big_steps_bound_by_work']) or 'none'}. The big steps' matmul fractions are "
+              f"{min(s['big_steps_within_work_bound']):.2f}–{max(s['big_steps_within_work_bound']):.2f} of their work "
+              f"bounds. Goal ≤ {GOAL_OVERHEAD_MS} ms overhead at the "
               f"smallest shapes (n = {min(N_FEATURES)}, batch {min(BATCHES)}), of which Adam alone takes the second figure: "
               f"{', '.join(f'{a} {v:.1f} ms ({adam[a]:.1f})' for a, v in s['smallest_overhead_ms'].items())}."
               + (f" The step's fixed cost, its time at a trivial shape (d_k = d_v = {t['d']}, n = {t['n_features']}, "
@@ -595,6 +638,8 @@ def summary(rows: list[dict]) -> dict:
             "big_steps_limit_fraction": [min(limit, default=float("nan")), max(limit, default=float("nan"))],
             "big_steps_bound_by_adam": [_step_name(r) for r in big if r["adam_bound_fraction"] < GOAL_MATMUL_FRACTION],
             "big_steps_bound_by_products": [_step_name(r) for r in big if r["products_bound_fraction"] < GOAL_MATMUL_FRACTION],
+            "big_steps_bound_by_work": [_step_name(r) for r in big if r["work_bound_fraction"] < GOAL_MATMUL_FRACTION],
+            "big_steps_within_work_bound": [r["matmul_fraction"] / r["work_bound_fraction"] for r in big],
             "smallest_overhead_ms": {_sae_and_head(r): r["overhead_ms"] for r in smallest},
             "smallest_adam_ms": {_sae_and_head(r): r["adam_ms"] for r in smallest}}
 

@@ -12,8 +12,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import provenance as provenance_module
-from benchmarks.bench_sae import (BIG_STEP_GFLOP, CLASSES, GOAL_MATMUL_FRACTION, OP_KINDS, farthest_big_steps, optimizer_step, summary,
-                                  time_by_op_kind, train_step, training_step_flops)
+from benchmarks.bench_sae import (BIG_STEP_GFLOP, CLASSES, GOAL_MATMUL_FRACTION, OP_KINDS, SPARSE_WORK, farthest_big_steps,
+                                  optimizer_step, summary, time_by_op_kind, train_step, training_step_flops)
 from writesae.sae import (bilinear_backward_is_dense, bilinear_forward_is_per_sample, dense_decode_is_cheaper,
                           dense_encoder_backward_is_dense)
 
@@ -83,10 +83,11 @@ def test_the_adam_floor_steps_every_parameter_once_and_nothing_else(architecture
         torch.testing.assert_close(moved, torch.full_like(moved, 1e-4), rtol=5e-3, atol=0)
 
 
-def _row(architecture, gflop, fraction, n=64, batch=32, limit=0.5, adam_bound=0.9, products_bound=0.8):
+def _row(architecture, gflop, fraction, n=64, batch=32, limit=0.5, adam_bound=0.9, products_bound=0.8, work_bound=0.7):
     return {"architecture": architecture, "head_shape": "tiny", "n_features": n, "batch": batch, "d_k": 8, "d_v": 8,
             "step_gflop": gflop, "matmul_fraction": fraction, "overhead_ms": 1.0, "adam_ms": 0.25,
-            "limit_fraction": limit, "adam_bound_fraction": adam_bound, "products_bound_fraction": products_bound}
+            "limit_fraction": limit, "adam_bound_fraction": adam_bound, "products_bound_fraction": products_bound,
+            "work_bound_fraction": work_bound}
 
 
 def test_the_profiled_big_steps_are_each_sae_s_farthest_from_the_matmul_rate():
@@ -112,11 +113,12 @@ def test_the_steps_adam_alone_keeps_from_the_goal_are_the_big_ones_whose_bound_i
     monkeypatch.setattr(bench_sae, "HEAD_SHAPES", {"tiny": (4, 4)})
     monkeypatch.setattr(bench_sae, "step_and_matmul_seconds", lambda step, device, repeats: (1.0, 0.2, step.flops * 2))
     monkeypatch.setattr(bench_sae, "median_seconds", lambda fn, repeats, settle: 0.3)
-    monkeypatch.setattr(bench_sae, "products_seconds", lambda step, repeats: 0.5)
+    monkeypatch.setattr(bench_sae, "step_work_seconds", lambda step, repeats: (0.5, 0.2))
     row = bench_sae.step_row("flat", "tiny", 2 * bench_sae.K, 4, repeats=1)
     # the matmul ran twice the step's FLOPs in 0.2 s: the step's FLOPs take 0.1 s at its rate
     assert row["adam_bound_fraction"] == pytest.approx(0.1 / (0.1 + 0.3))
     assert row["products_bound_fraction"] == pytest.approx(0.1 / (0.5 + 0.3)) and row["products_ms"] == pytest.approx(500)
+    assert row["work_bound_fraction"] == pytest.approx(0.1 / (0.5 + 0.2 + 0.3)) and row["sparse_work_ms"] == pytest.approx(200)
     assert row["limit_fraction"] == pytest.approx(0.4) and row["matmul_fraction"] == pytest.approx(0.1)
 
 
@@ -127,16 +129,27 @@ def test_the_steps_their_products_keep_from_the_goal_are_the_big_ones_whose_prod
     assert summary(rows)["big_steps_bound_by_products"] == ["flat 8×8 n=1 batch=32"]
 
 
-def test_the_products_bound_times_each_dense_product_of_a_step_alone_at_its_own_layout(monkeypatch):
-    """`products_seconds` records the dense matrix products of one call (mm, bmm, addmm, baddbmm, an ``out=`` one
-    too; not a product with a sparse operand, a gathered backward's CSR product, nor other operators) and times each
-    alone on fresh operands of the same shapes, strides and dtypes."""
+def test_the_steps_their_work_keeps_from_the_goal_are_the_big_ones_whose_work_bound_is_below_it():
+    rows = [_row("flat", 2, 0.3, n=1, work_bound=GOAL_MATMUL_FRACTION - 0.01),
+            _row("flat", 2, 0.3, n=2, work_bound=GOAL_MATMUL_FRACTION),
+            _row("matrix", BIG_STEP_GFLOP / 2, 0.1, n=3, work_bound=0.1)]
+    s = summary(rows)
+    assert s["big_steps_bound_by_work"] == ["flat 8×8 n=1 batch=32"]
+    assert s["big_steps_within_work_bound"] == pytest.approx([0.3 / (GOAL_MATMUL_FRACTION - 0.01), 0.3 / GOAL_MATMUL_FRACTION])
+
+
+def test_the_bounds_time_each_product_of_a_step_alone_at_its_layout_and_its_sparse_work_on_its_own_tensors(monkeypatch):
+    """`step_work_seconds` records one call's dense matrix products (mm, bmm, addmm, baddbmm, an ``out=`` one too) and
+    times each alone on fresh operands of the same shapes, strides and dtypes; and its sparse work (`SPARSE_WORK`, a
+    product with a sparse operand), each timed alone on the tensors it ran on, without changing a tensor the step
+    wrote to; other operators are neither."""
     from benchmarks import bench_sae
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(3, 5, generator=g), torch.randn(7, 5, generator=g).t()  # b: a transposed layout
     batched, bias, out = torch.randn(2, 3, 4, generator=g), torch.randn(3, 7, generator=g), torch.empty(3, 7)
     sparse = torch.eye(3).to_sparse_csr()
+    rows, added = torch.tensor([2, 0]), torch.zeros(3, 5)
     calls = []
 
     def step():
@@ -145,24 +158,57 @@ def test_the_products_bound_times_each_dense_product_of_a_step_alone_at_its_own_
         torch.addmm(bias, a, b, beta=0.5)
         torch.mm(a, b, out=out)
         torch.mm(sparse, a)
+        a.topk(2)
+        added.index_add_(0, rows, a[:2])
         (a + 1).sum()
         calls.append("step")
 
-    def one_call(fn, repeats, settle):  # "seconds": 1 per product, and what each ran on
-        result = fn()
-        timed.append(result)
+    def one_call(fn, repeats, settle):  # "seconds": 1 a call, and what each ran on
+        timed.append(fn())
         return 1.0
 
     timed = []
     monkeypatch.setattr(bench_sae, "median_seconds", one_call)
-    assert bench_sae.products_seconds(step, repeats=3) == 4.0 and calls == ["step"]
-    assert [tuple(r.shape) for r in timed] == [(3, 7), (2, 3, 3), (3, 7), (3, 7)]
-    recorded = bench_sae._MatrixProducts()
+    assert bench_sae.step_work_seconds(step, repeats=3) == (4.0, 3.0) and calls == ["step"]
+    products, (csr, top, index_add) = timed[:4], timed[4:]
+    assert [tuple(r.shape) for r in products] == [(3, 7), (2, 3, 3), (3, 7), (3, 7)]
+    torch.testing.assert_close(csr, a[:3])
+    torch.testing.assert_close(top[0], a.topk(2).values)
+    once = torch.zeros(3, 5).index_add_(0, rows, a[:2])
+    # timed on a copy, taken before the step's call, of the tensor it writes to: each holds one call's sum
+    torch.testing.assert_close(added, once)
+    torch.testing.assert_close(index_add, once)
+    assert index_add.data_ptr() != added.data_ptr()
+    recorded = bench_sae._StepWork()
     with recorded:
         a @ b
-    (func, (left, right), kwargs), = recorded.calls
+    (func, (left, right), kwargs), = recorded.products
     assert func.overloadpacket is torch.ops.aten.mm and right.stride == b.stride() and right.shape == b.shape
     assert right.fresh().stride() == b.stride() and not torch.equal(right.fresh(), b)  # the same layout, fresh numbers
+    assert recorded.sparse == []
+
+
+def test_every_sparse_operator_of_each_sae_s_step_is_in_the_work_bound():
+    """The sparse operators a trainer step runs, on every route (dense and gathered decode, dense, gathered and CSR
+    encoder backward, per-sample bilinear forward), are all `SPARSE_WORK`: an index operator the step gains later must
+    be added there or the work bound would leave it out. Indexing ops outside the list are named."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func.overloadpacket)
+            return func(*args, **(kwargs or {}))
+
+    seen = set()
+    for architecture in CLASSES:
+        for d, n, batch in [(4, 8, 16), (8, 64, 4), (8, 256, 64), (16, 512, 2)]:
+            step = train_step(CLASSES[architecture](d_k=d, d_v=d, n_features=n, k=4, seed=0), torch.randn(batch, 1, d, d))
+            step()
+            with Seen():
+                step()
+    indexing = {op for op in seen if any(word in op._qualified_op_name for word in
+                                         ("index", "gather", "scatter", "embedding", "topk", "sort", "bincount", "cumsum"))}
+    assert indexing and indexing <= set(SPARSE_WORK), indexing - set(SPARSE_WORK)
 
 
 def test_the_fixed_cost_row_times_the_trainers_step_at_the_trivial_shape_and_counts_its_operators(monkeypatch):
