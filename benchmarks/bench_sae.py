@@ -50,6 +50,10 @@ constants beside it. ``product_layout``: a few rows times a weight's rows, c·W�
 in einsum's layout and as (W·cᵀ)ᵀ, with what `writesae.sae.weights_first_is_faster` picks: the measurement behind
 ``WEIGHTS_FIRST_ROWS`` and ``WEIGHTS_FIRST_FEATURES_PER_ROW``. ``fixed_cost``: each SAE's step at a trivial shape
 (`TRIVIAL_SHAPE`), where its work is negligible, and the ATen operators it runs: what a step costs whatever its shape.
+``plain_step``: at the smallest shapes, the step beside the same maths written plainly in eager PyTorch
+(`plain_step`), timed in turn. ``breakdown``: where a step's time goes, its ATen calls timed where it runs them and
+grouped as the work bound groups them (`operator_kind`), at the smallest shapes and at each SAE's big step farthest
+from the matmul rate.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ import functools
 import itertools
 import json
 import os
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -68,7 +73,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
 from benchmarks.provenance import provenance, run_line, write_results
-from benchmarks.timing import MAX_WARM_UP_ROUNDS, SETTLED_PAGE_FAULTS, median_seconds
+from benchmarks.timing import MAX_WARM_UP_ROUNDS, SETTLED_PAGE_FAULTS, interleaved_medians, median_seconds
 from writesae import BilinearMatrixSAE, FlatSAE, MatrixSAE
 from writesae.host_memory import freed_memory_kept
 from writesae.sae import (ENCODER_NUMBERS_PER_BLOCK, ENCODER_ROW_GATHER_COST_FLOPS, FACTOR_GATHER_COST_FLOPS,
@@ -159,6 +164,51 @@ def step_flops(step) -> int:
     return step.flops
 
 
+def _outer_rows(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Rank-1 factors [1, n, 1, d_k], [1, n, 1, d_v] of one head as the rows of their outer products, [n, d_k·d_v]."""
+    return (left[0, :, 0, :, None] * right[0, :, 0, None, :]).flatten(1)
+
+
+def plain_step(sae, batch: torch.Tensor):
+    """The trainer's step (`train_step`) for a one-head, rank-1 TopK ``sae`` at input scale 1, written plainly in eager
+    PyTorch, as a function of no arguments: the centred input C = X − b_dec, z = C·Eᵀ + b_enc with the encoder's rows
+    E (W_enc, or the bilinear encoder's U_i P_iᵀ formed whole), the codes of its top k, the reconstruction loss
+    mean ‖C − codes·atoms‖² with every atom formed and decoded densely, its backward, Adam (`make_optimizer`'s), and
+    the factors' unit norms as each class's ``normalize_factors_`` keeps them. Nothing else: no hook points, routes,
+    finiteness guards, dead counters or AuxK (which adds nothing while no feature is dead). The same update to float
+    rounding (tests/test_bench_sae.py): what the same maths costs without the trainer's machinery, timed beside the
+    trainer's step at the smallest shapes (`plain_step_row`)."""
+    architecture, k = sae.cfg.architecture, sae.cfg.k
+    if sae.n_dicts != 1 or sae.cfg.rank != 1 or sae.cfg.sparsity != "topk" or sae.cfg.input_scale != 1 or sae.cfg.tied:
+        raise ValueError("plain_step writes out one head of an untied rank-1 TopK SAE at input scale 1")
+    x = batch.flatten(1)
+    optimizer = make_optimizer(sae, TrainConfig(batch_size=len(batch), lr=1e-4))
+
+    def step():
+        centred = x - sae.b_dec.flatten()
+        rows = _outer_rows(*sae.encoder_factors) if architecture == "bilinear" else sae.W_enc[0]
+        atoms = sae.W_dec[0] if architecture == "flat" else _outer_rows(sae.V, sae.W)
+        values, indices = torch.addmm(sae.b_enc[0], centred, rows.T).topk(k, dim=-1)
+        codes = torch.zeros(len(x), sae.cfg.n_features).scatter(-1, indices, values.relu())
+        loss = (centred - codes @ atoms).square().sum(-1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            if architecture == "flat":  # unit rows of W_dec, each code's rows of W_enc and b_enc scaled to keep a_i W_dec,i
+                norms = sae.W_dec.norm(dim=-1, keepdim=True)
+                sae.W_dec /= norms
+            else:
+                norms = sae.V.norm(dim=-1) * sae.W.norm(dim=-1)
+                for factor in (sae.V, sae.W, *((sae.U, sae.P) if architecture == "bilinear" else ())):
+                    factor /= factor.norm(dim=-1, keepdim=True)
+            if architecture != "bilinear":
+                sae.W_enc *= norms
+                sae.b_enc *= norms[..., 0]
+
+    return step
+
+
 def optimizer_step(sae):
     """The trainer's Adam step alone on ``sae``'s parameters, each given a gradient, as a function of no
     arguments (it moves the weights: time it after the training step)."""
@@ -223,9 +273,24 @@ class _Operand:
         return torch.randn(numbers, dtype=self.dtype).as_strided(self.shape, self.stride)
 
 
-def _is_sparse_work(func, tensors: list[torch.Tensor]) -> bool:
-    return func.overloadpacket in SPARSE_WORK or (func.overloadpacket in MATRIX_PRODUCTS
-                                                  and any(t.layout != torch.strided for t in tensors))
+#: the trainer's Adam step (`writesae.train.make_optimizer`'s fused kernel)
+ADAM = (torch.ops.aten._fused_adam_,)
+#: the parts of a step `operator_kind` tells apart: what the work bound times (`step_work_seconds`) and how the
+#: breakdown groups a step's time (`time_by_op_kind`)
+OP_KINDS = ("matrix products", "sparse work", "Adam", "other operators")
+
+
+def operator_kind(func, args: tuple, kwargs: dict) -> str:
+    """Which of `OP_KINDS` an ATen call is: "sparse work" (`SPARSE_WORK`, and a product with a sparse operand: a
+    gathered backward's CSR product), "matrix products" (`MATRIX_PRODUCTS` on dense operands), "Adam" (`ADAM`), or
+    "other operators" (elementwise work, reductions, copies, views)."""
+    packet = func.overloadpacket
+    if packet in SPARSE_WORK:
+        return "sparse work"
+    if packet in MATRIX_PRODUCTS:
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        return "sparse work" if any(t.layout != torch.strided for t in tensors) else "matrix products"
+    return "Adam" if packet in ADAM else "other operators"
 
 
 def _unwritten(func, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -249,10 +314,10 @@ class _StepWork(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        if _is_sparse_work(func, tensors):
+        kind = operator_kind(func, args, kwargs)
+        if kind == "sparse work":
             self.sparse.append((func, *_unwritten(func, args, kwargs)))
-        elif func.overloadpacket in MATRIX_PRODUCTS:
+        elif kind == "matrix products":
             self.products.append((func, *tree_map_only(torch.Tensor, _Operand.of, (args, kwargs))))
         return func(*args, **kwargs)
 
@@ -324,38 +389,59 @@ def fixed_cost_row(architecture: str, repeats: int) -> dict:
     return {"architecture": architecture, **t, "step_ms": 1e3 * seconds, "operators": counted.count}
 
 
-#: how `time_by_op_kind` groups the operators a step runs (by torch.profiler's names; the rest is "other")
-OP_KINDS = {"matrix products": ("aten::bmm", "aten::mm", "aten::addmm", "aten::baddbmm"),
-            "gathers and scatters": ("aten::embedding_bag", "aten::_embedding_bag", "aten::index_select", "aten::index_add_",
-                                     "aten::gather", "aten::scatter_", "aten::scatter"),
-            "top-k": ("aten::topk",), "Adam": ("aten::_fused_adam_",)}
-#: steps `time_by_op_kind` runs under the profiler before the ones it records
-PROFILER_WARM_UP_STEPS = 3
+def plain_step_row(row: dict, repeats: int) -> dict:
+    """The trainer's step and `plain_step` at a grid row's shapes, each on an SAE of its own from the same seed and
+    the row's batch, timed in turn (`interleaved_medians`, median of ``repeats``), and each one's overhead beyond the
+    row's FLOPs at its matmul rate."""
+    architecture, d_k, d_v = row["architecture"], row["d_k"], row["d_v"]
+    x = torch.randn(row["batch"], 1, d_k, d_v, generator=torch.Generator().manual_seed(0))
+    ours, plain = (CLASSES[architecture](d_k=d_k, d_v=d_v, n_features=row["n_features"], k=K, seed=0) for _ in range(2))
+    times = interleaved_medians({"step": train_step(ours, x), "plain": plain_step(plain, x)}, repeats, settle=True)
+    flop_ms = row["step_ms"] - row["overhead_ms"]
+    return {key: row[key] for key in ("architecture", "head_shape", "d_k", "d_v", "n_features", "batch")} | {
+        "step_ms": 1e3 * times["step"], "plain_ms": 1e3 * times["plain"], "step_over_plain": times["step"] / times["plain"],
+        "overhead_ms": 1e3 * times["step"] - flop_ms, "plain_overhead_ms": 1e3 * times["plain"] - flop_ms}
+
+
+class _OperatorTimes(TorchDispatchMode):
+    """Adds up the wall time of the ATen calls run inside it by `operator_kind`, in seconds. A call is timed where
+    the step runs it, after autograd, and the calls it makes in turn are inside its own time: the same calls the work
+    bound records (`_StepWork`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = dict.fromkeys(OP_KINDS, 0.0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        start = time.perf_counter()
+        out = func(*args, **kwargs)
+        self.seconds[operator_kind(func, args, kwargs)] += time.perf_counter() - start
+        return out
+
+
+#: steps `time_by_op_kind` runs with its operators timed before the ones it records
+BREAKDOWN_WARM_UP_STEPS = 3
 
 
 def time_by_op_kind(architecture: str, shape: str, n: int, batch: int, repeats: int) -> dict:
-    """Where one trainer step's time goes (ms per step): each `OP_KINDS` group's self time in
-    torch.profiler, "other operators" (elementwise work, reductions, copies: the rest of the profiled
-    operators), and "between operators" (the unprofiled step's median time less every operator's
-    self time: Python, autograd's bookkeeping and dispatch)."""
+    """Where one trainer step's time goes (ms per step): the time of its ATen calls of each of `OP_KINDS`
+    (`_OperatorTimes`, the mean over ``repeats`` steps), and "between operators" (the step's median time, run
+    without the timer, less all of those: Python, autograd's bookkeeping and dispatch)."""
     d_k, d_v = HEAD_SHAPES[shape]
     sae = CLASSES[architecture](d_k=d_k, d_v=d_v, n_features=n, k=K, seed=0)
     x = torch.randn(batch, 1, d_k, d_v, generator=torch.Generator().manual_seed(0))
     step = train_step(sae, x)
     seconds = median_seconds(step, repeats, settle=True)
-    # the profiler's own allocations unsettle the heap: steps under it fault memory in again until it settles
-    # (negative time between operators in an earlier run), so it warms up before the steps it records
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], acc_events=True,
-                                schedule=torch.profiler.schedule(wait=0, warmup=PROFILER_WARM_UP_STEPS, active=repeats)
-                                ) as profile:
-        for _ in range(PROFILER_WARM_UP_STEPS + repeats):
+    # the timer's own allocations unsettle the heap: steps under it fault memory in again until it settles, so it
+    # warms up before the steps it records
+    with _OperatorTimes():
+        for _ in range(BREAKDOWN_WARM_UP_STEPS):
             step()
-            profile.step()
-    kind_of = {name: kind for kind, names in OP_KINDS.items() for name in names}
-    ms = dict.fromkeys([*OP_KINDS, "other operators"], 0.0)
-    for event in profile.key_averages():
-        if event.key.startswith("aten::"):
-            ms[kind_of.get(event.key, "other operators")] += event.self_cpu_time_total / 1e3 / repeats
+    with _OperatorTimes() as timed:
+        for _ in range(repeats):
+            step()
+    ms = {kind: 1e3 * s / repeats for kind, s in timed.seconds.items()}
     ms["between operators"] = 1e3 * seconds - sum(ms.values())
     return {"architecture": architecture, "d_k": d_k, "d_v": d_v, "n_features": n, "batch": batch,
             "step_ms": 1e3 * seconds, "ms": ms}
@@ -562,6 +648,20 @@ def results_block(results: dict | None) -> str:
                  f"k = {t['k']}, batch {t['batch']}; median of {FIXED_COST_REPEATS}), and the operators it runs there: "
                  + ", ".join(f"{r['architecture']} {r['step_ms']:.2f} ms ({r['operators']})" for r in results["fixed_cost"])
                  + "." if results.get("fixed_cost") else ""),
+              *(["", f"At the smallest shapes, the trainer's step and a plain step of the same maths in eager PyTorch "
+                 "(`benchmarks.bench_sae.plain_step`: every atom formed and decoded densely, no hook points, routes, "
+                 f"guards or dead counters), timed in turn (medians of {FIXED_COST_REPEATS}); each one's overhead is "
+                 "its time less the row's FLOPs at the matmul rate:", "",
+                 "| SAE | head | n | batch | step ms | plain step ms | step / plain | overhead ms | plain step's overhead ms |",
+                 "|---|---|---|---|---|---|---|---|---|",
+                 *[f"| {r['architecture']} | {r['d_k']}×{r['d_v']} | {r['n_features']} | {r['batch']} | {r['step_ms']:.2f} | "
+                   f"{r['plain_ms']:.2f} | {r['step_over_plain']:.2f} | {r['overhead_ms']:.2f} | {r['plain_overhead_ms']:.2f} |"
+                   for r in results["plain_step"]], "",
+                 f"The plain step spends more than the goal's {GOAL_OVERHEAD_MS} ms beyond its FLOPs at "
+                 f"{sum(r['plain_overhead_ms'] > GOAL_OVERHEAD_MS for r in results['plain_step'])} of these "
+                 f"{len(results['plain_step'])} shapes, and the trainer's step at "
+                 f"{sum(r['overhead_ms'] > GOAL_OVERHEAD_MS for r in results['plain_step'])}.", ""]
+               if results.get("plain_step") else []),
               f"Skipped (over {p['max_gflop']} GFLOP a step or {p['max_gib']} GiB of state): "
               f"{'; '.join(results['skipped']) or 'none'}.", "",
               "Decode routes (forward + backward against a dense gradient, ms; `writesae.sae.dense_decode_is_cheaper` "
@@ -620,9 +720,9 @@ def results_block(results: dict | None) -> str:
     if results.get("breakdown"):
         kinds = list(results["breakdown"][0]["ms"])
         lines += ["", f"Where a step's time goes at the smallest shapes and at each SAE's step of ≥ {BIG_STEP_GFLOP} GFLOP farthest from the "
-                  "matmul rate (ms per step; operators' self time in torch.profiler, "
-                  "grouped by `benchmarks.bench_sae.OP_KINDS`; *between operators*: the step's median time less every "
-                  "operator's self time):", "",
+                  "matmul rate (ms per step: its ATen calls' wall time, each where the step runs it, grouped by "
+                  "`benchmarks.bench_sae.operator_kind`, *sparse work* and *matrix products* being the calls the work bound "
+                  "times alone; *between operators*: the step's median time less all of those):", "",
                   "| SAE | head | n | batch | step | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 5) + "|"]
         lines += [f"| {r['architecture']} | {r['d_k']}×{r['d_v']} | {r['n_features']} | {r['batch']} | {r['step_ms']:.2f} | "
                   + " | ".join(f"{r['ms'][kind]:.2f}" for kind in kinds) + " |" for r in results["breakdown"]]
@@ -677,8 +777,8 @@ ENCODER_FORWARD_ROWS = [(128, 16384, 32, 1), (128, 16384, 256, 1), (128, 1024, 1
                         (128, 4096, batch, 2) for batch in (16, 32, 64)] + [(64, 4096, batch, 2) for batch in (8, 16, 32)]
 
 
-#: a step at `TRIVIAL_SHAPE` takes about a millisecond, where the scheduler's interruptions are a larger share of a
-#: call than at the grid's steps: its median is taken over more calls
+#: a step at `TRIVIAL_SHAPE` takes about a millisecond, and one at the smallest shapes a few, where the scheduler's
+#: interruptions are a larger share of a call than at the grid's larger steps: their medians are taken over more calls
 FIXED_COST_REPEATS = 51
 #: c·Wᵀ's layouts: (d, n, rows) at both head shapes, around `writesae.sae.weights_first_is_faster`'s window
 PRODUCT_LAYOUT_ROWS = [(d, n, rows) for d in (64, 128) for n in (16, 32, 64, 128, 256, 1024, 4096)
@@ -731,6 +831,11 @@ def measure(results: dict, args: argparse.Namespace) -> None:
             row = gathered_sum_row(use, d, n, batch, args.repeats)
             print(json.dumps(row), flush=True)
             results["gathered_sum"].append(row)
+    for row in results["rows"]:
+        if row["n_features"] == min(N_FEATURES) and row["batch"] == min(BATCHES):
+            plain = plain_step_row(row, FIXED_COST_REPEATS)
+            print(json.dumps(plain), flush=True)
+            results["plain_step"].append(plain)
     for architecture in CLASSES:
         row = fixed_cost_row(architecture, FIXED_COST_REPEATS)
         print(json.dumps(row), flush=True)
@@ -774,7 +879,7 @@ def main() -> None:
                                         matmul_reference_trials=MATMUL_REFERENCE_TRIALS),
                "rows": [], "skipped": [], "decode": [], "encoder_backward": [], "encoder_forward": [], "sparse_product": [],
                "gathered_sum": [], "product_layout": [], "fixed_cost": [],
-               "breakdown": []}
+               "plain_step": [], "breakdown": []}
     with freed_memory_kept():  # the trainer's steps run inside it (writesae.train.train)
         measure(results, args)
     results["summary"] = summary(results["rows"])

@@ -61,6 +61,7 @@ def readme_summary() -> str:
         f"{min(r):.2f}–{max(r):.2f}× as fast as {name}" for name, r in bilinear.items())
     s = sae["summary"]
     fixed = [r["step_ms"] for r in sae["fixed_cost"]]
+    plain = [r["plain_overhead_ms"] for r in sae["plain_step"]]
     gpu = cost["gpu"]
     return (
         f"On this project's 2-core CPU, one thread (`python -m benchmarks.bench_engine`, {prov['date']}; load average "
@@ -79,7 +80,9 @@ def readme_summary() -> str:
         f"{s['big_steps_limit_fraction'][1]:.2f} of that limit, and the per-step overhead at the smallest shapes is "
         f"{min(s['smallest_overhead_ms'].values()):.0f}–{max(s['smallest_overhead_ms'].values()):.0f} ms (goal ≤ "
         f"{GOAL_OVERHEAD_MS} ms), of which {min(fixed):.1f}–{max(fixed):.1f} ms is a step's fixed cost (Python, autograd "
-        f"and the dispatch of its operators: its time at a trivial shape). {len(s['big_steps_bound_by_adam'])} of the steps that miss the goal cannot meet it on this "
+        f"and the dispatch of its operators: its time at a trivial shape); at those shapes a plain step of the same maths "
+        f"written directly in eager PyTorch, timed beside it, spends {min(plain):.1f}–{max(plain):.1f} ms beyond its FLOPs. "
+        f"{len(s['big_steps_bound_by_adam'])} of the steps that miss the goal cannot meet it on this "
         f"CPU with Adam: the Adam step alone, a memory-bound pass over weights, gradients and moments, takes longer than "
         f"{1 / GOAL_MATMUL_FRACTION - 1:.2f}× their FLOPs' time at the matmul rate; {len(s['big_steps_bound_by_products'])} "
         f"cannot with their matrix products as they are formed, which, timed alone at their own shapes with Adam, take "

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import provenance as provenance_module
 from benchmarks.bench_sae import (BIG_STEP_GFLOP, CLASSES, GOAL_MATMUL_FRACTION, OP_KINDS, SPARSE_WORK, farthest_big_steps,
-                                  optimizer_step, summary, time_by_op_kind, train_step, training_step_flops)
+                                  optimizer_step, plain_step, summary, time_by_op_kind, train_step, training_step_flops)
 from writesae.sae import (bilinear_backward_is_dense, bilinear_forward_is_per_sample, dense_decode_is_cheaper,
                           dense_encoder_backward_is_dense)
 
@@ -59,12 +59,12 @@ def test_the_bilinear_step_flops_are_those_torch_counts_on_every_route(n, batch,
 
 
 def test_the_time_breakdown_finds_each_kind_of_operator_it_names(monkeypatch):
-    """Every kind but the gathers runs in a dense flat step; a renamed operator would land in "other"
-    and show here as a zero."""
+    """Every kind runs in a flat TopK step (its top-k is sparse work); an operator the classifier missed would land
+    in "other operators" and show here as a zero."""
     monkeypatch.setattr("benchmarks.bench_sae.HEAD_SHAPES", {"tiny": (8, 8)})
     row = time_by_op_kind("flat", "tiny", 64, 4, repeats=2)
-    assert set(row["ms"]) == {*OP_KINDS, "other operators", "between operators"}
-    assert all(row["ms"][kind] > 0 for kind in ("matrix products", "top-k", "Adam", "other operators"))
+    assert set(row["ms"]) == {*OP_KINDS, "between operators"}
+    assert all(row["ms"][kind] > 0 for kind in OP_KINDS)
 
 
 @pytest.mark.parametrize("architecture", sorted(CLASSES))
@@ -313,3 +313,36 @@ def test_the_run_cost_takes_its_training_rates_from_the_steps_at_the_runs_own_sh
     assert run_shape_row([run_row, gpu_row], "BilinearMatrixSAE", "gpu_check.json", "run it on a GPU") is gpu_row
     with pytest.raises(LookupError, match=r"^gpu_check.json has no .*: run it on a GPU$"):
         run_shape_row([run_row, dict(gpu_row, k=2 * RUN["k"])], "BilinearMatrixSAE", "gpu_check.json", "run it on a GPU")
+
+
+def _off_unit_norm(architecture: str):
+    """A small SAE whose every weight is perturbed off its initialisation: factors off unit norm, biases non-zero, so
+    that a step's normalisation and each bias's gradient show, and b_enc low enough that some kept pre-activations are
+    negative, so that the ReLU on them shows."""
+    sae = CLASSES[architecture](d_k=6, d_v=5, n_features=40, k=4, seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.mul_(torch.rand(p.shape, generator=g) + 0.5).add_(0.1 * torch.randn(p.shape, generator=g))
+        sae.b_enc -= 1.5
+    return sae
+
+
+@pytest.mark.parametrize("architecture", sorted(CLASSES))
+def test_the_plain_step_is_the_trainers_step(architecture):
+    """The plain step is the same maths as the trainer's: from the same weights and batch (d_k ≠ d_v), three steps of
+    each leave the same gradients (which Adam's update, near lr · sign, would hide a wrong scale of) and weights."""
+    ours, plain = _off_unit_norm(architecture), _off_unit_norm(architecture)
+    x = torch.randn(24, 1, 6, 5, generator=torch.Generator().manual_seed(2))
+    ours_step, plain_step_ = train_step(ours, x), plain_step(plain, x)
+    for _ in range(3):
+        ours_step()
+        plain_step_()
+        for (name, p), q in zip(ours.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, msg=lambda m: f"∂{name}: {m}")
+            torch.testing.assert_close(q, p, msg=lambda m: f"{name}: {m}")
+
+
+def test_the_plain_step_refuses_an_sae_it_does_not_write_out():
+    with pytest.raises(ValueError, match="rank-1 TopK"):
+        plain_step(CLASSES["bilinear"](d_k=4, d_v=4, n_features=8, k=2, tied=True, seed=0), torch.randn(4, 1, 4, 4))
