@@ -188,8 +188,9 @@ def plain_step(sae, batch: torch.Tensor):
         centred = x - sae.b_dec.flatten()
         rows = _outer_rows(*sae.encoder_factors) if architecture == "bilinear" else sae.W_enc[0]
         atoms = sae.W_dec[0] if architecture == "flat" else _outer_rows(sae.V, sae.W)
-        values, indices = torch.addmm(sae.b_enc[0], centred, rows.T).topk(k, dim=-1)
-        codes = torch.zeros(len(x), sae.cfg.n_features).scatter(-1, indices, values.relu())
+        pre = torch.addmm(sae.b_enc[0], centred, rows.T)
+        values, indices = pre.topk(k, dim=-1)
+        codes = torch.zeros_like(pre).scatter(-1, indices, values.relu())
         loss = (centred - codes @ atoms).square().sum(-1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
