@@ -339,10 +339,22 @@ def step_work_seconds(step, repeats: int) -> tuple[float, float]:
     return products, sparse
 
 
-def step_row(architecture: str, shape: str, n: int, batch: int, repeats: int) -> dict:
+def grid_sae_and_batch(architecture: str, shape: str, n: int, batch: int):
+    """The SAE (seed 0, TopK `K`) and the random batch (seed 0) a grid step at these shapes runs on."""
     d_k, d_v = HEAD_SHAPES[shape]
     sae = CLASSES[architecture](d_k=d_k, d_v=d_v, n_features=n, k=K, seed=0)
-    x = torch.randn(batch, 1, d_k, d_v, generator=torch.Generator().manual_seed(0))
+    return sae, torch.randn(batch, 1, d_k, d_v, generator=torch.Generator().manual_seed(0))
+
+
+def at_smallest_shapes(row: dict) -> bool:
+    """Whether a grid row is at the smallest shapes (the fewest features and the smallest batch), where goal 3's
+    overhead is judged."""
+    return row["n_features"] == min(N_FEATURES) and row["batch"] == min(BATCHES)
+
+
+def step_row(architecture: str, shape: str, n: int, batch: int, repeats: int) -> dict:
+    d_k, d_v = HEAD_SHAPES[shape]
+    sae, x = grid_sae_and_batch(architecture, shape, n, batch)
     step = train_step(sae, x)
     flops = step_flops(step)
     seconds, mm_seconds, mm_flops = step_and_matmul_seconds(step, "cpu", repeats)
@@ -394,9 +406,8 @@ def plain_step_row(row: dict, repeats: int) -> dict:
     """The trainer's step and `plain_step` at a grid row's shapes, each on an SAE of its own from the same seed and
     the row's batch, timed in turn (`interleaved_medians`, median of ``repeats``), and each one's overhead beyond the
     row's FLOPs at its matmul rate."""
-    architecture, d_k, d_v = row["architecture"], row["d_k"], row["d_v"]
-    x = torch.randn(row["batch"], 1, d_k, d_v, generator=torch.Generator().manual_seed(0))
-    ours, plain = (CLASSES[architecture](d_k=d_k, d_v=d_v, n_features=row["n_features"], k=K, seed=0) for _ in range(2))
+    shapes = row["architecture"], row["head_shape"], row["n_features"], row["batch"]
+    (ours, x), (plain, _) = grid_sae_and_batch(*shapes), grid_sae_and_batch(*shapes)
     times = interleaved_medians({"step": train_step(ours, x), "plain": plain_step(plain, x)}, repeats, settle=True)
     flop_ms = row["step_ms"] - row["overhead_ms"]
     return {key: row[key] for key in ("architecture", "head_shape", "d_k", "d_v", "n_features", "batch")} | {
@@ -430,8 +441,7 @@ def time_by_op_kind(architecture: str, shape: str, n: int, batch: int, repeats: 
     (`_OperatorTimes`, the mean over ``repeats`` steps), and "between operators" (the step's median time, run
     without the timer, less all of those: Python, autograd's bookkeeping and dispatch)."""
     d_k, d_v = HEAD_SHAPES[shape]
-    sae = CLASSES[architecture](d_k=d_k, d_v=d_v, n_features=n, k=K, seed=0)
-    x = torch.randn(batch, 1, d_k, d_v, generator=torch.Generator().manual_seed(0))
+    sae, x = grid_sae_and_batch(architecture, shape, n, batch)
     step = train_step(sae, x)
     seconds = median_seconds(step, repeats, settle=True)
     # the timer's own allocations unsettle the heap: steps under it fault memory in again until it settles, so it
@@ -732,7 +742,7 @@ def results_block(results: dict | None) -> str:
 
 def summary(rows: list[dict]) -> dict:
     big = [r for r in rows if r["step_gflop"] >= BIG_STEP_GFLOP]
-    smallest = [r for r in rows if r["n_features"] == min(N_FEATURES) and r["batch"] == min(BATCHES)]
+    smallest = [r for r in rows if at_smallest_shapes(r)]
     limit = [r["limit_fraction"] for r in big]
     return {"big_steps": len(big), "big_steps_meeting_goal": sum(r["matmul_fraction"] >= GOAL_MATMUL_FRACTION for r in big),
             "big_steps_lowest_fraction": min((r["matmul_fraction"] for r in big), default=float("nan")),
@@ -832,11 +842,10 @@ def measure(results: dict, args: argparse.Namespace) -> None:
             row = gathered_sum_row(use, d, n, batch, args.repeats)
             print(json.dumps(row), flush=True)
             results["gathered_sum"].append(row)
-    for row in results["rows"]:
-        if row["n_features"] == min(N_FEATURES) and row["batch"] == min(BATCHES):
-            plain = plain_step_row(row, FIXED_COST_REPEATS)
-            print(json.dumps(plain), flush=True)
-            results["plain_step"].append(plain)
+    for row in filter(at_smallest_shapes, results["rows"]):
+        plain = plain_step_row(row, FIXED_COST_REPEATS)
+        print(json.dumps(plain), flush=True)
+        results["plain_step"].append(plain)
     for architecture in CLASSES:
         row = fixed_cost_row(architecture, FIXED_COST_REPEATS)
         print(json.dumps(row), flush=True)
@@ -845,8 +854,8 @@ def measure(results: dict, args: argparse.Namespace) -> None:
         row = product_layout_row(d, n, rows, args.repeats)
         print(json.dumps(row), flush=True)
         results["product_layout"].append(row)
-    smallest = [(architecture, shape, min(N_FEATURES), min(BATCHES))
-                for architecture, shape in itertools.product(CLASSES, HEAD_SHAPES)]
+    smallest = [(r["architecture"], r["head_shape"], r["n_features"], r["batch"])
+                for r in filter(at_smallest_shapes, results["rows"])]
     for architecture, shape, n, batch in smallest + farthest_big_steps(results["rows"]):
         row = time_by_op_kind(architecture, shape, n, batch, args.repeats)
         print(json.dumps(row), flush=True)
