@@ -12,6 +12,7 @@ where sae-lens is not importable.
 from __future__ import annotations
 
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -352,7 +353,9 @@ def test_exclude_special_tokens_bypasses_the_sae_there(tiny, family):
     assert torch.isin(tokens, torch.tensor(special)).sum() > 2  # the BOS of each row and the short row's padding
     hook = f"blocks.{model.cfg.n_layers - 1}.hook_resid_pre"
     sae = saelens_sae(hook, model.cfg.d_model)
-    spliced = model.run_with_saes(prompts, saes=[sae], exclude_special_tokens=True, prepend_bos=True)
+    with mock.patch.object(model, "_tokenize", wraps=model._tokenize) as tokenize:
+        spliced = model.run_with_saes(prompts, saes=[sae], exclude_special_tokens=True, prepend_bos=True)
+    assert tokenize.call_count == 1  # the tokens the SAE is bypassed by are those the forward reads
     reference = model.run_with_hooks(prompts, fwd_hooks=bypassing(sae, special, tokens), prepend_bos=True)
     torch.testing.assert_close(spliced, reference, rtol=0, atol=1e-6)
     _, cache = model.run_with_cache_with_saes(prompts, saes=[sae], exclude_special_tokens=True, use_error_term=True,
