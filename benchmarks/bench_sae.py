@@ -34,7 +34,8 @@ subsampled grid.
 ``decode``: the two routes of `SAEBase.decode_atoms` (dense product of every code with every atom,
 and gathering the k active atoms), forward and backward, timed side by side at shapes around the
 crossover, against a dense gradient, with the route `writesae.sae.dense_decode_is_cheaper` picks: the
-measurement behind its ``ROW_GATHER_COST_FLOPS`` (flat) and ``FACTOR_GATHER_COST_FLOPS`` (factored).
+measurement behind its ``ROW_GATHER_COST_FLOPS`` and ``DENSE_DECODE_FIXED_FEATURES`` (flat) and
+``FACTOR_GATHER_COST_FLOPS`` (factored).
 ``encoder_backward``: the same for the two routes of the bilinear encoder's backward
 (`writesae.sae.bilinear_backward_is_dense`), the measurement behind ``SMALL_PRODUCT_COST``, and of a flat SAE's
 dense encoder (`writesae.sae.dense_encoder_backward_is_dense`), behind ``ENCODER_ROW_GATHER_COST_FLOPS``.
@@ -76,7 +77,7 @@ from benchmarks.provenance import provenance, run_line, write_results
 from benchmarks.timing import MAX_WARM_UP_ROUNDS, SETTLED_PAGE_FAULTS, interleaved_medians, median_seconds
 from writesae import BilinearMatrixSAE, FlatSAE, MatrixSAE
 from writesae.host_memory import freed_memory_kept
-from writesae.sae import (ENCODER_NUMBERS_PER_BLOCK, ENCODER_ROW_GATHER_COST_FLOPS, FACTOR_GATHER_COST_FLOPS,
+from writesae.sae import (DENSE_DECODE_FIXED_FEATURES, ENCODER_NUMBERS_PER_BLOCK, ENCODER_ROW_GATHER_COST_FLOPS, FACTOR_GATHER_COST_FLOPS,
                           GATHER_BLOCK_NUMBERS, GATHER_BLOCKS_FROM, GATHER_BLOCKS_RESULT_ROWS, GATHER_BLOCKS_REUSE,
                           MIN_BLOCK_COLUMNS, PER_SAMPLE_NUMBERS_PER_BLOCK, ROW_GATHER_COST_FLOPS, SMALL_PRODUCT_COST,
                           WEIGHTS_FIRST_FEATURES_PER_ROW, WEIGHTS_FIRST_ROWS, _rows, _rows_of_sparse_product,
@@ -615,6 +616,14 @@ def _routes_table(rows: list[dict]) -> list[str]:
               f"{r['gathered_ms']:.1f} | {r['rule_picks']} | {r['picked_time_over_best']:.2f} |" for r in rows]]
 
 
+def _slow_picks_line(rows: list[dict]) -> str:
+    counts = {architecture: slow_picks([r for r in rows if r["architecture"] == architecture])
+              for architecture in dict.fromkeys(r["architecture"] for r in rows)}
+    return "Picks slower than the other route by more than a factor " + f"{SLOW_PICK}: " + "; ".join(
+        f"{architecture} {c['slow']} of {c['rows']} (the slowest {c['slowest']:.2f} times)"
+        for architecture, c in counts.items()) + "."
+
+
 def results_block(results: dict | None) -> str:
     """RESULTS.md's P5 section, from ``benchmarks/results/sae.json``."""
     if results is None:
@@ -676,8 +685,9 @@ def results_block(results: dict | None) -> str:
               f"Skipped (over {p['max_gflop']} GFLOP a step or {p['max_gib']} GiB of state): "
               f"{'; '.join(results['skipped']) or 'none'}.", "",
               "Decode routes (forward + backward against a dense gradient, ms; `writesae.sae.dense_decode_is_cheaper` "
-              f"with ROW_GATHER_COST_FLOPS = {p['row_gather_cost_flops']} (flat) and FACTOR_GATHER_COST_FLOPS = "
-              f"{p['factor_gather_cost_flops']} (factored) picks one):", "",
+              f"with ROW_GATHER_COST_FLOPS = {p['row_gather_cost_flops']} and DENSE_DECODE_FIXED_FEATURES = "
+              f"{p['dense_decode_fixed_features']} (flat) and FACTOR_GATHER_COST_FLOPS = "
+              f"{p['factor_gather_cost_flops']} (factored) picks one). {_slow_picks_line(results['decode'])}", "",
               *_routes_table(results["decode"]), "",
               "The encoders' backward routes (encoder forward + backward against a TopK-sparse gradient, ms; for the "
               f"bilinear encoder `writesae.sae.bilinear_backward_is_dense` with SMALL_PRODUCT_COST = {p['small_product_cost']} "
@@ -778,6 +788,24 @@ def farthest_big_steps(rows: list[dict]) -> list[tuple[str, str, int, int]]:
 #: `writesae.sae.ENCODER_ROW_GATHER_COST_FLOPS`)
 STUDY_DECODE_ROWS = [("flat", 64, n, 128, k) for k in (4, 8) for n in (2 * k, 4 * k, 8 * k)]
 STUDY_ENCODER_BACKWARD_ROWS = [("flat", 64, n, 128, k) for k in (4, 8) for n in (4 * k, 8 * k, 16 * k)]
+#: decode routes side by side, (architecture, d, n, batch, k): the flat decoder across k = 8 to 64, n from 2·k (64 at
+#: k = `K`) to 4,096 and both head shapes, the table the flat rule's two constants are fitted to
+#: (`writesae.sae.DENSE_DECODE_FIXED_FEATURES`), batches whose step's reconstruction is at most 2**31 numbers; the
+#: factored decoders at a few shapes of the grid
+FLAT_DECODE_ROWS = [("flat", d, n, batch, K) for d in (64, 128) for batch in BATCHES
+                    for n in (64, 128, 256, 512, 1024, 4096) if batch * n * d * d <= 2**31] + [
+                   ("flat", d, n, batch, k) for d, batch in ((64, 256), (128, 64), (64, 1024)) for k in (8, 16, 64)
+                   for n in (2 * k, 4 * k, 8 * k, 16 * k, 32 * k) if n <= 4096 and batch * n * d * d <= 2**31]
+DECODE_ROWS = FLAT_DECODE_ROWS + STUDY_DECODE_ROWS + [("bilinear", 64, n, batch, K) for n, batch in (
+    (64, 256), (256, 256), (64, 1024))] + [("matrix", 128, 64, 1024, K)]
+#: a rule's pick counts as slow where it takes more than this times the faster route's time
+SLOW_PICK = 1.1
+
+
+def slow_picks(rows: list[dict]) -> dict:
+    """How often a route table's rule took a slow route (`SLOW_PICK`), and its slowest pick against the faster one."""
+    return {"rows": len(rows), "slow": sum(r["picked_time_over_best"] > SLOW_PICK for r in rows),
+            "slowest": max(r["picked_time_over_best"] for r in rows)}
 
 
 #: the bilinear encoder's forward routes: (d, n, batch, rank), across `writesae.sae.bilinear_forward_is_per_sample`'s
@@ -809,10 +837,8 @@ def measure(results: dict, args: argparse.Namespace) -> None:
         row = step_row(architecture, shape, n, batch, args.repeats)
         print(json.dumps(row), flush=True)
         results["rows"].append(row)
-    for architecture, d, n, batch, *k in [("flat", 64, n, 256) for n in (64, 128, 256, 1024, 4096)] + [
-            ("flat", 128, n, 32) for n in (128, 256, 1024, 4096)] + [("bilinear", 64, n, 256) for n in (64, 256)] + [
-            ("matrix", 128, 64, 1024)] + STUDY_DECODE_ROWS:
-        row = decode_row(architecture, d, n, batch, args.repeats, *k)
+    for architecture, d, n, batch, k in DECODE_ROWS:
+        row = decode_row(architecture, d, n, batch, args.repeats, k)
         print(json.dumps(row), flush=True)
         results["decode"].append(row)
     for architecture, d, n, batch, *k in [("bilinear", 64, 64, 256), ("bilinear", 64, 64, 1024), ("bilinear", 64, 256, 1024),
@@ -874,6 +900,7 @@ def main() -> None:
     results = {"provenance": provenance("bench_sae", repeats=args.repeats, k=K, max_gflop=args.max_gflop,
                                         max_gib=args.max_gib, row_gather_cost_flops=ROW_GATHER_COST_FLOPS,
                                         encoder_row_gather_cost_flops=ENCODER_ROW_GATHER_COST_FLOPS,
+                                        dense_decode_fixed_features=DENSE_DECODE_FIXED_FEATURES,
                                         factor_gather_cost_flops=FACTOR_GATHER_COST_FLOPS,
                                         small_product_cost=SMALL_PRODUCT_COST,
                                         encoder_numbers_per_block=ENCODER_NUMBERS_PER_BLOCK,

@@ -12,8 +12,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import provenance as provenance_module
-from benchmarks.bench_sae import (BIG_STEP_GFLOP, CLASSES, GOAL_MATMUL_FRACTION, OP_KINDS, SPARSE_WORK, farthest_big_steps,
-                                  optimizer_step, plain_step, summary, time_by_op_kind, train_step, training_step_flops)
+from benchmarks.bench_sae import (BIG_STEP_GFLOP, CLASSES, FLAT_DECODE_ROWS, GOAL_MATMUL_FRACTION, OP_KINDS, SLOW_PICK,
+                                  SPARSE_WORK, farthest_big_steps, optimizer_step, plain_step, slow_picks, summary,
+                                  time_by_op_kind, train_step, training_step_flops)
 from writesae.sae import (bilinear_backward_is_dense, bilinear_forward_is_per_sample, dense_decode_is_cheaper,
                           dense_encoder_backward_is_dense)
 
@@ -22,7 +23,7 @@ from writesae.sae import (bilinear_backward_is_dense, bilinear_forward_is_per_sa
 def test_the_step_flops_are_those_torch_counts_where_every_product_is_a_matrix_product(n, batch):
     """A flat SAE on shapes where both routes are dense runs only matrix products (no gathers, no
     rank-1 outer products), so torch's own FLOP counter sees the whole count."""
-    d, k = 8, 4
+    d, k = 8, 8
     assert dense_decode_is_cheaper(batch, n, k, d, d, None) and dense_encoder_backward_is_dense(batch, n, k, d, d)
     step = train_step(CLASSES["flat"](d_k=d, d_v=d, n_features=n, k=k, seed=0), torch.randn(batch, 1, d, d))
     step()  # Adam's moments are allocated on the first step
@@ -136,6 +137,20 @@ def test_the_steps_their_work_keeps_from_the_goal_are_the_big_ones_whose_work_bo
     s = summary(rows)
     assert s["big_steps_bound_by_work"] == ["flat 8×8 n=1 batch=32"]
     assert s["big_steps_within_work_bound"] == pytest.approx([0.3 / (GOAL_MATMUL_FRACTION - 0.01), 0.3 / GOAL_MATMUL_FRACTION])
+
+
+def test_a_slow_pick_is_one_over_the_threshold_and_the_slowest_is_named():
+    rows = [{"picked_time_over_best": ratio} for ratio in (1.0, SLOW_PICK, SLOW_PICK + 0.01, 2.5)]
+    assert slow_picks(rows) == {"rows": 4, "slow": 2, "slowest": 2.5}
+
+
+def test_the_decode_table_brackets_the_flat_rules_crossover_at_every_k_it_times():
+    """The flat rows the rule's constants are fitted to hold, at each k and head shape, a shape on each side of its
+    crossover, so that the table can show a pick on the wrong side of it."""
+    groups = {}
+    for architecture, d, n, batch, k in FLAT_DECODE_ROWS:
+        groups.setdefault((d, k), set()).add(dense_decode_is_cheaper(batch, n, k, d, d, None))
+    assert len(groups) == 8 and all(picks == {True, False} for picks in groups.values())
 
 
 def test_the_bounds_time_each_product_of_a_step_alone_at_its_layout_and_its_sparse_work_on_its_own_tensors(monkeypatch):

@@ -646,17 +646,21 @@ def test_a_dense_encoders_backward_takes_the_route_its_rule_names(arch, dense):
 
 
 def test_dense_decode_rule_on_the_shapes_that_matter():
-    """Flat dictionaries small against k·ROW_GATHER_COST_FLOPS decode densely, and a dense encoder's backward is
-    dense up to its own, larger crossover; factored atoms, whose gather is r·(d_k + d_v) numbers, gather at every
-    shape the shipped SAEs and the bit-identity check (scripts.compare_with_commit) train, so their numbers do not
-    move."""
+    """A flat decode crosses over at n = k·(G + 2)/2 − DENSE_DECODE_FIXED_FEATURES (280 at k = 32, 40 at k = 8, none
+    at k = 4), and a dense encoder's backward at its own n = 8·k; factored atoms, whose gather is r·(d_k + d_v)
+    numbers, gather at every shape the shipped SAEs and the bit-identity check (scripts.compare_with_commit) train,
+    so their numbers do not move."""
     from writesae.sae import dense_decode_is_cheaper, dense_encoder_backward_is_dense
 
-    assert dense_decode_is_cheaper(32, 64, 32, 64, 64, None)  # a 64-feature flat SAE at k = 32
-    assert not dense_decode_is_cheaper(32, 128, 32, 64, 64, None)
+    for batch in (32, 256):  # the rule weighs the same per sample at any batch
+        assert dense_decode_is_cheaper(batch, 64, 32, 64, 64, None)  # a 64-feature flat SAE at k = 32
+        assert dense_decode_is_cheaper(batch, 279, 32, 64, 64, None)
+        assert not dense_decode_is_cheaper(batch, 281, 32, 64, 64, None)
+    assert dense_decode_is_cheaper(128, 39, 8, 64, 64, None) and not dense_decode_is_cheaper(128, 41, 8, 64, 64, None)
+    assert not dense_decode_is_cheaper(128, 8, 4, 64, 64, None)
     assert not dense_decode_is_cheaper(32, 16384, 32, 128, 128, None)
-    assert dense_encoder_backward_is_dense(32, 128, 32, 64, 64)  # between the two crossovers: n = 3·k and 8·k
-    assert not dense_encoder_backward_is_dense(32, 256, 32, 64, 64)
+    assert dense_encoder_backward_is_dense(32, 255, 32, 64, 64)
+    assert not dense_encoder_backward_is_dense(32, 257, 32, 64, 64)
     assert not dense_encoder_backward_is_dense(32, 16384, 32, 128, 128)
     for n, m, batch in ((256, 16, 32), (256, 16, 4096), (64, 4, 32), (64, 32, 1024)):  # gdn-austen's SAEs; the check
         assert not dense_decode_is_cheaper(batch, n, m, 64, 64, 1)

@@ -204,13 +204,18 @@ def _gather_rows(flat: Tensor, rows: Tensor) -> Tensor:
 # What gathering one number costs, in FLOPs of a dense matrix product (a gather streams memory while a matrix
 # product reuses what it loads), for each gathered route against its dense one; each fitted to the two routes timed
 # side by side on one CPU thread against a training step's gradient (the "decode" and "encoder backward" rows of
-# benchmarks/results/sae.json: k = 32, and k = 4 and 8 at the shape demos.compare_architectures trains, 64 × 64 at
-# batch 128). A cost G puts a flat rule's crossover at n = k·(G + 2)/2.
+# benchmarks/results/sae.json).
 #
-# A flat decoder's gathered decode (whole rows of d_k·d_v numbers, `embedding_bag`): the routes crossed over between
-# n = 2·k and 4·k, where a value of 2 to 6 ties them, at k = 8 and 32; at k = 4 the gathered route was already the
-# faster at n = 2·k (the rule picks the dense one there, 1.3 times its time, a fraction of a millisecond).
-ROW_GATHER_COST_FLOPS = 4
+# A flat decoder's gathered decode (whole rows of d_k·d_v numbers, `embedding_bag`) against its dense products, which
+# also cost as if the dictionary had DENSE_DECODE_FIXED_FEATURES more features: each of their three products writes
+# or reads every number of the [B, d_k·d_v] reconstruction or its gradient however few features it sums over, and
+# at a few features a product runs far below the matmul rate. The rule then crosses over at
+# n = k·(G + 2)/2 − DENSE_DECODE_FIXED_FEATURES: later, in multiples of k, the larger k is, as in the flat decode
+# rows (k = 4 to 64, n = 2·k to 4,096, 64 × 64 and 128 × 128, batch 32 to 1,024), whose crossovers fall between
+# n = 2·k (k = 4 and 8) and 16·k (k = 32 and 64). Both constants from a grid search on those rows, the middle of the
+# pairs that tie at the fewest slow picks; G alone, with no fixed term, puts every crossover at one multiple of k.
+ROW_GATHER_COST_FLOPS = 18
+DENSE_DECODE_FIXED_FEATURES = 40
 # A dense encoder's gathered backward (∂W_enc by a CSR product, ∂b_dec over the kept pairs): crossed over near
 # n = 8·k at 64 × 64 for k = 4, 8 and 32, and below n = 4·k at 128 × 128, batch 32 (there it picks the dense
 # route, 1.1 times the gathered one's time, at n = 128).
@@ -228,7 +233,8 @@ def dense_decode_is_cheaper(n_samples: int, n_features: int, m: int, d_k: int, d
     product of all n_features codes with all atoms than by gathering the m atoms each sample uses;
     ``rank`` None for a flat decoder (W_dec rows), else the rank of factored atoms Σ_r V_r W_rᵀ.
 
-    dense:    2·n·d_k·d_v·(n_samples + rank)      (forming the n atoms, factored only, then the product)
+    dense:    2·n·d_k·d_v·(n_samples + rank)      (forming the n atoms, factored only, then the product; a flat
+              decoder's n counts DENSE_DECODE_FIXED_FEATURES more)
     gathered: n_samples·m·(G·g + 2·rank·d_k·d_v)   (g numbers gathered per atom: d_k·d_v flat, G =
               ROW_GATHER_COST_FLOPS, and rank·(d_k + d_v) factored, G = FACTOR_GATHER_COST_FLOPS; a flat
               decoder's product is rank 1)
@@ -236,7 +242,8 @@ def dense_decode_is_cheaper(n_samples: int, n_features: int, m: int, d_k: int, d
     The one place that chooses for `SAEBase.decode_atoms`; the encoders' backward passes have their own
     (`dense_encoder_backward_is_dense`, `bilinear_backward_is_dense`)."""
     if rank is None:
-        return _dense_rows_are_cheaper(n_samples, n_features, m, d_k * d_v, ROW_GATHER_COST_FLOPS)
+        return _dense_rows_are_cheaper(n_samples, n_features + DENSE_DECODE_FIXED_FEATURES, m, d_k * d_v,
+                                       ROW_GATHER_COST_FLOPS)
     atom = d_k * d_v
     dense = 2 * n_features * atom * (n_samples + rank)
     gathered = n_samples * m * (FACTOR_GATHER_COST_FLOPS * rank * (d_k + d_v) + 2 * rank * atom)
