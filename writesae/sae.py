@@ -210,10 +210,11 @@ def _gather_rows(flat: Tensor, rows: Tensor) -> Tensor:
 # also cost as if the dictionary had DENSE_DECODE_FIXED_FEATURES more features: each of their three products writes
 # or reads every number of the [B, d_k·d_v] reconstruction or its gradient however few features it sums over, and
 # at a few features a product runs far below the matmul rate. The rule then crosses over at
-# n = k·(G + 2)/2 − DENSE_DECODE_FIXED_FEATURES: later, in multiples of k, the larger k is, as in the flat decode
-# rows (k = 4 to 64, n = 2·k to 4,096, 64 × 64 and 128 × 128, batch 32 to 1,024), whose crossovers fall between
-# n = 2·k (k = 4 and 8) and 16·k (k = 32 and 64). Both constants from a grid search on those rows, the middle of the
-# pairs that tie at the fewest slow picks; G alone, with no fixed term, puts every crossover at one multiple of k.
+# n = k·(G + 2)/2 − DENSE_DECODE_FIXED_FEATURES: later, in multiples of k, the larger k is, as mostly in the flat
+# decode rows (k = 4 to 64, n = 2·k to 4,096, 64 × 64 and 128 × 128, batch 32 to 1,024), whose crossovers fall below
+# n = 2·k at k = 4 and between 2·k and 16·k at larger k. Both constants from a grid search on those rows, the middle
+# of the pairs that tie at the fewest slow picks; G alone, with no fixed term, puts every crossover at one multiple
+# of k.
 ROW_GATHER_COST_FLOPS = 18
 DENSE_DECODE_FIXED_FEATURES = 40
 # A dense encoder's gathered backward (∂W_enc by a CSR product, ∂b_dec over the kept pairs): crossed over near
