@@ -77,13 +77,13 @@ from benchmarks.provenance import provenance, run_line, write_results
 from benchmarks.timing import MAX_WARM_UP_ROUNDS, SETTLED_PAGE_FAULTS, interleaved_medians, median_seconds
 from writesae import BilinearMatrixSAE, FlatSAE, MatrixSAE
 from writesae.host_memory import freed_memory_kept
-from writesae.sae import (DENSE_DECODE_FIXED_FEATURES, ENCODER_NUMBERS_PER_BLOCK, ENCODER_ROW_GATHER_COST_FLOPS, FACTOR_GATHER_COST_FLOPS,
-                          GATHER_BLOCK_NUMBERS, GATHER_BLOCKS_FROM, GATHER_BLOCKS_RESULT_ROWS, GATHER_BLOCKS_REUSE,
-                          MIN_BLOCK_COLUMNS, PER_SAMPLE_NUMBERS_PER_BLOCK, ROW_GATHER_COST_FLOPS, SMALL_PRODUCT_COST,
-                          WEIGHTS_FIRST_FEATURES_PER_ROW, WEIGHTS_FIRST_ROWS, _rows, _rows_of_sparse_product,
-                          _times_weight_rows, bilinear_backward_is_dense, bilinear_forward_is_per_sample,
-                          dense_decode_is_cheaper, dense_encoder_backward_is_dense, gather_block_columns,
-                          gather_columns_per_block, weights_first_is_faster)
+from writesae.sae import (DENSE_DECODE_FIXED_FEATURES, ENCODER_NUMBERS_PER_BLOCK, ENCODER_ROW_GATHER_COST_FLOPS,
+                          FACTOR_GATHER_COST_FLOPS, GATHER_BLOCK_NUMBERS, GATHER_BLOCKS_FROM, GATHER_BLOCKS_RESULT_ROWS,
+                          GATHER_BLOCKS_REUSE, MIN_BLOCK_COLUMNS, PER_SAMPLE_NUMBERS_PER_BLOCK, ROW_GATHER_COST_FLOPS,
+                          SMALL_PRODUCT_COST, WEIGHTS_FIRST_FEATURES_PER_ROW, WEIGHTS_FIRST_ROWS, _factor_atoms, _rows,
+                          _rows_of_sparse_product, _times_weight_rows, bilinear_backward_is_dense,
+                          bilinear_forward_is_per_sample, dense_decode_is_cheaper, dense_encoder_backward_is_dense,
+                          gather_block_columns, gather_columns_per_block, weights_first_is_faster)
 from writesae.train import TrainConfig, make_optimizer, training_step, _guard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,11 +165,6 @@ def step_flops(step) -> int:
     return step.flops
 
 
-def _outer_rows(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Rank-1 factors [1, n, 1, d_k], [1, n, 1, d_v] of one head as the rows of their outer products, [n, d_k·d_v]."""
-    return (left[0, :, 0, :, None] * right[0, :, 0, None, :]).flatten(1)
-
-
 def plain_step(sae, batch: torch.Tensor):
     """The trainer's step (`train_step`) for a one-head, rank-1 TopK ``sae`` at input scale 1, written plainly in eager
     PyTorch, as a function of no arguments: the centred input C = X − b_dec, z = C·Eᵀ + b_enc with the encoder's rows
@@ -187,8 +182,8 @@ def plain_step(sae, batch: torch.Tensor):
 
     def step():
         centred = x - sae.b_dec.flatten()
-        rows = _outer_rows(*sae.encoder_factors) if architecture == "bilinear" else sae.W_enc[0]
-        atoms = sae.W_dec[0] if architecture == "flat" else _outer_rows(sae.V, sae.W)
+        rows = _factor_atoms(*sae.encoder_factors)[0].flatten(1) if architecture == "bilinear" else sae.W_enc[0]
+        atoms = sae.W_dec[0] if architecture == "flat" else _factor_atoms(sae.V, sae.W)[0].flatten(1)
         pre = torch.addmm(sae.b_enc[0], centred, rows.T)
         values, indices = pre.topk(k, dim=-1)
         codes = torch.zeros_like(pre).scatter(-1, indices, values.relu())
@@ -619,7 +614,7 @@ def _routes_table(rows: list[dict]) -> list[str]:
 def _slow_picks_line(rows: list[dict]) -> str:
     counts = {architecture: slow_picks([r for r in rows if r["architecture"] == architecture])
               for architecture in dict.fromkeys(r["architecture"] for r in rows)}
-    return "Picks slower than the other route by more than a factor " + f"{SLOW_PICK}: " + "; ".join(
+    return f"Picks slower than the other route by more than a factor {SLOW_PICK}: " + "; ".join(
         f"{architecture} {c['slow']} of {c['rows']} (the slowest {c['slowest']:.2f} times)"
         for architecture, c in counts.items()) + "."
 
@@ -788,14 +783,16 @@ def farthest_big_steps(rows: list[dict]) -> list[tuple[str, str, int, int]]:
 #: `writesae.sae.ENCODER_ROW_GATHER_COST_FLOPS`)
 STUDY_DECODE_ROWS = [("flat", 64, n, 128, k) for k in (4, 8) for n in (2 * k, 4 * k, 8 * k)]
 STUDY_ENCODER_BACKWARD_ROWS = [("flat", 64, n, 128, k) for k in (4, 8) for n in (4 * k, 8 * k, 16 * k)]
+#: the most numbers a timed flat decode's dense route forms (batch × n × d_k·d_v), which keeps its table in memory
+MAX_DECODE_NUMBERS = 2**31
 #: decode routes side by side, (architecture, d, n, batch, k): the flat decoder across k = 8 to 64, n from 2·k (64 at
 #: k = `K`) to 4,096 and both head shapes, the table the flat rule's two constants are fitted to
-#: (`writesae.sae.DENSE_DECODE_FIXED_FEATURES`), batches whose step's reconstruction is at most 2**31 numbers; the
-#: factored decoders at a few shapes of the grid
+#: (`writesae.sae.DENSE_DECODE_FIXED_FEATURES`), up to `MAX_DECODE_NUMBERS`; the factored decoders at a few shapes
+#: of the grid
 FLAT_DECODE_ROWS = [("flat", d, n, batch, K) for d in (64, 128) for batch in BATCHES
-                    for n in (64, 128, 256, 512, 1024, 4096) if batch * n * d * d <= 2**31] + [
+                    for n in (64, 128, 256, 512, 1024, 4096) if batch * n * d * d <= MAX_DECODE_NUMBERS] + [
                    ("flat", d, n, batch, k) for d, batch in ((64, 256), (128, 64), (64, 1024)) for k in (8, 16, 64)
-                   for n in (2 * k, 4 * k, 8 * k, 16 * k, 32 * k) if n <= 4096 and batch * n * d * d <= 2**31]
+                   for n in (2 * k, 4 * k, 8 * k, 16 * k, 32 * k) if n <= 4096 and batch * n * d * d <= MAX_DECODE_NUMBERS]
 DECODE_ROWS = FLAT_DECODE_ROWS + STUDY_DECODE_ROWS + [("bilinear", 64, n, batch, K) for n, batch in (
     (64, 256), (256, 256), (64, 1024))] + [("matrix", 128, 64, 1024, K)]
 #: a rule's pick counts as slow where it takes more than this times the faster route's time

@@ -143,8 +143,8 @@ class HookedSAEGatedDeltaNet(HookedGatedDeltaNet):
         tokens in flight (``tokens_in_flight``) for it to find them."""
         if not any(attachment.skips_tokens for attachment in self._attached.values()):
             return super().forward(input, return_type, attention_mask, **kwargs)
-        from_tokens = kwargs.get("start_at_layer") is None
-        tokens = input if from_tokens else kwargs.get("tokens")
+        input_is_tokens = kwargs.get("start_at_layer") is None
+        tokens = input if input_is_tokens else kwargs.get("tokens")
         if tokens is not None:  # tokenized as forward tokenizes it; forward refuses what this cannot read
             try:
                 tokens, mask = self._tokens_and_mask(tokens, attention_mask, kwargs.get("prepend_bos"),
@@ -152,7 +152,7 @@ class HookedSAEGatedDeltaNet(HookedGatedDeltaNet):
             except (TypeError, ValueError):
                 tokens = None
             else:
-                if from_tokens:  # forward reads these tokens and their mask, which it would make again from strings
+                if input_is_tokens:  # forward reads these tokens and their mask, which it would make again from strings
                     input, attention_mask = tokens, mask
         cache = kwargs.get("cache")
         self.tokens_in_flight = None if tokens is None else (tokens, 0 if cache is None else cache.length)
