@@ -260,14 +260,15 @@ class _Operand:
     shape: torch.Size
     stride: tuple[int, ...]
     dtype: torch.dtype
+    device: torch.device
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> "_Operand":
-        return cls(tensor.shape, tensor.stride(), tensor.dtype)
+        return cls(tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
 
     def fresh(self) -> torch.Tensor:
         numbers = 1 + sum((size - 1) * step for size, step in zip(self.shape, self.stride)) if all(self.shape) else 0
-        return torch.randn(numbers, dtype=self.dtype).as_strided(self.shape, self.stride)
+        return torch.randn(numbers, dtype=self.dtype, device=self.device).as_strided(self.shape, self.stride)
 
 
 #: the trainer's Adam step (`writesae.train.make_optimizer`'s fused kernel)
@@ -335,11 +336,12 @@ def step_work_seconds(step, repeats: int) -> tuple[float, float]:
     return products, sparse
 
 
-def grid_sae_and_batch(architecture: str, shape: str, n: int, batch: int):
-    """The SAE (seed 0, TopK `K`) and the random batch (seed 0) a grid step at these shapes runs on."""
+def grid_sae_and_batch(architecture: str, shape: str, n: int, batch: int, device: torch.device | str = "cpu"):
+    """The SAE (seed 0, TopK `K`) and the random batch (seed 0, drawn on the CPU: the same numbers on every device) a
+    grid step at these shapes runs on."""
     d_k, d_v = HEAD_SHAPES[shape]
-    sae = CLASSES[architecture](d_k=d_k, d_v=d_v, n_features=n, k=K, seed=0)
-    return sae, torch.randn(batch, 1, d_k, d_v, generator=torch.Generator().manual_seed(0))
+    sae = CLASSES[architecture](d_k=d_k, d_v=d_v, n_features=n, k=K, seed=0, device=device)
+    return sae, torch.randn(batch, 1, d_k, d_v, generator=torch.Generator().manual_seed(0)).to(device)
 
 
 def at_smallest_shapes(row: dict) -> bool:
@@ -348,12 +350,14 @@ def at_smallest_shapes(row: dict) -> bool:
     return row["n_features"] == min(N_FEATURES) and row["batch"] == min(BATCHES)
 
 
-def step_row(architecture: str, shape: str, n: int, batch: int, repeats: int) -> dict:
+def step_row(architecture: str, shape: str, n: int, batch: int, repeats: int, device: torch.device | str = "cpu") -> dict:
+    """A grid step's row: its time, FLOPs and matmul fraction, its overhead, Adam alone and the bounds (the module
+    docstring), all measured on ``device`` (`benchmarks.gpu_check` runs the grid on a GPU)."""
     d_k, d_v = HEAD_SHAPES[shape]
-    sae, x = grid_sae_and_batch(architecture, shape, n, batch)
+    sae, x = grid_sae_and_batch(architecture, shape, n, batch, device)
     step = train_step(sae, x)
     flops = step_flops(step)
-    seconds, mm_seconds, mm_flops = step_and_matmul_seconds(step, "cpu", repeats)
+    seconds, mm_seconds, mm_flops = step_and_matmul_seconds(step, device, repeats)
     adam_seconds = median_seconds(optimizer_step(sae), repeats, settle=True)
     product_seconds, sparse_seconds = step_work_seconds(step, repeats)
     flop_seconds = mm_seconds * flops / mm_flops
@@ -387,22 +391,22 @@ class _OperatorCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def fixed_cost_row(architecture: str, repeats: int) -> dict:
+def fixed_cost_row(architecture: str, repeats: int, device: torch.device | str = "cpu") -> dict:
     """The trainer's step at `TRIVIAL_SHAPE` (median ms) and the ATen operators one step runs there."""
     t = TRIVIAL_SHAPE
-    sae = CLASSES[architecture](d_k=t["d"], d_v=t["d"], n_features=t["n_features"], k=t["k"], seed=0)
-    step = train_step(sae, torch.randn(t["batch"], 1, t["d"], t["d"], generator=torch.Generator().manual_seed(0)))
+    sae = CLASSES[architecture](d_k=t["d"], d_v=t["d"], n_features=t["n_features"], k=t["k"], seed=0, device=device)
+    step = train_step(sae, torch.randn(t["batch"], 1, t["d"], t["d"], generator=torch.Generator().manual_seed(0)).to(device))
     seconds = median_seconds(step, repeats, settle=True)
     with _OperatorCount() as counted:
         step()
     return {"architecture": architecture, **t, "step_ms": 1e3 * seconds, "operators": counted.count}
 
 
-def plain_step_row(row: dict, repeats: int) -> dict:
+def plain_step_row(row: dict, repeats: int, device: torch.device | str = "cpu") -> dict:
     """The trainer's step and `plain_step` at a grid row's shapes, each on an SAE of its own from the same seed and
     the row's batch, timed in turn (`interleaved_medians`, median of ``repeats``), and each one's overhead beyond the
-    row's FLOPs at its matmul rate."""
-    shapes = row["architecture"], row["head_shape"], row["n_features"], row["batch"]
+    row's FLOPs at its matmul rate (the row's, measured on the same device)."""
+    shapes = row["architecture"], row["head_shape"], row["n_features"], row["batch"], device
     (ours, x), (plain, _) = grid_sae_and_batch(*shapes), grid_sae_and_batch(*shapes)
     times = interleaved_medians({"step": train_step(ours, x), "plain": plain_step(plain, x)}, repeats, settle=True)
     flop_ms = row["step_ms"] - row["overhead_ms"]
@@ -464,16 +468,18 @@ def _route_row(architecture: str, d: int, n: int, batch: int, k: int, times: dic
             "faster": min(times, key=times.get), "picked_time_over_best": times[chosen] / min(times.values())}
 
 
-def decode_row(architecture: str, d: int, n: int, batch: int, repeats: int, k: int = K) -> dict:
+def decode_row(architecture: str, d: int, n: int, batch: int, repeats: int, k: int = K,
+               device: torch.device | str = "cpu") -> dict:
     """Forward + backward of decode_atoms by each route, on the same codes (k features a sample), against a dense
     random gradient as a training step's (a summed output's gradient is one number broadcast, which made
     ``embedding_bag``'s backward, the flat gathered route, two to three times as slow: the rows behind
-    ``FACTOR_GATHER_COST_FLOPS`` were timed that way, see its comment)."""
-    sae = CLASSES[architecture](d_k=d, d_v=d, n_features=n, k=k, seed=0)
+    ``FACTOR_GATHER_COST_FLOPS`` were timed that way, see its comment). The codes and gradient are drawn on the CPU
+    and moved to ``device``."""
+    sae = CLASSES[architecture](d_k=d, d_v=d, n_features=n, k=k, seed=0, device=device)
     g = torch.Generator().manual_seed(0)
-    indices = torch.rand(batch, 1, n, generator=g).topk(k, dim=-1).indices
-    values = torch.rand(batch, 1, k, generator=g, requires_grad=True)
-    upstream = torch.randn(batch, 1, d, d, generator=g)
+    indices = torch.rand(batch, 1, n, generator=g).topk(k, dim=-1).indices.to(device)
+    values = torch.rand(batch, 1, k, generator=g).to(device).requires_grad_()
+    upstream = torch.randn(batch, 1, d, d, generator=g).to(device)
     times = {}
     for route in ("dense", "gathered"):
         def run(route=route):
@@ -619,23 +625,25 @@ def _slow_picks_line(rows: list[dict]) -> str:
         for architecture, c in counts.items()) + "."
 
 
-def results_block(results: dict | None) -> str:
-    """RESULTS.md's P5 section, from ``benchmarks/results/sae.json``."""
-    if results is None:
-        return "Not yet run: `python -m benchmarks.bench_sae`.\n"
-    p = results["provenance"]
-    lines = [f"{run_line(p)}, medians of {p['repeats']} repeats after {p['warm_up']}, one head, TopK k = {p['k']}, Adam, the trainer's step), "
-             "`benchmarks/results/sae.json`. FLOPs counted analytically (`benchmarks.bench_sae.training_step_flops`); "
-             "*matmul fraction*: achieved FLOP/s over a plain square `torch.matmul` of the same FLOPs timed beside it "
-             f"(the fastest of {p['matmul_reference_trials']} pairs of fresh inputs); "
-             "*overhead*: step time minus that matmul's time; *Adam*: the trainer's Adam step alone on the same "
-             "parameters; *limit fraction*: (the FLOPs at the matmul rate + Adam alone) / step time; *Adam bound*: the "
-             "FLOPs' time at the matmul rate / (that + Adam alone), the highest matmul fraction the step could reach "
-             "were everything but its products and Adam free; *products bound*: the same with the step's dense matrix "
-             "products each timed alone at their own shapes and strides in place of the FLOPs' time at the matmul rate; "
-             "*work bound*: the same with the step's sparse work (`benchmarks.bench_sae.SPARSE_WORK`: top-k, gathers, "
-             "scatters, a CSR product; each call timed alone on the tensors it ran on) added to its products.", "",
-             "| SAE | head | n | batch | decode | states/s | GFLOP/step | matmul fraction | overhead ms | Adam ms | "
+def grid_definitions(matmul_reference_trials: int) -> str:
+    """What the grid table's columns mean (RESULTS.md's P5 section and `benchmarks.gpu_check`'s)."""
+    return ("FLOPs counted analytically (`benchmarks.bench_sae.training_step_flops`); *matmul fraction*: achieved FLOP/s "
+            "over a plain square `torch.matmul` of the same FLOPs timed beside it (the fastest of "
+            f"{matmul_reference_trials} pairs of fresh inputs); *overhead*: step time minus that matmul's time; *Adam*: "
+            "the trainer's Adam step alone on the same parameters; *limit fraction*: (the FLOPs at the matmul rate + "
+            "Adam alone) / step time; *Adam bound*: the FLOPs' time at the matmul rate / (that + Adam alone), the "
+            "highest matmul fraction the step could reach were everything but its products and Adam free; *products "
+            "bound*: the same with the step's dense matrix products each timed alone at their own shapes and strides in "
+            "place of the FLOPs' time at the matmul rate; *work bound*: the same with the step's sparse work "
+            "(`benchmarks.bench_sae.SPARSE_WORK`: top-k, gathers, scatters, a CSR product; each call timed alone on the "
+            "tensors it ran on) added to its products.")
+
+
+def grid_lines(results: dict, fixed_cost_repeats: int) -> list[str]:
+    """The grid's table, issue 28's goals judged on it (``results["summary"]``, `summary`), the step's fixed cost and,
+    at the smallest shapes, the plain step beside it (medians of ``fixed_cost_repeats``): the part of RESULTS.md's P5
+    section that `benchmarks.gpu_check` renders from its own run as well."""
+    lines = ["| SAE | head | n | batch | decode | states/s | GFLOP/step | matmul fraction | overhead ms | Adam ms | "
              "limit fraction | Adam bound | products bound | work bound |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['architecture']} | {r['d_k']}×{r['d_v']} | {r['n_features']} | {r['batch']} | {r['decode']} | "
@@ -644,7 +652,9 @@ def results_block(results: dict | None) -> str:
               f"{r['products_bound_fraction']:.2f} | {r['work_bound_fraction']:.2f} |" for r in results["rows"]]
     s = results["summary"]
     adam, t, misses = s["smallest_adam_ms"], TRIVIAL_SHAPE, s["big_steps"] - s["big_steps_meeting_goal"]
-    lines += ["", f"Goal ≥ {GOAL_MATMUL_FRACTION} of the matmul rate on steps of ≥ {BIG_STEP_GFLOP} GFLOP: {s['big_steps_meeting_goal']} of "
+    goal = f"Goal ≥ {GOAL_MATMUL_FRACTION} of the matmul rate on steps of ≥ {BIG_STEP_GFLOP} GFLOP: "
+    lines += ["", (goal + "no step here has that many. " if not s["big_steps"] else
+              f"{goal}{s['big_steps_meeting_goal']} of "
               f"{s['big_steps']} meet it (lowest {s['big_steps_lowest_fraction']:.2f}); their limit fractions lie in "
               f"{s['big_steps_limit_fraction'][0]:.2f}–{s['big_steps_limit_fraction'][1]:.2f}. "
               f"{len(s['big_steps_bound_by_adam'])} of the {misses} that miss it "
@@ -656,39 +666,56 @@ def results_block(results: dict | None) -> str:
               f"as their routes form them, their work bound being below {GOAL_MATMUL_FRACTION}: "
               f"{'; '.join(s['big_steps_bound_by_work']) or 'none'}. The big steps' matmul fractions are "
               f"{min(s['big_steps_within_work_bound']):.2f}–{max(s['big_steps_within_work_bound']):.2f} of their work "
-              f"bounds. Goal ≤ {GOAL_OVERHEAD_MS} ms overhead at the "
+              "bounds. ") + f"Goal ≤ {GOAL_OVERHEAD_MS} ms overhead at the "
               f"smallest shapes (n = {min(N_FEATURES)}, batch {min(BATCHES)}), of which Adam alone takes the second figure: "
               f"{', '.join(f'{a} {v:.1f} ms ({adam[a]:.1f})' for a, v in s['smallest_overhead_ms'].items())}."
               + (f" The step's fixed cost, its time at a trivial shape (d_k = d_v = {t['d']}, n = {t['n_features']}, "
-                 f"k = {t['k']}, batch {t['batch']}; median of {FIXED_COST_REPEATS}), and the operators it runs there: "
+                 f"k = {t['k']}, batch {t['batch']}; median of {fixed_cost_repeats}), and the operators it runs there: "
                  + ", ".join(f"{r['architecture']} {r['step_ms']:.2f} ms ({r['operators']})" for r in results["fixed_cost"])
-                 + "." if results.get("fixed_cost") else ""),
-              *(["", f"At the smallest shapes, the trainer's step and a plain step of the same maths in eager PyTorch "
-                 "(`benchmarks.bench_sae.plain_step`: every atom formed and decoded densely, no hook points, routes, "
-                 f"guards or dead counters), timed in turn (medians of {FIXED_COST_REPEATS}); each one's overhead is "
-                 "its time less the row's FLOPs at the matmul rate:", "",
-                 "| SAE | head | n | batch | step ms | plain step ms | step / plain | overhead ms | plain step's overhead ms |",
-                 "|---|---|---|---|---|---|---|---|---|",
-                 *[f"| {r['architecture']} | {r['d_k']}×{r['d_v']} | {r['n_features']} | {r['batch']} | {r['step_ms']:.2f} | "
-                   f"{r['plain_ms']:.2f} | {r['step_over_plain']:.2f} | {r['overhead_ms']:.2f} | {r['plain_overhead_ms']:.2f} |"
-                   for r in results["plain_step"]], "",
-                 f"The plain step spends more than the goal's {GOAL_OVERHEAD_MS} ms beyond its FLOPs at "
-                 f"{sum(r['plain_overhead_ms'] > GOAL_OVERHEAD_MS for r in results['plain_step'])} of these "
-                 f"{len(results['plain_step'])} shapes, and the trainer's step at "
-                 f"{sum(r['overhead_ms'] > GOAL_OVERHEAD_MS for r in results['plain_step'])}.", ""]
-               if results.get("plain_step") else []),
-              f"Skipped (over {p['max_gflop']} GFLOP a step or {p['max_gib']} GiB of state): "
-              f"{'; '.join(results['skipped']) or 'none'}.", "",
-              "Decode routes (forward + backward against a dense gradient, ms; `writesae.sae.dense_decode_is_cheaper` "
-              f"with ROW_GATHER_COST_FLOPS = {p['row_gather_cost_flops']} and DENSE_DECODE_FIXED_FEATURES = "
-              f"{p['dense_decode_fixed_features']} (flat) and FACTOR_GATHER_COST_FLOPS = "
-              f"{p['factor_gather_cost_flops']} (factored) picks one). {_slow_picks_line(results['decode'])}", "",
-              *_routes_table(results["decode"]), "",
-              "The encoders' backward routes (encoder forward + backward against a TopK-sparse gradient, ms; for the "
-              f"bilinear encoder `writesae.sae.bilinear_backward_is_dense` with SMALL_PRODUCT_COST = {p['small_product_cost']} "
-              "picks one, for a flat SAE's dense encoder `writesae.sae.dense_encoder_backward_is_dense` with "
-              f"ENCODER_ROW_GATHER_COST_FLOPS = {p['encoder_row_gather_cost_flops']}):", "",
-              *_routes_table(results["encoder_backward"])]
+                 + "." if results.get("fixed_cost") else "")]
+    if results.get("plain_step"):
+        lines += ["", f"At the smallest shapes, the trainer's step and a plain step of the same maths in eager PyTorch "
+                  "(`benchmarks.bench_sae.plain_step`: every atom formed and decoded densely, no hook points, routes, "
+                  f"guards or dead counters), timed in turn (medians of {fixed_cost_repeats}); each one's overhead is "
+                  "its time less the row's FLOPs at the matmul rate:", "",
+                  "| SAE | head | n | batch | step ms | plain step ms | step / plain | overhead ms | plain step's overhead ms |",
+                  "|---|---|---|---|---|---|---|---|---|",
+                  *[f"| {r['architecture']} | {r['d_k']}×{r['d_v']} | {r['n_features']} | {r['batch']} | {r['step_ms']:.2f} | "
+                    f"{r['plain_ms']:.2f} | {r['step_over_plain']:.2f} | {r['overhead_ms']:.2f} | {r['plain_overhead_ms']:.2f} |"
+                    for r in results["plain_step"]], "",
+                  f"The plain step spends more than the goal's {GOAL_OVERHEAD_MS} ms beyond its FLOPs at "
+                  f"{sum(r['plain_overhead_ms'] > GOAL_OVERHEAD_MS for r in results['plain_step'])} of these "
+                  f"{len(results['plain_step'])} shapes, and the trainer's step at "
+                  f"{sum(r['overhead_ms'] > GOAL_OVERHEAD_MS for r in results['plain_step'])}."]
+    return lines
+
+
+def decode_routes_lines(rows: list[dict], rules: dict) -> list[str]:
+    """The decode routes' table, with the rule's constants ``rules`` (as `rule_constants` records them) and how often
+    it picked a slow route (`slow_picks`)."""
+    return ["Decode routes (forward + backward against a dense gradient, ms; `writesae.sae.dense_decode_is_cheaper` "
+            f"with ROW_GATHER_COST_FLOPS = {rules['row_gather_cost_flops']} and DENSE_DECODE_FIXED_FEATURES = "
+            f"{rules['dense_decode_fixed_features']} (flat) and FACTOR_GATHER_COST_FLOPS = "
+            f"{rules['factor_gather_cost_flops']} (factored) picks one). {_slow_picks_line(rows)}", "",
+            *_routes_table(rows)]
+
+
+def results_block(results: dict | None) -> str:
+    """RESULTS.md's P5 section, from ``benchmarks/results/sae.json``."""
+    if results is None:
+        return "Not yet run: `python -m benchmarks.bench_sae`.\n"
+    p = results["provenance"]
+    lines = [f"{run_line(p)}, medians of {p['repeats']} repeats after {p['warm_up']}, one head, TopK k = {p['k']}, Adam, "
+             f"the trainer's step), `benchmarks/results/sae.json`. {grid_definitions(p['matmul_reference_trials'])}", "",
+             *grid_lines(results, FIXED_COST_REPEATS), "",
+             f"Skipped (over {p['max_gflop']} GFLOP a step or {p['max_gib']} GiB of state): "
+             f"{'; '.join(results['skipped']) or 'none'}.", "",
+             *decode_routes_lines(results["decode"], p), "",
+             "The encoders' backward routes (encoder forward + backward against a TopK-sparse gradient, ms; for the "
+             f"bilinear encoder `writesae.sae.bilinear_backward_is_dense` with SMALL_PRODUCT_COST = {p['small_product_cost']} "
+             "picks one, for a flat SAE's dense encoder `writesae.sae.dense_encoder_backward_is_dense` with "
+             f"ENCODER_ROW_GATHER_COST_FLOPS = {p['encoder_row_gather_cost_flops']}):", "",
+             *_routes_table(results["encoder_backward"])]
     if results.get("encoder_forward"):
         lines += ["", "The bilinear encoder's forward (no gradients, ms; `writesae.sae._bilinear_product`) with its rows E formed "
                   f"in one product and in blocks of ENCODER_NUMBERS_PER_BLOCK = {p['encoder_numbers_per_block']} numbers, "
@@ -813,6 +840,8 @@ ENCODER_FORWARD_ROWS = [(128, 16384, 32, 1), (128, 16384, 256, 1), (128, 1024, 1
                         (128, 4096, batch, 2) for batch in (16, 32, 64)] + [(64, 4096, batch, 2) for batch in (8, 16, 32)]
 
 
+#: timed calls per grid step and per route, each median taken over them
+REPEATS = 5
 #: a step at `TRIVIAL_SHAPE` takes about a millisecond, and one at the smallest shapes a few, where the scheduler's
 #: interruptions are a larger share of a call than at the grid's larger steps: their medians are taken over more calls
 FIXED_COST_REPEATS = 51
@@ -885,9 +914,20 @@ def measure(results: dict, args: argparse.Namespace) -> None:
         results["breakdown"].append(row)
 
 
+def rule_constants() -> dict:
+    """The constants of `writesae.sae`'s route rules, as a results file records them beside the routes it timed."""
+    return dict(row_gather_cost_flops=ROW_GATHER_COST_FLOPS, encoder_row_gather_cost_flops=ENCODER_ROW_GATHER_COST_FLOPS,
+                dense_decode_fixed_features=DENSE_DECODE_FIXED_FEATURES, factor_gather_cost_flops=FACTOR_GATHER_COST_FLOPS,
+                small_product_cost=SMALL_PRODUCT_COST, encoder_numbers_per_block=ENCODER_NUMBERS_PER_BLOCK,
+                per_sample_numbers_per_block=PER_SAMPLE_NUMBERS_PER_BLOCK, gather_blocks_from=GATHER_BLOCKS_FROM,
+                gather_blocks_reuse=GATHER_BLOCKS_REUSE, gather_blocks_result_rows=GATHER_BLOCKS_RESULT_ROWS,
+                gather_block_numbers=GATHER_BLOCK_NUMBERS, min_block_columns=MIN_BLOCK_COLUMNS,
+                weights_first_rows=WEIGHTS_FIRST_ROWS, weights_first_features_per_row=WEIGHTS_FIRST_FEATURES_PER_ROW)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--max-gflop", type=float, default=600.0, help="skip steps of more GFLOP than this")
     parser.add_argument("--max-gib", type=float, default=10.0, help="skip SAEs whose weights+grads+Adam pass this")
     parser.add_argument("--threads", type=int, default=1)
@@ -895,18 +935,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = {"provenance": provenance("bench_sae", repeats=args.repeats, k=K, max_gflop=args.max_gflop,
-                                        max_gib=args.max_gib, row_gather_cost_flops=ROW_GATHER_COST_FLOPS,
-                                        encoder_row_gather_cost_flops=ENCODER_ROW_GATHER_COST_FLOPS,
-                                        dense_decode_fixed_features=DENSE_DECODE_FIXED_FEATURES,
-                                        factor_gather_cost_flops=FACTOR_GATHER_COST_FLOPS,
-                                        small_product_cost=SMALL_PRODUCT_COST,
-                                        encoder_numbers_per_block=ENCODER_NUMBERS_PER_BLOCK,
-                                        per_sample_numbers_per_block=PER_SAMPLE_NUMBERS_PER_BLOCK,
-                                        gather_blocks_from=GATHER_BLOCKS_FROM, gather_blocks_reuse=GATHER_BLOCKS_REUSE,
-                                        gather_blocks_result_rows=GATHER_BLOCKS_RESULT_ROWS,
-                                        gather_block_numbers=GATHER_BLOCK_NUMBERS, min_block_columns=MIN_BLOCK_COLUMNS,
-                                        weights_first_rows=WEIGHTS_FIRST_ROWS,
-                                        weights_first_features_per_row=WEIGHTS_FIRST_FEATURES_PER_ROW,
+                                        max_gib=args.max_gib, **rule_constants(),
                                         warm_up=f"warm-up calls until one faults in fewer than {SETTLED_PAGE_FAULTS} new "
                                                 f"pages (at most {MAX_WARM_UP_ROUNDS})",
                                         host_memory="writesae.host_memory.freed_memory_kept, as the trainer runs",

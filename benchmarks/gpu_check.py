@@ -1,6 +1,6 @@
 """The GPU check (issue 28, item 5): parity with transformers on CUDA, P1–P2, SAE training throughput, in one run.
 
-    python -m benchmarks.gpu_check                        # on a CUDA machine: about 2–3 min on one H200
+    python -m benchmarks.gpu_check                        # on a CUDA machine (parity and P1–P2: about 1 min on one H200)
     python -m benchmarks.gpu_check --device cpu --small   # the same code on small sizes, to test the script (< 1 min)
     python -m benchmarks.gpu_check --only parity,sae      # some sections only
 
@@ -19,11 +19,12 @@ also ``$OUT/gpu_check.json``. ``benchmarks/RESULTS.md``'s GPU section is rendere
    waits for the device), at Qwen3.5-0.8B's GDN sizes, and the same rows for a Mamba-2 with
    mamba2-370m's layer sizes (d_model 1024, 32 heads of 64, d_state 128). The TransformerLens column
    (P2c) is there when `benchmarks.tl_bridge` can boot the bridge on that model.
-3. sae: training steps (`benchmarks.bench_sae`'s step: TopK, sparse decode, Adam) of FlatSAE,
-   MatrixSAE and BilinearMatrixSAE at d_k = d_v = 128 (Qwen3.5-0.8B) and 64 (the shipped models), for
-   several n_features and batches: states/s, the step's FLOPs as torch counts them, that rate over a
-   plain square ``torch.matmul`` of the same FLOPs timed in the same run, and the step's time beyond its
-   FLOPs at the matmul's rate (its overhead).
+3. sae: `benchmarks.bench_sae`'s grid of training steps (the trainer's step: TopK, Adam; FlatSAE, MatrixSAE and
+   BilinearMatrixSAE at d_k = d_v = 128, Qwen3.5-0.8B's, and 64, the shipped models', n_features 64–16384, batch
+   32–1024; with ``--small`` its smallest shapes only), measured on the device by bench_sae's own functions: each
+   step's states/s, FLOPs, matmul fraction, overhead, Adam alone and work bounds, each SAE's fixed cost, the plain
+   step beside ours at the smallest shapes, and the decode routes side by side; issue 28's goals judged on them
+   as `benchmarks.bench_sae.summary` judges the CPU's.
 
 Everything runs in fp32 with TF32 off (matmuls and convolutions), so parity figures are fp32's and the
 matmul reference is full fp32. A failing measurement is recorded under ``errors`` and the run goes on.
@@ -32,6 +33,7 @@ matmul reference is full fp32. A failing measurement is recorded under ``errors`
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -364,44 +366,42 @@ def run_engine(run: Run, device: torch.device, args) -> None:
 # ------------------------------------------------------------------ 3. SAE training (benchmarks/bench_sae.py's step)
 
 
-def sae_case(cls, d: int, n_features: int, batches: list[int], k: int, device: torch.device, args) -> list[dict]:
-    from benchmarks.bench_sae import step_and_matmul_seconds, step_flops, train_step
-
-    sae = cls(d_k=d, d_v=d, n_features=n_features, k=k, seed=0, device=device)
-    rows = []
-    for batch_size in batches:
-        batch = torch.randn(batch_size, 1, d, d, generator=torch.Generator().manual_seed(0)).to(device)
-        step = train_step(sae, batch)
-        flops = step_flops(step)
-        seconds, mm_seconds, mm_flops = step_and_matmul_seconds(step, device, args.sae_repeats)
-        achieved, matmul_rate = flops / seconds, mm_flops / mm_seconds
-        rows.append({"architecture": cls.__name__, "d_k": d, "d_v": d, "n_features": n_features, "k": k, "batch": batch_size,
-                     "step_s": seconds, "states_per_s": batch_size / seconds, "step_flops": flops,
-                     "achieved_flops_per_s": achieved, "matmul_flops": mm_flops, "matmul_s": mm_seconds,
-                     "matmul_flops_per_s": matmul_rate, "ratio_to_matmul": achieved / matmul_rate,
-                     # the step's time beyond its FLOPs at the matmul's rate: per-step overhead (issue 28: ≤ 2 ms)
-                     "overhead_s": seconds - flops / matmul_rate})
-        r = rows[-1]
-        print(f"sae {cls.__name__} d={d} n={n_features} batch={batch_size}: {r['states_per_s']:.0f} states/s, "
-              f"{flops / 1e9:.2f} GFLOP/step, {achieved / 1e12:.2f} vs matmul {matmul_rate / 1e12:.2f} TFLOP/s "
-              f"(ratio {r['ratio_to_matmul']:.2f})", flush=True)
-        del batch
-    return rows
-
-
 def run_sae(run: Run, device: torch.device, args) -> None:
-    from writesae import BilinearMatrixSAE, FlatSAE, MatrixSAE
+    """`benchmarks.bench_sae`'s grid of training steps (with ``--small``, its smallest shapes only), each SAE's fixed
+    cost, the plain step beside ours at the smallest shapes and the decode routes side by side, measured on ``device``
+    by bench_sae's own functions, so that issue 28's goals are judged there as on the CPU (`bench_sae.summary`)."""
+    from benchmarks import bench_sae as b
+    from writesae.host_memory import freed_memory_kept
 
-    shapes, n_list, batches, k = ([16, 8], [64, 256], [32, 64], 8) if args.small else ([128, 64], [1024, 16384], [256, 1024], 32)
-    section = run.results.setdefault("sae", {"k": k, "dtype": "float32", "optimiser": "Adam", "repeats": args.sae_repeats,
-                                             "rows": []})
-    for cls in (FlatSAE, MatrixSAE, BilinearMatrixSAE):
-        for d in shapes:
-            for n_features in n_list:
-                rows = run.attempt(f"sae/{cls.__name__}/d{d}/n{n_features}", sae_case, cls, d, n_features, batches, k,
-                                   device, args)
-                section["rows"] += rows or []
+    repeats = args.sae_repeats or (2 if args.small else b.REPEATS)
+    fixed_cost_repeats = args.fixed_cost_repeats or (3 if args.small else b.FIXED_COST_REPEATS)
+    n_features, batches = ((min(b.N_FEATURES),), (min(b.BATCHES),)) if args.small else (b.N_FEATURES, b.BATCHES)
+    decode = [r for r in b.DECODE_ROWS if r[3] == min(b.BATCHES) and r[2] <= 2 * b.K] if args.small else b.DECODE_ROWS
+    section = run.results.setdefault("sae", {"k": b.K, "dtype": "float32", "optimiser": "Adam", "repeats": repeats,
+                                             "fixed_cost_repeats": fixed_cost_repeats,
+                                             "matmul_reference_trials": b.MATMUL_REFERENCE_TRIALS, "rules": b.rule_constants(),
+                                             "rows": [], "fixed_cost": [], "plain_step": [], "decode": []})
+
+    def measured(key: str, where: str, fn, *fn_args) -> None:
+        row = run.attempt(f"sae/{where}", fn, *fn_args)
+        if row is not None:
+            print(json.dumps(row), flush=True)
+            section[key].append(row)
         run.write()
+
+    with freed_memory_kept():  # the trainer's steps run inside it (writesae.train.train)
+        for architecture, shape, n, batch in itertools.product(b.CLASSES, b.HEAD_SHAPES, n_features, batches):
+            measured("rows", f"{architecture}/{shape}/n{n}/batch{batch}", b.step_row, architecture, shape, n, batch,
+                     repeats, device)
+        section["summary"] = b.summary(section["rows"])
+        for row in filter(b.at_smallest_shapes, list(section["rows"])):
+            measured("plain_step", f"plain/{row['architecture']}/{row['head_shape']}", b.plain_step_row, row,
+                     fixed_cost_repeats, device)
+        for architecture in b.CLASSES:
+            measured("fixed_cost", f"fixed/{architecture}", b.fixed_cost_row, architecture, fixed_cost_repeats, device)
+        for architecture, d, n, batch, k in decode:
+            measured("decode", f"decode/{architecture}/d{d}/n{n}/batch{batch}/k{k}", b.decode_row, architecture, d, n,
+                     batch, repeats, k, device)
 
 
 # ------------------------------------------------------------------ the RESULTS.md section
@@ -474,25 +474,59 @@ def results_block(results: dict | None) -> str:
             lines += ["", "No TransformerLens column: `benchmarks.tl_bridge` could not boot its bridge with a state "
                           "scan on this model."]
         lines.append("")
-    sae_rows = results.get("sae", {}).get("rows", [])
-    if sae_rows:
-        s = results["sae"]
-        lines += [f"SAE training steps (TopK k = {s['k']}, sparse decode, {s['optimiser']}, {s['dtype']}, one head; "
-                  "FLOPs as torch's FlopCounterMode counts them: matrix products only), against one square "
-                  "`torch.matmul` of the same FLOPs timed in the same run; overhead: the step's time beyond its FLOPs "
-                  "at that matmul's rate:", "",
-                  "| SAE | d_k × d_v | n_features | batch | states/s | GFLOP / step | TFLOP/s | matmul TFLOP/s | ratio "
-                  "| overhead (ms) |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in s["rows"]:
-            lines.append(f"| {r['architecture']} | {r['d_k']} × {r['d_v']} | {r['n_features']} | {r['batch']} | "
-                         f"{r['states_per_s']:.0f} | {r['step_flops'] / 1e9:.3g} | {r['achieved_flops_per_s'] / 1e12:.3g} | "
-                         f"{r['matmul_flops_per_s'] / 1e12:.3g} | {r['ratio_to_matmul']:.2f} | {r['overhead_s'] * 1e3:.2g} |")
-        lines.append("")
+    if results.get("sae", {}).get("rows"):
+        lines += _sae_lines(results["sae"])
     lines += _reading(results)
     if results.get("errors"):
         lines += ["Failed measurements (see the JSON for the messages): "
                   + ", ".join(f"`{e['where']}`" for e in results["errors"]) + ".", ""]
     return "\n".join(lines)
+
+
+def sae_rows(section: dict) -> list[dict]:
+    """A results file's SAE step rows, keyed as `benchmarks.bench_sae.step_row` keys them: a run of this script since
+    it measures by bench_sae's functions wrote them so; an earlier run named each SAE by its class and gave seconds and
+    FLOP/s, which are renamed and scaled here (the numbers measured then, nothing recomputed)."""
+    if "summary" in section:
+        return section["rows"]
+    from benchmarks.bench_sae import CLASSES
+
+    names = {cls.__name__: name for name, cls in CLASSES.items()}
+    return [{"architecture": names[r["architecture"]], **{key: r[key] for key in ("d_k", "d_v", "n_features", "batch", "k")},
+             "step_ms": 1e3 * r["step_s"], "states_per_s": r["states_per_s"], "step_gflop": r["step_flops"] / 1e9,
+             "gflop_per_s": r["achieved_flops_per_s"] / 1e9, "matmul_gflop_per_s": r["matmul_flops_per_s"] / 1e9,
+             "matmul_fraction": r["ratio_to_matmul"], "overhead_ms": 1e3 * r["overhead_s"]} for r in section["rows"]]
+
+
+def _sae_lines(s: dict) -> list[str]:
+    """The SAE section: `benchmarks.bench_sae`'s grid, goals, plain step and decode routes as it renders its own (a run
+    of this script since it measures them by bench_sae's functions), or the earlier check's rows (a run before it
+    did), whose columns it renders as they are."""
+    from benchmarks.bench_sae import GOAL_MATMUL_FRACTION, decode_routes_lines, grid_definitions, grid_lines
+
+    if "summary" in s:
+        return [f"SAE training steps as `benchmarks.bench_sae` measures them, on the device (its grid; TopK k = {s['k']}, "
+                f"{s['optimiser']}, {s['dtype']}, one head; medians of {s['repeats']} repeats, each timed to the device's "
+                f"completion). {grid_definitions(s['matmul_reference_trials'])}", "",
+                *grid_lines(s, s["fixed_cost_repeats"]), "", *decode_routes_lines(s["decode"], s["rules"]), ""]
+    rows = sae_rows(s)
+    good = [r for r in rows if r["matmul_fraction"] >= GOAL_MATMUL_FRACTION]
+    rest = [r for r in rows if r not in good]
+    return [f"SAE training steps as an earlier version of this script measured them (TopK k = {s['k']}, sparse decode, "
+            f"{s['optimiser']}, {s['dtype']}, one head; FLOPs as torch's FlopCounterMode counts them: matrix products "
+            "only), against one square `torch.matmul` of the same FLOPs timed in the same run; overhead: the step's "
+            "time beyond its FLOPs at that matmul's rate. It measured neither `benchmarks.bench_sae`'s whole grid nor "
+            "its bounds, plain step or routes, which this script now does:", "",
+            "| SAE | head | n | batch | states/s | GFLOP/step | TFLOP/s | matmul TFLOP/s | matmul fraction | overhead ms |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            *[f"| {r['architecture']} | {r['d_k']}×{r['d_v']} | {r['n_features']} | {r['batch']} | {r['states_per_s']:.0f} | "
+              f"{r['step_gflop']:.3g} | {r['gflop_per_s'] / 1e3:.3g} | {r['matmul_gflop_per_s'] / 1e3:.3g} | "
+              f"{r['matmul_fraction']:.2f} | {r['overhead_ms']:.2g} |" for r in rows], "",
+            f"SAE steps at ≥ {GOAL_MATMUL_FRACTION} of the matmul rate: "
+            + (", ".join(f"{r['architecture']} {r['d_k']}×{r['d_v']} n = {r['n_features']} batch {r['batch']} "
+                         f"({r['matmul_fraction']:.2f})" for r in good) or "none")
+            + (f"; the other {len(rest)} run at {_span([r['matmul_fraction'] for r in rest])} of it" if rest else "")
+            + f"; overhead {_span([r['overhead_ms'] for r in rows], '.1f')} ms a step (generated from the file).", ""]
 
 
 def _span(values: list[float], fmt: str = ".2f") -> str:
@@ -501,9 +535,7 @@ def _span(values: list[float], fmt: str = ".2f") -> str:
 
 
 def _reading(results: dict) -> list[str]:
-    """The section's key comparisons as sentences, generated from the same file as its tables."""
-    from benchmarks.bench_sae import GOAL_MATMUL_FRACTION
-
+    """The engine's key comparisons as sentences, generated from the same file as its tables."""
     lines = []
     for kind, title in (("gdn", "GDN"), ("mamba2", "Mamba-2")):
         rows = [r for entry in results.get("engine", {}).get(kind, {}).get("by_length", {}).values()
@@ -520,15 +552,6 @@ def _reading(results: dict) -> list[str]:
                      f"{'everywhere' if len(p2b_met) in (0, len(by_id['P2b'])) else 'at some lengths'}); the per-token "
                      f"scan takes {_span([r['ratio'] for r in by_id['P2a']])}× ours (P2a) and the TransformerLens "
                      f"bridge's eager scan {_span([r['ratio'] for r in by_id['P2c']])}× (P2c).")
-    sae_rows = results.get("sae", {}).get("rows", [])
-    if sae_rows:
-        good = [r for r in sae_rows if r["ratio_to_matmul"] >= GOAL_MATMUL_FRACTION]
-        rest = [r for r in sae_rows if r not in good]
-        lines.append(f"- SAE steps at ≥ {GOAL_MATMUL_FRACTION} of the matmul rate: "
-                     + (", ".join(f"{r['architecture']} {r['d_k']} × {r['d_v']} n = {r['n_features']} batch {r['batch']} "
-                                  f"({r['ratio_to_matmul']:.2f})" for r in good) or "none")
-                     + (f"; the other {len(rest)} run at {_span([r['ratio_to_matmul'] for r in rest])} of it" if rest else "")
-                     + f"; overhead {_span([r['overhead_s'] * 1e3 for r in sae_rows], '.1f')} ms a step.")
     return ["Reading them (generated from the file):", "", *lines, ""] if lines else []
 
 
@@ -544,14 +567,17 @@ def main() -> None:
     parser.add_argument("--lengths", default=None, help="P1–P2 sequence lengths (default 512,2048; 64 with --small)")
     parser.add_argument("--budget", type=float, default=240.0,
                         help="seconds into the run after which P1–P2 skip their longer lengths (default 240)")
-    parser.add_argument("--sae-repeats", type=int, default=None, help="timed steps per SAE case (default 10; 2 with --small)")
+    parser.add_argument("--sae-repeats", type=int, default=None,
+                        help="timed calls per SAE step and route (default benchmarks.bench_sae's, 5; 2 with --small)")
+    parser.add_argument("--fixed-cost-repeats", type=int, default=None,
+                        help="timed calls per step at the trivial and smallest shapes (default bench_sae's "
+                             "FIXED_COST_REPEATS; 3 with --small)")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"results file (default {RESULTS_JSON.relative_to(ROOT)}; a temp file with --small)")
     args = parser.parse_args()
     wanted = [s for s in args.only.split(",") if s]
     if unknown := set(wanted) - set(SECTIONS):
         parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
-    args.sae_repeats = args.sae_repeats or (2 if args.small else 10)
     args.lengths = [int(t) for t in (args.lengths or ("64" if args.small else "512,2048")).split(",")]
     out = args.out or (Path(tempfile.gettempdir()) / "gpu_check.small.json" if args.small else RESULTS_JSON)
     device = torch.device(args.device)

@@ -16,8 +16,8 @@ Every time is FLOPs / an achieved FLOP/s, the achieved rates taken from our own 
   ``benchmarks/results/bench_engine.json`` (T = 512). Batch 1 is a low rate: a batched run is faster.
 - training: `benchmarks.bench_sae.training_step_flops` per sample, at the achieved rate of our measured
   BilinearMatrixSAE step at the run's shape (`run_shape_row`: 128 × 128, 16,384 features, batch 1,024): on the H200
-  its ``ratio_to_matmul`` × the matmul FLOP/s measured beside it (gpu_check.json, fp32 without TF32), on this CPU
-  its ``gflop_per_s`` (``benchmarks/results/sae.json``, 1 thread).
+  its ``gflop_per_s`` (gpu_check.json, fp32 without TF32; `benchmarks.gpu_check.sae_rows`), on this CPU the same
+  (``benchmarks/results/sae.json``, 1 thread).
 
 Assumed, not measured: Qwen3.5-0.8B's layer layout (`QWEN35_08B`) and the H200's datasheet peaks
 (`H200`), given to show what fraction of peak the measured rates are and what TF32/bf16 would give if
@@ -32,7 +32,7 @@ import re
 from pathlib import Path
 
 from benchmarks.bench_sae import training_step_flops
-from benchmarks.gpu_check import source_digest
+from benchmarks.gpu_check import sae_rows, source_digest
 from benchmarks.provenance import provenance, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,16 +74,16 @@ def _p1_rate(rows: list[dict], T: int, setup_layers: int, vocab: int) -> dict:
     return {"row": row["measure"], "seconds": _ms(row["detail"]), "flops": flops, "flops_per_s": flops / _ms(row["detail"])}
 
 
-def run_shape_row(rows: list[dict], architecture: str = "bilinear", source: str = "benchmarks/results/sae.json",
+def run_shape_row(rows: list[dict], source: str = "benchmarks/results/sae.json",
                   remedy: str = "rerun `python -m benchmarks.bench_sae` with its default --max-gflop and --max-gib, "
                                 "which measure it") -> dict:
-    """The BilinearMatrixSAE step (named ``architecture`` in ``source``'s rows) at the run's shape (`RUN`, at
+    """The BilinearMatrixSAE step of ``source``'s rows (`benchmarks.bench_sae.step_row`'s) at the run's shape (`RUN`, at
     Qwen3.5-0.8B's head shape), or an error naming what is missing and ``remedy``: a rate measured at another batch
     or dictionary size is not the run's (a small batch takes another route through the bilinear encoder)."""
     m = QWEN35_08B
     for r in rows:
         if (r["architecture"], r["d_k"], r["d_v"], r["n_features"], r["batch"], r["k"]) == (
-                architecture, m["d_k"], m["d_v"], RUN["n_features"], RUN["batch"], RUN["k"]):
+                "bilinear", m["d_k"], m["d_v"], RUN["n_features"], RUN["batch"], RUN["k"]):
             return r
     raise LookupError(f"{source} has no BilinearMatrixSAE step at the run's shape ({m['d_k']}×{m['d_v']}, "
                       f"n = {RUN['n_features']}, batch {RUN['batch']}, k = {RUN['k']}): {remedy}")
@@ -102,9 +102,9 @@ def compute() -> dict:
     train_flops = per_sample * samples_per_head * m["gdn_heads"]
 
     gpu_forward = _p1_rate(gpu["engine"]["gdn"]["by_length"]["2048"]["rows"], 2048, gpu["engine"]["gdn"]["setup"]["layers"], 4096)
-    gpu_sae = run_shape_row(gpu["sae"]["rows"], "BilinearMatrixSAE", "benchmarks/results/gpu_check.json",
-                            "run `python -m benchmarks.gpu_check` on a GPU")
-    gpu_train_rate = gpu_sae["ratio_to_matmul"] * gpu_sae["matmul_flops_per_s"]
+    gpu_sae = run_shape_row(sae_rows(gpu["sae"]), source="benchmarks/results/gpu_check.json",
+                            remedy="run `python -m benchmarks.gpu_check` on a GPU")
+    gpu_train_rate = gpu_sae["gflop_per_s"] * 1e9
     cpu_forward = _p1_rate(cpu_engine["rows"], 512, cpu_engine["provenance"]["layers"], 4096)
     cpu_sae = run_shape_row(sae["rows"])
     # training on the GPU from the states/s gpu_check measured (the step as it was at that run's sources; the
@@ -124,7 +124,7 @@ def compute() -> dict:
                     "forward": {"file": "benchmarks/results/gpu_check.json", **gpu_forward,
                                 "fraction_of_fp32_peak": gpu_forward["flops_per_s"] / H200["fp32_flops"]},
                     "sae_step": {"file": "benchmarks/results/gpu_check.json", "row": {k: gpu_sae[k] for k in (
-                        "architecture", "d_k", "n_features", "batch", "states_per_s", "ratio_to_matmul", "matmul_flops_per_s")},
+                        "architecture", "d_k", "n_features", "batch", "states_per_s", "matmul_fraction", "matmul_gflop_per_s")},
                         "achieved_flops_per_s": gpu_train_rate,
                         "fraction_of_fp32_peak": gpu_train_rate / H200["fp32_flops"]},
                     "device": gpu["provenance"]["device"], "date": gpu["provenance"]["date"]},
@@ -172,7 +172,7 @@ def results_block(results: dict | None) -> str:
         f"{(g['measured_commit'] or '?')[:12]}, "
         + ("the sources of this checkout" if g["measured_sources_are_this_checkouts"] else
            "whose sources differ from this checkout's: the step measured is not today's")
-        + f"; {gi['sae_step']['achieved_flops_per_s'] / 1e12:.1f} TFLOP/s, {gi['sae_step']['row']['ratio_to_matmul']:.2f} of "
+        + f"; {gi['sae_step']['achieved_flops_per_s'] / 1e12:.1f} TFLOP/s, {gi['sae_step']['row']['matmul_fraction']:.2f} of "
         f"the matmul rate measured beside it, at which today's FLOP count would take "
         f"{g['training_hours_at_the_measured_fraction_of_matmul']:.2f} h); writing the states at the assumed "
         f"{results['assumed']['h200_peaks']['hbm_bytes_per_s'] / 1e12:.1f} TB/s takes {g['state_write_seconds_at_hbm_bandwidth']:.2f} s "

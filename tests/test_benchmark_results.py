@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
-from benchmarks import gpu_check, results_md
+from benchmarks import bench_sae, gpu_check, results_md
 
 
 def test_results_md_sections_agree_with_the_results_files():
@@ -32,9 +32,34 @@ def test_gpu_section_renders_a_run_and_flags_a_cpu_test_run(tmp_path, monkeypatc
                                       "--out", str(out)])
     gpu_check.main()
     results = json.loads(out.read_text())
-    assert results["errors"] == [] and len(results["sae"]["rows"]) == 24
-    assert all(r["step_flops"] > 0 and r["ratio_to_matmul"] > 0 for r in results["sae"]["rows"])
+    sae = results["sae"]
+    assert results["errors"] == []
+    # bench_sae's grid at its smallest shapes, with its bounds, plain step, fixed cost and decode routes
+    assert [(r["architecture"], r["head_shape"], r["n_features"], r["batch"]) for r in sae["rows"]] == [
+        (a, shape, min(bench_sae.N_FEATURES), min(bench_sae.BATCHES)) for a in bench_sae.CLASSES for shape in bench_sae.HEAD_SHAPES]
+    assert all(r["matmul_fraction"] > 0 and 0 < r["work_bound_fraction"] <= r["products_bound_fraction"] for r in sae["rows"])
+    assert json.dumps(sae["summary"]) == json.dumps(bench_sae.summary(sae["rows"]))  # (NaN where no step is big)
+    assert len(sae["plain_step"]) == len(sae["rows"]) and len(sae["fixed_cost"]) == len(bench_sae.CLASSES)
+    assert sae["decode"] and sae["rules"] == json.loads(json.dumps(bench_sae.rule_constants()))
     monkeypatch.setattr(gpu_check, "RESULTS_JSON", out)
     block = results_md.render("gpu_check")
     assert block.startswith("**Not a GPU measurement**")
-    assert "| BilinearMatrixSAE | 16 × 16 | 256 | 64 |" in block
+    assert "| bilinear | 64×64 | 64 | 32 | gathered |" in block and "Goal ≤ 2 ms overhead at the smallest shapes" in block
+    assert "Decode routes" in block
+
+
+def test_gpu_section_renders_the_earlier_checks_sae_rows_by_bench_saes_names():
+    """The committed run predates the check's bench_sae grid: its rows, keyed by class and in seconds and FLOP/s, are
+    renamed and scaled, the numbers unchanged, and P7 reads its BilinearMatrixSAE step from them."""
+    from benchmarks.run_cost import run_shape_row
+
+    old = {"architecture": "BilinearMatrixSAE", "d_k": 128, "d_v": 128, "n_features": 16384, "k": 32, "batch": 1024,
+           "step_s": 0.04, "states_per_s": 25600.0, "step_flops": 2e12, "achieved_flops_per_s": 5e13,
+           "matmul_flops_per_s": 6.25e13, "ratio_to_matmul": 0.8, "overhead_s": 0.008}
+    (row,) = gpu_check.sae_rows({"k": 32, "rows": [old]})
+    assert row == {"architecture": "bilinear", "d_k": 128, "d_v": 128, "n_features": 16384, "batch": 1024, "k": 32,
+                   "step_ms": 40.0, "states_per_s": 25600.0, "step_gflop": 2000.0, "gflop_per_s": 50000.0,
+                   "matmul_gflop_per_s": 62500.0, "matmul_fraction": 0.8, "overhead_ms": 8.0}
+    assert run_shape_row([row]) is row
+    rows = [{"architecture": "bilinear"}]
+    assert gpu_check.sae_rows({"rows": rows, "summary": {}}) is rows
