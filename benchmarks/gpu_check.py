@@ -48,7 +48,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_JSON = ROOT / "benchmarks" / "results" / "gpu_check.json"
-SECTIONS = ("parity", "sae", "engine")  # the longest last: a run cut short keeps the others
+SECTIONS = ("parity", "engine", "sae")  # the longest last (the SAE grid): a run cut short keeps the others
 # Nothing is fetched: the GPU machines have no network, and transformers' hub kernels would be a download
 # (set by main before the library and transformers are imported, unless the environment says otherwise).
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "USE_HUB_KERNELS": "0"}
