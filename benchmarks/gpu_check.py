@@ -387,14 +387,15 @@ def run_sae(run: Run, device: torch.device, args) -> None:
         if row is not None:
             print(json.dumps(row), flush=True)
             section[key].append(row)
+            if key == "rows":  # the verdict on the steps so far: a run cut short keeps one that fits its rows
+                section["summary"] = b.summary(section["rows"])
         run.write()
 
     with freed_memory_kept():  # the trainer's steps run inside it (writesae.train.train)
         for architecture, shape, n, batch in itertools.product(b.CLASSES, b.HEAD_SHAPES, n_features, batches):
             measured("rows", f"{architecture}/{shape}/n{n}/batch{batch}", b.step_row, architecture, shape, n, batch,
                      repeats, device)
-        section["summary"] = b.summary(section["rows"])
-        for row in filter(b.at_smallest_shapes, list(section["rows"])):
+        for row in filter(b.at_smallest_shapes, section["rows"]):
             measured("plain_step", f"plain/{row['architecture']}/{row['head_shape']}", b.plain_step_row, row,
                      fixed_cost_repeats, device)
         for architecture in b.CLASSES:
@@ -485,9 +486,10 @@ def results_block(results: dict | None) -> str:
 
 def sae_rows(section: dict) -> list[dict]:
     """A results file's SAE step rows, keyed as `benchmarks.bench_sae.step_row` keys them: a run of this script since
-    it measures by bench_sae's functions wrote them so; an earlier run named each SAE by its class and gave seconds and
-    FLOP/s, which are renamed and scaled here (the numbers measured then, nothing recomputed)."""
-    if "summary" in section:
+    it measures by bench_sae's functions wrote them so (its section records the rules' constants from the start, even
+    where the run was cut short); an earlier run named each SAE by its class and gave seconds and FLOP/s, which are
+    renamed and scaled here (the numbers measured then, nothing recomputed)."""
+    if "rules" in section:
         return section["rows"]
     from benchmarks.bench_sae import CLASSES
 
@@ -504,11 +506,12 @@ def _sae_lines(s: dict) -> list[str]:
     did), whose columns it renders as they are."""
     from benchmarks.bench_sae import GOAL_MATMUL_FRACTION, decode_routes_lines, grid_definitions, grid_lines
 
-    if "summary" in s:
+    if "rules" in s:
         return [f"SAE training steps as `benchmarks.bench_sae` measures them, on the device (its grid; TopK k = {s['k']}, "
                 f"{s['optimiser']}, {s['dtype']}, one head; medians of {s['repeats']} repeats, each timed to the device's "
                 f"completion). {grid_definitions(s['matmul_reference_trials'])}", "",
-                *grid_lines(s, s["fixed_cost_repeats"]), "", *decode_routes_lines(s["decode"], s["rules"]), ""]
+                *grid_lines(s, s["fixed_cost_repeats"]), "",
+                *([*decode_routes_lines(s["decode"], s["rules"]), ""] if s["decode"] else [])]
     rows = sae_rows(s)
     good = [r for r in rows if r["matmul_fraction"] >= GOAL_MATMUL_FRACTION]
     rest = [r for r in rows if r not in good]

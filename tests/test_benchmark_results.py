@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from benchmarks import bench_sae, gpu_check, results_md
 
 
@@ -62,4 +64,32 @@ def test_gpu_section_renders_the_earlier_checks_sae_rows_by_bench_saes_names():
                    "matmul_gflop_per_s": 62500.0, "matmul_fraction": 0.8, "overhead_ms": 8.0}
     assert run_shape_row([row]) is row
     rows = [{"architecture": "bilinear"}]
-    assert gpu_check.sae_rows({"rows": rows, "summary": {}}) is rows
+    assert gpu_check.sae_rows({"rows": rows, "rules": {}}) is rows
+
+
+def test_gpu_section_renders_a_run_cut_short_in_its_sae_grid(tmp_path, monkeypatch):
+    """A run stopped after its first grid step (the device call's time limit) keeps that row and a verdict that fits
+    it, and renders without the sections it did not reach."""
+    out = tmp_path / "gpu_check.json"
+    monkeypatch.delenv("OUT", raising=False)
+    for name, value in gpu_check.OFFLINE.items():
+        monkeypatch.setenv(name, value)
+    real_step_row, calls = bench_sae.step_row, []
+
+    def step_row_then_stop(*args):
+        if calls:
+            raise KeyboardInterrupt  # as a run killed mid-grid: nothing after it is measured or written
+        calls.append(args)
+        return real_step_row(*args)
+
+    monkeypatch.setattr(bench_sae, "step_row", step_row_then_stop)
+    monkeypatch.setattr(sys, "argv", ["gpu_check", "--device", "cpu", "--small", "--only", "sae", "--sae-repeats", "1",
+                                      "--out", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main()
+    sae = json.loads(out.read_text())["sae"]
+    assert len(sae["rows"]) == 1 and not sae["plain_step"] and not sae["fixed_cost"] and not sae["decode"]
+    assert json.dumps(sae["summary"]) == json.dumps(bench_sae.summary(sae["rows"]))
+    monkeypatch.setattr(gpu_check, "RESULTS_JSON", out)
+    block = results_md.render("gpu_check")
+    assert "| flat | 128×128 | 64 | 32 |" in block and "Decode routes" not in block
